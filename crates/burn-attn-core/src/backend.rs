@@ -1,0 +1,96 @@
+//! The attention op as a Burn backend extension: the one place that decides which
+//! implementation runs. Backends with a kernel override [`AttentionBackend::banded_attention`];
+//! every other backend gets the tiled tensor-op implementation.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::error::ensure;
+use crate::options::AttentionOptions;
+use crate::pattern::KeyPattern;
+use crate::shape::AttentionShape;
+use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
+
+/// A backend that can run exact attention over a band (full, causal or windowed).
+///
+/// Implemented for `NdArray`, `Autodiff<B>`, and (with the `wgpu`/`cuda` features) for
+/// `CubeBackend` and `Fusion<CubeBackend>`. The default method is the tiled tensor-op path.
+pub trait AttentionBackend: Backend {
+    /// Exact attention of `q: [batch, heads, seq_q, head_dim]` over
+    /// `k: [batch, kv_heads, seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
+    ///
+    /// Returns the output `[batch, heads, seq_q, value_dim]` and the row log-sum-exp
+    /// `[batch, heads, seq_q]` (in f32 precision; `-inf` for rows that see no key, whose
+    /// output is 0). Inputs are already checked by [`attention`].
+    fn banded_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        options: &AttentionOptions,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        let pattern = KeyPattern::band(options.window, options.causal);
+        let scale = options.scale_for(q.dims()[3]);
+        let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
+        tiled_attention(q, k, v, &spec)
+    }
+}
+
+/// Exact attention with the options' scale, causal rule and window; see
+/// [`AttentionBackend::banded_attention`] for the layouts.
+///
+/// # Panics
+/// With a message naming the values when shapes do not match, heads do not divide, or the
+/// options are invalid.
+pub fn attention<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    options: &AttentionOptions,
+) -> Tensor<B, 4> {
+    attention_with_lse(q, k, v, options).0
+}
+
+/// [`attention`], also returning the row log-sum-exp `[batch, heads, seq_q]`.
+pub fn attention_with_lse<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    options: &AttentionOptions,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    ensure(AttentionShape::of(&q, &k, &v).map(|_| ()));
+    ensure(options.validate());
+    B::banded_attention(q, k, v, options)
+}
+
+#[cfg(feature = "ndarray")]
+mod ndarray_impl {
+    use super::AttentionBackend;
+    use burn::backend::NdArray;
+
+    impl AttentionBackend for NdArray<f32, i64, i8> {}
+    impl AttentionBackend for NdArray<f64, i64, i8> {}
+    impl AttentionBackend for NdArray<f32, i32, i8> {}
+    impl AttentionBackend for NdArray<f64, i32, i8> {}
+}
+
+mod autodiff_impl {
+    use super::AttentionBackend;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::Autodiff;
+
+    /// Gradients flow through the tensor ops of the tiled path.
+    impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {}
+}
+
+#[cfg(feature = "cube")]
+mod cube_impl {
+    use super::AttentionBackend;
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use burn_fusion::{Fusion, FusionBackend};
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend
+        for CubeBackend<R, F, I, BT>
+    {
+    }
+
+    impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {}
+}

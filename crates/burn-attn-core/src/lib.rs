@@ -1,0 +1,24 @@
+//! Attention cores for Burn: the options and key patterns every implementation shares, the
+//! plain reference, the tiled tensor-op implementation, and the [`AttentionBackend`]
+//! extension through which backends with GPU kernels take over.
+//!
+//! Layouts: kernel tensors are `[batch, heads, seq, head_dim]`; keys and values may have
+//! fewer heads (GQA/MQA) as long as they divide the query heads. When `seq_q != seq_k`,
+//! query `i` is aligned with key `i + seq_k - seq_q`.
+#![warn(missing_docs)]
+
+mod backend;
+mod error;
+mod options;
+mod pattern;
+mod reference;
+mod shape;
+mod tiled;
+
+pub use backend::{attention, attention_with_lse, AttentionBackend};
+pub use error::{ensure, AttentionError};
+pub use options::{aligned, AttentionOptions, Window};
+pub use pattern::{BlockLayout, KeyPattern, TileCover};
+pub use reference::reference_attention;
+pub use shape::{repeat_kv, AttentionShape};
+pub use tiled::{tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};

@@ -1,0 +1,187 @@
+//! The options every attention core shares: scale, causal flag and window band.
+//!
+//! One definition for every backend (see `DESIGN.md`): when `seq_q != seq_k` query `i`
+//! sits at key position `i + seq_k - seq_q` (bottom-right alignment), and key `j` is in
+//! the window of query `i` iff `i' - left <= j <= i' + right` with that aligned `i'`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AttentionError;
+
+/// A band of visible keys around each query's aligned position.
+///
+/// `None` on a side means unbounded. Causal attention is `right = Some(0)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Window {
+    /// How many keys before the aligned query position are visible (`None`: all).
+    pub left: Option<usize>,
+    /// How many keys after the aligned query position are visible (`None`: all).
+    pub right: Option<usize>,
+}
+
+impl Window {
+    /// No restriction: every key is visible.
+    pub const FULL: Window = Window {
+        left: None,
+        right: None,
+    };
+
+    /// A window with explicit sides.
+    pub fn new(left: Option<usize>, right: Option<usize>) -> Self {
+        Self { left, right }
+    }
+
+    /// The seed's symmetric window of total size `size`: `left = right = size / 2`.
+    pub fn symmetric(size: usize) -> Self {
+        Self {
+            left: Some(size / 2),
+            right: Some(size / 2),
+        }
+    }
+
+    /// A causal window that sees `size - 1` keys back and the query's own key:
+    /// `left = size - 1, right = 0`, so each query sees at most `size` keys.
+    pub fn causal(size: usize) -> Self {
+        Self {
+            left: Some(size.saturating_sub(1)),
+            right: Some(0),
+        }
+    }
+
+    /// Whether neither side is bounded.
+    pub fn is_full(&self) -> bool {
+        self.left.is_none() && self.right.is_none()
+    }
+
+    /// The intersection of two bands (the tighter bound on each side).
+    pub fn intersect(self, other: Window) -> Window {
+        fn tighter(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, None) => a,
+                (None, b) => b,
+            }
+        }
+        Window {
+            left: tighter(self.left, other.left),
+            right: tighter(self.right, other.right),
+        }
+    }
+
+    /// Whether key `j` is inside the band of query `i` for the given lengths.
+    pub fn contains(&self, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
+        let diff = j as i64 - aligned(i, seq_q, seq_k);
+        self.left.is_none_or(|l| diff >= -(l as i64)) && self.right.is_none_or(|r| diff <= r as i64)
+    }
+}
+
+/// The key position query `i` is aligned with (bottom-right alignment); may be negative
+/// when `seq_q > seq_k`.
+pub fn aligned(i: usize, seq_q: usize, seq_k: usize) -> i64 {
+    i as i64 + seq_k as i64 - seq_q as i64
+}
+
+/// Options of an exact (banded) attention core.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct AttentionOptions {
+    /// Multiplier of `q . k`; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f64>,
+    /// Whether key `j` is hidden from query `i` when `j > i + seq_k - seq_q`.
+    pub causal: bool,
+    /// The band of visible keys (intersected with the causal rule when both are set).
+    pub window: Window,
+    /// Tile size of the tensor-op implementation (backends without a kernel); `None` uses
+    /// its default. GPU kernels choose their own tiles and ignore it.
+    pub tile: Option<usize>,
+}
+
+impl AttentionOptions {
+    /// Plain exact attention with the default scale.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the causal flag.
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Sets the window band.
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Sets an explicit scale.
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// The band actually applied: the window intersected with the causal rule.
+    pub fn effective_window(&self) -> Window {
+        if self.causal {
+            self.window.intersect(Window::new(None, Some(0)))
+        } else {
+            self.window
+        }
+    }
+
+    /// The scale applied to `q . k` for the given head dimension.
+    pub fn scale_for(&self, head_dim: usize) -> f64 {
+        self.scale.unwrap_or(1.0 / (head_dim as f64).sqrt())
+    }
+
+    /// Checks the options themselves (shapes are checked separately).
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        if self.tile == Some(0) {
+            return Err(AttentionError::ZeroSize { what: "tile" });
+        }
+        if let Some(scale) = self.scale {
+            if !scale.is_finite() || scale <= 0.0 {
+                return Err(AttentionError::InvalidScale { scale });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symmetric_window_matches_seed_definition() {
+        // The seed: start = i - w/2, end = i + w/2 + 1 (exclusive).
+        let w = Window::symmetric(6);
+        let visible: Vec<usize> = (0..20).filter(|&j| w.contains(10, j, 20, 20)).collect();
+        assert_eq!(visible, (7..=13).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bottom_right_alignment_when_lengths_differ() {
+        let causal = AttentionOptions::new().with_causal(true).effective_window();
+        // 2 queries over 5 keys: query 0 sits at key 3, query 1 at key 4.
+        assert!(causal.contains(0, 3, 2, 5));
+        assert!(!causal.contains(0, 4, 2, 5));
+        assert!(causal.contains(1, 4, 2, 5));
+        // 5 queries over 2 keys: the first 3 queries see nothing.
+        assert!(!(0..2).any(|j| causal.contains(2, j, 5, 2)));
+        assert!(causal.contains(3, 0, 5, 2));
+    }
+
+    #[test]
+    fn causal_intersects_window() {
+        let opts = AttentionOptions::new()
+            .with_causal(true)
+            .with_window(Window::symmetric(8));
+        assert_eq!(opts.effective_window(), Window::new(Some(4), Some(0)));
+    }
+
+    #[test]
+    fn bad_scale_is_rejected() {
+        let err = AttentionOptions::new().with_scale(-1.0).validate().unwrap_err();
+        assert!(err.to_string().contains("-1"), "{err}");
+    }
+}

@@ -1,0 +1,424 @@
+//! Which keys each query may see, described once for every implementation.
+//!
+//! A [`KeyPattern`] is a rule, not a dense matrix: a band (window), optional strided
+//! "global" key columns, the causal rule and an optional block layout (for block-random
+//! patterns). Implementations ask it two questions: how a tile of queries x keys is
+//! covered ([`KeyPattern::classify`]: skip it, use it whole, or mask it), and, for the
+//! tiles that need one, the element mask built with tensor ops ([`KeyPattern::tile_mask`]).
+//! [`KeyPattern::visible`] is the scalar definition the other two are tested against.
+
+use core::ops::Range;
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::error::AttentionError;
+use crate::options::{aligned, Window};
+
+/// How a tile of queries x keys is covered by a pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileCover {
+    /// No key of the tile is visible to any query of the tile: skip it.
+    Empty,
+    /// Every key of the tile is visible to every query of the tile: no mask needed.
+    Full,
+    /// Some are visible: apply [`KeyPattern::tile_mask`].
+    Partial,
+}
+
+impl TileCover {
+    fn union(self, other: TileCover) -> TileCover {
+        match (self, other) {
+            (TileCover::Full, _) | (_, TileCover::Full) => TileCover::Full,
+            (TileCover::Empty, TileCover::Empty) => TileCover::Empty,
+            _ => TileCover::Partial,
+        }
+    }
+
+    fn intersect(self, other: TileCover) -> TileCover {
+        match (self, other) {
+            (TileCover::Empty, _) | (_, TileCover::Empty) => TileCover::Empty,
+            (TileCover::Full, TileCover::Full) => TileCover::Full,
+            _ => TileCover::Partial,
+        }
+    }
+}
+
+/// A block-granular layout: which `block_q x block_k` blocks of the score matrix are active.
+///
+/// Built for given lengths. Block granularity is what lets a GPU kernel skip whole tiles
+/// (as BigBird's random attention does); a per-element random mask could not be skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// Query rows per block.
+    pub block_q: usize,
+    /// Key columns per block.
+    pub block_k: usize,
+    /// Number of query blocks (`ceil(seq_q / block_q)`).
+    pub q_blocks: usize,
+    /// Number of key blocks (`ceil(seq_k / block_k)`).
+    pub k_blocks: usize,
+    /// Row-major activity, `q_blocks * k_blocks` entries.
+    pub active: Vec<bool>,
+}
+
+impl BlockLayout {
+    /// A seeded random layout: each block is active with probability `density`, and the
+    /// blocks holding each query's aligned key position are always active, so no query that
+    /// has a key at its own position is left without keys.
+    pub fn random(
+        seq_q: usize,
+        seq_k: usize,
+        block: usize,
+        density: f64,
+        seed: u64,
+    ) -> Result<Self, AttentionError> {
+        if block == 0 {
+            return Err(AttentionError::ZeroSize { what: "block size" });
+        }
+        if !(density > 0.0 && density <= 1.0) {
+            return Err(AttentionError::OutOfUnitRange {
+                what: "density",
+                value: density,
+            });
+        }
+        let q_blocks = seq_q.div_ceil(block);
+        let k_blocks = seq_k.div_ceil(block);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut active: Vec<bool> = (0..q_blocks * k_blocks)
+            .map(|_| rng.random_bool(density))
+            .collect();
+        for qb in 0..q_blocks {
+            let first = aligned(qb * block, seq_q, seq_k);
+            let last = aligned(((qb + 1) * block).min(seq_q) - 1, seq_q, seq_k);
+            if last < 0 {
+                continue;
+            }
+            let lo = first.max(0) as usize / block;
+            let hi = (last as usize).min(seq_k.saturating_sub(1)) / block;
+            for kb in lo..=hi.min(k_blocks.saturating_sub(1)) {
+                active[qb * k_blocks + kb] = true;
+            }
+        }
+        Ok(Self {
+            block_q: block,
+            block_k: block,
+            q_blocks,
+            k_blocks,
+            active,
+        })
+    }
+
+    /// Whether block `(qb, kb)` is active.
+    pub fn is_active(&self, qb: usize, kb: usize) -> bool {
+        self.active[qb * self.k_blocks + kb]
+    }
+
+    /// The fraction of active blocks.
+    pub fn density(&self) -> f64 {
+        if self.active.is_empty() {
+            return 0.0;
+        }
+        self.active.iter().filter(|a| **a).count() as f64 / self.active.len() as f64
+    }
+}
+
+/// The visible keys of every query: `causal && (band || strided column) && active block`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyPattern {
+    /// The band around each query's aligned position.
+    pub window: Window,
+    /// Keys `j` with `j % stride == 0` are visible to every query (as global columns),
+    /// in addition to the band.
+    pub stride: Option<usize>,
+    /// Whether keys after the query's aligned position are hidden (applies to the strided
+    /// columns too).
+    pub causal: bool,
+    /// A block layout restricting everything above to its active blocks.
+    pub blocks: Option<BlockLayout>,
+}
+
+impl KeyPattern {
+    /// A pattern that is only a band (and optionally causal).
+    pub fn band(window: Window, causal: bool) -> Self {
+        Self {
+            window,
+            causal,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the pattern hides nothing.
+    pub fn is_dense(&self) -> bool {
+        self.window.is_full() && !self.causal && self.blocks.is_none()
+    }
+
+    /// The band intersected with the causal rule.
+    fn causal_window(&self) -> Window {
+        if self.causal {
+            Window::new(None, Some(0))
+        } else {
+            Window::FULL
+        }
+    }
+
+    /// The scalar definition: whether key `j` is visible to query `i`.
+    pub fn visible(&self, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
+        let causal_ok = self.causal_window().contains(i, j, seq_q, seq_k);
+        let band = self.window.contains(i, j, seq_q, seq_k);
+        let strided = self.stride.is_some_and(|s| j % s == 0);
+        let block_ok = self
+            .blocks
+            .as_ref()
+            .is_none_or(|b| b.is_active(i / b.block_q, j / b.block_k));
+        causal_ok && (band || strided) && block_ok
+    }
+
+    /// The range of keys that can be visible to some query in `rows` (a superset: tiles in
+    /// it may still be empty), or an empty range.
+    pub fn key_range(&self, rows: Range<usize>, seq_q: usize, seq_k: usize) -> Range<usize> {
+        if rows.is_empty() || seq_k == 0 {
+            return 0..0;
+        }
+        let first = aligned(rows.start, seq_q, seq_k);
+        let last = aligned(rows.end - 1, seq_q, seq_k);
+        let band = if self.stride.is_some() {
+            Window::FULL
+        } else {
+            self.window
+        }
+        .intersect(self.causal_window());
+        let lo = band.left.map_or(0, |l| first - l as i64).max(0);
+        let hi = band
+            .right
+            .map_or(seq_k as i64, |r| last + r as i64 + 1)
+            .min(seq_k as i64);
+        if lo >= hi {
+            0..0
+        } else {
+            lo as usize..hi as usize
+        }
+    }
+
+    /// How the tile `rows x cols` is covered.
+    pub fn classify(
+        &self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> TileCover {
+        if rows.is_empty() || cols.is_empty() {
+            return TileCover::Empty;
+        }
+        if let Some(b) = &self.blocks {
+            let (qb0, qb1) = (rows.start / b.block_q, (rows.end - 1) / b.block_q);
+            let (kb0, kb1) = (cols.start / b.block_k, (cols.end - 1) / b.block_k);
+            let states: Vec<bool> = (qb0..=qb1)
+                .flat_map(|qb| (kb0..=kb1).map(move |kb| (qb, kb)))
+                .map(|(qb, kb)| b.is_active(qb, kb))
+                .collect();
+            if states.iter().all(|a| !a) {
+                return TileCover::Empty;
+            }
+            if !states.iter().all(|a| *a) {
+                return TileCover::Partial;
+            }
+        }
+        // Differences j - i' over the tile.
+        let min_diff = cols.start as i64 - aligned(rows.end - 1, seq_q, seq_k);
+        let max_diff = (cols.end - 1) as i64 - aligned(rows.start, seq_q, seq_k);
+        let band_cover = |w: Window| {
+            let lo = w.left.map_or(i64::MIN, |l| -(l as i64));
+            let hi = w.right.map_or(i64::MAX, |r| r as i64);
+            if max_diff < lo || min_diff > hi {
+                TileCover::Empty
+            } else if min_diff >= lo && max_diff <= hi {
+                TileCover::Full
+            } else {
+                TileCover::Partial
+            }
+        };
+        let mut cover = band_cover(self.window);
+        if let Some(s) = self.stride {
+            let first_multiple = cols.start.div_ceil(s) * s;
+            let strided = if s == 1 {
+                TileCover::Full
+            } else if first_multiple < cols.end {
+                TileCover::Partial
+            } else {
+                TileCover::Empty
+            };
+            cover = cover.union(strided);
+        }
+        cover.intersect(band_cover(self.causal_window()))
+    }
+
+    /// The visibility mask of the tile `rows x cols` as a `[rows, cols]` tensor, `true`
+    /// where the key is visible. Built with tensor ops (no per-element host loop).
+    pub fn tile_mask<B: Backend>(
+        &self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        seq_q: usize,
+        seq_k: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 2, Bool> {
+        let (nr, nc) = (rows.len(), cols.len());
+        let offset = seq_k as i64 - seq_q as i64;
+        let row_pos: Tensor<B, 2, Int> =
+            Tensor::<B, 1, Int>::arange(rows.start as i64 + offset..rows.end as i64 + offset, device)
+                .reshape([nr, 1])
+                .expand([nr, nc]);
+        let col_pos: Tensor<B, 2, Int> =
+            Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device)
+                .reshape([1, nc])
+                .expand([nr, nc]);
+        let diff = col_pos.clone() - row_pos;
+        let within = |w: Window, diff: &Tensor<B, 2, Int>| -> Tensor<B, 2, Bool> {
+            let mut m = Tensor::<B, 2, Bool>::full([nr, nc], true, device);
+            if let Some(l) = w.left {
+                m = m.bool_and(diff.clone().greater_equal_elem(-(l as i64)));
+            }
+            if let Some(r) = w.right {
+                m = m.bool_and(diff.clone().lower_equal_elem(r as i64));
+            }
+            m
+        };
+        let mut mask = within(self.window, &diff);
+        if let Some(s) = self.stride {
+            mask = mask.bool_or(col_pos.remainder_scalar(s as i64).equal_elem(0));
+        }
+        if self.causal {
+            mask = mask.bool_and(within(self.causal_window(), &diff));
+        }
+        if let Some(b) = &self.blocks {
+            mask = mask.bool_and(block_mask(b, rows, cols, device));
+        }
+        mask
+    }
+}
+
+/// The element mask of a block layout over `rows x cols`, by expanding the block grid.
+fn block_mask<B: Backend>(
+    layout: &BlockLayout,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let (qb0, qb1) = (rows.start / layout.block_q, (rows.end - 1) / layout.block_q + 1);
+    let (kb0, kb1) = (cols.start / layout.block_k, (cols.end - 1) / layout.block_k + 1);
+    let (nqb, nkb) = (qb1 - qb0, kb1 - kb0);
+    // One value per block (not per element): the layout is block-granular by construction.
+    let grid: Vec<bool> = (qb0..qb1)
+        .flat_map(|qb| (kb0..kb1).map(move |kb| (qb, kb)))
+        .map(|(qb, kb)| layout.is_active(qb, kb))
+        .collect();
+    let grid = Tensor::<B, 1, Bool>::from_data(burn::tensor::TensorData::new(grid, [nqb * nkb]), device)
+        .reshape([nqb, 1, nkb, 1])
+        .expand([nqb, layout.block_q, nkb, layout.block_k])
+        .reshape([nqb * layout.block_q, nkb * layout.block_k]);
+    let r0 = rows.start - qb0 * layout.block_q;
+    let c0 = cols.start - kb0 * layout.block_k;
+    grid.slice([r0..r0 + rows.len(), c0..c0 + cols.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f32>;
+
+    fn patterns(seq_q: usize, seq_k: usize) -> Vec<KeyPattern> {
+        vec![
+            KeyPattern::default(),
+            KeyPattern::band(Window::FULL, true),
+            KeyPattern::band(Window::symmetric(6), false),
+            KeyPattern::band(Window::new(Some(0), Some(3)), true),
+            KeyPattern::band(Window::new(Some(4), Some(0)), false),
+            KeyPattern {
+                window: Window::symmetric(4),
+                stride: Some(5),
+                causal: true,
+                blocks: None,
+            },
+            KeyPattern {
+                blocks: Some(BlockLayout::random(seq_q, seq_k, 4, 0.3, 7).unwrap()),
+                ..KeyPattern::default()
+            },
+            KeyPattern {
+                causal: true,
+                blocks: Some(BlockLayout::random(seq_q, seq_k, 3, 0.5, 1).unwrap()),
+                ..KeyPattern::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn tile_mask_and_classification_match_scalar_definition() {
+        let device = Default::default();
+        for (seq_q, seq_k) in [(13, 13), (5, 17), (17, 5), (1, 9)] {
+            for p in patterns(seq_q, seq_k) {
+                for (rows, cols) in [(0..seq_q, 0..seq_k), (1..4.min(seq_q), 2..seq_k)] {
+                    if rows.is_empty() || cols.is_empty() {
+                        continue;
+                    }
+                    let mask = p.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                    let got: Vec<bool> = mask.into_data().to_vec().unwrap();
+                    let want: Vec<bool> = rows
+                        .clone()
+                        .flat_map(|i| cols.clone().map(move |j| (i, j)))
+                        .map(|(i, j)| p.visible(i, j, seq_q, seq_k))
+                        .collect();
+                    assert_eq!(got, want, "{p:?} rows {rows:?} cols {cols:?}");
+                    let cover = p.classify(rows.clone(), cols.clone(), seq_q, seq_k);
+                    let expected = if want.iter().all(|v| *v) {
+                        TileCover::Full
+                    } else if want.iter().all(|v| !v) {
+                        TileCover::Empty
+                    } else {
+                        TileCover::Partial
+                    };
+                    // Classification may be conservative (Partial) but never wrong.
+                    assert!(
+                        cover == expected || cover == TileCover::Partial,
+                        "{p:?}: {cover:?} vs {expected:?}"
+                    );
+                    assert!(!(cover == TileCover::Partial && expected != TileCover::Partial && p.blocks.is_none() && p.stride.is_none()),
+                        "band tiles are classified exactly: {p:?} {rows:?} {cols:?}");
+                }
+                // The key range covers every visible key.
+                for i in 0..seq_q {
+                    let r = p.key_range(i..i + 1, seq_q, seq_k);
+                    for j in 0..seq_k {
+                        if p.visible(i, j, seq_q, seq_k) {
+                            assert!(r.contains(&j), "{p:?}: key {j} of query {i} outside {r:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_layout_is_seeded_and_keeps_diagonal() {
+        let a = BlockLayout::random(64, 64, 8, 0.2, 42).unwrap();
+        let b = BlockLayout::random(64, 64, 8, 0.2, 42).unwrap();
+        let c = BlockLayout::random(64, 64, 8, 0.2, 43).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        for qb in 0..a.q_blocks {
+            assert!(a.is_active(qb, qb));
+        }
+        assert!(a.density() < 0.6, "density {}", a.density());
+    }
+
+    #[test]
+    fn random_layout_rejects_bad_density() {
+        let err = BlockLayout::random(8, 8, 4, 1.5, 0).unwrap_err();
+        assert!(err.to_string().contains("1.5"), "{err}");
+        let err = BlockLayout::random(8, 8, 4, 0.0, 0).unwrap_err();
+        assert!(err.to_string().contains("density"), "{err}");
+    }
+}
