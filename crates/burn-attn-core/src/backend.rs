@@ -2,7 +2,7 @@
 //! implementation runs. Backends with a kernel override [`AttentionBackend::banded_attention`];
 //! every other backend gets the tiled tensor-op implementation.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::error::ensure;
 use crate::options::AttentionOptions;
@@ -59,6 +59,59 @@ pub fn attention_with_lse<B: AttentionBackend>(
     ensure(AttentionShape::of(&q, &k, &v).map(|_| ()));
     ensure(options.validate());
     B::banded_attention(q, k, v, options)
+}
+
+/// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
+/// kernel of [`AttentionBackend::banded_attention`] when the call is a plain band, the
+/// tiled tensor-op path otherwise (strided columns, block layouts, padding, dropout in
+/// training).
+///
+/// `key_padding` is `[batch, seq_k]`, `true` where the key is padding. `dropout` applies
+/// to the attention probabilities only while the backend tracks gradients.
+///
+/// # Panics
+/// With a message naming the values when shapes do not match or options are invalid.
+pub fn pattern_attention<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    dropout: f64,
+) -> Tensor<B, 4> {
+    let shape = AttentionShape::of(&q, &k, &v);
+    ensure(shape.clone().map(|_| ()));
+    ensure(options.validate());
+    let shape = shape.unwrap();
+    if let Some(pad) = &key_padding {
+        let dims = pad.dims();
+        if dims != [shape.batch, shape.seq_k] {
+            ensure(Err(crate::AttentionError::Shape {
+                what: "key padding mask",
+                expected: format!("[{}, {}] (batch, seq_k)", shape.batch, shape.seq_k),
+                got: dims.to_vec(),
+            }));
+        }
+    }
+    let dropout_active = dropout > 0.0 && B::ad_enabled(&q.device());
+    let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
+    if plain_band && key_padding.is_none() && !dropout_active {
+        let options = AttentionOptions {
+            causal: pattern.causal || options.causal,
+            window: pattern.window.intersect(options.window),
+            ..*options
+        };
+        return B::banded_attention(q, k, v, &options).0;
+    }
+    let mut pattern = pattern.clone();
+    pattern.causal |= options.causal;
+    pattern.window = pattern.window.intersect(options.window);
+    let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
+        .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
+    spec.key_padding = key_padding;
+    spec.dropout = dropout;
+    tiled_attention(q, k, v, &spec).0
 }
 
 #[cfg(feature = "ndarray")]

@@ -15,7 +15,7 @@ mod reference;
 mod shape;
 mod tiled;
 
-pub use backend::{attention, attention_with_lse, AttentionBackend};
+pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
 pub use error::{ensure, AttentionError};
 pub use options::{aligned, AttentionOptions, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};

@@ -1,0 +1,309 @@
+//! Exact attention with the FlashAttention algorithm.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn_attn_core::{
+    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
+    Window,
+};
+
+use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
+
+/// Configuration of [`FlashAttention`].
+#[derive(Config, Debug)]
+pub struct FlashAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Key/value heads (GQA/MQA); must divide `n_heads`. Default: `None` (= `n_heads`).
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Whether the linears have a bias. Default: `true`.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Dropout on the attention probabilities while training. Default: `0.0`.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Hide keys after each query's aligned position. Default: `false`.
+    #[config(default = false)]
+    pub causal: bool,
+    /// Keys visible before each query (`None`: all). Default: `None`.
+    #[config(default = "None")]
+    pub window_left: Option<usize>,
+    /// Keys visible after each query (`None`: all). Default: `None`.
+    #[config(default = "None")]
+    pub window_right: Option<usize>,
+    /// Multiplier of `q . k`. Default: `None` (= `1 / sqrt(head_dim)`).
+    #[config(default = "None")]
+    pub scale: Option<f64>,
+    /// Tile of the tensor-op implementation (backends without a kernel; kernels choose
+    /// their own). Default: `64`, the seed's block size.
+    #[config(default = 64)]
+    pub block_size: usize,
+}
+
+impl FlashAttentionConfig {
+    /// Checks the configuration; the error names the values.
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
+        validate_dropout(self.dropout)?;
+        if self.block_size == 0 {
+            return Err(AttentionError::ZeroSize { what: "block_size" });
+        }
+        self.options().validate()
+    }
+
+    fn options(&self) -> AttentionOptions {
+        AttentionOptions {
+            scale: self.scale,
+            causal: self.causal,
+            window: Window::new(self.window_left, self.window_right),
+            tile: Some(self.block_size),
+        }
+    }
+
+    /// Builds the module.
+    ///
+    /// # Panics
+    /// When [`validate`](Self::validate) fails.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> FlashAttention<B> {
+        ensure(self.validate());
+        FlashAttention {
+            projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
+                .init(device),
+            scale: self.scale,
+            causal: self.causal,
+            window_left: self.window_left,
+            window_right: self.window_right,
+            block_size: self.block_size,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// Exact multi-head attention computed tile by tile with an online softmax: O(n) extra
+/// memory, the same result as materialised attention. Runs the GPU kernel on backends
+/// that have one.
+#[derive(Module, Debug)]
+pub struct FlashAttention<B: Backend> {
+    /// The shared projections.
+    pub projection: MultiHeadProjection<B>,
+    /// Explicit scale, if any.
+    pub scale: Option<f64>,
+    /// Causal flag.
+    pub causal: bool,
+    /// Left side of the window.
+    pub window_left: Option<usize>,
+    /// Right side of the window.
+    pub window_right: Option<usize>,
+    /// Tile of the tensor-op path.
+    pub block_size: usize,
+    /// Dropout on probabilities while training.
+    pub dropout: f64,
+}
+
+impl<B: AttentionBackend> FlashAttention<B> {
+    /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_cross(x.clone(), x.clone(), x, None)
+    }
+
+    /// Attention of `query` (`[batch, seq_q, d_model]`) over `key`/`value`
+    /// (`[batch, seq_k, d_model]`) with an optional `[batch, seq_k]` key padding mask
+    /// (`true` = padding). Rows that see no key give 0.
+    pub fn forward_cross(
+        &self,
+        query: Tensor<B, 3>,
+        key: Tensor<B, 3>,
+        value: Tensor<B, 3>,
+        key_padding: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let h = self.projection.split(query, key, value);
+        let options = AttentionOptions {
+            scale: self.scale,
+            causal: self.causal,
+            window: Window::new(self.window_left, self.window_right),
+            tile: Some(self.block_size),
+        };
+        let out = pattern_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            &options,
+            key_padding,
+            self.dropout,
+        );
+        self.projection.merge(out)
+    }
+
+    /// The shared projections (for exact baselines with the same weights).
+    pub fn projection(&self) -> &MultiHeadProjection<B> {
+        &self.projection
+    }
+}
+
+/// The projection config shared by every variant's config.
+pub(crate) fn projection_config(
+    d_model: usize,
+    n_heads: usize,
+    n_kv_heads: Option<usize>,
+    bias: bool,
+) -> MultiHeadProjectionConfig {
+    MultiHeadProjectionConfig::new(d_model, n_heads)
+        .with_n_kv_heads(n_kv_heads)
+        .with_bias(bias)
+}
+
+/// Checks a dropout probability.
+pub(crate) fn validate_dropout(dropout: f64) -> Result<(), AttentionError> {
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(AttentionError::Invalid(format!(
+            "dropout must be in [0, 1), got {dropout}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    fn exact_check(config: FlashAttentionConfig, batch: usize, seq: usize) {
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([batch, seq, config.d_model]);
+        let got = module.forward(x.clone());
+        let want = module.projection().exact(x, config.causal);
+        assert_close(got, want, 2e-5);
+    }
+
+    #[test]
+    fn equals_exact_attention_on_odd_lengths() {
+        for seq in [1, 17, 97] {
+            exact_check(FlashAttentionConfig::new(32, 4), 2, seq);
+            exact_check(FlashAttentionConfig::new(32, 4).with_causal(true), 2, seq);
+        }
+    }
+
+    #[test]
+    fn equals_exact_attention_at_1025_with_small_tiles() {
+        exact_check(FlashAttentionConfig::new(16, 2).with_block_size(128).with_causal(true), 1, 1025);
+    }
+
+    #[test]
+    fn grouped_query_heads_equal_exact() {
+        exact_check(FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(2)), 2, 33);
+        exact_check(FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(1)), 1, 20);
+    }
+
+    #[test]
+    fn cross_attention_with_different_lengths_and_padding() {
+        let module = FlashAttentionConfig::new(32, 4)
+            .with_block_size(8)
+            .init::<TestBackend>(&Default::default());
+        let q = randn::<TestBackend, 3>([2, 13, 32]);
+        let kv = randn::<TestBackend, 3>([2, 29, 32]);
+        let pad = Tensor::<TestBackend, 1, burn::tensor::Int>::arange(0..29, &Default::default())
+            .reshape([1, 29])
+            .repeat_dim(0, 2)
+            .greater_equal_elem(21);
+        let got = module.forward_cross(q.clone(), kv.clone(), kv.clone(), Some(pad.clone()));
+        let want = module
+            .projection()
+            .exact_cross(q, kv.clone(), kv, Some(pad), false);
+        assert_close(got, want, 2e-5);
+    }
+
+    #[test]
+    fn fully_masked_rows_give_zero_not_nan() {
+        // 9 queries causally over 4 keys: the first 5 queries see no key.
+        let module = FlashAttentionConfig::new(16, 2)
+            .with_causal(true)
+            .with_bias(false)
+            .init::<TestBackend>(&Default::default());
+        let q = randn::<TestBackend, 3>([1, 9, 16]);
+        let kv = randn::<TestBackend, 3>([1, 4, 16]);
+        let out = module.forward_cross(q.clone(), kv.clone(), kv.clone(), None);
+        assert_finite(out.clone());
+        let masked = out.clone().slice([0..1, 0..5]);
+        assert_close(masked.clone(), masked.zeros_like(), 0.0);
+        let want = module.projection().exact_cross(q, kv.clone(), kv, None, true);
+        assert_close(out, want, 2e-5);
+    }
+
+    #[test]
+    fn large_logits_stay_exact() {
+        let module = FlashAttentionConfig::new(16, 2)
+            .with_scale(Some(50.0))
+            .init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([1, 40, 16]) * 10.0;
+        let got = module.forward(x.clone());
+        assert_finite(got.clone());
+        let h = module.projection().split_self(x);
+        let (want, _) = burn_attn_core::reference_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            50.0,
+            None,
+            None,
+        );
+        let want = module.projection().merge(want);
+        let scale = max_abs_diff(want.clone(), want.zeros_like()).max(1.0);
+        assert_close(got, want, 1e-5 * scale);
+    }
+
+    #[test]
+    fn window_equals_exact_with_band_mask() {
+        let config = FlashAttentionConfig::new(16, 2)
+            .with_window_left(Some(3))
+            .with_window_right(Some(0))
+            .with_block_size(4);
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([2, 23, 16]);
+        let got = module.forward(x.clone());
+        let h = module.projection().split_self(x);
+        let pattern = KeyPattern::band(Window::new(Some(3), Some(0)), false);
+        let (want, _) =
+            burn_attn_core::reference_attention(h.q, h.k, h.v, &pattern, 1.0 / 8f64.sqrt(), None, None);
+        assert_close(got, module.projection().merge(want), 2e-5);
+    }
+
+    #[test]
+    fn trains_and_round_trips() {
+        let config = FlashAttentionConfig::new(16, 2).with_causal(true);
+        let module = config.init::<TestAutodiff>(&Default::default());
+        let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
+        assert!(last < first, "loss did not fall: {first} -> {last}");
+
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([1, 7, 16]);
+        let want = module.forward(x.clone());
+        let loaded = record_round_trip(module, config.init(&Default::default()));
+        assert_close(loaded.forward(x), want, 0.0);
+
+        let json = serde_json::to_string(&config).unwrap();
+        let back: FlashAttentionConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+    }
+
+    #[test]
+    fn bad_configs_name_the_values() {
+        let msg = |c: FlashAttentionConfig| c.validate().unwrap_err().to_string();
+        assert!(msg(FlashAttentionConfig::new(30, 4)).contains("30"));
+        assert!(msg(FlashAttentionConfig::new(32, 4).with_n_kv_heads(Some(3))).contains("(3)"));
+        assert!(msg(FlashAttentionConfig::new(32, 4).with_block_size(0)).contains("block_size"));
+        assert!(msg(FlashAttentionConfig::new(32, 4).with_dropout(1.5)).contains("1.5"));
+    }
+
+    #[test]
+    #[should_panic(expected = "query input has shape [1, 5, 12], expected [batch, seq, 32]")]
+    fn wrong_width_panics_with_values() {
+        let module = FlashAttentionConfig::new(32, 4).init::<TestBackend>(&Default::default());
+        module.forward(randn::<TestBackend, 3>([1, 5, 12]));
+    }
+}
