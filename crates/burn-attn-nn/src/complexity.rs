@@ -43,7 +43,7 @@ pub enum Method {
     Flash,
     /// Sparse attention with a local (symmetric band) pattern of `sparse_window` keys.
     SparseLocal,
-    /// Sparse attention with every `stride`-th key column plus a local band of `local` keys.
+    /// Sparse attention with every `stride`-th key column plus the keys within `local`.
     SparseStrided,
     /// Sparse attention with seeded random blocks of density `density`.
     SparseRandom,
@@ -202,7 +202,8 @@ pub struct ComplexityModel {
     pub sparse_window: usize,
     /// Column stride of the strided pattern. Seed: 64.
     pub stride: usize,
-    /// Total size of the strided pattern's local band. Seed: 64 (`i - 32 ..= i + 32`).
+    /// Half-width of the strided pattern's local band: keys within `local` of the query.
+    /// Seed: 32 (`i - 32 ..= i + 32`).
     pub local: usize,
     /// Fraction of active blocks of the random pattern. Seed: 0.1.
     pub density: f64,
@@ -279,11 +280,11 @@ pub fn band_pairs(n: usize, left: Option<usize>, right: Option<usize>) -> u64 {
     n * (l + r + 1) - l * (l + 1) / 2 - r * (r + 1) / 2
 }
 
-/// Visible pairs of the strided pattern: key columns `j % stride == 0` plus a symmetric
-/// band of total size `local` (causal: keys after the query are hidden from both).
+/// Visible pairs of the strided pattern: key columns `j % stride == 0` plus the keys
+/// within `local` of the query (causal: keys after the query are hidden from both).
 pub fn strided_pairs(n: usize, stride: usize, local: usize, causal: bool) -> u64 {
     let stride = stride.max(1) as u64;
-    let half = (local / 2) as u64;
+    let half = local as u64;
     // Multiples of `stride` in `0..=x`.
     let upto = |x: u64| x / stride + 1;
     let n64 = n as u64;
@@ -312,7 +313,7 @@ pub fn random_pairs(n: usize, block: usize, density: f64, causal: bool) -> f64 {
 
 impl ComplexityModel {
     /// A model for `d_model` and `heads` with the seed's settings: windows 256 (sliding) and
-    /// 128 (local sparse), stride 64 with a local band of 64, density 0.1 in blocks of 64,
+    /// 128 (local sparse), stride 64 with a local half-width of 32, density 0.1 in blocks of 64,
     /// ratio 0.1, chunk 64, adaptive window 64..=512, hybrid thresholds 2048/8192, batch 1,
     /// not causal, with biases.
     pub fn new(d_model: usize, heads: usize) -> Self {
@@ -325,7 +326,7 @@ impl ComplexityModel {
             window: 256,
             sparse_window: 128,
             stride: 64,
-            local: 64,
+            local: 32,
             density: 0.1,
             block: 64,
             ratio: 0.1,
@@ -378,7 +379,7 @@ impl ComplexityModel {
         self
     }
 
-    /// Sets the strided pattern's local band size.
+    /// Sets the strided pattern's local half-width.
     pub fn with_local(mut self, local: usize) -> Self {
         self.local = local;
         self
@@ -704,7 +705,7 @@ mod tests {
                 for local in [0usize, 4, 10] {
                     for causal in [false, true] {
                         let want = brute(n, |i, j| {
-                            let band = (j as i64 - i as i64).abs() <= (local / 2) as i64;
+                            let band = (j as i64 - i as i64).abs() <= local as i64;
                             (band || j % stride == 0) && (!causal || j <= i)
                         });
                         assert_eq!(

@@ -6,8 +6,12 @@
 
 pub mod flash;
 pub mod projection;
+pub mod sliding_window;
+pub mod sparse;
 #[cfg(test)]
 mod test_util;
 
 pub use flash::{FlashAttention, FlashAttentionConfig};
+pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
+pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
 pub use projection::{Heads, MultiHeadProjection, MultiHeadProjectionConfig};

@@ -1,0 +1,175 @@
+//! Sliding-window attention: each query sees a fixed band of keys around (or before) it.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn_attn_core::{
+    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
+    Window,
+};
+
+use crate::flash::{projection_config, validate_dropout};
+use crate::projection::{validate_heads, MultiHeadProjection};
+
+/// Configuration of [`SlidingWindowAttention`].
+#[derive(Config, Debug)]
+pub struct SlidingWindowAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Key/value heads (GQA/MQA). Default: `None` (= `n_heads`).
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Whether the linears have a bias. Default: `true`.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Dropout on the attention probabilities while training. Default: `0.0`.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Window size. Symmetric: keys within `window / 2` on each side (the seed's
+    /// definition). Causal: the `window` most recent keys, the query's own included.
+    /// Default: `256`, as the seed.
+    #[config(default = 256)]
+    pub window: usize,
+    /// Look only backwards. Default: `false` (symmetric).
+    #[config(default = false)]
+    pub causal: bool,
+}
+
+impl SlidingWindowAttentionConfig {
+    /// Checks the configuration; the error names the values.
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
+        validate_dropout(self.dropout)?;
+        if self.window == 0 {
+            return Err(AttentionError::ZeroSize { what: "window" });
+        }
+        Ok(())
+    }
+
+    /// Builds the module.
+    ///
+    /// # Panics
+    /// When [`validate`](Self::validate) fails.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> SlidingWindowAttention<B> {
+        ensure(self.validate());
+        SlidingWindowAttention {
+            projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
+                .init(device),
+            window: self.window,
+            causal: self.causal,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// Exact attention inside a sliding window. Only the band is visited: O(n * window) time
+/// and memory on every backend.
+#[derive(Module, Debug)]
+pub struct SlidingWindowAttention<B: Backend> {
+    /// The shared projections.
+    pub projection: MultiHeadProjection<B>,
+    /// Window size.
+    pub window: usize,
+    /// Causal flag.
+    pub causal: bool,
+    /// Dropout on probabilities while training.
+    pub dropout: f64,
+}
+
+impl<B: AttentionBackend> SlidingWindowAttention<B> {
+    /// The band this module applies.
+    pub fn band(&self) -> Window {
+        if self.causal {
+            Window::causal(self.window)
+        } else {
+            Window::symmetric(self.window)
+        }
+    }
+
+    /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_cross(x.clone(), x.clone(), x, None)
+    }
+
+    /// Attention of `query` over `key`/`value` (aligned bottom-right) with an optional
+    /// `[batch, seq_k]` key padding mask (`true` = padding).
+    pub fn forward_cross(
+        &self,
+        query: Tensor<B, 3>,
+        key: Tensor<B, 3>,
+        value: Tensor<B, 3>,
+        key_padding: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let h = self.projection.split(query, key, value);
+        let out = pattern_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::band(self.band(), self.causal),
+            &AttentionOptions::new(),
+            key_padding,
+            self.dropout,
+        );
+        self.projection.merge(out)
+    }
+
+    /// The shared projections (for exact baselines with the same weights).
+    pub fn projection(&self) -> &MultiHeadProjection<B> {
+        &self.projection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use burn_attn_core::reference_attention;
+
+    #[test]
+    fn equals_exact_with_band_mask() {
+        for (window, causal) in [(1, false), (6, false), (7, true), (1, true), (64, false)] {
+            let config = SlidingWindowAttentionConfig::new(32, 4)
+                .with_window(window)
+                .with_causal(causal)
+                .with_n_kv_heads(Some(2));
+            let module = config.init::<TestBackend>(&Default::default());
+            for seq in [1, 17, 97] {
+                let x = randn::<TestBackend, 3>([2, seq, 32]);
+                let got = module.forward(x.clone());
+                let h = module.projection().split_self(x);
+                let pattern = KeyPattern::band(module.band(), causal);
+                let (want, _) =
+                    reference_attention(h.q, h.k, h.v, &pattern, 1.0 / 8f64.sqrt(), None, None);
+                assert_close(got, module.projection().merge(want), 2e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn causal_window_sees_window_keys() {
+        let module = SlidingWindowAttentionConfig::new(8, 1)
+            .with_window(4)
+            .with_causal(true)
+            .init::<TestBackend>(&Default::default());
+        let band = module.band();
+        let visible = (0..20).filter(|&j| band.contains(10, j, 20, 20)).count();
+        assert_eq!(visible, 4);
+    }
+
+    #[test]
+    fn trains_round_trips_and_rejects_zero_window() {
+        let config = SlidingWindowAttentionConfig::new(16, 2).with_window(4);
+        let module = config.init::<TestAutodiff>(&Default::default());
+        let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
+        assert!(last < first, "loss did not fall: {first} -> {last}");
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let want = module.forward(x.clone());
+        let loaded = record_round_trip(module, config.init(&Default::default()));
+        assert_close(loaded.forward(x), want, 0.0);
+        let err = config.with_window(0).validate().unwrap_err().to_string();
+        assert!(err.contains("window must be at least 1, got 0"), "{err}");
+    }
+}
