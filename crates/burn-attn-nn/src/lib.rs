@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod flash;
+pub mod learned_sparse;
 pub mod projection;
 pub mod sliding_window;
 pub mod sparse;
@@ -14,4 +15,5 @@ mod test_util;
 pub use flash::{FlashAttention, FlashAttentionConfig};
 pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
+pub use learned_sparse::{LearnedSparseAttention, LearnedSparseAttentionConfig};
 pub use projection::{Heads, MultiHeadProjection, MultiHeadProjectionConfig};
