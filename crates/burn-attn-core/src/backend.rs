@@ -135,15 +135,5 @@ mod autodiff_impl {
 }
 
 #[cfg(feature = "cube")]
-mod cube_impl {
-    use super::AttentionBackend;
-    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use burn_fusion::{Fusion, FusionBackend};
-
-    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend
-        for CubeBackend<R, F, I, BT>
-    {
-    }
-
-    impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {}
-}
+#[path = "backend/cube.rs"]
+mod cube_impl;

@@ -9,6 +9,7 @@
 
 mod backend;
 mod error;
+mod linear;
 mod options;
 mod pattern;
 mod reference;
@@ -17,6 +18,7 @@ mod tiled;
 
 pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
 pub use error::{ensure, AttentionError};
+pub use linear::{causal_linear_attention, linear_attention, LinearAttentionState};
 pub use options::{aligned, AttentionOptions, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;

@@ -1,1 +1,15 @@
-pub fn _placeholder() {}
+//! CubeCL attention kernels and their launchers. No modules, no configs: callers (the
+//! `burn-attn-core` crate) resolve options into plain launch arguments and decide which
+//! implementation runs.
+//!
+//! - [`flash_forward_unit`]: the portable FlashAttention forward (no matrix units), for
+//!   every runtime including WGSL and software Vulkan (lavapipe).
+#![warn(missing_docs)]
+
+// The #[cube(launch)] macro generates undocumented items.
+#[allow(missing_docs)]
+mod flash_unit;
+mod launch;
+
+pub use flash_unit::flash_unit_kernel;
+pub use launch::{flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM};

@@ -4,16 +4,20 @@
 //! run through [`burn_attn_core`], which picks a GPU kernel where the backend has one.
 #![warn(missing_docs)]
 
+pub mod causal_linear;
 pub mod flash;
 pub mod learned_sparse;
+pub mod linear;
 pub mod projection;
 pub mod sliding_window;
 pub mod sparse;
 #[cfg(test)]
 mod test_util;
 
+pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use flash::{FlashAttention, FlashAttentionConfig};
 pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
 pub use learned_sparse::{LearnedSparseAttention, LearnedSparseAttentionConfig};
+pub use linear::{FeatureMap, LinearAttention, LinearAttentionConfig};
 pub use projection::{Heads, MultiHeadProjection, MultiHeadProjectionConfig};

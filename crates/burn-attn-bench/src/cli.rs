@@ -1,0 +1,188 @@
+//! Command-line options of `burn-attn-bench`.
+
+use std::path::PathBuf;
+
+use burn_attn::complexity::{ComplexityModel, HybridThresholds, Method};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// Time, memory and error of every burn-attn attention variant side by side, with the
+/// complexity model's prediction beside each measurement.
+#[derive(Parser, Debug)]
+#[command(name = "burn-attn-bench", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The tool's subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run every variant at several sequence lengths and print one table: median time,
+    /// allocator peak memory, max error against exact attention with the same weights,
+    /// and the complexity model's memory and compute.
+    Compare(CompareArgs),
+    /// Print the complexity model's predictions (and the seed's relative-memory table)
+    /// without running anything.
+    Model(ModelArgs),
+}
+
+/// Where the variants run. Only backends compiled in (cargo features of this crate) work.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// The CPU backend (`burn::backend::NdArray<f32>`).
+    Ndarray,
+}
+
+/// Options of `compare`.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct CompareArgs {
+    /// Sequence lengths to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512,1024")]
+    pub lengths: Vec<usize>,
+    /// Batch size of the random input.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Model width (`d_model`); must be a multiple of `--heads`.
+    #[arg(long, default_value_t = 256)]
+    pub d_model: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Timed forward passes per row; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Untimed forward passes before timing (caches, thread pools, kernel compilation).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Sliding window size: keys within `window / 2` on each side.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// Window of the local sparse pattern: keys within `sparse_window / 2` on each side.
+    #[arg(long, default_value_t = 128)]
+    pub sparse_window: usize,
+    /// Distance between the global key columns of the strided sparse pattern.
+    #[arg(long, default_value_t = 64)]
+    pub stride: usize,
+    /// Half-width of the strided sparse pattern's local band.
+    #[arg(long, default_value_t = 32)]
+    pub local: usize,
+    /// Fraction of active blocks of the random sparse pattern, in (0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub density: f64,
+    /// Block size of the random sparse pattern.
+    #[arg(long, default_value_t = 64)]
+    pub block: usize,
+    /// Fraction of keys each query keeps in learned sparse attention (top-k ratio).
+    #[arg(long, default_value_t = 0.1)]
+    pub ratio: f64,
+    /// Chunk size of causal linear attention (its memory/compute trade-off).
+    #[arg(long, default_value_t = 64)]
+    pub chunk: usize,
+    /// Smallest window of the adaptive sliding window.
+    #[arg(long, default_value_t = 64)]
+    pub min_window: usize,
+    /// Largest window of the adaptive sliding window.
+    #[arg(long, default_value_t = 512)]
+    pub max_window: usize,
+    /// Seed of the weights, the inputs and the random sparse pattern.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Only these methods, comma separated (exact, flash, sparse-local, sparse-strided,
+    /// sparse-random, learned-sparse, linear, causal-linear, sliding-window,
+    /// adaptive-window, hybrid). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<Method>,
+    /// Also write the results (options, rows, predictions) as JSON to this path.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+    pub backend: BackendKind,
+    /// Do not draw the progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl CompareArgs {
+    /// The methods to run, in table order.
+    pub fn selected_methods(&self) -> Vec<Method> {
+        Method::ALL
+            .into_iter()
+            .filter(|m| self.methods.is_empty() || self.methods.contains(m))
+            .collect()
+    }
+
+    /// The complexity model with these options' shapes and settings.
+    pub fn model(&self) -> ComplexityModel {
+        ComplexityModel::new(self.d_model, self.heads)
+            .with_batch(self.batch)
+            .with_window(self.window)
+            .with_sparse_window(self.sparse_window)
+            .with_stride(self.stride)
+            .with_local(self.local)
+            .with_density(self.density)
+            .with_block(self.block)
+            .with_ratio(self.ratio)
+            .with_chunk(self.chunk)
+            .with_adaptive_window(self.min_window, self.max_window)
+            .with_hybrid(HybridThresholds::default())
+    }
+
+    /// Checks the options that would otherwise panic deep inside a module.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lengths.is_empty() || self.lengths.contains(&0) {
+            return Err("--lengths needs at least one length, none of them 0".into());
+        }
+        if self.heads == 0 || self.d_model == 0 || self.d_model % self.heads != 0 {
+            return Err(format!(
+                "--d-model ({}) must be a positive multiple of --heads ({})",
+                self.d_model, self.heads
+            ));
+        }
+        if self.batch == 0 || self.repeats == 0 {
+            return Err("--batch and --repeats must be at least 1".into());
+        }
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(format!("--density ({}) must be in (0, 1]", self.density));
+        }
+        if !(self.ratio > 0.0 && self.ratio <= 1.0) {
+            return Err(format!("--ratio ({}) must be in (0, 1]", self.ratio));
+        }
+        if self.min_window > self.max_window {
+            return Err(format!(
+                "--min-window ({}) must not exceed --max-window ({})",
+                self.min_window, self.max_window
+            ));
+        }
+        for (name, v) in [
+            ("--window", self.window),
+            ("--sparse-window", self.sparse_window),
+            ("--stride", self.stride),
+            ("--block", self.block),
+            ("--chunk", self.chunk),
+            ("--max-window", self.max_window),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options of `model`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Sequence lengths, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096,8192")]
+    pub lengths: Vec<usize>,
+    /// Model width.
+    #[arg(long, default_value_t = 768)]
+    pub d_model: usize,
+    /// Attention heads (for the per-method table; the seed table uses one head).
+    #[arg(long, default_value_t = 12)]
+    pub heads: usize,
+}

@@ -1,0 +1,12 @@
+//! The burn-attn comparison tool as a library: the `burn-attn-bench` binary is a thin
+//! wrapper, and tests drive the same [`run`] path at tiny sizes.
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod cli;
+pub mod run;
+pub mod table;
+
+pub use cli::{BackendKind, Cli, Command, CompareArgs, ModelArgs};
+pub use run::{progress_bar, run, Report, Row};
+pub use table::{format_model, format_table};

@@ -1,0 +1,242 @@
+//! Linear attention cores: `phi(Q) (phi(K)^T V)` normalised, non-causal and causal.
+//!
+//! They take feature-mapped queries and keys, so any feature map plugs in. The causal form
+//! is chunk-parallel: inside a chunk a masked quadratic product, across chunks an exclusive
+//! prefix sum of per-chunk `phi(K)^T V` states. No host loop over time steps; the same
+//! code with a chunk of one token is the recurrent step.
+
+use burn::tensor::{backend::Backend, Bool, Tensor};
+
+use crate::error::{ensure, AttentionError};
+use crate::shape::{repeat_kv, AttentionShape};
+
+/// The running state of causal linear attention: everything the past contributes.
+#[derive(Debug, Clone)]
+pub struct LinearAttentionState<B: Backend> {
+    /// `sum_j phi(k_j)^T v_j`, `[batch, heads, head_dim, value_dim]`.
+    pub kv: Tensor<B, 4>,
+    /// `sum_j phi(k_j)`, `[batch, heads, head_dim]`.
+    pub z: Tensor<B, 3>,
+}
+
+impl<B: Backend> LinearAttentionState<B> {
+    /// The state before any token.
+    pub fn zeros(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        value_dim: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            kv: Tensor::zeros([batch, heads, head_dim, value_dim], device),
+            z: Tensor::zeros([batch, heads, head_dim], device),
+        }
+    }
+}
+
+fn checked_shape<B: Backend>(
+    phi_q: &Tensor<B, 4>,
+    phi_k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) -> AttentionShape {
+    AttentionShape::of(phi_q, phi_k, v).unwrap_or_else(|e| panic!("burn-attn: {e}"))
+}
+
+/// Non-causal linear attention of feature-mapped `phi_q: [batch, heads, seq_q, d]` over
+/// `phi_k: [batch, kv_heads, seq_k, d]`, `v: [batch, kv_heads, seq_k, dv]`:
+/// `out_i = phi(q_i) S / (phi(q_i) . z + eps)` with `S = sum_j phi(k_j)^T v_j`,
+/// `z = sum_j phi(k_j)`. `key_padding` (`[batch, seq_k]`, `true` = padding) removes keys.
+/// O(n d dv) time, O(d dv) extra memory per head.
+pub fn linear_attention<B: Backend>(
+    phi_q: Tensor<B, 4>,
+    phi_k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    eps: f64,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+) -> Tensor<B, 4> {
+    let shape = checked_shape(&phi_q, &phi_k, &v);
+    let mut phi_k = repeat_kv(phi_k, shape.heads);
+    let v = repeat_kv(v, shape.heads);
+    if let Some(pad) = key_padding {
+        if pad.dims() != [shape.batch, shape.seq_k] {
+            ensure(Err(AttentionError::Shape {
+                what: "key padding mask",
+                expected: format!("[{}, {}] (batch, seq_k)", shape.batch, shape.seq_k),
+                got: pad.dims().to_vec(),
+            }));
+        }
+        let keep = pad
+            .bool_not()
+            .float()
+            .reshape([shape.batch, 1, shape.seq_k, 1]);
+        phi_k = phi_k * keep;
+    }
+    let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
+    let z = phi_k.sum_dim(2); // [b, h, 1, d]
+    let num = phi_q.clone().matmul(kv);
+    let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
+    num / (den + eps)
+}
+
+/// Causal linear attention, chunk-parallel: token `i` sees keys `0..=i` of this call plus
+/// everything folded into `state`. Returns the output `[batch, heads, seq, dv]` and the
+/// state after the last token, so a stream can be processed call by call (a call with
+/// one token is the recurrent step). Keys and queries have the same length.
+///
+/// Cost: O(n * chunk * d) for the in-chunk products plus O(n / chunk * d * dv) for the
+/// chunk states; memory O(n / chunk * d * dv + n * chunk).
+pub fn causal_linear_attention<B: Backend>(
+    phi_q: Tensor<B, 4>,
+    phi_k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    chunk: usize,
+    eps: f64,
+    state: Option<LinearAttentionState<B>>,
+) -> (Tensor<B, 4>, LinearAttentionState<B>) {
+    let shape = checked_shape(&phi_q, &phi_k, &v);
+    if shape.seq_q != shape.seq_k {
+        ensure(Err(AttentionError::Invalid(format!(
+            "causal linear attention needs as many queries as keys, got {} and {}",
+            shape.seq_q, shape.seq_k
+        ))));
+    }
+    if chunk == 0 {
+        ensure(Err(AttentionError::ZeroSize { what: "chunk size" }));
+    }
+    let AttentionShape {
+        batch,
+        heads,
+        seq_q: seq,
+        head_dim: d,
+        value_dim: dv,
+        ..
+    } = shape;
+    let device = phi_q.device();
+    let phi_k = repeat_kv(phi_k, heads);
+    let v = repeat_kv(v, heads);
+    let state = state.unwrap_or_else(|| LinearAttentionState::zeros(batch, heads, d, dv, &device));
+    if state.kv.dims() != [batch, heads, d, dv] {
+        ensure(Err(AttentionError::Shape {
+            what: "linear attention state",
+            expected: format!("[{batch}, {heads}, {d}, {dv}]"),
+            got: state.kv.dims().to_vec(),
+        }));
+    }
+    if seq == 0 {
+        return (Tensor::zeros([batch, heads, 0, dv], &device), state);
+    }
+
+    let chunk = chunk.min(seq);
+    let n_chunks = seq.div_ceil(chunk);
+    let padded = n_chunks * chunk;
+    // Zero padding after the feature map: padded keys add nothing to any state, and padded
+    // queries come after every real token, so no real token sees them.
+    let pad = |x: Tensor<B, 4>, width: usize| {
+        if padded == seq {
+            x
+        } else {
+            Tensor::cat(
+                vec![x, Tensor::zeros([batch, heads, padded - seq, width], &device)],
+                2,
+            )
+        }
+    };
+    let q = pad(phi_q, d).reshape([batch, heads, n_chunks, chunk, d]);
+    let k = pad(phi_k, d).reshape([batch, heads, n_chunks, chunk, d]);
+    let v = pad(v, dv).reshape([batch, heads, n_chunks, chunk, dv]);
+
+    // Inside each chunk: causal quadratic form.
+    let causal = Tensor::<B, 2>::ones([chunk, chunk], &device)
+        .tril(0)
+        .reshape([1, 1, 1, chunk, chunk]);
+    let scores = q.clone().matmul(k.clone().swap_dims(3, 4)) * causal; // [b,h,c,C,C]
+    let intra_num = scores.clone().matmul(v.clone());
+    let intra_den = scores.sum_dim(4); // [b,h,c,C,1]
+
+    // Across chunks: exclusive prefix sums of the chunk states, plus the carried state.
+    let kv_chunks = k.clone().swap_dims(3, 4).matmul(v); // [b,h,c,d,dv]
+    let z_chunks = k.sum_dim(3); // [b,h,c,1,d]
+    let kv_prefix = kv_chunks.clone().cumsum(2) - kv_chunks.clone()
+        + state.kv.clone().reshape([batch, heads, 1, d, dv]);
+    let z_prefix = z_chunks.clone().cumsum(2) - z_chunks.clone()
+        + state.z.clone().reshape([batch, heads, 1, 1, d]);
+    let num = intra_num + q.clone().matmul(kv_prefix);
+    let den = intra_den + q.matmul(z_prefix.swap_dims(3, 4));
+    let out = (num / (den + eps))
+        .reshape([batch, heads, padded, dv])
+        .slice([0..batch, 0..heads, 0..seq]);
+
+    let next = LinearAttentionState {
+        kv: state.kv + kv_chunks.sum_dim(2).reshape([batch, heads, d, dv]),
+        z: state.z + z_chunks.sum_dim(2).reshape([batch, heads, d]),
+    };
+    (out, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray<f32>;
+
+    fn positive(shape: [usize; 4]) -> Tensor<B, 4> {
+        Tensor::random(shape, Distribution::Uniform(0.1, 1.0), &Default::default())
+    }
+
+    fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The naive quadratic form: a causal mask on `phi(Q) phi(K)^T`.
+    fn quadratic(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, eps: f64) -> Tensor<B, 4> {
+        let n = q.dims()[2];
+        let mask = Tensor::<B, 2>::ones([n, n], &Default::default())
+            .tril(0)
+            .reshape([1, 1, n, n]);
+        let a = q.matmul(k.swap_dims(2, 3)) * mask;
+        let den = a.clone().sum_dim(3);
+        a.matmul(v) / (den + eps)
+    }
+
+    #[test]
+    fn chunked_equals_quadratic_and_recurrent() {
+        for (seq, chunk) in [(1, 4), (17, 4), (17, 1), (33, 64), (97, 16)] {
+            let q = positive([2, 3, seq, 5]);
+            let k = positive([2, 3, seq, 5]);
+            let v = positive([2, 3, seq, 7]);
+            let (chunked, state) =
+                causal_linear_attention(q.clone(), k.clone(), v.clone(), chunk, 1e-6, None);
+            let want = quadratic(q.clone(), k.clone(), v.clone(), 1e-6);
+            assert!(max_diff(chunked.clone(), want) < 1e-5);
+
+            // Recurrent: one token at a time through the state.
+            let mut st = None;
+            let mut steps = Vec::new();
+            for t in 0..seq {
+                let sl = |x: &Tensor<B, 4>| x.clone().slice([0..2, 0..3, t..t + 1]);
+                let (o, s) = causal_linear_attention(sl(&q), sl(&k), sl(&v), chunk, 1e-6, st);
+                steps.push(o);
+                st = Some(s);
+            }
+            assert!(max_diff(Tensor::cat(steps, 2), chunked) < 1e-5);
+            let st = st.unwrap();
+            assert!((st.kv - state.kv).abs().max().into_scalar() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn non_causal_equals_quadratic_without_mask() {
+        let q = positive([1, 2, 19, 4]);
+        let k = positive([1, 1, 23, 4]);
+        let v = positive([1, 1, 23, 6]);
+        let got = linear_attention(q.clone(), k.clone(), v.clone(), 1e-6, None);
+        let k2 = repeat_kv(k, 2);
+        let v2 = repeat_kv(v, 2);
+        let a = q.matmul(k2.swap_dims(2, 3));
+        let want = a.clone().matmul(v2) / (a.sum_dim(3) + 1e-6);
+        assert!(max_diff(got, want) < 1e-5);
+    }
+}

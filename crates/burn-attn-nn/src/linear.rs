@@ -1,0 +1,206 @@
+//! Linear attention: `phi(Q) (phi(K)^T V)` normalised, O(n) time and memory.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::activation::{elu, relu, softplus};
+use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn_attn_core::{ensure, linear_attention, AttentionError};
+use serde::{Deserialize, Serialize};
+
+use crate::flash::projection_config;
+use crate::projection::{validate_heads, MultiHeadProjection};
+
+/// The positive feature map `phi` of linear attention. For a map not listed here, call
+/// [`burn_attn_core::linear_attention`] with your own feature-mapped tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum FeatureMap {
+    /// `elu(x) + 1` (Katharopoulos et al.), the default.
+    #[default]
+    EluPlusOne,
+    /// `relu(x)`; the normaliser's `eps` keeps all-zero rows finite.
+    Relu,
+    /// `softplus(x) = ln(1 + e^x)`.
+    Softplus,
+}
+
+impl FeatureMap {
+    /// Applies the map elementwise.
+    pub fn apply<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            FeatureMap::EluPlusOne => elu(x, 1.0) + 1.0,
+            FeatureMap::Relu => relu(x),
+            FeatureMap::Softplus => softplus(x, 1.0),
+        }
+    }
+}
+
+/// Configuration of [`LinearAttention`].
+#[derive(Config, Debug)]
+pub struct LinearAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Key/value heads (GQA/MQA). Default: `None` (= `n_heads`).
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Whether the linears have a bias. Default: `true`.
+    #[config(default = true)]
+    pub bias: bool,
+    /// The feature map. Default: `elu + 1`.
+    #[config(default = "FeatureMap::EluPlusOne")]
+    pub feature_map: FeatureMap,
+    /// Added to the normaliser. Default: `1e-6`, as the seed.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+}
+
+/// Checks the shared parameters of the linear variants.
+pub(crate) fn validate_linear(
+    d_model: usize,
+    n_heads: usize,
+    n_kv_heads: Option<usize>,
+    eps: f64,
+) -> Result<(), AttentionError> {
+    validate_heads(d_model, n_heads, n_kv_heads)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(AttentionError::Invalid(format!(
+            "eps must be finite and non-negative, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
+impl LinearAttentionConfig {
+    /// Checks the configuration; the error names the values.
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        validate_linear(self.d_model, self.n_heads, self.n_kv_heads, self.eps)
+    }
+
+    /// Builds the module.
+    ///
+    /// # Panics
+    /// When [`validate`](Self::validate) fails.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LinearAttention<B> {
+        ensure(self.validate());
+        LinearAttention {
+            projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
+                .init(device),
+            feature_map: self.feature_map,
+            eps: self.eps,
+        }
+    }
+}
+
+/// Non-causal linear attention. An approximation of softmax attention: it replaces
+/// `exp(q . k)` by `phi(q) . phi(k)`, which makes the cost linear in the length.
+#[derive(Module, Debug)]
+pub struct LinearAttention<B: Backend> {
+    /// The shared projections.
+    pub projection: MultiHeadProjection<B>,
+    /// The feature map.
+    #[module(skip)]
+    pub feature_map: FeatureMap,
+    /// Normaliser epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> LinearAttention<B> {
+    /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_cross(x.clone(), x.clone(), x, None)
+    }
+
+    /// Attention of `query` over `key`/`value` with an optional `[batch, seq_k]` key
+    /// padding mask (`true` = padding).
+    pub fn forward_cross(
+        &self,
+        query: Tensor<B, 3>,
+        key: Tensor<B, 3>,
+        value: Tensor<B, 3>,
+        key_padding: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let h = self.projection.split(query, key, value);
+        let out = linear_attention(
+            self.feature_map.apply(h.q),
+            self.feature_map.apply(h.k),
+            h.v,
+            self.eps,
+            key_padding,
+        );
+        self.projection.merge(out)
+    }
+
+    /// The shared projections (for exact baselines with the same weights).
+    pub fn projection(&self) -> &MultiHeadProjection<B> {
+        &self.projection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use burn::tensor::Int;
+
+    /// The seed's formula with a materialised `phi(Q) phi(K)^T`.
+    fn quadratic(module: &LinearAttention<TestBackend>, q: Tensor<TestBackend, 3>, kv: Tensor<TestBackend, 3>, keep: Option<Tensor<TestBackend, 4>>) -> Tensor<TestBackend, 3> {
+        let h = module.projection().split(q, kv.clone(), kv);
+        let heads = h.q.dims()[1];
+        let phi_q = module.feature_map.apply(h.q);
+        let phi_k = burn_attn_core::repeat_kv(module.feature_map.apply(h.k), heads);
+        let v = burn_attn_core::repeat_kv(h.v, heads);
+        let mut a = phi_q.matmul(phi_k.swap_dims(2, 3));
+        if let Some(keep) = keep {
+            a = a * keep;
+        }
+        let den = a.clone().sum_dim(3);
+        module.projection().merge(a.matmul(v) / (den + module.eps))
+    }
+
+    #[test]
+    fn equals_quadratic_form_for_every_feature_map() {
+        for map in [FeatureMap::EluPlusOne, FeatureMap::Relu, FeatureMap::Softplus] {
+            for (seq_q, seq_k, kv) in [(1, 1, None), (17, 17, Some(2)), (13, 40, None)] {
+                let module = LinearAttentionConfig::new(32, 4)
+                    .with_feature_map(map)
+                    .with_n_kv_heads(kv)
+                    .init::<TestBackend>(&Default::default());
+                let q = randn::<TestBackend, 3>([2, seq_q, 32]);
+                let kvx = randn::<TestBackend, 3>([2, seq_k, 32]);
+                let got = module.forward_cross(q.clone(), kvx.clone(), kvx.clone(), None);
+                assert_finite(got.clone());
+                assert_close(got, quadratic(&module, q, kvx, None), 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn padding_removes_keys() {
+        let module = LinearAttentionConfig::new(16, 2).init::<TestBackend>(&Default::default());
+        let q = randn::<TestBackend, 3>([1, 5, 16]);
+        let kv = randn::<TestBackend, 3>([1, 9, 16]);
+        let pad = Tensor::<TestBackend, 1, Int>::arange(0..9, &Default::default())
+            .reshape([1, 9])
+            .greater_equal_elem(6);
+        let keep = pad.clone().bool_not().float().reshape([1, 1, 1, 9]);
+        let got = module.forward_cross(q.clone(), kv.clone(), kv.clone(), Some(pad));
+        assert_close(got, quadratic(&module, q, kv, Some(keep)), 1e-4);
+    }
+
+    #[test]
+    fn trains_and_round_trips() {
+        let config = LinearAttentionConfig::new(16, 2);
+        let module = config.init::<TestAutodiff>(&Default::default());
+        let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
+        assert!(last < first, "loss did not fall: {first} -> {last}");
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let want = module.forward(x.clone());
+        let loaded = record_round_trip(module, config.init(&Default::default()));
+        assert_close(loaded.forward(x), want, 0.0);
+        let json = serde_json::to_string(&config.clone().with_feature_map(FeatureMap::Relu)).unwrap();
+        let back: LinearAttentionConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.feature_map, FeatureMap::Relu);
+    }
+}
