@@ -10,44 +10,37 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
 
-/// Tiny options through the real command-line parser, so defaults and names are tested.
-fn tiny_args(extra: &[&str]) -> CompareArgs {
-    let mut argv = vec![
-        "burn-attn-bench",
-        "compare",
-        "--lengths",
-        "16,32",
-        "--d-model",
-        "32",
-        "--heads",
-        "4",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--window",
-        "8",
-        "--sparse-window",
-        "8",
-        "--stride",
-        "4",
-        "--local",
-        "2",
-        "--block",
-        "8",
-        "--density",
-        "0.3",
-        "--chunk",
-        "8",
-        "--min-window",
-        "4",
-        "--max-window",
-        "8",
-        "--ratio",
-        "0.25",
-        "--no-progress",
+/// Tiny options through the real command-line parser, so defaults and names are tested;
+/// `extra` pairs replace the tiny defaults of the same flag.
+fn tiny_args(extra: &[(&str, &str)]) -> CompareArgs {
+    let mut flags = vec![
+        ("--lengths", "16,32"),
+        ("--d-model", "32"),
+        ("--heads", "4"),
+        ("--repeats", "1"),
+        ("--warmup", "0"),
+        ("--window", "8"),
+        ("--sparse-window", "8"),
+        ("--stride", "4"),
+        ("--local", "2"),
+        ("--block", "8"),
+        ("--density", "0.3"),
+        ("--chunk", "8"),
+        ("--min-window", "4"),
+        ("--max-window", "8"),
+        ("--ratio", "0.25"),
     ];
-    argv.extend_from_slice(extra);
+    for &(flag, value) in extra {
+        match flags.iter_mut().find(|(f, _)| *f == flag) {
+            Some(slot) => slot.1 = value,
+            None => flags.push((flag, value)),
+        }
+    }
+    let mut argv = vec!["burn-attn-bench", "compare", "--no-progress"];
+    for (flag, value) in flags {
+        argv.push(flag);
+        argv.push(value);
+    }
     match Cli::parse_from(argv).command {
         Command::Compare(args) => args,
         other => panic!("expected compare, got {other:?}"),
@@ -104,14 +97,10 @@ fn compare_produces_every_row() {
 fn windows_wider_than_the_sequence_are_exact() {
     // With every window covering the whole sequence, the windowed methods are exact too.
     let args = tiny_args(&[
-        "--lengths",
-        "16",
-        "--window",
-        "64",
-        "--sparse-window",
-        "64",
-        "--methods",
-        "sparse-local,sliding-window",
+        ("--lengths", "16"),
+        ("--window", "64"),
+        ("--sparse-window", "64"),
+        ("--methods", "sparse-local,sliding-window"),
     ]);
     let bar = progress_bar(0, true);
     let rows = run::<burn::backend::NdArray<f32>>(&Default::default(), &args, &bar);
@@ -123,7 +112,7 @@ fn windows_wider_than_the_sequence_are_exact() {
 
 #[test]
 fn json_round_trips() {
-    let args = tiny_args(&["--lengths", "16", "--methods", "exact,linear"]);
+    let args = tiny_args(&[("--lengths", "16"), ("--methods", "exact,linear")]);
     let bar = progress_bar(0, true);
     let rows = run::<burn::backend::NdArray<f32>>(&Default::default(), &args, &bar);
     let report = burn_attn_bench::Report {
