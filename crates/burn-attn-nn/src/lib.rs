@@ -4,8 +4,10 @@
 //! run through [`burn_attn_core`], which picks a GPU kernel where the backend has one.
 #![warn(missing_docs)]
 
+pub mod adaptive_window;
 pub mod causal_linear;
 pub mod flash;
+pub mod hybrid;
 pub mod learned_sparse;
 pub mod linear;
 pub mod projection;
@@ -14,10 +16,12 @@ pub mod sparse;
 #[cfg(test)]
 mod test_util;
 
+pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig};
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use flash::{FlashAttention, FlashAttentionConfig};
 pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
+pub use hybrid::{HybridAttention, HybridAttentionConfig, HybridChoice};
 pub use learned_sparse::{LearnedSparseAttention, LearnedSparseAttentionConfig};
 pub use linear::{FeatureMap, LinearAttention, LinearAttentionConfig};
 pub use projection::{Heads, MultiHeadProjection, MultiHeadProjectionConfig};

@@ -1,0 +1,237 @@
+//! A hybrid that picks the attention core by sequence length, with one set of weights.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+use burn_attn_core::{
+    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
+    Window,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::flash::{projection_config, validate_dropout};
+use crate::projection::{validate_heads, MultiHeadProjection};
+use crate::sparse::SparsePattern;
+
+/// The core a [`HybridAttention`] runs for a given length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HybridChoice {
+    /// Exact attention (flash).
+    Flash,
+    /// Fixed-pattern sparse attention.
+    Sparse,
+    /// Sliding-window attention.
+    SlidingWindow,
+}
+
+/// Configuration of [`HybridAttention`].
+///
+/// The mechanisms are not numerically equivalent: switching core changes the function the
+/// model computes, so the thresholds are part of the model's configuration and are saved
+/// with it.
+#[derive(Config, Debug)]
+pub struct HybridAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Key/value heads (GQA/MQA). Default: `None` (= `n_heads`).
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Whether the linears have a bias. Default: `true`.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Dropout on the attention probabilities while training. Default: `0.0`.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Hide future keys in every core. Default: `false`.
+    #[config(default = false)]
+    pub causal: bool,
+    /// Lengths up to this run exact (flash) attention. Default: `2048`, as the seed.
+    #[config(default = 2048)]
+    pub flash_max_len: usize,
+    /// Lengths up to this (and above `flash_max_len`) run sparse attention; longer ones
+    /// run the sliding window. Default: `8192`, as the seed.
+    #[config(default = 8192)]
+    pub sparse_max_len: usize,
+    /// The sparse core's pattern. Default: `Local { window: 128 }`.
+    #[config(default = "SparsePattern::Local { window: 128 }")]
+    pub sparse_pattern: SparsePattern,
+    /// The sliding window's size. Default: `256`.
+    #[config(default = 256)]
+    pub window: usize,
+}
+
+impl HybridAttentionConfig {
+    /// Checks the configuration; the error names the values.
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
+        validate_dropout(self.dropout)?;
+        self.sparse_pattern.validate()?;
+        if self.window == 0 {
+            return Err(AttentionError::ZeroSize { what: "window" });
+        }
+        if self.flash_max_len > self.sparse_max_len {
+            return Err(AttentionError::MinAboveMax {
+                what: "hybrid thresholds (flash_max_len, sparse_max_len)",
+                min: self.flash_max_len,
+                max: self.sparse_max_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds the module.
+    ///
+    /// # Panics
+    /// When [`validate`](Self::validate) fails.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> HybridAttention<B> {
+        ensure(self.validate());
+        HybridAttention {
+            projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
+                .init(device),
+            causal: self.causal,
+            flash_max_len: self.flash_max_len,
+            sparse_max_len: self.sparse_max_len,
+            sparse_pattern: self.sparse_pattern,
+            window: self.window,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// Attention whose core depends on the sequence length: exact up to `flash_max_len`,
+/// sparse up to `sparse_max_len`, sliding window beyond. One set of projections serves
+/// every core, so weights trained at one length are used at all lengths.
+#[derive(Module, Debug)]
+pub struct HybridAttention<B: Backend> {
+    /// The shared projections.
+    pub projection: MultiHeadProjection<B>,
+    /// Causal flag.
+    pub causal: bool,
+    /// Longest length for flash.
+    pub flash_max_len: usize,
+    /// Longest length for sparse.
+    pub sparse_max_len: usize,
+    /// The sparse pattern.
+    #[module(skip)]
+    pub sparse_pattern: SparsePattern,
+    /// The sliding window size.
+    pub window: usize,
+    /// Dropout on probabilities while training.
+    pub dropout: f64,
+}
+
+impl<B: AttentionBackend> HybridAttention<B> {
+    /// The core used for a sequence of `seq_len` tokens.
+    pub fn choose(&self, seq_len: usize) -> HybridChoice {
+        if seq_len <= self.flash_max_len {
+            HybridChoice::Flash
+        } else if seq_len <= self.sparse_max_len {
+            HybridChoice::Sparse
+        } else {
+            HybridChoice::SlidingWindow
+        }
+    }
+
+    /// The key pattern of the core chosen for `seq_len`.
+    pub fn key_pattern(&self, seq_len: usize) -> KeyPattern {
+        match self.choose(seq_len) {
+            HybridChoice::Flash => KeyPattern::band(Window::FULL, self.causal),
+            HybridChoice::Sparse => self
+                .sparse_pattern
+                .key_pattern(seq_len, seq_len, self.causal)
+                .unwrap_or_else(|e| panic!("burn-attn: {e}")),
+            HybridChoice::SlidingWindow => KeyPattern::band(
+                if self.causal {
+                    Window::causal(self.window)
+                } else {
+                    Window::symmetric(self.window)
+                },
+                self.causal,
+            ),
+        }
+    }
+
+    /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let seq = x.dims()[1];
+        let h = self.projection.split_self(x);
+        let pattern = self.key_pattern(seq);
+        let out = pattern_attention(
+            h.q,
+            h.k,
+            h.v,
+            &pattern,
+            &AttentionOptions::new(),
+            None,
+            self.dropout,
+        );
+        self.projection.merge(out)
+    }
+
+    /// The shared projections (for exact baselines with the same weights).
+    pub fn projection(&self) -> &MultiHeadProjection<B> {
+        &self.projection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use burn_attn_core::reference_attention;
+
+    fn small() -> HybridAttentionConfig {
+        HybridAttentionConfig::new(16, 2)
+            .with_flash_max_len(8)
+            .with_sparse_max_len(24)
+            .with_sparse_pattern(SparsePattern::Strided { stride: 4, local: 1 })
+            .with_window(4)
+    }
+
+    #[test]
+    fn chooses_by_length_with_seed_defaults() {
+        let m = HybridAttentionConfig::new(16, 2).init::<TestBackend>(&Default::default());
+        assert_eq!(m.choose(2048), HybridChoice::Flash);
+        assert_eq!(m.choose(2049), HybridChoice::Sparse);
+        assert_eq!(m.choose(8192), HybridChoice::Sparse);
+        assert_eq!(m.choose(8193), HybridChoice::SlidingWindow);
+    }
+
+    #[test]
+    fn each_regime_equals_exact_with_its_mask_and_shares_weights() {
+        let module = small().init::<TestBackend>(&Default::default());
+        for (seq, choice) in [(8, HybridChoice::Flash), (17, HybridChoice::Sparse), (30, HybridChoice::SlidingWindow)] {
+            assert_eq!(module.choose(seq), choice);
+            let x = randn::<TestBackend, 3>([2, seq, 16]);
+            let got = module.forward(x.clone());
+            let h = module.projection().split_self(x);
+            let (want, _) = reference_attention(
+                h.q,
+                h.k,
+                h.v,
+                &module.key_pattern(seq),
+                1.0 / 8f64.sqrt(),
+                None,
+                None,
+            );
+            assert_close(got, module.projection().merge(want), 2e-5);
+        }
+    }
+
+    #[test]
+    fn trains_round_trips_and_rejects_bad_thresholds() {
+        let config = small();
+        let module = config.init::<TestAutodiff>(&Default::default());
+        let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
+        assert!(last < first, "loss did not fall: {first} -> {last}");
+        let module = config.init::<TestBackend>(&Default::default());
+        let x = randn::<TestBackend, 3>([1, 30, 16]);
+        let want = module.forward(x.clone());
+        let loaded = record_round_trip(module, config.init(&Default::default()));
+        assert_close(loaded.forward(x), want, 0.0);
+        let err = config.with_flash_max_len(100).validate().unwrap_err().to_string();
+        assert!(err.contains("(100)") && err.contains("(24)"), "{err}");
+    }
+}
