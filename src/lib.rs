@@ -1,1 +1,45 @@
+//! # burn-attn
+//!
+//! Efficient attention mechanisms for [Burn](https://burn.dev) as drop-in modules:
+//! exact attention with the FlashAttention algorithm, fixed-pattern and learned sparse
+//! attention, linear and causal linear attention, sliding-window and adaptive-window
+//! attention, and a hybrid that picks the mechanism by sequence length.
+//!
+//! Every module is generic over the backend, has a `#[derive(Config)]` config with
+//! `init(&device)`, and takes `[batch, seq, d_model]`. The backend is chosen by cargo
+//! feature (`ndarray`, the default; `wgpu`, `vulkan`, `metal`; `cuda`); on backends with
+//! a GPU kernel the exact cores run it, elsewhere a tiled tensor-op implementation.
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_attn::{FlashAttentionConfig, SlidingWindowAttentionConfig};
+//!
+//! let device = Default::default();
+//! let attn = FlashAttentionConfig::new(64, 4).with_causal(true).init::<NdArray>(&device);
+//! let x = Tensor::<NdArray, 3>::random([2, 10, 64], Distribution::Normal(0.0, 1.0), &device);
+//! let y = attn.forward(x.clone());
+//! assert_eq!(y.dims(), [2, 10, 64]);
+//!
+//! let local = SlidingWindowAttentionConfig::new(64, 4).with_window(4).init::<NdArray>(&device);
+//! assert_eq!(local.forward(x).dims(), [2, 10, 64]);
+//! ```
+#![warn(missing_docs)]
 
+/// The attention cores: options, key patterns, reference, tiled path and the backend op.
+pub use burn_attn_core as core;
+/// The modules, one per mechanism, and the complexity model.
+pub use burn_attn_nn as nn;
+
+pub use burn_attn_core::{
+    attention, pattern_attention, AttentionBackend, AttentionError, AttentionOptions,
+    LinearAttentionState, Window,
+};
+pub use burn_attn_nn::{
+    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
+    CausalLinearAttentionConfig, ComplexityModel, FeatureMap, FlashAttention,
+    FlashAttentionConfig, HybridAttention, HybridAttentionConfig, HybridChoice,
+    LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig,
+    MultiHeadProjection, MultiHeadProjectionConfig, SlidingWindowAttention,
+    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
+};

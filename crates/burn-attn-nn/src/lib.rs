@@ -6,6 +6,7 @@
 
 pub mod adaptive_window;
 pub mod causal_linear;
+pub mod complexity;
 pub mod flash;
 pub mod hybrid;
 pub mod learned_sparse;
@@ -18,6 +19,7 @@ mod test_util;
 
 pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig};
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
+pub use complexity::ComplexityModel;
 pub use flash::{FlashAttention, FlashAttentionConfig};
 pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
