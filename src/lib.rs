@@ -27,7 +27,7 @@
 #![warn(missing_docs)]
 
 /// The attention cores: options, key patterns, reference, tiled path and the backend op.
-pub use burn_attn_core as core;
+pub use burn_attn_core as cores;
 /// The modules, one per mechanism, and the complexity model.
 pub use burn_attn_nn as nn;
 
