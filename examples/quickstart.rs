@@ -10,7 +10,9 @@ fn main() {
     let device = Default::default();
     let x = Tensor::<NdArray, 3>::random([2, 256, 128], Distribution::Normal(0.0, 1.0), &device);
 
-    let flash = FlashAttentionConfig::new(128, 8).with_causal(true).init::<NdArray>(&device);
+    let flash = FlashAttentionConfig::new(128, 8)
+        .with_causal(true)
+        .init::<NdArray>(&device);
     let exact = flash.projection().exact(x.clone(), true);
     let err: f32 = (flash.forward(x.clone()) - exact).abs().max().into_scalar();
     println!("flash vs materialised attention: max abs error {err:.2e}");
@@ -19,9 +21,16 @@ fn main() {
         .with_window(64)
         .with_causal(true)
         .init::<NdArray>(&device);
-    println!("sliding window output: {:?}", window.forward(x.clone()).dims());
+    println!(
+        "sliding window output: {:?}",
+        window.forward(x.clone()).dims()
+    );
 
     let hybrid = HybridAttentionConfig::new(128, 8).init::<NdArray>(&device);
-    println!("hybrid picks {:?} at 256 tokens, {:?} at 4096, {:?} at 16384",
-        hybrid.choose(256), hybrid.choose(4096), hybrid.choose(16384));
+    println!(
+        "hybrid picks {:?} at 256 tokens, {:?} at 4096, {:?} at 16384",
+        hybrid.choose(256),
+        hybrid.choose(4096),
+        hybrid.choose(16384)
+    );
 }

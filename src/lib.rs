@@ -37,9 +37,9 @@ pub use burn_attn_core::{
 };
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
-    CausalLinearAttentionConfig, ComplexityModel, FeatureMap, FlashAttention,
-    FlashAttentionConfig, HybridAttention, HybridAttentionConfig, HybridChoice,
-    LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig,
-    MultiHeadProjection, MultiHeadProjectionConfig, SlidingWindowAttention,
-    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
+    CausalLinearAttentionConfig, ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig,
+    HybridAttention, HybridAttentionConfig, HybridChoice, LearnedSparseAttention,
+    LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig, MultiHeadProjection,
+    MultiHeadProjectionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
+    SparseAttention, SparseAttentionConfig, SparsePattern,
 };

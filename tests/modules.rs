@@ -30,7 +30,9 @@ impl<B: AttentionBackend> EveryVariant<B> {
     fn new(d: usize, device: &B::Device) -> Self {
         Self {
             norm: LayerNormConfig::new(d).init(device),
-            flash: FlashAttentionConfig::new(d, 4).with_causal(true).init(device),
+            flash: FlashAttentionConfig::new(d, 4)
+                .with_causal(true)
+                .init(device),
             sparse: SparseAttentionConfig::new(d, 4)
                 .with_pattern(SparsePattern::Random {
                     density: 0.5,
@@ -38,7 +40,9 @@ impl<B: AttentionBackend> EveryVariant<B> {
                     seed: 9,
                 })
                 .init(device),
-            learned: LearnedSparseAttentionConfig::new(d, 4).with_ratio(0.5).init(device),
+            learned: LearnedSparseAttentionConfig::new(d, 4)
+                .with_ratio(0.5)
+                .init(device),
             linear: LinearAttentionConfig::new(d, 4).init(device),
             causal_linear: CausalLinearAttentionConfig::new(d, 4)
                 .with_chunk_size(4)
@@ -83,7 +87,11 @@ fn a_model_of_every_variant_trains_and_reloads() {
     let x = randn::<AD>([2, 12, 32]);
     let target = randn::<AD>([2, 12, 32]);
     let mut optim = AdamConfig::new().init();
-    let loss_of = |m: &EveryVariant<AD>| (m.forward(x.clone()) - target.clone()).powi_scalar(2).mean();
+    let loss_of = |m: &EveryVariant<AD>| {
+        (m.forward(x.clone()) - target.clone())
+            .powi_scalar(2)
+            .mean()
+    };
     let first: f32 = loss_of(&model).into_scalar();
     for _ in 0..10 {
         let grads = GradientsParams::from_grads(loss_of(&model).backward(), &model);
@@ -98,7 +106,8 @@ fn a_model_of_every_variant_trains_and_reloads() {
     let want: Vec<f32> = inference.forward(xi.clone()).into_data().to_vec().unwrap();
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let bytes = recorder.record(inference.into_record(), ()).unwrap();
-    let fresh = EveryVariant::<B>::new(32, &device).load_record(recorder.load(bytes, &device).unwrap());
+    let fresh =
+        EveryVariant::<B>::new(32, &device).load_record(recorder.load(bytes, &device).unwrap());
     let got: Vec<f32> = fresh.forward(xi).into_data().to_vec().unwrap();
     assert_eq!(got, want);
 }
@@ -111,10 +120,12 @@ fn configs_round_trip_through_json() {
         assert_eq!(serde_json::to_string(&back).unwrap(), json);
     }
     round_trip(&FlashAttentionConfig::new(64, 8).with_window_left(Some(3)));
-    round_trip(&SparseAttentionConfig::new(64, 8).with_pattern(SparsePattern::Strided {
-        stride: 8,
-        local: 2,
-    }));
+    round_trip(
+        &SparseAttentionConfig::new(64, 8).with_pattern(SparsePattern::Strided {
+            stride: 8,
+            local: 2,
+        }),
+    );
     round_trip(&LearnedSparseAttentionConfig::new(64, 8).with_ratio(0.25));
     round_trip(&LinearAttentionConfig::new(64, 8).with_feature_map(FeatureMap::Softplus));
     round_trip(&CausalLinearAttentionConfig::new(64, 8).with_chunk_size(16));
@@ -144,20 +155,28 @@ fn bad_input_names_the_values() {
     );
     panics(
         Box::new(move || {
-            SlidingWindowAttentionConfig::new(32, 4).with_n_kv_heads(Some(3)).init::<B>(&device);
+            SlidingWindowAttentionConfig::new(32, 4)
+                .with_n_kv_heads(Some(3))
+                .init::<B>(&device);
         }),
         "query heads (4) must be a positive multiple of key/value heads (3)",
     );
     panics(
         Box::new(move || {
-            SlidingWindowAttentionConfig::new(32, 4).with_window(0).init::<B>(&device);
+            SlidingWindowAttentionConfig::new(32, 4)
+                .with_window(0)
+                .init::<B>(&device);
         }),
         "window must be at least 1, got 0",
     );
     panics(
         Box::new(move || {
             SparseAttentionConfig::new(32, 4)
-                .with_pattern(SparsePattern::Random { density: 1.5, block: 8, seed: 0 })
+                .with_pattern(SparsePattern::Random {
+                    density: 1.5,
+                    block: 8,
+                    seed: 0,
+                })
                 .init::<B>(&device);
         }),
         "density must be in (0, 1], got 1.5",

@@ -61,7 +61,11 @@ pub enum AttentionError {
 impl fmt::Display for AttentionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Shape { what, expected, got } => {
+            Self::Shape {
+                what,
+                expected,
+                got,
+            } => {
                 write!(f, "{what} has shape {got:?}, expected {expected}")
             }
             Self::HeadsNotDivisible { heads, kv_heads } => write!(

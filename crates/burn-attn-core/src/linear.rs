@@ -137,7 +137,10 @@ pub fn causal_linear_attention<B: Backend>(
             x
         } else {
             Tensor::cat(
-                vec![x, Tensor::zeros([batch, heads, padded - seq, width], &device)],
+                vec![
+                    x,
+                    Tensor::zeros([batch, heads, padded - seq, width], &device),
+                ],
                 2,
             )
         }

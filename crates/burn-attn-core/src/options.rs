@@ -181,7 +181,10 @@ mod tests {
 
     #[test]
     fn bad_scale_is_rejected() {
-        let err = AttentionOptions::new().with_scale(-1.0).validate().unwrap_err();
+        let err = AttentionOptions::new()
+            .with_scale(-1.0)
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("-1"), "{err}");
     }
 }

@@ -266,10 +266,12 @@ impl KeyPattern {
     ) -> Tensor<B, 2, Bool> {
         let (nr, nc) = (rows.len(), cols.len());
         let offset = seq_k as i64 - seq_q as i64;
-        let row_pos: Tensor<B, 2, Int> =
-            Tensor::<B, 1, Int>::arange(rows.start as i64 + offset..rows.end as i64 + offset, device)
-                .reshape([nr, 1])
-                .expand([nr, nc]);
+        let row_pos: Tensor<B, 2, Int> = Tensor::<B, 1, Int>::arange(
+            rows.start as i64 + offset..rows.end as i64 + offset,
+            device,
+        )
+        .reshape([nr, 1])
+        .expand([nr, nc]);
         let col_pos: Tensor<B, 2, Int> =
             Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device)
                 .reshape([1, nc])
@@ -306,18 +308,25 @@ fn block_mask<B: Backend>(
     cols: Range<usize>,
     device: &B::Device,
 ) -> Tensor<B, 2, Bool> {
-    let (qb0, qb1) = (rows.start / layout.block_q, (rows.end - 1) / layout.block_q + 1);
-    let (kb0, kb1) = (cols.start / layout.block_k, (cols.end - 1) / layout.block_k + 1);
+    let (qb0, qb1) = (
+        rows.start / layout.block_q,
+        (rows.end - 1) / layout.block_q + 1,
+    );
+    let (kb0, kb1) = (
+        cols.start / layout.block_k,
+        (cols.end - 1) / layout.block_k + 1,
+    );
     let (nqb, nkb) = (qb1 - qb0, kb1 - kb0);
     // One value per block (not per element): the layout is block-granular by construction.
     let grid: Vec<bool> = (qb0..qb1)
         .flat_map(|qb| (kb0..kb1).map(move |kb| (qb, kb)))
         .map(|(qb, kb)| layout.is_active(qb, kb))
         .collect();
-    let grid = Tensor::<B, 1, Bool>::from_data(burn::tensor::TensorData::new(grid, [nqb * nkb]), device)
-        .reshape([nqb, 1, nkb, 1])
-        .expand([nqb, layout.block_q, nkb, layout.block_k])
-        .reshape([nqb * layout.block_q, nkb * layout.block_k]);
+    let grid =
+        Tensor::<B, 1, Bool>::from_data(burn::tensor::TensorData::new(grid, [nqb * nkb]), device)
+            .reshape([nqb, 1, nkb, 1])
+            .expand([nqb, layout.block_q, nkb, layout.block_k])
+            .reshape([nqb * layout.block_q, nkb * layout.block_k]);
     let r0 = rows.start - qb0 * layout.block_q;
     let c0 = cols.start - kb0 * layout.block_k;
     grid.slice([r0..r0 + rows.len(), c0..c0 + cols.len()])
@@ -385,8 +394,13 @@ mod tests {
                         cover == expected || cover == TileCover::Partial,
                         "{p:?}: {cover:?} vs {expected:?}"
                     );
-                    assert!(!(cover == TileCover::Partial && expected != TileCover::Partial && p.blocks.is_none() && p.stride.is_none()),
-                        "band tiles are classified exactly: {p:?} {rows:?} {cols:?}");
+                    assert!(
+                        !(cover == TileCover::Partial
+                            && expected != TileCover::Partial
+                            && p.blocks.is_none()
+                            && p.stride.is_none()),
+                        "band tiles are classified exactly: {p:?} {rows:?} {cols:?}"
+                    );
                 }
                 // The key range covers every visible key.
                 for i in 0..seq_q {

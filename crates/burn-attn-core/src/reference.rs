@@ -42,14 +42,17 @@ pub fn reference_attention<B: Backend>(
             .reshape([1, 1, seq_q, seq_k])
             .expand([batch, heads, seq_q, seq_k]);
         if let Some(pad) = key_padding {
-            hidden = hidden.bool_or(pad.reshape([batch, 1, 1, seq_k]).expand([
-                batch, heads, seq_q, seq_k,
-            ]));
+            hidden = hidden.bool_or(
+                pad.reshape([batch, 1, 1, seq_k])
+                    .expand([batch, heads, seq_q, seq_k]),
+            );
         }
         scores = scores.mask_fill(hidden, f32::NEG_INFINITY);
     }
     let max = scores.clone().max_dim(3);
-    let max = max.clone().mask_fill(max.equal_elem(f32::NEG_INFINITY), 0.0);
+    let max = max
+        .clone()
+        .mask_fill(max.equal_elem(f32::NEG_INFINITY), 0.0);
     let weights = (scores - max.clone()).exp();
     let sum = weights.clone().sum_dim(3);
     let probs = weights / sum.clone().clamp_min(f32::MIN_POSITIVE);

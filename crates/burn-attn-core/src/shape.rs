@@ -35,11 +35,7 @@ impl AttentionShape {
     }
 
     /// Checks raw dimensions.
-    pub fn from_dims(
-        q: [usize; 4],
-        k: [usize; 4],
-        v: [usize; 4],
-    ) -> Result<Self, AttentionError> {
+    pub fn from_dims(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Self, AttentionError> {
         let [batch, heads, seq_q, head_dim] = q;
         let [kb, kv_heads, seq_k, kd] = k;
         if head_dim == 0 {

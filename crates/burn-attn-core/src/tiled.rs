@@ -116,7 +116,9 @@ pub fn tiled_attention<B: Backend>(
         while col < keys.end {
             let cols = col..(col + spec.block_k).min(seq_k);
             col = cols.end;
-            let cover = spec.pattern.classify(rows.clone(), cols.clone(), seq_q, seq_k);
+            let cover = spec
+                .pattern
+                .classify(rows.clone(), cols.clone(), seq_q, seq_k);
             if cover == TileCover::Empty {
                 continue;
             }
@@ -125,13 +127,15 @@ pub fn tiled_attention<B: Backend>(
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
             let mut s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
             if let Some(bias) = spec.bias {
-                s = s + bias.bias(rows.clone(), cols.clone()).expand([batch, heads, nr, nc]);
+                s = s + bias
+                    .bias(rows.clone(), cols.clone())
+                    .expand([batch, heads, nr, nc]);
             }
             let mut hidden: Option<Tensor<B, 4, Bool>> = None;
             if cover == TileCover::Partial {
-                let visible = spec
-                    .pattern
-                    .tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                let visible =
+                    spec.pattern
+                        .tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                 hidden = Some(
                     visible
                         .bool_not()

@@ -174,7 +174,11 @@ impl<B: AttentionBackend> AdaptiveSlidingWindowAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.projection.check_input("input", &x);
         let sizes = self.window_sizes(x.clone());
-        let reach = if self.causal { sizes - 1.0 } else { sizes / 2.0 };
+        let reach = if self.causal {
+            sizes - 1.0
+        } else {
+            sizes / 2.0
+        };
         let edge = SoftEdge {
             reach,
             ramp: self.ramp,
@@ -217,7 +221,11 @@ mod tests {
                     let visible = !module.causal || j <= i;
                     let d = (i as f64 - j as f64).abs();
                     let g = ((reach - d) / module.ramp + 0.5).clamp(0.0, 1.0);
-                    bias.push(if visible && g > 0.0 { g.ln() as f32 } else { f32::NEG_INFINITY });
+                    bias.push(if visible && g > 0.0 {
+                        g.ln() as f32
+                    } else {
+                        f32::NEG_INFINITY
+                    });
                 }
             }
         }
@@ -227,7 +235,15 @@ mod tests {
         );
         let h = module.projection().split_self(x);
         let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
-        let (out, _) = reference_attention(h.q, h.k, h.v, &KeyPattern::default(), scale, None, Some(bias));
+        let (out, _) = reference_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            scale,
+            None,
+            Some(bias),
+        );
         module.projection().merge(out)
     }
 
@@ -258,7 +274,11 @@ mod tests {
         let module = config.init::<TestAutodiff>(&Default::default());
         let x = randn::<TestAutodiff, 3>([2, 16, 16]);
         let grads = module.forward(x).powi_scalar(2).sum().backward();
-        let g = module.predictor.weight.grad(&grads).expect("predictor has a gradient");
+        let g = module
+            .predictor
+            .weight
+            .grad(&grads)
+            .expect("predictor has a gradient");
         let norm: f32 = g.abs().sum().into_scalar();
         assert!(norm > 0.0, "window predictor gradient is zero");
 
@@ -269,16 +289,28 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_bad_windows() {
-        let config = AdaptiveSlidingWindowAttentionConfig::new(16, 2).with_max_window(16).with_min_window(4);
+        let config = AdaptiveSlidingWindowAttentionConfig::new(16, 2)
+            .with_max_window(16)
+            .with_min_window(4);
         let module = config.init::<TestBackend>(&Default::default());
         let x = randn::<TestBackend, 3>([1, 9, 16]);
         let want = module.forward(x.clone());
         let loaded = record_round_trip(module, config.init(&Default::default()));
         assert_close(loaded.forward(x), want, 0.0);
 
-        let err = config.clone().with_min_window(32).validate().unwrap_err().to_string();
+        let err = config
+            .clone()
+            .with_min_window(32)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("(32)") && err.contains("(16)"), "{err}");
-        let err = config.clone().with_min_window(0).validate().unwrap_err().to_string();
+        let err = config
+            .clone()
+            .with_min_window(0)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("min_window"), "{err}");
         let err = config.with_ramp(0.0).validate().unwrap_err().to_string();
         assert!(err.contains("ramp"), "{err}");

@@ -183,7 +183,14 @@ mod tests {
         let want = module.forward(x.clone());
         let loaded = record_round_trip(module, config.init(&Default::default()));
         assert_close(loaded.forward(x), want, 0.0);
-        let err = config.with_chunk_size(0).validate().unwrap_err().to_string();
-        assert!(err.contains("chunk_size must be at least 1, got 0"), "{err}");
+        let err = config
+            .with_chunk_size(0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chunk_size must be at least 1, got 0"),
+            "{err}"
+        );
     }
 }

@@ -190,13 +190,27 @@ mod tests {
 
     #[test]
     fn equals_exact_attention_at_1025_with_small_tiles() {
-        exact_check(FlashAttentionConfig::new(16, 2).with_block_size(128).with_causal(true), 1, 1025);
+        exact_check(
+            FlashAttentionConfig::new(16, 2)
+                .with_block_size(128)
+                .with_causal(true),
+            1,
+            1025,
+        );
     }
 
     #[test]
     fn grouped_query_heads_equal_exact() {
-        exact_check(FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(2)), 2, 33);
-        exact_check(FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(1)), 1, 20);
+        exact_check(
+            FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(2)),
+            2,
+            33,
+        );
+        exact_check(
+            FlashAttentionConfig::new(48, 6).with_n_kv_heads(Some(1)),
+            1,
+            20,
+        );
     }
 
     #[test]
@@ -230,7 +244,9 @@ mod tests {
         assert_finite(out.clone());
         let masked = out.clone().slice([0..1, 0..5]);
         assert_close(masked.clone(), masked.zeros_like(), 0.0);
-        let want = module.projection().exact_cross(q, kv.clone(), kv, None, true);
+        let want = module
+            .projection()
+            .exact_cross(q, kv.clone(), kv, None, true);
         assert_close(out, want, 2e-5);
     }
 
@@ -268,8 +284,15 @@ mod tests {
         let got = module.forward(x.clone());
         let h = module.projection().split_self(x);
         let pattern = KeyPattern::band(Window::new(Some(3), Some(0)), false);
-        let (want, _) =
-            burn_attn_core::reference_attention(h.q, h.k, h.v, &pattern, 1.0 / 8f64.sqrt(), None, None);
+        let (want, _) = burn_attn_core::reference_attention(
+            h.q,
+            h.k,
+            h.v,
+            &pattern,
+            1.0 / 8f64.sqrt(),
+            None,
+            None,
+        );
         assert_close(got, module.projection().merge(want), 2e-5);
     }
 

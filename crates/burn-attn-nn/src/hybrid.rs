@@ -186,7 +186,10 @@ mod tests {
         HybridAttentionConfig::new(16, 2)
             .with_flash_max_len(8)
             .with_sparse_max_len(24)
-            .with_sparse_pattern(SparsePattern::Strided { stride: 4, local: 1 })
+            .with_sparse_pattern(SparsePattern::Strided {
+                stride: 4,
+                local: 1,
+            })
             .with_window(4)
     }
 
@@ -202,7 +205,11 @@ mod tests {
     #[test]
     fn each_regime_equals_exact_with_its_mask_and_shares_weights() {
         let module = small().init::<TestBackend>(&Default::default());
-        for (seq, choice) in [(8, HybridChoice::Flash), (17, HybridChoice::Sparse), (30, HybridChoice::SlidingWindow)] {
+        for (seq, choice) in [
+            (8, HybridChoice::Flash),
+            (17, HybridChoice::Sparse),
+            (30, HybridChoice::SlidingWindow),
+        ] {
             assert_eq!(module.choose(seq), choice);
             let x = randn::<TestBackend, 3>([2, seq, 16]);
             let got = module.forward(x.clone());
@@ -231,7 +238,11 @@ mod tests {
         let want = module.forward(x.clone());
         let loaded = record_round_trip(module, config.init(&Default::default()));
         assert_close(loaded.forward(x), want, 0.0);
-        let err = config.with_flash_max_len(100).validate().unwrap_err().to_string();
+        let err = config
+            .with_flash_max_len(100)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("(100)") && err.contains("(24)"), "{err}");
     }
 }

@@ -137,7 +137,9 @@ impl<B: AttentionBackend> LearnedSparseAttention<B> {
         });
         // Only the indices come from the top-k, so padding can rank last with -inf.
         let ranking = match &padding {
-            Some(pad) => gate_scores.clone().mask_fill(pad.clone(), f32::NEG_INFINITY),
+            Some(pad) => gate_scores
+                .clone()
+                .mask_fill(pad.clone(), f32::NEG_INFINITY),
             None => gate_scores.clone(),
         };
         // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
@@ -183,24 +185,43 @@ mod tests {
 
     /// The same selection written the plain way: a dense mask over all keys that keeps the
     /// top-k per head, with the gate bias added to every logit.
-    fn dense_reference(module: &LearnedSparseAttention<TestBackend>, x: Tensor<TestBackend, 3>) -> Tensor<TestBackend, 3> {
+    fn dense_reference(
+        module: &LearnedSparseAttention<TestBackend>,
+        x: Tensor<TestBackend, 3>,
+    ) -> Tensor<TestBackend, 3> {
         let scores = module.gate.forward(x.clone()).swap_dims(1, 2); // [b, h, n]
         let [b, heads, n] = scores.dims();
         let k = module.selected(n);
-        let threshold = scores.clone().sort_descending(2).slice([0..b, 0..heads, k - 1..k]);
+        let threshold = scores
+            .clone()
+            .sort_descending(2)
+            .slice([0..b, 0..heads, k - 1..k]);
         let hidden = scores.clone().lower(threshold.expand([b, heads, n]));
         let bias = log_sigmoid(scores)
             .mask_fill(hidden, f32::NEG_INFINITY)
             .reshape([b, heads, 1, n]);
         let h = module.projection().split_self(x);
         let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
-        let (out, _) = reference_attention(h.q, h.k, h.v, &KeyPattern::default(), scale, None, Some(bias));
+        let (out, _) = reference_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            scale,
+            None,
+            Some(bias),
+        );
         module.projection().merge(out)
     }
 
     #[test]
     fn equals_dense_top_k_reference() {
-        for (ratio, seq, kv) in [(0.1, 97, None), (0.5, 17, Some(2)), (1.0, 9, None), (0.01, 1, None)] {
+        for (ratio, seq, kv) in [
+            (0.1, 97, None),
+            (0.5, 17, Some(2)),
+            (1.0, 9, None),
+            (0.01, 1, None),
+        ] {
             let module = LearnedSparseAttentionConfig::new(32, 4)
                 .with_ratio(ratio)
                 .with_n_kv_heads(kv)
@@ -224,7 +245,13 @@ mod tests {
             .greater_equal_elem(6);
         let got = module.forward_cross(q.clone(), kv.clone(), kv.clone(), Some(pad));
         // With ratio 1 and padding hidden, changing the padded keys changes nothing.
-        let kv2 = Tensor::cat(vec![kv.clone().slice([0..1, 0..6]), randn::<TestBackend, 3>([1, 4, 16])], 1);
+        let kv2 = Tensor::cat(
+            vec![
+                kv.clone().slice([0..1, 0..6]),
+                randn::<TestBackend, 3>([1, 4, 16]),
+            ],
+            1,
+        );
         let pad = Tensor::<TestBackend, 1, Int>::arange(0..10, &Default::default())
             .reshape([1, 10])
             .greater_equal_elem(6);
@@ -238,7 +265,11 @@ mod tests {
         let module = config.init::<TestAutodiff>(&Default::default());
         let x = randn::<TestAutodiff, 3>([2, 12, 16]);
         let grads = module.forward(x).powi_scalar(2).sum().backward();
-        let g = module.gate.weight.grad(&grads).expect("gate has a gradient");
+        let g = module
+            .gate
+            .weight
+            .grad(&grads)
+            .expect("gate has a gradient");
         let norm: f32 = g.abs().sum().into_scalar();
         assert!(norm > 0.0, "gate gradient is zero");
 
@@ -256,7 +287,12 @@ mod tests {
         let loaded = record_round_trip(module, config.init(&Default::default()));
         assert_close(loaded.forward(x), want, 0.0);
         for bad in [0.0, 1.5, -0.1] {
-            let err = config.clone().with_ratio(bad).validate().unwrap_err().to_string();
+            let err = config
+                .clone()
+                .with_ratio(bad)
+                .validate()
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&bad.to_string()), "{err}");
         }
     }

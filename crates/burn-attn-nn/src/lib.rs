@@ -21,9 +21,9 @@ pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowA
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use complexity::ComplexityModel;
 pub use flash::{FlashAttention, FlashAttentionConfig};
-pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
-pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};
 pub use hybrid::{HybridAttention, HybridAttentionConfig, HybridChoice};
 pub use learned_sparse::{LearnedSparseAttention, LearnedSparseAttentionConfig};
 pub use linear::{FeatureMap, LinearAttention, LinearAttentionConfig};
 pub use projection::{Heads, MultiHeadProjection, MultiHeadProjectionConfig};
+pub use sliding_window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
+pub use sparse::{SparseAttention, SparseAttentionConfig, SparsePattern};

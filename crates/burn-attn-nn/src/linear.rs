@@ -144,7 +144,12 @@ mod tests {
     use burn::tensor::Int;
 
     /// The seed's formula with a materialised `phi(Q) phi(K)^T`.
-    fn quadratic(module: &LinearAttention<TestBackend>, q: Tensor<TestBackend, 3>, kv: Tensor<TestBackend, 3>, keep: Option<Tensor<TestBackend, 4>>) -> Tensor<TestBackend, 3> {
+    fn quadratic(
+        module: &LinearAttention<TestBackend>,
+        q: Tensor<TestBackend, 3>,
+        kv: Tensor<TestBackend, 3>,
+        keep: Option<Tensor<TestBackend, 4>>,
+    ) -> Tensor<TestBackend, 3> {
         let h = module.projection().split(q, kv.clone(), kv);
         let heads = h.q.dims()[1];
         let phi_q = module.feature_map.apply(h.q);
@@ -160,7 +165,11 @@ mod tests {
 
     #[test]
     fn equals_quadratic_form_for_every_feature_map() {
-        for map in [FeatureMap::EluPlusOne, FeatureMap::Relu, FeatureMap::Softplus] {
+        for map in [
+            FeatureMap::EluPlusOne,
+            FeatureMap::Relu,
+            FeatureMap::Softplus,
+        ] {
             for (seq_q, seq_k, kv) in [(1, 1, None), (17, 17, Some(2)), (13, 40, None)] {
                 let module = LinearAttentionConfig::new(32, 4)
                     .with_feature_map(map)
@@ -199,7 +208,8 @@ mod tests {
         let want = module.forward(x.clone());
         let loaded = record_round_trip(module, config.init(&Default::default()));
         assert_close(loaded.forward(x), want, 0.0);
-        let json = serde_json::to_string(&config.clone().with_feature_map(FeatureMap::Relu)).unwrap();
+        let json =
+            serde_json::to_string(&config.clone().with_feature_map(FeatureMap::Relu)).unwrap();
         let back: LinearAttentionConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back.feature_map, FeatureMap::Relu);
     }

@@ -159,14 +159,17 @@ impl<B: Backend> MultiHeadProjection<B> {
 
     fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [batch, seq, _] = x.dims();
-        x.reshape([batch, seq, heads, self.head_dim]).swap_dims(1, 2)
+        x.reshape([batch, seq, heads, self.head_dim])
+            .swap_dims(1, 2)
     }
 
     /// Merges `[batch, n_heads, seq, head_dim]` back to `[batch, seq, d_model]` and applies
     /// the output projection.
     pub fn merge(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
         let [batch, n_heads, seq, head_dim] = heads.dims();
-        let x = heads.swap_dims(1, 2).reshape([batch, seq, n_heads * head_dim]);
+        let x = heads
+            .swap_dims(1, 2)
+            .reshape([batch, seq, n_heads * head_dim]);
         self.output.forward(x)
     }
 

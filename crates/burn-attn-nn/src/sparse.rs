@@ -53,15 +53,15 @@ impl SparsePattern {
     /// Checks the parameters; the error names the values.
     pub fn validate(&self) -> Result<(), AttentionError> {
         match *self {
-            SparsePattern::Local { window } if window == 0 => {
-                Err(AttentionError::ZeroSize { what: "local window" })
-            }
+            SparsePattern::Local { window } if window == 0 => Err(AttentionError::ZeroSize {
+                what: "local window",
+            }),
             SparsePattern::Strided { stride, .. } if stride == 0 => {
                 Err(AttentionError::ZeroSize { what: "stride" })
             }
-            SparsePattern::Random { block, .. } if block == 0 => {
-                Err(AttentionError::ZeroSize { what: "random block" })
-            }
+            SparsePattern::Random { block, .. } if block == 0 => Err(AttentionError::ZeroSize {
+                what: "random block",
+            }),
             SparsePattern::Random { density, .. } if !(density > 0.0 && density <= 1.0) => {
                 Err(AttentionError::OutOfUnitRange {
                     what: "density",
@@ -239,7 +239,10 @@ mod tests {
     fn every_pattern_equals_exact_with_its_mask() {
         let patterns = [
             SparsePattern::Local { window: 8 },
-            SparsePattern::Strided { stride: 7, local: 3 },
+            SparsePattern::Strided {
+                stride: 7,
+                local: 3,
+            },
             SparsePattern::Random {
                 density: 0.3,
                 block: 8,
@@ -259,7 +262,10 @@ mod tests {
         against_masked_reference(
             SparseAttentionConfig::new(32, 4)
                 .with_n_kv_heads(Some(2))
-                .with_pattern(SparsePattern::Strided { stride: 5, local: 2 }),
+                .with_pattern(SparsePattern::Strided {
+                    stride: 5,
+                    local: 2,
+                }),
             33,
             33,
         );
@@ -304,7 +310,11 @@ mod tests {
     fn bad_patterns_name_the_values() {
         let msg = |p: SparsePattern| p.validate().unwrap_err().to_string();
         assert!(msg(SparsePattern::Local { window: 0 }).contains("window"));
-        assert!(msg(SparsePattern::Strided { stride: 0, local: 1 }).contains("stride"));
+        assert!(msg(SparsePattern::Strided {
+            stride: 0,
+            local: 1
+        })
+        .contains("stride"));
         assert!(msg(SparsePattern::Random {
             density: 0.0,
             block: 4,

@@ -20,7 +20,8 @@ pub fn randn<B: Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
 pub fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let d: Vec<f32> = (a - b).abs().into_data().convert::<f32>().to_vec().unwrap();
-    d.iter().fold(0.0f32, |m, x| if x.is_nan() { f32::NAN } else { m.max(*x) })
+    d.iter()
+        .fold(0.0f32, |m, x| if x.is_nan() { f32::NAN } else { m.max(*x) })
 }
 
 /// Asserts the two tensors agree within `tol` and are finite.
@@ -34,7 +35,10 @@ pub fn assert_close<B: Backend, const D: usize>(got: Tensor<B, D>, want: Tensor<
 #[track_caller]
 pub fn assert_finite<B: Backend, const D: usize>(x: Tensor<B, D>) {
     let v: Vec<f32> = x.into_data().convert::<f32>().to_vec().unwrap();
-    assert!(v.iter().all(|x| x.is_finite()), "non-finite values in output");
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "non-finite values in output"
+    );
 }
 
 /// Trains `module` for `steps` Adam steps on a fixed regression target and returns the
@@ -52,7 +56,11 @@ where
     let target = randn::<TestAutodiff, 3>(shape);
     let mut optim = AdamConfig::new().init::<TestAutodiff, M>();
     let mut module = module;
-    let loss_of = |m: &M| (forward(m, x.clone()) - target.clone()).powi_scalar(2).mean();
+    let loss_of = |m: &M| {
+        (forward(m, x.clone()) - target.clone())
+            .powi_scalar(2)
+            .mean()
+    };
     let first: f32 = loss_of(&module).into_scalar();
     for _ in 0..steps {
         let loss = loss_of(&module);
