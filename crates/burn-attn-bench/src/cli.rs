@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use burn_attn::complexity::{ComplexityModel, HybridThresholds, Method};
+use burn_attn::nn::complexity::{ComplexityModel, HybridThresholds, Method};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +87,13 @@ pub struct CompareArgs {
     /// Largest window of the adaptive sliding window.
     #[arg(long, default_value_t = 512)]
     pub max_window: usize,
+    /// Lengths up to this run flash attention in the hybrid.
+    #[arg(long, default_value_t = 2048)]
+    pub hybrid_flash_max: usize,
+    /// Lengths up to this (above --hybrid-flash-max) run the local sparse pattern
+    /// (--sparse-window) in the hybrid; longer ones run the sliding window (--window).
+    #[arg(long, default_value_t = 8192)]
+    pub hybrid_sparse_max: usize,
     /// Seed of the weights, the inputs and the random sparse pattern.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -128,7 +135,11 @@ impl CompareArgs {
             .with_ratio(self.ratio)
             .with_chunk(self.chunk)
             .with_adaptive_window(self.min_window, self.max_window)
-            .with_hybrid(HybridThresholds::default())
+            .with_hybrid(HybridThresholds {
+                flash_max: self.hybrid_flash_max,
+                sparse_max: self.hybrid_sparse_max,
+                sparse: Method::SparseLocal,
+            })
     }
 
     /// Checks the options that would otherwise panic deep inside a module.

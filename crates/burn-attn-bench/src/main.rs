@@ -4,8 +4,7 @@ use std::process::ExitCode;
 
 use burn_attn_bench::alloc::CountingAllocator;
 use burn_attn_bench::{
-    format_model, format_table, progress_bar, run, BackendKind, Cli, Command, CompareArgs,
-    Report,
+    format_model, format_table, progress_bar, run, BackendKind, Cli, Command, CompareArgs, Report,
 };
 use clap::Parser;
 
@@ -57,7 +56,7 @@ fn main() -> ExitCode {
         }),
         Command::Model(args) => {
             let model =
-                burn_attn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));
+                burn_attn::nn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));
             print!("{}", format_model(&model, &args.lengths));
             Ok(())
         }

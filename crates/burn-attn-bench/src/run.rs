@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
-use burn_attn::complexity::{Cost, Method};
+use burn_attn::nn::complexity::{Cost, Method};
 use burn_attn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AttentionBackend,
     CausalLinearAttention, CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig,
@@ -114,7 +114,17 @@ impl<B: AttentionBackend> Variant<B> {
                     .with_max_window(args.max_window)
                     .init(device),
             ),
-            Method::Hybrid => Variant::Hybrid(HybridAttentionConfig::new(d, h).init(device)),
+            // The same regimes and patterns as the model's hybrid, from the options.
+            Method::Hybrid => Variant::Hybrid(
+                HybridAttentionConfig::new(d, h)
+                    .with_flash_max_len(args.hybrid_flash_max)
+                    .with_sparse_max_len(args.hybrid_sparse_max)
+                    .with_sparse_pattern(SparsePattern::Local {
+                        window: args.sparse_window,
+                    })
+                    .with_window(args.window)
+                    .init(device),
+            ),
         }
     }
 
@@ -193,7 +203,10 @@ fn measure<B: AttentionBackend>(
     args: &CompareArgs,
     device: &B::Device,
 ) -> Row {
-    B::seed(device, args.seed ^ (n as u64).rotate_left(17) ^ method as u64);
+    B::seed(
+        device,
+        args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
+    );
     let variant = Variant::<B>::build(method, args, device);
     let x = Tensor::<B, 3>::random(
         [args.batch, n, args.d_model],
@@ -210,11 +223,7 @@ fn measure<B: AttentionBackend>(
     let out = forward_synced(&variant, &x, device);
     let peak_bytes = window.peak_above_baseline();
 
-    let max_error = (out - reference)
-        .abs()
-        .max()
-        .into_scalar()
-        .elem::<f64>();
+    let max_error = (out - reference).abs().max().into_scalar().elem::<f64>();
 
     let times: Vec<f64> = (0..args.repeats)
         .map(|_| {
@@ -238,7 +247,11 @@ fn measure<B: AttentionBackend>(
 }
 
 /// Runs every selected method at every length on backend `B`, advancing `bar` per row.
-pub fn run<B: AttentionBackend>(device: &B::Device, args: &CompareArgs, bar: &ProgressBar) -> Vec<Row> {
+pub fn run<B: AttentionBackend>(
+    device: &B::Device,
+    args: &CompareArgs,
+    bar: &ProgressBar,
+) -> Vec<Row> {
     let methods = args.selected_methods();
     let mut rows = Vec::with_capacity(methods.len() * args.lengths.len());
     for &n in &args.lengths {

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use burn_attn::complexity::{ComplexityModel, Method};
+use burn_attn::nn::complexity::{ComplexityModel, Method};
 
 use crate::run::Row;
 
@@ -112,7 +112,9 @@ pub fn format_model(model: &ComplexityModel, lengths: &[usize]) -> String {
         }
         out.push('\n');
     }
-    let rows = burn_attn::complexity::relative_memory_table(lengths, model.d_model);
-    out.push_str(&burn_attn::complexity::format_relative_memory_table(&rows));
+    let rows = burn_attn::nn::complexity::relative_memory_table(lengths, model.d_model);
+    out.push_str(&burn_attn::nn::complexity::format_relative_memory_table(
+        &rows,
+    ));
     out
 }

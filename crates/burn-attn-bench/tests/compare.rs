@@ -1,7 +1,7 @@
 //! The compare path end to end at tiny sizes: every row is produced, exact methods match
 //! exact attention, every error is finite, and the allocator counts.
 
-use burn_attn::complexity::Method;
+use burn_attn::nn::complexity::Method;
 use burn_attn_bench::alloc::CountingAllocator;
 use burn_attn_bench::{format_table, progress_bar, run, Cli, Command, CompareArgs};
 use clap::Parser;
@@ -61,9 +61,16 @@ fn compare_produces_every_row() {
                 .iter()
                 .find(|r| r.method == method && r.seq_len == n)
                 .unwrap_or_else(|| panic!("missing row {method} n={n}"));
-            assert!(row.max_error.is_finite(), "{method} n={n}: {}", row.max_error);
+            assert!(
+                row.max_error.is_finite(),
+                "{method} n={n}: {}",
+                row.max_error
+            );
             assert!(row.median_ms.is_finite() && row.median_ms >= 0.0);
-            assert!(row.model.compute > 0, "{method} n={n}: no predicted compute");
+            assert!(
+                row.model.compute > 0,
+                "{method} n={n}: no predicted compute"
+            );
             assert!(row.peak_bytes.is_some(), "allocator not counting");
             if method.is_exact() || (method == Method::Hybrid && row.model.selected.is_exact()) {
                 assert!(row.expect_exact);

@@ -55,7 +55,7 @@ pub enum Method {
     CausalLinear,
     /// Sliding window attention over `window` keys.
     SlidingWindow,
-    /// Adaptive sliding window, bounded by `max_window` keys.
+    /// Adaptive sliding window, bounded by `max_window` keys plus its soft edge `ramp`.
     AdaptiveWindow,
     /// Hybrid: flash up to `flash_max`, sparse up to `sparse_max`, sliding window beyond.
     Hybrid,
@@ -219,6 +219,9 @@ pub struct ComplexityModel {
     /// Largest window of the adaptive window (what memory and compute are bounded by).
     /// Seed: 512.
     pub max_window: usize,
+    /// Width of the adaptive window's soft edge, in keys: the band visited reaches
+    /// `ramp / 2` beyond the largest window. Default: 16.
+    pub ramp: f64,
     /// The hybrid's regimes.
     pub hybrid: HybridThresholds,
 }
@@ -333,6 +336,7 @@ impl ComplexityModel {
             chunk: 64,
             min_window: 64,
             max_window: 512,
+            ramp: 16.0,
             hybrid: HybridThresholds::default(),
         }
     }
@@ -416,6 +420,12 @@ impl ComplexityModel {
         self
     }
 
+    /// Sets the width of the adaptive window's soft edge.
+    pub fn with_ramp(mut self, ramp: f64) -> Self {
+        self.ramp = ramp;
+        self
+    }
+
     /// Sets the hybrid's regimes.
     pub fn with_hybrid(mut self, hybrid: HybridThresholds) -> Self {
         self.hybrid = hybrid;
@@ -467,7 +477,17 @@ impl ComplexityModel {
             }
             Method::LearnedSparse => (n * self.learned_keys(n)) as u64,
             Method::SlidingWindow => window(self.window),
-            Method::AdaptiveWindow => window(self.max_window),
+            Method::AdaptiveWindow => {
+                // The largest reach plus half the soft edge, on each side.
+                let half_ramp = self.ramp.max(0.0) / 2.0;
+                if self.causal {
+                    let left = (self.max_window.saturating_sub(1) as f64 + half_ramp).ceil();
+                    band_pairs(n, Some(left as usize), Some(0))
+                } else {
+                    let extent = (self.max_window as f64 / 2.0 + half_ramp).ceil() as usize;
+                    band_pairs(n, Some(extent), Some(extent))
+                }
+            }
             // Linear methods have no score pairs outside causal linear's chunks.
             Method::Linear => 0,
             Method::CausalLinear => {
