@@ -132,3 +132,25 @@ fn json_round_trips() {
     assert_eq!(back.rows.len(), 2);
     assert_eq!(back.rows[1].method, Method::Linear);
 }
+
+#[test]
+fn hybrid_switches_regime_with_the_thresholds() {
+    // Thresholds below the tiny lengths: flash at 16, sparse at 24, sliding window at 32.
+    let args = tiny_args(&[
+        ("--lengths", "16,24,32"),
+        ("--hybrid-flash-max", "16"),
+        ("--hybrid-sparse-max", "24"),
+        ("--methods", "hybrid"),
+    ]);
+    let bar = progress_bar(0, true);
+    let rows = run::<burn::backend::NdArray<f32>>(&Default::default(), &args, &bar);
+    let selected: Vec<Method> = rows.iter().map(|r| r.model.selected).collect();
+    assert_eq!(
+        selected,
+        [Method::Flash, Method::SparseLocal, Method::SlidingWindow]
+    );
+    assert!(rows[0].max_error < 1e-4);
+    // Windows of 8 at 24 and 32 tokens hide keys, so the hybrid is no longer exact.
+    assert!(rows[1].max_error > 1e-4 && rows[2].max_error > 1e-4);
+    assert!(format_table(&rows).contains("hybrid(sliding-window)"));
+}
