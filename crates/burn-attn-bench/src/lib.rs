@@ -1,5 +1,5 @@
 //! The burn-attn comparison tool as a library: the `burn-attn-bench` binary is a thin
-//! wrapper, and tests drive the same [`run`] path at tiny sizes.
+//! wrapper, and tests drive the same [`run()`] path at tiny sizes.
 #![warn(missing_docs)]
 
 pub mod alloc;

@@ -37,6 +37,7 @@ fn compare_on<B: burn_attn::AttentionBackend>(
         report.args.warmup
     );
     print!("{}", format_table(&report.rows));
+    println!("\n{}", burn_attn_bench::table::LEGEND);
     if let Some(path) = &report.args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -17,6 +17,16 @@ fn label(row: &Row) -> String {
     }
 }
 
+/// What the columns mean, printed under the table.
+pub const LEGEND: &str = "\
+allocator peak: host bytes allocated above the live baseline during one forward (counting \
+global allocator; GPU memory is not seen).
+model MiB: complexity model, attention intermediates plus Q/K/V/output activations in f32 \
+(it counts one n x n matrix for exact; the materialised baseline holds a few).
+GFLOP/s: the model's attention FLOPs (FlashAttention count) over the median time.
+max |err| vs exact: against materialised exact attention with the same weights (causal \
+exact for causal-linear); exact methods should be ~1e-7.";
+
 /// Formats the comparison table.
 ///
 /// Columns: method, sequence length, median ms, measured GFLOP/s (model FLOPs of the
