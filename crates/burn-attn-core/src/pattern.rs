@@ -177,17 +177,35 @@ impl KeyPattern {
     /// The range of keys that can be visible to some query in `rows` (a superset: tiles in
     /// it may still be empty), or an empty range.
     pub fn key_range(&self, rows: Range<usize>, seq_q: usize, seq_k: usize) -> Range<usize> {
+        if self.stride.is_some() {
+            Self::range_of(
+                Window::FULL.intersect(self.causal_window()),
+                rows,
+                seq_q,
+                seq_k,
+            )
+        } else {
+            self.band_key_range(rows, seq_q, seq_k)
+        }
+    }
+
+    /// The range of keys the band (with the causal rule) can make visible to `rows`,
+    /// leaving out strided columns.
+    pub fn band_key_range(&self, rows: Range<usize>, seq_q: usize, seq_k: usize) -> Range<usize> {
+        Self::range_of(
+            self.window.intersect(self.causal_window()),
+            rows,
+            seq_q,
+            seq_k,
+        )
+    }
+
+    fn range_of(band: Window, rows: Range<usize>, seq_q: usize, seq_k: usize) -> Range<usize> {
         if rows.is_empty() || seq_k == 0 {
             return 0..0;
         }
         let first = aligned(rows.start, seq_q, seq_k);
         let last = aligned(rows.end - 1, seq_q, seq_k);
-        let band = if self.stride.is_some() {
-            Window::FULL
-        } else {
-            self.window
-        }
-        .intersect(self.causal_window());
         let lo = band.left.map_or(0, |l| first - l as i64).max(0);
         let hi = band
             .right
@@ -198,6 +216,25 @@ impl KeyPattern {
         } else {
             lo as usize..hi as usize
         }
+    }
+
+    /// The strided columns outside `covered` that the causal rule lets some query in
+    /// `rows` see, in increasing order (empty without a stride).
+    pub fn strided_columns_outside(
+        &self,
+        rows: Range<usize>,
+        covered: Range<usize>,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> Vec<usize> {
+        let Some(stride) = self.stride else {
+            return Vec::new();
+        };
+        let reach = Self::range_of(self.causal_window(), rows, seq_q, seq_k);
+        (reach.start.div_ceil(stride) * stride..reach.end)
+            .step_by(stride)
+            .filter(|j| !covered.contains(j))
+            .collect()
     }
 
     /// How the tile `rows x cols` is covered.
@@ -264,21 +301,57 @@ impl KeyPattern {
         seq_k: usize,
         device: &B::Device,
     ) -> Tensor<B, 2, Bool> {
-        let (nr, nc) = (rows.len(), cols.len());
+        let col_pos = Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device);
+        let mut mask = self.rule_mask(rows.clone(), col_pos, seq_q, seq_k);
+        if let Some(b) = &self.blocks {
+            mask = mask.bool_and(block_mask(b, rows, cols, device));
+        }
+        mask
+    }
+
+    /// The visibility mask of queries `rows` over the keys at positions `cols` (any order),
+    /// `[rows, cols.len()]`. Only for patterns without a block layout.
+    pub fn columns_mask<B: Backend>(
+        &self,
+        rows: Range<usize>,
+        cols: &[usize],
+        seq_q: usize,
+        seq_k: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 2, Bool> {
+        assert!(
+            self.blocks.is_none(),
+            "columns_mask is for patterns without a block layout"
+        );
+        let positions: Vec<i64> = cols.iter().map(|&c| c as i64).collect();
+        let col_pos = Tensor::<B, 1, Int>::from_data(
+            burn::tensor::TensorData::new(positions, [cols.len()]),
+            device,
+        );
+        self.rule_mask(rows, col_pos, seq_q, seq_k)
+    }
+
+    /// Band, strided columns and causal rule over explicit column positions.
+    fn rule_mask<B: Backend>(
+        &self,
+        rows: Range<usize>,
+        col_pos: Tensor<B, 1, Int>,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> Tensor<B, 2, Bool> {
+        let device = col_pos.device();
+        let (nr, nc) = (rows.len(), col_pos.dims()[0]);
         let offset = seq_k as i64 - seq_q as i64;
         let row_pos: Tensor<B, 2, Int> = Tensor::<B, 1, Int>::arange(
             rows.start as i64 + offset..rows.end as i64 + offset,
-            device,
+            &device,
         )
         .reshape([nr, 1])
         .expand([nr, nc]);
-        let col_pos: Tensor<B, 2, Int> =
-            Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device)
-                .reshape([1, nc])
-                .expand([nr, nc]);
+        let col_pos: Tensor<B, 2, Int> = col_pos.reshape([1, nc]).expand([nr, nc]);
         let diff = col_pos.clone() - row_pos;
         let within = |w: Window, diff: &Tensor<B, 2, Int>| -> Tensor<B, 2, Bool> {
-            let mut m = Tensor::<B, 2, Bool>::full([nr, nc], true, device);
+            let mut m = Tensor::<B, 2, Bool>::full([nr, nc], true, &device);
             if let Some(l) = w.left {
                 m = m.bool_and(diff.clone().greater_equal_elem(-(l as i64)));
             }
@@ -293,9 +366,6 @@ impl KeyPattern {
         }
         if self.causal {
             mask = mask.bool_and(within(self.causal_window(), &diff));
-        }
-        if let Some(b) = &self.blocks {
-            mask = mask.bool_and(block_mask(b, rows, cols, device));
         }
         mask
     }

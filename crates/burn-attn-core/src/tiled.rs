@@ -9,7 +9,7 @@
 
 use core::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor, TensorData};
 
 use crate::pattern::{KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
@@ -95,7 +95,17 @@ pub fn tiled_attention<B: Backend>(
     let v = repeat_kv(v, heads);
     // Scaling q once is cheaper than scaling every tile of scores.
     let q = q * spec.scale;
-    let training = spec.dropout > 0.0 && B::ad_enabled(&device);
+    let dropout = if B::ad_enabled(&device) {
+        spec.dropout
+    } else {
+        0.0
+    };
+    let pattern = spec.pattern;
+    // Strided columns are gathered into extra tiles instead of visiting every key tile
+    // (each of which holds a strided column); biases and block layouts are per tile range,
+    // so those patterns keep the plain walk.
+    let gather_strided =
+        pattern.stride.is_some() && pattern.blocks.is_none() && spec.bias.is_none();
 
     let mut outputs = Vec::new();
     let mut lses = Vec::new();
@@ -105,20 +115,30 @@ pub fn tiled_attention<B: Backend>(
         start = rows.end;
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
+        let mut state = RowState::new([batch, heads, nr, value_dim], &device);
+        let expand_mask = |visible: Tensor<B, 2, Bool>, nc: usize| {
+            visible
+                .bool_not()
+                .reshape([1, 1, nr, nc])
+                .expand([batch, heads, nr, nc])
+        };
+        let padding_of = |pad: Tensor<B, 2, Bool>, nc: usize| {
+            pad.reshape([batch, 1, 1, nc])
+                .expand([batch, heads, nr, nc])
+        };
 
-        let mut m: Option<Tensor<B, 4>> = None;
-        let mut l = Tensor::<B, 4>::zeros([batch, heads, nr, 1], &device);
-        let mut acc = Tensor::<B, 4>::zeros([batch, heads, nr, value_dim], &device);
-
-        let keys = spec.pattern.key_range(rows.clone(), seq_q, seq_k);
+        let keys = if gather_strided {
+            pattern.band_key_range(rows.clone(), seq_q, seq_k)
+        } else {
+            pattern.key_range(rows.clone(), seq_q, seq_k)
+        };
         // Key tiles are aligned to multiples of block_k so they match block layouts.
-        let mut col = keys.start - keys.start % spec.block_k.max(1);
+        let first = keys.start - keys.start % spec.block_k.max(1);
+        let mut col = first;
         while col < keys.end {
             let cols = col..(col + spec.block_k).min(seq_k);
             col = cols.end;
-            let cover = spec
-                .pattern
-                .classify(rows.clone(), cols.clone(), seq_q, seq_k);
+            let cover = pattern.classify(rows.clone(), cols.clone(), seq_q, seq_k);
             if cover == TileCover::Empty {
                 continue;
             }
@@ -131,72 +151,38 @@ pub fn tiled_attention<B: Backend>(
                     .bias(rows.clone(), cols.clone())
                     .expand([batch, heads, nr, nc]);
             }
-            let mut hidden: Option<Tensor<B, 4, Bool>> = None;
-            if cover == TileCover::Partial {
+            let mut hidden = (cover == TileCover::Partial).then(|| {
                 let visible =
-                    spec.pattern
-                        .tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
-                hidden = Some(
-                    visible
-                        .bool_not()
-                        .reshape([1, 1, nr, nc])
-                        .expand([batch, heads, nr, nc]),
-                );
-            }
+                    pattern.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                expand_mask(visible, nc)
+            });
             if let Some(pad) = &spec.key_padding {
-                let pad = pad
-                    .clone()
-                    .slice([0..batch, cols.clone()])
-                    .reshape([batch, 1, 1, nc])
-                    .expand([batch, heads, nr, nc]);
-                hidden = Some(match hidden {
-                    Some(h) => h.bool_or(pad),
-                    None => pad,
-                });
+                let pad = padding_of(pad.clone().slice([0..batch, cols.clone()]), nc);
+                hidden = Some(hidden.map_or(pad.clone(), |h| h.bool_or(pad)));
             }
-            if let Some(h) = hidden {
-                s = s.mask_fill(h, f32::NEG_INFINITY);
-            }
-
-            // Online softmax: rescale what was accumulated to the new running max. A row
-            // whose max is still -inf uses 0 as its shift, so exp gives 0, never NaN.
-            let tile_max = s.clone().max_dim(3);
-            let m_old = m.take();
-            let m_new = match &m_old {
-                Some(m_old) => m_old.clone().max_pair(tile_max),
-                None => tile_max,
-            };
-            let shift = safe_shift(m_new.clone());
-            let p = (s - shift.clone()).exp();
-            if let Some(m_old) = m_old {
-                let alpha = (m_old - shift).exp();
-                l = l * alpha.clone();
-                acc = acc * alpha;
-            }
-            l = l + p.clone().sum_dim(3);
-            let p_drop = if training {
-                let keep = p.random_like(Distribution::Bernoulli(1.0 - spec.dropout));
-                p.clone() * keep / (1.0 - spec.dropout)
-            } else {
-                p
-            };
-            acc = acc + p_drop.matmul(v_blk);
-            m = Some(m_new);
+            state.update(s, hidden, v_blk, dropout);
         }
 
-        let (out, lse) = match m {
-            Some(m) => {
-                // l is 0 only where the row saw nothing; acc is 0 there too, so the clamp
-                // turns 0/0 into 0.
-                let out = acc / l.clone().clamp_min(f32::MIN_POSITIVE);
-                let lse = safe_shift(m) + l.log();
-                (out, lse)
+        if gather_strided {
+            let covered = first..col.max(first);
+            let extra = pattern.strided_columns_outside(rows.clone(), covered, seq_q, seq_k);
+            for chunk in extra.chunks(spec.block_k.max(1)) {
+                let nc = chunk.len();
+                let idx: Vec<i64> = chunk.iter().map(|&c| c as i64).collect();
+                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [nc]), &device);
+                let k_blk = k.clone().select(2, idx.clone());
+                let v_blk = v.clone().select(2, idx.clone());
+                let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
+                let visible = pattern.columns_mask::<B>(rows.clone(), chunk, seq_q, seq_k, &device);
+                let mut hidden = expand_mask(visible, nc);
+                if let Some(pad) = &spec.key_padding {
+                    hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx), nc));
+                }
+                state.update(s, Some(hidden), v_blk, dropout);
             }
-            None => (
-                acc,
-                Tensor::<B, 4>::full([batch, heads, nr, 1], f32::NEG_INFINITY, &device),
-            ),
-        };
+        }
+
+        let (out, lse) = state.finish();
         outputs.push(out);
         lses.push(lse);
     }
@@ -209,6 +195,82 @@ pub fn tiled_attention<B: Backend>(
     let out = Tensor::cat(outputs, 2);
     let lse = Tensor::cat(lses, 2).squeeze_dim(3);
     (out, lse)
+}
+
+/// The running softmax state of one block of query rows.
+struct RowState<B: Backend> {
+    /// Running row max (`None` before the first tile).
+    max: Option<Tensor<B, 4>>,
+    /// Running sum of `exp(s - max)`, `[b, h, rows, 1]`.
+    sum: Tensor<B, 4>,
+    /// Running `sum exp(s - max) v`, `[b, h, rows, value_dim]`.
+    acc: Tensor<B, 4>,
+}
+
+impl<B: Backend> RowState<B> {
+    fn new(acc_shape: [usize; 4], device: &B::Device) -> Self {
+        let [b, h, rows, _] = acc_shape;
+        Self {
+            max: None,
+            sum: Tensor::zeros([b, h, rows, 1], device),
+            acc: Tensor::zeros(acc_shape, device),
+        }
+    }
+
+    /// Folds in one tile of scores `s` (`hidden` set to `-inf`) with its values.
+    fn update(
+        &mut self,
+        s: Tensor<B, 4>,
+        hidden: Option<Tensor<B, 4, Bool>>,
+        v: Tensor<B, 4>,
+        dropout: f64,
+    ) {
+        let s = match hidden {
+            Some(h) => s.mask_fill(h, f32::NEG_INFINITY),
+            None => s,
+        };
+        // Rescale what was accumulated to the new running max. A row whose max is still
+        // -inf uses 0 as its shift, so exp gives 0, never NaN.
+        let tile_max = s.clone().max_dim(3);
+        let old = self.max.take();
+        let max = match &old {
+            Some(old) => old.clone().max_pair(tile_max),
+            None => tile_max,
+        };
+        let shift = safe_shift(max.clone());
+        let p = (s - shift.clone()).exp();
+        if let Some(old) = old {
+            let alpha = (old - shift).exp();
+            self.sum = self.sum.clone() * alpha.clone();
+            self.acc = self.acc.clone() * alpha;
+        }
+        self.sum = self.sum.clone() + p.clone().sum_dim(3);
+        // Dropout on the probabilities leaves the normaliser as it is.
+        let p = if dropout > 0.0 {
+            let keep = p.random_like(Distribution::Bernoulli(1.0 - dropout));
+            p * keep / (1.0 - dropout)
+        } else {
+            p
+        };
+        self.acc = self.acc.clone() + p.matmul(v);
+        self.max = Some(max);
+    }
+
+    /// The normalised output and the log-sum-exp, `[b, h, rows, 1]`.
+    fn finish(self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match self.max {
+            Some(max) => {
+                // The sum is 0 only where the row saw nothing; acc is 0 there too, so the
+                // clamp turns 0/0 into 0.
+                let out = self.acc / self.sum.clone().clamp_min(f32::MIN_POSITIVE);
+                (out, safe_shift(max) + self.sum.log())
+            }
+            None => {
+                let lse = self.sum.clone().full_like(f32::NEG_INFINITY);
+                (self.acc, lse)
+            }
+        }
+    }
 }
 
 /// The shift used in `exp(s - shift)`: the running max, with `-inf` replaced by 0.

@@ -272,6 +272,34 @@ mod tests {
     }
 
     #[test]
+    fn strided_with_key_padding_equals_reference() {
+        for causal in [false, true] {
+            let module = SparseAttentionConfig::new(32, 4)
+                .with_pattern(SparsePattern::Strided {
+                    stride: 5,
+                    local: 2,
+                })
+                .with_causal(causal)
+                .init::<TestBackend>(&Default::default());
+            let q = randn::<TestBackend, 3>([2, 300, 32]);
+            let pad = burn::tensor::Tensor::<TestBackend, 1, burn::tensor::Int>::arange(
+                0..300,
+                &Default::default(),
+            )
+            .reshape([1, 300])
+            .repeat_dim(0, 2)
+            .remainder_scalar(3)
+            .equal_elem(1);
+            let got = module.forward_cross(q.clone(), q.clone(), q.clone(), Some(pad.clone()));
+            let h = module.projection().split_self(q);
+            let pattern = module.key_pattern(300, 300);
+            let scale = 1.0 / 8f64.sqrt();
+            let (want, _) = reference_attention(h.q, h.k, h.v, &pattern, scale, Some(pad), None);
+            assert_close(got, module.projection().merge(want), 2e-5);
+        }
+    }
+
+    #[test]
     fn pattern_is_sparse_and_seeded() {
         let module = SparseAttentionConfig::new(16, 2)
             .with_pattern(SparsePattern::Random {
