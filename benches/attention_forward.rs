@@ -29,7 +29,9 @@ struct Case {
 impl Case {
     fn options(&self) -> AttentionOptions {
         let window = self.window.map_or(Window::FULL, Window::symmetric);
-        AttentionOptions::new().with_causal(self.causal).with_window(window)
+        AttentionOptions::new()
+            .with_causal(self.causal)
+            .with_window(window)
     }
 
     /// Visible (query, key) pairs, summed exactly over rows.
@@ -187,7 +189,9 @@ fn parse_args() -> Args {
             "--dtype" => args.dtype = it.next().expect("--dtype f32|f16|bf16"),
             "--quick" => args.quick = true,
             "--skip-burn" => args.skip_burn = true,
-            "--repeats" => args.repeats = it.next().and_then(|r| r.parse().ok()).expect("--repeats N"),
+            "--repeats" => {
+                args.repeats = it.next().and_then(|r| r.parse().ok()).expect("--repeats N")
+            }
             "--json" => args.json = it.next(),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other:?}; see the file's header for usage"),
