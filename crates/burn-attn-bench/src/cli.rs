@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use burn::config::Config;
 use burn_attn::nn::complexity::{ComplexityModel, HybridThresholds, Method};
+use burn_attn::nn::hybrid::HybridProfile;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
@@ -26,14 +28,55 @@ pub enum Command {
     /// Print the complexity model's predictions (and the seed's relative-memory table)
     /// without running anything.
     Model(ModelArgs),
+    /// Measure, on this device, the lengths where the sparse pattern and the sliding
+    /// window become faster than flash attention, and write a hybrid profile (JSON) that
+    /// `HybridAttentionConfig::with_profile_file` loads.
+    Calibrate(CalibrateArgs),
 }
 
 /// Where the variants run. Only backends compiled in (cargo features of this crate) work.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
-    /// The CPU backend (`burn::backend::NdArray<f32>`).
-    Ndarray,
+    /// The CPU backend (`burn::backend::NdArray<f32>`); `ndarray` is accepted too.
+    #[value(alias = "ndarray")]
+    #[serde(alias = "ndarray")]
+    Cpu,
+    /// Burn's `Wgpu` backend (cargo feature `wgpu`).
+    Wgpu,
+    /// Burn's `Cuda` backend (cargo feature `cuda`).
+    Cuda,
+}
+
+/// The float type of the weights and activations.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DType {
+    /// 32-bit float (the only type on the CPU).
+    F32,
+    /// IEEE half precision (GPU backends).
+    F16,
+    /// bfloat16 (GPU backends).
+    Bf16,
+}
+
+impl DType {
+    /// The name as written on the command line (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes of one element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
 }
 
 /// Options of `compare`.
@@ -52,6 +95,9 @@ pub struct CompareArgs {
     /// Attention heads.
     #[arg(long, default_value_t = 4)]
     pub heads: usize,
+    /// Head dimension; when given, `d_model` becomes `heads * head_dim`.
+    #[arg(long)]
+    pub head_dim: Option<usize>,
     /// Timed forward passes per row; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
@@ -95,6 +141,11 @@ pub struct CompareArgs {
     /// (--sparse-window) in the hybrid; longer ones run the sliding window (--window).
     #[arg(long, default_value_t = 8192)]
     pub hybrid_sparse_max: usize,
+    /// Build the hybrid from this calibrated profile (written by `calibrate`): its
+    /// thresholds, sparse pattern and window replace the `--hybrid-*`, `--window` and
+    /// sparse options for the hybrid row.
+    #[arg(long, value_name = "PATH")]
+    pub hybrid_profile: Option<PathBuf>,
     /// Seed of the weights, the inputs and the random sparse pattern.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -103,12 +154,31 @@ pub struct CompareArgs {
     /// adaptive-window, hybrid). Default: all.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<Method>,
-    /// Also write the results (options, rows, predictions) as JSON to this path.
+    /// Also write the results (options, rows, predictions) as JSON to this path (the
+    /// output directory always gets `compare.json`).
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Directory for `compare.json`, `compare.csv`, `compare.png` and `compare.svg`.
+    #[arg(long, value_name = "DIR", default_value = "target/burn-attn-bench")]
+    pub out_dir: PathBuf,
+    /// Do not draw the plots.
+    #[arg(long)]
+    pub no_plots: bool,
+    /// Skip the structured-input error (local correlation plus planted long-range
+    /// matches, with tied query/key projections).
+    #[arg(long)]
+    pub no_structured: bool,
+    /// Peer timings: the JSON that `shared/peers/torch_attention_bench.py OUT.json`
+    /// writes. Rows with the same batch, heads, length, head dim and dtype print our time
+    /// over the peer's.
+    #[arg(long, value_name = "PATH")]
+    pub peers: Option<PathBuf>,
     /// Backend to run on.
-    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray)]
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    /// Float type (f16 and bf16 on GPU backends only).
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
     /// Do not draw the progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -143,8 +213,34 @@ impl CompareArgs {
             })
     }
 
+    /// Applies `--head-dim` (sets `d_model = heads * head_dim`) and reads
+    /// `--hybrid-profile` (sets the hybrid thresholds from it).
+    pub fn resolve(&mut self) -> Result<(), String> {
+        if let Some(d) = self.head_dim {
+            self.d_model = self.heads * d;
+        }
+        if let Some(path) = &self.hybrid_profile {
+            let profile = HybridProfile::load(path)
+                .map_err(|e| format!("reading the hybrid profile {}: {e}", path.display()))?;
+            self.hybrid_flash_max = profile.flash_max_len;
+            self.hybrid_sparse_max = profile.sparse_max_len;
+        }
+        Ok(())
+    }
+
+    /// The head dimension `d_model / heads`.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.heads.max(1)
+    }
+
     /// Checks the options that would otherwise panic deep inside a module.
     pub fn validate(&self) -> Result<(), String> {
+        if self.backend == BackendKind::Cpu && self.dtype != DType::F32 {
+            return Err(format!(
+                "--dtype {} needs a GPU backend; the CPU backend runs f32",
+                self.dtype.name()
+            ));
+        }
         if self.lengths.is_empty() || self.lengths.contains(&0) {
             return Err("--lengths needs at least one length, none of them 0".into());
         }
@@ -197,4 +293,25 @@ pub struct ModelArgs {
     /// Attention heads (for the per-method table; the seed table uses one head).
     #[arg(long, default_value_t = 12)]
     pub heads: usize,
+}
+
+/// Options of `calibrate`.
+#[derive(Args, Debug, Clone)]
+pub struct CalibrateArgs {
+    /// The comparison options: shapes, backend, dtype, repeats, the sparse pattern's and
+    /// the window's settings. `--methods` and `--lengths` pick what is measured: the
+    /// default measures flash, sparse-local and sliding-window.
+    #[command(flatten)]
+    pub compare: CompareArgs,
+    /// Which sparse pattern the hybrid's middle regime uses (sparse-local,
+    /// sparse-strided or sparse-random).
+    #[arg(long, default_value = "sparse-local")]
+    pub sparse: Method,
+    /// Where to write the profile.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "target/burn-attn-bench/hybrid-profile.json"
+    )]
+    pub profile: PathBuf,
 }

@@ -3,10 +3,15 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod calibrate;
 pub mod cli;
+pub mod growth;
+pub mod output;
+pub mod peers;
+pub mod plots;
 pub mod run;
 pub mod table;
 
-pub use cli::{BackendKind, Cli, Command, CompareArgs, ModelArgs};
-pub use run::{progress_bar, run, Report, Row};
+pub use cli::{BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, ModelArgs};
+pub use run::{progress_bar, run, MemoryMeter, Report, Row};
 pub use table::{format_model, format_table};

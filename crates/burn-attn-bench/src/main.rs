@@ -3,58 +3,132 @@
 use std::process::ExitCode;
 
 use burn_attn_bench::alloc::CountingAllocator;
+use burn_attn_bench::calibrate::{calibrate, format_profile, save_profile};
+use burn_attn_bench::output::{build_report, format_report, write_outputs};
 use burn_attn_bench::{
-    format_model, format_table, progress_bar, run, BackendKind, Cli, Command, CompareArgs, Report,
+    format_model, progress_bar, run, BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType,
+    MemoryMeter,
 };
 use clap::Parser;
 
-// Counts host allocations so `compare` can report each forward's peak.
+// Counts host allocations so `compare` can report each forward's peak on the CPU.
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
 
-/// Runs `compare` on backend `B` and prints (and optionally saves) the report.
+/// Runs `compare` on backend `B`, prints the report and writes its files.
 fn compare_on<B: burn_attn::AttentionBackend>(
     device: B::Device,
+    meter: MemoryMeter,
     args: CompareArgs,
 ) -> Result<(), String> {
     let total = (args.lengths.len() * args.selected_methods().len()) as u64;
     let bar = progress_bar(total, args.no_progress);
-    let rows = run::<B>(&device, &args, &bar);
-    let report = Report {
-        backend: burn_attn_bench::run::backend_name::<B>(&device),
-        args,
-        rows,
-    };
-    println!(
-        "burn-attn compare on {} (batch {}, d_model {}, heads {}; median of {} after {} warm-up; \
-         allocator peak = host bytes allocated above the baseline during one forward; \
-         model = complexity model, f32)",
-        report.backend,
-        report.args.batch,
-        report.args.d_model,
-        report.args.heads,
-        report.args.repeats,
-        report.args.warmup
-    );
-    print!("{}", format_table(&report.rows));
-    println!("\n{}", burn_attn_bench::table::LEGEND);
-    if let Some(path) = &report.args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let rows = run::<B>(&device, &args, &meter, &bar);
+    let backend = burn_attn_bench::run::backend_name::<B>(&device);
+    let report = build_report(backend, meter.description.clone(), args, rows)?;
+    print!("{}", format_report(&report));
+    for path in write_outputs(&report)? {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
 
+/// Runs `calibrate` on backend `B` and writes the profile.
+fn calibrate_on<B: burn_attn::AttentionBackend>(
+    device: B::Device,
+    meter: MemoryMeter,
+    args: CalibrateArgs,
+) -> Result<(), String> {
+    let total = (args.compare.lengths.len() * 3) as u64;
+    let bar = progress_bar(total, args.compare.no_progress);
+    let profile = calibrate::<B>(&device, &args, &meter, &bar)?;
+    print!("{}", format_profile(&profile));
+    save_profile(&profile, &args.profile)?;
+    eprintln!("wrote {}", args.profile.display());
+    Ok(())
+}
+
+/// The device memory pool of a CubeCL runtime as a [`MemoryMeter`].
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn pool_meter<R: burn::cubecl::Runtime>(device: &R::Device) -> MemoryMeter {
+    let client = R::client(device);
+    let cleanup_client = client.clone();
+    MemoryMeter {
+        description: "device memory pool: growth of bytes reserved from the device during one \
+            forward after a pool cleanup, or of bytes in use if larger (CubeCL keeps no peak \
+            counter; sampled after the synced forward with its output alive)"
+            .into(),
+        sample: Some(Box::new(move || {
+            let usage = client.memory_usage().ok();
+            burn_attn_bench::run::DeviceMemory {
+                in_use: usage.as_ref().map_or(0, |u| u.bytes_in_use),
+                reserved: usage.as_ref().map_or(0, |u| u.bytes_reserved),
+            }
+        })),
+        cleanup: Some(Box::new(move || cleanup_client.memory_cleanup())),
+    }
+}
+
+/// Calls `$f::<Backend>(device, meter, args)` for the backend and dtype in `$c`.
+macro_rules! dispatch {
+    ($f:ident, $c:expr, $args:expr) => {{
+        let c: &CompareArgs = $c;
+        match (c.backend, c.dtype) {
+            (BackendKind::Cpu, DType::F32) => $f::<burn::backend::NdArray<f32>>(
+                Default::default(),
+                MemoryMeter::allocator(),
+                $args,
+            ),
+            (BackendKind::Cpu, d) => Err(format!("the CPU backend runs f32, not {}", d.name())),
+            #[cfg(feature = "cuda")]
+            (BackendKind::Cuda, dtype) => {
+                use burn::backend::cuda::CudaDevice;
+                let device = CudaDevice::default();
+                let meter = pool_meter::<burn::cubecl::cuda::CudaRuntime>(&device);
+                match dtype {
+                    DType::F32 => $f::<burn::backend::Cuda<f32>>(device, meter, $args),
+                    DType::F16 => {
+                        $f::<burn::backend::Cuda<burn::tensor::f16>>(device, meter, $args)
+                    }
+                    DType::Bf16 => {
+                        $f::<burn::backend::Cuda<burn::tensor::bf16>>(device, meter, $args)
+                    }
+                }
+            }
+            #[cfg(feature = "wgpu")]
+            (BackendKind::Wgpu, dtype) => {
+                use burn::backend::wgpu::WgpuDevice;
+                let device = WgpuDevice::default();
+                let meter = pool_meter::<burn::cubecl::wgpu::WgpuRuntime>(&device);
+                match dtype {
+                    DType::F32 => $f::<burn::backend::Wgpu<f32>>(device, meter, $args),
+                    DType::F16 => {
+                        $f::<burn::backend::Wgpu<burn::tensor::f16>>(device, meter, $args)
+                    }
+                    DType::Bf16 => Err("WGPU has no bf16; use f32 or f16".to_string()),
+                }
+            }
+            #[allow(unreachable_patterns)]
+            (other, _) => Err(format!(
+                "backend {other:?} is not compiled in: build with `--features {}`",
+                format!("{other:?}").to_lowercase()
+            )),
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Compare(args) => args.validate().and_then(|()| match args.backend {
-            // Adding a backend: a cargo feature, a `BackendKind` value and an arm here.
-            BackendKind::Ndarray => {
-                compare_on::<burn::backend::NdArray<f32>>(Default::default(), args)
-            }
-        }),
+        Command::Compare(mut args) => args
+            .resolve()
+            .and_then(|()| args.validate())
+            .and_then(|()| dispatch!(compare_on, &args.clone(), args)),
+        Command::Calibrate(mut args) => args
+            .compare
+            .resolve()
+            .and_then(|()| args.compare.validate())
+            .and_then(|()| dispatch!(calibrate_on, &args.compare.clone(), args)),
         Command::Model(args) => {
             let model =
                 burn_attn::nn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));

@@ -1,9 +1,10 @@
 //! The comparison itself, generic over the backend: build each variant, time it, measure
-//! its allocator peak and its error against exact attention with the same weights.
+//! its memory peak and its error against exact attention with the same weights, on random
+//! and on structured inputs.
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor, TensorData};
 use burn_attn::nn::complexity::{Cost, Method};
 use burn_attn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AttentionBackend,
@@ -13,10 +14,68 @@ use burn_attn::{
     SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::PeakWindow;
 use crate::cli::CompareArgs;
+use crate::peers::PeerRatio;
+
+/// Device memory usage as the backend's memory pool reports it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceMemory {
+    /// Bytes handed out to live tensors.
+    pub in_use: u64,
+    /// Bytes the pool holds from the device (in use or free for reuse).
+    pub reserved: u64,
+}
+
+/// How `compare` measures memory: the host allocator (CPU) or the device memory pool.
+pub struct MemoryMeter {
+    /// What the peak column means, printed in the header and saved in the report.
+    pub description: String,
+    /// Reads the device pool's usage; `None` measures the host allocator instead.
+    pub sample: Option<Box<dyn Fn() -> DeviceMemory>>,
+    /// Returns free pool pages to the device, so that reserved growth shows a peak.
+    pub cleanup: Option<Box<dyn Fn()>>,
+}
+
+impl MemoryMeter {
+    /// The host allocator: bytes allocated above the live baseline during one forward.
+    pub fn allocator() -> Self {
+        Self {
+            description: "host allocator peak: bytes allocated above the live baseline during \
+                one forward (counting global allocator)"
+                .into(),
+            sample: None,
+            cleanup: None,
+        }
+    }
+
+    /// Measures `f` (one synced forward) and returns its output and its memory peak.
+    fn measure<T>(&self, f: impl FnOnce() -> T) -> (T, Option<u64>) {
+        match &self.sample {
+            None => {
+                let window = PeakWindow::start();
+                let out = f();
+                (out, window.peak_above_baseline())
+            }
+            Some(sample) => {
+                if let Some(cleanup) = &self.cleanup {
+                    cleanup();
+                }
+                let before = sample();
+                let out = f();
+                let after = sample();
+                // No peak counter in the pool: the pool's growth during the forward (after
+                // a cleanup) bounds the peak from below, and the output is still alive.
+                let grown = after.reserved.saturating_sub(before.reserved);
+                let live = after.in_use.saturating_sub(before.in_use);
+                (out, Some(grown.max(live)))
+            }
+        }
+    }
+}
 
 /// One measured row of the table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,12 +88,25 @@ pub struct Row {
     pub median_ms: f64,
     /// Fastest forward pass, in milliseconds.
     pub min_ms: f64,
-    /// Bytes allocated above the live baseline during one forward pass (host allocator;
-    /// `None` when the counting allocator is not registered).
+    /// Memory peak of one forward pass in bytes, as the report's `memory` describes it
+    /// (`None` when the counting allocator is not registered).
     pub peak_bytes: Option<u64>,
     /// Largest absolute difference from exact attention with the same weights (causal
-    /// exact attention for the causal linear row).
+    /// exact attention for the causal linear row), on random normal inputs.
     pub max_error: f64,
+    /// Mean absolute difference from exact attention, on random normal inputs.
+    #[serde(default)]
+    pub mean_error: f64,
+    /// Largest absolute difference from exact attention on structured inputs (see
+    /// [`structured_input`]); `None` when skipped.
+    #[serde(default)]
+    pub structured_max_error: Option<f64>,
+    /// Mean absolute difference from exact attention on structured inputs.
+    #[serde(default)]
+    pub structured_mean_error: Option<f64>,
+    /// Our median time over each matching peer's (from `--peers`).
+    #[serde(default)]
+    pub peers: Vec<PeerRatio>,
     /// Whether the row's output must equal exact attention (exact, flash, and the hybrid
     /// while it runs flash).
     pub expect_exact: bool,
@@ -47,10 +119,16 @@ pub struct Row {
 pub struct Report {
     /// The backend's name.
     pub backend: String,
+    /// What the rows' `peak_bytes` measure.
+    #[serde(default)]
+    pub memory: String,
     /// The options the rows were run with.
     pub args: CompareArgs,
     /// One row per method and length.
     pub rows: Vec<Row>,
+    /// Fitted growth of time and memory per method, beside the model's exponents.
+    #[serde(default)]
+    pub growth: Vec<crate::growth::Growth>,
 }
 
 /// A built module of any variant, so the loop can treat them alike.
@@ -114,17 +192,24 @@ impl<B: AttentionBackend> Variant<B> {
                     .with_max_window(args.max_window)
                     .init(device),
             ),
-            // The same regimes and patterns as the model's hybrid, from the options.
-            Method::Hybrid => Variant::Hybrid(
-                HybridAttentionConfig::new(d, h)
+            // The same regimes and patterns as the model's hybrid, from the options, or
+            // everything from the calibrated profile.
+            Method::Hybrid => {
+                let config = HybridAttentionConfig::new(d, h)
                     .with_flash_max_len(args.hybrid_flash_max)
                     .with_sparse_max_len(args.hybrid_sparse_max)
                     .with_sparse_pattern(SparsePattern::Local {
                         window: args.sparse_window,
                     })
-                    .with_window(args.window)
-                    .init(device),
-            ),
+                    .with_window(args.window);
+                let config = match &args.hybrid_profile {
+                    Some(path) => config
+                        .with_profile_file(path)
+                        .unwrap_or_else(|e| panic!("hybrid profile {}: {e}", path.display())),
+                    None => config,
+                };
+                Variant::Hybrid(config.init(device))
+            }
         }
     }
 
@@ -155,6 +240,19 @@ impl<B: AttentionBackend> Variant<B> {
         }
     }
 
+    fn projection_mut(&mut self) -> &mut MultiHeadProjection<B> {
+        match self {
+            Variant::Exact(m) | Variant::Flash(m) => &mut m.projection,
+            Variant::Sparse(m) => &mut m.projection,
+            Variant::LearnedSparse(m) => &mut m.projection,
+            Variant::Linear(m) => &mut m.projection,
+            Variant::CausalLinear(m) => &mut m.projection,
+            Variant::Sliding(m) => &mut m.projection,
+            Variant::Adaptive(m) => &mut m.projection,
+            Variant::Hybrid(m) => &mut m.projection,
+        }
+    }
+
     /// Whether the reference is causal exact attention.
     fn causal(&self) -> bool {
         matches!(self, Variant::CausalLinear(_))
@@ -173,7 +271,8 @@ fn forward_synced<B: AttentionBackend>(
     out
 }
 
-fn median(mut times: Vec<f64>) -> f64 {
+/// The median of `times` (the mean of the middle two for an even count).
+pub fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(|a, b| a.total_cmp(b));
     let n = times.len();
     if n % 2 == 1 {
@@ -196,18 +295,80 @@ pub fn progress_bar(total: u64, hidden: bool) -> ProgressBar {
     bar
 }
 
+/// Inputs with real attention structure, `[batch, n, d_model]`, scaled by `gain`.
+///
+/// Random inputs make attention nearly uniform, which flatters approximations. Here each
+/// token is a first-order autoregressive sequence along the length (correlation 0.9 with its
+/// neighbour: local structure), and `max(1, n / 32)` tokens are exact copies of tokens at
+/// least `n / 4` positions away (a few strong long-range matches). With the query and key
+/// projections tied (as `compare` does for these inputs), a copy's key matches its source's
+/// query as strongly as the token itself, so local patterns miss mass that exact attention
+/// puts far away, and linear attention blurs the sharp peaks.
+pub fn structured_input(batch: usize, n: usize, d_model: usize, gain: f32, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut normal = move || {
+        // Box-Muller from two uniforms.
+        let u1: f32 = rng.random::<f32>().max(1e-7);
+        let u2: f32 = rng.random::<f32>();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    };
+    let rho = 0.9f32;
+    let innovation = (1.0 - rho * rho).sqrt();
+    let mut x = vec![0f32; batch * n * d_model];
+    for b in 0..batch {
+        let base = b * n * d_model;
+        for i in 0..n {
+            for c in 0..d_model {
+                let prev = if i == 0 {
+                    normal()
+                } else {
+                    x[base + (i - 1) * d_model + c]
+                };
+                x[base + i * d_model + c] = rho * prev + innovation * normal();
+            }
+        }
+        let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed ^ b as u64);
+        if n >= 8 {
+            for _ in 0..(n / 32).max(1) {
+                let src = pick.random_range(0..n);
+                let far = n / 4;
+                let dst = if src + far < n {
+                    pick.random_range(src + far..n)
+                } else {
+                    pick.random_range(0..=src - far)
+                };
+                x.copy_within(
+                    base + src * d_model..base + (src + 1) * d_model,
+                    base + dst * d_model,
+                );
+            }
+        }
+    }
+    x.iter_mut().for_each(|v| *v *= gain);
+    x
+}
+
+/// Max and mean absolute difference.
+fn errors<B: Backend>(out: Tensor<B, 3>, reference: Tensor<B, 3>) -> (f64, f64) {
+    let diff = (out - reference).abs();
+    let max = diff.clone().max().into_scalar().elem::<f64>();
+    let mean = diff.mean().into_scalar().elem::<f64>();
+    (max, mean)
+}
+
 /// Measures one method at one length.
 fn measure<B: AttentionBackend>(
     method: Method,
     n: usize,
     args: &CompareArgs,
     device: &B::Device,
+    meter: &MemoryMeter,
 ) -> Row {
     B::seed(
         device,
         args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
     );
-    let variant = Variant::<B>::build(method, args, device);
+    let mut variant = Variant::<B>::build(method, args, device);
     let x = Tensor::<B, 3>::random(
         [args.batch, n, args.d_model],
         Distribution::Normal(0.0, 1.0),
@@ -218,12 +379,9 @@ fn measure<B: AttentionBackend>(
     for _ in 0..args.warmup {
         drop(forward_synced(&variant, &x, device));
     }
-    // One forward under the allocator window, on its own so timing does not pay for it.
-    let window = PeakWindow::start();
-    let out = forward_synced(&variant, &x, device);
-    let peak_bytes = window.peak_above_baseline();
-
-    let max_error = (out - reference).abs().max().into_scalar().elem::<f64>();
+    // One forward under the memory window, on its own so timing does not pay for it.
+    let (out, peak_bytes) = meter.measure(|| forward_synced(&variant, &x, device));
+    let (max_error, mean_error) = errors(out, reference);
 
     let times: Vec<f64> = (0..args.repeats)
         .map(|_| {
@@ -233,6 +391,21 @@ fn measure<B: AttentionBackend>(
         })
         .collect();
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+
+    let (structured_max_error, structured_mean_error) = if args.no_structured {
+        (None, None)
+    } else {
+        // Tied query/key projections: a retrieval-like head on inputs with structure.
+        let projection = variant.projection_mut();
+        projection.key = projection.query.clone();
+        let data = structured_input(args.batch, n, args.d_model, 3.0, args.seed ^ n as u64);
+        let xs =
+            Tensor::<B, 3>::from_data(TensorData::new(data, [args.batch, n, args.d_model]), device);
+        let reference = variant.projection().exact(xs.clone(), variant.causal());
+        let (max, mean) = errors(variant.forward(xs), reference);
+        (Some(max), Some(mean))
+    };
+
     let model = args.model().cost(method, n);
     Row {
         method,
@@ -241,6 +414,10 @@ fn measure<B: AttentionBackend>(
         min_ms,
         peak_bytes,
         max_error,
+        mean_error,
+        structured_max_error,
+        structured_mean_error,
+        peers: Vec::new(),
         expect_exact: model.selected.is_exact(),
         model,
     }
@@ -250,6 +427,7 @@ fn measure<B: AttentionBackend>(
 pub fn run<B: AttentionBackend>(
     device: &B::Device,
     args: &CompareArgs,
+    meter: &MemoryMeter,
     bar: &ProgressBar,
 ) -> Vec<Row> {
     let methods = args.selected_methods();
@@ -257,7 +435,7 @@ pub fn run<B: AttentionBackend>(
     for &n in &args.lengths {
         for &method in &methods {
             bar.set_message(format!("{method} n={n}"));
-            rows.push(measure::<B>(method, n, args, device));
+            rows.push(measure::<B>(method, n, args, device, meter));
             bar.inc(1);
         }
     }

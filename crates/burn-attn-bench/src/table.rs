@@ -19,39 +19,53 @@ fn label(row: &Row) -> String {
 
 /// What the columns mean, printed under the table.
 pub const LEGEND: &str = "\
-allocator peak: host bytes allocated above the live baseline during one forward (counting \
-global allocator; GPU memory is not seen).
+peak MiB: see the header (host allocator on the CPU, device memory pool on GPUs).
 model MiB: complexity model, attention intermediates plus Q/K/V/output activations in f32 \
 (it counts one n x n matrix for exact; the materialised baseline holds a few).
 GFLOP/s: the model's attention FLOPs (FlashAttention count) over the median time.
-max |err| vs exact: against materialised exact attention with the same weights (causal \
-exact for causal-linear); exact methods should be ~1e-7.";
+err max/mean: |output - exact| on random normal inputs, against materialised exact \
+attention with the same weights (causal exact for causal-linear); exact methods ~1e-7 \
+(f32). Random inputs make attention nearly uniform, which flatters approximations.
+struct max/mean: the same on structured inputs (local correlation plus planted long-range \
+copies, query/key projections tied): what an approximation misses when attention is \
+sharp and far-reaching.
+vs peers: our median time over each peer's (--peers), same shape and dtype; > 1 = slower.";
 
 /// Formats the comparison table.
 ///
 /// Columns: method, sequence length, median ms, measured GFLOP/s (model FLOPs of the
-/// attention core over the median time), allocator peak in MiB (host bytes allocated above
-/// the baseline during one forward), the model's memory (attention intermediates plus the
-/// Q/K/V/output activations, f32) in MiB, the model's attention GFLOP, and the max absolute
-/// error against exact attention with the same weights.
+/// attention core over the median time), measured peak MiB, the model's memory (attention
+/// intermediates plus the Q/K/V/output activations, f32) in MiB, the model's attention
+/// GFLOP, max and mean absolute error against exact attention on random inputs, the same on
+/// structured inputs, and our time over each matching peer's.
 pub fn format_table(rows: &[Row]) -> String {
     let mut out = String::new();
-    let header = [
+    let has_peers = rows.iter().any(|r| !r.peers.is_empty());
+    let mut header = vec![
         "method",
         "seq",
         "median ms",
         "GFLOP/s",
-        "allocator peak MiB",
+        "peak MiB",
         "model MiB",
         "model GFLOP",
-        "max |err| vs exact",
+        "err max",
+        "err mean",
+        "struct max",
+        "struct mean",
     ];
-    let widths = [22, 6, 10, 8, 18, 10, 11, 18];
-    let line = |cells: [String; 8]| {
+    let mut widths = vec![22, 6, 10, 9, 10, 10, 11, 9, 9, 10, 11];
+    if has_peers {
+        header.push("vs peers (ours/peer)");
+        widths.push(20);
+    }
+    let line = |cells: Vec<String>| {
         let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
             if i == 0 {
                 let _ = write!(s, "{c:<w$}");
+            } else if i == 11 {
+                let _ = write!(s, "  {c}");
             } else {
                 let _ = write!(s, "  {c:>w$}");
             }
@@ -59,9 +73,10 @@ pub fn format_table(rows: &[Row]) -> String {
         s.push('\n');
         s
     };
-    out.push_str(&line(header.map(String::from)));
+    out.push_str(&line(header.iter().map(|h| h.to_string()).collect()));
     out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
     out.push('\n');
+    let e = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2e}"));
     let mut last_len = None;
     for row in rows {
         // A blank line between lengths keeps the long table readable.
@@ -71,7 +86,7 @@ pub fn format_table(rows: &[Row]) -> String {
         last_len = Some(row.seq_len);
         let model_bytes = (row.model.memory + row.model.activations) * 4;
         let gflops = row.model.compute as f64 / (row.median_ms * 1e-3) / 1e9;
-        out.push_str(&line([
+        let mut cells = vec![
             label(row),
             row.seq_len.to_string(),
             format!("{:.3}", row.median_ms),
@@ -80,8 +95,57 @@ pub fn format_table(rows: &[Row]) -> String {
                 .map_or("n/a".into(), |b| format!("{:.3}", b as f64 / MIB)),
             format!("{:.3}", model_bytes as f64 / MIB),
             format!("{:.4}", row.model.compute as f64 / 1e9),
-            format!("{:.2e}", row.max_error),
-        ]));
+            e(Some(row.max_error)),
+            e(Some(row.mean_error)),
+            e(row.structured_max_error),
+            e(row.structured_mean_error),
+        ];
+        if has_peers {
+            cells.push(
+                row.peers
+                    .iter()
+                    .map(|p| format!("{} {:.2}x", p.kind.trim_start_matches("sdpa-"), p.ratio))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+        out.push_str(&line(cells));
+    }
+    out
+}
+
+/// The results as CSV, one line per row (errors and peers as extra columns).
+pub fn format_csv(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "method,selected,seq_len,median_ms,min_ms,peak_bytes,max_error,mean_error,\
+         structured_max_error,structured_mean_error,model_memory_elems,model_activation_elems,\
+         model_flops,peers\n",
+    );
+    let o = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:e}"));
+    for r in rows {
+        let peers: Vec<String> = r
+            .peers
+            .iter()
+            .map(|p| format!("{}={:.4}", p.kind, p.ratio))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{:e},{:e},{},{},{},{},{},{}",
+            r.method,
+            r.model.selected,
+            r.seq_len,
+            r.median_ms,
+            r.min_ms,
+            r.peak_bytes.map_or(String::new(), |b| b.to_string()),
+            r.max_error,
+            r.mean_error,
+            o(r.structured_max_error),
+            o(r.structured_mean_error),
+            r.model.memory,
+            r.model.activations,
+            r.model.compute,
+            peers.join(";")
+        );
     }
     out
 }

@@ -24,7 +24,69 @@ pub enum HybridChoice {
     SlidingWindow,
 }
 
+/// One timing behind a [`HybridProfile`]: a core's median forward time at one length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HybridMeasurement {
+    /// The core's name as the comparison tool prints it (`flash`, `sparse-local`,
+    /// `sliding-window`, ...).
+    pub method: String,
+    /// Sequence length.
+    pub seq_len: usize,
+    /// Median time of one forward pass of the whole module, in milliseconds.
+    pub median_ms: f64,
+}
+
+/// Where one core becomes faster than flash attention on the calibrated device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HybridCrossover {
+    /// The core's name (`sparse-local`, `sliding-window`, ...).
+    pub method: String,
+    /// The estimated length from which it stays faster than flash over the measured
+    /// lengths (interpolated in log-log between the two measured lengths around the
+    /// crossing); `None` when it never became faster within them.
+    pub faster_than_flash_from: Option<usize>,
+}
+
+/// Hybrid thresholds measured on one device, written by `burn-attn-bench calibrate` and
+/// read by [`HybridAttentionConfig::with_profile`] / [`HybridAttentionConfig::with_profile_file`].
+///
+/// A profile is a performance measurement, but applying it changes the model: the cores
+/// are not numerically equivalent (sparse and windowed cores hide keys that flash sees), so
+/// a model trained or evaluated with one set of thresholds computes a different function
+/// under another. Apply a profile when the model is configured, before training, and keep
+/// the resulting [`HybridAttentionConfig`] (which holds the thresholds, pattern and window)
+/// with the model's weights; do not swap profiles under a trained model.
+#[derive(Config, Debug, PartialEq)]
+pub struct HybridProfile {
+    /// The device the timings come from (backend name and device).
+    pub device: String,
+    /// The float type of the timings (`f32`, `f16`, `bf16`).
+    pub dtype: String,
+    /// Model width of the measured modules.
+    pub d_model: usize,
+    /// Heads of the measured modules.
+    pub n_heads: usize,
+    /// Batch size of the measured inputs.
+    pub batch: usize,
+    /// Lengths up to this run flash.
+    pub flash_max_len: usize,
+    /// Lengths up to this (above `flash_max_len`) run the sparse pattern; longer ones the
+    /// sliding window.
+    pub sparse_max_len: usize,
+    /// The sparse pattern the timings were taken with.
+    pub sparse_pattern: SparsePattern,
+    /// The sliding window the timings were taken with.
+    pub window: usize,
+    /// Where each core became faster than flash.
+    pub crossovers: Vec<HybridCrossover>,
+    /// The raw timings.
+    pub measured: Vec<HybridMeasurement>,
+}
+
 /// Configuration of [`HybridAttention`].
+///
+/// The thresholds default to the seed's explicit 2048 / 8192; a device-calibrated
+/// [`HybridProfile`] can replace them ([`with_profile`](Self::with_profile)).
 ///
 /// The mechanisms are not numerically equivalent: switching core changes the function the
 /// model computes, so the thresholds are part of the model's configuration and are saved
@@ -63,6 +125,27 @@ pub struct HybridAttentionConfig {
 }
 
 impl HybridAttentionConfig {
+    /// Takes the thresholds, sparse pattern and window from a calibrated profile. The
+    /// result changes what the model computes (see [`HybridProfile`]): apply it when the
+    /// model is configured and save this config with the model.
+    pub fn with_profile(mut self, profile: &HybridProfile) -> Self {
+        self.flash_max_len = profile.flash_max_len;
+        self.sparse_max_len = profile.sparse_max_len;
+        self.sparse_pattern = profile.sparse_pattern;
+        self.window = profile.window;
+        self
+    }
+
+    /// [`with_profile`](Self::with_profile) with a profile read from a JSON file (as
+    /// written by `burn-attn-bench calibrate`).
+    pub fn with_profile_file(
+        self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<Self, burn::config::ConfigError> {
+        let profile = HybridProfile::load(path)?;
+        Ok(self.with_profile(&profile))
+    }
+
     /// Checks the configuration; the error names the values.
     pub fn validate(&self) -> Result<(), AttentionError> {
         validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
@@ -154,6 +237,10 @@ impl<B: AttentionBackend> HybridAttention<B> {
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    ///
+    /// Only the chosen core runs, on the same pattern description as the standalone
+    /// module of that mechanism: the forward allocates what that mechanism needs and
+    /// nothing for the cores it did not choose (no dense mask, no second projection).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let seq = x.dims()[1];
         let h = self.projection.split_self(x);
@@ -225,6 +312,49 @@ mod tests {
             );
             assert_close(got, module.projection().merge(want), 2e-5);
         }
+    }
+
+    #[test]
+    fn profile_sets_thresholds_and_round_trips() {
+        let profile = HybridProfile::new(
+            "ndarray cpu".into(),
+            "f32".into(),
+            16,
+            2,
+            1,
+            8,
+            24,
+            SparsePattern::Local { window: 6 },
+            4,
+            vec![HybridCrossover {
+                method: "sliding-window".into(),
+                faster_than_flash_from: Some(9),
+            }],
+            vec![HybridMeasurement {
+                method: "flash".into(),
+                seq_len: 8,
+                median_ms: 0.5,
+            }],
+        );
+        let path = std::env::temp_dir().join(format!(
+            "burn-attn-hybrid-profile-{}.json",
+            std::process::id()
+        ));
+        profile.save(&path).unwrap();
+        let config = HybridAttentionConfig::new(16, 2)
+            .with_profile_file(&path)
+            .unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!((config.flash_max_len, config.sparse_max_len), (8, 24));
+        assert_eq!(config.sparse_pattern, SparsePattern::Local { window: 6 });
+        assert_eq!(config.window, 4);
+        let module = config.init::<TestBackend>(&Default::default());
+        assert_eq!(module.choose(8), HybridChoice::Flash);
+        assert_eq!(module.choose(9), HybridChoice::Sparse);
+        assert_eq!(module.choose(25), HybridChoice::SlidingWindow);
+        // The thresholds live in the config, so they are saved with the model.
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"flash_max_len\":8"), "{json}");
     }
 
     #[test]
