@@ -89,6 +89,10 @@ pub struct CompareArgs {
     /// Batch size of the random input.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Tokens per batch instead of a fixed batch: each length `n` runs with batch
+    /// `max(1, tokens / n)`, as the peer script does (`--tokens 32768`).
+    #[arg(long)]
+    pub tokens: Option<usize>,
     /// Model width (`d_model`); must be a multiple of `--heads`.
     #[arg(long, default_value_t = 256)]
     pub d_model: usize,
@@ -226,6 +230,11 @@ impl CompareArgs {
             self.hybrid_sparse_max = profile.sparse_max_len;
         }
         Ok(())
+    }
+
+    /// The batch at length `n`: `--batch`, or `max(1, tokens / n)` with `--tokens`.
+    pub fn batch_for(&self, n: usize) -> usize {
+        self.tokens.map_or(self.batch, |t| (t / n.max(1)).max(1))
     }
 
     /// The head dimension `d_model / heads`.

@@ -38,7 +38,8 @@ pub fn format_report(report: &Report) -> String {
          after {} warm-up{})\npeak memory = {}\nmodel = complexity model (f32 elements)\n",
         report.backend,
         a.dtype.name(),
-        a.batch,
+        a.tokens
+            .map_or(a.batch.to_string(), |t| format!("max(1, {t} / n)")),
         a.d_model,
         a.heads,
         a.head_dim(),

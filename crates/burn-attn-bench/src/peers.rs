@@ -76,7 +76,7 @@ pub fn attach_peers(rows: &mut [Row], args: &CompareArgs, peers: &[PeerRecord]) 
         row.peers = peers
             .iter()
             .filter(|p| {
-                p.b == args.batch
+                p.b == args.batch_for(row.seq_len)
                     && p.h == args.heads
                     && p.n == row.seq_len
                     && p.d == args.head_dim()

@@ -172,7 +172,10 @@ fn draw<DB: DrawingBackend>(
             "burn-attn compare: {} {}, batch {}, heads {}, head dim {}",
             report.backend,
             report.args.dtype.name(),
-            report.args.batch,
+            report
+                .args
+                .tokens
+                .map_or(report.args.batch.to_string(), |t| format!("{t}/n")),
             report.args.heads,
             report.args.head_dim()
         ),

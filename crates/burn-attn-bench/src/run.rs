@@ -84,6 +84,9 @@ pub struct Row {
     pub method: Method,
     /// Sequence length.
     pub seq_len: usize,
+    /// Batch size of this row (differs per length with `--tokens`).
+    #[serde(default)]
+    pub batch: usize,
     /// Median wall time of one forward pass, in milliseconds.
     pub median_ms: f64,
     /// Fastest forward pass, in milliseconds.
@@ -350,7 +353,8 @@ pub fn structured_input(batch: usize, n: usize, d_model: usize, gain: f32, seed:
 
 /// Max and mean absolute difference.
 fn errors<B: Backend>(out: Tensor<B, 3>, reference: Tensor<B, 3>) -> (f64, f64) {
-    let diff = (out - reference).abs();
+    // Reduce in f32 whatever the backend's float type, so the mean does not round away.
+    let diff = (out - reference).abs().cast(burn::tensor::FloatDType::F32);
     let max = diff.clone().max().into_scalar().elem::<f64>();
     let mean = diff.mean().into_scalar().elem::<f64>();
     (max, mean)
@@ -369,8 +373,9 @@ fn measure<B: AttentionBackend>(
         args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
     );
     let mut variant = Variant::<B>::build(method, args, device);
+    let batch = args.batch_for(n);
     let x = Tensor::<B, 3>::random(
-        [args.batch, n, args.d_model],
+        [batch, n, args.d_model],
         Distribution::Normal(0.0, 1.0),
         device,
     );
@@ -398,18 +403,18 @@ fn measure<B: AttentionBackend>(
         // Tied query/key projections: a retrieval-like head on inputs with structure.
         let projection = variant.projection_mut();
         projection.key = projection.query.clone();
-        let data = structured_input(args.batch, n, args.d_model, 3.0, args.seed ^ n as u64);
-        let xs =
-            Tensor::<B, 3>::from_data(TensorData::new(data, [args.batch, n, args.d_model]), device);
+        let data = structured_input(batch, n, args.d_model, 3.0, args.seed ^ n as u64);
+        let xs = Tensor::<B, 3>::from_data(TensorData::new(data, [batch, n, args.d_model]), device);
         let reference = variant.projection().exact(xs.clone(), variant.causal());
         let (max, mean) = errors(variant.forward(xs), reference);
         (Some(max), Some(mean))
     };
 
-    let model = args.model().cost(method, n);
+    let model = args.model().with_batch(batch).cost(method, n);
     Row {
         method,
         seq_len: n,
+        batch,
         median_ms: median(times),
         min_ms,
         peak_bytes,
@@ -435,7 +440,22 @@ pub fn run<B: AttentionBackend>(
     for &n in &args.lengths {
         for &method in &methods {
             bar.set_message(format!("{method} n={n}"));
-            rows.push(measure::<B>(method, n, args, device, meter));
+            // A method that fails at a size (out of memory, an unsupported shape) loses its
+            // row, not the whole table.
+            let row = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                measure::<B>(method, n, args, device, meter)
+            }));
+            match row {
+                Ok(row) => rows.push(row),
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    bar.println(format!("{method} n={n}: failed, row skipped: {msg}"));
+                }
+            }
             bar.inc(1);
         }
     }

@@ -37,6 +37,7 @@ fn slopes_recover_known_exponents() {
                 Row {
                     method: m,
                     seq_len: n,
+                    batch: 1,
                     median_ms: 1e-4 * (n as f64).powi(k),
                     min_ms: 0.0,
                     peak_bytes: Some(8 * (n as u64).pow(k as u32)),

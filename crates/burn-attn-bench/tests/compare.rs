@@ -227,14 +227,14 @@ fn end_to_end_writes_json_csv_and_both_plots() {
     let dir = out_dir("e2e");
     let peers = dir.join("peers.json");
     std::fs::create_dir_all(&dir).unwrap();
-    // The peer script's format: one SDPA record matching the n = 16 shape (batch 1, heads
-    // 4, head dim 8, f32), one of another length, one backward.
+    // The peer script's format: one SDPA record matching the n = 16 shape (batch 64 / 16,
+    // heads 4, head dim 8, f32), one of another length, one backward.
     std::fs::write(
         &peers,
-        r#"[{"kind":"sdpa-flash","dtype":"torch.float32","b":1,"h":4,"n":16,"d":8,"causal":false,"ms":0.5,"tflops":1.0},
+        r#"[{"kind":"sdpa-flash","dtype":"torch.float32","b":4,"h":4,"n":16,"d":8,"causal":false,"ms":0.5,"tflops":1.0},
             {"kind":"sdpa-cudnn","dtype":"torch.float32","b":1,"h":4,"n":64,"d":8,"causal":false,"ms":0.5,"tflops":1.0},
-            {"kind":"sdpa-flash-bwd","dtype":"torch.float32","b":1,"h":4,"n":16,"d":8,"causal":false,"ms":0.5,"tflops":1.0},
-            {"kind":"flex-window-sym","dtype":"bf16","b":1,"h":4,"n":16,"d":8,"window":8,"ms":0.5,"tflops":1.0}]"#,
+            {"kind":"sdpa-flash-bwd","dtype":"torch.float32","b":4,"h":4,"n":16,"d":8,"causal":false,"ms":0.5,"tflops":1.0},
+            {"kind":"flex-window-sym","dtype":"bf16","b":4,"h":4,"n":16,"d":8,"window":8,"ms":0.5,"tflops":1.0}]"#,
     )
     .unwrap();
     let dir_s = dir.to_str().unwrap().to_string();
@@ -243,6 +243,7 @@ fn end_to_end_writes_json_csv_and_both_plots() {
         ("--out-dir", &dir_s),
         ("--peers", &peers_s),
         ("--methods", "exact,flash,linear,sliding-window"),
+        ("--tokens", "64"),
     ]);
     args.resolve().unwrap();
     args.validate().unwrap();
@@ -260,6 +261,7 @@ fn end_to_end_writes_json_csv_and_both_plots() {
         .iter()
         .find(|r| r.method == Method::Flash && r.seq_len == 16)
         .unwrap();
+    assert_eq!(flash16.batch, 4);
     assert_eq!(flash16.peers.len(), 1, "{:?}", flash16.peers);
     assert!((flash16.peers[0].ratio - flash16.median_ms / 0.5).abs() < 1e-12);
     // The window peer is bf16 and we ran f32: no match; linear has no peer.
