@@ -42,7 +42,8 @@ pub struct PeerRatio {
     pub kind: String,
     /// The peer's median milliseconds.
     pub peer_ms: f64,
-    /// Our median over the peer's: above 1 we are slower.
+    /// Our core's median (the module's when no core time) over the peer's: above 1 we
+    /// are slower.
     pub ratio: f64,
 }
 
@@ -62,6 +63,9 @@ fn dtype_name(peer: &str) -> &str {
     }
 }
 
+/// The peers time the attention kernel alone, so the ratio uses the row's core time (no
+/// projections) when it has one.
+///
 /// Fills each row's `peers` with the forward peers of the same shape and dtype: exact
 /// methods (and the hybrid while it runs flash) against non-causal SDPA, the sliding window
 /// (and the hybrid in that regime) against FlexAttention's symmetric window of the same
@@ -95,7 +99,7 @@ pub fn attach_peers(rows: &mut [Row], args: &CompareArgs, peers: &[PeerRecord]) 
             .map(|p| PeerRatio {
                 kind: p.kind.clone(),
                 peer_ms: p.ms,
-                ratio: row.median_ms / p.ms,
+                ratio: row.core_ms.unwrap_or(row.median_ms) / p.ms,
             })
             .collect();
     }

@@ -5,7 +5,9 @@
 use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor, TensorData};
+use burn_attn::cores::KeyPattern;
 use burn_attn::nn::complexity::{Cost, Method};
+use burn_attn::{pattern_attention, AttentionOptions, Window};
 use burn_attn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AttentionBackend,
     CausalLinearAttention, CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig,
@@ -91,6 +93,11 @@ pub struct Row {
     pub median_ms: f64,
     /// Fastest forward pass, in milliseconds.
     pub min_ms: f64,
+    /// Median time of the attention core alone (on pre-projected Q/K/V, no projections),
+    /// for methods whose core is a pattern attention (flash, sparse, sliding window,
+    /// hybrid): what the peers' kernels compute.
+    #[serde(default)]
+    pub core_ms: Option<f64>,
     /// Memory peak of one forward pass in bytes, as the report's `memory` describes it
     /// (`None` when the counting allocator is not registered).
     pub peak_bytes: Option<u64>,
@@ -256,6 +263,29 @@ impl<B: AttentionBackend> Variant<B> {
         }
     }
 
+    /// The key pattern and options the module's core runs at length `n`, when its core
+    /// is a pattern attention.
+    fn core(&self, n: usize) -> Option<(KeyPattern, AttentionOptions)> {
+        match self {
+            Variant::Flash(m) => Some((
+                KeyPattern::default(),
+                AttentionOptions {
+                    scale: m.scale,
+                    causal: m.causal,
+                    window: Window::new(m.window_left, m.window_right),
+                    tile: Some(m.block_size),
+                },
+            )),
+            Variant::Sparse(m) => Some((m.key_pattern(n, n), AttentionOptions::new())),
+            Variant::Sliding(m) => Some((
+                KeyPattern::band(m.band(), m.causal),
+                AttentionOptions::new(),
+            )),
+            Variant::Hybrid(m) => Some((m.key_pattern(n), AttentionOptions::new())),
+            _ => None,
+        }
+    }
+
     /// Whether the reference is causal exact attention.
     fn causal(&self) -> bool {
         matches!(self, Variant::CausalLinear(_))
@@ -397,6 +427,32 @@ fn measure<B: AttentionBackend>(
         .collect();
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
 
+    let core_ms = variant.core(n).map(|(pattern, options)| {
+        let h = variant.projection().split_self(x.clone());
+        let core = || {
+            let out = pattern_attention(
+                h.q.clone(),
+                h.k.clone(),
+                h.v.clone(),
+                &pattern,
+                &options,
+                None,
+                0.0,
+            );
+            let _ = B::sync(device);
+            out
+        };
+        drop(core());
+        let times = (0..args.repeats)
+            .map(|_| {
+                let start = Instant::now();
+                drop(core());
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        median(times)
+    });
+
     let (structured_max_error, structured_mean_error) = if args.no_structured {
         (None, None)
     } else {
@@ -417,6 +473,7 @@ fn measure<B: AttentionBackend>(
         batch,
         median_ms: median(times),
         min_ms,
+        core_ms,
         peak_bytes,
         max_error,
         mean_error,

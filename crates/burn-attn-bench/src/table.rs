@@ -22,14 +22,17 @@ pub const LEGEND: &str = "\
 peak MiB: see the header (host allocator on the CPU, device memory pool on GPUs).
 model MiB: complexity model, attention intermediates plus Q/K/V/output activations in f32 \
 (it counts one n x n matrix for exact; the materialised baseline holds a few).
-GFLOP/s: the model's attention FLOPs (FlashAttention count) over the median time.
+median ms: the whole module (projections included); core ms: the attention core alone on \
+pre-projected Q/K/V (pattern-attention cores only), what the peers time.
+GFLOP/s: the model's attention FLOPs (FlashAttention count) over the core time (the median \
+when there is none).
 err max/mean: |output - exact| on random normal inputs, against materialised exact \
 attention with the same weights (causal exact for causal-linear); exact methods ~1e-7 \
 (f32). Random inputs make attention nearly uniform, which flatters approximations.
 struct max/mean: the same on structured inputs (local correlation plus planted long-range \
 copies, query/key projections tied): what an approximation misses when attention is \
 sharp and far-reaching.
-vs peers: our median time over each peer's (--peers), same shape and dtype; > 1 = slower.";
+vs peers: our core time over each peer's (--peers), same shape and dtype; > 1 = slower.";
 
 /// Formats the comparison table.
 ///
@@ -45,6 +48,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "method",
         "seq",
         "median ms",
+        "core ms",
         "GFLOP/s",
         "peak MiB",
         "model MiB",
@@ -54,7 +58,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "struct max",
         "struct mean",
     ];
-    let mut widths = vec![22, 6, 10, 9, 10, 10, 11, 9, 9, 10, 11];
+    let mut widths = vec![22, 6, 10, 9, 9, 10, 10, 11, 9, 9, 10, 11];
     if has_peers {
         header.push("vs peers (ours/peer)");
         widths.push(20);
@@ -64,7 +68,7 @@ pub fn format_table(rows: &[Row]) -> String {
         for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
             if i == 0 {
                 let _ = write!(s, "{c:<w$}");
-            } else if i == 11 {
+            } else if i == 12 {
                 let _ = write!(s, "  {c}");
             } else {
                 let _ = write!(s, "  {c:>w$}");
@@ -85,11 +89,12 @@ pub fn format_table(rows: &[Row]) -> String {
         }
         last_len = Some(row.seq_len);
         let model_bytes = (row.model.memory + row.model.activations) * 4;
-        let gflops = row.model.compute as f64 / (row.median_ms * 1e-3) / 1e9;
+        let gflops = row.model.compute as f64 / (row.core_ms.unwrap_or(row.median_ms) * 1e-3) / 1e9;
         let mut cells = vec![
             label(row),
             row.seq_len.to_string(),
             format!("{:.3}", row.median_ms),
+            row.core_ms.map_or("-".into(), |t| format!("{t:.3}")),
             format!("{gflops:.2}"),
             row.peak_bytes
                 .map_or("n/a".into(), |b| format!("{:.3}", b as f64 / MIB)),
@@ -117,7 +122,7 @@ pub fn format_table(rows: &[Row]) -> String {
 /// The results as CSV, one line per row (errors and peers as extra columns).
 pub fn format_csv(rows: &[Row]) -> String {
     let mut out = String::from(
-        "method,selected,seq_len,median_ms,min_ms,peak_bytes,max_error,mean_error,\
+        "method,selected,seq_len,batch,median_ms,min_ms,core_ms,peak_bytes,max_error,mean_error,\
          structured_max_error,structured_mean_error,model_memory_elems,model_activation_elems,\
          model_flops,peers\n",
     );
@@ -130,12 +135,14 @@ pub fn format_csv(rows: &[Row]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{:e},{:e},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{:e},{:e},{},{},{},{},{},{}",
             r.method,
             r.model.selected,
             r.seq_len,
+            r.batch,
             r.median_ms,
             r.min_ms,
+            r.core_ms.map_or(String::new(), |t| t.to_string()),
             r.peak_bytes.map_or(String::new(), |b| b.to_string()),
             r.max_error,
             r.mean_error,

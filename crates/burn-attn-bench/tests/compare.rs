@@ -263,7 +263,8 @@ fn end_to_end_writes_json_csv_and_both_plots() {
         .unwrap();
     assert_eq!(flash16.batch, 4);
     assert_eq!(flash16.peers.len(), 1, "{:?}", flash16.peers);
-    assert!((flash16.peers[0].ratio - flash16.median_ms / 0.5).abs() < 1e-12);
+    let core = flash16.core_ms.expect("flash has a core time");
+    assert!((flash16.peers[0].ratio - core / 0.5).abs() < 1e-12);
     // The window peer is bf16 and we ran f32: no match; linear has no peer.
     assert!(report
         .rows
