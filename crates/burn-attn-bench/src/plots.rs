@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use burn_attn::nn::complexity::Method;
+use plotters::coord::combinators::{BindKeyPoints, LogCoord};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -105,6 +106,7 @@ fn panel<DB: DrawingBackend>(
     title: &str,
     y_desc: &str,
     x_range: std::ops::Range<f64>,
+    lengths: &[f64],
     solid: &[Series],
     dashed: &[Series],
     legend: bool,
@@ -120,7 +122,12 @@ fn panel<DB: DrawingBackend>(
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d(x_range.log_scale(), y_range.log_scale())?;
+        .build_cartesian_2d(
+            // The measured lengths label the x axis (a log axis over less than a decade
+            // would otherwise carry a single label).
+            LogCoord::from(x_range.log_scale()).with_key_points(lengths.to_vec()),
+            y_range.log_scale(),
+        )?;
     chart
         .configure_mesh()
         .x_desc("sequence length")
@@ -194,6 +201,9 @@ fn draw<DB: DrawingBackend>(
         });
         (lo.min(hi) / 1.15)..(hi * 1.15)
     };
+    let mut lengths: Vec<f64> = rows.iter().map(|r| r.seq_len as f64).collect();
+    lengths.sort_by(f64::total_cmp);
+    lengths.dedup();
     let panels = root.split_evenly((1, 3));
     let time = series(rows, &methods, &|r| Some(r.median_ms));
     panel(
@@ -201,6 +211,7 @@ fn draw<DB: DrawingBackend>(
         "median time",
         "ms",
         x_range.clone(),
+        &lengths,
         &time,
         &[],
         true,
@@ -218,6 +229,7 @@ fn draw<DB: DrawingBackend>(
         mem_title,
         "MiB",
         x_range.clone(),
+        &lengths,
         &memory,
         &[],
         false,
@@ -229,9 +241,10 @@ fn draw<DB: DrawingBackend>(
     });
     panel(
         &panels[2],
-        "max |err| vs exact (solid: random, dashed: structured)",
+        "max |err| vs exact (dashed: structured)",
         "max abs error",
         x_range,
+        &lengths,
         &err,
         &structured,
         false,

@@ -503,7 +503,20 @@ pub fn run<B: AttentionBackend>(
                 measure::<B>(method, n, args, device, meter)
             }));
             match row {
-                Ok(row) => rows.push(row),
+                Ok(row) => {
+                    // Without a visible bar (logs, CI, remote runs), one line per row shows
+                    // progress and keeps partial results if the run is cut short.
+                    if bar.is_hidden() {
+                        eprintln!(
+                            "{method} n={n} batch={}: {:.3} ms, core {}, max err {:.2e}",
+                            row.batch,
+                            row.median_ms,
+                            row.core_ms.map_or("-".into(), |t| format!("{t:.3} ms")),
+                            row.max_error
+                        );
+                    }
+                    rows.push(row)
+                }
                 Err(e) => {
                     let msg = e
                         .downcast_ref::<String>()
