@@ -1,7 +1,7 @@
 //! Host-side launchers: pick tiles for the device, allocate outputs, launch.
 
 use burn_backend::{DType, Shape};
-use burn_cubecl::{ops::numeric::empty_device_dtype, tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 use crate::flash_unit::flash_unit_kernel;
@@ -42,6 +42,9 @@ impl core::fmt::Display for Unsupported {
 /// Largest head (or value) dimension the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Most keys a row may see for the portable kernel (see the known bug in `flash_forward_unit`).
+pub const UNIT_MAX_VISIBLE_KEYS: usize = 448;
+
 /// Query rows per cube of the portable kernel.
 const UNIT_BLOCK_Q: usize = 32;
 
@@ -52,6 +55,9 @@ const UNIT_BLOCK_Q: usize = 32;
 /// shapes already checked by the caller (`kv_heads` divides `heads`). Returns the output
 /// `[batch, heads, seq_q, value_dim]` in the input dtype and the row log-sum-exp
 /// `[batch, heads, seq_q]` in f32 (`-inf` with a zero output row where no key is visible).
+///
+/// Declines (`Unsupported::Size`) bands wider than [`UNIT_MAX_VISIBLE_KEYS`] keys: on
+/// lavapipe such rows come out wrong, for a reason not found yet.
 pub fn flash_forward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -72,6 +78,20 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     if unbounded >= (i32::MAX / 4) as usize {
         return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
     }
+    // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows that see more than
+    // 448 keys get wrong outputs (lse stays right). Until it is understood, decline such
+    // bands so the caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for
+    // diagnosis.
+    let widest = match (band.left, band.right) {
+        (Some(l), Some(r)) => (l + r + 1).min(seq_k),
+        _ => seq_k,
+    };
+    let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
+    if widest > UNIT_MAX_VISIBLE_KEYS && !no_cap {
+        return Err(Unsupported::Size(format!(
+            "up to {widest} visible keys per row (the portable kernel takes {UNIT_MAX_VISIBLE_KEYS})"
+        )));
+    }
     let grid_y = batch * heads;
     let grid_x = seq_q.div_ceil(UNIT_BLOCK_Q);
     if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
@@ -83,23 +103,17 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     let client = q.client.clone();
     let device = q.device.clone();
     let dtype = q.dtype;
-    let out = empty_device_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new([batch, heads, seq_q, value_dim]),
-        dtype,
-    );
-    let lse = empty_device_dtype::<R>(
-        client.clone(),
-        device,
-        Shape::new([batch, heads, seq_q]),
-        DType::F32,
-    );
+    // Plain contiguous buffers of exactly the tensor's size (not `empty_device_dtype`,
+    // whose layout may be pitched).
+    let alloc = |shape: Shape, dtype: DType| {
+        let bytes = shape.num_elements() * dtype.size();
+        let handle = client.empty(bytes.max(dtype.size()));
+        CubeTensor::new_contiguous(client.clone(), device.clone(), shape, handle, dtype)
+    };
+    let out = alloc(Shape::new([batch, heads, seq_q, value_dim]), dtype);
+    let lse = alloc(Shape::new([batch, heads, seq_q]), DType::F32);
     if batch * heads * seq_q == 0 {
         return Ok((out, lse));
-    }
-    if seq_k == 0 {
-        // No key at all: the kernel would still write the rows; keep one code path.
     }
 
     let elem = dtype.size();

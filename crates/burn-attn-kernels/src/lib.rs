@@ -12,4 +12,4 @@ mod flash_unit;
 mod launch;
 
 pub use flash_unit::flash_unit_kernel;
-pub use launch::{flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM};
+pub use launch::{flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM, UNIT_MAX_VISIBLE_KEYS};

@@ -91,9 +91,13 @@ struct BandedAttentionOp<B> {
 }
 
 impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime> for BandedAttentionOp<B> {
-    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
         let ([q, k, v], [out, lse]) = self.desc.as_fixed();
-        let tensor = |t: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+        let tensor =
+            |t: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
         let q = tensor(handles.get_float_tensor::<B>(q));
         let k = tensor(handles.get_float_tensor::<B>(k));
         let v = tensor(handles.get_float_tensor::<B>(v));
