@@ -27,11 +27,22 @@ pub trait AttentionBackend: Backend {
         v: Tensor<Self, 4>,
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        let pattern = KeyPattern::band(options.window, options.causal);
-        let scale = options.scale_for(q.dims()[3]);
-        let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-        tiled_attention(q, k, v, &spec)
+        tiled_band(q, k, v, options)
     }
+}
+
+/// The tiled tensor-op path for a band: the default of
+/// [`AttentionBackend::banded_attention`] and the fallback of the kernels.
+pub(crate) fn tiled_band<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    options: &AttentionOptions,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let pattern = KeyPattern::band(options.window, options.causal);
+    let scale = options.scale_for(q.dims()[3]);
+    let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
+    tiled_attention(q, k, v, &spec)
 }
 
 /// Exact attention with the options' scale, causal rule and window; see

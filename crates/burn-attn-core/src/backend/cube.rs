@@ -13,10 +13,8 @@ use burn_fusion::{
 };
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::AttentionBackend;
+use super::{tiled_band, AttentionBackend};
 use crate::options::AttentionOptions;
-use crate::pattern::KeyPattern;
-use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
 
 /// Whether `BURN_ATTN_NO_KERNEL` is set: forces the tiled path (for comparisons and to
 /// rule the kernel out when debugging).
@@ -31,10 +29,7 @@ fn tiled_fallback<B: AttentionBackend>(
     v: Tensor<B, 4>,
     options: &AttentionOptions,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    let pattern = KeyPattern::band(options.window, options.causal);
-    let scale = options.scale_for(q.dims()[3]);
-    let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-    let (out, lse) = tiled_attention(q, k, v, &spec);
+    let (out, lse) = tiled_band(q, k, v, options);
     let lse = if lse.dtype() == DType::F32 {
         lse
     } else {
