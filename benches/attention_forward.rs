@@ -1,16 +1,20 @@
 //! Forward-attention benchmark: our exact/window core against Burn's own
-//! `module::attention` on the same backend, same shapes, same run.
+//! `module::attention` (its fused kernel) and `attention_fallback` (materialised) on the
+//! same backend, same shapes, same run.
 //!
 //! ```sh
 //! cargo bench --bench attention_forward --features cuda -- --backend cuda --dtype bf16
+//! cargo bench --bench attention_forward --features cuda -- --backend cuda --memory
 //! cargo bench --bench attention_forward -- --backend cpu --quick      # CPU sanity run
 //! ```
 //! Prints one line per case and, with `--json PATH`, writes the results. TFLOP/s use
 //! FlashAttention's count: `4*b*h*n*n*d`, half of it causal, the visible band for windows.
+//! `--only TEXT` keeps the cases whose label contains TEXT; `--memory` runs the long
+//! sequence memory case instead (GPU backends: device pool bytes after one forward).
 
 use std::time::Instant;
 
-use burn::tensor::module::attention as burn_attention;
+use burn::tensor::module::{attention as burn_attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use burn_attn::{attention, AttentionBackend, AttentionOptions, Window};
@@ -118,7 +122,12 @@ fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()
 
 fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
-    for case in suite(args.quick) {
+    let cases = suite(args.quick).into_iter().filter(|c| {
+        args.only
+            .as_ref()
+            .is_none_or(|o| c.label().contains(o.as_str()))
+    });
+    for case in cases {
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v) = (rand(), rand(), rand());
@@ -126,15 +135,29 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
         let ours = median_ms::<B>(device, args.repeats, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
+        let burn_options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: case.causal,
+        };
+        // The materialised scores need b*h*n*n floats: only up to n = 4096.
+        let materialised =
+            (case.window.is_none() && !args.skip_burn && case.seq <= 4096).then(|| {
+                median_ms::<B>(device, args.repeats, || {
+                    let _ = attention_fallback(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        None,
+                        burn_options,
+                    );
+                })
+            });
         // Burn's fused attention has no window option: only full and causal compare.
         let burn = (case.window.is_none() && !args.skip_burn).then(|| {
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: case.causal,
-            };
             median_ms::<B>(device, args.repeats, || {
-                let _ = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+                let _ = burn_attention(q.clone(), k.clone(), v.clone(), None, None, burn_options);
             })
         });
         let tflops = |ms: f64| case.flops() / ms / 1e9;
@@ -152,6 +175,14 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
                 b / ours
             );
         }
+        if let Some(m) = materialised {
+            line += &format!(
+                " | materialised {:>9.3} ms {:>7.1} TFLOP/s | x{:.2}",
+                m,
+                tflops(m),
+                m / ours
+            );
+        }
         println!("{line}");
         rows.push(serde_json::json!({
             "case": case.label(), "b": case.batch, "h": case.heads, "n": case.seq,
@@ -159,6 +190,7 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
             "dtype": args.dtype, "backend": args.backend,
             "ours_ms": ours, "ours_tflops": tflops(ours),
             "burn_ms": burn, "burn_tflops": burn.map(tflops),
+            "materialised_ms": materialised, "materialised_tflops": materialised.map(tflops),
         }));
     }
     rows
@@ -171,6 +203,8 @@ struct Args {
     skip_burn: bool,
     repeats: usize,
     json: Option<String>,
+    only: Option<String>,
+    memory: bool,
 }
 
 fn parse_args() -> Args {
@@ -181,6 +215,8 @@ fn parse_args() -> Args {
         skip_burn: false,
         repeats: 20,
         json: None,
+        only: None,
+        memory: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -193,6 +229,8 @@ fn parse_args() -> Args {
                 args.repeats = it.next().and_then(|r| r.parse().ok()).expect("--repeats N")
             }
             "--json" => args.json = it.next(),
+            "--only" => args.only = it.next(),
+            "--memory" => args.memory = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other:?}; see the file's header for usage"),
         }
@@ -200,16 +238,85 @@ fn parse_args() -> Args {
     args
 }
 
+/// The device pool of a CubeCL runtime: frees unused pages, then reports bytes reserved.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+struct Pool<R: burn::cubecl::Runtime>(burn::cubecl::client::ComputeClient<R>);
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<R: burn::cubecl::Runtime> Pool<R> {
+    fn cleanup(&self) {
+        self.0.memory_cleanup();
+    }
+    fn reserved(&self) -> u64 {
+        self.0.memory_usage().map_or(0, |u| u.bytes_reserved)
+    }
+}
+
+/// The memory target's case: n = 65536, b = 1, h = 16, d = 128. After a pool cleanup with
+/// only Q, K, V alive, one forward runs and the pool's reserved bytes are read with its
+/// output alive. The pool never returns pages during the forward, so the reading is at
+/// least the peak in use (up to the pool's page rounding).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
+    device: &B::Device,
+    pool: &Pool<R>,
+    args: &Args,
+) -> Vec<serde_json::Value> {
+    use burn_attn::cores::attention_with_lse;
+    let (b, h, n, d) = (1usize, 16usize, 65536usize, 128usize);
+    let mut rows = Vec::new();
+    for causal in [false, true] {
+        let rand = || Tensor::<B, 4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), device);
+        let (q, k, v) = (rand(), rand(), rand());
+        let elem = q.dtype().size() as u64;
+        B::sync(device).unwrap();
+        pool.cleanup();
+        let before = pool.reserved();
+        let opts = AttentionOptions::new().with_causal(causal);
+        let start = Instant::now();
+        let (o, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &opts);
+        B::sync(device).unwrap();
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let after = pool.reserved();
+        let tensors = (4 * b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
+        let ratio = after as f64 / tensors as f64;
+        println!(
+            "memory b={b} h={h} n={n} d={d} causal={causal} {}: pool {:.1} MiB before, {:.1} MiB \
+             after one forward ({ms:.1} ms, first call); Q+K+V+O+lse {:.1} MiB; ratio {ratio:.3}",
+            args.dtype,
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            tensors as f64 / 1048576.0,
+        );
+        drop((o, lse));
+        rows.push(serde_json::json!({
+            "case": "memory", "b": b, "h": h, "n": n, "d": d, "causal": causal,
+            "dtype": args.dtype, "backend": args.backend, "reserved_before": before,
+            "reserved_after": after, "tensor_bytes": tensors, "ratio": ratio,
+        }));
+    }
+    rows
+}
+
 #[allow(unused_macros)] // used only with the gpu features
 macro_rules! dispatch_dtype {
-    ($backend:ident, $args:expr, $device:expr) => {
-        match $args.dtype.as_str() {
-            "f32" => run::<$backend<f32>>(&$device, &$args),
-            "f16" => run::<$backend<burn::tensor::f16>>(&$device, &$args),
-            "bf16" => run::<$backend<burn::tensor::bf16>>(&$device, &$args),
-            other => panic!("unknown dtype {other}"),
+    ($backend:ident, $runtime:ty, $args:expr, $device:expr) => {{
+        let device = $device;
+        let pool = Pool::<$runtime>(<$runtime as burn::cubecl::Runtime>::client(&device));
+        match ($args.dtype.as_str(), $args.memory) {
+            ("f32", false) => run::<$backend<f32>>(&device, &$args),
+            ("f16", false) => run::<$backend<burn::tensor::f16>>(&device, &$args),
+            ("bf16", false) => run::<$backend<burn::tensor::bf16>>(&device, &$args),
+            ("f32", true) => memory_case::<$backend<f32>, $runtime>(&device, &pool, &$args),
+            ("f16", true) => {
+                memory_case::<$backend<burn::tensor::f16>, $runtime>(&device, &pool, &$args)
+            }
+            ("bf16", true) => {
+                memory_case::<$backend<burn::tensor::bf16>, $runtime>(&device, &pool, &$args)
+            }
+            (other, _) => panic!("unknown dtype {other}"),
         }
-    };
+    }};
 }
 
 fn main() {
@@ -223,12 +330,24 @@ fn main() {
         #[cfg(feature = "cuda")]
         "cuda" => {
             use burn::backend::Cuda;
-            dispatch_dtype!(Cuda, args, Default::default())
+            type Runtime = burn::cubecl::cuda::CudaRuntime;
+            dispatch_dtype!(
+                Cuda,
+                Runtime,
+                args,
+                burn::backend::cuda::CudaDevice::default()
+            )
         }
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use burn::backend::Wgpu;
-            dispatch_dtype!(Wgpu, args, Default::default())
+            type Runtime = burn::cubecl::wgpu::WgpuRuntime;
+            dispatch_dtype!(
+                Wgpu,
+                Runtime,
+                args,
+                burn::backend::wgpu::WgpuDevice::default()
+            )
         }
         other => panic!("backend {other} is not compiled in (features: cuda, wgpu)"),
     };

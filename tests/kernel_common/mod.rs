@@ -212,10 +212,15 @@ pub fn check_f32<B: burn_attn_core::AttentionBackend>(case: Case) {
 
 pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
     let x = inputs(&case, 11 + case.seq_k as u64 * 17 + case.dim as u64);
+    let start = std::time::Instant::now();
     let (to, tl) = truth(&case, &x);
+    let truth_s = start.elapsed().as_secs_f64();
     let (ko, kl, lse_dtype) = kernel::<B>(&case, &x, dtype);
+    let kernel_s = start.elapsed().as_secs_f64() - truth_s;
     assert_eq!(lse_dtype, DType::F32, "lse is f32");
     let (ro, rl) = low_precision_reference::<B>(&case, &x, dtype);
+    let reference_s = start.elapsed().as_secs_f64() - truth_s - kernel_s;
+    eprintln!("  time: truth {truth_s:.2} s, kernel {kernel_s:.2} s, reference {reference_s:.2} s");
     let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
     let (reo, rel) = (max_err(&ro, &to), max_err(&rl, &tl));
     eprintln!("{dtype:?} {case:?}: out err {eo:e} (ref {reo:e}), lse err {el:e} (ref {rel:e})");

@@ -4,6 +4,10 @@ use burn_backend::{DType, Shape};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
+use cubecl::ir::features::MmaConfig;
+use cubecl::ir::{ElemType, FloatKind, StorageType};
+
+use crate::flash_mma::flash_mma_kernel;
 use crate::flash_unit::flash_unit_kernel;
 
 /// The band and scale of one banded attention call, already resolved by the caller: the
@@ -56,8 +60,9 @@ const UNIT_BLOCK_Q: usize = 32;
 /// `[batch, heads, seq_q, value_dim]` in the input dtype and the row log-sum-exp
 /// `[batch, heads, seq_q]` in f32 (`-inf` with a zero output row where no key is visible).
 ///
-/// Declines (`Unsupported::Size`) bands wider than [`UNIT_MAX_VISIBLE_KEYS`] keys: on
-/// lavapipe such rows come out wrong, for a reason not found yet.
+/// On CPU-type WGPU adapters (lavapipe: a WGPU runtime without plane operations) it
+/// declines (`Unsupported::Size`) bands wider than [`UNIT_MAX_VISIBLE_KEYS`] keys: there
+/// such rows come out wrong, for a reason not found yet.
 pub fn flash_forward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -87,7 +92,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         _ => seq_k,
     };
     let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
-    if widest > UNIT_MAX_VISIBLE_KEYS && !no_cap {
+    if widest > UNIT_MAX_VISIBLE_KEYS && !no_cap && is_software_wgpu(&q.client) {
         return Err(Unsupported::Size(format!(
             "up to {widest} visible keys per row (the portable kernel takes {UNIT_MAX_VISIBLE_KEYS})"
         )));
@@ -101,17 +106,8 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     }
 
     let client = q.client.clone();
-    let device = q.device.clone();
     let dtype = q.dtype;
-    // Plain contiguous buffers of exactly the tensor's size (not `empty_device_dtype`,
-    // whose layout may be pitched).
-    let alloc = |shape: Shape, dtype: DType| {
-        let bytes = shape.num_elements() * dtype.size();
-        let handle = client.empty(bytes.max(dtype.size()));
-        CubeTensor::new_contiguous(client.clone(), device.clone(), shape, handle, dtype)
-    };
-    let out = alloc(Shape::new([batch, heads, seq_q, value_dim]), dtype);
-    let lse = alloc(Shape::new([batch, heads, seq_q]), DType::F32);
+    let (out, lse) = alloc_outputs(&q, batch, heads, seq_q, value_dim);
     if batch * heads * seq_q == 0 {
         return Ok((out, lse));
     }
@@ -148,6 +144,199 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         dtype.into(),
     );
     Ok((out, lse))
+}
+
+/// Query rows per plane of the matrix-unit kernel (the `m` of `m16n8k16`).
+const MMA_ROWS_PER_PLANE: usize = 16;
+
+/// Planes per cube of the matrix-unit kernel.
+const MMA_PLANES: usize = 4;
+
+/// Exact banded attention forward with the matrix-unit kernel (`mma.sync.m16n8k16`).
+///
+/// Same contract as [`flash_forward_unit`]; f16 and bf16 only (f32 declines with
+/// `Unsupported::DType`), and only where the runtime is CUDA and reports the `m16n8k16`
+/// instruction with f32 accumulation for the dtype (sm_80 and newer): elsewhere it
+/// declines with `Unsupported::Size`. Head and value dims up to [`MAX_HEAD_DIM`], padded
+/// to 16 inside the kernel.
+pub fn flash_forward_mma<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    band: BandArgs,
+) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
+    check_dtypes(&q, &k, &v)?;
+    let kind = match q.dtype {
+        DType::F16 => FloatKind::F16,
+        DType::BF16 => FloatKind::BF16,
+        other => {
+            return Err(Unsupported::DType(format!(
+                "{other:?} (the matrix-unit kernel takes f16 and bf16)"
+            )))
+        }
+    };
+    // The kernel hard-codes the register layout of PTX's m16n8k16.
+    if R::name(&q.client) != "cuda" {
+        return Err(Unsupported::Size(format!(
+            "runtime {} (the matrix-unit kernel is CUDA only)",
+            R::name(&q.client)
+        )));
+    }
+    let input: StorageType = ElemType::Float(kind).into();
+    let config = MmaConfig {
+        a_type: input,
+        b_type: input,
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    let matmul = &q.client.properties().features.matmul;
+    if !matmul.mma.contains(&config) || !matmul.ldmatrix.contains(&input) {
+        return Err(Unsupported::Size(format!(
+            "no m16n8k16 matrix instruction or ldmatrix for {:?} on this device",
+            q.dtype
+        )));
+    }
+    let [batch, heads, seq_q, dim] = dims4(&q);
+    let [_, _, seq_k, _] = dims4(&k);
+    let value_dim = dims4(&v)[3];
+    if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
+        return Err(Unsupported::Size(format!(
+            "head_dim {dim} / value_dim {value_dim} (1..={MAX_HEAD_DIM})"
+        )));
+    }
+    let unbounded = seq_q + seq_k;
+    if unbounded >= (i32::MAX / 4) as usize {
+        return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
+    }
+    let block_q = MMA_ROWS_PER_PLANE * MMA_PLANES;
+    let grid_y = batch * heads;
+    let grid_x = seq_q.div_ceil(block_q);
+    if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
+        return Err(Unsupported::Size(format!(
+            "grid {grid_x} x {grid_y} (batch*heads and seq_q/{block_q} up to 65535)"
+        )));
+    }
+    let dim_pad = dim.div_ceil(16) * 16;
+    let value_dim_pad = value_dim.div_ceil(16) * 16;
+    let elem = q.dtype.size();
+    let shared = q.client.properties().hardware.max_shared_memory_size;
+    // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V^T
+    // [value_dim_pad][block_k + 8]. Dynamic shared memory: CubeCL raises the kernel's limit
+    // past 48 KiB on CUDA.
+    let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + value_dim_pad * (bk + 8)) * elem;
+    // `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64) overrides the choice, for tuning runs.
+    let forced = std::env::var("BURN_ATTN_MMA_BLOCK_K")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|bk| matches!(bk, 16 | 32 | 64));
+    let block_k = [64usize, 32, 16]
+        .into_iter()
+        .filter(|&bk| forced.is_none_or(|f| f == bk))
+        .find(|&bk| smem(bk) <= shared)
+        .ok_or_else(|| {
+            Unsupported::SharedMemory(format!(
+                "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
+            ))
+        })?;
+
+    let (out, lse) = alloc_outputs(&q, batch, heads, seq_q, value_dim);
+    if batch * heads * seq_q == 0 {
+        return Ok((out, lse));
+    }
+    let client = q.client.clone();
+    let dtype = q.dtype;
+    let clamp = |side: Option<usize>| side.unwrap_or(unbounded).min(unbounded) as i32;
+    // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
+    // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
+    // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
+    unsafe {
+        flash_mma_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(grid_x as u32, grid_y as u32, 1),
+            CubeDim::new_2d(32, MMA_PLANES as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            band.scale,
+            clamp(band.left),
+            clamp(band.right),
+            f32::NEG_INFINITY,
+            dim_pad,
+            value_dim_pad,
+            MMA_PLANES,
+            block_k,
+            dtype.into(),
+        );
+    }
+    Ok((out, lse))
+}
+
+/// The best kernel for the call: the matrix-unit kernel where it applies, else the
+/// portable one. `Err` when neither takes the call (the caller runs another path).
+pub fn flash_forward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    band: BandArgs,
+) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
+    let disabled = std::env::var("BURN_ATTN_NO_MMA").is_ok_and(|v| v == "1");
+    if !disabled {
+        match flash_forward_mma(q.clone(), k.clone(), v.clone(), band) {
+            Ok(done) => {
+                trace(|| format!("flash_mma for q {:?}", q.meta.shape()));
+                return Ok(done);
+            }
+            Err(why) => trace(|| format!("flash_mma declined: {why}")),
+        }
+    }
+    let shape = q.meta.shape().clone();
+    let unit = flash_forward_unit(q, k, v, band);
+    match &unit {
+        Ok(_) => trace(|| format!("flash_unit for q {shape:?}")),
+        Err(why) => trace(|| format!("flash_unit declined: {why}")),
+    }
+    unit
+}
+
+/// With `BURN_ATTN_TRACE=1`, says on stderr which kernel ran or why one declined.
+fn trace(message: impl FnOnce() -> String) {
+    if std::env::var("BURN_ATTN_TRACE").is_ok_and(|v| v == "1") {
+        eprintln!("burn-attn: {}", message());
+    }
+}
+
+/// Output `[b, h, seq_q, value_dim]` in the input dtype and lse `[b, h, seq_q]` in f32, as
+/// plain contiguous buffers of exactly the tensor's size (not `empty_device_dtype`, whose
+/// layout may be pitched).
+fn alloc_outputs<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    batch: usize,
+    heads: usize,
+    seq_q: usize,
+    value_dim: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let client = q.client.clone();
+    let device = q.device.clone();
+    let alloc = |shape: Shape, dtype: DType| {
+        let bytes = shape.num_elements() * dtype.size();
+        let handle = client.empty(bytes.max(dtype.size()));
+        CubeTensor::new_contiguous(client.clone(), device.clone(), shape, handle, dtype)
+    };
+    (
+        alloc(Shape::new([batch, heads, seq_q, value_dim]), q.dtype),
+        alloc(Shape::new([batch, heads, seq_q]), DType::F32),
+    )
+}
+
+/// A WGPU runtime without plane operations: CubeCL withholds them on CPU-type adapters
+/// (lavapipe), the only place the portable kernel's wide-band bug was seen.
+fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    use cubecl::ir::features::Plane;
+    R::name(client).starts_with("wgpu") && !client.properties().features.plane.contains(Plane::Ops)
 }
 
 fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

@@ -5,7 +5,7 @@
 //! Anything the kernels decline (dtype, sizes, shared memory) runs the tiled tensor-op path.
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use burn_attn_kernels::{flash_forward_unit, BandArgs};
+use burn_attn_kernels::{flash_forward, BandArgs};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
@@ -61,7 +61,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             return tiled_fallback(q, k, v, options);
         }
         let band = band_args(options, q.dims()[3]);
-        let launched = flash_forward_unit::<R>(
+        let launched = flash_forward::<R>(
             q.clone().into_primitive().tensor(),
             k.clone().into_primitive().tensor(),
             v.clone().into_primitive().tensor(),

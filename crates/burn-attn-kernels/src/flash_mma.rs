@@ -1,0 +1,441 @@
+//! The matrix-unit FlashAttention forward kernel (CUDA `mma.sync.m16n8k16`, f16/bf16).
+//!
+//! One cube of `warps` planes handles `16 * warps` query rows of one (batch, head); each
+//! plane owns 16 rows and keeps them to itself for the whole pass (FlashAttention-2's
+//! split: no cross-plane reduction). The cube stages its Q tile once, and per key tile of
+//! `block_k` keys K and V (all `[row][d]`, rows padded by 16 bytes so that `ldmatrix`
+//! hits distinct banks); then each plane computes `S = Q K^T` with the matrix units
+//! (fragments loaded with `ldmatrix`, four 8x8 blocks per instruction), the online softmax
+//! on the accumulator registers, and `O += P V` with `P` taken straight from the `S`
+//! registers (the accumulator layout of two `n8` tiles is the `A` layout of one `k16`
+//! chunk), so the probabilities never leave registers; V's fragments come from
+//! `ldmatrix.trans`, so V is staged as it is stored.
+//!
+//! The register layouts are those of PTX's `m16n8k16` (lane `l`: group `g = l / 4`,
+//! `t = l % 4`; accumulator element `e` sits at row `g + 8 * (e / 2)`, column
+//! `2 * t + e % 2`). The launcher only runs this kernel where CubeCL reports that
+//! instruction and `ldmatrix` for the dtype (CUDA, sm_80 and newer).
+//!
+//! Band arithmetic is the portable kernel's (`flash_unit`): `i32`, key `j` visible to
+//! query `i` iff `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`.
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::define_size;
+use cubecl::ir::MatrixIdent;
+use cubecl::prelude::*;
+
+/// A finite stand-in for `-inf` (see `flash_unit`).
+const NEG_BIG: f32 = -3.0e38;
+
+define_size!(pub MmaVecA);
+define_size!(pub MmaVecB);
+define_size!(pub MmaVecAcc);
+
+/// Binds the fragment vector sizes to what the device's `m16n8k16` definition uses.
+#[cube]
+#[allow(unused_variables)]
+fn register_vector_sizes<F: Float>(def: MmaDefinition<F, F, f32>) {
+    let a = def.vector_size(MatrixIdent::A);
+    let b = def.vector_size(MatrixIdent::B);
+    let acc = def.vector_size(MatrixIdent::Accumulator);
+    intrinsic!(|scope| {
+        scope.register_size::<MmaVecA>(a);
+        scope.register_size::<MmaVecB>(b);
+        scope.register_size::<MmaVecAcc>(acc);
+    });
+}
+
+/// Element `e` (0..4) of accumulator tile `tile` in an array of such tiles.
+/// (Indices are constants once the callers' loops are unrolled, so the arrays stay in
+/// registers.)
+#[cube]
+fn acc_get(
+    arr: &Array<Vector<f32, MmaVecAcc>>,
+    tile: usize,
+    e: usize,
+    #[comptime] vs: usize,
+) -> f32 {
+    let per_tile = comptime!(4 / vs);
+    arr[tile * per_tile + e / vs][e % vs]
+}
+
+/// Sets element `e` (0..4) of accumulator tile `tile`.
+#[cube]
+fn acc_set(
+    arr: &mut Array<Vector<f32, MmaVecAcc>>,
+    tile: usize,
+    e: usize,
+    #[comptime] vs: usize,
+    value: f32,
+) {
+    let per_tile = comptime!(4 / vs);
+    let mut vector = arr[tile * per_tile + e / vs];
+    vector[e % vs] = value;
+    arr[tile * per_tile + e / vs] = vector;
+}
+
+/// Matrix-unit FlashAttention forward.
+///
+/// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
+/// warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and value dims
+/// rounded up to 16; `block_k` is a multiple of 16. Outputs as `flash_unit_kernel`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_mma_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    scale: f32,
+    left: i32,
+    right: i32,
+    neg_inf: f32,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_dim_pad: usize,
+    #[comptime] warps: usize,
+    #[comptime] block_k: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    register_vector_sizes::<F>(def);
+    let a_vs = def.vector_size(MatrixIdent::A);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vs = def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+
+    let dim = q.shape(3);
+    let value_dim = v.shape(3);
+    let heads = q.shape(1);
+    let seq_q = q.shape(2);
+    let kv_heads = k.shape(1);
+    let seq_k = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / heads;
+    let h = bh % heads;
+    let kvh = h / (heads / kv_heads);
+
+    let lane = UNIT_POS_PLANE as usize;
+    let warp = UNIT_POS_Y as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    let block_q = comptime!(16 * warps);
+    let r0 = CUBE_POS_X as usize * block_q;
+    let w0 = r0 + warp * 16;
+    let offset = seq_k as i32 - seq_q as i32;
+
+    // Key range of the cube (union of its rows' bands) and of this plane.
+    let r_last = min(r0 + block_q, seq_q) - 1;
+    let k_start = max(r0 as i32 + offset - left, 0);
+    let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
+    let w_last = min(w0 + 15, seq_q - 1);
+    let w_lo = w0 as i32 + offset - left;
+    let w_hi = w_last as i32 + offset + right;
+    // Keys visible to every row of the plane.
+    let full_lo = w_last as i32 + offset - left;
+    let full_hi = w0 as i32 + offset + right;
+    let plane_rows = w0 < seq_q;
+    let plane_full = w0 + 16 <= seq_q;
+    // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let row_a = (w0 + g) as i32;
+
+    // Q tile of the cube, staged once ([row][d], unscaled, zero-padded): fragments are
+    // read per head-dim chunk instead of living in registers for the whole pass.
+    let d_chunks = comptime!(dim_pad / 16);
+    let q_stride = comptime!(dim_pad + 8);
+    let mut q_smem = SharedMemory::<F>::new(comptime!(16 * warps * (dim_pad + 8)));
+    let threads = comptime!(32 * warps);
+    let tid = warp * 32 + lane;
+    let q_base = b * q.stride(0) + h * q.stride(1);
+    let (q_sn, q_sd) = (q.stride(2), q.stride(3));
+    let mut idx = tid;
+    while idx < comptime!(16 * warps * dim_pad) {
+        let r = idx / dim_pad;
+        let c = idx % dim_pad;
+        let qr = r0 + r;
+        let mut x = F::new(0.0);
+        if qr < seq_q && c < dim {
+            x = q[q_base + qr * q_sn + c * q_sd];
+        }
+        q_smem[r * q_stride + c] = x;
+        idx += threads;
+    }
+
+    let v_tiles = comptime!(value_dim_pad / 8);
+    let k_tiles = comptime!(block_k / 8);
+    let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(v_tiles * c_vecs));
+    #[unroll]
+    for i in 0..comptime!(v_tiles * c_vecs) {
+        o_acc[i] = Vector::new(f32::new(0.0));
+    }
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
+    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
+    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
+    let mut b_frag2 = Array::<Vector<F, MmaVecB>>::new(b_vecs);
+    // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
+    // Running max (in scaled-score units) and this lane's partial row sums.
+    // Per row half (rows g and g + 8): running max in scaled-score units, this lane's
+    // partial row sum, the tile max and the rescale factor.
+    let mut m_row = Array::<f32>::new(2usize);
+    let mut l_row = Array::<f32>::new(2usize);
+    let mut tile_max = Array::<f32>::new(2usize);
+    let mut alpha = Array::<f32>::new(2usize);
+    #[unroll]
+    for hf in 0..2usize {
+        m_row[hf] = f32::new(NEG_BIG);
+        l_row[hf] = f32::new(0.0);
+    }
+
+    let k_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let mut k_smem = SharedMemory::<F>::new(comptime!(block_k * (dim_pad + 8)));
+    let mut v_smem = SharedMemory::<F>::new(comptime!(block_k * (value_dim_pad + 8)));
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    let (k_sn, k_sd) = (k.stride(2), k.stride(3));
+    let (v_sn, v_sd) = (v.stride(2), v.stride(3));
+
+    let bk_i = block_k as i32;
+    let mut t0 = k_start - (k_start % bk_i);
+    while t0 < k_end {
+        let t0u = usize::cast_from(t0);
+        // Stage K and V as [key][d], zero-padded past seq_k and the dims.
+        let mut idx = tid;
+        while idx < comptime!(block_k * dim_pad) {
+            let r = idx / dim_pad;
+            let c = idx % dim_pad;
+            let j = t0u + r;
+            let mut x = F::new(0.0);
+            if j < seq_k && c < dim {
+                x = k[k_base + j * k_sn + c * k_sd];
+            }
+            k_smem[r * k_stride + c] = x;
+            idx += threads;
+        }
+        let mut idx = tid;
+        while idx < comptime!(block_k * value_dim_pad) {
+            let r = idx / value_dim_pad;
+            let c = idx % value_dim_pad;
+            let j = t0u + r;
+            let mut x = F::new(0.0);
+            if j < seq_k && c < value_dim {
+                x = v[v_base + j * v_sn + c * v_sd];
+            }
+            v_smem[r * v_stride + c] = x;
+            idx += threads;
+        }
+        sync_cube();
+
+        let tile_hi = t0 + bk_i - 1;
+        let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
+        if plane_sees {
+            // S = Q K^T: one A fragment per head-dim chunk, reused over the key tiles.
+            #[unroll]
+            for i in 0..comptime!(k_tiles * c_vecs) {
+                s_acc[i] = Vector::new(f32::new(0.0));
+            }
+            #[unroll]
+            for dc in 0..d_chunks {
+                // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the plane's 16 rows.
+                let q_off = (warp * 16 + ld_row + 8 * (ld_block % 2)) * q_stride
+                    + dc * 16
+                    + 8 * (ld_block / 2);
+                let a_regs = def.load_matrix::<F, MmaVecA>(
+                    &q_smem.slice(q_off, q_off + 8),
+                    MatrixIdent::A,
+                    4usize,
+                    false,
+                );
+                #[unroll]
+                for i in 0..a_vecs {
+                    a_frag[i] = a_regs[i];
+                }
+                #[unroll]
+                for kp in 0..comptime!(k_tiles / 2) {
+                    // B for key tiles 2kp and 2kp + 1: blocks (keys 0-7 | 8-15) x (d 0-7 |
+                    // 8-15), K rows being B's columns.
+                    let k_off = (kp * 16 + 8 * (ld_block / 2) + ld_row) * k_stride
+                        + dc * 16
+                        + 8 * (ld_block % 2);
+                    let b_regs = def.load_matrix::<F, MmaVecB>(
+                        &k_smem.slice(k_off, k_off + 8),
+                        MatrixIdent::B,
+                        4usize,
+                        false,
+                    );
+                    #[unroll]
+                    for i in 0..b_vecs {
+                        b_frag[i] = b_regs[i];
+                        b_frag2[i] = b_regs[b_vecs + i];
+                    }
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        c_frag[i] = s_acc[2 * kp * c_vecs + i];
+                    }
+                    def.execute_inplace(&a_frag, &b_frag, &mut c_frag);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        s_acc[2 * kp * c_vecs + i] = c_frag[i];
+                        c_frag[i] = s_acc[(2 * kp + 1) * c_vecs + i];
+                    }
+                    def.execute_inplace(&a_frag, &b_frag2, &mut c_frag);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        s_acc[(2 * kp + 1) * c_vecs + i] = c_frag[i];
+                    }
+                }
+            }
+
+            // Scale, mask, and the tile's row maxima.
+            let unmasked =
+                plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
+            #[unroll]
+            for hf in 0..2usize {
+                tile_max[hf] = f32::new(NEG_BIG);
+            }
+            #[unroll]
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let mut s = acc_get(&s_acc, kt, e, c_vs) * scale;
+                    if !unmasked {
+                        let row = row_a + (8 * (e / 2)) as i32;
+                        let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
+                        if j < row + offset - left || j > row + offset + right || j >= seq_k as i32
+                        {
+                            s = f32::new(NEG_BIG);
+                        }
+                    }
+                    acc_set(&mut s_acc, kt, e, c_vs, s);
+                    tile_max[e / 2] = f32::max(tile_max[e / 2], s);
+                }
+            }
+            #[unroll]
+            for hf in 0..2usize {
+                // The four lanes of a group hold the same two rows.
+                let mut tm = tile_max[hf];
+                tm = f32::max(tm, plane_shuffle_xor(tm, 1));
+                tm = f32::max(tm, plane_shuffle_xor(tm, 2));
+                let m_new = f32::max(m_row[hf], tm);
+                // exp(NEG_BIG - finite) underflows to 0: the first visible key resets sums.
+                alpha[hf] = f32::exp(m_row[hf] - m_new);
+                m_row[hf] = m_new;
+                l_row[hf] *= alpha[hf];
+            }
+            #[unroll]
+            for vt in 0..v_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let o = acc_get(&o_acc, vt, e, c_vs) * alpha[e / 2];
+                    acc_set(&mut o_acc, vt, e, c_vs, o);
+                }
+            }
+            // P = exp(S - m), masked keys exactly 0 (m may still be NEG_BIG).
+            #[unroll]
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let s = acc_get(&s_acc, kt, e, c_vs);
+                    let mut p = f32::exp(s - m_row[e / 2]);
+                    if s <= f32::new(NEG_BIG) {
+                        p = f32::new(0.0);
+                    }
+                    l_row[e / 2] += p;
+                    acc_set(&mut s_acc, kt, e, c_vs, p);
+                }
+            }
+
+            // O += P V: key chunk kc covers accumulator tiles 2kc (A elements 0..4) and
+            // 2kc + 1 (A elements 4..8).
+            #[unroll]
+            for kc in 0..comptime!(block_k / 16) {
+                #[unroll]
+                for i in 0..a_vecs {
+                    let mut vector = Vector::empty();
+                    #[unroll]
+                    for n in 0..a_vs {
+                        let ei = i * a_vs + n;
+                        let p = acc_get(&s_acc, kc * 2 + ei / 4, ei % 4, c_vs);
+                        vector[n] = F::cast_from(p);
+                    }
+                    a_frag[i] = vector;
+                }
+                #[unroll]
+                for vp in 0..comptime!(v_tiles / 2) {
+                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed: blocks
+                    // (keys 0-7 | 8-15) x (d 0-7 | 8-15).
+                    let v_off = (kc * 16 + 8 * (ld_block % 2) + ld_row) * v_stride
+                        + vp * 16
+                        + 8 * (ld_block / 2);
+                    let b_regs = def.load_matrix::<F, MmaVecB>(
+                        &v_smem.slice(v_off, v_off + 8),
+                        MatrixIdent::B,
+                        4usize,
+                        true,
+                    );
+                    #[unroll]
+                    for i in 0..b_vecs {
+                        b_frag[i] = b_regs[i];
+                        b_frag2[i] = b_regs[b_vecs + i];
+                    }
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        c_frag[i] = o_acc[2 * vp * c_vecs + i];
+                    }
+                    def.execute_inplace(&a_frag, &b_frag, &mut c_frag);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        o_acc[2 * vp * c_vecs + i] = c_frag[i];
+                        c_frag[i] = o_acc[(2 * vp + 1) * c_vecs + i];
+                    }
+                    def.execute_inplace(&a_frag, &b_frag2, &mut c_frag);
+                    #[unroll]
+                    for i in 0..c_vecs {
+                        o_acc[(2 * vp + 1) * c_vecs + i] = c_frag[i];
+                    }
+                }
+            }
+        }
+        sync_cube();
+        t0 += bk_i;
+    }
+
+    // Row sums over the group's four lanes, then normalise and write.
+    let o_base = b * out.stride(0) + h * out.stride(1);
+    #[unroll]
+    for hf in 0..2usize {
+        let mut l = l_row[hf];
+        l += plane_shuffle_xor(l, 1);
+        l += plane_shuffle_xor(l, 2);
+        let row = w0 + g + 8 * hf;
+        if row < seq_q {
+            let mut inv = f32::new(0.0);
+            if l > f32::new(0.0) {
+                inv = f32::new(1.0) / l;
+            }
+            #[unroll]
+            for vt in 0..v_tiles {
+                #[unroll]
+                for e in 0..2usize {
+                    let col = vt * 8 + 2 * t + e;
+                    if col < value_dim {
+                        let o = acc_get(&o_acc, vt, hf * 2 + e, c_vs) * inv;
+                        out[o_base + row * out.stride(2) + col * out.stride(3)] = F::cast_from(o);
+                    }
+                }
+            }
+            if t == 0 {
+                let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
+                if l > f32::new(0.0) {
+                    lse[lse_idx] = m_row[hf] + f32::ln(l);
+                } else {
+                    lse[lse_idx] = neg_inf;
+                }
+            }
+        }
+    }
+}

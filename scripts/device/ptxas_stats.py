@@ -1,0 +1,44 @@
+"""Compile a CUDA source with NVRTC (as CubeCL does) and report ptxas register/spill stats."""
+import ctypes, glob, os, subprocess, sys
+src_path = sys.argv[1]
+src = open(src_path).read().encode()
+cands = glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*") + glob.glob("/usr/lib/x86_64-linux-gnu/libnvrtc.so*")
+try:
+    import nvidia, importlib
+    for p in nvidia.__path__:
+        cands += glob.glob(os.path.join(p, "*", "lib", "libnvrtc.so*"))
+except Exception as e:
+    print("no nvidia pkgs", e)
+print("nvrtc candidates", cands[:6])
+lib = ctypes.CDLL([c for c in cands if "builtins" not in c][0])
+prog = ctypes.c_void_p()
+assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"k.cu", 0, None, None) == 0
+incs = glob.glob("/usr/local/cuda*/include") + glob.glob("/usr/local/cuda*/targets/x86_64-linux/include")
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        incs += glob.glob(os.path.join(p, "*", "include"))
+except Exception:
+    pass
+opts = [b"--gpu-architecture=compute_90a", b"-lineinfo"] + [("--include-path=" + i).encode() for i in incs]
+arr = (ctypes.c_char_p * len(opts))(*opts)
+rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+n = ctypes.c_size_t()
+lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+log = ctypes.create_string_buffer(n.value)
+lib.nvrtcGetProgramLog(prog, log)
+print("nvrtc rc", rc, log.value.decode()[:2000])
+lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+ptx = ctypes.create_string_buffer(n.value)
+lib.nvrtcGetPTX(prog, ptx)
+open("/tmp/k.ptx", "wb").write(ptx.value)
+ptxas = glob.glob("/usr/local/cuda*/bin/ptxas")
+try:
+    import triton
+    ptxas += glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+except Exception as e:
+    print("no triton", e)
+print("ptxas candidates", ptxas)
+r = subprocess.run([ptxas[0], "-v", "-arch=sm_90a", "-warn-spills", "/tmp/k.ptx", "-o", "/tmp/k.cubin"], capture_output=True, text=True)
+print(r.stdout[-3000:], r.stderr[-3000:])
+print("local ld/st in ptx:", ptx.value.count(b"ld.local"), ptx.value.count(b"st.local"))
