@@ -149,7 +149,8 @@ pub fn flash_forward_unit<R: CubeRuntime>(
 /// Query rows per plane of the matrix-unit kernel (the `m` of `m16n8k16`).
 const MMA_ROWS_PER_PLANE: usize = 16;
 
-/// Planes per cube of the matrix-unit kernel.
+/// Planes per cube of the matrix-unit kernel (`BURN_ATTN_MMA_PLANES` = 4 or 8 overrides
+/// it, for tuning runs).
 const MMA_PLANES: usize = 4;
 
 /// Exact banded attention forward with the matrix-unit kernel (`mma.sync.m16n8k16`).
@@ -210,7 +211,12 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     if unbounded >= (i32::MAX / 4) as usize {
         return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
     }
-    let block_q = MMA_ROWS_PER_PLANE * MMA_PLANES;
+    let planes = std::env::var("BURN_ATTN_MMA_PLANES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|p| matches!(p, 4 | 8))
+        .unwrap_or(MMA_PLANES);
+    let block_q = MMA_ROWS_PER_PLANE * planes;
     let grid_y = batch * heads;
     let grid_x = seq_q.div_ceil(block_q);
     if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
@@ -222,19 +228,29 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let value_dim_pad = value_dim.div_ceil(16) * 16;
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
-    // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V^T
-    // [value_dim_pad][block_k + 8]. Dynamic shared memory: CubeCL raises the kernel's limit
-    // past 48 KiB on CUDA.
-    let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + value_dim_pad * (bk + 8)) * elem;
-    // `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64) overrides the choice, for tuning runs.
+    // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V tile
+    // [block_k][value_dim_pad + 8], within 48 KiB: past that, compute-sanitizer showed
+    // `ldmatrix` reading outside the kernel's shared memory (CubeCL 0.10 on the H200), so the
+    // kernel never asks for more (head dims past 192 decline and take the portable kernel).
+    let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + bk * (value_dim_pad + 8)) * elem;
+    // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
+    // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
+    // overrides the choice, for tuning runs.
     let forced = std::env::var("BURN_ATTN_MMA_BLOCK_K")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|bk| matches!(bk, 16 | 32 | 64));
-    let block_k = [64usize, 32, 16]
-        .into_iter()
+    let preferred: &[usize] = if dim_pad > 64 {
+        &[32, 16]
+    } else {
+        &[64, 32, 16]
+    };
+    let block_k = preferred
+        .iter()
+        .copied()
+        .chain(forced)
         .filter(|&bk| forced.is_none_or(|f| f == bk))
-        .find(|&bk| smem(bk) <= shared)
+        .find(|&bk| smem(bk) <= shared.min(48 * 1024))
         .ok_or_else(|| {
             Unsupported::SharedMemory(format!(
                 "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
@@ -255,7 +271,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
         flash_mma_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(grid_x as u32, grid_y as u32, 1),
-            CubeDim::new_2d(32, MMA_PLANES as u32),
+            CubeDim::new_2d(32, planes as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
