@@ -136,14 +136,8 @@ mod ndarray_impl {
     impl AttentionBackend for NdArray<f64, i32, i8> {}
 }
 
-mod autodiff_impl {
-    use super::AttentionBackend;
-    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-    use burn::backend::Autodiff;
-
-    /// Gradients flow through the tensor ops of the tiled path.
-    impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {}
-}
+#[path = "backend/autodiff.rs"]
+mod autodiff_impl;
 
 #[cfg(feature = "cube")]
 #[path = "backend/cube.rs"]

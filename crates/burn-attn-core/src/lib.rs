@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod backward;
 mod error;
 mod linear;
 mod options;
@@ -17,6 +18,7 @@ mod shape;
 mod tiled;
 
 pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
+pub use backward::tiled_band_backward;
 pub use error::{ensure, AttentionError};
 pub use linear::{causal_linear_attention, linear_attention, LinearAttentionState};
 pub use options::{aligned, AttentionOptions, Window};

@@ -158,8 +158,9 @@ const MMA_PLANES: usize = 4;
 /// Same contract as [`flash_forward_unit`]; f16 and bf16 only (f32 declines with
 /// `Unsupported::DType`), and only where the runtime is CUDA and reports the `m16n8k16`
 /// instruction with f32 accumulation for the dtype (sm_80 and newer): elsewhere it
-/// declines with `Unsupported::Size`. Head and value dims up to [`MAX_HEAD_DIM`], padded
-/// to 16 inside the kernel.
+/// declines with `Unsupported::Size`. Head and value dims are padded to 16 inside the
+/// kernel; the Q, K and V tiles must fit 48 KiB of shared memory, which takes head dims up
+/// to 240 (256 declines with `Unsupported::SharedMemory`).
 pub fn flash_forward_mma<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -231,7 +232,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V tile
     // [block_k][value_dim_pad + 8], within 48 KiB: past that, compute-sanitizer showed
     // `ldmatrix` reading outside the kernel's shared memory (CubeCL 0.10 on the H200), so the
-    // kernel never asks for more (head dims past 192 decline and take the portable kernel).
+    // kernel never asks for more (head dim 256 declines and takes the portable kernel).
     let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + bk * (value_dim_pad + 8)) * elem;
     // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
     // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
