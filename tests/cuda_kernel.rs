@@ -68,3 +68,10 @@ fn cuda_kernel_bf16_within_twice_reference_error() {
         check_low::<Fused>(case, DType::BF16);
     }
 }
+
+#[test]
+fn cuda_training_gradients_match_reference() {
+    for case in gradient_grid() {
+        check_gradients::<burn::backend::Autodiff<Fused>>(case);
+    }
+}

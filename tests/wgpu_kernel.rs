@@ -127,3 +127,13 @@ fn kernel_long_sequence() {
     check_f32::<Plain>(case.window(Some(200), Some(200)));
     check_f32::<Plain>(case);
 }
+
+#[test]
+fn training_gradients_match_reference() {
+    if !gpu_available() {
+        return;
+    }
+    for case in gradient_grid() {
+        check_gradients::<burn::backend::Autodiff<Fused>>(case);
+    }
+}

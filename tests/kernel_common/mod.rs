@@ -275,3 +275,66 @@ pub fn grid() -> Vec<Case> {
     cases.push(Case::new(64, 64, 64).gain(30.0).causal());
     cases
 }
+
+/// Gradients of `sum(attention(q, k, v) * w)` with respect to q, k, v.
+fn attention_gradients<B>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    ours: bool,
+) -> [Vec<f64>; 3]
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
+    let device = Default::default();
+    let q = tensor::<B>(&x.q, DType::F32, &device).require_grad();
+    let k = tensor::<B>(&x.k, DType::F32, &device).require_grad();
+    let v = tensor::<B>(&x.v, DType::F32, &device).require_grad();
+    let out = if ours {
+        burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &case.options())
+    } else {
+        let pattern = KeyPattern::band(case.window, case.causal);
+        let scale = 1.0 / (case.dim as f64).sqrt();
+        reference_attention(q.clone(), k.clone(), v.clone(), &pattern, scale, None, None).0
+    };
+    let grads = (out * tensor::<B>(w, DType::F32, &device)).sum().backward();
+    let flat = |t: Tensor<B, 4>| {
+        let g = t.grad(&grads).expect("gradient");
+        g.into_data().convert::<f64>().to_vec::<f64>().unwrap()
+    };
+    [flat(q), flat(k), flat(v)]
+}
+
+/// Training through the op on backend `B` (forward kernel, tiled backward from the saved O
+/// and lse) against autodiff of the materialised reference in f64 on the CPU.
+pub fn check_gradients<B>(case: Case)
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
+    let x = inputs(&case, 23 + case.seq_q as u64 * 7 + case.dim as u64);
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let mut rng = StdRng::seed_from_u64(99);
+    let n = shape.iter().product();
+    let w = (
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+        shape,
+    );
+    let got = attention_gradients::<B>(&case, &x, &w, true);
+    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let bound = 4.0 * f32_bound(&case);
+    for (name, (g, t)) in ["dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
+        let err = max_err(g, t);
+        eprintln!("grad {case:?} {name}: err {err:e}");
+        assert!(err <= bound, "{case:?}: {name} err {err:e} > {bound:e}");
+    }
+}
+
+pub fn gradient_grid() -> Vec<Case> {
+    vec![
+        Case::new(65, 65, 64).causal(),
+        Case::new(64, 64, 32),
+        Case::new(97, 17, 32).causal(),
+        Case::new(33, 47, 64).gqa(8, 1),
+        Case::new(130, 130, 64).window(Some(40), Some(3)).causal(),
+    ]
+}

@@ -166,7 +166,7 @@ impl KeyPattern {
     pub fn visible(&self, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
         let causal_ok = self.causal_window().contains(i, j, seq_q, seq_k);
         let band = self.window.contains(i, j, seq_q, seq_k);
-        let strided = self.stride.is_some_and(|s| j % s == 0);
+        let strided = self.stride.is_some_and(|s| j.is_multiple_of(s));
         let block_ok = self
             .blocks
             .as_ref()
