@@ -70,19 +70,15 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     band: BandArgs,
 ) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
     check_dtypes(&q, &k, &v)?;
-    let [batch, heads, seq_q, dim] = dims4(&q);
-    let [_, _, seq_k, _] = dims4(&k);
-    let value_dim = dims4(&v)[3];
-    if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
-        return Err(Unsupported::Size(format!(
-            "head_dim {dim} / value_dim {value_dim} (1..={MAX_HEAD_DIM})"
-        )));
-    }
-    // Band arithmetic is i32 in the kernel; unbounded sides become seq_q + seq_k.
-    let unbounded = seq_q + seq_k;
-    if unbounded >= (i32::MAX / 4) as usize {
-        return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
-    }
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        unbounded,
+    } = Sizes::check(&q, &k, &v)?;
     // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows that see more than
     // 448 keys get wrong outputs (lse stays right). Until it is understood, decline such
     // bands so the caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for
@@ -200,18 +196,15 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             q.dtype
         )));
     }
-    let [batch, heads, seq_q, dim] = dims4(&q);
-    let [_, _, seq_k, _] = dims4(&k);
-    let value_dim = dims4(&v)[3];
-    if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
-        return Err(Unsupported::Size(format!(
-            "head_dim {dim} / value_dim {value_dim} (1..={MAX_HEAD_DIM})"
-        )));
-    }
-    let unbounded = seq_q + seq_k;
-    if unbounded >= (i32::MAX / 4) as usize {
-        return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
-    }
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        seq_k: _,
+        dim,
+        value_dim,
+        unbounded,
+    } = Sizes::check(&q, &k, &v)?;
     let planes = std::env::var("BURN_ATTN_MMA_PLANES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -354,6 +347,49 @@ fn alloc_outputs<R: CubeRuntime>(
 fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     use cubecl::ir::features::Plane;
     R::name(client).starts_with("wgpu") && !client.properties().features.plane.contains(Plane::Ops)
+}
+
+/// The sizes of a call, checked against what both kernels take.
+struct Sizes {
+    batch: usize,
+    heads: usize,
+    seq_q: usize,
+    seq_k: usize,
+    dim: usize,
+    value_dim: usize,
+    /// What an unbounded band side becomes in the kernels' i32 arithmetic.
+    unbounded: usize,
+}
+
+impl Sizes {
+    fn check<R: CubeRuntime>(
+        q: &CubeTensor<R>,
+        k: &CubeTensor<R>,
+        v: &CubeTensor<R>,
+    ) -> Result<Self, Unsupported> {
+        let [batch, heads, seq_q, dim] = dims4(q);
+        let seq_k = dims4(k)[2];
+        let value_dim = dims4(v)[3];
+        if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
+            return Err(Unsupported::Size(format!(
+                "head_dim {dim} / value_dim {value_dim} (1..={MAX_HEAD_DIM})"
+            )));
+        }
+        // Band arithmetic is i32 in the kernels; unbounded sides become seq_q + seq_k.
+        let unbounded = seq_q + seq_k;
+        if unbounded >= (i32::MAX / 4) as usize {
+            return Err(Unsupported::Size(format!("seq_q + seq_k = {unbounded}")));
+        }
+        Ok(Self {
+            batch,
+            heads,
+            seq_q,
+            seq_k,
+            dim,
+            value_dim,
+            unbounded,
+        })
+    }
 }
 
 fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
