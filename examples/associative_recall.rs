@@ -4,8 +4,8 @@
 //! back to the right pair, so accuracy separates the mechanisms.
 //!
 //! ```sh
-//! cargo run --release --example associative_recall        # CPU, every kind, ~45 s each
-//! cargo run --release --example associative_recall -- --kinds flash,linear --steps 600
+//! cargo run --release --example associative_recall        # CPU, every kind, ~40 s each
+//! cargo run --release --example associative_recall -- --kinds flash,linear --steps 800
 //! cargo run --release --example associative_recall --features cuda -- --d-model 256 --pairs 64
 //! ```
 
@@ -251,13 +251,13 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         kinds: KINDS.iter().map(|s| s.to_string()).collect(),
-        steps: 1500,
-        batch: 32,
+        steps: 1000,
+        batch: 64,
         pairs: 4,
         d_model: 64,
         heads: 4,
         layers: 2,
-        lr: 3e-3,
+        lr: 2e-3,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, name: &str| -> usize {
