@@ -10,7 +10,9 @@
 //! Prints one line per case and, with `--json PATH`, writes the results. TFLOP/s use
 //! FlashAttention's count: `4*b*h*n*n*d`, half of it causal, the visible band for windows.
 //! `--only TEXT` keeps the cases whose label contains TEXT; `--memory` runs the long
-//! sequence memory case instead (GPU backends: device pool bytes after one forward).
+//! sequence memory case instead (GPU backends: device pool bytes after one forward);
+//! `--skip-burn` drops Burn's kernels, which otherwise run up to n = 4096 (`--burn-all`:
+//! at every length).
 
 use std::time::Instant;
 
@@ -155,7 +157,10 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
                 })
             });
         // Burn's fused attention has no window option: only full and causal compare.
-        let burn = (case.window.is_none() && !args.skip_burn).then(|| {
+        // Burn's fused kernel autotunes per shape and runs at ~5 TFLOP/s past n = 4096 (its
+        // peer numbers stop there too): `--burn-all` times it at every length.
+        let burn_fused = !args.skip_burn && (case.seq <= 4096 || args.burn_all);
+        let burn = (case.window.is_none() && burn_fused).then(|| {
             median_ms::<B>(device, args.repeats, || {
                 let _ = burn_attention(q.clone(), k.clone(), v.clone(), None, None, burn_options);
             })
@@ -201,6 +206,7 @@ struct Args {
     dtype: String,
     quick: bool,
     skip_burn: bool,
+    burn_all: bool,
     repeats: usize,
     json: Option<String>,
     only: Option<String>,
@@ -213,6 +219,7 @@ fn parse_args() -> Args {
         dtype: "f32".into(),
         quick: false,
         skip_burn: false,
+        burn_all: false,
         repeats: 20,
         json: None,
         only: None,
@@ -225,6 +232,7 @@ fn parse_args() -> Args {
             "--dtype" => args.dtype = it.next().expect("--dtype f32|f16|bf16"),
             "--quick" => args.quick = true,
             "--skip-burn" => args.skip_burn = true,
+            "--burn-all" => args.burn_all = true,
             "--repeats" => {
                 args.repeats = it.next().and_then(|r| r.parse().ok()).expect("--repeats N")
             }
