@@ -177,7 +177,6 @@ pub fn flash_mma_kernel<F: Float>(
     let ld_block = lane / 8;
     let ld_row = lane % 8;
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
-    // Running max (in scaled-score units) and this lane's partial row sums.
     // Per row half (rows g and g + 8): running max in scaled-score units, this lane's
     // partial row sum, the tile max and the rescale factor.
     let mut m_row = Array::<f32>::new(2usize);
