@@ -113,8 +113,8 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     assert!(o.iter().all(|&x| x == 0.0));
 }
 
-/// Long rows: 1025 keys go through the tiled fallback (the kernel declines more than
-/// `UNIT_MAX_VISIBLE_KEYS` visible keys); a narrow band over 1025 keys runs the kernel.
+/// Long rows: on lavapipe 1025 keys go through the tiled fallback (the kernel declines
+/// bands past `UNIT_MAX_BAND_ELEMENTS`); a narrow band over 1025 keys runs the kernel.
 #[test]
 fn kernel_long_sequence() {
     if !gpu_available() {
@@ -126,6 +126,12 @@ fn kernel_long_sequence() {
     check_f32::<Plain>(case.window(Some(100), Some(0)));
     check_f32::<Plain>(case.window(Some(200), Some(200)));
     check_f32::<Plain>(case);
+    // d = 128 past 224 keys: the shape that exposed the lavapipe bound.
+    let mut wide = Case::new(40, 300, 128);
+    wide.heads = 1;
+    wide.kv_heads = 1;
+    check_f32::<Plain>(wide);
+    check_f32::<Plain>(wide.window(Some(100), Some(100)));
 }
 
 #[test]

@@ -46,8 +46,10 @@ impl core::fmt::Display for Unsupported {
 /// Largest head (or value) dimension the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Most keys a row may see for the portable kernel (see the known bug in `flash_forward_unit`).
-pub const UNIT_MAX_VISIBLE_KEYS: usize = 448;
+/// On software WGPU adapters, the most `visible keys x max(head_dim, value_dim)` a row may
+/// have for the portable kernel (see the known bug in `flash_forward_unit`): measured on
+/// lavapipe, 448 keys pass at d = 64 and 224 at d = 128, one more key tile fails.
+pub const UNIT_MAX_BAND_ELEMENTS: usize = 28672;
 
 /// Query rows per cube of the portable kernel.
 const UNIT_BLOCK_Q: usize = 32;
@@ -61,8 +63,9 @@ const UNIT_BLOCK_Q: usize = 32;
 /// `[batch, heads, seq_q]` in f32 (`-inf` with a zero output row where no key is visible).
 ///
 /// On CPU-type WGPU adapters (lavapipe: a WGPU runtime without plane operations) it
-/// declines (`Unsupported::Size`) bands wider than [`UNIT_MAX_VISIBLE_KEYS`] keys: there
-/// such rows come out wrong, for a reason not found yet.
+/// declines (`Unsupported::Size`) bands whose `visible keys x max(head_dim, value_dim)`
+/// exceeds [`UNIT_MAX_BAND_ELEMENTS`]: there such rows come out wrong, for a reason not
+/// found yet.
 pub fn flash_forward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -79,18 +82,20 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         value_dim,
         unbounded,
     } = Sizes::check(&q, &k, &v)?;
-    // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows that see more than
-    // 448 keys get wrong outputs (lse stays right). Until it is understood, decline such
-    // bands so the caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for
-    // diagnosis.
+    // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows with wide bands at
+    // large head dims get wrong outputs. Until it is understood, decline such bands so the
+    // caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for diagnosis.
     let widest = match (band.left, band.right) {
         (Some(l), Some(r)) => (l + r + 1).min(seq_k),
         _ => seq_k,
     };
     let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
-    if widest > UNIT_MAX_VISIBLE_KEYS && !no_cap && is_software_wgpu(&q.client) {
+    let band_elements = widest * dim.max(value_dim);
+    if band_elements > UNIT_MAX_BAND_ELEMENTS && !no_cap && is_software_wgpu(&q.client) {
         return Err(Unsupported::Size(format!(
-            "up to {widest} visible keys per row (the portable kernel takes {UNIT_MAX_VISIBLE_KEYS})"
+            "up to {widest} visible keys x dim {} per row on a software adapter (the portable \
+             kernel takes {UNIT_MAX_BAND_ELEMENTS})",
+            dim.max(value_dim)
         )));
     }
     let grid_y = batch * heads;

@@ -19,5 +19,5 @@ pub use flash_mma::flash_mma_kernel;
 pub use flash_unit::flash_unit_kernel;
 pub use launch::{
     flash_forward, flash_forward_mma, flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM,
-    UNIT_MAX_VISIBLE_KEYS,
+    UNIT_MAX_BAND_ELEMENTS,
 };
