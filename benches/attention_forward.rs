@@ -105,6 +105,16 @@ fn suite(quick: bool) -> Vec<Case> {
     cases
 }
 
+/// A throughput with three significant digits (GPU rates are tens to hundreds of
+/// TFLOP/s, CPU rates thousandths).
+fn rate(tflops: f64) -> String {
+    if tflops >= 10.0 {
+        format!("{tflops:.1}")
+    } else {
+        format!("{tflops:.3}")
+    }
+}
+
 fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
         f();
@@ -167,24 +177,24 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
         });
         let tflops = |ms: f64| case.flops() / ms / 1e9;
         let mut line = format!(
-            "{:<44} ours {:>9.3} ms {:>7.1} TFLOP/s",
+            "{:<44} ours {:>9.3} ms {:>7} TFLOP/s",
             case.label(),
             ours,
-            tflops(ours)
+            rate(tflops(ours))
         );
         if let Some(b) = burn {
             line += &format!(
-                " | burn {:>9.3} ms {:>7.1} TFLOP/s | x{:.2}",
+                " | burn {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
                 b,
-                tflops(b),
+                rate(tflops(b)),
                 b / ours
             );
         }
         if let Some(m) = materialised {
             line += &format!(
-                " | materialised {:>9.3} ms {:>7.1} TFLOP/s | x{:.2}",
+                " | materialised {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
                 m,
-                tflops(m),
+                rate(tflops(m)),
                 m / ours
             );
         }
