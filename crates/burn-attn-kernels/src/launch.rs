@@ -228,9 +228,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
     // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V tile
-    // [block_k][value_dim_pad + 8], within 48 KiB: past that, compute-sanitizer showed
-    // `ldmatrix` reading outside the kernel's shared memory (CubeCL 0.10 on the H200), so the
-    // kernel never asks for more (head dim 256 declines and takes the portable kernel).
+    // [block_k][value_dim_pad + 8], within 48 KiB: more has not been checked on a device
+    // yet (see docs/PERFORMANCE.md), so head dim 256 declines to the portable kernel.
     let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + bk * (value_dim_pad + 8)) * elem;
     // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
     // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
@@ -282,7 +281,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             f32::NEG_INFINITY,
             dim_pad,
             value_dim_pad,
-            MMA_PLANES,
+            planes,
             block_k,
             dtype.into(),
         );
