@@ -72,15 +72,18 @@ pub struct Inputs {
     pub v: (Vec<f32>, [usize; 4]),
 }
 
+/// Uniform values in `[-gain, gain)` of `shape`.
+fn uniform(rng: &mut StdRng, shape: [usize; 4], gain: f32) -> (Vec<f32>, [usize; 4]) {
+    let n = shape.iter().product();
+    let data = (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * gain)
+        .collect();
+    (data, shape)
+}
+
 pub fn inputs(case: &Case, seed: u64) -> Inputs {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut gen = |shape: [usize; 4], gain: f32| {
-        let n = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|_| rng.random_range(-1.0f32..1.0) * gain)
-            .collect();
-        (data, shape)
-    };
+    let mut gen = |shape: [usize; 4], gain: f32| uniform(&mut rng, shape, gain);
     let Case {
         batch,
         heads,
@@ -313,12 +316,7 @@ where
 {
     let x = inputs(&case, 23 + case.seq_q as u64 * 7 + case.dim as u64);
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
-    let mut rng = StdRng::seed_from_u64(99);
-    let n = shape.iter().product();
-    let w = (
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
-        shape,
-    );
+    let w = uniform(&mut StdRng::seed_from_u64(99), shape, 1.0);
     let got = attention_gradients::<B>(&case, &x, &w, true);
     let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
     let bound = 4.0 * f32_bound(&case);

@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor, TensorData};
 use burn_attn::cores::KeyPattern;
 use burn_attn::nn::complexity::{Cost, Method};
-use burn_attn::{pattern_attention, AttentionOptions, Window};
+use burn_attn::{pattern_attention, AttentionOptions};
 use burn_attn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AttentionBackend,
     CausalLinearAttention, CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig,
@@ -267,15 +267,7 @@ impl<B: AttentionBackend> Variant<B> {
     /// is a pattern attention.
     fn core(&self, n: usize) -> Option<(KeyPattern, AttentionOptions)> {
         match self {
-            Variant::Flash(m) => Some((
-                KeyPattern::default(),
-                AttentionOptions {
-                    scale: m.scale,
-                    causal: m.causal,
-                    window: Window::new(m.window_left, m.window_right),
-                    tile: Some(m.block_size),
-                },
-            )),
+            Variant::Flash(m) => Some((KeyPattern::default(), m.options())),
             Variant::Sparse(m) => Some((m.key_pattern(n, n), AttentionOptions::new())),
             Variant::Sliding(m) => Some((
                 KeyPattern::band(m.band(), m.causal),
@@ -381,6 +373,17 @@ pub fn structured_input(batch: usize, n: usize, d_model: usize, gain: f32, seed:
     x
 }
 
+/// Wall milliseconds of `repeats` calls of `f` (each must sync the device itself).
+fn timed_ms(repeats: usize, mut f: impl FnMut()) -> Vec<f64> {
+    (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
 /// Max and mean absolute difference.
 fn errors<B: Backend>(out: Tensor<B, 3>, reference: Tensor<B, 3>) -> (f64, f64) {
     // Reduce in f32 whatever the backend's float type, so the mean does not round away.
@@ -418,13 +421,7 @@ fn measure<B: AttentionBackend>(
     let (out, peak_bytes) = meter.measure(|| forward_synced(&variant, &x, device));
     let (max_error, mean_error) = errors(out, reference);
 
-    let times: Vec<f64> = (0..args.repeats)
-        .map(|_| {
-            let start = Instant::now();
-            drop(forward_synced(&variant, &x, device));
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+    let times = timed_ms(args.repeats, || drop(forward_synced(&variant, &x, device)));
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
 
     let core_ms = variant.core(n).map(|(pattern, options)| {
@@ -443,14 +440,7 @@ fn measure<B: AttentionBackend>(
             out
         };
         drop(core());
-        let times = (0..args.repeats)
-            .map(|_| {
-                let start = Instant::now();
-                drop(core());
-                start.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        median(times)
+        median(timed_ms(args.repeats, || drop(core())))
     });
 
     let (structured_max_error, structured_mean_error) = if args.no_structured {

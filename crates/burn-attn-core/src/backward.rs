@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 use crate::options::AttentionOptions;
 use crate::pattern::{KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
-use crate::tiled::DEFAULT_TILE;
+use crate::tiled::{hidden_keys, DEFAULT_TILE};
 
 /// Gradients `(dq, dk, dv)` of banded attention, in the inputs' shapes and dtype.
 ///
@@ -95,26 +95,15 @@ pub fn tiled_band_backward<B: Backend>(
         let mut dq_blk = Tensor::<B, 4>::zeros([batch, heads, nr, head_dim], &device).cast(work);
 
         let keys = pattern.key_range(rows.clone(), seq_q, seq_k);
-        let mut col = keys.start - keys.start % tile;
-        while col < keys.end {
-            let cols = col..(col + tile).min(seq_k);
-            col = cols.end;
-            let cover = pattern.classify(rows.clone(), cols.clone(), seq_q, seq_k);
-            if cover == TileCover::Empty {
-                continue;
-            }
-            let nc = cols.len();
+        for (cols, cover) in pattern.visible_tiles(rows.clone(), keys, tile, seq_q, seq_k) {
             let k_blk = k.clone().slice([0..batch, 0..heads, cols.clone()]);
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
             let s = q_blk.clone().matmul(k_blk.clone().swap_dims(2, 3)) * scale;
             let mut p = (s - lse_blk.clone()).exp();
             if cover == TileCover::Partial {
-                let hidden = pattern
-                    .tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device)
-                    .bool_not()
-                    .reshape([1, 1, nr, nc])
-                    .expand([batch, heads, nr, nc]);
-                p = p.mask_fill(hidden, 0.0);
+                let visible =
+                    pattern.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                p = p.mask_fill(hidden_keys(visible, batch, heads), 0.0);
             }
             let dp = do_blk.clone().matmul(v_blk.swap_dims(2, 3));
             let ds = p.clone() * (dp - delta_blk.clone());

@@ -138,6 +138,17 @@ pub struct KeyPattern {
     pub blocks: Option<BlockLayout>,
 }
 
+/// The key columns covered by the `block_k`-aligned tiles that hold `keys`, clipped to
+/// `seq_k` (empty when `keys` is).
+pub fn tile_span(keys: Range<usize>, block_k: usize, seq_k: usize) -> Range<usize> {
+    let block_k = block_k.max(1);
+    let first = keys.start - keys.start % block_k;
+    if first >= keys.end {
+        return first..first;
+    }
+    first..(first + (keys.end - first).div_ceil(block_k) * block_k).min(seq_k)
+}
+
 impl KeyPattern {
     /// A pattern that is only a band (and optionally causal).
     pub fn band(window: Window, causal: bool) -> Self {
@@ -235,6 +246,28 @@ impl KeyPattern {
             .step_by(stride)
             .filter(|j| !covered.contains(j))
             .collect()
+    }
+
+    /// The key tiles a block of query rows visits within `keys`: `block_k`-wide tiles
+    /// aligned to multiples of `block_k` (so they match block layouts) over
+    /// [`tile_span`], each with its cover for `rows`; tiles no row of `rows` sees are
+    /// skipped. The forward and the backward walk the same tiles through this.
+    pub fn visible_tiles(
+        &self,
+        rows: Range<usize>,
+        keys: Range<usize>,
+        block_k: usize,
+        seq_q: usize,
+        seq_k: usize,
+    ) -> impl Iterator<Item = (Range<usize>, TileCover)> + '_ {
+        let block_k = block_k.max(1);
+        tile_span(keys, block_k, seq_k)
+            .step_by(block_k)
+            .filter_map(move |col| {
+                let cols = col..(col + block_k).min(seq_k);
+                let cover = self.classify(rows.clone(), cols.clone(), seq_q, seq_k);
+                (cover != TileCover::Empty).then_some((cols, cover))
+            })
     }
 
     /// How the tile `rows x cols` is covered.

@@ -11,7 +11,7 @@ use core::ops::Range;
 
 use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor, TensorData};
 
-use crate::pattern::{KeyPattern, TileCover};
+use crate::pattern::{tile_span, KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
 
 /// Default query/key tile of the tensor-op path.
@@ -116,12 +116,6 @@ pub fn tiled_attention<B: Backend>(
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
         let mut state = RowState::new([batch, heads, nr, value_dim], &device);
-        let expand_mask = |visible: Tensor<B, 2, Bool>, nc: usize| {
-            visible
-                .bool_not()
-                .reshape([1, 1, nr, nc])
-                .expand([batch, heads, nr, nc])
-        };
         let padding_of = |pad: Tensor<B, 2, Bool>, nc: usize| {
             pad.reshape([batch, 1, 1, nc])
                 .expand([batch, heads, nr, nc])
@@ -132,16 +126,8 @@ pub fn tiled_attention<B: Backend>(
         } else {
             pattern.key_range(rows.clone(), seq_q, seq_k)
         };
-        // Key tiles are aligned to multiples of block_k so they match block layouts.
-        let first = keys.start - keys.start % spec.block_k.max(1);
-        let mut col = first;
-        while col < keys.end {
-            let cols = col..(col + spec.block_k).min(seq_k);
-            col = cols.end;
-            let cover = pattern.classify(rows.clone(), cols.clone(), seq_q, seq_k);
-            if cover == TileCover::Empty {
-                continue;
-            }
+        let tiles = pattern.visible_tiles(rows.clone(), keys.clone(), spec.block_k, seq_q, seq_k);
+        for (cols, cover) in tiles {
             let nc = cols.len();
             let k_blk = k.clone().slice([0..batch, 0..heads, cols.clone()]);
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
@@ -154,7 +140,7 @@ pub fn tiled_attention<B: Backend>(
             let mut hidden = (cover == TileCover::Partial).then(|| {
                 let visible =
                     pattern.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
-                expand_mask(visible, nc)
+                hidden_keys(visible, batch, heads)
             });
             if let Some(pad) = &spec.key_padding {
                 let pad = padding_of(pad.clone().slice([0..batch, cols.clone()]), nc);
@@ -164,7 +150,7 @@ pub fn tiled_attention<B: Backend>(
         }
 
         if gather_strided {
-            let covered = first..col.max(first);
+            let covered = tile_span(keys, spec.block_k, seq_k);
             let extra = pattern.strided_columns_outside(rows.clone(), covered, seq_q, seq_k);
             for chunk in extra.chunks(spec.block_k.max(1)) {
                 let nc = chunk.len();
@@ -174,7 +160,7 @@ pub fn tiled_attention<B: Backend>(
                 let v_blk = v.clone().select(2, idx.clone());
                 let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
                 let visible = pattern.columns_mask::<B>(rows.clone(), chunk, seq_q, seq_k, &device);
-                let mut hidden = expand_mask(visible, nc);
+                let mut hidden = hidden_keys(visible, batch, heads);
                 if let Some(pad) = &spec.key_padding {
                     hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx), nc));
                 }
@@ -195,6 +181,20 @@ pub fn tiled_attention<B: Backend>(
     let out = Tensor::cat(outputs, 2);
     let lse = Tensor::cat(lses, 2).squeeze_dim(3);
     (out, lse)
+}
+
+/// `[batch, heads, rows, cols]`, `true` where the `[rows, cols]` mask `visible` hides the
+/// key (the form `mask_fill` takes).
+pub(crate) fn hidden_keys<B: Backend>(
+    visible: Tensor<B, 2, Bool>,
+    batch: usize,
+    heads: usize,
+) -> Tensor<B, 4, Bool> {
+    let [nr, nc] = visible.dims();
+    visible
+        .bool_not()
+        .reshape([1, 1, nr, nc])
+        .expand([batch, heads, nr, nc])
 }
 
 /// The running softmax state of one block of query rows.

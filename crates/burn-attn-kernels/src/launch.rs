@@ -73,15 +73,13 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     band: BandArgs,
 ) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
     check_dtypes(&q, &k, &v)?;
+    let sizes = Sizes::check(&q, &k, &v)?;
     let Sizes {
-        batch,
-        heads,
-        seq_q,
         seq_k,
         dim,
         value_dim,
-        unbounded,
-    } = Sizes::check(&q, &k, &v)?;
+        ..
+    } = sizes;
     // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows with wide bands at
     // large head dims get wrong outputs. Until it is understood, decline such bands so the
     // caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for diagnosis.
@@ -98,18 +96,12 @@ pub fn flash_forward_unit<R: CubeRuntime>(
             dim.max(value_dim)
         )));
     }
-    let grid_y = batch * heads;
-    let grid_x = seq_q.div_ceil(UNIT_BLOCK_Q);
-    if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
-        return Err(Unsupported::Size(format!(
-            "grid {grid_x} x {grid_y} (batch*heads and seq_q/{UNIT_BLOCK_Q} up to 65535)"
-        )));
-    }
+    let grid = sizes.grid(UNIT_BLOCK_Q)?;
 
     let client = q.client.clone();
     let dtype = q.dtype;
-    let (out, lse) = alloc_outputs(&q, batch, heads, seq_q, value_dim);
-    if batch * heads * seq_q == 0 {
+    let (out, lse) = alloc_outputs(&q, &sizes);
+    if sizes.is_empty() {
         return Ok((out, lse));
     }
 
@@ -124,10 +116,9 @@ pub fn flash_forward_unit<R: CubeRuntime>(
             ))
         })?;
 
-    let clamp = |side: Option<usize>| side.unwrap_or(unbounded).min(unbounded) as i32;
     flash_unit_kernel::launch::<R>(
         &client,
-        CubeCount::Static(grid_x as u32, grid_y as u32, 1),
+        grid,
         CubeDim::new_1d(UNIT_BLOCK_Q as u32),
         q.into_tensor_arg(),
         k.into_tensor_arg(),
@@ -135,8 +126,8 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         out.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
         band.scale,
-        clamp(band.left),
-        clamp(band.right),
+        sizes.side(band.left),
+        sizes.side(band.right),
         f32::NEG_INFINITY,
         dim,
         value_dim,
@@ -201,28 +192,15 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             q.dtype
         )));
     }
-    let Sizes {
-        batch,
-        heads,
-        seq_q,
-        seq_k: _,
-        dim,
-        value_dim,
-        unbounded,
-    } = Sizes::check(&q, &k, &v)?;
+    let sizes = Sizes::check(&q, &k, &v)?;
+    let Sizes { dim, value_dim, .. } = sizes;
     let planes = std::env::var("BURN_ATTN_MMA_PLANES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|p| matches!(p, 4 | 8))
         .unwrap_or(MMA_PLANES);
     let block_q = MMA_ROWS_PER_PLANE * planes;
-    let grid_y = batch * heads;
-    let grid_x = seq_q.div_ceil(block_q);
-    if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
-        return Err(Unsupported::Size(format!(
-            "grid {grid_x} x {grid_y} (batch*heads and seq_q/{block_q} up to 65535)"
-        )));
-    }
+    let grid = sizes.grid(block_q)?;
     let dim_pad = dim.div_ceil(16) * 16;
     let value_dim_pad = value_dim.div_ceil(16) * 16;
     let elem = q.dtype.size();
@@ -238,16 +216,13 @@ pub fn flash_forward_mma<R: CubeRuntime>(
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|bk| matches!(bk, 16 | 32 | 64));
-    let preferred: &[usize] = if dim_pad > 64 {
-        &[32, 16]
-    } else {
-        &[64, 32, 16]
+    let candidates = match forced {
+        Some(bk) => vec![bk],
+        None if dim_pad > 64 => vec![32, 16],
+        None => vec![64, 32, 16],
     };
-    let block_k = preferred
-        .iter()
-        .copied()
-        .chain(forced)
-        .filter(|&bk| forced.is_none_or(|f| f == bk))
+    let block_k = candidates
+        .into_iter()
         .find(|&bk| smem(bk) <= shared.min(48 * 1024))
         .ok_or_else(|| {
             Unsupported::SharedMemory(format!(
@@ -255,20 +230,19 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             ))
         })?;
 
-    let (out, lse) = alloc_outputs(&q, batch, heads, seq_q, value_dim);
-    if batch * heads * seq_q == 0 {
+    let (out, lse) = alloc_outputs(&q, &sizes);
+    if sizes.is_empty() {
         return Ok((out, lse));
     }
     let client = q.client.clone();
     let dtype = q.dtype;
-    let clamp = |side: Option<usize>| side.unwrap_or(unbounded).min(unbounded) as i32;
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
     // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
     // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
     unsafe {
         flash_mma_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(grid_x as u32, grid_y as u32, 1),
+            grid,
             CubeDim::new_2d(32, planes as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -276,8 +250,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             band.scale,
-            clamp(band.left),
-            clamp(band.right),
+            sizes.side(band.left),
+            sizes.side(band.right),
             f32::NEG_INFINITY,
             dim_pad,
             value_dim_pad,
@@ -328,11 +302,15 @@ fn trace(message: impl FnOnce() -> String) {
 /// layout may be pitched).
 fn alloc_outputs<R: CubeRuntime>(
     q: &CubeTensor<R>,
-    batch: usize,
-    heads: usize,
-    seq_q: usize,
-    value_dim: usize,
+    sizes: &Sizes,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        value_dim,
+        ..
+    } = *sizes;
     let client = q.client.clone();
     let device = q.device.clone();
     let alloc = |shape: Shape, dtype: DType| {
@@ -354,6 +332,7 @@ fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
 }
 
 /// The sizes of a call, checked against what both kernels take.
+#[derive(Clone, Copy)]
 struct Sizes {
     batch: usize,
     heads: usize,
@@ -393,6 +372,27 @@ impl Sizes {
             value_dim,
             unbounded,
         })
+    }
+    /// No output rows (nothing to launch).
+    fn is_empty(&self) -> bool {
+        self.batch * self.heads * self.seq_q == 0
+    }
+
+    /// A band side as the kernels take it: `None` (unbounded) becomes `unbounded`.
+    fn side(&self, side: Option<usize>) -> i32 {
+        side.unwrap_or(self.unbounded).min(self.unbounded) as i32
+    }
+
+    /// One cube per `block_q` query rows and per (batch, head), within CubeCL's grid limits.
+    fn grid(&self, block_q: usize) -> Result<CubeCount, Unsupported> {
+        let grid_y = self.batch * self.heads;
+        let grid_x = self.seq_q.div_ceil(block_q);
+        if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
+            return Err(Unsupported::Size(format!(
+                "grid {grid_x} x {grid_y} (batch*heads and seq_q/{block_q} up to 65535)"
+            )));
+        }
+        Ok(CubeCount::Static(grid_x as u32, grid_y as u32, 1))
     }
 }
 

@@ -121,22 +121,26 @@ impl<B: AttentionBackend> FlashAttention<B> {
         key_padding: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
         let h = self.projection.split(query, key, value);
-        let options = AttentionOptions {
-            scale: self.scale,
-            causal: self.causal,
-            window: Window::new(self.window_left, self.window_right),
-            tile: Some(self.block_size),
-        };
         let out = pattern_attention(
             h.q,
             h.k,
             h.v,
             &KeyPattern::default(),
-            &options,
+            &self.options(),
             key_padding,
             self.dropout,
         );
         self.projection.merge(out)
+    }
+
+    /// The options of the attention core: scale, causal flag, window and tile.
+    pub fn options(&self) -> AttentionOptions {
+        AttentionOptions {
+            scale: self.scale,
+            causal: self.causal,
+            window: Window::new(self.window_left, self.window_right),
+            tile: Some(self.block_size),
+        }
     }
 
     /// The shared projections (for exact baselines with the same weights).
@@ -259,11 +263,7 @@ mod tests {
             Tensor::<Truth, 4>::from_data(t.to_data().convert::<f64>(), &Default::default())
         };
         let err = |got: Tensor<TestBackend, 4>, truth: &Tensor<Truth, 4>| -> f64 {
-            let got = Tensor::<Truth, 4>::from_data(
-                got.into_data().convert::<f64>(),
-                &Default::default(),
-            );
-            (got - truth.clone()).abs().max().into_scalar()
+            (to_f64(&got) - truth.clone()).abs().max().into_scalar()
         };
         for (causal, gain) in [(false, 30.0), (true, 30.0), (false, 100.0)] {
             let q = randn::<TestBackend, 4>([2, 3, 70, 16]) * gain;
