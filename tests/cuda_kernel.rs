@@ -10,7 +10,9 @@
 #![cfg(feature = "cuda")]
 
 use burn::backend::Cuda;
+use burn::cubecl::cuda::CudaRuntime;
 use burn::tensor::DType;
+use burn_attn_core::kernels::CubeBackend;
 
 mod kernel_common;
 use kernel_common::*;
@@ -19,6 +21,8 @@ use kernel_common::*;
 /// `CubeBackend` impl, so both impls are exercised. (`burn` does not re-export the plain
 /// CUDA `CubeBackend`.)
 type Fused = Cuda;
+/// The plain CubeCL CUDA backend, for launching the backward kernels directly.
+type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
 
 /// The CI grid trimmed as the header says, plus long sequences.
 fn cuda_grid() -> Vec<Case> {
@@ -52,20 +56,20 @@ fn cuda_kernel_long_sequence() {
     case.kv_heads = 1;
     check_f32::<Fused>(case);
     check_f32::<Fused>(case.window(Some(100), Some(0)));
-    check_low::<Fused>(case, DType::F16);
+    check_low_host::<Fused>(case, DType::F16);
 }
 
 #[test]
 fn cuda_kernel_f16_within_twice_reference_error() {
     for case in cuda_grid() {
-        check_low::<Fused>(case, DType::F16);
+        check_low_host::<Fused>(case, DType::F16);
     }
 }
 
 #[test]
 fn cuda_kernel_bf16_within_twice_reference_error() {
     for case in cuda_grid() {
-        check_low::<Fused>(case, DType::BF16);
+        check_low_host::<Fused>(case, DType::BF16);
     }
 }
 
@@ -73,5 +77,14 @@ fn cuda_kernel_bf16_within_twice_reference_error() {
 fn cuda_training_gradients_match_reference() {
     for case in gradient_grid() {
         check_gradients::<burn::backend::Autodiff<Fused>>(case);
+    }
+}
+
+#[test]
+fn cuda_backward_kernel_matches_reference() {
+    for case in backward_grid() {
+        check_backward_kernel::<Plain, CudaRuntime>(case, DType::F32);
+        check_backward_kernel::<Plain, CudaRuntime>(case, DType::F16);
+        check_backward_kernel::<Plain, CudaRuntime>(case, DType::BF16);
     }
 }

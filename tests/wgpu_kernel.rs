@@ -142,4 +142,44 @@ fn training_gradients_match_reference() {
     for case in gradient_grid() {
         check_gradients::<burn::backend::Autodiff<Fused>>(case);
     }
+    // d = 128 over 300 keys / 300 query rows: past lavapipe's loop budget, where the
+    // backward launcher declines and the tiled backward runs; the kernel elsewhere.
+    let mut wide = Case::new(40, 300, 128);
+    wide.heads = 1;
+    wide.kv_heads = 1;
+    check_gradients::<burn::backend::Autodiff<Fused>>(wide);
+    wide.seq_q = 300;
+    wide.seq_k = 40;
+    check_gradients::<burn::backend::Autodiff<Fused>>(wide);
+}
+
+#[test]
+fn backward_kernel_f32_matches_reference() {
+    if !gpu_available() {
+        return;
+    }
+    for case in backward_grid() {
+        check_backward_kernel::<Plain, WgpuRuntime>(case, DType::F32);
+    }
+    // Near lavapipe's loop budget at head dim 128 (the launcher's bound still takes these).
+    let mut wide = Case::new(40, 160, 128);
+    wide.heads = 1;
+    wide.kv_heads = 1;
+    check_backward_kernel::<Plain, WgpuRuntime>(wide, DType::F32);
+    wide.seq_q = 160;
+    wide.seq_k = 40;
+    check_backward_kernel::<Plain, WgpuRuntime>(wide, DType::F32);
+}
+
+#[test]
+fn backward_kernel_f16_within_thrice_reference_error() {
+    if !gpu_available() {
+        return;
+    }
+    // Two cases (one with GQA 8:1 and a window): the f16 reference gradients on lavapipe
+    // take tens of seconds a case.
+    let grid = backward_grid();
+    for case in [grid[3], grid[9]] {
+        check_backward_kernel::<Plain, WgpuRuntime>(case, DType::F16);
+    }
 }

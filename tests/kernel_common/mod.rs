@@ -3,7 +3,8 @@
 
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_attn_core::kernels::{flash_backward_unit, BandArgs, CubeRuntime, CubeTensor};
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
 };
@@ -214,6 +215,21 @@ pub fn check_f32<B: burn_attn_core::AttentionBackend>(case: Case) {
 }
 
 pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+    check_low_against::<B>(case, dtype, false)
+}
+
+/// [`check_low`] with the low-precision reference run on the host
+/// ([`host_low_precision_reference`]): on CUDA, Burn's own kernels compile and tune per
+/// shape, which costs about a minute per case of the grid.
+pub fn check_low_host<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+    check_low_against::<B>(case, dtype, true)
+}
+
+fn check_low_against<B: burn_attn_core::AttentionBackend>(
+    case: Case,
+    dtype: DType,
+    host_reference: bool,
+) {
     let x = inputs(&case, 11 + case.seq_k as u64 * 17 + case.dim as u64);
     let start = std::time::Instant::now();
     let (to, tl) = truth(&case, &x);
@@ -221,7 +237,11 @@ pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) 
     let (ko, kl, lse_dtype) = kernel::<B>(&case, &x, dtype);
     let kernel_s = start.elapsed().as_secs_f64() - truth_s;
     assert_eq!(lse_dtype, DType::F32, "lse is f32");
-    let (ro, rl) = low_precision_reference::<B>(&case, &x, dtype);
+    let (ro, rl) = if host_reference {
+        host_low_precision_reference(&case, &x, dtype)
+    } else {
+        low_precision_reference::<B>(&case, &x, dtype)
+    };
     let reference_s = start.elapsed().as_secs_f64() - truth_s - kernel_s;
     eprintln!("  time: truth {truth_s:.2} s, kernel {kernel_s:.2} s, reference {reference_s:.2} s");
     let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
@@ -238,6 +258,85 @@ pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) 
         el <= 2.0 * rel.max(floor) + f32_bound(&case) * 4.0,
         "{case:?} {dtype:?}: kernel lse err {el:e} > 2x reference err {rel:e}"
     );
+}
+
+/// Rounds `x` to `dtype` (f16 or bf16) and back.
+fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => burn::tensor::f16::from_f32(x).to_f32(),
+        DType::BF16 => burn::tensor::bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// The materialised reference (`reference_attention`) evaluated on the host in `dtype`:
+/// inputs rounded to it, and every tensor op's result rounded as the op would store it
+/// (matmuls and sums accumulate in f32 and round once, as GPU kernels do).
+pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>) {
+    let r = |v: f32| round_to(v, dtype);
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = *case;
+    let (q, k, v) = (&x.q.0, &x.k.0, &x.v.0);
+    let scale = r((1.0 / (dim as f64).sqrt()) as f32);
+    let pattern = KeyPattern::band(case.window, case.causal);
+    let visible: Vec<bool> = if seq_q > 0 && seq_k > 0 {
+        pattern
+            .tile_mask::<NdArray<f32>>(0..seq_q, 0..seq_k, seq_q, seq_k, &Default::default())
+            .into_data()
+            .to_vec::<bool>()
+            .expect("bool mask")
+    } else {
+        Vec::new()
+    };
+    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
+    let mut lse = vec![0f64; batch * heads * seq_q];
+    let group = heads / kv_heads;
+    let mut s = vec![0f32; seq_k];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kvh = h / group;
+            for i in 0..seq_q {
+                let qi = ((b * heads + h) * seq_q + i) * dim;
+                let mut m = f32::NEG_INFINITY;
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let kj = ((b * kv_heads + kvh) * seq_k + j) * dim;
+                    let dot: f32 = (0..dim).map(|c| r(q[qi + c]) * r(k[kj + c])).sum();
+                    *sj = if visible[i * seq_k + j] {
+                        r(r(dot) * scale)
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    m = m.max(*sj);
+                }
+                if m == f32::NEG_INFINITY {
+                    m = 0.0;
+                }
+                let w: Vec<f32> = s.iter().map(|&sj| r(r(sj - m).exp())).collect();
+                let sum = r(w.iter().sum::<f32>());
+                let p: Vec<f32> = w
+                    .iter()
+                    .map(|&wj| r(wj / sum.max(f32::MIN_POSITIVE)))
+                    .collect();
+                let oi = ((b * heads + h) * seq_q + i) * value_dim;
+                for c in 0..value_dim {
+                    let acc: f32 = (0..seq_k)
+                        .map(|j| p[j] * r(v[((b * kv_heads + kvh) * seq_k + j) * value_dim + c]))
+                        .sum();
+                    out[oi + c] = r(acc) as f64;
+                }
+                lse[(b * heads + h) * seq_q + i] = r(m + r(sum.ln())) as f64;
+            }
+        }
+    }
+    (out, lse)
 }
 
 pub fn grid() -> Vec<Case> {
@@ -289,10 +388,24 @@ fn attention_gradients<B>(
 where
     B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
 {
+    attention_gradients_in::<B>(case, x, w, ours, DType::F32)
+}
+
+/// [`attention_gradients`] with the inputs and `w` in `dtype`.
+fn attention_gradients_in<B>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    ours: bool,
+    dtype: DType,
+) -> [Vec<f64>; 3]
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
     let device = Default::default();
-    let q = tensor::<B>(&x.q, DType::F32, &device).require_grad();
-    let k = tensor::<B>(&x.k, DType::F32, &device).require_grad();
-    let v = tensor::<B>(&x.v, DType::F32, &device).require_grad();
+    let q = tensor::<B>(&x.q, dtype, &device).require_grad();
+    let k = tensor::<B>(&x.k, dtype, &device).require_grad();
+    let v = tensor::<B>(&x.v, dtype, &device).require_grad();
     let out = if ours {
         burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &case.options())
     } else {
@@ -300,16 +413,14 @@ where
         let scale = 1.0 / (case.dim as f64).sqrt();
         reference_attention(q.clone(), k.clone(), v.clone(), &pattern, scale, None, None).0
     };
-    let grads = (out * tensor::<B>(w, DType::F32, &device)).sum().backward();
-    let flat = |t: Tensor<B, 4>| {
-        let g = t.grad(&grads).expect("gradient");
-        g.into_data().convert::<f64>().to_vec::<f64>().unwrap()
-    };
+    let grads = (out * tensor::<B>(w, dtype, &device)).sum().backward();
+    let flat = |t: Tensor<B, 4>| to_f64(t.grad(&grads).expect("gradient"));
     [flat(q), flat(k), flat(v)]
 }
 
-/// Training through the op on backend `B` (forward kernel, tiled backward from the saved O
-/// and lse) against autodiff of the materialised reference in f64 on the CPU.
+/// Training through the op on backend `B` (forward kernel, backward kernels from the saved
+/// O and lse, or their tiled fallbacks) against autodiff of the materialised reference in
+/// f64 on the CPU.
 pub fn check_gradients<B>(case: Case)
 where
     B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
@@ -334,5 +445,141 @@ pub fn gradient_grid() -> Vec<Case> {
         Case::new(97, 17, 32).causal(),
         Case::new(33, 47, 64).gqa(8, 1),
         Case::new(130, 130, 64).window(Some(40), Some(3)).causal(),
+    ]
+}
+
+/// `[b, h, s, d]` data laid out as `[b, s, h, d]`.
+fn seq_major(x: &(Vec<f32>, [usize; 4])) -> (Vec<f32>, [usize; 4]) {
+    let [b, h, s, d] = x.1;
+    let mut data = vec![0.0; x.0.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                let from = ((bi * h + hi) * s + si) * d;
+                let to = ((bi * s + si) * h + hi) * d;
+                data[to..to + d].copy_from_slice(&x.0[from..from + d]);
+            }
+        }
+    }
+    (data, [b, s, h, d])
+}
+
+/// The backward launcher's gradients for `case` on the plain CubeCL backend `B`: the
+/// forward (kernel) gives O and lse, then `flash_backward_unit` runs on `d_out = w`.
+/// Panics when the launcher declines.
+fn kernel_backward<B, R>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    dtype: DType,
+) -> [Vec<f64>; 3]
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    // Queries as a strided view of a [b, seq, h, d] buffer (the kernels take any strides).
+    let q = tensor::<B>(&seq_major(&x.q), dtype, &device).swap_dims(1, 2);
+    let k = tensor::<B>(&x.k, dtype, &device);
+    let v = tensor::<B>(&x.v, dtype, &device);
+    let options = case.options();
+    let (out, lse) = attention_with_lse::<B>(q.clone(), k.clone(), v.clone(), &options);
+    let d_out = tensor::<B>(w, dtype, &device);
+    let window = options.effective_window();
+    let band = BandArgs {
+        scale: options.scale_for(case.dim) as f32,
+        left: window.left,
+        right: window.right,
+    };
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let (dq, dk, dv) = flash_backward_unit::<R>(
+        prim(q),
+        prim(k),
+        prim(v),
+        prim(out),
+        lse.into_primitive().tensor(),
+        prim(d_out),
+        band,
+    )
+    .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"));
+    let back = |t| {
+        let t = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+        assert_eq!(t.dtype(), dtype, "gradients keep the input dtype");
+        to_f64(t)
+    };
+    [back(dq), back(dk), back(dv)]
+}
+
+/// The backward kernels (`flash_backward_unit`, called directly on the plain CubeCL
+/// backend `B`) against autodiff of the materialised reference in f64: f32 to an absolute
+/// bound; f16/bf16 within 3x the error of the reference's gradients computed in the same
+/// low precision on the device (DESIGN.md). Also runs the kernels twice and requires the
+/// same bits.
+pub fn check_backward_kernel<B, R>(case: Case, dtype: DType)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let x = inputs(
+        &case,
+        31 + case.seq_q as u64 * 5 + case.seq_k as u64 + case.dim as u64,
+    );
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(77), shape, 1.0);
+    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let got = kernel_backward::<B, R>(&case, &x, &w, dtype);
+    let again = kernel_backward::<B, R>(&case, &x, &w, dtype);
+    let low_ref = (dtype != DType::F32)
+        .then(|| attention_gradients_in::<burn::backend::Autodiff<B>>(&case, &x, &w, false, dtype));
+    for (n, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let same_bits = got[n]
+            .iter()
+            .zip(&again[n])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same_bits,
+            "{case:?} {dtype:?}: {name} differs between two runs"
+        );
+        let err = max_err(&got[n], &want[n]);
+        match &low_ref {
+            None => {
+                let bound = 4.0 * f32_bound(&case);
+                eprintln!("backward kernel {case:?} {name}: err {err:e} (bound {bound:e})");
+                assert!(err <= bound, "{case:?}: {name} err {err:e} > {bound:e}");
+            }
+            Some(low) => {
+                let ref_err = max_err(&low[n], &want[n]);
+                let floor = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
+                eprintln!(
+                    "backward kernel {case:?} {dtype:?} {name}: err {err:e} (reference in \
+                     {dtype:?}: {ref_err:e})"
+                );
+                assert!(
+                    err <= 3.0 * ref_err.max(floor),
+                    "{case:?} {dtype:?}: {name} err {err:e} > 3x reference err {ref_err:e}"
+                );
+            }
+        }
+    }
+}
+
+/// The backward kernel grid: tails, seq_q != seq_k, head dims 32/64/80, every band kind,
+/// GQA ratios 1, 2 and 8.
+pub fn backward_grid() -> Vec<Case> {
+    vec![
+        Case::new(1, 1, 32),
+        Case::new(1, 17, 64).causal(),
+        Case::new(17, 1, 32).causal(),
+        Case::new(17, 64, 80),
+        Case::new(64, 17, 64).causal(),
+        Case::new(97, 64, 32).window(Some(7), Some(2)),
+        Case::new(64, 97, 64).window(Some(20), Some(0)).causal(),
+        Case::new(97, 97, 80).causal().gqa(4, 2),
+        Case::new(33, 64, 64).gqa(8, 1),
+        Case::new(64, 64, 32)
+            .window(Some(5), Some(9))
+            .gqa(8, 1)
+            .causal(),
+        Case::new(40, 3, 32).causal(),
     ]
 }

@@ -1,9 +1,11 @@
 //! The attention op as a Burn backend extension: the one place that decides which
-//! implementation runs. Backends with a kernel override [`AttentionBackend::banded_attention`];
-//! every other backend gets the tiled tensor-op implementation.
+//! implementation runs. Backends with kernels override [`AttentionBackend::banded_attention`]
+//! and [`AttentionBackend::banded_attention_backward`]; every other backend gets the tiled
+//! tensor-op implementations.
 
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
+use crate::backward::tiled_band_backward;
 use crate::error::ensure;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
@@ -13,7 +15,8 @@ use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
 /// A backend that can run exact attention over a band (full, causal or windowed).
 ///
 /// Implemented for `NdArray`, `Autodiff<B>`, and (with the `wgpu`/`cuda` features) for
-/// `CubeBackend` and `Fusion<CubeBackend>`. The default method is the tiled tensor-op path.
+/// `CubeBackend` and `Fusion<CubeBackend>`. The default methods are the tiled tensor-op
+/// paths.
 pub trait AttentionBackend: Backend {
     /// Exact attention of `q: [batch, heads, seq_q, head_dim]` over
     /// `k: [batch, kv_heads, seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
@@ -28,6 +31,25 @@ pub trait AttentionBackend: Backend {
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
         tiled_band(q, k, v, options)
+    }
+
+    /// Gradients `(dq, dk, dv)` of [`AttentionBackend::banded_attention`] for the output
+    /// gradient `d_out`, from the forward's inputs, output `out` and row log-sum-exp `lse`
+    /// (the probabilities are recomputed, never saved). Shapes and dtypes are those of the
+    /// forward; with GQA/MQA, `dk` and `dv` sum over the query heads sharing a kv head.
+    ///
+    /// The default is [`tiled_band_backward`]; `Autodiff<B>` calls this in its backward.
+    #[allow(clippy::too_many_arguments)]
+    fn banded_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        out: Tensor<Self, 4>,
+        lse: Tensor<Self, 3>,
+        d_out: Tensor<Self, 4>,
+        options: &AttentionOptions,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        tiled_band_backward(q, k, v, out, lse, d_out, options)
     }
 }
 

@@ -26,3 +26,8 @@ pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;
 pub use shape::{repeat_kv, AttentionShape};
 pub use tiled::{tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};
+
+/// The CubeCL kernels and their launchers (with the `wgpu` or `cuda` feature), for callers
+/// that launch them directly (the kernel tests do).
+#[cfg(feature = "cube")]
+pub use burn_attn_kernels as kernels;

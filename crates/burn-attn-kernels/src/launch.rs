@@ -291,7 +291,7 @@ pub fn flash_forward<R: CubeRuntime>(
 }
 
 /// With `BURN_ATTN_TRACE=1`, says on stderr which kernel ran or why one declined.
-fn trace(message: impl FnOnce() -> String) {
+pub(crate) fn trace(message: impl FnOnce() -> String) {
     if std::env::var("BURN_ATTN_TRACE").is_ok_and(|v| v == "1") {
         eprintln!("burn-attn: {}", message());
     }
@@ -326,26 +326,26 @@ fn alloc_outputs<R: CubeRuntime>(
 
 /// A WGPU runtime without plane operations: CubeCL withholds them on CPU-type adapters
 /// (lavapipe), the only place the portable kernel's wide-band bug was seen.
-fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+pub(crate) fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     use cubecl::ir::features::Plane;
     R::name(client).starts_with("wgpu") && !client.properties().features.plane.contains(Plane::Ops)
 }
 
 /// The sizes of a call, checked against what both kernels take.
 #[derive(Clone, Copy)]
-struct Sizes {
-    batch: usize,
-    heads: usize,
-    seq_q: usize,
-    seq_k: usize,
-    dim: usize,
-    value_dim: usize,
+pub(crate) struct Sizes {
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) seq_q: usize,
+    pub(crate) seq_k: usize,
+    pub(crate) dim: usize,
+    pub(crate) value_dim: usize,
     /// What an unbounded band side becomes in the kernels' i32 arithmetic.
-    unbounded: usize,
+    pub(crate) unbounded: usize,
 }
 
 impl Sizes {
-    fn check<R: CubeRuntime>(
+    pub(crate) fn check<R: CubeRuntime>(
         q: &CubeTensor<R>,
         k: &CubeTensor<R>,
         v: &CubeTensor<R>,
@@ -374,17 +374,17 @@ impl Sizes {
         })
     }
     /// No output rows (nothing to launch).
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.batch * self.heads * self.seq_q == 0
     }
 
     /// A band side as the kernels take it: `None` (unbounded) becomes `unbounded`.
-    fn side(&self, side: Option<usize>) -> i32 {
+    pub(crate) fn side(&self, side: Option<usize>) -> i32 {
         side.unwrap_or(self.unbounded).min(self.unbounded) as i32
     }
 
     /// One cube per `block_q` query rows and per (batch, head), within CubeCL's grid limits.
-    fn grid(&self, block_q: usize) -> Result<CubeCount, Unsupported> {
+    pub(crate) fn grid(&self, block_q: usize) -> Result<CubeCount, Unsupported> {
         let grid_y = self.batch * self.heads;
         let grid_x = self.seq_q.div_ceil(block_q);
         if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
@@ -396,12 +396,12 @@ impl Sizes {
     }
 }
 
-fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
+pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
     let s = t.meta.shape();
     [s[0], s[1], s[2], s[3]]
 }
 
-fn check_dtypes<R: CubeRuntime>(
+pub(crate) fn check_dtypes<R: CubeRuntime>(
     q: &CubeTensor<R>,
     k: &CubeTensor<R>,
     v: &CubeTensor<R>,

@@ -6,6 +6,8 @@
 //!   every runtime including WGSL and software Vulkan (lavapipe).
 //! - [`flash_forward_mma`]: the matrix-unit forward (`mma.sync.m16n8k16`, f16/bf16) for
 //!   runtimes that report that instruction (CUDA sm_80+).
+//! - [`flash_backward_unit`]: the portable backward (dQ, dK, dV from the saved output and
+//!   log-sum-exp; no matrix units, no atomics), for every runtime.
 #![warn(missing_docs)]
 
 // The #[cube(launch)] macro generates undocumented items.
@@ -13,11 +15,18 @@
 mod flash_mma;
 #[allow(missing_docs)]
 mod flash_unit;
+#[allow(missing_docs)]
+mod flash_unit_backward;
 mod launch;
+mod launch_backward;
 
+/// The CubeCL types of the launchers' signatures, for callers that launch them directly.
+pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
 pub use flash_mma::flash_mma_kernel;
 pub use flash_unit::flash_unit_kernel;
+pub use flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 pub use launch::{
     flash_forward, flash_forward_mma, flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM,
     UNIT_MAX_BAND_ELEMENTS,
 };
+pub use launch_backward::{flash_backward, flash_backward_unit};

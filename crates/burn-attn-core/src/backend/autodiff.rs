@@ -1,7 +1,10 @@
 //! [`AttentionBackend`] for `Autodiff<B>`: the forward is the inner backend's op (its
-//! kernel where it has one); the backward recomputes the probabilities tile by tile from
-//! the saved O and log-sum-exp ([`tiled_band_backward`]). The probabilities are never
-//! saved, so training memory stays O(seq) per head instead of O(seq^2).
+//! kernel where it has one); the backward is the inner backend's
+//! [`AttentionBackend::banded_attention_backward`] (the portable backward kernels on
+//! `CubeBackend`, [`tiled_band_backward`](crate::tiled_band_backward) elsewhere), which
+//! recomputes the probabilities tile by tile from the saved O and log-sum-exp. The
+//! probabilities are never saved, so training memory stays O(seq) per head instead of
+//! O(seq^2).
 
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -12,7 +15,6 @@ use burn::backend::autodiff::{
 use burn::tensor::{backend::Backend, ops::FloatTensor, Tensor, TensorPrimitive};
 
 use super::AttentionBackend;
-use crate::backward::tiled_band_backward;
 use crate::options::AttentionOptions;
 
 /// The backward step of one banded attention call.
@@ -45,7 +47,7 @@ impl<B: AttentionBackend> Backward<B, 3> for BandedAttentionBackward {
         let [node_q, node_k, node_v] = ops.parents;
         let d_out = grads.consume::<B>(&ops.node);
         let (q, k, v, out, lse, options) = ops.state;
-        let (dq, dk, dv) = tiled_band_backward(
+        let (dq, dk, dv) = B::banded_attention_backward(
             float::<B, 4>(q),
             float::<B, 4>(k),
             float::<B, 4>(v),
