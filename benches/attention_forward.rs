@@ -268,12 +268,18 @@ impl<R: burn::cubecl::Runtime> Pool<R> {
     fn reserved(&self) -> u64 {
         self.0.memory_usage().map_or(0, |u| u.bytes_reserved)
     }
+    /// Bytes of live allocations (no padding, no free pages).
+    fn in_use(&self) -> u64 {
+        self.0.memory_usage().map_or(0, |u| u.bytes_in_use)
+    }
 }
 
 /// The memory target's case: n = 65536, b = 1, h = 16, d = 128. After a pool cleanup with
 /// only Q, K, V alive, one forward runs and the pool's reserved bytes are read with its
 /// output alive. The pool never returns pages during the forward, so the reading is at
-/// least the peak in use (up to the pool's page rounding).
+/// least the peak in use (up to the pool's page rounding). Pages kept from creating the
+/// inputs inflate it, so the live bytes (`in use`) before and after are printed too: their
+/// difference is what the forward allocated and kept.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
     device: &B::Device,
@@ -290,27 +296,34 @@ fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
         B::sync(device).unwrap();
         pool.cleanup();
         let before = pool.reserved();
+        let in_use_before = pool.in_use();
         let opts = AttentionOptions::new().with_causal(causal);
         let start = Instant::now();
         let (o, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &opts);
         B::sync(device).unwrap();
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let after = pool.reserved();
+        let in_use_after = pool.in_use();
         let tensors = (4 * b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
         let ratio = after as f64 / tensors as f64;
         println!(
             "memory b={b} h={h} n={n} d={d} causal={causal} {}: pool {:.1} MiB before, {:.1} MiB \
-             after one forward ({ms:.1} ms, first call); Q+K+V+O+lse {:.1} MiB; ratio {ratio:.3}",
+             after one forward ({ms:.1} ms, first call); in use {:.1} MiB before, {:.1} MiB \
+             after; Q+K+V+O+lse {:.1} MiB; reserved ratio {ratio:.3}, in-use ratio {:.3}",
             args.dtype,
             before as f64 / 1048576.0,
             after as f64 / 1048576.0,
+            in_use_before as f64 / 1048576.0,
+            in_use_after as f64 / 1048576.0,
             tensors as f64 / 1048576.0,
+            in_use_after as f64 / tensors as f64,
         );
         drop((o, lse));
         rows.push(serde_json::json!({
             "case": "memory", "b": b, "h": h, "n": n, "d": d, "causal": causal,
             "dtype": args.dtype, "backend": args.backend, "reserved_before": before,
             "reserved_after": after, "tensor_bytes": tensors, "ratio": ratio,
+            "in_use_before": in_use_before, "in_use_after": in_use_after,
         }));
     }
     rows

@@ -13,7 +13,8 @@ print("nvrtc candidates", cands[:6])
 lib = ctypes.CDLL([c for c in cands if "builtins" not in c][0])
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"k.cu", 0, None, None) == 0
-incs = glob.glob("/usr/local/cuda*/include") + glob.glob("/usr/local/cuda*/targets/x86_64-linux/include")
+incs = glob.glob("/usr/local/cuda*/include/cccl") + glob.glob("/usr/local/cuda*/targets/x86_64-linux/include/cccl")  # libcu++ (cuda/barrier) first
+incs += glob.glob("/usr/local/cuda*/include") + glob.glob("/usr/local/cuda*/targets/x86_64-linux/include")
 try:
     import nvidia
     for p in nvidia.__path__:

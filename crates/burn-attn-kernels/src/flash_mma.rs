@@ -22,6 +22,7 @@
 use cubecl::cmma::MmaDefinition;
 use cubecl::define_size;
 use cubecl::ir::MatrixIdent;
+use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
 /// A finite stand-in for `-inf` (see `flash_unit`).
@@ -74,12 +75,153 @@ fn acc_set(
     arr[tile * per_tile + e / vs] = vector;
 }
 
+/// Two MMAs sharing one `A` fragment: `acc` tiles `first` and `first + 1` += `A` times
+/// the two `B` fragments of one `ldmatrix.x4` (`b_regs`, `b_vecs` vectors each). `b_frag`
+/// and `c_frag` are scratch registers (the instruction takes whole arrays).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_pair<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    a_frag: &Array<Vector<F, MmaVecA>>,
+    b_regs: &Array<Vector<F, MmaVecB>>,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    first: usize,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] b_vecs: usize,
+    #[comptime] c_vecs: usize,
+) {
+    #[unroll]
+    for half in 0..2usize {
+        #[unroll]
+        for i in 0..b_vecs {
+            b_frag[i] = b_regs[half * b_vecs + i];
+        }
+        #[unroll]
+        for i in 0..c_vecs {
+            c_frag[i] = acc[(first + half) * c_vecs + i];
+        }
+        def.execute_inplace(a_frag, b_frag, c_frag);
+        #[unroll]
+        for i in 0..c_vecs {
+            acc[(first + half) * c_vecs + i] = c_frag[i];
+        }
+    }
+}
+
+/// Stages `rows` rows of a `[.., seq, d]` tensor, from row `row0`, into `smem[dst..]` as
+/// `[row][smem_stride]` with plain loads and stores, zero past `seq` and from `d` to `d_pad`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows_sync<F: Float>(
+    src: &Tensor<F>,
+    base: usize,
+    row_stride: usize,
+    col_stride: usize,
+    row0: usize,
+    seq: usize,
+    d: usize,
+    smem: &mut SharedMemory<F>,
+    dst: usize,
+    tid: usize,
+    #[comptime] rows: usize,
+    #[comptime] d_pad: usize,
+    #[comptime] smem_stride: usize,
+    #[comptime] threads: usize,
+) {
+    let mut idx = tid;
+    while idx < comptime!(rows * d_pad) {
+        let r = idx / d_pad;
+        let c = idx % d_pad;
+        let j = row0 + r;
+        let mut x = F::new(0.0);
+        if j < seq && c < d {
+            x = src[base + j * row_stride + c * col_stride];
+        }
+        smem[dst + r * smem_stride + c] = x;
+        idx += threads;
+    }
+}
+
+/// The same staging with 16-byte asynchronous copies (`cp.async`, eight 16-bit values),
+/// for rows whose columns are contiguous, `d % 8 == 0` and 16-byte aligned: rows past
+/// `seq` are zero-filled by the copy itself (source length 0). Columns `d..d_pad` are not
+/// written (see `zero_pad_columns`). Completion is tracked by the caller's barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows_async<F: Float>(
+    src: &Tensor<F>,
+    base: usize,
+    row_stride: usize,
+    row0: usize,
+    seq: usize,
+    d: usize,
+    smem: &mut SharedMemory<F>,
+    dst: usize,
+    tid: usize,
+    #[comptime] rows: usize,
+    #[comptime] d_pad: usize,
+    #[comptime] smem_stride: usize,
+    #[comptime] threads: usize,
+) {
+    let chunks = comptime!(d_pad / 8);
+    let copy_len = comptime!(8u32);
+    let mut idx = tid;
+    while idx < comptime!(rows * d_pad / 8) {
+        let r = idx / chunks;
+        let c = (idx % chunks) * 8;
+        if c < d {
+            let j = row0 + r;
+            let valid = j < seq;
+            // An empty source at a valid address makes the copy write 16 zero bytes.
+            let off = select(valid, base + j * row_stride + c, base);
+            let len = select(valid, 8usize, 0usize);
+            let to = dst + r * smem_stride + c;
+            copy_async_checked(
+                &src.slice(off, off + len),
+                &mut smem.slice_mut(to, to + 8),
+                copy_len,
+            );
+        }
+        idx += threads;
+    }
+}
+
+/// Zeroes columns `d..d_pad` of `rows` shared-memory rows (at most 8 columns, `d` being a
+/// multiple of 8): the asynchronous staging never writes them, and `ldmatrix` reads them.
+#[cube]
+fn zero_pad_columns<F: Float>(
+    smem: &mut SharedMemory<F>,
+    d: usize,
+    tid: usize,
+    #[comptime] rows: usize,
+    #[comptime] d_pad: usize,
+    #[comptime] smem_stride: usize,
+    #[comptime] threads: usize,
+) {
+    let pad = d_pad - d;
+    let mut idx = tid;
+    while idx < rows * pad {
+        smem[(idx / pad) * smem_stride + d + idx % pad] = F::new(0.0);
+        idx += threads;
+    }
+}
+
 /// Matrix-unit FlashAttention forward.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
 /// warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and value dims
 /// rounded up to 16; `block_k` is a multiple of 16. Outputs as `flash_unit_kernel`.
-#[cube(launch_unchecked)]
+///
+/// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies
+/// in flight while the current one is computed (one cube barrier per tile instead of
+/// two). It needs contiguous rows of Q, K and V, head and value dims that are multiples
+/// of 8 and 16-byte aligned rows (the launcher checks); otherwise the kernel stages with
+/// plain loads into one buffer.
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_mma_kernel<F: Float>(
     q: &Tensor<F>,
@@ -95,6 +237,7 @@ pub fn flash_mma_kernel<F: Float>(
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
     #[comptime] block_k: usize,
+    #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
@@ -140,27 +283,57 @@ pub fn flash_mma_kernel<F: Float>(
     // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
     let row_a = (w0 + g) as i32;
 
-    // Q tile of the cube, staged once ([row][d], unscaled, zero-padded): fragments are
-    // read per head-dim chunk instead of living in registers for the whole pass.
+    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
+    // eight row addresses of one `ldmatrix` hit distinct banks: the cube's Q tile, staged
+    // once (fragments are read per head-dim chunk instead of living in registers), and
+    // `stages` K and V tiles.
+    let stages = comptime!(if async_copy { 2usize } else { 1usize });
     let d_chunks = comptime!(dim_pad / 16);
     let q_stride = comptime!(dim_pad + 8);
-    let mut q_smem = SharedMemory::<F>::new(comptime!(16 * warps * (dim_pad + 8)));
+    let k_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let k_stage = comptime!(block_k * (dim_pad + 8));
+    let v_stage = comptime!(block_k * (value_dim_pad + 8));
+    // 16-byte aligned: `ldmatrix` rows and `cp.async` destinations must be (the allocator
+    // otherwise aligns to the element size, and may place the 8-byte barriers first).
+    let mut q_smem =
+        SharedMemory::<F>::new_aligned(comptime!(16 * warps * (dim_pad + 8)), 16usize);
+    let mut k_smem =
+        SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (dim_pad + 8)), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(
+        comptime!(stages * block_k * (value_dim_pad + 8)),
+        16usize,
+    );
     let threads = comptime!(32 * warps);
     let tid = warp * 32 + lane;
     let q_base = b * q.stride(0) + h * q.stride(1);
-    let (q_sn, q_sd) = (q.stride(2), q.stride(3));
-    let mut idx = tid;
-    while idx < comptime!(16 * warps * dim_pad) {
-        let r = idx / dim_pad;
-        let c = idx % dim_pad;
-        let qr = r0 + r;
-        let mut x = F::new(0.0);
-        if qr < seq_q && c < dim {
-            x = q[q_base + qr * q_sn + c * q_sd];
-        }
-        q_smem[r * q_stride + c] = x;
-        idx += threads;
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    if comptime!(async_copy) {
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, block_q, dim_pad, q_stride, threads);
+        zero_pad_columns::<F>(
+            &mut k_smem,
+            dim,
+            tid,
+            comptime!(2 * block_k),
+            dim_pad,
+            k_stride,
+            threads,
+        );
+        zero_pad_columns::<F>(
+            &mut v_smem,
+            value_dim,
+            tid,
+            comptime!(2 * block_k),
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
     }
+    // One barrier per K/V buffer (their initialisation synchronises the cube, which also
+    // publishes the zeroed columns). Unused by the synchronous staging.
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     let v_tiles = comptime!(value_dim_pad / 8);
     let k_tiles = comptime!(block_k / 8);
@@ -172,7 +345,6 @@ pub fn flash_mma_kernel<F: Float>(
     let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
     let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
-    let mut b_frag2 = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
     let ld_block = lane / 8;
     let ld_row = lane % 8;
@@ -189,45 +361,78 @@ pub fn flash_mma_kernel<F: Float>(
         l_row[hf] = f32::new(0.0);
     }
 
-    let k_stride = comptime!(dim_pad + 8);
-    let v_stride = comptime!(value_dim_pad + 8);
-    let mut k_smem = SharedMemory::<F>::new(comptime!(block_k * (dim_pad + 8)));
-    let mut v_smem = SharedMemory::<F>::new(comptime!(block_k * (value_dim_pad + 8)));
-    let k_base = b * k.stride(0) + kvh * k.stride(1);
-    let v_base = b * v.stride(0) + kvh * v.stride(1);
     let (k_sn, k_sd) = (k.stride(2), k.stride(3));
     let (v_sn, v_sd) = (v.stride(2), v.stride(3));
 
     let bk_i = block_k as i32;
     let mut t0 = k_start - (k_start % bk_i);
+    // The buffer holding tile t0 (always 0 with synchronous staging).
+    let mut stage = 0usize;
+    if comptime!(async_copy) {
+        if t0 < k_end {
+            let t0u = usize::cast_from(t0);
+            stage_rows_async::<F>(
+                q, q_base, q.stride(2), r0, seq_q, dim, &mut q_smem, 0usize, tid, block_q,
+                dim_pad, q_stride, threads,
+            );
+            stage_rows_async::<F>(
+                k, k_base, k_sn, t0u, seq_k, dim, &mut k_smem, 0usize, tid, block_k, dim_pad,
+                k_stride, threads,
+            );
+            stage_rows_async::<F>(
+                v, v_base, v_sn, t0u, seq_k, value_dim, &mut v_smem, 0usize, tid, block_k,
+                value_dim_pad, v_stride, threads,
+            );
+            bar0.commit_copy_async();
+        }
+    } else {
+        stage_rows_sync::<F>(
+            q, q_base, q.stride(2), q.stride(3), r0, seq_q, dim, &mut q_smem, 0usize, tid,
+            block_q, dim_pad, q_stride, threads,
+        );
+    }
+
     while t0 < k_end {
         let t0u = usize::cast_from(t0);
-        // Stage K and V as [key][d], zero-padded past seq_k and the dims.
-        let mut idx = tid;
-        while idx < comptime!(block_k * dim_pad) {
-            let r = idx / dim_pad;
-            let c = idx % dim_pad;
-            let j = t0u + r;
-            let mut x = F::new(0.0);
-            if j < seq_k && c < dim {
-                x = k[k_base + j * k_sn + c * k_sd];
+        if comptime!(async_copy) {
+            // Issue the next tile into the other buffer (last read before the previous
+            // iteration's closing barrier), then wait for this one.
+            let next = t0 + bk_i;
+            if next < k_end {
+                let other = 1 - stage;
+                let nu = usize::cast_from(next);
+                stage_rows_async::<F>(
+                    k, k_base, k_sn, nu, seq_k, dim, &mut k_smem, other * k_stage, tid,
+                    block_k, dim_pad, k_stride, threads,
+                );
+                stage_rows_async::<F>(
+                    v, v_base, v_sn, nu, seq_k, value_dim, &mut v_smem, other * v_stage, tid,
+                    block_k, value_dim_pad, v_stride, threads,
+                );
+                if other == 0 {
+                    bar0.commit_copy_async();
+                } else {
+                    bar1.commit_copy_async();
+                }
             }
-            k_smem[r * k_stride + c] = x;
-            idx += threads;
-        }
-        let mut idx = tid;
-        while idx < comptime!(block_k * value_dim_pad) {
-            let r = idx / value_dim_pad;
-            let c = idx % value_dim_pad;
-            let j = t0u + r;
-            let mut x = F::new(0.0);
-            if j < seq_k && c < value_dim {
-                x = v[v_base + j * v_sn + c * v_sd];
+            if stage == 0 {
+                bar0.arrive_and_wait();
+            } else {
+                bar1.arrive_and_wait();
             }
-            v_smem[r * v_stride + c] = x;
-            idx += threads;
+        } else {
+            stage_rows_sync::<F>(
+                k, k_base, k_sn, k_sd, t0u, seq_k, dim, &mut k_smem, 0usize, tid, block_k,
+                dim_pad, k_stride, threads,
+            );
+            stage_rows_sync::<F>(
+                v, v_base, v_sn, v_sd, t0u, seq_k, value_dim, &mut v_smem, 0usize, tid,
+                block_k, value_dim_pad, v_stride, threads,
+            );
+            sync_cube();
         }
-        sync_cube();
+        let k_at = stage * k_stage;
+        let v_at = stage * v_stage;
 
         let tile_hi = t0 + bk_i - 1;
         let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
@@ -257,7 +462,8 @@ pub fn flash_mma_kernel<F: Float>(
                 for kp in 0..comptime!(k_tiles / 2) {
                     // B for key tiles 2kp and 2kp + 1: blocks (keys 0-7 | 8-15) x (d 0-7 |
                     // 8-15), K rows being B's columns.
-                    let k_off = (kp * 16 + 8 * (ld_block / 2) + ld_row) * k_stride
+                    let k_off = k_at
+                        + (kp * 16 + 8 * (ld_block / 2) + ld_row) * k_stride
                         + dc * 16
                         + 8 * (ld_block % 2);
                     let b_regs = def.load_matrix::<F, MmaVecB>(
@@ -266,26 +472,10 @@ pub fn flash_mma_kernel<F: Float>(
                         4usize,
                         false,
                     );
-                    #[unroll]
-                    for i in 0..b_vecs {
-                        b_frag[i] = b_regs[i];
-                        b_frag2[i] = b_regs[b_vecs + i];
-                    }
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        c_frag[i] = s_acc[2 * kp * c_vecs + i];
-                    }
-                    def.execute_inplace(&a_frag, &b_frag, &mut c_frag);
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        s_acc[2 * kp * c_vecs + i] = c_frag[i];
-                        c_frag[i] = s_acc[(2 * kp + 1) * c_vecs + i];
-                    }
-                    def.execute_inplace(&a_frag, &b_frag2, &mut c_frag);
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        s_acc[(2 * kp + 1) * c_vecs + i] = c_frag[i];
-                    }
+                    mma_pair::<F>(
+                        def, &a_frag, &b_regs, &mut s_acc, 2 * kp, &mut b_frag, &mut c_frag,
+                        b_vecs, c_vecs,
+                    );
                 }
             }
 
@@ -367,7 +557,8 @@ pub fn flash_mma_kernel<F: Float>(
                 for vp in 0..comptime!(v_tiles / 2) {
                     // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed: blocks
                     // (keys 0-7 | 8-15) x (d 0-7 | 8-15).
-                    let v_off = (kc * 16 + 8 * (ld_block % 2) + ld_row) * v_stride
+                    let v_off = v_at
+                        + (kc * 16 + 8 * (ld_block % 2) + ld_row) * v_stride
                         + vp * 16
                         + 8 * (ld_block / 2);
                     let b_regs = def.load_matrix::<F, MmaVecB>(
@@ -376,31 +567,19 @@ pub fn flash_mma_kernel<F: Float>(
                         4usize,
                         true,
                     );
-                    #[unroll]
-                    for i in 0..b_vecs {
-                        b_frag[i] = b_regs[i];
-                        b_frag2[i] = b_regs[b_vecs + i];
-                    }
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        c_frag[i] = o_acc[2 * vp * c_vecs + i];
-                    }
-                    def.execute_inplace(&a_frag, &b_frag, &mut c_frag);
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        o_acc[2 * vp * c_vecs + i] = c_frag[i];
-                        c_frag[i] = o_acc[(2 * vp + 1) * c_vecs + i];
-                    }
-                    def.execute_inplace(&a_frag, &b_frag2, &mut c_frag);
-                    #[unroll]
-                    for i in 0..c_vecs {
-                        o_acc[(2 * vp + 1) * c_vecs + i] = c_frag[i];
-                    }
+                    mma_pair::<F>(
+                        def, &a_frag, &b_regs, &mut o_acc, 2 * vp, &mut b_frag, &mut c_frag,
+                        b_vecs, c_vecs,
+                    );
                 }
             }
         }
+        // Every plane is done with this buffer before it is staged again.
         sync_cube();
         t0 += bk_i;
+        if comptime!(async_copy) {
+            stage = 1 - stage;
+        }
     }
 
     // Row sums over the group's four lanes, then normalise and write.

@@ -151,8 +151,8 @@ const MMA_PLANES: usize = 4;
 /// `Unsupported::DType`), and only where the runtime is CUDA and reports the `m16n8k16`
 /// instruction with f32 accumulation for the dtype (sm_80 and newer): elsewhere it
 /// declines with `Unsupported::Size`. Head and value dims are padded to 16 inside the
-/// kernel; the Q, K and V tiles must fit 48 KiB of shared memory, which takes head dims up
-/// to 240 (256 declines with `Unsupported::SharedMemory`).
+/// kernel; the Q tile and the K and V tiles (two of each with asynchronous staging) must
+/// fit the device's shared memory per cube (`Unsupported::SharedMemory` otherwise).
 pub fn flash_forward_mma<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -205,10 +205,18 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let value_dim_pad = value_dim.div_ceil(16) * 16;
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
-    // Padded Q tile [block_q][dim_pad + 8], K tile [block_k][dim_pad + 8] and V tile
-    // [block_k][value_dim_pad + 8], within 48 KiB: more has not been checked on a device
-    // yet (see docs/PERFORMANCE.md), so head dim 256 declines to the portable kernel.
-    let smem = |bk: usize| ((block_q + bk) * (dim_pad + 8) + bk * (value_dim_pad + 8)) * elem;
+    // Asynchronous double-buffered staging where the layout allows 16-byte copies;
+    // `BURN_ATTN_MMA_SYNC=1` forces the synchronous single-buffer staging (tuning runs).
+    let force_sync = std::env::var("BURN_ATTN_MMA_SYNC").is_ok_and(|v| v == "1");
+    let async_copy = !force_sync
+        && q.client.properties().features.copy_async
+        && [&q, &k, &v].iter().all(|t| aligned_rows(t));
+    let stages = if async_copy { 2 } else { 1 };
+    // Padded Q tile [block_q][dim_pad + 8], and `stages` K tiles [block_k][dim_pad + 8] and
+    // V tiles [block_k][value_dim_pad + 8], plus the two barriers.
+    let smem = |bk: usize| {
+        (block_q * (dim_pad + 8) + stages * bk * (dim_pad + 8 + value_dim_pad + 8)) * elem + 64
+    };
     // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
     // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
     // overrides the choice, for tuning runs.
@@ -223,12 +231,19 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     };
     let block_k = candidates
         .into_iter()
-        .find(|&bk| smem(bk) <= shared.min(48 * 1024))
+        .find(|&bk| smem(bk) <= shared)
         .ok_or_else(|| {
             Unsupported::SharedMemory(format!(
                 "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
             ))
         })?;
+    trace(|| {
+        format!(
+            "flash_mma planes {planes}, block_k {block_k}, {} staging, {} B shared",
+            if async_copy { "async" } else { "sync" },
+            smem(block_k)
+        )
+    });
 
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
@@ -257,6 +272,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             value_dim_pad,
             planes,
             block_k,
+            async_copy,
             dtype.into(),
         );
     }
@@ -322,6 +338,19 @@ fn alloc_outputs<R: CubeRuntime>(
         alloc(Shape::new([batch, heads, seq_q, value_dim]), q.dtype),
         alloc(Shape::new([batch, heads, seq_q]), DType::F32),
     )
+}
+
+/// Whether the rows of `t` can be staged with 16-byte copies: contiguous columns, row,
+/// head and batch strides and the buffer offset all multiples of 16 bytes.
+fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    let elem = t.dtype.size();
+    let [.., dim] = dims4(t);
+    let strides = t.meta.strides();
+    let chunk = 16 / elem;
+    dim % chunk == 0
+        && strides[3] == 1
+        && strides[..3].iter().all(|s| s % chunk == 0)
+        && t.handle.offset_start.unwrap_or(0) % 16 == 0
 }
 
 /// A WGPU runtime without plane operations: CubeCL withholds them on CPU-type adapters

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The H200 steps of one lease, each bounded so that a 10-minute device command holds a
+# group of them (see docs/PERFORMANCE.md for what each measured). Binaries are built here
+# first and carried in .carry/bins.tar.xz:
+#   cargo test  --release --features burn-attn/cuda --test cuda_kernel --no-run
+#   cargo bench --features cuda --bench attention_forward --no-run
+#   cargo build --release -p burn-attn-bench --features cuda
+# On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
+#   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
+# Steps: ptxas memcheck tune grid bench peers memory f32 wgpu compare. Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+B=${BIN:-/tmp/bin}
+PEERS=${PEERS:-.carry/torch_attention_bench.py}
+S=/usr/local/cuda/bin/compute-sanitizer
+AF="$B/attention_forward --backend cuda --dtype bf16"
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    ptxas) # registers and spills of the matrix-unit kernel as the default launch compiles it
+      BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
+      awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma.cu"
+      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head ;;
+    memcheck) # the default (asynchronous) configuration and the 8-plane one
+      timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
+      BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
+    tune) # staging, planes and key-tile variants at n=4096, d=128; TUNE_VARIANTS: space
+      # separated, the variables of one variant joined by commas ("default" = none)
+      for v in ${TUNE_VARIANTS:-default BURN_ATTN_MMA_SYNC=1 BURN_ATTN_MMA_PLANES=8 BURN_ATTN_MMA_BLOCK_K=64 BURN_ATTN_MMA_BLOCK_K=16 BURN_ATTN_MMA_PLANES=8,BURN_ATTN_MMA_BLOCK_K=64}; do
+        echo "-- variant [$v]"
+        vars=${v//,/ }; [ "$v" = default ] && vars=
+        env $vars timeout 40 $AF --repeats 10 --skip-burn --only "n=4096 d=128" 2>&1 | grep -E "ours|error|panick" | head -4
+      done ;;
+    grid) CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
+      echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")"; grep -E "out err" "$OUT/grid.log" | tail -3 ;;
+    bench) timeout ${BENCH_TIMEOUT:-300} $AF --repeats 10 --json "$OUT/bench-bf16.json" 2>&1 | tee "$OUT/bench-bf16.log" ;;
+    peers) # the peer script's own functions: bf16 SDPA and the FlexAttention windows
+      timeout 200 python3 -c "
+import json, torch
+src = open('$PEERS').read().split('if __name__')[0]
+exec(src)
+print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+run_sdpa([1024, 4096, 16384], [torch.bfloat16])
+run_flex([16384], [256, 1024])
+json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
+" > "$OUT/torch.log" 2>&1; grep -E "bfloat16 .*d=128|flex" "$OUT/torch.log" | grep -E "flash|cudnn|flex|math" | head -30 ;;
+    memory) timeout 60 "$B/attention_forward" --backend cuda --dtype bf16 --memory 2>&1 | tee "$OUT/memory.log" ;;
+    f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
+    compare) # one method per call, so a slow method cannot hide the others' rows
+      for m in exact flash sliding-window linear causal-linear hybrid sparse-local sparse-strided sparse-random learned-sparse adaptive-window; do
+        timeout ${COMPARE_TIMEOUT:-60} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --no-plots --methods $m --peers "$OUT/torch.json" --out-dir "$OUT/compare-$m" > "$OUT/compare-$m.log" 2>&1; echo "$m rc=$?"; grep -E "^$m " "$OUT/compare-$m.log" | head -4
+      done ;;
+    wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
+      for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+      for dt in f32 f16; do timeout 150 "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "== done $(date +%T)"
