@@ -81,9 +81,18 @@ fn cuda_training_gradients_match_reference() {
 }
 
 #[test]
-fn cuda_backward_kernel_matches_reference() {
+fn cuda_backward_kernel_f32_matches_reference() {
     for case in backward_grid() {
         check_backward_kernel::<Plain, CudaRuntime>(case, DType::F32);
+    }
+}
+
+/// Two cases (one with GQA 8:1 and a window): the f16/bf16 reference gradients run Burn's
+/// own kernels on the device, which compile and tune per shape (tens of seconds a case).
+#[test]
+fn cuda_backward_kernel_low_precision_within_thrice_reference_error() {
+    let grid = backward_grid();
+    for case in [grid[3], grid[9]] {
         check_backward_kernel::<Plain, CudaRuntime>(case, DType::F16);
         check_backward_kernel::<Plain, CudaRuntime>(case, DType::BF16);
     }
