@@ -6,19 +6,25 @@
 //! cargo bench --bench attention_forward --features cuda -- --backend cuda --dtype bf16
 //! cargo bench --bench attention_forward --features cuda -- --backend cuda --memory
 //! cargo bench --bench attention_forward -- --backend cpu --quick      # CPU sanity run
+//! cargo bench --bench attention_forward --features cuda -- --backend cuda --backward
 //! ```
 //! Prints one line per case and, with `--json PATH`, writes the results. TFLOP/s use
 //! FlashAttention's count: `4*b*h*n*n*d`, half of it causal, the visible band for windows.
 //! `--only TEXT` keeps the cases whose label contains TEXT; `--memory` runs the long
 //! sequence memory case instead (GPU backends: device pool bytes after one forward);
 //! `--skip-burn` drops Burn's kernels, which otherwise run up to n = 4096 (`--burn-all`:
-//! at every length).
+//! at every length). `--backward` times training steps instead: forward plus backward
+//! through `Autodiff<B>` (gradients of `sum(out * w)` for Q, K and V), reporting the
+//! backward alone (step minus forward) with the backward count `2.5x` the forward's, and
+//! Burn's materialised attention trained the same way as the peer; with `--memory` it
+//! runs one training step at n = 32768. `--memory-seq N` changes the memory case's length.
 
 use std::time::Instant;
 
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::{attention as burn_attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use burn_attn::{attention, AttentionBackend, AttentionOptions, Window};
 
 /// One benchmark case.
@@ -211,6 +217,91 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
     rows
 }
 
+/// Training-step timings (`--backward`): the forward alone, then forward plus backward
+/// through `Autodiff<B>`; the backward is their difference.
+fn run_backward<B: AutodiffBackend + AttentionBackend>(
+    device: &B::Device,
+    args: &Args,
+) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    let cases = suite(args.quick).into_iter().filter(|c| {
+        args.only
+            .as_ref()
+            .is_none_or(|o| c.label().contains(o.as_str()))
+    });
+    for case in cases {
+        let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
+        let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
+        let (q, k, v, w) = (rand(), rand(), rand(), rand());
+        let opts = case.options();
+        let burn_options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: case.causal,
+        };
+        // One training step of ours (`materialised = false`) or of Burn's materialised
+        // attention: the gradients of sum(out * w) for q, k and v.
+        let step = |materialised: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let out = if materialised {
+                attention_fallback(q.clone(), k.clone(), v.clone(), None, None, burn_options)
+            } else {
+                attention(q.clone(), k.clone(), v.clone(), &opts)
+            };
+            let grads = (out * w.clone()).sum().backward();
+            let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
+        };
+        let forward = median_ms::<B>(device, args.repeats, || {
+            let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
+        });
+        let ours = median_ms::<B>(device, args.repeats, || step(false)) - forward;
+        let materialised =
+            (case.window.is_none() && !args.skip_burn && case.seq <= 4096).then(|| {
+                let fwd = median_ms::<B>(device, args.repeats, || {
+                    let _ = attention_fallback(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        None,
+                        burn_options,
+                    );
+                });
+                median_ms::<B>(device, args.repeats, || step(true)) - fwd
+            });
+        // DESIGN.md's count: the backward is 2.5x the forward's FLOPs.
+        let tflops = |ms: f64| 2.5 * case.flops() / ms.max(1e-6) / 1e9;
+        let mut line = format!(
+            "{:<44} backward ours {:>9.3} ms {:>7} TFLOP/s (forward {:.3} ms)",
+            case.label(),
+            ours,
+            rate(tflops(ours)),
+            forward
+        );
+        if let Some(m) = materialised {
+            line += &format!(
+                " | materialised {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
+                m,
+                rate(tflops(m)),
+                m / ours
+            );
+        }
+        println!("{line}");
+        rows.push(serde_json::json!({
+            "case": case.label(), "pass": "backward", "b": case.batch, "h": case.heads,
+            "n": case.seq, "d": case.head_dim, "causal": case.causal, "window": case.window,
+            "dtype": args.dtype, "backend": args.backend, "forward_ms": forward,
+            "ours_ms": ours, "ours_tflops": tflops(ours),
+            "materialised_ms": materialised, "materialised_tflops": materialised.map(tflops),
+        }));
+    }
+    rows
+}
+
 struct Args {
     backend: String,
     dtype: String,
@@ -221,6 +312,8 @@ struct Args {
     json: Option<String>,
     only: Option<String>,
     memory: bool,
+    memory_seq: Option<usize>,
+    backward: bool,
 }
 
 fn parse_args() -> Args {
@@ -234,6 +327,8 @@ fn parse_args() -> Args {
         json: None,
         only: None,
         memory: false,
+        memory_seq: None,
+        backward: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -249,6 +344,14 @@ fn parse_args() -> Args {
             "--json" => args.json = it.next(),
             "--only" => args.only = it.next(),
             "--memory" => args.memory = true,
+            "--memory-seq" => {
+                args.memory_seq = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--memory-seq N"),
+                )
+            }
+            "--backward" => args.backward = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other:?}; see the file's header for usage"),
         }
@@ -274,24 +377,34 @@ impl<R: burn::cubecl::Runtime> Pool<R> {
     }
 }
 
-/// The memory target's case: n = 65536, b = 1, h = 16, d = 128. After a pool cleanup with
-/// only Q, K, V alive, one forward runs and the pool's reserved bytes are read with its
-/// output alive. The pool never returns pages during the forward, so the reading is at
-/// least the peak in use (up to the pool's page rounding). Pages kept from creating the
-/// inputs inflate it, so the live bytes (`in use`) before and after are printed too: their
-/// difference is what the forward allocated and kept.
+/// The memory targets' cases: b = 1, h = 16, d = 128; one forward at n = 65536, or with
+/// `--backward` one training step (forward and backward of `sum(out * w)`) at n = 32768.
+///
+/// The inputs are constant-filled (memory does not depend on the values; random
+/// generation leaves pages of f32 intermediates in the pool). After a pool cleanup with
+/// only the inputs alive, the call runs and the pool's reserved bytes are read with its
+/// outputs (and gradients) alive: the pool returns no pages during the call, so that
+/// reading bounds the peak from above (up to page rounding). The live bytes (`in use`)
+/// before and after are printed too.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
+fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
     device: &B::Device,
     pool: &Pool<R>,
     args: &Args,
 ) -> Vec<serde_json::Value> {
     use burn_attn::cores::attention_with_lse;
-    let (b, h, n, d) = (1usize, 16usize, 65536usize, 128usize);
+    let default_seq = if args.backward { 32768 } else { 65536 };
+    let (b, h, n, d) = (
+        1usize,
+        16usize,
+        args.memory_seq.unwrap_or(default_seq),
+        128usize,
+    );
     let mut rows = Vec::new();
     for causal in [false, true] {
-        let rand = || Tensor::<B, 4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), device);
-        let (q, k, v) = (rand(), rand(), rand());
+        let fill = |x: f32| Tensor::<B, 4>::full([b, h, n, d], x, device);
+        let (q, k, v) = (fill(0.02), fill(0.01), fill(0.5));
+        let w = args.backward.then(|| fill(1.0));
         let elem = q.dtype().size() as u64;
         B::sync(device).unwrap();
         pool.cleanup();
@@ -299,17 +412,41 @@ fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
         let in_use_before = pool.in_use();
         let opts = AttentionOptions::new().with_causal(causal);
         let start = Instant::now();
-        let (o, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &opts);
+        // Keep what the call returns alive while the pool is read.
+        let kept = match &w {
+            None => {
+                let (o, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &opts);
+                (Some((o, lse)), None)
+            }
+            Some(w) => {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let out = attention(q.clone(), k.clone(), v.clone(), &opts);
+                let grads = (out * w.clone()).sum().backward();
+                (None, Some((q.grad(&grads), k.grad(&grads), v.grad(&grads))))
+            }
+        };
         B::sync(device).unwrap();
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let after = pool.reserved();
         let in_use_after = pool.in_use();
-        let tensors = (4 * b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
+        // Forward: Q, K, V, O and the f32 lse. Training: Q, K, V, O, their four gradients
+        // (dO = w) and the lse.
+        let tensors_n = if args.backward { 8 } else { 4 };
+        let tensors = (tensors_n * b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
         let ratio = after as f64 / tensors as f64;
+        let what = if args.backward {
+            "training step"
+        } else {
+            "forward"
+        };
         println!(
-            "memory b={b} h={h} n={n} d={d} causal={causal} {}: pool {:.1} MiB before, {:.1} MiB \
-             after one forward ({ms:.1} ms, first call); in use {:.1} MiB before, {:.1} MiB \
-             after; Q+K+V+O+lse {:.1} MiB; reserved ratio {ratio:.3}, in-use ratio {:.3}",
+            "memory {what} b={b} h={h} n={n} d={d} causal={causal} {}: pool {:.1} MiB before, \
+             {:.1} MiB after ({ms:.1} ms, first call); in use {:.1} MiB before, {:.1} MiB \
+             after; tensors {:.1} MiB; reserved ratio {ratio:.3}, in-use ratio {:.3}",
             args.dtype,
             before as f64 / 1048576.0,
             after as f64 / 1048576.0,
@@ -318,12 +455,12 @@ fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
             tensors as f64 / 1048576.0,
             in_use_after as f64 / tensors as f64,
         );
-        drop((o, lse));
+        drop(kept);
         rows.push(serde_json::json!({
-            "case": "memory", "b": b, "h": h, "n": n, "d": d, "causal": causal,
-            "dtype": args.dtype, "backend": args.backend, "reserved_before": before,
-            "reserved_after": after, "tensor_bytes": tensors, "ratio": ratio,
-            "in_use_before": in_use_before, "in_use_after": in_use_after,
+            "case": format!("memory {what}"), "b": b, "h": h, "n": n, "d": d,
+            "causal": causal, "dtype": args.dtype, "backend": args.backend,
+            "reserved_before": before, "reserved_after": after, "tensor_bytes": tensors,
+            "ratio": ratio, "in_use_before": in_use_before, "in_use_after": in_use_after,
         }));
     }
     rows
@@ -332,20 +469,25 @@ fn memory_case<B: AttentionBackend, R: burn::cubecl::Runtime>(
 #[allow(unused_macros)] // used only with the gpu features
 macro_rules! dispatch_dtype {
     ($backend:ident, $runtime:ty, $args:expr, $device:expr) => {{
+        use burn::backend::Autodiff;
         let device = $device;
         let pool = Pool::<$runtime>(<$runtime as burn::cubecl::Runtime>::client(&device));
-        match ($args.dtype.as_str(), $args.memory) {
-            ("f32", false) => run::<$backend<f32>>(&device, &$args),
-            ("f16", false) => run::<$backend<burn::tensor::f16>>(&device, &$args),
-            ("bf16", false) => run::<$backend<burn::tensor::bf16>>(&device, &$args),
-            ("f32", true) => memory_case::<$backend<f32>, $runtime>(&device, &pool, &$args),
-            ("f16", true) => {
-                memory_case::<$backend<burn::tensor::f16>, $runtime>(&device, &pool, &$args)
-            }
-            ("bf16", true) => {
-                memory_case::<$backend<burn::tensor::bf16>, $runtime>(&device, &pool, &$args)
-            }
-            (other, _) => panic!("unknown dtype {other}"),
+        macro_rules! with_float {
+            ($f:ty) => {
+                match ($args.memory, $args.backward) {
+                    (true, _) => {
+                        memory_case::<Autodiff<$backend<$f>>, $runtime>(&device, &pool, &$args)
+                    }
+                    (false, true) => run_backward::<Autodiff<$backend<$f>>>(&device, &$args),
+                    (false, false) => run::<$backend<$f>>(&device, &$args),
+                }
+            };
+        }
+        match $args.dtype.as_str() {
+            "f32" => with_float!(f32),
+            "f16" => with_float!(burn::tensor::f16),
+            "bf16" => with_float!(burn::tensor::bf16),
+            other => panic!("unknown dtype {other}"),
         }
     }};
 }
@@ -356,7 +498,12 @@ fn main() {
         "cpu" => {
             type Cpu<F> = burn::backend::NdArray<F>;
             assert_eq!(args.dtype, "f32", "the CPU backend runs f32");
-            run::<Cpu<f32>>(&Default::default(), &args)
+            assert!(!args.memory, "--memory reads a GPU device pool");
+            if args.backward {
+                run_backward::<burn::backend::Autodiff<Cpu<f32>>>(&Default::default(), &args)
+            } else {
+                run::<Cpu<f32>>(&Default::default(), &args)
+            }
         }
         #[cfg(feature = "cuda")]
         "cuda" => {

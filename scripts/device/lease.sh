@@ -7,7 +7,8 @@
 #   cargo build --release -p burn-attn-bench --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas memcheck tune grid bench peers memory f32 wgpu compare. Logs and JSON go to $OUT.
+# Steps: ptxas memcheck tune grid bench peers memory backward memory-train f32 wgpu
+# compare. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
@@ -45,11 +46,14 @@ run_flex([16384], [256, 1024])
 json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
 " > "$OUT/torch.log" 2>&1; grep -E "bfloat16 .*d=128|flex" "$OUT/torch.log" | grep -E "flash|cudnn|flex|math" | head -30 ;;
     memory) timeout 60 "$B/attention_forward" --backend cuda --dtype bf16 --memory 2>&1 | tee "$OUT/memory.log" ;;
+    backward) # training steps: our backward vs Burn's materialised autodiff (n <= 4096)
+      timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
+    memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
-    compare) # one method per call, so a slow method cannot hide the others' rows
-      for m in exact flash sliding-window linear causal-linear hybrid sparse-local sparse-strided sparse-random learned-sparse adaptive-window; do
-        timeout ${COMPARE_TIMEOUT:-60} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --no-plots --methods $m --peers "$OUT/torch.json" --out-dir "$OUT/compare-$m" > "$OUT/compare-$m.log" 2>&1; echo "$m rc=$?"; grep -E "^$m " "$OUT/compare-$m.log" | head -4
-      done ;;
+    compare) # every method in one call: Burn compiles and tunes its kernels on the first call
+      # of each shape (about a minute per new shape on the H200), so one process shares that
+      # cost across methods (eleven separate calls of 38 s each printed almost nothing)
+      timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
       for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
       for dt in f32 f16; do timeout 150 "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
