@@ -296,14 +296,11 @@ pub fn flash_mma_kernel<F: Float>(
     let v_stage = comptime!(block_k * (value_dim_pad + 8));
     // 16-byte aligned: `ldmatrix` rows and `cp.async` destinations must be (the allocator
     // otherwise aligns to the element size, and may place the 8-byte barriers first).
-    let mut q_smem =
-        SharedMemory::<F>::new_aligned(comptime!(16 * warps * (dim_pad + 8)), 16usize);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(16 * warps * (dim_pad + 8)), 16usize);
     let mut k_smem =
         SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (dim_pad + 8)), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(
-        comptime!(stages * block_k * (value_dim_pad + 8)),
-        16usize,
-    );
+    let mut v_smem =
+        SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (value_dim_pad + 8)), 16usize);
     let threads = comptime!(32 * warps);
     let tid = warp * 32 + lane;
     let q_base = b * q.stride(0) + h * q.stride(1);
@@ -372,23 +369,68 @@ pub fn flash_mma_kernel<F: Float>(
         if t0 < k_end {
             let t0u = usize::cast_from(t0);
             stage_rows_async::<F>(
-                q, q_base, q.stride(2), r0, seq_q, dim, &mut q_smem, 0usize, tid, block_q,
-                dim_pad, q_stride, threads,
+                q,
+                q_base,
+                q.stride(2),
+                r0,
+                seq_q,
+                dim,
+                &mut q_smem,
+                0usize,
+                tid,
+                block_q,
+                dim_pad,
+                q_stride,
+                threads,
             );
             stage_rows_async::<F>(
-                k, k_base, k_sn, t0u, seq_k, dim, &mut k_smem, 0usize, tid, block_k, dim_pad,
-                k_stride, threads,
+                k,
+                k_base,
+                k_sn,
+                t0u,
+                seq_k,
+                dim,
+                &mut k_smem,
+                0usize,
+                tid,
+                block_k,
+                dim_pad,
+                k_stride,
+                threads,
             );
             stage_rows_async::<F>(
-                v, v_base, v_sn, t0u, seq_k, value_dim, &mut v_smem, 0usize, tid, block_k,
-                value_dim_pad, v_stride, threads,
+                v,
+                v_base,
+                v_sn,
+                t0u,
+                seq_k,
+                value_dim,
+                &mut v_smem,
+                0usize,
+                tid,
+                block_k,
+                value_dim_pad,
+                v_stride,
+                threads,
             );
             bar0.commit_copy_async();
         }
     } else {
         stage_rows_sync::<F>(
-            q, q_base, q.stride(2), q.stride(3), r0, seq_q, dim, &mut q_smem, 0usize, tid,
-            block_q, dim_pad, q_stride, threads,
+            q,
+            q_base,
+            q.stride(2),
+            q.stride(3),
+            r0,
+            seq_q,
+            dim,
+            &mut q_smem,
+            0usize,
+            tid,
+            block_q,
+            dim_pad,
+            q_stride,
+            threads,
         );
     }
 
@@ -402,12 +444,34 @@ pub fn flash_mma_kernel<F: Float>(
                 let other = 1 - stage;
                 let nu = usize::cast_from(next);
                 stage_rows_async::<F>(
-                    k, k_base, k_sn, nu, seq_k, dim, &mut k_smem, other * k_stage, tid,
-                    block_k, dim_pad, k_stride, threads,
+                    k,
+                    k_base,
+                    k_sn,
+                    nu,
+                    seq_k,
+                    dim,
+                    &mut k_smem,
+                    other * k_stage,
+                    tid,
+                    block_k,
+                    dim_pad,
+                    k_stride,
+                    threads,
                 );
                 stage_rows_async::<F>(
-                    v, v_base, v_sn, nu, seq_k, value_dim, &mut v_smem, other * v_stage, tid,
-                    block_k, value_dim_pad, v_stride, threads,
+                    v,
+                    v_base,
+                    v_sn,
+                    nu,
+                    seq_k,
+                    value_dim,
+                    &mut v_smem,
+                    other * v_stage,
+                    tid,
+                    block_k,
+                    value_dim_pad,
+                    v_stride,
+                    threads,
                 );
                 if other == 0 {
                     bar0.commit_copy_async();
@@ -422,12 +486,36 @@ pub fn flash_mma_kernel<F: Float>(
             }
         } else {
             stage_rows_sync::<F>(
-                k, k_base, k_sn, k_sd, t0u, seq_k, dim, &mut k_smem, 0usize, tid, block_k,
-                dim_pad, k_stride, threads,
+                k,
+                k_base,
+                k_sn,
+                k_sd,
+                t0u,
+                seq_k,
+                dim,
+                &mut k_smem,
+                0usize,
+                tid,
+                block_k,
+                dim_pad,
+                k_stride,
+                threads,
             );
             stage_rows_sync::<F>(
-                v, v_base, v_sn, v_sd, t0u, seq_k, value_dim, &mut v_smem, 0usize, tid,
-                block_k, value_dim_pad, v_stride, threads,
+                v,
+                v_base,
+                v_sn,
+                v_sd,
+                t0u,
+                seq_k,
+                value_dim,
+                &mut v_smem,
+                0usize,
+                tid,
+                block_k,
+                value_dim_pad,
+                v_stride,
+                threads,
             );
             sync_cube();
         }
@@ -473,8 +561,15 @@ pub fn flash_mma_kernel<F: Float>(
                         false,
                     );
                     mma_pair::<F>(
-                        def, &a_frag, &b_regs, &mut s_acc, 2 * kp, &mut b_frag, &mut c_frag,
-                        b_vecs, c_vecs,
+                        def,
+                        &a_frag,
+                        &b_regs,
+                        &mut s_acc,
+                        2 * kp,
+                        &mut b_frag,
+                        &mut c_frag,
+                        b_vecs,
+                        c_vecs,
                     );
                 }
             }
@@ -568,8 +663,15 @@ pub fn flash_mma_kernel<F: Float>(
                         true,
                     );
                     mma_pair::<F>(
-                        def, &a_frag, &b_regs, &mut o_acc, 2 * vp, &mut b_frag, &mut c_frag,
-                        b_vecs, c_vecs,
+                        def,
+                        &a_frag,
+                        &b_regs,
+                        &mut o_acc,
+                        2 * vp,
+                        &mut b_frag,
+                        &mut c_frag,
+                        b_vecs,
+                        c_vecs,
                     );
                 }
             }

@@ -47,8 +47,10 @@ impl core::fmt::Display for Unsupported {
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// On software WGPU adapters, the most `visible keys x max(head_dim, value_dim)` a row may
-/// have for the portable kernel (see the known bug in `flash_forward_unit`): measured on
-/// lavapipe, 448 keys pass at d = 64 and 224 at d = 128, one more key tile fails.
+/// have for the portable kernel (see `flash_forward_unit`): measured on lavapipe, 448 keys
+/// pass at d = 64 and 224 at d = 128, one more key tile fails. The cause is llvmpipe's
+/// budget of 65535 loop iterations per shader invocation, shared by all its loops
+/// (`LP_MAX_TGSI_LOOP_ITERATIONS` in Mesa): past it every loop stops early, silently.
 pub const UNIT_MAX_BAND_ELEMENTS: usize = 28672;
 
 /// Query rows per cube of the portable kernel.
@@ -64,8 +66,8 @@ const UNIT_BLOCK_Q: usize = 32;
 ///
 /// On CPU-type WGPU adapters (lavapipe: a WGPU runtime without plane operations) it
 /// declines (`Unsupported::Size`) bands whose `visible keys x max(head_dim, value_dim)`
-/// exceeds [`UNIT_MAX_BAND_ELEMENTS`]: there such rows come out wrong, for a reason not
-/// found yet.
+/// exceeds [`UNIT_MAX_BAND_ELEMENTS`]: there such rows would exhaust llvmpipe's loop
+/// budget and come out wrong.
 pub fn flash_forward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -80,9 +82,9 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         value_dim,
         ..
     } = sizes;
-    // Known bug (docs/PERFORMANCE.md, flash_unit v1): on lavapipe, rows with wide bands at
-    // large head dims get wrong outputs. Until it is understood, decline such bands so the
-    // caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap for diagnosis.
+    // llvmpipe's loop budget (docs/PERFORMANCE.md, flash_unit v1): rows with wide bands at
+    // large head dims would get wrong outputs on lavapipe, so decline such bands there and
+    // the caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap to reproduce.
     let widest = match (band.left, band.right) {
         (Some(l), Some(r)) => (l + r + 1).min(seq_k),
         _ => seq_k,
