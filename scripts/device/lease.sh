@@ -7,7 +7,7 @@
 #   cargo build --release -p burn-attn-bench --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas memcheck tune grid bench peers memory backward memory-train f32 wgpu
+# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward memory-train f32 wgpu
 # compare. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -25,6 +25,8 @@ for step in "$@"; do
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
       BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
+    memcheck-backward) # the backward kernel tests alone, one thread (a fault is sticky to the context)
+      timeout ${MEMCHECK_TIMEOUT:-300} $S --tool memcheck --print-limit 5 "$B/cuda_kernel" backward --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|Invalid|at 0x|^test |panicked" | head -40 ;;
     tune) # staging, planes and key-tile variants at n=4096, d=128; TUNE_VARIANTS: space
       # separated, the variables of one variant joined by commas ("default" = none)
       for v in ${TUNE_VARIANTS:-default BURN_ATTN_MMA_SYNC=1 BURN_ATTN_MMA_PLANES=8 BURN_ATTN_MMA_BLOCK_K=64 BURN_ATTN_MMA_BLOCK_K=16 BURN_ATTN_MMA_PLANES=8,BURN_ATTN_MMA_BLOCK_K=64}; do

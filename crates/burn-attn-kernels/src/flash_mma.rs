@@ -16,6 +16,10 @@
 //! `2 * t + e % 2`). The launcher only runs this kernel where CubeCL reports that
 //! instruction and `ldmatrix` for the dtype (CUDA, sm_80 and newer).
 //!
+//! Staging: where the layout allows 16-byte copies, K and V tiles are double-buffered with
+//! `cp.async` (the next tile's copies in flight while this one is computed, one `mbarrier`
+//! per buffer); otherwise plain loads into one buffer (see the kernel's `async_copy`).
+//!
 //! Band arithmetic is the portable kernel's (`flash_unit`): `i32`, key `j` visible to
 //! query `i` iff `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`.
 
@@ -25,8 +29,8 @@ use cubecl::ir::MatrixIdent;
 use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
-/// A finite stand-in for `-inf` (see `flash_unit`).
-const NEG_BIG: f32 = -3.0e38;
+// A finite stand-in for `-inf` (see `flash_unit`).
+use crate::flash_unit::NEG_BIG;
 
 define_size!(pub MmaVecA);
 define_size!(pub MmaVecB);
@@ -312,7 +316,7 @@ pub fn flash_mma_kernel<F: Float>(
             &mut k_smem,
             dim,
             tid,
-            comptime!(2 * block_k),
+            comptime!(stages * block_k),
             dim_pad,
             k_stride,
             threads,
@@ -321,7 +325,7 @@ pub fn flash_mma_kernel<F: Float>(
             &mut v_smem,
             value_dim,
             tid,
-            comptime!(2 * block_k),
+            comptime!(stages * block_k),
             value_dim_pad,
             v_stride,
             threads,

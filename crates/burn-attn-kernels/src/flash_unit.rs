@@ -15,7 +15,7 @@ use cubecl::prelude::*;
 
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
 /// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
-const NEG_BIG: f32 = -3.0e38;
+pub(crate) const NEG_BIG: f32 = -3.0e38;
 
 /// Scores, softmax and `P V` for one staged key tile of `tile_len` keys starting at key
 /// `t0`, for the query row `row`. With `masked`, keys outside the row's band get weight 0;
@@ -84,24 +84,25 @@ fn tile_step<F: Float>(
     state[1] = l;
 }
 
-/// Cooperatively stages rows `t0 .. t0 + block_k` of one head of `src` (`[b, h, n, d]`,
-/// any strides) into `tile` as a dense `block_k x dim` block; rows past `n` are zeros.
+/// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
+/// strides) into `tile` as a dense `rows x dim` block; rows past `n` are zeros. `units` is
+/// the number of units of the cube (shared with the backward kernels).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_tile<F: Float>(
+pub(crate) fn stage_rows<F: Float>(
     src: &Tensor<F>,
     tile: &mut SharedMemory<F>,
     base: usize,
     t0: usize,
     n: usize,
     #[comptime] dim: usize,
-    #[comptime] block_k: usize,
-    #[comptime] block_q: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
 ) {
     let stride_n = src.stride(2);
     let stride_d = src.stride(3);
     let mut idx = UNIT_POS_X as usize;
-    while idx < block_k * dim {
+    while idx < rows * dim {
         let r = idx / dim;
         let c = idx % dim;
         let j = t0 + r;
@@ -110,7 +111,7 @@ fn stage_tile<F: Float>(
             val = src[base + j * stride_n + c * stride_d];
         }
         tile[idx] = val;
-        idx += block_q;
+        idx += units;
     }
 }
 
@@ -189,7 +190,7 @@ pub fn flash_unit_kernel<F: Float>(
 
     let mut t0 = k_start;
     while t0 < k_end {
-        stage_tile::<F>(
+        stage_rows::<F>(
             k,
             &mut k_tile,
             k_base,
@@ -199,7 +200,7 @@ pub fn flash_unit_kernel<F: Float>(
             block_k,
             block_q,
         );
-        stage_tile::<F>(
+        stage_rows::<F>(
             v,
             &mut v_tile,
             v_base,

@@ -21,39 +21,8 @@
 
 use cubecl::prelude::*;
 
-/// Below this an lse is `-inf`: the row saw no key and has no probabilities.
-const NEG_BIG: f32 = -3.0e38;
-
-/// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
-/// strides) into `tile` as a dense `rows x dim` block; rows past `n` are zeros. `units` is
-/// the number of units of the cube.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn stage_rows<F: Float>(
-    src: &Tensor<F>,
-    tile: &mut SharedMemory<F>,
-    base: usize,
-    t0: usize,
-    n: usize,
-    #[comptime] dim: usize,
-    #[comptime] rows: usize,
-    #[comptime] units: usize,
-) {
-    let stride_n = src.stride(2);
-    let stride_d = src.stride(3);
-    let mut idx = UNIT_POS_X as usize;
-    while idx < rows * dim {
-        let r = idx / dim;
-        let c = idx % dim;
-        let j = t0 + r;
-        let mut val = F::new(0.0);
-        if j < n {
-            val = src[base + j * stride_n + c * stride_d];
-        }
-        tile[idx] = val;
-        idx += units;
-    }
-}
+// Below NEG_BIG an lse is `-inf`: the row saw no key and has no probabilities.
+use crate::flash_unit::{stage_rows, NEG_BIG};
 
 /// Cooperatively stages entries `t0 .. t0 + rows` of one head of a `[b, h, n]` f32 tensor
 /// into `tile`; entries past `n` are `fill` (the kernels never use them: padding rows

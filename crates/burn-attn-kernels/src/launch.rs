@@ -153,8 +153,9 @@ const MMA_PLANES: usize = 4;
 /// `Unsupported::DType`), and only where the runtime is CUDA and reports the `m16n8k16`
 /// instruction with f32 accumulation for the dtype (sm_80 and newer): elsewhere it
 /// declines with `Unsupported::Size`. Head and value dims are padded to 16 inside the
-/// kernel; the Q tile and the K and V tiles (two of each with asynchronous staging) must
-/// fit the device's shared memory per cube (`Unsupported::SharedMemory` otherwise).
+/// kernel; one Q tile plus one K and one V tile per stage (two stages with asynchronous
+/// staging) must fit the device's shared memory per cube (`Unsupported::SharedMemory`
+/// otherwise).
 pub fn flash_forward_mma<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -256,6 +257,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
     // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
     // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
+    // The 16-byte `cp.async` reads stay inside a row because `aligned_rows` demands unit
+    // column strides and head/value dims that are multiples of 8.
     unsafe {
         flash_mma_kernel::launch_unchecked::<R>(
             &client,
@@ -329,16 +332,27 @@ fn alloc_outputs<R: CubeRuntime>(
         value_dim,
         ..
     } = *sizes;
-    let client = q.client.clone();
-    let device = q.device.clone();
-    let alloc = |shape: Shape, dtype: DType| {
-        let bytes = shape.num_elements() * dtype.size();
-        let handle = client.empty(bytes.max(dtype.size()));
-        CubeTensor::new_contiguous(client.clone(), device.clone(), shape, handle, dtype)
-    };
     (
-        alloc(Shape::new([batch, heads, seq_q, value_dim]), q.dtype),
-        alloc(Shape::new([batch, heads, seq_q]), DType::F32),
+        alloc_contiguous(q, Shape::new([batch, heads, seq_q, value_dim]), q.dtype),
+        alloc_contiguous(q, Shape::new([batch, heads, seq_q]), DType::F32),
+    )
+}
+
+/// A plain contiguous buffer of exactly `shape` in `dtype`, on `like`'s device (not
+/// `empty_device_dtype`, whose layout may be pitched).
+pub(crate) fn alloc_contiguous<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Shape,
+    dtype: DType,
+) -> CubeTensor<R> {
+    let bytes = shape.num_elements() * dtype.size();
+    let handle = like.client.empty(bytes.max(dtype.size()));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        dtype,
     )
 }
 
@@ -416,15 +430,25 @@ impl Sizes {
 
     /// One cube per `block_q` query rows and per (batch, head), within CubeCL's grid limits.
     pub(crate) fn grid(&self, block_q: usize) -> Result<CubeCount, Unsupported> {
-        let grid_y = self.batch * self.heads;
-        let grid_x = self.seq_q.div_ceil(block_q);
-        if grid_y > u16::MAX as usize || grid_x > u16::MAX as usize {
-            return Err(Unsupported::Size(format!(
-                "grid {grid_x} x {grid_y} (batch*heads and seq_q/{block_q} up to 65535)"
-            )));
-        }
-        Ok(CubeCount::Static(grid_x as u32, grid_y as u32, 1))
+        cube_grid(self.seq_q, block_q, self.batch * self.heads, "batch*heads")
     }
+}
+
+/// `ceil(rows / block) x y` cubes, within CubeCL's grid limits (`y_name` names `y` in the
+/// error).
+pub(crate) fn cube_grid(
+    rows: usize,
+    block: usize,
+    y: usize,
+    y_name: &str,
+) -> Result<CubeCount, Unsupported> {
+    let x = rows.div_ceil(block);
+    if y > u16::MAX as usize || x > u16::MAX as usize {
+        return Err(Unsupported::Size(format!(
+            "grid {x} x {y} ({y_name} and rows/{block} up to 65535)"
+        )));
+    }
+    Ok(CubeCount::Static(x as u32, y as u32, 1))
 }
 
 pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

@@ -5,7 +5,10 @@ use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
-use crate::launch::{check_dtypes, dims4, is_software_wgpu, trace, BandArgs, Sizes, Unsupported};
+use crate::launch::{
+    alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, trace, BandArgs, Sizes,
+    Unsupported,
+};
 
 /// Units per cube of both backward kernels: query rows of the dQ kernel, key rows of the
 /// dK/dV kernel.
@@ -83,14 +86,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     }
 
     let dq_grid = sizes.grid(BACKWARD_UNITS)?;
-    let kv_grid_x = seq_k.div_ceil(BACKWARD_UNITS);
-    let kv_grid_y = batch * kv_heads;
-    if kv_grid_x > u16::MAX as usize || kv_grid_y > u16::MAX as usize {
-        return Err(Unsupported::Size(format!(
-            "grid {kv_grid_x} x {kv_grid_y} (batch*kv_heads and seq_k/{BACKWARD_UNITS} up to \
-             65535)"
-        )));
-    }
+    let kv_grid = cube_grid(seq_k, BACKWARD_UNITS, batch * kv_heads, "batch*kv_heads")?;
 
     let client = q.client.clone();
     let dtype = q.dtype;
@@ -127,10 +123,10 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         }
     }
 
-    let dq = alloc(&q, Shape::new([batch, heads, seq_q, dim]), dtype);
-    let dk = alloc(&q, Shape::new([batch, kv_heads, seq_k, dim]), dtype);
-    let dv = alloc(&q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype);
-    let delta = alloc(&q, Shape::new([batch, heads, seq_q]), DType::F32);
+    let dq = alloc_contiguous(&q, Shape::new([batch, heads, seq_q, dim]), dtype);
+    let dk = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, dim]), dtype);
+    let dv = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype);
+    let delta = alloc_contiguous(&q, Shape::new([batch, heads, seq_q]), DType::F32);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
 
@@ -158,10 +154,10 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         );
     }
     // With seq_q = 0 this still runs and writes zero dK and dV.
-    if kv_grid_x * kv_grid_y > 0 {
+    if seq_k * batch * kv_heads > 0 {
         flash_unit_backward_dkdv_kernel::launch::<R>(
             &client,
-            CubeCount::Static(kv_grid_x as u32, kv_grid_y as u32, 1),
+            kv_grid,
             CubeDim::new_1d(BACKWARD_UNITS as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -246,17 +242,4 @@ fn loop_iterations(
         + rows * per_row;
     let dkdv = 2 * (dim + value_dim) + group * per_head;
     dq.max(dkdv)
-}
-
-/// A plain contiguous buffer of exactly the tensor's size (as the forward's outputs).
-fn alloc<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
-    let bytes = shape.num_elements() * dtype.size();
-    let handle = like.client.empty(bytes.max(dtype.size()));
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        shape,
-        handle,
-        dtype,
-    )
 }
