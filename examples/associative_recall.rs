@@ -298,9 +298,9 @@ fn parse_args() -> Args {
 }
 
 /// Trains one kind and returns its accuracy on fresh sequences.
-fn train<B: AutodiffBackend>(kind: &str, args: &Args, task: &Task, device: &B::Device) -> f64
+fn train<B>(kind: &str, args: &Args, task: &Task, device: &B::Device) -> f64
 where
-    B: AttentionBackend,
+    B: AutodiffBackend + AttentionBackend,
     B::InnerBackend: AttentionBackend,
 {
     // Same data and same initial weights for every kind: only the attention differs.

@@ -363,10 +363,10 @@ fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     let [.., dim] = dims4(t);
     let strides = t.meta.strides();
     let chunk = 16 / elem;
-    dim % chunk == 0
+    dim.is_multiple_of(chunk)
         && strides[3] == 1
-        && strides[..3].iter().all(|s| s % chunk == 0)
-        && t.handle.offset_start.unwrap_or(0) % 16 == 0
+        && strides[..3].iter().all(|s| s.is_multiple_of(chunk))
+        && t.handle.offset_start.unwrap_or(0).is_multiple_of(16)
 }
 
 /// A WGPU runtime without plane operations: CubeCL withholds them on CPU-type adapters

@@ -10,6 +10,9 @@ use crate::launch::{
     Unsupported,
 };
 
+/// The gradients `(dq, dk, dv)` of one backward call.
+pub type Gradients<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
+
 /// Units per cube of both backward kernels: query rows of the dQ kernel, key rows of the
 /// dK/dV kernel.
 const BACKWARD_UNITS: usize = 32;
@@ -45,7 +48,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     lse: CubeTensor<R>,
     d_out: CubeTensor<R>,
     band: BandArgs,
-) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), Unsupported> {
+) -> Result<Gradients<R>, Unsupported> {
     check_dtypes(&q, &k, &v)?;
     if out.dtype != q.dtype || d_out.dtype != q.dtype || lse.dtype != DType::F32 {
         return Err(Unsupported::DType(format!(
@@ -190,7 +193,7 @@ pub fn flash_backward<R: CubeRuntime>(
     lse: CubeTensor<R>,
     d_out: CubeTensor<R>,
     band: BandArgs,
-) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), Unsupported> {
+) -> Result<Gradients<R>, Unsupported> {
     let shape = q.meta.shape().clone();
     let done = flash_backward_unit(q, k, v, out, lse, d_out, band);
     match &done {

@@ -29,4 +29,4 @@ pub use launch::{
     flash_forward, flash_forward_mma, flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM,
     UNIT_MAX_BAND_ELEMENTS,
 };
-pub use launch_backward::{flash_backward, flash_backward_unit};
+pub use launch_backward::{flash_backward, flash_backward_unit, Gradients};

@@ -68,11 +68,11 @@ pub fn validate_heads(
     if n_heads == 0 {
         return Err(AttentionError::ZeroSize { what: "n_heads" });
     }
-    if d_model % n_heads != 0 {
+    if !d_model.is_multiple_of(n_heads) {
         return Err(AttentionError::ModelDimNotDivisible { d_model, n_heads });
     }
     if let Some(kv) = n_kv_heads {
-        if kv == 0 || n_heads % kv != 0 {
+        if kv == 0 || !n_heads.is_multiple_of(kv) {
             return Err(AttentionError::HeadsNotDivisible {
                 heads: n_heads,
                 kv_heads: kv,

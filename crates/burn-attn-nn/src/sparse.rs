@@ -53,13 +53,13 @@ impl SparsePattern {
     /// Checks the parameters; the error names the values.
     pub fn validate(&self) -> Result<(), AttentionError> {
         match *self {
-            SparsePattern::Local { window } if window == 0 => Err(AttentionError::ZeroSize {
+            SparsePattern::Local { window: 0 } => Err(AttentionError::ZeroSize {
                 what: "local window",
             }),
-            SparsePattern::Strided { stride, .. } if stride == 0 => {
+            SparsePattern::Strided { stride: 0, .. } => {
                 Err(AttentionError::ZeroSize { what: "stride" })
             }
-            SparsePattern::Random { block, .. } if block == 0 => Err(AttentionError::ZeroSize {
+            SparsePattern::Random { block: 0, .. } => Err(AttentionError::ZeroSize {
                 what: "random block",
             }),
             SparsePattern::Random { density, .. } if !(density > 0.0 && density <= 1.0) => {
