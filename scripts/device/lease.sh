@@ -58,6 +58,9 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
       for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+      # Force the discrete adapter: the default pick ran 20x slower than CUDA's portable
+      # kernel last time (a software adapter, most likely); no discrete GPU = a loud failure.
+      export CUBECL_WGPU_DEFAULT_DEVICE='DiscreteGpu(0)'
       for dt in f32 f16; do timeout 150 "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
     *) echo "unknown step $step" ;;
   esac
