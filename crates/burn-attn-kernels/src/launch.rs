@@ -197,11 +197,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     }
     let sizes = Sizes::check(&q, &k, &v)?;
     let Sizes { dim, value_dim, .. } = sizes;
-    let planes = std::env::var("BURN_ATTN_MMA_PLANES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|p| matches!(p, 4 | 8))
-        .unwrap_or(MMA_PLANES);
+    let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
     let block_q = MMA_ROWS_PER_PLANE * planes;
     let grid = sizes.grid(block_q)?;
     let dim_pad = dim.div_ceil(16) * 16;
@@ -223,10 +219,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
     // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
     // overrides the choice, for tuning runs.
-    let forced = std::env::var("BURN_ATTN_MMA_BLOCK_K")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|bk| matches!(bk, 16 | 32 | 64));
+    let forced = tuning_override("BURN_ATTN_MMA_BLOCK_K", &[16, 32, 64]);
     let candidates = match forced {
         Some(bk) => vec![bk],
         None if dim_pad > 64 => vec![32, 16],
@@ -309,6 +302,19 @@ pub fn flash_forward<R: CubeRuntime>(
         Err(why) => trace(|| format!("flash_unit declined: {why}")),
     }
     unit
+}
+
+/// A tuning override from the environment: `Some(value)` when `name` holds one of
+/// `allowed`, `None` when it is unset. Any other value is ignored with a warning on stderr
+/// (once per process), so a typo does not silently measure the default.
+fn tuning_override(name: &str, allowed: &[usize]) -> Option<usize> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let raw = std::env::var(name).ok()?;
+    let value = raw.parse::<usize>().ok().filter(|v| allowed.contains(v));
+    if value.is_none() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("burn-attn: ignoring {name}={raw:?} (takes one of {allowed:?})");
+    }
+    value
 }
 
 /// With `BURN_ATTN_TRACE=1`, says on stderr which kernel ran or why one declined.

@@ -17,10 +17,10 @@ use super::{tiled_band, AttentionBackend};
 use crate::backward::tiled_band_backward;
 use crate::options::AttentionOptions;
 
-/// Whether `BURN_ATTN_NO_KERNEL` is set: forces the tiled path (for comparisons and to
-/// rule the kernel out when debugging).
+/// Whether `BURN_ATTN_NO_KERNEL=1` is set (as the other switches, only "1" counts): forces
+/// the tiled path (for comparisons and to rule the kernels out when debugging).
 fn kernel_disabled() -> bool {
-    std::env::var_os("BURN_ATTN_NO_KERNEL").is_some_and(|v| v != "0")
+    std::env::var("BURN_ATTN_NO_KERNEL").is_ok_and(|v| v == "1")
 }
 
 /// The tiled tensor-op path with the lse in f32, as the kernels return it.
