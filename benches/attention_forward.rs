@@ -59,6 +59,15 @@ impl Case {
             .sum()
     }
 
+    /// Burn's options for the same case (its attention has no window option).
+    fn burn_options(&self) -> AttentionModuleOptions {
+        AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: self.causal,
+        }
+    }
+
     fn flops(&self) -> f64 {
         4.0 * (self.batch * self.heads * self.head_dim) as f64 * self.pairs()
     }
@@ -138,13 +147,44 @@ fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()
     times[times.len() / 2]
 }
 
+/// Whether Burn's materialised attention runs for the case: full or causal only, and its
+/// scores need b*h*n*n floats, so only up to n = 4096.
+fn runs_materialised(case: &Case, args: &Args) -> bool {
+    case.window.is_none() && !args.skip_burn && case.seq <= 4096
+}
+
+/// The suite's cases whose label contains `--only`'s text (all without it).
+fn selected_cases(args: &Args) -> Vec<Case> {
+    suite(args.quick)
+        .into_iter()
+        .filter(|c| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| c.label().contains(o.as_str()))
+        })
+        .collect()
+}
+
+/// Burn's materialised attention (`attention_fallback`) of the case.
+fn burn_materialised<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    case: &Case,
+) -> Tensor<B, 4> {
+    attention_fallback(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        None,
+        None,
+        case.burn_options(),
+    )
+}
+
 fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
-    let cases = suite(args.quick).into_iter().filter(|c| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| c.label().contains(o.as_str()))
-    });
+    let cases = selected_cases(args);
     for case in cases {
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
@@ -153,32 +193,25 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
         let ours = median_ms::<B>(device, args.repeats, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
-        let burn_options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: case.causal,
-        };
-        // The materialised scores need b*h*n*n floats: only up to n = 4096.
-        let materialised =
-            (case.window.is_none() && !args.skip_burn && case.seq <= 4096).then(|| {
-                median_ms::<B>(device, args.repeats, || {
-                    let _ = attention_fallback(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        None,
-                        None,
-                        burn_options,
-                    );
-                })
-            });
+        let materialised = runs_materialised(&case, args).then(|| {
+            median_ms::<B>(device, args.repeats, || {
+                let _ = burn_materialised(&q, &k, &v, &case);
+            })
+        });
         // Burn's fused attention has no window option: only full and causal compare.
         // Burn's fused kernel autotunes per shape and runs at ~5 TFLOP/s past n = 4096 (its
         // peer numbers stop there too): `--burn-all` times it at every length.
         let burn_fused = !args.skip_burn && (case.seq <= 4096 || args.burn_all);
         let burn = (case.window.is_none() && burn_fused).then(|| {
             median_ms::<B>(device, args.repeats, || {
-                let _ = burn_attention(q.clone(), k.clone(), v.clone(), None, None, burn_options);
+                let _ = burn_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    None,
+                    None,
+                    case.burn_options(),
+                );
             })
         });
         let tflops = |ms: f64| case.flops() / ms / 1e9;
@@ -224,21 +257,12 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
     args: &Args,
 ) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
-    let cases = suite(args.quick).into_iter().filter(|c| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| c.label().contains(o.as_str()))
-    });
+    let cases = selected_cases(args);
     for case in cases {
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v, w) = (rand(), rand(), rand(), rand());
         let opts = case.options();
-        let burn_options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: case.causal,
-        };
         // One training step of ours (`materialised = false`) or of Burn's materialised
         // attention: the gradients of sum(out * w) for q, k and v.
         let step = |materialised: bool| {
@@ -248,7 +272,7 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
                 v.clone().require_grad(),
             );
             let out = if materialised {
-                attention_fallback(q.clone(), k.clone(), v.clone(), None, None, burn_options)
+                burn_materialised(&q, &k, &v, &case)
             } else {
                 attention(q.clone(), k.clone(), v.clone(), &opts)
             };
@@ -259,20 +283,12 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
         let ours = median_ms::<B>(device, args.repeats, || step(false)) - forward;
-        let materialised =
-            (case.window.is_none() && !args.skip_burn && case.seq <= 4096).then(|| {
-                let fwd = median_ms::<B>(device, args.repeats, || {
-                    let _ = attention_fallback(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        None,
-                        None,
-                        burn_options,
-                    );
-                });
-                median_ms::<B>(device, args.repeats, || step(true)) - fwd
+        let materialised = runs_materialised(&case, args).then(|| {
+            let fwd = median_ms::<B>(device, args.repeats, || {
+                let _ = burn_materialised(&q, &k, &v, &case);
             });
+            median_ms::<B>(device, args.repeats, || step(true)) - fwd
+        });
         // DESIGN.md's count: the backward is 2.5x the forward's FLOPs.
         let tflops = |ms: f64| 2.5 * case.flops() / ms.max(1e-6) / 1e9;
         let mut line = format!(
