@@ -5,10 +5,11 @@
 #   cargo test  --release --features burn-attn/cuda --test cuda_kernel --no-run
 #   cargo bench --features cuda --bench attention_forward --no-run
 #   cargo build --release -p burn-attn-bench --features cuda
+#   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
 # Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward memory-train f32 wgpu
-# compare. Logs and JSON go to $OUT.
+# train compare. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
@@ -52,10 +53,14 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
+    train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact
+      # cores train through our forward and backward kernels (the trace counts the launches)
+      CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} --d-model 256 --heads 8 --pairs 32 --batch 128 > "$OUT/train.log" 2>&1
+      grep -v "^burn-attn:" "$OUT/train.log" | tail -30; grep "^burn-attn:" "$OUT/train.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that
       # cost across methods (eleven separate calls of 38 s each printed almost nothing)
-      timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
+      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
       for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
       # Force the discrete adapter: the default pick ran 20x slower than CUDA's portable

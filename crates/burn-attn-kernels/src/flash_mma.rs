@@ -1,8 +1,8 @@
 //! The matrix-unit FlashAttention forward kernel (CUDA `mma.sync.m16n8k16`, f16/bf16).
 //!
-//! One cube of `warps` planes handles `16 * warps` query rows of one (batch, head); each
-//! plane owns 16 rows and keeps them to itself for the whole pass (FlashAttention-2's
-//! split: no cross-plane reduction). The cube stages its Q tile once, and per key tile of
+//! One cube of `warps` planes handles `16 * m_tiles * warps` query rows of one (batch,
+//! head); each plane owns `16 * m_tiles` rows (one or two `m16` row tiles) and keeps them
+//! to itself for the whole pass (FlashAttention-2's split: no cross-plane reduction). The cube stages its Q tile once, and per key tile of
 //! `block_k` keys K and V (all `[row][d]`, rows padded by 16 bytes so that `ldmatrix`
 //! hits distinct banks); then each plane computes `S = Q K^T` with the matrix units
 //! (fragments loaded with `ldmatrix`, four 8x8 blocks per instruction), the online softmax
@@ -214,8 +214,11 @@ fn zero_pad_columns<F: Float>(
 /// Matrix-unit FlashAttention forward.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
-/// warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and value dims
-/// rounded up to 16; `block_k` is a multiple of 16. Outputs as `flash_unit_kernel`.
+/// m_tiles * warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and
+/// value dims rounded up to 16; `block_k` is a multiple of 16. Each plane owns `16 *
+/// m_tiles` query rows: with two row tiles every K and V fragment loaded from shared
+/// memory feeds four MMAs instead of two (at the cost of twice the accumulator
+/// registers). Outputs as `flash_unit_kernel`.
 ///
 /// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies
 /// in flight while the current one is computed (one cube barrier per tile instead of
@@ -240,6 +243,7 @@ pub fn flash_mma_kernel<F: Float>(
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
+    #[comptime] m_tiles: usize,
     #[comptime] block_k: usize,
     #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
@@ -267,24 +271,26 @@ pub fn flash_mma_kernel<F: Float>(
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
     let t = lane % 4;
-    let block_q = comptime!(16 * warps);
+    let plane_q = comptime!(16 * m_tiles);
+    let block_q = comptime!(plane_q * warps);
     let r0 = CUBE_POS_X as usize * block_q;
-    let w0 = r0 + warp * 16;
+    let w0 = r0 + warp * plane_q;
     let offset = seq_k as i32 - seq_q as i32;
 
     // Key range of the cube (union of its rows' bands) and of this plane.
     let r_last = min(r0 + block_q, seq_q) - 1;
     let k_start = max(r0 as i32 + offset - left, 0);
     let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
-    let w_last = min(w0 + 15, seq_q - 1);
+    let w_last = min(w0 + plane_q - 1, seq_q - 1);
     let w_lo = w0 as i32 + offset - left;
     let w_hi = w_last as i32 + offset + right;
     // Keys visible to every row of the plane.
     let full_lo = w_last as i32 + offset - left;
     let full_hi = w0 as i32 + offset + right;
     let plane_rows = w0 < seq_q;
-    let plane_full = w0 + 16 <= seq_q;
-    // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let plane_full = w0 + plane_q <= seq_q;
+    // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down;
+    // row tile `mt` adds 16 * mt).
     let row_a = (w0 + g) as i32;
 
     // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
@@ -300,7 +306,7 @@ pub fn flash_mma_kernel<F: Float>(
     let v_stage = comptime!(block_k * (value_dim_pad + 8));
     // 16-byte aligned: `ldmatrix` rows and `cp.async` destinations must be (the allocator
     // otherwise aligns to the element size, and may place the 8-byte barriers first).
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(16 * warps * (dim_pad + 8)), 16usize);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * (dim_pad + 8)), 16usize);
     let mut k_smem =
         SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (dim_pad + 8)), 16usize);
     let mut v_smem =
@@ -338,26 +344,30 @@ pub fn flash_mma_kernel<F: Float>(
 
     let v_tiles = comptime!(value_dim_pad / 8);
     let k_tiles = comptime!(block_k / 8);
-    let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(v_tiles * c_vecs));
+    // Accumulator tile `mt * v_tiles + vt` (O) and `mt * k_tiles + kt` (S) of row tile mt.
+    let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * v_tiles * c_vecs));
     #[unroll]
-    for i in 0..comptime!(v_tiles * c_vecs) {
+    for i in 0..comptime!(m_tiles * v_tiles * c_vecs) {
         o_acc[i] = Vector::new(f32::new(0.0));
     }
-    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * k_tiles * c_vecs));
+    // The A fragments of every row tile, and the one an MMA takes.
+    let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
     let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
     let ld_block = lane / 8;
     let ld_row = lane % 8;
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
-    // Per row half (rows g and g + 8): running max in scaled-score units, this lane's
-    // partial row sum, the tile max and the rescale factor.
-    let mut m_row = Array::<f32>::new(2usize);
-    let mut l_row = Array::<f32>::new(2usize);
-    let mut tile_max = Array::<f32>::new(2usize);
-    let mut alpha = Array::<f32>::new(2usize);
+    // Per row half `2 * mt + hf` (rows 16 mt + g and 16 mt + g + 8): running max in
+    // scaled-score units, this lane's partial row sum, the tile max and the rescale factor.
+    let halves = comptime!(2 * m_tiles);
+    let mut m_row = Array::<f32>::new(halves);
+    let mut l_row = Array::<f32>::new(halves);
+    let mut tile_max = Array::<f32>::new(halves);
+    let mut alpha = Array::<f32>::new(halves);
     #[unroll]
-    for hf in 0..2usize {
+    for hf in 0..halves {
         m_row[hf] = f32::new(NEG_BIG);
         l_row[hf] = f32::new(0.0);
     }
@@ -529,26 +539,31 @@ pub fn flash_mma_kernel<F: Float>(
         let tile_hi = t0 + bk_i - 1;
         let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
         if plane_sees {
-            // S = Q K^T: one A fragment per head-dim chunk, reused over the key tiles.
+            // S = Q K^T: per head-dim chunk, one A fragment per row tile, each K fragment
+            // reused over the row tiles.
             #[unroll]
-            for i in 0..comptime!(k_tiles * c_vecs) {
+            for i in 0..comptime!(m_tiles * k_tiles * c_vecs) {
                 s_acc[i] = Vector::new(f32::new(0.0));
             }
             #[unroll]
             for dc in 0..d_chunks {
-                // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the plane's 16 rows.
-                let q_off = (warp * 16 + ld_row + 8 * (ld_block % 2)) * q_stride
-                    + dc * 16
-                    + 8 * (ld_block / 2);
-                let a_regs = def.load_matrix::<F, MmaVecA>(
-                    &q_smem.slice(q_off, q_off + 8),
-                    MatrixIdent::A,
-                    4usize,
-                    false,
-                );
                 #[unroll]
-                for i in 0..a_vecs {
-                    a_frag[i] = a_regs[i];
+                for mt in 0..m_tiles {
+                    // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the row tile.
+                    let q_off = (warp * plane_q + mt * 16 + ld_row + 8 * (ld_block % 2))
+                        * q_stride
+                        + dc * 16
+                        + 8 * (ld_block / 2);
+                    let a_regs = def.load_matrix::<F, MmaVecA>(
+                        &q_smem.slice(q_off, q_off + 8),
+                        MatrixIdent::A,
+                        4usize,
+                        false,
+                    );
+                    #[unroll]
+                    for i in 0..a_vecs {
+                        a_all[mt * a_vecs + i] = a_regs[i];
+                    }
                 }
                 #[unroll]
                 for kp in 0..comptime!(k_tiles / 2) {
@@ -564,17 +579,24 @@ pub fn flash_mma_kernel<F: Float>(
                         4usize,
                         false,
                     );
-                    mma_pair::<F>(
-                        def,
-                        &a_frag,
-                        &b_regs,
-                        &mut s_acc,
-                        2 * kp,
-                        &mut b_frag,
-                        &mut c_frag,
-                        b_vecs,
-                        c_vecs,
-                    );
+                    #[unroll]
+                    for mt in 0..m_tiles {
+                        #[unroll]
+                        for i in 0..a_vecs {
+                            a_frag[i] = a_all[mt * a_vecs + i];
+                        }
+                        mma_pair::<F>(
+                            def,
+                            &a_frag,
+                            &b_regs,
+                            &mut s_acc,
+                            mt * k_tiles + 2 * kp,
+                            &mut b_frag,
+                            &mut c_frag,
+                            b_vecs,
+                            c_vecs,
+                        );
+                    }
                 }
             }
 
@@ -582,28 +604,35 @@ pub fn flash_mma_kernel<F: Float>(
             let unmasked =
                 plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
             #[unroll]
-            for hf in 0..2usize {
+            for hf in 0..halves {
                 tile_max[hf] = f32::new(NEG_BIG);
             }
             #[unroll]
-            for kt in 0..k_tiles {
+            for mt in 0..m_tiles {
                 #[unroll]
-                for e in 0..4usize {
-                    let mut s = acc_get(&s_acc, kt, e, c_vs) * scale;
-                    if !unmasked {
-                        let row = row_a + (8 * (e / 2)) as i32;
-                        let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
-                        if j < row + offset - left || j > row + offset + right || j >= seq_k as i32
-                        {
-                            s = f32::new(NEG_BIG);
+                for kt in 0..k_tiles {
+                    let tile = mt * k_tiles + kt;
+                    #[unroll]
+                    for e in 0..4usize {
+                        let mut s = acc_get(&s_acc, tile, e, c_vs) * scale;
+                        if !unmasked {
+                            let row = row_a + (16 * mt + 8 * (e / 2)) as i32;
+                            let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
+                            if j < row + offset - left
+                                || j > row + offset + right
+                                || j >= seq_k as i32
+                            {
+                                s = f32::new(NEG_BIG);
+                            }
                         }
+                        acc_set(&mut s_acc, tile, e, c_vs, s);
+                        let half = 2 * mt + e / 2;
+                        tile_max[half] = f32::max(tile_max[half], s);
                     }
-                    acc_set(&mut s_acc, kt, e, c_vs, s);
-                    tile_max[e / 2] = f32::max(tile_max[e / 2], s);
                 }
             }
             #[unroll]
-            for hf in 0..2usize {
+            for hf in 0..halves {
                 // The four lanes of a group hold the same two rows.
                 let mut tm = tile_max[hf];
                 tm = f32::max(tm, plane_shuffle_xor(tm, 1));
@@ -615,42 +644,54 @@ pub fn flash_mma_kernel<F: Float>(
                 l_row[hf] *= alpha[hf];
             }
             #[unroll]
-            for vt in 0..v_tiles {
+            for mt in 0..m_tiles {
                 #[unroll]
-                for e in 0..4usize {
-                    let o = acc_get(&o_acc, vt, e, c_vs) * alpha[e / 2];
-                    acc_set(&mut o_acc, vt, e, c_vs, o);
+                for vt in 0..v_tiles {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let tile = mt * v_tiles + vt;
+                        let o = acc_get(&o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
+                        acc_set(&mut o_acc, tile, e, c_vs, o);
+                    }
                 }
             }
             // P = exp(S - m), masked keys exactly 0 (m may still be NEG_BIG).
             #[unroll]
-            for kt in 0..k_tiles {
+            for mt in 0..m_tiles {
                 #[unroll]
-                for e in 0..4usize {
-                    let s = acc_get(&s_acc, kt, e, c_vs);
-                    let mut p = f32::exp(s - m_row[e / 2]);
-                    if s <= f32::new(NEG_BIG) {
-                        p = f32::new(0.0);
+                for kt in 0..k_tiles {
+                    let tile = mt * k_tiles + kt;
+                    #[unroll]
+                    for e in 0..4usize {
+                        let half = 2 * mt + e / 2;
+                        let s = acc_get(&s_acc, tile, e, c_vs);
+                        let mut p = f32::exp(s - m_row[half]);
+                        if s <= f32::new(NEG_BIG) {
+                            p = f32::new(0.0);
+                        }
+                        l_row[half] += p;
+                        acc_set(&mut s_acc, tile, e, c_vs, p);
                     }
-                    l_row[e / 2] += p;
-                    acc_set(&mut s_acc, kt, e, c_vs, p);
                 }
             }
 
             // O += P V: key chunk kc covers accumulator tiles 2kc (A elements 0..4) and
-            // 2kc + 1 (A elements 4..8).
+            // 2kc + 1 (A elements 4..8) of each row tile.
             #[unroll]
             for kc in 0..comptime!(block_k / 16) {
                 #[unroll]
-                for i in 0..a_vecs {
-                    let mut vector = Vector::empty();
+                for mt in 0..m_tiles {
                     #[unroll]
-                    for n in 0..a_vs {
-                        let ei = i * a_vs + n;
-                        let p = acc_get(&s_acc, kc * 2 + ei / 4, ei % 4, c_vs);
-                        vector[n] = F::cast_from(p);
+                    for i in 0..a_vecs {
+                        let mut vector = Vector::empty();
+                        #[unroll]
+                        for n in 0..a_vs {
+                            let ei = i * a_vs + n;
+                            let tile = mt * k_tiles + kc * 2 + ei / 4;
+                            vector[n] = F::cast_from(acc_get(&s_acc, tile, ei % 4, c_vs));
+                        }
+                        a_all[mt * a_vecs + i] = vector;
                     }
-                    a_frag[i] = vector;
                 }
                 #[unroll]
                 for vp in 0..comptime!(v_tiles / 2) {
@@ -666,17 +707,24 @@ pub fn flash_mma_kernel<F: Float>(
                         4usize,
                         true,
                     );
-                    mma_pair::<F>(
-                        def,
-                        &a_frag,
-                        &b_regs,
-                        &mut o_acc,
-                        2 * vp,
-                        &mut b_frag,
-                        &mut c_frag,
-                        b_vecs,
-                        c_vecs,
-                    );
+                    #[unroll]
+                    for mt in 0..m_tiles {
+                        #[unroll]
+                        for i in 0..a_vecs {
+                            a_frag[i] = a_all[mt * a_vecs + i];
+                        }
+                        mma_pair::<F>(
+                            def,
+                            &a_frag,
+                            &b_regs,
+                            &mut o_acc,
+                            mt * v_tiles + 2 * vp,
+                            &mut b_frag,
+                            &mut c_frag,
+                            b_vecs,
+                            c_vecs,
+                        );
+                    }
                 }
             }
         }
@@ -691,7 +739,7 @@ pub fn flash_mma_kernel<F: Float>(
     // Row sums over the group's four lanes, then normalise and write.
     let o_base = b * out.stride(0) + h * out.stride(1);
     #[unroll]
-    for hf in 0..2usize {
+    for hf in 0..halves {
         let mut l = l_row[hf];
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
@@ -707,7 +755,9 @@ pub fn flash_mma_kernel<F: Float>(
                 for e in 0..2usize {
                     let col = vt * 8 + 2 * t + e;
                     if col < value_dim {
-                        let o = acc_get(&o_acc, vt, hf * 2 + e, c_vs) * inv;
+                        // Half hf is row tile hf / 2, accumulator elements 2 (hf % 2) + e.
+                        let tile = (hf / 2) * v_tiles + vt;
+                        let o = acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv;
                         out[o_base + row * out.stride(2) + col * out.stride(3)] = F::cast_from(o);
                     }
                 }

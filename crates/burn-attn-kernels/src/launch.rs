@@ -140,8 +140,19 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     Ok((out, lse))
 }
 
-/// Query rows per plane of the matrix-unit kernel (the `m` of `m16n8k16`).
-const MMA_ROWS_PER_PLANE: usize = 16;
+/// Query rows per row tile of the matrix-unit kernel (the `m` of `m16n8k16`).
+const MMA_ROWS_PER_TILE: usize = 16;
+
+/// Row tiles per plane of the matrix-unit kernel: two (32 rows, each K/V fragment feeding
+/// four MMAs) while the O accumulators of both fit the registers (value dims up to 128),
+/// else one. `BURN_ATTN_MMA_ROWS` = 16 or 32 overrides it, for tuning runs.
+fn mma_row_tiles(value_dim_pad: usize) -> usize {
+    match tuning_override("BURN_ATTN_MMA_ROWS", &[16, 32]) {
+        Some(rows) => rows / MMA_ROWS_PER_TILE,
+        None if value_dim_pad <= 128 => 2,
+        None => 1,
+    }
+}
 
 /// Planes per cube of the matrix-unit kernel (`BURN_ATTN_MMA_PLANES` = 4 or 8 overrides
 /// it, for tuning runs).
@@ -197,11 +208,12 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     }
     let sizes = Sizes::check(&q, &k, &v)?;
     let Sizes { dim, value_dim, .. } = sizes;
-    let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
-    let block_q = MMA_ROWS_PER_PLANE * planes;
-    let grid = sizes.grid(block_q)?;
     let dim_pad = dim.div_ceil(16) * 16;
     let value_dim_pad = value_dim.div_ceil(16) * 16;
+    let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
+    let m_tiles = mma_row_tiles(value_dim_pad);
+    let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
+    let grid = sizes.grid(block_q)?;
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
     // Asynchronous double-buffered staging where the layout allows 16-byte copies;
@@ -235,7 +247,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
         })?;
     trace(|| {
         format!(
-            "flash_mma planes {planes}, block_k {block_k}, {} staging, {} B shared",
+            "flash_mma planes {planes}, rows/plane {}, block_k {block_k}, {} staging, {} B shared",
+            MMA_ROWS_PER_TILE * m_tiles,
             if async_copy { "async" } else { "sync" },
             smem(block_k)
         )
@@ -269,6 +282,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             dim_pad,
             value_dim_pad,
             planes,
+            m_tiles,
             block_k,
             async_copy,
             dtype.into(),
