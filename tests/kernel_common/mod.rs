@@ -4,7 +4,7 @@
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_attn_core::kernels::{flash_backward_unit, BandArgs, CubeRuntime, CubeTensor};
+use burn_attn_core::kernels::{flash_backward, BandArgs, CubeRuntime, CubeTensor};
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
 };
@@ -465,8 +465,9 @@ fn seq_major(x: &(Vec<f32>, [usize; 4])) -> (Vec<f32>, [usize; 4]) {
 }
 
 /// The backward launcher's gradients for `case` on the plain CubeCL backend `B`: the
-/// forward (kernel) gives O and lse, then `flash_backward_unit` runs on `d_out = w`.
-/// Panics when the launcher declines.
+/// forward (kernel) gives O and lse, then `flash_backward` runs on `d_out = w` (the
+/// matrix-unit kernels for f16/bf16 on CUDA, the portable ones otherwise). Panics when
+/// every backward kernel declines.
 fn kernel_backward<B, R>(
     case: &Case,
     x: &Inputs,
@@ -492,7 +493,7 @@ where
         right: window.right,
     };
     let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let (dq, dk, dv) = flash_backward_unit::<R>(
+    let (dq, dk, dv) = flash_backward::<R>(
         prim(q),
         prim(k),
         prim(v),
@@ -510,7 +511,7 @@ where
     [back(dq), back(dk), back(dv)]
 }
 
-/// The backward kernels (`flash_backward_unit`, called directly on the plain CubeCL
+/// The backward kernels (`flash_backward`, called directly on the plain CubeCL
 /// backend `B`) against autodiff of the materialised reference in f64: f32 to an absolute
 /// bound; f16/bf16 within 3x the error of the reference's gradients computed in the same
 /// low precision on the device (DESIGN.md). Also runs the kernels twice and requires the

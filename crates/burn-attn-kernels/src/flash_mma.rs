@@ -39,7 +39,7 @@ define_size!(pub MmaVecAcc);
 /// Binds the fragment vector sizes to what the device's `m16n8k16` definition uses.
 #[cube]
 #[allow(unused_variables)]
-fn register_vector_sizes<F: Float>(def: MmaDefinition<F, F, f32>) {
+pub(crate) fn register_vector_sizes<F: Float>(def: MmaDefinition<F, F, f32>) {
     let a = def.vector_size(MatrixIdent::A);
     let b = def.vector_size(MatrixIdent::B);
     let acc = def.vector_size(MatrixIdent::Accumulator);
@@ -54,7 +54,7 @@ fn register_vector_sizes<F: Float>(def: MmaDefinition<F, F, f32>) {
 /// (Indices are constants once the callers' loops are unrolled, so the arrays stay in
 /// registers.)
 #[cube]
-fn acc_get(
+pub(crate) fn acc_get(
     arr: &Array<Vector<f32, MmaVecAcc>>,
     tile: usize,
     e: usize,
@@ -66,7 +66,7 @@ fn acc_get(
 
 /// Sets element `e` (0..4) of accumulator tile `tile`.
 #[cube]
-fn acc_set(
+pub(crate) fn acc_set(
     arr: &mut Array<Vector<f32, MmaVecAcc>>,
     tile: usize,
     e: usize,
@@ -84,7 +84,7 @@ fn acc_set(
 /// and `c_frag` are scratch registers (the instruction takes whole arrays).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn mma_pair<F: Float>(
+pub(crate) fn mma_pair<F: Float>(
     def: MmaDefinition<F, F, f32>,
     a_frag: &Array<Vector<F, MmaVecA>>,
     b_regs: &Array<Vector<F, MmaVecB>>,
@@ -117,7 +117,7 @@ fn mma_pair<F: Float>(
 /// `[row][smem_stride]` with plain loads and stores, zero past `seq` and from `d` to `d_pad`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_rows_sync<F: Float>(
+pub(crate) fn stage_rows_sync<F: Float>(
     src: &Tensor<F>,
     base: usize,
     row_stride: usize,

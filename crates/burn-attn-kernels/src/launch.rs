@@ -490,3 +490,43 @@ pub(crate) fn check_dtypes<R: CubeRuntime>(
     }
     Ok(())
 }
+
+/// Whether the matrix-unit kernels can run `q`'s dtype on its device: f16 or bf16 (else
+/// `Unsupported::DType`), the CUDA runtime (the kernels hard-code PTX's `m16n8k16`
+/// register layout) and that instruction with f32 accumulation plus `ldmatrix` for the
+/// dtype (else `Unsupported::Size`). The same test as `flash_forward_mma`'s, for the
+/// backward launcher.
+pub(crate) fn mma_support<R: CubeRuntime>(q: &CubeTensor<R>) -> Result<(), Unsupported> {
+    let kind = match q.dtype {
+        DType::F16 => FloatKind::F16,
+        DType::BF16 => FloatKind::BF16,
+        other => {
+            return Err(Unsupported::DType(format!(
+                "{other:?} (the matrix-unit kernels take f16 and bf16)"
+            )))
+        }
+    };
+    if R::name(&q.client) != "cuda" {
+        return Err(Unsupported::Size(format!(
+            "runtime {} (the matrix-unit kernels are CUDA only)",
+            R::name(&q.client)
+        )));
+    }
+    let input: StorageType = ElemType::Float(kind).into();
+    let config = MmaConfig {
+        a_type: input,
+        b_type: input,
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    let matmul = &q.client.properties().features.matmul;
+    if !matmul.mma.contains(&config) || !matmul.ldmatrix.contains(&input) {
+        return Err(Unsupported::Size(format!(
+            "no m16n8k16 matrix instruction or ldmatrix for {:?} on this device",
+            q.dtype
+        )));
+    }
+    Ok(())
+}

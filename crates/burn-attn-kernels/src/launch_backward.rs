@@ -1,13 +1,15 @@
-//! Host-side launcher of the portable backward kernels (`flash_unit_backward.rs`).
+//! Host-side launchers of the backward kernels: the portable ones (`flash_unit_backward.rs`)
+//! and the matrix-unit ones (`flash_mma_backward.rs`).
 
 use burn_backend::{DType, Shape};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
+use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel};
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
-    alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, trace, BandArgs, Sizes,
-    Unsupported,
+    alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support, trace,
+    BandArgs, Sizes, Unsupported,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
@@ -21,6 +23,15 @@ const BACKWARD_UNITS: usize = 32;
 /// every loop back-edge against one budget per invocation (`LP_MAX_TGSI_LOOP_ITERATIONS`,
 /// "shared between every loop") and silently leave all loops once it is spent.
 const SOFTWARE_LOOP_BUDGET: usize = 65535;
+
+/// Planes per cube of the matrix-unit backward kernels; each owns 16 rows (query rows of the
+/// dQ kernel, key rows of the dK/dV kernel), the `m` of `m16n8k16`.
+const MMA_BACKWARD_PLANES: usize = 4;
+
+/// Largest head or value dim, padded to 16, of the matrix-unit backward: the dK/dV kernel
+/// keeps both gradient rows in f32 registers (`dim_pad / 2 + value_dim_pad / 2` per lane),
+/// which past 128 would leave too few registers for the tile's scores (spills).
+const MMA_BACKWARD_MAX_DIM: usize = 128;
 
 /// Gradients `(dq, dk, dv)` of exact banded attention with the portable kernels (no matrix
 /// units, no atomics: two runs give the same bits).
@@ -49,15 +60,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     d_out: CubeTensor<R>,
     band: BandArgs,
 ) -> Result<Gradients<R>, Unsupported> {
-    check_dtypes(&q, &k, &v)?;
-    if out.dtype != q.dtype || d_out.dtype != q.dtype || lse.dtype != DType::F32 {
-        return Err(Unsupported::DType(format!(
-            "out {:?}, d_out {:?}, lse {:?} with q {:?} (need out and d_out in the input \
-             dtype, lse in f32)",
-            out.dtype, d_out.dtype, lse.dtype, q.dtype
-        )));
-    }
-    let sizes = Sizes::check(&q, &k, &v)?;
+    let (sizes, kv_heads) = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
     let Sizes {
         batch,
         heads,
@@ -67,26 +70,6 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         value_dim,
         ..
     } = sizes;
-    let kv_heads = dims4(&k)[1];
-    let row_shape = [batch, heads, seq_q, value_dim];
-    let shapes_ok = kv_heads > 0
-        && heads % kv_heads == 0
-        && dims4(&k) == [batch, kv_heads, seq_k, dim]
-        && dims4(&v) == [batch, kv_heads, seq_k, value_dim]
-        && dims4(&out) == row_shape
-        && dims4(&d_out) == row_shape
-        && lse.meta.shape().as_slice() == [batch, heads, seq_q];
-    if !shapes_ok {
-        return Err(Unsupported::Size(format!(
-            "q {:?}, k {:?}, v {:?}, out {:?}, lse {:?}, d_out {:?} do not match",
-            q.meta.shape(),
-            k.meta.shape(),
-            v.meta.shape(),
-            out.meta.shape(),
-            lse.meta.shape(),
-            d_out.meta.shape()
-        )));
-    }
 
     let dq_grid = sizes.grid(BACKWARD_UNITS)?;
     let kv_grid = cube_grid(seq_k, BACKWARD_UNITS, batch * kv_heads, "batch*kv_heads")?;
@@ -183,8 +166,158 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     Ok((dq, dk, dv))
 }
 
-/// The best backward kernel for the call (today the portable one), saying with
-/// `BURN_ATTN_TRACE=1` which ran or why it declined. `Err` when none takes the call.
+/// Gradients `(dq, dk, dv)` of exact banded attention with the matrix-unit kernels
+/// (`mma.sync.m16n8k16`; no atomics: two runs give the same bits).
+///
+/// Same contract as [`flash_backward_unit`]; f16 and bf16 only (`Unsupported::DType`
+/// otherwise), only where the runtime is CUDA and reports that instruction with f32
+/// accumulation and `ldmatrix` for the dtype (as [`crate::flash_forward_mma`]), and head
+/// and value dims up to 128 (`Unsupported::Size` otherwise: the caller then runs the
+/// portable kernels). `Unsupported::SharedMemory` where the device cannot hold the smallest
+/// tiles.
+pub fn flash_backward_mma<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    d_out: CubeTensor<R>,
+    band: BandArgs,
+) -> Result<Gradients<R>, Unsupported> {
+    let (sizes, kv_heads) = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
+    mma_support(&q)?;
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = sizes;
+    let dim_pad = dim.div_ceil(16) * 16;
+    let value_dim_pad = value_dim.div_ceil(16) * 16;
+    let widest = dim_pad.max(value_dim_pad);
+    if widest > MMA_BACKWARD_MAX_DIM {
+        return Err(Unsupported::Size(format!(
+            "head_dim {dim} / value_dim {value_dim} (the matrix-unit backward takes up to \
+             {MMA_BACKWARD_MAX_DIM})"
+        )));
+    }
+    let planes = MMA_BACKWARD_PLANES;
+    let rows = 16 * planes;
+    let dq_grid = sizes.grid(rows)?;
+    let kv_grid = cube_grid(seq_k, rows, batch * kv_heads, "batch*kv_heads")?;
+
+    let client = q.client.clone();
+    let dtype = q.dtype;
+    let elem = dtype.size();
+    let shared = client.properties().hardware.max_shared_memory_size;
+    // Each kernel stages its cube's own rows (`rows`: Q and dO, or K and V) and one streamed
+    // tile of `block` rows (K and V, or Q and dO), all padded `[row][d_pad + 8]`; the dK/dV
+    // kernel adds the tile's lse and D (8 bytes a row). 64 bytes cover the 16-byte
+    // alignment of the four tiles.
+    let smem = |block: usize, per_row: usize| {
+        (rows + block) * (dim_pad + 8 + value_dim_pad + 8) * elem + block * per_row + 64
+    };
+    // 32-row streamed tiles past head dim 64 (fewer live score registers, as the forward's
+    // 32-key tiles), 64 otherwise; 16 where shared memory is short.
+    let candidates: &[usize] = if widest > 64 {
+        &[32, 16]
+    } else {
+        &[64, 32, 16]
+    };
+    let pick = |per_row: usize| {
+        candidates
+            .iter()
+            .copied()
+            .find(|&block| smem(block, per_row) <= shared)
+            .ok_or_else(|| {
+                Unsupported::SharedMemory(format!(
+                    "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
+                ))
+            })
+    };
+    let block_k = pick(0)?;
+    let block_q = pick(8)?;
+    trace(|| {
+        format!(
+            "flash_mma_backward planes {planes}, dQ block_k {block_k} ({} B shared), dK/dV \
+             block_q {block_q} ({} B shared)",
+            smem(block_k, 0),
+            smem(block_q, 8)
+        )
+    });
+
+    let dq = alloc_contiguous(&q, Shape::new([batch, heads, seq_q, dim]), dtype);
+    let dk = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, dim]), dtype);
+    let dv = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype);
+    let delta = alloc_contiguous(&q, Shape::new([batch, heads, seq_q]), DType::F32);
+    let left = sizes.side(band.left);
+    let right = sizes.side(band.right);
+
+    // SAFETY: every global access of both kernels is guarded by the tensors' own sizes
+    // (query rows < seq_q, key rows < seq_k, columns < head/value dim; staging zero-fills
+    // past them, outputs are written only inside them) and every shared-memory index is
+    // bounded by the comptime tile sizes (`ldmatrix` rows stay below `rows` or `block` rows
+    // and `d_pad` columns; lse/D tiles are indexed below `block_q`), so the runtime's
+    // per-access bounds checks are redundant. The grids match the kernels' comptime plane
+    // counts (`planes`).
+    unsafe {
+        if !sizes.is_empty() {
+            flash_mma_backward_dq_kernel::launch_unchecked::<R>(
+                &client,
+                dq_grid,
+                CubeDim::new_2d(32, planes as u32),
+                q.clone().into_tensor_arg(),
+                k.clone().into_tensor_arg(),
+                v.clone().into_tensor_arg(),
+                out.into_tensor_arg(),
+                d_out.clone().into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
+                dq.clone().into_tensor_arg(),
+                delta.clone().into_tensor_arg(),
+                band.scale,
+                left,
+                right,
+                dim_pad,
+                value_dim_pad,
+                planes,
+                block_k,
+                dtype.into(),
+            );
+        }
+        // With seq_q = 0 this still runs and writes zero dK and dV.
+        if seq_k * batch * kv_heads > 0 {
+            flash_mma_backward_dkdv_kernel::launch_unchecked::<R>(
+                &client,
+                kv_grid,
+                CubeDim::new_2d(32, planes as u32),
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                d_out.into_tensor_arg(),
+                lse.into_tensor_arg(),
+                delta.into_tensor_arg(),
+                dk.clone().into_tensor_arg(),
+                dv.clone().into_tensor_arg(),
+                band.scale,
+                left,
+                right,
+                dim_pad,
+                value_dim_pad,
+                planes,
+                block_q,
+                dtype.into(),
+            );
+        }
+    }
+    Ok((dq, dk, dv))
+}
+
+/// The best backward kernel for the call: the matrix-unit kernels where they apply (unless
+/// `BURN_ATTN_NO_MMA=1`), else the portable ones, saying with `BURN_ATTN_TRACE=1` which ran
+/// or why one declined. `Err` when none takes the call.
 pub fn flash_backward<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -195,12 +328,83 @@ pub fn flash_backward<R: CubeRuntime>(
     band: BandArgs,
 ) -> Result<Gradients<R>, Unsupported> {
     let shape = q.meta.shape().clone();
+    let disabled = std::env::var("BURN_ATTN_NO_MMA").is_ok_and(|v| v == "1");
+    if !disabled {
+        let mma = flash_backward_mma(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            out.clone(),
+            lse.clone(),
+            d_out.clone(),
+            band,
+        );
+        match mma {
+            Ok(done) => {
+                trace(|| format!("flash_mma_backward for q {shape:?}"));
+                return Ok(done);
+            }
+            Err(why) => trace(|| format!("flash_mma_backward declined: {why}")),
+        }
+    }
     let done = flash_backward_unit(q, k, v, out, lse, d_out, band);
     match &done {
         Ok(_) => trace(|| format!("flash_unit_backward for q {shape:?}")),
         Err(why) => trace(|| format!("flash_unit_backward declined: {why}")),
     }
     done
+}
+
+/// The checks both backward launchers share: dtypes (q, k, v, out and d_out in one of
+/// f32, f16, bf16; lse in f32) and shapes (see [`flash_backward_unit`]). Returns the
+/// sizes and the number of kv heads.
+fn check_inputs<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+    d_out: &CubeTensor<R>,
+) -> Result<(Sizes, usize), Unsupported> {
+    check_dtypes(q, k, v)?;
+    if out.dtype != q.dtype || d_out.dtype != q.dtype || lse.dtype != DType::F32 {
+        return Err(Unsupported::DType(format!(
+            "out {:?}, d_out {:?}, lse {:?} with q {:?} (need out and d_out in the input \
+             dtype, lse in f32)",
+            out.dtype, d_out.dtype, lse.dtype, q.dtype
+        )));
+    }
+    let sizes = Sizes::check(q, k, v)?;
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = sizes;
+    let kv_heads = dims4(k)[1];
+    let row_shape = [batch, heads, seq_q, value_dim];
+    let shapes_ok = kv_heads > 0
+        && heads % kv_heads == 0
+        && dims4(k) == [batch, kv_heads, seq_k, dim]
+        && dims4(v) == [batch, kv_heads, seq_k, value_dim]
+        && dims4(out) == row_shape
+        && dims4(d_out) == row_shape
+        && lse.meta.shape().as_slice() == [batch, heads, seq_q];
+    if !shapes_ok {
+        return Err(Unsupported::Size(format!(
+            "q {:?}, k {:?}, v {:?}, out {:?}, lse {:?}, d_out {:?} do not match",
+            q.meta.shape(),
+            k.meta.shape(),
+            v.meta.shape(),
+            out.meta.shape(),
+            lse.meta.shape(),
+            d_out.meta.shape()
+        )));
+    }
+    Ok((sizes, kv_heads))
 }
 
 /// An estimate, from above, of the loop iterations of one unit of either backward kernel

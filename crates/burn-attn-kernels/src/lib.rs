@@ -8,11 +8,15 @@
 //!   runtimes that report that instruction (CUDA sm_80+).
 //! - [`flash_backward_unit`]: the portable backward (dQ, dK, dV from the saved output and
 //!   log-sum-exp; no matrix units, no atomics), for every runtime.
+//! - [`flash_backward_mma`]: the matrix-unit backward (same contract, f16/bf16, head and
+//!   value dims up to 128) where the matrix-unit forward runs.
 #![warn(missing_docs)]
 
 // The #[cube(launch)] macro generates undocumented items.
 #[allow(missing_docs)]
 mod flash_mma;
+#[allow(missing_docs)]
+mod flash_mma_backward;
 #[allow(missing_docs)]
 mod flash_unit;
 #[allow(missing_docs)]
@@ -23,10 +27,11 @@ mod launch_backward;
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
 pub use flash_mma::flash_mma_kernel;
+pub use flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel};
 pub use flash_unit::flash_unit_kernel;
 pub use flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 pub use launch::{
     flash_forward, flash_forward_mma, flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM,
     UNIT_MAX_BAND_ELEMENTS,
 };
-pub use launch_backward::{flash_backward, flash_backward_unit, Gradients};
+pub use launch_backward::{flash_backward, flash_backward_mma, flash_backward_unit, Gradients};

@@ -1,0 +1,843 @@
+//! The matrix-unit FlashAttention backward kernels (CUDA `mma.sync.m16n8k16`, f16/bf16).
+//!
+//! FlashAttention-2's split into two kernels, as in the portable backward
+//! (`flash_unit_backward`), with every product on the matrix units and the probabilities
+//! `P = exp(scale * S - lse)` recomputed tile by tile from the forward's row log-sum-exp:
+//! - [`flash_mma_backward_dq_kernel`], query-major: each plane owns 16 query rows, computes
+//!   their `D = rowsum(dO * O)` (written out for the second kernel), and per key tile
+//!   `S = Q K^T`, `dP = dO V^T`, `dS = P * (dP - D)` and `dQ += dS K`.
+//! - [`flash_mma_backward_dkdv_kernel`], key-major: each plane owns 16 key rows of one kv
+//!   head and, for every query head sharing that kv head (GQA/MQA summed inside the kernel)
+//!   and every query tile whose band reaches the cube's keys, computes the transposed
+//!   products `S^T = K Q^T`, `dP^T = V dO^T`, `dS^T = P^T * (dP^T - D)`, `dV += P^T dO` and
+//!   `dK += dS^T Q`.
+//!
+//! Fragments come from shared memory with `ldmatrix` exactly as in the forward
+//! (`flash_mma`): tiles are `[row][d]` with rows padded by 16 bytes; `A B^T` products take
+//! both operands' rows non-transposed (like the forward's `Q K^T`); `A B` products take `A`
+//! straight from accumulator registers (two `n8` accumulator tiles are the `A` fragment of
+//! one `k16` chunk, like the forward's `P`) and `B` with `ldmatrix.trans` (like the
+//! forward's `V`), so `P` and `dS` never leave registers. The accumulator element `e` of
+//! lane `l` sits at row `l / 4 + 8 * (e / 2)` and column `2 * (l % 4) + e % 2` of its
+//! `16 x 8` tile: rows are the plane's own rows (queries in the dQ kernel, keys in the
+//! dK/dV kernel), columns the streamed tile's (keys, respectively queries), so the dK/dV
+//! kernel reads the lse and `D` of a column from shared memory.
+//!
+//! Every gradient row is accumulated in f32 registers by one plane, each element written
+//! by one lane, in a fixed order: no atomics, two runs give the same bits. The dK/dV kernel
+//! keeps both gradients' accumulators (`dim_pad / 2 + value_dim_pad / 2` f32 per lane), so
+//! the launcher takes head and value dims up to 128 only (larger ones run the portable
+//! kernels). Staging is synchronous (plain loads, one buffer). Band arithmetic is
+//! `flash_unit`'s: `i32`, key `j` visible to query `i` iff `i + offset - left <= j <= i +
+//! offset + right`, `offset = seq_k - seq_q`.
+//! Rows that see no key (lse `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so
+//! their probabilities, and with them their gradient contributions, are exactly 0.
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::ir::MatrixIdent;
+use cubecl::prelude::*;
+
+use crate::flash_mma::{
+    acc_get, acc_set, mma_pair, register_vector_sizes, stage_rows_sync, MmaVecA, MmaVecAcc, MmaVecB,
+};
+use crate::flash_unit::NEG_BIG;
+
+/// The lse given to rows without probabilities (no visible key, or padding):
+/// `exp(s - DEAD_LSE)` underflows to exactly 0 for every finite score `s`.
+const DEAD_LSE: f32 = 3.0e38;
+
+/// A row's lse as the kernels use it: [`DEAD_LSE`] where the forward saw no key (`-inf`).
+#[cube]
+fn live_lse(lse: f32) -> f32 {
+    let mut l = f32::new(DEAD_LSE);
+    if lse >= f32::new(NEG_BIG) {
+        l = lse;
+    }
+    l
+}
+
+/// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles of 8
+/// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the first
+/// `8 * n_tiles` rows of `b_smem`, both `[row][col]` with the given strides. The forward's
+/// `Q K^T` step: `ldmatrix.x4` gives the `A` blocks (rows 0-7 | 8-15) x (cols 0-7 | 8-15)
+/// and, per pair of `B` tiles, the blocks (rows 0-7 | 8-15 of the pair) x (cols 0-7 | 8-15).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_a_bt<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    a_smem: &SharedMemory<F>,
+    a_row0: usize,
+    b_smem: &SharedMemory<F>,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    a_frag: &mut Array<Vector<F, MmaVecA>>,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] a_stride: usize,
+    #[comptime] b_stride: usize,
+    #[comptime] k_chunks: usize,
+    #[comptime] n_tiles: usize,
+) {
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
+    let lane = UNIT_POS_PLANE as usize;
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    #[unroll]
+    for i in 0..comptime!(n_tiles * c_vecs) {
+        acc[i] = Vector::new(f32::new(0.0));
+    }
+    #[unroll]
+    for kc in 0..k_chunks {
+        let a_off =
+            a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
+        let a_regs = def.load_matrix::<F, MmaVecA>(
+            &a_smem.slice(a_off, a_off + 8),
+            MatrixIdent::A,
+            4usize,
+            false,
+        );
+        #[unroll]
+        for i in 0..a_vecs {
+            a_frag[i] = a_regs[i];
+        }
+        #[unroll]
+        for np in 0..comptime!(n_tiles / 2) {
+            let b_off =
+                (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride + kc * 16 + 8 * (ld_block % 2);
+            let b_regs = def.load_matrix::<F, MmaVecB>(
+                &b_smem.slice(b_off, b_off + 8),
+                MatrixIdent::B,
+                4usize,
+                false,
+            );
+            mma_pair::<F>(
+                def,
+                a_frag,
+                &b_regs,
+                acc,
+                2 * np,
+                b_frag,
+                c_frag,
+                b_vecs,
+                c_vecs,
+            );
+        }
+    }
+}
+
+/// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output tiles:
+/// `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
+/// fragment of chunk `c`), converted to `F`; `B` is `b_smem` as stored, `[k][n]` with
+/// stride `b_stride`, read with `ldmatrix.trans` (the forward's `P V` step: blocks (k 0-7 |
+/// 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_acc_b<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    src: &Array<Vector<f32, MmaVecAcc>>,
+    b_smem: &SharedMemory<F>,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    a_frag: &mut Array<Vector<F, MmaVecA>>,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] b_stride: usize,
+    #[comptime] k_chunks: usize,
+    #[comptime] n_tiles: usize,
+) {
+    let a_vs = def.vector_size(MatrixIdent::A);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vs = def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let lane = UNIT_POS_PLANE as usize;
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    #[unroll]
+    for kc in 0..k_chunks {
+        // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's.
+        #[unroll]
+        for i in 0..a_vecs {
+            let mut vector = Vector::empty();
+            #[unroll]
+            for n in 0..a_vs {
+                let ei = i * a_vs + n;
+                vector[n] = F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs));
+            }
+            a_frag[i] = vector;
+        }
+        #[unroll]
+        for np in 0..comptime!(n_tiles / 2) {
+            let b_off =
+                (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride + np * 16 + 8 * (ld_block / 2);
+            let b_regs = def.load_matrix::<F, MmaVecB>(
+                &b_smem.slice(b_off, b_off + 8),
+                MatrixIdent::B,
+                4usize,
+                true,
+            );
+            mma_pair::<F>(
+                def,
+                a_frag,
+                &b_regs,
+                acc,
+                2 * np,
+                b_frag,
+                c_frag,
+                b_vecs,
+                c_vecs,
+            );
+        }
+    }
+}
+
+/// Stages the lse (through [`live_lse`]) and `D` of query rows `t0 .. t0 + rows` of one head
+/// into shared memory; rows past `seq_q` get [`DEAD_LSE`] and `D = 0`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_row_stats(
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    lse_tile: &mut SharedMemory<f32>,
+    delta_tile: &mut SharedMemory<f32>,
+    lse_base: usize,
+    delta_base: usize,
+    t0: usize,
+    seq_q: usize,
+    tid: usize,
+    #[comptime] rows: usize,
+    #[comptime] threads: usize,
+) {
+    let mut idx = tid;
+    while idx < rows {
+        let i = t0 + idx;
+        let mut l = f32::new(DEAD_LSE);
+        let mut d = f32::new(0.0);
+        if i < seq_q {
+            l = live_lse(lse[lse_base + i * lse.stride(2)]);
+            d = delta[delta_base + i * delta.stride(2)];
+        }
+        lse_tile[idx] = l;
+        delta_tile[idx] = d;
+        idx += threads;
+    }
+}
+
+/// Matrix-unit backward, query-major: `D = rowsum(dO * O)` and `dQ`.
+///
+/// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
+/// warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and value dims
+/// rounded up to 16; `block_k` (keys per staged tile) is a multiple of 16. `dq` is `[b, h,
+/// seq_q, head_dim]` in the input dtype, `delta` `[b, h, seq_q]` in f32 (read by
+/// [`flash_mma_backward_dkdv_kernel()`]); tensors as for `flash_unit_backward_dq_kernel`.
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_mma_backward_dq_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &Tensor<F>,
+    d_out: &Tensor<F>,
+    lse: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
+    scale: f32,
+    left: i32,
+    right: i32,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_dim_pad: usize,
+    #[comptime] warps: usize,
+    #[comptime] block_k: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    register_vector_sizes::<F>(def);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vs = def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+
+    let dim = q.shape(3);
+    let value_dim = v.shape(3);
+    let heads = q.shape(1);
+    let seq_q = q.shape(2);
+    let kv_heads = k.shape(1);
+    let seq_k = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / heads;
+    let h = bh % heads;
+    let kvh = h / (heads / kv_heads);
+
+    let lane = UNIT_POS_PLANE as usize;
+    let warp = UNIT_POS_Y as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    let block_q = comptime!(16 * warps);
+    let r0 = CUBE_POS_X as usize * block_q;
+    let w0 = r0 + warp * 16;
+    let offset = seq_k as i32 - seq_q as i32;
+
+    // Key range of the cube and of this plane, and the keys every row of the plane sees
+    // (the forward's).
+    let r_last = min(r0 + block_q, seq_q) - 1;
+    let k_start = max(r0 as i32 + offset - left, 0);
+    let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
+    let w_last = min(w0 + 15, seq_q - 1);
+    let w_lo = w0 as i32 + offset - left;
+    let w_hi = w_last as i32 + offset + right;
+    let full_lo = w_last as i32 + offset - left;
+    let full_hi = w0 as i32 + offset + right;
+    let plane_rows = w0 < seq_q;
+    let plane_full = w0 + 16 <= seq_q;
+    // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let row_a = (w0 + g) as i32;
+
+    // D and the lse of the lane's two rows (g and g + 8). The four lanes of a group hold
+    // the same rows: each sums every fourth column of dO * O, then they exchange sums.
+    let mut d_row = Array::<f32>::new(2usize);
+    let mut lse_row = Array::<f32>::new(2usize);
+    let o_base = b * out.stride(0) + h * out.stride(1);
+    let do_base = b * d_out.stride(0) + h * d_out.stride(1);
+    #[unroll]
+    for hf in 0..2usize {
+        let row = w0 + g + 8 * hf;
+        let mut d = f32::new(0.0);
+        let mut l = f32::new(DEAD_LSE);
+        if row < seq_q {
+            let mut c = t;
+            while c < value_dim {
+                d += f32::cast_from(d_out[do_base + row * d_out.stride(2) + c * d_out.stride(3)])
+                    * f32::cast_from(out[o_base + row * out.stride(2) + c * out.stride(3)]);
+                c += 4;
+            }
+            l = live_lse(lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)]);
+        }
+        d += plane_shuffle_xor(d, 1);
+        d += plane_shuffle_xor(d, 2);
+        if row < seq_q && t == 0 {
+            delta[b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2)] = d;
+        }
+        d_row[hf] = d;
+        lse_row[hf] = l;
+    }
+
+    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
+    // eight row addresses of one `ldmatrix` hit distinct banks, 16-byte aligned for
+    // `ldmatrix`: the cube's Q and dO tiles (staged once) and one K and one V tile. Head-dim
+    // tiles (Q, K) have rows of `d_stride` values, value-dim tiles (dO, V) of `v_stride`.
+    let d_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let d_chunks = comptime!(dim_pad / 16);
+    let v_chunks = comptime!(value_dim_pad / 16);
+    let k_tiles = comptime!(block_k / 8);
+    let dq_tiles = comptime!(dim_pad / 8);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
+    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(block_k * d_stride), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(block_k * v_stride), 16usize);
+    let threads = comptime!(32 * warps);
+    let tid = warp * 32 + lane;
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    stage_rows_sync::<F>(
+        q,
+        b * q.stride(0) + h * q.stride(1),
+        q.stride(2),
+        q.stride(3),
+        r0,
+        seq_q,
+        dim,
+        &mut q_smem,
+        0usize,
+        tid,
+        block_q,
+        dim_pad,
+        d_stride,
+        threads,
+    );
+    stage_rows_sync::<F>(
+        d_out,
+        do_base,
+        d_out.stride(2),
+        d_out.stride(3),
+        r0,
+        seq_q,
+        value_dim,
+        &mut do_smem,
+        0usize,
+        tid,
+        block_q,
+        value_dim_pad,
+        v_stride,
+        threads,
+    );
+
+    let mut dq_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dq_tiles * c_vecs));
+    #[unroll]
+    for i in 0..comptime!(dq_tiles * c_vecs) {
+        dq_acc[i] = Vector::new(f32::new(0.0));
+    }
+    // S, then P, then dS (one set of registers); dP.
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
+    let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
+    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
+    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
+    let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
+
+    let bk_i = block_k as i32;
+    let mut t0 = k_start - (k_start % bk_i);
+    while t0 < k_end {
+        let t0u = usize::cast_from(t0);
+        stage_rows_sync::<F>(
+            k,
+            k_base,
+            k.stride(2),
+            k.stride(3),
+            t0u,
+            seq_k,
+            dim,
+            &mut k_smem,
+            0usize,
+            tid,
+            block_k,
+            dim_pad,
+            d_stride,
+            threads,
+        );
+        stage_rows_sync::<F>(
+            v,
+            v_base,
+            v.stride(2),
+            v.stride(3),
+            t0u,
+            seq_k,
+            value_dim,
+            &mut v_smem,
+            0usize,
+            tid,
+            block_k,
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+        sync_cube();
+
+        let tile_hi = t0 + bk_i - 1;
+        if plane_rows && tile_hi >= w_lo && t0 <= w_hi {
+            // S = Q K^T, dP = dO V^T.
+            mma_a_bt::<F>(
+                def,
+                &q_smem,
+                warp * 16 * d_stride,
+                &k_smem,
+                &mut s_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                d_stride,
+                d_stride,
+                d_chunks,
+                k_tiles,
+            );
+            mma_a_bt::<F>(
+                def,
+                &do_smem,
+                warp * 16 * v_stride,
+                &v_smem,
+                &mut dp_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                v_stride,
+                v_stride,
+                v_chunks,
+                k_tiles,
+            );
+
+            // dS = P (dP - D), with P = 0 outside the band and past seq_k (padding keys
+            // are zero rows, but exp(-lse) alone may overflow).
+            let unmasked =
+                plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
+            #[unroll]
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let mut p = f32::exp(acc_get(&s_acc, kt, e, c_vs) * scale - lse_row[e / 2]);
+                    if !unmasked {
+                        let row = row_a + (8 * (e / 2)) as i32;
+                        let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
+                        if j < row + offset - left || j > row + offset + right || j >= seq_k as i32
+                        {
+                            p = f32::new(0.0);
+                        }
+                    }
+                    let ds = p * (acc_get(&dp_acc, kt, e, c_vs) - d_row[e / 2]);
+                    acc_set(&mut s_acc, kt, e, c_vs, ds);
+                }
+            }
+
+            // dQ += dS K (K [key][d] is B = [k][n] as stored).
+            mma_acc_b::<F>(
+                def,
+                &s_acc,
+                &k_smem,
+                &mut dq_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                d_stride,
+                comptime!(block_k / 16),
+                dq_tiles,
+            );
+        }
+        // Every plane is done with K and V before they are staged again.
+        sync_cube();
+        t0 += bk_i;
+    }
+
+    let dq_base = b * dq.stride(0) + h * dq.stride(1);
+    #[unroll]
+    for hf in 0..2usize {
+        let row = w0 + g + 8 * hf;
+        if row < seq_q {
+            #[unroll]
+            for dt in 0..dq_tiles {
+                #[unroll]
+                for e in 0..2usize {
+                    let col = dt * 8 + 2 * t + e;
+                    if col < dim {
+                        let x = acc_get(&dq_acc, dt, hf * 2 + e, c_vs) * scale;
+                        dq[dq_base + row * dq.stride(2) + col * dq.stride(3)] = F::cast_from(x);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Matrix-unit backward, key-major: `dK` and `dV`, summed over the query heads of each kv
+/// head.
+///
+/// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_k / (16 *
+/// warps)), batch * kv_heads, 1)`, after [`flash_mma_backward_dq_kernel()`] has written
+/// `delta`. `dim_pad`, `value_dim_pad` as there; `block_q` (query rows per staged tile) is
+/// a multiple of 16. `dk` is `[b, kv_heads, seq_k, head_dim]` and `dv` `[b, kv_heads,
+/// seq_k, value_dim]` in the input dtype.
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_mma_backward_dkdv_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    d_out: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    left: i32,
+    right: i32,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_dim_pad: usize,
+    #[comptime] warps: usize,
+    #[comptime] block_q: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    register_vector_sizes::<F>(def);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vs = def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+
+    let dim = q.shape(3);
+    let value_dim = v.shape(3);
+    let heads = q.shape(1);
+    let seq_q = q.shape(2);
+    let kv_heads = k.shape(1);
+    let seq_k = k.shape(2);
+    let group = heads / kv_heads;
+    let bkh = CUBE_POS_Y as usize;
+    let b = bkh / kv_heads;
+    let kvh = bkh % kv_heads;
+
+    let lane = UNIT_POS_PLANE as usize;
+    let warp = UNIT_POS_Y as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    let block_kv = comptime!(16 * warps);
+    let c0 = CUBE_POS_X as usize * block_kv;
+    let w0 = c0 + warp * 16;
+    let offset = seq_k as i32 - seq_q as i32;
+
+    // Query i sees key j iff j - offset - right <= i <= j - offset + left: the query rows
+    // that see any key of the cube, and of this plane (contiguous, both edges growing with
+    // the key).
+    let c_last = min(c0 + block_kv, seq_k) - 1;
+    let q_start = max(c0 as i32 - offset - right, 0);
+    let q_end = min(c_last as i32 - offset + left + 1, seq_q as i32);
+    let w_last = min(w0 + 15, seq_k - 1);
+    let w_lo = w0 as i32 - offset - right;
+    let w_hi = w_last as i32 - offset + left;
+    let plane_keys = w0 < seq_k;
+    let plane_full = w0 + 16 <= seq_k;
+    // This lane's first key row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let key_a = (w0 + g) as i32;
+
+    // Shared memory as in the dQ kernel: the cube's K and V tiles (staged once), one Q and
+    // one dO tile, and that tile's lse and D (f32).
+    let d_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let d_chunks = comptime!(dim_pad / 16);
+    let v_chunks = comptime!(value_dim_pad / 16);
+    let q_tiles = comptime!(block_q / 8);
+    let dk_tiles = comptime!(dim_pad / 8);
+    let dv_tiles = comptime!(value_dim_pad / 8);
+    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * d_stride), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * v_stride), 16usize);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
+    let mut lse_tile = SharedMemory::<f32>::new(block_q);
+    let mut delta_tile = SharedMemory::<f32>::new(block_q);
+    let threads = comptime!(32 * warps);
+    let tid = warp * 32 + lane;
+    stage_rows_sync::<F>(
+        k,
+        b * k.stride(0) + kvh * k.stride(1),
+        k.stride(2),
+        k.stride(3),
+        c0,
+        seq_k,
+        dim,
+        &mut k_smem,
+        0usize,
+        tid,
+        block_kv,
+        dim_pad,
+        d_stride,
+        threads,
+    );
+    stage_rows_sync::<F>(
+        v,
+        b * v.stride(0) + kvh * v.stride(1),
+        v.stride(2),
+        v.stride(3),
+        c0,
+        seq_k,
+        value_dim,
+        &mut v_smem,
+        0usize,
+        tid,
+        block_kv,
+        value_dim_pad,
+        v_stride,
+        threads,
+    );
+
+    let mut dk_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dk_tiles * c_vecs));
+    #[unroll]
+    for i in 0..comptime!(dk_tiles * c_vecs) {
+        dk_acc[i] = Vector::new(f32::new(0.0));
+    }
+    let mut dv_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dv_tiles * c_vecs));
+    #[unroll]
+    for i in 0..comptime!(dv_tiles * c_vecs) {
+        dv_acc[i] = Vector::new(f32::new(0.0));
+    }
+    // S^T then P^T; dP^T then dS^T.
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(q_tiles * c_vecs));
+    let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(q_tiles * c_vecs));
+    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
+    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
+    let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
+
+    let bq_i = block_q as i32;
+    // The query heads of this kv head, in a fixed order.
+    for gi in 0..group {
+        let h = kvh * group + gi;
+        let q_base = b * q.stride(0) + h * q.stride(1);
+        let do_base = b * d_out.stride(0) + h * d_out.stride(1);
+        let lse_base = b * lse.stride(0) + h * lse.stride(1);
+        let delta_base = b * delta.stride(0) + h * delta.stride(1);
+        let mut t0 = q_start;
+        while t0 < q_end {
+            let t0u = usize::cast_from(t0);
+            stage_rows_sync::<F>(
+                q,
+                q_base,
+                q.stride(2),
+                q.stride(3),
+                t0u,
+                seq_q,
+                dim,
+                &mut q_smem,
+                0usize,
+                tid,
+                block_q,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_sync::<F>(
+                d_out,
+                do_base,
+                d_out.stride(2),
+                d_out.stride(3),
+                t0u,
+                seq_q,
+                value_dim,
+                &mut do_smem,
+                0usize,
+                tid,
+                block_q,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            stage_row_stats(
+                lse,
+                delta,
+                &mut lse_tile,
+                &mut delta_tile,
+                lse_base,
+                delta_base,
+                t0u,
+                seq_q,
+                tid,
+                block_q,
+                threads,
+            );
+            sync_cube();
+
+            let tile_hi = t0 + bq_i - 1;
+            if plane_keys && tile_hi >= w_lo && t0 <= w_hi {
+                // S^T = K Q^T, dP^T = V dO^T.
+                mma_a_bt::<F>(
+                    def,
+                    &k_smem,
+                    warp * 16 * d_stride,
+                    &q_smem,
+                    &mut s_acc,
+                    &mut a_frag,
+                    &mut b_frag,
+                    &mut c_frag,
+                    d_stride,
+                    d_stride,
+                    d_chunks,
+                    q_tiles,
+                );
+                mma_a_bt::<F>(
+                    def,
+                    &v_smem,
+                    warp * 16 * v_stride,
+                    &do_smem,
+                    &mut dp_acc,
+                    &mut a_frag,
+                    &mut b_frag,
+                    &mut c_frag,
+                    v_stride,
+                    v_stride,
+                    v_chunks,
+                    q_tiles,
+                );
+
+                // P^T and dS^T = P^T (dP^T - D); the lse and D are the column's (query's).
+                // `unmasked`: every (query, key) pair of the tile is visible, so no
+                // per-element test.
+                let unmasked = plane_full
+                    && tile_hi < seq_q as i32
+                    && tile_hi + offset - left <= w0 as i32
+                    && w0 as i32 + 15 <= t0 + offset + right;
+                #[unroll]
+                for qt in 0..q_tiles {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let qc = qt * 8 + 2 * t + e % 2;
+                        let mut p = f32::exp(acc_get(&s_acc, qt, e, c_vs) * scale - lse_tile[qc]);
+                        if !unmasked {
+                            let key = key_a + (8 * (e / 2)) as i32;
+                            let i = t0 + qc as i32;
+                            if key < i + offset - left
+                                || key > i + offset + right
+                                || key >= seq_k as i32
+                                || i >= seq_q as i32
+                            {
+                                p = f32::new(0.0);
+                            }
+                        }
+                        let ds = p * (acc_get(&dp_acc, qt, e, c_vs) - delta_tile[qc]);
+                        acc_set(&mut s_acc, qt, e, c_vs, p);
+                        acc_set(&mut dp_acc, qt, e, c_vs, ds);
+                    }
+                }
+
+                // dV += P^T dO, dK += dS^T Q (dO and Q [query][d] are B = [k][n] as stored).
+                mma_acc_b::<F>(
+                    def,
+                    &s_acc,
+                    &do_smem,
+                    &mut dv_acc,
+                    &mut a_frag,
+                    &mut b_frag,
+                    &mut c_frag,
+                    v_stride,
+                    comptime!(block_q / 16),
+                    dv_tiles,
+                );
+                mma_acc_b::<F>(
+                    def,
+                    &dp_acc,
+                    &q_smem,
+                    &mut dk_acc,
+                    &mut a_frag,
+                    &mut b_frag,
+                    &mut c_frag,
+                    d_stride,
+                    comptime!(block_q / 16),
+                    dk_tiles,
+                );
+            }
+            // Every plane is done with this Q/dO tile before the next is staged.
+            sync_cube();
+            t0 += bq_i;
+        }
+    }
+
+    let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
+    let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
+    #[unroll]
+    for hf in 0..2usize {
+        let key = w0 + g + 8 * hf;
+        if key < seq_k {
+            #[unroll]
+            for dt in 0..dk_tiles {
+                #[unroll]
+                for e in 0..2usize {
+                    let col = dt * 8 + 2 * t + e;
+                    if col < dim {
+                        let x = acc_get(&dk_acc, dt, hf * 2 + e, c_vs) * scale;
+                        dk[dk_base + key * dk.stride(2) + col * dk.stride(3)] = F::cast_from(x);
+                    }
+                }
+            }
+            #[unroll]
+            for vt in 0..dv_tiles {
+                #[unroll]
+                for e in 0..2usize {
+                    let col = vt * 8 + 2 * t + e;
+                    if col < value_dim {
+                        let x = acc_get(&dv_acc, vt, hf * 2 + e, c_vs);
+                        dv[dv_base + key * dv.stride(2) + col * dv.stride(3)] = F::cast_from(x);
+                    }
+                }
+            }
+        }
+    }
+}
