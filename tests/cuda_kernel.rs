@@ -7,7 +7,10 @@
 //! (`check_low_host`): on the device, Burn's kernels compile and tune per shape for about a
 //! minute per case. The default grid is the CI grid's cases at the head dims of the fast
 //! paths and the odd/large ones, every mask kind, plus long sequences;
-//! `BURN_ATTN_FULL_GRID=1` runs the whole CI grid.
+//! `BURN_ATTN_FULL_GRID=1` runs the whole CI grid. The backward kernel tests go through
+//! `flash_backward`, so f16/bf16 run the matrix-unit backward and f32 the portable one;
+//! their low-precision reference is the host-evaluated one
+//! (`host_low_precision_gradients`), checked against Burn's device reference on two cases.
 
 /// Without the `cuda` feature nothing here is built; this ignored test says so in every
 /// test run instead of the file silently running zero tests.
@@ -99,8 +102,25 @@ mod on_cuda {
         }
     }
 
-    /// Two cases (one with GQA 8:1 and a window): the f16/bf16 reference gradients run Burn's
-    /// own kernels on the device, which compile and tune per shape (tens of seconds a case).
+    /// The backward grid plus head dims 96/128 (the matrix-unit backward's main case) at
+    /// lengths past one tile, in f16 and bf16, against the host-evaluated low-precision
+    /// reference gradients (`host_low_precision_gradients`).
+    #[test]
+    fn cuda_backward_kernel_low_precision_grid_host_reference() {
+        let mut cases = backward_grid();
+        cases.push(Case::new(200, 300, 128).causal());
+        cases.push(Case::new(257, 257, 128).gqa(4, 2));
+        cases.push(Case::new(130, 129, 96).window(Some(40), Some(7)));
+        cases.push(Case::new(300, 300, 64).causal().gqa(8, 1));
+        for case in cases {
+            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::F16);
+            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);
+        }
+    }
+
+    /// Two cases (one with GQA 8:1 and a window) against Burn's own low-precision autodiff
+    /// on the device, which compiles and tunes per shape (tens of seconds a case): it checks
+    /// the host reference of the test above on the cases both can afford.
     #[test]
     fn cuda_backward_kernel_low_precision_within_thrice_reference_error() {
         let grid = backward_grid();

@@ -37,7 +37,7 @@ for step in "$@"; do
       done ;;
     grid) CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
       echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")"; grep -E "out err" "$OUT/grid.log" | tail -3 ;;
-    bench) timeout ${BENCH_TIMEOUT:-300} $AF --repeats 10 --json "$OUT/bench-bf16.json" 2>&1 | tee "$OUT/bench-bf16.log" ;;
+    bench) timeout ${BENCH_TIMEOUT:-300} $AF --repeats 10 ${BENCH_ARGS:-} --json "$OUT/bench-bf16.json" 2>&1 | tee "$OUT/bench-bf16.log" ;;
     peers) # the peer script's own functions: bf16 SDPA and the FlexAttention windows
       timeout 200 python3 -c "
 import json, torch
@@ -50,12 +50,12 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
 " > "$OUT/torch.log" 2>&1; grep -E "bfloat16 .*d=128|flex" "$OUT/torch.log" | grep -E "flash|cudnn|flex|math" | head -30 ;;
     memory) timeout 60 "$B/attention_forward" --backend cuda --dtype bf16 --memory 2>&1 | tee "$OUT/memory.log" ;;
     backward) # training steps: our backward vs Burn's materialised autodiff (n <= 4096)
-      timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
+      timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 ${BACKWARD_ARGS:-} --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact
       # cores train through our forward and backward kernels (the trace counts the launches)
-      CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} --d-model 256 --heads 8 --pairs 32 --batch 128 > "$OUT/train.log" 2>&1
+      CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} ${TRAIN_ARGS:---d-model 256 --heads 8 --pairs 32 --batch 128} > "$OUT/train.log" 2>&1
       grep -v "^burn-attn:" "$OUT/train.log" | tail -30; grep "^burn-attn:" "$OUT/train.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that

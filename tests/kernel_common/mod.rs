@@ -269,11 +269,135 @@ fn round_to(x: f32, dtype: DType) -> f32 {
     }
 }
 
+/// Rows of the materialised reference (`reference_attention`) evaluated on the host in
+/// `dtype`: inputs rounded to it, every tensor op's result rounded as the op would store it
+/// (matmuls and sums accumulate in f32 and round once, as GPU kernels do). Shared by the
+/// forward and backward host references.
+struct LowPrecisionRows<'a> {
+    case: &'a Case,
+    x: &'a Inputs,
+    dtype: DType,
+    scale: f32,
+    visible: Vec<bool>,
+}
+
+impl<'a> LowPrecisionRows<'a> {
+    fn new(case: &'a Case, x: &'a Inputs, dtype: DType) -> Self {
+        let (seq_q, seq_k) = (case.seq_q, case.seq_k);
+        let pattern = KeyPattern::band(case.window, case.causal);
+        let visible = if seq_q > 0 && seq_k > 0 {
+            pattern
+                .tile_mask::<NdArray<f32>>(0..seq_q, 0..seq_k, seq_q, seq_k, &Default::default())
+                .into_data()
+                .to_vec::<bool>()
+                .expect("bool mask")
+        } else {
+            Vec::new()
+        };
+        let scale = round_to((1.0 / (case.dim as f64).sqrt()) as f32, dtype);
+        Self {
+            case,
+            x,
+            dtype,
+            scale,
+            visible,
+        }
+    }
+
+    fn r(&self, v: f32) -> f32 {
+        round_to(v, self.dtype)
+    }
+
+    /// Element `c` of row `j` of kv head `kvh` of batch `b` of `k` or `v`, rounded.
+    fn kv(&self, t: &(Vec<f32>, [usize; 4]), b: usize, kvh: usize, j: usize, c: usize) -> f32 {
+        let [_, kv_heads, seq_k, width] = t.1;
+        self.r(t.0[((b * kv_heads + kvh) * seq_k + j) * width + c])
+    }
+
+    /// Element `c` of query row `i` of head `h` of a `[b, h, seq_q, width]` tensor, rounded.
+    fn row(&self, t: &(Vec<f32>, [usize; 4]), b: usize, h: usize, i: usize, c: usize) -> f32 {
+        let [_, heads, seq_q, width] = t.1;
+        self.r(t.0[((b * heads + h) * seq_q + i) * width + c])
+    }
+
+    /// The probabilities of query row `i` of head `h` (0 where masked) and its lse.
+    fn probabilities(&self, b: usize, h: usize, i: usize) -> (Vec<f32>, f32) {
+        let case = self.case;
+        let kvh = h / (case.heads / case.kv_heads);
+        let s: Vec<f32> = (0..case.seq_k)
+            .map(|j| {
+                if self.visible[i * case.seq_k + j] {
+                    let dot: f32 = (0..case.dim)
+                        .map(|c| self.row(&self.x.q, b, h, i, c) * self.kv(&self.x.k, b, kvh, j, c))
+                        .sum();
+                    self.r(self.r(dot) * self.scale)
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mut m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            m = 0.0;
+        }
+        let w: Vec<f32> = s.iter().map(|&sj| self.r(self.r(sj - m).exp())).collect();
+        let sum = self.r(w.iter().sum::<f32>());
+        let p = w
+            .iter()
+            .map(|&wj| self.r(wj / sum.max(f32::MIN_POSITIVE)))
+            .collect();
+        (p, self.r(m + self.r(sum.ln())))
+    }
+}
+
 /// The materialised reference (`reference_attention`) evaluated on the host in `dtype`:
 /// inputs rounded to it, and every tensor op's result rounded as the op would store it
 /// (matmuls and sums accumulate in f32 and round once, as GPU kernels do).
 pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>) {
-    let r = |v: f32| round_to(v, dtype);
+    let rows = LowPrecisionRows::new(case, x, dtype);
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        value_dim,
+        ..
+    } = *case;
+    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
+    let mut lse = vec![0f64; batch * heads * seq_q];
+    let group = heads / kv_heads;
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..seq_q {
+                let (p, row_lse) = rows.probabilities(b, h, i);
+                let oi = ((b * heads + h) * seq_q + i) * value_dim;
+                for c in 0..value_dim {
+                    let acc: f32 = (0..seq_k)
+                        .map(|j| p[j] * rows.kv(&x.v, b, h / group, j, c))
+                        .sum();
+                    out[oi + c] = rows.r(acc) as f64;
+                }
+                lse[(b * heads + h) * seq_q + i] = row_lse as f64;
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// Gradients of `sum(reference_attention(q, k, v) * w)` evaluated on the host in `dtype`,
+/// op by op as autodiff of the materialised reference runs them, each result rounded:
+/// `dV = P^T dO`, `dP = dO V^T`, softmax's `dS = P (dP - rowsum(P dP))`, the scale, then
+/// `dQ = dS K` and `dK = dS^T Q` (matmuls accumulate in f32 and round once; dK and dV sum
+/// the query heads of a kv head in f32). The low-precision reference of the backward tests:
+/// Burn's own low-precision autodiff compiles and tunes per shape on the device.
+pub fn host_low_precision_gradients(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    dtype: DType,
+) -> [Vec<f64>; 3] {
+    let rows = LowPrecisionRows::new(case, x, dtype);
     let Case {
         batch,
         heads,
@@ -284,59 +408,55 @@ pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (V
         value_dim,
         ..
     } = *case;
-    let (q, k, v) = (&x.q.0, &x.k.0, &x.v.0);
-    let scale = r((1.0 / (dim as f64).sqrt()) as f32);
-    let pattern = KeyPattern::band(case.window, case.causal);
-    let visible: Vec<bool> = if seq_q > 0 && seq_k > 0 {
-        pattern
-            .tile_mask::<NdArray<f32>>(0..seq_q, 0..seq_k, seq_q, seq_k, &Default::default())
-            .into_data()
-            .to_vec::<bool>()
-            .expect("bool mask")
-    } else {
-        Vec::new()
-    };
-    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
-    let mut lse = vec![0f64; batch * heads * seq_q];
     let group = heads / kv_heads;
-    let mut s = vec![0f32; seq_k];
+    let mut dq = vec![0f32; batch * heads * seq_q * dim];
+    let mut dk = vec![0f32; batch * kv_heads * seq_k * dim];
+    let mut dv = vec![0f32; batch * kv_heads * seq_k * value_dim];
     for b in 0..batch {
         for h in 0..heads {
             let kvh = h / group;
+            // Per row: P, then the scaled dS (0 where masked).
+            let mut p_all = Vec::with_capacity(seq_q);
+            let mut g_all = Vec::with_capacity(seq_q);
             for i in 0..seq_q {
-                let qi = ((b * heads + h) * seq_q + i) * dim;
-                let mut m = f32::NEG_INFINITY;
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = ((b * kv_heads + kvh) * seq_k + j) * dim;
-                    let dot: f32 = (0..dim).map(|c| r(q[qi + c]) * r(k[kj + c])).sum();
-                    *sj = if visible[i * seq_k + j] {
-                        r(r(dot) * scale)
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    m = m.max(*sj);
-                }
-                if m == f32::NEG_INFINITY {
-                    m = 0.0;
-                }
-                let w: Vec<f32> = s.iter().map(|&sj| r(r(sj - m).exp())).collect();
-                let sum = r(w.iter().sum::<f32>());
-                let p: Vec<f32> = w
-                    .iter()
-                    .map(|&wj| r(wj / sum.max(f32::MIN_POSITIVE)))
+                let (p, _) = rows.probabilities(b, h, i);
+                let dp: Vec<f32> = (0..seq_k)
+                    .map(|j| {
+                        let dot: f32 = (0..value_dim)
+                            .map(|c| rows.row(w, b, h, i, c) * rows.kv(&x.v, b, kvh, j, c))
+                            .sum();
+                        rows.r(dot)
+                    })
                     .collect();
-                let oi = ((b * heads + h) * seq_q + i) * value_dim;
-                for c in 0..value_dim {
-                    let acc: f32 = (0..seq_k)
-                        .map(|j| p[j] * r(v[((b * kv_heads + kvh) * seq_k + j) * value_dim + c]))
-                        .sum();
-                    out[oi + c] = r(acc) as f64;
+                let d = rows.r(p.iter().zip(&dp).map(|(&a, &c)| rows.r(a * c)).sum::<f32>());
+                let g: Vec<f32> = p
+                    .iter()
+                    .zip(&dp)
+                    .map(|(&pj, &dpj)| rows.r(rows.r(pj * rows.r(dpj - d)) * rows.scale))
+                    .collect();
+                p_all.push(p);
+                g_all.push(g);
+            }
+            for i in 0..seq_q {
+                for c in 0..dim {
+                    let acc: f32 = (0..seq_k).map(|j| g_all[i][j] * rows.kv(&x.k, b, kvh, j, c)).sum();
+                    dq[((b * heads + h) * seq_q + i) * dim + c] = rows.r(acc);
                 }
-                lse[(b * heads + h) * seq_q + i] = r(m + r(sum.ln())) as f64;
+            }
+            for j in 0..seq_k {
+                for c in 0..dim {
+                    let acc: f32 = (0..seq_q).map(|i| g_all[i][j] * rows.row(&x.q, b, h, i, c)).sum();
+                    dk[((b * kv_heads + kvh) * seq_k + j) * dim + c] += rows.r(acc);
+                }
+                for c in 0..value_dim {
+                    let acc: f32 = (0..seq_q).map(|i| p_all[i][j] * rows.row(w, b, h, i, c)).sum();
+                    dv[((b * kv_heads + kvh) * seq_k + j) * value_dim + c] += rows.r(acc);
+                }
             }
         }
     }
-    (out, lse)
+    let round = |t: Vec<f32>| t.into_iter().map(|v| rows.r(v) as f64).collect();
+    [round(dq), round(dk), round(dv)]
 }
 
 pub fn grid() -> Vec<Case> {
@@ -521,6 +641,24 @@ where
     R: CubeRuntime,
     B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
 {
+    check_backward_kernel_against::<B, R>(case, dtype, false)
+}
+
+/// [`check_backward_kernel`] with the host-evaluated low-precision reference
+/// ([`host_low_precision_gradients`]) instead of Burn's low-precision autodiff on `B`.
+pub fn check_backward_kernel_host<B, R>(case: Case, dtype: DType)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    check_backward_kernel_against::<B, R>(case, dtype, true)
+}
+
+fn check_backward_kernel_against<B, R>(case: Case, dtype: DType, host_reference: bool)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
     let x = inputs(
         &case,
         31 + case.seq_q as u64 * 5 + case.seq_k as u64 + case.dim as u64,
@@ -530,8 +668,13 @@ where
     let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
     let got = kernel_backward::<B, R>(&case, &x, &w, dtype);
     let again = kernel_backward::<B, R>(&case, &x, &w, dtype);
-    let low_ref = (dtype != DType::F32)
-        .then(|| attention_gradients_in::<burn::backend::Autodiff<B>>(&case, &x, &w, false, dtype));
+    let low_ref = (dtype != DType::F32).then(|| {
+        if host_reference {
+            host_low_precision_gradients(&case, &x, &w, dtype)
+        } else {
+            attention_gradients_in::<burn::backend::Autodiff<B>>(&case, &x, &w, false, dtype)
+        }
+    });
     for (n, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
         let same_bits = got[n]
             .iter()

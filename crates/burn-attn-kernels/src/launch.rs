@@ -174,38 +174,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     band: BandArgs,
 ) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
     check_dtypes(&q, &k, &v)?;
-    let kind = match q.dtype {
-        DType::F16 => FloatKind::F16,
-        DType::BF16 => FloatKind::BF16,
-        other => {
-            return Err(Unsupported::DType(format!(
-                "{other:?} (the matrix-unit kernel takes f16 and bf16)"
-            )))
-        }
-    };
-    // The kernel hard-codes the register layout of PTX's m16n8k16.
-    if R::name(&q.client) != "cuda" {
-        return Err(Unsupported::Size(format!(
-            "runtime {} (the matrix-unit kernel is CUDA only)",
-            R::name(&q.client)
-        )));
-    }
-    let input: StorageType = ElemType::Float(kind).into();
-    let config = MmaConfig {
-        a_type: input,
-        b_type: input,
-        cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: 16,
-        n: 8,
-        k: 16,
-    };
-    let matmul = &q.client.properties().features.matmul;
-    if !matmul.mma.contains(&config) || !matmul.ldmatrix.contains(&input) {
-        return Err(Unsupported::Size(format!(
-            "no m16n8k16 matrix instruction or ldmatrix for {:?} on this device",
-            q.dtype
-        )));
-    }
+    mma_support(&q)?;
     let sizes = Sizes::check(&q, &k, &v)?;
     let Sizes { dim, value_dim, .. } = sizes;
     let dim_pad = dim.div_ceil(16) * 16;
@@ -494,8 +463,7 @@ pub(crate) fn check_dtypes<R: CubeRuntime>(
 /// Whether the matrix-unit kernels can run `q`'s dtype on its device: f16 or bf16 (else
 /// `Unsupported::DType`), the CUDA runtime (the kernels hard-code PTX's `m16n8k16`
 /// register layout) and that instruction with f32 accumulation plus `ldmatrix` for the
-/// dtype (else `Unsupported::Size`). The same test as `flash_forward_mma`'s, for the
-/// backward launcher.
+/// dtype (else `Unsupported::Size`). Shared by the forward and backward launchers.
 pub(crate) fn mma_support<R: CubeRuntime>(q: &CubeTensor<R>) -> Result<(), Unsupported> {
     let kind = match q.dtype {
         DType::F16 => FloatKind::F16,
