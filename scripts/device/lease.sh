@@ -9,13 +9,22 @@
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
 # Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward memory-train f32 wgpu
-# train compare. Logs and JSON go to $OUT.
+# train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
 PEERS=${PEERS:-.carry/torch_attention_bench.py}
 S=/usr/local/cuda/bin/compute-sanitizer
 AF="$B/attention_forward --backend cuda --dtype bf16"
+# CubeCL's kernel (PTX) and autotune caches on disk, so later calls of a lease, and later
+# leases that carry .carry/cubecl-cache.tar.xz (written by the save-cache step), skip
+# Burn's first-call compilation and tuning (about a minute per new shape on the H200).
+CACHE=/tmp/cubecl-cache
+if [ ! -d "$CACHE" ]; then
+  mkdir -p "$CACHE"
+  [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
+fi
+printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
@@ -67,6 +76,8 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # kernel last time (a software adapter, most likely); no discrete GPU = a loud failure.
       export CUBECL_WGPU_DEFAULT_DEVICE='DiscreteGpu(0)'
       for dt in f32 f16; do timeout 150 "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
+    save-cache) # bring the caches back: copy $OUT/cubecl-cache.tar.xz into .carry/ for the next lease
+      tar -cJf "$OUT/cubecl-cache.tar.xz" -C "$CACHE" . && ls -la "$OUT/cubecl-cache.tar.xz" && du -sh "$CACHE" ;;
     *) echo "unknown step $step" ;;
   esac
 done
