@@ -7,6 +7,7 @@
 //! cargo run --release --example associative_recall        # CPU, every kind, ~40 s each
 //! cargo run --release --example associative_recall -- --kinds flash,linear --steps 800
 //! cargo run --release --example associative_recall --features cuda -- --d-model 256 --pairs 64
+//! cargo run --release --example associative_recall --features cuda -- --kinds flash --max-seconds 120
 //! ```
 
 use std::time::Instant;
@@ -246,6 +247,9 @@ struct Args {
     heads: usize,
     layers: usize,
     lr: f64,
+    /// Training time per kind in seconds, after which training stops early and the
+    /// accuracy is measured anyway (bounded GPU runs, where the first steps compile).
+    max_seconds: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -258,6 +262,7 @@ fn parse_args() -> Args {
         heads: 4,
         layers: 2,
         lr: 2e-3,
+        max_seconds: None,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, name: &str| -> usize {
@@ -284,9 +289,16 @@ fn parse_args() -> Args {
                     .and_then(|v| v.parse().ok())
                     .expect("--lr needs a number")
             }
+            "--max-seconds" => {
+                args.max_seconds = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--max-seconds needs a number"),
+                )
+            }
             "--help" | "-h" => {
                 println!(
-                    "options: --kinds {} (or all) --steps N --batch N --pairs N --d-model N --heads N --layers N --lr X",
+                    "options: --kinds {} (or all) --steps N --batch N --pairs N --d-model N --heads N --layers N --lr X --max-seconds S",
                     KINDS.join(",")
                 );
                 std::process::exit(0);
@@ -323,6 +335,13 @@ where
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(args.lr, model, grads);
+        if args
+            .max_seconds
+            .is_some_and(|limit| start.elapsed().as_secs_f64() > limit)
+        {
+            println!("  {kind:<16} stopped after step {step}: --max-seconds reached");
+            break;
+        }
     }
     let model = model.valid();
     let mut correct = 0usize;

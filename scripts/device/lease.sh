@@ -64,7 +64,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact
       # cores train through our forward and backward kernels (the trace counts the launches)
-      CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} ${TRAIN_ARGS:---d-model 256 --heads 8 --pairs 32 --batch 128} > "$OUT/train.log" 2>&1
+      CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} --max-seconds ${TRAIN_SECONDS:-120} ${TRAIN_ARGS:---d-model 256 --heads 8 --pairs 32 --batch 128} > "$OUT/train.log" 2>&1
       grep -v "^burn-attn:" "$OUT/train.log" | tail -30; grep "^burn-attn:" "$OUT/train.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that
