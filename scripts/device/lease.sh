@@ -69,7 +69,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that
       # cost across methods (eleven separate calls of 38 s each printed almost nothing)
-      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 --lengths 1024,4096 --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
+      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --time-limit $(( ${COMPARE_TIMEOUT:-560} - 120 )) --backend cuda --dtype bf16 --tokens 32768 --lengths ${COMPARE_LENGTHS:-1024,4096} --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
       for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
       # Force the discrete adapter: the default pick ran 20x slower than CUDA's portable

@@ -186,6 +186,11 @@ pub struct CompareArgs {
     /// Do not draw the progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Start no new row after this many seconds and report what was measured, listing the
+    /// rows not run (bounded GPU runs: Burn compiles and tunes every new graph and shape
+    /// on first use, a minute or more per method on an H200).
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
 }
 
 impl CompareArgs {
@@ -258,6 +263,9 @@ impl CompareArgs {
                 "--d-model ({}) must be a positive multiple of --heads ({})",
                 self.d_model, self.heads
             ));
+        }
+        if let Some(limit) = self.time_limit.filter(|l| !(*l > 0.0)) {
+            return Err(format!("--time-limit ({limit}) must be a positive number of seconds"));
         }
         if self.batch == 0 || self.repeats == 0 {
             return Err("--batch and --repeats must be at least 1".into());

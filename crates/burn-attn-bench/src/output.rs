@@ -53,6 +53,14 @@ pub fn format_report(report: &Report) -> String {
         report.memory,
     );
     out.push_str(&format_table(&report.rows));
+    let missing = crate::run::missing_rows(a, &report.rows);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|(m, n)| format!("{m} n={n}")).collect();
+        out.push_str(&format!(
+            "not in the table (failed, or past --time-limit): {}\n",
+            list.join(", ")
+        ));
+    }
     out.push('\n');
     out.push_str(LEGEND);
     out.push_str("\n\n");

@@ -484,8 +484,18 @@ pub fn run<B: AttentionBackend>(
 ) -> Vec<Row> {
     let methods = args.selected_methods();
     let mut rows = Vec::with_capacity(methods.len() * args.lengths.len());
+    let start = std::time::Instant::now();
+    let mut not_run = 0;
     for &n in &args.lengths {
         for &method in &methods {
+            if args
+                .time_limit
+                .is_some_and(|limit| start.elapsed().as_secs_f64() >= limit)
+            {
+                not_run += 1;
+                bar.inc(1);
+                continue;
+            }
             bar.set_message(format!("{method} n={n}"));
             // A method that fails at a size (out of memory, an unsupported shape) loses its
             // row, not the whole table.
@@ -520,7 +530,24 @@ pub fn run<B: AttentionBackend>(
         }
     }
     bar.finish_and_clear();
+    if not_run > 0 {
+        eprintln!(
+            "--time-limit reached after {:.0} s: {not_run} of {} rows not run",
+            start.elapsed().as_secs_f64(),
+            methods.len() * args.lengths.len()
+        );
+    }
     rows
+}
+
+/// The selected (method, length) pairs without a row: failed, or not started before
+/// `--time-limit`.
+pub fn missing_rows(args: &CompareArgs, rows: &[Row]) -> Vec<(Method, usize)> {
+    args.lengths
+        .iter()
+        .flat_map(|&n| args.selected_methods().into_iter().map(move |m| (m, n)))
+        .filter(|&(m, n)| !rows.iter().any(|r| r.method == m && r.seq_len == n))
+        .collect()
 }
 
 /// The backend's name for the report.

@@ -327,3 +327,53 @@ fn hybrid_allocates_no_more_than_the_core_it_chose() {
         );
     }
 }
+
+#[test]
+fn time_limit_stops_rows_and_the_report_lists_them() {
+    let _serial = serial();
+    // A limit already spent before the first row: no row runs, and the report names every
+    // selected (method, length) pair as missing.
+    let args = tiny_args(&[("--methods", "flash,linear"), ("--time-limit", "1e-9")]);
+    args.validate().unwrap();
+    let bar = progress_bar(0, true);
+    let rows = run::<burn::backend::NdArray<f32>>(
+        &Default::default(),
+        &args,
+        &MemoryMeter::allocator(),
+        &bar,
+    );
+    assert!(rows.is_empty(), "rows ran past the time limit: {}", rows.len());
+    let missing = burn_attn_bench::run::missing_rows(&args, &rows);
+    assert_eq!(
+        missing,
+        vec![
+            (Method::Flash, 16),
+            (Method::Linear, 16),
+            (Method::Flash, 32),
+            (Method::Linear, 32)
+        ]
+    );
+    let report = build_report("ndarray".into(), String::new(), args, rows).unwrap();
+    let text = format_report(&report);
+    assert!(
+        text.contains("not in the table (failed, or past --time-limit): flash n=16, linear n=16, flash n=32, linear n=32"),
+        "{text}"
+    );
+
+    // A generous limit runs every row.
+    let args = tiny_args(&[("--methods", "flash"), ("--time-limit", "1e6")]);
+    let rows = run::<burn::backend::NdArray<f32>>(
+        &Default::default(),
+        &args,
+        &MemoryMeter::allocator(),
+        &bar,
+    );
+    assert_eq!(rows.len(), 2);
+    assert!(burn_attn_bench::run::missing_rows(&args, &rows).is_empty());
+
+    // Zero or negative limits are refused with the value named.
+    for bad in ["0", "NaN"] {
+        let err = tiny_args(&[("--time-limit", bad)]).validate().unwrap_err();
+        assert!(err.contains("--time-limit") && err.contains(bad), "{err}");
+    }
+}
