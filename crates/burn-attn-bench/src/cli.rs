@@ -264,7 +264,7 @@ impl CompareArgs {
                 self.d_model, self.heads
             ));
         }
-        if let Some(limit) = self.time_limit.filter(|l| !(*l > 0.0)) {
+        if let Some(limit) = self.time_limit.filter(|l| l.is_nan() || *l <= 0.0) {
             return Err(format!("--time-limit ({limit}) must be a positive number of seconds"));
         }
         if self.batch == 0 || self.repeats == 0 {
