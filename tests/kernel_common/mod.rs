@@ -439,17 +439,23 @@ pub fn host_low_precision_gradients(
             }
             for i in 0..seq_q {
                 for c in 0..dim {
-                    let acc: f32 = (0..seq_k).map(|j| g_all[i][j] * rows.kv(&x.k, b, kvh, j, c)).sum();
+                    let acc: f32 = (0..seq_k)
+                        .map(|j| g_all[i][j] * rows.kv(&x.k, b, kvh, j, c))
+                        .sum();
                     dq[((b * heads + h) * seq_q + i) * dim + c] = rows.r(acc);
                 }
             }
             for j in 0..seq_k {
                 for c in 0..dim {
-                    let acc: f32 = (0..seq_q).map(|i| g_all[i][j] * rows.row(&x.q, b, h, i, c)).sum();
+                    let acc: f32 = (0..seq_q)
+                        .map(|i| g_all[i][j] * rows.row(&x.q, b, h, i, c))
+                        .sum();
                     dk[((b * kv_heads + kvh) * seq_k + j) * dim + c] += rows.r(acc);
                 }
                 for c in 0..value_dim {
-                    let acc: f32 = (0..seq_q).map(|i| p_all[i][j] * rows.row(w, b, h, i, c)).sum();
+                    let acc: f32 = (0..seq_q)
+                        .map(|i| p_all[i][j] * rows.row(w, b, h, i, c))
+                        .sum();
                     dv[((b * kv_heads + kvh) * seq_k + j) * value_dim + c] += rows.r(acc);
                 }
             }

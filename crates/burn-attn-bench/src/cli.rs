@@ -265,7 +265,9 @@ impl CompareArgs {
             ));
         }
         if let Some(limit) = self.time_limit.filter(|l| l.is_nan() || *l <= 0.0) {
-            return Err(format!("--time-limit ({limit}) must be a positive number of seconds"));
+            return Err(format!(
+                "--time-limit ({limit}) must be a positive number of seconds"
+            ));
         }
         if self.batch == 0 || self.repeats == 0 {
             return Err("--batch and --repeats must be at least 1".into());

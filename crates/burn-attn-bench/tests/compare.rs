@@ -342,7 +342,11 @@ fn time_limit_stops_rows_and_the_report_lists_them() {
         &MemoryMeter::allocator(),
         &bar,
     );
-    assert!(rows.is_empty(), "rows ran past the time limit: {}", rows.len());
+    assert!(
+        rows.is_empty(),
+        "rows ran past the time limit: {}",
+        rows.len()
+    );
     let missing = burn_attn_bench::run::missing_rows(&args, &rows);
     assert_eq!(
         missing,

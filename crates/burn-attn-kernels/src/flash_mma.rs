@@ -550,8 +550,7 @@ pub fn flash_mma_kernel<F: Float>(
                 #[unroll]
                 for mt in 0..m_tiles {
                     // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the row tile.
-                    let q_off = (warp * plane_q + mt * 16 + ld_row + 8 * (ld_block % 2))
-                        * q_stride
+                    let q_off = (warp * plane_q + mt * 16 + ld_row + 8 * (ld_block % 2)) * q_stride
                         + dc * 16
                         + 8 * (ld_block / 2);
                     let a_regs = def.load_matrix::<F, MmaVecA>(
