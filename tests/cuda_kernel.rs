@@ -103,7 +103,7 @@ mod on_cuda {
     }
 
     /// The backward grid plus head dims 96/128 (the matrix-unit backward's main case) at
-    /// lengths past one tile, in f16 and bf16, against the host-evaluated low-precision
+    /// lengths past one tile and head dims 40/72 (padded columns), in f16 and bf16, against the host-evaluated low-precision
     /// reference gradients (`host_low_precision_gradients`).
     #[test]
     fn cuda_backward_kernel_low_precision_grid_host_reference() {
@@ -112,6 +112,9 @@ mod on_cuda {
         cases.push(Case::new(257, 257, 128).gqa(4, 2));
         cases.push(Case::new(130, 129, 96).window(Some(40), Some(7)));
         cases.push(Case::new(300, 300, 64).causal().gqa(8, 1));
+        // Head dims that are 8 mod 16: the padded columns the staging must zero.
+        cases.push(Case::new(70, 90, 40).causal().gqa(4, 2));
+        cases.push(Case::new(65, 33, 72).window(Some(9), Some(4)));
         for case in cases {
             check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::F16);
             check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);
