@@ -61,7 +61,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     backward) # training steps: our backward vs Burn's materialised autodiff (n <= 4096)
       timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 ${BACKWARD_ARGS:-} --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
-    f32) timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
+    f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact
       # cores train through our forward and backward kernels (the trace counts the launches)
       CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} --max-seconds ${TRAIN_SECONDS:-120} ${TRAIN_ARGS:---d-model 256 --heads 8 --pairs 32 --batch 128} > "$OUT/train.log" 2>&1
