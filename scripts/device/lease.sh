@@ -8,8 +8,8 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward memory-train f32 wgpu
-# train compare save-cache. Logs and JSON go to $OUT.
+# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward backward-async
+# memory-train f32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
@@ -60,6 +60,16 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     memory) timeout 60 "$B/attention_forward" --backend cuda --dtype bf16 --memory 2>&1 | tee "$OUT/memory.log" ;;
     backward) # training steps: our backward vs Burn's materialised autodiff (n <= 4096)
       timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 ${BACKWARD_ARGS:-} --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
+    backward-async) # the backward kernel tests, then the backward bench, with the experimental
+      # asynchronous staging of the matrix-unit backward (BURN_ATTN_MMA_BWD_ASYNC=1); the
+      # bench's trace lines (counted at the end) say which staging actually ran
+      BURN_ATTN_MMA_BWD_ASYNC=1 timeout ${GRID_TIMEOUT:-270} "$B/cuda_kernel" backward --test-threads 2 2>&1 | grep -E "^test |panicked|FAILED|test result" | head -40
+      # memcheck and racecheck on the host-reference grid's first cases (one thread)
+      for tool in memcheck racecheck; do
+        BURN_ATTN_MMA_BWD_ASYNC=1 timeout ${MEMCHECK_TIMEOUT:-90} $S --tool $tool --print-limit 5 "$B/cuda_kernel" low_precision_grid_host --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
+      done
+      BURN_ATTN_MMA_BWD_ASYNC=1 BURN_ATTN_TRACE=1 timeout 150 $AF --backward --repeats 5 --skip-burn --only d=128 > "$OUT/backward-async.log" 2>&1
+      grep -v "^burn-attn:" "$OUT/backward-async.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-async.log" | sort | uniq -c | head -4 ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact

@@ -153,7 +153,7 @@ pub(crate) fn stage_rows_sync<F: Float>(
 /// written (see `zero_pad_columns`). Completion is tracked by the caller's barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_rows_async<F: Float>(
+pub(crate) fn stage_rows_async<F: Float>(
     src: &Tensor<F>,
     base: usize,
     row_stride: usize,
@@ -194,7 +194,7 @@ fn stage_rows_async<F: Float>(
 /// Zeroes columns `d..d_pad` of `rows` shared-memory rows (at most 8 columns, `d` being a
 /// multiple of 8): the asynchronous staging never writes them, and `ldmatrix` reads them.
 #[cube]
-fn zero_pad_columns<F: Float>(
+pub(crate) fn zero_pad_columns<F: Float>(
     smem: &mut SharedMemory<F>,
     d: usize,
     tid: usize,

@@ -27,18 +27,32 @@
 //! by one lane, in a fixed order: no atomics, two runs give the same bits. The dK/dV kernel
 //! keeps both gradients' accumulators (`dim_pad / 2 + value_dim_pad / 2` f32 per lane), so
 //! the launcher takes head and value dims up to 128 only (larger ones run the portable
-//! kernels). Staging is synchronous (plain loads, one buffer). Band arithmetic is
-//! `flash_unit`'s: `i32`, key `j` visible to query `i` iff `i + offset - left <= j <= i +
-//! offset + right`, `offset = seq_k - seq_q`.
-//! Rows that see no key (lse `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so
-//! their probabilities, and with them their gradient contributions, are exactly 0.
+//! kernels).
+//!
+//! Staging (each kernel's comptime `async_copy`): with `async_copy` the tiles are staged as
+//! the forward's v3 stages K and V: 16-byte `cp.async` copies (`stage_rows_async`, rows past
+//! the sequence zero-filled by the copy) into two buffers of the streamed tile (K and V in
+//! the dQ kernel, Q and dO in the dK/dV kernel), one shared `mbarrier` per buffer, the next
+//! tile's copies in flight while the current one is computed; the cube's own tiles (Q and
+//! dO, respectively K and V) are copied once, with the first streamed tile. The dK/dV
+//! kernel's f32 lse and `D` of the streamed tile are double-buffered too (loaded a step
+//! ahead, stored with plain stores). It needs contiguous 16-byte aligned rows and head/value
+//! dims that are multiples of 8 (the launcher checks). Without it: plain loads into one
+//! buffer, two cube barriers per tile.
+//!
+//! Band arithmetic is `flash_unit`'s: `i32`, key `j` visible to query `i` iff `i + offset -
+//! left <= j <= i + offset + right`, `offset = seq_k - seq_q`. Rows that see no key (lse
+//! `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so their probabilities, and with
+//! them their gradient contributions, are exactly 0.
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::flash_mma::{
-    acc_get, acc_set, mma_pair, register_vector_sizes, stage_rows_sync, MmaVecA, MmaVecAcc, MmaVecB,
+    acc_get, acc_set, mma_pair, register_vector_sizes, stage_rows_async, stage_rows_sync,
+    zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
 };
 use crate::flash_unit::NEG_BIG;
 
@@ -57,10 +71,11 @@ fn live_lse(lse: f32) -> f32 {
 }
 
 /// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles of 8
-/// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the first
-/// `8 * n_tiles` rows of `b_smem`, both `[row][col]` with the given strides. The forward's
-/// `Q K^T` step: `ldmatrix.x4` gives the `A` blocks (rows 0-7 | 8-15) x (cols 0-7 | 8-15)
-/// and, per pair of `B` tiles, the blocks (rows 0-7 | 8-15 of the pair) x (cols 0-7 | 8-15).
+/// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
+/// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
+/// `[row][col]` with the given strides. The forward's `Q K^T` step: `ldmatrix.x4` gives the
+/// `A` blocks (rows 0-7 | 8-15) x (cols 0-7 | 8-15) and, per pair of `B` tiles, the blocks
+/// (rows 0-7 | 8-15 of the pair) x (cols 0-7 | 8-15).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_a_bt<F: Float>(
@@ -68,6 +83,7 @@ fn mma_a_bt<F: Float>(
     a_smem: &SharedMemory<F>,
     a_row0: usize,
     b_smem: &SharedMemory<F>,
+    b_row0: usize,
     acc: &mut Array<Vector<f32, MmaVecAcc>>,
     a_frag: &mut Array<Vector<F, MmaVecA>>,
     b_frag: &mut Array<Vector<F, MmaVecB>>,
@@ -104,8 +120,10 @@ fn mma_a_bt<F: Float>(
         }
         #[unroll]
         for np in 0..comptime!(n_tiles / 2) {
-            let b_off =
-                (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride + kc * 16 + 8 * (ld_block % 2);
+            let b_off = b_row0
+                + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
+                + kc * 16
+                + 8 * (ld_block % 2);
             let b_regs = def.load_matrix::<F, MmaVecB>(
                 &b_smem.slice(b_off, b_off + 8),
                 MatrixIdent::B,
@@ -129,15 +147,16 @@ fn mma_a_bt<F: Float>(
 
 /// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output tiles:
 /// `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
-/// fragment of chunk `c`), converted to `F`; `B` is `b_smem` as stored, `[k][n]` with
-/// stride `b_stride`, read with `ldmatrix.trans` (the forward's `P V` step: blocks (k 0-7 |
-/// 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
+/// fragment of chunk `c`), converted to `F`; `B` is `b_smem` from element `b_row0` as
+/// stored, `[k][n]` with stride `b_stride`, read with `ldmatrix.trans` (the forward's `P V`
+/// step: blocks (k 0-7 | 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn mma_acc_b<F: Float>(
     def: MmaDefinition<F, F, f32>,
     src: &Array<Vector<f32, MmaVecAcc>>,
     b_smem: &SharedMemory<F>,
+    b_row0: usize,
     acc: &mut Array<Vector<f32, MmaVecAcc>>,
     a_frag: &mut Array<Vector<F, MmaVecA>>,
     b_frag: &mut Array<Vector<F, MmaVecB>>,
@@ -169,8 +188,10 @@ fn mma_acc_b<F: Float>(
         }
         #[unroll]
         for np in 0..comptime!(n_tiles / 2) {
-            let b_off =
-                (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride + np * 16 + 8 * (ld_block / 2);
+            let b_off = b_row0
+                + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
+                + np * 16
+                + 8 * (ld_block / 2);
             let b_regs = def.load_matrix::<F, MmaVecB>(
                 &b_smem.slice(b_off, b_off + 8),
                 MatrixIdent::B,
@@ -193,7 +214,8 @@ fn mma_acc_b<F: Float>(
 }
 
 /// Stages the lse (through [`live_lse`]) and `D` of query rows `t0 .. t0 + rows` of one head
-/// into shared memory; rows past `seq_q` get [`DEAD_LSE`] and `D = 0`.
+/// into shared memory from element `dst`, with plain loads and stores; rows past `seq_q` get
+/// [`DEAD_LSE`] and `D = 0`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_row_stats(
@@ -205,6 +227,7 @@ fn stage_row_stats(
     delta_base: usize,
     t0: usize,
     seq_q: usize,
+    dst: usize,
     tid: usize,
     #[comptime] rows: usize,
     #[comptime] threads: usize,
@@ -218,8 +241,8 @@ fn stage_row_stats(
             l = live_lse(lse[lse_base + i * lse.stride(2)]);
             d = delta[delta_base + i * delta.stride(2)];
         }
-        lse_tile[idx] = l;
-        delta_tile[idx] = d;
+        lse_tile[dst + idx] = l;
+        delta_tile[dst + idx] = d;
         idx += threads;
     }
 }
@@ -231,6 +254,13 @@ fn stage_row_stats(
 /// rounded up to 16; `block_k` (keys per staged tile) is a multiple of 16. `dq` is `[b, h,
 /// seq_q, head_dim]` in the input dtype, `delta` `[b, h, seq_q]` in f32 (read by
 /// [`flash_mma_backward_dkdv_kernel()`]); tensors as for `flash_unit_backward_dq_kernel`.
+///
+/// `async_copy` stages with `cp.async` (as `flash_mma_kernel`): Q and dO once, with the
+/// first key tile, and K and V into two buffers, the next key tile's copies in flight while
+/// the current one is computed (one cube barrier per key tile instead of two); the copies of
+/// Q, dO and the first tile overlap the computation of `D`. It needs contiguous rows of Q,
+/// K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned rows (the
+/// launcher checks); otherwise the kernel stages with plain loads into one buffer.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -252,6 +282,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
     #[comptime] block_k: usize,
+    #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
@@ -296,12 +327,146 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
     // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
     let row_a = (w0 + g) as i32;
 
-    // D and the lse of the lane's two rows (g and g + 8). The four lanes of a group hold
-    // the same rows: each sums every fourth column of dO * O, then they exchange sums.
-    let mut d_row = Array::<f32>::new(2usize);
-    let mut lse_row = Array::<f32>::new(2usize);
+    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
+    // eight row addresses of one `ldmatrix` hit distinct banks, 16-byte aligned for
+    // `ldmatrix` and `cp.async`: the cube's Q and dO tiles (staged once) and `stages` K and
+    // V tiles. Head-dim tiles (Q, K) have rows of `d_stride` values, value-dim tiles (dO, V)
+    // of `v_stride`.
+    let stages = comptime!(if async_copy { 2usize } else { 1usize });
+    let d_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let d_chunks = comptime!(dim_pad / 16);
+    let v_chunks = comptime!(value_dim_pad / 16);
+    let k_tiles = comptime!(block_k / 8);
+    let dq_tiles = comptime!(dim_pad / 8);
+    let k_stage = comptime!(block_k * d_stride);
+    let v_stage = comptime!(block_k * v_stride);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
+    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(stages * k_stage), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(stages * v_stage), 16usize);
+    let threads = comptime!(32 * warps);
+    let tid = warp * 32 + lane;
+    let q_base = b * q.stride(0) + h * q.stride(1);
     let o_base = b * out.stride(0) + h * out.stride(1);
     let do_base = b * d_out.stride(0) + h * d_out.stride(1);
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    if comptime!(async_copy) {
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, block_q, dim_pad, d_stride, threads);
+        zero_pad_columns::<F>(
+            &mut do_smem,
+            value_dim,
+            tid,
+            block_q,
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+        zero_pad_columns::<F>(
+            &mut k_smem,
+            dim,
+            tid,
+            comptime!(stages * block_k),
+            dim_pad,
+            d_stride,
+            threads,
+        );
+        zero_pad_columns::<F>(
+            &mut v_smem,
+            value_dim,
+            tid,
+            comptime!(stages * block_k),
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+    }
+    // One barrier per K/V buffer (their initialisation synchronises the cube, which also
+    // publishes the zeroed columns). Unused by the synchronous staging.
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+
+    let (k_sn, k_sd) = (k.stride(2), k.stride(3));
+    let (v_sn, v_sd) = (v.stride(2), v.stride(3));
+    let bk_i = block_k as i32;
+    let mut t0 = k_start - (k_start % bk_i);
+    // The buffer holding tile t0 (always 0 with synchronous staging).
+    let mut stage = 0usize;
+    if comptime!(async_copy) {
+        // Q, dO and the first key tile, committed together on buffer 0's barrier (uniform:
+        // the key range is the cube's).
+        if t0 < k_end {
+            let t0u = usize::cast_from(t0);
+            stage_rows_async::<F>(
+                q,
+                q_base,
+                q.stride(2),
+                r0,
+                seq_q,
+                dim,
+                &mut q_smem,
+                0usize,
+                tid,
+                block_q,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                d_out,
+                do_base,
+                d_out.stride(2),
+                r0,
+                seq_q,
+                value_dim,
+                &mut do_smem,
+                0usize,
+                tid,
+                block_q,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                k,
+                k_base,
+                k_sn,
+                t0u,
+                seq_k,
+                dim,
+                &mut k_smem,
+                0usize,
+                tid,
+                block_k,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                v,
+                v_base,
+                v_sn,
+                t0u,
+                seq_k,
+                value_dim,
+                &mut v_smem,
+                0usize,
+                tid,
+                block_k,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            bar0.commit_copy_async();
+        }
+    }
+
+    // D and the lse of the lane's two rows (g and g + 8), from global memory (while the
+    // asynchronous copies, if any, are in flight). The four lanes of a group hold the same
+    // rows: each sums every fourth column of dO * O, then they exchange sums.
+    let mut d_row = Array::<f32>::new(2usize);
+    let mut lse_row = Array::<f32>::new(2usize);
     #[unroll]
     for hf in 0..2usize {
         let row = w0 + g + 8 * hf;
@@ -325,56 +490,41 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
         lse_row[hf] = l;
     }
 
-    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
-    // eight row addresses of one `ldmatrix` hit distinct banks, 16-byte aligned for
-    // `ldmatrix`: the cube's Q and dO tiles (staged once) and one K and one V tile. Head-dim
-    // tiles (Q, K) have rows of `d_stride` values, value-dim tiles (dO, V) of `v_stride`.
-    let d_stride = comptime!(dim_pad + 8);
-    let v_stride = comptime!(value_dim_pad + 8);
-    let d_chunks = comptime!(dim_pad / 16);
-    let v_chunks = comptime!(value_dim_pad / 16);
-    let k_tiles = comptime!(block_k / 8);
-    let dq_tiles = comptime!(dim_pad / 8);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(block_k * d_stride), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(block_k * v_stride), 16usize);
-    let threads = comptime!(32 * warps);
-    let tid = warp * 32 + lane;
-    let k_base = b * k.stride(0) + kvh * k.stride(1);
-    let v_base = b * v.stride(0) + kvh * v.stride(1);
-    stage_rows_sync::<F>(
-        q,
-        b * q.stride(0) + h * q.stride(1),
-        q.stride(2),
-        q.stride(3),
-        r0,
-        seq_q,
-        dim,
-        &mut q_smem,
-        0usize,
-        tid,
-        block_q,
-        dim_pad,
-        d_stride,
-        threads,
-    );
-    stage_rows_sync::<F>(
-        d_out,
-        do_base,
-        d_out.stride(2),
-        d_out.stride(3),
-        r0,
-        seq_q,
-        value_dim,
-        &mut do_smem,
-        0usize,
-        tid,
-        block_q,
-        value_dim_pad,
-        v_stride,
-        threads,
-    );
+    if comptime!(!async_copy) {
+        // Published by the first key tile's barrier.
+        stage_rows_sync::<F>(
+            q,
+            q_base,
+            q.stride(2),
+            q.stride(3),
+            r0,
+            seq_q,
+            dim,
+            &mut q_smem,
+            0usize,
+            tid,
+            block_q,
+            dim_pad,
+            d_stride,
+            threads,
+        );
+        stage_rows_sync::<F>(
+            d_out,
+            do_base,
+            d_out.stride(2),
+            d_out.stride(3),
+            r0,
+            seq_q,
+            value_dim,
+            &mut do_smem,
+            0usize,
+            tid,
+            block_q,
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+    }
 
     let mut dq_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dq_tiles * c_vecs));
     #[unroll]
@@ -388,43 +538,94 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
-    let bk_i = block_k as i32;
-    let mut t0 = k_start - (k_start % bk_i);
     while t0 < k_end {
         let t0u = usize::cast_from(t0);
-        stage_rows_sync::<F>(
-            k,
-            k_base,
-            k.stride(2),
-            k.stride(3),
-            t0u,
-            seq_k,
-            dim,
-            &mut k_smem,
-            0usize,
-            tid,
-            block_k,
-            dim_pad,
-            d_stride,
-            threads,
-        );
-        stage_rows_sync::<F>(
-            v,
-            v_base,
-            v.stride(2),
-            v.stride(3),
-            t0u,
-            seq_k,
-            value_dim,
-            &mut v_smem,
-            0usize,
-            tid,
-            block_k,
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
-        sync_cube();
+        if comptime!(async_copy) {
+            // Issue the next tile into the other buffer (last read before the previous
+            // iteration's closing barrier), then wait for this one. `next < k_end` is
+            // uniform over the cube, so every unit commits, and arrives, on the same barriers.
+            let next = t0 + bk_i;
+            if next < k_end {
+                let other = 1 - stage;
+                let nu = usize::cast_from(next);
+                stage_rows_async::<F>(
+                    k,
+                    k_base,
+                    k_sn,
+                    nu,
+                    seq_k,
+                    dim,
+                    &mut k_smem,
+                    other * k_stage,
+                    tid,
+                    block_k,
+                    dim_pad,
+                    d_stride,
+                    threads,
+                );
+                stage_rows_async::<F>(
+                    v,
+                    v_base,
+                    v_sn,
+                    nu,
+                    seq_k,
+                    value_dim,
+                    &mut v_smem,
+                    other * v_stage,
+                    tid,
+                    block_k,
+                    value_dim_pad,
+                    v_stride,
+                    threads,
+                );
+                if other == 0 {
+                    bar0.commit_copy_async();
+                } else {
+                    bar1.commit_copy_async();
+                }
+            }
+            if stage == 0 {
+                bar0.arrive_and_wait();
+            } else {
+                bar1.arrive_and_wait();
+            }
+        } else {
+            stage_rows_sync::<F>(
+                k,
+                k_base,
+                k_sn,
+                k_sd,
+                t0u,
+                seq_k,
+                dim,
+                &mut k_smem,
+                0usize,
+                tid,
+                block_k,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_sync::<F>(
+                v,
+                v_base,
+                v_sn,
+                v_sd,
+                t0u,
+                seq_k,
+                value_dim,
+                &mut v_smem,
+                0usize,
+                tid,
+                block_k,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            sync_cube();
+        }
+        let k_at = stage * k_stage;
+        let v_at = stage * v_stage;
 
         let tile_hi = t0 + bk_i - 1;
         if plane_rows && tile_hi >= w_lo && t0 <= w_hi {
@@ -434,6 +635,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 &q_smem,
                 warp * 16 * d_stride,
                 &k_smem,
+                k_at,
                 &mut s_acc,
                 &mut a_frag,
                 &mut b_frag,
@@ -448,6 +650,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 &do_smem,
                 warp * 16 * v_stride,
                 &v_smem,
+                v_at,
                 &mut dp_acc,
                 &mut a_frag,
                 &mut b_frag,
@@ -485,6 +688,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 def,
                 &s_acc,
                 &k_smem,
+                k_at,
                 &mut dq_acc,
                 &mut a_frag,
                 &mut b_frag,
@@ -494,9 +698,12 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 dq_tiles,
             );
         }
-        // Every plane is done with K and V before they are staged again.
+        // Every plane is done with this K/V buffer before it is staged again.
         sync_cube();
         t0 += bk_i;
+        if comptime!(async_copy) {
+            stage = 1 - stage;
+        }
     }
 
     let dq_base = b * dq.stride(0) + h * dq.stride(1);
@@ -525,8 +732,18 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_k / (16 *
 /// warps)), batch * kv_heads, 1)`, after [`flash_mma_backward_dq_kernel()`] has written
 /// `delta`. `dim_pad`, `value_dim_pad` as there; `block_q` (query rows per staged tile) is
-/// a multiple of 16. `dk` is `[b, kv_heads, seq_k, head_dim]` and `dv` `[b, kv_heads,
-/// seq_k, value_dim]` in the input dtype.
+/// a multiple of 16, at most `32 * warps`. `dk` is `[b, kv_heads, seq_k, head_dim]` and
+/// `dv` `[b, kv_heads, seq_k, value_dim]` in the input dtype.
+///
+/// The cube walks one sequence of steps, query tile by query tile of each query head of the
+/// group in turn. `async_copy` stages with `cp.async` (as `flash_mma_kernel`): K and V once,
+/// with the first step's tiles, and Q and dO into two buffers, the next step's copies issued
+/// while the current step is computed (its lse and `D` loaded then too, and stored at the
+/// end of the step into the other of two small f32 buffers), across the boundary between
+/// query heads too, so the pipeline never drains (one cube barrier per step instead of
+/// two). It needs contiguous
+/// rows of Q, K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned
+/// rows (the launcher checks); otherwise the kernel stages with plain loads into one buffer.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -548,6 +765,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
     #[comptime] block_q: usize,
+    #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
@@ -591,8 +809,25 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
     // This lane's first key row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
     let key_a = (w0 + g) as i32;
 
-    // Shared memory as in the dQ kernel: the cube's K and V tiles (staged once), one Q and
-    // one dO tile, and that tile's lse and D (f32).
+    // The steps: `tiles` query tiles of `block_q` rows from `q_start` (the same for every
+    // query head), for each of the `group` query heads of this kv head, in a fixed order;
+    // step `s` is tile `s % tiles` of head `kvh * group + s / tiles`. All uniform over the
+    // cube.
+    comptime!(assert!(
+        block_q <= 32 * warps,
+        "block_q: one query row of lse and D per unit"
+    ));
+    let bq_i = block_q as i32;
+    let q_first = usize::cast_from(q_start);
+    let mut tiles = 0usize;
+    if q_end > q_start {
+        tiles = usize::cast_from((q_end - q_start + bq_i - 1) / bq_i);
+    }
+    let steps = tiles * group;
+
+    // Shared memory as in the dQ kernel: the cube's K and V tiles (staged once), `stages` Q
+    // and dO tiles, and `stages` tiles of their lse and D (f32).
+    let stages = comptime!(if async_copy { 2usize } else { 1usize });
     let d_stride = comptime!(dim_pad + 8);
     let v_stride = comptime!(value_dim_pad + 8);
     let d_chunks = comptime!(dim_pad / 16);
@@ -600,46 +835,172 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
     let q_tiles = comptime!(block_q / 8);
     let dk_tiles = comptime!(dim_pad / 8);
     let dv_tiles = comptime!(value_dim_pad / 8);
+    let q_stage = comptime!(block_q * d_stride);
+    let do_stage = comptime!(block_q * v_stride);
     let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * d_stride), 16usize);
     let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * v_stride), 16usize);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
-    let mut lse_tile = SharedMemory::<f32>::new(block_q);
-    let mut delta_tile = SharedMemory::<f32>::new(block_q);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(stages * q_stage), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(stages * do_stage), 16usize);
+    let mut lse_tile = SharedMemory::<f32>::new(comptime!(stages * block_q));
+    let mut delta_tile = SharedMemory::<f32>::new(comptime!(stages * block_q));
     let threads = comptime!(32 * warps);
     let tid = warp * 32 + lane;
-    stage_rows_sync::<F>(
-        k,
-        b * k.stride(0) + kvh * k.stride(1),
-        k.stride(2),
-        k.stride(3),
-        c0,
-        seq_k,
-        dim,
-        &mut k_smem,
-        0usize,
-        tid,
-        block_kv,
-        dim_pad,
-        d_stride,
-        threads,
-    );
-    stage_rows_sync::<F>(
-        v,
-        b * v.stride(0) + kvh * v.stride(1),
-        v.stride(2),
-        v.stride(3),
-        c0,
-        seq_k,
-        value_dim,
-        &mut v_smem,
-        0usize,
-        tid,
-        block_kv,
-        value_dim_pad,
-        v_stride,
-        threads,
-    );
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    // The first step's query head.
+    let h_first = kvh * group;
+    if comptime!(async_copy) {
+        zero_pad_columns::<F>(&mut k_smem, dim, tid, block_kv, dim_pad, d_stride, threads);
+        zero_pad_columns::<F>(
+            &mut v_smem,
+            value_dim,
+            tid,
+            block_kv,
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+        zero_pad_columns::<F>(
+            &mut q_smem,
+            dim,
+            tid,
+            comptime!(stages * block_q),
+            dim_pad,
+            d_stride,
+            threads,
+        );
+        zero_pad_columns::<F>(
+            &mut do_smem,
+            value_dim,
+            tid,
+            comptime!(stages * block_q),
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+        if steps > 0 {
+            // The first step's lse and D into buffer 0, with plain stores: published, with
+            // the zeroed columns, by the barriers' initialisation below (it synchronises
+            // the cube).
+            stage_row_stats(
+                lse,
+                delta,
+                &mut lse_tile,
+                &mut delta_tile,
+                b * lse.stride(0) + h_first * lse.stride(1),
+                b * delta.stride(0) + h_first * delta.stride(1),
+                q_first,
+                seq_q,
+                0usize,
+                tid,
+                block_q,
+                threads,
+            );
+        }
+    }
+    // One barrier per Q/dO buffer. Unused by the synchronous staging.
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    if comptime!(async_copy) {
+        // K, V and the first step's Q and dO, committed together on buffer 0's barrier.
+        if steps > 0 {
+            stage_rows_async::<F>(
+                k,
+                k_base,
+                k.stride(2),
+                c0,
+                seq_k,
+                dim,
+                &mut k_smem,
+                0usize,
+                tid,
+                block_kv,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                v,
+                v_base,
+                v.stride(2),
+                c0,
+                seq_k,
+                value_dim,
+                &mut v_smem,
+                0usize,
+                tid,
+                block_kv,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                q,
+                b * q.stride(0) + h_first * q.stride(1),
+                q.stride(2),
+                q_first,
+                seq_q,
+                dim,
+                &mut q_smem,
+                0usize,
+                tid,
+                block_q,
+                dim_pad,
+                d_stride,
+                threads,
+            );
+            stage_rows_async::<F>(
+                d_out,
+                b * d_out.stride(0) + h_first * d_out.stride(1),
+                d_out.stride(2),
+                q_first,
+                seq_q,
+                value_dim,
+                &mut do_smem,
+                0usize,
+                tid,
+                block_q,
+                value_dim_pad,
+                v_stride,
+                threads,
+            );
+            bar0.commit_copy_async();
+        }
+    } else {
+        // Published by the first step's barrier.
+        stage_rows_sync::<F>(
+            k,
+            k_base,
+            k.stride(2),
+            k.stride(3),
+            c0,
+            seq_k,
+            dim,
+            &mut k_smem,
+            0usize,
+            tid,
+            block_kv,
+            dim_pad,
+            d_stride,
+            threads,
+        );
+        stage_rows_sync::<F>(
+            v,
+            v_base,
+            v.stride(2),
+            v.stride(3),
+            c0,
+            seq_k,
+            value_dim,
+            &mut v_smem,
+            0usize,
+            tid,
+            block_kv,
+            value_dim_pad,
+            v_stride,
+            threads,
+        );
+    }
 
     let mut dk_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dk_tiles * c_vecs));
     #[unroll]
@@ -658,20 +1019,84 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
-    let bq_i = block_q as i32;
-    // The query heads of this kv head, in a fixed order.
-    for gi in 0..group {
-        let h = kvh * group + gi;
-        let q_base = b * q.stride(0) + h * q.stride(1);
-        let do_base = b * d_out.stride(0) + h * d_out.stride(1);
-        let lse_base = b * lse.stride(0) + h * lse.stride(1);
-        let delta_base = b * delta.stride(0) + h * delta.stride(1);
-        let mut t0 = q_start;
-        while t0 < q_end {
-            let t0u = usize::cast_from(t0);
+    // The buffer holding the current step's tiles (always 0 with synchronous staging).
+    let mut stage = 0usize;
+    let mut step = 0usize;
+    while step < steps {
+        let h = h_first + step / tiles;
+        let t0u = q_first + (step % tiles) * block_q;
+        let t0 = t0u as i32;
+        // This unit's row of the next step's lse (as stored by the forward) and D
+        // (asynchronous staging only): a padding row's unless loaded below.
+        let mut next_lse = f32::new(DEAD_LSE);
+        let mut next_delta = f32::new(0.0);
+        if comptime!(async_copy) {
+            // Issue the next step (the next query tile, or the first tile of the next query
+            // head) into the other buffer, then wait for this one. `next < steps` is uniform
+            // over the cube, so every unit commits, and arrives, on the same barriers.
+            let next = step + 1;
+            if next < steps {
+                let other = 1 - stage;
+                let hn = h_first + next / tiles;
+                let tn = q_first + (next % tiles) * block_q;
+                stage_rows_async::<F>(
+                    q,
+                    b * q.stride(0) + hn * q.stride(1),
+                    q.stride(2),
+                    tn,
+                    seq_q,
+                    dim,
+                    &mut q_smem,
+                    other * q_stage,
+                    tid,
+                    block_q,
+                    dim_pad,
+                    d_stride,
+                    threads,
+                );
+                stage_rows_async::<F>(
+                    d_out,
+                    b * d_out.stride(0) + hn * d_out.stride(1),
+                    d_out.stride(2),
+                    tn,
+                    seq_q,
+                    value_dim,
+                    &mut do_smem,
+                    other * do_stage,
+                    tid,
+                    block_q,
+                    value_dim_pad,
+                    v_stride,
+                    threads,
+                );
+                if other == 0 {
+                    bar0.commit_copy_async();
+                } else {
+                    bar1.commit_copy_async();
+                }
+                // The next step's lse and D (one query row per unit, `block_q <= threads`):
+                // loaded here, so that the loads are in flight during this step's matrix
+                // work, and stored into buffer `other` with plain stores at the end of
+                // this step (see there; `live_lse` is applied there too, so that nothing
+                // waits for the loads before then).
+                if tid < block_q {
+                    let i = tn + tid;
+                    if i < seq_q {
+                        next_lse = lse[b * lse.stride(0) + hn * lse.stride(1) + i * lse.stride(2)];
+                        next_delta =
+                            delta[b * delta.stride(0) + hn * delta.stride(1) + i * delta.stride(2)];
+                    }
+                }
+            }
+            if stage == 0 {
+                bar0.arrive_and_wait();
+            } else {
+                bar1.arrive_and_wait();
+            }
+        } else {
             stage_rows_sync::<F>(
                 q,
-                q_base,
+                b * q.stride(0) + h * q.stride(1),
                 q.stride(2),
                 q.stride(3),
                 t0u,
@@ -687,7 +1112,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
             );
             stage_rows_sync::<F>(
                 d_out,
-                do_base,
+                b * d_out.stride(0) + h * d_out.stride(1),
                 d_out.stride(2),
                 d_out.stride(3),
                 t0u,
@@ -706,107 +1131,133 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                 delta,
                 &mut lse_tile,
                 &mut delta_tile,
-                lse_base,
-                delta_base,
+                b * lse.stride(0) + h * lse.stride(1),
+                b * delta.stride(0) + h * delta.stride(1),
                 t0u,
                 seq_q,
+                0usize,
                 tid,
                 block_q,
                 threads,
             );
             sync_cube();
+        }
+        let q_at = stage * q_stage;
+        let do_at = stage * do_stage;
+        let st_at = stage * block_q;
 
-            let tile_hi = t0 + bq_i - 1;
-            if plane_keys && tile_hi >= w_lo && t0 <= w_hi {
-                // S^T = K Q^T, dP^T = V dO^T.
-                mma_a_bt::<F>(
-                    def,
-                    &k_smem,
-                    warp * 16 * d_stride,
-                    &q_smem,
-                    &mut s_acc,
-                    &mut a_frag,
-                    &mut b_frag,
-                    &mut c_frag,
-                    d_stride,
-                    d_stride,
-                    d_chunks,
-                    q_tiles,
-                );
-                mma_a_bt::<F>(
-                    def,
-                    &v_smem,
-                    warp * 16 * v_stride,
-                    &do_smem,
-                    &mut dp_acc,
-                    &mut a_frag,
-                    &mut b_frag,
-                    &mut c_frag,
-                    v_stride,
-                    v_stride,
-                    v_chunks,
-                    q_tiles,
-                );
+        let tile_hi = t0 + bq_i - 1;
+        if plane_keys && tile_hi >= w_lo && t0 <= w_hi {
+            // S^T = K Q^T, dP^T = V dO^T.
+            mma_a_bt::<F>(
+                def,
+                &k_smem,
+                warp * 16 * d_stride,
+                &q_smem,
+                q_at,
+                &mut s_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                d_stride,
+                d_stride,
+                d_chunks,
+                q_tiles,
+            );
+            mma_a_bt::<F>(
+                def,
+                &v_smem,
+                warp * 16 * v_stride,
+                &do_smem,
+                do_at,
+                &mut dp_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                v_stride,
+                v_stride,
+                v_chunks,
+                q_tiles,
+            );
 
-                // P^T and dS^T = P^T (dP^T - D); the lse and D are the column's (query's).
-                // `unmasked`: every (query, key) pair of the tile is visible, so no
-                // per-element test.
-                let unmasked = plane_full
-                    && tile_hi < seq_q as i32
-                    && tile_hi + offset - left <= w0 as i32
-                    && w0 as i32 + 15 <= t0 + offset + right;
+            // P^T and dS^T = P^T (dP^T - D); the lse and D are the column's (query's).
+            // `unmasked`: every (query, key) pair of the tile is visible, so no
+            // per-element test.
+            let unmasked = plane_full
+                && tile_hi < seq_q as i32
+                && tile_hi + offset - left <= w0 as i32
+                && w0 as i32 + 15 <= t0 + offset + right;
+            #[unroll]
+            for qt in 0..q_tiles {
                 #[unroll]
-                for qt in 0..q_tiles {
-                    #[unroll]
-                    for e in 0..4usize {
-                        let qc = qt * 8 + 2 * t + e % 2;
-                        let mut p = f32::exp(acc_get(&s_acc, qt, e, c_vs) * scale - lse_tile[qc]);
-                        if !unmasked {
-                            let key = key_a + (8 * (e / 2)) as i32;
-                            let i = t0 + qc as i32;
-                            if key < i + offset - left
-                                || key > i + offset + right
-                                || key >= seq_k as i32
-                                || i >= seq_q as i32
-                            {
-                                p = f32::new(0.0);
-                            }
+                for e in 0..4usize {
+                    let qc = qt * 8 + 2 * t + e % 2;
+                    let mut p =
+                        f32::exp(acc_get(&s_acc, qt, e, c_vs) * scale - lse_tile[st_at + qc]);
+                    if !unmasked {
+                        let key = key_a + (8 * (e / 2)) as i32;
+                        let i = t0 + qc as i32;
+                        if key < i + offset - left
+                            || key > i + offset + right
+                            || key >= seq_k as i32
+                            || i >= seq_q as i32
+                        {
+                            p = f32::new(0.0);
                         }
-                        let ds = p * (acc_get(&dp_acc, qt, e, c_vs) - delta_tile[qc]);
-                        acc_set(&mut s_acc, qt, e, c_vs, p);
-                        acc_set(&mut dp_acc, qt, e, c_vs, ds);
                     }
+                    let ds = p * (acc_get(&dp_acc, qt, e, c_vs) - delta_tile[st_at + qc]);
+                    acc_set(&mut s_acc, qt, e, c_vs, p);
+                    acc_set(&mut dp_acc, qt, e, c_vs, ds);
                 }
-
-                // dV += P^T dO, dK += dS^T Q (dO and Q [query][d] are B = [k][n] as stored).
-                mma_acc_b::<F>(
-                    def,
-                    &s_acc,
-                    &do_smem,
-                    &mut dv_acc,
-                    &mut a_frag,
-                    &mut b_frag,
-                    &mut c_frag,
-                    v_stride,
-                    comptime!(block_q / 16),
-                    dv_tiles,
-                );
-                mma_acc_b::<F>(
-                    def,
-                    &dp_acc,
-                    &q_smem,
-                    &mut dk_acc,
-                    &mut a_frag,
-                    &mut b_frag,
-                    &mut c_frag,
-                    d_stride,
-                    comptime!(block_q / 16),
-                    dk_tiles,
-                );
             }
-            // Every plane is done with this Q/dO tile before the next is staged.
-            sync_cube();
-            t0 += bq_i;
+
+            // dV += P^T dO, dK += dS^T Q (dO and Q [query][d] are B = [k][n] as stored).
+            mma_acc_b::<F>(
+                def,
+                &s_acc,
+                &do_smem,
+                do_at,
+                &mut dv_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                v_stride,
+                comptime!(block_q / 16),
+                dv_tiles,
+            );
+            mma_acc_b::<F>(
+                def,
+                &dp_acc,
+                &q_smem,
+                q_at,
+                &mut dk_acc,
+                &mut a_frag,
+                &mut b_frag,
+                &mut c_frag,
+                d_stride,
+                comptime!(block_q / 16),
+                dk_tiles,
+            );
+        }
+        if comptime!(async_copy) {
+            // The next step's lse and D into buffer `other`, with plain stores (not tracked
+            // by the barriers). Safe in both directions: buffer `other` was last read in the
+            // previous iteration, before that iteration's closing `sync_cube()`, which every
+            // unit has passed to get here, so no unit still reads it; and it is next read
+            // in the next iteration, after the `sync_cube()` just below, which no unit
+            // passes before every unit has made these stores, and which makes the cube's
+            // shared-memory stores before it visible to every unit after it.
+            if step + 1 < steps && tid < block_q {
+                let other = 1 - stage;
+                lse_tile[other * block_q + tid] = live_lse(next_lse);
+                delta_tile[other * block_q + tid] = next_delta;
+            }
+        }
+        // Every plane is done with this Q/dO (and lse/D) buffer before it is staged again.
+        sync_cube();
+        step += 1;
+        if comptime!(async_copy) {
+            stage = 1 - stage;
         }
     }
 

@@ -347,7 +347,7 @@ pub(crate) fn alloc_contiguous<R: CubeRuntime>(
 
 /// Whether the rows of `t` can be staged with 16-byte copies: contiguous columns, row,
 /// head and batch strides and the buffer offset all multiples of 16 bytes.
-fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+pub(crate) fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     let elem = t.dtype.size();
     let [.., dim] = dims4(t);
     let strides = t.meta.strides();

@@ -8,8 +8,8 @@ use cubecl::prelude::*;
 use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel};
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
-    alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support, trace,
-    BandArgs, Sizes, Unsupported,
+    aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support,
+    trace, BandArgs, Sizes, Unsupported,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
@@ -174,7 +174,14 @@ pub fn flash_backward_unit<R: CubeRuntime>(
 /// accumulation and `ldmatrix` for the dtype (as [`crate::flash_forward_mma`]), and head
 /// and value dims up to 128 (`Unsupported::Size` otherwise: the caller then runs the
 /// portable kernels). `Unsupported::SharedMemory` where the device cannot hold the smallest
-/// tiles.
+/// tiles: each kernel's own 64 rows plus one streamed tile per stage.
+///
+/// Staging: with `BURN_ATTN_MMA_BWD_ASYNC=1` (experimental, off by default until verified
+/// on the H200) both kernels stage with `cp.async` into two buffers of the streamed tile
+/// (K/V in the dQ kernel, Q/dO plus lse/D in the dK/dV kernel), as the forward does, where
+/// the device reports asynchronous copies and q, k, v and d_out have contiguous 16-byte
+/// aligned rows (the forward's rule; `BURN_ATTN_MMA_SYNC=1` still forces synchronous
+/// staging); otherwise they stage synchronously into one buffer.
 pub fn flash_backward_mma<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -213,12 +220,25 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     let dtype = q.dtype;
     let elem = dtype.size();
     let shared = client.properties().hardware.max_shared_memory_size;
-    // Each kernel stages its cube's own rows (`rows`: Q and dO, or K and V) and one streamed
-    // tile of `block` rows (K and V, or Q and dO), all padded `[row][d_pad + 8]`; the dK/dV
-    // kernel adds the tile's lse and D (8 bytes a row). 64 bytes cover the 16-byte
-    // alignment of the four tiles.
+    // Asynchronous double-buffered staging (the forward's rule, plus the opt-in switch while
+    // it is unverified on hardware): the device's `cp.async`, 16-byte copies of every staged
+    // tensor's rows, and neither `BURN_ATTN_MMA_SYNC=1` nor a missing
+    // `BURN_ATTN_MMA_BWD_ASYNC=1`.
+    let opted_in = std::env::var("BURN_ATTN_MMA_BWD_ASYNC").is_ok_and(|v| v == "1");
+    let force_sync = std::env::var("BURN_ATTN_MMA_SYNC").is_ok_and(|v| v == "1");
+    let async_copy = opted_in
+        && !force_sync
+        && client.properties().features.copy_async
+        && [&q, &k, &v, &d_out].iter().all(|t| aligned_rows(t));
+    let stages = if async_copy { 2 } else { 1 };
+    // Each kernel stages its cube's own rows (`rows`: Q and dO, or K and V) and `stages`
+    // streamed tiles of `block` rows (K and V, or Q and dO), all padded `[row][d_pad + 8]`;
+    // the dK/dV kernel adds each streamed tile's lse and D (8 bytes a row). 128 bytes cover
+    // the 16-byte alignment of the four tiles and the two 8-byte barriers.
     let smem = |block: usize, per_row: usize| {
-        (rows + block) * (dim_pad + 8 + value_dim_pad + 8) * elem + block * per_row + 64
+        (rows + stages * block) * (dim_pad + 8 + value_dim_pad + 8) * elem
+            + stages * block * per_row
+            + 128
     };
     // 32-row streamed tiles past head dim 64 (fewer live score registers, as the forward's
     // 32-key tiles), 64 otherwise; 16 where shared memory is short.
@@ -243,9 +263,10 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     trace(|| {
         format!(
             "flash_mma_backward planes {planes}, dQ block_k {block_k} ({} B shared), dK/dV \
-             block_q {block_q} ({} B shared)",
+             block_q {block_q} ({} B shared), {} staging",
             smem(block_k, 0),
-            smem(block_q, 8)
+            smem(block_q, 8),
+            if async_copy { "async" } else { "sync" }
         )
     });
 
@@ -259,10 +280,13 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     // SAFETY: every global access of both kernels is guarded by the tensors' own sizes
     // (query rows < seq_q, key rows < seq_k, columns < head/value dim; staging zero-fills
     // past them, outputs are written only inside them) and every shared-memory index is
-    // bounded by the comptime tile sizes (`ldmatrix` rows stay below `rows` or `block` rows
-    // and `d_pad` columns; lse/D tiles are indexed below `block_q`), so the runtime's
-    // per-access bounds checks are redundant. The grids match the kernels' comptime plane
-    // counts (`planes`).
+    // bounded by the comptime tile sizes (`ldmatrix` rows stay below `rows` or `stages *
+    // block` rows and `d_pad` columns; lse/D tiles are indexed below `stages * block_q`, and
+    // `block_q` is at most the cube's 128 units, as the dK/dV kernel asserts), so the
+    // runtime's per-access bounds checks are redundant. The grids match the kernels'
+    // comptime plane counts (`planes`). The 16-byte `cp.async` reads of the asynchronous
+    // staging stay inside a row because `aligned_rows` demands unit column strides and
+    // head/value dims that are multiples of 8.
     unsafe {
         if !sizes.is_empty() {
             flash_mma_backward_dq_kernel::launch_unchecked::<R>(
@@ -284,6 +308,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 value_dim_pad,
                 planes,
                 block_k,
+                async_copy,
                 dtype.into(),
             );
         }
@@ -308,6 +333,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 value_dim_pad,
                 planes,
                 block_q,
+                async_copy,
                 dtype.into(),
             );
         }
