@@ -7,7 +7,9 @@
 //! (`check_low_host`): on the device, Burn's kernels compile and tune per shape for about a
 //! minute per case. The default grid is the CI grid's cases at the head dims of the fast
 //! paths and the odd/large ones, every mask kind, plus long sequences;
-//! `BURN_ATTN_FULL_GRID=1` runs the whole CI grid. The backward kernel tests go through
+//! `BURN_ATTN_FULL_GRID=1` runs the whole CI grid. The tf32 forward (f32 on the matrix
+//! units, opt-in) is launched directly and checked against a host tf32 reference
+//! (`check_tf32_kernel`). The backward kernel tests go through
 //! `flash_backward`, so f16/bf16 run the matrix-unit backward and f32 the portable one;
 //! their low-precision reference is the host-evaluated one
 //! (`host_low_precision_gradients`), checked against Burn's device reference on two cases.
@@ -36,7 +38,7 @@ mod on_cuda {
     /// `CubeBackend` impl, so both impls are exercised. (`burn` does not re-export the plain
     /// CUDA `CubeBackend`.)
     type Fused = Cuda;
-    /// The plain CubeCL CUDA backend, for launching the backward kernels directly.
+    /// The plain CubeCL CUDA backend, for launching the tf32 and backward kernels directly.
     type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
 
     /// The CI grid trimmed as the header says, plus long sequences.
@@ -85,6 +87,20 @@ mod on_cuda {
     fn cuda_kernel_bf16_within_twice_reference_error() {
         for case in cuda_grid() {
             check_low_host::<Fused>(case, DType::BF16);
+        }
+    }
+
+    /// The tf32 forward (opt-in through `BURN_ATTN_TF32=1` in `flash_forward`), launched
+    /// directly (no environment switch) on the trimmed grid plus head dim 36 (4 padded
+    /// columns zeroed under asynchronous staging) and 33 (rows not a multiple of 16 bytes:
+    /// synchronous staging), within 3x the host tf32 reference's error.
+    #[test]
+    fn cuda_tf32_kernel_within_tolerance() {
+        let mut cases = cuda_grid();
+        cases.push(Case::new(70, 90, 36).causal().gqa(4, 2));
+        cases.push(Case::new(65, 33, 33).window(Some(9), Some(4)));
+        for case in cases {
+            check_tf32_kernel::<Plain, CudaRuntime>(case);
         }
     }
 

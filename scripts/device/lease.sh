@@ -9,7 +9,7 @@
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
 # Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward backward-async
-# memory-train f32 wgpu train compare save-cache. Logs and JSON go to $OUT.
+# memory-train f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
@@ -72,6 +72,15 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       grep -v "^burn-attn:" "$OUT/backward-async.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-async.log" | sort | uniq -c | head -4 ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
+    tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
+      # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)
+      timeout 200 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
+      echo "cases checked: $(grep -cE '^tf32 .*out err' "$OUT/tf32-test.log")"; grep -E "^tf32 .*out err" "$OUT/tf32-test.log" | tail -3
+      BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl-tf32.log" timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
+      awk '/FlashTf32Kernel/{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl-tf32.log" > "$OUT/flash_tf32.cu"
+      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_tf32.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head
+      BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 timeout 150 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-tf32.log" | grep -v "^burn-attn:"
+      grep "^burn-attn:" "$OUT/bench-tf32.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact
       # cores train through our forward and backward kernels (the trace counts the launches)
       CUBECL_AUTOTUNE_LEVEL=minimal BURN_ATTN_TRACE=1 timeout ${TRAIN_TIMEOUT:-300} "$B/associative_recall" --kinds ${TRAIN_KINDS:-flash,sliding-window,hybrid} --steps ${TRAIN_STEPS:-400} --max-seconds ${TRAIN_SECONDS:-120} ${TRAIN_ARGS:---d-model 256 --heads 8 --pairs 32 --batch 128} > "$OUT/train.log" 2>&1

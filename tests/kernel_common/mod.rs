@@ -4,7 +4,9 @@
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_attn_core::kernels::{flash_backward, BandArgs, CubeRuntime, CubeTensor};
+use burn_attn_core::kernels::{
+    flash_backward, flash_forward_tf32, BandArgs, CubeRuntime, CubeTensor,
+};
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
 };
@@ -383,6 +385,102 @@ pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (V
         }
     }
     (out, lse)
+}
+
+/// Rounds `x` to tf32 as `cvt.rna.tf32.f32` does: the 13 low mantissa bits rounded to
+/// nearest, ties away from zero (adding half a tf32 ulp to the magnitude bits, then
+/// truncating).
+pub fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits((x.to_bits() + 0x1000) & !0x1fff)
+}
+
+/// The materialised reference with tf32 products, evaluated on the host: Q, K and V rounded
+/// to tf32 ([`round_tf32`]), scores and sums in f32, the probabilities rounded to tf32 where
+/// they enter `P V` (accumulated in f32): what attention with tf32 matmuls computes
+/// (PyTorch's `allow_tf32`). The low-precision reference of the tf32 kernel's test.
+pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
+    let round = |t: &(Vec<f32>, [usize; 4])| (t.0.iter().map(|&v| round_tf32(v)).collect(), t.1);
+    let xr = Inputs {
+        q: round(&x.q),
+        k: round(&x.k),
+        v: round(&x.v),
+    };
+    // In f32 the rows round nothing themselves: the inputs are already tf32.
+    let rows = LowPrecisionRows::new(case, &xr, DType::F32);
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        value_dim,
+        ..
+    } = *case;
+    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
+    let mut lse = vec![0f64; batch * heads * seq_q];
+    let group = heads / kv_heads;
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..seq_q {
+                let (p, row_lse) = rows.probabilities(b, h, i);
+                let p: Vec<f32> = p.into_iter().map(round_tf32).collect();
+                let oi = ((b * heads + h) * seq_q + i) * value_dim;
+                for c in 0..value_dim {
+                    let acc: f32 = (0..seq_k)
+                        .map(|j| p[j] * rows.kv(&xr.v, b, h / group, j, c))
+                        .sum();
+                    out[oi + c] = acc as f64;
+                }
+                lse[(b * heads + h) * seq_q + i] = row_lse as f64;
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// The tf32 forward (`flash_forward_tf32`, launched directly on the plain CubeCL backend
+/// `B`, no environment switch) against the f64 truth: its output and lse errors within 3x
+/// those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. The
+/// queries are a strided view, as in the backward checks. Panics when the launcher declines.
+pub fn check_tf32_kernel<B, R>(case: Case)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let x = inputs(&case, 13 + case.seq_q as u64 * 19 + case.dim as u64);
+    let (to, tl) = truth(&case, &x);
+    let device = Default::default();
+    let q = tensor::<B>(&seq_major(&x.q), DType::F32, &device).swap_dims(1, 2);
+    let k = tensor::<B>(&x.k, DType::F32, &device);
+    let v = tensor::<B>(&x.v, DType::F32, &device);
+    let options = case.options();
+    let window = options.effective_window();
+    let band = BandArgs {
+        scale: options.scale_for(case.dim) as f32,
+        left: window.left,
+        right: window.right,
+    };
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let (out, lse) = flash_forward_tf32::<R>(prim(q), prim(k), prim(v), band)
+        .unwrap_or_else(|e| panic!("{case:?}: the tf32 kernel declined: {e}"));
+    let ko = to_f64(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out)));
+    let kl = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)));
+    let (ro, rl) = host_tf32_reference(&case, &x);
+    let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
+    let (reo, rel) = (max_err(&ro, &to), max_err(&rl, &tl));
+    eprintln!("tf32 {case:?}: out err {eo:e} (ref {reo:e}), lse err {el:e} (ref {rel:e})");
+    let floor = 1e-3;
+    assert!(
+        eo <= 3.0 * reo.max(floor),
+        "{case:?} tf32: kernel out err {eo:e} > 3x reference err {reo:e}"
+    );
+    assert!(
+        el <= 3.0 * rel.max(floor),
+        "{case:?} tf32: kernel lse err {el:e} > 3x reference err {rel:e}"
+    );
 }
 
 /// Gradients of `sum(reference_attention(q, k, v) * w)` evaluated on the host in `dtype`,

@@ -147,10 +147,11 @@ pub(crate) fn stage_rows_sync<F: Float>(
     }
 }
 
-/// The same staging with 16-byte asynchronous copies (`cp.async`, eight 16-bit values),
-/// for rows whose columns are contiguous, `d % 8 == 0` and 16-byte aligned: rows past
-/// `seq` are zero-filled by the copy itself (source length 0). Columns `d..d_pad` are not
-/// written (see `zero_pad_columns`). Completion is tracked by the caller's barrier.
+/// The same staging with 16-byte asynchronous copies (`cp.async`, `chunk` values each:
+/// eight 16-bit or four 32-bit ones), for rows whose columns are contiguous,
+/// `d % chunk == 0` and 16-byte aligned: rows past `seq` are zero-filled by the copy itself
+/// (source length 0). Columns `d..d_pad` are not written (see `zero_pad_columns`).
+/// Completion is tracked by the caller's barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows_async<F: Float>(
@@ -167,23 +168,24 @@ pub(crate) fn stage_rows_async<F: Float>(
     #[comptime] d_pad: usize,
     #[comptime] smem_stride: usize,
     #[comptime] threads: usize,
+    #[comptime] chunk: usize,
 ) {
-    let chunks = comptime!(d_pad / 8);
-    let copy_len = comptime!(8u32);
+    let chunks = comptime!(d_pad / chunk);
+    let copy_len = comptime!(chunk as u32);
     let mut idx = tid;
-    while idx < comptime!(rows * d_pad / 8) {
+    while idx < comptime!(rows * d_pad / chunk) {
         let r = idx / chunks;
-        let c = (idx % chunks) * 8;
+        let c = (idx % chunks) * chunk;
         if c < d {
             let j = row0 + r;
             let valid = j < seq;
             // An empty source at a valid address makes the copy write 16 zero bytes.
             let off = select(valid, base + j * row_stride + c, base);
-            let len = select(valid, 8usize, 0usize);
+            let len = select(valid, chunk, 0usize);
             let to = dst + r * smem_stride + c;
             copy_async_checked(
                 &src.slice(off, off + len),
-                &mut smem.slice_mut(to, to + 8),
+                &mut smem.slice_mut(to, to + chunk),
                 copy_len,
             );
         }
@@ -191,8 +193,8 @@ pub(crate) fn stage_rows_async<F: Float>(
     }
 }
 
-/// Zeroes columns `d..d_pad` of `rows` shared-memory rows (at most 8 columns, `d` being a
-/// multiple of 8): the asynchronous staging never writes them, and `ldmatrix` reads them.
+/// Zeroes columns `d..d_pad` of `rows` shared-memory rows (`d` a multiple of the copy
+/// chunk): the asynchronous staging never writes them, and the fragment loads read them.
 #[cube]
 pub(crate) fn zero_pad_columns<F: Float>(
     smem: &mut SharedMemory<F>,
@@ -396,6 +398,7 @@ pub fn flash_mma_kernel<F: Float>(
                 dim_pad,
                 q_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 k,
@@ -411,6 +414,7 @@ pub fn flash_mma_kernel<F: Float>(
                 dim_pad,
                 k_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 v,
@@ -426,6 +430,7 @@ pub fn flash_mma_kernel<F: Float>(
                 value_dim_pad,
                 v_stride,
                 threads,
+                8usize,
             );
             bar0.commit_copy_async();
         }
@@ -471,6 +476,7 @@ pub fn flash_mma_kernel<F: Float>(
                     dim_pad,
                     k_stride,
                     threads,
+                    8usize,
                 );
                 stage_rows_async::<F>(
                     v,
@@ -486,6 +492,7 @@ pub fn flash_mma_kernel<F: Float>(
                     value_dim_pad,
                     v_stride,
                     threads,
+                    8usize,
                 );
                 if other == 0 {
                     bar0.commit_copy_async();

@@ -8,6 +8,7 @@ use cubecl::ir::features::MmaConfig;
 use cubecl::ir::{ElemType, FloatKind, StorageType};
 
 use crate::flash_mma::flash_mma_kernel;
+use crate::flash_tf32::flash_tf32_kernel;
 use crate::flash_unit::flash_unit_kernel;
 
 /// The band and scale of one banded attention call, already resolved by the caller: the
@@ -260,8 +261,126 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     Ok((out, lse))
 }
 
+/// Row tiles per plane of the tf32 kernel: one (16 rows; at head dim 128 the O
+/// accumulators alone take 64 registers per lane). `BURN_ATTN_TF32_ROWS` = 16 or 32
+/// overrides it, for tuning runs.
+fn tf32_row_tiles() -> usize {
+    tuning_override("BURN_ATTN_TF32_ROWS", &[16, 32]).map_or(1, |rows| rows / MMA_ROWS_PER_TILE)
+}
+
+/// Exact banded attention forward for f32 inputs on the matrix units, with tf32 products
+/// (`mma.sync.m16n8k8`, f32 accumulation).
+///
+/// Same contract as [`flash_forward_unit`]; f32 only (f16 and bf16 decline with
+/// `Unsupported::DType`: [`flash_forward_mma`] takes them), and only where the runtime is
+/// CUDA and reports the tf32 `m16n8k8` instruction with f32 accumulation (sm_80 and newer):
+/// elsewhere it declines with `Unsupported::Size`. Head and value dims are padded to 8
+/// inside the kernel; one Q tile plus one K and one V tile per stage (two stages with
+/// asynchronous staging) must fit the device's shared memory per cube
+/// (`Unsupported::SharedMemory` otherwise).
+///
+/// Precision: tf32 keeps 10 of f32's 23 mantissa bits, so the products' inputs (Q, K, V
+/// and the probabilities) are rounded to about 5e-4 relative and the outputs differ from
+/// full f32 at about 1e-3 relative, as with PyTorch's `allow_tf32`; sums and the softmax
+/// stay f32. [`flash_forward`] therefore tries this kernel only when `BURN_ATTN_TF32=1`.
+/// Experimental until verified on the H200 (`scripts/device/lease.sh tf32`).
+pub fn flash_forward_tf32<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    band: BandArgs,
+) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported> {
+    check_dtypes(&q, &k, &v)?;
+    tf32_support(&q)?;
+    let sizes = Sizes::check(&q, &k, &v)?;
+    let Sizes { dim, value_dim, .. } = sizes;
+    let dim_pad = dim.div_ceil(8) * 8;
+    let value_dim_pad = value_dim.div_ceil(8) * 8;
+    let planes = MMA_PLANES;
+    let m_tiles = tf32_row_tiles();
+    let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
+    let grid = sizes.grid(block_q)?;
+    let elem = q.dtype.size();
+    let shared = q.client.properties().hardware.max_shared_memory_size;
+    // Asynchronous double-buffered staging where the layout allows 16-byte copies (four
+    // f32); `BURN_ATTN_MMA_SYNC=1` forces the synchronous single-buffer staging.
+    let force_sync = std::env::var("BURN_ATTN_MMA_SYNC").is_ok_and(|v| v == "1");
+    let async_copy = !force_sync
+        && q.client.properties().features.copy_async
+        && [&q, &k, &v].iter().all(|t| aligned_rows(t));
+    let stages = if async_copy { 2 } else { 1 };
+    // Padded Q tile [block_q][dim_pad + 4], and `stages` K tiles [block_k][dim_pad + 4] and
+    // V tiles [block_k][value_dim_pad + 4], plus the two barriers.
+    let smem = |bk: usize| {
+        (block_q * (dim_pad + 4) + stages * bk * (dim_pad + 4 + value_dim_pad + 4)) * elem + 64
+    };
+    // 32 keys per tile past head dim 64, as the f16/bf16 kernel (fewer live accumulator
+    // registers); `BURN_ATTN_TF32_BLOCK_K` (8, 16, 32 or 64) overrides the choice, for
+    // tuning runs.
+    let forced = tuning_override("BURN_ATTN_TF32_BLOCK_K", &[8, 16, 32, 64]);
+    let candidates = match forced {
+        Some(bk) => vec![bk],
+        None if dim_pad > 64 => vec![32, 16, 8],
+        None => vec![64, 32, 16, 8],
+    };
+    let block_k = candidates
+        .into_iter()
+        .find(|&bk| smem(bk) <= shared)
+        .ok_or_else(|| {
+            Unsupported::SharedMemory(format!(
+                "{shared} bytes for head_dim {dim}, value_dim {value_dim} (f32 tiles)"
+            ))
+        })?;
+    trace(|| {
+        format!(
+            "flash_tf32 planes {planes}, rows/plane {}, block_k {block_k}, {} staging, {} B shared",
+            MMA_ROWS_PER_TILE * m_tiles,
+            if async_copy { "async" } else { "sync" },
+            smem(block_k)
+        )
+    });
+
+    let (out, lse) = alloc_outputs(&q, &sizes);
+    if sizes.is_empty() {
+        return Ok((out, lse));
+    }
+    let client = q.client.clone();
+    // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
+    // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
+    // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
+    // The 16-byte `cp.async` reads (four f32) stay inside a row because `aligned_rows`
+    // demands unit column strides and head/value dims that are multiples of 4.
+    unsafe {
+        flash_tf32_kernel::launch_unchecked::<R>(
+            &client,
+            grid,
+            CubeDim::new_2d(32, planes as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            band.scale,
+            sizes.side(band.left),
+            sizes.side(band.right),
+            f32::NEG_INFINITY,
+            dim_pad,
+            value_dim_pad,
+            planes,
+            m_tiles,
+            block_k,
+            async_copy,
+        );
+    }
+    Ok((out, lse))
+}
+
 /// The best kernel for the call: the matrix-unit kernel where it applies, else the
 /// portable one. `Err` when neither takes the call (the caller runs another path).
+///
+/// f32 inputs run the portable kernel (full f32 products) unless `BURN_ATTN_TF32=1`: then
+/// [`flash_forward_tf32`] (tf32 products, about 1e-3 relative error) is tried first. Opt-in
+/// and experimental until verified on the H200.
 pub fn flash_forward<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -276,6 +395,16 @@ pub fn flash_forward<R: CubeRuntime>(
                 return Ok(done);
             }
             Err(why) => trace(|| format!("flash_mma declined: {why}")),
+        }
+        let tf32 = std::env::var("BURN_ATTN_TF32").is_ok_and(|v| v == "1");
+        if tf32 && q.dtype == DType::F32 {
+            match flash_forward_tf32(q.clone(), k.clone(), v.clone(), band) {
+                Ok(done) => {
+                    trace(|| format!("flash_tf32 for q {:?}", q.meta.shape()));
+                    return Ok(done);
+                }
+                Err(why) => trace(|| format!("flash_tf32 declined: {why}")),
+            }
         }
     }
     let shape = q.meta.shape().clone();
@@ -495,6 +624,39 @@ pub(crate) fn mma_support<R: CubeRuntime>(q: &CubeTensor<R>) -> Result<(), Unsup
             "no m16n8k16 matrix instruction or ldmatrix for {:?} on this device",
             q.dtype
         )));
+    }
+    Ok(())
+}
+
+/// Whether the tf32 kernel can run `q`'s dtype on its device: f32 (else
+/// `Unsupported::DType`), the CUDA runtime (the kernel hard-codes PTX's `m16n8k8` register
+/// layout) and that instruction on tf32 with f32 accumulation (else `Unsupported::Size`).
+pub(crate) fn tf32_support<R: CubeRuntime>(q: &CubeTensor<R>) -> Result<(), Unsupported> {
+    if q.dtype != DType::F32 {
+        return Err(Unsupported::DType(format!(
+            "{:?} (the tf32 kernel takes f32)",
+            q.dtype
+        )));
+    }
+    if R::name(&q.client) != "cuda" {
+        return Err(Unsupported::Size(format!(
+            "runtime {} (the tf32 kernel is CUDA only)",
+            R::name(&q.client)
+        )));
+    }
+    let tf32: StorageType = ElemType::Float(FloatKind::TF32).into();
+    let config = MmaConfig {
+        a_type: tf32,
+        b_type: tf32,
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: 16,
+        n: 8,
+        k: 8,
+    };
+    if !q.client.properties().features.matmul.mma.contains(&config) {
+        return Err(Unsupported::Size(
+            "no m16n8k8 tf32 matrix instruction on this device".to_string(),
+        ));
     }
     Ok(())
 }

@@ -6,6 +6,9 @@
 //!   every runtime including WGSL and software Vulkan (lavapipe).
 //! - [`flash_forward_mma`]: the matrix-unit forward (`mma.sync.m16n8k16`, f16/bf16) for
 //!   runtimes that report that instruction (CUDA sm_80+).
+//! - [`flash_forward_tf32`]: the matrix-unit forward for f32 inputs (`mma.sync.m16n8k8` on
+//!   tf32, CUDA sm_80+); opt-in (`BURN_ATTN_TF32=1`) because tf32 rounds the products'
+//!   inputs to 10 mantissa bits. Experimental until verified on the H200.
 //! - [`flash_backward_unit`]: the portable backward (dQ, dK, dV from the saved output and
 //!   log-sum-exp; no matrix units, no atomics), for every runtime.
 //! - [`flash_backward_mma`]: the matrix-unit backward (same contract, f16/bf16, head and
@@ -18,6 +21,8 @@ mod flash_mma;
 #[allow(missing_docs)]
 mod flash_mma_backward;
 #[allow(missing_docs)]
+mod flash_tf32;
+#[allow(missing_docs)]
 mod flash_unit;
 #[allow(missing_docs)]
 mod flash_unit_backward;
@@ -28,10 +33,11 @@ mod launch_backward;
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
 pub use flash_mma::flash_mma_kernel;
 pub use flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel};
+pub use flash_tf32::flash_tf32_kernel;
 pub use flash_unit::flash_unit_kernel;
 pub use flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 pub use launch::{
-    flash_forward, flash_forward_mma, flash_forward_unit, BandArgs, Unsupported, MAX_HEAD_DIM,
-    UNIT_MAX_BAND_ELEMENTS,
+    flash_forward, flash_forward_mma, flash_forward_tf32, flash_forward_unit, BandArgs,
+    Unsupported, MAX_HEAD_DIM, UNIT_MAX_BAND_ELEMENTS,
 };
 pub use launch_backward::{flash_backward, flash_backward_mma, flash_backward_unit, Gradients};
