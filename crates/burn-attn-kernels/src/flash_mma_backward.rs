@@ -412,6 +412,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 dim_pad,
                 d_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 d_out,
@@ -427,6 +428,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 value_dim_pad,
                 v_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 k,
@@ -442,6 +444,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 dim_pad,
                 d_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 v,
@@ -457,6 +460,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                 value_dim_pad,
                 v_stride,
                 threads,
+                8usize,
             );
             bar0.commit_copy_async();
         }
@@ -562,6 +566,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                     dim_pad,
                     d_stride,
                     threads,
+                    8usize,
                 );
                 stage_rows_async::<F>(
                     v,
@@ -577,6 +582,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
                     value_dim_pad,
                     v_stride,
                     threads,
+                    8usize,
                 );
                 if other == 0 {
                     bar0.commit_copy_async();
@@ -918,6 +924,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                 dim_pad,
                 d_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 v,
@@ -933,6 +940,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                 value_dim_pad,
                 v_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 q,
@@ -948,6 +956,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                 dim_pad,
                 d_stride,
                 threads,
+                8usize,
             );
             stage_rows_async::<F>(
                 d_out,
@@ -963,6 +972,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                 value_dim_pad,
                 v_stride,
                 threads,
+                8usize,
             );
             bar0.commit_copy_async();
         }
@@ -1053,6 +1063,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                     dim_pad,
                     d_stride,
                     threads,
+                    8usize,
                 );
                 stage_rows_async::<F>(
                     d_out,
@@ -1068,6 +1079,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
                     value_dim_pad,
                     v_stride,
                     threads,
+                    8usize,
                 );
                 if other == 0 {
                     bar0.commit_copy_async();
