@@ -99,6 +99,9 @@ mod on_cuda {
         let mut cases = cuda_grid();
         cases.push(Case::new(70, 90, 36).causal().gqa(4, 2));
         cases.push(Case::new(65, 33, 33).window(Some(9), Some(4)));
+        // Synchronous staging across several key tiles (one buffer reused, the online
+        // softmax carried across tiles).
+        cases.push(Case::new(130, 200, 33).causal());
         for case in cases {
             check_tf32_kernel::<Plain, CudaRuntime>(case);
         }

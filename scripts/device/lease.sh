@@ -74,11 +74,17 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
       # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)
-      timeout 200 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
+      timeout 150 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
       echo "cases checked: $(grep -cE '^tf32 .*out err' "$OUT/tf32-test.log")"; grep -E "^tf32 .*out err" "$OUT/tf32-test.log" | tail -3
       BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl-tf32.log" timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
       awk '/FlashTf32Kernel/{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl-tf32.log" > "$OUT/flash_tf32.cu"
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_tf32.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head
+      # the configurations the default shapes do not reach: synchronous staging, 32 rows per
+      # plane (TF32_VARIANTS=BURN_ATTN_TF32_ROWS=32), 16-key tiles (the test launches the kernel
+      # directly; the overrides apply)
+      for v in ${TF32_VARIANTS:-BURN_ATTN_MMA_SYNC=1 BURN_ATTN_TF32_BLOCK_K=16}; do
+        env $v timeout 80 "$B/cuda_kernel" tf32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed "s/^/[$v] /" | head -3
+      done
       BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 timeout 150 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-tf32.log" | grep -v "^burn-attn:"
       grep "^burn-attn:" "$OUT/bench-tf32.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     train) # the associative-recall example at a GPU size (f32, Autodiff<Cuda>): the exact

@@ -263,9 +263,13 @@ pub fn flash_forward_mma<R: CubeRuntime>(
 
 /// Row tiles per plane of the tf32 kernel: one (16 rows; at head dim 128 the O
 /// accumulators alone take 64 registers per lane). `BURN_ATTN_TF32_ROWS` = 16 or 32
-/// overrides it, for tuning runs.
-fn tf32_row_tiles() -> usize {
-    tuning_override("BURN_ATTN_TF32_ROWS", &[16, 32]).map_or(1, |rows| rows / MMA_ROWS_PER_TILE)
+/// overrides it, for tuning runs; 32 rows only up to value dims of 128 (past that, two
+/// row tiles' O accumulators would need 256 registers per lane).
+fn tf32_row_tiles(value_dim_pad: usize) -> usize {
+    match tuning_override("BURN_ATTN_TF32_ROWS", &[16, 32]) {
+        Some(rows) if value_dim_pad <= 128 => rows / MMA_ROWS_PER_TILE,
+        _ => 1,
+    }
 }
 
 /// Exact banded attention forward for f32 inputs on the matrix units, with tf32 products
@@ -297,7 +301,7 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     let dim_pad = dim.div_ceil(8) * 8;
     let value_dim_pad = value_dim.div_ceil(8) * 8;
     let planes = MMA_PLANES;
-    let m_tiles = tf32_row_tiles();
+    let m_tiles = tf32_row_tiles(value_dim_pad);
     let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
     let grid = sizes.grid(block_q)?;
     let elem = q.dtype.size();
