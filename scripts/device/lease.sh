@@ -44,7 +44,8 @@ for step in "$@"; do
         vars=${v//,/ }; [ "$v" = default ] && vars=
         env $vars timeout 40 $AF --repeats 10 --skip-burn --only "n=4096 d=128" 2>&1 | grep -E "ours|error|panick" | head -4
       done ;;
-    grid) CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
+    grid) # GRID_ARGS: extra test-binary arguments, e.g. "--skip within_thrice" (Burn's slow device reference)
+      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
       echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")"; grep -E "out err" "$OUT/grid.log" | tail -3 ;;
     bench) timeout ${BENCH_TIMEOUT:-300} $AF --repeats 10 ${BENCH_ARGS:-} --json "$OUT/bench-bf16.json" 2>&1 | tee "$OUT/bench-bf16.log" ;;
     peers) # the peer script's own functions: bf16 SDPA and the FlexAttention windows
