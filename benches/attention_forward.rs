@@ -130,6 +130,16 @@ fn rate(tflops: f64) -> String {
     }
 }
 
+/// One peer's column of a printed row: its time, rate, and its time over ours.
+fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
+    format!(
+        " | {name} {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
+        ms,
+        rate(tflops),
+        ms / ours
+    )
+}
+
 fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
         f();
@@ -222,20 +232,10 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
             rate(tflops(ours))
         );
         if let Some(b) = burn {
-            line += &format!(
-                " | burn {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
-                b,
-                rate(tflops(b)),
-                b / ours
-            );
+            line += &peer_column("burn", b, tflops(b), ours);
         }
         if let Some(m) = materialised {
-            line += &format!(
-                " | materialised {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
-                m,
-                rate(tflops(m)),
-                m / ours
-            );
+            line += &peer_column("materialised", m, tflops(m), ours);
         }
         println!("{line}");
         rows.push(serde_json::json!({
@@ -299,12 +299,7 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
             forward
         );
         if let Some(m) = materialised {
-            line += &format!(
-                " | materialised {:>9.3} ms {:>7} TFLOP/s | x{:.2}",
-                m,
-                rate(tflops(m)),
-                m / ours
-            );
+            line += &peer_column("materialised", m, tflops(m), ours);
         }
         println!("{line}");
         rows.push(serde_json::json!({

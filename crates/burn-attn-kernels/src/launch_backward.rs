@@ -109,10 +109,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         }
     }
 
-    let dq = alloc_contiguous(&q, Shape::new([batch, heads, seq_q, dim]), dtype);
-    let dk = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, dim]), dtype);
-    let dv = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype);
-    let delta = alloc_contiguous(&q, Shape::new([batch, heads, seq_q]), DType::F32);
+    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes, kv_heads);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
 
@@ -195,8 +192,6 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     mma_support(&q)?;
     let Sizes {
         batch,
-        heads,
-        seq_q,
         seq_k,
         dim,
         value_dim,
@@ -270,10 +265,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
         )
     });
 
-    let dq = alloc_contiguous(&q, Shape::new([batch, heads, seq_q, dim]), dtype);
-    let dk = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, dim]), dtype);
-    let dv = alloc_contiguous(&q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype);
-    let delta = alloc_contiguous(&q, Shape::new([batch, heads, seq_q]), DType::F32);
+    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes, kv_heads);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
 
@@ -379,6 +371,32 @@ pub fn flash_backward<R: CubeRuntime>(
         Err(why) => trace(|| format!("flash_unit_backward declined: {why}")),
     }
     done
+}
+
+/// The outputs of both backward launchers: `dq`, `dk`, `dv` (contiguous, in `q`'s dtype,
+/// in the shapes of `q`, `k` and `v`) and the f32 `D = rowsum(dO * O)` buffer
+/// `[batch, heads, seq_q]` the dQ kernel writes for the dK/dV kernel.
+fn alloc_gradients<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    sizes: &Sizes,
+    kv_heads: usize,
+) -> [CubeTensor<R>; 4] {
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = *sizes;
+    let dtype = q.dtype;
+    [
+        alloc_contiguous(q, Shape::new([batch, heads, seq_q, dim]), dtype),
+        alloc_contiguous(q, Shape::new([batch, kv_heads, seq_k, dim]), dtype),
+        alloc_contiguous(q, Shape::new([batch, kv_heads, seq_k, value_dim]), dtype),
+        alloc_contiguous(q, Shape::new([batch, heads, seq_q]), DType::F32),
+    ]
 }
 
 /// The checks both backward launchers share: dtypes (q, k, v, out and d_out in one of
