@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward backward-async
+# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -61,16 +61,14 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     memory) timeout 60 "$B/attention_forward" --backend cuda --dtype bf16 --memory 2>&1 | tee "$OUT/memory.log" ;;
     backward) # training steps: our backward vs Burn's materialised autodiff (n <= 4096)
       timeout ${BACKWARD_TIMEOUT:-300} $AF --backward --repeats 5 ${BACKWARD_ARGS:-} --json "$OUT/backward-bf16.json" 2>&1 | tee "$OUT/backward-bf16.log" ;;
-    backward-async) # the backward kernel tests, then the backward bench, with the experimental
-      # asynchronous staging of the matrix-unit backward (BURN_ATTN_MMA_BWD_ASYNC=1); the
-      # bench's trace lines (counted at the end) say which staging actually ran
-      BURN_ATTN_MMA_BWD_ASYNC=1 timeout ${GRID_TIMEOUT:-270} "$B/cuda_kernel" backward --test-threads 2 2>&1 | grep -E "^test |panicked|FAILED|test result" | head -40
-      # memcheck and racecheck on the host-reference grid's first cases (one thread)
+    sanitize-backward) # memcheck and racecheck of the matrix-unit backward (asynchronous
+      # staging, the default) on the host-reference grid, one thread; then the d=128 backward
+      # bench with synchronous staging, for the comparison (the trace says which staging ran)
       for tool in memcheck racecheck; do
-        BURN_ATTN_MMA_BWD_ASYNC=1 timeout ${MEMCHECK_TIMEOUT:-90} $S --tool $tool --print-limit 5 "$B/cuda_kernel" low_precision_grid_host --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
+        timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" low_precision_grid_host --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
       done
-      BURN_ATTN_MMA_BWD_ASYNC=1 BURN_ATTN_TRACE=1 timeout 150 $AF --backward --repeats 5 --skip-burn --only d=128 > "$OUT/backward-async.log" 2>&1
-      grep -v "^burn-attn:" "$OUT/backward-async.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-async.log" | sort | uniq -c | head -4 ;;
+      BURN_ATTN_MMA_SYNC=1 BURN_ATTN_TRACE=1 timeout 150 $AF --backward --repeats 5 --skip-burn --only d=128 > "$OUT/backward-sync.log" 2>&1
+      grep -v "^burn-attn:" "$OUT/backward-sync.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-sync.log" | sort | uniq -c | head -4 ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
@@ -94,8 +92,12 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       grep -v "^burn-attn:" "$OUT/train.log" | tail -30; grep "^burn-attn:" "$OUT/train.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that
-      # cost across methods (eleven separate calls of 38 s each printed almost nothing)
-      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --time-limit $(( ${COMPARE_TIMEOUT:-560} - 120 )) --backend cuda --dtype bf16 --tokens 32768 --lengths ${COMPARE_LENGTHS:-1024,4096} --heads 16 --head-dim 128 --repeats 5 --no-progress --peers "$OUT/torch.json" --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
+      # cost across methods (eleven separate calls of 38 s each printed almost nothing).
+      # With the caches filled (by earlier calls, or carried) all 22 rows take about a
+      # minute; from empty caches 4 rows took 356 s. Peers: this lease's torch.json (peers
+      # step) or a carried .carry/torch.json; neither = no peer column.
+      PEERS_ARG=; for j in "$OUT/torch.json" .carry/torch.json; do [ -f "$j" ] && { PEERS_ARG="--peers $j"; break; }; done
+      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${COMPARE_TIMEOUT:-560} "$B/burn-attn-bench" compare --time-limit $(( ${COMPARE_TIMEOUT:-560} - 120 )) --backend cuda --dtype bf16 --tokens 32768 --lengths ${COMPARE_LENGTHS:-1024,4096} --heads 16 --head-dim 128 --repeats 5 --no-progress $PEERS_ARG --out-dir "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     wgpu) # the same bench on the H200 through Vulkan (needs the loader carried in .gl/)
       for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
       # Force the discrete adapter: the default pick ran 20x slower than CUDA's portable

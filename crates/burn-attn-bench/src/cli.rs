@@ -269,6 +269,11 @@ impl CompareArgs {
                 "--time-limit ({limit}) must be a positive number of seconds"
             ));
         }
+        // Read the peers now, not after minutes of measuring: a missing or malformed file
+        // would otherwise cost the whole table.
+        if let Some(path) = &self.peers {
+            crate::peers::load_peers(path)?;
+        }
         if self.batch == 0 || self.repeats == 0 {
             return Err("--batch and --repeats must be at least 1".into());
         }

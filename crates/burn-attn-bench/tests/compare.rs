@@ -381,3 +381,19 @@ fn time_limit_stops_rows_and_the_report_lists_them() {
         assert!(err.contains("--time-limit") && err.contains(bad), "{err}");
     }
 }
+
+/// A `--peers` file that is missing or not the peer script's JSON is refused before any
+/// row is measured, with the path named (a long GPU run must not end without its table).
+#[test]
+fn unreadable_peers_are_refused_before_measuring() {
+    let dir = out_dir("bad-peers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("absent.json");
+    let garbled = dir.join("garbled.json");
+    std::fs::write(&garbled, "{ not the peer format").unwrap();
+    for (path, what) in [(&missing, "reading peers"), (&garbled, "parsing peers")] {
+        let p = path.to_str().unwrap().to_string();
+        let err = tiny_args(&[("--peers", &p)]).validate().unwrap_err();
+        assert!(err.contains(what) && err.contains(&p), "{err}");
+    }
+}

@@ -287,7 +287,6 @@ fn tf32_row_tiles(value_dim_pad: usize) -> usize {
 /// and the probabilities) are rounded to about 5e-4 relative and the outputs differ from
 /// full f32 at about 1e-3 relative, as with PyTorch's `allow_tf32`; sums and the softmax
 /// stay f32. [`flash_forward`] therefore tries this kernel only when `BURN_ATTN_TF32=1`.
-/// Experimental until verified on the H200 (`scripts/device/lease.sh tf32`).
 pub fn flash_forward_tf32<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -383,8 +382,7 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
 /// portable one. `Err` when neither takes the call (the caller runs another path).
 ///
 /// f32 inputs run the portable kernel (full f32 products) unless `BURN_ATTN_TF32=1`: then
-/// [`flash_forward_tf32`] (tf32 products, about 1e-3 relative error) is tried first. Opt-in
-/// and experimental until verified on the H200.
+/// [`flash_forward_tf32`] (tf32 products, about 1e-3 relative error) is tried first.
 pub fn flash_forward<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,

@@ -173,12 +173,11 @@ pub fn flash_backward_unit<R: CubeRuntime>(
 /// portable kernels). `Unsupported::SharedMemory` where the device cannot hold the smallest
 /// tiles: each kernel's own 64 rows plus one streamed tile per stage.
 ///
-/// Staging: with `BURN_ATTN_MMA_BWD_ASYNC=1` (experimental, off by default until verified
-/// on the H200) both kernels stage with `cp.async` into two buffers of the streamed tile
-/// (K/V in the dQ kernel, Q/dO plus lse/D in the dK/dV kernel), as the forward does, where
-/// the device reports asynchronous copies and q, k, v and d_out have contiguous 16-byte
-/// aligned rows (the forward's rule; `BURN_ATTN_MMA_SYNC=1` still forces synchronous
-/// staging); otherwise they stage synchronously into one buffer.
+/// Staging: both kernels stage with `cp.async` into two buffers of the streamed tile (K/V
+/// in the dQ kernel, Q/dO plus lse/D in the dK/dV kernel), as the forward does, where the
+/// device reports asynchronous copies and q, k, v and d_out have contiguous 16-byte aligned
+/// rows (the forward's rule); otherwise, or with `BURN_ATTN_MMA_SYNC=1` (tuning runs), they
+/// stage synchronously into one buffer.
 pub fn flash_backward_mma<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -215,14 +214,10 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     let dtype = q.dtype;
     let elem = dtype.size();
     let shared = client.properties().hardware.max_shared_memory_size;
-    // Asynchronous double-buffered staging (the forward's rule, plus the opt-in switch while
-    // it is unverified on hardware): the device's `cp.async`, 16-byte copies of every staged
-    // tensor's rows, and neither `BURN_ATTN_MMA_SYNC=1` nor a missing
-    // `BURN_ATTN_MMA_BWD_ASYNC=1`.
-    let opted_in = std::env::var("BURN_ATTN_MMA_BWD_ASYNC").is_ok_and(|v| v == "1");
+    // Asynchronous double-buffered staging (the forward's rule): the device's `cp.async`,
+    // 16-byte copies of every staged tensor's rows, and no `BURN_ATTN_MMA_SYNC=1`.
     let force_sync = std::env::var("BURN_ATTN_MMA_SYNC").is_ok_and(|v| v == "1");
-    let async_copy = opted_in
-        && !force_sync
+    let async_copy = !force_sync
         && client.properties().features.copy_async
         && [&q, &k, &v, &d_out].iter().all(|t| aligned_rows(t));
     let stages = if async_copy { 2 } else { 1 };
