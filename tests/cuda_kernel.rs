@@ -90,6 +90,12 @@ mod on_cuda {
         }
     }
 
+    /// The matrix-unit forwards' online-softmax step through its probe kernel.
+    #[test]
+    fn cuda_mma_online_softmax_step_matches_host() {
+        check_online_softmax_probe::<Plain, CudaRuntime>();
+    }
+
     /// The tf32 forward (opt-in through `BURN_ATTN_TF32=1` in `flash_forward`), launched
     /// directly (no environment switch) on the trimmed grid plus head dim 36 (4 padded
     /// columns zeroed under asynchronous staging) and 33 (rows not a multiple of 16 bytes:
