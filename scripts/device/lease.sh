@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -32,6 +32,15 @@ for step in "$@"; do
       BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
       awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma.cu"
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head ;;
+    ncu) # Nsight Compute on one launch of each matrix-unit kernel at n=4096 d=128 (bf16):
+      # throughput, warp stall reasons, occupancy, instruction mix -- where the time goes
+      N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      if [ -z "$N" ]; then echo "no ncu on this machine"; else
+        sec="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis"
+        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 $sec $AF --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-forward.txt" 2>&1
+        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_backward --launch-skip 2 --launch-count 2 $sec $AF --backward --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-backward.txt" 2>&1
+        for f in "$OUT"/ncu-*.txt; do echo "-- $f"; grep -E "==PROF==|ERR|flash_mma|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Stall|L1/TEX Hit|Shared" "$f" | head -40; done
+      fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
       BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
