@@ -832,9 +832,9 @@ pub fn backward_grid() -> Vec<Case> {
     ]
 }
 
-/// One band for [`check_online_softmax_probe`]: 16 query rows against `tiles` tiles of 16
-/// keys (`seq_k` of them real), key `j` visible to row `i` iff `i + offset - left <= j <=
-/// i + offset + right`.
+/// One band for [`check_online_softmax_probe`]: 16 or 32 query rows against `tiles` tiles
+/// of 16 keys (`seq_k` of them real), key `j` visible to row `i` iff `i + offset - left <=
+/// j <= i + offset + right`.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeBand {
     pub tiles: usize,
@@ -870,14 +870,15 @@ pub fn probe_bands() -> Vec<ProbeBand> {
     ]
 }
 
-/// The host's online softmax over the probe's tiles, in f64, with the kernels' sentinel
-/// semantics: per tile the probabilities `exp(s * scale - m)` (0 where masked) and per row
-/// `[m, l, output scale]`, `m` staying at `-3e38` while a row has seen no key.
-pub fn host_online_softmax(band: &ProbeBand, scores: &[f32]) -> (Vec<f64>, Vec<f64>) {
+/// The host's online softmax of `rows` query rows over the probe's tiles, in f64, with the
+/// kernels' sentinel semantics: per tile the probabilities `exp(s * scale - m)` (0 where
+/// masked) and per row `[m, l, output scale]`, `m` staying at `-3e38` while a row has seen
+/// no key.
+pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Vec<f64>, Vec<f64>) {
     const NEG_BIG: f64 = -3.0e38;
-    let mut probs = vec![0.0; band.tiles * 256];
-    let mut state = vec![0.0; band.tiles * 48];
-    for row in 0..16usize {
+    let mut probs = vec![0.0; band.tiles * rows * 16];
+    let mut state = vec![0.0; band.tiles * rows * 3];
+    for row in 0..rows {
         let (mut m, mut l, mut o) = (NEG_BIG, 0.0f64, 1.0f64);
         for tile in 0..band.tiles {
             let visible = |key: usize| {
@@ -886,7 +887,7 @@ pub fn host_online_softmax(band: &ProbeBand, scores: &[f32]) -> (Vec<f64>, Vec<f
                     (band.offset as i64, band.left as i64, band.right as i64);
                 j >= i + offset - left && j <= i + offset + right && j < band.seq_k as i64
             };
-            let s = |key: usize| scores[(tile * 16 + row) * 16 + key] as f64 * band.scale as f64;
+            let s = |key: usize| scores[(tile * rows + row) * 16 + key] as f64 * band.scale as f64;
             let tile_max = (0..16)
                 .filter(|&c| visible(c))
                 .map(s)
@@ -907,21 +908,22 @@ pub fn host_online_softmax(band: &ProbeBand, scores: &[f32]) -> (Vec<f64>, Vec<f
                 } else {
                     0.0
                 };
-                probs[(tile * 16 + row) * 16 + key] = p;
+                probs[(tile * rows + row) * 16 + key] = p;
                 l += p;
             }
             m = m_new;
-            state[(tile * 16 + row) * 3..][..3].copy_from_slice(&[m, l, o]);
+            state[(tile * rows + row) * 3..][..3].copy_from_slice(&[m, l, o]);
         }
     }
     (probs, state)
 }
 
 /// The matrix-unit forwards' online-softmax step (`online_softmax_tile`, shared by
-/// `flash_mma` and `flash_tf32`), run on `B` through its probe kernel with accumulator
-/// vectors of 1, 2 and 4 floats, against [`host_online_softmax`]: probabilities within
-/// 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and output scales 2e-5
-/// relative, maxima equal to f32 rounding (the sentinel exactly).
+/// `flash_mma` and `flash_tf32`), run on `B` through its probe kernel with one and two row
+/// tiles and accumulator vectors of 1, 2 and 4 floats, against [`host_online_softmax`]:
+/// probabilities within 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and
+/// output scales 2e-5 relative, maxima 1e-6 relative (f32 rounding of the scaled score;
+/// the sentinel within that too).
 pub fn check_online_softmax_probe<B, R>()
 where
     R: CubeRuntime,
@@ -929,49 +931,53 @@ where
 {
     let device = Default::default();
     for (n, band) in probe_bands().into_iter().enumerate() {
-        let mut rng = StdRng::seed_from_u64(7 + n as u64);
-        let scores: Vec<f32> = (0..band.tiles * 256)
-            .map(|_| rng.random_range(-band.gain..band.gain))
-            .collect();
-        let (want_p, want_s) = host_online_softmax(&band, &scores);
-        for vs in [1usize, 2, 4] {
-            let t = Tensor::<B, 3>::from_data(
-                TensorData::new(scores.clone(), [band.tiles, 16, 16]),
-                &device,
-            );
-            let (p, st) = online_softmax_probe::<R>(
-                t.into_primitive().tensor(),
-                band.scale,
-                band.offset,
-                band.left,
-                band.right,
-                band.seq_k,
-                vs,
-            );
-            let got_p = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p)));
-            let got_s = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(st)));
-            for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
-                assert!(
-                    (g - w).abs() <= 2e-6 + 2e-5 * w.abs(),
-                    "{band:?} vector {vs}: probability {i} (tile {}, row {}, key {}) {g} vs {w}",
-                    i / 256,
-                    i / 16 % 16,
-                    i % 16
+        for rows in [16usize, 32] {
+            let mut rng = StdRng::seed_from_u64(7 + n as u64 + rows as u64);
+            let scores: Vec<f32> = (0..band.tiles * rows * 16)
+                .map(|_| rng.random_range(-band.gain..band.gain))
+                .collect();
+            let (want_p, want_s) = host_online_softmax(&band, rows, &scores);
+            for vs in [1usize, 2, 4] {
+                let t = Tensor::<B, 3>::from_data(
+                    TensorData::new(scores.clone(), [band.tiles, rows, 16]),
+                    &device,
                 );
-            }
-            for (i, (g, w)) in got_s.iter().zip(&want_s).enumerate() {
-                let what = ["maximum", "sum", "output scale"][i % 3];
-                let tol = if i % 3 == 0 {
-                    1e-6 * w.abs().max(1.0)
-                } else {
-                    2e-5 * w.abs().max(1e-30)
-                };
-                assert!(
-                    (g - w).abs() <= tol,
-                    "{band:?} vector {vs}: {what} of row {} after tile {}: {g} vs {w}",
-                    i / 3 % 16,
-                    i / 48
+                let (p, st) = online_softmax_probe::<R>(
+                    t.into_primitive().tensor(),
+                    band.scale,
+                    band.offset,
+                    band.left,
+                    band.right,
+                    band.seq_k,
+                    vs,
                 );
+                let got_p = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p)));
+                let got_s = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(st)));
+                for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-6 + 2e-5 * w.abs(),
+                        "{band:?} rows {rows} vector {vs}: probability {i} (tile {}, row {}, \
+                         key {}) {g} vs {w}",
+                        i / (rows * 16),
+                        i / 16 % rows,
+                        i % 16
+                    );
+                }
+                for (i, (g, w)) in got_s.iter().zip(&want_s).enumerate() {
+                    let what = ["maximum", "sum", "output scale"][i % 3];
+                    let tol = if i % 3 == 0 {
+                        1e-6 * w.abs().max(1.0)
+                    } else {
+                        2e-5 * w.abs().max(1e-30)
+                    };
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{band:?} rows {rows} vector {vs}: {what} of row {} after tile {}: \
+                         {g} vs {w}",
+                        i / 3 % rows,
+                        i / (3 * rows)
+                    );
+                }
             }
         }
     }

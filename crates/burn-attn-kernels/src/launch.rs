@@ -194,8 +194,18 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let dim_pad = dim.div_ceil(16) * 16;
     let value_dim_pad = value_dim.div_ceil(16) * 16;
     let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
-    let m_tiles = mma_row_tiles(value_dim_pad, &band);
-    let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
+    let mut m_tiles = mma_row_tiles(value_dim_pad, &band);
+    let mut block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
+    // A narrow band's smaller cubes need twice the cubes along the rows: past the grid's
+    // limit, take the two row tiles that still fit (where their registers do).
+    if m_tiles == 1
+        && value_dim_pad <= 128
+        && sizes.grid(block_q).is_err()
+        && sizes.grid(2 * block_q).is_ok()
+    {
+        m_tiles = 2;
+        block_q *= 2;
+    }
     let grid = sizes.grid(block_q)?;
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;

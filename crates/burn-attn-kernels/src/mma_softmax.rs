@@ -39,7 +39,8 @@ pub(crate) struct TileBand {
 /// Scales and masks the tile's scores (`s_acc`, `m_tiles * k_tiles` accumulator tiles),
 /// updates the running maxima `m_row` and sums `l_row`, rescales `o_acc` (`m_tiles *
 /// v_tiles` tiles) by `exp(m_old - m_new)`, and leaves `P = exp(S - m_new)` in `s_acc`,
-/// masked keys exactly 0. `row_max` and `alpha` are scratch (one entry per half).
+/// masked keys 0 (exactly with CUDA's `__expf`; a subnormal at most elsewhere). `row_max`
+/// and `alpha` are scratch (one entry per half).
 ///
 /// Masked scores are set to `NEG_BIG`; their exponentials underflow to 0 against any row
 /// maximum a finite score can produce. A row that has seen no visible key yet still has
@@ -138,8 +139,8 @@ pub(crate) fn online_softmax_tile(
     }
 }
 
-/// Rows of the probe's plane and keys of its tiles (one `m16` row tile, two `n8` tiles).
-const PROBE_ROWS: usize = 16;
+/// Rows of one row tile of the probe's plane and keys of its tiles (two `n8` tiles).
+const PROBE_ROW_TILE: usize = 16;
 const PROBE_KEYS: usize = 16;
 
 /// Binds the accumulator vector size where no matrix-unit definition does (the probe).
@@ -151,13 +152,14 @@ fn register_acc_size(#[comptime] vs: usize) {
     });
 }
 
-/// Test support for [`online_softmax_probe`]: one plane of 32 lanes lays `tiles` tiles of
-/// raw scores (`scores`, `[tiles, 16, 16]`: row, key of the tile) out in the `m16n8`
-/// accumulator layout, runs [`online_softmax_tile`] on each, and writes after each tile
-/// the probabilities (`probs`, same shape) and each row's maximum, sum (reduced over the
-/// row's four lanes, as the kernels' epilogues do) and output scale (the product of the
-/// rescalings an output accumulator that started at 1 received) to `state`, `[tiles, 16,
-/// 3]`. Needs no matrix unit, so it runs on every runtime with plane shuffles.
+/// Test support for [`online_softmax_probe`]: one plane of 32 lanes with `m_tiles` row
+/// tiles (16 rows each, as the forward kernels' planes) lays `tiles` tiles of raw scores
+/// (`scores`, `[tiles, rows, 16]`: row, key of the tile) out in the `m16n8` accumulator
+/// layout, runs [`online_softmax_tile`] on each, and writes after each tile the
+/// probabilities (`probs`, same shape) and each row's maximum, sum (reduced over the row's
+/// four lanes, as the kernels' epilogues do) and output scale (the product of the
+/// rescalings an output accumulator that started at 1 received) to `state`, `[tiles,
+/// rows, 3]`. Needs no matrix unit, so it runs on every runtime with plane shuffles.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn online_softmax_probe_kernel(
@@ -170,44 +172,53 @@ pub fn online_softmax_probe_kernel(
     right: i32,
     seq_k: u32,
     #[comptime] tiles: usize,
+    #[comptime] m_tiles: usize,
     #[comptime] c_vs: usize,
 ) {
     register_acc_size(c_vs);
     let k_tiles = comptime!(PROBE_KEYS / 8);
+    let rows = comptime!(PROBE_ROW_TILE * m_tiles);
+    let halves = comptime!(2 * m_tiles);
     let per_tile = comptime!(4 / c_vs);
     let lane = UNIT_POS as usize;
     let g = lane / 4;
     let t = lane % 4;
     let seq_k = seq_k as usize;
-    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * per_tile));
-    let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(per_tile);
-    let mut m_row = Array::<f32>::new(2usize);
-    let mut l_row = Array::<f32>::new(2usize);
-    let mut row_max = Array::<f32>::new(2usize);
-    let mut alpha = Array::<f32>::new(2usize);
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * k_tiles * per_tile));
+    let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * per_tile));
+    let mut m_row = Array::<f32>::new(halves);
+    let mut l_row = Array::<f32>::new(halves);
+    let mut row_max = Array::<f32>::new(halves);
+    let mut alpha = Array::<f32>::new(halves);
     #[unroll]
-    for hf in 0..2usize {
+    for hf in 0..halves {
         m_row[hf] = f32::new(NEG_BIG);
         l_row[hf] = f32::new(0.0);
     }
     #[unroll]
-    for e in 0..4usize {
-        acc_set(&mut o_acc, 0usize, e, c_vs, f32::new(1.0));
+    for mt in 0..m_tiles {
+        #[unroll]
+        for e in 0..4usize {
+            acc_set(&mut o_acc, mt, e, c_vs, f32::new(1.0));
+        }
     }
     // Keys every row of the plane sees (the kernels' `full_lo`/`full_hi`).
-    let full_lo = (PROBE_ROWS as i32 - 1) + offset - left;
+    let full_lo = (rows as i32 - 1) + offset - left;
     let full_hi = offset + right;
     for tile in 0..tiles {
         let t0 = (tile * PROBE_KEYS) as i32;
         let tile_hi = t0 + PROBE_KEYS as i32 - 1;
         #[unroll]
-        for kt in 0..k_tiles {
+        for mt in 0..m_tiles {
             #[unroll]
-            for e in 0..4usize {
-                let row = g + 8 * (e / 2);
-                let key = kt * 8 + 2 * t + e % 2;
-                let at = (tile * PROBE_ROWS + row) * PROBE_KEYS + key;
-                acc_set(&mut s_acc, kt, e, c_vs, scores[at]);
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let row = 16 * mt + g + 8 * (e / 2);
+                    let key = kt * 8 + 2 * t + e % 2;
+                    let at = (tile * rows + row) * PROBE_KEYS + key;
+                    acc_set(&mut s_acc, mt * k_tiles + kt, e, c_vs, scores[at]);
+                }
             }
         }
         let band = TileBand {
@@ -229,44 +240,48 @@ pub fn online_softmax_probe_kernel(
             &mut alpha,
             scale,
             band,
-            1usize,
+            m_tiles,
             k_tiles,
             1usize,
             c_vs,
         );
         #[unroll]
-        for kt in 0..k_tiles {
+        for mt in 0..m_tiles {
             #[unroll]
-            for e in 0..4usize {
-                let row = g + 8 * (e / 2);
-                let key = kt * 8 + 2 * t + e % 2;
-                let at = (tile * PROBE_ROWS + row) * PROBE_KEYS + key;
-                probs[at] = acc_get(&s_acc, kt, e, c_vs);
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let row = 16 * mt + g + 8 * (e / 2);
+                    let key = kt * 8 + 2 * t + e % 2;
+                    let at = (tile * rows + row) * PROBE_KEYS + key;
+                    probs[at] = acc_get(&s_acc, mt * k_tiles + kt, e, c_vs);
+                }
             }
         }
         #[unroll]
-        for hf in 0..2usize {
+        for hf in 0..halves {
             let mut l = l_row[hf];
             l += plane_shuffle_xor(l, 1);
             l += plane_shuffle_xor(l, 2);
             if t == 0 {
-                let at = (tile * PROBE_ROWS + g + 8 * hf) * 3;
+                // Half `hf` is row tile `hf / 2`, upper or lower 8 rows.
+                let at = (tile * rows + 16 * (hf / 2) + g + 8 * (hf % 2)) * 3;
                 state[at] = m_row[hf];
                 state[at + 1] = l;
-                state[at + 2] = acc_get(&o_acc, 0usize, 2 * hf, c_vs);
+                state[at + 2] = acc_get(&o_acc, hf / 2, 2 * (hf % 2), c_vs);
             }
         }
     }
 }
 
 /// Test support: runs [`online_softmax_probe_kernel`] (one plane) on `scores`
-/// (`[tiles, 16, 16]` f32, contiguous) with the band `offset`/`left`/`right` over `seq_k`
-/// keys and accumulator vectors of `vector_size` (1, 2 or 4) floats; returns the
-/// probabilities after each tile and each row's `[maximum, sum, output scale]`
-/// (`[tiles, 16, 3]`).
+/// (`[tiles, rows, 16]` f32, contiguous; `rows` 16 or 32: one or two row tiles) with the
+/// band `offset`/`left`/`right` over `seq_k` keys and accumulator vectors of
+/// `vector_size` (1, 2 or 4) floats; returns the probabilities after each tile and each
+/// row's `[maximum, sum, output scale]` (`[tiles, rows, 3]`).
 ///
 /// # Panics
-/// When `scores` is not `[tiles, 16, 16]` f32 or `vector_size` does not divide 4.
+/// When `scores` is not `[tiles, 16 or 32, 16]` f32 or `vector_size` does not divide 4.
 #[allow(clippy::too_many_arguments)]
 pub fn online_softmax_probe<R: CubeRuntime>(
     scores: CubeTensor<R>,
@@ -279,21 +294,17 @@ pub fn online_softmax_probe<R: CubeRuntime>(
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let dims = scores.meta.shape().to_vec();
     assert!(
-        dims.len() == 3 && dims[1] == PROBE_ROWS && dims[2] == PROBE_KEYS,
-        "scores must be [tiles, {PROBE_ROWS}, {PROBE_KEYS}], got {dims:?}"
+        dims.len() == 3 && matches!(dims[1], 16 | 32) && dims[2] == PROBE_KEYS,
+        "scores must be [tiles, 16 or 32, {PROBE_KEYS}], got {dims:?}"
     );
     assert_eq!(scores.dtype, DType::F32, "scores must be f32");
     assert!(
         matches!(vector_size, 1 | 2 | 4),
         "vector_size {vector_size} must divide 4"
     );
-    let tiles = dims[0];
-    let probs = alloc_contiguous(
-        &scores,
-        Shape::new([tiles, PROBE_ROWS, PROBE_KEYS]),
-        DType::F32,
-    );
-    let state = alloc_contiguous(&scores, Shape::new([tiles, PROBE_ROWS, 3]), DType::F32);
+    let (tiles, rows) = (dims[0], dims[1]);
+    let probs = alloc_contiguous(&scores, Shape::new([tiles, rows, PROBE_KEYS]), DType::F32);
+    let state = alloc_contiguous(&scores, Shape::new([tiles, rows, 3]), DType::F32);
     let client = scores.client.clone();
     online_softmax_probe_kernel::launch::<R>(
         &client,
@@ -308,6 +319,7 @@ pub fn online_softmax_probe<R: CubeRuntime>(
         right,
         seq_k,
         tiles,
+        rows / PROBE_ROW_TILE,
         vector_size,
     );
     (probs, state)
