@@ -28,8 +28,10 @@ printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
-    ptxas) # registers and spills of the matrix-unit kernel as the default launch compiles it
-      BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
+    ptxas) # registers and spills of the matrix-unit kernel as the default launch compiles it;
+      # PTXAS_ONLY picks the bench case (e.g. "window 256": the narrow-band compilation)
+      rm -f "$OUT/cubecl.log"
+      BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "${PTXAS_ONLY:-n=1024 d=128 full}" 2>&1 | sort | uniq -c | head
       awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma.cu"
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head ;;
     ncu) # Nsight Compute on one launch of each matrix-unit kernel at n=4096 d=128 (bf16):
