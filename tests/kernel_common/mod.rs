@@ -322,6 +322,41 @@ impl<'a> LowPrecisionRows<'a> {
         self.r(t.0[((b * heads + h) * seq_q + i) * width + c])
     }
 
+    /// The forward of every row: the output `P V` (P through `round_p` where it enters the
+    /// product, the sum accumulated in f32 and rounded once) and the lse, as the host
+    /// references return them.
+    fn forward(&self, round_p: impl Fn(f32) -> f32) -> (Vec<f64>, Vec<f64>) {
+        let Case {
+            batch,
+            heads,
+            kv_heads,
+            seq_q,
+            seq_k,
+            value_dim,
+            ..
+        } = *self.case;
+        let mut out = vec![0f64; batch * heads * seq_q * value_dim];
+        let mut lse = vec![0f64; batch * heads * seq_q];
+        let group = heads / kv_heads;
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..seq_q {
+                    let (p, row_lse) = self.probabilities(b, h, i);
+                    let p: Vec<f32> = p.into_iter().map(&round_p).collect();
+                    let oi = ((b * heads + h) * seq_q + i) * value_dim;
+                    for c in 0..value_dim {
+                        let acc: f32 = (0..seq_k)
+                            .map(|j| p[j] * self.kv(&self.x.v, b, h / group, j, c))
+                            .sum();
+                        out[oi + c] = self.r(acc) as f64;
+                    }
+                    lse[(b * heads + h) * seq_q + i] = row_lse as f64;
+                }
+            }
+        }
+        (out, lse)
+    }
+
     /// The probabilities of query row `i` of head `h` (0 where masked) and its lse.
     fn probabilities(&self, b: usize, h: usize, i: usize) -> (Vec<f32>, f32) {
         let case = self.case;
@@ -356,35 +391,7 @@ impl<'a> LowPrecisionRows<'a> {
 /// inputs rounded to it, and every tensor op's result rounded as the op would store it
 /// (matmuls and sums accumulate in f32 and round once, as GPU kernels do).
 pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>) {
-    let rows = LowPrecisionRows::new(case, x, dtype);
-    let Case {
-        batch,
-        heads,
-        kv_heads,
-        seq_q,
-        seq_k,
-        value_dim,
-        ..
-    } = *case;
-    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
-    let mut lse = vec![0f64; batch * heads * seq_q];
-    let group = heads / kv_heads;
-    for b in 0..batch {
-        for h in 0..heads {
-            for i in 0..seq_q {
-                let (p, row_lse) = rows.probabilities(b, h, i);
-                let oi = ((b * heads + h) * seq_q + i) * value_dim;
-                for c in 0..value_dim {
-                    let acc: f32 = (0..seq_k)
-                        .map(|j| p[j] * rows.kv(&x.v, b, h / group, j, c))
-                        .sum();
-                    out[oi + c] = rows.r(acc) as f64;
-                }
-                lse[(b * heads + h) * seq_q + i] = row_lse as f64;
-            }
-        }
-    }
-    (out, lse)
+    LowPrecisionRows::new(case, x, dtype).forward(|p| p)
 }
 
 /// Rounds `x` to tf32 as `cvt.rna.tf32.f32` does: the 13 low mantissa bits rounded to
@@ -409,36 +416,7 @@ pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
         v: round(&x.v),
     };
     // In f32 the rows round nothing themselves: the inputs are already tf32.
-    let rows = LowPrecisionRows::new(case, &xr, DType::F32);
-    let Case {
-        batch,
-        heads,
-        kv_heads,
-        seq_q,
-        seq_k,
-        value_dim,
-        ..
-    } = *case;
-    let mut out = vec![0f64; batch * heads * seq_q * value_dim];
-    let mut lse = vec![0f64; batch * heads * seq_q];
-    let group = heads / kv_heads;
-    for b in 0..batch {
-        for h in 0..heads {
-            for i in 0..seq_q {
-                let (p, row_lse) = rows.probabilities(b, h, i);
-                let p: Vec<f32> = p.into_iter().map(round_tf32).collect();
-                let oi = ((b * heads + h) * seq_q + i) * value_dim;
-                for c in 0..value_dim {
-                    let acc: f32 = (0..seq_k)
-                        .map(|j| p[j] * rows.kv(&xr.v, b, h / group, j, c))
-                        .sum();
-                    out[oi + c] = acc as f64;
-                }
-                lse[(b * heads + h) * seq_q + i] = row_lse as f64;
-            }
-        }
-    }
-    (out, lse)
+    LowPrecisionRows::new(case, &xr, DType::F32).forward(round_tf32)
 }
 
 /// The tf32 forward (`flash_forward_tf32`, launched directly on the plain CubeCL backend

@@ -224,20 +224,14 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
     // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
     // overrides the choice, for tuning runs.
-    let forced = tuning_override("BURN_ATTN_MMA_BLOCK_K", &[16, 32, 64]);
-    let candidates = match forced {
-        Some(bk) => vec![bk],
-        None if dim_pad > 64 => vec![32, 16],
-        None => vec![64, 32, 16],
-    };
-    let block_k = candidates
-        .into_iter()
-        .find(|&bk| smem(bk) <= shared)
-        .ok_or_else(|| {
-            Unsupported::SharedMemory(format!(
-                "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
-            ))
-        })?;
+    let block_k = key_tile("BURN_ATTN_MMA_BLOCK_K", &[64, 32, 16], dim_pad, |bk| {
+        smem(bk) <= shared
+    })
+    .ok_or_else(|| {
+        Unsupported::SharedMemory(format!(
+            "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
+        ))
+    })?;
     trace(|| {
         format!(
             "flash_mma planes {planes}, rows/plane {}, block_k {block_k}, {} staging, {} B shared",
@@ -343,20 +337,14 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     // 32 keys per tile past head dim 64, as the f16/bf16 kernel (fewer live accumulator
     // registers); `BURN_ATTN_TF32_BLOCK_K` (8, 16, 32 or 64) overrides the choice, for
     // tuning runs.
-    let forced = tuning_override("BURN_ATTN_TF32_BLOCK_K", &[8, 16, 32, 64]);
-    let candidates = match forced {
-        Some(bk) => vec![bk],
-        None if dim_pad > 64 => vec![32, 16, 8],
-        None => vec![64, 32, 16, 8],
-    };
-    let block_k = candidates
-        .into_iter()
-        .find(|&bk| smem(bk) <= shared)
-        .ok_or_else(|| {
-            Unsupported::SharedMemory(format!(
-                "{shared} bytes for head_dim {dim}, value_dim {value_dim} (f32 tiles)"
-            ))
-        })?;
+    let block_k = key_tile("BURN_ATTN_TF32_BLOCK_K", &[64, 32, 16, 8], dim_pad, |bk| {
+        smem(bk) <= shared
+    })
+    .ok_or_else(|| {
+        Unsupported::SharedMemory(format!(
+            "{shared} bytes for head_dim {dim}, value_dim {value_dim} (f32 tiles)"
+        ))
+    })?;
     trace(|| {
         format!(
             "flash_tf32 planes {planes}, rows/plane {}, block_k {block_k}, {} staging, {} B shared",
@@ -452,6 +440,24 @@ fn tuning_override(name: &str, allowed: &[usize]) -> Option<usize> {
         eprintln!("burn-attn: ignoring {name}={raw:?} (takes one of {allowed:?})");
     }
     value
+}
+
+/// Keys per tile of a matrix-unit forward: the first of `sizes` (largest first) that
+/// `fits`, skipping the largest past head dim 64 (fewer live score registers); the
+/// environment variable `name` forces one of `sizes` (tuning runs). `None` when none fits.
+fn key_tile(
+    name: &str,
+    sizes: &[usize],
+    dim_pad: usize,
+    fits: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    match tuning_override(name, sizes) {
+        Some(bk) => Some(bk).filter(|&bk| fits(bk)),
+        None => {
+            let skip = usize::from(dim_pad > 64);
+            sizes.iter().copied().skip(skip).find(|&bk| fits(bk))
+        }
+    }
 }
 
 /// With `BURN_ATTN_TRACE=1`, says on stderr which kernel ran or why one declined.
