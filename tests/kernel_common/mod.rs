@@ -821,15 +821,18 @@ pub struct ProbeBand {
     pub left: i32,
     pub right: i32,
     pub scale: f32,
-    /// Scores are uniform in `[-gain, gain]` before the scale.
+    /// Scores are uniform in `[-gain, gain]` before the scale, plus `ramp * tile`.
     pub gain: f32,
+    /// How much each tile's raw scores rise over the previous tile's: rows' maxima move
+    /// by more than the kernels' lag (a rescale) or by less (stale maxima, `p > 1`).
+    pub ramp: f32,
 }
 
 /// The bands the probe runs: every tile visible (the unmasked path), causal, a tail tile,
 /// rows whose first tiles hold no visible key (their maximum is still the sentinel when a
 /// masked tile arrives), rows that never see a key, and large logits.
 pub fn probe_bands() -> Vec<ProbeBand> {
-    let band = |tiles, seq_k, offset, left, right, scale, gain| ProbeBand {
+    let band = |tiles, seq_k, offset, left, right, scale, gain, ramp| ProbeBand {
         tiles,
         seq_k,
         offset,
@@ -837,23 +840,32 @@ pub fn probe_bands() -> Vec<ProbeBand> {
         right,
         scale,
         gain,
+        ramp,
     };
+    const ALL: i32 = 1 << 20;
     vec![
-        band(3, 48, 0, 1 << 20, 1 << 20, 0.125, 4.0),
-        band(3, 48, 32, 1 << 20, 0, 0.125, 4.0),
-        band(3, 40, 24, 1 << 20, 1 << 20, 0.3, 4.0),
-        band(4, 64, 20, 0, 12, 0.25, 4.0),
-        band(3, 48, -24, 1 << 20, 0, 0.125, 4.0),
-        band(2, 32, 0, 5, 5, 1.0, 60.0),
+        band(3, 48, 0, ALL, ALL, 0.125, 4.0, 0.0),
+        band(3, 48, 32, ALL, 0, 0.125, 4.0, 0.0),
+        band(3, 40, 24, ALL, ALL, 0.3, 4.0, 0.0),
+        band(4, 64, 20, 0, 12, 0.25, 4.0, 0.0),
+        band(3, 48, -24, ALL, 0, 0.125, 4.0, 0.0),
+        band(2, 32, 0, 5, 5, 1.0, 60.0, 0.0),
+        // Maxima rising past the lag every tile, and by less than it (stale maxima).
+        band(4, 64, 0, ALL, ALL, 0.5, 4.0, 20.0),
+        band(5, 80, 0, ALL, ALL, 0.5, 4.0, 6.0),
+        band(4, 64, 48, ALL, 0, 0.5, 4.0, 6.0),
     ]
 }
 
 /// The host's online softmax of `rows` query rows over the probe's tiles, in f64, with the
 /// kernels' sentinel semantics: per tile the probabilities `exp(s * scale - m)` (0 where
 /// masked) and per row `[m, l, output scale]`, `m` staying at `-3e38` while a row has seen
-/// no key.
+/// no key and moving only when a tile's maximum exceeds it by more than 8 (the kernels'
+/// lazy rescale).
 pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Vec<f64>, Vec<f64>) {
     const NEG_BIG: f64 = -3.0e38;
+    // The kernels' `MAX_LAG`.
+    const MAX_LAG: f64 = 8.0;
     let mut probs = vec![0.0; band.tiles * rows * 16];
     let mut state = vec![0.0; band.tiles * rows * 3];
     for row in 0..rows {
@@ -870,7 +882,8 @@ pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Ve
                 .filter(|&c| visible(c))
                 .map(s)
                 .fold(NEG_BIG, f64::max);
-            let m_new = m.max(tile_max);
+            // A row's maximum moves only past the kernels' lag (always for its first key).
+            let m_new = if tile_max > m + MAX_LAG { tile_max } else { m };
             let alpha = if m_new <= NEG_BIG {
                 1.0
             } else if m <= NEG_BIG {
@@ -912,7 +925,9 @@ where
         for rows in [16usize, 32] {
             let mut rng = StdRng::seed_from_u64(7 + n as u64 + rows as u64);
             let scores: Vec<f32> = (0..band.tiles * rows * 16)
-                .map(|_| rng.random_range(-band.gain..band.gain))
+                .map(|i| {
+                    rng.random_range(-band.gain..band.gain) + band.ramp * (i / (rows * 16)) as f32
+                })
                 .collect();
             let (want_p, want_s) = host_online_softmax(&band, rows, &scores);
             for vs in [1usize, 2, 4] {

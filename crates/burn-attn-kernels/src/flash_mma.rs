@@ -173,24 +173,50 @@ pub(crate) fn stage_rows_async<F: Float>(
 ) {
     let chunks = comptime!(d_pad / chunk);
     let copy_len = comptime!(chunk as u32);
-    let mut idx = tid;
-    while idx < comptime!(rows * d_pad / chunk) {
-        let r = idx / chunks;
-        let c = (idx % chunks) * chunk;
+    if comptime!(threads.is_multiple_of(chunks) && (rows * chunks).is_multiple_of(threads)) {
+        // Every thread copies the same column of rows `tid / chunks + i * row_step`: the
+        // offsets are computed once and stepped, the copy count is a constant.
+        let row_step = comptime!(threads / chunks);
+        let c = (tid % chunks) * chunk;
         if c < d {
-            let j = row0 + r;
-            let valid = j < seq;
-            // An empty source at a valid address makes the copy write 16 zero bytes.
-            let off = select(valid, base + j * row_stride + c, base);
-            let len = select(valid, chunk, 0usize);
-            let to = dst + r * smem_stride + c;
-            copy_async_checked(
-                &src.slice(off, off + len),
-                &mut smem.slice_mut(to, to + chunk),
-                copy_len,
-            );
+            let r_first = tid / chunks;
+            let j_first = row0 + r_first;
+            let src_first = base + j_first * row_stride + c;
+            let src_step = row_step * row_stride;
+            let to_first = dst + r_first * smem_stride + c;
+            #[unroll]
+            for i in 0..comptime!(rows * chunks / threads) {
+                let valid = j_first + i * row_step < seq;
+                // An empty source at a valid address makes the copy write 16 zero bytes.
+                let off = select(valid, src_first + i * src_step, base);
+                let len = select(valid, chunk, 0usize);
+                let to = to_first + comptime!(i * row_step * smem_stride);
+                copy_async_checked(
+                    &src.slice(off, off + len),
+                    &mut smem.slice_mut(to, to + chunk),
+                    copy_len,
+                );
+            }
         }
-        idx += threads;
+    } else {
+        let mut idx = tid;
+        while idx < comptime!(rows * d_pad / chunk) {
+            let r = idx / chunks;
+            let c = (idx % chunks) * chunk;
+            if c < d {
+                let j = row0 + r;
+                let valid = j < seq;
+                let off = select(valid, base + j * row_stride + c, base);
+                let len = select(valid, chunk, 0usize);
+                let to = dst + r * smem_stride + c;
+                copy_async_checked(
+                    &src.slice(off, off + len),
+                    &mut smem.slice_mut(to, to + chunk),
+                    copy_len,
+                );
+            }
+            idx += threads;
+        }
     }
 }
 
@@ -361,6 +387,12 @@ pub fn flash_mma_kernel<F: Float>(
     // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
     let ld_block = lane / 8;
     let ld_row = lane % 8;
+    // Each lane's part of its `ldmatrix` addresses, fixed for the whole pass (the rest is
+    // a constant of the unrolled loops): Q's A blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15),
+    // K's B blocks (keys 0-7 | 8-15) x (d 0-7 | 8-15), V's transposed B blocks likewise.
+    let q_lane = (warp * plane_q + ld_row + 8 * (ld_block % 2)) * q_stride + 8 * (ld_block / 2);
+    let k_lane = (8 * (ld_block / 2) + ld_row) * k_stride + 8 * (ld_block % 2);
+    let v_lane = (8 * (ld_block % 2) + ld_row) * v_stride + 8 * (ld_block / 2);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
     // Per row half `2 * mt + hf` (rows 16 mt + g and 16 mt + g + 8): running max in
     // scaled-score units, this lane's partial row sum, the tile max and the rescale factor.
@@ -541,8 +573,8 @@ pub fn flash_mma_kernel<F: Float>(
             );
             sync_cube();
         }
-        let k_at = stage * k_stage;
-        let v_at = stage * v_stage;
+        let k_at = stage * k_stage + k_lane;
+        let v_at = stage * v_stage + v_lane;
 
         let tile_hi = t0 + bk_i - 1;
         let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
@@ -557,10 +589,7 @@ pub fn flash_mma_kernel<F: Float>(
             for dc in 0..d_chunks {
                 #[unroll]
                 for mt in 0..m_tiles {
-                    // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the row tile.
-                    let q_off = (warp * plane_q + mt * 16 + ld_row + 8 * (ld_block % 2)) * q_stride
-                        + dc * 16
-                        + 8 * (ld_block / 2);
+                    let q_off = q_lane + mt * 16 * q_stride + dc * 16;
                     let a_regs = def.load_matrix::<F, MmaVecA>(
                         &q_smem.slice(q_off, q_off + 8),
                         MatrixIdent::A,
@@ -574,12 +603,8 @@ pub fn flash_mma_kernel<F: Float>(
                 }
                 #[unroll]
                 for kp in 0..comptime!(k_tiles / 2) {
-                    // B for key tiles 2kp and 2kp + 1: blocks (keys 0-7 | 8-15) x (d 0-7 |
-                    // 8-15), K rows being B's columns.
-                    let k_off = k_at
-                        + (kp * 16 + 8 * (ld_block / 2) + ld_row) * k_stride
-                        + dc * 16
-                        + 8 * (ld_block % 2);
+                    // B for key tiles 2kp and 2kp + 1 (K rows being B's columns).
+                    let k_off = k_at + kp * 16 * k_stride + dc * 16;
                     let b_regs = def.load_matrix::<F, MmaVecB>(
                         &k_smem.slice(k_off, k_off + 8),
                         MatrixIdent::B,
@@ -657,12 +682,8 @@ pub fn flash_mma_kernel<F: Float>(
                 }
                 #[unroll]
                 for vp in 0..comptime!(v_tiles / 2) {
-                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed: blocks
-                    // (keys 0-7 | 8-15) x (d 0-7 | 8-15).
-                    let v_off = v_at
-                        + (kc * 16 + 8 * (ld_block % 2) + ld_row) * v_stride
-                        + vp * 16
-                        + 8 * (ld_block / 2);
+                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed.
+                    let v_off = v_at + kc * 16 * v_stride + vp * 16;
                     let b_regs = def.load_matrix::<F, MmaVecB>(
                         &v_smem.slice(v_off, v_off + 8),
                         MatrixIdent::B,

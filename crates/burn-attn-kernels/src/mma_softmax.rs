@@ -36,17 +36,34 @@ pub(crate) struct TileBand {
     pub seq_k: usize,
 }
 
+/// How far (in natural-log units of the scaled scores) a row's running maximum may trail
+/// the largest score it has seen before the row is rescaled: probabilities stay at most
+/// `e^8` (about 2981), far inside the range of f16, bf16 and f32, while a row whose
+/// maximum creeps up by small steps (the common case after its first tiles) skips the
+/// rescale of its output accumulators. The result is the same softmax: the sums and the
+/// outputs carry the same stale maximum, and the log-sum-exp adds it back.
+pub(crate) const MAX_LAG: f32 = 8.0;
+
 /// Scales and masks the tile's scores (`s_acc`, `m_tiles * k_tiles` accumulator tiles),
 /// updates the running maxima `m_row` and sums `l_row`, rescales `o_acc` (`m_tiles *
-/// v_tiles` tiles) by `exp(m_old - m_new)`, and leaves `P = exp(S - m_new)` in `s_acc`,
-/// masked keys 0 (exactly with CUDA's `__expf`; a subnormal at most elsewhere). `row_max`
-/// and `alpha` are scratch (one entry per half).
+/// v_tiles` tiles) where a maximum moved, and leaves `P = exp(S - m)` in `s_acc`, masked
+/// keys 0 (exactly with CUDA's `__expf`; a subnormal at most elsewhere). `row_max` and
+/// `alpha` are scratch (one entry per half). `scale` must be positive (the launchers'
+/// options are validated): the maximum of the raw scores is taken before scaling.
 ///
-/// Masked scores are set to `NEG_BIG`; their exponentials underflow to 0 against any row
-/// maximum a finite score can produce. A row that has seen no visible key yet still has
-/// `m = NEG_BIG`: it subtracts 0 instead, so its masked scores give `exp(NEG_BIG) = 0` too
-/// (subtracting `NEG_BIG` would give `exp(0) = 1`). That choice is made once per row, not
-/// per score.
+/// Two paths, chosen once per tile: a tile that every row of the plane sees whole
+/// (`band.unmasked`, most tiles of a long band) takes each row's maximum of the raw
+/// scores and computes `exp(s * scale - m)` with one fused multiply-add per score; a
+/// tile on the band's edge scales every score, sets masked ones to `NEG_BIG` and
+/// subtracts the maximum afterwards. Masked scores' exponentials underflow to 0 against
+/// any row maximum a finite score can produce. A row that has seen no visible key yet
+/// still has `m = NEG_BIG`: it subtracts 0 instead, so its masked scores give
+/// `exp(NEG_BIG) = 0` too (subtracting `NEG_BIG` would give `exp(0) = 1`). That choice is
+/// made once per row, not per score.
+///
+/// A row's maximum only moves when the tile's maximum exceeds it by more than
+/// [`MAX_LAG`] (always for the first visible key: `NEG_BIG + MAX_LAG == NEG_BIG`), and the
+/// output accumulators are rescaled only when some row of the plane moved (one vote).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_softmax_tile(
@@ -64,20 +81,38 @@ pub(crate) fn online_softmax_tile(
     #[comptime] c_vs: usize,
 ) {
     let halves = comptime!(2 * m_tiles);
-    // Scale, mask, and the tile's row maxima.
     #[unroll]
     for hf in 0..halves {
         row_max[hf] = f32::new(NEG_BIG);
     }
-    #[unroll]
-    for mt in 0..m_tiles {
+    if band.unmasked {
+        // The raw scores' row maxima, scaled once per row.
         #[unroll]
-        for kt in 0..k_tiles {
-            let tile = mt * k_tiles + kt;
+        for mt in 0..m_tiles {
             #[unroll]
-            for e in 0..4usize {
-                let mut s = acc_get(s_acc, tile, e, c_vs) * scale;
-                if !band.unmasked {
+            for kt in 0..k_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let half = 2 * mt + e / 2;
+                    let s = acc_get(s_acc, mt * k_tiles + kt, e, c_vs);
+                    row_max[half] = f32::max(row_max[half], s);
+                }
+            }
+        }
+        #[unroll]
+        for hf in 0..halves {
+            row_max[hf] *= scale;
+        }
+    } else {
+        // Scale, mask, and the tile's row maxima.
+        #[unroll]
+        for mt in 0..m_tiles {
+            #[unroll]
+            for kt in 0..k_tiles {
+                let tile = mt * k_tiles + kt;
+                #[unroll]
+                for e in 0..4usize {
+                    let mut s = acc_get(s_acc, tile, e, c_vs) * scale;
                     let row = band.row_a + (16 * mt + 8 * (e / 2)) as i32;
                     let j = band.t0 + (kt * 8 + 2 * band.t + e % 2) as i32;
                     if j < row + band.offset - band.left
@@ -86,22 +121,28 @@ pub(crate) fn online_softmax_tile(
                     {
                         s = f32::new(NEG_BIG);
                     }
+                    acc_set(s_acc, tile, e, c_vs, s);
+                    let half = 2 * mt + e / 2;
+                    row_max[half] = f32::max(row_max[half], s);
                 }
-                acc_set(s_acc, tile, e, c_vs, s);
-                let half = 2 * mt + e / 2;
-                row_max[half] = f32::max(row_max[half], s);
             }
         }
     }
+    let mut moved = false;
     #[unroll]
     for hf in 0..halves {
         // The four lanes of a group hold the same two rows.
         let mut tm = row_max[hf];
         tm = f32::max(tm, plane_shuffle_xor(tm, 1));
         tm = f32::max(tm, plane_shuffle_xor(tm, 2));
-        let m_new = f32::max(m_row[hf], tm);
+        let m_old = m_row[hf];
+        let mut m_new = m_old;
+        if tm > m_old + f32::new(MAX_LAG) {
+            m_new = tm;
+        }
+        moved = moved || m_new != m_old;
         // exp(NEG_BIG - finite) underflows to 0: the first visible key resets sums.
-        alpha[hf] = f32::exp(m_row[hf] - m_new);
+        alpha[hf] = f32::exp(m_old - m_new);
         m_row[hf] = m_new;
         l_row[hf] *= alpha[hf];
         // What the row's scores subtract (the scratch maxima are done with): see above.
@@ -110,30 +151,51 @@ pub(crate) fn online_softmax_tile(
             row_max[hf] = f32::new(0.0);
         }
     }
-    #[unroll]
-    for mt in 0..m_tiles {
+    if plane_any(moved) {
         #[unroll]
-        for vt in 0..v_tiles {
+        for mt in 0..m_tiles {
             #[unroll]
-            for e in 0..4usize {
-                let tile = mt * v_tiles + vt;
-                let o = acc_get(o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
-                acc_set(o_acc, tile, e, c_vs, o);
+            for vt in 0..v_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let tile = mt * v_tiles + vt;
+                    let o = acc_get(o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
+                    acc_set(o_acc, tile, e, c_vs, o);
+                }
             }
         }
     }
-    // P = exp(S - m): one subtraction and one exponential per score.
-    #[unroll]
-    for mt in 0..m_tiles {
+    if band.unmasked {
+        // P = exp(s * scale - m): one fused multiply-add and one exponential per score.
         #[unroll]
-        for kt in 0..k_tiles {
-            let tile = mt * k_tiles + kt;
+        for mt in 0..m_tiles {
             #[unroll]
-            for e in 0..4usize {
-                let half = 2 * mt + e / 2;
-                let p = f32::exp(acc_get(s_acc, tile, e, c_vs) - row_max[half]);
-                l_row[half] += p;
-                acc_set(s_acc, tile, e, c_vs, p);
+            for kt in 0..k_tiles {
+                let tile = mt * k_tiles + kt;
+                #[unroll]
+                for e in 0..4usize {
+                    let half = 2 * mt + e / 2;
+                    let s = acc_get(s_acc, tile, e, c_vs);
+                    let p = f32::exp(fma(s, scale, -row_max[half]));
+                    l_row[half] += p;
+                    acc_set(s_acc, tile, e, c_vs, p);
+                }
+            }
+        }
+    } else {
+        // P = exp(S - m) on the scaled, masked scores.
+        #[unroll]
+        for mt in 0..m_tiles {
+            #[unroll]
+            for kt in 0..k_tiles {
+                let tile = mt * k_tiles + kt;
+                #[unroll]
+                for e in 0..4usize {
+                    let half = 2 * mt + e / 2;
+                    let p = f32::exp(acc_get(s_acc, tile, e, c_vs) - row_max[half]);
+                    l_row[half] += p;
+                    acc_set(s_acc, tile, e, c_vs, p);
+                }
             }
         }
     }
