@@ -28,12 +28,13 @@ printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
-    ptxas) # registers and spills of the matrix-unit kernel as the default launch compiles it;
+    ptxas) # registers, spills and SASS of the matrix-unit kernel as the default launch compiles it;
       # PTXAS_ONLY picks the bench case (e.g. "window 256": the narrow-band compilation)
       rm -f "$OUT/cubecl.log"
       BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "${PTXAS_ONLY:-n=1024 d=128 full}" 2>&1 | sort | uniq -c | head
-      awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma.cu"
-      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head ;;
+      # PTXAS_TAG names the files (flash_mma$PTXAS_TAG.cu/.sass: source and SASS with its opcode counts)
+      awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma${PTXAS_TAG:-}.cu"
+      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma${PTXAS_TAG:-}.cu" 2>&1 | grep -E "ptxas|spill|Used|error|sass" | head ;;
     ncu) # Nsight Compute on one launch of each matrix-unit kernel at n=4096 d=128 (bf16):
       # throughput, warp stall reasons, occupancy, instruction mix -- where the time goes
       N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
