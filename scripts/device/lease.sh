@@ -19,10 +19,15 @@ AF="$B/attention_forward --backend cuda --dtype bf16"
 # CubeCL's kernel (PTX) and autotune caches on disk, so later calls of a lease, and later
 # leases that carry .carry/cubecl-cache.tar.xz (written by the save-cache step), skip
 # Burn's first-call compilation and tuning (about a minute per new shape on the H200).
-CACHE=/tmp/cubecl-cache
+# CubeCL keys a cached kernel by its type name and launch configuration, not by its source:
+# two builds of this crate share entries, so a kernel changed since the cache was filled
+# runs its OLD code (a lease measured one build's PTX under another's name that way). Each
+# binary folder therefore gets its own cache, and the carried one (filled by the binaries
+# it was saved with) is restored only on request (CACHE_RESTORE=1, same binaries only).
+CACHE=/tmp/cubecl-cache-$(echo "$B" | tr '/' '_')
 if [ ! -d "$CACHE" ]; then
   mkdir -p "$CACHE"
-  [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
+  [ "${CACHE_RESTORE:-0}" = 1 ] && [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
 fi
 printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
 for step in "$@"; do
