@@ -56,6 +56,8 @@ mod on_cuda {
         cases.push(Case::new(1025, 1025, 128).causal());
         cases.push(Case::new(700, 2048, 128));
         cases.push(Case::new(2048, 2048, 64).window(Some(300), Some(20)));
+        // A two-sided band past 512 keys: two row tiles per plane (narrower bands take one).
+        cases.push(Case::new(1200, 1200, 128).window(Some(600), Some(20)));
         cases
     }
 
@@ -88,6 +90,12 @@ mod on_cuda {
         for case in cuda_grid() {
             check_low_host::<Fused>(case, DType::BF16);
         }
+    }
+
+    /// The matrix-unit forwards' online-softmax step through its probe kernel.
+    #[test]
+    fn cuda_mma_online_softmax_step_matches_host() {
+        check_online_softmax_probe::<Plain, CudaRuntime>();
     }
 
     /// The tf32 forward (opt-in through `BURN_ATTN_TF32=1` in `flash_forward`), launched

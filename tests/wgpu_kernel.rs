@@ -113,6 +113,17 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     assert!(o.iter().all(|&x| x == 0.0));
 }
 
+/// The matrix-unit forwards' online-softmax step (shared by `flash_mma` and `flash_tf32`,
+/// which need CUDA's matrix units) through its probe kernel, which needs none: masks,
+/// the running maxima and sums, rows with no key yet, against the host in f64.
+#[test]
+fn mma_online_softmax_step_matches_host() {
+    if !gpu_available() {
+        return;
+    }
+    check_online_softmax_probe::<Plain, WgpuRuntime>();
+}
+
 /// Long rows: on lavapipe 1025 keys go through the tiled fallback (the kernel declines
 /// bands past `UNIT_MAX_BAND_ELEMENTS`); a narrow band over 1025 keys runs the kernel.
 #[test]

@@ -19,21 +19,27 @@ AF="$B/attention_forward --backend cuda --dtype bf16"
 # CubeCL's kernel (PTX) and autotune caches on disk, so later calls of a lease, and later
 # leases that carry .carry/cubecl-cache.tar.xz (written by the save-cache step), skip
 # Burn's first-call compilation and tuning (about a minute per new shape on the H200).
-CACHE=/tmp/cubecl-cache
+# CubeCL keys a cached kernel by its type name and launch configuration, not by its source:
+# two builds of this crate share entries, so a kernel changed since the cache was filled
+# runs its OLD code (a lease measured one build's PTX under another's name that way). Each
+# binary folder therefore gets its own cache, and the carried one (filled by the binaries
+# it was saved with) is restored only on request (CACHE_RESTORE=1, same binaries only).
+CACHE=/tmp/cubecl-cache-$(echo "$B" | tr '/' '_')
 if [ ! -d "$CACHE" ]; then
   mkdir -p "$CACHE"
-  [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
+  [ "${CACHE_RESTORE:-0}" = 1 ] && [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
 fi
 printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
-    ptxas) # registers and spills of the matrix-unit kernel as the default launch compiles it;
+    ptxas) # registers, spills and SASS of the matrix-unit kernel as the default launch compiles it;
       # PTXAS_ONLY picks the bench case (e.g. "window 256": the narrow-band compilation)
       rm -f "$OUT/cubecl.log"
       BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "${PTXAS_ONLY:-n=1024 d=128 full}" 2>&1 | sort | uniq -c | head
-      awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma.cu"
-      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head ;;
+      # PTXAS_TAG names the files (flash_mma$PTXAS_TAG.cu/.sass: source and SASS with its opcode counts)
+      awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma${PTXAS_TAG:-}.cu"
+      timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma${PTXAS_TAG:-}.cu" 2>&1 | grep -E "ptxas|spill|Used|error|sass" | head ;;
     ncu) # Nsight Compute on one launch of each matrix-unit kernel at n=4096 d=128 (bf16):
       # throughput, warp stall reasons, occupancy, instruction mix -- where the time goes
       N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -43,3 +43,24 @@ print("ptxas candidates", ptxas)
 r = subprocess.run([ptxas[0], "-v", "-arch=sm_90a", "-warn-spills", "/tmp/k.ptx", "-o", "/tmp/k.cubin"], capture_output=True, text=True)
 print(r.stdout[-3000:], r.stderr[-3000:])
 print("local ld/st in ptx:", ptx.value.count(b"ld.local"), ptx.value.count(b"st.local"))
+# SASS (the instructions the GPU runs) of the compiled kernel, when a disassembler is at
+# hand: written next to the source and summarised as an opcode histogram, so the per-tile
+# instruction count of a kernel version can be read without a profiler.
+dis = [os.path.join(os.path.dirname(p), "cuobjdump") for p in ptxas]
+dis = [d for d in dis if os.path.exists(d)]
+if dis and os.path.exists("/tmp/k.cubin"):
+    sass = subprocess.run([dis[0], "-sass", "/tmp/k.cubin"], capture_output=True, text=True).stdout
+    out = os.path.splitext(src_path)[0] + ".sass"
+    open(out, "w").write(sass)
+    ops = {}
+    for line in sass.splitlines():
+        parts = line.split("*/")
+        if len(parts) > 1 and line.strip().startswith("/*") and parts[1].strip():
+            tok = parts[1].strip().split()
+            op = tok[1] if tok[0].startswith("@") else tok[0]
+            op = op.rstrip(";").split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+    print("sass written to", out, "instructions:", sum(ops.values()))
+    print("sass ops:", " ".join(f"{k}={v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:30]))
+else:
+    print("no cuobjdump next to", ptxas)

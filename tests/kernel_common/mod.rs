@@ -5,7 +5,7 @@ use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_attn_core::kernels::{
-    flash_backward, flash_forward_tf32, BandArgs, CubeRuntime, CubeTensor,
+    flash_backward, flash_forward_tf32, online_softmax_probe, BandArgs, CubeRuntime, CubeTensor,
 };
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
@@ -808,4 +808,170 @@ pub fn backward_grid() -> Vec<Case> {
             .causal(),
         Case::new(40, 3, 32).causal(),
     ]
+}
+
+/// One band for [`check_online_softmax_probe`]: 16 or 32 query rows against `tiles` tiles
+/// of 16 keys (`seq_k` of them real), key `j` visible to row `i` iff `i + offset - left <=
+/// j <= i + offset + right`.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeBand {
+    pub tiles: usize,
+    pub seq_k: u32,
+    pub offset: i32,
+    pub left: i32,
+    pub right: i32,
+    pub scale: f32,
+    /// Scores are uniform in `[-gain, gain]` before the scale, plus `ramp * tile`.
+    pub gain: f32,
+    /// How much each tile's raw scores rise over the previous tile's: rows' maxima move
+    /// by more than the kernels' lag (a rescale) or by less (stale maxima, `p > 1`).
+    pub ramp: f32,
+}
+
+/// The bands the probe runs: every tile visible (the unmasked path), causal, a tail tile,
+/// rows whose first tiles hold no visible key (their maximum is still the sentinel when a
+/// masked tile arrives), rows that never see a key, and large logits.
+pub fn probe_bands() -> Vec<ProbeBand> {
+    let band = |tiles, seq_k, offset, left, right, scale, gain, ramp| ProbeBand {
+        tiles,
+        seq_k,
+        offset,
+        left,
+        right,
+        scale,
+        gain,
+        ramp,
+    };
+    const ALL: i32 = 1 << 20;
+    vec![
+        band(3, 48, 0, ALL, ALL, 0.125, 4.0, 0.0),
+        band(3, 48, 32, ALL, 0, 0.125, 4.0, 0.0),
+        band(3, 40, 24, ALL, ALL, 0.3, 4.0, 0.0),
+        band(4, 64, 20, 0, 12, 0.25, 4.0, 0.0),
+        band(3, 48, -24, ALL, 0, 0.125, 4.0, 0.0),
+        band(2, 32, 0, 5, 5, 1.0, 60.0, 0.0),
+        // Maxima rising past the lag every tile, and by less than it (stale maxima).
+        band(4, 64, 0, ALL, ALL, 0.5, 4.0, 20.0),
+        band(5, 80, 0, ALL, ALL, 0.5, 4.0, 6.0),
+        band(4, 64, 48, ALL, 0, 0.5, 4.0, 6.0),
+    ]
+}
+
+/// The host's online softmax of `rows` query rows over the probe's tiles, in f64, with the
+/// kernels' sentinel semantics: per tile the probabilities `exp(s * scale - m)` (0 where
+/// masked) and per row `[m, l, output scale]`, `m` staying at `-3e38` while a row has seen
+/// no key and moving only when a tile's maximum exceeds it by more than 8 (the kernels'
+/// lazy rescale).
+pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    const NEG_BIG: f64 = -3.0e38;
+    // The kernels' `MAX_LAG`.
+    const MAX_LAG: f64 = 8.0;
+    let mut probs = vec![0.0; band.tiles * rows * 16];
+    let mut state = vec![0.0; band.tiles * rows * 3];
+    for row in 0..rows {
+        let (mut m, mut l, mut o) = (NEG_BIG, 0.0f64, 1.0f64);
+        for tile in 0..band.tiles {
+            let visible = |key: usize| {
+                let (i, j) = (row as i64, (tile * 16 + key) as i64);
+                let (offset, left, right) =
+                    (band.offset as i64, band.left as i64, band.right as i64);
+                j >= i + offset - left && j <= i + offset + right && j < band.seq_k as i64
+            };
+            let s = |key: usize| scores[(tile * rows + row) * 16 + key] as f64 * band.scale as f64;
+            let tile_max = (0..16)
+                .filter(|&c| visible(c))
+                .map(s)
+                .fold(NEG_BIG, f64::max);
+            // A row's maximum moves only past the kernels' lag (always for its first key).
+            let m_new = if tile_max > m + MAX_LAG { tile_max } else { m };
+            let alpha = if m_new <= NEG_BIG {
+                1.0
+            } else if m <= NEG_BIG {
+                0.0
+            } else {
+                (m - m_new).exp()
+            };
+            l *= alpha;
+            o *= alpha;
+            for key in 0..16 {
+                let p = if visible(key) {
+                    (s(key) - m_new).exp()
+                } else {
+                    0.0
+                };
+                probs[(tile * rows + row) * 16 + key] = p;
+                l += p;
+            }
+            m = m_new;
+            state[(tile * rows + row) * 3..][..3].copy_from_slice(&[m, l, o]);
+        }
+    }
+    (probs, state)
+}
+
+/// The matrix-unit forwards' online-softmax step (`online_softmax_tile`, shared by
+/// `flash_mma` and `flash_tf32`), run on `B` through its probe kernel with one and two row
+/// tiles and accumulator vectors of 1, 2 and 4 floats, against [`host_online_softmax`]:
+/// probabilities within 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and
+/// output scales 2e-5 relative, maxima 1e-6 relative (f32 rounding of the scaled score;
+/// the sentinel within that too).
+pub fn check_online_softmax_probe<B, R>()
+where
+    R: CubeRuntime,
+    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    for (n, band) in probe_bands().into_iter().enumerate() {
+        for rows in [16usize, 32] {
+            let mut rng = StdRng::seed_from_u64(7 + n as u64 + rows as u64);
+            let scores: Vec<f32> = (0..band.tiles * rows * 16)
+                .map(|i| {
+                    rng.random_range(-band.gain..band.gain) + band.ramp * (i / (rows * 16)) as f32
+                })
+                .collect();
+            let (want_p, want_s) = host_online_softmax(&band, rows, &scores);
+            for vs in [1usize, 2, 4] {
+                let t = Tensor::<B, 3>::from_data(
+                    TensorData::new(scores.clone(), [band.tiles, rows, 16]),
+                    &device,
+                );
+                let (p, st) = online_softmax_probe::<R>(
+                    t.into_primitive().tensor(),
+                    band.scale,
+                    band.offset,
+                    band.left,
+                    band.right,
+                    band.seq_k,
+                    vs,
+                );
+                let got_p = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p)));
+                let got_s = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(st)));
+                for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-6 + 2e-5 * w.abs(),
+                        "{band:?} rows {rows} vector {vs}: probability {i} (tile {}, row {}, \
+                         key {}) {g} vs {w}",
+                        i / (rows * 16),
+                        i / 16 % rows,
+                        i % 16
+                    );
+                }
+                for (i, (g, w)) in got_s.iter().zip(&want_s).enumerate() {
+                    let what = ["maximum", "sum", "output scale"][i % 3];
+                    let tol = if i % 3 == 0 {
+                        1e-6 * w.abs().max(1.0)
+                    } else {
+                        2e-5 * w.abs().max(1e-30)
+                    };
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{band:?} rows {rows} vector {vs}: {what} of row {} after tile {}: \
+                         {g} vs {w}",
+                        i / 3 % rows,
+                        i / (3 * rows)
+                    );
+                }
+            }
+        }
+    }
 }

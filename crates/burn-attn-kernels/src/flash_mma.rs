@@ -31,6 +31,7 @@ use cubecl::prelude::*;
 
 // A finite stand-in for `-inf` (see `flash_unit`).
 use crate::flash_unit::NEG_BIG;
+use crate::mma_softmax::{online_softmax_tile, TileBand};
 
 define_size!(pub MmaVecA);
 define_size!(pub MmaVecB);
@@ -172,24 +173,50 @@ pub(crate) fn stage_rows_async<F: Float>(
 ) {
     let chunks = comptime!(d_pad / chunk);
     let copy_len = comptime!(chunk as u32);
-    let mut idx = tid;
-    while idx < comptime!(rows * d_pad / chunk) {
-        let r = idx / chunks;
-        let c = (idx % chunks) * chunk;
+    if comptime!(threads.is_multiple_of(chunks) && (rows * chunks).is_multiple_of(threads)) {
+        // Every thread copies the same column of rows `tid / chunks + i * row_step`: the
+        // offsets are computed once and stepped, the copy count is a constant.
+        let row_step = comptime!(threads / chunks);
+        let c = (tid % chunks) * chunk;
         if c < d {
-            let j = row0 + r;
-            let valid = j < seq;
-            // An empty source at a valid address makes the copy write 16 zero bytes.
-            let off = select(valid, base + j * row_stride + c, base);
-            let len = select(valid, chunk, 0usize);
-            let to = dst + r * smem_stride + c;
-            copy_async_checked(
-                &src.slice(off, off + len),
-                &mut smem.slice_mut(to, to + chunk),
-                copy_len,
-            );
+            let r_first = tid / chunks;
+            let j_first = row0 + r_first;
+            let src_first = base + j_first * row_stride + c;
+            let src_step = row_step * row_stride;
+            let to_first = dst + r_first * smem_stride + c;
+            #[unroll]
+            for i in 0..comptime!(rows * chunks / threads) {
+                let valid = j_first + i * row_step < seq;
+                // An empty source at a valid address makes the copy write 16 zero bytes.
+                let off = select(valid, src_first + i * src_step, base);
+                let len = select(valid, chunk, 0usize);
+                let to = to_first + comptime!(i * row_step * smem_stride);
+                copy_async_checked(
+                    &src.slice(off, off + len),
+                    &mut smem.slice_mut(to, to + chunk),
+                    copy_len,
+                );
+            }
         }
-        idx += threads;
+    } else {
+        let mut idx = tid;
+        while idx < comptime!(rows * d_pad / chunk) {
+            let r = idx / chunks;
+            let c = (idx % chunks) * chunk;
+            if c < d {
+                let j = row0 + r;
+                let valid = j < seq;
+                let off = select(valid, base + j * row_stride + c, base);
+                let len = select(valid, chunk, 0usize);
+                let to = dst + r * smem_stride + c;
+                copy_async_checked(
+                    &src.slice(off, off + len),
+                    &mut smem.slice_mut(to, to + chunk),
+                    copy_len,
+                );
+            }
+            idx += threads;
+        }
     }
 }
 
@@ -360,6 +387,12 @@ pub fn flash_mma_kernel<F: Float>(
     // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
     let ld_block = lane / 8;
     let ld_row = lane % 8;
+    // Each lane's part of its `ldmatrix` addresses, fixed for the whole pass (the rest is
+    // a constant of the unrolled loops): Q's A blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15),
+    // K's B blocks (keys 0-7 | 8-15) x (d 0-7 | 8-15), V's transposed B blocks likewise.
+    let q_lane = (warp * plane_q + ld_row + 8 * (ld_block % 2)) * q_stride + 8 * (ld_block / 2);
+    let k_lane = (8 * (ld_block / 2) + ld_row) * k_stride + 8 * (ld_block % 2);
+    let v_lane = (8 * (ld_block % 2) + ld_row) * v_stride + 8 * (ld_block / 2);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
     // Per row half `2 * mt + hf` (rows 16 mt + g and 16 mt + g + 8): running max in
     // scaled-score units, this lane's partial row sum, the tile max and the rescale factor.
@@ -540,8 +573,8 @@ pub fn flash_mma_kernel<F: Float>(
             );
             sync_cube();
         }
-        let k_at = stage * k_stage;
-        let v_at = stage * v_stage;
+        let k_at = stage * k_stage + k_lane;
+        let v_at = stage * v_stage + v_lane;
 
         let tile_hi = t0 + bk_i - 1;
         let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
@@ -556,10 +589,7 @@ pub fn flash_mma_kernel<F: Float>(
             for dc in 0..d_chunks {
                 #[unroll]
                 for mt in 0..m_tiles {
-                    // A: blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15) of the row tile.
-                    let q_off = (warp * plane_q + mt * 16 + ld_row + 8 * (ld_block % 2)) * q_stride
-                        + dc * 16
-                        + 8 * (ld_block / 2);
+                    let q_off = q_lane + mt * 16 * q_stride + dc * 16;
                     let a_regs = def.load_matrix::<F, MmaVecA>(
                         &q_smem.slice(q_off, q_off + 8),
                         MatrixIdent::A,
@@ -573,12 +603,8 @@ pub fn flash_mma_kernel<F: Float>(
                 }
                 #[unroll]
                 for kp in 0..comptime!(k_tiles / 2) {
-                    // B for key tiles 2kp and 2kp + 1: blocks (keys 0-7 | 8-15) x (d 0-7 |
-                    // 8-15), K rows being B's columns.
-                    let k_off = k_at
-                        + (kp * 16 + 8 * (ld_block / 2) + ld_row) * k_stride
-                        + dc * 16
-                        + 8 * (ld_block % 2);
+                    // B for key tiles 2kp and 2kp + 1 (K rows being B's columns).
+                    let k_off = k_at + kp * 16 * k_stride + dc * 16;
                     let b_regs = def.load_matrix::<F, MmaVecB>(
                         &k_smem.slice(k_off, k_off + 8),
                         MatrixIdent::B,
@@ -606,80 +632,35 @@ pub fn flash_mma_kernel<F: Float>(
                 }
             }
 
-            // Scale, mask, and the tile's row maxima.
-            let unmasked =
-                plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
-            #[unroll]
-            for hf in 0..halves {
-                tile_max[hf] = f32::new(NEG_BIG);
-            }
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for kt in 0..k_tiles {
-                    let tile = mt * k_tiles + kt;
-                    #[unroll]
-                    for e in 0..4usize {
-                        let mut s = acc_get(&s_acc, tile, e, c_vs) * scale;
-                        if !unmasked {
-                            let row = row_a + (16 * mt + 8 * (e / 2)) as i32;
-                            let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
-                            if j < row + offset - left
-                                || j > row + offset + right
-                                || j >= seq_k as i32
-                            {
-                                s = f32::new(NEG_BIG);
-                            }
-                        }
-                        acc_set(&mut s_acc, tile, e, c_vs, s);
-                        let half = 2 * mt + e / 2;
-                        tile_max[half] = f32::max(tile_max[half], s);
-                    }
-                }
-            }
-            #[unroll]
-            for hf in 0..halves {
-                // The four lanes of a group hold the same two rows.
-                let mut tm = tile_max[hf];
-                tm = f32::max(tm, plane_shuffle_xor(tm, 1));
-                tm = f32::max(tm, plane_shuffle_xor(tm, 2));
-                let m_new = f32::max(m_row[hf], tm);
-                // exp(NEG_BIG - finite) underflows to 0: the first visible key resets sums.
-                alpha[hf] = f32::exp(m_row[hf] - m_new);
-                m_row[hf] = m_new;
-                l_row[hf] *= alpha[hf];
-            }
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for vt in 0..v_tiles {
-                    #[unroll]
-                    for e in 0..4usize {
-                        let tile = mt * v_tiles + vt;
-                        let o = acc_get(&o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
-                        acc_set(&mut o_acc, tile, e, c_vs, o);
-                    }
-                }
-            }
-            // P = exp(S - m), masked keys exactly 0 (m may still be NEG_BIG).
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for kt in 0..k_tiles {
-                    let tile = mt * k_tiles + kt;
-                    #[unroll]
-                    for e in 0..4usize {
-                        let half = 2 * mt + e / 2;
-                        let s = acc_get(&s_acc, tile, e, c_vs);
-                        let mut p = f32::exp(s - m_row[half]);
-                        if s <= f32::new(NEG_BIG) {
-                            p = f32::new(0.0);
-                        }
-                        l_row[half] += p;
-                        acc_set(&mut s_acc, tile, e, c_vs, p);
-                    }
-                }
-            }
+            // Scale, mask and softmax on the score registers (shared with the other
+            // matrix-unit forward).
+            let band = TileBand {
+                unmasked: plane_full
+                    && tile_hi < seq_k as i32
+                    && t0 >= full_lo
+                    && tile_hi <= full_hi,
+                row_a,
+                t0,
+                t,
+                offset,
+                left,
+                right,
+                seq_k,
+            };
+            online_softmax_tile(
+                &mut s_acc,
+                &mut o_acc,
+                &mut m_row,
+                &mut l_row,
+                &mut tile_max,
+                &mut alpha,
+                scale,
+                band,
+                m_tiles,
+                k_tiles,
+                v_tiles,
+                c_vs,
+            );
 
             // O += P V: key chunk kc covers accumulator tiles 2kc (A elements 0..4) and
             // 2kc + 1 (A elements 4..8) of each row tile.
@@ -701,12 +682,8 @@ pub fn flash_mma_kernel<F: Float>(
                 }
                 #[unroll]
                 for vp in 0..comptime!(v_tiles / 2) {
-                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed: blocks
-                    // (keys 0-7 | 8-15) x (d 0-7 | 8-15).
-                    let v_off = v_at
-                        + (kc * 16 + 8 * (ld_block % 2) + ld_row) * v_stride
-                        + vp * 16
-                        + 8 * (ld_block / 2);
+                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed.
+                    let v_off = v_at + kc * 16 * v_stride + vp * 16;
                     let b_regs = def.load_matrix::<F, MmaVecB>(
                         &v_smem.slice(v_off, v_off + 8),
                         MatrixIdent::B,

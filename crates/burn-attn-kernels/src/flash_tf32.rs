@@ -35,11 +35,12 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::flash_mma::{
-    acc_get, acc_set, register_vector_sizes, stage_rows_async, stage_rows_sync, zero_pad_columns,
-    MmaVecA, MmaVecAcc, MmaVecB,
+    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, zero_pad_columns, MmaVecA,
+    MmaVecAcc, MmaVecB,
 };
 // A finite stand-in for `-inf` (see `flash_unit`).
 use crate::flash_unit::NEG_BIG;
+use crate::mma_softmax::{online_softmax_tile, TileBand};
 
 /// Sets element `e` of a fragment (`vs` elements per vector) to `value` cast to `T`: with
 /// `T = tf32`, rounded to tf32. (`e` is a constant once the callers' loops are unrolled.)
@@ -467,80 +468,35 @@ pub fn flash_tf32_kernel(
                 }
             }
 
-            // Scale, mask, and the tile's row maxima.
-            let unmasked =
-                plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
-            #[unroll]
-            for hf in 0..halves {
-                tile_max[hf] = f32::new(NEG_BIG);
-            }
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for kt in 0..k_tiles {
-                    let tile = mt * k_tiles + kt;
-                    #[unroll]
-                    for e in 0..4usize {
-                        let mut s = acc_get(&s_acc, tile, e, c_vs) * scale;
-                        if !unmasked {
-                            let row = row_a + (16 * mt + 8 * (e / 2)) as i32;
-                            let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
-                            if j < row + offset - left
-                                || j > row + offset + right
-                                || j >= seq_k as i32
-                            {
-                                s = f32::new(NEG_BIG);
-                            }
-                        }
-                        acc_set(&mut s_acc, tile, e, c_vs, s);
-                        let half = 2 * mt + e / 2;
-                        tile_max[half] = f32::max(tile_max[half], s);
-                    }
-                }
-            }
-            #[unroll]
-            for hf in 0..halves {
-                // The four lanes of a group hold the same two rows.
-                let mut tm = tile_max[hf];
-                tm = f32::max(tm, plane_shuffle_xor(tm, 1));
-                tm = f32::max(tm, plane_shuffle_xor(tm, 2));
-                let m_new = f32::max(m_row[hf], tm);
-                // exp(NEG_BIG - finite) underflows to 0: the first visible key resets sums.
-                alpha[hf] = f32::exp(m_row[hf] - m_new);
-                m_row[hf] = m_new;
-                l_row[hf] *= alpha[hf];
-            }
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for vt in 0..v_tiles {
-                    #[unroll]
-                    for e in 0..4usize {
-                        let tile = mt * v_tiles + vt;
-                        let o = acc_get(&o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
-                        acc_set(&mut o_acc, tile, e, c_vs, o);
-                    }
-                }
-            }
-            // P = exp(S - m), masked keys exactly 0 (m may still be NEG_BIG).
-            #[unroll]
-            for mt in 0..m_tiles {
-                #[unroll]
-                for kt in 0..k_tiles {
-                    let tile = mt * k_tiles + kt;
-                    #[unroll]
-                    for e in 0..4usize {
-                        let half = 2 * mt + e / 2;
-                        let s = acc_get(&s_acc, tile, e, c_vs);
-                        let mut p = f32::exp(s - m_row[half]);
-                        if s <= f32::new(NEG_BIG) {
-                            p = f32::new(0.0);
-                        }
-                        l_row[half] += p;
-                        acc_set(&mut s_acc, tile, e, c_vs, p);
-                    }
-                }
-            }
+            // Scale, mask and softmax on the score registers (shared with the other
+            // matrix-unit forward).
+            let band = TileBand {
+                unmasked: plane_full
+                    && tile_hi < seq_k as i32
+                    && t0 >= full_lo
+                    && tile_hi <= full_hi,
+                row_a,
+                t0,
+                t,
+                offset,
+                left,
+                right,
+                seq_k,
+            };
+            online_softmax_tile(
+                &mut s_acc,
+                &mut o_acc,
+                &mut m_row,
+                &mut l_row,
+                &mut tile_max,
+                &mut alpha,
+                scale,
+                band,
+                m_tiles,
+                k_tiles,
+                v_tiles,
+                c_vs,
+            );
 
             // O += P V per 8-key chunk kc (S tile kc of each row tile), keys in the order
             // 0, 2, 4, 6, 1, 3, 5, 7 (module doc): A element 0 / 1 (rows g / g + 8, index t)

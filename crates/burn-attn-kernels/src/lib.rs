@@ -28,6 +28,8 @@ mod flash_unit;
 mod flash_unit_backward;
 mod launch;
 mod launch_backward;
+#[allow(missing_docs)]
+mod mma_softmax;
 
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
@@ -41,3 +43,4 @@ pub use launch::{
     Unsupported, MAX_HEAD_DIM, UNIT_MAX_BAND_ELEMENTS,
 };
 pub use launch_backward::{flash_backward, flash_backward_mma, flash_backward_unit, Gradients};
+pub use mma_softmax::{online_softmax_probe, online_softmax_probe_kernel};
