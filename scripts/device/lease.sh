@@ -120,7 +120,10 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # Force the discrete adapter: the default pick ran 20x slower than CUDA's portable
       # kernel last time (a software adapter, most likely); no discrete GPU = a loud failure.
       export CUBECL_WGPU_DEFAULT_DEVICE='DiscreteGpu(0)'
-      for dt in f32 f16; do timeout 150 "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
+      # Which Vulkan drivers the machine offers (the NVIDIA one needs the container's
+      # "graphics" driver capability)
+      ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | tr '\n' ' '; echo "NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-unset}"
+      for dt in f32 f16; do timeout ${WGPU_TIMEOUT:-150} "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
     save-cache) # bring the caches back: copy $OUT/cubecl-cache.tar.xz into .carry/ for the next lease
       tar -cJf "$OUT/cubecl-cache.tar.xz" -C "$CACHE" . && ls -la "$OUT/cubecl-cache.tar.xz" && du -sh "$CACHE" ;;
     *) echo "unknown step $step" ;;
