@@ -110,7 +110,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
     compare) # every method in one call: Burn compiles and tunes its kernels on the first call
       # of each shape (about a minute per new shape on the H200), so one process shares that
       # cost across methods (eleven separate calls of 38 s each printed almost nothing).
-      # With the caches filled (by earlier calls, or carried) all 22 rows take about a
+      # With the caches filled (earlier calls of this binary folder) all 22 rows take about a
       # minute; from empty caches 4 rows took 356 s. Peers: this lease's torch.json (peers
       # step) or a carried .carry/torch.json; neither = no peer column.
       PEERS_ARG=; for j in "$OUT/torch.json" .carry/torch.json; do [ -f "$j" ] && { PEERS_ARG="--peers $j"; break; }; done
