@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas ncu memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu ncu-source memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -48,6 +48,16 @@ for step in "$@"; do
         timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 $sec $AF --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-forward.txt" 2>&1
         timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_backward --launch-skip 2 --launch-count 2 $sec $AF --backward --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-backward.txt" 2>&1
         for f in "$OUT"/ncu-*.txt; do echo "-- $f"; grep -E "==PROF==|ERR|flash_mma|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Stall|L1/TEX Hit|Shared" "$f" | head -40; done
+      fi ;;
+    ncu-source) # where the forward's warps stall, per SASS instruction: Nsight Compute's
+      # source counters (stall samples by reason) for one launch of NCU_CASE (default the
+      # n=4096 full case; e.g. "window 1024"), exported as CSV (the report stays on the device)
+      N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      if [ -z "$N" ]; then echo "no ncu on this machine"; else
+        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats -f -o /tmp/ncu-source $AF --repeats 1 --skip-burn --only "${NCU_CASE:-n=4096 d=128 full}" > "$OUT/ncu-source.log" 2>&1
+        $N --import /tmp/ncu-source.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-source.csv" 2>&1
+        $N --import /tmp/ncu-source.ncu-rep --page details --print-details all > "$OUT/ncu-stalls.txt" 2>&1
+        tail -3 "$OUT/ncu-source.log"; wc -l "$OUT/ncu-source.csv"; grep -iE "stall" "$OUT/ncu-stalls.txt" | head -30
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
