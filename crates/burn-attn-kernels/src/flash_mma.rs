@@ -152,7 +152,10 @@ pub(crate) fn stage_rows_sync<F: Float>(
 /// eight 16-bit or four 32-bit ones), for rows whose columns are contiguous,
 /// `d % chunk == 0` and 16-byte aligned: rows past `seq` are zero-filled by the copy itself
 /// (source length 0). Columns `d..d_pad` are not written (see `zero_pad_columns`).
-/// Completion is tracked by the caller's barrier.
+/// Completion is tracked by the caller's barrier. Where the threads divide the rows'
+/// chunks evenly (d = 64, 128, 256 with 128 threads) each thread's copies are a constant
+/// number of steps down one column, their offsets computed once (flash_mma v6); otherwise
+/// a strided loop over all chunks.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows_async<F: Float>(
