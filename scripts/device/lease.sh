@@ -64,12 +64,13 @@ for step in "$@"; do
       BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
     memcheck-backward) # the backward kernel tests alone, one thread (a fault is sticky to the context)
       timeout ${MEMCHECK_TIMEOUT:-300} $S --tool memcheck --print-limit 5 "$B/cuda_kernel" backward --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|Invalid|at 0x|^test |panicked" | head -40 ;;
-    tune) # staging, planes and key-tile variants at n=4096, d=128 (TUNE_ONLY: other cases); TUNE_VARIANTS: space
+    tune) # staging, planes and key-tile variants at n=4096, d=128 (TUNE_ONLY: other cases; TUNE_REPEATS:
+      # one-millisecond cases moved 13% between runs of one binary at 10); TUNE_VARIANTS: space
       # separated, the variables of one variant joined by commas ("default" = none)
       for v in ${TUNE_VARIANTS:-default BURN_ATTN_MMA_SYNC=1 BURN_ATTN_MMA_PLANES=8 BURN_ATTN_MMA_BLOCK_K=64 BURN_ATTN_MMA_BLOCK_K=16 BURN_ATTN_MMA_PLANES=8,BURN_ATTN_MMA_BLOCK_K=64}; do
         echo "-- variant [$v]"
         vars=${v//,/ }; [ "$v" = default ] && vars=
-        env $vars timeout 40 $AF --repeats 10 --skip-burn --only "${TUNE_ONLY:-n=4096 d=128}" 2>&1 | grep -E "ours|error|panick" | head -4
+        env $vars timeout ${TUNE_TIMEOUT:-40} $AF --repeats ${TUNE_REPEATS:-10} --skip-burn --only "${TUNE_ONLY:-n=4096 d=128}" 2>&1 | grep -E "ours|error|panick" | head -4
       done ;;
     grid) # GRID_ARGS: extra test-binary arguments, e.g. "--skip within_thrice" (Burn's slow device reference)
       CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
