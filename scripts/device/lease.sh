@@ -70,7 +70,7 @@ for step in "$@"; do
       for v in ${TUNE_VARIANTS:-default BURN_ATTN_MMA_SYNC=1 BURN_ATTN_MMA_PLANES=8 BURN_ATTN_MMA_BLOCK_K=64 BURN_ATTN_MMA_BLOCK_K=16 BURN_ATTN_MMA_PLANES=8,BURN_ATTN_MMA_BLOCK_K=64}; do
         echo "-- variant [$v]"
         vars=${v//,/ }; [ "$v" = default ] && vars=
-        env $vars timeout ${TUNE_TIMEOUT:-40} $AF --repeats ${TUNE_REPEATS:-10} --skip-burn --only "${TUNE_ONLY:-n=4096 d=128}" 2>&1 | grep -E "ours|error|panick" | head -4
+        env $vars timeout ${TUNE_TIMEOUT:-40} $AF --repeats ${TUNE_REPEATS:-10} --skip-burn --only "${TUNE_ONLY:-n=4096 d=128}" 2>&1 | grep -E "ours|error|panick" | head -12
       done ;;
     grid) # GRID_ARGS: extra test-binary arguments, e.g. "--skip within_thrice" (Burn's slow device reference)
       CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
