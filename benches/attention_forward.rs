@@ -140,11 +140,17 @@ fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
     )
 }
 
+/// Median wall time of `f` over `repeats` synchronised runs, after a warm-up of at least
+/// three runs and 200 ms: a GPU that was idle (or compiling) runs its first milliseconds at
+/// lower clocks, which moved one-millisecond cases by 13% between runs of one binary.
 fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..3 {
+    let warm = Instant::now();
+    let mut runs = 0;
+    while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
         f();
+        B::sync(device).unwrap();
+        runs += 1;
     }
-    B::sync(device).unwrap();
     let mut times: Vec<f64> = (0..repeats)
         .map(|_| {
             let start = Instant::now();
