@@ -1,6 +1,7 @@
 //! The online-softmax step of the matrix-unit forward kernels (`flash_mma`, `flash_tf32`):
 //! one key tile's scores, in a plane's accumulator registers, turned into probabilities
-//! while the running row maxima, row sums and output accumulators are rescaled.
+//! while the running row maxima, row sums and output accumulators are updated (lazily:
+//! a maximum moves only past [`MAX_LAG`], and the outputs are rescaled only then).
 //!
 //! Both kernels hold scores in the `m16n8` accumulator layout (lane `l`: `g = l / 4`,
 //! `t = l % 4`; element `e` at row `g + 8 * (e / 2)`, key `2 * t + e % 2` of its 8-key
