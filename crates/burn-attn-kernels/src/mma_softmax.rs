@@ -218,7 +218,7 @@ fn register_acc_size(#[comptime] vs: usize) {
 /// Test support for [`online_softmax_probe`]: one plane of 32 lanes with `m_tiles` row
 /// tiles (16 rows each, as the forward kernels' planes) lays `tiles` tiles of raw scores
 /// (`scores`, `[tiles, rows, 16]`: row, key of the tile) out in the `m16n8` accumulator
-/// layout, runs [`online_softmax_tile`] on each, and writes after each tile the
+/// layout, runs the kernels' `online_softmax_tile` on each, and writes after each tile the
 /// probabilities (`probs`, same shape) and each row's maximum, sum (reduced over the row's
 /// four lanes, as the kernels' epilogues do) and output scale (the product of the
 /// rescalings an output accumulator that started at 1 received) to `state`, `[tiles,
