@@ -15,6 +15,7 @@ OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
 PEERS=${PEERS:-.carry/torch_attention_bench.py}
 S=/usr/local/cuda/bin/compute-sanitizer
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 AF="$B/attention_forward --backend cuda --dtype bf16"
 # CubeCL's kernel (PTX) and autotune caches on disk, so later calls of a lease, and later
 # leases that carry .carry/cubecl-cache.tar.xz (written by the save-cache step), skip
@@ -42,21 +43,19 @@ for step in "$@"; do
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma${PTXAS_TAG:-}.cu" 2>&1 | grep -E "ptxas|spill|Used|error|sass" | head ;;
     ncu) # Nsight Compute on one launch of each matrix-unit kernel at n=4096 d=128 (bf16):
       # throughput, warp stall reasons, occupancy, instruction mix -- where the time goes
-      N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      if [ -z "$N" ]; then echo "no ncu on this machine"; else
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
         sec="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis"
-        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 $sec $AF --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-forward.txt" 2>&1
-        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_backward --launch-skip 2 --launch-count 2 $sec $AF --backward --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-backward.txt" 2>&1
-        for f in "$OUT"/ncu-*.txt; do echo "-- $f"; grep -E "==PROF==|ERR|flash_mma|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Stall|L1/TEX Hit|Shared" "$f" | head -40; done
+        timeout ${NCU_TIMEOUT:-150} $NCU -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 $sec $AF --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-forward.txt" 2>&1
+        timeout ${NCU_TIMEOUT:-150} $NCU -k regex:flash_mma_backward --launch-skip 2 --launch-count 2 $sec $AF --backward --repeats 1 --skip-burn --only "n=4096 d=128 full" > "$OUT/ncu-backward.txt" 2>&1
+        for f in "$OUT/ncu-forward.txt" "$OUT/ncu-backward.txt"; do echo "-- $f"; grep -E "==PROF==|ERR|flash_mma|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|Stall|L1/TEX Hit|Shared" "$f" | head -40; done
       fi ;;
     ncu-source) # where the forward's warps stall, per SASS instruction: Nsight Compute's
       # source counters (stall samples by reason) for one launch of NCU_CASE (default the
       # n=4096 full case; e.g. "window 1024"), exported as CSV (the report stays on the device)
-      N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      if [ -z "$N" ]; then echo "no ncu on this machine"; else
-        timeout ${NCU_TIMEOUT:-150} $N -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats -f -o /tmp/ncu-source $AF --repeats 1 --skip-burn --only "${NCU_CASE:-n=4096 d=128 full}" > "$OUT/ncu-source.log" 2>&1
-        $N --import /tmp/ncu-source.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-source.csv" 2>&1
-        $N --import /tmp/ncu-source.ncu-rep --page details --print-details all > "$OUT/ncu-stalls.txt" 2>&1
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
+        timeout ${NCU_TIMEOUT:-150} $NCU -k regex:flash_mma_kernel --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats -f -o /tmp/ncu-source $AF --repeats 1 --skip-burn --only "${NCU_CASE:-n=4096 d=128 full}" > "$OUT/ncu-source.log" 2>&1
+        $NCU --import /tmp/ncu-source.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-source.csv" 2>&1
+        $NCU --import /tmp/ncu-source.ncu-rep --page details --print-details all > "$OUT/ncu-stalls.txt" 2>&1
         tail -3 "$OUT/ncu-source.log"; wc -l "$OUT/ncu-source.csv"; grep -iE "stall" "$OUT/ncu-stalls.txt" | head -30
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one

@@ -884,13 +884,8 @@ pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Ve
                 .fold(NEG_BIG, f64::max);
             // A row's maximum moves only past the kernels' lag (always for its first key).
             let m_new = if tile_max > m + MAX_LAG { tile_max } else { m };
-            let alpha = if m_new <= NEG_BIG {
-                1.0
-            } else if m <= NEG_BIG {
-                0.0
-            } else {
-                (m - m_new).exp()
-            };
+            // 1 while the maximum stays (also at the sentinel), 0 when the first key arrives.
+            let alpha = (m - m_new).exp();
             l *= alpha;
             o *= alpha;
             for key in 0..16 {

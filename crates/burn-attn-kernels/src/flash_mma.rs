@@ -398,12 +398,22 @@ pub fn flash_mma_kernel<F: Float>(
     let v_lane = (8 * (ld_block % 2) + ld_row) * v_stride + 8 * (ld_block / 2);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
     // Per row half `2 * mt + hf` (rows 16 mt + g and 16 mt + g + 8): running max in
-    // scaled-score units, this lane's partial row sum, the tile max and the rescale factor.
+    // scaled-score units and this lane's partial row sum.
     let halves = comptime!(2 * m_tiles);
     let mut m_row = Array::<f32>::new(halves);
     let mut l_row = Array::<f32>::new(halves);
-    let mut tile_max = Array::<f32>::new(halves);
-    let mut alpha = Array::<f32>::new(halves);
+    // The plane's band for the online-softmax step (fixed for the pass).
+    let band = TileBand {
+        plane_full,
+        full_lo,
+        full_hi,
+        row_a,
+        t,
+        offset,
+        left,
+        right,
+        seq_k,
+    };
     #[unroll]
     for hf in 0..halves {
         m_row[hf] = f32::new(NEG_BIG);
@@ -637,32 +647,9 @@ pub fn flash_mma_kernel<F: Float>(
 
             // Scale, mask and softmax on the score registers (shared with the other
             // matrix-unit forward).
-            let band = TileBand {
-                unmasked: plane_full
-                    && tile_hi < seq_k as i32
-                    && t0 >= full_lo
-                    && tile_hi <= full_hi,
-                row_a,
-                t0,
-                t,
-                offset,
-                left,
-                right,
-                seq_k,
-            };
             online_softmax_tile(
-                &mut s_acc,
-                &mut o_acc,
-                &mut m_row,
-                &mut l_row,
-                &mut tile_max,
-                &mut alpha,
-                scale,
-                band,
-                m_tiles,
-                k_tiles,
-                v_tiles,
-                c_vs,
+                &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, m_tiles, k_tiles,
+                v_tiles, c_vs,
             );
 
             // O += P V: key chunk kc covers accumulator tiles 2kc (A elements 0..4) and

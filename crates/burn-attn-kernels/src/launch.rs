@@ -152,16 +152,24 @@ const MMA_ROWS_PER_TILE: usize = 16;
 /// for a window of `w` keys a 128-row cube stages and walks `128 + w` keys for `w` useful
 /// ones per row; 64-row cubes cut that waste (at `w` = 257: 384 -> 320 keys), which
 /// outweighs the fragment reuse of two row tiles while `w` is at most
-/// [`NARROW_BAND_KEYS`].
-fn mma_row_tiles(value_dim_pad: usize, band: &BandArgs) -> usize {
+/// [`NARROW_BAND_KEYS`]. One row tile needs twice the cubes along the rows: past the
+/// grid's limit there, two row tiles (where their registers fit) if those fit the grid.
+fn mma_row_tiles(value_dim_pad: usize, band: &BandArgs, planes: usize, sizes: &Sizes) -> usize {
+    let two_fit = value_dim_pad <= 128;
     let band_keys = match (band.left, band.right) {
         (Some(left), Some(right)) => left.saturating_add(right).saturating_add(1),
         _ => usize::MAX,
     };
-    match tuning_override("BURN_ATTN_MMA_ROWS", &[16, 32]) {
+    let tiles = match tuning_override("BURN_ATTN_MMA_ROWS", &[16, 32]) {
         Some(rows) => rows / MMA_ROWS_PER_TILE,
-        None if value_dim_pad <= 128 && band_keys > NARROW_BAND_KEYS => 2,
+        None if two_fit && band_keys > NARROW_BAND_KEYS => 2,
         None => 1,
+    };
+    let fits_grid = |tiles: usize| sizes.grid(MMA_ROWS_PER_TILE * tiles * planes).is_ok();
+    if tiles == 1 && two_fit && !fits_grid(1) && fits_grid(2) {
+        2
+    } else {
+        tiles
     }
 }
 
@@ -194,18 +202,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let dim_pad = dim.div_ceil(16) * 16;
     let value_dim_pad = value_dim.div_ceil(16) * 16;
     let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
-    let mut m_tiles = mma_row_tiles(value_dim_pad, &band);
-    let mut block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
-    // A narrow band's smaller cubes need twice the cubes along the rows: past the grid's
-    // limit, take the two row tiles that still fit (where their registers do).
-    if m_tiles == 1
-        && value_dim_pad <= 128
-        && sizes.grid(block_q).is_err()
-        && sizes.grid(2 * block_q).is_ok()
-    {
-        m_tiles = 2;
-        block_q *= 2;
-    }
+    let m_tiles = mma_row_tiles(value_dim_pad, &band, planes, &sizes);
+    let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
     let grid = sizes.grid(block_q)?;
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;

@@ -16,15 +16,18 @@ use crate::flash_mma::{acc_get, acc_set, MmaVecAcc};
 use crate::flash_unit::NEG_BIG;
 use crate::launch::alloc_contiguous;
 
-/// Where the tile sits in the band: what the per-element mask needs.
+/// The band as one plane's lanes see it, fixed for the whole pass: which tiles need no
+/// mask, and what the per-element mask needs for the others.
 #[derive(CubeType, Clone, Copy)]
 pub(crate) struct TileBand {
-    /// Every score of the tile is visible to every row of the plane (no mask).
-    pub unmasked: bool,
+    /// Every row of the plane is a real query row (`< seq_q`).
+    pub plane_full: bool,
+    /// The first key every row of the plane sees.
+    pub full_lo: i32,
+    /// The last key every row of the plane sees (before the sequence end).
+    pub full_hi: i32,
     /// This lane's first row (accumulator elements 0 and 1 of row tile 0).
     pub row_a: i32,
-    /// The tile's first key.
-    pub t0: i32,
     /// The lane's column group (`lane % 4`).
     pub t: usize,
     /// `seq_k - seq_q` (bottom-right alignment).
@@ -45,18 +48,18 @@ pub(crate) struct TileBand {
 /// outputs carry the same stale maximum, and the log-sum-exp adds it back.
 pub(crate) const MAX_LAG: f32 = 8.0;
 
-/// Scales and masks the tile's scores (`s_acc`, `m_tiles * k_tiles` accumulator tiles),
-/// updates the running maxima `m_row` and sums `l_row`, rescales `o_acc` (`m_tiles *
-/// v_tiles` tiles) where a maximum moved, and leaves `P = exp(S - m)` in `s_acc`, masked
-/// keys 0 (exactly with CUDA's `__expf`; a subnormal at most elsewhere). `row_max` and
-/// `alpha` are scratch (one entry per half). `scale` must be positive (the launchers'
-/// options are validated): the maximum of the raw scores is taken before scaling.
+/// Scales and masks the scores of the key tile that starts at key `t0` (`s_acc`, `m_tiles
+/// * k_tiles` accumulator tiles), updates the running maxima `m_row` and sums `l_row`,
+/// rescales `o_acc` (`m_tiles * v_tiles` tiles) where a maximum moved, and leaves `P =
+/// exp(S - m)` in `s_acc`, masked keys 0 (exactly with CUDA's `__expf`; a subnormal at
+/// most elsewhere). `scale` must be positive (the launchers' options are validated): the
+/// maximum of the raw scores is taken before scaling.
 ///
 /// Two paths, chosen once per tile: a tile that every row of the plane sees whole
-/// (`band.unmasked`, most tiles of a long band) takes each row's maximum of the raw
+/// (unmasked: most tiles of a long band) takes each row's maximum of the raw
 /// scores and computes `exp(s * scale - m)` with one fused multiply-add per score; a
-/// tile on the band's edge scales every score, sets masked ones to `NEG_BIG` and
-/// subtracts the maximum afterwards. Masked scores' exponentials underflow to 0 against
+/// tile on the band's edge scales every score and sets masked ones to `NEG_BIG` first (the
+/// same exponential then takes a factor of 1). Masked scores' exponentials underflow to 0 against
 /// any row maximum a finite score can produce. A row that has seen no visible key yet
 /// still has `m = NEG_BIG`: it subtracts 0 instead, so its masked scores give
 /// `exp(NEG_BIG) = 0` too (subtracting `NEG_BIG` would give `exp(0) = 1`). That choice is
@@ -72,21 +75,28 @@ pub(crate) fn online_softmax_tile(
     o_acc: &mut Array<Vector<f32, MmaVecAcc>>,
     m_row: &mut Array<f32>,
     l_row: &mut Array<f32>,
-    row_max: &mut Array<f32>,
-    alpha: &mut Array<f32>,
     scale: f32,
     band: TileBand,
+    t0: i32,
     #[comptime] m_tiles: usize,
     #[comptime] k_tiles: usize,
     #[comptime] v_tiles: usize,
     #[comptime] c_vs: usize,
 ) {
     let halves = comptime!(2 * m_tiles);
+    let tile_hi = t0 + comptime!(k_tiles as i32 * 8) - 1;
+    let unmasked = band.plane_full
+        && tile_hi < band.seq_k as i32
+        && t0 >= band.full_lo
+        && tile_hi <= band.full_hi;
+    // Per half: the tile's row maximum, then what the row's scores subtract; the rescale.
+    let mut row_max = Array::<f32>::new(halves);
+    let mut alpha = Array::<f32>::new(halves);
     #[unroll]
     for hf in 0..halves {
         row_max[hf] = f32::new(NEG_BIG);
     }
-    if band.unmasked {
+    if unmasked {
         // The raw scores' row maxima, scaled once per row.
         #[unroll]
         for mt in 0..m_tiles {
@@ -115,7 +125,7 @@ pub(crate) fn online_softmax_tile(
                 for e in 0..4usize {
                     let mut s = acc_get(s_acc, tile, e, c_vs) * scale;
                     let row = band.row_a + (16 * mt + 8 * (e / 2)) as i32;
-                    let j = band.t0 + (kt * 8 + 2 * band.t + e % 2) as i32;
+                    let j = t0 + (kt * 8 + 2 * band.t + e % 2) as i32;
                     if j < row + band.offset - band.left
                         || j > row + band.offset + band.right
                         || j >= band.seq_k as i32
@@ -166,37 +176,21 @@ pub(crate) fn online_softmax_tile(
             }
         }
     }
-    if band.unmasked {
-        // P = exp(s * scale - m): one fused multiply-add and one exponential per score.
+    // P = exp(s * scale - m), one fused multiply-add and one exponential per score: an
+    // unmasked tile still holds raw scores, an edge tile already scaled ones (factor 1).
+    let factor = select(unmasked, scale, f32::new(1.0));
+    #[unroll]
+    for mt in 0..m_tiles {
         #[unroll]
-        for mt in 0..m_tiles {
+        for kt in 0..k_tiles {
+            let tile = mt * k_tiles + kt;
             #[unroll]
-            for kt in 0..k_tiles {
-                let tile = mt * k_tiles + kt;
-                #[unroll]
-                for e in 0..4usize {
-                    let half = 2 * mt + e / 2;
-                    let s = acc_get(s_acc, tile, e, c_vs);
-                    let p = f32::exp(fma(s, scale, -row_max[half]));
-                    l_row[half] += p;
-                    acc_set(s_acc, tile, e, c_vs, p);
-                }
-            }
-        }
-    } else {
-        // P = exp(S - m) on the scaled, masked scores.
-        #[unroll]
-        for mt in 0..m_tiles {
-            #[unroll]
-            for kt in 0..k_tiles {
-                let tile = mt * k_tiles + kt;
-                #[unroll]
-                for e in 0..4usize {
-                    let half = 2 * mt + e / 2;
-                    let p = f32::exp(acc_get(s_acc, tile, e, c_vs) - row_max[half]);
-                    l_row[half] += p;
-                    acc_set(s_acc, tile, e, c_vs, p);
-                }
+            for e in 0..4usize {
+                let half = 2 * mt + e / 2;
+                let s = acc_get(s_acc, tile, e, c_vs);
+                let p = f32::exp(fma(s, factor, -row_max[half]));
+                l_row[half] += p;
+                acc_set(s_acc, tile, e, c_vs, p);
             }
         }
     }
@@ -251,8 +245,6 @@ pub fn online_softmax_probe_kernel(
     let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * per_tile));
     let mut m_row = Array::<f32>::new(halves);
     let mut l_row = Array::<f32>::new(halves);
-    let mut row_max = Array::<f32>::new(halves);
-    let mut alpha = Array::<f32>::new(halves);
     #[unroll]
     for hf in 0..halves {
         m_row[hf] = f32::new(NEG_BIG);
@@ -265,12 +257,20 @@ pub fn online_softmax_probe_kernel(
             acc_set(&mut o_acc, mt, e, c_vs, f32::new(1.0));
         }
     }
-    // Keys every row of the plane sees (the kernels' `full_lo`/`full_hi`).
-    let full_lo = (rows as i32 - 1) + offset - left;
-    let full_hi = offset + right;
+    // The plane's band as the kernels build it (all its rows are real here).
+    let band = TileBand {
+        plane_full: true,
+        full_lo: (rows as i32 - 1) + offset - left,
+        full_hi: offset + right,
+        row_a: g as i32,
+        t,
+        offset,
+        left,
+        right,
+        seq_k,
+    };
     for tile in 0..tiles {
         let t0 = (tile * PROBE_KEYS) as i32;
-        let tile_hi = t0 + PROBE_KEYS as i32 - 1;
         #[unroll]
         for mt in 0..m_tiles {
             #[unroll]
@@ -284,29 +284,9 @@ pub fn online_softmax_probe_kernel(
                 }
             }
         }
-        let band = TileBand {
-            unmasked: tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi,
-            row_a: g as i32,
-            t0,
-            t,
-            offset,
-            left,
-            right,
-            seq_k,
-        };
         online_softmax_tile(
-            &mut s_acc,
-            &mut o_acc,
-            &mut m_row,
-            &mut l_row,
-            &mut row_max,
-            &mut alpha,
-            scale,
-            band,
-            m_tiles,
-            k_tiles,
-            1usize,
-            c_vs,
+            &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, m_tiles, k_tiles,
+            1usize, c_vs,
         );
         #[unroll]
         for mt in 0..m_tiles {
