@@ -17,4 +17,8 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 && ! ls /usr/share
     fi
 fi
 
+# A one-off build gains nothing from incremental state, which takes gigabytes.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "== disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 cargo test --workspace --features burn-attn/wgpu "$@"
+echo "== disk after the suite: $(df -h --output=avail . | tail -1 | tr -d ' ') free; target/ holds $(du -sh target 2>/dev/null | cut -f1)"
