@@ -15,6 +15,7 @@ use burn::backend::Wgpu;
 use burn::tensor::{DType, Tensor};
 
 mod kernel_common;
+use burn_attn_core::kernels::flash_forward_unit;
 use kernel_common::*;
 
 /// The fusion-wrapped type users get (`burn::backend::Wgpu`).
@@ -124,8 +125,8 @@ fn mma_online_softmax_step_matches_host() {
     check_online_softmax_probe::<Plain, WgpuRuntime>();
 }
 
-/// Long rows: on lavapipe 1025 keys go through the tiled fallback (the kernel declines
-/// bands past `UNIT_MAX_BAND_ELEMENTS`); a narrow band over 1025 keys runs the kernel.
+/// Long rows and wide head dims: 1025 keys causal and windowed at d = 64, and d = 128
+/// past 224 keys (the shape that exposed llvmpipe's loop budget with the v1 kernel).
 #[test]
 fn kernel_long_sequence() {
     if !gpu_available() {
@@ -137,12 +138,51 @@ fn kernel_long_sequence() {
     check_f32::<Plain>(case.window(Some(100), Some(0)));
     check_f32::<Plain>(case.window(Some(200), Some(200)));
     check_f32::<Plain>(case);
-    // d = 128 past 224 keys: the shape that exposed the lavapipe bound.
     let mut wide = Case::new(40, 300, 128);
     wide.heads = 1;
     wide.kv_heads = 1;
     check_f32::<Plain>(wide);
     check_f32::<Plain>(wide.window(Some(100), Some(100)));
+}
+
+/// The portable kernel at the edge of its cap on software adapters: llvmpipe leaves every
+/// loop of an invocation once it has run 65535 iterations, silently, so the launcher
+/// declines bands its units could not finish. Going down from 17000 keys at head dim 64,
+/// the first band the launcher takes must come out right, and it must be within a few
+/// percent of the budget (about 15700 keys: a cap that declines far more than it must
+/// would send long rows to the slow tiled path). On an adapter without the cap the first
+/// band runs and is checked the same way.
+#[test]
+fn unit_kernel_at_the_software_loop_cap() {
+    if !gpu_available() {
+        return;
+    }
+    let mut taken = None;
+    for seq_k in [17000, 16000, 15744, 15000, 12000] {
+        let mut case = Case::new(32, seq_k, 64);
+        case.heads = 1;
+        case.kv_heads = 1;
+        match run_forward_launcher::<Plain, WgpuRuntime>(&case, 5, flash_forward_unit) {
+            Ok(result) => {
+                taken = Some((case, result));
+                break;
+            }
+            Err(why) => eprintln!("{seq_k} keys declined: {why}"),
+        }
+    }
+    let (case, (_, [to, tl], [ko, kl])) = taken.expect("the launcher declined 12000 keys");
+    assert!(
+        case.seq_k >= 15000,
+        "the cap declined {} keys: far inside llvmpipe's budget",
+        case.seq_k + 1
+    );
+    let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
+    let bound = f32_bound(&case);
+    eprintln!("{} keys taken: out err {eo:e}, lse err {el:e}", case.seq_k);
+    assert!(
+        eo <= bound && el <= bound * 4.0,
+        "{case:?}: out err {eo:e}, lse err {el:e}, bound {bound:e}"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_attn_core::kernels::{
     flash_backward, flash_forward_tf32, online_softmax_probe, BandArgs, CubeRuntime, CubeTensor,
+    Unsupported,
 };
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
@@ -419,17 +420,26 @@ pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
     LowPrecisionRows::new(case, &xr, DType::F32).forward(round_tf32)
 }
 
-/// The tf32 forward (`flash_forward_tf32`, launched directly on the plain CubeCL backend
-/// `B`, no environment switch) against the f64 truth: its output and lse errors within 3x
-/// those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. The
-/// queries are a strided view, as in the backward checks. Panics when the launcher declines.
-pub fn check_tf32_kernel<B, R>(case: Case)
+/// Runs one forward launcher directly on the plain CubeCL backend `B` (no dispatch, no
+/// environment switch) in f32, the queries a strided view as in the backward checks.
+/// Returns the inputs, the f64 truth and the kernel's output and lse, or why the launcher
+/// declined.
+#[allow(clippy::type_complexity)]
+pub fn run_forward_launcher<B, R>(
+    case: &Case,
+    seed: u64,
+    launcher: fn(
+        CubeTensor<R>,
+        CubeTensor<R>,
+        CubeTensor<R>,
+        BandArgs,
+    ) -> Result<(CubeTensor<R>, CubeTensor<R>), Unsupported>,
+) -> Result<(Inputs, [Vec<f64>; 2], [Vec<f64>; 2]), Unsupported>
 where
     R: CubeRuntime,
     B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
 {
-    let x = inputs(&case, 13 + case.seq_q as u64 * 19 + case.dim as u64);
-    let (to, tl) = truth(&case, &x);
+    let x = inputs(case, seed);
     let device = Default::default();
     let q = tensor::<B>(&seq_major(&x.q), DType::F32, &device).swap_dims(1, 2);
     let k = tensor::<B>(&x.k, DType::F32, &device);
@@ -442,10 +452,24 @@ where
         right: window.right,
     };
     let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let (out, lse) = flash_forward_tf32::<R>(prim(q), prim(k), prim(v), band)
-        .unwrap_or_else(|e| panic!("{case:?}: the tf32 kernel declined: {e}"));
+    let (out, lse) = launcher(prim(q), prim(k), prim(v), band)?;
     let ko = to_f64(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out)));
     let kl = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)));
+    let (to, tl) = truth(case, &x);
+    Ok((x, [to, tl], [ko, kl]))
+}
+
+/// The tf32 forward (`flash_forward_tf32`, run by [`run_forward_launcher`]) against the f64 truth: its output and lse errors within 3x
+/// those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. Panics
+/// when the launcher declines.
+pub fn check_tf32_kernel<B, R>(case: Case)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let seed = 13 + case.seq_q as u64 * 19 + case.dim as u64;
+    let (x, [to, tl], [ko, kl]) = run_forward_launcher::<B, R>(&case, seed, flash_forward_tf32)
+        .unwrap_or_else(|e| panic!("{case:?}: the tf32 kernel declined: {e}"));
     let (ro, rl) = host_tf32_reference(&case, &x);
     let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
     let (reo, rel) = (max_err(&ro, &to), max_err(&rl, &tl));
@@ -573,6 +597,13 @@ pub fn grid() -> Vec<Case> {
     // Value dim differing from the head dim.
     let mut c = Case::new(40, 40, 32).causal();
     c.value_dim = 80;
+    cases.push(c);
+    // Odd head and value dims (register tiles with idle columns).
+    let mut c = Case::new(50, 70, 17).window(Some(30), Some(4));
+    c.value_dim = 24;
+    cases.push(c);
+    let mut c = Case::new(33, 40, 200).causal();
+    c.value_dim = 40;
     cases.push(c);
     // Large logits.
     cases.push(Case::new(64, 64, 64).gain(30.0));

@@ -1,11 +1,22 @@
-//! The portable FlashAttention forward kernel: no matrix units, one unit per query row.
+//! The portable FlashAttention forward kernel (v2): no matrix units, register tiles.
 //!
-//! One cube handles `block_q` query rows of one (batch, head). It walks the key tiles of
-//! the rows' band only (tiles outside it are never loaded), stages each `block_k x
-//! head_dim` tile of K and V in shared memory (in the input dtype, to fit more keys),
-//! and each unit keeps its query row, its output accumulator and its online-softmax state
-//! in f32 registers/local memory. Tiles wholly inside the band of every row of the cube
-//! take a path without the per-element mask.
+//! One cube of `row_threads x col_threads` units handles `block_q` query rows of one
+//! (batch, head). Its Q block stays in shared memory for the whole pass; for every key
+//! tile of the rows' band (tiles outside it are never loaded) the cube stages K, computes
+//! the `block_q x block_k` scores with each unit owning a small register tile of them
+//! (`block_q / row_threads` rows by `block_k / col_threads` keys, rows and keys strided by
+//! the thread grid so that shared-memory reads hit distinct banks), reduces the row
+//! maxima through shared memory, writes the probabilities to shared memory, stages V in
+//! the buffer K used, and accumulates `P V` into each unit's register tile of the output
+//! (its rows by `value_dim / col_threads` strided columns). Every unit keeps the running
+//! maximum of its rows (the same in every unit of a row, read from the same partials) and
+//! its own part of the row sums, added up once at the end. Tiles wholly inside the band of
+//! every row of the cube take a path without the per-element mask.
+//!
+//! Compared with v1 (one unit per query row with the row's accumulator in a
+//! function-local array, in git history), every value a unit reads from shared memory
+//! feeds several multiply-adds, the register tiles are indexed by constants only (loops
+//! over them are unrolled), and a cube has 128 units instead of 32.
 //!
 //! All band arithmetic is in `i32`: key `j` is visible to query `i` iff
 //! `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`, with
@@ -16,73 +27,6 @@ use cubecl::prelude::*;
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
 /// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
 pub(crate) const NEG_BIG: f32 = -3.0e38;
-
-/// Scores, softmax and `P V` for one staged key tile of `tile_len` keys starting at key
-/// `t0`, for the query row `row`. With `masked`, keys outside the row's band get weight 0;
-/// without it every key of the tile is known to be visible.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn tile_step<F: Float>(
-    q_row: &Array<f32>,
-    acc: &mut Array<f32>,
-    scores: &mut Array<f32>,
-    k_tile: &SharedMemory<F>,
-    v_tile: &SharedMemory<F>,
-    state: &mut Array<f32>,
-    t0: i32,
-    tile_len: i32,
-    lo: i32,
-    hi: i32,
-    #[comptime] dim: usize,
-    #[comptime] value_dim: usize,
-    #[comptime] block_k: usize,
-    #[comptime] masked: bool,
-) {
-    let mut m_tile = f32::new(NEG_BIG);
-    for jj in 0..block_k {
-        let mut dot = f32::new(0.0);
-        let base = jj * dim;
-        for d in 0..dim {
-            dot += q_row[d] * f32::cast_from(k_tile[base + d]);
-        }
-        let mut s = dot;
-        if masked {
-            let j = t0 + jj as i32;
-            if j < lo || j > hi || jj as i32 >= tile_len {
-                s = f32::new(NEG_BIG);
-            }
-        }
-        scores[jj] = s;
-        m_tile = f32::max(m_tile, s);
-    }
-
-    let m_old = state[0];
-    let m_new = f32::max(m_old, m_tile);
-    // exp(NEG_BIG - finite) underflows to 0: the first visible key resets the sums.
-    let alpha = f32::exp(m_old - m_new);
-    let mut l = state[1] * alpha;
-    for d in 0..value_dim {
-        acc[d] = acc[d] * alpha;
-    }
-    for jj in 0..block_k {
-        let s = scores[jj];
-        let mut p = f32::exp(s - m_new);
-        if masked {
-            // Masked keys hold NEG_BIG; when the row has seen nothing yet m_new is NEG_BIG
-            // too and exp would give 1, so zero them explicitly.
-            if s <= f32::new(NEG_BIG) {
-                p = f32::new(0.0);
-            }
-        }
-        l += p;
-        let base = jj * value_dim;
-        for d in 0..value_dim {
-            acc[d] += p * f32::cast_from(v_tile[base + d]);
-        }
-    }
-    state[0] = m_new;
-    state[1] = l;
-}
 
 /// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
 /// strides) into `tile` as a dense `rows x dim` block; rows past `n` are zeros. `units` is
@@ -115,12 +59,130 @@ pub(crate) fn stage_rows<F: Float>(
     }
 }
 
+/// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
+/// strides) into `tile` transposed: element `(r, c)` at `c * (rows + 1) + r` (the padding
+/// keeps both the staging writes and the kernel's reads of consecutive rows on distinct
+/// banks); rows past `n` are zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows_transposed<F: Float>(
+    src: &Tensor<F>,
+    tile: &mut SharedMemory<F>,
+    base: usize,
+    t0: usize,
+    n: usize,
+    #[comptime] dim: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+) {
+    let stride_n = src.stride(2);
+    let stride_d = src.stride(3);
+    let mut idx = UNIT_POS_X as usize;
+    while idx < rows * dim {
+        let r = idx / dim;
+        let c = idx % dim;
+        let j = t0 + r;
+        let mut val = F::new(0.0);
+        if j < n {
+            val = src[base + j * stride_n + c * stride_d];
+        }
+        tile[c * (rows + 1) + r] = val;
+        idx += units;
+    }
+}
+
+/// The softmax part of one key tile for one unit: scales (and with `masked`, masks) its
+/// `rq x rk` scores `s`, publishes their row maxima in `partial`, waits for the cube,
+/// moves the running maxima `m` of its rows, rescales its output tile `o` and row sums `l`,
+/// and writes its probabilities to `p_tile`. The caller syncs before reading `p_tile`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn softmax_tile(
+    s: &mut Array<f32>,
+    o: &mut Array<f32>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    partial: &mut SharedMemory<f32>,
+    p_tile: &mut SharedMemory<f32>,
+    scale: f32,
+    t0: i32,
+    lo0: i32,
+    hi0: i32,
+    seq_k: i32,
+    #[comptime] rq: usize,
+    #[comptime] rk: usize,
+    #[comptime] rv: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
+    #[comptime] block_k: usize,
+    #[comptime] masked: bool,
+) {
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
+    #[unroll]
+    for a in 0..rq {
+        // The unit's a-th row is `a * row_threads` below its first, and so is its band.
+        let shift = (a * row_threads) as i32;
+        let mut mx = f32::new(NEG_BIG);
+        #[unroll]
+        for b in 0..rk {
+            let mut x = s[a * rk + b] * scale;
+            if masked {
+                let j = t0 + (tx + b * col_threads) as i32;
+                if j < lo0 + shift || j > hi0 + shift || j >= seq_k {
+                    x = f32::new(NEG_BIG);
+                }
+            }
+            s[a * rk + b] = x;
+            mx = f32::max(mx, x);
+        }
+        partial[(ty + a * row_threads) * col_threads + tx] = mx;
+    }
+    sync_cube();
+    #[unroll]
+    for a in 0..rq {
+        let prow = (ty + a * row_threads) * col_threads;
+        let mut m_tile = f32::new(NEG_BIG);
+        #[unroll]
+        for c in 0..col_threads {
+            m_tile = f32::max(m_tile, partial[prow + c]);
+        }
+        let m_old = m[a];
+        let m_new = f32::max(m_old, m_tile);
+        // exp(NEG_BIG - finite) underflows to 0: the first visible key resets the sums.
+        let alpha = f32::exp(m_old - m_new);
+        m[a] = m_new;
+        let mut l_row = l[a] * alpha;
+        #[unroll]
+        for e in 0..rv {
+            o[a * rv + e] *= alpha;
+        }
+        let p_row = (ty + a * row_threads) * (block_k + 1);
+        #[unroll]
+        for b in 0..rk {
+            let x = s[a * rk + b];
+            let mut p = f32::exp(x - m_new);
+            if masked {
+                // Masked keys hold NEG_BIG; while the row has seen no key m_new is NEG_BIG
+                // too and exp would give 1, so zero them explicitly.
+                if x <= f32::new(NEG_BIG) {
+                    p = f32::new(0.0);
+                }
+            }
+            l_row += p;
+            p_tile[p_row + tx + b * col_threads] = p;
+        }
+        l[a] = l_row;
+    }
+}
+
 /// FlashAttention forward without matrix units.
 ///
-/// Launch with `CubeDim::new_1d(block_q)` and `CubeCount::Static(ceil(seq_q / block_q),
-/// batch * heads, 1)`. `out` is `[b, h, seq_q, value_dim]` in the input dtype, `lse` is
-/// `[b, h, seq_q]` in f32. `neg_inf` must be `f32::NEG_INFINITY` (passed at run time because
-/// WGSL has no infinite literal).
+/// Launch with `CubeDim::new_1d(row_threads * col_threads)` and
+/// `CubeCount::Static(ceil(seq_q / block_q), batch * heads, 1)`; `row_threads` must divide
+/// `block_q` and `col_threads` must divide `block_k`. `out` is `[b, h, seq_q, value_dim]`
+/// in the input dtype, `lse` is `[b, h, seq_q]` in f32. `neg_inf` must be
+/// `f32::NEG_INFINITY` (passed at run time because WGSL has no infinite literal).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_kernel<F: Float>(
@@ -137,8 +199,17 @@ pub fn flash_unit_kernel<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
     #[comptime] block_k: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
     #[define(F)] _dtype: StorageType,
 ) {
+    let rq = comptime!(block_q / row_threads);
+    let rk = comptime!(block_k / col_threads);
+    let rv = comptime!(value_dim.div_ceil(col_threads));
+    let units = comptime!(row_threads * col_threads);
+    let q_stride = comptime!(block_q + 1);
+    let k_stride = comptime!(block_k + 1);
+
     let heads = q.shape(1);
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
@@ -147,17 +218,18 @@ pub fn flash_unit_kernel<F: Float>(
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = CUBE_POS_X as usize * block_q;
-    let row = r0 + UNIT_POS_X as usize;
-    let row_ok = row < seq_q;
     let r_last = min(r0 + block_q, seq_q) - 1;
     let offset = seq_k as i32 - seq_q as i32;
-
-    // The row's band, and the union of the band over the cube's rows (contiguous, since
-    // both edges grow with the row).
-    let lo = row as i32 + offset - left;
-    let hi = row as i32 + offset + right;
+    // The band of this unit's first row (row r0 + ty; its a-th row is row_threads further),
+    // and the union of the band over the cube's rows (contiguous: both edges grow with
+    // the row).
+    let row0 = (r0 + ty) as i32;
+    let lo0 = row0 + offset - left;
+    let hi0 = row0 + offset + right;
     let k_start = max(r0 as i32 + offset - left, 0);
     let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
     // Every key of [full_lo, full_hi] is visible to every row of the cube.
@@ -165,111 +237,197 @@ pub fn flash_unit_kernel<F: Float>(
     let full_hi = r0 as i32 + offset + right;
     let block_full = r0 + block_q <= seq_q;
 
-    let mut q_row = Array::<f32>::new(dim);
-    let mut acc = Array::<f32>::new(value_dim);
-    let mut scores = Array::<f32>::new(block_k);
-    let mut state = Array::<f32>::new(2usize);
-    let q_base = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
-    for d in 0..dim {
-        let mut x = f32::new(0.0);
-        if row_ok {
-            x = f32::cast_from(q[q_base + d * q.stride(3)]) * scale;
-        }
-        q_row[d] = x;
-    }
-    for d in 0..value_dim {
-        acc[d] = f32::new(0.0);
-    }
-    state[0] = f32::new(NEG_BIG);
-    state[1] = f32::new(0.0);
+    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
+    // K (transposed) and then V (row-major) of the current tile, one after the other.
+    let mut kv = SharedMemory::<F>::new(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
+    let mut p_tile = SharedMemory::<f32>::new(comptime!(block_q * k_stride));
+    // Per (row, column thread): partial row maxima, and at the end partial row sums.
+    let mut partial = SharedMemory::<f32>::new(comptime!(block_q * col_threads));
 
-    let mut k_tile = SharedMemory::<F>::new(block_k * dim);
-    let mut v_tile = SharedMemory::<F>::new(block_k * value_dim);
+    let q_base = b * q.stride(0) + h * q.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
+    stage_rows_transposed::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units);
+
+    let mut s = Array::<f32>::new(comptime!(rq * rk));
+    let mut o = Array::<f32>::new(comptime!(rq * rv));
+    let mut m = Array::<f32>::new(rq);
+    let mut l = Array::<f32>::new(rq);
+    let mut q_frag = Array::<f32>::new(rq);
+    let mut v_frag = Array::<f32>::new(rv);
+    #[unroll]
+    for i in 0..comptime!(rq * rv) {
+        o[i] = f32::new(0.0);
+    }
+    #[unroll]
+    for a in 0..rq {
+        m[a] = f32::new(NEG_BIG);
+        l[a] = f32::new(0.0);
+    }
 
     let mut t0 = k_start;
     while t0 < k_end {
-        stage_rows::<F>(
+        stage_rows_transposed::<F>(
             k,
-            &mut k_tile,
+            &mut kv,
             k_base,
             usize::cast_from(t0),
             seq_k,
             dim,
             block_k,
-            block_q,
-        );
-        stage_rows::<F>(
-            v,
-            &mut v_tile,
-            v_base,
-            usize::cast_from(t0),
-            seq_k,
-            value_dim,
-            block_k,
-            block_q,
+            units,
         );
         sync_cube();
+
+        // Scores: s[a][b] = q[row a] . k[key b], with rows ty + a * row_threads and keys
+        // tx + b * col_threads of the tile.
+        #[unroll]
+        for i in 0..comptime!(rq * rk) {
+            s[i] = f32::new(0.0);
+        }
+        for d in 0..dim {
+            let q_at = d * q_stride + ty;
+            let k_at = d * k_stride + tx;
+            #[unroll]
+            for a in 0..rq {
+                q_frag[a] = f32::cast_from(q_t[q_at + a * row_threads]);
+            }
+            #[unroll]
+            for b in 0..rk {
+                let key = f32::cast_from(kv[k_at + b * col_threads]);
+                #[unroll]
+                for a in 0..rq {
+                    s[a * rk + b] += q_frag[a] * key;
+                }
+            }
+        }
+
         let tile_len = min(k_end - t0, block_k as i32);
         let tile_full = block_full
             && tile_len == block_k as i32
             && t0 >= full_lo
             && t0 + block_k as i32 - 1 <= full_hi;
+        // Both variants sync once inside (after the maxima), after which K is dead.
         if tile_full {
-            tile_step::<F>(
-                &q_row,
-                &mut acc,
-                &mut scores,
-                &k_tile,
-                &v_tile,
-                &mut state,
+            softmax_tile(
+                &mut s,
+                &mut o,
+                &mut m,
+                &mut l,
+                &mut partial,
+                &mut p_tile,
+                scale,
                 t0,
-                tile_len,
-                lo,
-                hi,
-                dim,
-                value_dim,
+                lo0,
+                hi0,
+                seq_k as i32,
+                rq,
+                rk,
+                rv,
+                row_threads,
+                col_threads,
                 block_k,
                 false,
             );
         } else {
-            tile_step::<F>(
-                &q_row,
-                &mut acc,
-                &mut scores,
-                &k_tile,
-                &v_tile,
-                &mut state,
+            softmax_tile(
+                &mut s,
+                &mut o,
+                &mut m,
+                &mut l,
+                &mut partial,
+                &mut p_tile,
+                scale,
                 t0,
-                tile_len,
-                lo,
-                hi,
-                dim,
-                value_dim,
+                lo0,
+                hi0,
+                seq_k as i32,
+                rq,
+                rk,
+                rv,
+                row_threads,
+                col_threads,
                 block_k,
                 true,
             );
+        }
+        stage_rows::<F>(
+            v,
+            &mut kv,
+            v_base,
+            usize::cast_from(t0),
+            seq_k,
+            value_dim,
+            block_k,
+            units,
+        );
+        sync_cube();
+
+        // O += P V over the tile's keys (zeros past seq_k, with p = 0 there too).
+        for key in 0..block_k {
+            let p_at = ty * k_stride + key;
+            let v_at = key * value_dim + tx;
+            #[unroll]
+            for e in 0..rv {
+                if comptime!(value_dim.is_multiple_of(col_threads)) {
+                    v_frag[e] = f32::cast_from(kv[v_at + e * col_threads]);
+                } else {
+                    let mut x = f32::new(0.0);
+                    if tx + e * col_threads < value_dim {
+                        x = f32::cast_from(kv[v_at + e * col_threads]);
+                    }
+                    v_frag[e] = x;
+                }
+            }
+            #[unroll]
+            for a in 0..rq {
+                let p = p_tile[p_at + a * row_threads * k_stride];
+                #[unroll]
+                for e in 0..rv {
+                    o[a * rv + e] += p * v_frag[e];
+                }
+            }
         }
         sync_cube();
         t0 += block_k as i32;
     }
 
-    if row_ok {
-        let l = state[1];
-        let o_base = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
-        let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
-        if l > f32::new(0.0) {
-            let inv = f32::new(1.0) / l;
-            for d in 0..value_dim {
-                out[o_base + d * out.stride(3)] = F::cast_from(acc[d] * inv);
+    // Row sums: each unit holds the part of its columns' keys; add them up.
+    #[unroll]
+    for a in 0..rq {
+        partial[(ty + a * row_threads) * col_threads + tx] = l[a];
+    }
+    sync_cube();
+    #[unroll]
+    for a in 0..rq {
+        let row = r0 + ty + a * row_threads;
+        if row < seq_q {
+            let prow = (ty + a * row_threads) * col_threads;
+            let mut l_row = f32::new(0.0);
+            #[unroll]
+            for c in 0..col_threads {
+                l_row += partial[prow + c];
             }
-            lse[lse_idx] = state[0] + f32::ln(l);
-        } else {
-            for d in 0..value_dim {
-                out[o_base + d * out.stride(3)] = F::new(0.0);
+            let o_base = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
+            let mut inv = f32::new(0.0);
+            if l_row > f32::new(0.0) {
+                inv = f32::new(1.0) / l_row;
             }
-            lse[lse_idx] = neg_inf;
+            #[unroll]
+            for e in 0..rv {
+                let col = tx + e * col_threads;
+                if col < value_dim {
+                    out[o_base + col * out.stride(3)] = F::cast_from(o[a * rv + e] * inv);
+                }
+            }
+            if tx == 0 {
+                let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
+                if l_row > f32::new(0.0) {
+                    lse[lse_idx] = m[a] + f32::ln(l_row);
+                } else {
+                    lse[lse_idx] = neg_inf;
+                }
+            }
         }
     }
 }

@@ -47,15 +47,104 @@ impl core::fmt::Display for Unsupported {
 /// Largest head (or value) dimension the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// On software WGPU adapters, the most `visible keys x max(head_dim, value_dim)` a row may
-/// have for the portable kernel (see `flash_forward_unit`): measured on lavapipe, 448 keys
-/// pass at d = 64 and 224 at d = 128, one more key tile fails. The cause is llvmpipe's
-/// budget of 65535 loop iterations per shader invocation, shared by all its loops
-/// (`LP_MAX_TGSI_LOOP_ITERATIONS` in Mesa): past it every loop stops early, silently.
-pub const UNIT_MAX_BAND_ELEMENTS: usize = 28672;
+/// Loop iterations one invocation may run on llvmpipe/lavapipe: its compiled shaders count
+/// every loop back-edge against one budget per invocation (`LP_MAX_TGSI_LOOP_ITERATIONS`,
+/// "shared between every loop") and silently leave all loops once it is spent. The
+/// portable kernels decline, on software adapters, calls whose units could reach it.
+pub(crate) const SOFTWARE_LOOP_BUDGET: usize = 65535;
 
-/// Query rows per cube of the portable kernel.
-const UNIT_BLOCK_Q: usize = 32;
+/// The most shared memory a portable forward cube takes, below the device's limit: more
+/// would buy bigger tiles at the price of fewer cubes per multiprocessor.
+const UNIT_SHARED_BUDGET: usize = 48 * 1024;
+
+/// The most f32 registers of scores and output one unit of the portable forward holds.
+const UNIT_TILE_REGISTERS: usize = 96;
+
+/// One launch configuration of the portable forward kernel (`flash_unit_kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UnitTiles {
+    block_q: usize,
+    block_k: usize,
+    row_threads: usize,
+    col_threads: usize,
+}
+
+impl UnitTiles {
+    /// Preferred first: the most multiply-adds per shared-memory read.
+    const CANDIDATES: [UnitTiles; 7] = [
+        UnitTiles::new(64, 64, 8, 16),
+        UnitTiles::new(64, 32, 8, 16),
+        UnitTiles::new(32, 32, 8, 16),
+        UnitTiles::new(32, 16, 8, 16),
+        UnitTiles::new(16, 16, 8, 16),
+        UnitTiles::new(16, 8, 8, 8),
+        UnitTiles::new(8, 8, 8, 8),
+    ];
+
+    const fn new(block_q: usize, block_k: usize, row_threads: usize, col_threads: usize) -> Self {
+        Self {
+            block_q,
+            block_k,
+            row_threads,
+            col_threads,
+        }
+    }
+
+    fn units(&self) -> usize {
+        self.row_threads * self.col_threads
+    }
+
+    /// Shared memory of one cube: Q transposed and padded, one buffer for K (transposed,
+    /// padded) then V, the probabilities (f32, padded) and the per-thread row partials.
+    fn shared_bytes(&self, dim: usize, value_dim: usize, elem: usize) -> usize {
+        let q = dim * (self.block_q + 1);
+        let kv = (dim * (self.block_k + 1)).max(self.block_k * value_dim);
+        let p = self.block_q * (self.block_k + 1);
+        let partial = self.block_q * self.col_threads;
+        (q + kv) * elem + (p + partial) * 4
+    }
+
+    /// f32 registers of one unit's score and output tiles.
+    fn tile_registers(&self, value_dim: usize) -> usize {
+        let rows = self.block_q / self.row_threads;
+        rows * (self.block_k / self.col_threads + value_dim.div_ceil(self.col_threads))
+    }
+
+    /// Loop iterations one unit runs for a cube whose rows' band spans `keys` keys, as
+    /// llvmpipe counts them (every loop once more than its trips: the exit test): the Q
+    /// staging loop, then per key tile the K staging loop, the score loop over the head
+    /// dim, the V staging loop, the `P V` loop over the keys and the tile loop itself (the
+    /// register-tile loops are unrolled). Checked on lavapipe at f32 d = 128 (tiles 32 x 16,
+    /// 181 per tile: 361 tiles right, 362 wrong) and d = 64 (32 x 32, 133 per tile: 487
+    /// tiles right, 494 wrong).
+    fn loop_iterations(&self, dim: usize, value_dim: usize, keys: usize) -> usize {
+        let units = self.units();
+        let staging = |rows: usize, width: usize| (rows * width).div_ceil(units) + 1;
+        let per_tile = staging(self.block_k, dim)
+            + (dim + 1)
+            + staging(self.block_k, value_dim)
+            + (self.block_k + 1)
+            + 1;
+        staging(self.block_q, dim) + 1 + keys.div_ceil(self.block_k) * per_tile
+    }
+
+    /// The first candidate that fits `shared` bytes (and the register bound), after the
+    /// tuning overrides `BURN_ATTN_UNIT_BLOCK_Q` / `BURN_ATTN_UNIT_BLOCK_K` filter them.
+    fn choose(dim: usize, value_dim: usize, elem: usize, shared: usize) -> Option<Self> {
+        let block_q = tuning_override("BURN_ATTN_UNIT_BLOCK_Q", &[8, 16, 32, 64]);
+        let block_k = tuning_override("BURN_ATTN_UNIT_BLOCK_K", &[8, 16, 32, 64]);
+        let budget = shared.min(UNIT_SHARED_BUDGET);
+        let fits = |t: &UnitTiles| t.shared_bytes(dim, value_dim, elem) <= budget;
+        let wanted = |t: &UnitTiles| {
+            block_q.is_none_or(|bq| bq == t.block_q) && block_k.is_none_or(|bk| bk == t.block_k)
+        };
+        let candidates = || Self::CANDIDATES.into_iter().filter(fits).filter(wanted);
+        candidates()
+            .find(|t| t.tile_registers(value_dim) <= UNIT_TILE_REGISTERS)
+            // Past the register bound, the smallest tiles (value dims near 256 on small tiles).
+            .or_else(|| candidates().last())
+    }
+}
 
 /// Exact banded attention forward with the portable kernel (no matrix units).
 ///
@@ -66,9 +155,11 @@ const UNIT_BLOCK_Q: usize = 32;
 /// `[batch, heads, seq_q]` in f32 (`-inf` with a zero output row where no key is visible).
 ///
 /// On CPU-type WGPU adapters (lavapipe: a WGPU runtime without plane operations) it
-/// declines (`Unsupported::Size`) bands whose `visible keys x max(head_dim, value_dim)`
-/// exceeds [`UNIT_MAX_BAND_ELEMENTS`]: there such rows would exhaust llvmpipe's loop
-/// budget and come out wrong.
+/// declines (`Unsupported::Size`) calls whose units could run more loop iterations than
+/// llvmpipe allows one invocation (65535; past it every loop ends early and
+/// rows come out wrong with no error): about 5700 keys in a cube's band at head dim 128
+/// in f32 on lavapipe's 32 KiB of shared memory, 15700 at head dim 64.
+/// `BURN_ATTN_UNIT_NO_CAP=1` lifts that cap, for diagnosis.
 pub fn flash_forward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -83,46 +174,43 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         value_dim,
         ..
     } = sizes;
-    // llvmpipe's loop budget (docs/PERFORMANCE.md, flash_unit v1): rows with wide bands at
-    // large head dims would get wrong outputs on lavapipe, so decline such bands there and
-    // the caller runs the tiled path; `BURN_ATTN_UNIT_NO_CAP=1` lifts the cap to reproduce.
-    let widest = match (band.left, band.right) {
-        (Some(l), Some(r)) => (l + r + 1).min(seq_k),
-        _ => seq_k,
-    };
-    let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
-    let band_elements = widest * dim.max(value_dim);
-    if band_elements > UNIT_MAX_BAND_ELEMENTS && !no_cap && is_software_wgpu(&q.client) {
-        return Err(Unsupported::Size(format!(
-            "up to {widest} visible keys x dim {} per row on a software adapter (the portable \
-             kernel takes {UNIT_MAX_BAND_ELEMENTS})",
-            dim.max(value_dim)
-        )));
-    }
-    let grid = sizes.grid(UNIT_BLOCK_Q)?;
-
     let client = q.client.clone();
     let dtype = q.dtype;
+    let shared = client.properties().hardware.max_shared_memory_size;
+    let tiles = UnitTiles::choose(dim, value_dim, dtype.size(), shared).ok_or_else(|| {
+        Unsupported::SharedMemory(format!(
+            "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
+        ))
+    })?;
+
+    let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
+    if !no_cap && is_software_wgpu(&client) {
+        // A cube's key range: its rows' bands, `block_q - 1` keys wider than one row's.
+        let keys = match (band.left, band.right) {
+            (Some(l), Some(r)) => (l + r + tiles.block_q).min(seq_k),
+            _ => seq_k,
+        };
+        let loops = tiles.loop_iterations(dim, value_dim, keys);
+        // A small margin for what the count could leave out.
+        if loops + 64 > SOFTWARE_LOOP_BUDGET {
+            return Err(Unsupported::Size(format!(
+                "up to {loops} loop iterations per unit on a software adapter (llvmpipe ends \
+                 loops past {SOFTWARE_LOOP_BUDGET}): {keys} keys per cube, head_dim {dim}, \
+                 value_dim {value_dim}"
+            )));
+        }
+    }
+    let grid = sizes.grid(tiles.block_q)?;
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
         return Ok((out, lse));
     }
-
-    let elem = dtype.size();
-    let shared = client.properties().hardware.max_shared_memory_size;
-    let block_k = [32usize, 16, 8, 4]
-        .into_iter()
-        .find(|bk| bk * (dim + value_dim) * elem <= shared)
-        .ok_or_else(|| {
-            Unsupported::SharedMemory(format!(
-                "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
-            ))
-        })?;
+    trace(|| format!("flash_unit tiles {tiles:?}"));
 
     flash_unit_kernel::launch::<R>(
         &client,
         grid,
-        CubeDim::new_1d(UNIT_BLOCK_Q as u32),
+        CubeDim::new_1d(tiles.units() as u32),
         q.into_tensor_arg(),
         k.into_tensor_arg(),
         v.into_tensor_arg(),
@@ -134,8 +222,10 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         f32::NEG_INFINITY,
         dim,
         value_dim,
-        UNIT_BLOCK_Q,
-        block_k,
+        tiles.block_q,
+        tiles.block_k,
+        tiles.row_threads,
+        tiles.col_threads,
         dtype.into(),
     );
     Ok((out, lse))

@@ -9,7 +9,7 @@ use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backwa
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
     aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support,
-    trace, BandArgs, Sizes, Unsupported,
+    trace, BandArgs, Sizes, Unsupported, SOFTWARE_LOOP_BUDGET,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
@@ -18,11 +18,6 @@ pub type Gradients<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
 /// Units per cube of both backward kernels: query rows of the dQ kernel, key rows of the
 /// dK/dV kernel.
 const BACKWARD_UNITS: usize = 32;
-
-/// Loop iterations one invocation may run on llvmpipe/lavapipe: its compiled shaders count
-/// every loop back-edge against one budget per invocation (`LP_MAX_TGSI_LOOP_ITERATIONS`,
-/// "shared between every loop") and silently leave all loops once it is spent.
-const SOFTWARE_LOOP_BUDGET: usize = 65535;
 
 /// Planes per cube of the matrix-unit backward kernels; each owns 16 rows (query rows of the
 /// dQ kernel, key rows of the dK/dV kernel), the `m` of `m16n8k16`.

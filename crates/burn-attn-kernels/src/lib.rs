@@ -40,7 +40,7 @@ pub use flash_unit::flash_unit_kernel;
 pub use flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 pub use launch::{
     flash_forward, flash_forward_mma, flash_forward_tf32, flash_forward_unit, BandArgs,
-    Unsupported, MAX_HEAD_DIM, UNIT_MAX_BAND_ELEMENTS,
+    Unsupported, MAX_HEAD_DIM,
 };
 pub use launch_backward::{flash_backward, flash_backward_mma, flash_backward_unit, Gradients};
 pub use mma_softmax::{online_softmax_probe, online_softmax_probe_kernel};
