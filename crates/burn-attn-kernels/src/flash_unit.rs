@@ -24,6 +24,8 @@
 
 use cubecl::prelude::*;
 
+use crate::register_tile::tile_product;
+
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
 /// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
 pub(crate) const NEG_BIG: f32 = -3.0e38;
@@ -65,7 +67,7 @@ pub(crate) fn stage_rows<F: Float>(
 /// banks); rows past `n` are zeros.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_rows_transposed<F: Float>(
+pub(crate) fn stage_rows_transposed<F: Float>(
     src: &Tensor<F>,
     tile: &mut SharedMemory<F>,
     base: usize,
@@ -253,8 +255,6 @@ pub fn flash_unit_kernel<F: Float>(
     let mut o = Array::<f32>::new(comptime!(rq * rv));
     let mut m = Array::<f32>::new(rq);
     let mut l = Array::<f32>::new(rq);
-    let mut q_frag = Array::<f32>::new(rq);
-    let mut v_frag = Array::<f32>::new(rv);
     #[unroll]
     for i in 0..comptime!(rq * rv) {
         o[i] = f32::new(0.0);
@@ -285,22 +285,23 @@ pub fn flash_unit_kernel<F: Float>(
         for i in 0..comptime!(rq * rk) {
             s[i] = f32::new(0.0);
         }
-        for d in 0..dim {
-            let q_at = d * q_stride + ty;
-            let k_at = d * k_stride + tx;
-            #[unroll]
-            for a in 0..rq {
-                q_frag[a] = f32::cast_from(q_t[q_at + a * row_threads]);
-            }
-            #[unroll]
-            for b in 0..rk {
-                let key = f32::cast_from(kv[k_at + b * col_threads]);
-                #[unroll]
-                for a in 0..rq {
-                    s[a * rk + b] += q_frag[a] * key;
-                }
-            }
-        }
+        tile_product::<F, F>(
+            &mut s,
+            &q_t,
+            &kv,
+            ty,
+            tx,
+            dim,
+            q_stride,
+            1usize,
+            k_stride,
+            1usize,
+            rq,
+            row_threads,
+            rk,
+            col_threads,
+            block_k,
+        );
 
         let tile_len = min(k_end - t0, block_k as i32);
         let tile_full = block_full
@@ -364,30 +365,23 @@ pub fn flash_unit_kernel<F: Float>(
         sync_cube();
 
         // O += P V over the tile's keys (zeros past seq_k, with p = 0 there too).
-        for key in 0..block_k {
-            let p_at = ty * k_stride + key;
-            let v_at = key * value_dim + tx;
-            #[unroll]
-            for e in 0..rv {
-                if comptime!(value_dim.is_multiple_of(col_threads)) {
-                    v_frag[e] = f32::cast_from(kv[v_at + e * col_threads]);
-                } else {
-                    let mut x = f32::new(0.0);
-                    if tx + e * col_threads < value_dim {
-                        x = f32::cast_from(kv[v_at + e * col_threads]);
-                    }
-                    v_frag[e] = x;
-                }
-            }
-            #[unroll]
-            for a in 0..rq {
-                let p = p_tile[p_at + a * row_threads * k_stride];
-                #[unroll]
-                for e in 0..rv {
-                    o[a * rv + e] += p * v_frag[e];
-                }
-            }
-        }
+        tile_product::<f32, F>(
+            &mut o,
+            &p_tile,
+            &kv,
+            ty,
+            tx,
+            block_k,
+            1usize,
+            k_stride,
+            value_dim,
+            1usize,
+            rq,
+            row_threads,
+            rv,
+            col_threads,
+            value_dim,
+        );
         sync_cube();
         t0 += block_k as i32;
     }

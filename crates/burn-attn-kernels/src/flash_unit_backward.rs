@@ -1,62 +1,38 @@
-//! The portable FlashAttention backward kernels: no matrix units, no atomics.
+//! The portable FlashAttention backward kernels (v2): no matrix units, no atomics,
+//! register tiles.
 //!
 //! FlashAttention-2's scheme, recomputing the probabilities `P = exp(scale * q . k - lse)`
-//! tile by tile from the forward's saved row log-sum-exp:
-//! - [`flash_unit_backward_dq_kernel`], query-major: one unit per query row `i` computes
-//!   `D_i = rowsum(dO_i * O_i)` (written out for the second kernel) and
-//!   `dQ_i = scale * sum_j dS_ij k_j` over its band, with `dS_ij = P_ij (dO_i . v_j - D_i)`;
-//!   K and V tiles are staged in shared memory as in the forward kernel.
-//! - [`flash_unit_backward_dkdv_kernel`], key-major: one unit per key row `j` of one kv head
-//!   computes `dV_j = sum_i P_ij dO_i` and `dK_j = scale * sum_i dS_ij q_i`, summing over
-//!   every query head that shares the kv head (GQA/MQA) inside the kernel, so no two units
-//!   write the same gradient row. Q and dO tiles (with the rows' lse and `D`) are staged in
-//!   shared memory; only the query rows whose band can contain one of the cube's keys are
-//!   visited.
+//! tile by tile from the forward's saved row log-sum-exp, with every product a register-tile
+//! product of two shared-memory operands ([`tile_product`], as the forward kernel):
+//! - [`flash_unit_backward_dq_kernel`], query-major: a cube of `block_q` query rows keeps
+//!   its Q and dO rows in shared memory, computes `D_i = rowsum(dO_i * O_i)` (written out
+//!   for the second kernel) and walks the key tiles of its rows' band: per tile `dP = dO
+//!   V^T` (V staged first), then `S = Q K^T` (K staged into the buffer V used), `dS = P
+//!   (dP - D)` through shared memory, and `dQ += dS K` into each unit's register tile.
+//! - [`flash_unit_backward_dkdv_kernel`], key-major: a cube of `block_k` keys of one kv head
+//!   keeps its K and V rows in shared memory and walks, for every query head that shares
+//!   the kv head (GQA/MQA, summed inside the kernel so no two cubes write the same
+//!   gradient row), the query tiles whose band can contain one of its keys: per tile `S^T
+//!   = K Q^T` and `dP^T = V dO^T`, then `P^T` and `dS^T` through shared memory, `dV += P^T
+//!   dO` and `dK += dS^T Q`.
 //!
-//! Each unit owns its output rows and sums in a fixed order: two runs give the same bits.
-//! Band arithmetic is `i32` as in the forward kernel (`flash_unit.rs`): key `j` is visible
-//! to query `i` iff `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`,
-//! `offset = seq_k - seq_q`, unbounded sides encoded by the launcher as `seq_q + seq_k`.
-//! Rows whose lse is `-inf` (no visible key) contribute nothing.
+//! Each unit owns its output elements and sums them in a fixed order: two runs give the same
+//! bits. Band arithmetic is `i32` as in the forward kernel (`flash_unit.rs`): key `j` is
+//! visible to query `i` iff `i + offset - left <= j <= i + offset + right` and
+//! `0 <= j < seq_k`, `offset = seq_k - seq_q`, unbounded sides encoded by the launcher as
+//! `seq_q + seq_k`. Rows whose lse is `-inf` (no visible key) contribute nothing.
 
 use cubecl::prelude::*;
 
-// Below NEG_BIG an lse is `-inf`: the row saw no key and has no probabilities.
-use crate::flash_unit::{stage_rows, NEG_BIG};
-
-/// Cooperatively stages entries `t0 .. t0 + rows` of one head of a `[b, h, n]` f32 tensor
-/// into `tile`; entries past `n` are `fill` (the kernels never use them: padding rows
-/// are masked).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn stage_scalars(
-    src: &Tensor<f32>,
-    tile: &mut SharedMemory<f32>,
-    base: usize,
-    t0: usize,
-    n: usize,
-    fill: f32,
-    #[comptime] rows: usize,
-    #[comptime] units: usize,
-) {
-    let stride_n = src.stride(2);
-    let mut idx = UNIT_POS_X as usize;
-    while idx < rows {
-        let i = t0 + idx;
-        let mut val = fill;
-        if i < n {
-            val = src[base + i * stride_n];
-        }
-        tile[idx] = val;
-        idx += units;
-    }
-}
+use crate::flash_unit::{stage_rows_transposed, NEG_BIG};
+use crate::register_tile::tile_product;
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
 ///
-/// Launch with `CubeDim::new_1d(block_q)` and `CubeCount::Static(ceil(seq_q / block_q),
-/// batch * heads, 1)`. `dq` is `[b, h, seq_q, head_dim]` in the input dtype, `delta` is
-/// `[b, h, seq_q]` in f32 (read by [`flash_unit_backward_dkdv_kernel`]).
+/// Launch with `CubeDim::new_1d(row_threads * col_threads)` and `CubeCount::Static(ceil(seq_q
+/// / block_q), batch * heads, 1)`; `row_threads` divides `block_q`, `col_threads` divides
+/// `block_k`. `dq` is `[b, h, seq_q, head_dim]` in the input dtype, `delta` is `[b, h,
+/// seq_q]` in f32 (read by [`flash_unit_backward_dkdv_kernel`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dq_kernel<F: Float>(
@@ -75,8 +51,17 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
     #[comptime] block_k: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
     #[define(F)] _dtype: StorageType,
 ) {
+    let rq = comptime!(block_q / row_threads);
+    let rk = comptime!(block_k / col_threads);
+    let rd = comptime!(dim.div_ceil(col_threads));
+    let units = comptime!(row_threads * col_threads);
+    let q_stride = comptime!(block_q + 1);
+    let k_stride = comptime!(block_k + 1);
+
     let heads = q.shape(1);
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
@@ -85,108 +70,182 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = CUBE_POS_X as usize * block_q;
-    let row = r0 + UNIT_POS_X as usize;
-    let row_ok = row < seq_q;
     let r_last = min(r0 + block_q, seq_q) - 1;
     let offset = seq_k as i32 - seq_q as i32;
-    let lo = row as i32 + offset - left;
-    let hi = row as i32 + offset + right;
+    // The band of this unit's first row (its a-th row is a * row_threads further).
+    let lo0 = (r0 + ty) as i32 + offset - left;
+    let hi0 = (r0 + ty) as i32 + offset + right;
     // Keys any row of the cube can see (contiguous: both band edges grow with the row).
     let k_start = max(r0 as i32 + offset - left, 0);
     let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
 
-    // The scaled query row, the output-gradient row, D and the row's lse.
-    let mut q_row = Array::<f32>::new(dim);
-    let mut do_row = Array::<f32>::new(value_dim);
-    let mut dq_acc = Array::<f32>::new(dim);
-    let q_base = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
-    let o_base = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
-    let do_base = b * d_out.stride(0) + h * d_out.stride(1) + row * d_out.stride(2);
-    let mut d_i = f32::new(0.0);
-    let mut lse_i = f32::new(NEG_BIG);
-    for d in 0..dim {
-        let mut x = f32::new(0.0);
-        if row_ok {
-            x = f32::cast_from(q[q_base + d * q.stride(3)]) * scale;
-        }
-        q_row[d] = x;
-        dq_acc[d] = f32::new(0.0);
-    }
-    for d in 0..value_dim {
-        let mut g = f32::new(0.0);
-        if row_ok {
-            g = f32::cast_from(d_out[do_base + d * d_out.stride(3)]);
-            d_i += g * f32::cast_from(out[o_base + d * out.stride(3)]);
-        }
-        do_row[d] = g;
-    }
-    if row_ok {
-        lse_i = lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)];
-    }
-    // A row that saw no key (lse = -inf) has no probabilities: its dQ stays 0.
-    let live = row_ok && lse_i >= f32::new(NEG_BIG);
+    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
+    let mut do_t = SharedMemory::<F>::new(comptime!(value_dim * q_stride));
+    // V (transposed) and then K (transposed) of the current key tile.
+    let mut kv = SharedMemory::<F>::new(comptime!(usize::max(dim, value_dim) * k_stride));
+    let mut ds_tile = SharedMemory::<f32>::new(comptime!(block_q * k_stride));
+    let mut lse_tile = SharedMemory::<f32>::new(block_q);
+    let mut d_tile = SharedMemory::<f32>::new(block_q);
 
-    let mut k_tile = SharedMemory::<F>::new(block_k * dim);
-    let mut v_tile = SharedMemory::<F>::new(block_k * value_dim);
+    let q_base = b * q.stride(0) + h * q.stride(1);
+    let do_base = b * d_out.stride(0) + h * d_out.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
+    stage_rows_transposed::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units);
+    stage_rows_transposed::<F>(
+        d_out, &mut do_t, do_base, r0, seq_q, value_dim, block_q, units,
+    );
+    // D and lse per row (rows past seq_q: 0 and NEG_BIG, so they get no probabilities).
+    let mut idx = UNIT_POS_X as usize;
+    while idx < block_q {
+        let row = r0 + idx;
+        let mut d_i = f32::new(0.0);
+        let mut lse_i = f32::new(NEG_BIG);
+        if row < seq_q {
+            let o_at = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
+            let g_at = do_base + row * d_out.stride(2);
+            for c in 0..value_dim {
+                d_i += f32::cast_from(d_out[g_at + c * d_out.stride(3)])
+                    * f32::cast_from(out[o_at + c * out.stride(3)]);
+            }
+            lse_i = lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)];
+            delta[b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2)] = d_i;
+        }
+        d_tile[idx] = d_i;
+        lse_tile[idx] = lse_i;
+        idx += units;
+    }
+
+    let mut s = Array::<f32>::new(comptime!(rq * rk));
+    let mut dp = Array::<f32>::new(comptime!(rq * rk));
+    let mut dq_acc = Array::<f32>::new(comptime!(rq * rd));
+    #[unroll]
+    for i in 0..comptime!(rq * rd) {
+        dq_acc[i] = f32::new(0.0);
+    }
 
     let mut t0 = k_start;
     while t0 < k_end {
         let start = usize::cast_from(t0);
-        stage_rows::<F>(k, &mut k_tile, k_base, start, seq_k, dim, block_k, block_q);
-        stage_rows::<F>(
-            v,
-            &mut v_tile,
-            v_base,
-            start,
-            seq_k,
+        // dP = dO V^T over the value dim.
+        stage_rows_transposed::<F>(v, &mut kv, v_base, start, seq_k, value_dim, block_k, units);
+        sync_cube();
+        #[unroll]
+        for i in 0..comptime!(rq * rk) {
+            dp[i] = f32::new(0.0);
+            s[i] = f32::new(0.0);
+        }
+        tile_product::<F, F>(
+            &mut dp,
+            &do_t,
+            &kv,
+            ty,
+            tx,
             value_dim,
+            q_stride,
+            1usize,
+            k_stride,
+            1usize,
+            rq,
+            row_threads,
+            rk,
+            col_threads,
             block_k,
-            block_q,
         );
         sync_cube();
-        for jj in 0..block_k {
-            let j = t0 + jj as i32;
-            if live && j >= lo && j <= hi && j < k_end {
-                let kb = jj * dim;
-                let vb = jj * value_dim;
-                let mut s = f32::new(0.0);
-                for d in 0..dim {
-                    s += q_row[d] * f32::cast_from(k_tile[kb + d]);
+        // S = Q K^T over the head dim; K stays for dQ.
+        stage_rows_transposed::<F>(k, &mut kv, k_base, start, seq_k, dim, block_k, units);
+        sync_cube();
+        tile_product::<F, F>(
+            &mut s,
+            &q_t,
+            &kv,
+            ty,
+            tx,
+            dim,
+            q_stride,
+            1usize,
+            k_stride,
+            1usize,
+            rq,
+            row_threads,
+            rk,
+            col_threads,
+            block_k,
+        );
+        // dS = P (dP - D), zero outside the band, past seq_k and on rows without keys.
+        #[unroll]
+        for a in 0..rq {
+            let r = ty + a * row_threads;
+            let shift = (a * row_threads) as i32;
+            let lse_i = lse_tile[r];
+            let d_i = d_tile[r];
+            #[unroll]
+            for c in 0..rk {
+                let key = tx + c * col_threads;
+                let j = t0 + key as i32;
+                let mut ds = f32::new(0.0);
+                if j >= lo0 + shift
+                    && j <= hi0 + shift
+                    && j < seq_k as i32
+                    && lse_i > f32::new(NEG_BIG)
+                {
+                    let p = f32::exp(s[a * rk + c] * scale - lse_i);
+                    ds = p * (dp[a * rk + c] - d_i);
                 }
-                let p = f32::exp(s - lse_i);
-                let mut dp = f32::new(0.0);
-                for d in 0..value_dim {
-                    dp += do_row[d] * f32::cast_from(v_tile[vb + d]);
-                }
-                let ds = p * (dp - d_i);
-                for d in 0..dim {
-                    dq_acc[d] += ds * f32::cast_from(k_tile[kb + d]);
-                }
+                ds_tile[r * k_stride + key] = ds;
             }
         }
+        sync_cube();
+        // dQ += dS K: K as [key][d] read from its transposed tile.
+        tile_product::<f32, F>(
+            &mut dq_acc,
+            &ds_tile,
+            &kv,
+            ty,
+            tx,
+            block_k,
+            1usize,
+            k_stride,
+            1usize,
+            k_stride,
+            rq,
+            row_threads,
+            rd,
+            col_threads,
+            dim,
+        );
         sync_cube();
         t0 += block_k as i32;
     }
 
-    if row_ok {
-        let dq_base = b * dq.stride(0) + h * dq.stride(1) + row * dq.stride(2);
-        for d in 0..dim {
-            dq[dq_base + d * dq.stride(3)] = F::cast_from(dq_acc[d] * scale);
+    #[unroll]
+    for a in 0..rq {
+        let row = r0 + ty + a * row_threads;
+        if row < seq_q {
+            let dq_at = b * dq.stride(0) + h * dq.stride(1) + row * dq.stride(2);
+            #[unroll]
+            for e in 0..rd {
+                let c = tx + e * col_threads;
+                if c < dim {
+                    dq[dq_at + c * dq.stride(3)] = F::cast_from(dq_acc[a * rd + e] * scale);
+                }
+            }
         }
-        delta[b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2)] = d_i;
     }
 }
 
 /// Key-major backward: `dK` and `dV`, summed over the query heads of each kv head.
 ///
-/// Launch with `CubeDim::new_1d(block_k)` and `CubeCount::Static(ceil(seq_k / block_k),
-/// batch * kv_heads, 1)`, after [`flash_unit_backward_dq_kernel`] has written `delta`.
-/// `dk` is `[b, kv_heads, seq_k, head_dim]` and `dv` `[b, kv_heads, seq_k, value_dim]` in
-/// the input dtype; `block_q` is the number of query rows staged per tile.
+/// Launch with `CubeDim::new_1d(row_threads * col_threads)` and `CubeCount::Static(ceil(seq_k
+/// / block_k), batch * kv_heads, 1)`, after [`flash_unit_backward_dq_kernel`] has written
+/// `delta`; `row_threads` divides `block_k` (the cube's keys), `col_threads` divides
+/// `block_q` (the query rows staged per tile). `dk` is `[b, kv_heads, seq_k, head_dim]` and
+/// `dv` `[b, kv_heads, seq_k, value_dim]` in the input dtype.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dkdv_kernel<F: Float>(
@@ -205,8 +264,18 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] block_k: usize,
     #[comptime] block_q: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
     #[define(F)] _dtype: StorageType,
 ) {
+    let rk = comptime!(block_k / row_threads);
+    let rq = comptime!(block_q / col_threads);
+    let rd = comptime!(dim.div_ceil(col_threads));
+    let rv = comptime!(value_dim.div_ceil(col_threads));
+    let units = comptime!(row_threads * col_threads);
+    let k_stride = comptime!(block_k + 1);
+    let q_stride = comptime!(block_q + 1);
+
     let heads = q.shape(1);
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
@@ -215,47 +284,46 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     let bkh = CUBE_POS_Y as usize;
     let b = bkh / kv_heads;
     let kvh = bkh % kv_heads;
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
 
     let c0 = CUBE_POS_X as usize * block_k;
-    let col = c0 + UNIT_POS_X as usize;
-    let col_ok = col < seq_k;
     let c_last = min(c0 + block_k, seq_k) - 1;
     let offset = seq_k as i32 - seq_q as i32;
-    // Query i sees key j iff j - offset - right <= i <= j - offset + left.
-    let i_lo = col as i32 - offset - right;
-    let i_hi = col as i32 - offset + left;
+    // Query i sees this unit's first key j = c0 + ty iff i_lo0 <= i <= i_hi0 (its a-th key
+    // is a * row_threads further, and so is its range).
+    let i_lo0 = (c0 + ty) as i32 - offset - right;
+    let i_hi0 = (c0 + ty) as i32 - offset + left;
     // Query rows that can see any key of the cube (contiguous, as in the dQ kernel).
     let q_start = max(c0 as i32 - offset - right, 0);
     let q_end = min(c_last as i32 - offset + left + 1, seq_q as i32);
 
-    // The key row scaled (so `s = q . k_row`), the value row, and the two accumulators.
-    let mut k_row = Array::<f32>::new(dim);
-    let mut v_row = Array::<f32>::new(value_dim);
-    let mut dk_acc = Array::<f32>::new(dim);
-    let mut dv_acc = Array::<f32>::new(value_dim);
-    let k_base = b * k.stride(0) + kvh * k.stride(1) + col * k.stride(2);
-    let v_base = b * v.stride(0) + kvh * v.stride(1) + col * v.stride(2);
-    for d in 0..dim {
-        let mut x = f32::new(0.0);
-        if col_ok {
-            x = f32::cast_from(k[k_base + d * k.stride(3)]) * scale;
-        }
-        k_row[d] = x;
-        dk_acc[d] = f32::new(0.0);
-    }
-    for d in 0..value_dim {
-        let mut x = f32::new(0.0);
-        if col_ok {
-            x = f32::cast_from(v[v_base + d * v.stride(3)]);
-        }
-        v_row[d] = x;
-        dv_acc[d] = f32::new(0.0);
-    }
-
-    let mut q_tile = SharedMemory::<F>::new(block_q * dim);
-    let mut do_tile = SharedMemory::<F>::new(block_q * value_dim);
+    let mut k_t = SharedMemory::<F>::new(comptime!(dim * k_stride));
+    let mut v_t = SharedMemory::<F>::new(comptime!(value_dim * k_stride));
+    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
+    let mut do_t = SharedMemory::<F>::new(comptime!(value_dim * q_stride));
+    let mut p_tile = SharedMemory::<f32>::new(comptime!(block_k * q_stride));
+    let mut ds_tile = SharedMemory::<f32>::new(comptime!(block_k * q_stride));
     let mut lse_tile = SharedMemory::<f32>::new(block_q);
-    let mut delta_tile = SharedMemory::<f32>::new(block_q);
+    let mut d_tile = SharedMemory::<f32>::new(block_q);
+
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    stage_rows_transposed::<F>(k, &mut k_t, k_base, c0, seq_k, dim, block_k, units);
+    stage_rows_transposed::<F>(v, &mut v_t, v_base, c0, seq_k, value_dim, block_k, units);
+
+    let mut st = Array::<f32>::new(comptime!(rk * rq));
+    let mut dpt = Array::<f32>::new(comptime!(rk * rq));
+    let mut dk_acc = Array::<f32>::new(comptime!(rk * rd));
+    let mut dv_acc = Array::<f32>::new(comptime!(rk * rv));
+    #[unroll]
+    for i in 0..comptime!(rk * rd) {
+        dk_acc[i] = f32::new(0.0);
+    }
+    #[unroll]
+    for i in 0..comptime!(rk * rv) {
+        dv_acc[i] = f32::new(0.0);
+    }
 
     // The query heads of this kv head, in a fixed order.
     for g in 0..group {
@@ -267,75 +335,155 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
         let mut t0 = q_start;
         while t0 < q_end {
             let start = usize::cast_from(t0);
-            stage_rows::<F>(q, &mut q_tile, q_base, start, seq_q, dim, block_q, block_k);
-            stage_rows::<F>(
-                d_out,
-                &mut do_tile,
-                do_base,
-                start,
-                seq_q,
-                value_dim,
-                block_q,
-                block_k,
+            stage_rows_transposed::<F>(q, &mut q_t, q_base, start, seq_q, dim, block_q, units);
+            stage_rows_transposed::<F>(
+                d_out, &mut do_t, do_base, start, seq_q, value_dim, block_q, units,
             );
-            stage_scalars(
-                lse,
-                &mut lse_tile,
-                lse_base,
-                start,
-                seq_q,
-                f32::new(0.0),
-                block_q,
-                block_k,
-            );
-            stage_scalars(
-                delta,
-                &mut delta_tile,
-                delta_base,
-                start,
-                seq_q,
-                f32::new(0.0),
-                block_q,
-                block_k,
-            );
+            let mut idx = UNIT_POS_X as usize;
+            while idx < block_q {
+                let i = start + idx;
+                let mut lse_i = f32::new(NEG_BIG);
+                let mut d_i = f32::new(0.0);
+                if i < seq_q {
+                    lse_i = lse[lse_base + i * lse.stride(2)];
+                    d_i = delta[delta_base + i * delta.stride(2)];
+                }
+                lse_tile[idx] = lse_i;
+                d_tile[idx] = d_i;
+                idx += units;
+            }
             sync_cube();
-            for ii in 0..block_q {
-                let i = t0 + ii as i32;
-                let lse_i = lse_tile[ii];
-                // Rows with lse = -inf saw no key; rows past q_end are padding.
-                if col_ok && i >= i_lo && i <= i_hi && i < q_end && lse_i >= f32::new(NEG_BIG) {
-                    let qb = ii * dim;
-                    let ob = ii * value_dim;
-                    let mut s = f32::new(0.0);
-                    for d in 0..dim {
-                        s += f32::cast_from(q_tile[qb + d]) * k_row[d];
+
+            #[unroll]
+            for i in 0..comptime!(rk * rq) {
+                st[i] = f32::new(0.0);
+                dpt[i] = f32::new(0.0);
+            }
+            // S^T = K Q^T and dP^T = V dO^T: keys ty + a * row_threads, query rows
+            // tx + c * col_threads of the tile.
+            tile_product::<F, F>(
+                &mut st,
+                &k_t,
+                &q_t,
+                ty,
+                tx,
+                dim,
+                k_stride,
+                1usize,
+                q_stride,
+                1usize,
+                rk,
+                row_threads,
+                rq,
+                col_threads,
+                block_q,
+            );
+            tile_product::<F, F>(
+                &mut dpt,
+                &v_t,
+                &do_t,
+                ty,
+                tx,
+                value_dim,
+                k_stride,
+                1usize,
+                q_stride,
+                1usize,
+                rk,
+                row_threads,
+                rq,
+                col_threads,
+                block_q,
+            );
+            // P^T and dS^T = P^T (dP^T - D), zero outside the band, past seq_q and the
+            // cube's keys, and on rows without keys.
+            #[unroll]
+            for a in 0..rk {
+                let key = ty + a * row_threads;
+                let shift = (a * row_threads) as i32;
+                let key_ok = c0 + key < seq_k;
+                #[unroll]
+                for c in 0..rq {
+                    let qi = tx + c * col_threads;
+                    let i = t0 + qi as i32;
+                    let lse_i = lse_tile[qi];
+                    let mut p = f32::new(0.0);
+                    let mut ds = f32::new(0.0);
+                    if key_ok
+                        && i >= i_lo0 + shift
+                        && i <= i_hi0 + shift
+                        && i < q_end
+                        && lse_i > f32::new(NEG_BIG)
+                    {
+                        p = f32::exp(st[a * rq + c] * scale - lse_i);
+                        ds = p * (dpt[a * rq + c] - d_tile[qi]);
                     }
-                    let p = f32::exp(s - lse_i);
-                    let mut dp = f32::new(0.0);
-                    for d in 0..value_dim {
-                        let g_o = f32::cast_from(do_tile[ob + d]);
-                        dp += g_o * v_row[d];
-                        dv_acc[d] += p * g_o;
-                    }
-                    let ds = p * (dp - delta_tile[ii]);
-                    for d in 0..dim {
-                        dk_acc[d] += ds * f32::cast_from(q_tile[qb + d]);
-                    }
+                    p_tile[key * q_stride + qi] = p;
+                    ds_tile[key * q_stride + qi] = ds;
                 }
             }
+            sync_cube();
+            // dV += P^T dO and dK += dS^T Q: dO and Q as [row][col] read from their
+            // transposed tiles.
+            tile_product::<f32, F>(
+                &mut dv_acc,
+                &p_tile,
+                &do_t,
+                ty,
+                tx,
+                block_q,
+                1usize,
+                q_stride,
+                1usize,
+                q_stride,
+                rk,
+                row_threads,
+                rv,
+                col_threads,
+                value_dim,
+            );
+            tile_product::<f32, F>(
+                &mut dk_acc,
+                &ds_tile,
+                &q_t,
+                ty,
+                tx,
+                block_q,
+                1usize,
+                q_stride,
+                1usize,
+                q_stride,
+                rk,
+                row_threads,
+                rd,
+                col_threads,
+                dim,
+            );
             sync_cube();
             t0 += block_q as i32;
         }
     }
 
-    if col_ok {
-        let dk_base = b * dk.stride(0) + kvh * dk.stride(1) + col * dk.stride(2);
-        let dv_base = b * dv.stride(0) + kvh * dv.stride(1) + col * dv.stride(2);
-        for d in 0..dim {
-            dk[dk_base + d * dk.stride(3)] = F::cast_from(dk_acc[d] * scale);
-        }
-        for d in 0..value_dim {
-            dv[dv_base + d * dv.stride(3)] = F::cast_from(dv_acc[d]);
+    #[unroll]
+    for a in 0..rk {
+        let key = c0 + ty + a * row_threads;
+        if key < seq_k {
+            let dk_at = b * dk.stride(0) + kvh * dk.stride(1) + key * dk.stride(2);
+            let dv_at = b * dv.stride(0) + kvh * dv.stride(1) + key * dv.stride(2);
+            #[unroll]
+            for e in 0..rd {
+                let c = tx + e * col_threads;
+                if c < dim {
+                    dk[dk_at + c * dk.stride(3)] = F::cast_from(dk_acc[a * rd + e] * scale);
+                }
+            }
+            #[unroll]
+            for e in 0..rv {
+                let c = tx + e * col_threads;
+                if c < value_dim {
+                    dv[dv_at + c * dv.stride(3)] = F::cast_from(dv_acc[a * rv + e]);
+                }
+            }
         }
     }
 }

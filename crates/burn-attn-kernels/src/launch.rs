@@ -53,20 +53,22 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// portable kernels decline, on software adapters, calls whose units could reach it.
 pub(crate) const SOFTWARE_LOOP_BUDGET: usize = 65535;
 
-/// The most shared memory a portable forward cube takes, below the device's limit: more
+/// The most shared memory a portable kernel's cube takes, below the device's limit: more
 /// would buy bigger tiles at the price of fewer cubes per multiprocessor.
 const UNIT_SHARED_BUDGET: usize = 48 * 1024;
 
-/// The most f32 registers of scores and output one unit of the portable forward holds.
+/// The most f32 registers of product and output tiles one unit of a portable kernel holds.
 const UNIT_TILE_REGISTERS: usize = 96;
 
-/// One launch configuration of the portable forward kernel (`flash_unit_kernel`).
+/// One launch configuration of a portable kernel: a cube of `row_threads x col_threads`
+/// units whose product tiles are `rows x cols` (query rows x keys in the forward and dQ
+/// kernels, keys x query rows in the dK/dV kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct UnitTiles {
-    block_q: usize,
-    block_k: usize,
-    row_threads: usize,
-    col_threads: usize,
+pub(crate) struct UnitTiles {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_threads: usize,
+    pub(crate) col_threads: usize,
 }
 
 impl UnitTiles {
@@ -81,68 +83,93 @@ impl UnitTiles {
         UnitTiles::new(8, 8, 8, 8),
     ];
 
-    const fn new(block_q: usize, block_k: usize, row_threads: usize, col_threads: usize) -> Self {
+    const fn new(rows: usize, cols: usize, row_threads: usize, col_threads: usize) -> Self {
         Self {
-            block_q,
-            block_k,
+            rows,
+            cols,
             row_threads,
             col_threads,
         }
     }
 
-    fn units(&self) -> usize {
+    pub(crate) fn units(&self) -> usize {
         self.row_threads * self.col_threads
     }
 
-    /// Shared memory of one cube: Q transposed and padded, one buffer for K (transposed,
-    /// padded) then V, the probabilities (f32, padded) and the per-thread row partials.
-    fn shared_bytes(&self, dim: usize, value_dim: usize, elem: usize) -> usize {
-        let q = dim * (self.block_q + 1);
-        let kv = (dim * (self.block_k + 1)).max(self.block_k * value_dim);
-        let p = self.block_q * (self.block_k + 1);
-        let partial = self.block_q * self.col_threads;
-        (q + kv) * elem + (p + partial) * 4
+    /// A unit's rows of the product tile.
+    pub(crate) fn unit_rows(&self) -> usize {
+        self.rows / self.row_threads
     }
 
-    /// f32 registers of one unit's score and output tiles.
-    fn tile_registers(&self, value_dim: usize) -> usize {
-        let rows = self.block_q / self.row_threads;
-        rows * (self.block_k / self.col_threads + value_dim.div_ceil(self.col_threads))
+    /// A unit's columns of the product tile.
+    pub(crate) fn unit_cols(&self) -> usize {
+        self.cols / self.col_threads
     }
 
-    /// Loop iterations one unit runs for a cube whose rows' band spans `keys` keys, as
-    /// llvmpipe counts them (every loop once more than its trips: the exit test): the Q
-    /// staging loop, then per key tile the K staging loop, the score loop over the head
-    /// dim, the V staging loop, the `P V` loop over the keys and the tile loop itself (the
-    /// register-tile loops are unrolled). Checked on lavapipe at f32 d = 128 (tiles 32 x 16,
-    /// 181 per tile: 361 tiles right, 362 wrong) and d = 64 (32 x 32, 133 per tile: 487
-    /// tiles right, 494 wrong).
-    fn loop_iterations(&self, dim: usize, value_dim: usize, keys: usize) -> usize {
-        let units = self.units();
-        let staging = |rows: usize, width: usize| (rows * width).div_ceil(units) + 1;
-        let per_tile = staging(self.block_k, dim)
-            + (dim + 1)
-            + staging(self.block_k, value_dim)
-            + (self.block_k + 1)
-            + 1;
-        staging(self.block_q, dim) + 1 + keys.div_ceil(self.block_k) * per_tile
+    /// A unit's columns of a `width`-wide output (head or value dim).
+    pub(crate) fn unit_width(&self, width: usize) -> usize {
+        width.div_ceil(self.col_threads)
     }
 
-    /// The first candidate that fits `shared` bytes (and the register bound), after the
-    /// tuning overrides `BURN_ATTN_UNIT_BLOCK_Q` / `BURN_ATTN_UNIT_BLOCK_K` filter them.
-    fn choose(dim: usize, value_dim: usize, elem: usize, shared: usize) -> Option<Self> {
+    /// Iterations of a loop of `rows x width` elements split over the cube's units, as
+    /// llvmpipe counts them (one more than the trips: the exit test).
+    pub(crate) fn staging_loop(&self, rows: usize, width: usize) -> usize {
+        (rows * width).div_ceil(self.units()) + 1
+    }
+
+    /// The first candidate whose shared memory fits `min(shared, UNIT_SHARED_BUDGET)` and
+    /// whose f32 tile registers stay within [`UNIT_TILE_REGISTERS`] (else the last that
+    /// fits: the smallest tiles), among those `wanted` keeps.
+    pub(crate) fn choose(
+        shared: usize,
+        shared_bytes: impl Fn(&Self) -> usize,
+        registers: impl Fn(&Self) -> usize,
+        wanted: impl Fn(&Self) -> bool,
+    ) -> Option<Self> {
+        let budget = shared.min(UNIT_SHARED_BUDGET);
+        let candidates = || {
+            Self::CANDIDATES
+                .into_iter()
+                .filter(|t| shared_bytes(t) <= budget && wanted(t))
+        };
+        candidates()
+            .find(|t| registers(t) <= UNIT_TILE_REGISTERS)
+            .or_else(|| candidates().next_back())
+    }
+
+    /// The forward kernel's tiles (`rows` query rows, `cols` keys); the tuning overrides
+    /// `BURN_ATTN_UNIT_BLOCK_Q` / `BURN_ATTN_UNIT_BLOCK_K` keep only matching candidates.
+    fn forward(dim: usize, value_dim: usize, elem: usize, shared: usize) -> Option<Self> {
         let block_q = tuning_override("BURN_ATTN_UNIT_BLOCK_Q", &[8, 16, 32, 64]);
         let block_k = tuning_override("BURN_ATTN_UNIT_BLOCK_K", &[8, 16, 32, 64]);
-        let budget = shared.min(UNIT_SHARED_BUDGET);
-        let fits = |t: &UnitTiles| t.shared_bytes(dim, value_dim, elem) <= budget;
-        let wanted = |t: &UnitTiles| {
-            block_q.is_none_or(|bq| bq == t.block_q) && block_k.is_none_or(|bk| bk == t.block_k)
+        // Q transposed and padded, one buffer for K (transposed, padded) then V, the
+        // probabilities (f32, padded) and the per-thread row partials.
+        let shared_bytes = |t: &Self| {
+            let q = dim * (t.rows + 1);
+            let kv = (dim * (t.cols + 1)).max(t.cols * value_dim);
+            (q + kv) * elem + (t.rows * (t.cols + 1) + t.rows * t.col_threads) * 4
         };
-        let candidates = || Self::CANDIDATES.into_iter().filter(fits).filter(wanted);
-        candidates()
-            .find(|t| t.tile_registers(value_dim) <= UNIT_TILE_REGISTERS)
-            // Past the register bound, the smallest tiles (value dims near 256 on small tiles).
-            .or_else(|| candidates().last())
+        let registers = |t: &Self| t.unit_rows() * (t.unit_cols() + t.unit_width(value_dim));
+        let wanted = |t: &Self| {
+            block_q.is_none_or(|bq| bq == t.rows) && block_k.is_none_or(|bk| bk == t.cols)
+        };
+        Self::choose(shared, shared_bytes, registers, wanted)
+    }
+
+    /// Loop iterations one unit of the forward kernel runs for a cube whose rows' band
+    /// spans `keys` keys, as llvmpipe counts them (every loop once more than its trips):
+    /// the Q staging loop, then per key tile the K staging loop, the score loop over the
+    /// head dim, the V staging loop, the `P V` loop over the keys and the tile loop itself
+    /// (the register-tile loops are unrolled). Checked on lavapipe at f32 d = 128 (tiles
+    /// 32 x 16, 181 per tile: 361 tiles right, 362 wrong) and d = 64 (32 x 32, 133 per
+    /// tile: 487 tiles right, 494 wrong).
+    fn forward_loop_iterations(&self, dim: usize, value_dim: usize, keys: usize) -> usize {
+        let per_tile = self.staging_loop(self.cols, dim)
+            + (dim + 1)
+            + self.staging_loop(self.cols, value_dim)
+            + (self.cols + 1)
+            + 1;
+        self.staging_loop(self.rows, dim) + 1 + keys.div_ceil(self.cols) * per_tile
     }
 }
 
@@ -177,7 +204,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     let client = q.client.clone();
     let dtype = q.dtype;
     let shared = client.properties().hardware.max_shared_memory_size;
-    let tiles = UnitTiles::choose(dim, value_dim, dtype.size(), shared).ok_or_else(|| {
+    let tiles = UnitTiles::forward(dim, value_dim, dtype.size(), shared).ok_or_else(|| {
         Unsupported::SharedMemory(format!(
             "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
         ))
@@ -185,12 +212,12 @@ pub fn flash_forward_unit<R: CubeRuntime>(
 
     let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
     if !no_cap && is_software_wgpu(&client) {
-        // A cube's key range: its rows' bands, `block_q - 1` keys wider than one row's.
+        // A cube's key range: its rows' bands, `rows - 1` keys wider than one row's.
         let keys = match (band.left, band.right) {
-            (Some(l), Some(r)) => (l + r + tiles.block_q).min(seq_k),
+            (Some(l), Some(r)) => (l + r + tiles.rows).min(seq_k),
             _ => seq_k,
         };
-        let loops = tiles.loop_iterations(dim, value_dim, keys);
+        let loops = tiles.forward_loop_iterations(dim, value_dim, keys);
         // A small margin for what the count could leave out.
         if loops + 64 > SOFTWARE_LOOP_BUDGET {
             return Err(Unsupported::Size(format!(
@@ -200,7 +227,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
             )));
         }
     }
-    let grid = sizes.grid(tiles.block_q)?;
+    let grid = sizes.grid(tiles.rows)?;
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
         return Ok((out, lse));
@@ -222,8 +249,8 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         f32::NEG_INFINITY,
         dim,
         value_dim,
-        tiles.block_q,
-        tiles.block_k,
+        tiles.rows,
+        tiles.cols,
         tiles.row_threads,
         tiles.col_threads,
         dtype.into(),

@@ -9,15 +9,11 @@ use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backwa
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
     aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support,
-    trace, BandArgs, Sizes, Unsupported, SOFTWARE_LOOP_BUDGET,
+    trace, BandArgs, Sizes, UnitTiles, Unsupported, SOFTWARE_LOOP_BUDGET,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
 pub type Gradients<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
-
-/// Units per cube of both backward kernels: query rows of the dQ kernel, key rows of the
-/// dK/dV kernel.
-const BACKWARD_UNITS: usize = 32;
 
 /// Planes per cube of the matrix-unit backward kernels; each owns 16 rows (query rows of the
 /// dQ kernel, key rows of the dK/dV kernel), the `m` of `m16n8k16`.
@@ -44,8 +40,9 @@ const MMA_BACKWARD_MAX_DIM: usize = 128;
 /// shared memory cannot hold the smallest tile. On CPU-type WGPU adapters (lavapipe) it
 /// also declines calls whose units could run more loop iterations than llvmpipe allows one
 /// shader invocation (65535 in all, after which it silently leaves every loop: wrong
-/// gradients); about 160 visible keys, or query rows times query heads per kv head, at
-/// head dim 128. `BURN_ATTN_UNIT_NO_CAP=1` lifts that cap, for diagnosis.
+/// gradients): at head dim 128 in f32 on lavapipe about 3360 keys per query row and 1664
+/// query rows (times the query heads per kv head) per key. `BURN_ATTN_UNIT_NO_CAP=1`
+/// lifts that cap, for diagnosis.
 pub fn flash_backward_unit<R: CubeRuntime>(
     q: CubeTensor<R>,
     k: CubeTensor<R>,
@@ -66,43 +63,58 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         ..
     } = sizes;
 
-    let dq_grid = sizes.grid(BACKWARD_UNITS)?;
-    let kv_grid = cube_grid(seq_k, BACKWARD_UNITS, batch * kv_heads, "batch*kv_heads")?;
-
     let client = q.client.clone();
     let dtype = q.dtype;
     let elem = dtype.size();
     let shared = client.properties().hardware.max_shared_memory_size;
-    // dQ kernel: a K and a V tile of `block_k` keys; dK/dV kernel: a Q and a dO tile of
-    // `block_q` rows plus their lse and D. The largest that fits.
-    let tile_rows = |extra: usize| {
-        [32usize, 16, 8, 4]
-            .into_iter()
-            .find(|n| n * ((dim + value_dim) * elem + extra) <= shared)
-            .ok_or_else(|| {
-                Unsupported::SharedMemory(format!(
-                    "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
-                ))
-            })
+    let no_room = || {
+        Unsupported::SharedMemory(format!(
+            "{shared} bytes for head_dim {dim}, value_dim {value_dim}"
+        ))
     };
-    let block_k = tile_rows(0)?;
-    let block_q = tile_rows(8)?;
+    let widths = dim + value_dim;
+    // dQ kernel (query rows x keys): Q and dO transposed and padded, one buffer for V then
+    // K (transposed, padded), dS (f32, padded), and each row's lse and D.
+    let dq_tiles = UnitTiles::choose(
+        shared,
+        |t| {
+            (widths * (t.rows + 1) + dim.max(value_dim) * (t.cols + 1)) * elem
+                + (t.rows * (t.cols + 1) + 2 * t.rows) * 4
+        },
+        |t| t.unit_rows() * (2 * t.unit_cols() + t.unit_width(dim)),
+        |_| true,
+    )
+    .ok_or_else(no_room)?;
+    // dK/dV kernel (keys x query rows): K, V, Q and dO transposed and padded, P^T and dS^T
+    // (f32, padded), and each query row's lse and D.
+    let kv_tiles = UnitTiles::choose(
+        shared,
+        |t| {
+            widths * (t.rows + 1 + t.cols + 1) * elem + (2 * t.rows * (t.cols + 1) + 2 * t.cols) * 4
+        },
+        |t| t.unit_rows() * (2 * t.unit_cols() + t.unit_width(dim) + t.unit_width(value_dim)),
+        |_| true,
+    )
+    .ok_or_else(no_room)?;
+    let dq_grid = sizes.grid(dq_tiles.rows)?;
+    let kv_grid = cube_grid(seq_k, kv_tiles.rows, batch * kv_heads, "batch*kv_heads")?;
 
     // llvmpipe ends every loop of an invocation past its iteration budget, which gives wrong
     // gradients with no error: decline what could reach it on software adapters.
     let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
     if !no_cap && is_software_wgpu(&q.client) {
-        let loops = loop_iterations(&sizes, heads / kv_heads, band, block_k, block_q);
-        // A small margin for the few iterations the estimate leaves out.
-        if loops + 256 > SOFTWARE_LOOP_BUDGET {
+        let group = heads / kv_heads;
+        let loops = backward_loop_iterations(&sizes, group, band, &dq_tiles, &kv_tiles);
+        // A small margin for what the count could leave out.
+        if loops + 64 > SOFTWARE_LOOP_BUDGET {
             return Err(Unsupported::Size(format!(
                 "up to {loops} loop iterations per unit on a software adapter (llvmpipe ends \
                  loops past {SOFTWARE_LOOP_BUDGET}): seq_q {seq_q}, seq_k {seq_k}, head_dim \
-                 {dim}, value_dim {value_dim}, {} query heads per kv head",
-                heads / kv_heads
+                 {dim}, value_dim {value_dim}, {group} query heads per kv head"
             )));
         }
     }
+    trace(|| format!("flash_unit_backward tiles dQ {dq_tiles:?}, dK/dV {kv_tiles:?}"));
 
     let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes, kv_heads);
     let left = sizes.side(band.left);
@@ -112,7 +124,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         flash_unit_backward_dq_kernel::launch::<R>(
             &client,
             dq_grid,
-            CubeDim::new_1d(BACKWARD_UNITS as u32),
+            CubeDim::new_1d(dq_tiles.units() as u32),
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
             v.clone().into_tensor_arg(),
@@ -126,8 +138,10 @@ pub fn flash_backward_unit<R: CubeRuntime>(
             right,
             dim,
             value_dim,
-            BACKWARD_UNITS,
-            block_k,
+            dq_tiles.rows,
+            dq_tiles.cols,
+            dq_tiles.row_threads,
+            dq_tiles.col_threads,
             dtype.into(),
         );
     }
@@ -136,7 +150,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
         flash_unit_backward_dkdv_kernel::launch::<R>(
             &client,
             kv_grid,
-            CubeDim::new_1d(BACKWARD_UNITS as u32),
+            CubeDim::new_1d(kv_tiles.units() as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -150,8 +164,10 @@ pub fn flash_backward_unit<R: CubeRuntime>(
             right,
             dim,
             value_dim,
-            BACKWARD_UNITS,
-            block_q,
+            kv_tiles.rows,
+            kv_tiles.cols,
+            kv_tiles.row_threads,
+            kv_tiles.col_threads,
             dtype.into(),
         );
     }
@@ -441,18 +457,22 @@ fn check_inputs<R: CubeRuntime>(
     Ok((sizes, kv_heads))
 }
 
-/// An estimate, from above, of the loop iterations of one unit of either backward kernel
-/// as llvmpipe counts them (every back-edge of every loop). Rows (keys) in a cube's range
-/// cost their three inner loops in full; padding rows of a tile cost a few iterations, as
-/// masked-off loops end at once. Loops the shader compiler unrolls (small head dims)
-/// lower the real count. Checked on lavapipe at head dims 64 and 128: 160 keys or rows
-/// per unit pass, 192 fail (both sides of this estimate).
-fn loop_iterations(
+/// Loop iterations of one unit of either portable backward kernel, the larger, as llvmpipe
+/// counts them (every loop once more than its trips: the exit test; the register-tile loops
+/// are unrolled and count nothing).
+/// - dQ kernel, per cube of query rows: Q and dO staging, the D loop (a value-dim loop per
+///   row the unit takes), then per key tile V staging, the `dP` product over the value
+///   dim, K staging, the `S` product over the head dim, the `dQ` product over the keys and
+///   the tile loop.
+/// - dK/dV kernel, per cube of keys: K and V staging, then per query head and query tile Q
+///   and dO staging, the lse/D loop, the `S^T` and `dP^T` products, the `dV` and `dK`
+///   products over the tile's rows and the tile loop.
+fn backward_loop_iterations(
     sizes: &Sizes,
     group: usize,
     band: BandArgs,
-    block_k: usize,
-    block_q: usize,
+    dq: &UnitTiles,
+    kv: &UnitTiles,
 ) -> usize {
     let Sizes {
         seq_q,
@@ -461,26 +481,35 @@ fn loop_iterations(
         value_dim,
         ..
     } = *sizes;
-    let units = BACKWARD_UNITS;
-    // Rows (keys) a cube of `units` consecutive keys (rows) can see: `left + right + units`.
-    let width = |n: usize| match (band.left, band.right) {
-        (Some(l), Some(r)) => (l + r + units).min(n),
+    // Keys (rows) a cube of `cube_rows` consecutive rows (keys) can see.
+    let width = |n: usize, cube_rows: usize| match (band.left, band.right) {
+        (Some(l), Some(r)) => (l + r + cube_rows).min(n),
         _ => n,
     };
-    let per_row = 1 + 2 * dim + value_dim;
-    let staging = |rows: usize| (rows * dim).div_ceil(units) + (rows * value_dim).div_ceil(units);
-    // dQ kernel: the keys of its cube, in tiles of block_k.
-    let keys = width(seq_k);
-    let dq = 2 * dim
-        + value_dim
-        + keys.div_ceil(block_k) * (1 + staging(block_k) + 4 * block_k)
-        + keys * per_row;
-    // dK/dV kernel: the query rows of its cube, in tiles of block_q, per query head.
-    let rows = width(seq_q);
-    let per_head = 1
-        + rows.div_ceil(block_q)
-            * (1 + staging(block_q) + 2 * block_q.div_ceil(units) + 4 * block_q)
-        + rows * per_row;
-    let dkdv = 2 * (dim + value_dim) + group * per_head;
-    dq.max(dkdv)
+    let rows_per_unit = |t: &UnitTiles| t.rows.div_ceil(t.units());
+    let dq_prologue = dq.staging_loop(dq.rows, dim)
+        + dq.staging_loop(dq.rows, value_dim)
+        + rows_per_unit(dq) * (value_dim + 1)
+        + rows_per_unit(dq)
+        + 1;
+    let dq_tile = dq.staging_loop(dq.cols, value_dim)
+        + (value_dim + 1)
+        + dq.staging_loop(dq.cols, dim)
+        + (dim + 1)
+        + (dq.cols + 1)
+        + 1;
+    let dq_loops = dq_prologue + 1 + width(seq_k, dq.rows).div_ceil(dq.cols) * dq_tile;
+
+    let kv_prologue = kv.staging_loop(kv.rows, dim) + kv.staging_loop(kv.rows, value_dim);
+    let kv_tile = kv.staging_loop(kv.cols, dim)
+        + kv.staging_loop(kv.cols, value_dim)
+        + kv.cols.div_ceil(kv.units())
+        + 1
+        + (dim + 1)
+        + (value_dim + 1)
+        + 2 * (kv.cols + 1)
+        + 1;
+    let per_head = 2 + width(seq_q, kv.rows).div_ceil(kv.cols) * kv_tile;
+    let kv_loops = kv_prologue + 1 + group * per_head;
+    dq_loops.max(kv_loops)
 }

@@ -30,6 +30,7 @@ mod launch;
 mod launch_backward;
 #[allow(missing_docs)]
 mod mma_softmax;
+mod register_tile;
 
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
