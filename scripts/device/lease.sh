@@ -9,7 +9,7 @@
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
 # Steps: ptxas ncu ncu-source memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
-# memory-train f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
+# memory-train portable f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 B=${BIN:-/tmp/bin}
@@ -97,6 +97,18 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       BURN_ATTN_MMA_SYNC=1 BURN_ATTN_TRACE=1 timeout 150 $AF --backward --repeats 5 --skip-burn --only d=128 > "$OUT/backward-sync.log" 2>&1
       grep -v "^burn-attn:" "$OUT/backward-sync.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-sync.log" | sort | uniq -c | head -4 ;;
     memory-train) timeout 120 "$B/attention_forward" --backend cuda --dtype bf16 --memory --backward 2>&1 | tee "$OUT/memory-train.log" ;;
+    portable) # the portable kernels (flash_unit v2, backward v4: CUDA's default f32 path):
+      # memcheck and racecheck of the f32 kernel tests, one thread; the f32 forward at n=4096
+      # with tile variants (PORTABLE_VARIANTS, as TUNE_VARIANTS); the f32 backward at n=1024
+      for tool in memcheck racecheck; do
+        timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" f32 --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
+      done
+      for v in ${PORTABLE_VARIANTS:-default BURN_ATTN_UNIT_BLOCK_Q=64,BURN_ATTN_UNIT_BLOCK_K=32 BURN_ATTN_UNIT_BLOCK_Q=32,BURN_ATTN_UNIT_BLOCK_K=16 BURN_ATTN_UNIT_BLOCK_Q=16,BURN_ATTN_UNIT_BLOCK_K=16}; do
+        echo "-- variant [$v]"
+        vars=${v//,/ }; [ "$v" = default ] && vars=
+        env $vars BURN_ATTN_TRACE=1 timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --skip-burn --only "n=4096 d=128" 2>&1 | grep -E "ours|tiles|error|panick" | sort | uniq -c | head -6
+      done
+      timeout ${PORTABLE_TIMEOUT:-200} "$B/attention_forward" --backend cuda --dtype f32 --backward --repeats 3 --only "n=1024" 2>&1 | tee "$OUT/backward-f32.log" | grep -vE "^\s*$" | tail -4 ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
       # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)
@@ -133,7 +145,9 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # Which Vulkan drivers the machine offers (the NVIDIA one needs the container's
       # "graphics" driver capability)
       ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | tr '\n' ' '; echo "NVIDIA_DRIVER_CAPABILITIES=${NVIDIA_DRIVER_CAPABILITIES:-unset}"
-      for dt in f32 f16; do timeout ${WGPU_TIMEOUT:-150} "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 --skip-burn --only "d=128" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
+      # WGPU_BURN=1 keeps Burn's own attention in the run (its Vulkan kernels compile and tune first)
+      skip=--skip-burn; [ "${WGPU_BURN:-0}" = 1 ] && skip=
+      for dt in ${WGPU_DTYPES:-f32 f16}; do timeout ${WGPU_TIMEOUT:-150} "$B/attention_forward" --backend wgpu --dtype $dt --repeats 5 $skip --only "${WGPU_ONLY:-d=128}" --json "$OUT/bench-wgpu-$dt.json" 2>&1 | grep -vE "^\s*$" | tail -12; done ;;
     save-cache) # bring the caches back: copy $OUT/cubecl-cache.tar.xz into .carry/ for the next lease
       tar -cJf "$OUT/cubecl-cache.tar.xz" -C "$CACHE" . && ls -la "$OUT/cubecl-cache.tar.xz" && du -sh "$CACHE" ;;
     *) echo "unknown step $step" ;;

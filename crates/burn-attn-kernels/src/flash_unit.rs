@@ -31,8 +31,10 @@ use crate::register_tile::tile_product;
 pub(crate) const NEG_BIG: f32 = -3.0e38;
 
 /// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
-/// strides) into `tile` as a dense `rows x dim` block; rows past `n` are zeros. `units` is
-/// the number of units of the cube (shared with the backward kernels).
+/// strides) into `tile`, rows past `n` as zeros: row-major (`rows x dim`), or with
+/// `transposed` element `(r, c)` at `c * (rows + 1) + r` (the padding keeps both the
+/// staging writes and the product's reads of consecutive rows on distinct banks). `units`
+/// is the number of units of the cube.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows<F: Float>(
@@ -44,6 +46,7 @@ pub(crate) fn stage_rows<F: Float>(
     #[comptime] dim: usize,
     #[comptime] rows: usize,
     #[comptime] units: usize,
+    #[comptime] transposed: bool,
 ) {
     let stride_n = src.stride(2);
     let stride_d = src.stride(3);
@@ -56,39 +59,11 @@ pub(crate) fn stage_rows<F: Float>(
         if j < n {
             val = src[base + j * stride_n + c * stride_d];
         }
-        tile[idx] = val;
-        idx += units;
-    }
-}
-
-/// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
-/// strides) into `tile` transposed: element `(r, c)` at `c * (rows + 1) + r` (the padding
-/// keeps both the staging writes and the kernel's reads of consecutive rows on distinct
-/// banks); rows past `n` are zeros.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn stage_rows_transposed<F: Float>(
-    src: &Tensor<F>,
-    tile: &mut SharedMemory<F>,
-    base: usize,
-    t0: usize,
-    n: usize,
-    #[comptime] dim: usize,
-    #[comptime] rows: usize,
-    #[comptime] units: usize,
-) {
-    let stride_n = src.stride(2);
-    let stride_d = src.stride(3);
-    let mut idx = UNIT_POS_X as usize;
-    while idx < rows * dim {
-        let r = idx / dim;
-        let c = idx % dim;
-        let j = t0 + r;
-        let mut val = F::new(0.0);
-        if j < n {
-            val = src[base + j * stride_n + c * stride_d];
+        if transposed {
+            tile[c * (rows + 1) + r] = val;
+        } else {
+            tile[idx] = val;
         }
-        tile[c * (rows + 1) + r] = val;
         idx += units;
     }
 }
@@ -249,7 +224,7 @@ pub fn flash_unit_kernel<F: Float>(
     let q_base = b * q.stride(0) + h * q.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
-    stage_rows_transposed::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units);
+    stage_rows::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units, true);
 
     let mut s = Array::<f32>::new(comptime!(rq * rk));
     let mut o = Array::<f32>::new(comptime!(rq * rv));
@@ -267,7 +242,7 @@ pub fn flash_unit_kernel<F: Float>(
 
     let mut t0 = k_start;
     while t0 < k_end {
-        stage_rows_transposed::<F>(
+        stage_rows::<F>(
             k,
             &mut kv,
             k_base,
@@ -276,6 +251,7 @@ pub fn flash_unit_kernel<F: Float>(
             dim,
             block_k,
             units,
+            true,
         );
         sync_cube();
 
@@ -361,6 +337,7 @@ pub fn flash_unit_kernel<F: Float>(
             value_dim,
             block_k,
             units,
+            false,
         );
         sync_cube();
 

@@ -24,7 +24,7 @@
 
 use cubecl::prelude::*;
 
-use crate::flash_unit::{stage_rows_transposed, NEG_BIG};
+use crate::flash_unit::{stage_rows, NEG_BIG};
 use crate::register_tile::tile_product;
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
@@ -95,9 +95,9 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     let do_base = b * d_out.stride(0) + h * d_out.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
-    stage_rows_transposed::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units);
-    stage_rows_transposed::<F>(
-        d_out, &mut do_t, do_base, r0, seq_q, value_dim, block_q, units,
+    stage_rows::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units, true);
+    stage_rows::<F>(
+        d_out, &mut do_t, do_base, r0, seq_q, value_dim, block_q, units, true,
     );
     // D and lse per row (rows past seq_q: 0 and NEG_BIG, so they get no probabilities).
     let mut idx = UNIT_POS_X as usize;
@@ -132,7 +132,9 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     while t0 < k_end {
         let start = usize::cast_from(t0);
         // dP = dO V^T over the value dim.
-        stage_rows_transposed::<F>(v, &mut kv, v_base, start, seq_k, value_dim, block_k, units);
+        stage_rows::<F>(
+            v, &mut kv, v_base, start, seq_k, value_dim, block_k, units, true,
+        );
         sync_cube();
         #[unroll]
         for i in 0..comptime!(rq * rk) {
@@ -158,7 +160,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
         );
         sync_cube();
         // S = Q K^T over the head dim; K stays for dQ.
-        stage_rows_transposed::<F>(k, &mut kv, k_base, start, seq_k, dim, block_k, units);
+        stage_rows::<F>(k, &mut kv, k_base, start, seq_k, dim, block_k, units, true);
         sync_cube();
         tile_product::<F, F>(
             &mut s,
@@ -309,8 +311,10 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
 
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
-    stage_rows_transposed::<F>(k, &mut k_t, k_base, c0, seq_k, dim, block_k, units);
-    stage_rows_transposed::<F>(v, &mut v_t, v_base, c0, seq_k, value_dim, block_k, units);
+    stage_rows::<F>(k, &mut k_t, k_base, c0, seq_k, dim, block_k, units, true);
+    stage_rows::<F>(
+        v, &mut v_t, v_base, c0, seq_k, value_dim, block_k, units, true,
+    );
 
     let mut st = Array::<f32>::new(comptime!(rk * rq));
     let mut dpt = Array::<f32>::new(comptime!(rk * rq));
@@ -335,9 +339,9 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
         let mut t0 = q_start;
         while t0 < q_end {
             let start = usize::cast_from(t0);
-            stage_rows_transposed::<F>(q, &mut q_t, q_base, start, seq_q, dim, block_q, units);
-            stage_rows_transposed::<F>(
-                d_out, &mut do_t, do_base, start, seq_q, value_dim, block_q, units,
+            stage_rows::<F>(q, &mut q_t, q_base, start, seq_q, dim, block_q, units, true);
+            stage_rows::<F>(
+                d_out, &mut do_t, do_base, start, seq_q, value_dim, block_q, units, true,
             );
             let mut idx = UNIT_POS_X as usize;
             while idx < block_q {
