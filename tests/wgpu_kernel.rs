@@ -15,7 +15,7 @@ use burn::backend::Wgpu;
 use burn::tensor::{DType, Tensor};
 
 mod kernel_common;
-use burn_attn_core::kernels::flash_forward_unit;
+use burn_attn_core::kernels::{flash_forward_unit, BandArgs, Unsupported};
 use kernel_common::*;
 
 /// The fusion-wrapped type users get (`burn::backend::Wgpu`).
@@ -224,6 +224,42 @@ fn unit_backward_at_the_software_loop_cap() {
             long_side >= at_least,
             "{kernel}: the cap declined past {long_side}: far inside llvmpipe's budget"
         );
+    }
+}
+
+/// The forward launcher checks q, k and v against each other itself (it is public): a key
+/// head dim other than the query's, a kv head count that does not divide the query heads,
+/// or v's length differing from k's is declined with the shapes named, never launched.
+#[test]
+fn unit_launcher_declines_mismatched_shapes() {
+    if !gpu_available() {
+        return;
+    }
+    let device = WgpuDevice::default();
+    let t = |shape: [usize; 4]| {
+        Tensor::<Plain, 4>::zeros(shape, &device)
+            .into_primitive()
+            .tensor()
+    };
+    let band = BandArgs {
+        scale: 0.25,
+        left: None,
+        right: None,
+    };
+    let q = [1, 4, 8, 16];
+    for (k, v) in [
+        ([1, 4, 8, 8], [1, 4, 8, 16]),  // k's head dim
+        ([1, 3, 8, 16], [1, 3, 8, 16]), // 3 kv heads for 4 query heads
+        ([1, 2, 8, 16], [1, 2, 9, 16]), // v longer than k
+        ([2, 2, 8, 16], [2, 2, 8, 16]), // batch
+    ] {
+        match flash_forward_unit::<WgpuRuntime>(t(q), t(k), t(v), band) {
+            Err(Unsupported::Size(why)) => {
+                assert!(why.contains("do not match"), "k {k:?}, v {v:?}: {why}")
+            }
+            Err(other) => panic!("k {k:?}, v {v:?}: declined for another reason: {other}"),
+            Ok(_) => panic!("k {k:?}, v {v:?} with q {q:?}: launched"),
+        }
     }
 }
 

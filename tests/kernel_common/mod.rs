@@ -836,7 +836,7 @@ where
     Ok(())
 }
 
-/// The backward kernel grid: tails, seq_q != seq_k, head dims 32/64/80, every band kind,
+/// The backward kernel grid: tails, seq_q != seq_k, head dims 32/64/80/256, every band kind,
 /// GQA ratios 1, 2 and 8.
 pub fn backward_grid() -> Vec<Case> {
     vec![
@@ -854,6 +854,8 @@ pub fn backward_grid() -> Vec<Case> {
             .gqa(8, 1)
             .causal(),
         Case::new(40, 3, 32).causal(),
+        // The widest head dim (the portable kernels' smallest tiles on 32 KiB devices).
+        Case::new(20, 24, 256).causal(),
     ]
 }
 

@@ -73,7 +73,7 @@ pub(crate) struct UnitTiles {
 
 impl UnitTiles {
     /// Preferred first: the most multiply-adds per shared-memory read.
-    const CANDIDATES: [UnitTiles; 7] = [
+    const CANDIDATES: [UnitTiles; 8] = [
         UnitTiles::new(64, 64, 8, 16),
         UnitTiles::new(64, 32, 8, 16),
         UnitTiles::new(32, 32, 8, 16),
@@ -81,6 +81,7 @@ impl UnitTiles {
         UnitTiles::new(16, 16, 8, 16),
         UnitTiles::new(16, 8, 8, 8),
         UnitTiles::new(8, 8, 8, 8),
+        UnitTiles::new(8, 4, 8, 4),
     ];
 
     const fn new(rows: usize, cols: usize, row_threads: usize, col_threads: usize) -> Self {
@@ -153,7 +154,18 @@ impl UnitTiles {
         let wanted = |t: &Self| {
             block_q.is_none_or(|bq| bq == t.rows) && block_k.is_none_or(|bk| bk == t.cols)
         };
-        Self::choose(shared, shared_bytes, registers, wanted)
+        Self::choose(shared, shared_bytes, registers, wanted).or_else(|| {
+            let forced = block_q.is_some() || block_k.is_some();
+            if forced {
+                eprintln!(
+                    "burn-attn: no portable tile fits BURN_ATTN_UNIT_BLOCK_Q/_K {block_q:?} x \
+                     {block_k:?} here; ignoring them"
+                );
+            }
+            forced
+                .then(|| Self::choose(shared, shared_bytes, registers, |_| true))
+                .flatten()
+        })
     }
 
     /// Loop iterations one unit of the forward kernel runs for a cube whose rows' band
@@ -214,7 +226,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
     if !no_cap && is_software_wgpu(&client) {
         // A cube's key range: its rows' bands, `rows - 1` keys wider than one row's.
         let keys = match (band.left, band.right) {
-            (Some(l), Some(r)) => (l + r + tiles.rows).min(seq_k),
+            (Some(l), Some(r)) => l.saturating_add(r).saturating_add(tiles.rows).min(seq_k),
             _ => seq_k,
         };
         let loops = tiles.forward_loop_iterations(dim, value_dim, keys);
@@ -660,8 +672,18 @@ impl Sizes {
         v: &CubeTensor<R>,
     ) -> Result<Self, Unsupported> {
         let [batch, heads, seq_q, dim] = dims4(q);
-        let seq_k = dims4(k)[2];
-        let value_dim = dims4(v)[3];
+        let [k_batch, kv_heads, seq_k, k_dim] = dims4(k);
+        let [v_batch, v_heads, v_seq, value_dim] = dims4(v);
+        let kv_ok = kv_heads > 0 && heads.is_multiple_of(kv_heads) && v_heads == kv_heads;
+        if k_batch != batch || v_batch != batch || k_dim != dim || v_seq != seq_k || !kv_ok {
+            return Err(Unsupported::Size(format!(
+                "q {:?}, k {:?}, v {:?} do not match (k and v need q's batch, one kv head count \
+                 dividing q's heads and one length; k needs q's head dim)",
+                q.meta.shape(),
+                k.meta.shape(),
+                v.meta.shape()
+            )));
+        }
         if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
             return Err(Unsupported::Size(format!(
                 "head_dim {dim} / value_dim {value_dim} (1..={MAX_HEAD_DIM})"

@@ -429,18 +429,13 @@ fn check_inputs<R: CubeRuntime>(
         batch,
         heads,
         seq_q,
-        seq_k,
-        dim,
         value_dim,
         ..
     } = sizes;
     let kv_heads = dims4(k)[1];
     let row_shape = [batch, heads, seq_q, value_dim];
-    let shapes_ok = kv_heads > 0
-        && heads % kv_heads == 0
-        && dims4(k) == [batch, kv_heads, seq_k, dim]
-        && dims4(v) == [batch, kv_heads, seq_k, value_dim]
-        && dims4(out) == row_shape
+    // q, k and v agree (Sizes::check); out, d_out and lse must follow q.
+    let shapes_ok = dims4(out) == row_shape
         && dims4(d_out) == row_shape
         && lse.meta.shape().as_slice() == [batch, heads, seq_q];
     if !shapes_ok {
@@ -483,7 +478,7 @@ fn backward_loop_iterations(
     } = *sizes;
     // Keys (rows) a cube of `cube_rows` consecutive rows (keys) can see.
     let width = |n: usize, cube_rows: usize| match (band.left, band.right) {
-        (Some(l), Some(r)) => (l + r + cube_rows).min(n),
+        (Some(l), Some(r)) => l.saturating_add(r).saturating_add(cube_rows).min(n),
         _ => n,
     };
     let rows_per_unit = |t: &UnitTiles| t.rows.div_ceil(t.units());
