@@ -257,10 +257,6 @@ pub fn flash_unit_kernel<F: Float>(
 
         // Scores: s[a][b] = q[row a] . k[key b], with rows ty + a * row_threads and keys
         // tx + b * col_threads of the tile.
-        #[unroll]
-        for i in 0..comptime!(rq * rk) {
-            s[i] = f32::new(0.0);
-        }
         tile_product::<F, F>(
             &mut s,
             &q_t,
@@ -277,6 +273,7 @@ pub fn flash_unit_kernel<F: Float>(
             rk,
             col_threads,
             block_k,
+            true,
         );
 
         let tile_len = min(k_end - t0, block_k as i32);
@@ -358,6 +355,7 @@ pub fn flash_unit_kernel<F: Float>(
             rv,
             col_threads,
             value_dim,
+            false,
         );
         sync_cube();
         t0 += block_k as i32;

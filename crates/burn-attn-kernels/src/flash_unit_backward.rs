@@ -136,11 +136,6 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             v, &mut kv, v_base, start, seq_k, value_dim, block_k, units, true,
         );
         sync_cube();
-        #[unroll]
-        for i in 0..comptime!(rq * rk) {
-            dp[i] = f32::new(0.0);
-            s[i] = f32::new(0.0);
-        }
         tile_product::<F, F>(
             &mut dp,
             &do_t,
@@ -157,6 +152,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             rk,
             col_threads,
             block_k,
+            true,
         );
         sync_cube();
         // S = Q K^T over the head dim; K stays for dQ.
@@ -178,6 +174,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             rk,
             col_threads,
             block_k,
+            true,
         );
         // dS = P (dP - D), zero outside the band, past seq_k and on rows without keys.
         #[unroll]
@@ -220,6 +217,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             rd,
             col_threads,
             dim,
+            false,
         );
         sync_cube();
         t0 += block_k as i32;
@@ -358,11 +356,6 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
             }
             sync_cube();
 
-            #[unroll]
-            for i in 0..comptime!(rk * rq) {
-                st[i] = f32::new(0.0);
-                dpt[i] = f32::new(0.0);
-            }
             // S^T = K Q^T and dP^T = V dO^T: keys ty + a * row_threads, query rows
             // tx + c * col_threads of the tile.
             tile_product::<F, F>(
@@ -381,6 +374,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 rq,
                 col_threads,
                 block_q,
+                true,
             );
             tile_product::<F, F>(
                 &mut dpt,
@@ -398,6 +392,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 rq,
                 col_threads,
                 block_q,
+                true,
             );
             // P^T and dS^T = P^T (dP^T - D), zero outside the band, past seq_q and the
             // cube's keys, and on rows without keys.
@@ -445,6 +440,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 rv,
                 col_threads,
                 value_dim,
+                false,
             );
             tile_product::<f32, F>(
                 &mut dk_acc,
@@ -462,6 +458,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 rd,
                 col_threads,
                 dim,
+                false,
             );
             sync_cube();
             t0 += block_q as i32;

@@ -23,6 +23,17 @@ pub struct BandArgs {
     pub right: Option<usize>,
 }
 
+impl BandArgs {
+    /// Keys a cube of `rows` consecutive query rows can see (or query rows that can see a
+    /// cube of `rows` consecutive keys): its rows' bands together, at most `n`.
+    pub(crate) fn cube_span(&self, rows: usize, n: usize) -> usize {
+        match (self.left, self.right) {
+            (Some(l), Some(r)) => l.saturating_add(r).saturating_add(rows).min(n),
+            _ => n,
+        }
+    }
+}
+
 /// Why a launcher declined a call (the caller then uses another implementation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unsupported {
@@ -224,11 +235,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
 
     let no_cap = std::env::var("BURN_ATTN_UNIT_NO_CAP").is_ok_and(|v| v == "1");
     if !no_cap && is_software_wgpu(&client) {
-        // A cube's key range: its rows' bands, `rows - 1` keys wider than one row's.
-        let keys = match (band.left, band.right) {
-            (Some(l), Some(r)) => l.saturating_add(r).saturating_add(tiles.rows).min(seq_k),
-            _ => seq_k,
-        };
+        let keys = band.cube_span(tiles.rows, seq_k);
         let loops = tiles.forward_loop_iterations(dim, value_dim, keys);
         // A small margin for what the count could leave out.
         if loops + 64 > SOFTWARE_LOOP_BUDGET {
@@ -657,6 +664,8 @@ pub(crate) fn is_software_wgpu<R: CubeRuntime>(client: &ComputeClient<R>) -> boo
 pub(crate) struct Sizes {
     pub(crate) batch: usize,
     pub(crate) heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub(crate) kv_heads: usize,
     pub(crate) seq_q: usize,
     pub(crate) seq_k: usize,
     pub(crate) dim: usize,
@@ -697,6 +706,7 @@ impl Sizes {
         Ok(Self {
             batch,
             heads,
+            kv_heads,
             seq_q,
             seq_k,
             dim,

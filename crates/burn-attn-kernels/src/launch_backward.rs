@@ -52,10 +52,11 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     d_out: CubeTensor<R>,
     band: BandArgs,
 ) -> Result<Gradients<R>, Unsupported> {
-    let (sizes, kv_heads) = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
+    let sizes = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
     let Sizes {
         batch,
         heads,
+        kv_heads,
         seq_q,
         seq_k,
         dim,
@@ -116,7 +117,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     }
     trace(|| format!("flash_unit_backward tiles dQ {dq_tiles:?}, dK/dV {kv_tiles:?}"));
 
-    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes, kv_heads);
+    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
 
@@ -198,10 +199,11 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     d_out: CubeTensor<R>,
     band: BandArgs,
 ) -> Result<Gradients<R>, Unsupported> {
-    let (sizes, kv_heads) = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
+    let sizes = check_inputs(&q, &k, &v, &out, &lse, &d_out)?;
     mma_support(&q)?;
     let Sizes {
         batch,
+        kv_heads,
         seq_k,
         dim,
         value_dim,
@@ -271,7 +273,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
         )
     });
 
-    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes, kv_heads);
+    let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
 
@@ -382,14 +384,11 @@ pub fn flash_backward<R: CubeRuntime>(
 /// The outputs of both backward launchers: `dq`, `dk`, `dv` (contiguous, in `q`'s dtype,
 /// in the shapes of `q`, `k` and `v`) and the f32 `D = rowsum(dO * O)` buffer
 /// `[batch, heads, seq_q]` the dQ kernel writes for the dK/dV kernel.
-fn alloc_gradients<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    sizes: &Sizes,
-    kv_heads: usize,
-) -> [CubeTensor<R>; 4] {
+fn alloc_gradients<R: CubeRuntime>(q: &CubeTensor<R>, sizes: &Sizes) -> [CubeTensor<R>; 4] {
     let Sizes {
         batch,
         heads,
+        kv_heads,
         seq_q,
         seq_k,
         dim,
@@ -407,7 +406,7 @@ fn alloc_gradients<R: CubeRuntime>(
 
 /// The checks both backward launchers share: dtypes (q, k, v, out and d_out in one of
 /// f32, f16, bf16; lse in f32) and shapes (see [`flash_backward_unit`]). Returns the
-/// sizes and the number of kv heads.
+/// sizes.
 fn check_inputs<R: CubeRuntime>(
     q: &CubeTensor<R>,
     k: &CubeTensor<R>,
@@ -415,7 +414,7 @@ fn check_inputs<R: CubeRuntime>(
     out: &CubeTensor<R>,
     lse: &CubeTensor<R>,
     d_out: &CubeTensor<R>,
-) -> Result<(Sizes, usize), Unsupported> {
+) -> Result<Sizes, Unsupported> {
     check_dtypes(q, k, v)?;
     if out.dtype != q.dtype || d_out.dtype != q.dtype || lse.dtype != DType::F32 {
         return Err(Unsupported::DType(format!(
@@ -432,7 +431,6 @@ fn check_inputs<R: CubeRuntime>(
         value_dim,
         ..
     } = sizes;
-    let kv_heads = dims4(k)[1];
     let row_shape = [batch, heads, seq_q, value_dim];
     // q, k and v agree (Sizes::check); out, d_out and lse must follow q.
     let shapes_ok = dims4(out) == row_shape
@@ -449,7 +447,7 @@ fn check_inputs<R: CubeRuntime>(
             d_out.meta.shape()
         )));
     }
-    Ok((sizes, kv_heads))
+    Ok(sizes)
 }
 
 /// Loop iterations of one unit of either portable backward kernel, the larger, as llvmpipe
@@ -476,11 +474,6 @@ fn backward_loop_iterations(
         value_dim,
         ..
     } = *sizes;
-    // Keys (rows) a cube of `cube_rows` consecutive rows (keys) can see.
-    let width = |n: usize, cube_rows: usize| match (band.left, band.right) {
-        (Some(l), Some(r)) => l.saturating_add(r).saturating_add(cube_rows).min(n),
-        _ => n,
-    };
     let rows_per_unit = |t: &UnitTiles| t.rows.div_ceil(t.units());
     let dq_prologue = dq.staging_loop(dq.rows, dim)
         + dq.staging_loop(dq.rows, value_dim)
@@ -493,7 +486,7 @@ fn backward_loop_iterations(
         + (dim + 1)
         + (dq.cols + 1)
         + 1;
-    let dq_loops = dq_prologue + 1 + width(seq_k, dq.rows).div_ceil(dq.cols) * dq_tile;
+    let dq_loops = dq_prologue + 1 + band.cube_span(dq.rows, seq_k).div_ceil(dq.cols) * dq_tile;
 
     let kv_prologue = kv.staging_loop(kv.rows, dim) + kv.staging_loop(kv.rows, value_dim);
     let kv_tile = kv.staging_loop(kv.cols, dim)
@@ -504,7 +497,7 @@ fn backward_loop_iterations(
         + (value_dim + 1)
         + 2 * (kv.cols + 1)
         + 1;
-    let per_head = 2 + width(seq_q, kv.rows).div_ceil(kv.cols) * kv_tile;
+    let per_head = 2 + band.cube_span(kv.rows, seq_q).div_ceil(kv.cols) * kv_tile;
     let kv_loops = kv_prologue + 1 + group * per_head;
     dq_loops.max(kv_loops)
 }

@@ -8,7 +8,8 @@
 
 use cubecl::prelude::*;
 
-/// `acc[a * cols + c] += sum over kk < depth of A(row a, kk) * B(kk, column c)` for one
+/// `acc[a * cols + c] += sum over kk < depth of A(row a, kk) * B(kk, column c)` (with
+/// `fresh`, `=`: the tile is zeroed first) for one
 /// unit's register tile, with row `a` = `row0 + a * row_step`, column `c` = `col0 + c *
 /// col_step`, `A(r, kk) = a_mem[kk * a_k + r * a_r]` and `B(kk, n) = b_mem[kk * b_k + n *
 /// b_c]` (so either operand may be stored transposed). Columns at or past `col_limit`
@@ -32,7 +33,14 @@ pub(crate) fn tile_product<FA: Float, FB: Float>(
     #[comptime] cols: usize,
     #[comptime] col_step: usize,
     #[comptime] col_limit: usize,
+    #[comptime] fresh: bool,
 ) {
+    if fresh {
+        #[unroll]
+        for i in 0..comptime!(rows * cols) {
+            acc[i] = f32::new(0.0);
+        }
+    }
     let mut a_frag = Array::<f32>::new(rows);
     let mut b_frag = Array::<f32>::new(cols);
     let a_first = row0 * a_r;
