@@ -18,6 +18,9 @@
 //! backward alone (step minus forward) with the backward count `2.5x` the forward's, and
 //! Burn's materialised attention trained the same way as the peer; with `--memory` it
 //! runs one training step at n = 32768. `--memory-seq N` changes the memory case's length.
+//! `--tokens N` sets the tokens per case (batch = N / n; default 32768). On `wgpu` Burn's
+//! kernels are skipped, with a note, where their `b*h*n*n` f32 scores pass 2 GiB: WGPU
+//! refuses such buffers, and the failed allocation takes the whole process down.
 
 use std::time::Instant;
 
@@ -85,14 +88,14 @@ impl Case {
     }
 }
 
-fn suite(quick: bool) -> Vec<Case> {
+fn suite(quick: bool, tokens: Option<usize>) -> Vec<Case> {
     let mut cases = Vec::new();
     let (lengths, heads): (&[usize], usize) = if quick {
         (&[256, 512], 4)
     } else {
         (&[1024, 4096, 16384], 16)
     };
-    let tokens = if quick { 1024 } else { 32768 };
+    let tokens = tokens.unwrap_or(if quick { 1024 } else { 32768 });
     for &seq in lengths {
         for causal in [false, true] {
             cases.push(Case {
@@ -166,12 +169,38 @@ fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()
 /// Whether Burn's materialised attention runs for the case: full or causal only, and its
 /// scores need b*h*n*n floats, so only up to n = 4096.
 fn runs_materialised(case: &Case, args: &Args) -> bool {
-    case.window.is_none() && !args.skip_burn && case.seq <= 4096
+    case.window.is_none() && !args.skip_burn && case.seq <= 4096 && burn_fits(case, args)
+}
+
+/// WGPU's largest buffer (wgpu's default `max_buffer_size` is 256 MiB; adapters raise it
+/// to about 2 GiB, and an allocation past it aborts the process).
+const WGPU_MAX_BUFFER: usize = 1 << 31;
+
+/// Whether Burn's kernels, which hold the `b*h*n*n` scores in f32, can run the case on the
+/// backend (the limit is WGPU's buffer size).
+fn burn_fits(case: &Case, args: &Args) -> bool {
+    args.backend != "wgpu" || score_bytes(case) < WGPU_MAX_BUFFER
+}
+
+fn score_bytes(case: &Case) -> usize {
+    case.batch * case.heads * case.seq * case.seq * 4
+}
+
+/// Says so when Burn's kernels are left out of a case for WGPU's buffer limit.
+fn note_burn_skipped(case: &Case, args: &Args) {
+    if !args.skip_burn && !burn_fits(case, args) {
+        eprintln!(
+            "{}: Burn's kernels skipped: their scores take {:.1} GiB, past WGPU's {} GiB buffer limit (fewer --tokens fit)",
+            case.label(),
+            score_bytes(case) as f64 / (1u64 << 30) as f64,
+            WGPU_MAX_BUFFER >> 30
+        );
+    }
 }
 
 /// The suite's cases whose label contains `--only`'s text (all without it).
 fn selected_cases(args: &Args) -> Vec<Case> {
-    suite(args.quick)
+    suite(args.quick, args.tokens)
         .into_iter()
         .filter(|c| {
             args.only
@@ -202,6 +231,7 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
     let mut rows = Vec::new();
     let cases = selected_cases(args);
     for case in cases {
+        note_burn_skipped(&case, args);
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v) = (rand(), rand(), rand());
@@ -217,7 +247,8 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
         // Burn's fused attention has no window option: only full and causal compare.
         // Burn's fused kernel autotunes per shape and runs at ~5 TFLOP/s past n = 4096 (its
         // peer numbers stop there too): `--burn-all` times it at every length.
-        let burn_fused = !args.skip_burn && (case.seq <= 4096 || args.burn_all);
+        let burn_fused =
+            !args.skip_burn && (case.seq <= 4096 || args.burn_all) && burn_fits(&case, args);
         let burn = (case.window.is_none() && burn_fused).then(|| {
             median_ms::<B>(device, args.repeats, || {
                 let _ = burn_attention(
@@ -265,6 +296,7 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
     let mut rows = Vec::new();
     let cases = selected_cases(args);
     for case in cases {
+        note_burn_skipped(&case, args);
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v, w) = (rand(), rand(), rand(), rand());
@@ -331,6 +363,7 @@ struct Args {
     memory: bool,
     memory_seq: Option<usize>,
     backward: bool,
+    tokens: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -346,6 +379,7 @@ fn parse_args() -> Args {
         memory: false,
         memory_seq: None,
         backward: false,
+        tokens: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -369,6 +403,9 @@ fn parse_args() -> Args {
                 )
             }
             "--backward" => args.backward = true,
+            "--tokens" => {
+                args.tokens = Some(it.next().and_then(|n| n.parse().ok()).expect("--tokens N"))
+            }
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other:?}; see the file's header for usage"),
         }

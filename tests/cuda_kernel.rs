@@ -53,6 +53,13 @@ mod on_cuda {
             .filter(|(i, c)| c.dim != 64 || i % 2 == 0 || c.window != burn_attn_core::Window::FULL)
             .map(|(_, c)| c)
             .collect();
+        // Value dims whose output vectors (the matrix-unit epilogue's stores) are 4, 2 and 1
+        // wide, and one wider than the head dim (the unstaged epilogue).
+        for (dim, value_dim) in [(36, 36), (64, 34), (40, 33), (32, 80)] {
+            let mut c = Case::new(70, 90, dim).gqa(4, 2).causal();
+            c.value_dim = value_dim;
+            cases.push(c);
+        }
         cases.push(Case::new(1025, 1025, 128).causal());
         cases.push(Case::new(700, 2048, 128));
         cases.push(Case::new(2048, 2048, 64).window(Some(300), Some(20)));

@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas ncu ncu-source memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu ncu-source durations memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train portable f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -57,6 +57,22 @@ for step in "$@"; do
         $NCU --import /tmp/ncu-source.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-source.csv" 2>&1
         $NCU --import /tmp/ncu-source.ncu-rep --page details --print-details all > "$OUT/ncu-stalls.txt" 2>&1
         tail -3 "$OUT/ncu-source.log"; wc -l "$OUT/ncu-source.csv"; grep -iE "stall" "$OUT/ncu-stalls.txt" | head -30
+      fi ;;
+    durations) # kernel times under Nsight Compute (clocks locked, one launch at a time: runs
+      # of one binary agree within 1%, where wall-clock medians of one-millisecond kernels
+      # moved 13%), for each binary folder of DURATION_BINS (default $B) in turn, each with
+      # its own kernel cache; DURATION_CASES: "|"-separated bench cases
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
+        IFS='|' read -ra cases <<< "${DURATION_CASES:-n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal}"
+        for case in "${cases[@]}"; do
+          for bin in ${DURATION_BINS:-$B}; do
+            c=/tmp/cubecl-cache-$(echo "$bin" | tr '/' '_')
+            printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$c" "$c" > cubecl.toml
+            d=$(timeout 60 $NCU -k regex:flash_mma_kernel --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
+            echo "$case [$bin]: $d"
+          done
+        done
+        printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head

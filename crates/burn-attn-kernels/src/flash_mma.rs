@@ -262,11 +262,11 @@ pub(crate) fn zero_pad_columns<F: Float>(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn flash_mma_kernel<F: Float>(
+pub fn flash_mma_kernel<F: Float, N: Size>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     lse: &mut Tensor<f32>,
     scale: f32,
     left: i32,
@@ -709,39 +709,80 @@ pub fn flash_mma_kernel<F: Float>(
         }
     }
 
-    // Row sums over the group's four lanes, then normalise and write.
+    // Row sums over the group's four lanes, then normalise and write. The strides are
+    // read once (the compiler cannot keep them across stores to the output, which might
+    // alias the buffer holding them, and reloaded them per element).
     let o_base = b * out.stride(0) + h * out.stride(1);
+    let o_row_stride = out.stride(2);
+    let lse_base = b * lse.stride(0) + h * lse.stride(1);
+    let lse_row_stride = lse.stride(2);
+    // Staged epilogue where an output row fits in a Q row of shared memory: each plane
+    // writes its normalised rows over its own Q rows (which only it reads), then stores
+    // them `N` values (16 bytes at N = 8) per lane and instruction, consecutive lanes along
+    // a row. The fragments' own layout would take one 2-byte store per value, at scattered
+    // rows: that epilogue held 12% of the stall samples at n = 1024 (PERFORMANCE.md, v8).
+    let staged = comptime!(value_dim_pad <= dim_pad);
+    if comptime!(staged) {
+        // With synchronous staging and no key tile, other planes' Q writes may still be
+        // landing in this plane's rows.
+        sync_cube();
+    }
     #[unroll]
     for hf in 0..halves {
         let mut l = l_row[hf];
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
         let row = w0 + g + 8 * hf;
-        if row < seq_q {
-            let mut inv = f32::new(0.0);
-            if l > f32::new(0.0) {
-                inv = f32::new(1.0) / l;
-            }
+        let mut inv = f32::new(0.0);
+        if l > f32::new(0.0) {
+            inv = f32::new(1.0) / l;
+        }
+        // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
+        let s_row = (warp * plane_q + 8 * hf + g) * q_stride;
+        #[unroll]
+        for vt in 0..v_tiles {
             #[unroll]
-            for vt in 0..v_tiles {
-                #[unroll]
-                for e in 0..2usize {
-                    let col = vt * 8 + 2 * t + e;
-                    if col < value_dim {
-                        // Half hf is row tile hf / 2, accumulator elements 2 (hf % 2) + e.
-                        let tile = (hf / 2) * v_tiles + vt;
-                        let o = acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv;
-                        out[o_base + row * out.stride(2) + col * out.stride(3)] = F::cast_from(o);
-                    }
+            for e in 0..2usize {
+                let col = vt * 8 + 2 * t + e;
+                let tile = (hf / 2) * v_tiles + vt;
+                let o = F::cast_from(acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv);
+                if comptime!(staged) {
+                    q_smem[s_row + col] = o;
+                } else if row < seq_q && col < value_dim {
+                    // N = 1 here (the launcher's choice).
+                    out[o_base + row * o_row_stride + col] = Vector::new(o);
                 }
             }
-            if t == 0 {
-                let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
-                if l > f32::new(0.0) {
-                    lse[lse_idx] = m_row[hf] + f32::ln(l);
-                } else {
-                    lse[lse_idx] = neg_inf;
+        }
+        if row < seq_q && t == 0 {
+            let lse_idx = lse_base + row * lse_row_stride;
+            if l > f32::new(0.0) {
+                lse[lse_idx] = m_row[hf] + f32::ln(l);
+            } else {
+                lse[lse_idx] = neg_inf;
+            }
+        }
+    }
+    if comptime!(staged) {
+        sync_plane();
+        let vs = N::value().comptime();
+        let chunks = comptime!(value_dim_pad / vs);
+        // plane_q * chunks is a multiple of 32 (plane_q of 16, chunks even).
+        #[unroll]
+        for i in 0..comptime!(plane_q * chunks / 32) {
+            let idx = i * 32 + lane;
+            let r = idx / chunks;
+            let col = (idx % chunks) * vs;
+            let row = w0 + r;
+            // `vs` divides value_dim, so a chunk starting inside the row ends inside it.
+            if row < seq_q && col < value_dim {
+                let s_at = (warp * plane_q + r) * q_stride + col;
+                let mut vector = Vector::empty();
+                #[unroll]
+                for n in 0..vs {
+                    vector[n] = q_smem[s_at + n];
                 }
+                out[(o_base + row * o_row_stride + col) / vs] = vector;
             }
         }
     }

@@ -379,6 +379,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     if sizes.is_empty() {
         return Ok((out, lse));
     }
+    let out_vector = mma_out_vector(dim_pad, value_dim_pad, value_dim);
     let client = q.client.clone();
     let dtype = q.dtype;
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
@@ -391,6 +392,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             &client,
             grid,
             CubeDim::new_2d(32, planes as u32),
+            out_vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -410,6 +412,20 @@ pub fn flash_forward_mma<R: CubeRuntime>(
         );
     }
     Ok((out, lse))
+}
+
+/// Values per output store of the matrix-unit kernel: where its epilogue stages the output
+/// rows in shared memory (value dims padded no wider than head dims), the widest of 8
+/// (16 bytes), 4 and 2 dividing the value dim, so that a vector never straddles rows of
+/// the contiguous output and starts at a multiple of its size; 1 otherwise.
+fn mma_out_vector(dim_pad: usize, value_dim_pad: usize, value_dim: usize) -> usize {
+    if value_dim_pad > dim_pad {
+        return 1;
+    }
+    [8, 4, 2]
+        .into_iter()
+        .find(|n| value_dim.is_multiple_of(*n))
+        .unwrap_or(1)
 }
 
 /// Row tiles per plane of the tf32 kernel: one (16 rows; at head dim 128 the O
