@@ -250,7 +250,10 @@ pub(crate) fn zero_pad_columns<F: Float>(
 /// value dims rounded up to 16; `block_k` is a multiple of 16. Each plane owns `16 *
 /// m_tiles` query rows: with two row tiles every K and V fragment loaded from shared
 /// memory feeds four MMAs instead of two (at the cost of twice the accumulator
-/// registers). Outputs as `flash_unit_kernel`.
+/// registers). Outputs as `flash_unit_kernel`, except that `out` must be contiguous and is
+/// written `N` values per store: `N` must divide the value dim, and must be 1 where
+/// `value_dim_pad > dim_pad` (the epilogue stages output rows in Q's shared-memory rows,
+/// which are too narrow there, and stores one value at a time).
 ///
 /// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies
 /// in flight while the current one is computed (one cube barrier per tile instead of
@@ -767,7 +770,9 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
         sync_plane();
         let vs = N::value().comptime();
         let chunks = comptime!(value_dim_pad / vs);
-        // plane_q * chunks is a multiple of 32 (plane_q of 16, chunks even).
+        // plane_q * chunks is a multiple of 32 (plane_q a multiple of 16, chunks even).
+        // The N scalar shared loads of a chunk compile to one 16-byte load (SASS: 16 LDS
+        // and 16 STG per lane at d = 128).
         #[unroll]
         for i in 0..comptime!(plane_q * chunks / 32) {
             let idx = i * 32 + lane;

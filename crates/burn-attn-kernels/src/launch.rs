@@ -386,7 +386,8 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
     // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
     // The 16-byte `cp.async` reads stay inside a row because `aligned_rows` demands unit
-    // column strides and head/value dims that are multiples of 8.
+    // column strides and head/value dims that are multiples of 8; the output's `N`-value
+    // stores likewise, `out` being contiguous (`alloc_outputs`) and `N` dividing its rows.
     unsafe {
         flash_mma_kernel::launch_unchecked::<R>(
             &client,
