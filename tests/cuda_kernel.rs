@@ -152,6 +152,11 @@ mod on_cuda {
         // Head dims that are 8 mod 16: the padded columns the staging must zero.
         cases.push(Case::new(70, 90, 40).causal().gqa(4, 2));
         cases.push(Case::new(65, 33, 72).window(Some(9), Some(4)));
+        // Gradient rows stored 4, 2 and 1 values at a time (the staged epilogues).
+        let mut c = Case::new(70, 90, 36).causal().gqa(4, 2);
+        c.value_dim = 34;
+        cases.push(c);
+        cases.push(Case::new(65, 33, 33).window(Some(9), Some(4)));
         for case in cases {
             check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::F16);
             check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);

@@ -243,6 +243,55 @@ pub(crate) fn zero_pad_columns<F: Float>(
     }
 }
 
+/// Stores a plane's block of results from shared memory to `out`: `rows` rows from
+/// `smem[s_at..]` (row stride `s_stride`) to rows `row0..` of `out` (from `o_base`, row
+/// stride `o_row_stride`, unit column stride), columns `0..cols`, skipping rows past
+/// `n_rows`. Consecutive lanes take consecutive `N`-value chunks of a row, one store each
+/// (16 bytes at N = 8 in 16-bit types); `N` must divide `cols` and `o_row_stride`, so no
+/// chunk straddles a row end and every chunk starts at a multiple of `N`. The caller
+/// synchronises the plane after writing the block.
+///
+/// (The fragments' own layout would take one 2-byte store per value at scattered rows:
+/// that epilogue held 12% of the forward's stall samples at n = 1024; PERFORMANCE.md, v8.)
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_plane_rows<F: Float, N: Size>(
+    smem: &SharedMemory<F>,
+    s_at: usize,
+    #[comptime] s_stride: usize,
+    out: &mut Tensor<Vector<F, N>>,
+    o_base: usize,
+    o_row_stride: usize,
+    row0: usize,
+    n_rows: usize,
+    cols: usize,
+    lane: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols_pad: usize,
+) {
+    let vs = N::value().comptime();
+    let chunks = comptime!(cols_pad / vs);
+    // rows * chunks is a multiple of 32 (rows a multiple of 16, cols_pad of 16 so chunks
+    // even). The N scalar shared loads of a chunk compile to one 16-byte load (SASS of
+    // the forward: 16 LDS and 16 STG per lane at d = 128).
+    #[unroll]
+    for i in 0..comptime!(rows * chunks / 32) {
+        let idx = i * 32 + lane;
+        let r = idx / chunks;
+        let col = (idx % chunks) * vs;
+        let row = row0 + r;
+        if row < n_rows && col < cols {
+            let at = s_at + r * s_stride + col;
+            let mut vector = Vector::empty();
+            #[unroll]
+            for n in 0..vs {
+                vector[n] = smem[at + n];
+            }
+            out[(o_base + row * o_row_stride + col) / vs] = vector;
+        }
+    }
+}
+
 /// Matrix-unit FlashAttention forward.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
@@ -768,27 +817,19 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
     }
     if comptime!(staged) {
         sync_plane();
-        let vs = N::value().comptime();
-        let chunks = comptime!(value_dim_pad / vs);
-        // plane_q * chunks is a multiple of 32 (plane_q a multiple of 16, chunks even).
-        // The N scalar shared loads of a chunk compile to one 16-byte load (SASS: 16 LDS
-        // and 16 STG per lane at d = 128).
-        #[unroll]
-        for i in 0..comptime!(plane_q * chunks / 32) {
-            let idx = i * 32 + lane;
-            let r = idx / chunks;
-            let col = (idx % chunks) * vs;
-            let row = w0 + r;
-            // `vs` divides value_dim, so a chunk starting inside the row ends inside it.
-            if row < seq_q && col < value_dim {
-                let s_at = (warp * plane_q + r) * q_stride + col;
-                let mut vector = Vector::empty();
-                #[unroll]
-                for n in 0..vs {
-                    vector[n] = q_smem[s_at + n];
-                }
-                out[(o_base + row * o_row_stride + col) / vs] = vector;
-            }
-        }
+        store_plane_rows::<F, N>(
+            &q_smem,
+            warp * plane_q * q_stride,
+            q_stride,
+            out,
+            o_base,
+            o_row_stride,
+            w0,
+            seq_q,
+            value_dim,
+            lane,
+            plane_q,
+            value_dim_pad,
+        );
     }
 }

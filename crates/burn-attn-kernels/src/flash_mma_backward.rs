@@ -52,7 +52,7 @@ use cubecl::prelude::*;
 
 use crate::flash_mma::{
     acc_get, acc_set, mma_pair, register_vector_sizes, stage_rows_async, stage_rows_sync,
-    zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
+    store_plane_rows, zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
 };
 use crate::flash_unit::NEG_BIG;
 
@@ -266,14 +266,14 @@ fn stage_row_stats(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn flash_mma_backward_dq_kernel<F: Float>(
+pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &Tensor<F>,
     d_out: &Tensor<F>,
     lse: &Tensor<f32>,
-    dq: &mut Tensor<F>,
+    dq: &mut Tensor<Vector<F, NQ>>,
     delta: &mut Tensor<f32>,
     scale: f32,
     left: i32,
@@ -712,24 +712,39 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
         }
     }
 
-    let dq_base = b * dq.stride(0) + h * dq.stride(1);
+    // dQ: the plane's rows over its own rows of Q in shared memory (only this plane reads
+    // them), then stored along rows (`store_plane_rows`). With synchronous staging and no
+    // key tile, other planes' Q writes may still be landing in those rows.
+    sync_cube();
+    let s_plane = warp * 16 * d_stride;
     #[unroll]
     for hf in 0..2usize {
-        let row = w0 + g + 8 * hf;
-        if row < seq_q {
+        let s_row = s_plane + (g + 8 * hf) * d_stride;
+        #[unroll]
+        for dt in 0..dq_tiles {
             #[unroll]
-            for dt in 0..dq_tiles {
-                #[unroll]
-                for e in 0..2usize {
-                    let col = dt * 8 + 2 * t + e;
-                    if col < dim {
-                        let x = acc_get(&dq_acc, dt, hf * 2 + e, c_vs) * scale;
-                        dq[dq_base + row * dq.stride(2) + col * dq.stride(3)] = F::cast_from(x);
-                    }
-                }
+            for e in 0..2usize {
+                let x = acc_get(&dq_acc, dt, hf * 2 + e, c_vs) * scale;
+                q_smem[s_row + dt * 8 + 2 * t + e] = F::cast_from(x);
             }
         }
     }
+    sync_plane();
+    let dq_base = b * dq.stride(0) + h * dq.stride(1);
+    store_plane_rows::<F, NQ>(
+        &q_smem,
+        s_plane,
+        d_stride,
+        dq,
+        dq_base,
+        dq.stride(2),
+        w0,
+        seq_q,
+        dim,
+        lane,
+        16usize,
+        dim_pad,
+    );
 }
 
 /// Matrix-unit backward, key-major: `dK` and `dV`, summed over the query heads of each kv
@@ -755,15 +770,15 @@ pub fn flash_mma_backward_dq_kernel<F: Float>(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn flash_mma_backward_dkdv_kernel<F: Float>(
+pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
     d_out: &Tensor<F>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
-    dk: &mut Tensor<F>,
-    dv: &mut Tensor<F>,
+    dk: &mut Tensor<Vector<F, NK>>,
+    dv: &mut Tensor<Vector<F, NV>>,
     scale: f32,
     left: i32,
     right: i32,
@@ -1273,34 +1288,62 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float>(
         }
     }
 
-    let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
-    let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
+    // dK and dV: the plane's key rows over its own rows of K and V in shared memory (only
+    // this plane reads them), then stored along rows (`store_plane_rows`). With
+    // synchronous staging and no step, other planes' K/V writes may still be landing.
+    sync_cube();
+    let k_plane = warp * 16 * d_stride;
+    let v_plane = warp * 16 * v_stride;
     #[unroll]
     for hf in 0..2usize {
-        let key = w0 + g + 8 * hf;
-        if key < seq_k {
+        let k_row = k_plane + (g + 8 * hf) * d_stride;
+        let v_row = v_plane + (g + 8 * hf) * v_stride;
+        #[unroll]
+        for dt in 0..dk_tiles {
             #[unroll]
-            for dt in 0..dk_tiles {
-                #[unroll]
-                for e in 0..2usize {
-                    let col = dt * 8 + 2 * t + e;
-                    if col < dim {
-                        let x = acc_get(&dk_acc, dt, hf * 2 + e, c_vs) * scale;
-                        dk[dk_base + key * dk.stride(2) + col * dk.stride(3)] = F::cast_from(x);
-                    }
-                }
+            for e in 0..2usize {
+                let x = acc_get(&dk_acc, dt, hf * 2 + e, c_vs) * scale;
+                k_smem[k_row + dt * 8 + 2 * t + e] = F::cast_from(x);
             }
+        }
+        #[unroll]
+        for vt in 0..dv_tiles {
             #[unroll]
-            for vt in 0..dv_tiles {
-                #[unroll]
-                for e in 0..2usize {
-                    let col = vt * 8 + 2 * t + e;
-                    if col < value_dim {
-                        let x = acc_get(&dv_acc, vt, hf * 2 + e, c_vs);
-                        dv[dv_base + key * dv.stride(2) + col * dv.stride(3)] = F::cast_from(x);
-                    }
-                }
+            for e in 0..2usize {
+                let x = acc_get(&dv_acc, vt, hf * 2 + e, c_vs);
+                v_smem[v_row + vt * 8 + 2 * t + e] = F::cast_from(x);
             }
         }
     }
+    sync_plane();
+    let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
+    let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
+    store_plane_rows::<F, NK>(
+        &k_smem,
+        k_plane,
+        d_stride,
+        dk,
+        dk_base,
+        dk.stride(2),
+        w0,
+        seq_k,
+        dim,
+        lane,
+        16usize,
+        dim_pad,
+    );
+    store_plane_rows::<F, NV>(
+        &v_smem,
+        v_plane,
+        v_stride,
+        dv,
+        dv_base,
+        dv.stride(2),
+        w0,
+        seq_k,
+        value_dim,
+        lane,
+        16usize,
+        value_dim_pad,
+    );
 }

@@ -415,17 +415,24 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     Ok((out, lse))
 }
 
-/// Values per output store of the matrix-unit kernel: where its epilogue stages the output
-/// rows in shared memory (value dims padded no wider than head dims), the widest of 8
-/// (16 bytes), 4 and 2 dividing the value dim, so that a vector never straddles rows of
-/// the contiguous output and starts at a multiple of its size; 1 otherwise.
+/// Values per output store of the matrix-unit forward: [`store_vector`] where its epilogue
+/// stages the output rows in shared memory (value dims padded no wider than head dims), 1
+/// otherwise.
 fn mma_out_vector(dim_pad: usize, value_dim_pad: usize, value_dim: usize) -> usize {
     if value_dim_pad > dim_pad {
         return 1;
     }
+    store_vector(value_dim)
+}
+
+/// Values per store of a matrix-unit kernel's staged epilogue (`store_plane_rows`) for
+/// contiguous rows of `cols` values: the widest of 8 (16 bytes in 16-bit types), 4 and 2
+/// dividing `cols`, so that a vector never straddles rows and starts at a multiple of its
+/// size; 1 otherwise.
+pub(crate) fn store_vector(cols: usize) -> usize {
     [8, 4, 2]
         .into_iter()
-        .find(|n| value_dim.is_multiple_of(*n))
+        .find(|n| cols.is_multiple_of(*n))
         .unwrap_or(1)
 }
 

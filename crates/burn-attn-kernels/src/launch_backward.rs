@@ -9,7 +9,7 @@ use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backwa
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
     aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support,
-    trace, BandArgs, Sizes, UnitTiles, Unsupported, SOFTWARE_LOOP_BUDGET,
+    store_vector, trace, BandArgs, Sizes, UnitTiles, Unsupported, SOFTWARE_LOOP_BUDGET,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
@@ -293,6 +293,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 &client,
                 dq_grid,
                 CubeDim::new_2d(32, planes as u32),
+                store_vector(dim),
                 q.clone().into_tensor_arg(),
                 k.clone().into_tensor_arg(),
                 v.clone().into_tensor_arg(),
@@ -318,6 +319,8 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 &client,
                 kv_grid,
                 CubeDim::new_2d(32, planes as u32),
+                store_vector(dim),
+                store_vector(value_dim),
                 q.into_tensor_arg(),
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
