@@ -247,6 +247,37 @@ fn stage_row_stats(
     }
 }
 
+/// Writes a plane's 16-row accumulator block (`tiles` tiles of 8 columns), times `scale`,
+/// into shared memory rows `at..` (row stride `stride`) in the input dtype, for
+/// [`store_plane_rows`]: lane (`g`, `t`) holds rows `g` and `g + 8`, columns `8 tile + 2 t`
+/// and the next.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn acc_rows_to_smem<F: Float>(
+    acc: &Array<Vector<f32, MmaVecAcc>>,
+    scale: f32,
+    smem: &mut SharedMemory<F>,
+    at: usize,
+    #[comptime] stride: usize,
+    g: usize,
+    t: usize,
+    #[comptime] tiles: usize,
+    #[comptime] c_vs: usize,
+) {
+    #[unroll]
+    for hf in 0..2usize {
+        let row = at + (g + 8 * hf) * stride;
+        #[unroll]
+        for tile in 0..tiles {
+            #[unroll]
+            for e in 0..2usize {
+                let x = acc_get(acc, tile, hf * 2 + e, c_vs) * scale;
+                smem[row + tile * 8 + 2 * t + e] = F::cast_from(x);
+            }
+        }
+    }
+}
+
 /// Matrix-unit backward, query-major: `D = rowsum(dO * O)` and `dQ`.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
@@ -717,18 +748,17 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     // key tile, other planes' Q writes may still be landing in those rows.
     sync_cube();
     let s_plane = warp * 16 * d_stride;
-    #[unroll]
-    for hf in 0..2usize {
-        let s_row = s_plane + (g + 8 * hf) * d_stride;
-        #[unroll]
-        for dt in 0..dq_tiles {
-            #[unroll]
-            for e in 0..2usize {
-                let x = acc_get(&dq_acc, dt, hf * 2 + e, c_vs) * scale;
-                q_smem[s_row + dt * 8 + 2 * t + e] = F::cast_from(x);
-            }
-        }
-    }
+    acc_rows_to_smem::<F>(
+        &dq_acc,
+        scale,
+        &mut q_smem,
+        s_plane,
+        d_stride,
+        g,
+        t,
+        dq_tiles,
+        c_vs,
+    );
     sync_plane();
     let dq_base = b * dq.stride(0) + h * dq.stride(1);
     store_plane_rows::<F, NQ>(
@@ -1294,27 +1324,28 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     sync_cube();
     let k_plane = warp * 16 * d_stride;
     let v_plane = warp * 16 * v_stride;
-    #[unroll]
-    for hf in 0..2usize {
-        let k_row = k_plane + (g + 8 * hf) * d_stride;
-        let v_row = v_plane + (g + 8 * hf) * v_stride;
-        #[unroll]
-        for dt in 0..dk_tiles {
-            #[unroll]
-            for e in 0..2usize {
-                let x = acc_get(&dk_acc, dt, hf * 2 + e, c_vs) * scale;
-                k_smem[k_row + dt * 8 + 2 * t + e] = F::cast_from(x);
-            }
-        }
-        #[unroll]
-        for vt in 0..dv_tiles {
-            #[unroll]
-            for e in 0..2usize {
-                let x = acc_get(&dv_acc, vt, hf * 2 + e, c_vs);
-                v_smem[v_row + vt * 8 + 2 * t + e] = F::cast_from(x);
-            }
-        }
-    }
+    acc_rows_to_smem::<F>(
+        &dk_acc,
+        scale,
+        &mut k_smem,
+        k_plane,
+        d_stride,
+        g,
+        t,
+        dk_tiles,
+        c_vs,
+    );
+    acc_rows_to_smem::<F>(
+        &dv_acc,
+        f32::new(1.0),
+        &mut v_smem,
+        v_plane,
+        v_stride,
+        g,
+        t,
+        dv_tiles,
+        c_vs,
+    );
     sync_plane();
     let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
     let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
