@@ -271,8 +271,8 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
 ) {
     let vs = N::value().comptime();
     let chunks = comptime!(cols_pad / vs);
-    // rows * chunks is a multiple of 32 (rows a multiple of 16, cols_pad of 16 so chunks
-    // even). The N scalar shared loads of a chunk compile to one 16-byte load (SASS of
+    // rows * chunks is a multiple of 32: rows a multiple of 16, chunks even (cols_pad a
+    // multiple of 16 with N <= 8 in 16-bit types, of 8 with N <= 4 in f32). The N scalar shared loads of a chunk compile to one 16-byte load (SASS of
     // the forward: 16 LDS and 16 STG per lane at d = 128).
     #[unroll]
     for i in 0..comptime!(rows * chunks / 32) {

@@ -35,8 +35,8 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::flash_mma::{
-    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, zero_pad_columns, MmaVecA,
-    MmaVecAcc, MmaVecB,
+    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, store_plane_rows,
+    zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
 };
 // A finite stand-in for `-inf` (see `flash_unit`).
 use crate::flash_unit::NEG_BIG;
@@ -84,7 +84,9 @@ fn mma_tile(
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
 /// m_tiles * warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and
 /// value dims rounded up to 8 (the `k` of the instruction); `block_k` is a multiple of 8.
-/// Each plane owns `16 * m_tiles` query rows. Outputs as `flash_unit_kernel`.
+/// Each plane owns `16 * m_tiles` query rows. Outputs as `flash_unit_kernel`, with
+/// `flash_mma_kernel`'s output contract (contiguous `out`, `N` values per store, `N`
+/// dividing the value dim, and 1 where `value_dim_pad > dim_pad`).
 ///
 /// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies in
 /// flight while the current one is computed. It needs contiguous rows of Q, K and V, head
@@ -95,11 +97,11 @@ fn mma_tile(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn flash_tf32_kernel(
+pub fn flash_tf32_kernel<N: Size>(
     q: &Tensor<f32>,
     k: &Tensor<f32>,
     v: &Tensor<f32>,
-    out: &mut Tensor<f32>,
+    out: &mut Tensor<Vector<f32, N>>,
     lse: &mut Tensor<f32>,
     scale: f32,
     left: i32,
@@ -557,40 +559,70 @@ pub fn flash_tf32_kernel(
         }
     }
 
-    // Row sums over the group's four lanes, then normalise and write.
+    // Row sums over the group's four lanes, then normalise and write: staged through the
+    // plane's own Q rows where an output row fits (`flash_mma_kernel`'s epilogue, v8),
+    // else one value at a time.
     let o_base = b * out.stride(0) + h * out.stride(1);
+    let o_row_stride = out.stride(2);
+    let lse_base = b * lse.stride(0) + h * lse.stride(1);
+    let lse_row_stride = lse.stride(2);
+    let staged = comptime!(value_dim_pad <= dim_pad);
+    if comptime!(staged) {
+        // With synchronous staging and no key tile, other planes' Q writes may still be
+        // landing in this plane's rows.
+        sync_cube();
+    }
     #[unroll]
     for hf in 0..halves {
         let mut l = l_row[hf];
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
         let row = w0 + g + 8 * hf;
-        if row < seq_q {
-            let mut inv = f32::new(0.0);
-            if l > f32::new(0.0) {
-                inv = f32::new(1.0) / l;
-            }
+        let mut inv = f32::new(0.0);
+        if l > f32::new(0.0) {
+            inv = f32::new(1.0) / l;
+        }
+        // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
+        let s_row = (warp * plane_q + 8 * hf + g) * q_stride;
+        #[unroll]
+        for vt in 0..v_tiles {
             #[unroll]
-            for vt in 0..v_tiles {
-                #[unroll]
-                for e in 0..2usize {
-                    let col = vt * 8 + 2 * t + e;
-                    if col < value_dim {
-                        // Half hf is row tile hf / 2, accumulator elements 2 (hf % 2) + e.
-                        let tile = (hf / 2) * v_tiles + vt;
-                        let o = acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv;
-                        out[o_base + row * out.stride(2) + col * out.stride(3)] = o;
-                    }
-                }
-            }
-            if t == 0 {
-                let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
-                if l > f32::new(0.0) {
-                    lse[lse_idx] = m_row[hf] + f32::ln(l);
-                } else {
-                    lse[lse_idx] = neg_inf;
+            for e in 0..2usize {
+                let col = vt * 8 + 2 * t + e;
+                let tile = (hf / 2) * v_tiles + vt;
+                let o = acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv;
+                if comptime!(staged) {
+                    q_smem[s_row + col] = o;
+                } else if row < seq_q && col < value_dim {
+                    // N = 1 here (the launcher's choice).
+                    out[o_base + row * o_row_stride + col] = Vector::new(o);
                 }
             }
         }
+        if row < seq_q && t == 0 {
+            let lse_idx = lse_base + row * lse_row_stride;
+            if l > f32::new(0.0) {
+                lse[lse_idx] = m_row[hf] + f32::ln(l);
+            } else {
+                lse[lse_idx] = neg_inf;
+            }
+        }
+    }
+    if comptime!(staged) {
+        sync_plane();
+        store_plane_rows::<f32, N>(
+            &q_smem,
+            warp * plane_q * q_stride,
+            q_stride,
+            out,
+            o_base,
+            o_row_stride,
+            w0,
+            seq_q,
+            value_dim,
+            lane,
+            plane_q,
+            value_dim_pad,
+        );
     }
 }

@@ -379,7 +379,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     if sizes.is_empty() {
         return Ok((out, lse));
     }
-    let out_vector = mma_out_vector(dim_pad, value_dim_pad, value_dim);
+    let out_vector = mma_out_vector(dim_pad, value_dim_pad, value_dim, elem);
     let client = q.client.clone();
     let dtype = q.dtype;
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
@@ -415,23 +415,24 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     Ok((out, lse))
 }
 
-/// Values per output store of the matrix-unit forward: [`store_vector`] where its epilogue
-/// stages the output rows in shared memory (value dims padded no wider than head dims), 1
-/// otherwise.
-fn mma_out_vector(dim_pad: usize, value_dim_pad: usize, value_dim: usize) -> usize {
+/// Values per output store of the matrix-unit forwards (`elem`-byte outputs):
+/// [`store_vector`] where their epilogue stages the output rows in shared memory (value
+/// dims padded no wider than head dims), 1 otherwise.
+fn mma_out_vector(dim_pad: usize, value_dim_pad: usize, value_dim: usize, elem: usize) -> usize {
     if value_dim_pad > dim_pad {
         return 1;
     }
-    store_vector(value_dim)
+    store_vector(value_dim, elem)
 }
 
 /// Values per store of a matrix-unit kernel's staged epilogue (`store_plane_rows`) for
-/// contiguous rows of `cols` values: the widest of 8 (16 bytes in 16-bit types), 4 and 2
-/// dividing `cols`, so that a vector never straddles rows and starts at a multiple of its
-/// size; 1 otherwise.
-pub(crate) fn store_vector(cols: usize) -> usize {
+/// contiguous rows of `cols` values of `elem` bytes: the widest of 16 bytes' worth (8
+/// 16-bit or 4 32-bit values), half and a quarter of that, down to 2, dividing `cols`, so
+/// that a vector never straddles rows and starts at a multiple of its size; 1 otherwise.
+pub(crate) fn store_vector(cols: usize, elem: usize) -> usize {
     [8, 4, 2]
         .into_iter()
+        .filter(|n| n * elem <= 16)
         .find(|n| cols.is_multiple_of(*n))
         .unwrap_or(1)
 }
@@ -516,17 +517,20 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     if sizes.is_empty() {
         return Ok((out, lse));
     }
+    let out_vector = mma_out_vector(dim_pad, value_dim_pad, value_dim, elem);
     let client = q.client.clone();
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
     // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
     // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
     // The 16-byte `cp.async` reads (four f32) stay inside a row because `aligned_rows`
-    // demands unit column strides and head/value dims that are multiples of 4.
+    // demands unit column strides and head/value dims that are multiples of 4; the
+    // output's `N`-value stores likewise, `out` being contiguous and `N` dividing its rows.
     unsafe {
         flash_tf32_kernel::launch_unchecked::<R>(
             &client,
             grid,
             CubeDim::new_2d(32, planes as u32),
+            out_vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
