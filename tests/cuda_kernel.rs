@@ -108,6 +108,12 @@ mod on_cuda {
         check_online_softmax_probe::<Plain, CudaRuntime>();
     }
 
+    /// The heavy-first cube order (every kernel's block and head) through its probe kernel.
+    #[test]
+    fn cuda_cube_order_matches_host() {
+        check_cube_order::<Plain, CudaRuntime>();
+    }
+
     /// The tf32 forward (opt-in through `BURN_ATTN_TF32=1` in `flash_forward`), launched
     /// directly (no environment switch) on the trimmed grid plus head dim 36 (4 padded
     /// columns zeroed under asynchronous staging) and 33 (rows not a multiple of 16 bytes:

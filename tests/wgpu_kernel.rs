@@ -125,6 +125,17 @@ fn mma_online_softmax_step_matches_host() {
     check_online_softmax_probe::<Plain, WgpuRuntime>();
 }
 
+/// The heavy-first cube order (which block and head each cube of every kernel computes,
+/// causal launches reorder them) through its probe kernel, against the order written out
+/// on the host.
+#[test]
+fn cube_order_matches_host() {
+    if !gpu_available() {
+        return;
+    }
+    check_cube_order::<Plain, WgpuRuntime>();
+}
+
 /// Long rows and wide head dims: 1025 keys causal and windowed at d = 64, and d = 128
 /// past 224 keys (the shape that exposed llvmpipe's loop budget with the v1 kernel).
 #[test]

@@ -5,8 +5,8 @@ use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_attn_core::kernels::{
-    flash_backward, flash_forward_tf32, online_softmax_probe, BandArgs, CubeRuntime, CubeTensor,
-    Unsupported,
+    cube_order_probe, flash_backward, flash_forward_tf32, online_softmax_probe, BandArgs,
+    CubeRuntime, CubeTensor, Unsupported,
 };
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, KeyPattern, Window,
@@ -1016,6 +1016,62 @@ where
                     );
                 }
             }
+        }
+    }
+}
+
+/// The heavy-first cube order as the kernels compute it (`cube_order_probe`) against the
+/// order written out here: the natural order (group 0), groups that divide the heads, a
+/// smaller last group, one group wider than the heads, one block per head; query blocks
+/// (heaviest last) and key blocks (heaviest first). Each expected order is a permutation
+/// of the grid's (block, head) pairs by construction, so equality shows the kernels'
+/// mapping takes every pair exactly once.
+pub fn check_cube_order<B, R>()
+where
+    R: CubeRuntime,
+    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    let like = Tensor::<B, 1>::zeros([1], &device)
+        .into_primitive()
+        .tensor();
+    for (blocks, heads, group) in [
+        (8, 16, 0),
+        (8, 16, 4),
+        (5, 7, 3),
+        (3, 5, 8),
+        (1, 9, 2),
+        (17, 12, 5),
+    ] {
+        for heaviest_last in [true, false] {
+            let mut want = Vec::new();
+            if group == 0 {
+                for head in 0..heads {
+                    for block in 0..blocks {
+                        want.extend([block as f64, head as f64]);
+                    }
+                }
+            } else {
+                for first in (0..heads).step_by(group) {
+                    for step in 0..blocks {
+                        let block = if heaviest_last {
+                            blocks - 1 - step
+                        } else {
+                            step
+                        };
+                        for head in first..(first + group).min(heads) {
+                            want.extend([block as f64, head as f64]);
+                        }
+                    }
+                }
+            }
+            let got = cube_order_probe::<R>(&like, blocks, heads, group as u32, heaviest_last);
+            let got = to_f64(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(got)));
+            assert_eq!(
+                got, want,
+                "cube order of {blocks} blocks x {heads} heads, groups of {group}, \
+                 heaviest_last {heaviest_last}: (block, head) per launch index"
+            );
         }
     }
 }

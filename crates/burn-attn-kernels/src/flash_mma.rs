@@ -32,6 +32,7 @@ use cubecl::prelude::*;
 // A finite stand-in for `-inf` (see `flash_unit`).
 use crate::flash_unit::NEG_BIG;
 use crate::mma_softmax::{online_softmax_tile, TileBand};
+use crate::schedule::cube_block;
 
 define_size!(pub MmaVecA);
 define_size!(pub MmaVecB);
@@ -309,6 +310,9 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
 /// two). It needs contiguous rows of Q, K and V, head and value dims that are multiples
 /// of 8 and 16-byte aligned rows (the launcher checks); otherwise the kernel stages with
 /// plain loads into one buffer.
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -323,6 +327,7 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     neg_inf: f32,
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
@@ -346,7 +351,8 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, true);
+    let bh = cube.head;
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
@@ -357,7 +363,7 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
     let t = lane % 4;
     let plane_q = comptime!(16 * m_tiles);
     let block_q = comptime!(plane_q * warps);
-    let r0 = CUBE_POS_X as usize * block_q;
+    let r0 = cube.block * block_q;
     let w0 = r0 + warp * plane_q;
     let offset = seq_k as i32 - seq_q as i32;
 
@@ -774,9 +780,10 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
     // a row. The fragments' own layout would take one 2-byte store per value, at scattered
     // rows: that epilogue held 12% of the stall samples at n = 1024 (PERFORMANCE.md, v8).
     let staged = comptime!(value_dim_pad <= dim_pad);
-    if comptime!(staged) {
+    if comptime!(staged && !async_copy) {
         // With synchronous staging and no key tile, other planes' Q writes may still be
-        // landing in this plane's rows.
+        // landing in this plane's rows. (Asynchronous staging copies Q only with a key
+        // tile, and every tile ends with a cube barrier after its copies were waited for.)
         sync_cube();
     }
     #[unroll]

@@ -55,6 +55,7 @@ use crate::flash_mma::{
     store_plane_rows, zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
 };
 use crate::flash_unit::NEG_BIG;
+use crate::schedule::cube_block;
 
 /// The lse given to rows without probabilities (no visible key, or padding):
 /// `exp(s - DEAD_LSE)` underflows to exactly 0 for every finite score `s`.
@@ -292,6 +293,9 @@ fn acc_rows_to_smem<F: Float>(
 /// Q, dO and the first tile overlap the computation of `D`. It needs contiguous rows of Q,
 /// K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned rows (the
 /// launcher checks); otherwise the kernel stages with plain loads into one buffer.
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -309,6 +313,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
@@ -329,7 +334,8 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, true);
+    let bh = cube.head;
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
@@ -339,7 +345,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let g = lane / 4;
     let t = lane % 4;
     let block_q = comptime!(16 * warps);
-    let r0 = CUBE_POS_X as usize * block_q;
+    let r0 = cube.block * block_q;
     let w0 = r0 + warp * 16;
     let offset = seq_k as i32 - seq_q as i32;
 
@@ -795,6 +801,9 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 /// two). It needs contiguous
 /// rows of Q, K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned
 /// rows (the launcher checks); otherwise the kernel stages with plain loads into one buffer.
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -812,6 +821,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
@@ -833,7 +843,8 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
     let group = heads / kv_heads;
-    let bkh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, false);
+    let bkh = cube.head;
     let b = bkh / kv_heads;
     let kvh = bkh % kv_heads;
 
@@ -842,7 +853,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let g = lane / 4;
     let t = lane % 4;
     let block_kv = comptime!(16 * warps);
-    let c0 = CUBE_POS_X as usize * block_kv;
+    let c0 = cube.block * block_kv;
     let w0 = c0 + warp * 16;
     let offset = seq_k as i32 - seq_q as i32;
 

@@ -41,6 +41,7 @@ use crate::flash_mma::{
 // A finite stand-in for `-inf` (see `flash_unit`).
 use crate::flash_unit::NEG_BIG;
 use crate::mma_softmax::{online_softmax_tile, TileBand};
+use crate::schedule::cube_block;
 
 /// Sets element `e` of a fragment (`vs` elements per vector) to `value` cast to `T`: with
 /// `T = tf32`, rounded to tf32. (`e` is a constant once the callers' loops are unrolled.)
@@ -92,6 +93,9 @@ fn mma_tile(
 /// flight while the current one is computed. It needs contiguous rows of Q, K and V, head
 /// and value dims that are multiples of 4 and 16-byte aligned rows (the launcher checks);
 /// otherwise the kernel stages with plain loads into one buffer.
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -106,6 +110,7 @@ pub fn flash_tf32_kernel<N: Size>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     neg_inf: f32,
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
@@ -129,7 +134,8 @@ pub fn flash_tf32_kernel<N: Size>(
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, true);
+    let bh = cube.head;
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
@@ -140,7 +146,7 @@ pub fn flash_tf32_kernel<N: Size>(
     let t = lane % 4;
     let plane_q = comptime!(16 * m_tiles);
     let block_q = comptime!(plane_q * warps);
-    let r0 = CUBE_POS_X as usize * block_q;
+    let r0 = cube.block * block_q;
     let w0 = r0 + warp * plane_q;
     let offset = seq_k as i32 - seq_q as i32;
 
@@ -567,9 +573,9 @@ pub fn flash_tf32_kernel<N: Size>(
     let lse_base = b * lse.stride(0) + h * lse.stride(1);
     let lse_row_stride = lse.stride(2);
     let staged = comptime!(value_dim_pad <= dim_pad);
-    if comptime!(staged) {
+    if comptime!(staged && !async_copy) {
         // With synchronous staging and no key tile, other planes' Q writes may still be
-        // landing in this plane's rows.
+        // landing in this plane's rows (asynchronous staging: as in `flash_mma_kernel`).
         sync_cube();
     }
     #[unroll]

@@ -25,6 +25,7 @@
 use cubecl::prelude::*;
 
 use crate::register_tile::tile_product;
+use crate::schedule::cube_block;
 
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
 /// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
@@ -160,6 +161,9 @@ fn softmax_tile(
 /// `block_q` and `col_threads` must divide `block_k`. `out` is `[b, h, seq_q, value_dim]`
 /// in the input dtype, `lse` is `[b, h, seq_q]` in f32. `neg_inf` must be
 /// `f32::NEG_INFINITY` (passed at run time because WGSL has no infinite literal).
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_kernel<F: Float>(
@@ -171,6 +175,7 @@ pub fn flash_unit_kernel<F: Float>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     neg_inf: f32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
@@ -191,14 +196,15 @@ pub fn flash_unit_kernel<F: Float>(
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, true);
+    let bh = cube.head;
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
-    let r0 = CUBE_POS_X as usize * block_q;
+    let r0 = cube.block * block_q;
     let r_last = min(r0 + block_q, seq_q) - 1;
     let offset = seq_k as i32 - seq_q as i32;
     // The band of this unit's first row (row r0 + ty; its a-th row is row_threads further),

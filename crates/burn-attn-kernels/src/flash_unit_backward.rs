@@ -26,6 +26,7 @@ use cubecl::prelude::*;
 
 use crate::flash_unit::{stage_rows, NEG_BIG};
 use crate::register_tile::tile_product;
+use crate::schedule::cube_block;
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
 ///
@@ -33,6 +34,9 @@ use crate::register_tile::tile_product;
 /// / block_q), batch * heads, 1)`; `row_threads` divides `block_q`, `col_threads` divides
 /// `block_k`. `dq` is `[b, h, seq_q, head_dim]` in the input dtype, `delta` is `[b, h,
 /// seq_q]` in f32 (read by [`flash_unit_backward_dkdv_kernel`]).
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dq_kernel<F: Float>(
@@ -47,6 +51,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
@@ -66,14 +71,15 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
-    let bh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, true);
+    let bh = cube.head;
     let b = bh / heads;
     let h = bh % heads;
     let kvh = h / (heads / kv_heads);
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
-    let r0 = CUBE_POS_X as usize * block_q;
+    let r0 = cube.block * block_q;
     let r_last = min(r0 + block_q, seq_q) - 1;
     let offset = seq_k as i32 - seq_q as i32;
     // The band of this unit's first row (its a-th row is a * row_threads further).
@@ -246,6 +252,9 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
 /// `delta`; `row_threads` divides `block_k` (the cube's keys), `col_threads` divides
 /// `block_q` (the query rows staged per tile). `dk` is `[b, kv_heads, seq_k, head_dim]` and
 /// `dv` `[b, kv_heads, seq_k, value_dim]` in the input dtype.
+///
+/// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
+/// see `schedule::cube_block`). Any value computes the same result.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dkdv_kernel<F: Float>(
@@ -260,6 +269,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     scale: f32,
     left: i32,
     right: i32,
+    heavy_first: u32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_k: usize,
@@ -281,13 +291,14 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
     let group = heads / kv_heads;
-    let bkh = CUBE_POS_Y as usize;
+    let cube = cube_block(heavy_first, false);
+    let bkh = cube.head;
     let b = bkh / kv_heads;
     let kvh = bkh % kv_heads;
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
-    let c0 = CUBE_POS_X as usize * block_k;
+    let c0 = cube.block * block_k;
     let c_last = min(c0 + block_k, seq_k) - 1;
     let offset = seq_k as i32 - seq_q as i32;
     // Query i sees this unit's first key j = c0 + ty iff i_lo0 <= i <= i_hi0 (its a-th key

@@ -247,6 +247,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         }
     }
     let grid = sizes.grid(tiles.rows)?;
+    let heavy = heavy_first(&band, &grid);
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
         return Ok((out, lse));
@@ -265,6 +266,7 @@ pub fn flash_forward_unit<R: CubeRuntime>(
         band.scale,
         sizes.side(band.left),
         sizes.side(band.right),
+        heavy,
         f32::NEG_INFINITY,
         dim,
         value_dim,
@@ -341,6 +343,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let m_tiles = mma_row_tiles(value_dim_pad, &band, planes, &sizes);
     let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
     let grid = sizes.grid(block_q)?;
+    let heavy = heavy_first(&band, &grid);
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
     // Asynchronous double-buffered staging where the layout allows 16-byte copies;
@@ -402,6 +405,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
             band.scale,
             sizes.side(band.left),
             sizes.side(band.right),
+            heavy,
             f32::NEG_INFINITY,
             dim_pad,
             value_dim_pad,
@@ -479,6 +483,7 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     let m_tiles = tf32_row_tiles(value_dim_pad);
     let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
     let grid = sizes.grid(block_q)?;
+    let heavy = heavy_first(&band, &grid);
     let elem = q.dtype.size();
     let shared = q.client.properties().hardware.max_shared_memory_size;
     // Asynchronous double-buffered staging where the layout allows 16-byte copies (four
@@ -539,6 +544,7 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
             band.scale,
             sizes.side(band.left),
             sizes.side(band.right),
+            heavy,
             f32::NEG_INFINITY,
             dim_pad,
             value_dim_pad,
@@ -773,6 +779,31 @@ pub(crate) fn cube_grid(
         )));
     }
     Ok(CubeCount::Static(x as u32, y as u32, 1))
+}
+
+/// Cubes per group of the heavy-first order: about two waves of the H200 (132 SMs, two
+/// cubes each), few enough heads that a group's K and V stay in L2.
+const HEAVY_FIRST_CUBES: usize = 512;
+
+/// Heads per group of the heavy-first cube order (`schedule::cube_block`) for `grid`
+/// (blocks along `x`, heads along `y`), 0 for the natural order. Only bands with no left
+/// bound and a right bound (causal) are reordered: there a query block's cost grows with
+/// its index (a key block's shrinks), and the natural order would leave every head's
+/// heaviest block for the end. Groups of about [`HEAVY_FIRST_CUBES`] cubes, 1 to 64 heads.
+/// `BURN_ATTN_HEAVY_FIRST` (0, 1, 2, 4, 8, 16, 32 or 64) overrides it, for tuning runs.
+pub(crate) fn heavy_first(band: &BandArgs, grid: &CubeCount) -> u32 {
+    if let Some(group) = tuning_override("BURN_ATTN_HEAVY_FIRST", &[0, 1, 2, 4, 8, 16, 32, 64]) {
+        return group as u32;
+    }
+    let blocks = match grid {
+        CubeCount::Static(x, _, _) => *x as usize,
+        CubeCount::Dynamic(_) => return 0,
+    };
+    if band.left.is_none() && band.right.is_some() && blocks > 1 {
+        (HEAVY_FIRST_CUBES / blocks).clamp(1, 64) as u32
+    } else {
+        0
+    }
 }
 
 pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

@@ -8,8 +8,9 @@ use cubecl::prelude::*;
 use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel};
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
-    aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, is_software_wgpu, mma_support,
-    store_vector, trace, BandArgs, Sizes, UnitTiles, Unsupported, SOFTWARE_LOOP_BUDGET,
+    aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, heavy_first, is_software_wgpu,
+    mma_support, store_vector, trace, BandArgs, Sizes, UnitTiles, Unsupported,
+    SOFTWARE_LOOP_BUDGET,
 };
 
 /// The gradients `(dq, dk, dv)` of one backward call.
@@ -120,6 +121,8 @@ pub fn flash_backward_unit<R: CubeRuntime>(
     let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
+    let dq_heavy = heavy_first(&band, &dq_grid);
+    let kv_heavy = heavy_first(&band, &kv_grid);
 
     if !sizes.is_empty() {
         flash_unit_backward_dq_kernel::launch::<R>(
@@ -137,6 +140,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
             band.scale,
             left,
             right,
+            dq_heavy,
             dim,
             value_dim,
             dq_tiles.rows,
@@ -163,6 +167,7 @@ pub fn flash_backward_unit<R: CubeRuntime>(
             band.scale,
             left,
             right,
+            kv_heavy,
             dim,
             value_dim,
             kv_tiles.rows,
@@ -276,6 +281,8 @@ pub fn flash_backward_mma<R: CubeRuntime>(
     let [dq, dk, dv, delta] = alloc_gradients(&q, &sizes);
     let left = sizes.side(band.left);
     let right = sizes.side(band.right);
+    let dq_heavy = heavy_first(&band, &dq_grid);
+    let kv_heavy = heavy_first(&band, &kv_grid);
 
     // SAFETY: every global access of both kernels is guarded by the tensors' own sizes
     // (query rows < seq_q, key rows < seq_k, columns < head/value dim; staging zero-fills
@@ -305,6 +312,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 band.scale,
                 left,
                 right,
+                dq_heavy,
                 dim_pad,
                 value_dim_pad,
                 planes,
@@ -332,6 +340,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 band.scale,
                 left,
                 right,
+                kv_heavy,
                 dim_pad,
                 value_dim_pad,
                 planes,

@@ -31,6 +31,8 @@ mod launch_backward;
 #[allow(missing_docs)]
 mod mma_softmax;
 mod register_tile;
+#[allow(missing_docs)]
+mod schedule;
 
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
@@ -45,3 +47,4 @@ pub use launch::{
 };
 pub use launch_backward::{flash_backward, flash_backward_mma, flash_backward_unit, Gradients};
 pub use mma_softmax::{online_softmax_probe, online_softmax_probe_kernel};
+pub use schedule::{cube_order_probe, cube_order_probe_kernel};

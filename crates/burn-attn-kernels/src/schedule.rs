@@ -1,0 +1,101 @@
+//! Which block (of query rows, or of keys) and which head a cube takes.
+//!
+//! CUDA hands cubes to the SMs in launch order, `x` fastest. Where the blocks of one head
+//! cost different amounts (causal: query block `i` visits `i + 1` key blocks), the
+//! natural order (block = `CUBE_POS_X`, head = `CUBE_POS_Y`) dispatches every head's
+//! heaviest block last, so the final wave is a tail of heavy cubes on a half-idle GPU. The
+//! heavy-first order takes the heads in groups and, within a group, each block for every
+//! head of the group before the next block, heaviest block first: the cubes left for the
+//! end are the light ones (longest-processing-time-first scheduling), while the cubes in
+//! flight together still share a few heads' K and V in L2.
+
+use burn_backend::{DType, Shape};
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use cubecl::prelude::*;
+
+use crate::launch::alloc_contiguous;
+
+/// The block and head of one cube ([`cube_block`]).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct CubeBlock {
+    /// Index of the cube's block along the rows (or keys) it owns.
+    pub block: usize,
+    /// Index into the grid's `y` extent (batch * heads, or batch * kv_heads).
+    pub head: usize,
+}
+
+/// The block and head this cube computes, for a grid of `CUBE_COUNT_X` blocks by
+/// `CUBE_COUNT_Y` heads. `group` 0 keeps the natural order; `group` > 0 takes heads in
+/// groups of that many (the last group may be smaller) and, in each, the blocks heaviest
+/// first: from the last block down where `heaviest_last` (causal query blocks), from the
+/// first up otherwise (causal key blocks). Every (block, head) pair is taken exactly once.
+#[cube]
+pub(crate) fn cube_block(group: u32, #[comptime] heaviest_last: bool) -> CubeBlock {
+    let blocks = CUBE_COUNT_X as usize;
+    let heads = CUBE_COUNT_Y as usize;
+    let mut block = CUBE_POS_X as usize;
+    let mut head = CUBE_POS_Y as usize;
+    if group > 0 {
+        let group = group as usize;
+        let launch = head * blocks + block;
+        let group_index = launch / (group * blocks);
+        let first = group_index * group;
+        let size = min(group, heads - first);
+        let within = launch - group_index * group * blocks;
+        let step = within / size;
+        head = first + within % size;
+        if comptime!(heaviest_last) {
+            block = blocks - 1 - step;
+        } else {
+            block = step;
+        }
+    }
+    CubeBlock { block, head }
+}
+
+/// Test support for [`cube_order_probe`]: the cube at launch index `y * blocks + x` writes
+/// the block and head [`cube_block`] gives it to `order[2 * index]` and `order[2 * index
+/// + 1]`.
+#[cube(launch)]
+pub fn cube_order_probe_kernel(
+    order: &mut Tensor<f32>,
+    group: u32,
+    #[comptime] heaviest_last: bool,
+) {
+    if UNIT_POS == 0 {
+        let cube = cube_block(group, heaviest_last);
+        let launch = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+        order[2 * launch] = f32::cast_from(cube.block);
+        order[2 * launch + 1] = f32::cast_from(cube.head);
+    }
+}
+
+/// Test support: the heavy-first order of a `blocks` x `heads` grid as the kernels compute
+/// it (`group` and `heaviest_last` as [`cube_block`] takes them), on `like`'s device: an
+/// f32 tensor `[blocks * heads, 2]` holding, at each launch index, the block and the head
+/// that cube computes.
+///
+/// # Panics
+/// When `blocks` or `heads` is 0 or past 65535 (the grid's limit).
+pub fn cube_order_probe<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    blocks: usize,
+    heads: usize,
+    group: u32,
+    heaviest_last: bool,
+) -> CubeTensor<R> {
+    assert!(
+        (1..=u16::MAX as usize).contains(&blocks) && (1..=u16::MAX as usize).contains(&heads),
+        "blocks {blocks} and heads {heads} must be 1 to 65535"
+    );
+    let order = alloc_contiguous(like, Shape::new([blocks * heads, 2]), DType::F32);
+    cube_order_probe_kernel::launch::<R>(
+        &like.client,
+        CubeCount::Static(blocks as u32, heads as u32, 1),
+        CubeDim::new_1d(32),
+        order.clone().into_tensor_arg(),
+        group,
+        heaviest_last,
+    );
+    order
+}
