@@ -63,15 +63,19 @@ for step in "$@"; do
       # moved 13%), for each binary folder of DURATION_BINS (default $B) in turn, each with
       # its own kernel cache; DURATION_CASES: "|"-separated bench cases. The backward:
       # DURATION_KERNEL=flash_mma_backward DURATION_ARGS=--backward (the dQ and dK/dV
-      # kernels alternate in the list)
+      # kernels alternate in the list). DURATION_VARIANTS: tuning variants as TUNE_VARIANTS
+      # (space separated, a variant's variables joined by commas, "default" = none)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
         IFS='|' read -ra cases <<< "${DURATION_CASES:-n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal}"
         for case in "${cases[@]}"; do
           for bin in ${DURATION_BINS:-$B}; do
             c=/tmp/cubecl-cache-$(echo "$bin" | tr '/' '_')
             printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$c" "$c" > cubecl.toml
-            d=$(timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
-            echo "$case [$bin]: $d"
+            for v in ${DURATION_VARIANTS:-default}; do
+              vars=${v//,/ }; [ "$v" = default ] && vars=
+              d=$(env $vars timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
+              echo "$case [$bin] [$v]: $d"
+            done
           done
         done
         printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
