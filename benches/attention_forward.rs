@@ -173,6 +173,14 @@ fn runs_materialised(case: &Case, args: &Args) -> bool {
     case.window.is_none() && !args.skip_burn && case.seq <= 4096 && burn_fits(case, args)
 }
 
+/// Whether Burn's fused attention is wanted for the case, buffer limits aside: it has no
+/// window option (full and causal only), and it autotunes per shape and runs at ~5
+/// TFLOP/s past n = 4096 (its peer numbers stop there too), so only up to there unless
+/// `--burn-all`.
+fn wants_burn_fused(case: &Case, args: &Args) -> bool {
+    case.window.is_none() && !args.skip_burn && (case.seq <= 4096 || args.burn_all)
+}
+
 /// WGPU's largest buffer (wgpu's default `max_buffer_size` is 256 MiB; adapters raise it
 /// to about 2 GiB, and an allocation past it aborts the process).
 const WGPU_MAX_BUFFER: usize = 1 << 31;
@@ -188,10 +196,9 @@ fn score_bytes(case: &Case) -> usize {
 }
 
 /// Says so when Burn's kernels are left out of a case for WGPU's buffer limit (only for
-/// cases they would otherwise run: full or causal, up to n = 4096 without `--burn-all`).
+/// cases they would otherwise run).
 fn note_burn_skipped(case: &Case, args: &Args) {
-    let would_run = case.window.is_none() && (case.seq <= 4096 || args.burn_all);
-    if !args.skip_burn && would_run && !burn_fits(case, args) {
+    if wants_burn_fused(case, args) && !burn_fits(case, args) {
         eprintln!(
             "{}: Burn's kernels skipped: their scores take {:.1} GiB, at or past WGPU's {} GiB buffer limit (fewer --tokens fit)",
             case.label(),
@@ -247,12 +254,8 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
                 let _ = burn_materialised(&q, &k, &v, &case);
             })
         });
-        // Burn's fused attention has no window option: only full and causal compare.
-        // Burn's fused kernel autotunes per shape and runs at ~5 TFLOP/s past n = 4096 (its
-        // peer numbers stop there too): `--burn-all` times it at every length.
-        let burn_fused =
-            !args.skip_burn && (case.seq <= 4096 || args.burn_all) && burn_fits(&case, args);
-        let burn = (case.window.is_none() && burn_fused).then(|| {
+        let burn_fused = wants_burn_fused(&case, args) && burn_fits(&case, args);
+        let burn = burn_fused.then(|| {
             median_ms::<B>(device, args.repeats, || {
                 let _ = burn_attention(
                     q.clone(),

@@ -63,15 +63,19 @@ for step in "$@"; do
       # moved 13%), for each binary folder of DURATION_BINS (default $B) in turn, each with
       # its own kernel cache; DURATION_CASES: "|"-separated bench cases. The backward:
       # DURATION_KERNEL=flash_mma_backward DURATION_ARGS=--backward (the dQ and dK/dV
-      # kernels alternate in the list)
+      # kernels alternate in the list). DURATION_VARIANTS: tuning variants as TUNE_VARIANTS
+      # (space separated, a variant's variables joined by commas, "default" = none)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
         IFS='|' read -ra cases <<< "${DURATION_CASES:-n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal}"
         for case in "${cases[@]}"; do
           for bin in ${DURATION_BINS:-$B}; do
             c=/tmp/cubecl-cache-$(echo "$bin" | tr '/' '_')
             printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$c" "$c" > cubecl.toml
-            d=$(timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
-            echo "$case [$bin]: $d"
+            for v in ${DURATION_VARIANTS:-default}; do
+              vars=${v//,/ }; [ "$v" = default ] && vars=
+              d=$(env $vars timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
+              echo "$case [$bin] [$v]: $d"
+            done
           done
         done
         printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
@@ -121,12 +125,17 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       for tool in memcheck racecheck; do
         timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" f32 --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
       done
-      for v in ${PORTABLE_VARIANTS:-default BURN_ATTN_UNIT_BLOCK_Q=64,BURN_ATTN_UNIT_BLOCK_K=32 BURN_ATTN_UNIT_BLOCK_Q=32,BURN_ATTN_UNIT_BLOCK_K=16 BURN_ATTN_UNIT_BLOCK_Q=16,BURN_ATTN_UNIT_BLOCK_K=16}; do
+      # (the default 32 x 32 tile won at 48 KiB last lease; the variants past 48 KiB need
+      # BURN_ATTN_UNIT_SHARED_KIB: bigger register tiles, fewer cubes per SM)
+      for v in ${PORTABLE_VARIANTS:-default BURN_ATTN_UNIT_SHARED_KIB=96,BURN_ATTN_UNIT_BLOCK_Q=64,BURN_ATTN_UNIT_BLOCK_K=32 BURN_ATTN_UNIT_SHARED_KIB=96,BURN_ATTN_UNIT_BLOCK_Q=64,BURN_ATTN_UNIT_BLOCK_K=64}; do
         echo "-- variant [$v]"
         vars=${v//,/ }; [ "$v" = default ] && vars=
         env $vars BURN_ATTN_TRACE=1 timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --skip-burn --only "n=4096 d=128" 2>&1 | grep -E "ours|tiles|error|panick" | sort | uniq -c | head -6
       done
-      timeout ${PORTABLE_TIMEOUT:-200} "$B/attention_forward" --backend cuda --dtype f32 --backward --repeats 3 --only "n=1024" 2>&1 | tee "$OUT/backward-f32.log" | grep -vE "^\s*$" | tail -4 ;;
+      # the f32 kernel tests with the bigger budget (its tiles checked, not only timed)
+      BURN_ATTN_UNIT_SHARED_KIB=96 timeout ${PORTABLE_TIMEOUT:-200} "$B/cuda_kernel" f32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed 's/^/[96 KiB] /' | head -4
+      # the backward alone (Burn's materialised peer compiles and tunes for minutes)
+      timeout ${PORTABLE_TIMEOUT:-200} "$B/attention_forward" --backend cuda --dtype f32 --backward --repeats 3 --skip-burn --only "d=128" 2>&1 | tee "$OUT/backward-f32.log" | grep -vE "^\s*$" | grep -v "^burn-attn:" | head -8 ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
       # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)

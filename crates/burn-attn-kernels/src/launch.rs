@@ -66,7 +66,17 @@ pub(crate) const SOFTWARE_LOOP_BUDGET: usize = 65535;
 
 /// The most shared memory a portable kernel's cube takes, below the device's limit: more
 /// would buy bigger tiles at the price of fewer cubes per multiprocessor.
+/// `BURN_ATTN_UNIT_SHARED_KIB` (32 to 192) replaces it, for tuning runs.
 const UNIT_SHARED_BUDGET: usize = 48 * 1024;
+
+/// [`UNIT_SHARED_BUDGET`] or its tuning override.
+fn unit_shared_budget() -> usize {
+    tuning_override(
+        "BURN_ATTN_UNIT_SHARED_KIB",
+        &[32, 48, 64, 96, 128, 160, 192],
+    )
+    .map_or(UNIT_SHARED_BUDGET, |kib| kib * 1024)
+}
 
 /// The most f32 registers of product and output tiles one unit of a portable kernel holds.
 const UNIT_TILE_REGISTERS: usize = 96;
@@ -129,7 +139,7 @@ impl UnitTiles {
         (rows * width).div_ceil(self.units()) + 1
     }
 
-    /// The first candidate whose shared memory fits `min(shared, UNIT_SHARED_BUDGET)` and
+    /// The first candidate whose shared memory fits `min(shared, unit_shared_budget())` and
     /// whose f32 tile registers stay within [`UNIT_TILE_REGISTERS`] (else the last that
     /// fits: the smallest tiles), among those `wanted` keeps.
     pub(crate) fn choose(
@@ -138,7 +148,7 @@ impl UnitTiles {
         registers: impl Fn(&Self) -> usize,
         wanted: impl Fn(&Self) -> bool,
     ) -> Option<Self> {
-        let budget = shared.min(UNIT_SHARED_BUDGET);
+        let budget = shared.min(unit_shared_budget());
         let candidates = || {
             Self::CANDIDATES
                 .into_iter()
