@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas ncu ncu-source durations memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu ncu-source durations peer-durations memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train portable f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -79,6 +79,17 @@ for step in "$@"; do
           done
         done
         printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
+      fi ;;
+    peer-durations) # the peers' kernel times under Nsight Compute, as `durations` times
+      # ours (locked clocks, kernel only: no launch gaps, no host work), so that the ratio
+      # compares kernels: SDPA's flash backend (FlashAttention-2) and FlexAttention's
+      # windows. PEER_CASES: "|"-separated "kind n arg" (scripts/device/peer_kernel.py)
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
+        IFS='|' read -ra cases <<< "${PEER_CASES:-flash 1024 0|flash 1024 1|flash 4096 0|flash 4096 1|flash 16384 0|flash 16384 1|flex-sym 16384 1024|flex-sym 16384 256|flex-causal 16384 1024}"
+        for case in "${cases[@]}"; do
+          d=$(timeout 150 $NCU -k regex:"flash_fwd|triton_tem" --launch-skip 3 --launch-count 4 --metrics gpu__time_duration.sum python3 scripts/device/peer_kernel.py $case 2>&1 | awk '/\(([0-9]+, )+[0-9]+\)x\(/ {name=substr($1, 1, 24)} /gpu__time_duration/ {print name, $(NF-1), $NF}' | tr '\n' ' ')
+          echo "peer $case: $d"
+        done
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
