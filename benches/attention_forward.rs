@@ -22,6 +22,9 @@
 //! 32768; the window cases keep b = 2). On `wgpu` Burn's kernels are skipped, with a
 //! note, where their `b*h*n*n` f32 scores reach 2 GiB: WGPU refuses such buffers (2 GiB
 //! exactly was refused on the H200), and the failed allocation takes the process down.
+//! `--calls K` times K calls back to back per sample (median of the per-call means): the
+//! host's work for one call then overlaps the GPU's for the previous ones, where the
+//! default (K = 1) also counts each call's host work and launch before its kernel.
 
 use std::time::Instant;
 
@@ -144,10 +147,16 @@ fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
     )
 }
 
-/// Median wall time of `f` over `repeats` synchronised runs, after a warm-up of at least
-/// three runs and 200 ms: a GPU that was idle (or compiling) runs its first milliseconds at
-/// lower clocks, which moved one-millisecond cases by 13% between runs of one binary.
-fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()) -> f64 {
+/// Median wall time of `f` over `repeats` synchronised samples of `calls` back-to-back
+/// runs each (per run), after a warm-up of at least three runs and 200 ms: a GPU that was
+/// idle (or compiling) runs its first milliseconds at lower clocks, which moved
+/// one-millisecond cases by 13% between runs of one binary.
+fn median_ms<B: Backend>(
+    device: &B::Device,
+    repeats: usize,
+    calls: usize,
+    mut f: impl FnMut(),
+) -> f64 {
     let warm = Instant::now();
     let mut runs = 0;
     while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
@@ -158,9 +167,11 @@ fn median_ms<B: Backend>(device: &B::Device, repeats: usize, mut f: impl FnMut()
     let mut times: Vec<f64> = (0..repeats)
         .map(|_| {
             let start = Instant::now();
-            f();
+            for _ in 0..calls {
+                f();
+            }
             B::sync(device).unwrap();
-            start.elapsed().as_secs_f64() * 1e3
+            start.elapsed().as_secs_f64() * 1e3 / calls as f64
         })
         .collect();
     times.sort_by(f64::total_cmp);
@@ -246,17 +257,17 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &Args) -> Vec<serde_json::
         let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v) = (rand(), rand(), rand());
         let opts = case.options();
-        let ours = median_ms::<B>(device, args.repeats, || {
+        let ours = median_ms::<B>(device, args.repeats, args.calls, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
         let materialised = runs_materialised(&case, args).then(|| {
-            median_ms::<B>(device, args.repeats, || {
+            median_ms::<B>(device, args.repeats, args.calls, || {
                 let _ = burn_materialised(&q, &k, &v, &case);
             })
         });
         let burn_fused = wants_burn_fused(&case, args) && burn_fits(&case, args);
         let burn = burn_fused.then(|| {
-            median_ms::<B>(device, args.repeats, || {
+            median_ms::<B>(device, args.repeats, args.calls, || {
                 let _ = burn_attention(
                     q.clone(),
                     k.clone(),
@@ -323,15 +334,15 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
             let grads = (out * w.clone()).sum().backward();
             let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
         };
-        let forward = median_ms::<B>(device, args.repeats, || {
+        let forward = median_ms::<B>(device, args.repeats, args.calls, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
-        let ours = median_ms::<B>(device, args.repeats, || step(false)) - forward;
+        let ours = median_ms::<B>(device, args.repeats, args.calls, || step(false)) - forward;
         let materialised = runs_materialised(&case, args).then(|| {
-            let fwd = median_ms::<B>(device, args.repeats, || {
+            let fwd = median_ms::<B>(device, args.repeats, args.calls, || {
                 let _ = burn_materialised(&q, &k, &v, &case);
             });
-            median_ms::<B>(device, args.repeats, || step(true)) - fwd
+            median_ms::<B>(device, args.repeats, args.calls, || step(true)) - fwd
         });
         // DESIGN.md's count: the backward is 2.5x the forward's FLOPs.
         let tflops = |ms: f64| 2.5 * case.flops() / ms.max(1e-6) / 1e9;
@@ -364,6 +375,7 @@ struct Args {
     skip_burn: bool,
     burn_all: bool,
     repeats: usize,
+    calls: usize,
     json: Option<String>,
     only: Option<String>,
     memory: bool,
@@ -380,6 +392,7 @@ fn parse_args() -> Args {
         skip_burn: false,
         burn_all: false,
         repeats: 20,
+        calls: 1,
         json: None,
         only: None,
         memory: false,
@@ -397,6 +410,13 @@ fn parse_args() -> Args {
             "--burn-all" => args.burn_all = true,
             "--repeats" => {
                 args.repeats = it.next().and_then(|r| r.parse().ok()).expect("--repeats N")
+            }
+            "--calls" => {
+                args.calls = it
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .filter(|&k| k > 0)
+                    .expect("--calls K (K >= 1)")
             }
             "--json" => args.json = it.next(),
             "--only" => args.only = it.next(),

@@ -791,26 +791,24 @@ pub(crate) fn cube_grid(
     Ok(CubeCount::Static(x as u32, y as u32, 1))
 }
 
-/// Cubes per group of the heavy-first order: about two waves of the H200 (132 SMs, two
-/// cubes each), few enough heads that a group's K and V stay in L2.
-const HEAVY_FIRST_CUBES: usize = 512;
+/// Heads per group of the heavy-first order. On the H200 (bf16, d = 128, causal) groups
+/// of 64 heads ran as fast as or faster than groups of 4 and 16 at n = 1024, 4096 and
+/// 16384 (kernel times -3%, -5%, -6% against the natural order); PERFORMANCE.md, v9.
+const HEAVY_FIRST_HEADS: u32 = 64;
 
 /// Heads per group of the heavy-first cube order (`schedule::cube_block`) for `grid`
 /// (blocks along `x`, heads along `y`), 0 for the natural order. Only bands with no left
 /// bound and a right bound (causal) are reordered: there a query block's cost grows with
 /// its index (a key block's shrinks), and the natural order would leave every head's
-/// heaviest block for the end. Groups of about [`HEAVY_FIRST_CUBES`] cubes, 1 to 64 heads.
-/// `BURN_ATTN_HEAVY_FIRST` (0, 1, 2, 4, 8, 16, 32 or 64) overrides it, for tuning runs.
+/// heaviest block for the end. `BURN_ATTN_HEAVY_FIRST` (0, 1, 2, 4, 8, 16, 32 or 64)
+/// overrides it, for tuning runs.
 pub(crate) fn heavy_first(band: &BandArgs, grid: &CubeCount) -> u32 {
     if let Some(group) = tuning_override("BURN_ATTN_HEAVY_FIRST", &[0, 1, 2, 4, 8, 16, 32, 64]) {
         return group as u32;
     }
-    let blocks = match grid {
-        CubeCount::Static(x, _, _) => *x as usize,
-        CubeCount::Dynamic(_) => return 0,
-    };
-    if band.left.is_none() && band.right.is_some() && blocks > 1 {
-        (HEAVY_FIRST_CUBES / blocks).clamp(1, 64) as u32
+    let several_blocks = matches!(grid, CubeCount::Static(x, _, _) if *x > 1);
+    if band.left.is_none() && band.right.is_some() && several_blocks {
+        HEAVY_FIRST_HEADS
     } else {
         0
     }
