@@ -368,10 +368,13 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let smem = |bk: usize| {
         (block_q * (dim_pad + 8) + stages * bk * (dim_pad + 8 + value_dim_pad + 8)) * elem + 64
     };
-    // 32 keys per tile for head dims past 64 (measured faster than 64 at d = 128 on the
-    // H200: fewer live accumulator registers); `BURN_ATTN_MMA_BLOCK_K` (16, 32 or 64)
-    // overrides the choice, for tuning runs.
-    let block_k = key_tile("BURN_ATTN_MMA_BLOCK_K", &[64, 32, 16], dim_pad, |bk| {
+    // 64 keys per tile where they fit, except past head dim 64 with one row tile per plane
+    // (narrow bands, value dims past 128) or past head dim 128: 32 there. On the H200 at
+    // d = 128 (kernel v9), 64 keys ran 7-10% faster than 32 with two row tiles (full,
+    // causal, windows of 1024) and 8% slower with one (window 256). `BURN_ATTN_MMA_BLOCK_K`
+    // (16, 32 or 64) overrides the choice, for tuning runs.
+    let skip_64 = dim_pad > 64 && (m_tiles == 1 || dim_pad > 128);
+    let block_k = key_tile("BURN_ATTN_MMA_BLOCK_K", &[64, 32, 16], skip_64, |bk| {
         smem(bk) <= shared
     })
     .ok_or_else(|| {
@@ -511,9 +514,12 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     // 32 keys per tile past head dim 64, as the f16/bf16 kernel (fewer live accumulator
     // registers); `BURN_ATTN_TF32_BLOCK_K` (8, 16, 32 or 64) overrides the choice, for
     // tuning runs.
-    let block_k = key_tile("BURN_ATTN_TF32_BLOCK_K", &[64, 32, 16, 8], dim_pad, |bk| {
-        smem(bk) <= shared
-    })
+    let block_k = key_tile(
+        "BURN_ATTN_TF32_BLOCK_K",
+        &[64, 32, 16, 8],
+        dim_pad > 64,
+        |bk| smem(bk) <= shared,
+    )
     .ok_or_else(|| {
         Unsupported::SharedMemory(format!(
             "{shared} bytes for head_dim {dim}, value_dim {value_dim} (f32 tiles)"
@@ -621,18 +627,18 @@ fn tuning_override(name: &str, allowed: &[usize]) -> Option<usize> {
 }
 
 /// Keys per tile of a matrix-unit forward: the first of `sizes` (largest first) that
-/// `fits`, skipping the largest past head dim 64 (fewer live score registers); the
+/// `fits`, skipping the largest where `skip_largest` (fewer live score registers); the
 /// environment variable `name` forces one of `sizes` (tuning runs). `None` when none fits.
 fn key_tile(
     name: &str,
     sizes: &[usize],
-    dim_pad: usize,
+    skip_largest: bool,
     fits: impl Fn(usize) -> bool,
 ) -> Option<usize> {
     match tuning_override(name, sizes) {
         Some(bk) => Some(bk).filter(|&bk| fits(bk)),
         None => {
-            let skip = usize::from(dim_pad > 64);
+            let skip = usize::from(skip_largest);
             sizes.iter().copied().skip(skip).find(|&bk| fits(bk))
         }
     }
