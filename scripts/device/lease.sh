@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas ncu ncu-source durations peer-durations memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu ncu-source durations peer-durations host-gap memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train portable f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -90,6 +90,20 @@ for step in "$@"; do
           d=$(timeout 150 $NCU -k regex:"flash_fwd|triton_tem" --launch-skip 3 --launch-count 4 --metrics gpu__time_duration.sum python3 scripts/device/peer_kernel.py $case 2>&1 | awk '/\(([0-9]+, )+[0-9]+\)x\(/ {name=substr($1, 1, 24)} /gpu__time_duration/ {print name, $(NF-1), $NF}' | tr '\n' ' ')
           echo "peer $case: $d"
         done
+        # Which matrix instructions FlexAttention's Triton kernels use (Hopper's wgmma or
+        # the mma.sync ours and FA2 use): their PTX in Triton's cache
+        for f in $(grep -rl "triton_tem_fused" ~/.triton/cache --include='*.ptx' 2>/dev/null | head -4); do
+          echo "flex ptx $(basename "$f"): wgmma $(grep -c 'wgmma.mma_async' "$f"), mma.sync $(grep -c 'mma.sync' "$f"), cp.async.bulk (TMA) $(grep -c 'cp.async.bulk' "$f")"
+        done
+      fi ;;
+    host-gap) # where a single call's time beyond its kernel goes (0.1-0.24 ms at the short
+      # cases: bench --calls 1 against --calls 20): Nsight Systems' CUDA API summary and GPU
+      # trace of one short case, timed one call at a time
+      NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+      if [ -z "$NSYS" ]; then echo "no nsys on this machine"; else
+        timeout 120 $NSYS profile -f true -o /tmp/host-gap --trace=cuda,osrt $AF --repeats 20 --skip-burn --only "${GAP_CASE:-n=16384 d=128 window 256}" > "$OUT/host-gap.log" 2>&1
+        timeout 120 $NSYS stats -f csv -o "$OUT/host-gap" --report cuda_api_sum --report cuda_gpu_kern_sum --report osrt_sum /tmp/host-gap.nsys-rep >> "$OUT/host-gap.log" 2>&1
+        tail -5 "$OUT/host-gap.log"; for f in "$OUT"/host-gap*.csv; do echo "-- $f"; head -12 "$f"; done
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head

@@ -616,7 +616,7 @@ pub fn flash_forward<R: CubeRuntime>(
 /// A tuning override from the environment: `Some(value)` when `name` holds one of
 /// `allowed`, `None` when it is unset. Any other value is ignored with a warning on stderr
 /// (once per process), so a typo does not silently measure the default.
-fn tuning_override(name: &str, allowed: &[usize]) -> Option<usize> {
+pub(crate) fn tuning_override(name: &str, allowed: &[usize]) -> Option<usize> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let raw = std::env::var(name).ok()?;
     let value = raw.parse::<usize>().ok().filter(|v| allowed.contains(v));

@@ -9,7 +9,7 @@ use crate::flash_mma_backward::{flash_mma_backward_dkdv_kernel, flash_mma_backwa
 use crate::flash_unit_backward::{flash_unit_backward_dkdv_kernel, flash_unit_backward_dq_kernel};
 use crate::launch::{
     aligned_rows, alloc_contiguous, check_dtypes, cube_grid, dims4, heavy_first, is_software_wgpu,
-    mma_support, store_vector, trace, BandArgs, Sizes, UnitTiles, Unsupported,
+    mma_support, store_vector, trace, tuning_override, BandArgs, Sizes, UnitTiles, Unsupported,
     SOFTWARE_LOOP_BUDGET,
 };
 
@@ -248,17 +248,20 @@ pub fn flash_backward_mma<R: CubeRuntime>(
             + stages * block * per_row
             + 128
     };
-    // 32-row streamed tiles past head dim 64 (fewer live score registers, as the forward's
-    // 32-key tiles), 64 otherwise; 16 where shared memory is short.
+    // 32-row streamed tiles past head dim 64 (fewer live score registers), 64 otherwise; 16
+    // where shared memory is short. `BURN_ATTN_MMA_DQ_BLOCK_K` and
+    // `BURN_ATTN_MMA_DKDV_BLOCK_Q` (16, 32 or 64) override the dQ kernel's key tile and the
+    // dK/dV kernel's query tile where they fit, for tuning runs (the forward's 64-key tiles
+    // overtook 32 at d = 128 after its v8; the backward's were not re-tuned since).
     let candidates: &[usize] = if widest > 64 {
         &[32, 16]
     } else {
         &[64, 32, 16]
     };
-    let pick = |per_row: usize| {
-        candidates
-            .iter()
-            .copied()
+    let pick = |name: &str, per_row: usize| {
+        tuning_override(name, &[16, 32, 64])
+            .into_iter()
+            .chain(candidates.iter().copied())
             .find(|&block| smem(block, per_row) <= shared)
             .ok_or_else(|| {
                 Unsupported::SharedMemory(format!(
@@ -266,8 +269,8 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 ))
             })
     };
-    let block_k = pick(0)?;
-    let block_q = pick(8)?;
+    let block_k = pick("BURN_ATTN_MMA_DQ_BLOCK_K", 0)?;
+    let block_q = pick("BURN_ATTN_MMA_DKDV_BLOCK_Q", 8)?;
     trace(|| {
         format!(
             "flash_mma_backward planes {planes}, dQ block_k {block_k} ({} B shared), dK/dV \
