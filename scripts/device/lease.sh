@@ -87,22 +87,27 @@ for step in "$@"; do
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
         IFS='|' read -ra cases <<< "${PEER_CASES:-flash 1024 0|flash 1024 1|flash 4096 0|flash 4096 1|flash 16384 0|flash 16384 1|flex-sym 16384 1024|flex-sym 16384 256|flex-causal 16384 1024}"
         for case in "${cases[@]}"; do
-          d=$(timeout 150 $NCU -k regex:"flash_fwd|triton_tem" --launch-skip 3 --launch-count 4 --metrics gpu__time_duration.sum python3 scripts/device/peer_kernel.py $case 2>&1 | awk '/\(([0-9]+, )+[0-9]+\)x\(/ {name=substr($1, 1, 24)} /gpu__time_duration/ {print name, $(NF-1), $NF}' | tr '\n' ' ')
+          d=$(timeout 150 $NCU -k regex:"flash_fwd|triton_tem" --print-kernel-base function --launch-skip 3 --launch-count 4 --metrics gpu__time_duration.sum python3 scripts/device/peer_kernel.py $case 2>&1 | awk '/\(([0-9]+, )+[0-9]+\)x\(/ {name=substr($1, 1, 24)} /gpu__time_duration/ {print name, $(NF-1), $NF}' | tr '\n' ' ')
           echo "peer $case: $d"
         done
         # Which matrix instructions FlexAttention's Triton kernels use (Hopper's wgmma or
-        # the mma.sync ours and FA2 use): their PTX in Triton's cache
-        for f in $(grep -rl "triton_tem_fused" ~/.triton/cache --include='*.ptx' 2>/dev/null | head -4); do
+        # the mma.sync ours and FA2 use): their PTX in Triton's cache (Inductor's, by default
+        # under /tmp/torchinductor_$USER/triton, or Triton's own)
+        ptx=$(grep -rl "triton_tem_fused" ${TRITON_CACHE_DIR:-} /tmp/torchinductor_$(whoami)/triton ~/.triton/cache --include='*.ptx' 2>/dev/null | head -4)
+        [ -z "$ptx" ] && echo "no FlexAttention PTX found"
+        for f in $ptx; do
           echo "flex ptx $(basename "$f"): wgmma $(grep -c 'wgmma.mma_async' "$f"), mma.sync $(grep -c 'mma.sync' "$f"), cp.async.bulk (TMA) $(grep -c 'cp.async.bulk' "$f")"
         done
       fi ;;
     host-gap) # where a single call's time beyond its kernel goes (0.1-0.24 ms at the short
-      # cases: bench --calls 1 against --calls 20): Nsight Systems' CUDA API summary and GPU
-      # trace of one short case, timed one call at a time
+      # cases: bench --calls 1 against --calls 20): Nsight Systems' CUDA API, kernel and OS
+      # runtime summaries of one short case timed one call at a time. The capture spans the
+      # whole process (warm-up, and compilation on a cold kernel cache: run it after a step
+      # that ran the case with this binary), so read the counts per call, not the totals.
       NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
       if [ -z "$NSYS" ]; then echo "no nsys on this machine"; else
         timeout 120 $NSYS profile -f true -o /tmp/host-gap --trace=cuda,osrt $AF --repeats 20 --skip-burn --only "${GAP_CASE:-n=16384 d=128 window 256}" > "$OUT/host-gap.log" 2>&1
-        timeout 120 $NSYS stats -f csv -o "$OUT/host-gap" --report cuda_api_sum --report cuda_gpu_kern_sum --report osrt_sum /tmp/host-gap.nsys-rep >> "$OUT/host-gap.log" 2>&1
+        timeout 120 "$NSYS" stats --force-export=true -f csv -o "$OUT/host-gap" --report cuda_api_sum --report cuda_gpu_kern_sum --report osrt_sum /tmp/host-gap.nsys-rep >> "$OUT/host-gap.log" 2>&1
         tail -5 "$OUT/host-gap.log"; for f in "$OUT"/host-gap*.csv; do echo "-- $f"; head -12 "$f"; done
       fi ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one

@@ -511,9 +511,10 @@ pub fn flash_forward_tf32<R: CubeRuntime>(
     let smem = |bk: usize| {
         (block_q * (dim_pad + 4) + stages * bk * (dim_pad + 4 + value_dim_pad + 4)) * elem + 64
     };
-    // 32 keys per tile past head dim 64, as the f16/bf16 kernel (fewer live accumulator
-    // registers); `BURN_ATTN_TF32_BLOCK_K` (8, 16, 32 or 64) overrides the choice, for
-    // tuning runs.
+    // 32 keys per tile past head dim 64 (fewer live accumulator registers; the f16/bf16
+    // kernel's move to 64 keys at d = 65-128 was not measured here, where the tiles hold
+    // f32); `BURN_ATTN_TF32_BLOCK_K` (8, 16, 32 or 64) overrides the choice, for tuning
+    // runs.
     let block_k = key_tile(
         "BURN_ATTN_TF32_BLOCK_K",
         &[64, 32, 16, 8],

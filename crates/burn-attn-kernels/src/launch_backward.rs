@@ -259,7 +259,16 @@ pub fn flash_backward_mma<R: CubeRuntime>(
         &[64, 32, 16]
     };
     let pick = |name: &str, per_row: usize| {
-        tuning_override(name, &[16, 32, 64])
+        let forced = tuning_override(name, &[16, 32, 64]);
+        if let Some(block) = forced.filter(|&block| smem(block, per_row) > shared) {
+            // Said, so that a tuning run does not time the default unawares.
+            eprintln!(
+                "burn-attn: {name}={block} needs {} bytes of shared memory, the device has \
+                 {shared}: using the default tile",
+                smem(block, per_row)
+            );
+        }
+        forced
             .into_iter()
             .chain(candidates.iter().copied())
             .find(|&block| smem(block, per_row) <= shared)
