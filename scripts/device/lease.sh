@@ -64,7 +64,9 @@ for step in "$@"; do
       # its own kernel cache; DURATION_CASES: "|"-separated bench cases. The backward:
       # DURATION_KERNEL=flash_mma_backward DURATION_ARGS=--backward (the dQ and dK/dV
       # kernels alternate in the list). DURATION_VARIANTS: tuning variants as TUNE_VARIANTS
-      # (space separated, a variant's variables joined by commas, "default" = none)
+      # (space separated, a variant's variables joined by commas, "default" = none).
+      # The tf32 forward: DURATION_DTYPE=f32 DURATION_KERNEL=flash_tf32 with a variant
+      # setting BURN_ATTN_TF32=1 (e.g. "BURN_ATTN_TF32=1 BURN_ATTN_TF32=1,BURN_ATTN_TF32_BLOCK_K=64")
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; else
         IFS='|' read -ra cases <<< "${DURATION_CASES:-n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal}"
         for case in "${cases[@]}"; do
@@ -73,7 +75,7 @@ for step in "$@"; do
             printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$c" "$c" > cubecl.toml
             for v in ${DURATION_VARIANTS:-default}; do
               vars=${v//,/ }; [ "$v" = default ] && vars=
-              d=$(env $vars timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype bf16 --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
+              d=$(env $vars timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype ${DURATION_DTYPE:-bf16} --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
               echo "$case [$bin] [$v]: $d"
             done
           done
