@@ -324,8 +324,9 @@ fn mma_row_tiles(value_dim_pad: usize, band: &BandArgs, planes: usize, sizes: &S
 /// The widest band (keys per row) that runs one row tile per plane ([`mma_row_tiles`]).
 const NARROW_BAND_KEYS: usize = 512;
 
-/// Planes per cube of the matrix-unit kernel (`BURN_ATTN_MMA_PLANES` = 4 or 8 overrides
-/// it, for tuning runs).
+/// Planes per cube of the matrix-unit kernel (`BURN_ATTN_MMA_PLANES` = 2, 4 or 8
+/// overrides it, for tuning runs: 2 halves a cube's rows, and with them the band-edge keys
+/// a window's cube stages beyond its rows' bands).
 const MMA_PLANES: usize = 4;
 
 /// Exact banded attention forward with the matrix-unit kernel (`mma.sync.m16n8k16`).
@@ -349,7 +350,7 @@ pub fn flash_forward_mma<R: CubeRuntime>(
     let Sizes { dim, value_dim, .. } = sizes;
     let dim_pad = dim.div_ceil(16) * 16;
     let value_dim_pad = value_dim.div_ceil(16) * 16;
-    let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[4, 8]).unwrap_or(MMA_PLANES);
+    let planes = tuning_override("BURN_ATTN_MMA_PLANES", &[2, 4, 8]).unwrap_or(MMA_PLANES);
     let m_tiles = mma_row_tiles(value_dim_pad, &band, planes, &sizes);
     let block_q = MMA_ROWS_PER_TILE * m_tiles * planes;
     let grid = sizes.grid(block_q)?;
