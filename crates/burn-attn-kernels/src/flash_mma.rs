@@ -273,8 +273,9 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
     let vs = N::value().comptime();
     let chunks = comptime!(cols_pad / vs);
     // rows * chunks is a multiple of 32: rows a multiple of 16, chunks even (cols_pad a
-    // multiple of 16 with N <= 8 in 16-bit types, of 8 with N <= 4 in f32). The N scalar shared loads of a chunk compile to one 16-byte load (SASS of
-    // the forward: 16 LDS and 16 STG per lane at d = 128).
+    // multiple of 16 with N <= 8 in 16-bit types, of 8 with N <= 4 in f32). The N scalar
+    // shared loads of a chunk compile to one 16-byte load (SASS of the forward: 16 LDS and
+    // 16 STG per lane at d = 128).
     #[unroll]
     for i in 0..comptime!(rows * chunks / 32) {
         let idx = i * 32 + lane;
@@ -290,6 +291,114 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
             }
             out[(o_base + row * o_row_stride + col) / vs] = vector;
         }
+    }
+}
+
+/// The matrix-unit forwards' epilogue (`flash_mma_kernel`, `flash_tf32_kernel`): each
+/// row's sum over its group's four lanes, the normalised output rows and the log-sum-exp
+/// (`neg_inf` for rows that saw no key, whose output is 0). Where an output row fits in a
+/// Q row of shared memory (`value_dim_pad <= dim_pad`), each plane writes its rows over
+/// its own Q rows (which only it reads) and stores them `N` values per lane and
+/// instruction along rows ([`store_plane_rows`]); otherwise one value at a time (`N` = 1,
+/// the launchers' choice). Arguments as in the kernels: `w0` the plane's first row,
+/// `q_stride` the Q rows' shared-memory stride, `c_vs` the accumulator vector size.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_output_rows<F: Float, N: Size>(
+    o_acc: &Array<Vector<f32, MmaVecAcc>>,
+    m_row: &Array<f32>,
+    l_row: &Array<f32>,
+    q_smem: &mut SharedMemory<F>,
+    out: &mut Tensor<Vector<F, N>>,
+    lse: &mut Tensor<f32>,
+    b: usize,
+    h: usize,
+    w0: usize,
+    warp: usize,
+    lane: usize,
+    seq_q: usize,
+    value_dim: usize,
+    neg_inf: f32,
+    #[comptime] m_tiles: usize,
+    #[comptime] q_stride: usize,
+    #[comptime] c_vs: usize,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_dim_pad: usize,
+    #[comptime] async_copy: bool,
+) {
+    let g = lane / 4;
+    let t = lane % 4;
+    let plane_q = comptime!(16 * m_tiles);
+    let halves = comptime!(2 * m_tiles);
+    let v_tiles = comptime!(value_dim_pad / 8);
+    // The strides are read once (the compiler cannot keep them across stores to the
+    // output, which might alias the buffer holding them, and reloaded them per element).
+    let o_base = b * out.stride(0) + h * out.stride(1);
+    let o_row_stride = out.stride(2);
+    let lse_base = b * lse.stride(0) + h * lse.stride(1);
+    let lse_row_stride = lse.stride(2);
+    // Staged where an output row fits in a Q row: the fragments' own layout would take
+    // one 2-byte store per value at scattered rows, which held 12% of the stall samples
+    // at n = 1024 (PERFORMANCE.md, v8).
+    let staged = comptime!(value_dim_pad <= dim_pad);
+    if comptime!(staged && !async_copy) {
+        // With synchronous staging and no key tile, other planes' Q writes may still be
+        // landing in this plane's rows. (Asynchronous staging copies Q only with a key
+        // tile, and every tile ends with a cube barrier after its copies were waited for.)
+        sync_cube();
+    }
+    #[unroll]
+    for hf in 0..halves {
+        let mut l = l_row[hf];
+        l += plane_shuffle_xor(l, 1);
+        l += plane_shuffle_xor(l, 2);
+        let row = w0 + g + 8 * hf;
+        let mut inv = f32::new(0.0);
+        if l > f32::new(0.0) {
+            inv = f32::new(1.0) / l;
+        }
+        // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
+        let s_row = (warp * plane_q + 8 * hf + g) * q_stride;
+        #[unroll]
+        for vt in 0..v_tiles {
+            #[unroll]
+            for e in 0..2usize {
+                let col = vt * 8 + 2 * t + e;
+                let tile = (hf / 2) * v_tiles + vt;
+                let o = F::cast_from(acc_get(o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv);
+                if comptime!(staged) {
+                    q_smem[s_row + col] = o;
+                } else if row < seq_q && col < value_dim {
+                    // N = 1 here (the launchers' choice).
+                    out[o_base + row * o_row_stride + col] = Vector::new(o);
+                }
+            }
+        }
+        if row < seq_q && t == 0 {
+            let lse_idx = lse_base + row * lse_row_stride;
+            if l > f32::new(0.0) {
+                lse[lse_idx] = m_row[hf] + f32::ln(l);
+            } else {
+                lse[lse_idx] = neg_inf;
+            }
+        }
+    }
+    if comptime!(staged) {
+        sync_plane();
+        store_plane_rows::<F, N>(
+            q_smem,
+            warp * plane_q * q_stride,
+            q_stride,
+            out,
+            o_base,
+            o_row_stride,
+            w0,
+            seq_q,
+            value_dim,
+            lane,
+            plane_q,
+            value_dim_pad,
+        );
     }
 }
 
@@ -767,76 +876,28 @@ pub fn flash_mma_kernel<F: Float, N: Size>(
         }
     }
 
-    // Row sums over the group's four lanes, then normalise and write. The strides are
-    // read once (the compiler cannot keep them across stores to the output, which might
-    // alias the buffer holding them, and reloaded them per element).
-    let o_base = b * out.stride(0) + h * out.stride(1);
-    let o_row_stride = out.stride(2);
-    let lse_base = b * lse.stride(0) + h * lse.stride(1);
-    let lse_row_stride = lse.stride(2);
-    // Staged epilogue where an output row fits in a Q row of shared memory: each plane
-    // writes its normalised rows over its own Q rows (which only it reads), then stores
-    // them `N` values (16 bytes at N = 8) per lane and instruction, consecutive lanes along
-    // a row. The fragments' own layout would take one 2-byte store per value, at scattered
-    // rows: that epilogue held 12% of the stall samples at n = 1024 (PERFORMANCE.md, v8).
-    let staged = comptime!(value_dim_pad <= dim_pad);
-    if comptime!(staged && !async_copy) {
-        // With synchronous staging and no key tile, other planes' Q writes may still be
-        // landing in this plane's rows. (Asynchronous staging copies Q only with a key
-        // tile, and every tile ends with a cube barrier after its copies were waited for.)
-        sync_cube();
-    }
-    #[unroll]
-    for hf in 0..halves {
-        let mut l = l_row[hf];
-        l += plane_shuffle_xor(l, 1);
-        l += plane_shuffle_xor(l, 2);
-        let row = w0 + g + 8 * hf;
-        let mut inv = f32::new(0.0);
-        if l > f32::new(0.0) {
-            inv = f32::new(1.0) / l;
-        }
-        // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
-        let s_row = (warp * plane_q + 8 * hf + g) * q_stride;
-        #[unroll]
-        for vt in 0..v_tiles {
-            #[unroll]
-            for e in 0..2usize {
-                let col = vt * 8 + 2 * t + e;
-                let tile = (hf / 2) * v_tiles + vt;
-                let o = F::cast_from(acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv);
-                if comptime!(staged) {
-                    q_smem[s_row + col] = o;
-                } else if row < seq_q && col < value_dim {
-                    // N = 1 here (the launcher's choice).
-                    out[o_base + row * o_row_stride + col] = Vector::new(o);
-                }
-            }
-        }
-        if row < seq_q && t == 0 {
-            let lse_idx = lse_base + row * lse_row_stride;
-            if l > f32::new(0.0) {
-                lse[lse_idx] = m_row[hf] + f32::ln(l);
-            } else {
-                lse[lse_idx] = neg_inf;
-            }
-        }
-    }
-    if comptime!(staged) {
-        sync_plane();
-        store_plane_rows::<F, N>(
-            &q_smem,
-            warp * plane_q * q_stride,
-            q_stride,
-            out,
-            o_base,
-            o_row_stride,
-            w0,
-            seq_q,
-            value_dim,
-            lane,
-            plane_q,
-            value_dim_pad,
-        );
-    }
+    // Row sums, normalised rows and log-sum-exp (staged through the plane's Q rows where
+    // they fit).
+    write_output_rows::<F, N>(
+        &o_acc,
+        &m_row,
+        &l_row,
+        &mut q_smem,
+        out,
+        lse,
+        b,
+        h,
+        w0,
+        warp,
+        lane,
+        seq_q,
+        value_dim,
+        neg_inf,
+        m_tiles,
+        q_stride,
+        c_vs,
+        dim_pad,
+        value_dim_pad,
+        async_copy,
+    );
 }

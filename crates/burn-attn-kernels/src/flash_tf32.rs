@@ -35,7 +35,7 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::flash_mma::{
-    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, store_plane_rows,
+    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, write_output_rows,
     zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
 };
 // A finite stand-in for `-inf` (see `flash_unit`).
@@ -565,70 +565,28 @@ pub fn flash_tf32_kernel<N: Size>(
         }
     }
 
-    // Row sums over the group's four lanes, then normalise and write: staged through the
-    // plane's own Q rows where an output row fits (`flash_mma_kernel`'s epilogue, v8),
-    // else one value at a time.
-    let o_base = b * out.stride(0) + h * out.stride(1);
-    let o_row_stride = out.stride(2);
-    let lse_base = b * lse.stride(0) + h * lse.stride(1);
-    let lse_row_stride = lse.stride(2);
-    let staged = comptime!(value_dim_pad <= dim_pad);
-    if comptime!(staged && !async_copy) {
-        // With synchronous staging and no key tile, other planes' Q writes may still be
-        // landing in this plane's rows (asynchronous staging: as in `flash_mma_kernel`).
-        sync_cube();
-    }
-    #[unroll]
-    for hf in 0..halves {
-        let mut l = l_row[hf];
-        l += plane_shuffle_xor(l, 1);
-        l += plane_shuffle_xor(l, 2);
-        let row = w0 + g + 8 * hf;
-        let mut inv = f32::new(0.0);
-        if l > f32::new(0.0) {
-            inv = f32::new(1.0) / l;
-        }
-        // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
-        let s_row = (warp * plane_q + 8 * hf + g) * q_stride;
-        #[unroll]
-        for vt in 0..v_tiles {
-            #[unroll]
-            for e in 0..2usize {
-                let col = vt * 8 + 2 * t + e;
-                let tile = (hf / 2) * v_tiles + vt;
-                let o = acc_get(&o_acc, tile, (hf % 2) * 2 + e, c_vs) * inv;
-                if comptime!(staged) {
-                    q_smem[s_row + col] = o;
-                } else if row < seq_q && col < value_dim {
-                    // N = 1 here (the launcher's choice).
-                    out[o_base + row * o_row_stride + col] = Vector::new(o);
-                }
-            }
-        }
-        if row < seq_q && t == 0 {
-            let lse_idx = lse_base + row * lse_row_stride;
-            if l > f32::new(0.0) {
-                lse[lse_idx] = m_row[hf] + f32::ln(l);
-            } else {
-                lse[lse_idx] = neg_inf;
-            }
-        }
-    }
-    if comptime!(staged) {
-        sync_plane();
-        store_plane_rows::<f32, N>(
-            &q_smem,
-            warp * plane_q * q_stride,
-            q_stride,
-            out,
-            o_base,
-            o_row_stride,
-            w0,
-            seq_q,
-            value_dim,
-            lane,
-            plane_q,
-            value_dim_pad,
-        );
-    }
+    // Row sums, normalised rows and log-sum-exp (staged through the plane's Q rows where
+    // they fit).
+    write_output_rows::<f32, N>(
+        &o_acc,
+        &m_row,
+        &l_row,
+        &mut q_smem,
+        out,
+        lse,
+        b,
+        h,
+        w0,
+        warp,
+        lane,
+        seq_q,
+        value_dim,
+        neg_inf,
+        m_tiles,
+        q_stride,
+        c_vs,
+        dim_pad,
+        value_dim_pad,
+        async_copy,
+    );
 }
