@@ -30,14 +30,24 @@ if [ ! -d "$CACHE" ]; then
   mkdir -p "$CACHE"
   [ "${CACHE_RESTORE:-0}" = 1 ] && [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
 fi
-printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
+# The test binary gets a cache of its own: kernels it compiled and cached ran 5% slower
+# under the bench's name (a lease timed the bench at 1.20 ms where a fresh compile of the
+# same source ran 1.14 ms, identical SASS offline), so a `grid` before `durations` no
+# longer feeds the bench its kernels.
+TEST_CACHE=$CACHE-tests
+cache_toml() { printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$1" "$1" > cubecl.toml; }
+# Runs a command with cache $1, then points cubecl.toml back at the bench's cache.
+with_cache() { local dir=$1; shift; mkdir -p "$dir"; cache_toml "$dir"; "$@"; local rc=$?; cache_toml "$CACHE"; return $rc; }
+cache_toml "$CACHE"
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
     ptxas) # registers, spills and SASS of the matrix-unit kernel as the default launch compiles it;
       # PTXAS_ONLY picks the bench case (e.g. "window 256": the narrow-band compilation)
       rm -f "$OUT/cubecl.log"
-      BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "${PTXAS_ONLY:-n=1024 d=128 full}" 2>&1 | sort | uniq -c | head
+      # (an empty kernel cache: a cached kernel is not compiled, so not logged)
+      rm -rf /tmp/cubecl-cache-ptxas
+      with_cache /tmp/cubecl-cache-ptxas env BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl.log" timeout 60 $AF --repeats 1 --skip-burn --only "${PTXAS_ONLY:-n=1024 d=128 full}" 2>&1 | sort | uniq -c | head
       # PTXAS_TAG names the files (flash_mma$PTXAS_TAG.cu/.sass: source and SASS with its opcode counts)
       awk '/FlashMmaKernel</{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl.log" > "$OUT/flash_mma${PTXAS_TAG:-}.cu"
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_mma${PTXAS_TAG:-}.cu" 2>&1 | grep -E "ptxas|spill|Used|error|sass" | head ;;
@@ -116,7 +126,7 @@ for step in "$@"; do
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
       BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
     memcheck-backward) # the backward kernel tests alone, one thread (a fault is sticky to the context)
-      timeout ${MEMCHECK_TIMEOUT:-300} $S --tool memcheck --print-limit 5 "$B/cuda_kernel" backward --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|Invalid|at 0x|^test |panicked" | head -40 ;;
+      with_cache "$TEST_CACHE" timeout ${MEMCHECK_TIMEOUT:-300} $S --tool memcheck --print-limit 5 "$B/cuda_kernel" backward --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|Invalid|at 0x|^test |panicked" | head -40 ;;
     tune) # staging, planes and key-tile variants at n=4096, d=128 (TUNE_ONLY: other cases; TUNE_REPEATS:
       # one-millisecond cases moved 13% between runs of one binary at 10); TUNE_VARIANTS: space
       # separated, the variables of one variant joined by commas ("default" = none)
@@ -126,7 +136,7 @@ for step in "$@"; do
         env $vars timeout ${TUNE_TIMEOUT:-40} $AF --repeats ${TUNE_REPEATS:-10} --skip-burn --only "${TUNE_ONLY:-n=4096 d=128}" 2>&1 | grep -E "ours|error|panick" | head -12
       done ;;
     grid) # GRID_ARGS: extra test-binary arguments, e.g. "--skip within_thrice" (Burn's slow device reference)
-      CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
+      with_cache "$TEST_CACHE" env CUBECL_AUTOTUNE_LEVEL=minimal timeout ${GRID_TIMEOUT:-200} "$B/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" | grep -E "^test |panicked|FAILED|test result" | head -40
       echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")"; grep -E "out err" "$OUT/grid.log" | tail -3 ;;
     bench) timeout ${BENCH_TIMEOUT:-300} $AF --repeats 10 ${BENCH_ARGS:-} --json "$OUT/bench-bf16.json" 2>&1 | tee "$OUT/bench-bf16.log" ;;
     peers) # the peer script's own functions: bf16 SDPA and the FlexAttention windows
@@ -146,7 +156,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # staging, the default) on the host-reference grid, one thread; then the d=128 backward
       # bench with synchronous staging, for the comparison (the trace says which staging ran)
       for tool in memcheck racecheck; do
-        timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" low_precision_grid_host --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
+        with_cache "$TEST_CACHE" timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" low_precision_grid_host --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
       done
       BURN_ATTN_MMA_SYNC=1 BURN_ATTN_TRACE=1 timeout 150 $AF --backward --repeats 5 --skip-burn --only d=128 > "$OUT/backward-sync.log" 2>&1
       grep -v "^burn-attn:" "$OUT/backward-sync.log"; grep "^burn-attn: flash_mma_backward planes" "$OUT/backward-sync.log" | sort | uniq -c | head -4 ;;
@@ -155,7 +165,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # memcheck and racecheck of the f32 kernel tests, one thread; the f32 forward at n=4096
       # with tile variants (PORTABLE_VARIANTS, as TUNE_VARIANTS); the f32 backward at n=1024
       for tool in memcheck racecheck; do
-        timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" f32 --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
+        with_cache "$TEST_CACHE" timeout ${MEMCHECK_TIMEOUT:-150} $S --tool $tool --print-limit 5 "$B/cuda_kernel" f32 --test-threads 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^test " | head -10
       done
       # (the default 32 x 32 tile won at 48 KiB last lease; the variants past 48 KiB need
       # BURN_ATTN_UNIT_SHARED_KIB: bigger register tiles, fewer cubes per SM)
@@ -165,13 +175,13 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
         env $vars BURN_ATTN_TRACE=1 timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --skip-burn --only "n=4096 d=128" 2>&1 | grep -E "ours|tiles|error|panick" | sort | uniq -c | head -6
       done
       # the f32 kernel tests with the bigger budget (its tiles checked, not only timed)
-      BURN_ATTN_UNIT_SHARED_KIB=96 timeout ${PORTABLE_TIMEOUT:-200} "$B/cuda_kernel" f32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed 's/^/[96 KiB] /' | head -4
+      with_cache "$TEST_CACHE" env BURN_ATTN_UNIT_SHARED_KIB=96 timeout ${PORTABLE_TIMEOUT:-200} "$B/cuda_kernel" f32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed 's/^/[96 KiB] /' | head -4
       # the backward alone (Burn's materialised peer compiles and tunes for minutes)
       timeout ${PORTABLE_TIMEOUT:-200} "$B/attention_forward" --backend cuda --dtype f32 --backward --repeats 3 --skip-burn --only "d=128" 2>&1 | tee "$OUT/backward-f32.log" | grep -vE "^\s*$" | grep -v "^burn-attn:" | head -8 ;;
     f32) timeout ${F32_TIMEOUT:-150} "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-f32.log" ;;
     tf32) # the f32 forward on the matrix units (opt-in): its test (launched directly, no
       # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)
-      timeout 150 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
+      with_cache "$TEST_CACHE" timeout 150 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
       echo "cases checked: $(grep -cE '^tf32 .*out err' "$OUT/tf32-test.log")"; grep -E "^tf32 .*out err" "$OUT/tf32-test.log" | tail -3
       BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl-tf32.log" timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
       awk '/FlashTf32Kernel/{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl-tf32.log" > "$OUT/flash_tf32.cu"
@@ -180,7 +190,7 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # plane (TF32_VARIANTS=BURN_ATTN_TF32_ROWS=32), 16-key tiles (the test launches the kernel
       # directly; the overrides apply)
       for v in ${TF32_VARIANTS:-BURN_ATTN_MMA_SYNC=1 BURN_ATTN_TF32_BLOCK_K=16}; do
-        env $v timeout 80 "$B/cuda_kernel" tf32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed "s/^/[$v] /" | head -3
+        with_cache "$TEST_CACHE" env $v timeout 80 "$B/cuda_kernel" tf32 --test-threads 2 2>&1 | grep -E "test result|panicked" | sed "s/^/[$v] /" | head -3
       done
       BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 timeout 150 "$B/attention_forward" --backend cuda --dtype f32 --repeats 5 --only "n=4096" 2>&1 | tee "$OUT/bench-tf32.log" | grep -v "^burn-attn:"
       grep "^burn-attn:" "$OUT/bench-tf32.log" | sed 's/[0-9][0-9, ]*\]/N]/' | sort | uniq -c | head ;;

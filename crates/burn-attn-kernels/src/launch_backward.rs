@@ -248,17 +248,18 @@ pub fn flash_backward_mma<R: CubeRuntime>(
             + stages * block * per_row
             + 128
     };
-    // 32-row streamed tiles past head dim 64 (fewer live score registers), 64 otherwise; 16
-    // where shared memory is short. `BURN_ATTN_MMA_DQ_BLOCK_K` and
-    // `BURN_ATTN_MMA_DKDV_BLOCK_Q` (16, 32 or 64) override the dQ kernel's key tile and the
-    // dK/dV kernel's query tile where they fit, for tuning runs (the forward's 64-key tiles
-    // overtook 32 at d = 128 after its v8; the backward's were not re-tuned since).
-    let candidates: &[usize] = if widest > 64 {
-        &[32, 16]
+    // Streamed tiles: 64 rows up to head dim 64; past it 32 keys per dQ tile (fewer live
+    // score registers) but 64 queries per dK/dV tile, which measured 8-10% faster at d =
+    // 128 (PERFORMANCE.md, "Backward v6"; 64 keys per dQ tile were 2-3% slower); 16 where
+    // shared memory is short. `BURN_ATTN_MMA_DQ_BLOCK_K` and `BURN_ATTN_MMA_DKDV_BLOCK_Q`
+    // (16, 32 or 64) override the dQ kernel's key tile and the dK/dV kernel's query tile
+    // where they fit, for tuning runs.
+    let (dq_candidates, dkdv_candidates): (&[usize], &[usize]) = if widest > 64 {
+        (&[32, 16], &[64, 32, 16])
     } else {
-        &[64, 32, 16]
+        (&[64, 32, 16], &[64, 32, 16])
     };
-    let pick = |name: &str, per_row: usize| {
+    let pick = |name: &str, per_row: usize, candidates: &[usize]| {
         let forced = tuning_override(name, &[16, 32, 64]);
         if let Some(block) = forced.filter(|&block| smem(block, per_row) > shared) {
             // Said, so that a tuning run does not time the default unawares.
@@ -278,8 +279,8 @@ pub fn flash_backward_mma<R: CubeRuntime>(
                 ))
             })
     };
-    let block_k = pick("BURN_ATTN_MMA_DQ_BLOCK_K", 0)?;
-    let block_q = pick("BURN_ATTN_MMA_DKDV_BLOCK_Q", 8)?;
+    let block_k = pick("BURN_ATTN_MMA_DQ_BLOCK_K", 0, dq_candidates)?;
+    let block_q = pick("BURN_ATTN_MMA_DKDV_BLOCK_Q", 8, dkdv_candidates)?;
     trace(|| {
         format!(
             "flash_mma_backward planes {planes}, dQ block_k {block_k} ({} B shared), dK/dV \
