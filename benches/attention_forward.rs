@@ -25,6 +25,8 @@
 //! `--calls K` times K calls back to back per sample (median of the per-call means): the
 //! host's work for one call then overlaps the GPU's for the previous ones, where the
 //! default (K = 1) also counts each call's host work and launch before its kernel.
+//! `--backend cuda-unfused` runs Burn's CUDA backend without its fusion stream
+//! (`CubeBackend` itself), so that single-call times can be compared with and without it.
 
 use std::time::Instant;
 
@@ -403,7 +405,7 @@ fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--backend" => args.backend = it.next().expect("--backend cpu|wgpu|cuda"),
+            "--backend" => args.backend = it.next().expect("--backend cpu|wgpu|cuda|cuda-unfused"),
             "--dtype" => args.dtype = it.next().expect("--dtype f32|f16|bf16"),
             "--quick" => args.quick = true,
             "--skip-burn" => args.skip_burn = true,
@@ -596,6 +598,20 @@ fn main() {
                 burn::backend::cuda::CudaDevice::default()
             )
         }
+        #[cfg(feature = "cuda")]
+        "cuda-unfused" => {
+            // Burn's CUDA backend without its fusion stream (what `Cuda` is with Burn's
+            // `fusion` feature off): beside `cuda` at `--calls 1`, it tells how much of a
+            // single call's time beyond its kernel the fusion stream takes.
+            type Runtime = burn::cubecl::cuda::CudaRuntime;
+            type CudaUnfused<F> = burn_attn::cores::kernels::CubeBackend<Runtime, F, i32, u8>;
+            dispatch_dtype!(
+                CudaUnfused,
+                Runtime,
+                args,
+                burn::backend::cuda::CudaDevice::default()
+            )
+        }
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use burn::backend::Wgpu;
@@ -607,7 +623,9 @@ fn main() {
                 burn::backend::wgpu::WgpuDevice::default()
             )
         }
-        other => panic!("backend {other} is not compiled in (features: cuda, wgpu)"),
+        other => panic!(
+            "backend {other} is not compiled in (features: cuda, wgpu; cuda-unfused with cuda)"
+        ),
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();

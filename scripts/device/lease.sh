@@ -8,7 +8,7 @@
 #   cargo build --release --example associative_recall --features cuda
 # On the device: mkdir -p /tmp/bin && tar -xJf .carry/bins.tar.xz -C /tmp/bin, then
 #   BIN=/tmp/bin OUT=$OUT bash scripts/device/lease.sh STEP...
-# Steps: ptxas ncu ncu-source durations peer-durations host-gap memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
+# Steps: ptxas ncu ncu-source durations peer-durations host-gap host-split memcheck memcheck-backward tune grid bench peers memory backward sanitize-backward
 # memory-train portable f32 tf32 wgpu train compare save-cache. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -122,6 +122,12 @@ for step in "$@"; do
         timeout 120 "$NSYS" stats --force-export=true -f csv -o "$OUT/host-gap" --report cuda_api_sum --report cuda_gpu_kern_sum --report osrt_sum /tmp/host-gap.nsys-rep >> "$OUT/host-gap.log" 2>&1
         tail -5 "$OUT/host-gap.log"; for f in "$OUT"/host-gap*.csv; do echo "-- $f"; head -12 "$f"; done
       fi ;;
+    host-split) # a single call's time beyond its kernel (0.1-0.24 ms at the short cases),
+      # with and without Burn's fusion stream: bench --calls 1 and --calls 20 on `cuda` and
+      # on `cuda-unfused` (Burn's CubeBackend itself); SPLIT_ONLY picks the cases
+      for be in cuda cuda-unfused; do for k in 1 20; do
+        timeout 120 "$B/attention_forward" --backend $be --dtype bf16 --repeats 20 --calls $k --skip-burn --only "${SPLIT_ONLY:-n=1024 d=128}" 2>&1 | grep -E "ours|panicked|error" | sed "s/^/[$be K=$k] /"
+      done; done ;;
     memcheck) # the default (asynchronous) configuration and the 8-plane one
       timeout 60 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head
       BURN_ATTN_MMA_PLANES=8 timeout 40 $S --tool memcheck --print-limit 3 $AF --repeats 1 --only "n=1024 d=128 causal" --skip-burn 2>&1 | grep -E "ERROR SUMMARY|Invalid|ours" | head ;;
