@@ -189,7 +189,8 @@ json.dump(res, open('$OUT/torch.json', 'w'), indent=1)
       # switch), its registers/spills, then the f32 bench through BURN_ATTN_TF32=1 (Burn's peers included)
       with_cache "$TEST_CACHE" timeout 150 "$B/cuda_kernel" tf32 --test-threads 2 --nocapture 2>&1 | tee "$OUT/tf32-test.log" | grep -E "^test |panicked|FAILED|test result|declined" | head -20
       echo "cases checked: $(grep -cE '^tf32 .*out err' "$OUT/tf32-test.log")"; grep -E "^tf32 .*out err" "$OUT/tf32-test.log" | tail -3
-      BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl-tf32.log" timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
+      rm -rf /tmp/cubecl-cache-ptxas-tf32  # an empty cache, so that the kernel's source is logged
+      with_cache /tmp/cubecl-cache-ptxas-tf32 env BURN_ATTN_TF32=1 BURN_ATTN_TRACE=1 CUBECL_DEBUG_LOG="$OUT/cubecl-tf32.log" timeout 60 "$B/attention_forward" --backend cuda --dtype f32 --repeats 1 --skip-burn --only "n=1024 d=128 full" 2>&1 | sort | uniq -c | head
       awk '/FlashTf32Kernel/{f=1} f&&/^```cpp/{p=1;next} p&&/^```$/{exit} p' "$OUT/cubecl-tf32.log" > "$OUT/flash_tf32.cu"
       timeout 60 python3 scripts/device/ptxas_stats.py "$OUT/flash_tf32.cu" 2>&1 | grep -E "ptxas|spill|Used|error" | head
       # the configurations the default shapes do not reach: synchronous staging, 32 rows per

@@ -249,7 +249,7 @@ pub fn flash_backward_mma<R: CubeRuntime>(
             + 128
     };
     // Streamed tiles: 64 rows up to head dim 64; past it 32 keys per dQ tile (fewer live
-    // score registers) but 64 queries per dK/dV tile, which measured 8-10% faster at d =
+    // score registers) but 64 queries per dK/dV tile, which measured 8-14% faster at d =
     // 128 (PERFORMANCE.md, "Backward v6"; 64 keys per dQ tile were 2-3% slower); 16 where
     // shared memory is short. `BURN_ATTN_MMA_DQ_BLOCK_K` and `BURN_ATTN_MMA_DKDV_BLOCK_Q`
     // (16, 32 or 64) override the dQ kernel's key tile and the dK/dV kernel's query tile
