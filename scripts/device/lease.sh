@@ -25,7 +25,8 @@ AF="$B/attention_forward --backend cuda --dtype bf16"
 # runs its OLD code (a lease measured one build's PTX under another's name that way). Each
 # binary folder therefore gets its own cache, and the carried one (filled by the binaries
 # it was saved with) is restored only on request (CACHE_RESTORE=1, same binaries only).
-CACHE=/tmp/cubecl-cache-$(echo "$B" | tr '/' '_')
+cache_dir() { echo "/tmp/cubecl-cache-$(echo "$1" | tr '/' '_')"; }
+CACHE=$(cache_dir "$B")
 if [ ! -d "$CACHE" ]; then
   mkdir -p "$CACHE"
   [ "${CACHE_RESTORE:-0}" = 1 ] && [ -f .carry/cubecl-cache.tar.xz ] && tar -xJf .carry/cubecl-cache.tar.xz -C "$CACHE"
@@ -81,8 +82,7 @@ for step in "$@"; do
         IFS='|' read -ra cases <<< "${DURATION_CASES:-n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal}"
         for case in "${cases[@]}"; do
           for bin in ${DURATION_BINS:-$B}; do
-            c=/tmp/cubecl-cache-$(echo "$bin" | tr '/' '_')
-            printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$c" "$c" > cubecl.toml
+            cache_toml "$(cache_dir "$bin")"
             for v in ${DURATION_VARIANTS:-default}; do
               vars=${v//,/ }; [ "$v" = default ] && vars=
               d=$(env $vars timeout 60 $NCU -k regex:${DURATION_KERNEL:-flash_mma_kernel} --launch-skip 2 --launch-count 6 --metrics gpu__time_duration.sum "$bin/attention_forward" --backend cuda --dtype ${DURATION_DTYPE:-bf16} --repeats 4 --skip-burn ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
@@ -90,7 +90,7 @@ for step in "$@"; do
             done
           done
         done
-        printf '[compilation]\ncache = { file = "%s" }\n[autotune]\ncache = { file = "%s" }\n' "$CACHE" "$CACHE" > cubecl.toml
+        cache_toml "$CACHE"
       fi ;;
     peer-durations) # the peers' kernel times under Nsight Compute, as `durations` times
       # ours (locked clocks, kernel only: no launch gaps, no host work), so that the ratio
