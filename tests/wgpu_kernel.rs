@@ -15,7 +15,8 @@ use burn::backend::Wgpu;
 use burn::tensor::{DType, Tensor};
 
 mod kernel_common;
-use burn_attn_core::kernels::{flash_forward_unit, BandArgs, Unsupported};
+use burn_attn_core::kernels::launch::flash_forward_with;
+use burn_attn_core::kernels::plan::{BandArgs, ForcedPlan, ForwardKernel, Unsupported};
 use kernel_common::*;
 
 /// The fusion-wrapped type users get (`burn::backend::Wgpu`).
@@ -173,7 +174,7 @@ fn unit_kernel_at_the_software_loop_cap() {
         let mut case = Case::new(32, seq_k, 64);
         case.heads = 1;
         case.kv_heads = 1;
-        match run_forward_launcher::<Plain, WgpuRuntime>(&case, 5, flash_forward_unit) {
+        match run_forward_launcher::<Plain, WgpuRuntime>(&case, 5, ForwardKernel::Unit) {
             Ok(result) => {
                 taken = Some((case, result));
                 break;
@@ -264,8 +265,9 @@ fn unit_launcher_declines_mismatched_shapes() {
         ([1, 2, 8, 16], [1, 2, 9, 16]), // v longer than k
         ([2, 2, 8, 16], [2, 2, 8, 16]), // batch
     ] {
-        match flash_forward_unit::<WgpuRuntime>(t(q), t(k), t(v), band) {
-            Err(Unsupported::Size(why)) => {
+        let forced = ForcedPlan::default();
+        match flash_forward_with::<WgpuRuntime>(ForwardKernel::Unit, t(q), t(k), t(v), band, &forced) {
+            Err(Unsupported::Shapes(why)) => {
                 assert!(why.contains("do not match"), "k {k:?}, v {v:?}: {why}")
             }
             Err(other) => panic!("k {k:?}, v {v:?}: declined for another reason: {other}"),

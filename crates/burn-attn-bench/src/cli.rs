@@ -32,6 +32,27 @@ pub enum Command {
     /// window become faster than flash attention, and write a hybrid profile (JSON) that
     /// `HybridAttentionConfig::with_profile_file` loads.
     Calibrate(CalibrateArgs),
+    /// Write bit-exact fingerprints of the attention op's forward and backward over a fixed
+    /// grid of seeded cases, to check that a kernel change leaves every bit unchanged.
+    Digest(DigestArgs),
+    /// Time the attention op itself (forward, or training step with `--backward`) at the
+    /// kernel benchmark's shapes, beside Burn's own attention on the same backend; with
+    /// `--peers`, our time over PyTorch's kernels measured on the same shapes.
+    Kernel(crate::kernel::KernelArgs),
+}
+
+/// Options of `digest`.
+#[derive(Args, Debug, Clone)]
+pub struct DigestArgs {
+    /// Where the cases run.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// Float type of the inputs.
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
+    /// The file to write (one line per case).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
 }
 
 /// Where the variants run. Only backends compiled in (cargo features of this crate) work.

@@ -5,13 +5,15 @@
 pub mod alloc;
 pub mod calibrate;
 pub mod cli;
+pub mod digest;
 pub mod growth;
+pub mod kernel;
 pub mod output;
 pub mod peers;
 pub mod plots;
 pub mod run;
 pub mod table;
 
-pub use cli::{BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, ModelArgs};
+pub use cli::{BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, DigestArgs, ModelArgs};
 pub use run::{progress_bar, run, MemoryMeter, Report, Row};
 pub use table::{format_model, format_table};

@@ -117,6 +117,45 @@ macro_rules! dispatch {
     }};
 }
 
+/// Writes `digest`'s file for the backend and dtype of `args`.
+fn digest(args: &burn_attn_bench::DigestArgs) -> Result<(), String> {
+    use burn::backend::Autodiff;
+    use burn_attn_bench::digest::digest;
+    let text = match (args.backend, args.dtype) {
+        (BackendKind::Cpu, DType::F32) => {
+            digest::<Autodiff<burn::backend::NdArray<f32>>>(&Default::default())
+        }
+        #[cfg(feature = "cuda")]
+        (BackendKind::Cuda, dtype) => {
+            use burn::backend::Cuda;
+            let device = Default::default();
+            match dtype {
+                DType::F32 => digest::<Autodiff<Cuda<f32>>>(&device),
+                DType::F16 => digest::<Autodiff<Cuda<burn::tensor::f16>>>(&device),
+                DType::Bf16 => digest::<Autodiff<Cuda<burn::tensor::bf16>>>(&device),
+            }
+        }
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, DType::F32) => {
+            digest::<Autodiff<burn::backend::Wgpu<f32>>>(&Default::default())
+        }
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, DType::F16) => {
+            digest::<Autodiff<burn::backend::Wgpu<burn::tensor::f16>>>(&Default::default())
+        }
+        (backend, dtype) => {
+            return Err(format!(
+                "digest on {backend:?} with {} is not available in this build",
+                dtype.name()
+            ))
+        }
+    };
+    std::fs::write(&args.out, text)
+        .map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -129,6 +168,8 @@ fn main() -> ExitCode {
             .resolve()
             .and_then(|()| args.compare.validate())
             .and_then(|()| dispatch!(calibrate_on, &args.compare.clone(), args)),
+        Command::Digest(args) => digest(&args),
+        Command::Kernel(args) => burn_attn_bench::kernel::kernel(args),
         Command::Model(args) => {
             let model =
                 burn_attn::nn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));

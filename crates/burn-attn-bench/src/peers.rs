@@ -54,7 +54,7 @@ pub fn load_peers(path: &Path) -> Result<Vec<PeerRecord>, String> {
     serde_json::from_str(&text).map_err(|e| format!("parsing peers {}: {e}", path.display()))
 }
 
-fn dtype_name(peer: &str) -> &str {
+pub(crate) fn dtype_name(peer: &str) -> &str {
     match peer {
         "torch.bfloat16" | "bf16" | "bfloat16" => "bf16",
         "torch.float16" | "f16" | "float16" => "f16",

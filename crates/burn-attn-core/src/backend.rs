@@ -6,6 +6,7 @@
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
+use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
 use crate::error::ensure;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
@@ -30,7 +31,9 @@ pub trait AttentionBackend: Backend {
         v: Tensor<Self, 4>,
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        tiled_band(q, k, v, options)
+        serve_tiled(Pass::Forward, options, Vec::new(), || {
+            tiled_band(q, k, v, options)
+        })
     }
 
     /// Gradients `(dq, dk, dv)` of [`AttentionBackend::banded_attention`] for the output
@@ -49,7 +52,9 @@ pub trait AttentionBackend: Backend {
         d_out: Tensor<Self, 4>,
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        tiled_band_backward(q, k, v, out, lse, d_out, options)
+        serve_tiled(Pass::Backward, options, Vec::new(), || {
+            tiled_band_backward(q, k, v, out, lse, d_out, options)
+        })
     }
 }
 
@@ -133,7 +138,7 @@ pub fn pattern_attention<B: AttentionBackend>(
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
             window: pattern.window.intersect(options.window),
-            ..*options
+            ..options.clone()
         };
         return B::banded_attention(q, k, v, &options).0;
     }
@@ -142,9 +147,21 @@ pub fn pattern_attention<B: AttentionBackend>(
     pattern.window = pattern.window.intersect(options.window);
     let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
         .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
+    let why = if pattern.stride.is_some() {
+        "strided columns"
+    } else if pattern.blocks.is_some() {
+        "block layouts"
+    } else if key_padding.is_some() {
+        "key padding"
+    } else {
+        "dropout"
+    };
     spec.key_padding = key_padding;
     spec.dropout = dropout;
-    tiled_attention(q, k, v, &spec).0
+    let declined = vec![(Implementation::FlashUnit, Decline::Mask(why))];
+    serve_tiled(Pass::Forward, options, declined, || {
+        tiled_attention(q, k, v, &spec).0
+    })
 }
 
 #[cfg(feature = "ndarray")]

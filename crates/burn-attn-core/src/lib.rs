@@ -9,6 +9,7 @@
 
 mod backend;
 mod backward;
+mod dispatch;
 mod error;
 mod linear;
 mod options;
@@ -19,9 +20,10 @@ mod tiled;
 
 pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
 pub use backward::tiled_band_backward;
+pub use dispatch::{Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported};
 pub use error::{ensure, AttentionError};
 pub use linear::{causal_linear_attention, linear_attention, LinearAttentionState};
-pub use options::{aligned, AttentionOptions, Window};
+pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;
 pub use shape::{repeat_kv, AttentionShape};

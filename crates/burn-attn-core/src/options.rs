@@ -1,4 +1,6 @@
-//! The options every attention core shares: scale, causal flag and window band.
+//! The options every attention core shares: scale, causal flag and window band, and the
+//! choices about how a call runs (which implementations may serve it, tf32 products, a
+//! dispatch log, a forced kernel plan for tuning).
 //!
 //! One definition for every backend (see `DESIGN.md`): when `seq_q != seq_k` query `i`
 //! sits at key position `i + seq_k - seq_q` (bottom-right alignment), and key `j` is in
@@ -6,7 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::{DispatchLog, KernelPolicy};
 use crate::error::AttentionError;
+pub use burn_attn_kernels::plan::ForcedPlan;
 
 /// A band of visible keys around each query's aligned position.
 ///
@@ -82,7 +86,7 @@ pub fn aligned(i: usize, seq_q: usize, seq_k: usize) -> i64 {
 }
 
 /// Options of an exact (banded) attention core.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct AttentionOptions {
     /// Multiplier of `q . k`; `None` means `1 / sqrt(head_dim)`.
     pub scale: Option<f64>,
@@ -93,6 +97,22 @@ pub struct AttentionOptions {
     /// Tile size of the tensor-op implementation (backends without a kernel); `None` uses
     /// its default. GPU kernels choose their own tiles and ignore it.
     pub tile: Option<usize>,
+    /// Lets f32 inputs run the matrix units with tf32 products (CUDA sm_80+): 10 of f32's
+    /// 23 mantissa bits in the products' inputs, so outputs differ from full f32 at about
+    /// 1e-3 relative, as with PyTorch's `allow_tf32`; sums and the softmax stay f32. Off
+    /// by default: f32 means f32 unless asked.
+    #[serde(default)]
+    pub tf32: bool,
+    /// Which implementations may serve the call.
+    #[serde(default)]
+    pub kernel: KernelPolicy,
+    /// Records which implementation served each pass of the calls made with these options.
+    #[serde(skip)]
+    pub log: Option<DispatchLog>,
+    /// Forced kernel tiles and schedule, for tuning runs: a forced choice the call cannot
+    /// run makes that kernel decline (the log says why). `None` lets the plans choose.
+    #[serde(skip)]
+    pub forced_plan: Option<ForcedPlan>,
 }
 
 impl AttentionOptions {
@@ -116,6 +136,30 @@ impl AttentionOptions {
     /// Sets an explicit scale.
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Allows tf32 products for f32 inputs (see [`AttentionOptions::tf32`]).
+    pub fn with_tf32(mut self, tf32: bool) -> Self {
+        self.tf32 = tf32;
+        self
+    }
+
+    /// Sets which implementations may serve the call.
+    pub fn with_kernel(mut self, kernel: KernelPolicy) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Records each pass's dispatch in `log` (clones of a log share its record).
+    pub fn with_log(mut self, log: DispatchLog) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Forces kernel tiles and schedule (tuning runs).
+    pub fn with_forced_plan(mut self, plan: ForcedPlan) -> Self {
+        self.forced_plan = Some(plan);
         self
     }
 

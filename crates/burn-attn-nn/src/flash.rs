@@ -61,6 +61,7 @@ impl FlashAttentionConfig {
             causal: self.causal,
             window: Window::new(self.window_left, self.window_right),
             tile: Some(self.block_size),
+            ..AttentionOptions::default()
         }
     }
 
@@ -140,6 +141,7 @@ impl<B: AttentionBackend> FlashAttention<B> {
             causal: self.causal,
             window: Window::new(self.window_left, self.window_right),
             tile: Some(self.block_size),
+            ..AttentionOptions::default()
         }
     }
 

@@ -95,7 +95,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                     v.primitive,
                     out.clone(),
                     lse.clone(),
-                    *options,
+                    options.clone(),
                 ),
                 out,
             ),

@@ -1,12 +1,23 @@
-//! [`AttentionBackend`] for the CubeCL backends: `CubeBackend` launches the kernels of
-//! `burn-attn-kernels` (forward and backward); `Fusion<B>` records each call as a custom
-//! operation that runs the inner backend's implementation when the fusion stream executes.
+//! [`AttentionBackend`] for the CubeCL backends: `CubeBackend` asks the kernels' plans in
+//! order and launches the first that takes the call; `Fusion<B>` records each call as a
+//! custom operation that runs the inner backend's implementation when the fusion stream
+//! executes.
 //!
-//! Anything the kernels decline (dtype, sizes, shared memory) runs the tiled tensor-op path.
+//! The order is the one place that decides which implementation runs: forward
+//! `flash_mma` (f16/bf16 matrix units), `flash_tf32` (f32 on matrix units, only when the
+//! options allow tf32), `flash_unit` (portable), then the tiled tensor ops; backward
+//! `flash_mma_backward`, `flash_unit_backward`, then the tiled tensor ops. Every decline's
+//! reason goes to the options' [`DispatchLog`](crate::DispatchLog).
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use burn_attn_kernels::{flash_backward, flash_forward, BandArgs};
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_attn_kernels::launch::{
+    backward_problem, device_caps, forward_problem, launch_backward, launch_forward,
+    BackwardInputs,
+};
+use burn_attn_kernels::plan::{
+    plan_backward, plan_forward, BackwardKernel, BandArgs, ForwardKernel, Problem, Unsupported,
+};
+use burn_cubecl::{tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime,
@@ -15,13 +26,8 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{tiled_band, AttentionBackend};
 use crate::backward::tiled_band_backward;
+use crate::dispatch::{report, serve_tiled, Decline, Dispatch, Implementation, KernelPolicy, Pass};
 use crate::options::AttentionOptions;
-
-/// Whether `BURN_ATTN_NO_KERNEL=1` is set (as the other switches, only "1" counts): forces
-/// the tiled path (for comparisons and to rule the kernels out when debugging).
-fn kernel_disabled() -> bool {
-    std::env::var("BURN_ATTN_NO_KERNEL").is_ok_and(|v| v == "1")
-}
 
 /// The tiled tensor-op path with the lse in f32, as the kernels return it.
 fn tiled_fallback<B: AttentionBackend>(
@@ -49,6 +55,53 @@ fn band_args(options: &AttentionOptions, head_dim: usize) -> BandArgs {
     }
 }
 
+/// The forward kernels in the order they are tried, with the implementation each is.
+fn forward_kernels(options: &AttentionOptions) -> Vec<(ForwardKernel, Implementation)> {
+    let mut kernels = vec![(ForwardKernel::Mma, Implementation::FlashMma)];
+    if options.tf32 {
+        kernels.push((ForwardKernel::Tf32, Implementation::FlashTf32));
+    }
+    kernels.push((ForwardKernel::Unit, Implementation::FlashUnit));
+    kernels
+}
+
+/// The backward kernels in the order they are tried.
+const BACKWARD_KERNELS: [(BackwardKernel, Implementation); 2] = [
+    (BackwardKernel::Mma, Implementation::FlashMmaBackward),
+    (BackwardKernel::Unit, Implementation::FlashUnitBackward),
+];
+
+/// The first of `kernels` whose plan takes `problem`, with the declines before it; the
+/// declines alone when none does (or when the problem itself was declined).
+fn first_plan<K: Copy, P>(
+    kernels: &[(K, Implementation)],
+    problem: &Result<Problem, Unsupported>,
+    options: &AttentionOptions,
+    plan: impl Fn(K, &Problem) -> Result<P, Unsupported>,
+) -> (Option<(P, Implementation)>, Vec<(Implementation, Decline)>) {
+    let mut declined = Vec::new();
+    if options.kernel == KernelPolicy::Tiled {
+        return (None, vec![(kernels[0].1, Decline::TiledRequested)]);
+    }
+    let problem = match problem {
+        Ok(problem) => problem,
+        Err(why) => return (None, vec![(kernels[0].1, Decline::Kernel(why.clone()))]),
+    };
+    for &(kernel, implementation) in kernels {
+        match plan(kernel, problem) {
+            Ok(plan) => return (Some((plan, implementation)), declined),
+            Err(why) => declined.push((implementation, Decline::Kernel(why))),
+        }
+    }
+    (None, declined)
+}
+
+fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    t: &Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    t.clone().into_primitive().tensor()
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend
     for CubeBackend<R, F, I, BT>
 {
@@ -58,23 +111,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         v: Tensor<Self, 4>,
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        if kernel_disabled() {
-            return tiled_fallback(q, k, v, options);
-        }
-        let band = band_args(options, q.dims()[3]);
-        let launched = flash_forward::<R>(
-            q.clone().into_primitive().tensor(),
-            k.clone().into_primitive().tensor(),
-            v.clone().into_primitive().tensor(),
-            band,
-        );
-        match launched {
-            Ok((out, lse)) => (
-                Tensor::from_primitive(TensorPrimitive::Float(out)),
-                Tensor::from_primitive(TensorPrimitive::Float(lse)),
-            ),
-            Err(_) => tiled_fallback(q, k, v, options),
-        }
+        let (qp, kp, vp) = (primitive(&q), primitive(&k), primitive(&v));
+        let problem = forward_problem(&qp, &kp, &vp, band_args(options, q.dims()[3]));
+        let caps = device_caps(&qp.client);
+        let forced = options.forced_plan.unwrap_or_default();
+        let (chosen, declined) = first_plan(&forward_kernels(options), &problem, options, |kernel, p| {
+            plan_forward(kernel, p, &caps, &forced)
+        });
+        let Some((plan, served)) = chosen else {
+            return serve_tiled(Pass::Forward, options, declined, || {
+                tiled_fallback(q, k, v, options)
+            });
+        };
+        let problem = problem.expect("a plan was made for it");
+        log_plan(&plan, &problem);
+        report(options.log.as_ref(), Dispatch { pass: Pass::Forward, served, declined });
+        let (out, lse) = launch_forward(&plan, &problem, qp, kp, vp);
+        (
+            Tensor::from_primitive(TensorPrimitive::Float(out)),
+            Tensor::from_primitive(TensorPrimitive::Float(lse)),
+        )
     }
 
     fn banded_attention_backward(
@@ -86,32 +142,45 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         d_out: Tensor<Self, 4>,
         options: &AttentionOptions,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        if kernel_disabled() {
-            return tiled_band_backward(q, k, v, out, lse, d_out, options);
-        }
-        let band = band_args(options, q.dims()[3]);
         // The kernels take the lse in f32 (what the forward returns; a cast otherwise).
         let lse32 = if lse.dtype() == DType::F32 {
             lse.clone()
         } else {
             lse.clone().cast(DType::F32)
         };
-        let prim = |t: &Tensor<Self, 4>| t.clone().into_primitive().tensor();
-        let launched = flash_backward::<R>(
-            prim(&q),
-            prim(&k),
-            prim(&v),
-            prim(&out),
-            lse32.into_primitive().tensor(),
-            prim(&d_out),
-            band,
+        let inputs = BackwardInputs {
+            q: primitive(&q),
+            k: primitive(&k),
+            v: primitive(&v),
+            out: primitive(&out),
+            lse: primitive(&lse32),
+            d_out: primitive(&d_out),
+        };
+        let band = band_args(options, q.dims()[3]);
+        let problem = backward_problem(
+            &inputs.q, &inputs.k, &inputs.v, &inputs.out, &inputs.lse, &inputs.d_out, band,
         );
+        let caps = device_caps(&inputs.q.client);
+        let forced = options.forced_plan.unwrap_or_default();
+        let (chosen, declined) = first_plan(&BACKWARD_KERNELS, &problem, options, |kernel, p| {
+            plan_backward(kernel, p, &caps, &forced)
+        });
+        let Some((plan, served)) = chosen else {
+            return serve_tiled(Pass::Backward, options, declined, || {
+                tiled_band_backward(q, k, v, out, lse, d_out, options)
+            });
+        };
+        let problem = problem.expect("a plan was made for it");
+        log_plan(&plan, &problem);
+        report(options.log.as_ref(), Dispatch { pass: Pass::Backward, served, declined });
+        let (dq, dk, dv) = launch_backward(&plan, &problem, inputs);
         let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
-        match launched {
-            Ok((dq, dk, dv)) => (float(dq), float(dk), float(dv)),
-            Err(_) => tiled_band_backward(q, k, v, out, lse, d_out, options),
-        }
+        (float(dq), float(dk), float(dv))
     }
+}
+
+fn log_plan(plan: &impl core::fmt::Debug, problem: &Problem) {
+    log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
 }
 
 /// The fusion custom operation: runs the inner backend's `banded_attention`.
@@ -207,7 +276,7 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         );
         let op = BandedAttentionOp::<B> {
             desc: desc.clone(),
-            options: *options,
+            options: options.clone(),
             _backend: core::marker::PhantomData,
         };
         let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
@@ -254,7 +323,7 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         );
         let op = BandedAttentionBackwardOp::<B> {
             desc: desc.clone(),
-            options: *options,
+            options: options.clone(),
             _backend: core::marker::PhantomData,
         };
         let mut outputs = client.register(streams, OperationIr::Custom(desc), op);

@@ -1,98 +1,58 @@
-//! The matrix-unit FlashAttention forward for f32 inputs (CUDA `mma.sync.m16n8k8` on
-//! tf32, f32 accumulation).
+//! The matrix-unit FlashAttention forward kernel (CUDA `mma.sync.m16n8k16`, f16/bf16).
 //!
-//! Structure, band arithmetic and online softmax are `flash_mma`'s: one cube of `warps`
-//! planes, each owning `16 * m_tiles` query rows for the whole pass (no cross-plane
-//! reduction); the cube stages its Q tile once and K and V per key tile of `block_k` keys
-//! (double-buffered with `cp.async` where rows allow 16-byte copies, else plain loads into
-//! one buffer); the softmax runs on the accumulator registers. What differs is how the
-//! fragments are built, because `ldmatrix` moves 16-bit elements only:
-//! - every fragment element is read from shared memory by the lane that needs it, from
-//!   `[row][d]` tiles whose rows are padded by 4 floats (a row stride of 4 mod 8 words, so
-//!   the 32 reads of one fragment hit 32 distinct banks), and rounded to tf32 on the way
-//!   (CubeCL's cast to `tf32`, `cvt.rna.tf32.f32`);
-//! - `O += P V` takes `P` from the lane's own `S` accumulator registers, without shuffles,
-//!   by ordering the 8 keys of each `k8` chunk as `0, 2, 4, 6, 1, 3, 5, 7`: the `A` elements
-//!   of lane `(g, t)` at reduction indices `t` and `t + 4` are then keys `2t` and `2t + 1`,
-//!   which are its accumulator elements 0 and 1 (row `g`) and 2 and 3 (row `g + 8`); the `B`
-//!   fragment reads the V rows of the same keys. A sum over keys does not depend on their
-//!   order.
+//! One cube of `warps` planes handles `16 * m_tiles * warps` query rows of one (batch,
+//! head); each plane owns `16 * m_tiles` rows (one or two `m16` row tiles) and keeps them
+//! to itself for the whole pass (FlashAttention-2's split: no cross-plane reduction). The cube stages its Q tile once, and per key tile of
+//! `block_k` keys K and V (all `[row][d]`, rows padded by 16 bytes so that `ldmatrix`
+//! hits distinct banks); then each plane computes `S = Q K^T` with the matrix units
+//! (fragments loaded with `ldmatrix`, four 8x8 blocks per instruction), the online softmax
+//! on the accumulator registers, and `O += P V` with `P` taken straight from the `S`
+//! registers (the accumulator layout of two `n8` tiles is the `A` layout of one `k16`
+//! chunk), so the probabilities never leave registers; V's fragments come from
+//! `ldmatrix.trans`, so V is staged as it is stored.
 //!
-//! The register layouts are PTX's `m16n8k8` tf32 ones (lane `l`: `g = l / 4`, `t = l % 4`):
-//! `A` (16x8, row-major) `a0 = A[g][t]`, `a1 = A[g + 8][t]`, `a2 = A[g][t + 4]`,
-//! `a3 = A[g + 8][t + 4]`; `B` (8x8, `B[k][n]`) `b0 = B[t][g]`, `b1 = B[t + 4][g]`; the
-//! accumulator as for `m16n8k16` (element `e` at row `g + 8 * (e / 2)`, column
-//! `2 * t + e % 2`). CubeCL hands a fragment array to the instruction in array order
-//! (`a0..a3`, `b0, b1`, `c0..c3`), one tf32 per 32-bit register.
+//! The register layouts are those of PTX's `m16n8k16` (lane `l`: group `g = l / 4`,
+//! `t = l % 4`; accumulator element `e` sits at row `g + 8 * (e / 2)`, column
+//! `2 * t + e % 2`). The launcher only runs this kernel where CubeCL reports that
+//! instruction and `ldmatrix` for the dtype (CUDA, sm_80 and newer).
 //!
-//! tf32 keeps 10 of f32's 23 mantissa bits: results differ from full f32 at about 1e-3
-//! relative (as with PyTorch's `allow_tf32`), so the launcher runs this kernel on request
-//! only (`BURN_ATTN_TF32=1`, see `flash_forward_tf32`).
+//! Staging: where the layout allows 16-byte copies, K and V tiles are double-buffered with
+//! `cp.async` (the next tile's copies in flight while this one is computed, one `mbarrier`
+//! per buffer); otherwise plain loads into one buffer (see the kernel's `async_copy`).
+//!
+//! Band arithmetic is the portable kernel's (`flash_unit`): `i32`, key `j` visible to
+//! query `i` iff `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`.
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::flash_mma::{
-    acc_get, register_vector_sizes, stage_rows_async, stage_rows_sync, write_output_rows,
-    zero_pad_columns, MmaVecA, MmaVecAcc, MmaVecB,
+use crate::components::epilogue::write_output_rows;
+use crate::components::fragments::{
+    acc_get, mma_pair, register_vector_sizes, MmaVecA, MmaVecAcc, MmaVecB,
 };
-// A finite stand-in for `-inf` (see `flash_unit`).
-use crate::flash_unit::NEG_BIG;
-use crate::mma_softmax::{online_softmax_tile, TileBand};
-use crate::schedule::cube_block;
+use crate::components::schedule::cube_block;
+use crate::components::softmax::{online_softmax_tile, TileBand, NEG_BIG};
+use crate::components::staging::{stage_rows_async, stage_rows_sync, zero_pad_columns};
 
-/// Sets element `e` of a fragment (`vs` elements per vector) to `value` cast to `T`: with
-/// `T = tf32`, rounded to tf32. (`e` is a constant once the callers' loops are unrolled.)
-#[cube]
-fn set_elem<T: Float, N: Size>(
-    frag: &mut Array<Vector<T, N>>,
-    e: usize,
-    #[comptime] vs: usize,
-    value: f32,
-) {
-    let mut vector = frag[e / vs];
-    vector[e % vs] = T::cast_from(value);
-    frag[e / vs] = vector;
-}
-
-/// One MMA: accumulator tile `tile` of `acc` += `A` times `B`. `c_frag` is scratch (the
-/// instruction takes whole arrays).
-#[cube]
-fn mma_tile(
-    def: MmaDefinition<tf32, tf32, f32>,
-    a_frag: &Array<Vector<tf32, MmaVecA>>,
-    b_frag: &Array<Vector<tf32, MmaVecB>>,
-    acc: &mut Array<Vector<f32, MmaVecAcc>>,
-    tile: usize,
-    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
-    #[comptime] c_vecs: usize,
-) {
-    #[unroll]
-    for i in 0..c_vecs {
-        c_frag[i] = acc[tile * c_vecs + i];
-    }
-    def.execute_inplace(a_frag, b_frag, c_frag);
-    #[unroll]
-    for i in 0..c_vecs {
-        acc[tile * c_vecs + i] = c_frag[i];
-    }
-}
-
-/// Matrix-unit FlashAttention forward for f32 inputs (tf32 products, f32 accumulation).
+/// Matrix-unit FlashAttention forward.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
 /// m_tiles * warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and
-/// value dims rounded up to 8 (the `k` of the instruction); `block_k` is a multiple of 8.
-/// Each plane owns `16 * m_tiles` query rows. Outputs as `flash_unit_kernel`, with
-/// `flash_mma_kernel`'s output contract (contiguous `out`, `N` values per store, `N`
-/// dividing the value dim, and 1 where `value_dim_pad > dim_pad`).
+/// value dims rounded up to 16; `block_k` is a multiple of 16. Each plane owns `16 *
+/// m_tiles` query rows: with two row tiles every K and V fragment loaded from shared
+/// memory feeds four MMAs instead of two (at the cost of twice the accumulator
+/// registers). Outputs as `flash_unit_kernel`, except that `out` must be contiguous and is
+/// written `N` values per store: `N` must divide the value dim, and must be 1 where
+/// `value_dim_pad > dim_pad` (the epilogue stages output rows in Q's shared-memory rows,
+/// which are too narrow there, and stores one value at a time).
 ///
-/// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies in
-/// flight while the current one is computed. It needs contiguous rows of Q, K and V, head
-/// and value dims that are multiples of 4 and 16-byte aligned rows (the launcher checks);
-/// otherwise the kernel stages with plain loads into one buffer.
+/// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies
+/// in flight while the current one is computed (one cube barrier per tile instead of
+/// two). It needs contiguous rows of Q, K and V, head and value dims that are multiples
+/// of 8 and 16-byte aligned rows (the launcher checks); otherwise the kernel stages with
+/// plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
@@ -101,11 +61,11 @@ fn mma_tile(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-pub fn flash_tf32_kernel<N: Size>(
-    q: &Tensor<f32>,
-    k: &Tensor<f32>,
-    v: &Tensor<f32>,
-    out: &mut Tensor<Vector<f32, N>>,
+pub fn flash_mma_kernel<F: Float, N: Size>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     lse: &mut Tensor<f32>,
     scale: f32,
     left: i32,
@@ -118,12 +78,12 @@ pub fn flash_tf32_kernel<N: Size>(
     #[comptime] m_tiles: usize,
     #[comptime] block_k: usize,
     #[comptime] async_copy: bool,
+    #[define(F)] _dtype: StorageType,
 ) {
-    let def = MmaDefinition::<tf32, tf32, f32>::new(16usize, 8usize, 8usize);
-    register_vector_sizes::<tf32>(def);
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    register_vector_sizes::<F>(def);
     let a_vs = def.vector_size(MatrixIdent::A);
     let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let b_vs = def.vector_size(MatrixIdent::B);
     let b_vecs = def.vectors_per_lane(MatrixIdent::B);
     let c_vs = def.vector_size(MatrixIdent::Accumulator);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
@@ -166,35 +126,32 @@ pub fn flash_tf32_kernel<N: Size>(
     // row tile `mt` adds 16 * mt).
     let row_a = (w0 + g) as i32;
 
-    // Shared memory, all `[row][d]` with rows padded by 4 floats: with a stride of 4 mod 8
-    // words, the reads of one fragment (rows g, columns t for Q and K; rows 2t and 2t + 1,
-    // columns g for V) fall in 32 distinct banks, and rows stay 16-byte aligned for
-    // `cp.async`. The cube's Q tile is staged once (fragments are re-read per key tile
-    // instead of living in registers), then `stages` K and V tiles.
+    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
+    // eight row addresses of one `ldmatrix` hit distinct banks: the cube's Q tile, staged
+    // once (fragments are read per head-dim chunk instead of living in registers), and
+    // `stages` K and V tiles.
     let stages = comptime!(if async_copy { 2usize } else { 1usize });
-    let d_chunks = comptime!(dim_pad / 8);
-    let q_stride = comptime!(dim_pad + 4);
-    let k_stride = comptime!(dim_pad + 4);
-    let v_stride = comptime!(value_dim_pad + 4);
-    let k_stage = comptime!(block_k * (dim_pad + 4));
-    let v_stage = comptime!(block_k * (value_dim_pad + 4));
-    // 16-byte aligned: `cp.async` destinations must be (the allocator otherwise aligns to
-    // the element size, and may place the 8-byte barriers first).
-    let mut q_smem = SharedMemory::<f32>::new_aligned(comptime!(block_q * (dim_pad + 4)), 16usize);
+    let d_chunks = comptime!(dim_pad / 16);
+    let q_stride = comptime!(dim_pad + 8);
+    let k_stride = comptime!(dim_pad + 8);
+    let v_stride = comptime!(value_dim_pad + 8);
+    let k_stage = comptime!(block_k * (dim_pad + 8));
+    let v_stage = comptime!(block_k * (value_dim_pad + 8));
+    // 16-byte aligned: `ldmatrix` rows and `cp.async` destinations must be (the allocator
+    // otherwise aligns to the element size, and may place the 8-byte barriers first).
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * (dim_pad + 8)), 16usize);
     let mut k_smem =
-        SharedMemory::<f32>::new_aligned(comptime!(stages * block_k * (dim_pad + 4)), 16usize);
-    let mut v_smem = SharedMemory::<f32>::new_aligned(
-        comptime!(stages * block_k * (value_dim_pad + 4)),
-        16usize,
-    );
+        SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (dim_pad + 8)), 16usize);
+    let mut v_smem =
+        SharedMemory::<F>::new_aligned(comptime!(stages * block_k * (value_dim_pad + 8)), 16usize);
     let threads = comptime!(32 * warps);
     let tid = warp * 32 + lane;
     let q_base = b * q.stride(0) + h * q.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);
     if comptime!(async_copy) {
-        zero_pad_columns::<f32>(&mut q_smem, dim, tid, block_q, dim_pad, q_stride, threads);
-        zero_pad_columns::<f32>(
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, block_q, dim_pad, q_stride, threads);
+        zero_pad_columns::<F>(
             &mut k_smem,
             dim,
             tid,
@@ -203,7 +160,7 @@ pub fn flash_tf32_kernel<N: Size>(
             k_stride,
             threads,
         );
-        zero_pad_columns::<f32>(
+        zero_pad_columns::<F>(
             &mut v_smem,
             value_dim,
             tid,
@@ -227,11 +184,19 @@ pub fn flash_tf32_kernel<N: Size>(
         o_acc[i] = Vector::new(f32::new(0.0));
     }
     let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(m_tiles * k_tiles * c_vecs));
-    // The A fragments of every row tile, the A and B fragments an MMA takes, and scratch
-    // for its accumulator.
-    let mut a_all = Array::<Vector<tf32, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
-    let mut a_frag = Array::<Vector<tf32, MmaVecA>>::new(a_vecs);
-    let mut b_frag = Array::<Vector<tf32, MmaVecB>>::new(b_vecs);
+    // The A fragments of every row tile, and the one an MMA takes.
+    let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
+    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
+    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
+    // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    // Each lane's part of its `ldmatrix` addresses, fixed for the whole pass (the rest is
+    // a constant of the unrolled loops): Q's A blocks (rows 0-7 | 8-15) x (d 0-7 | 8-15),
+    // K's B blocks (keys 0-7 | 8-15) x (d 0-7 | 8-15), V's transposed B blocks likewise.
+    let q_lane = (warp * plane_q + ld_row + 8 * (ld_block % 2)) * q_stride + 8 * (ld_block / 2);
+    let k_lane = (8 * (ld_block / 2) + ld_row) * k_stride + 8 * (ld_block % 2);
+    let v_lane = (8 * (ld_block % 2) + ld_row) * v_stride + 8 * (ld_block / 2);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
     // Per row half `2 * mt + hf` (rows 16 mt + g and 16 mt + g + 8): running max in
     // scaled-score units and this lane's partial row sum.
@@ -266,7 +231,7 @@ pub fn flash_tf32_kernel<N: Size>(
     if comptime!(async_copy) {
         if t0 < k_end {
             let t0u = usize::cast_from(t0);
-            stage_rows_async::<f32>(
+            stage_rows_async::<F>(
                 q,
                 q_base,
                 q.stride(2),
@@ -280,9 +245,9 @@ pub fn flash_tf32_kernel<N: Size>(
                 dim_pad,
                 q_stride,
                 threads,
-                4usize,
+                8usize,
             );
-            stage_rows_async::<f32>(
+            stage_rows_async::<F>(
                 k,
                 k_base,
                 k_sn,
@@ -296,9 +261,9 @@ pub fn flash_tf32_kernel<N: Size>(
                 dim_pad,
                 k_stride,
                 threads,
-                4usize,
+                8usize,
             );
-            stage_rows_async::<f32>(
+            stage_rows_async::<F>(
                 v,
                 v_base,
                 v_sn,
@@ -312,12 +277,12 @@ pub fn flash_tf32_kernel<N: Size>(
                 value_dim_pad,
                 v_stride,
                 threads,
-                4usize,
+                8usize,
             );
             bar0.commit_copy_async();
         }
     } else {
-        stage_rows_sync::<f32>(
+        stage_rows_sync::<F>(
             q,
             q_base,
             q.stride(2),
@@ -344,7 +309,7 @@ pub fn flash_tf32_kernel<N: Size>(
             if next < k_end {
                 let other = 1 - stage;
                 let nu = usize::cast_from(next);
-                stage_rows_async::<f32>(
+                stage_rows_async::<F>(
                     k,
                     k_base,
                     k_sn,
@@ -358,9 +323,9 @@ pub fn flash_tf32_kernel<N: Size>(
                     dim_pad,
                     k_stride,
                     threads,
-                    4usize,
+                    8usize,
                 );
-                stage_rows_async::<f32>(
+                stage_rows_async::<F>(
                     v,
                     v_base,
                     v_sn,
@@ -374,7 +339,7 @@ pub fn flash_tf32_kernel<N: Size>(
                     value_dim_pad,
                     v_stride,
                     threads,
-                    4usize,
+                    8usize,
                 );
                 if other == 0 {
                     bar0.commit_copy_async();
@@ -388,7 +353,7 @@ pub fn flash_tf32_kernel<N: Size>(
                 bar1.arrive_and_wait();
             }
         } else {
-            stage_rows_sync::<f32>(
+            stage_rows_sync::<F>(
                 k,
                 k_base,
                 k_sn,
@@ -404,7 +369,7 @@ pub fn flash_tf32_kernel<N: Size>(
                 k_stride,
                 threads,
             );
-            stage_rows_sync::<f32>(
+            stage_rows_sync::<F>(
                 v,
                 v_base,
                 v_sn,
@@ -422,14 +387,14 @@ pub fn flash_tf32_kernel<N: Size>(
             );
             sync_cube();
         }
-        let k_buf = stage * k_stage;
-        let v_buf = stage * v_stage;
+        let k_at = stage * k_stage + k_lane;
+        let v_at = stage * v_stage + v_lane;
 
         let tile_hi = t0 + bk_i - 1;
         let plane_sees = plane_rows && tile_hi >= w_lo && t0 <= w_hi;
         if plane_sees {
-            // S = Q K^T: per 8-wide head-dim chunk, one A fragment per row tile, each K
-            // fragment reused over the row tiles.
+            // S = Q K^T: per head-dim chunk, one A fragment per row tile, each K fragment
+            // reused over the row tiles.
             #[unroll]
             for i in 0..comptime!(m_tiles * k_tiles * c_vecs) {
                 s_acc[i] = Vector::new(f32::new(0.0));
@@ -438,48 +403,43 @@ pub fn flash_tf32_kernel<N: Size>(
             for dc in 0..d_chunks {
                 #[unroll]
                 for mt in 0..m_tiles {
-                    // A = Q: rows g and g + 8 of the row tile, head dims t and t + 4 of the
-                    // chunk.
-                    let q_at = (warp * plane_q + mt * 16 + g) * q_stride + dc * 8 + t;
-                    set_elem::<tf32, MmaVecA>(&mut a_frag, 0usize, a_vs, q_smem[q_at]);
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        1usize,
-                        a_vs,
-                        q_smem[q_at + 8 * q_stride],
-                    );
-                    set_elem::<tf32, MmaVecA>(&mut a_frag, 2usize, a_vs, q_smem[q_at + 4]);
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        3usize,
-                        a_vs,
-                        q_smem[q_at + 8 * q_stride + 4],
+                    let q_off = q_lane + mt * 16 * q_stride + dc * 16;
+                    let a_regs = def.load_matrix::<F, MmaVecA>(
+                        &q_smem.slice(q_off, q_off + 8),
+                        MatrixIdent::A,
+                        4usize,
+                        false,
                     );
                     #[unroll]
                     for i in 0..a_vecs {
-                        a_all[mt * a_vecs + i] = a_frag[i];
+                        a_all[mt * a_vecs + i] = a_regs[i];
                     }
                 }
                 #[unroll]
-                for kt in 0..k_tiles {
-                    // B[k = head dim][n = key] = K[key][head dim]: key g of key tile kt,
-                    // head dims t and t + 4 of the chunk.
-                    let k_at = k_buf + (kt * 8 + g) * k_stride + dc * 8 + t;
-                    set_elem::<tf32, MmaVecB>(&mut b_frag, 0usize, b_vs, k_smem[k_at]);
-                    set_elem::<tf32, MmaVecB>(&mut b_frag, 1usize, b_vs, k_smem[k_at + 4]);
+                for kp in 0..comptime!(k_tiles / 2) {
+                    // B for key tiles 2kp and 2kp + 1 (K rows being B's columns).
+                    let k_off = k_at + kp * 16 * k_stride + dc * 16;
+                    let b_regs = def.load_matrix::<F, MmaVecB>(
+                        &k_smem.slice(k_off, k_off + 8),
+                        MatrixIdent::B,
+                        4usize,
+                        false,
+                    );
                     #[unroll]
                     for mt in 0..m_tiles {
                         #[unroll]
                         for i in 0..a_vecs {
                             a_frag[i] = a_all[mt * a_vecs + i];
                         }
-                        mma_tile(
+                        mma_pair::<F>(
                             def,
                             &a_frag,
-                            &b_frag,
+                            &b_regs,
                             &mut s_acc,
-                            mt * k_tiles + kt,
+                            mt * k_tiles + 2 * kp,
+                            &mut b_frag,
                             &mut c_frag,
+                            b_vecs,
                             c_vecs,
                         );
                     }
@@ -493,64 +453,49 @@ pub fn flash_tf32_kernel<N: Size>(
                 v_tiles, c_vs,
             );
 
-            // O += P V per 8-key chunk kc (S tile kc of each row tile), keys in the order
-            // 0, 2, 4, 6, 1, 3, 5, 7 (module doc): A element 0 / 1 (rows g / g + 8, index t)
-            // is key 2t, accumulator element 0 / 2; A element 2 / 3 (index t + 4) is key
-            // 2t + 1, accumulator element 1 / 3.
+            // O += P V: key chunk kc covers accumulator tiles 2kc (A elements 0..4) and
+            // 2kc + 1 (A elements 4..8) of each row tile.
             #[unroll]
-            for kc in 0..k_tiles {
+            for kc in 0..comptime!(block_k / 16) {
                 #[unroll]
                 for mt in 0..m_tiles {
-                    let tile = mt * k_tiles + kc;
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        0usize,
-                        a_vs,
-                        acc_get(&s_acc, tile, 0usize, c_vs),
-                    );
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        1usize,
-                        a_vs,
-                        acc_get(&s_acc, tile, 2usize, c_vs),
-                    );
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        2usize,
-                        a_vs,
-                        acc_get(&s_acc, tile, 1usize, c_vs),
-                    );
-                    set_elem::<tf32, MmaVecA>(
-                        &mut a_frag,
-                        3usize,
-                        a_vs,
-                        acc_get(&s_acc, tile, 3usize, c_vs),
-                    );
                     #[unroll]
                     for i in 0..a_vecs {
-                        a_all[mt * a_vecs + i] = a_frag[i];
+                        let mut vector = Vector::empty();
+                        #[unroll]
+                        for n in 0..a_vs {
+                            let ei = i * a_vs + n;
+                            let tile = mt * k_tiles + kc * 2 + ei / 4;
+                            vector[n] = F::cast_from(acc_get(&s_acc, tile, ei % 4, c_vs));
+                        }
+                        a_all[mt * a_vecs + i] = vector;
                     }
                 }
                 #[unroll]
-                for vt in 0..v_tiles {
-                    // B[k = key][n = value dim]: V rows of keys 2t (index t) and 2t + 1
-                    // (index t + 4) of the chunk, value dim g of value tile vt.
-                    let v_at = v_buf + (kc * 8 + 2 * t) * v_stride + vt * 8 + g;
-                    set_elem::<tf32, MmaVecB>(&mut b_frag, 0usize, b_vs, v_smem[v_at]);
-                    set_elem::<tf32, MmaVecB>(&mut b_frag, 1usize, b_vs, v_smem[v_at + v_stride]);
+                for vp in 0..comptime!(v_tiles / 2) {
+                    // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed.
+                    let v_off = v_at + kc * 16 * v_stride + vp * 16;
+                    let b_regs = def.load_matrix::<F, MmaVecB>(
+                        &v_smem.slice(v_off, v_off + 8),
+                        MatrixIdent::B,
+                        4usize,
+                        true,
+                    );
                     #[unroll]
                     for mt in 0..m_tiles {
                         #[unroll]
                         for i in 0..a_vecs {
                             a_frag[i] = a_all[mt * a_vecs + i];
                         }
-                        mma_tile(
+                        mma_pair::<F>(
                             def,
                             &a_frag,
-                            &b_frag,
+                            &b_regs,
                             &mut o_acc,
-                            mt * v_tiles + vt,
+                            mt * v_tiles + 2 * vp,
+                            &mut b_frag,
                             &mut c_frag,
+                            b_vecs,
                             c_vecs,
                         );
                     }
@@ -567,7 +512,7 @@ pub fn flash_tf32_kernel<N: Size>(
 
     // Row sums, normalised rows and log-sum-exp (staged through the plane's Q rows where
     // they fit).
-    write_output_rows::<f32, N>(
+    write_output_rows::<F, N>(
         &o_acc,
         &m_row,
         &l_row,

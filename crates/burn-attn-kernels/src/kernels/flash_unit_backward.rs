@@ -24,9 +24,10 @@
 
 use cubecl::prelude::*;
 
-use crate::flash_unit::{stage_rows, NEG_BIG};
-use crate::register_tile::tile_product;
-use crate::schedule::cube_block;
+use crate::components::register_tile::tile_product;
+use crate::components::schedule::cube_block;
+use crate::components::softmax::NEG_BIG;
+use crate::components::staging::stage_rows;
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
 ///

@@ -24,50 +24,10 @@
 
 use cubecl::prelude::*;
 
-use crate::register_tile::tile_product;
-use crate::schedule::cube_block;
-
-/// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
-/// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
-pub(crate) const NEG_BIG: f32 = -3.0e38;
-
-/// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
-/// strides) into `tile`, rows past `n` as zeros: row-major (`rows x dim`), or with
-/// `transposed` element `(r, c)` at `c * (rows + 1) + r` (the padding keeps both the
-/// staging writes and the product's reads of consecutive rows on distinct banks). `units`
-/// is the number of units of the cube.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn stage_rows<F: Float>(
-    src: &Tensor<F>,
-    tile: &mut SharedMemory<F>,
-    base: usize,
-    t0: usize,
-    n: usize,
-    #[comptime] dim: usize,
-    #[comptime] rows: usize,
-    #[comptime] units: usize,
-    #[comptime] transposed: bool,
-) {
-    let stride_n = src.stride(2);
-    let stride_d = src.stride(3);
-    let mut idx = UNIT_POS_X as usize;
-    while idx < rows * dim {
-        let r = idx / dim;
-        let c = idx % dim;
-        let j = t0 + r;
-        let mut val = F::new(0.0);
-        if j < n {
-            val = src[base + j * stride_n + c * stride_d];
-        }
-        if transposed {
-            tile[c * (rows + 1) + r] = val;
-        } else {
-            tile[idx] = val;
-        }
-        idx += units;
-    }
-}
+use crate::components::register_tile::tile_product;
+use crate::components::schedule::cube_block;
+use crate::components::softmax::NEG_BIG;
+use crate::components::staging::stage_rows;
 
 /// The softmax part of one key tile for one unit: scales (and with `masked`, masks) its
 /// `rq x rk` scores `s`, publishes their row maxima in `partial`, waits for the cube,

@@ -12,9 +12,28 @@ use burn_backend::{DType, Shape};
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
-use crate::flash_mma::{acc_get, acc_set, MmaVecAcc};
-use crate::flash_unit::NEG_BIG;
+use super::fragments::{acc_get, acc_set, MmaVecAcc};
 use crate::launch::alloc_contiguous;
+
+/// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
+/// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
+pub(crate) const NEG_BIG: f32 = -3.0e38;
+
+/// The lse given to rows without probabilities (no visible key, or padding):
+/// `exp(s - DEAD_LSE)` underflows to exactly 0 for every finite score `s`.
+pub(crate) const DEAD_LSE: f32 = 3.0e38;
+
+/// A row's lse as the kernels use it: [`DEAD_LSE`] where the forward saw no key (`-inf`).
+#[cube]
+pub(crate) fn live_lse(lse: f32) -> f32 {
+    let mut l = f32::new(DEAD_LSE);
+    if lse >= f32::new(NEG_BIG) {
+        l = lse;
+    }
+    l
+}
+
+
 
 /// The band as one plane's lanes see it, fixed for the whole pass: which tiles need no
 /// mask, and what the per-element mask needs for the others.

@@ -1,0 +1,237 @@
+//! Matrix-unit fragments and products (PTX `m16n8k16`): the fragment vector sizes, the
+//! accumulator element accessors, and the products the forward and backward kernels build
+//! from `ldmatrix` loads.
+//!
+//! Register layouts are PTX's: lane `l` has group `g = l / 4` and `t = l % 4`;
+//! accumulator element `e` sits at row `g + 8 * (e / 2)`, column `2 * t + e % 2`.
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::define_size;
+use cubecl::ir::MatrixIdent;
+use cubecl::prelude::*;
+
+define_size!(pub MmaVecA);
+define_size!(pub MmaVecB);
+define_size!(pub MmaVecAcc);
+
+/// Binds the fragment vector sizes to what the device's `m16n8k16` definition uses.
+#[cube]
+#[allow(unused_variables)]
+pub(crate) fn register_vector_sizes<F: Float>(def: MmaDefinition<F, F, f32>) {
+    let a = def.vector_size(MatrixIdent::A);
+    let b = def.vector_size(MatrixIdent::B);
+    let acc = def.vector_size(MatrixIdent::Accumulator);
+    intrinsic!(|scope| {
+        scope.register_size::<MmaVecA>(a);
+        scope.register_size::<MmaVecB>(b);
+        scope.register_size::<MmaVecAcc>(acc);
+    });
+}
+
+/// Element `e` (0..4) of accumulator tile `tile` in an array of such tiles.
+/// (Indices are constants once the callers' loops are unrolled, so the arrays stay in
+/// registers.)
+#[cube]
+pub(crate) fn acc_get(
+    arr: &Array<Vector<f32, MmaVecAcc>>,
+    tile: usize,
+    e: usize,
+    #[comptime] vs: usize,
+) -> f32 {
+    let per_tile = comptime!(4 / vs);
+    arr[tile * per_tile + e / vs][e % vs]
+}
+
+/// Sets element `e` (0..4) of accumulator tile `tile`.
+#[cube]
+pub(crate) fn acc_set(
+    arr: &mut Array<Vector<f32, MmaVecAcc>>,
+    tile: usize,
+    e: usize,
+    #[comptime] vs: usize,
+    value: f32,
+) {
+    let per_tile = comptime!(4 / vs);
+    let mut vector = arr[tile * per_tile + e / vs];
+    vector[e % vs] = value;
+    arr[tile * per_tile + e / vs] = vector;
+}
+
+/// Two MMAs sharing one `A` fragment: `acc` tiles `first` and `first + 1` += `A` times
+/// the two `B` fragments of one `ldmatrix.x4` (`b_regs`, `b_vecs` vectors each). `b_frag`
+/// and `c_frag` are scratch registers (the instruction takes whole arrays).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mma_pair<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    a_frag: &Array<Vector<F, MmaVecA>>,
+    b_regs: &Array<Vector<F, MmaVecB>>,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    first: usize,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] b_vecs: usize,
+    #[comptime] c_vecs: usize,
+) {
+    #[unroll]
+    for half in 0..2usize {
+        #[unroll]
+        for i in 0..b_vecs {
+            b_frag[i] = b_regs[half * b_vecs + i];
+        }
+        #[unroll]
+        for i in 0..c_vecs {
+            c_frag[i] = acc[(first + half) * c_vecs + i];
+        }
+        def.execute_inplace(a_frag, b_frag, c_frag);
+        #[unroll]
+        for i in 0..c_vecs {
+            acc[(first + half) * c_vecs + i] = c_frag[i];
+        }
+    }
+}
+
+
+/// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles of 8
+/// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
+/// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
+/// `[row][col]` with the given strides. The forward's `Q K^T` step: `ldmatrix.x4` gives the
+/// `A` blocks (rows 0-7 | 8-15) x (cols 0-7 | 8-15) and, per pair of `B` tiles, the blocks
+/// (rows 0-7 | 8-15 of the pair) x (cols 0-7 | 8-15).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mma_a_bt<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    a_smem: &SharedMemory<F>,
+    a_row0: usize,
+    b_smem: &SharedMemory<F>,
+    b_row0: usize,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    a_frag: &mut Array<Vector<F, MmaVecA>>,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] a_stride: usize,
+    #[comptime] b_stride: usize,
+    #[comptime] k_chunks: usize,
+    #[comptime] n_tiles: usize,
+) {
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
+    let lane = UNIT_POS_PLANE as usize;
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    #[unroll]
+    for i in 0..comptime!(n_tiles * c_vecs) {
+        acc[i] = Vector::new(f32::new(0.0));
+    }
+    #[unroll]
+    for kc in 0..k_chunks {
+        let a_off =
+            a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
+        let a_regs = def.load_matrix::<F, MmaVecA>(
+            &a_smem.slice(a_off, a_off + 8),
+            MatrixIdent::A,
+            4usize,
+            false,
+        );
+        #[unroll]
+        for i in 0..a_vecs {
+            a_frag[i] = a_regs[i];
+        }
+        #[unroll]
+        for np in 0..comptime!(n_tiles / 2) {
+            let b_off = b_row0
+                + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
+                + kc * 16
+                + 8 * (ld_block % 2);
+            let b_regs = def.load_matrix::<F, MmaVecB>(
+                &b_smem.slice(b_off, b_off + 8),
+                MatrixIdent::B,
+                4usize,
+                false,
+            );
+            mma_pair::<F>(
+                def,
+                a_frag,
+                &b_regs,
+                acc,
+                2 * np,
+                b_frag,
+                c_frag,
+                b_vecs,
+                c_vecs,
+            );
+        }
+    }
+}
+
+/// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output tiles:
+/// `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
+/// fragment of chunk `c`), converted to `F`; `B` is `b_smem` from element `b_row0` as
+/// stored, `[k][n]` with stride `b_stride`, read with `ldmatrix.trans` (the forward's `P V`
+/// step: blocks (k 0-7 | 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mma_acc_b<F: Float>(
+    def: MmaDefinition<F, F, f32>,
+    src: &Array<Vector<f32, MmaVecAcc>>,
+    b_smem: &SharedMemory<F>,
+    b_row0: usize,
+    acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    a_frag: &mut Array<Vector<F, MmaVecA>>,
+    b_frag: &mut Array<Vector<F, MmaVecB>>,
+    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
+    #[comptime] b_stride: usize,
+    #[comptime] k_chunks: usize,
+    #[comptime] n_tiles: usize,
+) {
+    let a_vs = def.vector_size(MatrixIdent::A);
+    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+    let c_vs = def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let lane = UNIT_POS_PLANE as usize;
+    let ld_block = lane / 8;
+    let ld_row = lane % 8;
+    #[unroll]
+    for kc in 0..k_chunks {
+        // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's.
+        #[unroll]
+        for i in 0..a_vecs {
+            let mut vector = Vector::empty();
+            #[unroll]
+            for n in 0..a_vs {
+                let ei = i * a_vs + n;
+                vector[n] = F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs));
+            }
+            a_frag[i] = vector;
+        }
+        #[unroll]
+        for np in 0..comptime!(n_tiles / 2) {
+            let b_off = b_row0
+                + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
+                + np * 16
+                + 8 * (ld_block / 2);
+            let b_regs = def.load_matrix::<F, MmaVecB>(
+                &b_smem.slice(b_off, b_off + 8),
+                MatrixIdent::B,
+                4usize,
+                true,
+            );
+            mma_pair::<F>(
+                def,
+                a_frag,
+                &b_regs,
+                acc,
+                2 * np,
+                b_frag,
+                c_frag,
+                b_vecs,
+                c_vecs,
+            );
+        }
+    }
+}
+

@@ -1,0 +1,151 @@
+//! What the plans need to know of a call's tensors and device, read from CubeCL.
+
+use burn_backend::DType;
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use cubecl::ir::features::{MmaConfig, Plane};
+use cubecl::ir::{ElemType, FloatKind, StorageType};
+use cubecl::prelude::*;
+
+use crate::plan::{BandArgs, DeviceCaps, Precision, Problem, RuntimeKind, Sizes, Unsupported};
+
+/// The capabilities of `client`'s device.
+pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
+    let name = R::name(client);
+    let props = client.properties();
+    let runtime = if name == "cuda" {
+        RuntimeKind::Cuda
+    } else if name.starts_with("wgpu") {
+        RuntimeKind::Wgpu
+    } else {
+        RuntimeKind::Other
+    };
+    let f32_acc: StorageType = ElemType::Float(FloatKind::F32).into();
+    let matmul = &props.features.matmul;
+    let has_mma = |input: FloatKind, k: u32| {
+        let input: StorageType = ElemType::Float(input).into();
+        matmul.mma.contains(&MmaConfig {
+            a_type: input,
+            b_type: input,
+            cd_type: f32_acc,
+            m: 16,
+            n: 8,
+            k,
+        })
+    };
+    let has_ldmatrix = |input: FloatKind| {
+        let input: StorageType = ElemType::Float(input).into();
+        matmul.ldmatrix.contains(&input)
+    };
+    DeviceCaps {
+        runtime_name: name.to_string(),
+        runtime,
+        mma_f16: has_mma(FloatKind::F16, 16) && has_ldmatrix(FloatKind::F16),
+        mma_bf16: has_mma(FloatKind::BF16, 16) && has_ldmatrix(FloatKind::BF16),
+        mma_tf32: has_mma(FloatKind::TF32, 8),
+        copy_async: props.features.copy_async,
+        shared_memory: props.hardware.max_shared_memory_size,
+        software_adapter: runtime == RuntimeKind::Wgpu && !props.features.plane.contains(Plane::Ops),
+    }
+}
+
+/// The forward's problem: `q: [batch, heads, seq_q, head_dim]`, `k: [batch, kv_heads,
+/// seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`, one dtype of f32, f16 or
+/// bf16, any strides.
+pub fn forward_problem<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    band: BandArgs,
+) -> Result<Problem, Unsupported> {
+    let precision = precision_of(q, k, v)?;
+    Ok(Problem {
+        sizes: Sizes::check(dims4(q), dims4(k), dims4(v))?,
+        precision,
+        band,
+        aligned_rows: [q, k, v].iter().all(|t| aligned_rows(t)),
+    })
+}
+
+/// The backward's problem: the forward's inputs, its output `out` and `d_out` (`[batch,
+/// heads, seq_q, value_dim]`, the inputs' dtype) and its row log-sum-exp `lse` (`[batch,
+/// heads, seq_q]`, f32).
+pub fn backward_problem<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+    d_out: &CubeTensor<R>,
+    band: BandArgs,
+) -> Result<Problem, Unsupported> {
+    let mut problem = forward_problem(q, k, v, band)?;
+    if out.dtype != q.dtype || d_out.dtype != q.dtype || lse.dtype != DType::F32 {
+        return Err(Unsupported::DType {
+            got: format!(
+                "out {:?}, d_out {:?}, lse {:?} with q {:?} (out and d_out in the input \
+                 dtype, lse in f32)",
+                out.dtype, d_out.dtype, lse.dtype, q.dtype
+            ),
+        });
+    }
+    let Sizes {
+        batch,
+        heads,
+        seq_q,
+        value_dim,
+        ..
+    } = problem.sizes;
+    let row_shape = [batch, heads, seq_q, value_dim];
+    let shapes_ok = dims4(out) == row_shape
+        && dims4(d_out) == row_shape
+        && lse.meta.shape().as_slice() == [batch, heads, seq_q];
+    if !shapes_ok {
+        return Err(Unsupported::Shapes(format!(
+            "out {:?}, lse {:?}, d_out {:?} do not follow q {:?} and v {:?}",
+            out.meta.shape(),
+            lse.meta.shape(),
+            d_out.meta.shape(),
+            q.meta.shape(),
+            v.meta.shape()
+        )));
+    }
+    problem.aligned_rows &= aligned_rows(d_out);
+    Ok(problem)
+}
+
+fn precision_of<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+) -> Result<Precision, Unsupported> {
+    let precision = match q.dtype {
+        DType::F32 => Some(Precision::F32),
+        DType::F16 => Some(Precision::F16),
+        DType::BF16 => Some(Precision::BF16),
+        _ => None,
+    };
+    match precision {
+        Some(p) if k.dtype == q.dtype && v.dtype == q.dtype => Ok(p),
+        _ => Err(Unsupported::DType {
+            got: format!("q {:?}, k {:?}, v {:?}", q.dtype, k.dtype, v.dtype),
+        }),
+    }
+}
+
+/// Whether the rows of `t` can be staged with 16-byte copies: contiguous columns, row,
+/// head and batch strides and the buffer offset all multiples of 16 bytes.
+fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    let elem = t.dtype.size();
+    let [.., dim] = dims4(t);
+    let strides = t.meta.strides();
+    let chunk = 16 / elem;
+    dim.is_multiple_of(chunk)
+        && strides[3] == 1
+        && strides[..3].iter().all(|s| s.is_multiple_of(chunk))
+        && t.handle.offset_start.unwrap_or(0).is_multiple_of(16)
+}
+
+pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
+    let s = t.meta.shape();
+    [s[0], s[1], s[2], s[3]]
+}

@@ -1,0 +1,176 @@
+//! Launches a forward plan.
+
+use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use cubecl::prelude::*;
+
+use super::buffers::alloc_outputs;
+use super::device::{device_caps, forward_problem};
+use crate::kernels::{flash_mma_kernel, flash_tf32_kernel, flash_unit_kernel};
+use crate::plan::{
+    plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Problem,
+    UnitPlan, Unsupported,
+};
+
+/// The forward's output `[batch, heads, seq_q, value_dim]` (input dtype) and row
+/// log-sum-exp `[batch, heads, seq_q]` (f32; `-inf` with a zero output row where no key is
+/// visible).
+pub type ForwardOutput<R> = (CubeTensor<R>, CubeTensor<R>);
+
+pub(crate) fn cube_count(grid: Grid) -> CubeCount {
+    CubeCount::Static(grid.x, grid.y, 1)
+}
+
+/// Runs `plan` (made by [`plan_forward`] for `problem`, the problem of these tensors).
+pub fn launch_forward<R: CubeRuntime>(
+    plan: &ForwardPlan,
+    problem: &Problem,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+) -> ForwardOutput<R> {
+    let (out, lse) = alloc_outputs(&q, &problem.sizes);
+    if problem.sizes.is_empty() {
+        return (out, lse);
+    }
+    match plan {
+        ForwardPlan::Mma(plan) => launch_mma(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Tf32(plan) => launch_tf32(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Unit(plan) => launch_unit(plan, problem, q, k, v, &out, &lse),
+    }
+    (out, lse)
+}
+
+/// Plans and launches `kernel` for one call, or says why it declines: for tests and
+/// benchmarks that pick a kernel (the attention op's dispatch lives in `burn-attn-core`).
+pub fn flash_forward_with<R: CubeRuntime>(
+    kernel: ForwardKernel,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    band: BandArgs,
+    forced: &ForcedPlan,
+) -> Result<ForwardOutput<R>, Unsupported> {
+    let problem = forward_problem(&q, &k, &v, band)?;
+    let plan = plan_forward(kernel, &problem, &device_caps(&q.client), forced)?;
+    log::debug!("burn-attn: {plan:?} for {:?}", problem.sizes);
+    Ok(launch_forward(&plan, &problem, q, k, v))
+}
+
+fn launch_unit<R: CubeRuntime>(
+    plan: &UnitPlan,
+    problem: &Problem,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+) {
+    let (sizes, band, tiles) = (&problem.sizes, &problem.band, &plan.tiles);
+    let dtype = q.dtype;
+    flash_unit_kernel::launch::<R>(
+        &q.client.clone(),
+        cube_count(plan.grid),
+        CubeDim::new_1d(tiles.units() as u32),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        band.scale,
+        sizes.side(band.left),
+        sizes.side(band.right),
+        plan.heavy_first,
+        f32::NEG_INFINITY,
+        sizes.dim,
+        sizes.value_dim,
+        tiles.rows,
+        tiles.cols,
+        tiles.row_threads,
+        tiles.col_threads,
+        dtype.into(),
+    );
+}
+
+fn launch_mma<R: CubeRuntime>(
+    plan: &MmaPlan,
+    problem: &Problem,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+) {
+    let (sizes, band) = (&problem.sizes, &problem.band);
+    let client = q.client.clone();
+    let dtype = q.dtype;
+    // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
+    // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
+    // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
+    // The 16-byte `cp.async` reads stay inside a row because the plan stages asynchronously
+    // only with unit column strides and head/value dims that are multiples of 8; the
+    // output's `N`-value stores likewise, `out` being contiguous and `N` dividing its rows.
+    unsafe {
+        flash_mma_kernel::launch_unchecked::<R>(
+            &client,
+            cube_count(plan.grid),
+            CubeDim::new_2d(32, plan.planes as u32),
+            plan.out_vector,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            band.scale,
+            sizes.side(band.left),
+            sizes.side(band.right),
+            plan.heavy_first,
+            f32::NEG_INFINITY,
+            plan.dim_pad,
+            plan.value_dim_pad,
+            plan.planes,
+            plan.row_tiles,
+            plan.block_k,
+            plan.async_copy,
+            dtype.into(),
+        );
+    }
+}
+
+fn launch_tf32<R: CubeRuntime>(
+    plan: &MmaPlan,
+    problem: &Problem,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+) {
+    let (sizes, band) = (&problem.sizes, &problem.band);
+    let client = q.client.clone();
+    // SAFETY: as `launch_mma`; the 16-byte `cp.async` reads hold four f32, and asynchronous
+    // staging needs head/value dims that are multiples of 4.
+    unsafe {
+        flash_tf32_kernel::launch_unchecked::<R>(
+            &client,
+            cube_count(plan.grid),
+            CubeDim::new_2d(32, plan.planes as u32),
+            plan.out_vector,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            band.scale,
+            sizes.side(band.left),
+            sizes.side(band.right),
+            plan.heavy_first,
+            f32::NEG_INFINITY,
+            plan.dim_pad,
+            plan.value_dim_pad,
+            plan.planes,
+            plan.row_tiles,
+            plan.block_k,
+            plan.async_copy,
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! Plans of the backward kernels (a dQ kernel over query blocks, a dK/dV kernel over key
+//! blocks; no atomics), or why they decline.
+
+use super::forced::allowed;
+use super::forward::{mma_support, staging, store_vector, unit_budget, MMA_ROWS_PER_TILE};
+use super::schedule::heavy_first;
+use super::unit_tiles::{backward_loop_iterations, UnitTiles, SOFTWARE_LOOP_BUDGET};
+use super::{DeviceCaps, ForcedPlan, Grid, Problem, Unsupported};
+
+/// Planes per cube of the matrix-unit backward kernels; each owns 16 rows (query rows of
+/// the dQ kernel, key rows of the dK/dV kernel).
+const MMA_BACKWARD_PLANES: usize = 4;
+
+/// Largest head or value dim, padded to 16, of the matrix-unit backward: the dK/dV kernel
+/// keeps both gradient rows in f32 registers (`dim_pad / 2 + value_dim_pad / 2` per lane),
+/// which past 128 would leave too few registers for the tile's scores (spills).
+pub const MMA_BACKWARD_MAX_DIM: usize = 128;
+
+/// The backward kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackwardKernel {
+    /// `flash_mma_backward`: matrix units, f16/bf16, head and value dims up to 128.
+    Mma,
+    /// `flash_unit_backward`: the portable kernels, every runtime and dtype.
+    Unit,
+}
+
+/// The launch plan of the matrix-unit backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaBackwardPlan {
+    /// Planes per cube (16 rows each).
+    pub planes: usize,
+    /// Keys per streamed tile of the dQ kernel.
+    pub block_k: usize,
+    /// Query rows per streamed tile of the dK/dV kernel.
+    pub block_q: usize,
+    /// Head dim padded to 16.
+    pub dim_pad: usize,
+    /// Value dim padded to 16.
+    pub value_dim_pad: usize,
+    /// Asynchronous double-buffered staging (else synchronous, one buffer).
+    pub async_copy: bool,
+    /// Values per store of dQ and dK.
+    pub dim_vector: usize,
+    /// Values per store of dV.
+    pub value_dim_vector: usize,
+    /// Grid of the dQ kernel (query blocks).
+    pub dq_grid: Grid,
+    /// Grid of the dK/dV kernel (key blocks).
+    pub kv_grid: Grid,
+    /// Heavy-first group of the dQ launch.
+    pub dq_heavy_first: u32,
+    /// Heavy-first group of the dK/dV launch.
+    pub kv_heavy_first: u32,
+}
+
+/// The launch plan of the portable backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitBackwardPlan {
+    /// Tiles of the dQ kernel (query rows x keys).
+    pub dq_tiles: UnitTiles,
+    /// Tiles of the dK/dV kernel (keys x query rows).
+    pub kv_tiles: UnitTiles,
+    /// Grid of the dQ kernel.
+    pub dq_grid: Grid,
+    /// Grid of the dK/dV kernel.
+    pub kv_grid: Grid,
+    /// Heavy-first group of the dQ launch.
+    pub dq_heavy_first: u32,
+    /// Heavy-first group of the dK/dV launch.
+    pub kv_heavy_first: u32,
+}
+
+/// The plan of one backward kernel pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackwardPlan {
+    /// `flash_mma_backward`.
+    Mma(MmaBackwardPlan),
+    /// `flash_unit_backward`.
+    Unit(UnitBackwardPlan),
+}
+
+/// The plan of `kernel` for `problem` (whose `aligned_rows` covers q, k, v and d_out) on
+/// `caps`, or why it declines.
+pub fn plan_backward(
+    kernel: BackwardKernel,
+    problem: &Problem,
+    caps: &DeviceCaps,
+    forced: &ForcedPlan,
+) -> Result<BackwardPlan, Unsupported> {
+    match kernel {
+        BackwardKernel::Mma => plan_mma_backward(problem, caps, forced).map(BackwardPlan::Mma),
+        BackwardKernel::Unit => plan_unit_backward(problem, caps, forced).map(BackwardPlan::Unit),
+    }
+}
+
+/// `flash_mma_backward`: each kernel stages its cube's own rows (Q and dO, or K and V) and
+/// one streamed tile per stage (K and V, or Q and dO plus lse and D).
+fn plan_mma_backward(
+    problem: &Problem,
+    caps: &DeviceCaps,
+    forced: &ForcedPlan,
+) -> Result<MmaBackwardPlan, Unsupported> {
+    mma_support(problem, caps)?;
+    let sizes = &problem.sizes;
+    let dim_pad = sizes.dim.div_ceil(16) * 16;
+    let value_dim_pad = sizes.value_dim.div_ceil(16) * 16;
+    let widest = dim_pad.max(value_dim_pad);
+    if widest > MMA_BACKWARD_MAX_DIM {
+        return Err(Unsupported::HeadDim {
+            dim: sizes.dim,
+            value_dim: sizes.value_dim,
+            max: MMA_BACKWARD_MAX_DIM,
+        });
+    }
+    let planes = MMA_BACKWARD_PLANES;
+    let rows = MMA_ROWS_PER_TILE * planes;
+    let dq_grid = sizes.query_grid(rows)?;
+    let kv_grid = sizes.key_grid(rows)?;
+    let elem = problem.precision.size();
+    let shared = caps.shared_memory;
+    let (async_copy, stages) = staging(problem, caps, forced);
+    // All tiles padded `[row][d_pad + 8]`; the dK/dV kernel adds each streamed tile's lse
+    // and D (8 bytes a row). 128 bytes cover the 16-byte alignment of the four tiles and
+    // the two 8-byte barriers.
+    let bytes = |block: usize, per_row: usize| {
+        (rows + stages * block) * (dim_pad + 8 + value_dim_pad + 8) * elem
+            + stages * block * per_row
+            + 128
+    };
+    // Streamed tiles: 64 rows up to head dim 64; past it 32 keys per dQ tile (fewer live
+    // score registers) but 64 queries per dK/dV tile, which measured 8-14% faster at d =
+    // 128 (64 keys per dQ tile were 2-3% slower); 16 where shared memory is short.
+    let (dq_candidates, dkdv_candidates): (&[usize], &[usize]) = if widest > 64 {
+        (&[32, 16], &[64, 32, 16])
+    } else {
+        (&[64, 32, 16], &[64, 32, 16])
+    };
+    let pick = |field: &'static str, forced: Option<usize>, per_row: usize, candidates: &[usize]| {
+        if let Some(block) = allowed(field, forced, &[16, 32, 64])? {
+            if bytes(block, per_row) > shared {
+                return Err(Unsupported::Forced(format!(
+                    "{field} = {block} needs {} bytes of shared memory, the device has {shared}",
+                    bytes(block, per_row)
+                )));
+            }
+            return Ok(block);
+        }
+        candidates
+            .iter()
+            .copied()
+            .find(|&block| bytes(block, per_row) <= shared)
+            .ok_or(Unsupported::SharedMemory {
+                needed: bytes(16, per_row),
+                available: shared,
+            })
+    };
+    let block_k = pick("dq_block_k", forced.dq_block_k, 0, dq_candidates)?;
+    let block_q = pick("dkdv_block_q", forced.dkdv_block_q, 8, dkdv_candidates)?;
+    Ok(MmaBackwardPlan {
+        planes,
+        block_k,
+        block_q,
+        dim_pad,
+        value_dim_pad,
+        async_copy,
+        dim_vector: store_vector(sizes.dim, elem),
+        value_dim_vector: store_vector(sizes.value_dim, elem),
+        dq_heavy_first: heavy_first(&problem.band, &dq_grid, forced)?,
+        kv_heavy_first: heavy_first(&problem.band, &kv_grid, forced)?,
+        dq_grid,
+        kv_grid,
+    })
+}
+
+/// `flash_unit_backward`. On software adapters it declines calls whose units could run
+/// more loop iterations than llvmpipe allows one invocation: at head dim 128 in f32 on
+/// lavapipe about 3360 keys per query row and 1664 query rows (times the query heads per
+/// kv head) per key.
+fn plan_unit_backward(
+    problem: &Problem,
+    caps: &DeviceCaps,
+    forced: &ForcedPlan,
+) -> Result<UnitBackwardPlan, Unsupported> {
+    let sizes = &problem.sizes;
+    let (dim, value_dim) = (sizes.dim, sizes.value_dim);
+    let elem = problem.precision.size();
+    let widths = dim + value_dim;
+    let budget = unit_budget(caps, forced)?;
+    let choose = |bytes: &dyn Fn(&UnitTiles) -> usize, registers: &dyn Fn(&UnitTiles) -> usize| {
+        UnitTiles::choose(budget, bytes, registers, |_| true).ok_or(Unsupported::SharedMemory {
+            needed: UnitTiles::smallest_bytes(bytes),
+            available: budget,
+        })
+    };
+    // dQ kernel (query rows x keys): Q and dO transposed and padded, one buffer for V then
+    // K (transposed, padded), dS (f32, padded), and each row's lse and D.
+    let dq_tiles = choose(
+        &|t| {
+            (widths * (t.rows + 1) + dim.max(value_dim) * (t.cols + 1)) * elem
+                + (t.rows * (t.cols + 1) + 2 * t.rows) * 4
+        },
+        &|t| t.unit_rows() * (2 * t.unit_cols() + t.unit_width(dim)),
+    )?;
+    // dK/dV kernel (keys x query rows): K, V, Q and dO transposed and padded, P^T and dS^T
+    // (f32, padded), and each query row's lse and D.
+    let kv_tiles = choose(
+        &|t| {
+            widths * (t.rows + 1 + t.cols + 1) * elem + (2 * t.rows * (t.cols + 1) + 2 * t.cols) * 4
+        },
+        &|t| t.unit_rows() * (2 * t.unit_cols() + t.unit_width(dim) + t.unit_width(value_dim)),
+    )?;
+    let dq_grid = sizes.query_grid(dq_tiles.rows)?;
+    let kv_grid = sizes.key_grid(kv_tiles.rows)?;
+    if caps.software_adapter && !forced.lift_loop_cap {
+        let iterations = backward_loop_iterations(sizes, &problem.band, &dq_tiles, &kv_tiles);
+        // A small margin for what the count could leave out.
+        if iterations + 64 > SOFTWARE_LOOP_BUDGET {
+            return Err(Unsupported::LoopBudget {
+                iterations,
+                budget: SOFTWARE_LOOP_BUDGET,
+            });
+        }
+    }
+    Ok(UnitBackwardPlan {
+        dq_tiles,
+        kv_tiles,
+        dq_heavy_first: heavy_first(&problem.band, &dq_grid, forced)?,
+        kv_heavy_first: heavy_first(&problem.band, &kv_grid, forced)?,
+        dq_grid,
+        kv_grid,
+    })
+}

@@ -1,0 +1,194 @@
+//! The problem a plan is made for: sizes, dtype, band and layout of one call, checked
+//! against what every kernel takes.
+
+use super::Unsupported;
+
+/// Largest head (or value) dimension the kernels accept.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The largest grid axis CubeCL launches.
+const MAX_GRID_AXIS: usize = u16::MAX as usize;
+
+/// The inputs' float type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl Precision {
+    /// Bytes of one element.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 | Precision::BF16 => 2,
+        }
+    }
+}
+
+/// The band and scale of one banded attention call, already resolved by the caller: the
+/// window intersected with the causal rule, `None` = unbounded side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BandArgs {
+    /// Multiplier of `q . k`.
+    pub scale: f32,
+    /// Visible keys before the aligned query position (`None`: all).
+    pub left: Option<usize>,
+    /// Visible keys after the aligned query position (`None`: all).
+    pub right: Option<usize>,
+}
+
+impl BandArgs {
+    /// Keys a cube of `rows` consecutive query rows can see (or query rows that can see a
+    /// cube of `rows` consecutive keys): its rows' bands together, at most `n`.
+    pub fn cube_span(&self, rows: usize, n: usize) -> usize {
+        match (self.left, self.right) {
+            (Some(l), Some(r)) => l.saturating_add(r).saturating_add(rows).min(n),
+            _ => n,
+        }
+    }
+
+    /// Keys one row sees at most (`usize::MAX` when a side is unbounded).
+    pub fn row_keys(&self) -> usize {
+        match (self.left, self.right) {
+            (Some(left), Some(right)) => left.saturating_add(right).saturating_add(1),
+            _ => usize::MAX,
+        }
+    }
+
+    /// Whether a row block's cost grows with its index (no left bound, a right bound:
+    /// causal), the case the heavy-first order is for.
+    pub fn is_causal_like(&self) -> bool {
+        self.left.is_none() && self.right.is_some()
+    }
+}
+
+/// The sizes of a call, checked against what every kernel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Batch.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Query rows.
+    pub seq_q: usize,
+    /// Keys.
+    pub seq_k: usize,
+    /// Head dim of q and k.
+    pub dim: usize,
+    /// Head dim of v.
+    pub value_dim: usize,
+}
+
+impl Sizes {
+    /// Checks the shapes `q: [batch, heads, seq_q, dim]`, `k: [batch, kv_heads, seq_k,
+    /// dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
+    pub fn check(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Self, Unsupported> {
+        let [batch, heads, seq_q, dim] = q;
+        let [k_batch, kv_heads, seq_k, k_dim] = k;
+        let [v_batch, v_heads, v_seq, value_dim] = v;
+        let kv_ok = kv_heads > 0 && heads.is_multiple_of(kv_heads) && v_heads == kv_heads;
+        if k_batch != batch || v_batch != batch || k_dim != dim || v_seq != seq_k || !kv_ok {
+            return Err(Unsupported::Shapes(format!(
+                "q {q:?}, k {k:?}, v {v:?} do not match (k and v need q's batch, one kv head \
+                 count dividing q's heads and one length; k needs q's head dim)"
+            )));
+        }
+        if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
+            return Err(Unsupported::HeadDim {
+                dim,
+                value_dim,
+                max: MAX_HEAD_DIM,
+            });
+        }
+        // Band arithmetic is i32 in the kernels; unbounded sides become seq_q + seq_k.
+        let max = (i32::MAX / 4) as usize - 1;
+        if seq_q + seq_k > max {
+            return Err(Unsupported::Length {
+                total: seq_q + seq_k,
+                max,
+            });
+        }
+        Ok(Self {
+            batch,
+            heads,
+            kv_heads,
+            seq_q,
+            seq_k,
+            dim,
+            value_dim,
+        })
+    }
+
+    /// No output rows (nothing to launch).
+    pub fn is_empty(&self) -> bool {
+        self.batch * self.heads * self.seq_q == 0
+    }
+
+    /// What an unbounded band side becomes in the kernels' i32 arithmetic.
+    pub fn unbounded(&self) -> usize {
+        self.seq_q + self.seq_k
+    }
+
+    /// A band side as the kernels take it: `None` (unbounded) becomes [`Sizes::unbounded`].
+    pub fn side(&self, side: Option<usize>) -> i32 {
+        side.unwrap_or(self.unbounded()).min(self.unbounded()) as i32
+    }
+
+    /// One cube per `block_q` query rows and per (batch, head).
+    pub fn query_grid(&self, block_q: usize) -> Result<Grid, Unsupported> {
+        Grid::new(self.seq_q, block_q, self.batch * self.heads)
+    }
+
+    /// One cube per `block_k` keys and per (batch, kv head).
+    pub fn key_grid(&self, block_k: usize) -> Result<Grid, Unsupported> {
+        Grid::new(self.seq_k, block_k, self.batch * self.kv_heads)
+    }
+}
+
+/// A launch grid: `x` cubes along the rows (query rows or keys), `y` along the heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    /// Cubes along the rows.
+    pub x: u32,
+    /// Cubes along `batch * heads` (or `batch * kv_heads`).
+    pub y: u32,
+}
+
+impl Grid {
+    /// `ceil(rows / block) x y` cubes, within CubeCL's grid limits.
+    pub fn new(rows: usize, block: usize, y: usize) -> Result<Self, Unsupported> {
+        let x = rows.div_ceil(block);
+        if x > MAX_GRID_AXIS || y > MAX_GRID_AXIS {
+            return Err(Unsupported::Grid {
+                x,
+                y,
+                max: MAX_GRID_AXIS,
+            });
+        }
+        Ok(Self {
+            x: x as u32,
+            y: y as u32,
+        })
+    }
+}
+
+/// One call as the plans see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Problem {
+    /// Checked sizes.
+    pub sizes: Sizes,
+    /// The inputs' dtype (one for all).
+    pub precision: Precision,
+    /// Band and scale.
+    pub band: BandArgs,
+    /// Whether every staged tensor's rows can be copied in 16-byte pieces (contiguous
+    /// columns; row, head and batch strides and offset multiples of 16 bytes).
+    pub aligned_rows: bool,
+}

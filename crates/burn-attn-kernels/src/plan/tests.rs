@@ -1,0 +1,236 @@
+//! Which plan for which shape and device.
+
+use super::*;
+
+fn problem(
+    precision: Precision,
+    [b, h, n, d]: [usize; 4],
+    left: Option<usize>,
+    right: Option<usize>,
+) -> Problem {
+    Problem {
+        sizes: Sizes::check([b, h, n, d], [b, h, n, d], [b, h, n, d]).unwrap(),
+        precision,
+        band: BandArgs {
+            scale: 1.0,
+            left,
+            right,
+        },
+        aligned_rows: d % 8 == 0,
+    }
+}
+
+fn mma(p: &Problem, caps: &DeviceCaps, forced: &ForcedPlan) -> Result<MmaPlan, Unsupported> {
+    match plan_forward(ForwardKernel::Mma, p, caps, forced)? {
+        ForwardPlan::Mma(plan) => Ok(plan),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bf16_d128_full_takes_64_key_tiles_two_row_tiles_async() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert_eq!((plan.planes, plan.row_tiles, plan.block_k), (4, 2, 64));
+    assert!(plan.async_copy);
+    assert_eq!(plan.block_q(), 128);
+    assert_eq!(plan.grid, Grid { x: 32, y: 32 });
+    assert_eq!(plan.heavy_first, 0);
+    assert_eq!(plan.out_vector, 8);
+}
+
+#[test]
+fn narrow_window_takes_one_row_tile_and_32_keys() {
+    let p = problem(Precision::F16, [2, 16, 16384, 128], Some(128), Some(128));
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert_eq!((plan.row_tiles, plan.block_k), (1, 32));
+}
+
+#[test]
+fn causal_launches_heavy_first_in_groups_of_64_heads() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, Some(0));
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert_eq!(plan.heavy_first, 64);
+    // One row block: nothing to reorder.
+    let p = problem(Precision::BF16, [2, 16, 64, 128], None, Some(0));
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert_eq!(plan.heavy_first, 0);
+}
+
+#[test]
+fn head_dim_256_takes_32_key_tiles() {
+    let p = problem(Precision::BF16, [1, 2, 512, 256], None, None);
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert_eq!((plan.row_tiles, plan.block_k), (1, 32));
+}
+
+#[test]
+fn matrix_units_decline_f32_and_other_runtimes_with_typed_reasons() {
+    let p = problem(Precision::F32, [1, 2, 64, 64], None, None);
+    assert!(matches!(
+        mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()),
+        Err(Unsupported::Precision { .. })
+    ));
+    let p = problem(Precision::F16, [1, 2, 64, 64], None, None);
+    assert!(matches!(
+        mma(&p, &DeviceCaps::lavapipe(), &ForcedPlan::default()),
+        Err(Unsupported::Runtime { .. })
+    ));
+    let bwd = plan_backward(
+        BackwardKernel::Mma,
+        &problem(Precision::F16, [1, 2, 64, 256], None, None),
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default(),
+    );
+    assert_eq!(
+        bwd,
+        Err(Unsupported::HeadDim {
+            dim: 256,
+            value_dim: 256,
+            max: 128
+        })
+    );
+}
+
+#[test]
+fn misaligned_rows_stage_synchronously() {
+    let p = problem(Precision::BF16, [1, 2, 256, 80], None, None);
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert!(plan.async_copy, "80 is a multiple of 8");
+    let p = problem(Precision::BF16, [1, 2, 256, 36], None, None);
+    let plan = mma(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert!(!plan.async_copy);
+}
+
+#[test]
+fn forced_plans_are_obeyed_or_declined() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
+    let forced = ForcedPlan {
+        mma_block_k: Some(32),
+        mma_planes: Some(2),
+        sync_staging: true,
+        ..ForcedPlan::default()
+    };
+    let plan = mma(&p, &DeviceCaps::hopper(), &forced).unwrap();
+    assert_eq!((plan.block_k, plan.planes, plan.async_copy), (32, 2, false));
+    let bad = ForcedPlan {
+        mma_block_k: Some(48),
+        ..ForcedPlan::default()
+    };
+    let err = mma(&p, &DeviceCaps::hopper(), &bad).unwrap_err();
+    assert!(err.to_string().contains("mma_block_k = 48"), "{err}");
+    let small = DeviceCaps {
+        shared_memory: 48 * 1024,
+        ..DeviceCaps::hopper()
+    };
+    let too_big = ForcedPlan {
+        mma_block_k: Some(64),
+        ..ForcedPlan::default()
+    };
+    assert!(matches!(
+        mma(&p, &small, &too_big),
+        Err(Unsupported::Forced(_))
+    ));
+}
+
+#[test]
+fn tf32_takes_f32_only() {
+    let p = problem(Precision::F32, [1, 4, 1024, 128], None, None);
+    let plan = plan_forward(
+        ForwardKernel::Tf32,
+        &p,
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default(),
+    )
+    .unwrap();
+    let ForwardPlan::Tf32(plan) = plan else {
+        panic!("{plan:?}")
+    };
+    assert_eq!((plan.row_tiles, plan.block_k, plan.dim_pad), (1, 32, 128));
+    let p = problem(Precision::BF16, [1, 4, 1024, 128], None, None);
+    assert!(plan_forward(
+        ForwardKernel::Tf32,
+        &p,
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default()
+    )
+    .is_err());
+}
+
+#[test]
+fn portable_tiles_fit_the_48_kib_budget() {
+    let p = problem(Precision::F32, [8, 16, 4096, 128], None, None);
+    let ForwardPlan::Unit(plan) = plan_forward(
+        ForwardKernel::Unit,
+        &p,
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default(),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!((plan.tiles.rows, plan.tiles.cols), (32, 32));
+}
+
+#[test]
+fn lavapipe_declines_bands_past_its_loop_budget() {
+    let caps = DeviceCaps::lavapipe();
+    let short = problem(Precision::F32, [1, 1, 1024, 128], None, None);
+    assert!(plan_forward(ForwardKernel::Unit, &short, &caps, &ForcedPlan::default()).is_ok());
+    let long = problem(Precision::F32, [1, 1, 8192, 128], None, None);
+    let err = plan_forward(ForwardKernel::Unit, &long, &caps, &ForcedPlan::default());
+    assert!(matches!(err, Err(Unsupported::LoopBudget { .. })), "{err:?}");
+    let lifted = ForcedPlan {
+        lift_loop_cap: true,
+        ..ForcedPlan::default()
+    };
+    assert!(plan_forward(ForwardKernel::Unit, &long, &caps, &lifted).is_ok());
+    let err = plan_backward(BackwardKernel::Unit, &long, &caps, &ForcedPlan::default());
+    assert!(matches!(err, Err(Unsupported::LoopBudget { .. })), "{err:?}");
+}
+
+#[test]
+fn backward_tiles_at_d128() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, Some(0));
+    let BackwardPlan::Mma(plan) = plan_backward(
+        BackwardKernel::Mma,
+        &p,
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default(),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!((plan.block_k, plan.block_q), (32, 64));
+    assert_eq!((plan.dq_heavy_first, plan.kv_heavy_first), (64, 64));
+    let p = problem(Precision::BF16, [2, 16, 4096, 64], None, None);
+    let BackwardPlan::Mma(plan) = plan_backward(
+        BackwardKernel::Mma,
+        &p,
+        &DeviceCaps::hopper(),
+        &ForcedPlan::default(),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!((plan.block_k, plan.block_q), (64, 64));
+}
+
+#[test]
+fn sizes_name_the_values_they_reject() {
+    let err = Sizes::check([1, 6, 8, 64], [1, 4, 8, 64], [1, 4, 8, 64]).unwrap_err();
+    assert!(err.to_string().contains("[1, 6, 8, 64]"), "{err}");
+    let err = Sizes::check([1, 2, 8, 300], [1, 2, 8, 300], [1, 2, 8, 300]).unwrap_err();
+    assert_eq!(
+        err,
+        Unsupported::HeadDim {
+            dim: 300,
+            value_dim: 300,
+            max: MAX_HEAD_DIM
+        }
+    );
+    assert!(matches!(
+        Grid::new(70_000 * 16, 16, 1),
+        Err(Unsupported::Grid { .. })
+    ));
+}

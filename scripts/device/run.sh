@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# What a contributor with a CUDA GPU runs: the kernel grid, the digest, the benchmark and
+# its peers, kernel times under Nsight Compute, and compute-sanitizer over the grid.
+#
+#   bash scripts/device/run.sh build                 # cargo: binaries into $BIN
+#   bash scripts/device/run.sh grid bench peers      # then any steps, in order
+#
+# BIN (default target/device-bin) holds `burn-attn-bench` and `cuda_kernel` (the CUDA
+# kernel tests); `build` makes them, so a machine without Rust can run steps with a BIN
+# built elsewhere. OUT (default target/device-out) receives logs and JSON.
+# Steps:
+#   build     cargo builds the two binaries (release, `cuda` feature) into $BIN
+#   grid      the CUDA kernel tests (every kernel against the f64 reference)
+#   digest    bit-exact fingerprints of the op's results (`burn-attn-bench digest`) for
+#             f16, bf16 and f32: compare two builds' files to check a refactor
+#   bench     `burn-attn-bench kernel` forward and backward, bf16, 10 calls queued
+#   peers     scripts/peers/torch_attention.py on the same shapes (PyTorch, FlexAttention)
+#   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
+#             ours, for each binary folder in DURATION_BINS (default $BIN)
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck over the grid
+# Keep CubeCL's compilation cache off (its default; no `[compilation] cache` in a
+# cubecl.toml): it keys kernels by name and launch configuration, not by source, so a cache
+# filled by another build serves that build's code.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+BIN=$(realpath -m "${BIN:-target/device-bin}")
+OUT=$(realpath -m "${OUT:-target/device-out}")
+mkdir -p "$OUT"
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+BENCH="$BIN/burn-attn-bench kernel --backend cuda --dtype bf16 --skip-burn"
+CASES="n=1024 d=128 full|n=1024 d=128 causal|n=4096 d=128 full|n=4096 d=128 causal|n=16384 d=128 full|n=16384 d=128 causal"
+
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    build)
+      mkdir -p "$BIN"
+      cargo build --release -p burn-attn-bench --features cuda &&
+        cp target/release/burn-attn-bench "$BIN/" &&
+        exe=$(cargo test --release --features burn-attn/cuda --test cuda_kernel --no-run --message-format=json 2>/dev/null |
+          python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])') &&
+        cp "$exe" "$BIN/cuda_kernel" && ls -la "$BIN" ;;
+    grid)
+      timeout "${GRID_TIMEOUT:-400}" "$BIN/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" |
+        grep -E "^test |panicked|FAILED|test result" | head -60
+      echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")" ;;
+    digest)
+      for dtype in bf16 f16 f32; do
+        "$BIN/burn-attn-bench" digest --backend cuda --dtype $dtype --out "$OUT/digest-$dtype.txt" || echo "digest $dtype failed"
+      done
+      wc -l "$OUT"/digest-*.txt ;;
+    bench)
+      timeout 300 $BENCH --calls 10 --json "$OUT/bench-forward.json" 2>&1 | tee "$OUT/bench-forward.log"
+      timeout 300 $BENCH --calls 10 --backward --json "$OUT/bench-backward.json" 2>&1 | tee "$OUT/bench-backward.log" ;;
+    peers)
+      timeout 500 python3 scripts/peers/torch_attention.py "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log"
+      [ -f "$OUT/peers.json" ] && timeout 300 $BENCH --calls 10 --peers "$OUT/peers.json" 2>&1 | grep "ours / peer" ;;
+    durations)
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
+      IFS='|' read -ra cases <<< "${DURATION_CASES:-$CASES}"
+      for case in "${cases[@]}"; do
+        for bin in ${DURATION_BINS:-$BIN}; do
+          d=$(timeout 90 "$NCU" -k regex:"${DURATION_KERNEL:-flash_mma_kernel}" --launch-skip 2 --launch-count 6 \
+            --metrics gpu__time_duration.sum "$bin/burn-attn-bench" kernel --backend cuda --dtype bf16 --skip-burn \
+            --repeats 4 ${DURATION_ARGS:-} --only "$case" 2>&1 | awk '/gpu__time_duration/ {print $(NF-1), $NF}' | tr '\n' ' ')
+          echo "$case [$bin]: $d"
+        done
+      done ;;
+    sanitize)
+      if [ -z "$SAN" ]; then echo "no compute-sanitizer on this machine"; continue; fi
+      for tool in memcheck racecheck synccheck; do
+        timeout "${SANITIZE_TIMEOUT:-300}" "$SAN" --tool $tool --print-limit 5 "$BIN/cuda_kernel" --test-threads 1 ${SANITIZE_ARGS:-} \
+          > "$OUT/sanitize-$tool.log" 2>&1
+        echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
+      done ;;
+    *) echo "unknown step $step (build grid digest bench peers durations sanitize)"; exit 2 ;;
+  esac
+done
