@@ -1,7 +1,7 @@
 //! The FlashAttention kernels on CUDA against the materialised reference (rules of
 //! `wgpu_kernel.rs`, plus bf16). f16/bf16 run the matrix-unit kernel, f32 the portable one.
 //! CI has no GPU: build with `--features burn-attn/cuda` and run the binary on a CUDA
-//! machine (`scripts/device/lease.sh grid`).
+//! machine (`scripts/device/run.sh grid`).
 //!
 //! The low-precision reference of the forward checks runs on the host
 //! (`check_low_host`): on the device, Burn's kernels compile and tune per shape for about a
@@ -9,8 +9,8 @@
 //! paths and the odd/large ones, every mask kind, plus long sequences;
 //! `BURN_ATTN_FULL_GRID=1` runs the whole CI grid. The tf32 forward (f32 on the matrix
 //! units, opt-in) is launched directly and checked against a host tf32 reference
-//! (`check_tf32_kernel`). The backward kernel tests go through
-//! `flash_backward`, so f16/bf16 run the matrix-unit backward and f32 the portable one;
+//! (`check_tf32_kernel`). The backward kernel tests go through the op's backward
+//! dispatch, so f16/bf16 run the matrix-unit backward and f32 the portable one;
 //! their low-precision reference is the host-evaluated one
 //! (`host_low_precision_gradients`), checked against Burn's device reference on two cases.
 
@@ -19,7 +19,7 @@
 #[cfg(not(feature = "cuda"))]
 #[test]
 #[ignore = "CUDA kernel tests not built: needs `--features burn-attn/cuda` and a CUDA device \
-            (scripts/device/lease.sh grid)"]
+            (scripts/device/run.sh grid)"]
 fn cuda_kernel_tests_need_the_cuda_feature() {}
 
 #[cfg(feature = "cuda")]
@@ -108,14 +108,23 @@ mod on_cuda {
         check_online_softmax_probe::<Plain, CudaRuntime>();
     }
 
+    /// Which implementation served each pass, through the fusion stream: f32 runs the
+    /// portable kernel, or the tf32 one when the options allow it.
+    #[test]
+    fn cuda_dispatch_is_recorded_per_call() {
+        check_dispatch::<Fused>(
+            burn_attn_core::Implementation::FlashUnit,
+            burn_attn_core::Implementation::FlashTf32,
+        );
+    }
+
     /// The heavy-first cube order (every kernel's block and head) through its probe kernel.
     #[test]
     fn cuda_cube_order_matches_host() {
         check_cube_order::<Plain, CudaRuntime>();
     }
 
-    /// The tf32 forward (opt-in through `BURN_ATTN_TF32=1` in `flash_forward`), launched
-    /// directly (no environment switch) on the trimmed grid plus head dim 36 (4 padded
+    /// The tf32 forward (opt-in through `AttentionOptions::tf32`), launched directly on the trimmed grid plus head dim 36 (4 padded
     /// columns zeroed under asynchronous staging) and 33 (rows not a multiple of 16 bytes:
     /// synchronous staging), within 3x the host tf32 reference's error.
     #[test]

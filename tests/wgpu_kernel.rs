@@ -83,10 +83,23 @@ fn kernel_f16_within_twice_reference_error() {
 }
 
 /// WGSL has no bf16 type (cubecl-wgpu panics "bf16 is not a valid WgpuElement"), so bf16 is
-/// tested on CUDA only (`BURN_ATTN_CUDA` tests); this says so loudly instead of passing.
+/// tested on CUDA only (`cuda_kernel.rs`); this says so loudly instead of passing.
 #[test]
 fn kernel_bf16_not_available_on_wgsl() {
     eprintln!("!!!!!!!! bf16 kernel test NOT run on WGPU: WGSL has no bf16 (tested on CUDA)");
+}
+
+/// Which implementation served each pass, through the fusion stream: the portable
+/// kernels (WGPU has no matrix units; tf32 declines there too).
+#[test]
+fn dispatch_is_recorded_per_call() {
+    if !gpu_available() {
+        return;
+    }
+    check_dispatch::<Fused>(
+        burn_attn_core::Implementation::FlashUnit,
+        burn_attn_core::Implementation::FlashUnit,
+    );
 }
 
 #[test]

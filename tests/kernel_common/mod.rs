@@ -1,0 +1,1128 @@
+//! The kernel test grid and checks shared by the WGPU and CUDA kernel tests.
+#![allow(dead_code)]
+
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_attn_core::kernels::launch::flash_forward_with;
+use burn_attn_core::kernels::plan::{BandArgs, ForcedPlan, ForwardKernel};
+use burn_attn_core::kernels::{cube_order_probe, online_softmax_probe, CubeRuntime, CubeTensor};
+use burn_attn_core::{
+    attention_with_lse, reference_attention, AttentionOptions, Decline, DispatchLog,
+    Implementation, KernelPolicy, KeyPattern, Pass, Unsupported, Window,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The truth: the materialised reference in f64 on the CPU.
+type Truth = NdArray<f64>;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub dim: usize,
+    pub value_dim: usize,
+    pub causal: bool,
+    pub window: Window,
+    /// Multiplies q (large logits when big).
+    pub q_gain: f32,
+}
+
+impl Case {
+    pub fn new(seq_q: usize, seq_k: usize, dim: usize) -> Self {
+        Self {
+            batch: 1,
+            heads: 2,
+            kv_heads: 2,
+            seq_q,
+            seq_k,
+            dim,
+            value_dim: dim,
+            causal: false,
+            window: Window::FULL,
+            q_gain: 1.0,
+        }
+    }
+    pub fn causal(mut self) -> Self {
+        self.causal = true;
+        self
+    }
+    pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+        self.window = Window::new(left, right);
+        self
+    }
+    pub fn gqa(mut self, heads: usize, kv_heads: usize) -> Self {
+        self.heads = heads;
+        self.kv_heads = kv_heads;
+        self
+    }
+    pub fn gain(mut self, g: f32) -> Self {
+        self.q_gain = g;
+        self
+    }
+    pub fn options(&self) -> AttentionOptions {
+        AttentionOptions::new()
+            .with_causal(self.causal)
+            .with_window(self.window)
+    }
+}
+
+pub struct Inputs {
+    pub q: (Vec<f32>, [usize; 4]),
+    pub k: (Vec<f32>, [usize; 4]),
+    pub v: (Vec<f32>, [usize; 4]),
+}
+
+/// Uniform values in `[-gain, gain)` of `shape`.
+fn uniform(rng: &mut StdRng, shape: [usize; 4], gain: f32) -> (Vec<f32>, [usize; 4]) {
+    let n = shape.iter().product();
+    let data = (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * gain)
+        .collect();
+    (data, shape)
+}
+
+pub fn inputs(case: &Case, seed: u64) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut gen = |shape: [usize; 4], gain: f32| uniform(&mut rng, shape, gain);
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = *case;
+    Inputs {
+        q: gen([batch, heads, seq_q, dim], case.q_gain),
+        k: gen([batch, kv_heads, seq_k, dim], 1.0),
+        v: gen([batch, kv_heads, seq_k, value_dim], 1.0),
+    }
+}
+
+pub fn tensor<B: Backend>(
+    x: &(Vec<f32>, [usize; 4]),
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let t = Tensor::<B, 4>::from_data(TensorData::new(x.0.clone(), x.1), device);
+    if dtype == DType::F32 {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
+pub fn to_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .unwrap()
+}
+
+/// Max absolute difference, where both `-inf` counts as equal and NaN as infinitely wrong.
+pub fn max_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if g == w {
+                0.0
+            } else if g.is_nan() || w.is_nan() || g.is_infinite() || w.is_infinite() {
+                f64::INFINITY
+            } else {
+                (g - w).abs()
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+pub fn truth(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
+    let device = Default::default();
+    let pattern = KeyPattern::band(case.window, case.causal);
+    let scale = 1.0 / (case.dim as f64).sqrt();
+    let (o, l) = reference_attention::<Truth>(
+        tensor(&x.q, DType::F32, &device),
+        tensor(&x.k, DType::F32, &device),
+        tensor(&x.v, DType::F32, &device),
+        &pattern,
+        scale,
+        None,
+        None,
+    );
+    (to_f64(o), to_f64(l))
+}
+
+/// Runs a kernel (through `attention_with_lse`, which must not fall back to the tiled
+/// tensor ops) on backend `B` in `dtype`.
+pub fn kernel<B: burn_attn_core::AttentionBackend>(
+    case: &Case,
+    x: &Inputs,
+    dtype: DType,
+) -> (Vec<f64>, Vec<f64>, DType) {
+    let device = Default::default();
+    let log = DispatchLog::new();
+    let options = case
+        .options()
+        .with_kernel(KernelPolicy::Require)
+        .with_log(log.clone());
+    let (o, l) = attention_with_lse::<B>(
+        tensor(&x.q, dtype, &device),
+        tensor(&x.k, dtype, &device),
+        tensor(&x.v, dtype, &device),
+        &options,
+    );
+    assert_eq!(o.dtype(), dtype, "output keeps the input dtype");
+    let lse_dtype = l.dtype();
+    let (o, l) = (to_f64(o), to_f64(l));
+    let served = log.of(Pass::Forward);
+    assert!(
+        served.len() == 1 && served[0].served.is_kernel(),
+        "{case:?}: {served:?}"
+    );
+    (o, l, lse_dtype)
+}
+
+/// The reference computed on the GPU backend in a low precision.
+pub fn low_precision_reference<B: Backend>(
+    case: &Case,
+    x: &Inputs,
+    dtype: DType,
+) -> (Vec<f64>, Vec<f64>) {
+    let device = Default::default();
+    let pattern = KeyPattern::band(case.window, case.causal);
+    let scale = 1.0 / (case.dim as f64).sqrt();
+    let (o, l) = reference_attention::<B>(
+        tensor(&x.q, dtype, &device),
+        tensor(&x.k, dtype, &device),
+        tensor(&x.v, dtype, &device),
+        &pattern,
+        scale,
+        None,
+        None,
+    );
+    (to_f64(o), to_f64(l))
+}
+
+/// f32 tolerance: accumulation error grows with the dot length and the logit size.
+pub fn f32_bound(case: &Case) -> f64 {
+    2e-5 * (1.0 + (case.dim as f64).sqrt() / 4.0) * case.q_gain.max(1.0) as f64
+}
+
+pub fn check_f32<B: burn_attn_core::AttentionBackend>(case: Case) {
+    let x = inputs(&case, 7 + case.seq_q as u64 * 31 + case.dim as u64);
+    let (to, tl) = truth(&case, &x);
+    let (ko, kl, lse_dtype) = kernel::<B>(&case, &x, DType::F32);
+    assert_eq!(lse_dtype, DType::F32, "lse is f32");
+    let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
+    let bound = f32_bound(&case);
+    eprintln!("f32 {case:?}: out err {eo:e}, lse err {el:e}");
+    assert!(
+        eo <= bound && el <= bound * 4.0,
+        "{case:?}: out err {eo:e}, lse err {el:e}, bound {bound:e}"
+    );
+}
+
+pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+    check_low_against::<B>(case, dtype, false)
+}
+
+/// [`check_low`] with the low-precision reference run on the host
+/// ([`host_low_precision_reference`]): on CUDA, Burn's own kernels compile and tune per
+/// shape, which costs about a minute per case of the grid.
+pub fn check_low_host<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+    check_low_against::<B>(case, dtype, true)
+}
+
+fn check_low_against<B: burn_attn_core::AttentionBackend>(
+    case: Case,
+    dtype: DType,
+    host_reference: bool,
+) {
+    let x = inputs(&case, 11 + case.seq_k as u64 * 17 + case.dim as u64);
+    let start = std::time::Instant::now();
+    let (to, tl) = truth(&case, &x);
+    let truth_s = start.elapsed().as_secs_f64();
+    let (ko, kl, lse_dtype) = kernel::<B>(&case, &x, dtype);
+    let kernel_s = start.elapsed().as_secs_f64() - truth_s;
+    assert_eq!(lse_dtype, DType::F32, "lse is f32");
+    let (ro, rl) = if host_reference {
+        host_low_precision_reference(&case, &x, dtype)
+    } else {
+        low_precision_reference::<B>(&case, &x, dtype)
+    };
+    let reference_s = start.elapsed().as_secs_f64() - truth_s - kernel_s;
+    eprintln!("  time: truth {truth_s:.2} s, kernel {kernel_s:.2} s, reference {reference_s:.2} s");
+    let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
+    let (reo, rel) = (max_err(&ro, &to), max_err(&rl, &tl));
+    eprintln!("{dtype:?} {case:?}: out err {eo:e} (ref {reo:e}), lse err {el:e} (ref {rel:e})");
+    // A floor for cases where the low-precision reference happens to be nearly exact.
+    let floor = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
+    assert!(
+        eo <= 2.0 * reo.max(floor),
+        "{case:?} {dtype:?}: kernel out err {eo:e} > 2x reference err {reo:e}"
+    );
+    // The kernel's lse is f32 while the reference's is rounded to the low precision.
+    assert!(
+        el <= 2.0 * rel.max(floor) + f32_bound(&case) * 4.0,
+        "{case:?} {dtype:?}: kernel lse err {el:e} > 2x reference err {rel:e}"
+    );
+}
+
+/// Rounds `x` to `dtype` (f16 or bf16) and back.
+fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => burn::tensor::f16::from_f32(x).to_f32(),
+        DType::BF16 => burn::tensor::bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// Rows of the materialised reference (`reference_attention`) evaluated on the host in
+/// `dtype`: inputs rounded to it, every tensor op's result rounded as the op would store it
+/// (matmuls and sums accumulate in f32 and round once, as GPU kernels do). Shared by the
+/// forward and backward host references.
+struct LowPrecisionRows<'a> {
+    case: &'a Case,
+    x: &'a Inputs,
+    dtype: DType,
+    scale: f32,
+    visible: Vec<bool>,
+}
+
+impl<'a> LowPrecisionRows<'a> {
+    fn new(case: &'a Case, x: &'a Inputs, dtype: DType) -> Self {
+        let (seq_q, seq_k) = (case.seq_q, case.seq_k);
+        let pattern = KeyPattern::band(case.window, case.causal);
+        let visible = if seq_q > 0 && seq_k > 0 {
+            pattern
+                .tile_mask::<NdArray<f32>>(0..seq_q, 0..seq_k, seq_q, seq_k, &Default::default())
+                .into_data()
+                .to_vec::<bool>()
+                .expect("bool mask")
+        } else {
+            Vec::new()
+        };
+        let scale = round_to((1.0 / (case.dim as f64).sqrt()) as f32, dtype);
+        Self {
+            case,
+            x,
+            dtype,
+            scale,
+            visible,
+        }
+    }
+
+    fn r(&self, v: f32) -> f32 {
+        round_to(v, self.dtype)
+    }
+
+    /// Element `c` of row `j` of kv head `kvh` of batch `b` of `k` or `v`, rounded.
+    fn kv(&self, t: &(Vec<f32>, [usize; 4]), b: usize, kvh: usize, j: usize, c: usize) -> f32 {
+        let [_, kv_heads, seq_k, width] = t.1;
+        self.r(t.0[((b * kv_heads + kvh) * seq_k + j) * width + c])
+    }
+
+    /// Element `c` of query row `i` of head `h` of a `[b, h, seq_q, width]` tensor, rounded.
+    fn row(&self, t: &(Vec<f32>, [usize; 4]), b: usize, h: usize, i: usize, c: usize) -> f32 {
+        let [_, heads, seq_q, width] = t.1;
+        self.r(t.0[((b * heads + h) * seq_q + i) * width + c])
+    }
+
+    /// The forward of every row: the output `P V` (P through `round_p` where it enters the
+    /// product, the sum accumulated in f32 and rounded once) and the lse, as the host
+    /// references return them.
+    fn forward(&self, round_p: impl Fn(f32) -> f32) -> (Vec<f64>, Vec<f64>) {
+        let Case {
+            batch,
+            heads,
+            kv_heads,
+            seq_q,
+            seq_k,
+            value_dim,
+            ..
+        } = *self.case;
+        let mut out = vec![0f64; batch * heads * seq_q * value_dim];
+        let mut lse = vec![0f64; batch * heads * seq_q];
+        let group = heads / kv_heads;
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..seq_q {
+                    let (p, row_lse) = self.probabilities(b, h, i);
+                    let p: Vec<f32> = p.into_iter().map(&round_p).collect();
+                    let oi = ((b * heads + h) * seq_q + i) * value_dim;
+                    for c in 0..value_dim {
+                        let acc: f32 = (0..seq_k)
+                            .map(|j| p[j] * self.kv(&self.x.v, b, h / group, j, c))
+                            .sum();
+                        out[oi + c] = self.r(acc) as f64;
+                    }
+                    lse[(b * heads + h) * seq_q + i] = row_lse as f64;
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    /// The probabilities of query row `i` of head `h` (0 where masked) and its lse.
+    fn probabilities(&self, b: usize, h: usize, i: usize) -> (Vec<f32>, f32) {
+        let case = self.case;
+        let kvh = h / (case.heads / case.kv_heads);
+        let s: Vec<f32> = (0..case.seq_k)
+            .map(|j| {
+                if self.visible[i * case.seq_k + j] {
+                    let dot: f32 = (0..case.dim)
+                        .map(|c| self.row(&self.x.q, b, h, i, c) * self.kv(&self.x.k, b, kvh, j, c))
+                        .sum();
+                    self.r(self.r(dot) * self.scale)
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mut m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            m = 0.0;
+        }
+        let w: Vec<f32> = s.iter().map(|&sj| self.r(self.r(sj - m).exp())).collect();
+        let sum = self.r(w.iter().sum::<f32>());
+        let p = w
+            .iter()
+            .map(|&wj| self.r(wj / sum.max(f32::MIN_POSITIVE)))
+            .collect();
+        (p, self.r(m + self.r(sum.ln())))
+    }
+}
+
+/// The materialised reference (`reference_attention`) evaluated on the host in `dtype`:
+/// inputs rounded to it, and every tensor op's result rounded as the op would store it
+/// (matmuls and sums accumulate in f32 and round once, as GPU kernels do).
+pub fn host_low_precision_reference(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>) {
+    LowPrecisionRows::new(case, x, dtype).forward(|p| p)
+}
+
+/// Rounds `x` to tf32 as `cvt.rna.tf32.f32` does: the 13 low mantissa bits rounded to
+/// nearest, ties away from zero (adding half a tf32 ulp to the magnitude bits, then
+/// truncating).
+pub fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits((x.to_bits() + 0x1000) & !0x1fff)
+}
+
+/// The materialised reference with tf32 products, evaluated on the host: Q, K and V rounded
+/// to tf32 ([`round_tf32`]), scores and sums in f32, the probabilities rounded to tf32 where
+/// they enter `P V` (accumulated in f32): what attention with tf32 matmuls computes
+/// (PyTorch's `allow_tf32`). The low-precision reference of the tf32 kernel's test.
+pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
+    let round = |t: &(Vec<f32>, [usize; 4])| (t.0.iter().map(|&v| round_tf32(v)).collect(), t.1);
+    let xr = Inputs {
+        q: round(&x.q),
+        k: round(&x.k),
+        v: round(&x.v),
+    };
+    // In f32 the rows round nothing themselves: the inputs are already tf32.
+    LowPrecisionRows::new(case, &xr, DType::F32).forward(round_tf32)
+}
+
+/// Runs one forward launcher directly on the plain CubeCL backend `B` (no dispatch, no
+/// environment switch) in f32, the queries a strided view as in the backward checks.
+/// Returns the inputs, the f64 truth and the kernel's output and lse, or why the launcher
+/// declined.
+#[allow(clippy::type_complexity)]
+pub fn run_forward_launcher<B, R>(
+    case: &Case,
+    seed: u64,
+    kernel: ForwardKernel,
+) -> Result<(Inputs, [Vec<f64>; 2], [Vec<f64>; 2]), Unsupported>
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let x = inputs(case, seed);
+    let device = Default::default();
+    let q = tensor::<B>(&seq_major(&x.q), DType::F32, &device).swap_dims(1, 2);
+    let k = tensor::<B>(&x.k, DType::F32, &device);
+    let v = tensor::<B>(&x.v, DType::F32, &device);
+    let options = case.options();
+    let window = options.effective_window();
+    let band = BandArgs {
+        scale: options.scale_for(case.dim) as f32,
+        left: window.left,
+        right: window.right,
+    };
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let forced = ForcedPlan::default();
+    let (out, lse) = flash_forward_with(kernel, prim(q), prim(k), prim(v), band, &forced)?;
+    let ko = to_f64(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out)));
+    let kl = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)));
+    let (to, tl) = truth(case, &x);
+    Ok((x, [to, tl], [ko, kl]))
+}
+
+/// The tf32 forward (`flash_forward_tf32`, run by [`run_forward_launcher`]) against the f64 truth: its output and lse errors within 3x
+/// those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. Panics
+/// when the launcher declines.
+pub fn check_tf32_kernel<B, R>(case: Case)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let seed = 13 + case.seq_q as u64 * 19 + case.dim as u64;
+    let (x, [to, tl], [ko, kl]) = run_forward_launcher::<B, R>(&case, seed, ForwardKernel::Tf32)
+        .unwrap_or_else(|e| panic!("{case:?}: the tf32 kernel declined: {e}"));
+    let (ro, rl) = host_tf32_reference(&case, &x);
+    let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
+    let (reo, rel) = (max_err(&ro, &to), max_err(&rl, &tl));
+    eprintln!("tf32 {case:?}: out err {eo:e} (ref {reo:e}), lse err {el:e} (ref {rel:e})");
+    let floor = 1e-3;
+    assert!(
+        eo <= 3.0 * reo.max(floor),
+        "{case:?} tf32: kernel out err {eo:e} > 3x reference err {reo:e}"
+    );
+    assert!(
+        el <= 3.0 * rel.max(floor),
+        "{case:?} tf32: kernel lse err {el:e} > 3x reference err {rel:e}"
+    );
+}
+
+/// Gradients of `sum(reference_attention(q, k, v) * w)` evaluated on the host in `dtype`,
+/// op by op as autodiff of the materialised reference runs them, each result rounded:
+/// `dV = P^T dO`, `dP = dO V^T`, softmax's `dS = P (dP - rowsum(P dP))`, the scale, then
+/// `dQ = dS K` and `dK = dS^T Q` (matmuls accumulate in f32 and round once; dK and dV sum
+/// the query heads of a kv head in f32). The low-precision reference of the backward tests:
+/// Burn's own low-precision autodiff compiles and tunes per shape on the device.
+pub fn host_low_precision_gradients(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    dtype: DType,
+) -> [Vec<f64>; 3] {
+    let rows = LowPrecisionRows::new(case, x, dtype);
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        dim,
+        value_dim,
+        ..
+    } = *case;
+    let group = heads / kv_heads;
+    let mut dq = vec![0f32; batch * heads * seq_q * dim];
+    let mut dk = vec![0f32; batch * kv_heads * seq_k * dim];
+    let mut dv = vec![0f32; batch * kv_heads * seq_k * value_dim];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kvh = h / group;
+            // Per row: P, then the scaled dS (0 where masked).
+            let mut p_all = Vec::with_capacity(seq_q);
+            let mut g_all = Vec::with_capacity(seq_q);
+            for i in 0..seq_q {
+                let (p, _) = rows.probabilities(b, h, i);
+                let dp: Vec<f32> = (0..seq_k)
+                    .map(|j| {
+                        let dot: f32 = (0..value_dim)
+                            .map(|c| rows.row(w, b, h, i, c) * rows.kv(&x.v, b, kvh, j, c))
+                            .sum();
+                        rows.r(dot)
+                    })
+                    .collect();
+                let d = rows.r(p.iter().zip(&dp).map(|(&a, &c)| rows.r(a * c)).sum::<f32>());
+                let g: Vec<f32> = p
+                    .iter()
+                    .zip(&dp)
+                    .map(|(&pj, &dpj)| rows.r(rows.r(pj * rows.r(dpj - d)) * rows.scale))
+                    .collect();
+                p_all.push(p);
+                g_all.push(g);
+            }
+            for i in 0..seq_q {
+                for c in 0..dim {
+                    let acc: f32 = (0..seq_k)
+                        .map(|j| g_all[i][j] * rows.kv(&x.k, b, kvh, j, c))
+                        .sum();
+                    dq[((b * heads + h) * seq_q + i) * dim + c] = rows.r(acc);
+                }
+            }
+            for j in 0..seq_k {
+                for c in 0..dim {
+                    let acc: f32 = (0..seq_q)
+                        .map(|i| g_all[i][j] * rows.row(&x.q, b, h, i, c))
+                        .sum();
+                    dk[((b * kv_heads + kvh) * seq_k + j) * dim + c] += rows.r(acc);
+                }
+                for c in 0..value_dim {
+                    let acc: f32 = (0..seq_q)
+                        .map(|i| p_all[i][j] * rows.row(w, b, h, i, c))
+                        .sum();
+                    dv[((b * kv_heads + kvh) * seq_k + j) * value_dim + c] += rows.r(acc);
+                }
+            }
+        }
+    }
+    let round = |t: Vec<f32>| t.into_iter().map(|v| rows.r(v) as f64).collect();
+    [round(dq), round(dk), round(dv)]
+}
+
+pub fn grid() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // Head dims, full and causal.
+    for dim in [8, 32, 64, 80, 96, 128, 256] {
+        cases.push(Case::new(64, 64, dim));
+        cases.push(Case::new(65, 65, dim).causal());
+    }
+    // Tails and odd lengths.
+    for seq in [1, 17, 97, 128, 255] {
+        cases.push(Case::new(seq, seq, 64));
+        cases.push(Case::new(seq, seq, 64).causal());
+    }
+    // seq_q != seq_k: bottom-right alignment, fully masked rows when seq_q > seq_k causal.
+    cases.push(Case::new(17, 97, 64).causal());
+    cases.push(Case::new(97, 17, 64).causal());
+    cases.push(Case::new(97, 17, 32));
+    cases.push(Case::new(40, 3, 32).causal());
+    // Windows: zero sides, both sides, with causal.
+    cases.push(Case::new(97, 97, 64).window(Some(0), None));
+    cases.push(Case::new(97, 97, 64).window(None, Some(0)));
+    cases.push(Case::new(97, 97, 64).window(Some(0), Some(0)));
+    cases.push(Case::new(130, 130, 64).window(Some(5), Some(9)));
+    cases.push(Case::new(130, 130, 64).window(Some(40), Some(3)).causal());
+    cases.push(Case::new(50, 120, 32).window(Some(7), Some(2)));
+    cases.push(Case::new(120, 50, 32).window(Some(7), Some(2)));
+    cases.push(Case::new(100, 100, 32).window(Some(3), Some(3)).causal());
+    // GQA / MQA.
+    cases.push(Case::new(33, 33, 64).gqa(4, 2).causal());
+    cases.push(Case::new(33, 47, 64).gqa(8, 1));
+    // Value dim differing from the head dim.
+    let mut c = Case::new(40, 40, 32).causal();
+    c.value_dim = 80;
+    cases.push(c);
+    // Odd head and value dims (register tiles with idle columns).
+    let mut c = Case::new(50, 70, 17).window(Some(30), Some(4));
+    c.value_dim = 24;
+    cases.push(c);
+    let mut c = Case::new(33, 40, 200).causal();
+    c.value_dim = 40;
+    cases.push(c);
+    // Large logits.
+    cases.push(Case::new(64, 64, 64).gain(30.0));
+    cases.push(Case::new(64, 64, 64).gain(30.0).causal());
+    cases
+}
+
+/// Gradients of `sum(attention(q, k, v) * w)` with respect to q, k, v.
+fn attention_gradients<B>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    ours: bool,
+) -> [Vec<f64>; 3]
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
+    attention_gradients_in::<B>(case, x, w, ours, DType::F32)
+}
+
+/// [`attention_gradients`] with the inputs and `w` in `dtype`.
+fn attention_gradients_in<B>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    ours: bool,
+    dtype: DType,
+) -> [Vec<f64>; 3]
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
+    let device = Default::default();
+    let q = tensor::<B>(&x.q, dtype, &device).require_grad();
+    let k = tensor::<B>(&x.k, dtype, &device).require_grad();
+    let v = tensor::<B>(&x.v, dtype, &device).require_grad();
+    let out = if ours {
+        burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &case.options())
+    } else {
+        let pattern = KeyPattern::band(case.window, case.causal);
+        let scale = 1.0 / (case.dim as f64).sqrt();
+        reference_attention(q.clone(), k.clone(), v.clone(), &pattern, scale, None, None).0
+    };
+    let grads = (out * tensor::<B>(w, dtype, &device)).sum().backward();
+    let flat = |t: Tensor<B, 4>| to_f64(t.grad(&grads).expect("gradient"));
+    [flat(q), flat(k), flat(v)]
+}
+
+/// Training through the op on backend `B` (forward kernel, backward kernels from the saved
+/// O and lse, or their tiled fallbacks) against autodiff of the materialised reference in
+/// f64 on the CPU.
+pub fn check_gradients<B>(case: Case)
+where
+    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+{
+    let x = inputs(&case, 23 + case.seq_q as u64 * 7 + case.dim as u64);
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(99), shape, 1.0);
+    let got = attention_gradients::<B>(&case, &x, &w, true);
+    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let bound = 4.0 * f32_bound(&case);
+    for (name, (g, t)) in ["dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
+        let err = max_err(g, t);
+        eprintln!("grad {case:?} {name}: err {err:e}");
+        assert!(err <= bound, "{case:?}: {name} err {err:e} > {bound:e}");
+    }
+}
+
+pub fn gradient_grid() -> Vec<Case> {
+    vec![
+        Case::new(65, 65, 64).causal(),
+        Case::new(64, 64, 32),
+        Case::new(97, 17, 32).causal(),
+        Case::new(33, 47, 64).gqa(8, 1),
+        Case::new(130, 130, 64).window(Some(40), Some(3)).causal(),
+    ]
+}
+
+/// `[b, h, s, d]` data laid out as `[b, s, h, d]`.
+fn seq_major(x: &(Vec<f32>, [usize; 4])) -> (Vec<f32>, [usize; 4]) {
+    let [b, h, s, d] = x.1;
+    let mut data = vec![0.0; x.0.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                let from = ((bi * h + hi) * s + si) * d;
+                let to = ((bi * s + si) * h + hi) * d;
+                data[to..to + d].copy_from_slice(&x.0[from..from + d]);
+            }
+        }
+    }
+    (data, [b, s, h, d])
+}
+
+/// The backward kernels' gradients for `case` on the plain CubeCL backend `B`: the
+/// forward (kernel) gives O and lse, then the op's backward runs on `d_out = w` (the
+/// matrix-unit kernels for f16/bf16 on CUDA, the portable ones otherwise). `Err` with the
+/// last kernel's reason when every backward kernel declines.
+fn kernel_backward<B, R>(
+    case: &Case,
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    dtype: DType,
+) -> Result<[Vec<f64>; 3], Unsupported>
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    // Queries as a strided view of a [b, seq, h, d] buffer (the kernels take any strides).
+    let q = tensor::<B>(&seq_major(&x.q), dtype, &device).swap_dims(1, 2);
+    let k = tensor::<B>(&x.k, dtype, &device);
+    let v = tensor::<B>(&x.v, dtype, &device);
+    let options = case.options();
+    let (out, lse) = attention_with_lse::<B>(q.clone(), k.clone(), v.clone(), &options);
+    let d_out = tensor::<B>(w, dtype, &device);
+    let log = DispatchLog::new();
+    let options = options.with_log(log.clone());
+    let (dq, dk, dv) = B::banded_attention_backward(q, k, v, out, lse, d_out, &options);
+    let dispatch = log.of(Pass::Backward).pop().expect("the backward ran");
+    if dispatch.served == Implementation::Tiled {
+        return match dispatch.declined.last() {
+            Some((_, Decline::Kernel(why))) => Err(why.clone()),
+            other => panic!("{case:?}: no kernel tried: {other:?}"),
+        };
+    }
+    let [dq, dk, dv] = [dq, dk, dv].map(|t| t.into_primitive().tensor());
+    let back = |t| {
+        let t = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+        assert_eq!(t.dtype(), dtype, "gradients keep the input dtype");
+        to_f64(t)
+    };
+    Ok([back(dq), back(dk), back(dv)])
+}
+
+/// The backward kernels (the op's backward dispatch, called directly on the plain CubeCL
+/// backend `B`) against autodiff of the materialised reference in f64: f32 to an absolute
+/// bound; f16/bf16 within 3x the error of the reference's gradients computed in the same
+/// low precision on the device (DESIGN.md). Also runs the kernels twice and requires the
+/// same bits.
+pub fn check_backward_kernel<B, R>(case: Case, dtype: DType)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    check_backward_kernel_against::<B, R>(case, dtype, false)
+        .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
+}
+
+/// [`check_backward_kernel`] with the host-evaluated low-precision reference
+/// ([`host_low_precision_gradients`]) instead of Burn's low-precision autodiff on `B`.
+pub fn check_backward_kernel_host<B, R>(case: Case, dtype: DType)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    check_backward_kernel_against::<B, R>(case, dtype, true)
+        .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
+}
+
+/// [`check_backward_kernel`] for a call the launchers may decline: `Err(why)` when they do
+/// (nothing checked), else the same checks.
+pub fn check_backward_kernel_if_taken<B, R>(case: Case, dtype: DType) -> Result<(), Unsupported>
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    check_backward_kernel_against::<B, R>(case, dtype, false)
+}
+
+fn check_backward_kernel_against<B, R>(
+    case: Case,
+    dtype: DType,
+    host_reference: bool,
+) -> Result<(), Unsupported>
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let x = inputs(
+        &case,
+        31 + case.seq_q as u64 * 5 + case.seq_k as u64 + case.dim as u64,
+    );
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(77), shape, 1.0);
+    let got = kernel_backward::<B, R>(&case, &x, &w, dtype)?;
+    let again = kernel_backward::<B, R>(&case, &x, &w, dtype)?;
+    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let low_ref = (dtype != DType::F32).then(|| {
+        if host_reference {
+            host_low_precision_gradients(&case, &x, &w, dtype)
+        } else {
+            attention_gradients_in::<burn::backend::Autodiff<B>>(&case, &x, &w, false, dtype)
+        }
+    });
+    for (n, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let same_bits = got[n]
+            .iter()
+            .zip(&again[n])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same_bits,
+            "{case:?} {dtype:?}: {name} differs between two runs"
+        );
+        let err = max_err(&got[n], &want[n]);
+        match &low_ref {
+            None => {
+                let bound = 4.0 * f32_bound(&case);
+                eprintln!("backward kernel {case:?} {name}: err {err:e} (bound {bound:e})");
+                assert!(err <= bound, "{case:?}: {name} err {err:e} > {bound:e}");
+            }
+            Some(low) => {
+                let ref_err = max_err(&low[n], &want[n]);
+                let floor = if dtype == DType::F16 { 1e-3 } else { 8e-3 };
+                eprintln!(
+                    "backward kernel {case:?} {dtype:?} {name}: err {err:e} (reference in \
+                     {dtype:?}: {ref_err:e})"
+                );
+                assert!(
+                    err <= 3.0 * ref_err.max(floor),
+                    "{case:?} {dtype:?}: {name} err {err:e} > 3x reference err {ref_err:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backward kernel grid: tails, seq_q != seq_k, head dims 32/64/80/256, every band kind,
+/// GQA ratios 1, 2 and 8.
+pub fn backward_grid() -> Vec<Case> {
+    vec![
+        Case::new(1, 1, 32),
+        Case::new(1, 17, 64).causal(),
+        Case::new(17, 1, 32).causal(),
+        Case::new(17, 64, 80),
+        Case::new(64, 17, 64).causal(),
+        Case::new(97, 64, 32).window(Some(7), Some(2)),
+        Case::new(64, 97, 64).window(Some(20), Some(0)).causal(),
+        Case::new(97, 97, 80).causal().gqa(4, 2),
+        Case::new(33, 64, 64).gqa(8, 1),
+        Case::new(64, 64, 32)
+            .window(Some(5), Some(9))
+            .gqa(8, 1)
+            .causal(),
+        Case::new(40, 3, 32).causal(),
+        // The widest head dim (the portable kernels' smallest tiles on 32 KiB devices).
+        Case::new(20, 24, 256).causal(),
+    ]
+}
+
+/// One band for [`check_online_softmax_probe`]: 16 or 32 query rows against `tiles` tiles
+/// of 16 keys (`seq_k` of them real), key `j` visible to row `i` iff `i + offset - left <=
+/// j <= i + offset + right`.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeBand {
+    pub tiles: usize,
+    pub seq_k: u32,
+    pub offset: i32,
+    pub left: i32,
+    pub right: i32,
+    pub scale: f32,
+    /// Scores are uniform in `[-gain, gain]` before the scale, plus `ramp * tile`.
+    pub gain: f32,
+    /// How much each tile's raw scores rise over the previous tile's: rows' maxima move
+    /// by more than the kernels' lag (a rescale) or by less (stale maxima, `p > 1`).
+    pub ramp: f32,
+}
+
+/// The bands the probe runs: every tile visible (the unmasked path), causal, a tail tile,
+/// rows whose first tiles hold no visible key (their maximum is still the sentinel when a
+/// masked tile arrives), rows that never see a key, and large logits.
+pub fn probe_bands() -> Vec<ProbeBand> {
+    let band = |tiles, seq_k, offset, left, right, scale, gain, ramp| ProbeBand {
+        tiles,
+        seq_k,
+        offset,
+        left,
+        right,
+        scale,
+        gain,
+        ramp,
+    };
+    const ALL: i32 = 1 << 20;
+    vec![
+        band(3, 48, 0, ALL, ALL, 0.125, 4.0, 0.0),
+        band(3, 48, 32, ALL, 0, 0.125, 4.0, 0.0),
+        band(3, 40, 24, ALL, ALL, 0.3, 4.0, 0.0),
+        band(4, 64, 20, 0, 12, 0.25, 4.0, 0.0),
+        band(3, 48, -24, ALL, 0, 0.125, 4.0, 0.0),
+        band(2, 32, 0, 5, 5, 1.0, 60.0, 0.0),
+        // Maxima rising past the lag every tile, and by less than it (stale maxima).
+        band(4, 64, 0, ALL, ALL, 0.5, 4.0, 20.0),
+        band(5, 80, 0, ALL, ALL, 0.5, 4.0, 6.0),
+        band(4, 64, 48, ALL, 0, 0.5, 4.0, 6.0),
+    ]
+}
+
+/// The host's online softmax of `rows` query rows over the probe's tiles, in f64, with the
+/// kernels' sentinel semantics: per tile the probabilities `exp(s * scale - m)` (0 where
+/// masked) and per row `[m, l, output scale]`, `m` staying at `-3e38` while a row has seen
+/// no key and moving only when a tile's maximum exceeds it by more than 8 (the kernels'
+/// lazy rescale).
+pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    const NEG_BIG: f64 = -3.0e38;
+    // The kernels' `MAX_LAG`.
+    const MAX_LAG: f64 = 8.0;
+    let mut probs = vec![0.0; band.tiles * rows * 16];
+    let mut state = vec![0.0; band.tiles * rows * 3];
+    for row in 0..rows {
+        let (mut m, mut l, mut o) = (NEG_BIG, 0.0f64, 1.0f64);
+        for tile in 0..band.tiles {
+            let visible = |key: usize| {
+                let (i, j) = (row as i64, (tile * 16 + key) as i64);
+                let (offset, left, right) =
+                    (band.offset as i64, band.left as i64, band.right as i64);
+                j >= i + offset - left && j <= i + offset + right && j < band.seq_k as i64
+            };
+            let s = |key: usize| scores[(tile * rows + row) * 16 + key] as f64 * band.scale as f64;
+            let tile_max = (0..16)
+                .filter(|&c| visible(c))
+                .map(s)
+                .fold(NEG_BIG, f64::max);
+            // A row's maximum moves only past the kernels' lag (always for its first key).
+            let m_new = if tile_max > m + MAX_LAG { tile_max } else { m };
+            // 1 while the maximum stays (also at the sentinel), 0 when the first key arrives.
+            let alpha = (m - m_new).exp();
+            l *= alpha;
+            o *= alpha;
+            for key in 0..16 {
+                let p = if visible(key) {
+                    (s(key) - m_new).exp()
+                } else {
+                    0.0
+                };
+                probs[(tile * rows + row) * 16 + key] = p;
+                l += p;
+            }
+            m = m_new;
+            state[(tile * rows + row) * 3..][..3].copy_from_slice(&[m, l, o]);
+        }
+    }
+    (probs, state)
+}
+
+/// The matrix-unit forwards' online-softmax step (`online_softmax_tile`, shared by
+/// `flash_mma` and `flash_tf32`), run on `B` through its probe kernel with one and two row
+/// tiles and accumulator vectors of 1, 2 and 4 floats, against [`host_online_softmax`]:
+/// probabilities within 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and
+/// output scales 2e-5 relative, maxima 1e-6 relative (f32 rounding of the scaled score;
+/// the sentinel within that too).
+pub fn check_online_softmax_probe<B, R>()
+where
+    R: CubeRuntime,
+    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    for (n, band) in probe_bands().into_iter().enumerate() {
+        for rows in [16usize, 32] {
+            let mut rng = StdRng::seed_from_u64(7 + n as u64 + rows as u64);
+            let scores: Vec<f32> = (0..band.tiles * rows * 16)
+                .map(|i| {
+                    rng.random_range(-band.gain..band.gain) + band.ramp * (i / (rows * 16)) as f32
+                })
+                .collect();
+            let (want_p, want_s) = host_online_softmax(&band, rows, &scores);
+            for vs in [1usize, 2, 4] {
+                let t = Tensor::<B, 3>::from_data(
+                    TensorData::new(scores.clone(), [band.tiles, rows, 16]),
+                    &device,
+                );
+                let (p, st) = online_softmax_probe::<R>(
+                    t.into_primitive().tensor(),
+                    band.scale,
+                    band.offset,
+                    band.left,
+                    band.right,
+                    band.seq_k,
+                    vs,
+                );
+                let got_p = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p)));
+                let got_s = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(st)));
+                for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-6 + 2e-5 * w.abs(),
+                        "{band:?} rows {rows} vector {vs}: probability {i} (tile {}, row {}, \
+                         key {}) {g} vs {w}",
+                        i / (rows * 16),
+                        i / 16 % rows,
+                        i % 16
+                    );
+                }
+                for (i, (g, w)) in got_s.iter().zip(&want_s).enumerate() {
+                    let what = ["maximum", "sum", "output scale"][i % 3];
+                    let tol = if i % 3 == 0 {
+                        1e-6 * w.abs().max(1.0)
+                    } else {
+                        2e-5 * w.abs().max(1e-30)
+                    };
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{band:?} rows {rows} vector {vs}: {what} of row {} after tile {}: \
+                         {g} vs {w}",
+                        i / 3 % rows,
+                        i / (3 * rows)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The heavy-first cube order as the kernels compute it (`cube_order_probe`) against the
+/// order written out here: the natural order (group 0), groups that divide the heads, a
+/// smaller last group, one group wider than the heads, one block per head; query blocks
+/// (heaviest last) and key blocks (heaviest first). Each expected order is a permutation
+/// of the grid's (block, head) pairs by construction, so equality shows the kernels'
+/// mapping takes every pair exactly once.
+pub fn check_cube_order<B, R>()
+where
+    R: CubeRuntime,
+    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let device = Default::default();
+    let like = Tensor::<B, 1>::zeros([1], &device)
+        .into_primitive()
+        .tensor();
+    for (blocks, heads, group) in [
+        (8, 16, 0),
+        (8, 16, 4),
+        (5, 7, 3),
+        (3, 5, 8),
+        (1, 9, 2),
+        (17, 12, 5),
+    ] {
+        for heaviest_last in [true, false] {
+            let mut want = Vec::new();
+            if group == 0 {
+                for head in 0..heads {
+                    for block in 0..blocks {
+                        want.extend([block as f64, head as f64]);
+                    }
+                }
+            } else {
+                for first in (0..heads).step_by(group) {
+                    for step in 0..blocks {
+                        let block = if heaviest_last {
+                            blocks - 1 - step
+                        } else {
+                            step
+                        };
+                        for head in first..(first + group).min(heads) {
+                            want.extend([block as f64, head as f64]);
+                        }
+                    }
+                }
+            }
+            let got = cube_order_probe::<R>(&like, blocks, heads, group as u32, heaviest_last);
+            let got = to_f64(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(got)));
+            assert_eq!(
+                got, want,
+                "cube order of {blocks} blocks x {heads} heads, groups of {group}, \
+                 heaviest_last {heaviest_last}: (block, head) per launch index"
+            );
+        }
+    }
+}
+
+/// The dispatch log through `B` (a fusion-wrapped backend, as users get) and its autodiff:
+/// one entry per executed pass, recorded when the op runs; the forward served by
+/// `forward`, the backward by a kernel; `KernelPolicy::Tiled` served by the tiled tensor
+/// ops with its reason; with tf32 allowed, f32 served by `tf32_forward`.
+pub fn check_dispatch<B>(forward: Implementation, tf32_forward: Implementation)
+where
+    B: burn_attn_core::AttentionBackend,
+{
+    type Ad<B> = burn::backend::Autodiff<B>;
+    let case = Case::new(33, 40, 32).causal().gqa(4, 2);
+    let x = inputs(&case, 3);
+    let device = Default::default();
+    let log = DispatchLog::new();
+    let options = case.options().with_log(log.clone());
+    let q = tensor::<Ad<B>>(&x.q, DType::F32, &device).require_grad();
+    let k = tensor::<Ad<B>>(&x.k, DType::F32, &device).require_grad();
+    let v = tensor::<Ad<B>>(&x.v, DType::F32, &device).require_grad();
+    let out = burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &options);
+    let grads = out.sum().backward();
+    let _ = to_f64(q.grad(&grads).expect("dq"));
+    let entries = log.entries();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!((entries[0].pass, entries[0].served), (Pass::Forward, forward));
+    assert_eq!(entries[1].pass, Pass::Backward);
+    assert!(entries[1].served.is_kernel(), "{:?}", entries[1]);
+
+    let log = DispatchLog::new();
+    let tiled = case
+        .options()
+        .with_kernel(KernelPolicy::Tiled)
+        .with_log(log.clone());
+    let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
+    let _ = to_f64(burn_attn_core::attention(qi.clone(), ki.clone(), vi.clone(), &tiled));
+    let entries = log.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].served, Implementation::Tiled);
+    assert_eq!(
+        entries[0].declined,
+        vec![(Implementation::FlashMma, Decline::TiledRequested)]
+    );
+
+    let log = DispatchLog::new();
+    let tf32 = case.options().with_tf32(true).with_log(log.clone());
+    let _ = to_f64(burn_attn_core::attention(qi, ki, vi, &tf32));
+    let entries = log.entries();
+    assert_eq!(entries[0].served, tf32_forward, "{entries:?}");
+}

@@ -193,7 +193,7 @@ pub struct CompareArgs {
     /// matches, with tied query/key projections).
     #[arg(long)]
     pub no_structured: bool,
-    /// Peer timings: the JSON that `shared/peers/torch_attention_bench.py OUT.json`
+    /// Peer timings: the JSON that `scripts/peers/torch_attention.py OUT.json`
     /// writes. Rows with the same batch, heads, length, head dim and dtype print our time
     /// over the peer's.
     #[arg(long, value_name = "PATH")]

@@ -1,4 +1,4 @@
-//! Peer timings from `shared/peers/torch_attention_bench.py` (its JSON output), matched to
+//! Peer timings from `scripts/peers/torch_attention.py` (its JSON output), matched to
 //! our rows by shape and dtype.
 
 use std::path::Path;

@@ -267,9 +267,9 @@ mod tests {
         let full = AttentionOptions::new();
         let causal = AttentionOptions::new().with_causal(true);
         for (sq, sk) in [(1, 1), (37, 37), (50, 23), (23, 50)] {
-            assert_close(&case(sq, sk, full), 1);
+            assert_close(&case(sq, sk, full.clone()), 1);
             // seq_q > seq_k causal: the first rows see nothing (zero gradients, no NaN).
-            assert_close(&case(sq, sk, causal), 2);
+            assert_close(&case(sq, sk, causal.clone()), 2);
         }
     }
 
