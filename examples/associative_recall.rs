@@ -238,73 +238,52 @@ impl Task {
     }
 }
 
+/// Trains a small transformer on associative recall with each attention kind in turn.
+#[derive(clap::Parser)]
 struct Args {
+    /// Attention kinds, comma separated, or `all`.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
     kinds: Vec<String>,
+    /// Adam steps per kind.
+    #[arg(long, default_value_t = 1000)]
     steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Key-value pairs per sequence (chance is 1 / (2 * pairs)).
+    #[arg(long, default_value_t = 4)]
     pairs: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
     d_model: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
     heads: usize,
+    /// Transformer layers.
+    #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Training time per kind in seconds, after which training stops early and the
     /// accuracy is measured anyway (bounded GPU runs, where the first steps compile).
+    #[arg(long)]
     max_seconds: Option<f64>,
 }
 
+/// The options, with `all` expanded and every kind checked.
 fn parse_args() -> Args {
-    let mut args = Args {
-        kinds: KINDS.iter().map(|s| s.to_string()).collect(),
-        steps: 1000,
-        batch: 64,
-        pairs: 4,
-        d_model: 64,
-        heads: 4,
-        layers: 2,
-        lr: 2e-3,
-        max_seconds: None,
-    };
-    let mut it = std::env::args().skip(1);
-    let num = |v: Option<String>, name: &str| -> usize {
-        v.and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} needs a positive integer"))
-    };
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--kinds" => {
-                let v = it.next().expect("--kinds a,b,c");
-                if v != "all" {
-                    args.kinds = v.split(',').map(str::to_string).collect();
-                }
-            }
-            "--steps" => args.steps = num(it.next(), "--steps"),
-            "--batch" => args.batch = num(it.next(), "--batch"),
-            "--pairs" => args.pairs = num(it.next(), "--pairs"),
-            "--d-model" => args.d_model = num(it.next(), "--d-model"),
-            "--heads" => args.heads = num(it.next(), "--heads"),
-            "--layers" => args.layers = num(it.next(), "--layers"),
-            "--lr" => {
-                args.lr = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--lr needs a number")
-            }
-            "--max-seconds" => {
-                args.max_seconds = Some(
-                    it.next()
-                        .and_then(|v| v.parse().ok())
-                        .expect("--max-seconds needs a number"),
-                )
-            }
-            "--help" | "-h" => {
-                println!(
-                    "options: --kinds {} (or all) --steps N --batch N --pairs N --d-model N --heads N --layers N --lr X --max-seconds S",
-                    KINDS.join(",")
-                );
-                std::process::exit(0);
-            }
-            other => panic!("unknown argument {other:?}; try --help"),
-        }
+    let mut args = <Args as clap::Parser>::parse();
+    if args.kinds.iter().any(|k| k == "all") {
+        args.kinds = KINDS.iter().map(|s| s.to_string()).collect();
+    }
+    if let Some(bad) = args.kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+        eprintln!("unknown kind {bad:?}; the kinds are {} (or all)", KINDS.join(","));
+        std::process::exit(2);
+    }
+    if args.steps == 0 || args.batch == 0 || args.pairs == 0 || args.heads == 0 {
+        eprintln!("--steps, --batch, --pairs and --heads take at least 1");
+        std::process::exit(2);
     }
     args
 }

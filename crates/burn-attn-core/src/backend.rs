@@ -72,6 +72,22 @@ pub(crate) fn tiled_band<B: Backend>(
     tiled_attention(q, k, v, &spec)
 }
 
+/// q, k and v must share one dtype (a mix would silently promote or fail deep inside).
+fn same_dtype<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) -> Result<(), crate::AttentionError> {
+    let (dq, dk, dv) = (q.dtype(), k.dtype(), v.dtype());
+    if dq == dk && dq == dv {
+        Ok(())
+    } else {
+        Err(crate::AttentionError::Invalid(format!(
+            "q, k and v must share one dtype: q {dq:?}, k {dk:?}, v {dv:?}"
+        )))
+    }
+}
+
 /// Exact attention with the options' scale, causal rule and window; see
 /// [`AttentionBackend::banded_attention`] for the layouts.
 ///
@@ -95,6 +111,7 @@ pub fn attention_with_lse<B: AttentionBackend>(
     options: &AttentionOptions,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     ensure(AttentionShape::of(&q, &k, &v).map(|_| ()));
+    ensure(same_dtype(&q, &k, &v));
     ensure(options.validate());
     B::banded_attention(q, k, v, options)
 }
@@ -120,8 +137,15 @@ pub fn pattern_attention<B: AttentionBackend>(
 ) -> Tensor<B, 4> {
     let shape = AttentionShape::of(&q, &k, &v);
     ensure(shape.clone().map(|_| ()));
+    ensure(same_dtype(&q, &k, &v));
     ensure(options.validate());
     let shape = shape.unwrap();
+    ensure(pattern.validate(shape.seq_q, shape.seq_k));
+    if !(0.0..1.0).contains(&dropout) {
+        ensure(Err(crate::AttentionError::Invalid(format!(
+            "dropout {dropout} (takes 0 <= dropout < 1)"
+        ))));
+    }
     if let Some(pad) = &key_padding {
         let dims = pad.dims();
         if dims != [shape.batch, shape.seq_k] {

@@ -84,7 +84,7 @@ impl fmt::Display for AttentionError {
                 write!(f, "{what}: minimum ({min}) is above maximum ({max})")
             }
             Self::InvalidScale { scale } => {
-                write!(f, "scale must be finite and positive, got {scale}")
+                write!(f, "scale must be finite and positive in f32, got {scale:e}")
             }
             Self::Invalid(msg) => f.write_str(msg),
         }

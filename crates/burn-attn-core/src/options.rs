@@ -75,8 +75,14 @@ impl Window {
     /// Whether key `j` is inside the band of query `i` for the given lengths.
     pub fn contains(&self, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
         let diff = j as i64 - aligned(i, seq_q, seq_k);
-        self.left.is_none_or(|l| diff >= -(l as i64)) && self.right.is_none_or(|r| diff <= r as i64)
+        self.left.is_none_or(|l| diff >= -signed(l)) && self.right.is_none_or(|r| diff <= signed(r))
     }
+}
+
+/// A window side as a signed offset, saturating: sides past `i64::MAX` (such as
+/// `usize::MAX`, a natural "unbounded") reach every key.
+pub(crate) fn signed(side: usize) -> i64 {
+    i64::try_from(side).unwrap_or(i64::MAX)
 }
 
 /// The key position query `i` is aligned with (bottom-right alignment); may be negative
@@ -183,7 +189,9 @@ impl AttentionOptions {
             return Err(AttentionError::ZeroSize { what: "tile" });
         }
         if let Some(scale) = self.scale {
-            if !scale.is_finite() || scale <= 0.0 {
+            // The kernels and f32 paths take the scale as f32: it must stay finite there.
+            let as_f32 = scale as f32;
+            if !scale.is_finite() || scale <= 0.0 || !as_f32.is_finite() || as_f32 == 0.0 {
                 return Err(AttentionError::InvalidScale { scale });
             }
         }
@@ -221,6 +229,16 @@ mod tests {
             .with_causal(true)
             .with_window(Window::symmetric(8));
         assert_eq!(opts.effective_window(), Window::new(Some(4), Some(0)));
+    }
+
+    #[test]
+    fn huge_sides_saturate_to_unbounded() {
+        let huge = Window::new(Some(usize::MAX), Some(usize::MAX));
+        let causal = Window::causal(usize::MAX);
+        for (i, j) in [(0, 0), (0, 19), (19, 0), (7, 12)] {
+            assert!(huge.contains(i, j, 20, 20), "{i} {j}");
+            assert_eq!(causal.contains(i, j, 20, 20), j <= i, "{i} {j}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::error::AttentionError;
-use crate::options::{aligned, Window};
+use crate::options::{aligned, signed, Window};
 
 /// How a tile of queries x keys is covered by a pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +150,34 @@ pub fn tile_span(keys: Range<usize>, block_k: usize, seq_k: usize) -> Range<usiz
 }
 
 impl KeyPattern {
+    /// Checks the pattern against the lengths it is applied to: a stride of at least 1, and
+    /// a block layout with blocks of at least 1 built for these lengths.
+    pub fn validate(&self, seq_q: usize, seq_k: usize) -> Result<(), AttentionError> {
+        if self.stride == Some(0) {
+            return Err(AttentionError::ZeroSize { what: "stride" });
+        }
+        if let Some(b) = &self.blocks {
+            if b.block_q == 0 || b.block_k == 0 {
+                return Err(AttentionError::ZeroSize { what: "block size" });
+            }
+            let (q_blocks, k_blocks) = (seq_q.div_ceil(b.block_q), seq_k.div_ceil(b.block_k));
+            if (b.q_blocks, b.k_blocks) != (q_blocks, k_blocks)
+                || b.active.len() != q_blocks * k_blocks
+            {
+                return Err(AttentionError::Invalid(format!(
+                    "block layout of {} x {} blocks ({} entries) used for seq_q {seq_q}, \
+                     seq_k {seq_k}, which take {q_blocks} x {k_blocks} blocks of {} x {}",
+                    b.q_blocks,
+                    b.k_blocks,
+                    b.active.len(),
+                    b.block_q,
+                    b.block_k
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A pattern that is only a band (and optionally causal).
     pub fn band(window: Window, causal: bool) -> Self {
         Self {
@@ -217,10 +245,10 @@ impl KeyPattern {
         }
         let first = aligned(rows.start, seq_q, seq_k);
         let last = aligned(rows.end - 1, seq_q, seq_k);
-        let lo = band.left.map_or(0, |l| first - l as i64).max(0);
+        let lo = band.left.map_or(0, |l| first.saturating_sub(signed(l))).max(0);
         let hi = band
             .right
-            .map_or(seq_k as i64, |r| last + r as i64 + 1)
+            .map_or(seq_k as i64, |r| last.saturating_add(signed(r)).saturating_add(1))
             .min(seq_k as i64);
         if lo >= hi {
             0..0
@@ -299,8 +327,8 @@ impl KeyPattern {
         let min_diff = cols.start as i64 - aligned(rows.end - 1, seq_q, seq_k);
         let max_diff = (cols.end - 1) as i64 - aligned(rows.start, seq_q, seq_k);
         let band_cover = |w: Window| {
-            let lo = w.left.map_or(i64::MIN, |l| -(l as i64));
-            let hi = w.right.map_or(i64::MAX, |r| r as i64);
+            let lo = w.left.map_or(i64::MIN, |l| -signed(l));
+            let hi = w.right.map_or(i64::MAX, signed);
             if max_diff < lo || min_diff > hi {
                 TileCover::Empty
             } else if min_diff >= lo && max_diff <= hi {
@@ -385,11 +413,14 @@ impl KeyPattern {
         let diff = col_pos.clone() - row_pos;
         let within = |w: Window, diff: &Tensor<B, 2, Int>| -> Tensor<B, 2, Bool> {
             let mut m = Tensor::<B, 2, Bool>::full([nr, nc], true, &device);
-            if let Some(l) = w.left {
-                m = m.bool_and(diff.clone().greater_equal_elem(-(l as i64)));
+            // A side at least `seq_q + seq_k` bounds nothing (and may not fit the backend's
+            // integer type): skip it.
+            let reach = (seq_q + seq_k) as i64;
+            if let Some(l) = w.left.map(signed).filter(|&l| l < reach) {
+                m = m.bool_and(diff.clone().greater_equal_elem(-l));
             }
-            if let Some(r) = w.right {
-                m = m.bool_and(diff.clone().lower_equal_elem(r as i64));
+            if let Some(r) = w.right.map(signed).filter(|&r| r < reach) {
+                m = m.bool_and(diff.clone().lower_equal_elem(r));
             }
             m
         };

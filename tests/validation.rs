@@ -1,0 +1,84 @@
+//! Inputs that once gave wrong numbers or a panic deep inside: windows of `usize::MAX`,
+//! a stride of 0, a block layout built for other lengths, a scale past f32.
+
+use burn::backend::NdArray;
+use burn::tensor::{Distribution, Tensor};
+use burn_attn::cores::{pattern_attention, BlockLayout, KeyPattern};
+use burn_attn::{attention, AttentionOptions, Window};
+
+type B = NdArray<f32>;
+
+fn qkv(n: usize) -> [Tensor<B, 4>; 3] {
+    let device = Default::default();
+    B::seed(&device, 11);
+    [0; 3].map(|_| Tensor::random([2, 2, n, 8], Distribution::Normal(0.0, 1.0), &device))
+}
+
+fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn a_side_of_usize_max_is_unbounded() {
+    let [q, k, v] = qkv(23);
+    let run = |window: Window, causal: bool| {
+        let options = AttentionOptions::new()
+            .with_window(window)
+            .with_causal(causal);
+        attention(q.clone(), k.clone(), v.clone(), &options)
+    };
+    let full = run(Window::FULL, false);
+    let huge = run(Window::new(Some(usize::MAX), None), false);
+    assert!(max_diff(full.clone(), huge) < 1e-6);
+    let both = run(Window::new(Some(usize::MAX), Some(usize::MAX)), false);
+    assert!(max_diff(full, both) < 1e-6);
+    let causal = run(Window::FULL, true);
+    let huge_causal = run(Window::causal(usize::MAX), false);
+    assert!(max_diff(causal, huge_causal) < 1e-6);
+}
+
+#[test]
+#[should_panic(expected = "stride")]
+fn a_stride_of_zero_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let pattern = KeyPattern {
+        stride: Some(0),
+        ..KeyPattern::default()
+    };
+    let _ = pattern_attention(q, k, v, &pattern, &AttentionOptions::new(), None, 0.0);
+}
+
+#[test]
+#[should_panic(expected = "block layout of 3 x 3 blocks")]
+fn a_block_layout_for_other_lengths_is_an_error() {
+    let [q, k, v] = qkv(40);
+    let pattern = KeyPattern {
+        blocks: Some(BlockLayout::random(9, 9, 4, 0.5, 1).unwrap()),
+        ..KeyPattern::default()
+    };
+    let _ = pattern_attention(q, k, v, &pattern, &AttentionOptions::new(), None, 0.0);
+}
+
+#[test]
+fn a_scale_past_f32_is_rejected() {
+    let err = AttentionOptions::new().with_scale(1e39).validate().unwrap_err();
+    assert!(err.to_string().contains("1e39"), "{err}");
+    assert!(AttentionOptions::new().with_scale(1e-50).validate().is_err());
+    assert!(AttentionOptions::new().with_scale(0.125).validate().is_ok());
+}
+
+#[test]
+#[should_panic(expected = "dropout 1 (takes 0 <= dropout < 1)")]
+fn dropout_of_one_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let band = KeyPattern::band(Window::FULL, false);
+    let _ = pattern_attention(q, k, v, &band, &AttentionOptions::new(), None, 1.0);
+}
+
+#[test]
+#[should_panic(expected = "q, k and v must share one dtype: q F32, k F64")]
+fn mixed_dtypes_are_an_error() {
+    let [q, k, v] = qkv(9);
+    let k = k.cast(burn::tensor::DType::F64);
+    let _ = attention(q, k, v, &AttentionOptions::new());
+}
