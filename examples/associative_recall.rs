@@ -278,7 +278,10 @@ fn parse_args() -> Args {
         args.kinds = KINDS.iter().map(|s| s.to_string()).collect();
     }
     if let Some(bad) = args.kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
-        eprintln!("unknown kind {bad:?}; the kinds are {} (or all)", KINDS.join(","));
+        eprintln!(
+            "unknown kind {bad:?}; the kinds are {} (or all)",
+            KINDS.join(",")
+        );
         std::process::exit(2);
     }
     if args.steps == 0 || args.batch == 0 || args.pairs == 0 || args.heads == 0 {

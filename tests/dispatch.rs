@@ -17,7 +17,9 @@ fn qkv<Bk: burn::tensor::backend::Backend>() -> [Tensor<Bk, 4>; 3] {
 #[test]
 fn cpu_calls_are_served_by_the_tiled_ops_and_logged_per_pass() {
     let log = DispatchLog::new();
-    let options = AttentionOptions::new().with_causal(true).with_log(log.clone());
+    let options = AttentionOptions::new()
+        .with_causal(true)
+        .with_log(log.clone());
     let [q, k, v] = qkv::<Autodiff<B>>().map(|t| t.require_grad());
     let out = attention(q.clone(), k, v, &options);
     let grads = out.sum().backward();
@@ -27,7 +29,10 @@ fn cpu_calls_are_served_by_the_tiled_ops_and_logged_per_pass() {
         served: Implementation::Tiled,
         declined: Vec::new(),
     };
-    assert_eq!(log.entries(), vec![tiled(Pass::Forward), tiled(Pass::Backward)]);
+    assert_eq!(
+        log.entries(),
+        vec![tiled(Pass::Forward), tiled(Pass::Backward)]
+    );
     // A log belongs to the options that hold it: another call's log stays empty.
     let other = DispatchLog::new();
     let [q, k, v] = qkv::<B>();

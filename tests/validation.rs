@@ -61,9 +61,15 @@ fn a_block_layout_for_other_lengths_is_an_error() {
 
 #[test]
 fn a_scale_past_f32_is_rejected() {
-    let err = AttentionOptions::new().with_scale(1e39).validate().unwrap_err();
+    let err = AttentionOptions::new()
+        .with_scale(1e39)
+        .validate()
+        .unwrap_err();
     assert!(err.to_string().contains("1e39"), "{err}");
-    assert!(AttentionOptions::new().with_scale(1e-50).validate().is_err());
+    assert!(AttentionOptions::new()
+        .with_scale(1e-50)
+        .validate()
+        .is_err());
     assert!(AttentionOptions::new().with_scale(0.125).validate().is_ok());
 }
 

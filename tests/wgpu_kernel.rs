@@ -279,7 +279,14 @@ fn unit_launcher_declines_mismatched_shapes() {
         ([2, 2, 8, 16], [2, 2, 8, 16]), // batch
     ] {
         let forced = ForcedPlan::default();
-        match flash_forward_with::<WgpuRuntime>(ForwardKernel::Unit, t(q), t(k), t(v), band, &forced) {
+        match flash_forward_with::<WgpuRuntime>(
+            ForwardKernel::Unit,
+            t(q),
+            t(k),
+            t(v),
+            band,
+            &forced,
+        ) {
             Err(Unsupported::Shapes(why)) => {
                 assert!(why.contains("do not match"), "k {k:?}, v {v:?}: {why}")
             }

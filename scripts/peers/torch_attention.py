@@ -20,12 +20,11 @@ The windows are burn-attn's (`burn_attn::Window`), matched exactly:
     |i - j| <= w / 2 (integer division), so w + 1 keys per interior row for even w;
   * causal window w (`Window::causal`, `SlidingWindowAttention` with `causal`): key j is
     visible iff 0 <= i - j <= w - 1, so w keys per interior row.
+    `burn-attn-bench kernel` runs its "causal window w" case as `Window::causal(w)` too.
     `--causal-window symmetric` uses instead the causal rule intersected with the
-    symmetric window (0 <= i - j <= w / 2, w / 2 + 1 keys): what `burn-attn-bench kernel`
-    (crates/burn-attn-bench/src/kernel.rs, `Case::options`) and
-    `benches/attention_forward.rs` run for their "causal window w" case as written now
-    (`with_causal(true).with_window(Window::symmetric(w))`). Compare a causal window only
-    where both sides count the same keys: each record carries `visible_keys`.
+    symmetric window (0 <= i - j <= w / 2, w / 2 + 1 keys), the band older benchmark runs
+    used. Compare a causal window only where both sides count the same keys: each record
+    carries `visible_keys`.
 Before timing, every case counts its mask's visible keys over all rows (from the very
 function given to FlexAttention) and checks the count against the band's closed form,
 prints the visible keys of an interior row, and compares a few output rows with an f32

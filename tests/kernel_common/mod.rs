@@ -467,8 +467,8 @@ where
     Ok((x, [to, tl], [ko, kl]))
 }
 
-/// The tf32 forward (`flash_forward_tf32`, run by [`run_forward_launcher`]) against the f64 truth: its output and lse errors within 3x
-/// those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. Panics
+/// The tf32 forward (run by [`run_forward_launcher`]) against the f64 truth: its output and
+/// lse errors within 3x those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. Panics
 /// when the launcher declines.
 pub fn check_tf32_kernel<B, R>(case: Case)
 where
@@ -1101,7 +1101,10 @@ where
     let _ = to_f64(q.grad(&grads).expect("dq"));
     let entries = log.entries();
     assert_eq!(entries.len(), 2, "{entries:?}");
-    assert_eq!((entries[0].pass, entries[0].served), (Pass::Forward, forward));
+    assert_eq!(
+        (entries[0].pass, entries[0].served),
+        (Pass::Forward, forward)
+    );
     assert_eq!(entries[1].pass, Pass::Backward);
     assert!(entries[1].served.is_kernel(), "{:?}", entries[1]);
 
@@ -1111,7 +1114,12 @@ where
         .with_kernel(KernelPolicy::Tiled)
         .with_log(log.clone());
     let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
-    let _ = to_f64(burn_attn_core::attention(qi.clone(), ki.clone(), vi.clone(), &tiled));
+    let _ = to_f64(burn_attn_core::attention(
+        qi.clone(),
+        ki.clone(),
+        vi.clone(),
+        &tiled,
+    ));
     let entries = log.entries();
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0].served, Implementation::Tiled);

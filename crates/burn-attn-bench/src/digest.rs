@@ -96,7 +96,17 @@ pub fn digest_cases() -> Vec<DigestCase> {
         DigestCase::new(1, 2, 2, 129, 129, 256, 256, false, FULL),
         DigestCase::new(1, 4, 4, 512, 512, 128, 64, false, FULL),
         DigestCase::new(1, 2, 2, 2048, 2048, 128, 128, true, FULL),
-        DigestCase::new(1, 2, 2, 4096, 4096, 128, 128, false, W(Some(512), Some(512))),
+        DigestCase::new(
+            1,
+            2,
+            2,
+            4096,
+            4096,
+            128,
+            128,
+            false,
+            W(Some(512), Some(512)),
+        ),
         DigestCase::new(2, 4, 4, 333, 200, 64, 64, true, FULL),
     ]
 }
@@ -144,7 +154,12 @@ where
         let w = seeded::<B>(o_shape, &mut rng, device);
         let options = case.options();
 
-        let (out, lse) = attention_with_lse(q.clone().inner(), k.clone().inner(), v.clone().inner(), &options);
+        let (out, lse) = attention_with_lse(
+            q.clone().inner(),
+            k.clone().inner(),
+            v.clone().inner(),
+            &options,
+        );
         let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
         let (out_ad, _) = attention_with_lse(q.clone(), k.clone(), v.clone(), &options);
         let grads = (out_ad * w).sum().backward();

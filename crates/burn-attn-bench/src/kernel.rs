@@ -452,7 +452,9 @@ fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
         let in_use_before = pool.in_use();
         let opts = AttentionOptions::new()
             .with_causal(causal)
-            .with_tf32(args.tf32);
+            .with_tf32(args.tf32)
+            .with_kernel(KernelPolicy::Require)
+            .with_forced_plan(args.plan.forced());
         let start = Instant::now();
         // Keep what the call returns alive while the pool is read.
         let kept = match &w {
@@ -592,6 +594,9 @@ pub struct PlanArgs {
     /// Heads per group of the heavy-first order, 0 for the natural order.
     #[arg(long)]
     pub plan_heavy_first: Option<u32>,
+    /// Leave the matrix-unit kernels out (the portable kernels serve f16/bf16 too).
+    #[arg(long)]
+    pub plan_no_matrix_units: bool,
     /// Keys per tile of the matrix-unit dQ kernel (16, 32, 64).
     #[arg(long)]
     pub plan_dq_block_k: Option<usize>,
@@ -616,6 +621,7 @@ impl PlanArgs {
             heavy_first: self.plan_heavy_first,
             dq_block_k: self.plan_dq_block_k,
             dkdv_block_q: self.plan_dkdv_block_q,
+            no_matrix_units: self.plan_no_matrix_units,
             lift_loop_cap: false,
         }
     }
@@ -698,7 +704,11 @@ fn matching_peers<'a>(
             let same_mask = match window {
                 Some(w) => {
                     p.window == Some(w)
-                        && p.kind.contains(if causal == Some(true) { "causal" } else { "sym" })
+                        && p.kind.contains(if causal == Some(true) {
+                            "causal"
+                        } else {
+                            "sym"
+                        })
                 }
                 None => p.window.is_none() && p.causal == causal && p.kind.starts_with("sdpa"),
             };

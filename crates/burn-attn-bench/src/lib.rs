@@ -14,6 +14,8 @@ pub mod plots;
 pub mod run;
 pub mod table;
 
-pub use cli::{BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, DigestArgs, ModelArgs};
+pub use cli::{
+    BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, DigestArgs, ModelArgs,
+};
 pub use run::{progress_bar, run, MemoryMeter, Report, Row};
 pub use table::{format_model, format_table};

@@ -25,12 +25,26 @@ fn compare_on<B: burn_attn::AttentionBackend>(
     let bar = progress_bar(total, args.no_progress);
     let rows = run::<B>(&device, &args, &meter, &bar);
     let backend = burn_attn_bench::run::backend_name::<B>(&device);
+    // Rows missing without a time limit failed (each said why as it failed).
+    let failed = match args.time_limit {
+        None => burn_attn_bench::run::missing_rows(&args, &rows),
+        Some(_) => Vec::new(),
+    };
     let report = build_report(backend, meter.description.clone(), args, rows)?;
     print!("{}", format_report(&report));
     for path in write_outputs(&report)? {
         eprintln!("wrote {}", path.display());
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        let names: Vec<String> = failed.iter().map(|(m, n)| format!("{m} n={n}")).collect();
+        Err(format!(
+            "{} rows failed: {}",
+            failed.len(),
+            names.join(", ")
+        ))
+    }
 }
 
 /// Runs `calibrate` on backend `B` and writes the profile.
@@ -150,8 +164,7 @@ fn digest(args: &burn_attn_bench::DigestArgs) -> Result<(), String> {
             ))
         }
     };
-    std::fs::write(&args.out, text)
-        .map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    std::fs::write(&args.out, text).map_err(|e| format!("writing {}: {e}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

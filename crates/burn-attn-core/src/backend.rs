@@ -182,7 +182,9 @@ pub fn pattern_attention<B: AttentionBackend>(
     };
     spec.key_padding = key_padding;
     spec.dropout = dropout;
-    let declined = vec![(Implementation::FlashUnit, Decline::Mask(why))];
+    let declined = [Implementation::FlashMma, Implementation::FlashUnit]
+        .map(|imp| (imp, Decline::Mask(why)))
+        .to_vec();
     serve_tiled(Pass::Forward, options, declined, || {
         tiled_attention(q, k, v, &spec).0
     })

@@ -3,9 +3,13 @@
 //! The core alone decides: the matrix-unit kernel where it takes the call, then (for f32,
 //! when asked) the tf32 kernel, then the portable kernel, then the tiled tensor ops. A
 //! caller that wants to know passes a [`DispatchLog`] in the options; every call made
-//! with those options appends one [`Dispatch`] when the op actually executes (under Burn's
-//! fusion stream that is when the stream runs, not when the call returns), so a log is
-//! per call site and safe to use from several threads.
+//! with those options appends one [`Dispatch`] per pass when the op actually executes
+//! (under Burn's fusion stream that is when the stream runs, not when the call returns),
+//! so a log is per call site and safe to use from several threads. Backends without
+//! kernels record the tiled ops with no declines. Calls whose mask no kernel evaluates
+//! (`pattern_attention` with strided columns, block layouts, key padding or dropout)
+//! record their forward when called, with the mask as every kernel's reason; their
+//! backward is Burn's autodiff of the tensor ops and is not recorded.
 
 use std::sync::{Arc, Mutex};
 
@@ -38,8 +42,6 @@ impl Implementation {
 /// Why an implementation did not serve a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decline {
-    /// The backend has no kernels (not a CubeCL backend, or built without them).
-    NoKernels,
     /// The options ask for the tiled tensor ops ([`KernelPolicy::Tiled`]).
     TiledRequested,
     /// The kernel's plan declined the call.
@@ -51,7 +53,6 @@ pub enum Decline {
 impl core::fmt::Display for Decline {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Decline::NoKernels => write!(f, "the backend has no attention kernels"),
             Decline::TiledRequested => write!(f, "the options ask for the tiled tensor ops"),
             Decline::Kernel(why) => write!(f, "{why}"),
             Decline::Mask(what) => write!(f, "no kernel evaluates {what}"),
@@ -66,7 +67,8 @@ pub enum KernelPolicy {
     #[default]
     Auto,
     /// A kernel or a panic naming every kernel's reason to decline, raised where the op
-    /// executes (for tests and benchmarks that must not time a fallback).
+    /// executes (for tests and benchmarks that must not time a fallback); under Burn's
+    /// fusion stream that is inside the stream, at the next read or sync.
     Require,
     /// The tiled tensor ops (comparisons, and ruling the kernels out when debugging).
     Tiled,
@@ -120,7 +122,10 @@ impl DispatchLog {
 
     /// The dispatches of `pass`, oldest first.
     pub fn of(&self, pass: Pass) -> Vec<Dispatch> {
-        self.entries().into_iter().filter(|d| d.pass == pass).collect()
+        self.entries()
+            .into_iter()
+            .filter(|d| d.pass == pass)
+            .collect()
     }
 
     /// Forgets the recorded dispatches.
@@ -163,7 +168,7 @@ pub(crate) fn serve_tiled<T>(
     };
     if options.kernel == KernelPolicy::Require {
         let reasons = if dispatch.declined.is_empty() {
-            Decline::NoKernels.to_string()
+            "the backend has no attention kernels".to_string()
         } else {
             dispatch.to_string()
         };

@@ -20,7 +20,9 @@ mod tiled;
 
 pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
 pub use backward::tiled_band_backward;
-pub use dispatch::{Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported};
+pub use dispatch::{
+    Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
+};
 pub use error::{ensure, AttentionError};
 pub use linear::{causal_linear_attention, linear_attention, LinearAttentionState};
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};

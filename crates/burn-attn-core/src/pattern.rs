@@ -245,10 +245,15 @@ impl KeyPattern {
         }
         let first = aligned(rows.start, seq_q, seq_k);
         let last = aligned(rows.end - 1, seq_q, seq_k);
-        let lo = band.left.map_or(0, |l| first.saturating_sub(signed(l))).max(0);
+        let lo = band
+            .left
+            .map_or(0, |l| first.saturating_sub(signed(l)))
+            .max(0);
         let hi = band
             .right
-            .map_or(seq_k as i64, |r| last.saturating_add(signed(r)).saturating_add(1))
+            .map_or(seq_k as i64, |r| {
+                last.saturating_add(signed(r)).saturating_add(1)
+            })
             .min(seq_k as i64);
         if lo >= hi {
             0..0

@@ -1,7 +1,7 @@
 //! [`AttentionBackend`] for `Autodiff<B>`: the forward is the inner backend's op (its
 //! kernel where it has one); the backward is the inner backend's
-//! [`AttentionBackend::banded_attention_backward`] (the portable backward kernels on
-//! `CubeBackend`, [`tiled_band_backward`](crate::tiled_band_backward) elsewhere), which
+//! [`AttentionBackend::banded_attention_backward`] (the backward kernels on `CubeBackend`,
+//! [`tiled_band_backward`](crate::tiled_band_backward) elsewhere), which
 //! recomputes the probabilities tile by tile from the saved O and log-sum-exp. The
 //! probabilities are never saved, so training memory stays O(seq) per head instead of
 //! O(seq^2).

@@ -11,13 +11,14 @@
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_attn_kernels::launch::{
-    backward_problem, device_caps, forward_problem, launch_backward, launch_forward,
-    BackwardInputs,
+    device_caps, forward_problem, launch_backward, launch_forward, BackwardInputs,
 };
 use burn_attn_kernels::plan::{
     plan_backward, plan_forward, BackwardKernel, BandArgs, ForwardKernel, Problem, Unsupported,
 };
-use burn_cubecl::{tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::{
+    tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime,
@@ -72,24 +73,31 @@ const BACKWARD_KERNELS: [(BackwardKernel, Implementation); 2] = [
 ];
 
 /// The first of `kernels` whose plan takes `problem`, with the declines before it; the
-/// declines alone when none does (or when the problem itself was declined).
+/// declines alone when none does. A problem every kernel declines (its dtype or shapes),
+/// or the tiled policy, is a decline of each; a forced plan that a kernel cannot run ends
+/// the search there, so a tuning run never times another kernel than the one it forced.
 fn first_plan<K: Copy, P>(
     kernels: &[(K, Implementation)],
     problem: &Result<Problem, Unsupported>,
     options: &AttentionOptions,
     plan: impl Fn(K, &Problem) -> Result<P, Unsupported>,
 ) -> (Option<(P, Implementation)>, Vec<(Implementation, Decline)>) {
-    let mut declined = Vec::new();
+    let every = |why: Decline| kernels.iter().map(|&(_, imp)| (imp, why.clone())).collect();
     if options.kernel == KernelPolicy::Tiled {
-        return (None, vec![(kernels[0].1, Decline::TiledRequested)]);
+        return (None, every(Decline::TiledRequested));
     }
     let problem = match problem {
         Ok(problem) => problem,
-        Err(why) => return (None, vec![(kernels[0].1, Decline::Kernel(why.clone()))]),
+        Err(why) => return (None, every(Decline::Kernel(why.clone()))),
     };
+    let mut declined = Vec::new();
     for &(kernel, implementation) in kernels {
         match plan(kernel, problem) {
             Ok(plan) => return (Some((plan, implementation)), declined),
+            Err(why @ Unsupported::Forced(_)) => {
+                declined.push((implementation, Decline::Kernel(why)));
+                break;
+            }
             Err(why) => declined.push((implementation, Decline::Kernel(why))),
         }
     }
@@ -115,7 +123,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         let problem = forward_problem(&qp, &kp, &vp, band_args(options, q.dims()[3]));
         let caps = device_caps(&qp.client);
         let forced = options.forced_plan.unwrap_or_default();
-        let (chosen, declined) = first_plan(&forward_kernels(options), &problem, options, |kernel, p| {
+        let kernels = forward_kernels(options);
+        let (chosen, declined) = first_plan(&kernels, &problem, options, |kernel, p| {
             plan_forward(kernel, p, &caps, &forced)
         });
         let Some((plan, served)) = chosen else {
@@ -125,8 +134,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         };
         let problem = problem.expect("a plan was made for it");
         log_plan(&plan, &problem);
-        report(options.log.as_ref(), Dispatch { pass: Pass::Forward, served, declined });
-        let (out, lse) = launch_forward(&plan, &problem, qp, kp, vp);
+        // SAFETY: `plan` was made by `plan_forward` for `problem`, the problem of these
+        // tensors.
+        let (out, lse) = unsafe { launch_forward(&plan, &problem, qp, kp, vp) };
+        report(
+            options.log.as_ref(),
+            Dispatch {
+                pass: Pass::Forward,
+                served,
+                declined,
+            },
+        );
         (
             Tensor::from_primitive(TensorPrimitive::Float(out)),
             Tensor::from_primitive(TensorPrimitive::Float(lse)),
@@ -156,10 +174,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             lse: primitive(&lse32),
             d_out: primitive(&d_out),
         };
-        let band = band_args(options, q.dims()[3]);
-        let problem = backward_problem(
-            &inputs.q, &inputs.k, &inputs.v, &inputs.out, &inputs.lse, &inputs.d_out, band,
-        );
+        let problem = inputs.problem(band_args(options, q.dims()[3]));
         let caps = device_caps(&inputs.q.client);
         let forced = options.forced_plan.unwrap_or_default();
         let (chosen, declined) = first_plan(&BACKWARD_KERNELS, &problem, options, |kernel, p| {
@@ -172,8 +187,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         };
         let problem = problem.expect("a plan was made for it");
         log_plan(&plan, &problem);
-        report(options.log.as_ref(), Dispatch { pass: Pass::Backward, served, declined });
-        let (dq, dk, dv) = launch_backward(&plan, &problem, inputs);
+        // SAFETY: `plan` was made by `plan_backward` for `problem`, the problem of `inputs`.
+        let (dq, dk, dv) = unsafe { launch_backward(&plan, &problem, inputs) };
+        report(
+            options.log.as_ref(),
+            Dispatch {
+                pass: Pass::Backward,
+                served,
+                declined,
+            },
+        );
         let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
         (float(dq), float(dk), float(dv))
     }

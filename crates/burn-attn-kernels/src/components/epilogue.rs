@@ -164,7 +164,6 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
     }
 }
 
-
 /// Writes a plane's 16-row accumulator block (`tiles` tiles of 8 columns), times `scale`,
 /// into shared memory rows `at..` (row stride `stride`) in the input dtype, for
 /// [`store_plane_rows`]: lane (`g`, `t`) holds rows `g` and `g + 8`, columns `8 tile + 2 t`
@@ -195,4 +194,3 @@ pub(crate) fn acc_rows_to_smem<F: Float>(
         }
     }
 }
-

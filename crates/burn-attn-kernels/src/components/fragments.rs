@@ -91,7 +91,6 @@ pub(crate) fn mma_pair<F: Float>(
     }
 }
 
-
 /// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles of 8
 /// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
 /// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
@@ -234,4 +233,3 @@ pub(crate) fn mma_acc_b<F: Float>(
         }
     }
 }
-

@@ -1,6 +1,7 @@
 //! The pieces the kernels are written with: matrix-unit fragments and products, shared-
 //! memory staging, the online-softmax step, epilogues, the portable register tiles and the
-//! cube schedule. No launches, no plans.
+//! cube schedule. No plans; the only launches are the probe kernels that test the softmax
+//! step and the schedule on their own.
 
 pub(crate) mod epilogue;
 pub(crate) mod fragments;

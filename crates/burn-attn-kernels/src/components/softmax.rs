@@ -33,8 +33,6 @@ pub(crate) fn live_lse(lse: f32) -> f32 {
     l
 }
 
-
-
 /// The band as one plane's lanes see it, fixed for the whole pass: which tiles need no
 /// mask, and what the per-element mask needs for the others.
 #[derive(CubeType, Clone, Copy)]

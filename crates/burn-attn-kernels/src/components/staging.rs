@@ -136,7 +136,6 @@ pub(crate) fn zero_pad_columns<F: Float>(
     }
 }
 
-
 /// Cooperatively stages rows `t0 .. t0 + rows` of one head of `src` (`[b, h, n, d]`, any
 /// strides) into `tile`, rows past `n` as zeros: row-major (`rows x dim`), or with
 /// `transposed` element `(r, c)` at `c * (rows + 1) + r` (the padding keeps both the
@@ -175,7 +174,6 @@ pub(crate) fn stage_rows<F: Float>(
     }
 }
 
-
 /// Stages the lse (through [`live_lse`]) and `D` of query rows `t0 .. t0 + rows` of one head
 /// into shared memory from element `dst`, with plain loads and stores; rows past `seq_q` get
 /// [`DEAD_LSE`] and `D = 0`.
@@ -209,4 +207,3 @@ pub(crate) fn stage_row_stats(
         idx += threads;
     }
 }
-

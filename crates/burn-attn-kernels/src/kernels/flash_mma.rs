@@ -13,7 +13,7 @@
 //!
 //! The register layouts are those of PTX's `m16n8k16` (lane `l`: group `g = l / 4`,
 //! `t = l % 4`; accumulator element `e` sits at row `g + 8 * (e / 2)`, column
-//! `2 * t + e % 2`). The launcher only runs this kernel where CubeCL reports that
+//! `2 * t + e % 2`). The plan only picks this kernel where CubeCL reports that
 //! instruction and `ldmatrix` for the dtype (CUDA, sm_80 and newer).
 //!
 //! Staging: where the layout allows 16-byte copies, K and V tiles are double-buffered with
@@ -51,7 +51,7 @@ use crate::components::staging::{stage_rows_async, stage_rows_sync, zero_pad_col
 /// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies
 /// in flight while the current one is computed (one cube barrier per tile instead of
 /// two). It needs contiguous rows of Q, K and V, head and value dims that are multiples
-/// of 8 and 16-byte aligned rows (the launcher checks); otherwise the kernel stages with
+/// of 8 and 16-byte aligned rows (the plan checks); otherwise the kernel stages with
 /// plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;

@@ -26,7 +26,7 @@
 //! Every gradient row is accumulated in f32 registers by one plane, each element written
 //! by one lane, in a fixed order: no atomics, two runs give the same bits. The dK/dV kernel
 //! keeps both gradients' accumulators (`dim_pad / 2 + value_dim_pad / 2` f32 per lane), so
-//! the launcher takes head and value dims up to 128 only (larger ones run the portable
+//! the plan takes head and value dims up to 128 only (larger ones run the portable
 //! kernels).
 //!
 //! Staging (each kernel's comptime `async_copy`): with `async_copy` the tiles are staged as
@@ -37,7 +37,7 @@
 //! dO, respectively K and V) are copied once, with the first streamed tile. The dK/dV
 //! kernel's f32 lse and `D` of the streamed tile are double-buffered too (loaded a step
 //! ahead, stored with plain stores). It needs contiguous 16-byte aligned rows and head/value
-//! dims that are multiples of 8 (the launcher checks). Without it: plain loads into one
+//! dims that are multiples of 8 (the plan checks). Without it: plain loads into one
 //! buffer, two cube barriers per tile.
 //!
 //! Band arithmetic is `flash_unit`'s: `i32`, key `j` visible to query `i` iff `i + offset -
@@ -73,7 +73,7 @@ use crate::components::staging::{
 /// the current one is computed (one cube barrier per key tile instead of two); the copies of
 /// Q, dO and the first tile overlap the computation of `D`. It needs contiguous rows of Q,
 /// K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned rows (the
-/// launcher checks); otherwise the kernel stages with plain loads into one buffer.
+/// plan checks); otherwise the kernel stages with plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
@@ -581,7 +581,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 /// query heads too, so the pipeline never drains (one cube barrier per step instead of
 /// two). It needs contiguous
 /// rows of Q, K, V and dO, head and value dims that are multiples of 8 and 16-byte aligned
-/// rows (the launcher checks); otherwise the kernel stages with plain loads into one buffer.
+/// rows (the plan checks); otherwise the kernel stages with plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.

@@ -26,7 +26,7 @@
 //! (`a0..a3`, `b0, b1`, `c0..c3`), one tf32 per 32-bit register.
 //!
 //! tf32 keeps 10 of f32's 23 mantissa bits: results differ from full f32 at about 1e-3
-//! relative (as with PyTorch's `allow_tf32`), so the launcher runs this kernel on request
+//! relative (as with PyTorch's `allow_tf32`), so the core runs this kernel on request
 //! only (`AttentionOptions::tf32`; the plan is `plan::ForwardKernel::Tf32`).
 
 use cubecl::cmma::MmaDefinition;
@@ -35,9 +35,7 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::components::epilogue::write_output_rows;
-use crate::components::fragments::{
-    acc_get, register_vector_sizes, MmaVecA, MmaVecAcc, MmaVecB,
-};
+use crate::components::fragments::{acc_get, register_vector_sizes, MmaVecA, MmaVecAcc, MmaVecB};
 use crate::components::schedule::cube_block;
 use crate::components::softmax::{online_softmax_tile, TileBand, NEG_BIG};
 use crate::components::staging::{stage_rows_async, stage_rows_sync, zero_pad_columns};
@@ -90,7 +88,7 @@ fn mma_tile(
 ///
 /// `async_copy` stages with `cp.async` into two K/V buffers, the next key tile's copies in
 /// flight while the current one is computed. It needs contiguous rows of Q, K and V, head
-/// and value dims that are multiples of 4 and 16-byte aligned rows (the launcher checks);
+/// and value dims that are multiples of 4 and 16-byte aligned rows (the plan checks);
 /// otherwise the kernel stages with plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;

@@ -20,7 +20,7 @@
 //!
 //! All band arithmetic is in `i32`: key `j` is visible to query `i` iff
 //! `i + offset - left <= j <= i + offset + right` and `0 <= j < seq_k`, with
-//! `offset = seq_k - seq_q` and unbounded sides encoded by the launcher as `seq_q + seq_k`.
+//! `offset = seq_k - seq_q` and unbounded sides encoded by the launch as `seq_q + seq_k`.
 
 use cubecl::prelude::*;
 

@@ -19,7 +19,7 @@
 //! Each unit owns its output elements and sums them in a fixed order: two runs give the same
 //! bits. Band arithmetic is `i32` as in the forward kernel (`flash_unit.rs`): key `j` is
 //! visible to query `i` iff `i + offset - left <= j <= i + offset + right` and
-//! `0 <= j < seq_k`, `offset = seq_k - seq_q`, unbounded sides encoded by the launcher as
+//! `0 <= j < seq_k`, `offset = seq_k - seq_q`, unbounded sides encoded by the launch as
 //! `seq_q + seq_k`. Rows whose lse is `-inf` (no visible key) contribute nothing.
 
 use cubecl::prelude::*;

@@ -42,13 +42,26 @@ pub struct BackwardInputs<R: CubeRuntime> {
 impl<R: CubeRuntime> BackwardInputs<R> {
     /// The plans' view of the call.
     pub fn problem(&self, band: BandArgs) -> Result<Problem, Unsupported> {
-        backward_problem(&self.q, &self.k, &self.v, &self.out, &self.lse, &self.d_out, band)
+        backward_problem(
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.out,
+            &self.lse,
+            &self.d_out,
+            band,
+        )
     }
 }
 
 /// Runs `plan` (made by [`plan_backward`] for `problem`, the problem of these tensors).
 /// No atomics: two runs give the same bits.
-pub fn launch_backward<R: CubeRuntime>(
+///
+/// # Safety
+/// The kernels launch without per-access bounds checks: `problem` must be
+/// [`BackwardInputs::problem`] of `inputs` and `plan` must come from [`plan_backward`] for
+/// it.
+pub unsafe fn launch_backward<R: CubeRuntime>(
     plan: &BackwardPlan,
     problem: &Problem,
     inputs: BackwardInputs<R>,
@@ -73,7 +86,8 @@ pub fn flash_backward_with<R: CubeRuntime>(
     let problem = inputs.problem(band)?;
     let plan = plan_backward(kernel, &problem, &device_caps(&inputs.q.client), forced)?;
     log::debug!("burn-attn: {plan:?} for {:?}", problem.sizes);
-    Ok(launch_backward(&plan, &problem, inputs))
+    // SAFETY: the plan and problem were made for these inputs just above.
+    Ok(unsafe { launch_backward(&plan, &problem, inputs) })
 }
 
 /// Whether the dQ kernel has rows to write and the dK/dV kernel keys (with `seq_q = 0` it

@@ -44,7 +44,8 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
         mma_tf32: has_mma(FloatKind::TF32, 8),
         copy_async: props.features.copy_async,
         shared_memory: props.hardware.max_shared_memory_size,
-        software_adapter: runtime == RuntimeKind::Wgpu && !props.features.plane.contains(Plane::Ops),
+        software_adapter: runtime == RuntimeKind::Wgpu
+            && !props.features.plane.contains(Plane::Ops),
     }
 }
 

@@ -21,7 +21,12 @@ pub(crate) fn cube_count(grid: Grid) -> CubeCount {
 }
 
 /// Runs `plan` (made by [`plan_forward`] for `problem`, the problem of these tensors).
-pub fn launch_forward<R: CubeRuntime>(
+///
+/// # Safety
+/// The kernels launch without per-access bounds checks: `problem` must be
+/// [`forward_problem`](super::forward_problem) of `q`, `k`, `v` (sizes, and whether their
+/// rows allow 16-byte copies) and `plan` must come from [`plan_forward`] for it.
+pub unsafe fn launch_forward<R: CubeRuntime>(
     plan: &ForwardPlan,
     problem: &Problem,
     q: CubeTensor<R>,
@@ -53,7 +58,8 @@ pub fn flash_forward_with<R: CubeRuntime>(
     let problem = forward_problem(&q, &k, &v, band)?;
     let plan = plan_forward(kernel, &problem, &device_caps(&q.client), forced)?;
     log::debug!("burn-attn: {plan:?} for {:?}", problem.sizes);
-    Ok(launch_forward(&plan, &problem, q, k, v))
+    // SAFETY: the plan and problem were made for these tensors just above.
+    Ok(unsafe { launch_forward(&plan, &problem, q, k, v) })
 }
 
 fn launch_unit<R: CubeRuntime>(

@@ -1,8 +1,9 @@
 //! Plans of the backward kernels (a dQ kernel over query blocks, a dK/dV kernel over key
 //! blocks; no atomics), or why they decline.
 
-use super::forced::allowed;
-use super::forward::{mma_support, staging, store_vector, unit_budget, MMA_ROWS_PER_TILE};
+use super::forward::{
+    mma_support, staging, store_vector, tile_rows, unit_budget, MMA_ROWS_PER_TILE,
+};
 use super::schedule::heavy_first;
 use super::unit_tiles::{backward_loop_iterations, UnitTiles, SOFTWARE_LOOP_BUDGET};
 use super::{DeviceCaps, ForcedPlan, Grid, Problem, Unsupported};
@@ -101,7 +102,7 @@ fn plan_mma_backward(
     caps: &DeviceCaps,
     forced: &ForcedPlan,
 ) -> Result<MmaBackwardPlan, Unsupported> {
-    mma_support(problem, caps)?;
+    mma_support(problem, caps, forced)?;
     let sizes = &problem.sizes;
     let dim_pad = sizes.dim.div_ceil(16) * 16;
     let value_dim_pad = sizes.value_dim.div_ceil(16) * 16;
@@ -136,24 +137,9 @@ fn plan_mma_backward(
     } else {
         (&[64, 32, 16], &[64, 32, 16])
     };
-    let pick = |field: &'static str, forced: Option<usize>, per_row: usize, candidates: &[usize]| {
-        if let Some(block) = allowed(field, forced, &[16, 32, 64])? {
-            if bytes(block, per_row) > shared {
-                return Err(Unsupported::Forced(format!(
-                    "{field} = {block} needs {} bytes of shared memory, the device has {shared}",
-                    bytes(block, per_row)
-                )));
-            }
-            return Ok(block);
-        }
-        candidates
-            .iter()
-            .copied()
-            .find(|&block| bytes(block, per_row) <= shared)
-            .ok_or(Unsupported::SharedMemory {
-                needed: bytes(16, per_row),
-                available: shared,
-            })
+    let pick = |field, forced, per_row, candidates| {
+        let bytes = |block| bytes(block, per_row);
+        tile_rows(field, forced, &[16, 32, 64], candidates, bytes, shared)
     };
     let block_k = pick("dq_block_k", forced.dq_block_k, 0, dq_candidates)?;
     let block_q = pick("dkdv_block_q", forced.dkdv_block_q, 8, dkdv_candidates)?;

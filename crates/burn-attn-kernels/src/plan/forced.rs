@@ -32,6 +32,9 @@ pub struct ForcedPlan {
     pub dq_block_k: Option<usize>,
     /// Query rows per tile of the matrix-unit dK/dV kernel: 16, 32 or 64.
     pub dkdv_block_q: Option<usize>,
+    /// Leaves the matrix-unit kernels out (forward and backward), so the portable ones
+    /// serve f16/bf16 on CUDA too (comparisons).
+    pub no_matrix_units: bool,
     /// Lifts the portable kernels' loop-budget cap on software adapters (diagnosis only:
     /// past the budget their results are wrong).
     pub lift_loop_cap: bool,

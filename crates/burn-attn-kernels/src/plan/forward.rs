@@ -100,7 +100,16 @@ pub fn plan_forward(
 /// Whether the matrix-unit kernels (`m16n8k16`, forward and backward) can run the problem's
 /// dtype on the device: f16 or bf16, CUDA (the kernels hard-code PTX's register layout),
 /// and the instruction with f32 accumulation plus `ldmatrix` for the dtype.
-pub(crate) fn mma_support(problem: &Problem, caps: &DeviceCaps) -> Result<(), Unsupported> {
+pub(crate) fn mma_support(
+    problem: &Problem,
+    caps: &DeviceCaps,
+    forced: &ForcedPlan,
+) -> Result<(), Unsupported> {
+    if forced.no_matrix_units {
+        return Err(Unsupported::NotRequested(
+            "matrix units (left out by the forced plan)",
+        ));
+    }
     if problem.precision == Precision::F32 {
         return Err(Unsupported::Precision {
             got: problem.precision,
@@ -156,34 +165,32 @@ fn mma_out_vector(dim_pad: usize, value_dim_pad: usize, value_dim: usize, elem: 
     store_vector(value_dim, elem)
 }
 
-/// Keys per tile: the forced size if it fits (a decline if not), else the first of
-/// `sizes` (largest first) that fits, skipping the largest where `skip_largest` (fewer
-/// live score registers).
-fn key_tile(
+/// A streamed tile's rows (keys, or query rows in the dK/dV kernel): the forced size if
+/// it is one of `allowed` and its `bytes` fit `shared` (a decline if not), else the first
+/// of `candidates` (largest first) that fits.
+pub(crate) fn tile_rows(
     field: &'static str,
     forced: Option<usize>,
-    sizes: &[usize],
-    skip_largest: bool,
+    allowed_sizes: &[usize],
+    candidates: &[usize],
     bytes: impl Fn(usize) -> usize,
     shared: usize,
 ) -> Result<usize, Unsupported> {
-    if let Some(bk) = allowed(field, forced, sizes)? {
-        if bytes(bk) > shared {
+    if let Some(rows) = allowed(field, forced, allowed_sizes)? {
+        if bytes(rows) > shared {
             return Err(Unsupported::Forced(format!(
-                "{field} = {bk} needs {} bytes of shared memory, the device has {shared}",
-                bytes(bk)
+                "{field} = {rows} needs {} bytes of shared memory, the device has {shared}",
+                bytes(rows)
             )));
         }
-        return Ok(bk);
+        return Ok(rows);
     }
-    let smallest = sizes[sizes.len() - 1];
-    sizes
+    candidates
         .iter()
         .copied()
-        .skip(usize::from(skip_largest))
-        .find(|&bk| bytes(bk) <= shared)
+        .find(|&rows| bytes(rows) <= shared)
         .ok_or(Unsupported::SharedMemory {
-            needed: bytes(smallest),
+            needed: bytes(candidates[candidates.len() - 1]),
             available: shared,
         })
 }
@@ -231,7 +238,7 @@ fn plan_mma(
     caps: &DeviceCaps,
     forced: &ForcedPlan,
 ) -> Result<MmaPlan, Unsupported> {
-    mma_support(problem, caps)?;
+    mma_support(problem, caps, forced)?;
     let sizes = &problem.sizes;
     let dim_pad = sizes.dim.div_ceil(16) * 16;
     let value_dim_pad = sizes.value_dim.div_ceil(16) * 16;
@@ -251,12 +258,13 @@ fn plan_mma(
     // (narrow bands, value dims past 128) or past head dim 128: 32 there. On the H200 at
     // d = 128, 64 keys ran 7-10% faster than 32 with two row tiles (full, causal, windows
     // of 1024) and 8% slower with one (window 256).
+    let sizes_k: &[usize] = &[64, 32, 16];
     let skip_64 = dim_pad > 64 && (row_tiles == 1 || dim_pad > 128);
-    let block_k = key_tile(
+    let block_k = tile_rows(
         "mma_block_k",
         forced.mma_block_k,
-        &[64, 32, 16],
-        skip_64,
+        sizes_k,
+        &sizes_k[usize::from(skip_64)..],
         bytes,
         caps.shared_memory,
     )?;
@@ -283,6 +291,11 @@ fn plan_tf32(
     caps: &DeviceCaps,
     forced: &ForcedPlan,
 ) -> Result<MmaPlan, Unsupported> {
+    if forced.no_matrix_units {
+        return Err(Unsupported::NotRequested(
+            "matrix units (left out by the forced plan)",
+        ));
+    }
     if problem.precision != Precision::F32 {
         return Err(Unsupported::Precision {
             got: problem.precision,
@@ -320,11 +333,12 @@ fn plan_tf32(
     let bytes = |bk: usize| {
         (block_q * (dim_pad + 4) + stages * bk * (dim_pad + 4 + value_dim_pad + 4)) * elem + 64
     };
-    let block_k = key_tile(
+    let sizes_k: &[usize] = &[64, 32, 16, 8];
+    let block_k = tile_rows(
         "tf32_block_k",
         forced.tf32_block_k,
-        &[64, 32, 16, 8],
-        dim_pad > 64,
+        sizes_k,
+        &sizes_k[usize::from(dim_pad > 64)..],
         bytes,
         caps.shared_memory,
     )?;

@@ -179,14 +179,20 @@ fn lavapipe_declines_bands_past_its_loop_budget() {
     assert!(plan_forward(ForwardKernel::Unit, &short, &caps, &ForcedPlan::default()).is_ok());
     let long = problem(Precision::F32, [1, 1, 8192, 128], None, None);
     let err = plan_forward(ForwardKernel::Unit, &long, &caps, &ForcedPlan::default());
-    assert!(matches!(err, Err(Unsupported::LoopBudget { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(Unsupported::LoopBudget { .. })),
+        "{err:?}"
+    );
     let lifted = ForcedPlan {
         lift_loop_cap: true,
         ..ForcedPlan::default()
     };
     assert!(plan_forward(ForwardKernel::Unit, &long, &caps, &lifted).is_ok());
     let err = plan_backward(BackwardKernel::Unit, &long, &caps, &ForcedPlan::default());
-    assert!(matches!(err, Err(Unsupported::LoopBudget { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(Unsupported::LoopBudget { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
