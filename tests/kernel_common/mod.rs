@@ -1125,7 +1125,10 @@ where
     assert_eq!(entries[0].served, Implementation::Tiled);
     assert_eq!(
         entries[0].declined,
-        vec![(Implementation::FlashMma, Decline::TiledRequested)]
+        vec![
+            (Implementation::FlashMma, Decline::TiledRequested),
+            (Implementation::FlashUnit, Decline::TiledRequested)
+        ]
     );
 
     let log = DispatchLog::new();
