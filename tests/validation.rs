@@ -2,6 +2,7 @@
 //! a stride of 0, a block layout built for other lengths, a scale past f32.
 
 use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use burn_attn::cores::{pattern_attention, BlockLayout, KeyPattern};
 use burn_attn::{attention, AttentionOptions, Window};
