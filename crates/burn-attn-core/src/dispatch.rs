@@ -83,6 +83,9 @@ pub enum Pass {
     Backward,
 }
 
+/// Implementations that declined a pass, in the order they were tried, with their reasons.
+pub(crate) type Declines = Vec<(Implementation, Decline)>;
+
 /// One executed pass: what served it and why the implementations tried before declined.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatch {

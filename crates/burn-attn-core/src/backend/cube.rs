@@ -27,7 +27,9 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{tiled_band, AttentionBackend};
 use crate::backward::tiled_band_backward;
-use crate::dispatch::{report, serve_tiled, Decline, Dispatch, Implementation, KernelPolicy, Pass};
+use crate::dispatch::{
+    report, serve_tiled, Decline, Declines, Dispatch, Implementation, KernelPolicy, Pass,
+};
 use crate::options::AttentionOptions;
 
 /// The tiled tensor-op path with the lse in f32, as the kernels return it.
@@ -81,7 +83,7 @@ fn first_plan<K: Copy, P>(
     problem: &Result<Problem, Unsupported>,
     options: &AttentionOptions,
     plan: impl Fn(K, &Problem) -> Result<P, Unsupported>,
-) -> (Option<(P, Implementation)>, Vec<(Implementation, Decline)>) {
+) -> (Option<(P, Implementation)>, Declines) {
     let every = |why: Decline| kernels.iter().map(|&(_, imp)| (imp, why.clone())).collect();
     if options.kernel == KernelPolicy::Tiled {
         return (None, every(Decline::TiledRequested));
