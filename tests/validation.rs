@@ -89,3 +89,23 @@ fn mixed_dtypes_are_an_error() {
     let k = k.cast(burn::tensor::DType::F64);
     let _ = attention(q, k, v, &AttentionOptions::new());
 }
+
+#[test]
+#[should_panic(expected = "eps must be finite and positive")]
+fn linear_attention_with_eps_zero_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let _ = burn_attn::cores::linear_attention(q.exp(), k.exp(), v, 0.0, None);
+}
+
+#[test]
+fn linear_modules_reject_eps_zero() {
+    let err = burn_attn::LinearAttentionConfig::new(16, 2)
+        .with_eps(0.0)
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("got 0"), "{err}");
+    assert!(burn_attn::CausalLinearAttentionConfig::new(16, 2)
+        .with_eps(-1.0)
+        .validate()
+        .is_err());
+}

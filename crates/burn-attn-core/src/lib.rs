@@ -24,7 +24,9 @@ pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };
 pub use error::{ensure, AttentionError};
-pub use linear::{causal_linear_attention, linear_attention, LinearAttentionState};
+pub use linear::{
+    causal_linear_attention, check_linear_eps, linear_attention, LinearAttentionState,
+};
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;

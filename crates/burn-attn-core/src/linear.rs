@@ -43,6 +43,19 @@ fn checked_shape<B: Backend>(
     AttentionShape::of(phi_q, phi_k, v).unwrap_or_else(|e| panic!("burn-attn: {e}"))
 }
 
+/// Checks the normaliser's `eps`: finite and positive, since with 0 a row whose features
+/// are all 0 (ReLU, or every key padded) divides 0 by 0.
+pub fn check_linear_eps(eps: f64) -> Result<(), AttentionError> {
+    if eps.is_finite() && eps > 0.0 {
+        Ok(())
+    } else {
+        Err(AttentionError::Invalid(format!(
+            "eps must be finite and positive (the normaliser divides by phi(q) . z + eps), \
+             got {eps}"
+        )))
+    }
+}
+
 /// Non-causal linear attention of feature-mapped `phi_q: [batch, heads, seq_q, d]` over
 /// `phi_k: [batch, kv_heads, seq_k, d]`, `v: [batch, kv_heads, seq_k, dv]`:
 /// `out_i = phi(q_i) S / (phi(q_i) . z + eps)` with `S = sum_j phi(k_j)^T v_j`,
@@ -56,6 +69,7 @@ pub fn linear_attention<B: Backend>(
     key_padding: Option<Tensor<B, 2, Bool>>,
 ) -> Tensor<B, 4> {
     let shape = checked_shape(&phi_q, &phi_k, &v);
+    ensure(check_linear_eps(eps));
     let mut phi_k = repeat_kv(phi_k, shape.heads);
     let v = repeat_kv(v, shape.heads);
     if let Some(pad) = key_padding {
@@ -95,6 +109,7 @@ pub fn causal_linear_attention<B: Backend>(
     state: Option<LinearAttentionState<B>>,
 ) -> (Tensor<B, 4>, LinearAttentionState<B>) {
     let shape = checked_shape(&phi_q, &phi_k, &v);
+    ensure(check_linear_eps(eps));
     if shape.seq_q != shape.seq_k {
         ensure(Err(AttentionError::Invalid(format!(
             "causal linear attention needs as many queries as keys, got {} and {}",

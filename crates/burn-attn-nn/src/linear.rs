@@ -63,11 +63,7 @@ pub(crate) fn validate_linear(
     eps: f64,
 ) -> Result<(), AttentionError> {
     validate_heads(d_model, n_heads, n_kv_heads)?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(AttentionError::Invalid(format!(
-            "eps must be finite and non-negative, got {eps}"
-        )));
-    }
+    burn_attn_core::check_linear_eps(eps)?;
     Ok(())
 }
 
