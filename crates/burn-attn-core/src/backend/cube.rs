@@ -58,14 +58,17 @@ fn band_args(options: &AttentionOptions, head_dim: usize) -> BandArgs {
     }
 }
 
-/// The forward kernels in the order they are tried, with the implementation each is.
-fn forward_kernels(options: &AttentionOptions) -> Vec<(ForwardKernel, Implementation)> {
-    let mut kernels = vec![(ForwardKernel::Mma, Implementation::FlashMma)];
+/// The forward kernels in the order they are tried, with the implementation each is; the
+/// tf32 kernel only where the options allow tf32.
+fn forward_kernels(options: &AttentionOptions) -> &'static [(ForwardKernel, Implementation)] {
+    const MMA: (ForwardKernel, Implementation) = (ForwardKernel::Mma, Implementation::FlashMma);
+    const TF32: (ForwardKernel, Implementation) = (ForwardKernel::Tf32, Implementation::FlashTf32);
+    const UNIT: (ForwardKernel, Implementation) = (ForwardKernel::Unit, Implementation::FlashUnit);
     if options.tf32 {
-        kernels.push((ForwardKernel::Tf32, Implementation::FlashTf32));
+        &[MMA, TF32, UNIT]
+    } else {
+        &[MMA, UNIT]
     }
-    kernels.push((ForwardKernel::Unit, Implementation::FlashUnit));
-    kernels
 }
 
 /// The backward kernels in the order they are tried.
@@ -126,7 +129,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         let caps = device_caps(&qp.client);
         let forced = options.forced_plan.unwrap_or_default();
         let kernels = forward_kernels(options);
-        let (chosen, declined) = first_plan(&kernels, &problem, options, |kernel, p| {
+        let (chosen, declined) = first_plan(kernels, &problem, options, |kernel, p| {
             plan_forward(kernel, p, &caps, &forced)
         });
         let Some((plan, served)) = chosen else {
@@ -135,7 +138,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             });
         };
         let problem = problem.expect("a plan was made for it");
-        log_plan(&plan, &problem);
+        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
         // SAFETY: `plan` was made by `plan_forward` for `problem`, the problem of these
         // tensors.
         let (out, lse) = unsafe { launch_forward(&plan, &problem, qp, kp, vp) };
@@ -188,7 +191,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             });
         };
         let problem = problem.expect("a plan was made for it");
-        log_plan(&plan, &problem);
+        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
         // SAFETY: `plan` was made by `plan_backward` for `problem`, the problem of `inputs`.
         let (dq, dk, dv) = unsafe { launch_backward(&plan, &problem, inputs) };
         report(
@@ -202,10 +205,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
         (float(dq), float(dk), float(dv))
     }
-}
-
-fn log_plan(plan: &impl core::fmt::Debug, problem: &Problem) {
-    log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
 }
 
 /// The fusion custom operation: runs the inner backend's `banded_attention`.

@@ -37,7 +37,7 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
         matmul.ldmatrix.contains(&input)
     };
     DeviceCaps {
-        runtime_name: name.to_string(),
+        runtime_name: name,
         runtime,
         mma_f16: has_mma(FloatKind::F16, 16) && has_ldmatrix(FloatKind::F16),
         mma_bf16: has_mma(FloatKind::BF16, 16) && has_ldmatrix(FloatKind::BF16),
@@ -70,7 +70,7 @@ pub fn forward_problem<R: CubeRuntime>(
 /// The backward's problem: the forward's inputs, its output `out` and `d_out` (`[batch,
 /// heads, seq_q, value_dim]`, the inputs' dtype) and its row log-sum-exp `lse` (`[batch,
 /// heads, seq_q]`, f32).
-pub fn backward_problem<R: CubeRuntime>(
+pub(crate) fn backward_problem<R: CubeRuntime>(
     q: &CubeTensor<R>,
     k: &CubeTensor<R>,
     v: &CubeTensor<R>,

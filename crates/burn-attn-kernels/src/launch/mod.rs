@@ -8,5 +8,5 @@ mod forward;
 
 pub use backward::{flash_backward_with, launch_backward, BackwardInputs, Gradients};
 pub(crate) use buffers::alloc_contiguous;
-pub use device::{backward_problem, device_caps, forward_problem};
+pub use device::{device_caps, forward_problem};
 pub use forward::{flash_forward_with, launch_forward, ForwardOutput};

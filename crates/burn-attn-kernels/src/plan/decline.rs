@@ -21,7 +21,7 @@ pub enum Unsupported {
     /// The kernel runs on another runtime (the matrix-unit kernels hard-code PTX layouts).
     Runtime {
         /// The call's runtime.
-        got: String,
+        got: &'static str,
         /// The runtime the kernel needs.
         needs: &'static str,
     },

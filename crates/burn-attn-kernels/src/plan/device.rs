@@ -16,10 +16,10 @@ pub enum RuntimeKind {
 }
 
 /// The capabilities of a device that the plans depend on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceCaps {
     /// The runtime's name (for messages).
-    pub runtime_name: String,
+    pub runtime_name: &'static str,
     /// The runtime family.
     pub runtime: RuntimeKind,
     /// `mma.sync.m16n8k16` with f32 accumulation plus `ldmatrix`, for f16.
@@ -51,7 +51,7 @@ impl DeviceCaps {
     /// cube), for tests of the plans.
     pub fn hopper() -> Self {
         Self {
-            runtime_name: "cuda".into(),
+            runtime_name: "cuda",
             runtime: RuntimeKind::Cuda,
             mma_f16: true,
             mma_bf16: true,
@@ -66,7 +66,7 @@ impl DeviceCaps {
     /// plans.
     pub fn lavapipe() -> Self {
         Self {
-            runtime_name: "wgpu<vulkan>".into(),
+            runtime_name: "wgpu<vulkan>",
             runtime: RuntimeKind::Wgpu,
             mma_f16: false,
             mma_bf16: false,

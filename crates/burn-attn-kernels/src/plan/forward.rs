@@ -129,7 +129,7 @@ pub(crate) fn mma_support(
 fn cuda_only(caps: &DeviceCaps) -> Result<(), Unsupported> {
     if caps.runtime != RuntimeKind::Cuda {
         return Err(Unsupported::Runtime {
-            got: caps.runtime_name.clone(),
+            got: caps.runtime_name,
             needs: "CUDA",
         });
     }
@@ -230,9 +230,68 @@ fn mma_row_tiles(
     }
 }
 
-/// `flash_mma` (`mma.sync.m16n8k16`, f16/bf16). Head and value dims are padded to 16; one
-/// Q tile plus one K and one V tile per stage (two stages with asynchronous staging) must
-/// fit the device's shared memory per cube.
+/// What the two matrix-unit forwards' plans choose differently; [`matrix_plan`] makes the
+/// rest of the plan from it.
+struct MatrixTiles {
+    planes: usize,
+    row_tiles: usize,
+    dim_pad: usize,
+    value_dim_pad: usize,
+    /// Elements added to each staged row (16 bytes' worth, so `ldmatrix` hits distinct
+    /// banks).
+    row_pad: usize,
+    /// The forced-plan field naming the key tile, and its forced value.
+    key_field: &'static str,
+    forced_block_k: Option<usize>,
+    /// Key tiles allowed, largest first.
+    key_sizes: &'static [usize],
+    /// Whether the default skips the largest key tile (fewer live score registers).
+    skip_largest: bool,
+}
+
+/// The plan of a matrix-unit forward from its tile choices: grid, staging, key tile
+/// (the largest that fits shared memory: one Q tile plus one K and one V tile per stage,
+/// two stages with asynchronous staging), output vector and cube order.
+fn matrix_plan(
+    problem: &Problem,
+    caps: &DeviceCaps,
+    forced: &ForcedPlan,
+    t: MatrixTiles,
+) -> Result<MmaPlan, Unsupported> {
+    let block_q = MMA_ROWS_PER_TILE * t.row_tiles * t.planes;
+    let grid = problem.sizes.query_grid(block_q)?;
+    let elem = problem.precision.size();
+    let (async_copy, stages) = staging(problem, caps, forced);
+    // Padded Q tile [block_q][dim_pad + pad], and `stages` K tiles [block_k][dim_pad + pad]
+    // and V tiles [block_k][value_dim_pad + pad], plus the two barriers.
+    let (q_row, kv_row) = (
+        t.dim_pad + t.row_pad,
+        t.dim_pad + t.value_dim_pad + 2 * t.row_pad,
+    );
+    let bytes = |bk: usize| (block_q * q_row + stages * bk * kv_row) * elem + 64;
+    let block_k = tile_rows(
+        t.key_field,
+        t.forced_block_k,
+        t.key_sizes,
+        &t.key_sizes[usize::from(t.skip_largest)..],
+        bytes,
+        caps.shared_memory,
+    )?;
+    Ok(MmaPlan {
+        planes: t.planes,
+        row_tiles: t.row_tiles,
+        block_k,
+        dim_pad: t.dim_pad,
+        value_dim_pad: t.value_dim_pad,
+        async_copy,
+        out_vector: mma_out_vector(t.dim_pad, t.value_dim_pad, problem.sizes.value_dim, elem),
+        heavy_first: heavy_first(&problem.band, &grid, forced)?,
+        grid,
+        shared_bytes: bytes(block_k),
+    })
+}
+
+/// `flash_mma` (`mma.sync.m16n8k16`, f16/bf16). Head and value dims are padded to 16.
 fn plan_mma(
     problem: &Problem,
     caps: &DeviceCaps,
@@ -245,41 +304,22 @@ fn plan_mma(
     let planes = allowed("mma_planes", forced.mma_planes, &[2, 4, 8])?.unwrap_or(MMA_PLANES);
     let forced_rows = allowed("mma_rows", forced.mma_rows, &[16, 32])?;
     let row_tiles = mma_row_tiles(problem, value_dim_pad, planes, forced_rows);
-    let block_q = MMA_ROWS_PER_TILE * row_tiles * planes;
-    let grid = sizes.query_grid(block_q)?;
-    let elem = problem.precision.size();
-    let (async_copy, stages) = staging(problem, caps, forced);
-    // Padded Q tile [block_q][dim_pad + 8], and `stages` K tiles [block_k][dim_pad + 8] and
-    // V tiles [block_k][value_dim_pad + 8], plus the two barriers.
-    let bytes = |bk: usize| {
-        (block_q * (dim_pad + 8) + stages * bk * (dim_pad + 8 + value_dim_pad + 8)) * elem + 64
-    };
     // 64 keys per tile where they fit, except past head dim 64 with one row tile per plane
     // (narrow bands, value dims past 128) or past head dim 128: 32 there. On the H200 at
     // d = 128, 64 keys ran 7-10% faster than 32 with two row tiles (full, causal, windows
     // of 1024) and 8% slower with one (window 256).
-    let sizes_k: &[usize] = &[64, 32, 16];
-    let skip_64 = dim_pad > 64 && (row_tiles == 1 || dim_pad > 128);
-    let block_k = tile_rows(
-        "mma_block_k",
-        forced.mma_block_k,
-        sizes_k,
-        &sizes_k[usize::from(skip_64)..],
-        bytes,
-        caps.shared_memory,
-    )?;
-    Ok(MmaPlan {
+    let tiles = MatrixTiles {
         planes,
         row_tiles,
-        block_k,
         dim_pad,
         value_dim_pad,
-        async_copy,
-        out_vector: mma_out_vector(dim_pad, value_dim_pad, sizes.value_dim, elem),
-        heavy_first: heavy_first(&problem.band, &grid, forced)?,
-        grid,
-        shared_bytes: bytes(block_k),
-    })
+        row_pad: 8,
+        key_field: "mma_block_k",
+        forced_block_k: forced.mma_block_k,
+        key_sizes: &[64, 32, 16],
+        skip_largest: dim_pad > 64 && (row_tiles == 1 || dim_pad > 128),
+    };
+    matrix_plan(problem, caps, forced, tiles)
 }
 
 /// `flash_tf32` (`mma.sync.m16n8k8` on tf32, f32 inputs). Head and value dims are padded
@@ -312,7 +352,6 @@ fn plan_tf32(
     let sizes = &problem.sizes;
     let dim_pad = sizes.dim.div_ceil(8) * 8;
     let value_dim_pad = sizes.value_dim.div_ceil(8) * 8;
-    let planes = MMA_PLANES;
     // Two row tiles' O accumulators need 256 registers per lane past value dim 128.
     let row_tiles = match allowed("tf32_rows", forced.tf32_rows, &[16, 32])? {
         Some(32) if value_dim_pad > 128 => {
@@ -324,36 +363,18 @@ fn plan_tf32(
         Some(rows) => rows / MMA_ROWS_PER_TILE,
         None => 1,
     };
-    let block_q = MMA_ROWS_PER_TILE * row_tiles * planes;
-    let grid = sizes.query_grid(block_q)?;
-    let elem = problem.precision.size();
-    let (async_copy, stages) = staging(problem, caps, forced);
-    // Padded Q tile [block_q][dim_pad + 4], and `stages` K tiles [block_k][dim_pad + 4] and
-    // V tiles [block_k][value_dim_pad + 4], plus the two barriers.
-    let bytes = |bk: usize| {
-        (block_q * (dim_pad + 4) + stages * bk * (dim_pad + 4 + value_dim_pad + 4)) * elem + 64
-    };
-    let sizes_k: &[usize] = &[64, 32, 16, 8];
-    let block_k = tile_rows(
-        "tf32_block_k",
-        forced.tf32_block_k,
-        sizes_k,
-        &sizes_k[usize::from(dim_pad > 64)..],
-        bytes,
-        caps.shared_memory,
-    )?;
-    Ok(MmaPlan {
-        planes,
+    let tiles = MatrixTiles {
+        planes: MMA_PLANES,
         row_tiles,
-        block_k,
         dim_pad,
         value_dim_pad,
-        async_copy,
-        out_vector: mma_out_vector(dim_pad, value_dim_pad, sizes.value_dim, elem),
-        heavy_first: heavy_first(&problem.band, &grid, forced)?,
-        grid,
-        shared_bytes: bytes(block_k),
-    })
+        row_pad: 4,
+        key_field: "tf32_block_k",
+        forced_block_k: forced.tf32_block_k,
+        key_sizes: &[64, 32, 16, 8],
+        skip_largest: dim_pad > 64,
+    };
+    matrix_plan(problem, caps, forced, tiles)
 }
 
 /// The shared memory the portable kernels' tiles may take on `caps`.
