@@ -128,8 +128,7 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     assert!(o.iter().all(|&x| x == 0.0));
 }
 
-/// The matrix-unit forwards' online-softmax step (shared by `flash_mma` and `flash_tf32`,
-/// which need CUDA's matrix units) through its probe kernel, which needs none: masks,
+/// The matrix-unit forwards' online-softmax step (shared by `flash_mma`'s products, which need CUDA's matrix units) through its probe kernel, which needs none: masks,
 /// the running maxima and sums, rows with no key yet, against the host in f64.
 #[test]
 fn mma_online_softmax_step_matches_host() {

@@ -957,7 +957,7 @@ pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Ve
 }
 
 /// The matrix-unit forwards' online-softmax step (`online_softmax_tile`, shared by
-/// `flash_mma` and `flash_tf32`), run on `B` through its probe kernel with one and two row
+/// both of `flash_mma`'s products), run on `B` through its probe kernel with one and two row
 /// tiles and accumulator vectors of 1, 2 and 4 floats, against [`host_online_softmax`]:
 /// probabilities within 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and
 /// output scales 2e-5 relative, maxima 1e-6 relative (f32 rounding of the scaled score;

@@ -5,14 +5,14 @@
 //!   capabilities to a launch plan (kernel family, tiles, planes, staging, grid), or the
 //!   typed reason a kernel declines; a [`plan::ForcedPlan`] fixes choices for tuning.
 //!   Always built (no GPU dependencies), so callers can name plans and reasons.
-//! - `components` (feature `launch`): fragments, staging, softmax step, epilogues,
-//!   register tiles, schedule.
+//! - `components` (feature `launch`): band bounds, staging and its pipeline, fragments and
+//!   the forward's products, softmax step, epilogues, register tiles, schedule.
 //! - `kernels` (feature `launch`): the kernels, written with the components.
 //! - [`launch`] (feature `launch`): reads a call's problem and device, allocates outputs,
 //!   launches a plan.
 //!
-//! The kernels: `flash_mma` (matrix units, f16/bf16, CUDA sm_80+), `flash_tf32` (matrix
-//! units on tf32 products for f32 inputs, opt-in), `flash_unit` (portable, every CubeCL
+//! The kernels: `flash_mma` (matrix units, CUDA sm_80+: f16/bf16, or f32 inputs on tf32
+//! products, opt-in), `flash_unit` (portable, every CubeCL
 //! runtime), and the backward pairs `flash_mma_backward` and `flash_unit_backward` (dQ;
 //! dK/dV; no atomics).
 #![warn(missing_docs)]

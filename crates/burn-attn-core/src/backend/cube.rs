@@ -4,8 +4,9 @@
 //! executes.
 //!
 //! The order is the one place that decides which implementation runs: forward
-//! `flash_mma` (f16/bf16 matrix units), `flash_tf32` (f32 on matrix units, only when the
-//! options allow tf32), `flash_unit` (portable), then the tiled tensor ops; backward
+//! `flash_mma` (f16/bf16 matrix units), `flash_mma` on tf32 products (f32 on matrix
+//! units, only when the options allow tf32), `flash_unit` (portable), then the tiled
+//! tensor ops; backward
 //! `flash_mma_backward`, `flash_unit_backward`, then the tiled tensor ops. Every decline's
 //! reason goes to the options' [`DispatchLog`](crate::DispatchLog).
 

@@ -56,7 +56,7 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
     }
 }
 
-/// The matrix-unit forwards' epilogue (`flash_mma_kernel`, `flash_tf32_kernel`): each
+/// The matrix-unit forwards' epilogue (`flash_mma_kernel`, with either of its products): each
 /// row's sum over its group's four lanes, the normalised output rows and the log-sum-exp
 /// (`neg_inf` for rows that saw no key, whose output is 0). Where an output row fits in a
 /// Q row of shared memory (`value_dim_pad <= dim_pad`), each plane writes its rows over

@@ -1,4 +1,4 @@
-//! The online-softmax step of the matrix-unit forward kernels (`flash_mma`, `flash_tf32`):
+//! The online-softmax step of the matrix-unit forward (`flash_mma`, with either of its products):
 //! one key tile's scores, in a plane's accumulator registers, turned into probabilities
 //! while the running row maxima, row sums and output accumulators are updated (lazily:
 //! a maximum moves only past [`MAX_LAG`], and the outputs are rescaled only then).

@@ -7,84 +7,122 @@ use cubecl::prelude::*;
 
 use super::softmax::{live_lse, DEAD_LSE};
 
-/// Stages `rows` rows of a `[.., seq, d]` tensor, from row `row0`, into `smem[dst..]` as
-/// `[row][smem_stride]` with plain loads and stores, zero past `seq` and from `d` to `d_pad`.
+/// The shape of one shared-memory tile of rows: `rows` rows of `d_pad` values (the head or
+/// value dim rounded up for the products) at `stride` values apart, filled by `threads`
+/// units, in copies of `chunk` values (16 bytes) where it is filled asynchronously. A
+/// comptime value: each distinct tile compiles its own copy loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct StageTile {
+    pub rows: usize,
+    pub d_pad: usize,
+    pub stride: usize,
+    pub threads: usize,
+    pub chunk: usize,
+}
+
+impl StageTile {
+    /// Values one buffer of this tile takes.
+    pub fn len(&self) -> usize {
+        self.rows * self.stride
+    }
+
+    /// The same tile with `rows` rows.
+    pub fn with_rows(&self, rows: usize) -> Self {
+        Self { rows, ..*self }
+    }
+}
+
+/// Where one head's rows of a `[batch, heads, seq, d]` tensor are: the element offset of
+/// its row 0, the row and column strides, and the valid rows and columns (`seq`, `d`).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct HeadRows {
+    pub base: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+    pub seq: usize,
+    pub d: usize,
+}
+
+#[cube]
+impl HeadRows {
+    /// Head `h` of batch `b` of `src`.
+    pub fn of<F: Float>(src: &Tensor<F>, b: usize, h: usize) -> HeadRows {
+        HeadRows {
+            base: b * src.stride(0) + h * src.stride(1),
+            row_stride: src.stride(2),
+            col_stride: src.stride(3),
+            seq: src.shape(2),
+            d: src.shape(3),
+        }
+    }
+}
+
+/// Stages `tile.rows` rows of `src`, from row `row0`, into `smem[dst..]` with plain loads
+/// and stores, zero past the valid rows and from the valid columns to `tile.d_pad`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows_sync<F: Float>(
     src: &Tensor<F>,
-    base: usize,
-    row_stride: usize,
-    col_stride: usize,
+    at: HeadRows,
     row0: usize,
-    seq: usize,
-    d: usize,
     smem: &mut SharedMemory<F>,
     dst: usize,
     tid: usize,
-    #[comptime] rows: usize,
-    #[comptime] d_pad: usize,
-    #[comptime] smem_stride: usize,
-    #[comptime] threads: usize,
+    #[comptime] tile: StageTile,
 ) {
+    let d_pad = comptime!(tile.d_pad);
     let mut idx = tid;
-    while idx < comptime!(rows * d_pad) {
+    while idx < comptime!(tile.rows * tile.d_pad) {
         let r = idx / d_pad;
         let c = idx % d_pad;
         let j = row0 + r;
         let mut x = F::new(0.0);
-        if j < seq && c < d {
-            x = src[base + j * row_stride + c * col_stride];
+        if j < at.seq && c < at.d {
+            x = src[at.base + j * at.row_stride + c * at.col_stride];
         }
-        smem[dst + r * smem_stride + c] = x;
-        idx += threads;
+        smem[dst + r * comptime!(tile.stride) + c] = x;
+        idx += comptime!(tile.threads);
     }
 }
 
-/// The same staging with 16-byte asynchronous copies (`cp.async`, `chunk` values each:
-/// eight 16-bit or four 32-bit ones), for rows whose columns are contiguous,
-/// `d % chunk == 0` and 16-byte aligned: rows past `seq` are zero-filled by the copy itself
-/// (source length 0). Columns `d..d_pad` are not written (see `zero_pad_columns`).
-/// Completion is tracked by the caller's barrier. Where the threads divide the rows'
-/// chunks evenly (d = 64, 128, 256 with 128 threads) each thread's copies are a constant
-/// number of steps down one column, their offsets computed once; otherwise
-/// a strided loop over all chunks.
+/// The same staging with 16-byte asynchronous copies (`cp.async`, `tile.chunk` values each),
+/// for rows whose columns are contiguous, with `d % chunk == 0` and 16-byte aligned: rows
+/// past the valid ones are zero-filled by the copy itself (source length 0). Columns from
+/// `d` to `d_pad` are not written (see [`zero_pad_columns`]). Completion is tracked by the
+/// caller's barrier. Where the threads divide the rows' chunks evenly (d = 64, 128, 256
+/// with 128 threads) each thread's copies are a constant number of steps down one column,
+/// their offsets computed once; otherwise a strided loop over all chunks.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows_async<F: Float>(
     src: &Tensor<F>,
-    base: usize,
-    row_stride: usize,
+    at: HeadRows,
     row0: usize,
-    seq: usize,
-    d: usize,
     smem: &mut SharedMemory<F>,
     dst: usize,
     tid: usize,
-    #[comptime] rows: usize,
-    #[comptime] d_pad: usize,
-    #[comptime] smem_stride: usize,
-    #[comptime] threads: usize,
-    #[comptime] chunk: usize,
+    #[comptime] tile: StageTile,
 ) {
-    let chunks = comptime!(d_pad / chunk);
-    let copy_len = comptime!(chunk as u32);
-    if comptime!(threads.is_multiple_of(chunks) && (rows * chunks).is_multiple_of(threads)) {
+    let chunk = comptime!(tile.chunk);
+    let threads = comptime!(tile.threads);
+    let chunks = comptime!(tile.d_pad / tile.chunk);
+    let copy_len = comptime!(tile.chunk as u32);
+    let smem_stride = comptime!(tile.stride);
+    if comptime!(threads.is_multiple_of(chunks) && (tile.rows * chunks).is_multiple_of(threads)) {
         // Every thread copies the same column of rows `tid / chunks + i * row_step`: the
         // offsets are computed once and stepped, the copy count is a constant.
         let row_step = comptime!(threads / chunks);
         let c = (tid % chunks) * chunk;
-        if c < d {
+        if c < at.d {
             let r_first = tid / chunks;
             let j_first = row0 + r_first;
-            let src_first = base + j_first * row_stride + c;
-            let src_step = row_step * row_stride;
+            let src_first = at.base + j_first * at.row_stride + c;
+            let src_step = row_step * at.row_stride;
             let to_first = dst + r_first * smem_stride + c;
             #[unroll]
-            for i in 0..comptime!(rows * chunks / threads) {
-                let valid = j_first + i * row_step < seq;
+            for i in 0..comptime!(tile.rows * chunks / threads) {
+                let valid = j_first + i * row_step < at.seq;
                 // An empty source at a valid address makes the copy write 16 zero bytes.
-                let off = select(valid, src_first + i * src_step, base);
+                let off = select(valid, src_first + i * src_step, at.base);
                 let len = select(valid, chunk, 0usize);
                 let to = to_first + comptime!(i * row_step * smem_stride);
                 copy_async_checked(
@@ -96,13 +134,13 @@ pub(crate) fn stage_rows_async<F: Float>(
         }
     } else {
         let mut idx = tid;
-        while idx < comptime!(rows * d_pad / chunk) {
+        while idx < comptime!(tile.rows * chunks) {
             let r = idx / chunks;
             let c = (idx % chunks) * chunk;
-            if c < d {
+            if c < at.d {
                 let j = row0 + r;
-                let valid = j < seq;
-                let off = select(valid, base + j * row_stride + c, base);
+                let valid = j < at.seq;
+                let off = select(valid, at.base + j * at.row_stride + c, at.base);
                 let len = select(valid, chunk, 0usize);
                 let to = dst + r * smem_stride + c;
                 copy_async_checked(
@@ -116,23 +154,22 @@ pub(crate) fn stage_rows_async<F: Float>(
     }
 }
 
-/// Zeroes columns `d..d_pad` of `rows` shared-memory rows (`d` a multiple of the copy
-/// chunk): the asynchronous staging never writes them, and the fragment loads read them.
+/// Zeroes columns `d..tile.d_pad` of `buffers` consecutive buffers of `tile` (`d` a
+/// multiple of the copy chunk): the asynchronous staging never writes them, and the
+/// fragment loads read them.
 #[cube]
 pub(crate) fn zero_pad_columns<F: Float>(
     smem: &mut SharedMemory<F>,
     d: usize,
     tid: usize,
-    #[comptime] rows: usize,
-    #[comptime] d_pad: usize,
-    #[comptime] smem_stride: usize,
-    #[comptime] threads: usize,
+    #[comptime] tile: StageTile,
+    #[comptime] buffers: usize,
 ) {
-    let pad = d_pad - d;
+    let pad = comptime!(tile.d_pad) - d;
     let mut idx = tid;
-    while idx < rows * pad {
-        smem[(idx / pad) * smem_stride + d + idx % pad] = F::new(0.0);
-        idx += threads;
+    while idx < comptime!(buffers * tile.rows) * pad {
+        smem[(idx / pad) * comptime!(tile.stride) + d + idx % pad] = F::new(0.0);
+        idx += comptime!(tile.threads);
     }
 }
 

@@ -29,36 +29,59 @@
 //! the plan takes head and value dims up to 128 only (larger ones run the portable
 //! kernels).
 //!
-//! Staging (each kernel's comptime `async_copy`): with `async_copy` the tiles are staged as
-//! the forward's v3 stages K and V: 16-byte `cp.async` copies (`stage_rows_async`, rows past
-//! the sequence zero-filled by the copy) into two buffers of the streamed tile (K and V in
-//! the dQ kernel, Q and dO in the dK/dV kernel), one shared `mbarrier` per buffer, the next
-//! tile's copies in flight while the current one is computed; the cube's own tiles (Q and
-//! dO, respectively K and V) are copied once, with the first streamed tile. The dK/dV
+//! Staging (each kernel's comptime `async_copy`) is the forward's pipeline
+//! (`components::pipeline`): 16-byte `cp.async` copies into two buffers of the streamed
+//! tiles (K and V in the dQ kernel, Q and dO in the dK/dV kernel), one barrier per buffer,
+//! the next tile's copies in flight while the current one is computed; the cube's own tiles
+//! (Q and dO, respectively K and V) are copied once, with the first streamed tile. The dK/dV
 //! kernel's f32 lse and `D` of the streamed tile are double-buffered too (loaded a step
 //! ahead, stored with plain stores). It needs contiguous 16-byte aligned rows and head/value
 //! dims that are multiples of 8 (the plan checks). Without it: plain loads into one
 //! buffer, two cube barriers per tile.
 //!
-//! Band arithmetic is `flash_unit`'s: `i32`, key `j` visible to query `i` iff `i + offset -
-//! left <= j <= i + offset + right`, `offset = seq_k - seq_q`. Rows that see no key (lse
+//! Band arithmetic is `components::band`'s (the dK/dV kernel's transposed). Rows that see no key (lse
 //! `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so their probabilities, and with
 //! them their gradient contributions, are exactly 0.
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
-use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
+use crate::components::band::BandBounds;
 use crate::components::epilogue::{acc_rows_to_smem, store_plane_rows};
 use crate::components::fragments::{
     acc_get, acc_set, mma_a_bt, mma_acc_b, register_vector_sizes, MmaVecA, MmaVecAcc, MmaVecB,
 };
+use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
 use crate::components::schedule::cube_block;
 use crate::components::softmax::{live_lse, DEAD_LSE};
 use crate::components::staging::{
-    stage_row_stats, stage_rows_async, stage_rows_sync, zero_pad_columns,
+    stage_row_stats, stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
 };
+
+/// The staged tiles of the backward kernels: `rows` rows of the head dim (Q, K) and of the
+/// value dim (dO, V), rows padded by 8 values (16 bytes), copies of 8 values.
+#[allow(unused)]
+fn head_and_value_tiles(
+    rows: usize,
+    dim_pad: usize,
+    value_dim_pad: usize,
+    threads: usize,
+) -> (StageTile, StageTile) {
+    let head = StageTile {
+        rows,
+        d_pad: dim_pad,
+        stride: dim_pad + 8,
+        threads,
+        chunk: 8,
+    };
+    let value = StageTile {
+        d_pad: value_dim_pad,
+        stride: value_dim_pad + 8,
+        ..head
+    };
+    (head, value)
+}
 
 /// Matrix-unit backward, query-major: `D = rowsum(dO * O)` and `dQ`.
 ///
@@ -109,18 +132,14 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let c_vs = def.vector_size(MatrixIdent::Accumulator);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
 
-    let dim = q.shape(3);
-    let value_dim = v.shape(3);
+    // The cube's query rows, this plane's 16, and the keys they see.
     let heads = q.shape(1);
     let seq_q = q.shape(2);
-    let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
     let cube = cube_block(heavy_first, true);
-    let bh = cube.head;
-    let b = bh / heads;
-    let h = bh % heads;
-    let kvh = h / (heads / kv_heads);
-
+    let b = cube.head / heads;
+    let h = cube.head % heads;
+    let kvh = h / (heads / k.shape(1));
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -129,164 +148,74 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let r0 = cube.block * block_q;
     let w0 = r0 + warp * 16;
     let offset = seq_k as i32 - seq_q as i32;
-
-    // Key range of the cube and of this plane, and the keys every row of the plane sees
-    // (the forward's).
-    let r_last = min(r0 + block_q, seq_q) - 1;
-    let k_start = max(r0 as i32 + offset - left, 0);
-    let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
-    let w_last = min(w0 + 15, seq_q - 1);
-    let w_lo = w0 as i32 + offset - left;
-    let w_hi = w_last as i32 + offset + right;
-    let full_lo = w_last as i32 + offset - left;
-    let full_hi = w0 as i32 + offset + right;
-    let plane_rows = w0 < seq_q;
-    let plane_full = w0 + 16 <= seq_q;
+    let bounds = BandBounds::new(r0, w0, seq_q, seq_k, offset, left, right, block_q, 16usize);
     // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
     let row_a = (w0 + g) as i32;
 
-    // Shared memory, all `[row][d]` with rows padded by 8 values (16 bytes) so that the
-    // eight row addresses of one `ldmatrix` hit distinct banks, 16-byte aligned for
-    // `ldmatrix` and `cp.async`: the cube's Q and dO tiles (staged once) and `stages` K and
-    // V tiles. Head-dim tiles (Q, K) have rows of `d_stride` values, value-dim tiles (dO, V)
-    // of `v_stride`.
-    let stages = comptime!(if async_copy { 2usize } else { 1usize });
-    let d_stride = comptime!(dim_pad + 8);
-    let v_stride = comptime!(value_dim_pad + 8);
-    let d_chunks = comptime!(dim_pad / 16);
-    let v_chunks = comptime!(value_dim_pad / 16);
+    // Shared memory (16-byte aligned for `ldmatrix` and `cp.async`): the cube's Q and dO
+    // tiles, staged once, and one or two K and V buffers.
+    let buffers = comptime!(if async_copy { 2usize } else { 1usize });
+    let tiles = comptime!(head_and_value_tiles(
+        block_q,
+        dim_pad,
+        value_dim_pad,
+        32 * warps
+    ));
+    let (q_tile, do_tile) = comptime!(tiles);
+    let (k_tile, v_tile) = comptime!((q_tile.with_rows(block_k), do_tile.with_rows(block_k)));
+    let d_stride = comptime!(q_tile.stride);
+    let v_stride = comptime!(do_tile.stride);
     let k_tiles = comptime!(block_k / 8);
     let dq_tiles = comptime!(dim_pad / 8);
-    let k_stage = comptime!(block_k * d_stride);
-    let v_stage = comptime!(block_k * v_stride);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * d_stride), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(block_q * v_stride), 16usize);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(stages * k_stage), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(stages * v_stage), 16usize);
-    let threads = comptime!(32 * warps);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(q_tile.len()), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(do_tile.len()), 16usize);
+    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * k_tile.len()), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * v_tile.len()), 16usize);
     let tid = warp * 32 + lane;
-    let q_base = b * q.stride(0) + h * q.stride(1);
-    let o_base = b * out.stride(0) + h * out.stride(1);
-    let do_base = b * d_out.stride(0) + h * d_out.stride(1);
-    let k_base = b * k.stride(0) + kvh * k.stride(1);
-    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    let q_at = HeadRows::of(q, b, h);
+    let do_at = HeadRows::of(d_out, b, h);
+    let k_at = HeadRows::of(k, b, kvh);
+    let v_at = HeadRows::of(v, b, kvh);
     if comptime!(async_copy) {
-        zero_pad_columns::<F>(&mut q_smem, dim, tid, block_q, dim_pad, d_stride, threads);
-        zero_pad_columns::<F>(
-            &mut do_smem,
-            value_dim,
-            tid,
-            block_q,
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
-        zero_pad_columns::<F>(
-            &mut k_smem,
-            dim,
-            tid,
-            comptime!(stages * block_k),
-            dim_pad,
-            d_stride,
-            threads,
-        );
-        zero_pad_columns::<F>(
-            &mut v_smem,
-            value_dim,
-            tid,
-            comptime!(stages * block_k),
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
+        zero_pad_columns::<F>(&mut q_smem, q_at.d, tid, q_tile, 1usize);
+        zero_pad_columns::<F>(&mut do_smem, do_at.d, tid, do_tile, 1usize);
+        zero_pad_columns::<F>(&mut k_smem, k_at.d, tid, k_tile, buffers);
+        zero_pad_columns::<F>(&mut v_smem, v_at.d, tid, v_tile, buffers);
     }
-    // One barrier per K/V buffer (their initialisation synchronises the cube, which also
-    // publishes the zeroed columns). Unused by the synchronous staging.
-    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    // Their initialisation synchronises the cube (publishing the zeroed columns).
+    let barriers = BufferBarriers::new();
 
-    let (k_sn, k_sd) = (k.stride(2), k.stride(3));
-    let (v_sn, v_sd) = (v.stride(2), v.stride(3));
     let bk_i = block_k as i32;
-    let mut t0 = k_start - (k_start % bk_i);
-    // The buffer holding tile t0 (always 0 with synchronous staging).
+    let mut t0 = bounds.start - (bounds.start % bk_i);
     let mut stage = 0usize;
     if comptime!(async_copy) {
-        // Q, dO and the first key tile, committed together on buffer 0's barrier (uniform:
-        // the key range is the cube's).
-        if t0 < k_end {
-            let t0u = usize::cast_from(t0);
-            stage_rows_async::<F>(
-                q,
-                q_base,
-                q.stride(2),
-                r0,
-                seq_q,
-                dim,
-                &mut q_smem,
-                0usize,
-                tid,
-                block_q,
-                dim_pad,
-                d_stride,
-                threads,
-                8usize,
-            );
-            stage_rows_async::<F>(
-                d_out,
-                do_base,
-                d_out.stride(2),
-                r0,
-                seq_q,
-                value_dim,
-                &mut do_smem,
-                0usize,
-                tid,
-                block_q,
-                value_dim_pad,
-                v_stride,
-                threads,
-                8usize,
-            );
-            stage_rows_async::<F>(
+        // Q, dO and the first key tile, committed together on buffer 0 (uniform: the key
+        // range is the cube's), in flight while `D` is computed.
+        if t0 < bounds.end {
+            stage_rows_async::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
+            stage_rows_async::<F>(d_out, do_at, r0, &mut do_smem, 0usize, tid, do_tile);
+            stage_pair::<F>(
                 k,
-                k_base,
-                k_sn,
-                t0u,
-                seq_k,
-                dim,
+                k_at,
                 &mut k_smem,
-                0usize,
-                tid,
-                block_k,
-                dim_pad,
-                d_stride,
-                threads,
-                8usize,
-            );
-            stage_rows_async::<F>(
                 v,
-                v_base,
-                v_sn,
-                t0u,
-                seq_k,
-                value_dim,
+                v_at,
                 &mut v_smem,
+                usize::cast_from(t0),
                 0usize,
                 tid,
-                block_k,
-                value_dim_pad,
-                v_stride,
-                threads,
-                8usize,
+                k_tile,
+                v_tile,
+                true,
             );
-            bar0.commit_copy_async();
+            barriers.commit(0usize);
         }
     }
 
-    // D and the lse of the lane's two rows (g and g + 8), from global memory (while the
-    // asynchronous copies, if any, are in flight). The four lanes of a group hold the same
-    // rows: each sums every fourth column of dO * O, then they exchange sums.
+    // D and the lse of the lane's two rows (g and g + 8), from global memory. The four
+    // lanes of a group hold the same rows: each sums every fourth column of dO * O, then
+    // they exchange sums.
+    let o_base = b * out.stride(0) + h * out.stride(1);
     let mut d_row = Array::<f32>::new(2usize);
     let mut lse_row = Array::<f32>::new(2usize);
     #[unroll]
@@ -296,9 +225,10 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         let mut l = f32::new(DEAD_LSE);
         if row < seq_q {
             let mut c = t;
-            while c < value_dim {
-                d += f32::cast_from(d_out[do_base + row * d_out.stride(2) + c * d_out.stride(3)])
-                    * f32::cast_from(out[o_base + row * out.stride(2) + c * out.stride(3)]);
+            while c < do_at.d {
+                d += f32::cast_from(
+                    d_out[do_at.base + row * do_at.row_stride + c * do_at.col_stride],
+                ) * f32::cast_from(out[o_base + row * out.stride(2) + c * out.stride(3)]);
                 c += 4;
             }
             l = live_lse(lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)]);
@@ -311,41 +241,10 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         d_row[hf] = d;
         lse_row[hf] = l;
     }
-
     if comptime!(!async_copy) {
         // Published by the first key tile's barrier.
-        stage_rows_sync::<F>(
-            q,
-            q_base,
-            q.stride(2),
-            q.stride(3),
-            r0,
-            seq_q,
-            dim,
-            &mut q_smem,
-            0usize,
-            tid,
-            block_q,
-            dim_pad,
-            d_stride,
-            threads,
-        );
-        stage_rows_sync::<F>(
-            d_out,
-            do_base,
-            d_out.stride(2),
-            d_out.stride(3),
-            r0,
-            seq_q,
-            value_dim,
-            &mut do_smem,
-            0usize,
-            tid,
-            block_q,
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
+        stage_rows_sync::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
+        stage_rows_sync::<F>(d_out, do_at, r0, &mut do_smem, 0usize, tid, do_tile);
     }
 
     let mut dq_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dq_tiles * c_vecs));
@@ -360,113 +259,44 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
-    while t0 < k_end {
-        let t0u = usize::cast_from(t0);
-        if comptime!(async_copy) {
-            // Issue the next tile into the other buffer (last read before the previous
-            // iteration's closing barrier), then wait for this one. `next < k_end` is
-            // uniform over the cube, so every unit commits, and arrives, on the same barriers.
-            let next = t0 + bk_i;
-            if next < k_end {
-                let other = 1 - stage;
-                let nu = usize::cast_from(next);
-                stage_rows_async::<F>(
-                    k,
-                    k_base,
-                    k_sn,
-                    nu,
-                    seq_k,
-                    dim,
-                    &mut k_smem,
-                    other * k_stage,
-                    tid,
-                    block_k,
-                    dim_pad,
-                    d_stride,
-                    threads,
-                    8usize,
-                );
-                stage_rows_async::<F>(
-                    v,
-                    v_base,
-                    v_sn,
-                    nu,
-                    seq_k,
-                    value_dim,
-                    &mut v_smem,
-                    other * v_stage,
-                    tid,
-                    block_k,
-                    value_dim_pad,
-                    v_stride,
-                    threads,
-                    8usize,
-                );
-                if other == 0 {
-                    bar0.commit_copy_async();
-                } else {
-                    bar1.commit_copy_async();
-                }
-            }
-            if stage == 0 {
-                bar0.arrive_and_wait();
-            } else {
-                bar1.arrive_and_wait();
-            }
-        } else {
-            stage_rows_sync::<F>(
-                k,
-                k_base,
-                k_sn,
-                k_sd,
-                t0u,
-                seq_k,
-                dim,
-                &mut k_smem,
-                0usize,
-                tid,
-                block_k,
-                dim_pad,
-                d_stride,
-                threads,
-            );
-            stage_rows_sync::<F>(
-                v,
-                v_base,
-                v_sn,
-                v_sd,
-                t0u,
-                seq_k,
-                value_dim,
-                &mut v_smem,
-                0usize,
-                tid,
-                block_k,
-                value_dim_pad,
-                v_stride,
-                threads,
-            );
-            sync_cube();
-        }
-        let k_at = stage * k_stage;
-        let v_at = stage * v_stage;
+    while t0 < bounds.end {
+        let next = t0 + bk_i;
+        acquire_pair::<F>(
+            k,
+            k_at,
+            &mut k_smem,
+            v,
+            v_at,
+            &mut v_smem,
+            &barriers,
+            usize::cast_from(t0),
+            usize::cast_from(next),
+            next < bounds.end,
+            stage,
+            tid,
+            k_tile,
+            v_tile,
+            async_copy,
+        );
+        let k_buf = stage * comptime!(k_tile.len());
+        let v_buf = stage * comptime!(v_tile.len());
 
         let tile_hi = t0 + bk_i - 1;
-        if plane_rows && tile_hi >= w_lo && t0 <= w_hi {
+        if bounds.plane_sees(t0, tile_hi) {
             // S = Q K^T, dP = dO V^T.
             mma_a_bt::<F>(
                 def,
                 &q_smem,
                 warp * 16 * d_stride,
                 &k_smem,
-                k_at,
+                k_buf,
                 &mut s_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 d_stride,
                 d_stride,
-                d_chunks,
+                dim_pad / 16,
                 k_tiles,
             );
             mma_a_bt::<F>(
@@ -474,21 +304,20 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
                 &do_smem,
                 warp * 16 * v_stride,
                 &v_smem,
-                v_at,
+                v_buf,
                 &mut dp_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 v_stride,
                 v_stride,
-                v_chunks,
+                value_dim_pad / 16,
                 k_tiles,
             );
 
             // dS = P (dP - D), with P = 0 outside the band and past seq_k (padding keys
             // are zero rows, but exp(-lse) alone may overflow).
-            let unmasked =
-                plane_full && tile_hi < seq_k as i32 && t0 >= full_lo && tile_hi <= full_hi;
+            let unmasked = bounds.tile_unmasked(t0, tile_hi, seq_k);
             #[unroll]
             for kt in 0..k_tiles {
                 #[unroll]
@@ -512,19 +341,19 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
                 def,
                 &s_acc,
                 &k_smem,
-                k_at,
+                k_buf,
                 &mut dq_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 d_stride,
-                comptime!(block_k / 16),
+                block_k / 16,
                 dq_tiles,
             );
         }
         // Every plane is done with this K/V buffer before it is staged again.
         sync_cube();
-        t0 += bk_i;
+        t0 = next;
         if comptime!(async_copy) {
             stage = 1 - stage;
         }
@@ -557,7 +386,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         dq.stride(2),
         w0,
         seq_q,
-        dim,
+        q_at.d,
         lane,
         16usize,
         dim_pad,
@@ -617,18 +446,16 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let c_vs = def.vector_size(MatrixIdent::Accumulator);
     let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
 
-    let dim = q.shape(3);
-    let value_dim = v.shape(3);
+    // The cube's key rows of one kv head, this plane's 16, and the queries that see them
+    // (the band transposed).
     let heads = q.shape(1);
     let seq_q = q.shape(2);
     let kv_heads = k.shape(1);
     let seq_k = k.shape(2);
     let group = heads / kv_heads;
     let cube = cube_block(heavy_first, false);
-    let bkh = cube.head;
-    let b = bkh / kv_heads;
-    let kvh = bkh % kv_heads;
-
+    let b = cube.head / kv_heads;
+    let kvh = cube.head % kv_heads;
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -637,90 +464,57 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let c0 = cube.block * block_kv;
     let w0 = c0 + warp * 16;
     let offset = seq_k as i32 - seq_q as i32;
-
-    // Query i sees key j iff j - offset - right <= i <= j - offset + left: the query rows
-    // that see any key of the cube, and of this plane (contiguous, both edges growing with
-    // the key).
-    let c_last = min(c0 + block_kv, seq_k) - 1;
-    let q_start = max(c0 as i32 - offset - right, 0);
-    let q_end = min(c_last as i32 - offset + left + 1, seq_q as i32);
-    let w_last = min(w0 + 15, seq_k - 1);
-    let w_lo = w0 as i32 - offset - right;
-    let w_hi = w_last as i32 - offset + left;
-    let plane_keys = w0 < seq_k;
-    let plane_full = w0 + 16 <= seq_k;
-    // This lane's first key row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let bounds = BandBounds::new(
+        c0, w0, seq_k, seq_q, -offset, right, left, block_kv, 16usize,
+    );
     let key_a = (w0 + g) as i32;
 
-    // The steps: `tiles` query tiles of `block_q` rows from `q_start` (the same for every
-    // query head), for each of the `group` query heads of this kv head, in a fixed order;
-    // step `s` is tile `s % tiles` of head `kvh * group + s / tiles`. All uniform over the
-    // cube.
+    // The steps: every query tile that sees the cube's keys, of each query head of the
+    // group in turn.
     comptime!(assert!(
         block_q <= 32 * warps,
         "block_q: one query row of lse and D per unit"
     ));
     let bq_i = block_q as i32;
-    let q_first = usize::cast_from(q_start);
+    let q_first = usize::cast_from(bounds.start);
     let mut tiles = 0usize;
-    if q_end > q_start {
-        tiles = usize::cast_from((q_end - q_start + bq_i - 1) / bq_i);
+    if bounds.end > bounds.start {
+        tiles = usize::cast_from((bounds.end - bounds.start + bq_i - 1) / bq_i);
     }
     let steps = tiles * group;
+    let h_first = kvh * group;
 
-    // Shared memory as in the dQ kernel: the cube's K and V tiles (staged once), `stages` Q
-    // and dO tiles, and `stages` tiles of their lse and D (f32).
-    let stages = comptime!(if async_copy { 2usize } else { 1usize });
-    let d_stride = comptime!(dim_pad + 8);
-    let v_stride = comptime!(value_dim_pad + 8);
-    let d_chunks = comptime!(dim_pad / 16);
-    let v_chunks = comptime!(value_dim_pad / 16);
+    // Shared memory (16-byte aligned for `ldmatrix` and `cp.async`): the cube's K and V
+    // tiles, staged once, and one or two Q, dO, lse and D buffers.
+    let buffers = comptime!(if async_copy { 2usize } else { 1usize });
+    let threads = comptime!(32 * warps);
+    let tiles_kv = comptime!(head_and_value_tiles(
+        block_kv,
+        dim_pad,
+        value_dim_pad,
+        threads
+    ));
+    let (k_tile, v_tile) = comptime!(tiles_kv);
+    let (q_tile, do_tile) = comptime!((k_tile.with_rows(block_q), v_tile.with_rows(block_q)));
+    let d_stride = comptime!(k_tile.stride);
+    let v_stride = comptime!(v_tile.stride);
     let q_tiles = comptime!(block_q / 8);
     let dk_tiles = comptime!(dim_pad / 8);
     let dv_tiles = comptime!(value_dim_pad / 8);
-    let q_stage = comptime!(block_q * d_stride);
-    let do_stage = comptime!(block_q * v_stride);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * d_stride), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(block_kv * v_stride), 16usize);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(stages * q_stage), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(stages * do_stage), 16usize);
-    let mut lse_tile = SharedMemory::<f32>::new(comptime!(stages * block_q));
-    let mut delta_tile = SharedMemory::<f32>::new(comptime!(stages * block_q));
-    let threads = comptime!(32 * warps);
+    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(k_tile.len()), 16usize);
+    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(v_tile.len()), 16usize);
+    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * q_tile.len()), 16usize);
+    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * do_tile.len()), 16usize);
+    let mut lse_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
+    let mut delta_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
     let tid = warp * 32 + lane;
-    let k_base = b * k.stride(0) + kvh * k.stride(1);
-    let v_base = b * v.stride(0) + kvh * v.stride(1);
-    // The first step's query head.
-    let h_first = kvh * group;
+    let k_at = HeadRows::of(k, b, kvh);
+    let v_at = HeadRows::of(v, b, kvh);
     if comptime!(async_copy) {
-        zero_pad_columns::<F>(&mut k_smem, dim, tid, block_kv, dim_pad, d_stride, threads);
-        zero_pad_columns::<F>(
-            &mut v_smem,
-            value_dim,
-            tid,
-            block_kv,
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
-        zero_pad_columns::<F>(
-            &mut q_smem,
-            dim,
-            tid,
-            comptime!(stages * block_q),
-            dim_pad,
-            d_stride,
-            threads,
-        );
-        zero_pad_columns::<F>(
-            &mut do_smem,
-            value_dim,
-            tid,
-            comptime!(stages * block_q),
-            value_dim_pad,
-            v_stride,
-            threads,
-        );
+        zero_pad_columns::<F>(&mut k_smem, k_at.d, tid, k_tile, 1usize);
+        zero_pad_columns::<F>(&mut v_smem, v_at.d, tid, v_tile, 1usize);
+        zero_pad_columns::<F>(&mut q_smem, k_at.d, tid, q_tile, buffers);
+        zero_pad_columns::<F>(&mut do_smem, v_at.d, tid, do_tile, buffers);
         if steps > 0 {
             // The first step's lse and D into buffer 0, with plain stores: published, with
             // the zeroed columns, by the barriers' initialisation below (it synchronises
@@ -741,111 +535,54 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             );
         }
     }
-    // One barrier per Q/dO buffer. Unused by the synchronous staging.
-    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let barriers = BufferBarriers::new();
+    // K and V (once), with the first step's Q and dO on buffer 0 where asynchronous.
     if comptime!(async_copy) {
-        // K, V and the first step's Q and dO, committed together on buffer 0's barrier.
         if steps > 0 {
-            stage_rows_async::<F>(
+            stage_pair::<F>(
                 k,
-                k_base,
-                k.stride(2),
-                c0,
-                seq_k,
-                dim,
+                k_at,
                 &mut k_smem,
-                0usize,
-                tid,
-                block_kv,
-                dim_pad,
-                d_stride,
-                threads,
-                8usize,
-            );
-            stage_rows_async::<F>(
                 v,
-                v_base,
-                v.stride(2),
-                c0,
-                seq_k,
-                value_dim,
+                v_at,
                 &mut v_smem,
+                c0,
                 0usize,
                 tid,
-                block_kv,
-                value_dim_pad,
-                v_stride,
-                threads,
-                8usize,
+                k_tile,
+                v_tile,
+                true,
             );
-            stage_rows_async::<F>(
+            stage_pair::<F>(
                 q,
-                b * q.stride(0) + h_first * q.stride(1),
-                q.stride(2),
-                q_first,
-                seq_q,
-                dim,
+                HeadRows::of(q, b, h_first),
                 &mut q_smem,
-                0usize,
-                tid,
-                block_q,
-                dim_pad,
-                d_stride,
-                threads,
-                8usize,
-            );
-            stage_rows_async::<F>(
                 d_out,
-                b * d_out.stride(0) + h_first * d_out.stride(1),
-                d_out.stride(2),
-                q_first,
-                seq_q,
-                value_dim,
+                HeadRows::of(d_out, b, h_first),
                 &mut do_smem,
+                q_first,
                 0usize,
                 tid,
-                block_q,
-                value_dim_pad,
-                v_stride,
-                threads,
-                8usize,
+                q_tile,
+                do_tile,
+                true,
             );
-            bar0.commit_copy_async();
+            barriers.commit(0usize);
         }
     } else {
-        // Published by the first step's barrier.
-        stage_rows_sync::<F>(
+        stage_pair::<F>(
             k,
-            k_base,
-            k.stride(2),
-            k.stride(3),
-            c0,
-            seq_k,
-            dim,
+            k_at,
             &mut k_smem,
-            0usize,
-            tid,
-            block_kv,
-            dim_pad,
-            d_stride,
-            threads,
-        );
-        stage_rows_sync::<F>(
             v,
-            v_base,
-            v.stride(2),
-            v.stride(3),
-            c0,
-            seq_k,
-            value_dim,
+            v_at,
             &mut v_smem,
+            c0,
             0usize,
             tid,
-            block_kv,
-            value_dim_pad,
-            v_stride,
-            threads,
+            k_tile,
+            v_tile,
+            false,
         );
     }
 
@@ -866,7 +603,6 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
     let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
-    // The buffer holding the current step's tiles (always 0 with synchronous staging).
     let mut stage = 0usize;
     let mut step = 0usize;
     while step < steps {
@@ -883,49 +619,26 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             // over the cube, so every unit commits, and arrives, on the same barriers.
             let next = step + 1;
             if next < steps {
-                let other = 1 - stage;
                 let hn = h_first + next / tiles;
                 let tn = q_first + (next % tiles) * block_q;
-                stage_rows_async::<F>(
+                stage_pair::<F>(
                     q,
-                    b * q.stride(0) + hn * q.stride(1),
-                    q.stride(2),
-                    tn,
-                    seq_q,
-                    dim,
+                    HeadRows::of(q, b, hn),
                     &mut q_smem,
-                    other * q_stage,
-                    tid,
-                    block_q,
-                    dim_pad,
-                    d_stride,
-                    threads,
-                    8usize,
-                );
-                stage_rows_async::<F>(
                     d_out,
-                    b * d_out.stride(0) + hn * d_out.stride(1),
-                    d_out.stride(2),
-                    tn,
-                    seq_q,
-                    value_dim,
+                    HeadRows::of(d_out, b, hn),
                     &mut do_smem,
-                    other * do_stage,
+                    tn,
+                    1 - stage,
                     tid,
-                    block_q,
-                    value_dim_pad,
-                    v_stride,
-                    threads,
-                    8usize,
+                    q_tile,
+                    do_tile,
+                    true,
                 );
-                if other == 0 {
-                    bar0.commit_copy_async();
-                } else {
-                    bar1.commit_copy_async();
-                }
+                barriers.commit(1 - stage);
                 // The next step's lse and D (one query row per unit, `block_q <= threads`):
                 // loaded here, so that the loads are in flight during this step's matrix
-                // work, and stored into buffer `other` with plain stores at the end of
+                // work, and stored into the other buffer with plain stores at the end of
                 // this step (see there; `live_lse` is applied there too, so that nothing
                 // waits for the loads before then).
                 if tid < block_q {
@@ -937,43 +650,21 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                     }
                 }
             }
-            if stage == 0 {
-                bar0.arrive_and_wait();
-            } else {
-                bar1.arrive_and_wait();
-            }
+            barriers.wait(stage);
         } else {
-            stage_rows_sync::<F>(
+            stage_pair::<F>(
                 q,
-                b * q.stride(0) + h * q.stride(1),
-                q.stride(2),
-                q.stride(3),
-                t0u,
-                seq_q,
-                dim,
+                HeadRows::of(q, b, h),
                 &mut q_smem,
-                0usize,
-                tid,
-                block_q,
-                dim_pad,
-                d_stride,
-                threads,
-            );
-            stage_rows_sync::<F>(
                 d_out,
-                b * d_out.stride(0) + h * d_out.stride(1),
-                d_out.stride(2),
-                d_out.stride(3),
-                t0u,
-                seq_q,
-                value_dim,
+                HeadRows::of(d_out, b, h),
                 &mut do_smem,
+                t0u,
                 0usize,
                 tid,
-                block_q,
-                value_dim_pad,
-                v_stride,
-                threads,
+                q_tile,
+                do_tile,
+                false,
             );
             stage_row_stats(
                 lse,
@@ -991,26 +682,26 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             );
             sync_cube();
         }
-        let q_at = stage * q_stage;
-        let do_at = stage * do_stage;
+        let q_buf = stage * comptime!(q_tile.len());
+        let do_buf = stage * comptime!(do_tile.len());
         let st_at = stage * block_q;
 
         let tile_hi = t0 + bq_i - 1;
-        if plane_keys && tile_hi >= w_lo && t0 <= w_hi {
+        if bounds.plane_sees(t0, tile_hi) {
             // S^T = K Q^T, dP^T = V dO^T.
             mma_a_bt::<F>(
                 def,
                 &k_smem,
                 warp * 16 * d_stride,
                 &q_smem,
-                q_at,
+                q_buf,
                 &mut s_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 d_stride,
                 d_stride,
-                d_chunks,
+                dim_pad / 16,
                 q_tiles,
             );
             mma_a_bt::<F>(
@@ -1018,24 +709,21 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 &v_smem,
                 warp * 16 * v_stride,
                 &do_smem,
-                do_at,
+                do_buf,
                 &mut dp_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 v_stride,
                 v_stride,
-                v_chunks,
+                value_dim_pad / 16,
                 q_tiles,
             );
 
             // P^T and dS^T = P^T (dP^T - D); the lse and D are the column's (query's).
             // `unmasked`: every (query, key) pair of the tile is visible, so no
             // per-element test.
-            let unmasked = plane_full
-                && tile_hi < seq_q as i32
-                && tile_hi + offset - left <= w0 as i32
-                && w0 as i32 + 15 <= t0 + offset + right;
+            let unmasked = bounds.tile_unmasked(t0, tile_hi, seq_q);
             #[unroll]
             for qt in 0..q_tiles {
                 #[unroll]
@@ -1065,37 +753,37 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 def,
                 &s_acc,
                 &do_smem,
-                do_at,
+                do_buf,
                 &mut dv_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 v_stride,
-                comptime!(block_q / 16),
+                block_q / 16,
                 dv_tiles,
             );
             mma_acc_b::<F>(
                 def,
                 &dp_acc,
                 &q_smem,
-                q_at,
+                q_buf,
                 &mut dk_acc,
                 &mut a_frag,
                 &mut b_frag,
                 &mut c_frag,
                 d_stride,
-                comptime!(block_q / 16),
+                block_q / 16,
                 dk_tiles,
             );
         }
         if comptime!(async_copy) {
-            // The next step's lse and D into buffer `other`, with plain stores (not tracked
-            // by the barriers). Safe in both directions: buffer `other` was last read in the
-            // previous iteration, before that iteration's closing `sync_cube()`, which every
-            // unit has passed to get here, so no unit still reads it; and it is next read
-            // in the next iteration, after the `sync_cube()` just below, which no unit
-            // passes before every unit has made these stores, and which makes the cube's
-            // shared-memory stores before it visible to every unit after it.
+            // The next step's lse and D into the other buffer, with plain stores (not
+            // tracked by the barriers). Safe in both directions: that buffer was last read
+            // in the previous iteration, before that iteration's closing `sync_cube()`,
+            // which every unit has passed to get here, so no unit still reads it; and it is
+            // next read in the next iteration, after the `sync_cube()` just below, which no
+            // unit passes before every unit has made these stores, and which makes the
+            // cube's shared-memory stores before it visible to every unit after it.
             if step + 1 < steps && tid < block_q {
                 let other = 1 - stage;
                 lse_tile[other * block_q + tid] = live_lse(next_lse);
@@ -1150,7 +838,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         dk.stride(2),
         w0,
         seq_k,
-        dim,
+        k_at.d,
         lane,
         16usize,
         dim_pad,
@@ -1164,7 +852,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         dv.stride(2),
         w0,
         seq_k,
-        value_dim,
+        v_at.d,
         lane,
         16usize,
         value_dim_pad,

@@ -5,7 +5,8 @@ use cubecl::prelude::*;
 
 use super::buffers::alloc_outputs;
 use super::device::{device_caps, forward_problem};
-use crate::kernels::{flash_mma_kernel, flash_tf32_kernel, flash_unit_kernel};
+use crate::components::products::{ForwardProducts, Ldmatrix16, Tf32Lanes};
+use crate::kernels::{flash_mma_kernel, flash_unit_kernel};
 use crate::plan::{
     plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Problem,
     UnitPlan, Unsupported,
@@ -38,8 +39,8 @@ pub unsafe fn launch_forward<R: CubeRuntime>(
         return (out, lse);
     }
     match plan {
-        ForwardPlan::Mma(plan) => launch_mma(plan, problem, q, k, v, &out, &lse),
-        ForwardPlan::Tf32(plan) => launch_tf32(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Mma(plan) => launch_mma::<Ldmatrix16, R>(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Tf32(plan) => launch_mma::<Tf32Lanes, R>(plan, problem, q, k, v, &out, &lse),
         ForwardPlan::Unit(plan) => launch_unit(plan, problem, q, k, v, &out, &lse),
     }
     (out, lse)
@@ -97,7 +98,9 @@ fn launch_unit<R: CubeRuntime>(
     );
 }
 
-fn launch_mma<R: CubeRuntime>(
+/// Launches the matrix-unit forward with the products `P` (the plan's dtype family).
+#[allow(clippy::too_many_arguments)]
+fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
     plan: &MmaPlan,
     problem: &Problem,
     q: CubeTensor<R>,
@@ -109,14 +112,16 @@ fn launch_mma<R: CubeRuntime>(
     let (sizes, band) = (&problem.sizes, &problem.band);
     let client = q.client.clone();
     let dtype = q.dtype;
+    // Shared-memory rows are padded by 16 bytes, and `cp.async` copies 16 bytes.
+    let row_pad = 16 / dtype.size();
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
     // < seq_q, keys < seq_k, columns < head/value dim) and shared-memory indices are bounded
     // by the comptime tile sizes, so the runtime's per-access bounds checks are redundant.
     // The 16-byte `cp.async` reads stay inside a row because the plan stages asynchronously
-    // only with unit column strides and head/value dims that are multiples of 8; the
+    // only with unit column strides and head/value dims that are multiples of 16 bytes; the
     // output's `N`-value stores likewise, `out` being contiguous and `N` dividing its rows.
     unsafe {
-        flash_mma_kernel::launch_unchecked::<R>(
+        flash_mma_kernel::launch_unchecked::<P, R>(
             &client,
             cube_count(plan.grid),
             CubeDim::new_2d(32, plan.planes as u32),
@@ -136,47 +141,9 @@ fn launch_mma<R: CubeRuntime>(
             plan.planes,
             plan.row_tiles,
             plan.block_k,
+            row_pad,
             plan.async_copy,
             dtype.into(),
-        );
-    }
-}
-
-fn launch_tf32<R: CubeRuntime>(
-    plan: &MmaPlan,
-    problem: &Problem,
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    out: &CubeTensor<R>,
-    lse: &CubeTensor<R>,
-) {
-    let (sizes, band) = (&problem.sizes, &problem.band);
-    let client = q.client.clone();
-    // SAFETY: as `launch_mma`; the 16-byte `cp.async` reads hold four f32, and asynchronous
-    // staging needs head/value dims that are multiples of 4.
-    unsafe {
-        flash_tf32_kernel::launch_unchecked::<R>(
-            &client,
-            cube_count(plan.grid),
-            CubeDim::new_2d(32, plan.planes as u32),
-            plan.out_vector,
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            band.scale,
-            sizes.side(band.left),
-            sizes.side(band.right),
-            plan.heavy_first,
-            f32::NEG_INFINITY,
-            plan.dim_pad,
-            plan.value_dim_pad,
-            plan.planes,
-            plan.row_tiles,
-            plan.block_k,
-            plan.async_copy,
         );
     }
 }
