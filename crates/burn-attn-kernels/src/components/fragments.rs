@@ -1,6 +1,6 @@
 //! Matrix-unit fragments and products (PTX `m16n8k16`): the fragment vector sizes, the
-//! accumulator element accessors, and the products the forward and backward kernels build
-//! from `ldmatrix` loads.
+//! accumulator element accessors, and the backward's products from `ldmatrix` loads
+//! (the forward's are `products`).
 //!
 //! Register layouts are PTX's: lane `l` has group `g = l / 4` and `t = l % 4`;
 //! accumulator element `e` sits at row `g + 8 * (e / 2)`, column `2 * t + e % 2`.
@@ -91,145 +91,164 @@ pub(crate) fn mma_pair<F: Float>(
     }
 }
 
-/// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles of 8
-/// columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
-/// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
-/// `[row][col]` with the given strides. The forward's `Q K^T` step: `ldmatrix.x4` gives the
-/// `A` blocks (rows 0-7 | 8-15) x (cols 0-7 | 8-15) and, per pair of `B` tiles, the blocks
-/// (rows 0-7 | 8-15 of the pair) x (cols 0-7 | 8-15).
+/// One plane's products on `m16n8k16` from `ldmatrix` loads (the backward's): the
+/// definition and the fragment registers the instructions take (whole arrays, so scratch).
+#[derive(CubeType)]
+pub(crate) struct PlaneMma<F: Float> {
+    pub def: MmaDefinition<F, F, f32>,
+    a: Array<Vector<F, MmaVecA>>,
+    b: Array<Vector<F, MmaVecB>>,
+    c: Array<Vector<f32, MmaVecAcc>>,
+}
+
 #[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mma_a_bt<F: Float>(
-    def: MmaDefinition<F, F, f32>,
-    a_smem: &SharedMemory<F>,
-    a_row0: usize,
-    b_smem: &SharedMemory<F>,
-    b_row0: usize,
-    acc: &mut Array<Vector<f32, MmaVecAcc>>,
-    a_frag: &mut Array<Vector<F, MmaVecA>>,
-    b_frag: &mut Array<Vector<F, MmaVecB>>,
-    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
-    #[comptime] a_stride: usize,
-    #[comptime] b_stride: usize,
-    #[comptime] k_chunks: usize,
-    #[comptime] n_tiles: usize,
-) {
-    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-    // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
-    let lane = UNIT_POS_PLANE as usize;
-    let ld_block = lane / 8;
-    let ld_row = lane % 8;
-    #[unroll]
-    for i in 0..comptime!(n_tiles * c_vecs) {
-        acc[i] = Vector::new(f32::new(0.0));
+impl<F: Float> PlaneMma<F> {
+    /// The `m16n8k16` definition for `F`, with the fragment vector sizes bound.
+    pub fn new() -> PlaneMma<F> {
+        let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+        register_vector_sizes::<F>(def);
+        PlaneMma::<F> {
+            def,
+            a: Array::new(def.vectors_per_lane(MatrixIdent::A)),
+            b: Array::new(def.vectors_per_lane(MatrixIdent::B)),
+            c: Array::new(def.vectors_per_lane(MatrixIdent::Accumulator)),
+        }
     }
-    #[unroll]
-    for kc in 0..k_chunks {
-        let a_off =
-            a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
-        let a_regs = def.load_matrix::<F, MmaVecA>(
-            &a_smem.slice(a_off, a_off + 8),
-            MatrixIdent::A,
-            4usize,
-            false,
-        );
+
+    /// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles
+    /// of 8 columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
+    /// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
+    /// `[row][col]` with the given strides. `ldmatrix.x4` gives the `A` blocks (rows 0-7 |
+    /// 8-15) x (cols 0-7 | 8-15) and, per pair of `B` tiles, the blocks (rows 0-7 | 8-15 of
+    /// the pair) x (cols 0-7 | 8-15).
+    #[allow(clippy::too_many_arguments)]
+    pub fn a_bt(
+        &mut self,
+        a_smem: &SharedMemory<F>,
+        a_row0: usize,
+        b_smem: &SharedMemory<F>,
+        b_row0: usize,
+        acc: &mut Array<Vector<f32, MmaVecAcc>>,
+        #[comptime] a_stride: usize,
+        #[comptime] b_stride: usize,
+        #[comptime] k_chunks: usize,
+        #[comptime] n_tiles: usize,
+    ) {
+        let def = self.def;
+        let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+        // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
+        let lane = UNIT_POS_PLANE as usize;
+        let ld_block = lane / 8;
+        let ld_row = lane % 8;
         #[unroll]
-        for i in 0..a_vecs {
-            a_frag[i] = a_regs[i];
+        for i in 0..comptime!(n_tiles * c_vecs) {
+            acc[i] = Vector::new(f32::new(0.0));
         }
         #[unroll]
-        for np in 0..comptime!(n_tiles / 2) {
-            let b_off = b_row0
-                + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
-                + kc * 16
-                + 8 * (ld_block % 2);
-            let b_regs = def.load_matrix::<F, MmaVecB>(
-                &b_smem.slice(b_off, b_off + 8),
-                MatrixIdent::B,
+        for kc in 0..k_chunks {
+            let a_off =
+                a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
+            let a_regs = def.load_matrix::<F, MmaVecA>(
+                &a_smem.slice(a_off, a_off + 8),
+                MatrixIdent::A,
                 4usize,
                 false,
             );
-            mma_pair::<F>(
-                def,
-                a_frag,
-                &b_regs,
-                acc,
-                2 * np,
-                b_frag,
-                c_frag,
-                b_vecs,
-                c_vecs,
-            );
+            #[unroll]
+            for i in 0..a_vecs {
+                self.a[i] = a_regs[i];
+            }
+            #[unroll]
+            for np in 0..comptime!(n_tiles / 2) {
+                let b_off = b_row0
+                    + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
+                    + kc * 16
+                    + 8 * (ld_block % 2);
+                let b_regs = def.load_matrix::<F, MmaVecB>(
+                    &b_smem.slice(b_off, b_off + 8),
+                    MatrixIdent::B,
+                    4usize,
+                    false,
+                );
+                mma_pair::<F>(
+                    def,
+                    &self.a,
+                    &b_regs,
+                    acc,
+                    2 * np,
+                    &mut self.b,
+                    &mut self.c,
+                    b_vecs,
+                    c_vecs,
+                );
+            }
         }
     }
-}
 
-/// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output tiles:
-/// `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
-/// fragment of chunk `c`), converted to `F`; `B` is `b_smem` from element `b_row0` as
-/// stored, `[k][n]` with stride `b_stride`, read with `ldmatrix.trans` (the forward's `P V`
-/// step: blocks (k 0-7 | 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mma_acc_b<F: Float>(
-    def: MmaDefinition<F, F, f32>,
-    src: &Array<Vector<f32, MmaVecAcc>>,
-    b_smem: &SharedMemory<F>,
-    b_row0: usize,
-    acc: &mut Array<Vector<f32, MmaVecAcc>>,
-    a_frag: &mut Array<Vector<F, MmaVecA>>,
-    b_frag: &mut Array<Vector<F, MmaVecB>>,
-    c_frag: &mut Array<Vector<f32, MmaVecAcc>>,
-    #[comptime] b_stride: usize,
-    #[comptime] k_chunks: usize,
-    #[comptime] n_tiles: usize,
-) {
-    let a_vs = def.vector_size(MatrixIdent::A);
-    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-    let c_vs = def.vector_size(MatrixIdent::Accumulator);
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-    let lane = UNIT_POS_PLANE as usize;
-    let ld_block = lane / 8;
-    let ld_row = lane % 8;
-    #[unroll]
-    for kc in 0..k_chunks {
-        // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's.
+    /// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output
+    /// tiles: `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
+    /// fragment of chunk `c`), converted to `F`; `B` is `b_smem` from element `b_row0` as
+    /// stored, `[k][n]` with stride `b_stride`, read with `ldmatrix.trans` (blocks (k 0-7 |
+    /// 8-15) x (n 0-7 | 8-15) of each pair of output tiles).
+    #[allow(clippy::too_many_arguments)]
+    pub fn acc_b(
+        &mut self,
+        src: &Array<Vector<f32, MmaVecAcc>>,
+        b_smem: &SharedMemory<F>,
+        b_row0: usize,
+        acc: &mut Array<Vector<f32, MmaVecAcc>>,
+        #[comptime] b_stride: usize,
+        #[comptime] k_chunks: usize,
+        #[comptime] n_tiles: usize,
+    ) {
+        let def = self.def;
+        let a_vs = def.vector_size(MatrixIdent::A);
+        let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+        let c_vs = def.vector_size(MatrixIdent::Accumulator);
+        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+        let lane = UNIT_POS_PLANE as usize;
+        let ld_block = lane / 8;
+        let ld_row = lane % 8;
         #[unroll]
-        for i in 0..a_vecs {
-            let mut vector = Vector::empty();
+        for kc in 0..k_chunks {
+            // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's.
             #[unroll]
-            for n in 0..a_vs {
-                let ei = i * a_vs + n;
-                vector[n] = F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs));
+            for i in 0..a_vecs {
+                let mut vector = Vector::empty();
+                #[unroll]
+                for n in 0..a_vs {
+                    let ei = i * a_vs + n;
+                    vector[n] = F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs));
+                }
+                self.a[i] = vector;
             }
-            a_frag[i] = vector;
-        }
-        #[unroll]
-        for np in 0..comptime!(n_tiles / 2) {
-            let b_off = b_row0
-                + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
-                + np * 16
-                + 8 * (ld_block / 2);
-            let b_regs = def.load_matrix::<F, MmaVecB>(
-                &b_smem.slice(b_off, b_off + 8),
-                MatrixIdent::B,
-                4usize,
-                true,
-            );
-            mma_pair::<F>(
-                def,
-                a_frag,
-                &b_regs,
-                acc,
-                2 * np,
-                b_frag,
-                c_frag,
-                b_vecs,
-                c_vecs,
-            );
+            #[unroll]
+            for np in 0..comptime!(n_tiles / 2) {
+                let b_off = b_row0
+                    + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
+                    + np * 16
+                    + 8 * (ld_block / 2);
+                let b_regs = def.load_matrix::<F, MmaVecB>(
+                    &b_smem.slice(b_off, b_off + 8),
+                    MatrixIdent::B,
+                    4usize,
+                    true,
+                );
+                mma_pair::<F>(
+                    def,
+                    &self.a,
+                    &b_regs,
+                    acc,
+                    2 * np,
+                    &mut self.b,
+                    &mut self.c,
+                    b_vecs,
+                    c_vecs,
+                );
+            }
         }
     }
 }

@@ -53,6 +53,67 @@ pub(crate) fn cube_block(group: u32, #[comptime] heaviest_last: bool) -> CubeBlo
     CubeBlock { block, head }
 }
 
+/// What one cube of an attention kernel serves: its block, its batch and heads, and the
+/// sequence sizes, read from `q` `[batch, heads, seq_q, d]` and `k` `[batch, kv_heads,
+/// seq_k, d]`.
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct CubeHead {
+    /// The cube's block of rows (query-major) or keys (key-major).
+    pub block: usize,
+    pub batch: usize,
+    /// The query head (query-major), or the first query head of the kv head's group
+    /// (key-major).
+    pub head: usize,
+    pub kv_head: usize,
+    /// Query heads per kv head.
+    pub group: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    /// `seq_k - seq_q`: the bottom-right alignment of the band.
+    pub offset: i32,
+}
+
+#[cube]
+impl CubeHead {
+    /// A cube of a grid over query blocks and `batch * heads` (forwards, dQ), heaviest
+    /// block first in the heavy-first order (`heavy_first` heads per group; 0: natural).
+    pub fn query_major<F: Float>(q: &Tensor<F>, k: &Tensor<F>, heavy_first: u32) -> CubeHead {
+        let cube = cube_block(heavy_first, true);
+        let heads = q.shape(1);
+        let group = heads / k.shape(1);
+        let head = cube.head % heads;
+        CubeHead {
+            block: cube.block,
+            batch: cube.head / heads,
+            head,
+            kv_head: head / group,
+            group,
+            seq_q: q.shape(2),
+            seq_k: k.shape(2),
+            offset: k.shape(2) as i32 - q.shape(2) as i32,
+        }
+    }
+
+    /// A cube of a grid over key blocks and `batch * kv_heads` (dK/dV), heaviest block
+    /// (the first, under a causal band) first in the heavy-first order.
+    pub fn key_major<F: Float>(q: &Tensor<F>, k: &Tensor<F>, heavy_first: u32) -> CubeHead {
+        let cube = cube_block(heavy_first, false);
+        let kv_heads = k.shape(1);
+        let group = q.shape(1) / kv_heads;
+        let kv_head = cube.head % kv_heads;
+        CubeHead {
+            block: cube.block,
+            batch: cube.head / kv_heads,
+            head: kv_head * group,
+            kv_head,
+            group,
+            seq_q: q.shape(2),
+            seq_k: k.shape(2),
+            offset: k.shape(2) as i32 - q.shape(2) as i32,
+        }
+    }
+}
+
 /// Test support for [`cube_order_probe`]: the cube at launch index `y * blocks + x` writes
 /// the block and head [`cube_block`] gives it to `order[2 * index]` and `order[2 * index
 /// + 1]`.

@@ -21,7 +21,7 @@ use crate::components::epilogue::write_output_rows;
 use crate::components::fragments::MmaVecAcc;
 use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
 use crate::components::products::{ForwardProducts, ProductTile};
-use crate::components::schedule::cube_block;
+use crate::components::schedule::CubeHead;
 use crate::components::softmax::{online_softmax_tile, TileBand, NEG_BIG};
 use crate::components::staging::{
     stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
@@ -78,20 +78,15 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     let c_vecs = acc.vectors_per_lane(MatrixIdent::Accumulator);
 
     // The cube's rows, this plane's, and the keys they see.
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let seq_k = k.shape(2);
-    let cube = cube_block(heavy_first, true);
-    let b = cube.head / heads;
-    let h = cube.head % heads;
-    let kvh = h / (heads / k.shape(1));
+    let cube = CubeHead::query_major(q, k, heavy_first);
+    let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let plane_q = comptime!(16 * m_tiles);
     let block_q = comptime!(plane_q * warps);
     let r0 = cube.block * block_q;
     let w0 = r0 + warp * plane_q;
-    let offset = seq_k as i32 - seq_q as i32;
     let bounds = BandBounds::new(r0, w0, seq_q, seq_k, offset, left, right, block_q, plane_q);
     let band = TileBand {
         plane_full: bounds.plane_full,

@@ -43,17 +43,14 @@
 //! `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so their probabilities, and with
 //! them their gradient contributions, are exactly 0.
 
-use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
 use crate::components::epilogue::{acc_rows_to_smem, store_plane_rows};
-use crate::components::fragments::{
-    acc_get, acc_set, mma_a_bt, mma_acc_b, register_vector_sizes, MmaVecA, MmaVecAcc, MmaVecB,
-};
+use crate::components::fragments::{acc_get, acc_set, MmaVecAcc, PlaneMma};
 use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
-use crate::components::schedule::cube_block;
+use crate::components::schedule::CubeHead;
 use crate::components::softmax::{live_lse, DEAD_LSE};
 use crate::components::staging::{
     stage_row_stats, stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
@@ -61,7 +58,6 @@ use crate::components::staging::{
 
 /// The staged tiles of the backward kernels: `rows` rows of the head dim (Q, K) and of the
 /// value dim (dO, V), rows padded by 8 values (16 bytes), copies of 8 values.
-#[allow(unused)]
 fn head_and_value_tiles(
     rows: usize,
     dim_pad: usize,
@@ -125,21 +121,14 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-    register_vector_sizes::<F>(def);
-    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-    let c_vs = def.vector_size(MatrixIdent::Accumulator);
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let mut mma = PlaneMma::<F>::new();
+    let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = mma.def.vectors_per_lane(MatrixIdent::Accumulator);
 
     // The cube's query rows, this plane's 16, and the keys they see.
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let seq_k = k.shape(2);
-    let cube = cube_block(heavy_first, true);
-    let b = cube.head / heads;
-    let h = cube.head % heads;
-    let kvh = h / (heads / k.shape(1));
+    let cube = CubeHead::query_major(q, k, heavy_first);
+    let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -147,7 +136,6 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let block_q = comptime!(16 * warps);
     let r0 = cube.block * block_q;
     let w0 = r0 + warp * 16;
-    let offset = seq_k as i32 - seq_q as i32;
     let bounds = BandBounds::new(r0, w0, seq_q, seq_k, offset, left, right, block_q, 16usize);
     // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
     let row_a = (w0 + g) as i32;
@@ -255,9 +243,6 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     // S, then P, then dS (one set of registers); dP.
     let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
     let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
-    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
-    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
-    let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
     while t0 < bounds.end {
         let next = t0 + bk_i;
@@ -284,31 +269,23 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         let tile_hi = t0 + bk_i - 1;
         if bounds.plane_sees(t0, tile_hi) {
             // S = Q K^T, dP = dO V^T.
-            mma_a_bt::<F>(
-                def,
+            mma.a_bt(
                 &q_smem,
                 warp * 16 * d_stride,
                 &k_smem,
                 k_buf,
                 &mut s_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 d_stride,
                 d_stride,
                 dim_pad / 16,
                 k_tiles,
             );
-            mma_a_bt::<F>(
-                def,
+            mma.a_bt(
                 &do_smem,
                 warp * 16 * v_stride,
                 &v_smem,
                 v_buf,
                 &mut dp_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 v_stride,
                 v_stride,
                 value_dim_pad / 16,
@@ -337,15 +314,11 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
             }
 
             // dQ += dS K (K [key][d] is B = [k][n] as stored).
-            mma_acc_b::<F>(
-                def,
+            mma.acc_b(
                 &s_acc,
                 &k_smem,
                 k_buf,
                 &mut dq_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 d_stride,
                 block_k / 16,
                 dq_tiles,
@@ -439,23 +412,15 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     #[comptime] async_copy: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-    register_vector_sizes::<F>(def);
-    let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-    let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-    let c_vs = def.vector_size(MatrixIdent::Accumulator);
-    let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+    let mut mma = PlaneMma::<F>::new();
+    let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = mma.def.vectors_per_lane(MatrixIdent::Accumulator);
 
     // The cube's key rows of one kv head, this plane's 16, and the queries that see them
     // (the band transposed).
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let kv_heads = k.shape(1);
-    let seq_k = k.shape(2);
-    let group = heads / kv_heads;
-    let cube = cube_block(heavy_first, false);
-    let b = cube.head / kv_heads;
-    let kvh = cube.head % kv_heads;
+    let cube = CubeHead::key_major(q, k, heavy_first);
+    let (b, kvh, h_first, group) = (cube.batch, cube.kv_head, cube.head, cube.group);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -463,7 +428,6 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let block_kv = comptime!(16 * warps);
     let c0 = cube.block * block_kv;
     let w0 = c0 + warp * 16;
-    let offset = seq_k as i32 - seq_q as i32;
     let bounds = BandBounds::new(
         c0, w0, seq_k, seq_q, -offset, right, left, block_kv, 16usize,
     );
@@ -482,7 +446,6 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         tiles = usize::cast_from((bounds.end - bounds.start + bq_i - 1) / bq_i);
     }
     let steps = tiles * group;
-    let h_first = kvh * group;
 
     // Shared memory (16-byte aligned for `ldmatrix` and `cp.async`): the cube's K and V
     // tiles, staged once, and one or two Q, dO, lse and D buffers.
@@ -599,9 +562,6 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     // S^T then P^T; dP^T then dS^T.
     let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(q_tiles * c_vecs));
     let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(q_tiles * c_vecs));
-    let mut a_frag = Array::<Vector<F, MmaVecA>>::new(a_vecs);
-    let mut b_frag = Array::<Vector<F, MmaVecB>>::new(b_vecs);
-    let mut c_frag = Array::<Vector<f32, MmaVecAcc>>::new(c_vecs);
 
     let mut stage = 0usize;
     let mut step = 0usize;
@@ -689,31 +649,23 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         let tile_hi = t0 + bq_i - 1;
         if bounds.plane_sees(t0, tile_hi) {
             // S^T = K Q^T, dP^T = V dO^T.
-            mma_a_bt::<F>(
-                def,
+            mma.a_bt(
                 &k_smem,
                 warp * 16 * d_stride,
                 &q_smem,
                 q_buf,
                 &mut s_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 d_stride,
                 d_stride,
                 dim_pad / 16,
                 q_tiles,
             );
-            mma_a_bt::<F>(
-                def,
+            mma.a_bt(
                 &v_smem,
                 warp * 16 * v_stride,
                 &do_smem,
                 do_buf,
                 &mut dp_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 v_stride,
                 v_stride,
                 value_dim_pad / 16,
@@ -749,28 +701,20 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             }
 
             // dV += P^T dO, dK += dS^T Q (dO and Q [query][d] are B = [k][n] as stored).
-            mma_acc_b::<F>(
-                def,
+            mma.acc_b(
                 &s_acc,
                 &do_smem,
                 do_buf,
                 &mut dv_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 v_stride,
                 block_q / 16,
                 dv_tiles,
             );
-            mma_acc_b::<F>(
-                def,
+            mma.acc_b(
                 &dp_acc,
                 &q_smem,
                 q_buf,
                 &mut dk_acc,
-                &mut a_frag,
-                &mut b_frag,
-                &mut c_frag,
                 d_stride,
                 block_q / 16,
                 dk_tiles,

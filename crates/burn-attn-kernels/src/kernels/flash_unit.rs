@@ -24,8 +24,9 @@
 
 use cubecl::prelude::*;
 
+use crate::components::band::BandBounds;
 use crate::components::register_tile::tile_product;
-use crate::components::schedule::cube_block;
+use crate::components::schedule::CubeHead;
 use crate::components::softmax::NEG_BIG;
 use crate::components::staging::stage_rows;
 
@@ -152,33 +153,21 @@ pub fn flash_unit_kernel<F: Float>(
     let q_stride = comptime!(block_q + 1);
     let k_stride = comptime!(block_k + 1);
 
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let kv_heads = k.shape(1);
-    let seq_k = k.shape(2);
-    let cube = cube_block(heavy_first, true);
-    let bh = cube.head;
-    let b = bh / heads;
-    let h = bh % heads;
-    let kvh = h / (heads / kv_heads);
+    let cube = CubeHead::query_major(q, k, heavy_first);
+    let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = cube.block * block_q;
-    let r_last = min(r0 + block_q, seq_q) - 1;
-    let offset = seq_k as i32 - seq_q as i32;
+    // The keys the cube's rows see (its one plane is the whole cube).
+    let bounds = BandBounds::new(r0, r0, seq_q, seq_k, offset, left, right, block_q, block_q);
     // The band of this unit's first row (row r0 + ty; its a-th row is row_threads further),
     // and the union of the band over the cube's rows (contiguous: both edges grow with
     // the row).
     let row0 = (r0 + ty) as i32;
     let lo0 = row0 + offset - left;
     let hi0 = row0 + offset + right;
-    let k_start = max(r0 as i32 + offset - left, 0);
-    let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
-    // Every key of [full_lo, full_hi] is visible to every row of the cube.
-    let full_lo = r_last as i32 + offset - left;
-    let full_hi = r0 as i32 + offset + right;
-    let block_full = r0 + block_q <= seq_q;
 
     let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
     // K (transposed) and then V (row-major) of the current tile, one after the other.
@@ -206,8 +195,8 @@ pub fn flash_unit_kernel<F: Float>(
         l[a] = f32::new(0.0);
     }
 
-    let mut t0 = k_start;
-    while t0 < k_end {
+    let mut t0 = bounds.start;
+    while t0 < bounds.end {
         stage_rows::<F>(
             k,
             &mut kv,
@@ -242,11 +231,7 @@ pub fn flash_unit_kernel<F: Float>(
             true,
         );
 
-        let tile_len = min(k_end - t0, block_k as i32);
-        let tile_full = block_full
-            && tile_len == block_k as i32
-            && t0 >= full_lo
-            && t0 + block_k as i32 - 1 <= full_hi;
+        let tile_full = bounds.tile_unmasked(t0, t0 + block_k as i32 - 1, seq_k);
         // Both variants sync once inside (after the maxima), after which K is dead.
         if tile_full {
             softmax_tile(

@@ -24,8 +24,9 @@
 
 use cubecl::prelude::*;
 
+use crate::components::band::BandBounds;
 use crate::components::register_tile::tile_product;
-use crate::components::schedule::cube_block;
+use crate::components::schedule::CubeHead;
 use crate::components::softmax::NEG_BIG;
 use crate::components::staging::stage_rows;
 
@@ -68,27 +69,18 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     let q_stride = comptime!(block_q + 1);
     let k_stride = comptime!(block_k + 1);
 
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let kv_heads = k.shape(1);
-    let seq_k = k.shape(2);
-    let cube = cube_block(heavy_first, true);
-    let bh = cube.head;
-    let b = bh / heads;
-    let h = bh % heads;
-    let kvh = h / (heads / kv_heads);
+    let cube = CubeHead::query_major(q, k, heavy_first);
+    let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = cube.block * block_q;
-    let r_last = min(r0 + block_q, seq_q) - 1;
-    let offset = seq_k as i32 - seq_q as i32;
     // The band of this unit's first row (its a-th row is a * row_threads further).
     let lo0 = (r0 + ty) as i32 + offset - left;
     let hi0 = (r0 + ty) as i32 + offset + right;
-    // Keys any row of the cube can see (contiguous: both band edges grow with the row).
-    let k_start = max(r0 as i32 + offset - left, 0);
-    let k_end = min(r_last as i32 + offset + right + 1, seq_k as i32);
+    // Keys any row of the cube can see (its one plane is the whole cube).
+    let bounds = BandBounds::new(r0, r0, seq_q, seq_k, offset, left, right, block_q, block_q);
 
     let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
     let mut do_t = SharedMemory::<F>::new(comptime!(value_dim * q_stride));
@@ -135,8 +127,8 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
         dq_acc[i] = f32::new(0.0);
     }
 
-    let mut t0 = k_start;
-    while t0 < k_end {
+    let mut t0 = bounds.start;
+    while t0 < bounds.end {
         let start = usize::cast_from(t0);
         // dP = dO V^T over the value dim.
         stage_rows::<F>(
@@ -287,28 +279,19 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     let k_stride = comptime!(block_k + 1);
     let q_stride = comptime!(block_q + 1);
 
-    let heads = q.shape(1);
-    let seq_q = q.shape(2);
-    let kv_heads = k.shape(1);
-    let seq_k = k.shape(2);
-    let group = heads / kv_heads;
-    let cube = cube_block(heavy_first, false);
-    let bkh = cube.head;
-    let b = bkh / kv_heads;
-    let kvh = bkh % kv_heads;
+    let cube = CubeHead::key_major(q, k, heavy_first);
+    let (b, kvh, group) = (cube.batch, cube.kv_head, cube.group);
+    let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
 
     let c0 = cube.block * block_k;
-    let c_last = min(c0 + block_k, seq_k) - 1;
-    let offset = seq_k as i32 - seq_q as i32;
     // Query i sees this unit's first key j = c0 + ty iff i_lo0 <= i <= i_hi0 (its a-th key
     // is a * row_threads further, and so is its range).
     let i_lo0 = (c0 + ty) as i32 - offset - right;
     let i_hi0 = (c0 + ty) as i32 - offset + left;
-    // Query rows that can see any key of the cube (contiguous, as in the dQ kernel).
-    let q_start = max(c0 as i32 - offset - right, 0);
-    let q_end = min(c_last as i32 - offset + left + 1, seq_q as i32);
+    // Query rows that can see any key of the cube (the band transposed).
+    let bounds = BandBounds::new(c0, c0, seq_k, seq_q, -offset, right, left, block_k, block_k);
 
     let mut k_t = SharedMemory::<F>::new(comptime!(dim * k_stride));
     let mut v_t = SharedMemory::<F>::new(comptime!(value_dim * k_stride));
@@ -346,8 +329,8 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
         let do_base = b * d_out.stride(0) + h * d_out.stride(1);
         let lse_base = b * lse.stride(0) + h * lse.stride(1);
         let delta_base = b * delta.stride(0) + h * delta.stride(1);
-        let mut t0 = q_start;
-        while t0 < q_end {
+        let mut t0 = bounds.start;
+        while t0 < bounds.end {
             let start = usize::cast_from(t0);
             stage_rows::<F>(q, &mut q_t, q_base, start, seq_q, dim, block_q, units, true);
             stage_rows::<F>(
@@ -423,7 +406,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                     if key_ok
                         && i >= i_lo0 + shift
                         && i <= i_hi0 + shift
-                        && i < q_end
+                        && i < bounds.end
                         && lse_i > f32::new(NEG_BIG)
                     {
                         p = f32::exp(st[a * rq + c] * scale - lse_i);
