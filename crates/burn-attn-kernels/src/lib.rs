@@ -33,6 +33,8 @@ pub mod launch;
 #[cfg(feature = "launch")]
 pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
 #[cfg(feature = "launch")]
-pub use components::schedule::{cube_order_probe, cube_order_probe_kernel};
+pub use components::schedule::cube_order_probe_kernel;
 #[cfg(feature = "launch")]
-pub use components::softmax::{online_softmax_probe, online_softmax_probe_kernel};
+pub use components::softmax::online_softmax_probe_kernel;
+#[cfg(feature = "launch")]
+pub use launch::{cube_order_probe, online_softmax_probe};

@@ -1,7 +1,17 @@
-//! The pieces the kernels are written with: matrix-unit fragments and products, shared-
-//! memory staging, the online-softmax step, epilogues, the portable register tiles and the
-//! cube schedule. No plans; the only launches are the probe kernels that test the softmax
-//! step and the schedule on their own.
+//! The pieces the kernels are written with, one concept per file:
+//! - `band`: which columns (keys, or queries in the transposed pass) a cube's rows and a
+//!   plane's rows see, and which tiles need no mask;
+//! - `schedule`: which block and head a cube serves (`CubeHead`, the heavy-first order);
+//! - `staging`: row tiles of a head copied into shared memory (`StageTile`, the one
+//!   comptime tile config; `HeadRows`, where the head's rows are), and `pipeline`: the
+//!   double-buffered `cp.async` tile pair of a loop, or plain loads into one buffer;
+//! - `fragments` (matrix-unit registers, the backward's products) and `products` (the
+//!   forward's two products, per dtype family);
+//! - `softmax`: the online-softmax step on accumulator registers; `epilogue`: rows out;
+//! - `register_tile`: the portable kernels' per-unit register tiles.
+//!
+//! No plans; the only launches are the probe kernels that test the softmax step and the
+//! schedule on their own.
 
 pub(crate) mod band;
 pub(crate) mod epilogue;

@@ -9,11 +9,7 @@
 //! end are the light ones (longest-processing-time-first scheduling), while the cubes in
 //! flight together still share a few heads' K and V in L2.
 
-use burn_backend::{DType, Shape};
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
-
-use crate::launch::alloc_contiguous;
 
 /// The block and head of one cube ([`cube_block`]).
 #[derive(CubeType, Clone, Copy)]
@@ -129,34 +125,4 @@ pub fn cube_order_probe_kernel(
         order[2 * launch] = f32::cast_from(cube.block);
         order[2 * launch + 1] = f32::cast_from(cube.head);
     }
-}
-
-/// Test support: the heavy-first order of a `blocks` x `heads` grid as the kernels compute
-/// it (`group` and `heaviest_last` as [`cube_block`] takes them), on `like`'s device: an
-/// f32 tensor `[blocks * heads, 2]` holding, at each launch index, the block and the head
-/// that cube computes.
-///
-/// # Panics
-/// When `blocks` or `heads` is 0 or past 65535 (the grid's limit).
-pub fn cube_order_probe<R: CubeRuntime>(
-    like: &CubeTensor<R>,
-    blocks: usize,
-    heads: usize,
-    group: u32,
-    heaviest_last: bool,
-) -> CubeTensor<R> {
-    assert!(
-        (1..=u16::MAX as usize).contains(&blocks) && (1..=u16::MAX as usize).contains(&heads),
-        "blocks {blocks} and heads {heads} must be 1 to 65535"
-    );
-    let order = alloc_contiguous(like, Shape::new([blocks * heads, 2]), DType::F32);
-    cube_order_probe_kernel::launch::<R>(
-        &like.client,
-        CubeCount::Static(blocks as u32, heads as u32, 1),
-        CubeDim::new_1d(32),
-        order.clone().into_tensor_arg(),
-        group,
-        heaviest_last,
-    );
-    order
 }

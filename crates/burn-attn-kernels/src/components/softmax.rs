@@ -8,12 +8,9 @@
 //! tile), so one step serves both; each row's state is kept per "half" (`2 * mt + e / 2`:
 //! row tile `mt`, upper or lower 8 rows).
 
-use burn_backend::{DType, Shape};
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::prelude::*;
 
 use super::fragments::{acc_get, acc_set, MmaVecAcc};
-use crate::launch::alloc_contiguous;
 
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
 /// (WGSL rejects infinite literals, and `-inf - -inf` would be NaN).
@@ -214,8 +211,8 @@ pub(crate) fn online_softmax_tile(
 }
 
 /// Rows of one row tile of the probe's plane and keys of its tiles (two `n8` tiles).
-const PROBE_ROW_TILE: usize = 16;
-const PROBE_KEYS: usize = 16;
+pub(crate) const PROBE_ROW_TILE: usize = 16;
+pub(crate) const PROBE_KEYS: usize = 16;
 
 /// Binds the accumulator vector size where no matrix-unit definition does (the probe).
 #[cube]
@@ -332,55 +329,4 @@ pub fn online_softmax_probe_kernel(
             }
         }
     }
-}
-
-/// Test support: runs [`online_softmax_probe_kernel`] (one plane) on `scores`
-/// (`[tiles, rows, 16]` f32, contiguous; `rows` 16 or 32: one or two row tiles) with the
-/// band `offset`/`left`/`right` over `seq_k` keys and accumulator vectors of
-/// `vector_size` (1, 2 or 4) floats; returns the probabilities after each tile and each
-/// row's `[maximum, sum, output scale]` (`[tiles, rows, 3]`).
-///
-/// # Panics
-/// When `scores` is not `[tiles, 16 or 32, 16]` f32 or `vector_size` does not divide 4.
-#[allow(clippy::too_many_arguments)]
-pub fn online_softmax_probe<R: CubeRuntime>(
-    scores: CubeTensor<R>,
-    scale: f32,
-    offset: i32,
-    left: i32,
-    right: i32,
-    seq_k: u32,
-    vector_size: usize,
-) -> (CubeTensor<R>, CubeTensor<R>) {
-    let dims = scores.meta.shape().to_vec();
-    assert!(
-        dims.len() == 3 && matches!(dims[1], 16 | 32) && dims[2] == PROBE_KEYS,
-        "scores must be [tiles, 16 or 32, {PROBE_KEYS}], got {dims:?}"
-    );
-    assert_eq!(scores.dtype, DType::F32, "scores must be f32");
-    assert!(
-        matches!(vector_size, 1 | 2 | 4),
-        "vector_size {vector_size} must divide 4"
-    );
-    let (tiles, rows) = (dims[0], dims[1]);
-    let probs = alloc_contiguous(&scores, Shape::new([tiles, rows, PROBE_KEYS]), DType::F32);
-    let state = alloc_contiguous(&scores, Shape::new([tiles, rows, 3]), DType::F32);
-    let client = scores.client.clone();
-    online_softmax_probe_kernel::launch::<R>(
-        &client,
-        CubeCount::Static(1, 1, 1),
-        CubeDim::new_1d(32),
-        scores.into_tensor_arg(),
-        probs.clone().into_tensor_arg(),
-        state.clone().into_tensor_arg(),
-        scale,
-        offset,
-        left,
-        right,
-        seq_k,
-        tiles,
-        rows / PROBE_ROW_TILE,
-        vector_size,
-    );
-    (probs, state)
 }

@@ -45,14 +45,16 @@ pub(crate) struct HeadRows {
 
 #[cube]
 impl HeadRows {
-    /// Head `h` of batch `b` of `src`.
-    pub fn of<F: Float>(src: &Tensor<F>, b: usize, h: usize) -> HeadRows {
+    /// Head `h` of batch `b` of `src`, with `seq` valid rows of `d` valid columns (the
+    /// kernel's own sizes, which it keeps live anyway: reading them again from each tensor
+    /// would hold more registers).
+    pub fn new<F: Float>(src: &Tensor<F>, b: usize, h: usize, seq: usize, d: usize) -> HeadRows {
         HeadRows {
             base: b * src.stride(0) + h * src.stride(1),
             row_stride: src.stride(2),
             col_stride: src.stride(3),
-            seq: src.shape(2),
-            d: src.shape(3),
+            seq,
+            d,
         }
     }
 }

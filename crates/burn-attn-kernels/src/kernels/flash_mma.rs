@@ -81,6 +81,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     let cube = CubeHead::query_major(q, k, heavy_first);
     let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
+    let (dim, value_dim) = (q.shape(3), v.shape(3));
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let plane_q = comptime!(16 * m_tiles);
@@ -132,13 +133,13 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * k_tile.len()), 16usize);
     let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * v_tile.len()), 16usize);
     let tid = warp * 32 + lane;
-    let q_at = HeadRows::of(q, b, h);
-    let k_at = HeadRows::of(k, b, kvh);
-    let v_at = HeadRows::of(v, b, kvh);
+    let q_at = HeadRows::new(q, b, h, seq_q, dim);
+    let k_at = HeadRows::new(k, b, kvh, seq_k, dim);
+    let v_at = HeadRows::new(v, b, kvh, seq_k, value_dim);
     if comptime!(async_copy) {
-        zero_pad_columns::<F>(&mut q_smem, q_at.d, tid, q_tile, 1usize);
-        zero_pad_columns::<F>(&mut k_smem, k_at.d, tid, k_tile, buffers);
-        zero_pad_columns::<F>(&mut v_smem, v_at.d, tid, v_tile, buffers);
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, q_tile, 1usize);
+        zero_pad_columns::<F>(&mut k_smem, dim, tid, k_tile, buffers);
+        zero_pad_columns::<F>(&mut v_smem, value_dim, tid, v_tile, buffers);
     }
     // Their initialisation synchronises the cube (publishing the zeroed columns).
     let barriers = BufferBarriers::new();
@@ -263,7 +264,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
         warp,
         lane,
         seq_q,
-        v_at.d,
+        value_dim,
         neg_inf,
         m_tiles,
         q_tile.stride,

@@ -129,6 +129,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let cube = CubeHead::query_major(q, k, heavy_first);
     let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
+    let (dim, value_dim) = (q.shape(3), v.shape(3));
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -160,15 +161,15 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * k_tile.len()), 16usize);
     let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * v_tile.len()), 16usize);
     let tid = warp * 32 + lane;
-    let q_at = HeadRows::of(q, b, h);
-    let do_at = HeadRows::of(d_out, b, h);
-    let k_at = HeadRows::of(k, b, kvh);
-    let v_at = HeadRows::of(v, b, kvh);
+    let q_at = HeadRows::new(q, b, h, seq_q, dim);
+    let do_at = HeadRows::new(d_out, b, h, seq_q, value_dim);
+    let k_at = HeadRows::new(k, b, kvh, seq_k, dim);
+    let v_at = HeadRows::new(v, b, kvh, seq_k, value_dim);
     if comptime!(async_copy) {
-        zero_pad_columns::<F>(&mut q_smem, q_at.d, tid, q_tile, 1usize);
-        zero_pad_columns::<F>(&mut do_smem, do_at.d, tid, do_tile, 1usize);
-        zero_pad_columns::<F>(&mut k_smem, k_at.d, tid, k_tile, buffers);
-        zero_pad_columns::<F>(&mut v_smem, v_at.d, tid, v_tile, buffers);
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, q_tile, 1usize);
+        zero_pad_columns::<F>(&mut do_smem, value_dim, tid, do_tile, 1usize);
+        zero_pad_columns::<F>(&mut k_smem, dim, tid, k_tile, buffers);
+        zero_pad_columns::<F>(&mut v_smem, value_dim, tid, v_tile, buffers);
     }
     // Their initialisation synchronises the cube (publishing the zeroed columns).
     let barriers = BufferBarriers::new();
@@ -213,7 +214,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         let mut l = f32::new(DEAD_LSE);
         if row < seq_q {
             let mut c = t;
-            while c < do_at.d {
+            while c < value_dim {
                 d += f32::cast_from(
                     d_out[do_at.base + row * do_at.row_stride + c * do_at.col_stride],
                 ) * f32::cast_from(out[o_base + row * out.stride(2) + c * out.stride(3)]);
@@ -359,7 +360,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         dq.stride(2),
         w0,
         seq_q,
-        q_at.d,
+        dim,
         lane,
         16usize,
         dim_pad,
@@ -421,6 +422,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let cube = CubeHead::key_major(q, k, heavy_first);
     let (b, kvh, h_first, group) = (cube.batch, cube.kv_head, cube.head, cube.group);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
+    let (dim, value_dim) = (q.shape(3), v.shape(3));
     let lane = UNIT_POS_PLANE as usize;
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
@@ -471,13 +473,13 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let mut lse_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
     let mut delta_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
     let tid = warp * 32 + lane;
-    let k_at = HeadRows::of(k, b, kvh);
-    let v_at = HeadRows::of(v, b, kvh);
+    let k_at = HeadRows::new(k, b, kvh, seq_k, dim);
+    let v_at = HeadRows::new(v, b, kvh, seq_k, value_dim);
     if comptime!(async_copy) {
-        zero_pad_columns::<F>(&mut k_smem, k_at.d, tid, k_tile, 1usize);
-        zero_pad_columns::<F>(&mut v_smem, v_at.d, tid, v_tile, 1usize);
-        zero_pad_columns::<F>(&mut q_smem, k_at.d, tid, q_tile, buffers);
-        zero_pad_columns::<F>(&mut do_smem, v_at.d, tid, do_tile, buffers);
+        zero_pad_columns::<F>(&mut k_smem, dim, tid, k_tile, 1usize);
+        zero_pad_columns::<F>(&mut v_smem, value_dim, tid, v_tile, 1usize);
+        zero_pad_columns::<F>(&mut q_smem, dim, tid, q_tile, buffers);
+        zero_pad_columns::<F>(&mut do_smem, value_dim, tid, do_tile, buffers);
         if steps > 0 {
             // The first step's lse and D into buffer 0, with plain stores: published, with
             // the zeroed columns, by the barriers' initialisation below (it synchronises
@@ -518,10 +520,10 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             );
             stage_pair::<F>(
                 q,
-                HeadRows::of(q, b, h_first),
+                HeadRows::new(q, b, h_first, seq_q, dim),
                 &mut q_smem,
                 d_out,
-                HeadRows::of(d_out, b, h_first),
+                HeadRows::new(d_out, b, h_first, seq_q, value_dim),
                 &mut do_smem,
                 q_first,
                 0usize,
@@ -583,10 +585,10 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 let tn = q_first + (next % tiles) * block_q;
                 stage_pair::<F>(
                     q,
-                    HeadRows::of(q, b, hn),
+                    HeadRows::new(q, b, hn, seq_q, dim),
                     &mut q_smem,
                     d_out,
-                    HeadRows::of(d_out, b, hn),
+                    HeadRows::new(d_out, b, hn, seq_q, value_dim),
                     &mut do_smem,
                     tn,
                     1 - stage,
@@ -614,10 +616,10 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         } else {
             stage_pair::<F>(
                 q,
-                HeadRows::of(q, b, h),
+                HeadRows::new(q, b, h, seq_q, dim),
                 &mut q_smem,
                 d_out,
-                HeadRows::of(d_out, b, h),
+                HeadRows::new(d_out, b, h, seq_q, value_dim),
                 &mut do_smem,
                 t0u,
                 0usize,
@@ -675,7 +677,12 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             // P^T and dS^T = P^T (dP^T - D); the lse and D are the column's (query's).
             // `unmasked`: every (query, key) pair of the tile is visible, so no
             // per-element test.
-            let unmasked = bounds.tile_unmasked(t0, tile_hi, seq_q);
+            // (`bounds.tile_unmasked` written out: its stored bounds would stay live
+            // across the loop, and this kernel is at the register limit.)
+            let unmasked = bounds.plane_full
+                && tile_hi < seq_q as i32
+                && tile_hi + offset - left <= w0 as i32
+                && w0 as i32 + 15 <= t0 + offset + right;
             #[unroll]
             for qt in 0..q_tiles {
                 #[unroll]
@@ -782,7 +789,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         dk.stride(2),
         w0,
         seq_k,
-        k_at.d,
+        dim,
         lane,
         16usize,
         dim_pad,
@@ -796,7 +803,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         dv.stride(2),
         w0,
         seq_k,
-        v_at.d,
+        value_dim,
         lane,
         16usize,
         value_dim_pad,

@@ -5,8 +5,9 @@ mod backward;
 mod buffers;
 mod device;
 mod forward;
+mod probes;
 
 pub use backward::{flash_backward_with, launch_backward, BackwardInputs, Gradients};
-pub(crate) use buffers::alloc_contiguous;
 pub use device::{device_caps, forward_problem};
 pub use forward::{flash_forward_with, launch_forward, ForwardOutput};
+pub use probes::{cube_order_probe, online_softmax_probe};

@@ -21,13 +21,13 @@ const NARROW_BAND_KEYS: usize = 512;
 pub enum ForwardKernel {
     /// `flash_mma`: matrix units, f16/bf16, CUDA sm_80+.
     Mma,
-    /// `flash_tf32`: matrix units on tf32 products, f32 inputs, CUDA sm_80+ (opt-in).
+    /// `flash_mma` on tf32 products: f32 inputs, CUDA sm_80+ (opt-in).
     Tf32,
     /// `flash_unit`: the portable kernel, every runtime and dtype.
     Unit,
 }
 
-/// The launch plan of a matrix-unit forward (`flash_mma` or `flash_tf32`).
+/// The launch plan of the matrix-unit forward (`flash_mma`, either products).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaPlan {
     /// Planes (32-unit warps) per cube.
@@ -75,7 +75,7 @@ pub struct UnitPlan {
 pub enum ForwardPlan {
     /// `flash_mma`.
     Mma(MmaPlan),
-    /// `flash_tf32`.
+    /// `flash_mma` on tf32 products (f32 inputs).
     Tf32(MmaPlan),
     /// `flash_unit`.
     Unit(UnitPlan),
@@ -322,8 +322,8 @@ fn plan_mma(
     matrix_plan(problem, caps, forced, tiles)
 }
 
-/// `flash_tf32` (`mma.sync.m16n8k8` on tf32, f32 inputs). Head and value dims are padded
-/// to 8. One row tile per plane (at head dim 128 the O accumulators alone take 64
+/// `flash_mma` on tf32 products (`mma.sync.m16n8k8`, f32 inputs). Head and value dims are
+/// padded to 8. One row tile per plane (at head dim 128 the O accumulators alone take 64
 /// registers per lane); 32 keys per tile past head dim 64 (fewer live accumulator
 /// registers; measured: 64 keys ran 43-45% slower there, one cube per multiprocessor).
 fn plan_tf32(
