@@ -12,7 +12,7 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 && ! ls /usr/share
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
     else
         echo "== no Vulkan driver found and cannot install one: install mesa-vulkan-drivers" >&2
-        echo "== (or set BURN_ATTN_SKIP_GPU=1 to skip the WGPU tests, loudly)" >&2
+        echo "== (or run cargo test --workspace without the wgpu feature: CPU suite only)" >&2
         exit 1
     fi
 fi

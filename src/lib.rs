@@ -32,8 +32,8 @@ pub use burn_attn_core as cores;
 pub use burn_attn_nn as nn;
 
 pub use burn_attn_core::{
-    attention, pattern_attention, AttentionBackend, AttentionError, AttentionOptions,
-    LinearAttentionState, Window,
+    attention, pattern_attention, try_attention, try_pattern_attention, AttentionBackend,
+    AttentionError, AttentionOptions, LinearAttentionState, Window,
 };
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,

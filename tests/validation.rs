@@ -109,3 +109,49 @@ fn linear_modules_reject_eps_zero() {
         .validate()
         .is_err());
 }
+
+/// The `try_` forms return what the panicking forms panic with, and the result otherwise.
+#[test]
+fn try_forms_return_bad_input_as_errors() {
+    use burn_attn::{try_attention, try_pattern_attention, AttentionError};
+    let [q, k, v] = qkv(16);
+    let device = Default::default();
+    let narrow_k = Tensor::<B, 4>::zeros([2, 2, 16, 4], &device);
+    let err = try_attention(q.clone(), narrow_k, v.clone(), &AttentionOptions::new())
+        .expect_err("a head dim mismatch");
+    assert!(matches!(err, AttentionError::Shape { .. }), "{err}");
+    assert!(err.to_string().contains("[2, 2, 16, 4]"), "{err}");
+
+    let odd_kv = Tensor::<B, 4>::zeros([2, 3, 16, 8], &device);
+    let err = try_attention(q.clone(), odd_kv.clone(), odd_kv, &AttentionOptions::new())
+        .expect_err("2 query heads over 3 kv heads");
+    assert!(err.to_string().contains('3'), "{err}");
+
+    let err = try_pattern_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        &KeyPattern::default(),
+        &AttentionOptions::new(),
+        None,
+        1.0,
+    )
+    .expect_err("dropout 1");
+    assert!(err.to_string().contains("dropout 1"), "{err}");
+
+    let options = AttentionOptions::new().with_causal(true);
+    let ok = try_attention(q.clone(), k.clone(), v.clone(), &options).expect("valid input");
+    assert_eq!(max_diff(ok, attention(q, k, v, &options)), 0.0);
+}
+
+/// Two calls with the same inputs give the same bits (forward and lse).
+#[test]
+fn the_forward_is_deterministic() {
+    use burn_attn::cores::attention_with_lse;
+    let [q, k, v] = qkv(77);
+    let options = AttentionOptions::new().with_window(Window::new(Some(20), Some(5)));
+    let run = || attention_with_lse(q.clone(), k.clone(), v.clone(), &options);
+    let ((o1, l1), (o2, l2)) = (run(), run());
+    assert_eq!(o1.into_data().as_bytes(), o2.into_data().as_bytes());
+    assert_eq!(l1.into_data().as_bytes(), l2.into_data().as_bytes());
+}

@@ -54,6 +54,10 @@ impl Case {
         self.window = Window::new(left, right);
         self
     }
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
     pub fn gqa(mut self, heads: usize, kv_heads: usize) -> Self {
         self.heads = heads;
         self.kv_heads = kv_heads;
@@ -616,6 +620,9 @@ pub fn grid() -> Vec<Case> {
     // Large logits.
     cases.push(Case::new(64, 64, 64).gain(30.0));
     cases.push(Case::new(64, 64, 64).gain(30.0).causal());
+    // Batches above 1 (batch and head offsets), with GQA and a window.
+    cases.push(Case::new(33, 33, 64).gqa(4, 2).causal().batch(3));
+    cases.push(Case::new(97, 60, 32).window(Some(7), Some(2)).batch(2));
     cases
 }
 
@@ -857,6 +864,7 @@ pub fn backward_grid() -> Vec<Case> {
             .gqa(8, 1)
             .causal(),
         Case::new(40, 3, 32).causal(),
+        Case::new(33, 40, 64).causal().gqa(4, 2).batch(2),
         // The widest head dim (the portable kernels' smallest tiles on 32 KiB devices).
         Case::new(20, 24, 256).causal(),
     ]

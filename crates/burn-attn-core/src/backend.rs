@@ -7,7 +7,6 @@ use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
 use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
-use crate::error::ensure;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
 use crate::shape::AttentionShape;
@@ -93,7 +92,7 @@ fn same_dtype<B: Backend>(
 ///
 /// # Panics
 /// With a message naming the values when shapes do not match, heads do not divide, or the
-/// options are invalid.
+/// options are invalid ([`try_attention`] returns the error instead).
 pub fn attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -104,16 +103,44 @@ pub fn attention<B: AttentionBackend>(
 }
 
 /// [`attention`], also returning the row log-sum-exp `[batch, heads, seq_q]`.
+///
+/// # Panics
+/// As [`attention`] ([`try_attention_with_lse`] returns the error instead).
 pub fn attention_with_lse<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     options: &AttentionOptions,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    ensure(AttentionShape::of(&q, &k, &v).map(|_| ()));
-    ensure(same_dtype(&q, &k, &v));
-    ensure(options.validate());
-    B::banded_attention(q, k, v, options)
+    try_attention_with_lse(q, k, v, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
+}
+
+/// [`attention`] for callers that must not panic on bad input (a server answering a
+/// request): the same checks, returned as an [`AttentionError`] naming the values. A call
+/// that passes them runs as [`attention`] does (with [`KernelPolicy::Require`], a kernel
+/// that declines still panics: that is a configuration of the caller's, not input).
+///
+/// [`KernelPolicy::Require`]: crate::KernelPolicy::Require
+pub fn try_attention<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    options: &AttentionOptions,
+) -> Result<Tensor<B, 4>, crate::AttentionError> {
+    try_attention_with_lse(q, k, v, options).map(|(out, _)| out)
+}
+
+/// [`try_attention`], also returning the row log-sum-exp `[batch, heads, seq_q]`.
+pub fn try_attention_with_lse<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    options: &AttentionOptions,
+) -> Result<(Tensor<B, 4>, Tensor<B, 3>), crate::AttentionError> {
+    AttentionShape::of(&q, &k, &v)?;
+    same_dtype(&q, &k, &v)?;
+    options.validate()?;
+    Ok(B::banded_attention(q, k, v, options))
 }
 
 /// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
@@ -125,7 +152,8 @@ pub fn attention_with_lse<B: AttentionBackend>(
 /// to the attention probabilities only while the backend tracks gradients.
 ///
 /// # Panics
-/// With a message naming the values when shapes do not match or options are invalid.
+/// With a message naming the values when shapes do not match or options are invalid
+/// ([`try_pattern_attention`] returns the error instead).
 pub fn pattern_attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -135,25 +163,38 @@ pub fn pattern_attention<B: AttentionBackend>(
     key_padding: Option<Tensor<B, 2, Bool>>,
     dropout: f64,
 ) -> Tensor<B, 4> {
-    let shape = AttentionShape::of(&q, &k, &v);
-    ensure(shape.clone().map(|_| ()));
-    ensure(same_dtype(&q, &k, &v));
-    ensure(options.validate());
-    let shape = shape.unwrap();
-    ensure(pattern.validate(shape.seq_q, shape.seq_k));
+    try_pattern_attention(q, k, v, pattern, options, key_padding, dropout)
+        .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+}
+
+/// [`pattern_attention`] returning bad input as an [`AttentionError`] instead of
+/// panicking (see [`try_attention`]).
+pub fn try_pattern_attention<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    dropout: f64,
+) -> Result<Tensor<B, 4>, crate::AttentionError> {
+    let shape = AttentionShape::of(&q, &k, &v)?;
+    same_dtype(&q, &k, &v)?;
+    options.validate()?;
+    pattern.validate(shape.seq_q, shape.seq_k)?;
     if !(0.0..1.0).contains(&dropout) {
-        ensure(Err(crate::AttentionError::Invalid(format!(
+        return Err(crate::AttentionError::Invalid(format!(
             "dropout {dropout} (takes 0 <= dropout < 1)"
-        ))));
+        )));
     }
     if let Some(pad) = &key_padding {
         let dims = pad.dims();
         if dims != [shape.batch, shape.seq_k] {
-            ensure(Err(crate::AttentionError::Shape {
+            return Err(crate::AttentionError::Shape {
                 what: "key padding mask",
                 expected: format!("[{}, {}] (batch, seq_k)", shape.batch, shape.seq_k),
                 got: dims.to_vec(),
-            }));
+            });
         }
     }
     let dropout_active = dropout > 0.0 && B::ad_enabled(&q.device());
@@ -164,7 +205,7 @@ pub fn pattern_attention<B: AttentionBackend>(
             window: pattern.window.intersect(options.window),
             ..options.clone()
         };
-        return B::banded_attention(q, k, v, &options).0;
+        return Ok(B::banded_attention(q, k, v, &options).0);
     }
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
@@ -185,9 +226,9 @@ pub fn pattern_attention<B: AttentionBackend>(
     let declined = [Implementation::FlashMma, Implementation::FlashUnit]
         .map(|imp| (imp, Decline::Mask(why)))
         .to_vec();
-    serve_tiled(Pass::Forward, options, declined, || {
+    Ok(serve_tiled(Pass::Forward, options, declined, || {
         tiled_attention(q, k, v, &spec).0
-    })
+    }))
 }
 
 #[cfg(feature = "ndarray")]

@@ -18,7 +18,10 @@ mod reference;
 mod shape;
 mod tiled;
 
-pub use backend::{attention, attention_with_lse, pattern_attention, AttentionBackend};
+pub use backend::{
+    attention, attention_with_lse, pattern_attention, try_attention, try_attention_with_lse,
+    try_pattern_attention, AttentionBackend,
+};
 pub use backward::tiled_band_backward;
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
