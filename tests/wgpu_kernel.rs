@@ -320,3 +320,68 @@ fn kernel_forward_is_deterministic() {
     assert!(o1.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
+
+/// The tensor-op cores with f16 inputs on a backend whose default float is f32 (as a
+/// mixed-precision model calls them): whatever they create follows the inputs' dtype, the
+/// output is f16, and it matches the f32 run to f16 precision.
+#[test]
+fn tensor_op_cores_take_half_precision_inputs() {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Bool, Distribution, TensorData};
+    use burn_attn_core::{
+        causal_linear_attention, linear_attention, pattern_attention, AttentionOptions, KeyPattern,
+        Window,
+    };
+    require_gpu();
+    let device = WgpuDevice::default();
+    Plain::seed(&device, 3);
+    let shape = [2, 2, 37, 16];
+    let positive = || Tensor::<Plain, 4>::random(shape, Distribution::Uniform(0.1, 1.0), &device);
+    let (q, k, v) = (positive(), positive(), positive());
+    let half = |t: &Tensor<Plain, 4>| t.clone().cast(DType::F16);
+    let check = |what: &str, low: Tensor<Plain, 4>, full: Tensor<Plain, 4>| {
+        assert_eq!(low.dtype(), DType::F16, "{what}");
+        let err: f32 = (low.cast(DType::F32) - full).abs().max().into_scalar();
+        assert!(err < 2e-2, "{what}: max |f16 - f32| = {err}");
+    };
+
+    // Chunked causal form, with zero padding of the last chunk and the carried state.
+    let (low, _) = causal_linear_attention(half(&q), half(&k), half(&v), 8, 1e-3, None);
+    let (full, _) = causal_linear_attention(q.clone(), k.clone(), v.clone(), 8, 1e-3, None);
+    check("causal linear", low, full);
+
+    // Non-causal form with a key padding mask.
+    let hide: Vec<bool> = (0..2 * 37).map(|i| i % 7 == 3).collect();
+    let pad =
+        || Tensor::<Plain, 2, Bool>::from_data(TensorData::new(hide.clone(), [2, 37]), &device);
+    let low = linear_attention(half(&q), half(&k), half(&v), 1e-3, Some(pad()));
+    let full = linear_attention(q.clone(), k.clone(), v.clone(), 1e-3, Some(pad()));
+    check("linear, key padding", low, full);
+
+    // The tiled softmax path: strided columns around a band, with key padding.
+    let pattern = KeyPattern {
+        window: Window::new(Some(3), Some(3)),
+        stride: Some(5),
+        ..KeyPattern::default()
+    };
+    let options = AttentionOptions::new();
+    let low = pattern_attention(
+        half(&q),
+        half(&k),
+        half(&v),
+        &pattern,
+        &options,
+        Some(pad()),
+        0.0,
+    );
+    let full = pattern_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        &pattern,
+        &options,
+        Some(pad()),
+        0.0,
+    );
+    check("tiled softmax, strided + padding", low, full);
+}

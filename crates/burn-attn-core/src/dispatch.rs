@@ -84,6 +84,7 @@ pub enum Pass {
 }
 
 /// Implementations that declined a pass, in the order they were tried, with their reasons.
+#[cfg(feature = "cube")]
 pub(crate) type Declines = Vec<(Implementation, Decline)>;
 
 /// One executed pass: what served it and why the implementations tried before declined.

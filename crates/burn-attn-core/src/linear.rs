@@ -80,10 +80,11 @@ pub fn linear_attention<B: Backend>(
                 got: pad.dims().to_vec(),
             }));
         }
-        let keep = pad
-            .bool_not()
-            .float()
-            .reshape([shape.batch, 1, shape.seq_k, 1]);
+        let keep =
+            pad.bool_not()
+                .float()
+                .cast(phi_k.dtype())
+                .reshape([shape.batch, 1, shape.seq_k, 1]);
         phi_k = phi_k * keep;
     }
     let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
@@ -128,9 +129,16 @@ pub fn causal_linear_attention<B: Backend>(
         ..
     } = shape;
     let device = phi_q.device();
+    // Everything this function creates follows the inputs' dtype (f16/bf16 inputs on a
+    // backend whose default float is f32 must not meet f32 constants), and so does the state.
+    let dtype = phi_q.dtype();
     let phi_k = repeat_kv(phi_k, heads);
     let v = repeat_kv(v, heads);
     let state = state.unwrap_or_else(|| LinearAttentionState::zeros(batch, heads, d, dv, &device));
+    let state = LinearAttentionState {
+        kv: state.kv.cast(dtype),
+        z: state.z.cast(dtype),
+    };
     if state.kv.dims() != [batch, heads, d, dv] {
         ensure(Err(AttentionError::Shape {
             what: "linear attention state",
@@ -139,7 +147,10 @@ pub fn causal_linear_attention<B: Backend>(
         }));
     }
     if seq == 0 {
-        return (Tensor::zeros([batch, heads, 0, dv], &device), state);
+        return (
+            Tensor::zeros([batch, heads, 0, dv], (&device, dtype)),
+            state,
+        );
     }
 
     let chunk = chunk.min(seq);
@@ -154,7 +165,7 @@ pub fn causal_linear_attention<B: Backend>(
             Tensor::cat(
                 vec![
                     x,
-                    Tensor::zeros([batch, heads, padded - seq, width], &device),
+                    Tensor::zeros([batch, heads, padded - seq, width], (&device, dtype)),
                 ],
                 2,
             )
@@ -165,7 +176,7 @@ pub fn causal_linear_attention<B: Backend>(
     let v = pad(v, dv).reshape([batch, heads, n_chunks, chunk, dv]);
 
     // Inside each chunk: causal quadratic form.
-    let causal = Tensor::<B, 2>::ones([chunk, chunk], &device)
+    let causal = Tensor::<B, 2>::ones([chunk, chunk], (&device, dtype))
         .tril(0)
         .reshape([1, 1, 1, chunk, chunk]);
     let scores = q.clone().matmul(k.clone().swap_dims(3, 4)) * causal; // [b,h,c,C,C]

@@ -9,7 +9,7 @@
 
 use core::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Distribution, Int, Tensor, TensorData};
 
 use crate::pattern::{tile_span, KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
@@ -91,6 +91,9 @@ pub fn tiled_attention<B: Backend>(
         ..
     } = shape;
     let device = q.device();
+    // What this path creates follows the inputs' dtype (f16/bf16 inputs on a backend whose
+    // default float is f32 must not meet f32 tensors).
+    let dtype = q.dtype();
     let k = repeat_kv(k, heads);
     let v = repeat_kv(v, heads);
     // Scaling q once is cheaper than scaling every tile of scores.
@@ -115,7 +118,7 @@ pub fn tiled_attention<B: Backend>(
         start = rows.end;
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
-        let mut state = RowState::new([batch, heads, nr, value_dim], &device);
+        let mut state = RowState::new([batch, heads, nr, value_dim], (&device, dtype));
         let padding_of = |pad: Tensor<B, 2, Bool>, nc: usize| {
             pad.reshape([batch, 1, 1, nc])
                 .expand([batch, heads, nr, nc])
@@ -135,6 +138,7 @@ pub fn tiled_attention<B: Backend>(
             if let Some(bias) = spec.bias {
                 s = s + bias
                     .bias(rows.clone(), cols.clone())
+                    .cast(dtype)
                     .expand([batch, heads, nr, nc]);
             }
             let mut hidden = (cover == TileCover::Partial).then(|| {
@@ -174,8 +178,8 @@ pub fn tiled_attention<B: Backend>(
     }
     if outputs.is_empty() {
         return (
-            Tensor::zeros([batch, heads, 0, value_dim], &device),
-            Tensor::zeros([batch, heads, 0], &device),
+            Tensor::zeros([batch, heads, 0, value_dim], (&device, dtype)),
+            Tensor::zeros([batch, heads, 0], (&device, dtype)),
         );
     }
     let out = Tensor::cat(outputs, 2);
@@ -208,12 +212,13 @@ struct RowState<B: Backend> {
 }
 
 impl<B: Backend> RowState<B> {
-    fn new(acc_shape: [usize; 4], device: &B::Device) -> Self {
+    /// The state before any tile, in the inputs' dtype.
+    fn new(acc_shape: [usize; 4], (device, dtype): (&B::Device, DType)) -> Self {
         let [b, h, rows, _] = acc_shape;
         Self {
             max: None,
-            sum: Tensor::zeros([b, h, rows, 1], device),
-            acc: Tensor::zeros(acc_shape, device),
+            sum: Tensor::zeros([b, h, rows, 1], (device, dtype)),
+            acc: Tensor::zeros(acc_shape, (device, dtype)),
         }
     }
 
@@ -262,7 +267,8 @@ impl<B: Backend> RowState<B> {
             Some(max) => {
                 // The sum is 0 only where the row saw nothing; acc is 0 there too, so the
                 // clamp turns 0/0 into 0.
-                let out = self.acc / self.sum.clone().clamp_min(f32::MIN_POSITIVE);
+                let tiny = smallest_normal(self.sum.dtype());
+                let out = self.acc / self.sum.clone().clamp_min(tiny);
                 (out, safe_shift(max) + self.sum.log())
             }
             None => {
@@ -270,6 +276,15 @@ impl<B: Backend> RowState<B> {
                 (self.acc, lse)
             }
         }
+    }
+}
+
+/// The smallest positive normal value of a float dtype (a clamp of `f32::MIN_POSITIVE`
+/// would round to 0 in f16 and turn an empty row's 0 / 0 into NaN).
+pub(crate) fn smallest_normal(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => 6.103_515_6e-5,
+        _ => f32::MIN_POSITIVE,
     }
 }
 
