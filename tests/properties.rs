@@ -1,0 +1,144 @@
+//! Property tests of the CPU path (`pattern_attention` on `NdArray<f32>`: the tiled band
+//! and pattern paths) against the materialised reference in f64, over random shapes,
+//! windows, causal rules, strided columns, block layouts, key padding and GQA.
+
+use burn::backend::NdArray;
+use burn::tensor::{Bool, Tensor, TensorData};
+use burn_attn::cores::{pattern_attention, reference_attention, BlockLayout, KeyPattern};
+use burn_attn::{AttentionOptions, Window};
+use proptest::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+type B = NdArray<f32>;
+type Truth = NdArray<f64>;
+
+/// One call: sizes, the pattern's parts, padding and the inputs' seed.
+#[derive(Debug, Clone)]
+struct Call {
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    seq_q: usize,
+    seq_k: usize,
+    dim: usize,
+    value_dim: usize,
+    left: Option<usize>,
+    right: Option<usize>,
+    causal: bool,
+    stride: Option<usize>,
+    blocks: Option<(usize, f64, u64)>,
+    pad_every: Option<usize>,
+    seed: u64,
+}
+
+fn calls() -> impl Strategy<Value = Call> {
+    (
+        (1usize..3, 1usize..3, 1usize..3, 1usize..40, 1usize..40),
+        (1usize..17, 1usize..17),
+        (
+            proptest::option::of(0usize..12),
+            proptest::option::of(0usize..12),
+            any::<bool>(),
+            proptest::option::of(1usize..7),
+            proptest::option::of((1usize..9, 0.2f64..1.0, any::<u64>())),
+            proptest::option::of(2usize..6),
+        ),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((batch, kv_heads, group, seq_q, seq_k), (dim, value_dim), pattern, seed)| {
+                let (left, right, causal, stride, blocks, pad_every) = pattern;
+                Call {
+                    batch,
+                    kv_heads,
+                    group,
+                    seq_q,
+                    seq_k,
+                    dim,
+                    value_dim,
+                    left,
+                    right,
+                    causal,
+                    stride,
+                    blocks,
+                    pad_every,
+                    seed,
+                }
+            },
+        )
+}
+
+/// Seeded values in [-2, 2) of `shape`.
+fn values(rng: &mut StdRng, shape: [usize; 4]) -> TensorData {
+    let n = shape.iter().product();
+    TensorData::new(
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect(),
+        shape,
+    )
+}
+
+fn max_diff(ours: Tensor<B, 4>, truth: Tensor<Truth, 4>) -> f64 {
+    let ours: Vec<f64> = ours.into_data().convert::<f64>().to_vec().unwrap();
+    let truth: Vec<f64> = truth.into_data().convert::<f64>().to_vec().unwrap();
+    assert_eq!(ours.len(), truth.len());
+    ours.iter()
+        .zip(&truth)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+proptest! {
+    // No failure files: a failing case prints its inputs, which reproduce it.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn cpu_path_matches_the_f64_reference(call in calls()) {
+        let mut rng = StdRng::seed_from_u64(call.seed);
+        let heads = call.kv_heads * call.group;
+        let q = values(&mut rng, [call.batch, heads, call.seq_q, call.dim]);
+        let k = values(&mut rng, [call.batch, call.kv_heads, call.seq_k, call.dim]);
+        let v = values(&mut rng, [call.batch, call.kv_heads, call.seq_k, call.value_dim]);
+        let blocks = call.blocks.map(|(block, density, seed)| {
+            BlockLayout::random(call.seq_q, call.seq_k, block, density, seed).unwrap()
+        });
+        let pattern = KeyPattern {
+            window: Window::new(call.left, call.right),
+            stride: call.stride,
+            causal: call.causal,
+            blocks,
+        };
+        let hide: Option<Vec<bool>> = call
+            .pad_every
+            .map(|every| (0..call.batch * call.seq_k).map(|i| i % every == 1).collect());
+        let mask = |h: &Vec<bool>| TensorData::new(h.clone(), [call.batch, call.seq_k]);
+        let options = AttentionOptions::new();
+        let scale = 1.0 / (call.dim as f64).sqrt();
+
+        let device = Default::default();
+        let ours = pattern_attention::<B>(
+            Tensor::from_data(q.clone(), &device),
+            Tensor::from_data(k.clone(), &device),
+            Tensor::from_data(v.clone(), &device),
+            &pattern,
+            &options,
+            hide.as_ref().map(|h| Tensor::<B, 2, Bool>::from_data(mask(h), &device)),
+            0.0,
+        );
+        let truth_device = Default::default();
+        let (truth, _) = reference_attention::<Truth>(
+            Tensor::from_data(q.convert::<f64>(), &truth_device),
+            Tensor::from_data(k.convert::<f64>(), &truth_device),
+            Tensor::from_data(v.convert::<f64>(), &truth_device),
+            &pattern,
+            scale,
+            hide.as_ref().map(|h| Tensor::<Truth, 2, Bool>::from_data(mask(h), &truth_device)),
+            None,
+        );
+        let err = max_diff(ours, truth);
+        prop_assert!(err < 2e-5, "max |ours - f64| = {err} for {call:?}");
+    }
+}
