@@ -385,3 +385,47 @@ fn tensor_op_cores_take_half_precision_inputs() {
     );
     check("tiled softmax, strided + padding", low, full);
 }
+
+/// Calls from several threads on one device give the same bits as the same calls made one
+/// after another (each thread its own shape, so the kernels and plans differ too).
+#[test]
+fn concurrent_calls_match_serial_calls() {
+    require_gpu();
+    let cases = [
+        Case::new(97, 97, 64).causal(),
+        Case::new(33, 47, 32).gqa(4, 2),
+        Case::new(130, 130, 64).window(Some(5), Some(9)).batch(2),
+        Case::new(40, 3, 32).causal(),
+    ];
+    let inputs: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| inputs(c, 20 + i as u64))
+        .collect();
+    let serial: Vec<_> = cases
+        .iter()
+        .zip(&inputs)
+        .map(|(c, x)| kernel::<Plain>(c, x, DType::F32))
+        .collect();
+    let concurrent: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .iter()
+            .zip(&inputs)
+            .map(|(c, x)| scope.spawn(move || kernel::<Plain>(c, x, DType::F32)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a call"))
+            .collect()
+    });
+    for (i, ((o1, l1, _), (o2, l2, _))) in serial.iter().zip(&concurrent).enumerate() {
+        assert!(
+            o1.iter().zip(o2).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "case {i}"
+        );
+        assert!(
+            l1.iter().zip(l2).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "case {i}"
+        );
+    }
+}
