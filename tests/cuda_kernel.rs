@@ -133,14 +133,8 @@ mod on_cuda {
         for dtype in [DType::BF16, DType::F32] {
             let (o1, l1, _) = kernel::<Plain>(&case, &x, dtype);
             let (o2, l2, _) = kernel::<Plain>(&case, &x, dtype);
-            assert!(
-                o1.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{dtype:?}"
-            );
-            assert!(
-                l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{dtype:?}"
-            );
+            assert!(same_bits(&o1, &o2), "{dtype:?}");
+            assert!(same_bits(&l1, &l2), "{dtype:?}");
         }
     }
 

@@ -317,8 +317,8 @@ fn kernel_forward_is_deterministic() {
     let x = inputs(&case, 9);
     let (o1, l1, _) = kernel::<Plain>(&case, &x, DType::F32);
     let (o2, l2, _) = kernel::<Plain>(&case, &x, DType::F32);
-    assert!(o1.iter().zip(&o2).all(|(a, b)| a.to_bits() == b.to_bits()));
-    assert!(l1.iter().zip(&l2).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(same_bits(&o1, &o2));
+    assert!(same_bits(&l1, &l2));
 }
 
 /// The tensor-op cores with f16 inputs on a backend whose default float is f32 (as a
@@ -419,13 +419,7 @@ fn concurrent_calls_match_serial_calls() {
             .collect()
     });
     for (i, ((o1, l1, _), (o2, l2, _))) in serial.iter().zip(&concurrent).enumerate() {
-        assert!(
-            o1.iter().zip(o2).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "case {i}"
-        );
-        assert!(
-            l1.iter().zip(l2).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "case {i}"
-        );
+        assert!(same_bits(o1, o2), "case {i}");
+        assert!(same_bits(l1, l2), "case {i}");
     }
 }

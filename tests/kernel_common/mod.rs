@@ -626,6 +626,11 @@ pub fn grid() -> Vec<Case> {
     cases
 }
 
+/// Whether two results hold the same bits, element by element.
+pub fn same_bits(a: &[f64], b: &[f64]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// Gradients of `sum(attention(q, k, v) * w)` with respect to q, k, v.
 fn attention_gradients<B>(
     case: &Case,
@@ -814,12 +819,8 @@ where
         }
     });
     for (n, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
-        let same_bits = got[n]
-            .iter()
-            .zip(&again[n])
-            .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(
-            same_bits,
+            same_bits(&got[n], &again[n]),
             "{case:?} {dtype:?}: {name} differs between two runs"
         );
         let err = max_err(&got[n], &want[n]);

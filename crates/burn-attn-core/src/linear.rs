@@ -5,7 +5,7 @@
 //! prefix sum of per-chunk `phi(K)^T V` states. No host loop over time steps; the same
 //! code with a chunk of one token is the recurrent step.
 
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorCreationOptions};
 
 use crate::error::{ensure, AttentionError};
 use crate::shape::{repeat_kv, AttentionShape};
@@ -20,17 +20,19 @@ pub struct LinearAttentionState<B: Backend> {
 }
 
 impl<B: Backend> LinearAttentionState<B> {
-    /// The state before any token.
+    /// The state before any token, on a device (`&device`: the device's default float
+    /// dtype) or with a dtype (`(&device, dtype)`).
     pub fn zeros(
         batch: usize,
         heads: usize,
         head_dim: usize,
         value_dim: usize,
-        device: &B::Device,
+        options: impl Into<TensorCreationOptions<B>>,
     ) -> Self {
+        let options = options.into();
         Self {
-            kv: Tensor::zeros([batch, heads, head_dim, value_dim], device),
-            z: Tensor::zeros([batch, heads, head_dim], device),
+            kv: Tensor::zeros([batch, heads, head_dim, value_dim], options.clone()),
+            z: Tensor::zeros([batch, heads, head_dim], options),
         }
     }
 }
@@ -134,10 +136,12 @@ pub fn causal_linear_attention<B: Backend>(
     let dtype = phi_q.dtype();
     let phi_k = repeat_kv(phi_k, heads);
     let v = repeat_kv(v, heads);
-    let state = state.unwrap_or_else(|| LinearAttentionState::zeros(batch, heads, d, dv, &device));
-    let state = LinearAttentionState {
-        kv: state.kv.cast(dtype),
-        z: state.z.cast(dtype),
+    let state = match state {
+        Some(state) => LinearAttentionState {
+            kv: state.kv.cast(dtype),
+            z: state.z.cast(dtype),
+        },
+        None => LinearAttentionState::zeros(batch, heads, d, dv, (&device, dtype)),
     };
     if state.kv.dims() != [batch, heads, d, dv] {
         ensure(Err(AttentionError::Shape {

@@ -281,7 +281,7 @@ impl<B: Backend> RowState<B> {
 
 /// The smallest positive normal value of a float dtype (a clamp of `f32::MIN_POSITIVE`
 /// would round to 0 in f16 and turn an empty row's 0 / 0 into NaN).
-pub(crate) fn smallest_normal(dtype: DType) -> f32 {
+fn smallest_normal(dtype: DType) -> f32 {
     match dtype {
         DType::F16 => 6.103_515_6e-5,
         _ => f32::MIN_POSITIVE,

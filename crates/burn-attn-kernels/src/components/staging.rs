@@ -21,6 +21,31 @@ pub(crate) struct StageTile {
 }
 
 impl StageTile {
+    /// The tiles of `rows` rows of the head dim (Q, K) and of the value dim (V, dO), rows
+    /// padded by `pad` values and copied `pad` values at a time (`pad` = 16 bytes of the
+    /// dtype: distinct banks for the fragment loads, whole `cp.async` copies).
+    pub fn head_and_value(
+        rows: usize,
+        dim_pad: usize,
+        value_dim_pad: usize,
+        threads: usize,
+        pad: usize,
+    ) -> (Self, Self) {
+        let head = Self {
+            rows,
+            d_pad: dim_pad,
+            stride: dim_pad + pad,
+            threads,
+            chunk: pad,
+        };
+        let value = Self {
+            d_pad: value_dim_pad,
+            stride: value_dim_pad + pad,
+            ..head
+        };
+        (head, value)
+    }
+
     /// Values one buffer of this tile takes.
     pub fn len(&self) -> usize {
         self.rows * self.stride

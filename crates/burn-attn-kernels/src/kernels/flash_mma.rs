@@ -107,19 +107,15 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     // K and V buffers.
     let buffers = comptime!(if async_copy { 2usize } else { 1usize });
     let threads = comptime!(32 * warps);
-    let q_tile = comptime!(StageTile {
-        rows: block_q,
-        d_pad: dim_pad,
-        stride: dim_pad + row_pad,
+    let tiles = comptime!(StageTile::head_and_value(
+        block_q,
+        dim_pad,
+        value_dim_pad,
         threads,
-        chunk: row_pad,
-    });
-    let k_tile = comptime!(q_tile.with_rows(block_k));
-    let v_tile = comptime!(StageTile {
-        d_pad: value_dim_pad,
-        stride: value_dim_pad + row_pad,
-        ..k_tile
-    });
+        row_pad
+    ));
+    let (q_tile, q_value_tile) = comptime!(tiles);
+    let (k_tile, v_tile) = comptime!((q_tile.with_rows(block_k), q_value_tile.with_rows(block_k)));
     let tile = comptime!(ProductTile {
         m_tiles,
         k_tiles: block_k / 8,

@@ -56,29 +56,6 @@ use crate::components::staging::{
     stage_row_stats, stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
 };
 
-/// The staged tiles of the backward kernels: `rows` rows of the head dim (Q, K) and of the
-/// value dim (dO, V), rows padded by 8 values (16 bytes), copies of 8 values.
-fn head_and_value_tiles(
-    rows: usize,
-    dim_pad: usize,
-    value_dim_pad: usize,
-    threads: usize,
-) -> (StageTile, StageTile) {
-    let head = StageTile {
-        rows,
-        d_pad: dim_pad,
-        stride: dim_pad + 8,
-        threads,
-        chunk: 8,
-    };
-    let value = StageTile {
-        d_pad: value_dim_pad,
-        stride: value_dim_pad + 8,
-        ..head
-    };
-    (head, value)
-}
-
 /// Matrix-unit backward, query-major: `D = rowsum(dO * O)` and `dQ`.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
@@ -144,11 +121,13 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     // Shared memory (16-byte aligned for `ldmatrix` and `cp.async`): the cube's Q and dO
     // tiles, staged once, and one or two K and V buffers.
     let buffers = comptime!(if async_copy { 2usize } else { 1usize });
-    let tiles = comptime!(head_and_value_tiles(
+    // Rows padded by 8 values (16 bytes).
+    let tiles = comptime!(StageTile::head_and_value(
         block_q,
         dim_pad,
         value_dim_pad,
-        32 * warps
+        32 * warps,
+        8
     ));
     let (q_tile, do_tile) = comptime!(tiles);
     let (k_tile, v_tile) = comptime!((q_tile.with_rows(block_k), do_tile.with_rows(block_k)));
@@ -453,11 +432,12 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     // tiles, staged once, and one or two Q, dO, lse and D buffers.
     let buffers = comptime!(if async_copy { 2usize } else { 1usize });
     let threads = comptime!(32 * warps);
-    let tiles_kv = comptime!(head_and_value_tiles(
+    let tiles_kv = comptime!(StageTile::head_and_value(
         block_kv,
         dim_pad,
         value_dim_pad,
-        threads
+        threads,
+        8
     ));
     let (k_tile, v_tile) = comptime!(tiles_kv);
     let (q_tile, do_tile) = comptime!((k_tile.with_rows(block_q), v_tile.with_rows(block_q)));
