@@ -138,6 +138,99 @@ mod on_cuda {
         }
     }
 
+    /// Tensors past `u32::MAX` elements take 64-bit offsets. q, the output and dO are bf16
+    /// `[1, 66, 2^19, 128]` (4.4e9 elements, 8.9 GB each) with 6 kv heads and a causal
+    /// window of 64 keys; the last kv head's group of 11 query heads straddles element 2^32.
+    /// The whole call's output, lse and gradients on that group equal, bit for bit, a call
+    /// on copies of that group alone (32-bit offsets, the same tile plans). About 60 GB of
+    /// device memory.
+    #[test]
+    fn cuda_past_u32_offsets_match_a_head_group_alone() {
+        use burn::tensor::{Distribution, Tensor};
+        use burn_attn_core::{
+            attention_with_lse, AttentionBackend, AttentionOptions, DispatchLog, KernelPolicy,
+            Pass, Window,
+        };
+        let device = Default::default();
+        let (heads, kv_heads, seq, dim) = (66, 6, 1 << 19, 128);
+        let group = heads / kv_heads;
+        assert!(heads * seq * dim > u32::MAX as usize);
+        let random = |shape: [usize; 4], seed| {
+            <Plain as burn::tensor::backend::Backend>::seed(&device, seed);
+            Tensor::<Plain, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device)
+                .cast(DType::BF16)
+        };
+        let q = random([1, heads, seq, dim], 1);
+        let k = random([1, kv_heads, seq, dim], 2);
+        let v = random([1, kv_heads, seq, dim], 3);
+        let d_out = random([1, heads, seq, dim], 4);
+        let log = DispatchLog::new();
+        let options = AttentionOptions::new()
+            .with_window(Window::causal(64))
+            .with_kernel(KernelPolicy::Require)
+            .with_log(log.clone());
+        type T = Tensor<Plain, 4>;
+        let run = |q: T, k: T, v: T, d_out: T| {
+            let (out, lse) = attention_with_lse::<Plain>(q.clone(), k.clone(), v.clone(), &options);
+            let (dq, dk, dv) =
+                Plain::banded_attention_backward(q, k, v, out.clone(), lse.clone(), d_out, &options);
+            (out, lse, dq, dk, dv)
+        };
+        // The group's heads, as contiguous copies.
+        let (first, kvh) = (heads - group, kv_heads - 1);
+        let alone = |t: &Tensor<Plain, 4>, range: std::ops::Range<usize>| {
+            t.clone().slice([0..1, range]).mul_scalar(1.0)
+        };
+        let small = run(
+            alone(&q, first..heads),
+            alone(&k, kvh..kv_heads),
+            alone(&v, kvh..kv_heads),
+            alone(&d_out, first..heads),
+        );
+        let big = run(q, k, v, d_out);
+        let served = log.of(Pass::Forward);
+        assert!(served.iter().all(|d| d.served.is_kernel()), "{served:?}");
+        let served = log.of(Pass::Backward);
+        assert!(served.iter().all(|d| d.served.is_kernel()), "{served:?}");
+        let same = |name: &str, a: Tensor<Plain, 4>, b: Tensor<Plain, 4>| {
+            let differ = a.not_equal(b).int().sum().into_scalar();
+            assert_eq!(differ, 0, "{name}: {differ} elements differ");
+        };
+        same("out", big.0.slice([0..1, first..heads]), small.0);
+        let lse = |t: Tensor<Plain, 3>| t.unsqueeze_dim::<4>(3);
+        same("lse", lse(big.1).slice([0..1, first..heads]), lse(small.1));
+        same("dq", big.2.slice([0..1, first..heads]), small.2);
+        same("dk", big.3.slice([0..1, kvh..kv_heads]), small.3);
+        same("dv", big.4.slice([0..1, kvh..kv_heads]), small.4);
+    }
+
+    /// Every kernel and staging variant once at small shapes (batch 2, GQA, causal and a
+    /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging):
+    /// what `scripts/device/run.sh sanitize` runs under compute-sanitizer.
+    #[test]
+    fn cuda_sanitizer_sweep() {
+        let cases = [
+            Case::new(70, 90, 64).causal().gqa(4, 2).batch(2),
+            Case::new(65, 33, 36).window(Some(9), Some(4)).batch(2),
+        ];
+        for case in cases {
+            check_low_host::<Plain>(case, DType::BF16);
+            check_f32::<Plain>(case);
+            check_tf32_kernel::<Plain, CudaRuntime>(case);
+            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);
+            check_backward_kernel::<Plain, CudaRuntime>(case, DType::F32);
+        }
+    }
+
+    /// The NaN rule on the matrix-unit (bf16, f16) and portable (f32) kernels, forward and
+    /// backward (`check_nan_rows`).
+    #[test]
+    fn cuda_nan_query_rows_give_nan_rows_only() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            check_nan_rows::<Plain, CudaRuntime>(dtype);
+        }
+    }
+
     /// The tf32 forward (opt-in through `AttentionOptions::tf32`), launched directly on the trimmed grid plus head dim 36 (4 padded
     /// columns zeroed under asynchronous staging) and 33 (rows not a multiple of 16 bytes:
     /// synchronous staging), within 3x the host tf32 reference's error.

@@ -110,6 +110,13 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     assert!(o.iter().all(|&x| x == 0.0));
 }
 
+/// The NaN rule on the portable kernels, forward and backward (`check_nan_rows`).
+#[test]
+fn nan_query_rows_give_nan_rows_only() {
+    require_gpu();
+    check_nan_rows::<Plain, WgpuRuntime>(DType::F32);
+}
+
 /// The matrix-unit forwards' online-softmax step (shared by `flash_mma`'s products, which need CUDA's matrix units) through its probe kernel, which needs none: masks,
 /// the running maxima and sums, rows with no key yet, against the host in f64.
 #[test]

@@ -17,7 +17,8 @@
 #   peers     scripts/peers/torch_attention.py on the same shapes (PyTorch, FlexAttention)
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
 #             ours, for each binary folder in DURATION_BINS (default $BIN)
-#   sanitize  compute-sanitizer memcheck, racecheck and synccheck over the grid
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck over every kernel at
+#             small shapes (the `cuda_sanitizer_sweep` test; SANITIZE_ARGS picks others)
 # Keep CubeCL's compilation cache off (its default; no `[compilation] cache` in a
 # cubecl.toml): it keys kernels by name and launch configuration, not by source, so a cache
 # filled by another build serves that build's code.
@@ -70,7 +71,7 @@ for step in "$@"; do
     sanitize)
       if [ -z "$SAN" ]; then echo "no compute-sanitizer on this machine"; continue; fi
       for tool in memcheck racecheck synccheck; do
-        timeout "${SANITIZE_TIMEOUT:-300}" "$SAN" --tool $tool --print-limit 5 "$BIN/cuda_kernel" --test-threads 1 ${SANITIZE_ARGS:-} \
+        timeout "${SANITIZE_TIMEOUT:-300}" "$SAN" --tool $tool --print-limit 5 "$BIN/cuda_kernel" --test-threads 1 ${SANITIZE_ARGS:-sanitizer_sweep} \
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;

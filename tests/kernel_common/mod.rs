@@ -1146,3 +1146,71 @@ where
     let entries = log.entries();
     assert_eq!(entries[0].served, tf32_forward, "{entries:?}");
 }
+
+/// Queries for the NaN rule: 40 rows aligned to the last of 24 keys, causal, so rows 0..16
+/// see no key; query head 0 gets a NaN in row 20 (which sees keys 0..4) and in row 3
+/// (which sees none).
+pub fn nan_rule_case() -> (Case, Inputs, Inputs) {
+    let case = Case::new(40, 24, 32).causal();
+    let clean = inputs(&case, 21);
+    let mut q = clean.q.clone();
+    q.0[NAN_ROW * case.dim + 7] = f32::NAN;
+    q.0[DEAD_NAN_ROW * case.dim + 5] = f32::NAN;
+    let poisoned = Inputs {
+        q,
+        k: clean.k.clone(),
+        v: clean.v.clone(),
+    };
+    (case, clean, poisoned)
+}
+
+/// The output weights of the NaN rule's backward (`dO`).
+pub fn nan_rule_weights(case: &Case) -> (Vec<f32>, [usize; 4]) {
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    uniform(&mut StdRng::seed_from_u64(78), shape, 1.0)
+}
+
+/// The query row of [`nan_rule_case`] that sees keys and holds a NaN.
+pub const NAN_ROW: usize = 20;
+/// The query row of [`nan_rule_case`] that sees no key and holds a NaN.
+pub const DEAD_NAN_ROW: usize = 3;
+
+/// Checks rows of width `width` (`[batch * heads, rows, width]` flattened) of a call with
+/// the NaN inputs against the same call without: row [`NAN_ROW`] of the first head is all
+/// NaN, every other row has the clean call's bits.
+pub fn assert_only_nan_row(name: &str, got: &[f64], clean: &[f64], rows: usize, width: usize) {
+    assert_eq!(got.len(), clean.len());
+    for (r, (g, c)) in got.chunks(width).zip(clean.chunks(width)).enumerate() {
+        if r == NAN_ROW {
+            assert!(g.iter().all(|x| x.is_nan()), "{name} row {r}: {g:?}");
+        } else {
+            assert!(same_bits(g, c), "{name} row {} of head {}: {g:?} vs {c:?}", r % rows, r / rows);
+        }
+    }
+}
+
+/// The NaN rule (DESIGN.md) through the kernels of `B`, forward and backward: a NaN in a
+/// query row makes that row's output, log-sum-exp and dQ row NaN (never a silent 0) and
+/// leaves every other row's output, log-sum-exp and dQ bits as they are without it; the
+/// row that sees no key stays 0 with log-sum-exp `-inf`, and zero dQ, though its query
+/// holds a NaN.
+pub fn check_nan_rows<B, R>(dtype: DType)
+where
+    R: CubeRuntime,
+    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+{
+    let (case, clean, poisoned) = nan_rule_case();
+    let (o, l, _) = kernel::<B>(&case, &clean, dtype);
+    let (o_nan, l_nan, _) = kernel::<B>(&case, &poisoned, dtype);
+    assert_only_nan_row("output", &o_nan, &o, case.seq_q, case.value_dim);
+    assert_only_nan_row("lse", &l_nan, &l, case.seq_q, 1);
+    assert_eq!(l_nan[DEAD_NAN_ROW], f64::NEG_INFINITY);
+    let w = nan_rule_weights(&case);
+    let backward = |x| {
+        kernel_backward::<B, R>(&case, x, &w, dtype)
+            .unwrap_or_else(|e| panic!("{dtype:?}: backward kernel declined: {e}"))
+    };
+    let [dq, ..] = backward(&clean);
+    let [dq_nan, ..] = backward(&poisoned);
+    assert_only_nan_row("dq", &dq_nan, &dq, case.seq_q, case.dim);
+}

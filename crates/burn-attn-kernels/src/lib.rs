@@ -28,6 +28,12 @@ mod components;
 pub mod kernels;
 #[cfg(feature = "launch")]
 pub mod launch;
+#[cfg(test)]
+mod source_hash;
+
+/// The hash of the kernels' source and this crate's version: a comptime argument of every
+/// kernel, so CubeCL's compilation cache never serves a kernel compiled from other source.
+pub const KERNEL_SOURCE: u64 = include!(concat!(env!("OUT_DIR"), "/kernel_source.rs"));
 
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 #[cfg(feature = "launch")]

@@ -115,8 +115,11 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
         let row = w0 + g + 8 * hf;
+        // `l` is 0 exactly where the row saw no key (output 0, lse -inf); a NaN in what
+        // the row sees makes `l`, the output row and the lse NaN.
+        let dead = l == f32::new(0.0);
         let mut inv = f32::new(0.0);
-        if l > f32::new(0.0) {
+        if !dead {
             inv = f32::new(1.0) / l;
         }
         // Row 8 hf + g of the plane (row tile hf / 2, accumulator elements 2 (hf % 2) + e).
@@ -138,10 +141,10 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
         }
         if row < seq_q && t == 0 {
             let lse_idx = lse_base + row * lse_row_stride;
-            if l > f32::new(0.0) {
-                lse[lse_idx] = m_row[hf] + f32::ln(l);
-            } else {
+            if dead {
                 lse[lse_idx] = neg_inf;
+            } else {
+                lse[lse_idx] = m_row[hf] + f32::ln(l);
             }
         }
     }

@@ -20,14 +20,22 @@ pub(crate) const NEG_BIG: f32 = -3.0e38;
 /// `exp(s - DEAD_LSE)` underflows to exactly 0 for every finite score `s`.
 pub(crate) const DEAD_LSE: f32 = 3.0e38;
 
-/// A row's lse as the kernels use it: [`DEAD_LSE`] where the forward saw no key (`-inf`).
+/// A row's lse as the kernels use it: [`DEAD_LSE`] where the forward saw no key (`-inf`);
+/// a NaN stays NaN, so the row's gradients are NaN rather than 0.
 #[cube]
 pub(crate) fn live_lse(lse: f32) -> f32 {
-    let mut l = f32::new(DEAD_LSE);
-    if lse >= f32::new(NEG_BIG) {
-        l = lse;
+    let mut l = lse;
+    if lse < f32::new(NEG_BIG) {
+        l = f32::new(DEAD_LSE);
     }
     l
+}
+
+/// Whether a row of lse `lse` (as the forward stored it, or `NEG_BIG` for a padding row)
+/// has probabilities: not for `-inf` or padding, but for NaN (its gradients are NaN).
+#[cube]
+pub(crate) fn has_probabilities(lse: f32) -> bool {
+    !(lse <= f32::new(NEG_BIG))
 }
 
 /// The band as one plane's lanes see it, fixed for the whole pass: which tiles need no

@@ -47,6 +47,7 @@ use crate::components::staging::{
 /// result.
 #[cube(
     launch_unchecked,
+    address_type = "dynamic",
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
@@ -68,6 +69,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     #[comptime] block_k: usize,
     #[comptime] row_pad: usize,
     #[comptime] async_copy: bool,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     P::register::<F>();

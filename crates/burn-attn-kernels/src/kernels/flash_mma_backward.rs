@@ -75,6 +75,7 @@ use crate::components::staging::{
 /// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
+    address_type = "dynamic",
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
@@ -96,6 +97,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     #[comptime] warps: usize,
     #[comptime] block_k: usize,
     #[comptime] async_copy: bool,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut mma = PlaneMma::<F>::new();
@@ -369,6 +371,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 /// see `schedule::cube_block`). Any value computes the same result.
 #[cube(
     launch_unchecked,
+    address_type = "dynamic",
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
@@ -390,6 +393,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     #[comptime] warps: usize,
     #[comptime] block_q: usize,
     #[comptime] async_copy: bool,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut mma = PlaneMma::<F>::new();

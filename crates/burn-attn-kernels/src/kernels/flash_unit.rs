@@ -125,7 +125,7 @@ fn softmax_tile(
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_kernel<F: Float>(
     q: &Tensor<F>,
@@ -144,6 +144,7 @@ pub fn flash_unit_kernel<F: Float>(
     #[comptime] block_k: usize,
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     let rq = comptime!(block_q / row_threads);
@@ -329,8 +330,10 @@ pub fn flash_unit_kernel<F: Float>(
                 l_row += partial[prow + c];
             }
             let o_base = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
+            // 0 exactly where the row saw no key; NaN where what it sees holds a NaN.
+            let dead = l_row == f32::new(0.0);
             let mut inv = f32::new(0.0);
-            if l_row > f32::new(0.0) {
+            if !dead {
                 inv = f32::new(1.0) / l_row;
             }
             #[unroll]
@@ -342,10 +345,10 @@ pub fn flash_unit_kernel<F: Float>(
             }
             if tx == 0 {
                 let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
-                if l_row > f32::new(0.0) {
-                    lse[lse_idx] = m[a] + f32::ln(l_row);
-                } else {
+                if dead {
                     lse[lse_idx] = neg_inf;
+                } else {
+                    lse[lse_idx] = m[a] + f32::ln(l_row);
                 }
             }
         }

@@ -20,14 +20,15 @@
 //! bits. Band arithmetic is `i32` as in the forward kernel (`flash_unit.rs`): key `j` is
 //! visible to query `i` iff `i + offset - left <= j <= i + offset + right` and
 //! `0 <= j < seq_k`, `offset = seq_k - seq_q`, unbounded sides encoded by the launch as
-//! `seq_q + seq_k`. Rows whose lse is `-inf` (no visible key) contribute nothing.
+//! `seq_q + seq_k`. Rows whose lse is `-inf` (no visible key) contribute nothing; a NaN lse
+//! makes its row's gradients NaN.
 
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
 use crate::components::register_tile::tile_product;
 use crate::components::schedule::CubeHead;
-use crate::components::softmax::NEG_BIG;
+use crate::components::softmax::{has_probabilities, NEG_BIG};
 use crate::components::staging::stage_rows;
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
@@ -39,7 +40,7 @@ use crate::components::staging::stage_rows;
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dq_kernel<F: Float>(
     q: &Tensor<F>,
@@ -60,6 +61,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     #[comptime] block_k: usize,
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     let rq = comptime!(block_q / row_threads);
@@ -190,7 +192,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
                 if j >= lo0 + shift
                     && j <= hi0 + shift
                     && j < seq_k as i32
-                    && lse_i > f32::new(NEG_BIG)
+                    && has_probabilities(lse_i)
                 {
                     let p = f32::exp(s[a * rk + c] * scale - lse_i);
                     ds = p * (dp[a * rk + c] - d_i);
@@ -248,7 +250,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     q: &Tensor<F>,
@@ -269,6 +271,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     #[comptime] block_q: usize,
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
+    #[comptime] _source: u64,
     #[define(F)] _dtype: StorageType,
 ) {
     let rk = comptime!(block_k / row_threads);
@@ -407,7 +410,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                         && i >= i_lo0 + shift
                         && i <= i_hi0 + shift
                         && i < bounds.end
-                        && lse_i > f32::new(NEG_BIG)
+                        && has_probabilities(lse_i)
                     {
                         p = f32::exp(st[a * rq + c] * scale - lse_i);
                         ds = p * (dpt[a * rq + c] - d_tile[qi]);

@@ -6,7 +6,8 @@ use cubecl::prelude::*;
 
 use super::buffers::alloc_gradients;
 use super::device::{backward_problem, device_caps};
-use super::forward::cube_count;
+use super::forward::{address_type, cube_count};
+use crate::KERNEL_SOURCE;
 use crate::kernels::{
     flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel, flash_unit_backward_dkdv_kernel,
     flash_unit_backward_dq_kernel,
@@ -122,6 +123,7 @@ fn launch_unit_backward<R: CubeRuntime>(
             &client,
             cube_count(plan.dq_grid),
             CubeDim::new_1d(dq_t.units() as u32),
+            address_type(plan.offsets),
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
             v.clone().into_tensor_arg(),
@@ -140,6 +142,7 @@ fn launch_unit_backward<R: CubeRuntime>(
             dq_t.cols,
             dq_t.row_threads,
             dq_t.col_threads,
+            KERNEL_SOURCE,
             dtype.into(),
         );
     }
@@ -148,6 +151,7 @@ fn launch_unit_backward<R: CubeRuntime>(
             &client,
             cube_count(plan.kv_grid),
             CubeDim::new_1d(kv_t.units() as u32),
+            address_type(plan.offsets),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -166,6 +170,7 @@ fn launch_unit_backward<R: CubeRuntime>(
             kv_t.cols,
             kv_t.row_threads,
             kv_t.col_threads,
+            KERNEL_SOURCE,
             dtype.into(),
         );
     }
@@ -206,6 +211,7 @@ fn launch_mma_backward<R: CubeRuntime>(
                 &client,
                 cube_count(plan.dq_grid),
                 CubeDim::new_2d(32, plan.planes as u32),
+                address_type(plan.offsets),
                 plan.dim_vector,
                 q.clone().into_tensor_arg(),
                 k.clone().into_tensor_arg(),
@@ -224,6 +230,7 @@ fn launch_mma_backward<R: CubeRuntime>(
                 plan.planes,
                 plan.block_k,
                 plan.async_copy,
+                KERNEL_SOURCE,
                 dtype.into(),
             );
         }
@@ -232,6 +239,7 @@ fn launch_mma_backward<R: CubeRuntime>(
                 &client,
                 cube_count(plan.kv_grid),
                 CubeDim::new_2d(32, plan.planes as u32),
+                address_type(plan.offsets),
                 plan.dim_vector,
                 plan.value_dim_vector,
                 q.into_tensor_arg(),
@@ -251,6 +259,7 @@ fn launch_mma_backward<R: CubeRuntime>(
                 plan.planes,
                 plan.block_q,
                 plan.async_copy,
+                KERNEL_SOURCE,
                 dtype.into(),
             );
         }

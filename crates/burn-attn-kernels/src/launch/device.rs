@@ -3,10 +3,12 @@
 use burn_backend::DType;
 use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
 use cubecl::ir::features::{MmaConfig, Plane};
-use cubecl::ir::{ElemType, FloatKind, StorageType};
+use cubecl::ir::{AddressType, ElemType, FloatKind, StorageType};
 use cubecl::prelude::*;
 
-use crate::plan::{BandArgs, DeviceCaps, Precision, Problem, RuntimeKind, Sizes, Unsupported};
+use crate::plan::{
+    span, BandArgs, DeviceCaps, Precision, Problem, RuntimeKind, Sizes, Unsupported,
+};
 
 /// The capabilities of `client`'s device.
 pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
@@ -46,6 +48,7 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
         shared_memory: props.hardware.max_shared_memory_size,
         software_adapter: runtime == RuntimeKind::Wgpu
             && !props.features.plane.contains(Plane::Ops),
+        offsets_64: props.supports_address(AddressType::U64),
     }
 }
 
@@ -59,11 +62,19 @@ pub fn forward_problem<R: CubeRuntime>(
     band: BandArgs,
 ) -> Result<Problem, Unsupported> {
     let precision = precision_of(q, k, v)?;
+    let sizes = Sizes::check(dims4(q), dims4(k), dims4(v))?;
+    // The output and the gradients the kernels allocate are contiguous, of q's, k's, v's
+    // or the output rows' shape.
+    let out_rows = [sizes.batch, sizes.heads, sizes.seq_q, sizes.value_dim];
     Ok(Problem {
-        sizes: Sizes::check(dims4(q), dims4(k), dims4(v))?,
+        sizes,
         precision,
         band,
         aligned_rows: [q, k, v].iter().all(|t| aligned_rows(t)),
+        span: [q, k, v]
+            .iter()
+            .map(|t| tensor_span(t).max(t.meta.shape().iter().product()))
+            .fold(out_rows.iter().product(), usize::max),
     })
 }
 
@@ -111,6 +122,10 @@ pub(crate) fn backward_problem<R: CubeRuntime>(
         )));
     }
     problem.aligned_rows &= aligned_rows(d_out);
+    problem.span = [out, lse, d_out]
+        .iter()
+        .map(|t| tensor_span(t))
+        .fold(problem.span, usize::max);
     Ok(problem)
 }
 
@@ -144,6 +159,11 @@ fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
         && strides[3] == 1
         && strides[..3].iter().all(|s| s.is_multiple_of(chunk))
         && t.handle.offset_start.unwrap_or(0).is_multiple_of(16)
+}
+
+/// Elements `t` spans from its first: its highest element offset plus one.
+fn tensor_span<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    span(t.meta.shape().as_slice(), t.meta.strides())
 }
 
 pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

@@ -6,10 +6,11 @@ use cubecl::prelude::*;
 use super::buffers::alloc_outputs;
 use super::device::{device_caps, forward_problem};
 use crate::components::products::{ForwardProducts, Ldmatrix16, Tf32Lanes};
+use crate::KERNEL_SOURCE;
 use crate::kernels::{flash_mma_kernel, flash_unit_kernel};
 use crate::plan::{
-    plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Problem,
-    UnitPlan, Unsupported,
+    plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Offsets,
+    Problem, UnitPlan, Unsupported,
 };
 
 /// The forward's output `[batch, heads, seq_q, value_dim]` (input dtype) and row
@@ -19,6 +20,14 @@ pub type ForwardOutput<R> = (CubeTensor<R>, CubeTensor<R>);
 
 pub(crate) fn cube_count(grid: Grid) -> CubeCount {
     CubeCount::Static(grid.x, grid.y, 1)
+}
+
+/// CubeCL's address type for the plan's offset width.
+pub(crate) fn address_type(offsets: Offsets) -> AddressType {
+    match offsets {
+        Offsets::U32 => AddressType::U32,
+        Offsets::U64 => AddressType::U64,
+    }
 }
 
 /// Runs `plan` (made by [`plan_forward`] for `problem`, the problem of these tensors).
@@ -78,6 +87,7 @@ fn launch_unit<R: CubeRuntime>(
         &q.client.clone(),
         cube_count(plan.grid),
         CubeDim::new_1d(tiles.units() as u32),
+        address_type(plan.offsets),
         q.into_tensor_arg(),
         k.into_tensor_arg(),
         v.into_tensor_arg(),
@@ -94,6 +104,7 @@ fn launch_unit<R: CubeRuntime>(
         tiles.cols,
         tiles.row_threads,
         tiles.col_threads,
+        KERNEL_SOURCE,
         dtype.into(),
     );
 }
@@ -125,6 +136,7 @@ fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
             &client,
             cube_count(plan.grid),
             CubeDim::new_2d(32, plan.planes as u32),
+            address_type(plan.offsets),
             plan.out_vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -143,6 +155,7 @@ fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
             plan.block_k,
             row_pad,
             plan.async_copy,
+            KERNEL_SOURCE,
             dtype.into(),
         );
     }

@@ -6,7 +6,7 @@ use super::forward::{
 };
 use super::schedule::heavy_first;
 use super::unit_tiles::{backward_loop_iterations, UnitTiles, SOFTWARE_LOOP_BUDGET};
-use super::{DeviceCaps, ForcedPlan, Grid, Problem, Unsupported};
+use super::{DeviceCaps, ForcedPlan, Grid, Offsets, Problem, Unsupported};
 
 /// Planes per cube of the matrix-unit backward kernels; each owns 16 rows (query rows of
 /// the dQ kernel, key rows of the dK/dV kernel).
@@ -53,6 +53,8 @@ pub struct MmaBackwardPlan {
     pub dq_heavy_first: u32,
     /// Heavy-first group of the dK/dV launch.
     pub kv_heavy_first: u32,
+    /// Width of the element offsets.
+    pub offsets: Offsets,
 }
 
 /// The launch plan of the portable backward.
@@ -70,6 +72,8 @@ pub struct UnitBackwardPlan {
     pub dq_heavy_first: u32,
     /// Heavy-first group of the dK/dV launch.
     pub kv_heavy_first: u32,
+    /// Width of the element offsets.
+    pub offsets: Offsets,
 }
 
 /// The plan of one backward kernel pair.
@@ -156,6 +160,7 @@ fn plan_mma_backward(
         kv_heavy_first: heavy_first(&problem.band, &kv_grid, forced)?,
         dq_grid,
         kv_grid,
+        offsets: problem.offsets(caps)?,
     })
 }
 
@@ -215,5 +220,6 @@ fn plan_unit_backward(
         kv_heavy_first: heavy_first(&problem.band, &kv_grid, forced)?,
         dq_grid,
         kv_grid,
+        offsets: problem.offsets(caps)?,
     })
 }

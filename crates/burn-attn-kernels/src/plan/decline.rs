@@ -50,6 +50,15 @@ pub enum Unsupported {
         /// The largest sum taken.
         max: usize,
     },
+    /// A tensor past 32-bit element offsets on a device without 64-bit ones.
+    Offsets {
+        /// Elements spanned by the call's largest tensor.
+        span: usize,
+        /// The most 32-bit offsets index.
+        max: usize,
+        /// The runtime.
+        runtime: &'static str,
+    },
     /// More cubes along an axis than CubeCL launches.
     Grid {
         /// Cubes along the rows.
@@ -109,6 +118,11 @@ impl core::fmt::Display for Unsupported {
             Unsupported::Grid { x, y, max } => {
                 write!(f, "grid {x} x {y} cubes (each axis at most {max})")
             }
+            Unsupported::Offsets { span, max, runtime } => write!(
+                f,
+                "a tensor spans {span} elements, past 32-bit offsets ({max}), and {runtime} \
+                 kernels have no 64-bit ones"
+            ),
             Unsupported::SharedMemory { needed, available } => write!(
                 f,
                 "the smallest tile needs {needed} bytes of shared memory, the device has \

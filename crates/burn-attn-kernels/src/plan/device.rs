@@ -35,6 +35,8 @@ pub struct DeviceCaps {
     /// A CPU-type adapter (llvmpipe/lavapipe: a WGPU runtime without plane operations),
     /// whose shaders leave every loop once an invocation's iteration budget is spent.
     pub software_adapter: bool,
+    /// 64-bit element offsets in kernels (CUDA; not WGPU).
+    pub offsets_64: bool,
 }
 
 impl DeviceCaps {
@@ -59,6 +61,7 @@ impl DeviceCaps {
             copy_async: true,
             shared_memory: 232_448,
             software_adapter: false,
+            offsets_64: true,
         }
     }
 
@@ -74,6 +77,7 @@ impl DeviceCaps {
             copy_async: false,
             shared_memory: 32_768,
             software_adapter: true,
+            offsets_64: false,
         }
     }
 }

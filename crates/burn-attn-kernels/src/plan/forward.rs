@@ -4,7 +4,9 @@
 use super::forced::allowed;
 use super::schedule::heavy_first;
 use super::unit_tiles::{UnitTiles, SOFTWARE_LOOP_BUDGET, UNIT_SHARED_BUDGET};
-use super::{DeviceCaps, ForcedPlan, Grid, Precision, Problem, RuntimeKind, Unsupported};
+use super::{
+    DeviceCaps, ForcedPlan, Grid, Offsets, Precision, Problem, RuntimeKind, Unsupported,
+};
 
 /// Query rows per row tile of the matrix-unit kernels (the `m` of `m16n8k16`).
 pub const MMA_ROWS_PER_TILE: usize = 16;
@@ -50,6 +52,8 @@ pub struct MmaPlan {
     pub grid: Grid,
     /// Shared memory per cube, in bytes.
     pub shared_bytes: usize,
+    /// Width of the element offsets.
+    pub offsets: Offsets,
 }
 
 impl MmaPlan {
@@ -68,6 +72,8 @@ pub struct UnitPlan {
     pub heavy_first: u32,
     /// The grid.
     pub grid: Grid,
+    /// Width of the element offsets.
+    pub offsets: Offsets,
 }
 
 /// The plan of one forward kernel.
@@ -288,6 +294,7 @@ fn matrix_plan(
         heavy_first: heavy_first(&problem.band, &grid, forced)?,
         grid,
         shared_bytes: bytes(block_k),
+        offsets: problem.offsets(caps)?,
     })
 }
 
@@ -444,5 +451,6 @@ fn plan_unit(
         tiles,
         heavy_first: heavy_first(&problem.band, &grid, forced)?,
         grid,
+        offsets: problem.offsets(caps)?,
     })
 }

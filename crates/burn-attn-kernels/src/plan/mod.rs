@@ -23,7 +23,7 @@ pub use forced::ForcedPlan;
 pub use forward::{
     plan_forward, store_vector, ForwardKernel, ForwardPlan, MmaPlan, UnitPlan, MMA_ROWS_PER_TILE,
 };
-pub use problem::{BandArgs, Grid, Precision, Problem, Sizes, MAX_HEAD_DIM};
+pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;
 pub use unit_tiles::{UnitTiles, SOFTWARE_LOOP_BUDGET, UNIT_SHARED_BUDGET};
 

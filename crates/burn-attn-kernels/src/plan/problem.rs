@@ -1,7 +1,7 @@
 //! The problem a plan is made for: sizes, dtype, band and layout of one call, checked
 //! against what every kernel takes.
 
-use super::Unsupported;
+use super::{DeviceCaps, Unsupported};
 
 /// Largest head (or value) dimension the kernels accept.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -179,6 +179,15 @@ impl Grid {
     }
 }
 
+/// The width of the kernels' element offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Offsets {
+    /// 32-bit offsets: every tensor of the call spans at most `u32::MAX` elements.
+    U32,
+    /// 64-bit offsets, for tensors past `u32::MAX` elements (slower index arithmetic).
+    U64,
+}
+
 /// One call as the plans see it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Problem {
@@ -191,4 +200,39 @@ pub struct Problem {
     /// Whether every staged tensor's rows can be copied in 16-byte pieces (contiguous
     /// columns; row, head and batch strides and offset multiples of 16 bytes).
     pub aligned_rows: bool,
+    /// Elements spanned by the largest tensor the call reads or writes: one past the
+    /// highest element offset a kernel computes (strided views included).
+    pub span: usize,
+}
+
+impl Problem {
+    /// The offsets the kernels index this call with on `caps`: 32-bit where every tensor
+    /// fits them, else 64-bit where the device has them, else why not.
+    pub fn offsets(&self, caps: &DeviceCaps) -> Result<Offsets, Unsupported> {
+        let max = u32::MAX as usize;
+        if self.span <= max {
+            Ok(Offsets::U32)
+        } else if caps.offsets_64 {
+            Ok(Offsets::U64)
+        } else {
+            Err(Unsupported::Offsets {
+                span: self.span,
+                max,
+                runtime: caps.runtime_name,
+            })
+        }
+    }
+}
+
+/// Elements a tensor of `shape` and `strides` spans: one past its highest element offset
+/// (0 when empty).
+pub fn span(shape: &[usize], strides: &[usize]) -> usize {
+    if shape.contains(&0) {
+        return 0;
+    }
+    1 + shape
+        .iter()
+        .zip(strides)
+        .map(|(&n, &stride)| (n - 1).saturating_mul(stride))
+        .fold(0usize, usize::saturating_add)
 }

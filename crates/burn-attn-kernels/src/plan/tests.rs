@@ -17,6 +17,7 @@ fn problem(
             right,
         },
         aligned_rows: d % 8 == 0,
+        span: b * h * n * d,
     }
 }
 
@@ -239,4 +240,43 @@ fn sizes_name_the_values_they_reject() {
         Grid::new(70_000 * 16, 16, 1),
         Err(Unsupported::Grid { .. })
     ));
+}
+
+/// Tensors past `u32::MAX` elements take 64-bit offsets where the device has them (every
+/// kernel, forward and backward); elsewhere the kernels decline naming the span.
+#[test]
+fn past_u32_elements_take_64_bit_offsets_or_decline() {
+    let small = problem(Precision::BF16, [1, 63, 1 << 19, 128], Some(63), Some(0));
+    let mut big = problem(Precision::BF16, [1, 66, 1 << 19, 128], Some(63), Some(0));
+    assert!(small.span <= u32::MAX as usize && big.span > u32::MAX as usize);
+    let hopper = DeviceCaps::hopper();
+    let none = ForcedPlan::default();
+    assert_eq!(mma(&small, &hopper, &none).unwrap().offsets, Offsets::U32);
+    assert_eq!(mma(&big, &hopper, &none).unwrap().offsets, Offsets::U64);
+    for kernel in [BackwardKernel::Mma, BackwardKernel::Unit] {
+        let offsets = match plan_backward(kernel, &big, &hopper, &none).unwrap() {
+            BackwardPlan::Mma(plan) => plan.offsets,
+            BackwardPlan::Unit(plan) => plan.offsets,
+        };
+        assert_eq!(offsets, Offsets::U64, "{kernel:?}");
+    }
+    big.precision = Precision::F32;
+    let err = plan_forward(ForwardKernel::Unit, &big, &DeviceCaps::lavapipe(), &none).unwrap_err();
+    assert_eq!(
+        err,
+        Unsupported::Offsets {
+            span: big.span,
+            max: u32::MAX as usize,
+            runtime: "wgpu<vulkan>",
+        }
+    );
+    assert!(err.to_string().contains(&big.span.to_string()), "{err}");
+}
+
+#[test]
+fn span_counts_strided_views() {
+    assert_eq!(span(&[2, 3], &[3, 1]), 6);
+    // Every other row of a [4, 8] buffer: the last row starts at 48.
+    assert_eq!(span(&[2, 8], &[24, 1]), 32);
+    assert_eq!(span(&[2, 0, 4], &[4, 4, 1]), 0);
 }
