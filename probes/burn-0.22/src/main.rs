@@ -13,8 +13,11 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../crates/burn-attn-kernels/src/components/schedule.rs"]
-pub mod schedule;
+#[path = "../../../crates/burn-attn-kernels/src/components/mod.rs"]
+pub mod components;
+#[path = "../../../crates/burn-attn-kernels/src/kernels/mod.rs"]
+pub mod kernels;
+use components::schedule;
 
 use cubecl::prelude::*;
 use cubecl_runtime::runtime::Runtime;

@@ -19,7 +19,7 @@ use super::fragments::{acc_get, MmaVecAcc};
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_plane_rows<F: Float, N: Size>(
-    smem: &SharedMemory<F>,
+    smem: &[F],
     s_at: usize,
     #[comptime] s_stride: usize,
     out: &mut Tensor<Vector<F, N>>,
@@ -49,7 +49,7 @@ pub(crate) fn store_plane_rows<F: Float, N: Size>(
             let mut vector = Vector::empty();
             #[unroll]
             for n in 0..vs {
-                vector[n] = smem[at + n];
+                vector.insert_dynamic(n, smem[at + n]);
             }
             out[(o_base + row * o_row_stride + col) / vs] = vector;
         }
@@ -70,7 +70,7 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
     o_acc: &Array<Vector<f32, MmaVecAcc>>,
     m_row: &Array<f32>,
     l_row: &Array<f32>,
-    q_smem: &mut SharedMemory<F>,
+    q_smem: &mut [F],
     out: &mut Tensor<Vector<F, N>>,
     lse: &mut Tensor<f32>,
     b: usize,
@@ -176,7 +176,7 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
 pub(crate) fn acc_rows_to_smem<F: Float>(
     acc: &Array<Vector<f32, MmaVecAcc>>,
     scale: f32,
-    smem: &mut SharedMemory<F>,
+    smem: &mut [F],
     at: usize,
     #[comptime] stride: usize,
     g: usize,

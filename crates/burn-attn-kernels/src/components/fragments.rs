@@ -7,7 +7,7 @@
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::define_size;
-use cubecl::ir::MatrixIdent;
+use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 define_size!(pub MmaVecA);
@@ -39,7 +39,7 @@ pub(crate) fn acc_get(
     #[comptime] vs: usize,
 ) -> f32 {
     let per_tile = comptime!(4 / vs);
-    arr[tile * per_tile + e / vs][e % vs]
+    arr[tile * per_tile + e / vs].extract_dynamic(e % vs)
 }
 
 /// Sets element `e` (0..4) of accumulator tile `tile`.
@@ -53,7 +53,7 @@ pub(crate) fn acc_set(
 ) {
     let per_tile = comptime!(4 / vs);
     let mut vector = arr[tile * per_tile + e / vs];
-    vector[e % vs] = value;
+    vector.insert_dynamic(e % vs, value);
     arr[tile * per_tile + e / vs] = vector;
 }
 
@@ -124,9 +124,9 @@ impl<F: Float> PlaneMma<F> {
     #[allow(clippy::too_many_arguments)]
     pub fn a_bt(
         &mut self,
-        a_smem: &SharedMemory<F>,
+        a_smem: &[F],
         a_row0: usize,
-        b_smem: &SharedMemory<F>,
+        b_smem: &[F],
         b_row0: usize,
         acc: &mut Array<Vector<f32, MmaVecAcc>>,
         #[comptime] a_stride: usize,
@@ -151,7 +151,7 @@ impl<F: Float> PlaneMma<F> {
             let a_off =
                 a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
             let a_regs = def.load_matrix::<F, MmaVecA>(
-                &a_smem.slice(a_off, a_off + 8),
+                &&a_smem[a_off..a_off + 8],
                 MatrixIdent::A,
                 4usize,
                 false,
@@ -167,7 +167,7 @@ impl<F: Float> PlaneMma<F> {
                     + kc * 16
                     + 8 * (ld_block % 2);
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &b_smem.slice(b_off, b_off + 8),
+                    &&b_smem[b_off..b_off + 8],
                     MatrixIdent::B,
                     4usize,
                     false,
@@ -196,7 +196,7 @@ impl<F: Float> PlaneMma<F> {
     pub fn acc_b(
         &mut self,
         src: &Array<Vector<f32, MmaVecAcc>>,
-        b_smem: &SharedMemory<F>,
+        b_smem: &[F],
         b_row0: usize,
         acc: &mut Array<Vector<f32, MmaVecAcc>>,
         #[comptime] b_stride: usize,
@@ -221,7 +221,7 @@ impl<F: Float> PlaneMma<F> {
                 #[unroll]
                 for n in 0..a_vs {
                     let ei = i * a_vs + n;
-                    vector[n] = F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs));
+                    vector.insert_dynamic(n, F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs)));
                 }
                 self.a[i] = vector;
             }
@@ -232,7 +232,7 @@ impl<F: Float> PlaneMma<F> {
                     + np * 16
                     + 8 * (ld_block / 2);
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &b_smem.slice(b_off, b_off + 8),
+                    &&b_smem[b_off..b_off + 8],
                     MatrixIdent::B,
                     4usize,
                     true,

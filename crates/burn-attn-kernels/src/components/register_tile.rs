@@ -19,8 +19,8 @@ use cubecl::prelude::*;
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tile_product<FA: Float, FB: Float>(
     acc: &mut Array<f32>,
-    a_mem: &SharedMemory<FA>,
-    b_mem: &SharedMemory<FB>,
+    a_mem: &[FA],
+    b_mem: &[FB],
     row0: usize,
     col0: usize,
     #[comptime] depth: usize,

@@ -92,7 +92,7 @@ pub(crate) fn stage_rows_sync<F: Float>(
     src: &Tensor<F>,
     at: HeadRows,
     row0: usize,
-    smem: &mut SharedMemory<F>,
+    smem: &mut [F],
     dst: usize,
     tid: usize,
     #[comptime] tile: StageTile,
@@ -124,7 +124,7 @@ pub(crate) fn stage_rows_async<F: Float>(
     src: &Tensor<F>,
     at: HeadRows,
     row0: usize,
-    smem: &mut SharedMemory<F>,
+    smem: &mut [F],
     dst: usize,
     tid: usize,
     #[comptime] tile: StageTile,
@@ -153,8 +153,8 @@ pub(crate) fn stage_rows_async<F: Float>(
                 let len = select(valid, chunk, 0usize);
                 let to = to_first + comptime!(i * row_step * smem_stride);
                 copy_async_checked(
-                    &src.slice(off, off + len),
-                    &mut smem.slice_mut(to, to + chunk),
+                    &&src[off..off + len],
+                    &mut &mut smem[to..to + chunk],
                     copy_len,
                 );
             }
@@ -171,8 +171,8 @@ pub(crate) fn stage_rows_async<F: Float>(
                 let len = select(valid, chunk, 0usize);
                 let to = dst + r * smem_stride + c;
                 copy_async_checked(
-                    &src.slice(off, off + len),
-                    &mut smem.slice_mut(to, to + chunk),
+                    &&src[off..off + len],
+                    &mut &mut smem[to..to + chunk],
                     copy_len,
                 );
             }
@@ -186,7 +186,7 @@ pub(crate) fn stage_rows_async<F: Float>(
 /// fragment loads read them.
 #[cube]
 pub(crate) fn zero_pad_columns<F: Float>(
-    smem: &mut SharedMemory<F>,
+    smem: &mut [F],
     d: usize,
     tid: usize,
     #[comptime] tile: StageTile,
@@ -209,7 +209,7 @@ pub(crate) fn zero_pad_columns<F: Float>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_rows<F: Float>(
     src: &Tensor<F>,
-    tile: &mut SharedMemory<F>,
+    tile: &mut [F],
     base: usize,
     t0: usize,
     n: usize,
@@ -246,8 +246,8 @@ pub(crate) fn stage_rows<F: Float>(
 pub(crate) fn stage_row_stats(
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
-    lse_tile: &mut SharedMemory<f32>,
-    delta_tile: &mut SharedMemory<f32>,
+    lse_tile: &mut [f32],
+    delta_tile: &mut [f32],
     lse_base: usize,
     delta_base: usize,
     t0: usize,

@@ -13,7 +13,7 @@
 //! `components::band`'s.
 
 use cubecl::cmma::MmaDefinition;
-use cubecl::ir::MatrixIdent;
+use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
@@ -70,7 +70,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     #[comptime] row_pad: usize,
     #[comptime] async_copy: bool,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     P::register::<F>();
     // Both products accumulate in f32 `m16n8` tiles: the accumulator's layout depends on
@@ -127,9 +127,9 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
         k_stride: k_tile.stride,
         v_stride: v_tile.stride,
     });
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(q_tile.len()), 16usize);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * k_tile.len()), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * v_tile.len()), 16usize);
+    let mut q_smem = Shared::<[F]>::new_aligned_slice(comptime!(q_tile.len()), 16usize);
+    let mut k_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * k_tile.len()), 16usize);
+    let mut v_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * v_tile.len()), 16usize);
     let tid = warp * 32 + lane;
     let q_at = HeadRows::new(q, b, h, seq_q, dim);
     let k_at = HeadRows::new(k, b, kvh, seq_k, dim);

@@ -43,7 +43,7 @@
 //! `-inf`) and padding rows take [`DEAD_LSE`] as their lse, so their probabilities, and with
 //! them their gradient contributions, are exactly 0.
 
-use cubecl::ir::MatrixIdent;
+use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
@@ -98,7 +98,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     #[comptime] block_k: usize,
     #[comptime] async_copy: bool,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     let mut mma = PlaneMma::<F>::new();
     let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
@@ -137,10 +137,10 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let v_stride = comptime!(do_tile.stride);
     let k_tiles = comptime!(block_k / 8);
     let dq_tiles = comptime!(dim_pad / 8);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(q_tile.len()), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(do_tile.len()), 16usize);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * k_tile.len()), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * v_tile.len()), 16usize);
+    let mut q_smem = Shared::<[F]>::new_aligned_slice(comptime!(q_tile.len()), 16usize);
+    let mut do_smem = Shared::<[F]>::new_aligned_slice(comptime!(do_tile.len()), 16usize);
+    let mut k_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * k_tile.len()), 16usize);
+    let mut v_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * v_tile.len()), 16usize);
     let tid = warp * 32 + lane;
     let q_at = HeadRows::new(q, b, h, seq_q, dim);
     let do_at = HeadRows::new(d_out, b, h, seq_q, value_dim);
@@ -394,7 +394,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     #[comptime] block_q: usize,
     #[comptime] async_copy: bool,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     let mut mma = PlaneMma::<F>::new();
     let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
@@ -450,12 +450,12 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     let q_tiles = comptime!(block_q / 8);
     let dk_tiles = comptime!(dim_pad / 8);
     let dv_tiles = comptime!(value_dim_pad / 8);
-    let mut k_smem = SharedMemory::<F>::new_aligned(comptime!(k_tile.len()), 16usize);
-    let mut v_smem = SharedMemory::<F>::new_aligned(comptime!(v_tile.len()), 16usize);
-    let mut q_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * q_tile.len()), 16usize);
-    let mut do_smem = SharedMemory::<F>::new_aligned(comptime!(buffers * do_tile.len()), 16usize);
-    let mut lse_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
-    let mut delta_tile = SharedMemory::<f32>::new(comptime!(buffers * block_q));
+    let mut k_smem = Shared::<[F]>::new_aligned_slice(comptime!(k_tile.len()), 16usize);
+    let mut v_smem = Shared::<[F]>::new_aligned_slice(comptime!(v_tile.len()), 16usize);
+    let mut q_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * q_tile.len()), 16usize);
+    let mut do_smem = Shared::<[F]>::new_aligned_slice(comptime!(buffers * do_tile.len()), 16usize);
+    let mut lse_tile = Shared::<[f32]>::new_slice(comptime!(buffers * block_q));
+    let mut delta_tile = Shared::<[f32]>::new_slice(comptime!(buffers * block_q));
     let tid = warp * 32 + lane;
     let k_at = HeadRows::new(k, b, kvh, seq_k, dim);
     let v_at = HeadRows::new(v, b, kvh, seq_k, value_dim);

@@ -41,8 +41,8 @@ fn softmax_tile(
     o: &mut Array<f32>,
     m: &mut Array<f32>,
     l: &mut Array<f32>,
-    partial: &mut SharedMemory<f32>,
-    p_tile: &mut SharedMemory<f32>,
+    partial: &mut [f32],
+    p_tile: &mut [f32],
     scale: f32,
     t0: i32,
     lo0: i32,
@@ -145,7 +145,7 @@ pub fn flash_unit_kernel<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -170,12 +170,12 @@ pub fn flash_unit_kernel<F: Float>(
     let lo0 = row0 + offset - left;
     let hi0 = row0 + offset + right;
 
-    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
+    let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
     // K (transposed) and then V (row-major) of the current tile, one after the other.
-    let mut kv = SharedMemory::<F>::new(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
-    let mut p_tile = SharedMemory::<f32>::new(comptime!(block_q * k_stride));
+    let mut kv = Shared::<[F]>::new_slice(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
+    let mut p_tile = Shared::<[f32]>::new_slice(comptime!(block_q * k_stride));
     // Per (row, column thread): partial row maxima, and at the end partial row sums.
-    let mut partial = SharedMemory::<f32>::new(comptime!(block_q * col_threads));
+    let mut partial = Shared::<[f32]>::new_slice(comptime!(block_q * col_threads));
 
     let q_base = b * q.stride(0) + h * q.stride(1);
     let k_base = b * k.stride(0) + kvh * k.stride(1);

@@ -62,7 +62,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -84,13 +84,13 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     // Keys any row of the cube can see (its one plane is the whole cube).
     let bounds = BandBounds::new(r0, r0, seq_q, seq_k, offset, left, right, block_q, block_q);
 
-    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
-    let mut do_t = SharedMemory::<F>::new(comptime!(value_dim * q_stride));
+    let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
+    let mut do_t = Shared::<[F]>::new_slice(comptime!(value_dim * q_stride));
     // V (transposed) and then K (transposed) of the current key tile.
-    let mut kv = SharedMemory::<F>::new(comptime!(usize::max(dim, value_dim) * k_stride));
-    let mut ds_tile = SharedMemory::<f32>::new(comptime!(block_q * k_stride));
-    let mut lse_tile = SharedMemory::<f32>::new(block_q);
-    let mut d_tile = SharedMemory::<f32>::new(block_q);
+    let mut kv = Shared::<[F]>::new_slice(comptime!(usize::max(dim, value_dim) * k_stride));
+    let mut ds_tile = Shared::<[f32]>::new_slice(comptime!(block_q * k_stride));
+    let mut lse_tile = Shared::<[f32]>::new_slice(block_q);
+    let mut d_tile = Shared::<[f32]>::new_slice(block_q);
 
     let q_base = b * q.stride(0) + h * q.stride(1);
     let do_base = b * d_out.stride(0) + h * d_out.stride(1);
@@ -272,7 +272,7 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] _source: u64,
-    #[define(F)] _dtype: StorageType,
+    #[define(F)] _dtype: ElemType,
 ) {
     let rk = comptime!(block_k / row_threads);
     let rq = comptime!(block_q / col_threads);
@@ -296,14 +296,14 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     // Query rows that can see any key of the cube (the band transposed).
     let bounds = BandBounds::new(c0, c0, seq_k, seq_q, -offset, right, left, block_k, block_k);
 
-    let mut k_t = SharedMemory::<F>::new(comptime!(dim * k_stride));
-    let mut v_t = SharedMemory::<F>::new(comptime!(value_dim * k_stride));
-    let mut q_t = SharedMemory::<F>::new(comptime!(dim * q_stride));
-    let mut do_t = SharedMemory::<F>::new(comptime!(value_dim * q_stride));
-    let mut p_tile = SharedMemory::<f32>::new(comptime!(block_k * q_stride));
-    let mut ds_tile = SharedMemory::<f32>::new(comptime!(block_k * q_stride));
-    let mut lse_tile = SharedMemory::<f32>::new(block_q);
-    let mut d_tile = SharedMemory::<f32>::new(block_q);
+    let mut k_t = Shared::<[F]>::new_slice(comptime!(dim * k_stride));
+    let mut v_t = Shared::<[F]>::new_slice(comptime!(value_dim * k_stride));
+    let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
+    let mut do_t = Shared::<[F]>::new_slice(comptime!(value_dim * q_stride));
+    let mut p_tile = Shared::<[f32]>::new_slice(comptime!(block_k * q_stride));
+    let mut ds_tile = Shared::<[f32]>::new_slice(comptime!(block_k * q_stride));
+    let mut lse_tile = Shared::<[f32]>::new_slice(block_q);
+    let mut d_tile = Shared::<[f32]>::new_slice(block_q);
 
     let k_base = b * k.stride(0) + kvh * k.stride(1);
     let v_base = b * v.stride(0) + kvh * v.stride(1);

@@ -6,7 +6,7 @@
 //! chunk); V's fragments come from `ldmatrix.trans`, so V is staged as it is stored.
 
 use cubecl::cmma::MmaDefinition;
-use cubecl::ir::MatrixIdent;
+use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 use super::{ForwardProducts, LaneOffsets, ProductTile};
@@ -38,8 +38,8 @@ impl ForwardProducts for Ldmatrix16 {
     }
 
     fn scores<F: Float>(
-        q_smem: &SharedMemory<F>,
-        k_smem: &SharedMemory<F>,
+        q_smem: &[F],
+        k_smem: &[F],
         k_buf: usize,
         at: LaneOffsets,
         s_acc: &mut Array<Vector<f32, MmaVecAcc>>,
@@ -71,7 +71,7 @@ impl ForwardProducts for Ldmatrix16 {
             for mt in 0..m_tiles {
                 let q_off = at.q + mt * 16 * q_stride + dc * 16;
                 let a_regs = def.load_matrix::<F, MmaVecA>(
-                    &q_smem.slice(q_off, q_off + 8),
+                    &&q_smem[q_off..q_off + 8],
                     MatrixIdent::A,
                     4usize,
                     false,
@@ -86,7 +86,7 @@ impl ForwardProducts for Ldmatrix16 {
                 // B for key tiles 2kp and 2kp + 1 (K rows being B's columns).
                 let k_off = k_at + kp * 16 * k_stride + dc * 16;
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &k_smem.slice(k_off, k_off + 8),
+                    &&k_smem[k_off..k_off + 8],
                     MatrixIdent::B,
                     4usize,
                     false,
@@ -115,7 +115,7 @@ impl ForwardProducts for Ldmatrix16 {
 
     fn accumulate<F: Float>(
         s_acc: &Array<Vector<f32, MmaVecAcc>>,
-        v_smem: &SharedMemory<F>,
+        v_smem: &[F],
         v_buf: usize,
         at: LaneOffsets,
         o_acc: &mut Array<Vector<f32, MmaVecAcc>>,
@@ -149,7 +149,7 @@ impl ForwardProducts for Ldmatrix16 {
                     for n in 0..a_vs {
                         let ei = i * a_vs + n;
                         let tile = mt * k_tiles + kc * 2 + ei / 4;
-                        vector[n] = F::cast_from(acc_get(s_acc, tile, ei % 4, c_vs));
+                        vector.insert_dynamic(n, F::cast_from(acc_get(s_acc, tile, ei % 4, c_vs)));
                     }
                     a_all[mt * a_vecs + i] = vector;
                 }
@@ -159,7 +159,7 @@ impl ForwardProducts for Ldmatrix16 {
                 // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed.
                 let v_off = v_at + kc * 16 * v_stride + vp * 16;
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &v_smem.slice(v_off, v_off + 8),
+                    &&v_smem[v_off..v_off + 8],
                     MatrixIdent::B,
                     4usize,
                     true,

@@ -56,8 +56,8 @@ pub trait ForwardProducts: Send + Sync + 'static {
     /// `s_acc = Q K^T` over the plane's rows and the K buffer starting at `k_buf`
     /// (`m_tiles * k_tiles` accumulator tiles, tile `mt * k_tiles + kt`).
     fn scores<F: Float>(
-        q_smem: &SharedMemory<F>,
-        k_smem: &SharedMemory<F>,
+        q_smem: &[F],
+        k_smem: &[F],
         k_buf: usize,
         at: LaneOffsets,
         s_acc: &mut Array<Vector<f32, MmaVecAcc>>,
@@ -68,7 +68,7 @@ pub trait ForwardProducts: Send + Sync + 'static {
     /// at `v_buf` (`m_tiles * v_tiles` accumulator tiles, tile `mt * v_tiles + vt`).
     fn accumulate<F: Float>(
         s_acc: &Array<Vector<f32, MmaVecAcc>>,
-        v_smem: &SharedMemory<F>,
+        v_smem: &[F],
         v_buf: usize,
         at: LaneOffsets,
         o_acc: &mut Array<Vector<f32, MmaVecAcc>>,

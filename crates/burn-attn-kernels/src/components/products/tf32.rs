@@ -17,7 +17,7 @@
 //! relative (as with PyTorch's `allow_tf32`), so the core runs it on request only.
 
 use cubecl::cmma::MmaDefinition;
-use cubecl::ir::MatrixIdent;
+use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 use super::{ForwardProducts, LaneOffsets, ProductTile};
@@ -36,7 +36,7 @@ fn set_elem<T: Float, S: Float, N: Size>(
     value: S,
 ) {
     let mut vector = frag[e / vs];
-    vector[e % vs] = T::cast_from(value);
+    vector.insert_dynamic(e % vs, T::cast_from(value));
     frag[e / vs] = vector;
 }
 
@@ -83,8 +83,8 @@ impl ForwardProducts for Tf32Lanes {
     }
 
     fn scores<F: Float>(
-        q_smem: &SharedMemory<F>,
-        k_smem: &SharedMemory<F>,
+        q_smem: &[F],
+        k_smem: &[F],
         k_buf: usize,
         at: LaneOffsets,
         s_acc: &mut Array<Vector<f32, MmaVecAcc>>,
@@ -164,7 +164,7 @@ impl ForwardProducts for Tf32Lanes {
 
     fn accumulate<F: Float>(
         s_acc: &Array<Vector<f32, MmaVecAcc>>,
-        v_smem: &SharedMemory<F>,
+        v_smem: &[F],
         v_buf: usize,
         at: LaneOffsets,
         o_acc: &mut Array<Vector<f32, MmaVecAcc>>,
