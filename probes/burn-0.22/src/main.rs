@@ -1,15 +1,14 @@
 //! Probe for the move to Burn 0.22 (see Cargo.toml). In one binary built offline with the
 //! repository's cubecl-llvm stand-in:
-//! - one of our kernels compiled from main's source against CubeCL 0.11 (the cube-order
-//!   probe of `components/schedule.rs`, which needs no API that changed) runs on the first
+//! - the kernel crate's cube code (`components/`, `kernels/`: every kernel) compiled from
+//!   this branch's source against CubeCL 0.11; its cube-order probe kernel runs on the first
 //!   CUDA device through NVRTC and is checked against the order it must give;
 //! - Burn 0.22.1's own tensor ops run attention on that device, checked against f64.
 //!
 //! Build here with `cargo build --release` (about 20 minutes cold on 2 cores) and run the
 //! binary on a CUDA machine; `cargo test --release -p cubecl-llvm` tests the stand-in.
-//! Prints one line per check and exits non-zero on a failure. The rest of the kernel crate
-//! does not compile against CubeCL 0.11 yet (`cargo build` here with the other component
-//! files added lists what changed).
+//! Prints one line per check and exits non-zero on a failure. The launchers, plans' device
+//! reads and the crates above are not ported yet.
 
 #![allow(dead_code)]
 

@@ -10,6 +10,7 @@ use cubecl::prelude::*;
 
 /// Column bounds of a cube's row block and of one plane's rows in it.
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub(crate) struct BandBounds {
     /// First column some row of the cube sees (clamped at 0).
     pub start: i32,

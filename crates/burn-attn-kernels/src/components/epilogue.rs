@@ -151,7 +151,7 @@ pub(crate) fn write_output_rows<F: Float, N: Size>(
     if comptime!(staged) {
         sync_plane();
         store_plane_rows::<F, N>(
-            q_smem,
+            &*q_smem,
             warp * plane_q * q_stride,
             q_stride,
             out,

@@ -83,7 +83,7 @@ pub(crate) fn mma_pair<F: Float>(
         for i in 0..c_vecs {
             c_frag[i] = acc[(first + half) * c_vecs + i];
         }
-        def.execute_inplace(a_frag, b_frag, c_frag);
+        def.execute_inplace(a_frag, &*b_frag, c_frag);
         #[unroll]
         for i in 0..c_vecs {
             acc[(first + half) * c_vecs + i] = c_frag[i];

@@ -13,6 +13,7 @@ use cubecl::prelude::*;
 
 /// The block and head of one cube ([`cube_block`]).
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub(crate) struct CubeBlock {
     /// Index of the cube's block along the rows (or keys) it owns.
     pub block: usize,
@@ -53,6 +54,7 @@ pub(crate) fn cube_block(group: u32, #[comptime] heaviest_last: bool) -> CubeBlo
 /// sequence sizes, read from `q` `[batch, heads, seq_q, d]` and `k` `[batch, kv_heads,
 /// seq_k, d]`.
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub(crate) struct CubeHead {
     /// The cube's block of rows (query-major) or keys (key-major).
     pub block: usize,

@@ -41,6 +41,7 @@ pub(crate) fn has_probabilities(lse: f32) -> bool {
 /// The band as one plane's lanes see it, fixed for the whole pass: which tiles need no
 /// mask, and what the per-element mask needs for the others.
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub(crate) struct TileBand {
     /// Every row of the plane is a real query row (`< seq_q`).
     pub plane_full: bool,
@@ -127,7 +128,7 @@ pub(crate) fn online_softmax_tile(
                 #[unroll]
                 for e in 0..4usize {
                     let half = 2 * mt + e / 2;
-                    let s = acc_get(s_acc, mt * k_tiles + kt, e, c_vs);
+                    let s = acc_get(&*s_acc, mt * k_tiles + kt, e, c_vs);
                     row_max[half] = f32::max(row_max[half], s);
                 }
             }
@@ -145,7 +146,7 @@ pub(crate) fn online_softmax_tile(
                 let tile = mt * k_tiles + kt;
                 #[unroll]
                 for e in 0..4usize {
-                    let mut s = acc_get(s_acc, tile, e, c_vs) * scale;
+                    let mut s = acc_get(&*s_acc, tile, e, c_vs) * scale;
                     let row = band.row_a + (16 * mt + 8 * (e / 2)) as i32;
                     let j = t0 + (kt * 8 + 2 * band.t + e % 2) as i32;
                     if j < row + band.offset - band.left
@@ -192,7 +193,7 @@ pub(crate) fn online_softmax_tile(
                 #[unroll]
                 for e in 0..4usize {
                     let tile = mt * v_tiles + vt;
-                    let o = acc_get(o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
+                    let o = acc_get(&*o_acc, tile, e, c_vs) * alpha[2 * mt + e / 2];
                     acc_set(o_acc, tile, e, c_vs, o);
                 }
             }
@@ -209,7 +210,7 @@ pub(crate) fn online_softmax_tile(
             #[unroll]
             for e in 0..4usize {
                 let half = 2 * mt + e / 2;
-                let s = acc_get(s_acc, tile, e, c_vs);
+                let s = acc_get(&*s_acc, tile, e, c_vs);
                 let p = f32::exp(fma(s, factor, -row_max[half]));
                 l_row[half] += p;
                 acc_set(s_acc, tile, e, c_vs, p);

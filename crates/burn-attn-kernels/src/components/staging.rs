@@ -60,6 +60,7 @@ impl StageTile {
 /// Where one head's rows of a `[batch, heads, seq, d]` tensor are: the element offset of
 /// its row 0, the row and column strides, and the valid rows and columns (`seq`, `d`).
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub(crate) struct HeadRows {
     pub base: usize,
     pub row_stride: usize,

@@ -206,7 +206,8 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         d += plane_shuffle_xor(d, 1);
         d += plane_shuffle_xor(d, 2);
         if row < seq_q && t == 0 {
-            delta[b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2)] = d;
+            let at = b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2);
+            delta[at] = d;
         }
         d_row[hf] = d;
         lse_row[hf] = l;
@@ -332,13 +333,14 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     );
     sync_plane();
     let dq_base = b * dq.stride(0) + h * dq.stride(1);
+    let dq_row_stride = dq.stride(2);
     store_plane_rows::<F, NQ>(
         &q_smem,
         s_plane,
         d_stride,
         dq,
         dq_base,
-        dq.stride(2),
+        dq_row_stride,
         w0,
         seq_q,
         dim,
@@ -764,13 +766,14 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
     sync_plane();
     let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
     let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
+    let dk_row_stride = dk.stride(2);
     store_plane_rows::<F, NK>(
         &k_smem,
         k_plane,
         d_stride,
         dk,
         dk_base,
-        dk.stride(2),
+        dk_row_stride,
         w0,
         seq_k,
         dim,
@@ -778,13 +781,14 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         16usize,
         dim_pad,
     );
+    let dv_row_stride = dv.stride(2);
     store_plane_rows::<F, NV>(
         &v_smem,
         v_plane,
         v_stride,
         dv,
         dv_base,
-        dv.stride(2),
+        dv_row_stride,
         w0,
         seq_k,
         value_dim,

@@ -340,7 +340,8 @@ pub fn flash_unit_kernel<F: Float>(
             for e in 0..rv {
                 let col = tx + e * col_threads;
                 if col < value_dim {
-                    out[o_base + col * out.stride(3)] = F::cast_from(o[a * rv + e] * inv);
+                    let at = o_base + col * out.stride(3);
+                    out[at] = F::cast_from(o[a * rv + e] * inv);
                 }
             }
             if tx == 0 {

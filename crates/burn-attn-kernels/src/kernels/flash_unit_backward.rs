@@ -114,7 +114,8 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
                     * f32::cast_from(out[o_at + c * out.stride(3)]);
             }
             lse_i = lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)];
-            delta[b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2)] = d_i;
+            let at = b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2);
+            delta[at] = d_i;
         }
         d_tile[idx] = d_i;
         lse_tile[idx] = lse_i;
@@ -233,7 +234,8 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             for e in 0..rd {
                 let c = tx + e * col_threads;
                 if c < dim {
-                    dq[dq_at + c * dq.stride(3)] = F::cast_from(dq_acc[a * rd + e] * scale);
+                    let at = dq_at + c * dq.stride(3);
+                    dq[at] = F::cast_from(dq_acc[a * rd + e] * scale);
                 }
             }
         }
@@ -473,14 +475,16 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
             for e in 0..rd {
                 let c = tx + e * col_threads;
                 if c < dim {
-                    dk[dk_at + c * dk.stride(3)] = F::cast_from(dk_acc[a * rd + e] * scale);
+                    let at = dk_at + c * dk.stride(3);
+                    dk[at] = F::cast_from(dk_acc[a * rd + e] * scale);
                 }
             }
             #[unroll]
             for e in 0..rv {
                 let c = tx + e * col_threads;
                 if c < value_dim {
-                    dv[dv_at + c * dv.stride(3)] = F::cast_from(dv_acc[a * rv + e]);
+                    let at = dv_at + c * dv.stride(3);
+                    dv[at] = F::cast_from(dv_acc[a * rv + e]);
                 }
             }
         }

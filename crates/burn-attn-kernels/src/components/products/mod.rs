@@ -37,6 +37,7 @@ pub struct ProductTile {
 /// Each lane's part of its shared-memory reads, fixed for the whole pass (the rest is a
 /// constant of the unrolled loops): into the plane's Q rows, and into a K and a V buffer.
 #[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub struct LaneOffsets {
     pub q: usize,
     pub k: usize,
