@@ -1,7 +1,8 @@
 //! Launches a backward plan: the dQ kernel (which also writes `D = rowsum(dO * O)`), then
 //! the dK/dV kernel.
 
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::tensor::CubeTensor;
+use burn_backend::cubecl::dtype_to_elem_type;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_gradients;
@@ -20,27 +21,27 @@ use crate::plan::{
 /// The gradients `(dq, dk, dv)` of one backward call: contiguous, in the inputs' dtype
 /// (accumulated in f32), in the shapes of `q`, `k` and `v`; with GQA/MQA `dk` and `dv` sum
 /// over the query heads sharing a kv head.
-pub type Gradients<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>);
+pub type Gradients = (CubeTensor, CubeTensor, CubeTensor);
 
 /// The tensors of one backward call: the forward's inputs, output and row log-sum-exp (f32),
 /// and the output's gradient.
-pub struct BackwardInputs<R: CubeRuntime> {
+pub struct BackwardInputs {
     /// `[batch, heads, seq_q, head_dim]`.
-    pub q: CubeTensor<R>,
+    pub q: CubeTensor,
     /// `[batch, kv_heads, seq_k, head_dim]`.
-    pub k: CubeTensor<R>,
+    pub k: CubeTensor,
     /// `[batch, kv_heads, seq_k, value_dim]`.
-    pub v: CubeTensor<R>,
+    pub v: CubeTensor,
     /// The forward's output, `[batch, heads, seq_q, value_dim]`.
-    pub out: CubeTensor<R>,
+    pub out: CubeTensor,
     /// The forward's row log-sum-exp, `[batch, heads, seq_q]` in f32 (`-inf` for rows that
     /// see no key: they get zero gradients).
-    pub lse: CubeTensor<R>,
+    pub lse: CubeTensor,
     /// The gradient of `out`.
-    pub d_out: CubeTensor<R>,
+    pub d_out: CubeTensor,
 }
 
-impl<R: CubeRuntime> BackwardInputs<R> {
+impl BackwardInputs {
     /// The plans' view of the call.
     pub fn problem(&self, band: BandArgs) -> Result<Problem, Unsupported> {
         backward_problem(
@@ -62,11 +63,11 @@ impl<R: CubeRuntime> BackwardInputs<R> {
 /// The kernels launch without per-access bounds checks: `problem` must be
 /// [`BackwardInputs::problem`] of `inputs` and `plan` must come from [`plan_backward`] for
 /// it.
-pub unsafe fn launch_backward<R: CubeRuntime>(
+pub unsafe fn launch_backward(
     plan: &BackwardPlan,
     problem: &Problem,
-    inputs: BackwardInputs<R>,
-) -> Gradients<R> {
+    inputs: BackwardInputs,
+) -> Gradients {
     let [dq, dk, dv, delta] = alloc_gradients(&inputs.q, &problem.sizes);
     let outputs = [&dq, &dk, &dv, &delta];
     match plan {
@@ -78,12 +79,12 @@ pub unsafe fn launch_backward<R: CubeRuntime>(
 
 /// Plans and launches `kernel` for one call, or says why it declines: for tests and
 /// benchmarks that pick a kernel (the attention op's dispatch lives in `burn-attn-core`).
-pub fn flash_backward_with<R: CubeRuntime>(
+pub fn flash_backward_with(
     kernel: BackwardKernel,
-    inputs: BackwardInputs<R>,
+    inputs: BackwardInputs,
     band: BandArgs,
     forced: &ForcedPlan,
-) -> Result<Gradients<R>, Unsupported> {
+) -> Result<Gradients, Unsupported> {
     let problem = inputs.problem(band)?;
     let plan = plan_backward(kernel, &problem, &device_caps(&inputs.q.client), forced)?;
     log::debug!("burn-attn: {plan:?} for {:?}", problem.sizes);
@@ -98,11 +99,11 @@ fn launches(problem: &Problem) -> (bool, bool) {
     (!s.is_empty(), s.seq_k * s.batch * s.kv_heads > 0)
 }
 
-fn launch_unit_backward<R: CubeRuntime>(
+fn launch_unit_backward(
     plan: &UnitBackwardPlan,
     problem: &Problem,
-    inputs: BackwardInputs<R>,
-    [dq, dk, dv, delta]: [&CubeTensor<R>; 4],
+    inputs: BackwardInputs,
+    [dq, dk, dv, delta]: [&CubeTensor; 4],
 ) {
     let BackwardInputs {
         q,
@@ -119,7 +120,7 @@ fn launch_unit_backward<R: CubeRuntime>(
     let (run_dq, run_kv) = launches(problem);
     let (dq_t, kv_t) = (&plan.dq_tiles, &plan.kv_tiles);
     if run_dq {
-        flash_unit_backward_dq_kernel::launch::<R>(
+        flash_unit_backward_dq_kernel::launch(
             &client,
             cube_count(plan.dq_grid),
             CubeDim::new_1d(dq_t.units() as u32),
@@ -143,11 +144,11 @@ fn launch_unit_backward<R: CubeRuntime>(
             dq_t.row_threads,
             dq_t.col_threads,
             KERNEL_SOURCE,
-            dtype.into(),
+            dtype_to_elem_type(dtype),
         );
     }
     if run_kv {
-        flash_unit_backward_dkdv_kernel::launch::<R>(
+        flash_unit_backward_dkdv_kernel::launch(
             &client,
             cube_count(plan.kv_grid),
             CubeDim::new_1d(kv_t.units() as u32),
@@ -171,16 +172,16 @@ fn launch_unit_backward<R: CubeRuntime>(
             kv_t.row_threads,
             kv_t.col_threads,
             KERNEL_SOURCE,
-            dtype.into(),
+            dtype_to_elem_type(dtype),
         );
     }
 }
 
-fn launch_mma_backward<R: CubeRuntime>(
+fn launch_mma_backward(
     plan: &MmaBackwardPlan,
     problem: &Problem,
-    inputs: BackwardInputs<R>,
-    [dq, dk, dv, delta]: [&CubeTensor<R>; 4],
+    inputs: BackwardInputs,
+    [dq, dk, dv, delta]: [&CubeTensor; 4],
 ) {
     let BackwardInputs {
         q,
@@ -207,7 +208,7 @@ fn launch_mma_backward<R: CubeRuntime>(
     // column strides and head/value dims that are multiples of 8.
     unsafe {
         if run_dq {
-            flash_mma_backward_dq_kernel::launch_unchecked::<R>(
+            flash_mma_backward_dq_kernel::launch_unchecked(
                 &client,
                 cube_count(plan.dq_grid),
                 CubeDim::new_2d(32, plan.planes as u32),
@@ -231,11 +232,11 @@ fn launch_mma_backward<R: CubeRuntime>(
                 plan.block_k,
                 plan.async_copy,
                 KERNEL_SOURCE,
-                dtype.into(),
+                dtype_to_elem_type(dtype),
             );
         }
         if run_kv {
-            flash_mma_backward_dkdv_kernel::launch_unchecked::<R>(
+            flash_mma_backward_dkdv_kernel::launch_unchecked(
                 &client,
                 cube_count(plan.kv_grid),
                 CubeDim::new_2d(32, plan.planes as u32),
@@ -260,7 +261,7 @@ fn launch_mma_backward<R: CubeRuntime>(
                 plan.block_q,
                 plan.async_copy,
                 KERNEL_SOURCE,
-                dtype.into(),
+                dtype_to_elem_type(dtype),
             );
         }
     }

@@ -2,16 +2,16 @@
 //! size (not `empty_device_dtype`, whose layout may be pitched).
 
 use burn_backend::{DType, Shape};
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::tensor::CubeTensor;
 
 use crate::plan::Sizes;
 
 /// A plain contiguous buffer of exactly `shape` in `dtype`, on `like`'s device.
-pub(crate) fn alloc_contiguous<R: CubeRuntime>(
-    like: &CubeTensor<R>,
+pub(crate) fn alloc_contiguous(
+    like: &CubeTensor,
     shape: Shape,
     dtype: DType,
-) -> CubeTensor<R> {
+) -> CubeTensor {
     let bytes = shape.num_elements() * dtype.size();
     let handle = like.client.empty(bytes.max(dtype.size()));
     CubeTensor::new_contiguous(
@@ -25,10 +25,10 @@ pub(crate) fn alloc_contiguous<R: CubeRuntime>(
 
 /// The forward's output `[b, h, seq_q, value_dim]` in the input dtype and lse `[b, h,
 /// seq_q]` in f32.
-pub(crate) fn alloc_outputs<R: CubeRuntime>(
-    q: &CubeTensor<R>,
+pub(crate) fn alloc_outputs(
+    q: &CubeTensor,
     sizes: &Sizes,
-) -> (CubeTensor<R>, CubeTensor<R>) {
+) -> (CubeTensor, CubeTensor) {
     let Sizes {
         batch,
         heads,
@@ -45,10 +45,10 @@ pub(crate) fn alloc_outputs<R: CubeRuntime>(
 /// The backward's `dq`, `dk`, `dv` (contiguous, in `q`'s dtype, in the shapes of `q`, `k`
 /// and `v`) and the f32 `D = rowsum(dO * O)` buffer `[batch, heads, seq_q]` the dQ kernel
 /// writes for the dK/dV kernel.
-pub(crate) fn alloc_gradients<R: CubeRuntime>(
-    q: &CubeTensor<R>,
+pub(crate) fn alloc_gradients(
+    q: &CubeTensor,
     sizes: &Sizes,
-) -> [CubeTensor<R>; 4] {
+) -> [CubeTensor; 4] {
     let Sizes {
         batch,
         heads,

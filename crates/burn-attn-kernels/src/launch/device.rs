@@ -1,9 +1,9 @@
 //! What the plans need to know of a call's tensors and device, read from CubeCL.
 
 use burn_backend::DType;
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::ir::features::{MmaConfig, Plane};
-use cubecl::ir::{AddressType, ElemType, FloatKind, StorageType};
+use cubecl::ir::{AddressType, ElemType, FloatKind};
 use cubecl::prelude::*;
 
 use crate::plan::{
@@ -11,8 +11,8 @@ use crate::plan::{
 };
 
 /// The capabilities of `client`'s device.
-pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
-    let name = R::name(client);
+pub fn device_caps(client: &Client) -> DeviceCaps {
+    let name = client.name();
     let props = client.properties();
     let runtime = if name == "cuda" {
         RuntimeKind::Cuda
@@ -21,10 +21,10 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
     } else {
         RuntimeKind::Other
     };
-    let f32_acc: StorageType = ElemType::Float(FloatKind::F32).into();
+    let f32_acc = ElemType::Float(FloatKind::F32);
     let matmul = &props.features.matmul;
     let has_mma = |input: FloatKind, k: u32| {
-        let input: StorageType = ElemType::Float(input).into();
+        let input = ElemType::Float(input);
         matmul.mma.contains(&MmaConfig {
             a_type: input,
             b_type: input,
@@ -35,7 +35,7 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
         })
     };
     let has_ldmatrix = |input: FloatKind| {
-        let input: StorageType = ElemType::Float(input).into();
+        let input = ElemType::Float(input);
         matmul.ldmatrix.contains(&input)
     };
     DeviceCaps {
@@ -55,10 +55,10 @@ pub fn device_caps<R: CubeRuntime>(client: &ComputeClient<R>) -> DeviceCaps {
 /// The forward's problem: `q: [batch, heads, seq_q, head_dim]`, `k: [batch, kv_heads,
 /// seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`, one dtype of f32, f16 or
 /// bf16, any strides.
-pub fn forward_problem<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    k: &CubeTensor<R>,
-    v: &CubeTensor<R>,
+pub fn forward_problem(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
     band: BandArgs,
 ) -> Result<Problem, Unsupported> {
     let precision = precision_of(q, k, v)?;
@@ -81,13 +81,13 @@ pub fn forward_problem<R: CubeRuntime>(
 /// The backward's problem: the forward's inputs, its output `out` and `d_out` (`[batch,
 /// heads, seq_q, value_dim]`, the inputs' dtype) and its row log-sum-exp `lse` (`[batch,
 /// heads, seq_q]`, f32).
-pub(crate) fn backward_problem<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    k: &CubeTensor<R>,
-    v: &CubeTensor<R>,
-    out: &CubeTensor<R>,
-    lse: &CubeTensor<R>,
-    d_out: &CubeTensor<R>,
+pub(crate) fn backward_problem(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
+    out: &CubeTensor,
+    lse: &CubeTensor,
+    d_out: &CubeTensor,
     band: BandArgs,
 ) -> Result<Problem, Unsupported> {
     let mut problem = forward_problem(q, k, v, band)?;
@@ -129,10 +129,10 @@ pub(crate) fn backward_problem<R: CubeRuntime>(
     Ok(problem)
 }
 
-fn precision_of<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    k: &CubeTensor<R>,
-    v: &CubeTensor<R>,
+fn precision_of(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
 ) -> Result<Precision, Unsupported> {
     let precision = match q.dtype {
         DType::F32 => Some(Precision::F32),
@@ -150,7 +150,7 @@ fn precision_of<R: CubeRuntime>(
 
 /// Whether the rows of `t` can be staged with 16-byte copies: contiguous columns, row,
 /// head and batch strides and the buffer offset all multiples of 16 bytes.
-fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+fn aligned_rows(t: &CubeTensor) -> bool {
     let elem = t.dtype.size();
     let [.., dim] = dims4(t);
     let strides = t.meta.strides();
@@ -162,11 +162,11 @@ fn aligned_rows<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
 }
 
 /// Elements `t` spans from its first: its highest element offset plus one.
-fn tensor_span<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+fn tensor_span(t: &CubeTensor) -> usize {
     span(t.meta.shape().as_slice(), t.meta.strides())
 }
 
-pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
+pub(crate) fn dims4(t: &CubeTensor) -> [usize; 4] {
     let s = t.meta.shape();
     [s[0], s[1], s[2], s[3]]
 }

@@ -1,6 +1,7 @@
 //! Launches a forward plan.
 
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::tensor::CubeTensor;
+use burn_backend::cubecl::dtype_to_elem_type;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_outputs;
@@ -16,7 +17,7 @@ use crate::plan::{
 /// The forward's output `[batch, heads, seq_q, value_dim]` (input dtype) and row
 /// log-sum-exp `[batch, heads, seq_q]` (f32; `-inf` with a zero output row where no key is
 /// visible).
-pub type ForwardOutput<R> = (CubeTensor<R>, CubeTensor<R>);
+pub type ForwardOutput = (CubeTensor, CubeTensor);
 
 pub(crate) fn cube_count(grid: Grid) -> CubeCount {
     CubeCount::Static(grid.x, grid.y, 1)
@@ -36,20 +37,20 @@ pub(crate) fn address_type(offsets: Offsets) -> AddressType {
 /// The kernels launch without per-access bounds checks: `problem` must be
 /// [`forward_problem`](super::forward_problem) of `q`, `k`, `v` (sizes, and whether their
 /// rows allow 16-byte copies) and `plan` must come from [`plan_forward`] for it.
-pub unsafe fn launch_forward<R: CubeRuntime>(
+pub unsafe fn launch_forward(
     plan: &ForwardPlan,
     problem: &Problem,
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-) -> ForwardOutput<R> {
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+) -> ForwardOutput {
     let (out, lse) = alloc_outputs(&q, &problem.sizes);
     if problem.sizes.is_empty() {
         return (out, lse);
     }
     match plan {
-        ForwardPlan::Mma(plan) => launch_mma::<Ldmatrix16, R>(plan, problem, q, k, v, &out, &lse),
-        ForwardPlan::Tf32(plan) => launch_mma::<Tf32Lanes, R>(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Mma(plan) => launch_mma::<Ldmatrix16>(plan, problem, q, k, v, &out, &lse),
+        ForwardPlan::Tf32(plan) => launch_mma::<Tf32Lanes>(plan, problem, q, k, v, &out, &lse),
         ForwardPlan::Unit(plan) => launch_unit(plan, problem, q, k, v, &out, &lse),
     }
     (out, lse)
@@ -57,14 +58,14 @@ pub unsafe fn launch_forward<R: CubeRuntime>(
 
 /// Plans and launches `kernel` for one call, or says why it declines: for tests and
 /// benchmarks that pick a kernel (the attention op's dispatch lives in `burn-attn-core`).
-pub fn flash_forward_with<R: CubeRuntime>(
+pub fn flash_forward_with(
     kernel: ForwardKernel,
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
     band: BandArgs,
     forced: &ForcedPlan,
-) -> Result<ForwardOutput<R>, Unsupported> {
+) -> Result<ForwardOutput, Unsupported> {
     let problem = forward_problem(&q, &k, &v, band)?;
     let plan = plan_forward(kernel, &problem, &device_caps(&q.client), forced)?;
     log::debug!("burn-attn: {plan:?} for {:?}", problem.sizes);
@@ -72,18 +73,18 @@ pub fn flash_forward_with<R: CubeRuntime>(
     Ok(unsafe { launch_forward(&plan, &problem, q, k, v) })
 }
 
-fn launch_unit<R: CubeRuntime>(
+fn launch_unit(
     plan: &UnitPlan,
     problem: &Problem,
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    out: &CubeTensor<R>,
-    lse: &CubeTensor<R>,
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    out: &CubeTensor,
+    lse: &CubeTensor,
 ) {
     let (sizes, band, tiles) = (&problem.sizes, &problem.band, &plan.tiles);
     let dtype = q.dtype;
-    flash_unit_kernel::launch::<R>(
+    flash_unit_kernel::launch(
         &q.client.clone(),
         cube_count(plan.grid),
         CubeDim::new_1d(tiles.units() as u32),
@@ -105,20 +106,20 @@ fn launch_unit<R: CubeRuntime>(
         tiles.row_threads,
         tiles.col_threads,
         KERNEL_SOURCE,
-        dtype.into(),
+        dtype_to_elem_type(dtype),
     );
 }
 
 /// Launches the matrix-unit forward with the products `P` (the plan's dtype family).
 #[allow(clippy::too_many_arguments)]
-fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
+fn launch_mma<P: ForwardProducts>(
     plan: &MmaPlan,
     problem: &Problem,
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    out: &CubeTensor<R>,
-    lse: &CubeTensor<R>,
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    out: &CubeTensor,
+    lse: &CubeTensor,
 ) {
     let (sizes, band) = (&problem.sizes, &problem.band);
     let client = q.client.clone();
@@ -132,7 +133,7 @@ fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
     // only with unit column strides and head/value dims that are multiples of 16 bytes; the
     // output's `N`-value stores likewise, `out` being contiguous and `N` dividing its rows.
     unsafe {
-        flash_mma_kernel::launch_unchecked::<P, R>(
+        flash_mma_kernel::launch_unchecked::<P>(
             &client,
             cube_count(plan.grid),
             CubeDim::new_2d(32, plan.planes as u32),
@@ -156,7 +157,7 @@ fn launch_mma<P: ForwardProducts, R: CubeRuntime>(
             row_pad,
             plan.async_copy,
             KERNEL_SOURCE,
-            dtype.into(),
+            dtype_to_elem_type(dtype),
         );
     }
 }

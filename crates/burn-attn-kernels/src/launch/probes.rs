@@ -3,7 +3,7 @@
 //! host.
 
 use burn_backend::{DType, Shape};
-use burn_cubecl::{tensor::CubeTensor, CubeRuntime};
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_contiguous;
@@ -19,15 +19,15 @@ use crate::components::softmax::{online_softmax_probe_kernel, PROBE_KEYS, PROBE_
 /// # Panics
 /// When `scores` is not `[tiles, 16 or 32, 16]` f32 or `vector_size` does not divide 4.
 #[allow(clippy::too_many_arguments)]
-pub fn online_softmax_probe<R: CubeRuntime>(
-    scores: CubeTensor<R>,
+pub fn online_softmax_probe(
+    scores: CubeTensor,
     scale: f32,
     offset: i32,
     left: i32,
     right: i32,
     seq_k: u32,
     vector_size: usize,
-) -> (CubeTensor<R>, CubeTensor<R>) {
+) -> (CubeTensor, CubeTensor) {
     let dims = scores.meta.shape().to_vec();
     assert!(
         dims.len() == 3 && matches!(dims[1], 16 | 32) && dims[2] == PROBE_KEYS,
@@ -42,7 +42,7 @@ pub fn online_softmax_probe<R: CubeRuntime>(
     let probs = alloc_contiguous(&scores, Shape::new([tiles, rows, PROBE_KEYS]), DType::F32);
     let state = alloc_contiguous(&scores, Shape::new([tiles, rows, 3]), DType::F32);
     let client = scores.client.clone();
-    online_softmax_probe_kernel::launch::<R>(
+    online_softmax_probe_kernel::launch(
         &client,
         CubeCount::Static(1, 1, 1),
         CubeDim::new_1d(32),
@@ -68,19 +68,19 @@ pub fn online_softmax_probe<R: CubeRuntime>(
 ///
 /// # Panics
 /// When `blocks` or `heads` is 0 or past 65535 (the grid's limit).
-pub fn cube_order_probe<R: CubeRuntime>(
-    like: &CubeTensor<R>,
+pub fn cube_order_probe(
+    like: &CubeTensor,
     blocks: usize,
     heads: usize,
     group: u32,
     heaviest_last: bool,
-) -> CubeTensor<R> {
+) -> CubeTensor {
     assert!(
         (1..=u16::MAX as usize).contains(&blocks) && (1..=u16::MAX as usize).contains(&heads),
         "blocks {blocks} and heads {heads} must be 1 to 65535"
     );
     let order = alloc_contiguous(like, Shape::new([blocks * heads, 2]), DType::F32);
-    cube_order_probe_kernel::launch::<R>(
+    cube_order_probe_kernel::launch(
         &like.client,
         CubeCount::Static(blocks as u32, heads as u32, 1),
         CubeDim::new_1d(32),
