@@ -37,7 +37,7 @@ pub const KERNEL_SOURCE: u64 = include!(concat!(env!("OUT_DIR"), "/kernel_source
 
 /// The CubeCL types of the launchers' signatures, for callers that launch them directly.
 #[cfg(feature = "launch")]
-pub use burn_cubecl::{tensor::CubeTensor, CubeBackend, CubeRuntime};
+pub use burn_cubecl::{tensor::CubeTensor, CubeBackend};
 #[cfg(feature = "launch")]
 pub use components::schedule::cube_order_probe_kernel;
 #[cfg(feature = "launch")]
