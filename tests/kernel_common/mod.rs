@@ -1184,7 +1184,12 @@ pub fn assert_only_nan_row(name: &str, got: &[f64], clean: &[f64], rows: usize, 
         if r == NAN_ROW {
             assert!(g.iter().all(|x| x.is_nan()), "{name} row {r}: {g:?}");
         } else {
-            assert!(same_bits(g, c), "{name} row {} of head {}: {g:?} vs {c:?}", r % rows, r / rows);
+            assert!(
+                same_bits(g, c),
+                "{name} row {} of head {}: {g:?} vs {c:?}",
+                r % rows,
+                r / rows
+            );
         }
     }
 }
