@@ -24,7 +24,7 @@ const DEAD_ROW: usize = 3;
 fn random(seed: u64, shape: [usize; 4]) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..shape.iter().product())
-        .map(|_| rng.gen_range(-1.0..1.0))
+        .map(|_| rng.random_range(-1.0..1.0))
         .collect()
 }
 

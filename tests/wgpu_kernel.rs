@@ -408,7 +408,10 @@ fn tensor_op_cores_take_half_precision_inputs() {
     assert_eq!(dead.into_scalar(), 0.0, "rows that see no key");
     let dead_lse = lse.slice([0..2, 0..2, 0..32]).cast(DType::F32).into_data();
     let dead_lse = dead_lse.to_vec::<f32>().unwrap();
-    assert!(dead_lse.iter().all(|&l| l == f32::NEG_INFINITY), "{dead_lse:?}");
+    assert!(
+        dead_lse.iter().all(|&l| l == f32::NEG_INFINITY),
+        "{dead_lse:?}"
+    );
     check("reference", low, full);
 }
 
