@@ -172,8 +172,15 @@ mod on_cuda {
         type T = Tensor<Plain, 4>;
         let run = |q: T, k: T, v: T, d_out: T| {
             let (out, lse) = attention_with_lse::<Plain>(q.clone(), k.clone(), v.clone(), &options);
-            let (dq, dk, dv) =
-                Plain::banded_attention_backward(q, k, v, out.clone(), lse.clone(), d_out, &options);
+            let (dq, dk, dv) = Plain::banded_attention_backward(
+                q,
+                k,
+                v,
+                out.clone(),
+                lse.clone(),
+                d_out,
+                &options,
+            );
             (out, lse, dq, dk, dv)
         };
         // The group's heads, as contiguous copies.

@@ -23,13 +23,16 @@ const DEAD_ROW: usize = 3;
 
 fn random(seed: u64, shape: [usize; 4]) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..shape.iter().product()).map(|_| rng.gen_range(-1.0..1.0)).collect()
+    (0..shape.iter().product())
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect()
 }
 
 /// Output, log-sum-exp and dQ of `sum(attention(q, k, v) * w)`, flattened row by row.
 fn run(q: Vec<f32>) -> [Vec<f32>; 3] {
     let device = Default::default();
-    let tensor = |x: Vec<f32>, n| Tensor::<B, 4>::from_data(TensorData::new(x, [1, HEADS, n, DIM]), &device);
+    let tensor =
+        |x: Vec<f32>, n| Tensor::<B, 4>::from_data(TensorData::new(x, [1, HEADS, n, DIM]), &device);
     let q = tensor(q, SEQ_Q).require_grad();
     let k = tensor(random(2, [1, HEADS, SEQ_K, DIM]), SEQ_K);
     let v = tensor(random(3, [1, HEADS, SEQ_K, DIM]), SEQ_K);
@@ -39,7 +42,11 @@ fn run(q: Vec<f32>) -> [Vec<f32>; 3] {
     let grads = (out.clone() * w).sum().backward();
     let dq = q.grad(&grads).expect("q takes part in the output");
     let values = |data: TensorData| data.to_vec::<f32>().unwrap();
-    [values(out.into_data()), values(lse.into_data()), values(dq.into_data())]
+    [
+        values(out.into_data()),
+        values(lse.into_data()),
+        values(dq.into_data()),
+    ]
 }
 
 #[test]

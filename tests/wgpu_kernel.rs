@@ -336,8 +336,8 @@ fn tensor_op_cores_take_half_precision_inputs() {
     use burn::tensor::backend::Backend;
     use burn::tensor::{Bool, Distribution, TensorData};
     use burn_attn_core::{
-        causal_linear_attention, linear_attention, pattern_attention, AttentionOptions, KeyPattern,
-        Window,
+        causal_linear_attention, linear_attention, pattern_attention, reference_attention,
+        AttentionOptions, KeyPattern, Window,
     };
     require_gpu();
     let device = WgpuDevice::default();
@@ -391,6 +391,28 @@ fn tensor_op_cores_take_half_precision_inputs() {
         0.0,
     );
     check("tiled softmax, strided + padding", low, full);
+
+    // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
+    let band = KeyPattern::band(Window::new(Some(2), Some(0)), false);
+    let short = |t: Tensor<Plain, 4>| t.slice([0..2, 0..2, 0..5]);
+    let reference = |q, k, v| reference_attention(q, short(k), short(v), &band, 0.25, None, None);
+    let (low, lse) = reference(half(&q), half(&k), half(&v));
+    let (full, _) = reference(q.clone(), k.clone(), v.clone());
+    // Query i sees keys i - 34 ..= i - 32: rows 0..32 see none.
+    let dead = low
+        .clone()
+        .slice([0..2, 0..2, 0..32])
+        .abs()
+        .max()
+        .cast(DType::F32);
+    assert_eq!(dead.into_scalar(), 0.0, "rows that see no key");
+    let dead_lse = lse.slice([0..2, 0..2, 0..32]).cast(DType::F32).into_data();
+    let dead_lse = dead_lse.to_vec::<f32>().unwrap();
+    assert!(
+        dead_lse.iter().all(|&l| l == f32::NEG_INFINITY),
+        "{dead_lse:?}"
+    );
+    check("reference", low, full);
 }
 
 /// Calls from several threads on one device give the same bits as the same calls made one

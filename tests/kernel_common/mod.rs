@@ -1150,7 +1150,7 @@ where
 /// Queries for the NaN rule: 40 rows aligned to the last of 24 keys, causal, so rows 0..16
 /// see no key; query head 0 gets a NaN in row 20 (which sees keys 0..4) and in row 3
 /// (which sees none).
-pub fn nan_rule_case() -> (Case, Inputs, Inputs) {
+fn nan_rule_case() -> (Case, Inputs, Inputs) {
     let case = Case::new(40, 24, 32).causal();
     let clean = inputs(&case, 21);
     let mut q = clean.q.clone();
@@ -1165,26 +1165,31 @@ pub fn nan_rule_case() -> (Case, Inputs, Inputs) {
 }
 
 /// The output weights of the NaN rule's backward (`dO`).
-pub fn nan_rule_weights(case: &Case) -> (Vec<f32>, [usize; 4]) {
+fn nan_rule_weights(case: &Case) -> (Vec<f32>, [usize; 4]) {
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
     uniform(&mut StdRng::seed_from_u64(78), shape, 1.0)
 }
 
 /// The query row of [`nan_rule_case`] that sees keys and holds a NaN.
-pub const NAN_ROW: usize = 20;
+const NAN_ROW: usize = 20;
 /// The query row of [`nan_rule_case`] that sees no key and holds a NaN.
-pub const DEAD_NAN_ROW: usize = 3;
+const DEAD_NAN_ROW: usize = 3;
 
 /// Checks rows of width `width` (`[batch * heads, rows, width]` flattened) of a call with
 /// the NaN inputs against the same call without: row [`NAN_ROW`] of the first head is all
 /// NaN, every other row has the clean call's bits.
-pub fn assert_only_nan_row(name: &str, got: &[f64], clean: &[f64], rows: usize, width: usize) {
+fn assert_only_nan_row(name: &str, got: &[f64], clean: &[f64], rows: usize, width: usize) {
     assert_eq!(got.len(), clean.len());
     for (r, (g, c)) in got.chunks(width).zip(clean.chunks(width)).enumerate() {
         if r == NAN_ROW {
             assert!(g.iter().all(|x| x.is_nan()), "{name} row {r}: {g:?}");
         } else {
-            assert!(same_bits(g, c), "{name} row {} of head {}: {g:?} vs {c:?}", r % rows, r / rows);
+            assert!(
+                same_bits(g, c),
+                "{name} row {} of head {}: {g:?} vs {c:?}",
+                r % rows,
+                r / rows
+            );
         }
     }
 }

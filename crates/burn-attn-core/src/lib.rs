@@ -5,6 +5,15 @@
 //! Layouts: kernel tensors are `[batch, heads, seq, head_dim]`; keys and values may have
 //! fewer heads (GQA/MQA) as long as they divide the query heads. When `seq_q != seq_k`,
 //! query `i` is aligned with key `i + seq_k - seq_q`.
+//!
+//! Rows and special values, the same on every path: a query row that sees no key outputs
+//! exactly 0 with log-sum-exp `-inf`, whatever its query holds; a NaN in a query row that
+//! sees keys makes that row's output, log-sum-exp and query gradient NaN and leaves other
+//! rows' outputs as they are (its NaN can also reach the key and value gradients of keys
+//! it does not see, through zero weights in the products). A NaN in a key makes NaN the
+//! rows that see it; one in a value can also reach rows that do not (zero weights times
+//! NaN in the products). The kernels take tensors past `u32::MAX` elements with 64-bit
+//! offsets where the device has them (CUDA); elsewhere they decline with a typed reason.
 #![warn(missing_docs)]
 
 mod backend;
@@ -34,7 +43,7 @@ pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;
 pub use shape::{repeat_kv, AttentionShape};
-pub use tiled::{tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};
+pub use tiled::{smallest_normal, tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};
 
 /// The CubeCL kernels and their launchers (with the `wgpu` or `cuda` feature), for callers
 /// that launch them directly (the kernel tests do).

@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, Bool, Tensor};
 
 use crate::pattern::KeyPattern;
 use crate::shape::{repeat_kv, AttentionShape};
+use crate::tiled::smallest_normal;
 
 /// Materialised attention over `pattern`, with an optional `[batch, seq_k]` key padding
 /// mask (`true` = hidden) and an optional additive bias broadcastable to
@@ -55,7 +56,7 @@ pub fn reference_attention<B: Backend>(
         .mask_fill(max.equal_elem(f32::NEG_INFINITY), 0.0);
     let weights = (scores - max.clone()).exp();
     let sum = weights.clone().sum_dim(3);
-    let probs = weights / sum.clone().clamp_min(f32::MIN_POSITIVE);
+    let probs = weights / sum.clone().clamp_min(smallest_normal(sum.dtype()));
     let out = probs.matmul(v);
     let lse = (max + sum.log()).squeeze_dim(3);
     (out, lse)

@@ -279,9 +279,10 @@ impl<B: Backend> RowState<B> {
     }
 }
 
-/// The smallest positive normal value of a float dtype (a clamp of `f32::MIN_POSITIVE`
-/// would round to 0 in f16 and turn an empty row's 0 / 0 into NaN).
-fn smallest_normal(dtype: DType) -> f32 {
+/// The smallest positive normal value of a float dtype, for clamps that must not round to 0
+/// (`f32::MIN_POSITIVE` is 0 in f16, which turns an empty row's 0 / 0 into NaN and a
+/// clamped `log`'s gradient into infinity).
+pub fn smallest_normal(dtype: DType) -> f32 {
     match dtype {
         DType::F16 => 6.103_515_6e-5,
         _ => f32::MIN_POSITIVE,

@@ -62,7 +62,10 @@ mod tests {
     /// (the build script reruns when a file under the kernel folders changes).
     #[test]
     fn kernel_source_is_the_hash_of_the_kernels_now() {
-        assert_eq!(hash(Path::new(env!("CARGO_MANIFEST_DIR"))), crate::KERNEL_SOURCE);
+        assert_eq!(
+            hash(Path::new(env!("CARGO_MANIFEST_DIR"))),
+            crate::KERNEL_SOURCE
+        );
     }
 
     /// A copy of the kernel folders hashes the same; one changed byte, a renamed file or

@@ -9,8 +9,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use burn_attn_core::{
-    ensure, tiled_attention, AttentionBackend, AttentionError, KeyPattern, TileBias, TiledSpec,
-    Window,
+    ensure, smallest_normal, tiled_attention, AttentionBackend, AttentionError, KeyPattern,
+    TileBias, TiledSpec, Window,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -142,8 +142,9 @@ impl<B: Backend> TileBias<B> for SoftEdge<B> {
         let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
         let weight = ((reach - distance) / self.ramp + 0.5).clamp(0.0, 1.0);
         let hidden = weight.clone().lower_equal_elem(0.0);
+        let tiny = smallest_normal(weight.dtype());
         weight
-            .clamp_min(f32::MIN_POSITIVE)
+            .clamp_min(tiny)
             .log()
             .mask_fill(hidden, f32::NEG_INFINITY)
     }

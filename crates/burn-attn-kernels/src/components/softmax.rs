@@ -34,6 +34,7 @@ pub(crate) fn live_lse(lse: f32) -> f32 {
 /// Whether a row of lse `lse` (as the forward stored it, or `NEG_BIG` for a padding row)
 /// has probabilities: not for `-inf` or padding, but for NaN (its gradients are NaN).
 #[cube]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN compares false, and must count as true
 pub(crate) fn has_probabilities(lse: f32) -> bool {
     !(lse <= f32::new(NEG_BIG))
 }

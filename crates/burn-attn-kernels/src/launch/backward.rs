@@ -8,7 +8,6 @@ use cubecl::prelude::*;
 use super::buffers::alloc_gradients;
 use super::device::{backward_problem, device_caps};
 use super::forward::{address_type, cube_count};
-use crate::KERNEL_SOURCE;
 use crate::kernels::{
     flash_mma_backward_dkdv_kernel, flash_mma_backward_dq_kernel, flash_unit_backward_dkdv_kernel,
     flash_unit_backward_dq_kernel,
@@ -17,6 +16,7 @@ use crate::plan::{
     plan_backward, BackwardKernel, BackwardPlan, BandArgs, ForcedPlan, MmaBackwardPlan, Problem,
     UnitBackwardPlan, Unsupported,
 };
+use crate::KERNEL_SOURCE;
 
 /// The gradients `(dq, dk, dv)` of one backward call: contiguous, in the inputs' dtype
 /// (accumulated in f32), in the shapes of `q`, `k` and `v`; with GQA/MQA `dk` and `dv` sum

@@ -7,12 +7,12 @@ use cubecl::prelude::*;
 use super::buffers::alloc_outputs;
 use super::device::{device_caps, forward_problem};
 use crate::components::products::{ForwardProducts, Ldmatrix16, Tf32Lanes};
-use crate::KERNEL_SOURCE;
 use crate::kernels::{flash_mma_kernel, flash_unit_kernel};
 use crate::plan::{
     plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Offsets,
     Problem, UnitPlan, Unsupported,
 };
+use crate::KERNEL_SOURCE;
 
 /// The forward's output `[batch, heads, seq_q, value_dim]` (input dtype) and row
 /// log-sum-exp `[batch, heads, seq_q]` (f32; `-inf` with a zero output row where no key is

@@ -4,9 +4,7 @@
 use super::forced::allowed;
 use super::schedule::heavy_first;
 use super::unit_tiles::{UnitTiles, SOFTWARE_LOOP_BUDGET, UNIT_SHARED_BUDGET};
-use super::{
-    DeviceCaps, ForcedPlan, Grid, Offsets, Precision, Problem, RuntimeKind, Unsupported,
-};
+use super::{DeviceCaps, ForcedPlan, Grid, Offsets, Precision, Problem, RuntimeKind, Unsupported};
 
 /// Query rows per row tile of the matrix-unit kernels (the `m` of `m16n8k16`).
 pub const MMA_ROWS_PER_TILE: usize = 16;

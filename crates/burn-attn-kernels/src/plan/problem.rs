@@ -230,9 +230,9 @@ pub fn span(shape: &[usize], strides: &[usize]) -> usize {
     if shape.contains(&0) {
         return 0;
     }
-    1 + shape
+    shape
         .iter()
         .zip(strides)
         .map(|(&n, &stride)| (n - 1).saturating_mul(stride))
-        .fold(0usize, usize::saturating_add)
+        .fold(1usize, usize::saturating_add)
 }
