@@ -185,9 +185,8 @@ mod on_cuda {
         };
         // The group's heads, as contiguous copies.
         let (first, kvh) = (heads - group, kv_heads - 1);
-        let alone = |t: &Tensor<Plain, 4>, range: std::ops::Range<usize>| {
-            t.clone().slice([0..1, range]).mul_scalar(1.0)
-        };
+        let alone =
+            |t: &T, range: std::ops::Range<usize>| t.clone().slice([0..1, range]).mul_scalar(1.0);
         let small = run(
             alone(&q, first..heads),
             alone(&k, kvh..kv_heads),
@@ -199,7 +198,7 @@ mod on_cuda {
         assert!(served.iter().all(|d| d.served.is_kernel()), "{served:?}");
         let served = log.of(Pass::Backward);
         assert!(served.iter().all(|d| d.served.is_kernel()), "{served:?}");
-        let same = |name: &str, a: Tensor<Plain, 4>, b: Tensor<Plain, 4>| {
+        let same = |name: &str, a: T, b: T| {
             let differ = a.not_equal(b).int().sum().into_scalar();
             assert_eq!(differ, 0, "{name}: {differ} elements differ");
         };

@@ -372,24 +372,9 @@ fn tensor_op_cores_take_half_precision_inputs() {
         ..KeyPattern::default()
     };
     let options = AttentionOptions::new();
-    let low = pattern_attention(
-        half(&q),
-        half(&k),
-        half(&v),
-        &pattern,
-        &options,
-        Some(pad()),
-        0.0,
-    );
-    let full = pattern_attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        &pattern,
-        &options,
-        Some(pad()),
-        0.0,
-    );
+    let tiled = |q, k, v| pattern_attention(q, k, v, &pattern, &options, Some(pad()), 0.0);
+    let low = tiled(half(&q), half(&k), half(&v));
+    let full = tiled(q.clone(), k.clone(), v.clone());
     check("tiled softmax, strided + padding", low, full);
 
     // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
