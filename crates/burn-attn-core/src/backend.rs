@@ -1,82 +1,192 @@
 //! The attention op as a Burn backend extension: the one place that decides which
-//! implementation runs. Backends with kernels override [`AttentionBackend::banded_attention`]
-//! and [`AttentionBackend::banded_attention_backward`]; every other backend gets the tiled
-//! tensor-op implementations.
+//! implementation runs. The CubeCL backend (`Cube`: CUDA, WGPU) plans its kernels and falls
+//! back to the tiled tensor ops; the CPU backends run the tiled tensor ops; `Autodiff`
+//! runs the inner backend's forward and, in its backward, the inner backend's
+//! [`AttentionBackend::banded_attention_backward`]. Other backends Burn dispatches to take
+//! the tiled tensor ops through the high-level tensor API.
 
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::backend::{
+    backend_extension, tensor::FloatTensor, Backend, DispatchKindConversion, DispatchTensor,
+    DispatchTensorKind,
+};
+use burn::tensor::{Bool, DType, Tensor};
 
 use crate::backward::tiled_band_backward;
-use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
+use crate::dispatch::{serve_tiled, Decline, Declines, Implementation, Pass};
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
 use crate::shape::AttentionShape;
 use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
 
-/// A backend that can run exact attention over a band (full, causal or windowed).
+/// A backend that runs exact attention over a band (full, causal or windowed): Burn 0.22's
+/// backend extension of this crate, on tensor primitives.
 ///
-/// Implemented for `NdArray`, `Autodiff<B>`, and (with the `wgpu`/`cuda` features) for
-/// `CubeBackend` and `Fusion<CubeBackend>`. The default methods are the tiled tensor-op
-/// paths.
+/// Implemented for the CPU backends `NdArray` and `Flex` (with the `ndarray` and `flex`
+/// features), the CubeCL backend `Cube` (with `wgpu`/`cuda`) and `Autodiff`; calls through [`attention`] and the other functions of
+/// this crate reach it by Burn's dispatch. Inputs are already checked by then.
+#[backend_extension(
+    Cube: cfg(feature = "cube"),
+    NdArray: cfg(feature = "ndarray"),
+    Flex: cfg(feature = "flex"),
+    Autodiff
+)]
 pub trait AttentionBackend: Backend {
     /// Exact attention of `q: [batch, heads, seq_q, head_dim]` over
     /// `k: [batch, kv_heads, seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
     ///
     /// Returns the output `[batch, heads, seq_q, value_dim]` and the row log-sum-exp
-    /// `[batch, heads, seq_q]` (in f32 precision; `-inf` for rows that see no key, whose
-    /// output is 0). Inputs are already checked by [`attention`].
+    /// `[batch, heads, seq_q]` in f32 (`-inf` for rows that see no key, whose output is 0).
     fn banded_attention(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        serve_tiled(Pass::Forward, options, Vec::new(), || {
-            tiled_band(q, k, v, options)
-        })
-    }
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// Gradients `(dq, dk, dv)` of [`AttentionBackend::banded_attention`] for the output
     /// gradient `d_out`, from the forward's inputs, output `out` and row log-sum-exp `lse`
     /// (the probabilities are recomputed, never saved). Shapes and dtypes are those of the
     /// forward; with GQA/MQA, `dk` and `dv` sum over the query heads sharing a kv head.
-    ///
-    /// The default is [`tiled_band_backward`]; `Autodiff<B>` calls this in its backward.
     #[allow(clippy::too_many_arguments)]
     fn banded_attention_backward(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        out: Tensor<Self, 4>,
-        lse: Tensor<Self, 3>,
-        d_out: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        serve_tiled(Pass::Backward, options, Vec::new(), || {
-            tiled_band_backward(q, k, v, out, lse, d_out, options)
-        })
-    }
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// The tiled tensor-op path for a band: the default of
-/// [`AttentionBackend::banded_attention`] and the fallback of the kernels.
-pub(crate) fn tiled_band<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+/// The tiled tensor-op path for a band, with the lse in f32 (as the kernels return it): the
+/// implementation of backends without kernels and the fallback of the kernels.
+pub(crate) fn tiled_band(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     options: &AttentionOptions,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
+) -> (Tensor<4>, Tensor<3>) {
     let pattern = KeyPattern::band(options.window, options.causal);
     let scale = options.scale_for(q.dims()[3]);
     let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-    tiled_attention(q, k, v, &spec)
+    let (out, lse) = tiled_attention(q, k, v, &spec);
+    let lse = if lse.dtype() == DType::F32 {
+        lse
+    } else {
+        lse.cast(DType::F32)
+    };
+    (out, lse)
+}
+
+/// A backend primitive as a high-level tensor (on that backend, without autodiff), so the
+/// tiled tensor ops serve it.
+pub(crate) fn lift<E: Backend, const D: usize>(t: FloatTensor<E>) -> Tensor<D>
+where
+    DispatchTensor: DispatchKindConversion<E>,
+{
+    Tensor::from_primitive::<E>(t)
+}
+
+/// The primitive of a tensor [`lift`]ed from backend `E`.
+pub(crate) fn lower<E: Backend, const D: usize>(t: Tensor<D>) -> FloatTensor<E>
+where
+    DispatchTensor: DispatchKindConversion<E>,
+{
+    t.try_into_primitive::<E>()
+        .unwrap_or_else(|e| panic!("burn-attn: a tiled result left its backend: {e:?}"))
+}
+
+/// The tiled forward on backend `E`'s primitives (its whole implementation where it has no
+/// kernels), recorded as served by the tiled path.
+pub(crate) fn tiled_forward_on<E: Backend>(
+    q: FloatTensor<E>,
+    k: FloatTensor<E>,
+    v: FloatTensor<E>,
+    options: &AttentionOptions,
+    declined: Declines,
+) -> (FloatTensor<E>, FloatTensor<E>)
+where
+    DispatchTensor: DispatchKindConversion<E>,
+{
+    serve_tiled(Pass::Forward, options, declined, || {
+        let (out, lse) = tiled_band(lift::<E, 4>(q), lift::<E, 4>(k), lift::<E, 4>(v), options);
+        (lower::<E, 4>(out), lower::<E, 3>(lse))
+    })
+}
+
+/// The tiled backward on backend `E`'s primitives, recorded as served by the tiled path.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tiled_backward_on<E: Backend>(
+    q: FloatTensor<E>,
+    k: FloatTensor<E>,
+    v: FloatTensor<E>,
+    out: FloatTensor<E>,
+    lse: FloatTensor<E>,
+    d_out: FloatTensor<E>,
+    options: &AttentionOptions,
+    declined: Declines,
+) -> (FloatTensor<E>, FloatTensor<E>, FloatTensor<E>)
+where
+    DispatchTensor: DispatchKindConversion<E>,
+{
+    serve_tiled(Pass::Backward, options, declined, || {
+        let four = lift::<E, 4>;
+        let (dq, dk, dv) = tiled_band_backward(
+            four(q),
+            four(k),
+            four(v),
+            four(out),
+            lift::<E, 3>(lse),
+            four(d_out),
+            options,
+        );
+        (lower::<E, 4>(dq), lower::<E, 4>(dk), lower::<E, 4>(dv))
+    })
+}
+
+/// Whether this crate's backend extension serves a tensor of this kind (every other
+/// backend takes the tiled tensor ops through the high-level API).
+fn extension_serves(kind: &DispatchTensorKind) -> bool {
+    #[allow(unreachable_patterns)]
+    match kind {
+        #[cfg(feature = "cube")]
+        DispatchTensorKind::Cube(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchTensorKind::NdArray(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(_) => true,
+        DispatchTensorKind::Autodiff(inner) => extension_serves(inner),
+        _ => false,
+    }
+}
+
+/// The banded op through Burn's dispatch (the extension where it serves the backend, the
+/// tiled tensor ops otherwise, differentiated by Burn's autodiff there).
+fn banded(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    options: &AttentionOptions,
+) -> (Tensor<4>, Tensor<3>) {
+    let q = q.into_dispatch();
+    if !extension_serves(&q.kind) {
+        let q = Tensor::from_dispatch(q);
+        return serve_tiled(Pass::Forward, options, Vec::new(), || {
+            tiled_band(q, k, v, options)
+        });
+    }
+    let (out, lse) = <burn::backend::Dispatch as AttentionBackend>::banded_attention(
+        q,
+        k.into_dispatch(),
+        v.into_dispatch(),
+        options.clone(),
+    );
+    (Tensor::from_dispatch(out), Tensor::from_dispatch(lse))
 }
 
 /// q, k and v must share one dtype (a mix would silently promote or fail deep inside).
-fn same_dtype<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-) -> Result<(), crate::AttentionError> {
+fn same_dtype(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Result<(), crate::AttentionError> {
     let (dq, dk, dv) = (q.dtype(), k.dtype(), v.dtype());
     if dq == dk && dq == dv {
         Ok(())
@@ -93,12 +203,12 @@ fn same_dtype<B: Backend>(
 /// # Panics
 /// With a message naming the values when shapes do not match, heads do not divide, or the
 /// options are invalid ([`try_attention`] returns the error instead).
-pub fn attention<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     options: &AttentionOptions,
-) -> Tensor<B, 4> {
+) -> Tensor<4> {
     attention_with_lse(q, k, v, options).0
 }
 
@@ -106,12 +216,12 @@ pub fn attention<B: AttentionBackend>(
 ///
 /// # Panics
 /// As [`attention`] ([`try_attention_with_lse`] returns the error instead).
-pub fn attention_with_lse<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn attention_with_lse(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     options: &AttentionOptions,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
+) -> (Tensor<4>, Tensor<3>) {
     try_attention_with_lse(q, k, v, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
 }
 
@@ -121,26 +231,26 @@ pub fn attention_with_lse<B: AttentionBackend>(
 /// that declines still panics: that is a configuration of the caller's, not input).
 ///
 /// [`KernelPolicy::Require`]: crate::KernelPolicy::Require
-pub fn try_attention<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn try_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     options: &AttentionOptions,
-) -> Result<Tensor<B, 4>, crate::AttentionError> {
+) -> Result<Tensor<4>, crate::AttentionError> {
     try_attention_with_lse(q, k, v, options).map(|(out, _)| out)
 }
 
 /// [`try_attention`], also returning the row log-sum-exp `[batch, heads, seq_q]`.
-pub fn try_attention_with_lse<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn try_attention_with_lse(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     options: &AttentionOptions,
-) -> Result<(Tensor<B, 4>, Tensor<B, 3>), crate::AttentionError> {
+) -> Result<(Tensor<4>, Tensor<3>), crate::AttentionError> {
     AttentionShape::of(&q, &k, &v)?;
     same_dtype(&q, &k, &v)?;
     options.validate()?;
-    Ok(B::banded_attention(q, k, v, options))
+    Ok(banded(q, k, v, options))
 }
 
 /// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
@@ -154,30 +264,30 @@ pub fn try_attention_with_lse<B: AttentionBackend>(
 /// # Panics
 /// With a message naming the values when shapes do not match or options are invalid
 /// ([`try_pattern_attention`] returns the error instead).
-pub fn pattern_attention<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn pattern_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-    key_padding: Option<Tensor<B, 2, Bool>>,
+    key_padding: Option<Tensor<2, Bool>>,
     dropout: f64,
-) -> Tensor<B, 4> {
+) -> Tensor<4> {
     try_pattern_attention(q, k, v, pattern, options, key_padding, dropout)
         .unwrap_or_else(|err| panic!("burn-attn: {err}"))
 }
 
 /// [`pattern_attention`] returning bad input as an [`AttentionError`] instead of
 /// panicking (see [`try_attention`]).
-pub fn try_pattern_attention<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn try_pattern_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-    key_padding: Option<Tensor<B, 2, Bool>>,
+    key_padding: Option<Tensor<2, Bool>>,
     dropout: f64,
-) -> Result<Tensor<B, 4>, crate::AttentionError> {
+) -> Result<Tensor<4>, crate::AttentionError> {
     let shape = AttentionShape::of(&q, &k, &v)?;
     same_dtype(&q, &k, &v)?;
     options.validate()?;
@@ -197,7 +307,7 @@ pub fn try_pattern_attention<B: AttentionBackend>(
             });
         }
     }
-    let dropout_active = dropout > 0.0 && B::ad_enabled(&q.device());
+    let dropout_active = dropout > 0.0 && q.is_autodiff();
     let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
     if plain_band && key_padding.is_none() && !dropout_active {
         let options = AttentionOptions {
@@ -205,7 +315,7 @@ pub fn try_pattern_attention<B: AttentionBackend>(
             window: pattern.window.intersect(options.window),
             ..options.clone()
         };
-        return Ok(B::banded_attention(q, k, v, &options).0);
+        return Ok(banded(q, k, v, &options).0);
     }
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
@@ -231,16 +341,39 @@ pub fn try_pattern_attention<B: AttentionBackend>(
     }))
 }
 
-#[cfg(feature = "ndarray")]
-mod ndarray_impl {
-    use super::AttentionBackend;
-    use burn::backend::NdArray;
+/// The CPU backends: the tiled tensor ops, forward and backward.
+macro_rules! tiled_backend {
+    ($backend:ty) => {
+        impl AttentionBackend for $backend {
+            fn banded_attention(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                options: AttentionOptions,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                tiled_forward_on::<Self>(q, k, v, &options, Vec::new())
+            }
 
-    impl AttentionBackend for NdArray<f32, i64, i8> {}
-    impl AttentionBackend for NdArray<f64, i64, i8> {}
-    impl AttentionBackend for NdArray<f32, i32, i8> {}
-    impl AttentionBackend for NdArray<f64, i32, i8> {}
+            fn banded_attention_backward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                out: FloatTensor<Self>,
+                lse: FloatTensor<Self>,
+                d_out: FloatTensor<Self>,
+                options: AttentionOptions,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                tiled_backward_on::<Self>(q, k, v, out, lse, d_out, &options, Vec::new())
+            }
+        }
+    };
 }
+
+// Burn 0.22 deprecates burn-ndarray (for Flex); it stays this crate's default CPU backend.
+#[cfg(feature = "ndarray")]
+tiled_backend!(burn::backend::NdArray);
+#[cfg(feature = "flex")]
+tiled_backend!(burn::backend::Flex);
 
 #[path = "backend/autodiff.rs"]
 mod autodiff_impl;

@@ -9,7 +9,7 @@
 //! gradients plus one tile. No atomics: the sums run in a fixed order, so two runs give
 //! the same bits.
 
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{DType, Tensor};
 
 use crate::options::AttentionOptions;
 use crate::pattern::{KeyPattern, TileCover};
@@ -25,15 +25,15 @@ use crate::tiled::{hidden_keys, DEFAULT_TILE};
 ///
 /// # Panics
 /// When the shapes do not match (callers check them first).
-pub fn tiled_band_backward<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    out: Tensor<B, 4>,
-    lse: Tensor<B, 3>,
-    d_out: Tensor<B, 4>,
+pub fn tiled_band_backward(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<3>,
+    d_out: Tensor<4>,
     options: &AttentionOptions,
-) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
     let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
     let AttentionShape {
         batch,
@@ -50,7 +50,7 @@ pub fn tiled_band_backward<B: Backend>(
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     };
-    let to_work = |t: Tensor<B, 4>| if t.dtype() == work { t } else { t.cast(work) };
+    let to_work = |t: Tensor<4>| if t.dtype() == work { t } else { t.cast(work) };
     let (q, k, v, out, d_out) = (
         to_work(q),
         to_work(k),
@@ -80,8 +80,8 @@ pub fn tiled_band_backward<B: Backend>(
         .mask_fill(lse.equal_elem(f32::NEG_INFINITY), 0.0);
 
     let key_tiles = seq_k.div_ceil(tile);
-    let mut dk_tiles: Vec<Option<Tensor<B, 4>>> = vec![None; key_tiles];
-    let mut dv_tiles: Vec<Option<Tensor<B, 4>>> = vec![None; key_tiles];
+    let mut dk_tiles: Vec<Option<Tensor<4>>> = vec![None; key_tiles];
+    let mut dv_tiles: Vec<Option<Tensor<4>>> = vec![None; key_tiles];
     let mut dq_blocks = Vec::new();
     let mut start = 0;
     while start < seq_q {
@@ -92,7 +92,7 @@ pub fn tiled_band_backward<B: Backend>(
         let do_blk = d_out.clone().slice([0..batch, 0..heads, rows.clone()]);
         let lse_blk = lse.clone().slice([0..batch, 0..heads, rows.clone()]);
         let delta_blk = delta.clone().slice([0..batch, 0..heads, rows.clone()]);
-        let mut dq_blk = Tensor::<B, 4>::zeros([batch, heads, nr, head_dim], &device).cast(work);
+        let mut dq_blk = Tensor::<4>::zeros([batch, heads, nr, head_dim], &device).cast(work);
 
         let keys = pattern.key_range(rows.clone(), seq_q, seq_k);
         for (cols, cover) in pattern.visible_tiles(rows.clone(), keys, tile, seq_q, seq_k) {
@@ -101,8 +101,7 @@ pub fn tiled_band_backward<B: Backend>(
             let s = q_blk.clone().matmul(k_blk.clone().swap_dims(2, 3)) * scale;
             let mut p = (s - lse_blk.clone()).exp();
             if cover == TileCover::Partial {
-                let visible =
-                    pattern.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                let visible = pattern.tile_mask(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                 p = p.mask_fill(hidden_keys(visible, batch, heads), 0.0);
             }
             let dp = do_blk.clone().matmul(v_blk.swap_dims(2, 3));
@@ -124,19 +123,19 @@ pub fn tiled_band_backward<B: Backend>(
     }
 
     // Key tiles no row could see get zero gradients.
-    let gather = |tiles: Vec<Option<Tensor<B, 4>>>, dim: usize| {
-        let parts: Vec<Tensor<B, 4>> = tiles
+    let gather = |tiles: Vec<Option<Tensor<4>>>, dim: usize| {
+        let parts: Vec<Tensor<4>> = tiles
             .into_iter()
             .enumerate()
             .map(|(j, t)| {
                 t.unwrap_or_else(|| {
                     let n = (seq_k - j * tile).min(tile);
-                    Tensor::<B, 4>::zeros([batch, heads, n, dim], &device).cast(work)
+                    Tensor::<4>::zeros([batch, heads, n, dim], &device).cast(work)
                 })
             })
             .collect();
         if parts.is_empty() {
-            Tensor::<B, 4>::zeros([batch, heads, 0, dim], &device).cast(work)
+            Tensor::<4>::zeros([batch, heads, 0, dim], &device).cast(work)
         } else {
             Tensor::cat(parts, 2)
         }
@@ -144,17 +143,17 @@ pub fn tiled_band_backward<B: Backend>(
     let dk = sum_groups(gather(dk_tiles, head_dim), kv_heads);
     let dv = sum_groups(gather(dv_tiles, value_dim), kv_heads);
     let dq = if dq_blocks.is_empty() {
-        Tensor::<B, 4>::zeros([batch, heads, 0, head_dim], &device).cast(work)
+        Tensor::<4>::zeros([batch, heads, 0, head_dim], &device).cast(work)
     } else {
         Tensor::cat(dq_blocks, 2)
     };
-    let back = |t: Tensor<B, 4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+    let back = |t: Tensor<4>| if t.dtype() == dtype { t } else { t.cast(dtype) };
     (back(dq), back(dk), back(dv))
 }
 
 /// Sums `[b, heads, n, d]` over the query heads of each key/value head (the inverse of
 /// [`repeat_kv`]).
-fn sum_groups<B: Backend>(x: Tensor<B, 4>, kv_heads: usize) -> Tensor<B, 4> {
+fn sum_groups(x: Tensor<4>, kv_heads: usize) -> Tensor<4> {
     let [b, heads, n, d] = x.dims();
     if heads == kv_heads {
         return x;
@@ -166,13 +165,10 @@ fn sum_groups<B: Backend>(x: Tensor<B, 4>, kv_heads: usize) -> Tensor<B, 4> {
 
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
-    use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::{Tensor, TensorData};
+    use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     use crate::{attention, reference_attention, AttentionOptions, KeyPattern, Window};
-
-    type Ad = Autodiff<NdArray<f64>>;
 
     struct Case {
         heads: usize,
@@ -202,23 +198,26 @@ mod tests {
     /// Gradients of `sum(attention(q, k, v) * w)` for random `w`: ours through the custom
     /// backward, the reference through autodiff of the materialised attention.
     fn gradients(c: &Case, seed: u64) -> [(Vec<f64>, Vec<f64>); 3] {
-        let device = Default::default();
+        let device = Device::ndarray();
         // A local generator: the backend's global one is shared by the tests running in
         // parallel, so it would not give the same inputs twice.
         let mut rng = StdRng::seed_from_u64(seed);
         let mut rand = |shape: [usize; 4]| {
             let n = shape.iter().product();
             let data: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-            Tensor::<NdArray<f64>, 4>::from_data(TensorData::new(data, shape), &device)
+            Tensor::<4>::from_data(
+                TensorData::new(data, shape),
+                TensorCreationOptions::new(device.clone()).with_dtype(DType::F64),
+            )
         };
         let q = rand([2, c.heads, c.seq_q, c.dim]);
         let k = rand([2, c.kv_heads, c.seq_k, c.dim]);
         let v = rand([2, c.kv_heads, c.seq_k, c.value_dim]);
         let w = rand([2, c.heads, c.seq_q, c.value_dim]);
         let run = |ours: bool| {
-            let q = Tensor::<Ad, 4>::from_inner(q.clone()).require_grad();
-            let k = Tensor::<Ad, 4>::from_inner(k.clone()).require_grad();
-            let v = Tensor::<Ad, 4>::from_inner(v.clone()).require_grad();
+            let q = Tensor::<4>::from_inner(q.clone()).require_grad();
+            let k = Tensor::<4>::from_inner(k.clone()).require_grad();
+            let v = Tensor::<4>::from_inner(v.clone()).require_grad();
             let out = if ours {
                 attention(q.clone(), k.clone(), v.clone(), &c.options)
             } else {
@@ -227,8 +226,7 @@ mod tests {
                 reference_attention(q.clone(), k.clone(), v.clone(), &pattern, scale, None, None).0
             };
             let grads = (out * Tensor::from_inner(w.clone())).sum().backward();
-            let flat =
-                |t: Tensor<Ad, 4>| t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap();
+            let flat = |t: Tensor<4>| t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap();
             [flat(q), flat(k), flat(v)]
         };
         let [oq, ok, ov] = run(true);

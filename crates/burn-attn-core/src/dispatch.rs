@@ -84,7 +84,6 @@ pub enum Pass {
 }
 
 /// Implementations that declined a pass, in the order they were tried, with their reasons.
-#[cfg(feature = "cube")]
 pub(crate) type Declines = Vec<(Implementation, Decline)>;
 
 /// One executed pass: what served it and why the implementations tried before declined.
@@ -162,7 +161,7 @@ pub(crate) fn report(log: Option<&DispatchLog>, dispatch: Dispatch) {
 pub(crate) fn serve_tiled<T>(
     pass: Pass,
     options: &crate::AttentionOptions,
-    declined: Vec<(Implementation, Decline)>,
+    declined: Declines,
     run: impl FnOnce() -> T,
 ) -> T {
     let dispatch = Dispatch {

@@ -15,6 +15,8 @@
 //! NaN in the products). The kernels take tensors past `u32::MAX` elements with 64-bit
 //! offsets where the device has them (CUDA); elsewhere they decline with a typed reason.
 #![warn(missing_docs)]
+// The `NdArray` selector of the backend extension names the deprecated burn-ndarray backend.
+#![allow(deprecated)]
 
 mod backend;
 mod backward;

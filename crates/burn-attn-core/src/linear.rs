@@ -5,21 +5,21 @@
 //! prefix sum of per-chunk `phi(K)^T V` states. No host loop over time steps; the same
 //! code with a chunk of one token is the recurrent step.
 
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorCreationOptions};
+use burn::tensor::{Bool, Tensor, TensorCreationOptions};
 
 use crate::error::{ensure, AttentionError};
 use crate::shape::{repeat_kv, AttentionShape};
 
 /// The running state of causal linear attention: everything the past contributes.
 #[derive(Debug, Clone)]
-pub struct LinearAttentionState<B: Backend> {
+pub struct LinearAttentionState {
     /// `sum_j phi(k_j)^T v_j`, `[batch, heads, head_dim, value_dim]`.
-    pub kv: Tensor<B, 4>,
+    pub kv: Tensor<4>,
     /// `sum_j phi(k_j)`, `[batch, heads, head_dim]`.
-    pub z: Tensor<B, 3>,
+    pub z: Tensor<3>,
 }
 
-impl<B: Backend> LinearAttentionState<B> {
+impl LinearAttentionState {
     /// The state before any token, on a device (`&device`: the device's default float
     /// dtype) or with a dtype (`(&device, dtype)`).
     pub fn zeros(
@@ -27,7 +27,7 @@ impl<B: Backend> LinearAttentionState<B> {
         heads: usize,
         head_dim: usize,
         value_dim: usize,
-        options: impl Into<TensorCreationOptions<B>>,
+        options: impl Into<TensorCreationOptions>,
     ) -> Self {
         let options = options.into();
         Self {
@@ -37,11 +37,7 @@ impl<B: Backend> LinearAttentionState<B> {
     }
 }
 
-fn checked_shape<B: Backend>(
-    phi_q: &Tensor<B, 4>,
-    phi_k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-) -> AttentionShape {
+fn checked_shape(phi_q: &Tensor<4>, phi_k: &Tensor<4>, v: &Tensor<4>) -> AttentionShape {
     AttentionShape::of(phi_q, phi_k, v).unwrap_or_else(|e| panic!("burn-attn: {e}"))
 }
 
@@ -63,13 +59,13 @@ pub fn check_linear_eps(eps: f64) -> Result<(), AttentionError> {
 /// `out_i = phi(q_i) S / (phi(q_i) . z + eps)` with `S = sum_j phi(k_j)^T v_j`,
 /// `z = sum_j phi(k_j)`. `key_padding` (`[batch, seq_k]`, `true` = padding) removes keys.
 /// O(n d dv) time, O(d dv) extra memory per head.
-pub fn linear_attention<B: Backend>(
-    phi_q: Tensor<B, 4>,
-    phi_k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn linear_attention(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
     eps: f64,
-    key_padding: Option<Tensor<B, 2, Bool>>,
-) -> Tensor<B, 4> {
+    key_padding: Option<Tensor<2, Bool>>,
+) -> Tensor<4> {
     let shape = checked_shape(&phi_q, &phi_k, &v);
     ensure(check_linear_eps(eps));
     let mut phi_k = repeat_kv(phi_k, shape.heads);
@@ -103,14 +99,14 @@ pub fn linear_attention<B: Backend>(
 ///
 /// Cost: O(n * chunk * d) for the in-chunk products plus O(n / chunk * d * dv) for the
 /// chunk states; memory O(n / chunk * d * dv + n * chunk).
-pub fn causal_linear_attention<B: Backend>(
-    phi_q: Tensor<B, 4>,
-    phi_k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn causal_linear_attention(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
     chunk: usize,
     eps: f64,
-    state: Option<LinearAttentionState<B>>,
-) -> (Tensor<B, 4>, LinearAttentionState<B>) {
+    state: Option<LinearAttentionState>,
+) -> (Tensor<4>, LinearAttentionState) {
     let shape = checked_shape(&phi_q, &phi_k, &v);
     ensure(check_linear_eps(eps));
     if shape.seq_q != shape.seq_k {
@@ -162,7 +158,7 @@ pub fn causal_linear_attention<B: Backend>(
     let padded = n_chunks * chunk;
     // Zero padding after the feature map: padded keys add nothing to any state, and padded
     // queries come after every real token, so no real token sees them.
-    let pad = |x: Tensor<B, 4>, width: usize| {
+    let pad = |x: Tensor<4>, width: usize| {
         if padded == seq {
             x
         } else {
@@ -180,7 +176,7 @@ pub fn causal_linear_attention<B: Backend>(
     let v = pad(v, dv).reshape([batch, heads, n_chunks, chunk, dv]);
 
     // Inside each chunk: causal quadratic form.
-    let causal = Tensor::<B, 2>::ones([chunk, chunk], (&device, dtype))
+    let causal = Tensor::<2>::ones([chunk, chunk], (&device, dtype))
         .tril(0)
         .reshape([1, 1, 1, chunk, chunk]);
     let scores = q.clone().matmul(k.clone().swap_dims(3, 4)) * causal; // [b,h,c,C,C]
@@ -207,26 +203,23 @@ pub fn causal_linear_attention<B: Backend>(
     (out, next)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Device, Distribution};
 
-    type B = NdArray<f32>;
-
-    fn positive(shape: [usize; 4]) -> Tensor<B, 4> {
-        Tensor::random(shape, Distribution::Uniform(0.1, 1.0), &Default::default())
+    fn positive(shape: [usize; 4]) -> Tensor<4> {
+        Tensor::random(shape, Distribution::Uniform(0.1, 1.0), &Device::ndarray())
     }
 
-    fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
         (a - b).abs().max().into_scalar()
     }
 
     /// The naive quadratic form: a causal mask on `phi(Q) phi(K)^T`.
-    fn quadratic(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, eps: f64) -> Tensor<B, 4> {
+    fn quadratic(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, eps: f64) -> Tensor<4> {
         let n = q.dims()[2];
-        let mask = Tensor::<B, 2>::ones([n, n], &Default::default())
+        let mask = Tensor::<2>::ones([n, n], &Device::ndarray())
             .tril(0)
             .reshape([1, 1, n, n]);
         let a = q.matmul(k.swap_dims(2, 3)) * mask;
@@ -249,14 +242,14 @@ mod tests {
             let mut st = None;
             let mut steps = Vec::new();
             for t in 0..seq {
-                let sl = |x: &Tensor<B, 4>| x.clone().slice([0..2, 0..3, t..t + 1]);
+                let sl = |x: &Tensor<4>| x.clone().slice([0..2, 0..3, t..t + 1]);
                 let (o, s) = causal_linear_attention(sl(&q), sl(&k), sl(&v), chunk, 1e-6, st);
                 steps.push(o);
                 st = Some(s);
             }
             assert!(max_diff(Tensor::cat(steps, 2), chunked) < 1e-5);
             let st = st.unwrap();
-            assert!((st.kv - state.kv).abs().max().into_scalar() < 1e-4);
+            assert!((st.kv - state.kv).abs().max().into_scalar::<f32>() < 1e-4);
         }
     }
 

@@ -9,7 +9,7 @@
 
 use core::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::error::AttentionError;
@@ -359,15 +359,15 @@ impl KeyPattern {
 
     /// The visibility mask of the tile `rows x cols` as a `[rows, cols]` tensor, `true`
     /// where the key is visible. Built with tensor ops (no per-element host loop).
-    pub fn tile_mask<B: Backend>(
+    pub fn tile_mask(
         &self,
         rows: Range<usize>,
         cols: Range<usize>,
         seq_q: usize,
         seq_k: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 2, Bool> {
-        let col_pos = Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device);
+        device: &Device,
+    ) -> Tensor<2, Bool> {
+        let col_pos = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, device);
         let mut mask = self.rule_mask(rows.clone(), col_pos, seq_q, seq_k);
         if let Some(b) = &self.blocks {
             mask = mask.bool_and(block_mask(b, rows, cols, device));
@@ -377,20 +377,20 @@ impl KeyPattern {
 
     /// The visibility mask of queries `rows` over the keys at positions `cols` (any order),
     /// `[rows, cols.len()]`. Only for patterns without a block layout.
-    pub fn columns_mask<B: Backend>(
+    pub fn columns_mask(
         &self,
         rows: Range<usize>,
         cols: &[usize],
         seq_q: usize,
         seq_k: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 2, Bool> {
+        device: &Device,
+    ) -> Tensor<2, Bool> {
         assert!(
             self.blocks.is_none(),
             "columns_mask is for patterns without a block layout"
         );
         let positions: Vec<i64> = cols.iter().map(|&c| c as i64).collect();
-        let col_pos = Tensor::<B, 1, Int>::from_data(
+        let col_pos = Tensor::<1, Int>::from_data(
             burn::tensor::TensorData::new(positions, [cols.len()]),
             device,
         );
@@ -398,26 +398,26 @@ impl KeyPattern {
     }
 
     /// Band, strided columns and causal rule over explicit column positions.
-    fn rule_mask<B: Backend>(
+    fn rule_mask(
         &self,
         rows: Range<usize>,
-        col_pos: Tensor<B, 1, Int>,
+        col_pos: Tensor<1, Int>,
         seq_q: usize,
         seq_k: usize,
-    ) -> Tensor<B, 2, Bool> {
+    ) -> Tensor<2, Bool> {
         let device = col_pos.device();
         let (nr, nc) = (rows.len(), col_pos.dims()[0]);
         let offset = seq_k as i64 - seq_q as i64;
-        let row_pos: Tensor<B, 2, Int> = Tensor::<B, 1, Int>::arange(
+        let row_pos: Tensor<2, Int> = Tensor::<1, Int>::arange(
             rows.start as i64 + offset..rows.end as i64 + offset,
             &device,
         )
         .reshape([nr, 1])
         .expand([nr, nc]);
-        let col_pos: Tensor<B, 2, Int> = col_pos.reshape([1, nc]).expand([nr, nc]);
+        let col_pos: Tensor<2, Int> = col_pos.reshape([1, nc]).expand([nr, nc]);
         let diff = col_pos.clone() - row_pos;
-        let within = |w: Window, diff: &Tensor<B, 2, Int>| -> Tensor<B, 2, Bool> {
-            let mut m = Tensor::<B, 2, Bool>::full([nr, nc], true, &device);
+        let within = |w: Window, diff: &Tensor<2, Int>| -> Tensor<2, Bool> {
+            let mut m = Tensor::<2, Bool>::full([nr, nc], true, &device);
             // A side at least `seq_q + seq_k` bounds nothing (and may not fit the backend's
             // integer type): skip it.
             let reach = (seq_q + seq_k) as i64;
@@ -441,12 +441,12 @@ impl KeyPattern {
 }
 
 /// The element mask of a block layout over `rows x cols`, by expanding the block grid.
-fn block_mask<B: Backend>(
+fn block_mask(
     layout: &BlockLayout,
     rows: Range<usize>,
     cols: Range<usize>,
-    device: &B::Device,
-) -> Tensor<B, 2, Bool> {
+    device: &Device,
+) -> Tensor<2, Bool> {
     let (qb0, qb1) = (
         rows.start / layout.block_q,
         (rows.end - 1) / layout.block_q + 1,
@@ -462,7 +462,7 @@ fn block_mask<B: Backend>(
         .map(|(qb, kb)| layout.is_active(qb, kb))
         .collect();
     let grid =
-        Tensor::<B, 1, Bool>::from_data(burn::tensor::TensorData::new(grid, [nqb * nkb]), device)
+        Tensor::<1, Bool>::from_data(burn::tensor::TensorData::new(grid, [nqb * nkb]), device)
             .reshape([nqb, 1, nkb, 1])
             .expand([nqb, layout.block_q, nkb, layout.block_k])
             .reshape([nqb * layout.block_q, nkb * layout.block_k]);
@@ -471,12 +471,9 @@ fn block_mask<B: Backend>(
     grid.slice([r0..r0 + rows.len(), c0..c0 + cols.len()])
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
-
-    type B = NdArray<f32>;
 
     fn patterns(seq_q: usize, seq_k: usize) -> Vec<KeyPattern> {
         vec![
@@ -505,14 +502,14 @@ mod tests {
 
     #[test]
     fn tile_mask_and_classification_match_scalar_definition() {
-        let device = Default::default();
+        let device = Device::ndarray();
         for (seq_q, seq_k) in [(13, 13), (5, 17), (17, 5), (1, 9)] {
             for p in patterns(seq_q, seq_k) {
                 for (rows, cols) in [(0..seq_q, 0..seq_k), (1..4.min(seq_q), 2..seq_k)] {
                     if rows.is_empty() || cols.is_empty() {
                         continue;
                     }
-                    let mask = p.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                    let mask = p.tile_mask(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                     let got: Vec<bool> = mask.into_data().to_vec().unwrap();
                     let want: Vec<bool> = rows
                         .clone()

@@ -2,7 +2,7 @@
 //! against. It builds the whole `seq_q x seq_k` score matrix, so it is O(n^2) in memory
 //! and meant for tests, error measurement and small inputs.
 
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Tensor};
 
 use crate::pattern::KeyPattern;
 use crate::shape::{repeat_kv, AttentionShape};
@@ -12,15 +12,15 @@ use crate::tiled::smallest_normal;
 /// mask (`true` = hidden) and an optional additive bias broadcastable to
 /// `[batch, heads, seq_q, seq_k]`. Returns the output and the row log-sum-exp; rows that
 /// see no key give 0 and `-inf`.
-pub fn reference_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+pub fn reference_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
     pattern: &KeyPattern,
     scale: f64,
-    key_padding: Option<Tensor<B, 2, Bool>>,
-    bias: Option<Tensor<B, 4>>,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    key_padding: Option<Tensor<2, Bool>>,
+    bias: Option<Tensor<4>>,
+) -> (Tensor<4>, Tensor<3>) {
     let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
     let AttentionShape {
         batch,
@@ -38,7 +38,7 @@ pub fn reference_attention<B: Backend>(
     }
     if seq_q > 0 && seq_k > 0 {
         let mut hidden = pattern
-            .tile_mask::<B>(0..seq_q, 0..seq_k, seq_q, seq_k, &device)
+            .tile_mask(0..seq_q, 0..seq_k, seq_q, seq_k, &device)
             .bool_not()
             .reshape([1, 1, seq_q, seq_k])
             .expand([batch, heads, seq_q, seq_k]);

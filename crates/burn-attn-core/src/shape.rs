@@ -1,6 +1,6 @@
 //! Shape checks and the sizes of one attention call.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 
 use crate::error::AttentionError;
 
@@ -26,11 +26,7 @@ pub struct AttentionShape {
 
 impl AttentionShape {
     /// Reads and checks the sizes of `q`, `k`, `v`.
-    pub fn of<B: Backend>(
-        q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-    ) -> Result<Self, AttentionError> {
+    pub fn of(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Result<Self, AttentionError> {
         Self::from_dims(q.dims(), k.dims(), v.dims())
     }
 
@@ -79,7 +75,7 @@ impl AttentionShape {
 
 /// Expands key/value heads to the query heads (GQA/MQA): query head `h` reads kv head
 /// `h / (heads / kv_heads)`.
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+pub fn repeat_kv(x: Tensor<4>, heads: usize) -> Tensor<4> {
     let [b, kv_heads, n, d] = x.dims();
     if kv_heads == heads {
         return x;

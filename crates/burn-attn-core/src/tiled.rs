@@ -9,7 +9,7 @@
 
 use core::ops::Range;
 
-use burn::tensor::{backend::Backend, Bool, DType, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 
 use crate::pattern::{tile_span, KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
@@ -19,14 +19,14 @@ pub const DEFAULT_TILE: usize = 64;
 
 /// An additive bias on the scores of a tile, for mechanisms that weight keys (learned
 /// gates, soft window edges). `-inf` hides a key.
-pub trait TileBias<B: Backend> {
+pub trait TileBias {
     /// The bias of queries `rows` x keys `cols`, broadcastable to `[batch, heads, rows, cols]`
     /// (a size-1 batch or head dimension is expanded).
-    fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<B, 4>;
+    fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<4>;
 }
 
 /// Everything the tiled path can apply beyond plain exact attention.
-pub struct TiledSpec<'a, B: Backend> {
+pub struct TiledSpec<'a> {
     /// Which keys each query sees.
     pub pattern: &'a KeyPattern,
     /// Multiplier of `q . k`.
@@ -36,15 +36,15 @@ pub struct TiledSpec<'a, B: Backend> {
     /// Key columns per tile (the layout's block size when the pattern has one).
     pub block_k: usize,
     /// `[batch, seq_k]`, `true` where the key is padding and must be hidden.
-    pub key_padding: Option<Tensor<B, 2, Bool>>,
+    pub key_padding: Option<Tensor<2, Bool>>,
     /// An additive score bias.
-    pub bias: Option<&'a dyn TileBias<B>>,
+    pub bias: Option<&'a dyn TileBias>,
     /// Dropout probability on the attention probabilities, applied only when the backend
     /// tracks gradients (training).
     pub dropout: f64,
 }
 
-impl<'a, B: Backend> TiledSpec<'a, B> {
+impl<'a> TiledSpec<'a> {
     /// A spec with the pattern's tiles (or [`DEFAULT_TILE`]) and nothing else.
     pub fn new(pattern: &'a KeyPattern, scale: f64) -> Self {
         let (block_q, block_k) = pattern
@@ -75,12 +75,12 @@ impl<'a, B: Backend> TiledSpec<'a, B> {
 
 /// Output `[batch, heads, seq_q, value_dim]` and row log-sum-exp `[batch, heads, seq_q]`
 /// (`-inf` for rows that see no key, whose output is exactly 0).
-pub fn tiled_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    spec: &TiledSpec<'_, B>,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
+pub fn tiled_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    spec: &TiledSpec<'_>,
+) -> (Tensor<4>, Tensor<3>) {
     let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
     let AttentionShape {
         batch,
@@ -98,7 +98,7 @@ pub fn tiled_attention<B: Backend>(
     let v = repeat_kv(v, heads);
     // Scaling q once is cheaper than scaling every tile of scores.
     let q = q * spec.scale;
-    let dropout = if B::ad_enabled(&device) {
+    let dropout = if device.is_autodiff() {
         spec.dropout
     } else {
         0.0
@@ -119,7 +119,7 @@ pub fn tiled_attention<B: Backend>(
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
         let mut state = RowState::new([batch, heads, nr, value_dim], (&device, dtype));
-        let padding_of = |pad: Tensor<B, 2, Bool>, nc: usize| {
+        let padding_of = |pad: Tensor<2, Bool>, nc: usize| {
             pad.reshape([batch, 1, 1, nc])
                 .expand([batch, heads, nr, nc])
         };
@@ -142,8 +142,7 @@ pub fn tiled_attention<B: Backend>(
                     .expand([batch, heads, nr, nc]);
             }
             let mut hidden = (cover == TileCover::Partial).then(|| {
-                let visible =
-                    pattern.tile_mask::<B>(rows.clone(), cols.clone(), seq_q, seq_k, &device);
+                let visible = pattern.tile_mask(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                 hidden_keys(visible, batch, heads)
             });
             if let Some(pad) = &spec.key_padding {
@@ -159,11 +158,11 @@ pub fn tiled_attention<B: Backend>(
             for chunk in extra.chunks(spec.block_k.max(1)) {
                 let nc = chunk.len();
                 let idx: Vec<i64> = chunk.iter().map(|&c| c as i64).collect();
-                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [nc]), &device);
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [nc]), &device);
                 let k_blk = k.clone().select(2, idx.clone());
                 let v_blk = v.clone().select(2, idx.clone());
                 let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
-                let visible = pattern.columns_mask::<B>(rows.clone(), chunk, seq_q, seq_k, &device);
+                let visible = pattern.columns_mask(rows.clone(), chunk, seq_q, seq_k, &device);
                 let mut hidden = hidden_keys(visible, batch, heads);
                 if let Some(pad) = &spec.key_padding {
                     hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx), nc));
@@ -189,11 +188,7 @@ pub fn tiled_attention<B: Backend>(
 
 /// `[batch, heads, rows, cols]`, `true` where the `[rows, cols]` mask `visible` hides the
 /// key (the form `mask_fill` takes).
-pub(crate) fn hidden_keys<B: Backend>(
-    visible: Tensor<B, 2, Bool>,
-    batch: usize,
-    heads: usize,
-) -> Tensor<B, 4, Bool> {
+pub(crate) fn hidden_keys(visible: Tensor<2, Bool>, batch: usize, heads: usize) -> Tensor<4, Bool> {
     let [nr, nc] = visible.dims();
     visible
         .bool_not()
@@ -202,18 +197,18 @@ pub(crate) fn hidden_keys<B: Backend>(
 }
 
 /// The running softmax state of one block of query rows.
-struct RowState<B: Backend> {
+struct RowState {
     /// Running row max (`None` before the first tile).
-    max: Option<Tensor<B, 4>>,
+    max: Option<Tensor<4>>,
     /// Running sum of `exp(s - max)`, `[b, h, rows, 1]`.
-    sum: Tensor<B, 4>,
+    sum: Tensor<4>,
     /// Running `sum exp(s - max) v`, `[b, h, rows, value_dim]`.
-    acc: Tensor<B, 4>,
+    acc: Tensor<4>,
 }
 
-impl<B: Backend> RowState<B> {
+impl RowState {
     /// The state before any tile, in the inputs' dtype.
-    fn new(acc_shape: [usize; 4], (device, dtype): (&B::Device, DType)) -> Self {
+    fn new(acc_shape: [usize; 4], (device, dtype): (&Device, DType)) -> Self {
         let [b, h, rows, _] = acc_shape;
         Self {
             max: None,
@@ -225,9 +220,9 @@ impl<B: Backend> RowState<B> {
     /// Folds in one tile of scores `s` (`hidden` set to `-inf`) with its values.
     fn update(
         &mut self,
-        s: Tensor<B, 4>,
-        hidden: Option<Tensor<B, 4, Bool>>,
-        v: Tensor<B, 4>,
+        s: Tensor<4>,
+        hidden: Option<Tensor<4, Bool>>,
+        v: Tensor<4>,
         dropout: f64,
     ) {
         let s = match hidden {
@@ -262,7 +257,7 @@ impl<B: Backend> RowState<B> {
     }
 
     /// The normalised output and the log-sum-exp, `[b, h, rows, 1]`.
-    fn finish(self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn finish(self) -> (Tensor<4>, Tensor<4>) {
         match self.max {
             Some(max) => {
                 // The sum is 0 only where the row saw nothing; acc is 0 there too, so the
@@ -290,7 +285,7 @@ pub fn smallest_normal(dtype: DType) -> f32 {
 }
 
 /// The shift used in `exp(s - shift)`: the running max, with `-inf` replaced by 0.
-fn safe_shift<B: Backend>(m: Tensor<B, 4>) -> Tensor<B, 4> {
+fn safe_shift(m: Tensor<4>) -> Tensor<4> {
     let empty = m.clone().equal_elem(f32::NEG_INFINITY);
     m.mask_fill(empty, 0.0)
 }

@@ -7,10 +7,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, smallest_normal, tiled_attention, AttentionBackend, AttentionError, KeyPattern,
-    TileBias, TiledSpec, Window,
+    ensure, smallest_normal, tiled_attention, AttentionError, KeyPattern, TileBias, TiledSpec,
+    Window,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -76,7 +76,7 @@ impl AdaptiveSlidingWindowAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> AdaptiveSlidingWindowAttention<B> {
+    pub fn init(&self, device: &Device) -> AdaptiveSlidingWindowAttention {
         ensure(self.validate());
         AdaptiveSlidingWindowAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -99,11 +99,11 @@ impl AdaptiveSlidingWindowAttentionConfig {
 /// edge and trains the predictor. The token's own key always has positive weight: no row
 /// is ever empty. Cost O(n * (max_window + ramp)): only that band is visited.
 #[derive(Module, Debug)]
-pub struct AdaptiveSlidingWindowAttention<B: Backend> {
+pub struct AdaptiveSlidingWindowAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// Window predictor: `d_model -> 1`.
-    pub predictor: Linear<B>,
+    pub predictor: Linear,
     /// Smallest window.
     pub min_window: usize,
     /// Largest window.
@@ -117,14 +117,14 @@ pub struct AdaptiveSlidingWindowAttention<B: Backend> {
 }
 
 /// The soft window edge as a score bias: `ln(weight)`, `-inf` where the weight is 0.
-struct SoftEdge<B: Backend> {
+struct SoftEdge {
     /// Reach of each query, `[batch, seq]`.
-    reach: Tensor<B, 2>,
+    reach: Tensor<2>,
     ramp: f64,
 }
 
-impl<B: Backend> TileBias<B> for SoftEdge<B> {
-    fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<B, 4> {
+impl TileBias for SoftEdge {
+    fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
         let device = self.reach.device();
         let [batch, _] = self.reach.dims();
         let (nr, nc) = (rows.len(), cols.len());
@@ -133,10 +133,10 @@ impl<B: Backend> TileBias<B> for SoftEdge<B> {
             .clone()
             .slice([0..batch, rows.clone()])
             .reshape([batch, 1, nr, 1]);
-        let r = Tensor::<B, 1, Int>::arange(rows.start as i64..rows.end as i64, &device)
+        let r = Tensor::<1, Int>::arange(rows.start as i64..rows.end as i64, &device)
             .reshape([nr, 1])
             .expand([nr, nc]);
-        let c = Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, &device)
+        let c = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, &device)
             .reshape([1, nc])
             .expand([nr, nc]);
         let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
@@ -150,9 +150,9 @@ impl<B: Backend> TileBias<B> for SoftEdge<B> {
     }
 }
 
-impl<B: AttentionBackend> AdaptiveSlidingWindowAttention<B> {
+impl AdaptiveSlidingWindowAttention {
     /// The predicted window size of every token, `[batch, seq]`, in `[min, max]`.
-    pub fn window_sizes(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+    pub fn window_sizes(&self, x: Tensor<3>) -> Tensor<2> {
         let span = (self.max_window - self.min_window) as f64;
         sigmoid(self.predictor.forward(x)).squeeze_dim::<2>(2) * span + self.min_window as f64
     }
@@ -172,7 +172,7 @@ impl<B: AttentionBackend> AdaptiveSlidingWindowAttention<B> {
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.projection.check_input("input", &x);
         let sizes = self.window_sizes(x.clone());
         let reach = if self.causal {
@@ -194,7 +194,7 @@ impl<B: AttentionBackend> AdaptiveSlidingWindowAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -207,12 +207,13 @@ mod tests {
     use burn_attn_core::reference_attention;
 
     /// The same weights computed per element on the host, applied to a dense reference.
-    fn host_reference(
-        module: &AdaptiveSlidingWindowAttention<TestBackend>,
-        x: Tensor<TestBackend, 3>,
-    ) -> Tensor<TestBackend, 3> {
+    fn host_reference(module: &AdaptiveSlidingWindowAttention, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
-        let sizes: Vec<f32> = module.window_sizes(x.clone()).into_data().to_vec().unwrap();
+        let sizes: Vec<f32> = module
+            .window_sizes(x.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let mut bias = Vec::with_capacity(batch * seq * seq);
         for b in 0..batch {
             for i in 0..seq {
@@ -230,10 +231,7 @@ mod tests {
                 }
             }
         }
-        let bias = Tensor::<TestBackend, 4>::from_data(
-            TensorData::new(bias, [batch, 1, seq, seq]),
-            &Default::default(),
-        );
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, seq]), &cpu());
         let h = module.projection().split_self(x);
         let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
         let (out, _) = reference_attention(
@@ -256,9 +254,9 @@ mod tests {
                 .with_max_window(24)
                 .with_ramp(3.0)
                 .with_causal(causal)
-                .init::<TestBackend>(&Default::default());
+                .init(&cpu());
             for seq in [1, 17, 97] {
-                let x = randn::<TestBackend, 3>([2, seq, 32]);
+                let x = randn([2, seq, 32], &cpu());
                 let got = module.forward(x.clone());
                 assert_finite(got.clone());
                 assert_close(got, host_reference(&module, x), 2e-5);
@@ -272,8 +270,8 @@ mod tests {
             .with_min_window(2)
             .with_max_window(10)
             .with_ramp(2.0);
-        let module = config.init::<TestAutodiff>(&Default::default());
-        let x = randn::<TestAutodiff, 3>([2, 16, 16]);
+        let module = config.init(&cpu_ad());
+        let x = randn([2, 16, 16], &cpu_ad());
         let grads = module.forward(x).powi_scalar(2).sum().backward();
         let g = module
             .predictor
@@ -283,7 +281,7 @@ mod tests {
         let norm: f32 = g.abs().sum().into_scalar();
         assert!(norm > 0.0, "window predictor gradient is zero");
 
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
     }
@@ -293,10 +291,10 @@ mod tests {
         let config = AdaptiveSlidingWindowAttentionConfig::new(16, 2)
             .with_max_window(16)
             .with_min_window(4);
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
 
         let err = config

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{Device, Tensor};
 use burn_attn_core::{causal_linear_attention, ensure, AttentionError, LinearAttentionState};
 
 use crate::flash::projection_config;
@@ -48,7 +48,7 @@ impl CausalLinearAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> CausalLinearAttention<B> {
+    pub fn init(&self, device: &Device) -> CausalLinearAttention {
         ensure(self.validate());
         CausalLinearAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -65,9 +65,9 @@ impl CausalLinearAttentionConfig {
 /// [`forward_with_state`](Self::forward_with_state) continue a stream from a
 /// [`LinearAttentionState`] and give the same outputs as the full pass.
 #[derive(Module, Debug)]
-pub struct CausalLinearAttention<B: Backend> {
+pub struct CausalLinearAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// The feature map.
     #[module(skip)]
     pub feature_map: FeatureMap,
@@ -77,14 +77,14 @@ pub struct CausalLinearAttention<B: Backend> {
     pub chunk_size: usize,
 }
 
-impl<B: Backend> CausalLinearAttention<B> {
+impl CausalLinearAttention {
     /// Causal self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_with_state(x, None).0
     }
 
     /// The state before the first token of a stream of `batch` sequences.
-    pub fn init_state(&self, batch: usize, device: &B::Device) -> LinearAttentionState<B> {
+    pub fn init_state(&self, batch: usize, device: &Device) -> LinearAttentionState {
         let p = &self.projection;
         LinearAttentionState::zeros(batch, p.n_heads, p.head_dim, p.head_dim, device)
     }
@@ -93,9 +93,9 @@ impl<B: Backend> CausalLinearAttention<B> {
     /// before (`None`: the start). Returns the outputs and the state after `x`.
     pub fn forward_with_state(
         &self,
-        x: Tensor<B, 3>,
-        state: Option<LinearAttentionState<B>>,
-    ) -> (Tensor<B, 3>, LinearAttentionState<B>) {
+        x: Tensor<3>,
+        state: Option<LinearAttentionState>,
+    ) -> (Tensor<3>, LinearAttentionState) {
         let h = self.projection.split_self(x);
         let (out, state) = causal_linear_attention(
             self.feature_map.apply(h.q),
@@ -112,15 +112,15 @@ impl<B: Backend> CausalLinearAttention<B> {
     /// updated state.
     pub fn step(
         &self,
-        state: LinearAttentionState<B>,
-        x_t: Tensor<B, 2>,
-    ) -> (Tensor<B, 2>, LinearAttentionState<B>) {
+        state: LinearAttentionState,
+        x_t: Tensor<2>,
+    ) -> (Tensor<2>, LinearAttentionState) {
         let (out, state) = self.forward_with_state(x_t.unsqueeze_dim(1), Some(state));
         (out.squeeze_dim(1), state)
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -136,11 +136,11 @@ mod tests {
             let module = CausalLinearAttentionConfig::new(32, 4)
                 .with_chunk_size(chunk)
                 .with_n_kv_heads(kv)
-                .init::<TestBackend>(&Default::default());
-            let x = randn::<TestBackend, 3>([2, seq, 32]);
+                .init(&cpu());
+            let x = randn([2, seq, 32], &cpu());
             let full = module.forward(x.clone());
             assert_finite(full.clone());
-            let mut state = module.init_state(2, &Default::default());
+            let mut state = module.init_state(2, &cpu());
             let mut outs = Vec::new();
             for t in 0..seq {
                 let x_t = x.clone().slice([0..2, t..t + 1]).squeeze_dim(1);
@@ -163,8 +163,8 @@ mod tests {
     #[test]
     fn chunk_size_does_not_change_the_result() {
         let config = CausalLinearAttentionConfig::new(16, 2);
-        let a = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 37, 16]);
+        let a = config.init(&cpu());
+        let x = randn([1, 37, 16], &cpu());
         let want = a.forward(x.clone());
         // Cloned after the first forward: parameters are initialised lazily.
         let mut b = a.clone();
@@ -175,13 +175,13 @@ mod tests {
     #[test]
     fn trains_round_trips_and_rejects_zero_chunk() {
         let config = CausalLinearAttentionConfig::new(16, 2).with_chunk_size(4);
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         let err = config
             .with_chunk_size(0)

@@ -2,10 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
-    Window,
+    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
 };
 
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
@@ -69,7 +68,7 @@ impl FlashAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> FlashAttention<B> {
+    pub fn init(&self, device: &Device) -> FlashAttention {
         ensure(self.validate());
         FlashAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -88,9 +87,9 @@ impl FlashAttentionConfig {
 /// memory, the same result as materialised attention. Runs the GPU kernel on backends
 /// that have one.
 #[derive(Module, Debug)]
-pub struct FlashAttention<B: Backend> {
+pub struct FlashAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// Explicit scale, if any.
     pub scale: Option<f64>,
     /// Causal flag.
@@ -105,9 +104,9 @@ pub struct FlashAttention<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: AttentionBackend> FlashAttention<B> {
+impl FlashAttention {
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
@@ -116,11 +115,11 @@ impl<B: AttentionBackend> FlashAttention<B> {
     /// (`true` = padding). Rows that see no key give 0.
     pub fn forward_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 3> {
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let h = self.projection.split(query, key, value);
         let out = pattern_attention(
             h.q,
@@ -146,7 +145,7 @@ impl<B: AttentionBackend> FlashAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -179,8 +178,8 @@ mod tests {
     use crate::test_util::*;
 
     fn exact_check(config: FlashAttentionConfig, batch: usize, seq: usize) {
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([batch, seq, config.d_model]);
+        let module = config.init(&cpu());
+        let x = randn([batch, seq, config.d_model], &cpu());
         let got = module.forward(x.clone());
         let want = module.projection().exact(x, config.causal);
         assert_close(got, want, 2e-5);
@@ -223,10 +222,10 @@ mod tests {
     fn cross_attention_with_different_lengths_and_padding() {
         let module = FlashAttentionConfig::new(32, 4)
             .with_block_size(8)
-            .init::<TestBackend>(&Default::default());
-        let q = randn::<TestBackend, 3>([2, 13, 32]);
-        let kv = randn::<TestBackend, 3>([2, 29, 32]);
-        let pad = Tensor::<TestBackend, 1, burn::tensor::Int>::arange(0..29, &Default::default())
+            .init(&cpu());
+        let q = randn([2, 13, 32], &cpu());
+        let kv = randn([2, 29, 32], &cpu());
+        let pad = Tensor::<1, burn::tensor::Int>::arange(0..29, &cpu())
             .reshape([1, 29])
             .repeat_dim(0, 2)
             .greater_equal_elem(21);
@@ -243,9 +242,9 @@ mod tests {
         let module = FlashAttentionConfig::new(16, 2)
             .with_causal(true)
             .with_bias(false)
-            .init::<TestBackend>(&Default::default());
-        let q = randn::<TestBackend, 3>([1, 9, 16]);
-        let kv = randn::<TestBackend, 3>([1, 4, 16]);
+            .init(&cpu());
+        let q = randn([1, 9, 16], &cpu());
+        let kv = randn([1, 4, 16], &cpu());
         let out = module.forward_cross(q.clone(), kv.clone(), kv.clone(), None);
         assert_finite(out.clone());
         let masked = out.clone().slice([0..1, 0..5]);
@@ -260,17 +259,14 @@ mod tests {
     /// the error of the materialised reference run in the same (f32) precision.
     #[test]
     fn large_logits_within_twice_the_reference_error() {
-        type Truth = burn::backend::NdArray<f64>;
-        let to_f64 = |t: &Tensor<TestBackend, 4>| {
-            Tensor::<Truth, 4>::from_data(t.to_data().convert::<f64>(), &Default::default())
-        };
-        let err = |got: Tensor<TestBackend, 4>, truth: &Tensor<Truth, 4>| -> f64 {
+        let to_f64 = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::F64);
+        let err = |got: Tensor<4>, truth: &Tensor<4>| -> f64 {
             (to_f64(&got) - truth.clone()).abs().max().into_scalar()
         };
         for (causal, gain) in [(false, 30.0), (true, 30.0), (false, 100.0)] {
-            let q = randn::<TestBackend, 4>([2, 3, 70, 16]) * gain;
-            let k = randn::<TestBackend, 4>([2, 3, 70, 16]);
-            let v = randn::<TestBackend, 4>([2, 3, 70, 16]);
+            let q = randn([2, 3, 70, 16], &cpu()) * gain;
+            let k = randn([2, 3, 70, 16], &cpu());
+            let v = randn([2, 3, 70, 16], &cpu());
             let pattern = KeyPattern::band(Window::FULL, causal);
             let (truth, _) = burn_attn_core::reference_attention(
                 to_f64(&q),
@@ -312,8 +308,8 @@ mod tests {
             .with_window_left(Some(3))
             .with_window_right(Some(0))
             .with_block_size(4);
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([2, 23, 16]);
+        let module = config.init(&cpu());
+        let x = randn([2, 23, 16], &cpu());
         let got = module.forward(x.clone());
         let h = module.projection().split_self(x);
         let pattern = KeyPattern::band(Window::new(Some(3), Some(0)), false);
@@ -332,14 +328,14 @@ mod tests {
     #[test]
     fn trains_and_round_trips() {
         let config = FlashAttentionConfig::new(16, 2).with_causal(true);
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
 
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 7, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 7, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
 
         let json = serde_json::to_string(&config).unwrap();
@@ -359,7 +355,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "query input has shape [1, 5, 12], expected [batch, seq, 32]")]
     fn wrong_width_panics_with_values() {
-        let module = FlashAttentionConfig::new(32, 4).init::<TestBackend>(&Default::default());
-        module.forward(randn::<TestBackend, 3>([1, 5, 12]));
+        let module = FlashAttentionConfig::new(32, 4).init(&cpu());
+        module.forward(randn([1, 5, 12], &cpu()));
     }
 }

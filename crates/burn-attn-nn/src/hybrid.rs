@@ -2,10 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
-    Window,
+    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
@@ -168,7 +167,7 @@ impl HybridAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> HybridAttention<B> {
+    pub fn init(&self, device: &Device) -> HybridAttention {
         ensure(self.validate());
         HybridAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -187,9 +186,9 @@ impl HybridAttentionConfig {
 /// sparse up to `sparse_max_len`, sliding window beyond. One set of projections serves
 /// every core, so weights trained at one length are used at all lengths.
 #[derive(Module, Debug)]
-pub struct HybridAttention<B: Backend> {
+pub struct HybridAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// Causal flag.
     pub causal: bool,
     /// Longest length for flash.
@@ -205,7 +204,7 @@ pub struct HybridAttention<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: AttentionBackend> HybridAttention<B> {
+impl HybridAttention {
     /// The core used for a sequence of `seq_len` tokens.
     pub fn choose(&self, seq_len: usize) -> HybridChoice {
         if seq_len <= self.flash_max_len {
@@ -241,7 +240,7 @@ impl<B: AttentionBackend> HybridAttention<B> {
     /// Only the chosen core runs, on the same pattern description as the standalone
     /// module of that mechanism: the forward allocates what that mechanism needs and
     /// nothing for the cores it did not choose (no dense mask, no second projection).
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let seq = x.dims()[1];
         let h = self.projection.split_self(x);
         let pattern = self.key_pattern(seq);
@@ -258,7 +257,7 @@ impl<B: AttentionBackend> HybridAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -282,7 +281,7 @@ mod tests {
 
     #[test]
     fn chooses_by_length_with_seed_defaults() {
-        let m = HybridAttentionConfig::new(16, 2).init::<TestBackend>(&Default::default());
+        let m = HybridAttentionConfig::new(16, 2).init(&cpu());
         assert_eq!(m.choose(2048), HybridChoice::Flash);
         assert_eq!(m.choose(2049), HybridChoice::Sparse);
         assert_eq!(m.choose(8192), HybridChoice::Sparse);
@@ -291,14 +290,14 @@ mod tests {
 
     #[test]
     fn each_regime_equals_exact_with_its_mask_and_shares_weights() {
-        let module = small().init::<TestBackend>(&Default::default());
+        let module = small().init(&cpu());
         for (seq, choice) in [
             (8, HybridChoice::Flash),
             (17, HybridChoice::Sparse),
             (30, HybridChoice::SlidingWindow),
         ] {
             assert_eq!(module.choose(seq), choice);
-            let x = randn::<TestBackend, 3>([2, seq, 16]);
+            let x = randn([2, seq, 16], &cpu());
             let got = module.forward(x.clone());
             let h = module.projection().split_self(x);
             let (want, _) = reference_attention(
@@ -348,7 +347,7 @@ mod tests {
         assert_eq!((config.flash_max_len, config.sparse_max_len), (8, 24));
         assert_eq!(config.sparse_pattern, SparsePattern::Local { window: 6 });
         assert_eq!(config.window, 4);
-        let module = config.init::<TestBackend>(&Default::default());
+        let module = config.init(&cpu());
         assert_eq!(module.choose(8), HybridChoice::Flash);
         assert_eq!(module.choose(9), HybridChoice::Sparse);
         assert_eq!(module.choose(25), HybridChoice::SlidingWindow);
@@ -360,13 +359,13 @@ mod tests {
     #[test]
     fn trains_round_trips_and_rejects_bad_thresholds() {
         let config = small();
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 30, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 30, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         let err = config
             .with_flash_max_len(100)

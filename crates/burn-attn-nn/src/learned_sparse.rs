@@ -6,10 +6,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, repeat_kv, tiled_attention, AttentionBackend, AttentionError, KeyPattern, TileBias,
-    TiledSpec,
+    ensure, repeat_kv, tiled_attention, AttentionError, KeyPattern, TileBias, TiledSpec,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -55,7 +54,7 @@ impl LearnedSparseAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> LearnedSparseAttention<B> {
+    pub fn init(&self, device: &Device) -> LearnedSparseAttention {
         ensure(self.validate());
         LearnedSparseAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -74,11 +73,11 @@ impl LearnedSparseAttentionConfig {
 /// the loss. Keys are selected (never query rows), so no row is ever left empty: no NaN.
 /// Cost O(n * ratio * n). Not causal: the selection looks at every key.
 #[derive(Module, Debug)]
-pub struct LearnedSparseAttention<B: Backend> {
+pub struct LearnedSparseAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// Key scores per head: `d_model -> n_heads`.
-    pub gate: Linear<B>,
+    pub gate: Linear,
     /// Fraction of keys kept.
     pub ratio: f64,
     /// Dropout on probabilities while training.
@@ -86,23 +85,23 @@ pub struct LearnedSparseAttention<B: Backend> {
 }
 
 /// The gate's log-sigmoid bias on the selected keys, `[batch, heads, 1, selected]`.
-struct SelectedKeyBias<B: Backend>(Tensor<B, 4>);
+struct SelectedKeyBias(Tensor<4>);
 
-impl<B: Backend> TileBias<B> for SelectedKeyBias<B> {
-    fn bias(&self, _rows: Range<usize>, cols: Range<usize>) -> Tensor<B, 4> {
+impl TileBias for SelectedKeyBias {
+    fn bias(&self, _rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
         let [b, h, _, _] = self.0.dims();
         self.0.clone().slice([0..b, 0..h, 0..1, cols])
     }
 }
 
-impl<B: AttentionBackend> LearnedSparseAttention<B> {
+impl LearnedSparseAttention {
     /// How many keys are kept out of `seq_k`.
     pub fn selected(&self, seq_k: usize) -> usize {
         ((self.ratio * seq_k as f64).ceil() as usize).clamp(1, seq_k.max(1))
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
@@ -111,11 +110,11 @@ impl<B: AttentionBackend> LearnedSparseAttention<B> {
     /// always hidden).
     pub fn forward_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 3> {
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let gate_scores = self.gate.forward(key.clone()).swap_dims(1, 2); // [b, heads, seq_k]
         let h = self.projection.split(query, key, value);
         let [batch, heads, _, head_dim] = h.q.dims();
@@ -146,7 +145,7 @@ impl<B: AttentionBackend> LearnedSparseAttention<B> {
         let (_, idx) = ranking.detach().sort_descending_with_indices(2);
         let idx = idx.slice([0..batch, 0..heads, 0..n_sel]); // [b, heads, n_sel]
 
-        let gather_rows = |x: Tensor<B, 4>, width: usize| {
+        let gather_rows = |x: Tensor<4>, width: usize| {
             let idx = idx
                 .clone()
                 .reshape([batch, heads, n_sel, 1])
@@ -171,7 +170,7 @@ impl<B: AttentionBackend> LearnedSparseAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -185,10 +184,7 @@ mod tests {
 
     /// The same selection written the plain way: a dense mask over all keys that keeps the
     /// top-k per head, with the gate bias added to every logit.
-    fn dense_reference(
-        module: &LearnedSparseAttention<TestBackend>,
-        x: Tensor<TestBackend, 3>,
-    ) -> Tensor<TestBackend, 3> {
+    fn dense_reference(module: &LearnedSparseAttention, x: Tensor<3>) -> Tensor<3> {
         let scores = module.gate.forward(x.clone()).swap_dims(1, 2); // [b, h, n]
         let [b, heads, n] = scores.dims();
         let k = module.selected(n);
@@ -225,8 +221,8 @@ mod tests {
             let module = LearnedSparseAttentionConfig::new(32, 4)
                 .with_ratio(ratio)
                 .with_n_kv_heads(kv)
-                .init::<TestBackend>(&Default::default());
-            let x = randn::<TestBackend, 3>([2, seq, 32]);
+                .init(&cpu());
+            let x = randn([2, seq, 32], &cpu());
             let got = module.forward(x.clone());
             assert_finite(got.clone());
             assert_close(got, dense_reference(&module, x), 2e-5);
@@ -237,22 +233,19 @@ mod tests {
     fn padding_is_never_attended() {
         let module = LearnedSparseAttentionConfig::new(16, 2)
             .with_ratio(1.0)
-            .init::<TestBackend>(&Default::default());
-        let q = randn::<TestBackend, 3>([1, 5, 16]);
-        let kv = randn::<TestBackend, 3>([1, 10, 16]);
-        let pad = Tensor::<TestBackend, 1, Int>::arange(0..10, &Default::default())
+            .init(&cpu());
+        let q = randn([1, 5, 16], &cpu());
+        let kv = randn([1, 10, 16], &cpu());
+        let pad = Tensor::<1, Int>::arange(0..10, &cpu())
             .reshape([1, 10])
             .greater_equal_elem(6);
         let got = module.forward_cross(q.clone(), kv.clone(), kv.clone(), Some(pad));
         // With ratio 1 and padding hidden, changing the padded keys changes nothing.
         let kv2 = Tensor::cat(
-            vec![
-                kv.clone().slice([0..1, 0..6]),
-                randn::<TestBackend, 3>([1, 4, 16]),
-            ],
+            vec![kv.clone().slice([0..1, 0..6]), randn([1, 4, 16], &cpu())],
             1,
         );
-        let pad = Tensor::<TestBackend, 1, Int>::arange(0..10, &Default::default())
+        let pad = Tensor::<1, Int>::arange(0..10, &cpu())
             .reshape([1, 10])
             .greater_equal_elem(6);
         let again = module.forward_cross(q, kv2.clone(), kv2, Some(pad));
@@ -262,8 +255,8 @@ mod tests {
     #[test]
     fn gate_receives_gradient_and_loss_falls() {
         let config = LearnedSparseAttentionConfig::new(16, 2).with_ratio(0.3);
-        let module = config.init::<TestAutodiff>(&Default::default());
-        let x = randn::<TestAutodiff, 3>([2, 12, 16]);
+        let module = config.init(&cpu_ad());
+        let x = randn([2, 12, 16], &cpu_ad());
         let grads = module.forward(x).powi_scalar(2).sum().backward();
         let g = module
             .gate
@@ -273,7 +266,7 @@ mod tests {
         let norm: f32 = g.abs().sum().into_scalar();
         assert!(norm > 0.0, "gate gradient is zero");
 
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
     }
@@ -281,10 +274,10 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_bad_ratio() {
         let config = LearnedSparseAttentionConfig::new(16, 2);
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         for bad in [0.0, 1.5, -0.1] {
             let err = config

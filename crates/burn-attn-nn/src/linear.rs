@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::{elu, relu, softplus};
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{ensure, linear_attention, AttentionError};
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,7 @@ pub enum FeatureMap {
 
 impl FeatureMap {
     /// Applies the map elementwise.
-    pub fn apply<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self {
             FeatureMap::EluPlusOne => elu(x, 1.0) + 1.0,
             FeatureMap::Relu => relu(x),
@@ -77,7 +77,7 @@ impl LinearAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> LinearAttention<B> {
+    pub fn init(&self, device: &Device) -> LinearAttention {
         ensure(self.validate());
         LinearAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -91,9 +91,9 @@ impl LinearAttentionConfig {
 /// Non-causal linear attention. An approximation of softmax attention: it replaces
 /// `exp(q . k)` by `phi(q) . phi(k)`, which makes the cost linear in the length.
 #[derive(Module, Debug)]
-pub struct LinearAttention<B: Backend> {
+pub struct LinearAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// The feature map.
     #[module(skip)]
     pub feature_map: FeatureMap,
@@ -101,9 +101,9 @@ pub struct LinearAttention<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> LinearAttention<B> {
+impl LinearAttention {
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
@@ -111,11 +111,11 @@ impl<B: Backend> LinearAttention<B> {
     /// padding mask (`true` = padding).
     pub fn forward_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 3> {
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let h = self.projection.split(query, key, value);
         let out = linear_attention(
             self.feature_map.apply(h.q),
@@ -128,7 +128,7 @@ impl<B: Backend> LinearAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -141,11 +141,11 @@ mod tests {
 
     /// The seed's formula with a materialised `phi(Q) phi(K)^T`.
     fn quadratic(
-        module: &LinearAttention<TestBackend>,
-        q: Tensor<TestBackend, 3>,
-        kv: Tensor<TestBackend, 3>,
-        keep: Option<Tensor<TestBackend, 4>>,
-    ) -> Tensor<TestBackend, 3> {
+        module: &LinearAttention,
+        q: Tensor<3>,
+        kv: Tensor<3>,
+        keep: Option<Tensor<4>>,
+    ) -> Tensor<3> {
         let h = module.projection().split(q, kv.clone(), kv);
         let heads = h.q.dims()[1];
         let phi_q = module.feature_map.apply(h.q);
@@ -170,9 +170,9 @@ mod tests {
                 let module = LinearAttentionConfig::new(32, 4)
                     .with_feature_map(map)
                     .with_n_kv_heads(kv)
-                    .init::<TestBackend>(&Default::default());
-                let q = randn::<TestBackend, 3>([2, seq_q, 32]);
-                let kvx = randn::<TestBackend, 3>([2, seq_k, 32]);
+                    .init(&cpu());
+                let q = randn([2, seq_q, 32], &cpu());
+                let kvx = randn([2, seq_k, 32], &cpu());
                 let got = module.forward_cross(q.clone(), kvx.clone(), kvx.clone(), None);
                 assert_finite(got.clone());
                 assert_close(got, quadratic(&module, q, kvx, None), 1e-4);
@@ -182,10 +182,10 @@ mod tests {
 
     #[test]
     fn padding_removes_keys() {
-        let module = LinearAttentionConfig::new(16, 2).init::<TestBackend>(&Default::default());
-        let q = randn::<TestBackend, 3>([1, 5, 16]);
-        let kv = randn::<TestBackend, 3>([1, 9, 16]);
-        let pad = Tensor::<TestBackend, 1, Int>::arange(0..9, &Default::default())
+        let module = LinearAttentionConfig::new(16, 2).init(&cpu());
+        let q = randn([1, 5, 16], &cpu());
+        let kv = randn([1, 9, 16], &cpu());
+        let pad = Tensor::<1, Int>::arange(0..9, &cpu())
             .reshape([1, 9])
             .greater_equal_elem(6);
         let keep = pad.clone().bool_not().float().reshape([1, 1, 1, 9]);
@@ -196,13 +196,13 @@ mod tests {
     #[test]
     fn trains_and_round_trips() {
         let config = LinearAttentionConfig::new(16, 2);
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         let json =
             serde_json::to_string(&config.clone().with_feature_map(FeatureMap::Relu)).unwrap();

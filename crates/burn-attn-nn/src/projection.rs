@@ -5,7 +5,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{ensure, reference_attention, AttentionError, KeyPattern, Window};
 
 /// Configuration of [`MultiHeadProjection`].
@@ -34,7 +34,7 @@ impl MultiHeadProjectionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> MultiHeadProjection<B> {
+    pub fn init(&self, device: &Device) -> MultiHeadProjection {
         ensure(self.validate());
         let n_kv_heads = self.n_kv_heads.unwrap_or(self.n_heads);
         let head_dim = self.d_model / self.n_heads;
@@ -84,15 +84,15 @@ pub fn validate_heads(
 
 /// Query, key, value and output projections with head splitting.
 #[derive(Module, Debug)]
-pub struct MultiHeadProjection<B: Backend> {
+pub struct MultiHeadProjection {
     /// `d_model -> n_heads * head_dim`.
-    pub query: Linear<B>,
+    pub query: Linear,
     /// `d_model -> n_kv_heads * head_dim`.
-    pub key: Linear<B>,
+    pub key: Linear,
     /// `d_model -> n_kv_heads * head_dim`.
-    pub value: Linear<B>,
+    pub value: Linear,
     /// `n_heads * head_dim -> d_model`.
-    pub output: Linear<B>,
+    pub output: Linear,
     /// Model width.
     pub d_model: usize,
     /// Query heads.
@@ -105,18 +105,18 @@ pub struct MultiHeadProjection<B: Backend> {
 
 /// Query, key and value heads: `[batch, heads, seq, head_dim]`, keys and values with
 /// `n_kv_heads` heads.
-pub struct Heads<B: Backend> {
+pub struct Heads {
     /// Query heads.
-    pub q: Tensor<B, 4>,
+    pub q: Tensor<4>,
     /// Key heads.
-    pub k: Tensor<B, 4>,
+    pub k: Tensor<4>,
     /// Value heads.
-    pub v: Tensor<B, 4>,
+    pub v: Tensor<4>,
 }
 
-impl<B: Backend> MultiHeadProjection<B> {
+impl MultiHeadProjection {
     /// Panics with the values when `x` is not `[batch, seq, d_model]`.
-    pub fn check_input(&self, what: &'static str, x: &Tensor<B, 3>) {
+    pub fn check_input(&self, what: &'static str, x: &Tensor<3>) {
         let dims = x.dims();
         if dims[2] != self.d_model {
             ensure(Err(AttentionError::Shape {
@@ -129,7 +129,7 @@ impl<B: Backend> MultiHeadProjection<B> {
 
     /// Projects `query` (`[batch, seq_q, d_model]`) and `key`/`value`
     /// (`[batch, seq_k, d_model]`) and splits them into heads.
-    pub fn split(&self, query: Tensor<B, 3>, key: Tensor<B, 3>, value: Tensor<B, 3>) -> Heads<B> {
+    pub fn split(&self, query: Tensor<3>, key: Tensor<3>, value: Tensor<3>) -> Heads {
         self.check_input("query input", &query);
         self.check_input("key input", &key);
         self.check_input("value input", &value);
@@ -153,11 +153,11 @@ impl<B: Backend> MultiHeadProjection<B> {
     }
 
     /// [`split`](Self::split) for self-attention.
-    pub fn split_self(&self, x: Tensor<B, 3>) -> Heads<B> {
+    pub fn split_self(&self, x: Tensor<3>) -> Heads {
         self.split(x.clone(), x.clone(), x)
     }
 
-    fn heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    fn heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
         let [batch, seq, _] = x.dims();
         x.reshape([batch, seq, heads, self.head_dim])
             .swap_dims(1, 2)
@@ -165,7 +165,7 @@ impl<B: Backend> MultiHeadProjection<B> {
 
     /// Merges `[batch, n_heads, seq, head_dim]` back to `[batch, seq, d_model]` and applies
     /// the output projection.
-    pub fn merge(&self, heads: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn merge(&self, heads: Tensor<4>) -> Tensor<3> {
         let [batch, n_heads, seq, head_dim] = heads.dims();
         let x = heads
             .swap_dims(1, 2)
@@ -175,19 +175,19 @@ impl<B: Backend> MultiHeadProjection<B> {
 
     /// Plain materialised exact softmax attention with these weights: the baseline that
     /// approximate variants are measured against. `causal` hides future keys.
-    pub fn exact(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+    pub fn exact(&self, x: Tensor<3>, causal: bool) -> Tensor<3> {
         self.exact_cross(x.clone(), x.clone(), x, None, causal)
     }
 
     /// [`exact`](Self::exact) with separate inputs and a `[batch, seq_k]` key padding mask.
     pub fn exact_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
         causal: bool,
-    ) -> Tensor<B, 3> {
+    ) -> Tensor<3> {
         let h = self.split(query, key, value);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let pattern = KeyPattern::band(Window::FULL, causal);

@@ -2,10 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, KeyPattern,
-    Window,
+    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -52,7 +51,7 @@ impl SlidingWindowAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> SlidingWindowAttention<B> {
+    pub fn init(&self, device: &Device) -> SlidingWindowAttention {
         ensure(self.validate());
         SlidingWindowAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -67,9 +66,9 @@ impl SlidingWindowAttentionConfig {
 /// Exact attention inside a sliding window. Only the band is visited: O(n * window) time
 /// and memory on every backend.
 #[derive(Module, Debug)]
-pub struct SlidingWindowAttention<B: Backend> {
+pub struct SlidingWindowAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// Window size.
     pub window: usize,
     /// Causal flag.
@@ -78,7 +77,7 @@ pub struct SlidingWindowAttention<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: AttentionBackend> SlidingWindowAttention<B> {
+impl SlidingWindowAttention {
     /// The band this module applies.
     pub fn band(&self) -> Window {
         if self.causal {
@@ -89,7 +88,7 @@ impl<B: AttentionBackend> SlidingWindowAttention<B> {
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
@@ -97,11 +96,11 @@ impl<B: AttentionBackend> SlidingWindowAttention<B> {
     /// `[batch, seq_k]` key padding mask (`true` = padding).
     pub fn forward_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 3> {
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let h = self.projection.split(query, key, value);
         let out = pattern_attention(
             h.q,
@@ -116,7 +115,7 @@ impl<B: AttentionBackend> SlidingWindowAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -134,9 +133,9 @@ mod tests {
                 .with_window(window)
                 .with_causal(causal)
                 .with_n_kv_heads(Some(2));
-            let module = config.init::<TestBackend>(&Default::default());
+            let module = config.init(&cpu());
             for seq in [1, 17, 97] {
-                let x = randn::<TestBackend, 3>([2, seq, 32]);
+                let x = randn([2, seq, 32], &cpu());
                 let got = module.forward(x.clone());
                 let h = module.projection().split_self(x);
                 let pattern = KeyPattern::band(module.band(), causal);
@@ -152,7 +151,7 @@ mod tests {
         let module = SlidingWindowAttentionConfig::new(8, 1)
             .with_window(4)
             .with_causal(true)
-            .init::<TestBackend>(&Default::default());
+            .init(&cpu());
         let band = module.band();
         let visible = (0..20).filter(|&j| band.contains(10, j, 20, 20)).count();
         assert_eq!(visible, 4);
@@ -161,13 +160,13 @@ mod tests {
     #[test]
     fn trains_round_trips_and_rejects_zero_window() {
         let config = SlidingWindowAttentionConfig::new(16, 2).with_window(4);
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         let err = config.with_window(0).validate().unwrap_err().to_string();
         assert!(err.contains("window must be at least 1, got 0"), "{err}");

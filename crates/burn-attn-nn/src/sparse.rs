@@ -2,10 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionBackend, AttentionError, AttentionOptions, BlockLayout,
-    KeyPattern, Window,
+    ensure, pattern_attention, AttentionError, AttentionOptions, BlockLayout, KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
@@ -146,7 +145,7 @@ impl SparseAttentionConfig {
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> SparseAttention<B> {
+    pub fn init(&self, device: &Device) -> SparseAttention {
         ensure(self.validate());
         SparseAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
@@ -161,9 +160,9 @@ impl SparseAttentionConfig {
 /// Exact softmax attention restricted to a fixed sparse pattern. Only the tiles the
 /// pattern touches are computed; the mask is evaluated per tile, never stored densely.
 #[derive(Module, Debug)]
-pub struct SparseAttention<B: Backend> {
+pub struct SparseAttention {
     /// The shared projections.
-    pub projection: MultiHeadProjection<B>,
+    pub projection: MultiHeadProjection,
     /// The pattern.
     #[module(skip)]
     pub pattern: SparsePattern,
@@ -173,9 +172,9 @@ pub struct SparseAttention<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: AttentionBackend> SparseAttention<B> {
+impl SparseAttention {
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
@@ -183,11 +182,11 @@ impl<B: AttentionBackend> SparseAttention<B> {
     /// padding mask (`true` = padding).
     pub fn forward_cross(
         &self,
-        query: Tensor<B, 3>,
-        key: Tensor<B, 3>,
-        value: Tensor<B, 3>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 3> {
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
         let h = self.projection.split(query, key, value);
         let (seq_q, seq_k) = (h.q.dims()[2], h.k.dims()[2]);
         let pattern = self.key_pattern(seq_q, seq_k);
@@ -211,7 +210,7 @@ impl<B: AttentionBackend> SparseAttention<B> {
     }
 
     /// The shared projections (for exact baselines with the same weights).
-    pub fn projection(&self) -> &MultiHeadProjection<B> {
+    pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
 }
@@ -223,9 +222,9 @@ mod tests {
     use burn_attn_core::reference_attention;
 
     fn against_masked_reference(config: SparseAttentionConfig, seq_q: usize, seq_k: usize) {
-        let module = config.init::<TestBackend>(&Default::default());
-        let q = randn::<TestBackend, 3>([2, seq_q, config.d_model]);
-        let kv = randn::<TestBackend, 3>([2, seq_k, config.d_model]);
+        let module = config.init(&cpu());
+        let q = randn([2, seq_q, config.d_model], &cpu());
+        let kv = randn([2, seq_k, config.d_model], &cpu());
         let got = module.forward_cross(q.clone(), kv.clone(), kv.clone(), None);
         assert_finite(got.clone());
         let h = module.projection().split(q, kv.clone(), kv);
@@ -280,16 +279,13 @@ mod tests {
                     local: 2,
                 })
                 .with_causal(causal)
-                .init::<TestBackend>(&Default::default());
-            let q = randn::<TestBackend, 3>([2, 300, 32]);
-            let pad = burn::tensor::Tensor::<TestBackend, 1, burn::tensor::Int>::arange(
-                0..300,
-                &Default::default(),
-            )
-            .reshape([1, 300])
-            .repeat_dim(0, 2)
-            .remainder_scalar(3)
-            .equal_elem(1);
+                .init(&cpu());
+            let q = randn([2, 300, 32], &cpu());
+            let pad = burn::tensor::Tensor::<1, burn::tensor::Int>::arange(0..300, &cpu())
+                .reshape([1, 300])
+                .repeat_dim(0, 2)
+                .remainder_scalar(3)
+                .equal_elem(1);
             let got = module.forward_cross(q.clone(), q.clone(), q.clone(), Some(pad.clone()));
             let h = module.projection().split_self(q);
             let pattern = module.key_pattern(300, 300);
@@ -307,7 +303,7 @@ mod tests {
                 block: 16,
                 seed: 3,
             })
-            .init::<TestBackend>(&Default::default());
+            .init(&cpu());
         let a = module.key_pattern(512, 512);
         assert_eq!(a, module.key_pattern(512, 512));
         let density = a.blocks.as_ref().unwrap().density();
@@ -320,14 +316,14 @@ mod tests {
             stride: 4,
             local: 2,
         });
-        let module = config.init::<TestAutodiff>(&Default::default());
+        let module = config.init(&cpu_ad());
         let (first, last) = train_steps(module, |m, x| m.forward(x), [2, 12, 16], 8);
         assert!(last < first, "loss did not fall: {first} -> {last}");
 
-        let module = config.init::<TestBackend>(&Default::default());
-        let x = randn::<TestBackend, 3>([1, 9, 16]);
+        let module = config.init(&cpu());
+        let x = randn([1, 9, 16], &cpu());
         let want = module.forward(x.clone());
-        let loaded = record_round_trip(module, config.init(&Default::default()));
+        let loaded = record_round_trip(module, config.init(&cpu()));
         assert_close(loaded.forward(x), want, 0.0);
         let json = serde_json::to_string(&config).unwrap();
         let back: SparseAttentionConfig = serde_json::from_str(&json).unwrap();

@@ -1,53 +1,30 @@
-//! [`AttentionBackend`] for the CubeCL backends: `CubeBackend` asks the kernels' plans in
-//! order and launches the first that takes the call; `Fusion<B>` records each call as a
-//! custom operation that runs the inner backend's implementation when the fusion stream
-//! executes.
+//! [`AttentionBackend`] for the CubeCL backend `Cube` (CUDA, WGPU; fused): the call's
+//! metadata (shapes, dtype, device) goes through the kernels' plans in order; the first
+//! that takes it is recorded in the fusion stream as a [`KernelLaunch`] that launches it
+//! when the stream executes; when none does, the tiled tensor ops serve the call.
 //!
 //! The order is the one place that decides which implementation runs: forward
 //! `flash_mma` (f16/bf16 matrix units), `flash_mma` on tf32 products (f32 on matrix
 //! units, only when the options allow tf32), `flash_unit` (portable), then the tiled
-//! tensor ops; backward
-//! `flash_mma_backward`, `flash_unit_backward`, then the tiled tensor ops. Every decline's
-//! reason goes to the options' [`DispatchLog`](crate::DispatchLog).
+//! tensor ops; backward `flash_mma_backward`, `flash_unit_backward`, then the tiled tensor
+//! ops. Every decline's reason goes to the options' [`DispatchLog`](crate::DispatchLog).
 
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube, TensorMetadata};
+use burn::tensor::{DType, FloatDType};
 use burn_attn_kernels::launch::{
     device_caps, forward_problem, launch_backward, launch_forward, BackwardInputs,
 };
 use burn_attn_kernels::plan::{
-    plan_backward, plan_forward, BackwardKernel, BandArgs, ForwardKernel, Problem, Unsupported,
+    plan_backward, plan_forward, BackwardKernel, BandArgs, DeviceCaps, ForwardKernel, Precision,
+    Problem, Unsupported,
 };
-use burn_cubecl::{
-    tensor::CubeTensor, BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
-};
-use burn_fusion::{
-    stream::{Operation, OperationStreams},
-    Fusion, FusionBackend, FusionRuntime,
-};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
-use super::{tiled_band, AttentionBackend};
-use crate::backward::tiled_band_backward;
-use crate::dispatch::{
-    report, serve_tiled, Decline, Declines, Dispatch, Implementation, KernelPolicy, Pass,
-};
+use super::{tiled_backward_on, tiled_forward_on, AttentionBackend};
+use crate::dispatch::{report, Decline, Declines, Dispatch, Implementation, KernelPolicy, Pass};
 use crate::options::AttentionOptions;
-
-/// The tiled tensor-op path with the lse in f32, as the kernels return it.
-fn tiled_fallback<B: AttentionBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    options: &AttentionOptions,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    let (out, lse) = tiled_band(q, k, v, options);
-    let lse = if lse.dtype() == DType::F32 {
-        lse
-    } else {
-        lse.cast(DType::F32)
-    };
-    (out, lse)
-}
 
 /// The launch arguments of the options for a head dimension.
 fn band_args(options: &AttentionOptions, head_dim: usize) -> BandArgs {
@@ -82,12 +59,12 @@ const BACKWARD_KERNELS: [(BackwardKernel, Implementation); 2] = [
 /// declines alone when none does. A problem every kernel declines (its dtype or shapes),
 /// or the tiled policy, is a decline of each; a forced plan that a kernel cannot run ends
 /// the search there, so a tuning run never times another kernel than the one it forced.
-fn first_plan<K: Copy, P>(
+fn first_kernel<K: Copy, P>(
     kernels: &[(K, Implementation)],
     problem: &Result<Problem, Unsupported>,
     options: &AttentionOptions,
     plan: impl Fn(K, &Problem) -> Result<P, Unsupported>,
-) -> (Option<(P, Implementation)>, Declines) {
+) -> (Option<(K, Implementation)>, Declines) {
     let every = |why: Decline| kernels.iter().map(|&(_, imp)| (imp, why.clone())).collect();
     if options.kernel == KernelPolicy::Tiled {
         return (None, every(Decline::TiledRequested));
@@ -99,7 +76,7 @@ fn first_plan<K: Copy, P>(
     let mut declined = Vec::new();
     for &(kernel, implementation) in kernels {
         match plan(kernel, problem) {
-            Ok(plan) => return (Some((plan, implementation)), declined),
+            Ok(_) => return (Some((kernel, implementation)), declined),
             Err(why @ Unsupported::Forced(_)) => {
                 declined.push((implementation, Decline::Kernel(why)));
                 break;
@@ -110,39 +87,54 @@ fn first_plan<K: Copy, P>(
     (None, declined)
 }
 
-fn primitive<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    t: &Tensor<CubeBackend<R, F, I, BT>, D>,
-) -> CubeTensor<R> {
-    t.clone().into_primitive().tensor()
+fn dims4(shape: &[usize]) -> [usize; 4] {
+    [shape[0], shape[1], shape[2], shape[3]]
 }
 
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend
-    for CubeBackend<R, F, I, BT>
-{
+/// The problem of a call from its tensors' metadata, as contiguous tensors.
+fn metadata_problem(
+    q: &FloatTensor<Cube>,
+    k: &FloatTensor<Cube>,
+    v: &FloatTensor<Cube>,
+    options: &AttentionOptions,
+) -> Result<Problem, Unsupported> {
+    let precision = match (q.dtype(), k.dtype(), v.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => Precision::F32,
+        (DType::F16, DType::F16, DType::F16) => Precision::F16,
+        (DType::BF16, DType::BF16, DType::BF16) => Precision::BF16,
+        (q, k, v) => {
+            return Err(Unsupported::DType {
+                got: format!("q {q:?}, k {k:?}, v {v:?}"),
+            })
+        }
+    };
+    let q = dims4(&q.shape());
+    let band = band_args(options, q[3]);
+    Problem::contiguous(q, dims4(&k.shape()), dims4(&v.shape()), precision, band)
+}
+
+/// The capabilities of the device a fused tensor lives on.
+fn caps_of(t: &FloatTensor<Cube>) -> DeviceCaps {
+    device_caps(&t.device().client())
+}
+
+impl AttentionBackend for Cube {
     fn banded_attention(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        let (qp, kp, vp) = (primitive(&q), primitive(&k), primitive(&v));
-        let problem = forward_problem(&qp, &kp, &vp, band_args(options, q.dims()[3]));
-        let caps = device_caps(&qp.client);
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let problem = metadata_problem(&q, &k, &v, &options);
+        let caps = caps_of(&q);
         let forced = options.forced_plan.unwrap_or_default();
-        let kernels = forward_kernels(options);
-        let (chosen, declined) = first_plan(kernels, &problem, options, |kernel, p| {
+        let kernels = forward_kernels(&options);
+        let (chosen, declined) = first_kernel(kernels, &problem, &options, |kernel, p| {
             plan_forward(kernel, p, &caps, &forced)
         });
-        let Some((plan, served)) = chosen else {
-            return serve_tiled(Pass::Forward, options, declined, || {
-                tiled_fallback(q, k, v, options)
-            });
+        let Some((kernel, served)) = chosen else {
+            return tiled_forward_on::<Self>(q, k, v, &options, declined);
         };
-        let problem = problem.expect("a plan was made for it");
-        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
-        // SAFETY: `plan` was made by `plan_forward` for `problem`, the problem of these
-        // tensors.
-        let (out, lse) = unsafe { launch_forward(&plan, &problem, qp, kp, vp) };
         report(
             options.log.as_ref(),
             Dispatch {
@@ -151,50 +143,51 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
                 declined,
             },
         );
-        (
-            Tensor::from_primitive(TensorPrimitive::Float(out)),
-            Tensor::from_primitive(TensorPrimitive::Float(lse)),
-        )
+        <Self as KernelLaunch>::flash_forward(q, k, v, kernel, options)
     }
 
     fn banded_attention_backward(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        out: Tensor<Self, 4>,
-        lse: Tensor<Self, 3>,
-        d_out: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        // The kernels take the lse in f32 (what the forward returns; a cast otherwise).
-        let lse32 = if lse.dtype() == DType::F32 {
-            lse.clone()
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // The kernels take the lse in f32 (what the forward returns; a cast otherwise), and
+        // out and d_out in the inputs' dtype and shapes (checked by the metadata problem of
+        // q, k, v: the forward made out, autodiff made d_out like it).
+        let lse = if lse.dtype() == DType::F32 {
+            lse
         } else {
-            lse.clone().cast(DType::F32)
+            Self::float_cast(lse, FloatDType::F32)
         };
-        let inputs = BackwardInputs {
-            q: primitive(&q),
-            k: primitive(&k),
-            v: primitive(&v),
-            out: primitive(&out),
-            lse: primitive(&lse32),
-            d_out: primitive(&d_out),
+        let rows_follow =
+            out.dtype() == q.dtype() && d_out.dtype() == q.dtype() && out.shape() == d_out.shape();
+        let problem = if rows_follow {
+            metadata_problem(&q, &k, &v, &options)
+        } else {
+            Err(Unsupported::DType {
+                got: format!(
+                    "out {:?} {:?}, d_out {:?} {:?} with q {:?}",
+                    out.dtype(),
+                    out.shape(),
+                    d_out.dtype(),
+                    d_out.shape(),
+                    q.dtype()
+                ),
+            })
         };
-        let problem = inputs.problem(band_args(options, q.dims()[3]));
-        let caps = device_caps(&inputs.q.client);
+        let caps = caps_of(&q);
         let forced = options.forced_plan.unwrap_or_default();
-        let (chosen, declined) = first_plan(&BACKWARD_KERNELS, &problem, options, |kernel, p| {
-            plan_backward(kernel, p, &caps, &forced)
-        });
-        let Some((plan, served)) = chosen else {
-            return serve_tiled(Pass::Backward, options, declined, || {
-                tiled_band_backward(q, k, v, out, lse, d_out, options)
+        let (chosen, declined) =
+            first_kernel(&BACKWARD_KERNELS, &problem, &options, |kernel, p| {
+                plan_backward(kernel, p, &caps, &forced)
             });
+        let Some((kernel, served)) = chosen else {
+            return tiled_backward_on::<Self>(q, k, v, out, lse, d_out, &options, declined);
         };
-        let problem = problem.expect("a plan was made for it");
-        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
-        // SAFETY: `plan` was made by `plan_backward` for `problem`, the problem of `inputs`.
-        let (dq, dk, dv) = unsafe { launch_backward(&plan, &problem, inputs) };
         report(
             options.log.as_ref(),
             Dispatch {
@@ -203,159 +196,154 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
                 declined,
             },
         );
-        let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
-        (float(dq), float(dk), float(dv))
+        <Self as KernelLaunch>::flash_backward(q, k, v, out, lse, d_out, kernel, options)
     }
 }
 
-/// The fusion custom operation: runs the inner backend's `banded_attention`.
-#[derive(Clone, Debug)]
-struct BandedAttentionOp<B> {
-    desc: CustomOpIr,
-    options: AttentionOptions,
-    _backend: core::marker::PhantomData<B>,
+/// The forward's outputs: rows like q with v's width, in q's dtype; the lse in f32.
+fn forward_outputs(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    v: &TensorSpec,
+    _kernel: &ForwardKernel,
+    _options: &AttentionOptions,
+) -> (TensorSpec, TensorSpec) {
+    let [b, h, n, _] = dims4(&q.shape);
+    let value_dim = v.shape[3];
+    (
+        TensorSpec::new([b, h, n, value_dim].into(), q.dtype),
+        TensorSpec::new([b, h, n].into(), DType::F32),
+    )
 }
 
-impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime> for BandedAttentionOp<B> {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-    ) {
-        let ([q, k, v], [out, lse]) = self.desc.as_fixed();
-        let tensor =
-            |t: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-        let q = tensor(handles.get_float_tensor::<B>(q));
-        let k = tensor(handles.get_float_tensor::<B>(k));
-        let v = tensor(handles.get_float_tensor::<B>(v));
-        let (o, l) = B::banded_attention(q, k, v, &self.options);
-        handles.register_float_tensor::<B>(&out.id, o.into_primitive().tensor());
-        handles.register_float_tensor::<B>(&lse.id, l.into_primitive().tensor());
-    }
+/// The backward's outputs: gradients like q, k and v.
+#[allow(clippy::too_many_arguments)]
+fn backward_outputs(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _out: &TensorSpec,
+    _lse: &TensorSpec,
+    _d_out: &TensorSpec,
+    _kernel: &BackwardKernel,
+    _options: &AttentionOptions,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
 }
 
-/// The fusion custom operation of the backward: runs the inner backend's
-/// `banded_attention_backward`.
-#[derive(Clone, Debug)]
-struct BandedAttentionBackwardOp<B> {
-    desc: CustomOpIr,
-    options: AttentionOptions,
-    _backend: core::marker::PhantomData<B>,
+/// The kernel launches, as a backend extension of their own so that the fused backend
+/// records them in its stream (the `Fusion` implementation the macro generates) and
+/// `CubeBackend` runs them when the stream executes. The kernel was chosen from the call's
+/// metadata; a layout that kernel does not take (strides, offsets) is made contiguous
+/// first, which the metadata's plan takes.
+#[backend_extension(Cube, Fusion)]
+pub trait KernelLaunch: Backend {
+    /// Launches forward `kernel`: output and row log-sum-exp.
+    #[fusion(meta = forward_outputs)]
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        kernel: ForwardKernel,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Launches backward `kernel`: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = backward_outputs)]
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        kernel: BackwardKernel,
+        options: AttentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime>
-    for BandedAttentionBackwardOp<B>
-{
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-    ) {
-        let ([q, k, v, out, lse, d_out], [dq, dk, dv]) = self.desc.as_fixed();
-        let mut get = |t: &TensorIr| handles.get_float_tensor::<B>(t);
-        let (q, k, v, out, lse, d_out) = (get(q), get(k), get(v), get(out), get(lse), get(d_out));
-        let f4 =
-            |t: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-        let (gq, gk, gv) = B::banded_attention_backward(
-            f4(q),
-            f4(k),
-            f4(v),
-            f4(out),
-            Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)),
-            f4(d_out),
-            &self.options,
-        );
-        for (ir, grad) in [(dq, gq), (dk, gk), (dv, gv)] {
-            handles.register_float_tensor::<B>(&ir.id, grad.into_primitive().tensor());
-        }
-    }
+/// `why` a kernel chosen from a call's metadata declined its contiguous tensors: a bug of
+/// the plans (the metadata's problem is that of contiguous tensors).
+fn declined_contiguous(kernel: impl core::fmt::Debug, why: Unsupported) -> ! {
+    panic!(
+        "burn-attn: {kernel:?} took the call's metadata but declined its contiguous tensors: {why}"
+    )
 }
 
-impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
-    fn banded_attention(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        let [batch, heads, seq_q, _] = q.dims();
-        let value_dim = v.dims()[3];
-        let dtype = q.dtype();
-        let q = q.into_primitive().tensor();
-        let k = k.into_primitive().tensor();
-        let v = v.into_primitive().tensor();
-        let client = q.client.clone();
-        let streams = OperationStreams::with_inputs([&q, &k, &v]);
-        let out = TensorIr::uninit(
-            client.create_empty_handle(),
-            [batch, heads, seq_q, value_dim].into(),
-            dtype,
-        );
-        let lse = TensorIr::uninit(
-            client.create_empty_handle(),
-            [batch, heads, seq_q].into(),
-            DType::F32,
-        );
-        let desc = CustomOpIr::new(
-            "burn_attn_banded_attention",
-            &[q.into_ir(), k.into_ir(), v.into_ir()],
-            &[out, lse],
-        );
-        let op = BandedAttentionOp::<B> {
-            desc: desc.clone(),
-            options: options.clone(),
-            _backend: core::marker::PhantomData,
+impl KernelLaunch for CubeBackend {
+    fn flash_forward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        kernel: ForwardKernel,
+        options: AttentionOptions,
+    ) -> (CubeTensor, CubeTensor) {
+        let band = band_args(&options, q.meta.shape()[3]);
+        let caps = device_caps(&q.client);
+        let forced = options.forced_plan.unwrap_or_default();
+        let planned = |q: &CubeTensor, k: &CubeTensor, v: &CubeTensor| {
+            let problem = forward_problem(q, k, v, band)?;
+            plan_forward(kernel, &problem, &caps, &forced).map(|plan| (plan, problem))
         };
-        let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
-        let lse = outputs.pop().expect("two outputs");
-        let out = outputs.pop().expect("two outputs");
-        (
-            Tensor::from_primitive(TensorPrimitive::Float(out)),
-            Tensor::from_primitive(TensorPrimitive::Float(lse)),
-        )
+        let (q, k, v, (plan, problem)) = match planned(&q, &k, &v) {
+            Ok(planned) => (q, k, v, planned),
+            Err(_) => {
+                let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+                let planned =
+                    planned(&q, &k, &v).unwrap_or_else(|why| declined_contiguous(kernel, why));
+                (q, k, v, planned)
+            }
+        };
+        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
+        // SAFETY: `plan` was made by `plan_forward` for `problem`, the problem of these
+        // tensors.
+        unsafe { launch_forward(&plan, &problem, q, k, v) }
     }
 
-    fn banded_attention_backward(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        out: Tensor<Self, 4>,
-        lse: Tensor<Self, 3>,
-        d_out: Tensor<Self, 4>,
-        options: &AttentionOptions,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        let dtype = q.dtype();
-        let shapes = [q.dims(), k.dims(), v.dims()];
-        let q = q.into_primitive().tensor();
-        let k = k.into_primitive().tensor();
-        let v = v.into_primitive().tensor();
-        let out = out.into_primitive().tensor();
-        let lse = lse.into_primitive().tensor();
-        let d_out = d_out.into_primitive().tensor();
-        let client = q.client.clone();
-        let streams = OperationStreams::with_inputs([&q, &k, &v, &out, &lse, &d_out]);
-        let grads =
-            shapes.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape.into(), dtype));
-        let desc = CustomOpIr::new(
-            "burn_attn_banded_attention_backward",
-            &[
-                q.into_ir(),
-                k.into_ir(),
-                v.into_ir(),
-                out.into_ir(),
-                lse.into_ir(),
-                d_out.into_ir(),
-            ],
-            &grads,
-        );
-        let op = BandedAttentionBackwardOp::<B> {
-            desc: desc.clone(),
-            options: options.clone(),
-            _backend: core::marker::PhantomData,
+    fn flash_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        out: CubeTensor,
+        lse: CubeTensor,
+        d_out: CubeTensor,
+        kernel: BackwardKernel,
+        options: AttentionOptions,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let band = band_args(&options, q.meta.shape()[3]);
+        let caps = device_caps(&q.client);
+        let forced = options.forced_plan.unwrap_or_default();
+        let planned = |inputs: &BackwardInputs| {
+            let problem = inputs.problem(band)?;
+            plan_backward(kernel, &problem, &caps, &forced).map(|plan| (plan, problem))
         };
-        let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
-        let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
-        let dv = outputs.pop().expect("three outputs");
-        let dk = outputs.pop().expect("three outputs");
-        let dq = outputs.pop().expect("three outputs");
-        (float(dq), float(dk), float(dv))
+        let inputs = BackwardInputs {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            d_out,
+        };
+        let (inputs, (plan, problem)) = match planned(&inputs) {
+            Ok(planned) => (inputs, planned),
+            Err(_) => {
+                let inputs = BackwardInputs {
+                    q: into_contiguous(inputs.q),
+                    k: into_contiguous(inputs.k),
+                    v: into_contiguous(inputs.v),
+                    out: into_contiguous(inputs.out),
+                    lse: into_contiguous(inputs.lse),
+                    d_out: into_contiguous(inputs.d_out),
+                };
+                let planned =
+                    planned(&inputs).unwrap_or_else(|why| declined_contiguous(kernel, why));
+                (inputs, planned)
+            }
+        };
+        log::trace!("burn-attn: {plan:?} for {:?}", problem.sizes);
+        // SAFETY: `plan` was made by `plan_backward` for `problem`, the problem of `inputs`.
+        unsafe { launch_backward(&plan, &problem, inputs) }
     }
 }

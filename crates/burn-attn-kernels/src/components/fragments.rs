@@ -5,9 +5,9 @@
 //! Register layouts are PTX's: lane `l` has group `g = l / 4` and `t = l % 4`;
 //! accumulator element `e` sits at row `g + 8 * (e / 2)`, column `2 * t + e % 2`.
 
+use cubecl::cmma::MatrixIdent;
 use cubecl::cmma::MmaDefinition;
 use cubecl::define_size;
-use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 define_size!(pub MmaVecA);
@@ -221,7 +221,10 @@ impl<F: Float> PlaneMma<F> {
                 #[unroll]
                 for n in 0..a_vs {
                     let ei = i * a_vs + n;
-                    vector.insert_dynamic(n, F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs)));
+                    vector.insert_dynamic(
+                        n,
+                        F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs)),
+                    );
                 }
                 self.a[i] = vector;
             }

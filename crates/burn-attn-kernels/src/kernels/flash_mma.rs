@@ -12,8 +12,8 @@
 //! registers, so the probabilities never leave registers. The band arithmetic is
 //! `components::band`'s.
 
-use cubecl::cmma::MmaDefinition;
 use cubecl::cmma::MatrixIdent;
+use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;

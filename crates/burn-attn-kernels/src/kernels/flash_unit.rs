@@ -172,7 +172,8 @@ pub fn flash_unit_kernel<F: Float>(
 
     let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
     // K (transposed) and then V (row-major) of the current tile, one after the other.
-    let mut kv = Shared::<[F]>::new_slice(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
+    let mut kv =
+        Shared::<[F]>::new_slice(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
     let mut p_tile = Shared::<[f32]>::new_slice(comptime!(block_q * k_stride));
     // Per (row, column thread): partial row maxima, and at the end partial row sums.
     let mut partial = Shared::<[f32]>::new_slice(comptime!(block_q * col_threads));

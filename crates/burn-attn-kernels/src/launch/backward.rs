@@ -1,8 +1,8 @@
 //! Launches a backward plan: the dQ kernel (which also writes `D = rowsum(dO * O)`), then
 //! the dK/dV kernel.
 
-use burn_cubecl::tensor::CubeTensor;
 use burn_backend::cubecl::dtype_to_elem_type;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_gradients;

@@ -7,11 +7,7 @@ use burn_cubecl::tensor::CubeTensor;
 use crate::plan::Sizes;
 
 /// A plain contiguous buffer of exactly `shape` in `dtype`, on `like`'s device.
-pub(crate) fn alloc_contiguous(
-    like: &CubeTensor,
-    shape: Shape,
-    dtype: DType,
-) -> CubeTensor {
+pub(crate) fn alloc_contiguous(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
     let bytes = shape.num_elements() * dtype.size();
     let handle = like.client.empty(bytes.max(dtype.size()));
     CubeTensor::new_contiguous(
@@ -25,10 +21,7 @@ pub(crate) fn alloc_contiguous(
 
 /// The forward's output `[b, h, seq_q, value_dim]` in the input dtype and lse `[b, h,
 /// seq_q]` in f32.
-pub(crate) fn alloc_outputs(
-    q: &CubeTensor,
-    sizes: &Sizes,
-) -> (CubeTensor, CubeTensor) {
+pub(crate) fn alloc_outputs(q: &CubeTensor, sizes: &Sizes) -> (CubeTensor, CubeTensor) {
     let Sizes {
         batch,
         heads,
@@ -45,10 +38,7 @@ pub(crate) fn alloc_outputs(
 /// The backward's `dq`, `dk`, `dv` (contiguous, in `q`'s dtype, in the shapes of `q`, `k`
 /// and `v`) and the f32 `D = rowsum(dO * O)` buffer `[batch, heads, seq_q]` the dQ kernel
 /// writes for the dK/dV kernel.
-pub(crate) fn alloc_gradients(
-    q: &CubeTensor,
-    sizes: &Sizes,
-) -> [CubeTensor; 4] {
+pub(crate) fn alloc_gradients(q: &CubeTensor, sizes: &Sizes) -> [CubeTensor; 4] {
     let Sizes {
         batch,
         heads,

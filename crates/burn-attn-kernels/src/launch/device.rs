@@ -129,11 +129,7 @@ pub(crate) fn backward_problem(
     Ok(problem)
 }
 
-fn precision_of(
-    q: &CubeTensor,
-    k: &CubeTensor,
-    v: &CubeTensor,
-) -> Result<Precision, Unsupported> {
+fn precision_of(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor) -> Result<Precision, Unsupported> {
     let precision = match q.dtype {
         DType::F32 => Some(Precision::F32),
         DType::F16 => Some(Precision::F16),

@@ -1,7 +1,7 @@
 //! Launches a forward plan.
 
-use burn_cubecl::tensor::CubeTensor;
 use burn_backend::cubecl::dtype_to_elem_type;
+use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_outputs;

@@ -206,6 +206,33 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// The problem of contiguous tensors of these shapes in one dtype (what a call's
+    /// metadata says before its buffers exist: fused backends decide from it, and a launch
+    /// whose tensors are laid out otherwise makes them contiguous where this problem's plan
+    /// would not take them).
+    pub fn contiguous(
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+        precision: Precision,
+        band: BandArgs,
+    ) -> Result<Problem, Unsupported> {
+        let sizes = Sizes::check(q, k, v)?;
+        let chunk = 16 / precision.size();
+        let out_rows = [sizes.batch, sizes.heads, sizes.seq_q, sizes.value_dim];
+        Ok(Problem {
+            sizes,
+            precision,
+            band,
+            aligned_rows: sizes.dim.is_multiple_of(chunk) && sizes.value_dim.is_multiple_of(chunk),
+            span: [q, k, v, out_rows]
+                .iter()
+                .map(|shape| shape.iter().product::<usize>())
+                .max()
+                .unwrap_or(0),
+        })
+    }
+
     /// The offsets the kernels index this call with on `caps`: 32-bit where every tensor
     /// fits them, else 64-bit where the device has them, else why not.
     pub fn offsets(&self, caps: &DeviceCaps) -> Result<Offsets, Unsupported> {

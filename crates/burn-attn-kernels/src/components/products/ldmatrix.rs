@@ -5,8 +5,8 @@
 //! fragments (the accumulator layout of two `n8` tiles is the `A` layout of one `k16`
 //! chunk); V's fragments come from `ldmatrix.trans`, so V is staged as it is stored.
 
-use cubecl::cmma::MmaDefinition;
 use cubecl::cmma::MatrixIdent;
+use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use super::{ForwardProducts, LaneOffsets, ProductTile};

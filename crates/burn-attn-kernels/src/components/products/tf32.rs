@@ -16,8 +16,8 @@
 //! tf32 keeps 10 of f32's 23 mantissa bits: results differ from full f32 at about 1e-3
 //! relative (as with PyTorch's `allow_tf32`), so the core runs it on request only.
 
-use cubecl::cmma::MmaDefinition;
 use cubecl::cmma::MatrixIdent;
+use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use super::{ForwardProducts, LaneOffsets, ProductTile};
