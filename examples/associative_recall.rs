@@ -12,13 +12,12 @@
 
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::gelu;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_attn::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
@@ -37,21 +36,21 @@ const KINDS: &[&str] = &[
 
 /// One attention layer of any kind.
 #[derive(Module, Debug)]
-enum Mixer<B: Backend> {
-    Flash(FlashAttention<B>),
-    Window(SlidingWindowAttention<B>),
-    Sparse(SparseAttention<B>),
-    Learned(LearnedSparseAttention<B>),
-    Linear(LinearAttention<B>),
-    CausalLinear(CausalLinearAttention<B>),
-    Adaptive(AdaptiveSlidingWindowAttention<B>),
-    Hybrid(HybridAttention<B>),
+enum Mixer {
+    Flash(FlashAttention),
+    Window(SlidingWindowAttention),
+    Sparse(SparseAttention),
+    Learned(LearnedSparseAttention),
+    Linear(LinearAttention),
+    CausalLinear(CausalLinearAttention),
+    Adaptive(AdaptiveSlidingWindowAttention),
+    Hybrid(HybridAttention),
 }
 
-impl<B: AttentionBackend> Mixer<B> {
+impl Mixer {
     /// Causal where the mechanism has a causal form; learned sparse and plain linear
     /// attention look at the whole sequence.
-    fn new(kind: &str, d: usize, heads: usize, seq: usize, device: &B::Device) -> Self {
+    fn new(kind: &str, d: usize, heads: usize, seq: usize, device: &Device) -> Self {
         let window = (seq / 4).max(2);
         match kind {
             "flash" => Mixer::Flash(
@@ -118,7 +117,7 @@ impl<B: AttentionBackend> Mixer<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Mixer::Flash(m) => m.forward(x),
             Mixer::Window(m) => m.forward(x),
@@ -134,26 +133,26 @@ impl<B: AttentionBackend> Mixer<B> {
 
 /// A pre-norm transformer block.
 #[derive(Module, Debug)]
-struct Block<B: Backend> {
-    norm_attn: LayerNorm<B>,
-    attn: Mixer<B>,
-    norm_mlp: LayerNorm<B>,
-    up: Linear<B>,
-    down: Linear<B>,
+struct Block {
+    norm_attn: LayerNorm,
+    attn: Mixer,
+    norm_mlp: LayerNorm,
+    up: Linear,
+    down: Linear,
 }
 
 /// Token and position embeddings, blocks, and a head over the vocabulary.
 #[derive(Module, Debug)]
-struct Model<B: Backend> {
-    tokens: Embedding<B>,
-    positions: Embedding<B>,
-    blocks: Vec<Block<B>>,
-    norm: LayerNorm<B>,
-    head: Linear<B>,
+struct Model {
+    tokens: Embedding,
+    positions: Embedding,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    head: Linear,
 }
 
-impl<B: AttentionBackend> Model<B> {
-    fn new(kind: &str, args: &Args, task: &Task, device: &B::Device) -> Self {
+impl Model {
+    fn new(kind: &str, args: &Args, task: &Task, device: &Device) -> Self {
         let d = args.d_model;
         let blocks = (0..args.layers)
             .map(|_| Block {
@@ -174,9 +173,9 @@ impl<B: AttentionBackend> Model<B> {
     }
 
     /// Logits of the last position, `[batch, vocab]`.
-    fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    fn forward(&self, ids: Tensor<2, Int>) -> Tensor<2> {
         let [batch, seq] = ids.dims();
-        let pos = Tensor::<B, 1, Int>::arange(0..seq as i64, &ids.device())
+        let pos = Tensor::<1, Int>::arange(0..seq as i64, &ids.device())
             .reshape([1, seq])
             .repeat_dim(0, batch);
         let mut x = self.tokens.forward(ids) + self.positions.forward(pos);
@@ -207,12 +206,12 @@ impl Task {
     }
 
     /// A batch of sequences and targets.
-    fn batch<B: Backend>(
+    fn batch(
         &self,
         rng: &mut StdRng,
         batch: usize,
-        device: &B::Device,
-    ) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<1, Int>) {
         let sep = (self.keys + self.values) as i64;
         let mut ids = Vec::with_capacity(batch * self.seq_len());
         let mut targets = Vec::with_capacity(batch);
@@ -291,24 +290,21 @@ fn parse_args() -> Args {
     args
 }
 
-/// Trains one kind and returns its accuracy on fresh sequences.
-fn train<B>(kind: &str, args: &Args, task: &Task, device: &B::Device) -> f64
-where
-    B: AutodiffBackend + AttentionBackend,
-    B::InnerBackend: AttentionBackend,
-{
+/// Trains one kind on `device` (with autodiff) and returns its accuracy on fresh
+/// sequences.
+fn train(kind: &str, args: &Args, task: &Task, device: &Device) -> f64 {
     // Same data and same initial weights for every kind: only the attention differs.
     let mut rng = StdRng::seed_from_u64(0);
-    B::seed(device, 0);
-    let mut model = Model::<B>::new(kind, args, task, device);
+    device.seed(0);
+    let mut model = Model::new(kind, args, task, device);
     let mut optim = AdamConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let start = Instant::now();
     for step in 1..=args.steps {
-        let (ids, targets) = task.batch::<B>(&mut rng, args.batch, device);
+        let (ids, targets) = task.batch(&mut rng, args.batch, device);
         let loss = loss_fn.forward(model.forward(ids), targets);
         if step % (args.steps / 4).max(1) == 0 || step == 1 {
-            let value: f32 = loss.clone().into_scalar().elem();
+            let value: f32 = loss.clone().into_scalar::<f32>();
             println!(
                 "  {kind:<16} step {step:>5}/{}  loss {value:.3}  ({:.1?})",
                 args.steps,
@@ -329,15 +325,13 @@ where
     let mut correct = 0usize;
     let trials = 8;
     for _ in 0..trials {
-        let (ids, targets) = task.batch::<B::InnerBackend>(&mut rng, args.batch, device);
+        let (ids, targets) = task.batch(&mut rng, args.batch, &device.clone().without_autodiff());
         let predicted = model.forward(ids).argmax(1).reshape([args.batch]);
-        let hits: i64 = predicted.equal(targets).int().sum().into_scalar().elem();
+        let hits: i64 = predicted.equal(targets).int().sum().into_scalar::<i64>();
         correct += hits as usize;
     }
     correct as f64 / (trials * args.batch) as f64
 }
-
-use burn::tensor::ElementConversion;
 
 fn main() {
     let args = parse_args();
@@ -348,12 +342,14 @@ fn main() {
     };
 
     #[cfg(feature = "cuda")]
-    type Device = burn::backend::Autodiff<burn::backend::Cuda>;
+    let device = Device::cuda(0);
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
-    type Device = burn::backend::Autodiff<burn::backend::Wgpu>;
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    // Burn 0.22 deprecates burn-ndarray; it stays this crate's default CPU backend.
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-    type Device = burn::backend::Autodiff<burn::backend::NdArray>;
-    let device = Default::default();
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    let device = device.autodiff();
 
     println!(
         "associative recall: {} pairs, sequence {}, vocabulary {}, chance {:.1}%",
@@ -364,7 +360,7 @@ fn main() {
     );
     let mut results = Vec::new();
     for kind in &args.kinds {
-        let accuracy = train::<Device>(kind, &args, &task, &device);
+        let accuracy = train(kind, &args, &task, &device);
         println!("{kind:<16} accuracy {:.1}%", accuracy * 100.0);
         results.push((kind.clone(), accuracy));
     }

@@ -2,31 +2,35 @@
 //!
 //! `cargo run --example quickstart`
 
-use burn::backend::NdArray;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use burn_attn::{FlashAttentionConfig, HybridAttentionConfig, SlidingWindowAttentionConfig};
 
 fn main() {
-    let device = Default::default();
-    let x = Tensor::<NdArray, 3>::random([2, 256, 128], Distribution::Normal(0.0, 1.0), &device);
+    // Burn 0.22 deprecates burn-ndarray; it stays this crate's default CPU backend.
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    let x = Tensor::<3>::random([2, 256, 128], Distribution::Normal(0.0, 1.0), &device);
 
     let flash = FlashAttentionConfig::new(128, 8)
         .with_causal(true)
-        .init::<NdArray>(&device);
+        .init(&device);
     let exact = flash.projection().exact(x.clone(), true);
-    let err: f32 = (flash.forward(x.clone()) - exact).abs().max().into_scalar();
+    let err: f32 = (flash.forward(x.clone()) - exact)
+        .abs()
+        .max()
+        .into_scalar::<f32>();
     println!("flash vs materialised attention: max abs error {err:.2e}");
 
     let window = SlidingWindowAttentionConfig::new(128, 8)
         .with_window(64)
         .with_causal(true)
-        .init::<NdArray>(&device);
+        .init(&device);
     println!(
         "sliding window output: {:?}",
         window.forward(x.clone()).dims()
     );
 
-    let hybrid = HybridAttentionConfig::new(128, 8).init::<NdArray>(&device);
+    let hybrid = HybridAttentionConfig::new(128, 8).init(&device);
     println!(
         "hybrid picks {:?} at 256 tokens, {:?} at 4096, {:?} at 16384",
         hybrid.choose(256),

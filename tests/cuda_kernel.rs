@@ -27,19 +27,19 @@ mod kernel_common;
 
 #[cfg(feature = "cuda")]
 mod on_cuda {
-    use burn::backend::Cuda;
-    use burn::cubecl::cuda::CudaRuntime;
-    use burn::tensor::DType;
-    use burn_attn_core::kernels::CubeBackend;
+    use burn::tensor::{DType, Device};
 
     use super::kernel_common::*;
 
-    /// The fusion-wrapped type users get (`burn::backend::Cuda`); its custom op runs the
-    /// `CubeBackend` impl, so both impls are exercised. (`burn` does not re-export the plain
-    /// CUDA `CubeBackend`.)
-    type Fused = Cuda;
-    /// The plain CubeCL CUDA backend, for launching the tf32 and backward kernels directly.
-    type Plain = CubeBackend<CudaRuntime, f32, i32, u8>;
+    /// CUDA device 0 (Burn's `Cube` backend, fused: the op records its kernel launch in the
+    /// fusion stream); the launcher checks take its tensors' CubeCL primitives.
+    struct Gpu;
+
+    impl On for Gpu {
+        fn device() -> Device {
+            Device::cuda(0)
+        }
+    }
 
     /// The CI grid trimmed as the header says, plus long sequences.
     fn cuda_grid() -> Vec<Case> {
@@ -74,7 +74,7 @@ mod on_cuda {
     #[test]
     fn cuda_kernel_f32_matches_reference_fused() {
         for case in cuda_grid() {
-            check_f32::<Fused>(case);
+            check_f32::<Gpu>(case);
         }
     }
 
@@ -83,36 +83,36 @@ mod on_cuda {
         let mut case = Case::new(1025, 1025, 64).causal();
         case.heads = 1;
         case.kv_heads = 1;
-        check_f32::<Fused>(case);
-        check_f32::<Fused>(case.window(Some(100), Some(0)));
-        check_low_host::<Fused>(case, DType::F16);
+        check_f32::<Gpu>(case);
+        check_f32::<Gpu>(case.window(Some(100), Some(0)));
+        check_low_host::<Gpu>(case, DType::F16);
     }
 
     #[test]
     fn cuda_kernel_f16_within_twice_reference_error() {
         for case in cuda_grid() {
-            check_low_host::<Fused>(case, DType::F16);
+            check_low_host::<Gpu>(case, DType::F16);
         }
     }
 
     #[test]
     fn cuda_kernel_bf16_within_twice_reference_error() {
         for case in cuda_grid() {
-            check_low_host::<Fused>(case, DType::BF16);
+            check_low_host::<Gpu>(case, DType::BF16);
         }
     }
 
     /// The matrix-unit forwards' online-softmax step through its probe kernel.
     #[test]
     fn cuda_mma_online_softmax_step_matches_host() {
-        check_online_softmax_probe::<Plain, CudaRuntime>();
+        check_online_softmax_probe::<Gpu>();
     }
 
     /// Which implementation served each pass, through the fusion stream: f32 runs the
     /// portable kernel, or the tf32 one when the options allow it.
     #[test]
     fn cuda_dispatch_is_recorded_per_call() {
-        check_dispatch::<Fused>(
+        check_dispatch::<Gpu>(
             burn_attn_core::Implementation::FlashUnit,
             burn_attn_core::Implementation::FlashTf32,
         );
@@ -121,7 +121,7 @@ mod on_cuda {
     /// The heavy-first cube order (every kernel's block and head) through its probe kernel.
     #[test]
     fn cuda_cube_order_matches_host() {
-        check_cube_order::<Plain, CudaRuntime>();
+        check_cube_order::<Gpu>();
     }
 
     /// Two calls of the matrix-unit and portable forwards with the same inputs give the
@@ -131,8 +131,8 @@ mod on_cuda {
         let case = Case::new(97, 97, 64).causal().gqa(4, 2).batch(2);
         let x = inputs(&case, 9);
         for dtype in [DType::BF16, DType::F32] {
-            let (o1, l1, _) = kernel::<Plain>(&case, &x, dtype);
-            let (o2, l2, _) = kernel::<Plain>(&case, &x, dtype);
+            let (o1, l1, _) = kernel::<Gpu>(&case, &x, dtype);
+            let (o2, l2, _) = kernel::<Gpu>(&case, &x, dtype);
             assert!(same_bits(&o1, &o2), "{dtype:?}");
             assert!(same_bits(&l1, &l2), "{dtype:?}");
         }
@@ -148,17 +148,15 @@ mod on_cuda {
     fn cuda_past_u32_offsets_match_a_head_group_alone() {
         use burn::tensor::{Distribution, Tensor};
         use burn_attn_core::{
-            attention_with_lse, AttentionBackend, AttentionOptions, DispatchLog, KernelPolicy,
-            Pass, Window,
+            attention_with_lse, AttentionOptions, DispatchLog, KernelPolicy, Pass, Window,
         };
-        let device = Default::default();
+        let device = Gpu::device();
         let (heads, kv_heads, seq, dim) = (66, 6, 1 << 19, 128);
         let group = heads / kv_heads;
         assert!(heads * seq * dim > u32::MAX as usize);
         let random = |shape: [usize; 4], seed| {
-            <Plain as burn::tensor::backend::Backend>::seed(&device, seed);
-            Tensor::<Plain, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device)
-                .cast(DType::BF16)
+            device.seed(seed);
+            Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device).cast(DType::BF16)
         };
         let q = random([1, heads, seq, dim], 1);
         let k = random([1, kv_heads, seq, dim], 2);
@@ -169,18 +167,11 @@ mod on_cuda {
             .with_window(Window::causal(64))
             .with_kernel(KernelPolicy::Require)
             .with_log(log.clone());
-        type T = Tensor<Plain, 4>;
+        type T = Tensor<4>;
         let run = |q: T, k: T, v: T, d_out: T| {
-            let (out, lse) = attention_with_lse::<Plain>(q.clone(), k.clone(), v.clone(), &options);
-            let (dq, dk, dv) = Plain::banded_attention_backward(
-                q,
-                k,
-                v,
-                out.clone(),
-                lse.clone(),
-                d_out,
-                &options,
-            );
+            let (out, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &options);
+            let (dq, dk, dv) =
+                op_backward(q, k, v, out.clone(), lse.clone(), d_out, options.clone());
             (out, lse, dq, dk, dv)
         };
         // The group's heads, as contiguous copies.
@@ -199,11 +190,11 @@ mod on_cuda {
         let served = log.of(Pass::Backward);
         assert!(served.iter().all(|d| d.served.is_kernel()), "{served:?}");
         let same = |name: &str, a: T, b: T| {
-            let differ = a.not_equal(b).int().sum().into_scalar();
+            let differ = a.not_equal(b).int().sum().into_scalar::<i64>();
             assert_eq!(differ, 0, "{name}: {differ} elements differ");
         };
         same("out", big.0.slice([0..1, first..heads]), small.0);
-        let lse = |t: Tensor<Plain, 3>| t.unsqueeze_dim::<4>(3);
+        let lse = |t: Tensor<3>| t.unsqueeze_dim::<4>(3);
         same("lse", lse(big.1).slice([0..1, first..heads]), lse(small.1));
         same("dq", big.2.slice([0..1, first..heads]), small.2);
         same("dk", big.3.slice([0..1, kvh..kv_heads]), small.3);
@@ -220,11 +211,11 @@ mod on_cuda {
             Case::new(65, 33, 36).window(Some(9), Some(4)).batch(2),
         ];
         for case in cases {
-            check_low_host::<Plain>(case, DType::BF16);
-            check_f32::<Plain>(case);
-            check_tf32_kernel::<Plain, CudaRuntime>(case);
-            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);
-            check_backward_kernel::<Plain, CudaRuntime>(case, DType::F32);
+            check_low_host::<Gpu>(case, DType::BF16);
+            check_f32::<Gpu>(case);
+            check_tf32_kernel::<Gpu>(case);
+            check_backward_kernel_host::<Gpu>(case, DType::BF16);
+            check_backward_kernel::<Gpu>(case, DType::F32);
         }
     }
 
@@ -233,7 +224,7 @@ mod on_cuda {
     #[test]
     fn cuda_nan_query_rows_give_nan_rows_only() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            check_nan_rows::<Plain, CudaRuntime>(dtype);
+            check_nan_rows::<Gpu>(dtype);
         }
     }
 
@@ -249,21 +240,21 @@ mod on_cuda {
         // softmax carried across tiles).
         cases.push(Case::new(130, 200, 33).causal());
         for case in cases {
-            check_tf32_kernel::<Plain, CudaRuntime>(case);
+            check_tf32_kernel::<Gpu>(case);
         }
     }
 
     #[test]
     fn cuda_training_gradients_match_reference() {
         for case in gradient_grid() {
-            check_gradients::<burn::backend::Autodiff<Fused>>(case);
+            check_gradients::<Gpu>(case);
         }
     }
 
     #[test]
     fn cuda_backward_kernel_f32_matches_reference() {
         for case in backward_grid() {
-            check_backward_kernel::<Plain, CudaRuntime>(case, DType::F32);
+            check_backward_kernel::<Gpu>(case, DType::F32);
         }
     }
 
@@ -286,8 +277,8 @@ mod on_cuda {
         cases.push(c);
         cases.push(Case::new(65, 33, 33).window(Some(9), Some(4)));
         for case in cases {
-            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::F16);
-            check_backward_kernel_host::<Plain, CudaRuntime>(case, DType::BF16);
+            check_backward_kernel_host::<Gpu>(case, DType::F16);
+            check_backward_kernel_host::<Gpu>(case, DType::BF16);
         }
     }
 
@@ -298,8 +289,8 @@ mod on_cuda {
     fn cuda_backward_kernel_low_precision_within_thrice_reference_error() {
         let grid = backward_grid();
         for case in [grid[3], grid[9]] {
-            check_backward_kernel::<Plain, CudaRuntime>(case, DType::F16);
-            check_backward_kernel::<Plain, CudaRuntime>(case, DType::BF16);
+            check_backward_kernel::<Gpu>(case, DType::F16);
+            check_backward_kernel::<Gpu>(case, DType::BF16);
         }
     }
 }

@@ -1,33 +1,35 @@
 //! The modules as a user meets them: through the facade, inside a model of their own.
 
-use burn::backend::{Autodiff, NdArray};
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::store::ModuleRecord;
+use burn::tensor::{Device, Distribution, Tensor};
 use burn_attn::*;
 
-type B = NdArray<f32>;
-type AD = Autodiff<NdArray<f32>>;
+/// The CPU device (ndarray, which Burn 0.22 deprecates; our default CPU backend).
+#[allow(deprecated)]
+fn cpu() -> Device {
+    Device::ndarray()
+}
 
 /// A pre-norm residual block holding one of every variant: they compose as ordinary
 /// Burn modules.
 #[derive(Module, Debug)]
-struct EveryVariant<B: Backend> {
-    norm: LayerNorm<B>,
-    flash: FlashAttention<B>,
-    sparse: SparseAttention<B>,
-    learned: LearnedSparseAttention<B>,
-    linear: LinearAttention<B>,
-    causal_linear: CausalLinearAttention<B>,
-    window: SlidingWindowAttention<B>,
-    adaptive: AdaptiveSlidingWindowAttention<B>,
-    hybrid: HybridAttention<B>,
+struct EveryVariant {
+    norm: LayerNorm,
+    flash: FlashAttention,
+    sparse: SparseAttention,
+    learned: LearnedSparseAttention,
+    linear: LinearAttention,
+    causal_linear: CausalLinearAttention,
+    window: SlidingWindowAttention,
+    adaptive: AdaptiveSlidingWindowAttention,
+    hybrid: HybridAttention,
 }
 
-impl<B: AttentionBackend> EveryVariant<B> {
-    fn new(d: usize, device: &B::Device) -> Self {
+impl EveryVariant {
+    fn new(d: usize, device: &Device) -> Self {
         Self {
             norm: LayerNormConfig::new(d).init(device),
             flash: FlashAttentionConfig::new(d, 4)
@@ -63,7 +65,7 @@ impl<B: AttentionBackend> EveryVariant<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.norm.forward(x.clone());
         x + self.flash.forward(h.clone())
             + self.sparse.forward(h.clone())
@@ -76,20 +78,20 @@ impl<B: AttentionBackend> EveryVariant<B> {
     }
 }
 
-fn randn<B: Backend>(shape: [usize; 3]) -> Tensor<B, 3> {
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+fn randn(shape: [usize; 3], device: &Device) -> Tensor<3> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
 }
 
 #[test]
 fn a_model_of_every_variant_trains_and_reloads() {
-    let device = Default::default();
+    let device = cpu().autodiff();
     // Seeded weights and inputs: the run is the same every time.
-    AD::seed(&device, 5);
-    let mut model = EveryVariant::<AD>::new(32, &device);
-    let x = randn::<AD>([2, 12, 32]);
-    let target = randn::<AD>([2, 12, 32]);
+    device.seed(5);
+    let mut model = EveryVariant::new(32, &device);
+    let x = randn([2, 12, 32], &device);
+    let target = randn([2, 12, 32], &device);
     let mut optim = AdamConfig::new().init();
-    let loss_of = |m: &EveryVariant<AD>| {
+    let loss_of = |m: &EveryVariant| {
         (m.forward(x.clone()) - target.clone())
             .powi_scalar(2)
             .mean()
@@ -104,13 +106,15 @@ fn a_model_of_every_variant_trains_and_reloads() {
 
     // Save, reload into a fresh model, and get identical outputs.
     let inference = model.valid();
-    let xi = randn::<B>([1, 12, 32]);
-    let want: Vec<f32> = inference.forward(xi.clone()).into_data().to_vec().unwrap();
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(inference.into_record(), ()).unwrap();
-    let fresh =
-        EveryVariant::<B>::new(32, &device).load_record(recorder.load(bytes, &device).unwrap());
-    let got: Vec<f32> = fresh.forward(xi).into_data().to_vec().unwrap();
+    let xi = randn([1, 12, 32], &cpu());
+    let want: Vec<f32> = inference
+        .forward(xi.clone())
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let bytes = inference.into_record().into_bytes().unwrap();
+    let fresh = EveryVariant::new(32, &cpu()).load_record(ModuleRecord::from_bytes(bytes).unwrap());
+    let got: Vec<f32> = fresh.forward(xi).into_data().try_to_vec().unwrap();
     assert_eq!(got, want);
 }
 
@@ -148,10 +152,9 @@ fn bad_input_names_the_values() {
             .unwrap();
         assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
     };
-    let device = Default::default();
     panics(
         Box::new(move || {
-            FlashAttentionConfig::new(30, 4).init::<B>(&device);
+            FlashAttentionConfig::new(30, 4).init(&cpu());
         }),
         "d_model (30) must be divisible by n_heads (4)",
     );
@@ -159,7 +162,7 @@ fn bad_input_names_the_values() {
         Box::new(move || {
             SlidingWindowAttentionConfig::new(32, 4)
                 .with_n_kv_heads(Some(3))
-                .init::<B>(&device);
+                .init(&cpu());
         }),
         "query heads (4) must be a positive multiple of key/value heads (3)",
     );
@@ -167,7 +170,7 @@ fn bad_input_names_the_values() {
         Box::new(move || {
             SlidingWindowAttentionConfig::new(32, 4)
                 .with_window(0)
-                .init::<B>(&device);
+                .init(&cpu());
         }),
         "window must be at least 1, got 0",
     );
@@ -179,7 +182,7 @@ fn bad_input_names_the_values() {
                     block: 8,
                     seed: 0,
                 })
-                .init::<B>(&device);
+                .init(&cpu());
         }),
         "density must be in (0, 1], got 1.5",
     );
@@ -187,29 +190,29 @@ fn bad_input_names_the_values() {
         Box::new(move || {
             AdaptiveSlidingWindowAttentionConfig::new(32, 4)
                 .with_min_window(600)
-                .init::<B>(&device);
+                .init(&cpu());
         }),
         "minimum (600) is above maximum (512)",
     );
     panics(
         Box::new(move || {
-            let m = LinearAttentionConfig::new(32, 4).init::<B>(&device);
-            m.forward(randn::<B>([1, 3, 31]));
+            let m = LinearAttentionConfig::new(32, 4).init(&cpu());
+            m.forward(randn([1, 3, 31], &cpu()));
         }),
         "[1, 3, 31], expected [batch, seq, 32]",
     );
     panics(
         Box::new(move || {
-            let q = Tensor::<B, 4>::zeros([1, 4, 5, 8], &device);
-            let k = Tensor::<B, 4>::zeros([1, 3, 5, 8], &device);
+            let q = Tensor::<4>::zeros([1, 4, 5, 8], &cpu());
+            let k = Tensor::<4>::zeros([1, 3, 5, 8], &cpu());
             attention(q, k.clone(), k, &AttentionOptions::new());
         }),
         "query heads (4) must be a positive multiple of key/value heads (3)",
     );
     panics(
         Box::new(move || {
-            let q = Tensor::<B, 4>::zeros([1, 4, 5, 8], &device);
-            let k = Tensor::<B, 4>::zeros([1, 4, 5, 6], &device);
+            let q = Tensor::<4>::zeros([1, 4, 5, 8], &cpu());
+            let k = Tensor::<4>::zeros([1, 4, 5, 6], &cpu());
             attention(q, k.clone(), k, &AttentionOptions::new());
         }),
         "key has shape [1, 4, 5, 6]",

@@ -4,13 +4,10 @@
 //! `-inf` though its query holds a NaN. The kernels' side is `check_nan_rows` in the kernel
 //! tests.
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use burn_attn::cores::attention_with_lse;
 use burn_attn::{AttentionOptions, Window};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-type B = Autodiff<NdArray<f32>>;
 
 const HEADS: usize = 2;
 const SEQ_Q: usize = 40;
@@ -30,9 +27,10 @@ fn random(seed: u64, shape: [usize; 4]) -> Vec<f32> {
 
 /// Output, log-sum-exp and dQ of `sum(attention(q, k, v) * w)`, flattened row by row.
 fn run(q: Vec<f32>) -> [Vec<f32>; 3] {
-    let device = Default::default();
+    #[allow(deprecated)]
+    let device = Device::ndarray().autodiff();
     let tensor =
-        |x: Vec<f32>, n| Tensor::<B, 4>::from_data(TensorData::new(x, [1, HEADS, n, DIM]), &device);
+        |x: Vec<f32>, n| Tensor::<4>::from_data(TensorData::new(x, [1, HEADS, n, DIM]), &device);
     let q = tensor(q, SEQ_Q).require_grad();
     let k = tensor(random(2, [1, HEADS, SEQ_K, DIM]), SEQ_K);
     let v = tensor(random(3, [1, HEADS, SEQ_K, DIM]), SEQ_K);

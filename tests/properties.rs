@@ -2,15 +2,17 @@
 //! and pattern paths) against the materialised reference in f64, over random shapes,
 //! windows, causal rules, strided columns, block layouts, key padding and GQA.
 
-use burn::backend::NdArray;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorCreationOptions, TensorData};
 use burn_attn::cores::{pattern_attention, reference_attention, BlockLayout, KeyPattern};
 use burn_attn::{AttentionOptions, Window};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-type B = NdArray<f32>;
-type Truth = NdArray<f64>;
+/// The CPU device (ndarray, which Burn 0.22 deprecates; our default CPU backend).
+#[allow(deprecated)]
+fn cpu() -> Device {
+    Device::ndarray()
+}
 
 /// One call: sizes, the pattern's parts, padding and the inputs' seed.
 #[derive(Debug, Clone)]
@@ -77,9 +79,9 @@ fn values(rng: &mut StdRng, shape: [usize; 4]) -> TensorData {
     )
 }
 
-fn max_diff(ours: Tensor<B, 4>, truth: Tensor<Truth, 4>) -> f64 {
-    let ours: Vec<f64> = ours.into_data().convert::<f64>().to_vec().unwrap();
-    let truth: Vec<f64> = truth.into_data().convert::<f64>().to_vec().unwrap();
+fn max_diff(ours: Tensor<4>, truth: Tensor<4>) -> f64 {
+    let ours: Vec<f64> = ours.into_data().convert::<f64>().try_to_vec().unwrap();
+    let truth: Vec<f64> = truth.into_data().convert::<f64>().try_to_vec().unwrap();
     assert_eq!(ours.len(), truth.len());
     ours.iter()
         .zip(&truth)
@@ -118,24 +120,24 @@ proptest! {
         let options = AttentionOptions::new();
         let scale = 1.0 / (call.dim as f64).sqrt();
 
-        let device = Default::default();
-        let ours = pattern_attention::<B>(
+        let device = cpu();
+        let ours = pattern_attention(
             Tensor::from_data(q.clone(), &device),
             Tensor::from_data(k.clone(), &device),
             Tensor::from_data(v.clone(), &device),
             &pattern,
             &options,
-            hide.as_ref().map(|h| Tensor::<B, 2, Bool>::from_data(mask(h), &device)),
+            hide.as_ref().map(|h| Tensor::<2, Bool>::from_data(mask(h), &device)),
             0.0,
         );
-        let truth_device = Default::default();
-        let (truth, _) = reference_attention::<Truth>(
-            Tensor::from_data(q.convert::<f64>(), &truth_device),
-            Tensor::from_data(k.convert::<f64>(), &truth_device),
-            Tensor::from_data(v.convert::<f64>(), &truth_device),
+        let f64s = TensorCreationOptions::new(device.clone()).with_dtype(DType::F64);
+        let (truth, _) = reference_attention(
+            Tensor::from_data(q.convert::<f64>(), f64s.clone()),
+            Tensor::from_data(k.convert::<f64>(), f64s.clone()),
+            Tensor::from_data(v.convert::<f64>(), f64s),
             &pattern,
             scale,
-            hide.as_ref().map(|h| Tensor::<Truth, 2, Bool>::from_data(mask(h), &truth_device)),
+            hide.as_ref().map(|h| Tensor::<2, Bool>::from_data(mask(h), &device)),
             None,
         );
         let err = max_diff(ours, truth);

@@ -1,22 +1,24 @@
 //! Inputs that once gave wrong numbers or a panic deep inside: windows of `usize::MAX`,
 //! a stride of 0, a block layout built for other lengths, a scale past f32.
 
-use burn::backend::NdArray;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use burn_attn::cores::{pattern_attention, BlockLayout, KeyPattern};
 use burn_attn::{attention, AttentionOptions, Window};
 
-type B = NdArray<f32>;
+/// The CPU device (ndarray, which Burn 0.22 deprecates; our default CPU backend).
+#[allow(deprecated)]
+fn cpu() -> Device {
+    Device::ndarray()
+}
 
-fn qkv(n: usize) -> [Tensor<B, 4>; 3] {
-    let device = Default::default();
-    B::seed(&device, 11);
+fn qkv(n: usize) -> [Tensor<4>; 3] {
+    let device = cpu();
+    device.seed(11);
     [0; 3].map(|_| Tensor::random([2, 2, n, 8], Distribution::Normal(0.0, 1.0), &device))
 }
 
-fn max_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
-    (a - b).abs().max().into_scalar()
+fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
 }
 
 #[test]
@@ -115,14 +117,14 @@ fn linear_modules_reject_eps_zero() {
 fn try_forms_return_bad_input_as_errors() {
     use burn_attn::{try_attention, try_pattern_attention, AttentionError};
     let [q, k, v] = qkv(16);
-    let device = Default::default();
-    let narrow_k = Tensor::<B, 4>::zeros([2, 2, 16, 4], &device);
+    let device = cpu();
+    let narrow_k = Tensor::<4>::zeros([2, 2, 16, 4], &device);
     let err = try_attention(q.clone(), narrow_k, v.clone(), &AttentionOptions::new())
         .expect_err("a head dim mismatch");
     assert!(matches!(err, AttentionError::Shape { .. }), "{err}");
     assert!(err.to_string().contains("[2, 2, 16, 4]"), "{err}");
 
-    let odd_kv = Tensor::<B, 4>::zeros([2, 3, 16, 8], &device);
+    let odd_kv = Tensor::<4>::zeros([2, 3, 16, 8], &device);
     let err = try_attention(q.clone(), odd_kv.clone(), odd_kv, &AttentionOptions::new())
         .expect_err("2 query heads over 3 kv heads");
     assert!(err.to_string().contains('3'), "{err}");

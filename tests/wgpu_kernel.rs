@@ -10,19 +10,22 @@
 
 use std::sync::OnceLock;
 
-use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
-use burn::backend::Wgpu;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, DeviceKind, Tensor};
 
 mod kernel_common;
 use burn_attn_core::kernels::launch::flash_forward_with;
 use burn_attn_core::kernels::plan::{BandArgs, ForcedPlan, ForwardKernel, Unsupported};
 use kernel_common::*;
 
-/// The fusion-wrapped type users get (`burn::backend::Wgpu`).
-type Fused = Wgpu;
-/// The plain CubeCL backend (the kernel's direct entry point).
-type Plain = CubeBackend<WgpuRuntime, f32, i32, u32>;
+/// The default WGPU device (Burn's `Cube` backend, fused), where every check here runs;
+/// the launcher checks take its tensors' CubeCL primitives.
+struct Gpu;
+
+impl On for Gpu {
+    fn device() -> Device {
+        Device::wgpu(DeviceKind::DefaultDevice)
+    }
+}
 
 /// Panics, saying what to install, where no usable WGPU adapter exists: a kernel test that
 /// cannot run fails rather than pass without running.
@@ -30,9 +33,8 @@ fn require_gpu() {
     static PROBE: OnceLock<bool> = OnceLock::new();
     let ok = *PROBE.get_or_init(|| {
         std::panic::catch_unwind(|| {
-            let device = WgpuDevice::default();
-            let t = Tensor::<Plain, 1>::from_floats([1.0, 2.0], &device);
-            t.sum().into_scalar()
+            let t = Tensor::<1>::from_floats([1.0, 2.0], &Gpu::device());
+            t.sum().into_scalar::<f32>()
         })
         .is_ok()
     });
@@ -47,7 +49,7 @@ fn require_gpu() {
 fn kernel_f32_matches_reference_plain() {
     require_gpu();
     for case in grid() {
-        check_f32::<Plain>(case);
+        check_f32::<Gpu>(case);
     }
 }
 
@@ -55,7 +57,7 @@ fn kernel_f32_matches_reference_plain() {
 fn kernel_f32_matches_reference_fused() {
     require_gpu();
     for case in grid().into_iter().step_by(3) {
-        check_f32::<Fused>(case);
+        check_f32::<Gpu>(case);
     }
 }
 
@@ -64,7 +66,7 @@ fn kernel_f16_within_twice_reference_error() {
     require_gpu();
     // Every 4th case: the f16 reference on lavapipe is slow (about 25 s a case).
     for case in grid().into_iter().step_by(4) {
-        check_low::<Plain>(case, DType::F16);
+        check_low::<Gpu>(case, DType::F16);
     }
 }
 
@@ -80,7 +82,7 @@ fn kernel_bf16_not_available_on_wgsl() {
 #[test]
 fn dispatch_is_recorded_per_call() {
     require_gpu();
-    check_dispatch::<Fused>(
+    check_dispatch::<Gpu>(
         burn_attn_core::Implementation::FlashUnit,
         burn_attn_core::Implementation::FlashUnit,
     );
@@ -91,7 +93,7 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     require_gpu();
     let case = Case::new(40, 3, 32).causal();
     let x = inputs(&case, 5);
-    let (o, l, _) = kernel::<Plain>(&case, &x, DType::F32);
+    let (o, l, _) = kernel::<Gpu>(&case, &x, DType::F32);
     // Rows 0..37 sit before key 0: no key is visible.
     let per_head = case.seq_q;
     for h in 0..case.heads {
@@ -105,7 +107,7 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
     // No key at all.
     let case = Case::new(5, 0, 32).window(Some(3), Some(3));
     let x = inputs(&case, 6);
-    let (o, l, _) = kernel::<Plain>(&case, &x, DType::F32);
+    let (o, l, _) = kernel::<Gpu>(&case, &x, DType::F32);
     assert!(l.iter().all(|&x| x == f64::NEG_INFINITY), "{l:?}");
     assert!(o.iter().all(|&x| x == 0.0));
 }
@@ -114,7 +116,7 @@ fn rows_without_keys_are_zero_with_neg_inf_lse() {
 #[test]
 fn nan_query_rows_give_nan_rows_only() {
     require_gpu();
-    check_nan_rows::<Plain, WgpuRuntime>(DType::F32);
+    check_nan_rows::<Gpu>(DType::F32);
 }
 
 /// The matrix-unit forwards' online-softmax step (shared by `flash_mma`'s products, which need CUDA's matrix units) through its probe kernel, which needs none: masks,
@@ -122,7 +124,7 @@ fn nan_query_rows_give_nan_rows_only() {
 #[test]
 fn mma_online_softmax_step_matches_host() {
     require_gpu();
-    check_online_softmax_probe::<Plain, WgpuRuntime>();
+    check_online_softmax_probe::<Gpu>();
 }
 
 /// The heavy-first cube order (which block and head each cube of every kernel computes,
@@ -131,7 +133,7 @@ fn mma_online_softmax_step_matches_host() {
 #[test]
 fn cube_order_matches_host() {
     require_gpu();
-    check_cube_order::<Plain, WgpuRuntime>();
+    check_cube_order::<Gpu>();
 }
 
 /// Long rows and wide head dims: 1025 keys causal and windowed at d = 64, and d = 128
@@ -142,14 +144,14 @@ fn kernel_long_sequence() {
     let mut case = Case::new(1025, 1025, 64).causal();
     case.heads = 1;
     case.kv_heads = 1;
-    check_f32::<Plain>(case.window(Some(100), Some(0)));
-    check_f32::<Plain>(case.window(Some(200), Some(200)));
-    check_f32::<Plain>(case);
+    check_f32::<Gpu>(case.window(Some(100), Some(0)));
+    check_f32::<Gpu>(case.window(Some(200), Some(200)));
+    check_f32::<Gpu>(case);
     let mut wide = Case::new(40, 300, 128);
     wide.heads = 1;
     wide.kv_heads = 1;
-    check_f32::<Plain>(wide);
-    check_f32::<Plain>(wide.window(Some(100), Some(100)));
+    check_f32::<Gpu>(wide);
+    check_f32::<Gpu>(wide.window(Some(100), Some(100)));
 }
 
 /// The portable kernel at the edge of its cap on software adapters: llvmpipe leaves every
@@ -167,7 +169,7 @@ fn unit_kernel_at_the_software_loop_cap() {
         let mut case = Case::new(32, seq_k, 64);
         case.heads = 1;
         case.kv_heads = 1;
-        match run_forward_launcher::<Plain, WgpuRuntime>(&case, 5, ForwardKernel::Unit) {
+        match run_forward_launcher::<Gpu>(&case, 5, ForwardKernel::Unit) {
             Ok(result) => {
                 taken = Some((case, result));
                 break;
@@ -212,7 +214,7 @@ fn unit_backward_at_the_software_loop_cap() {
             let mut case = Case::new(seq_q, seq_k, 128);
             case.heads = 1;
             case.kv_heads = 1;
-            match check_backward_kernel_if_taken::<Plain, WgpuRuntime>(case, DType::F32) {
+            match check_backward_kernel_if_taken::<Gpu>(case, DType::F32) {
                 Ok(()) => {
                     taken = Some(case);
                     break;
@@ -236,12 +238,8 @@ fn unit_backward_at_the_software_loop_cap() {
 #[test]
 fn unit_launcher_declines_mismatched_shapes() {
     require_gpu();
-    let device = WgpuDevice::default();
-    let t = |shape: [usize; 4]| {
-        Tensor::<Plain, 4>::zeros(shape, &device)
-            .into_primitive()
-            .tensor()
-    };
+    let device = Gpu::device();
+    let t = |shape: [usize; 4]| to_cube(Tensor::<4>::zeros(shape, &device));
     let band = BandArgs {
         scale: 0.25,
         left: None,
@@ -255,14 +253,7 @@ fn unit_launcher_declines_mismatched_shapes() {
         ([2, 2, 8, 16], [2, 2, 8, 16]), // batch
     ] {
         let forced = ForcedPlan::default();
-        match flash_forward_with::<WgpuRuntime>(
-            ForwardKernel::Unit,
-            t(q),
-            t(k),
-            t(v),
-            band,
-            &forced,
-        ) {
+        match flash_forward_with(ForwardKernel::Unit, t(q), t(k), t(v), band, &forced) {
             Err(Unsupported::Shapes(why)) => {
                 assert!(why.contains("do not match"), "k {k:?}, v {v:?}: {why}")
             }
@@ -276,33 +267,33 @@ fn unit_launcher_declines_mismatched_shapes() {
 fn training_gradients_match_reference() {
     require_gpu();
     for case in gradient_grid() {
-        check_gradients::<burn::backend::Autodiff<Fused>>(case);
+        check_gradients::<Gpu>(case);
     }
     // d = 128 over 300 keys / 300 query rows: past lavapipe's loop budget, where the
     // backward launcher declines and the tiled backward runs; the kernel elsewhere.
     let mut wide = Case::new(40, 300, 128);
     wide.heads = 1;
     wide.kv_heads = 1;
-    check_gradients::<burn::backend::Autodiff<Fused>>(wide);
+    check_gradients::<Gpu>(wide);
     wide.seq_q = 300;
     wide.seq_k = 40;
-    check_gradients::<burn::backend::Autodiff<Fused>>(wide);
+    check_gradients::<Gpu>(wide);
 }
 
 #[test]
 fn backward_kernel_f32_matches_reference() {
     require_gpu();
     for case in backward_grid() {
-        check_backward_kernel::<Plain, WgpuRuntime>(case, DType::F32);
+        check_backward_kernel::<Gpu>(case, DType::F32);
     }
     // Long rows at head dim 128 (the v1 kernels' limit on lavapipe was about 160).
     let mut wide = Case::new(40, 160, 128);
     wide.heads = 1;
     wide.kv_heads = 1;
-    check_backward_kernel::<Plain, WgpuRuntime>(wide, DType::F32);
+    check_backward_kernel::<Gpu>(wide, DType::F32);
     wide.seq_q = 160;
     wide.seq_k = 40;
-    check_backward_kernel::<Plain, WgpuRuntime>(wide, DType::F32);
+    check_backward_kernel::<Gpu>(wide, DType::F32);
 }
 
 #[test]
@@ -312,7 +303,7 @@ fn backward_kernel_f16_within_thrice_reference_error() {
     // take tens of seconds a case.
     let grid = backward_grid();
     for case in [grid[3], grid[9]] {
-        check_backward_kernel::<Plain, WgpuRuntime>(case, DType::F16);
+        check_backward_kernel::<Gpu>(case, DType::F16);
     }
 }
 
@@ -322,8 +313,8 @@ fn kernel_forward_is_deterministic() {
     require_gpu();
     let case = Case::new(97, 97, 64).causal().gqa(4, 2).batch(2);
     let x = inputs(&case, 9);
-    let (o1, l1, _) = kernel::<Plain>(&case, &x, DType::F32);
-    let (o2, l2, _) = kernel::<Plain>(&case, &x, DType::F32);
+    let (o1, l1, _) = kernel::<Gpu>(&case, &x, DType::F32);
+    let (o2, l2, _) = kernel::<Gpu>(&case, &x, DType::F32);
     assert!(same_bits(&o1, &o2));
     assert!(same_bits(&l1, &l2));
 }
@@ -333,22 +324,24 @@ fn kernel_forward_is_deterministic() {
 /// output is f16, and it matches the f32 run to f16 precision.
 #[test]
 fn tensor_op_cores_take_half_precision_inputs() {
-    use burn::tensor::backend::Backend;
     use burn::tensor::{Bool, Distribution, TensorData};
     use burn_attn_core::{
         causal_linear_attention, linear_attention, pattern_attention, reference_attention,
         AttentionOptions, KeyPattern, Window,
     };
     require_gpu();
-    let device = WgpuDevice::default();
-    Plain::seed(&device, 3);
+    let device = Gpu::device();
+    device.seed(3);
     let shape = [2, 2, 37, 16];
-    let positive = || Tensor::<Plain, 4>::random(shape, Distribution::Uniform(0.1, 1.0), &device);
+    let positive = || Tensor::<4>::random(shape, Distribution::Uniform(0.1, 1.0), &device);
     let (q, k, v) = (positive(), positive(), positive());
-    let half = |t: &Tensor<Plain, 4>| t.clone().cast(DType::F16);
-    let check = |what: &str, low: Tensor<Plain, 4>, full: Tensor<Plain, 4>| {
+    let half = |t: &Tensor<4>| t.clone().cast(DType::F16);
+    let check = |what: &str, low: Tensor<4>, full: Tensor<4>| {
         assert_eq!(low.dtype(), DType::F16, "{what}");
-        let err: f32 = (low.cast(DType::F32) - full).abs().max().into_scalar();
+        let err: f32 = (low.cast(DType::F32) - full)
+            .abs()
+            .max()
+            .into_scalar::<f32>();
         assert!(err < 2e-2, "{what}: max |f16 - f32| = {err}");
     };
 
@@ -359,8 +352,7 @@ fn tensor_op_cores_take_half_precision_inputs() {
 
     // Non-causal form with a key padding mask.
     let hide: Vec<bool> = (0..2 * 37).map(|i| i % 7 == 3).collect();
-    let pad =
-        || Tensor::<Plain, 2, Bool>::from_data(TensorData::new(hide.clone(), [2, 37]), &device);
+    let pad = || Tensor::<2, Bool>::from_data(TensorData::new(hide.clone(), [2, 37]), &device);
     let low = linear_attention(half(&q), half(&k), half(&v), 1e-3, Some(pad()));
     let full = linear_attention(q.clone(), k.clone(), v.clone(), 1e-3, Some(pad()));
     check("linear, key padding", low, full);
@@ -379,7 +371,7 @@ fn tensor_op_cores_take_half_precision_inputs() {
 
     // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
     let band = KeyPattern::band(Window::new(Some(2), Some(0)), false);
-    let short = |t: Tensor<Plain, 4>| t.slice([0..2, 0..2, 0..5]);
+    let short = |t: Tensor<4>| t.slice([0..2, 0..2, 0..5]);
     let reference = |q, k, v| reference_attention(q, short(k), short(v), &band, 0.25, None, None);
     let (low, lse) = reference(half(&q), half(&k), half(&v));
     let (full, _) = reference(q.clone(), k.clone(), v.clone());
@@ -390,9 +382,9 @@ fn tensor_op_cores_take_half_precision_inputs() {
         .abs()
         .max()
         .cast(DType::F32);
-    assert_eq!(dead.into_scalar(), 0.0, "rows that see no key");
+    assert_eq!(dead.into_scalar::<f32>(), 0.0, "rows that see no key");
     let dead_lse = lse.slice([0..2, 0..2, 0..32]).cast(DType::F32).into_data();
-    let dead_lse = dead_lse.to_vec::<f32>().unwrap();
+    let dead_lse = dead_lse.try_to_vec::<f32>().unwrap();
     assert!(
         dead_lse.iter().all(|&l| l == f32::NEG_INFINITY),
         "{dead_lse:?}"
@@ -419,13 +411,13 @@ fn concurrent_calls_match_serial_calls() {
     let serial: Vec<_> = cases
         .iter()
         .zip(&inputs)
-        .map(|(c, x)| kernel::<Plain>(c, x, DType::F32))
+        .map(|(c, x)| kernel::<Gpu>(c, x, DType::F32))
         .collect();
     let concurrent: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = cases
             .iter()
             .zip(&inputs)
-            .map(|(c, x)| scope.spawn(move || kernel::<Plain>(c, x, DType::F32)))
+            .map(|(c, x)| scope.spawn(move || kernel::<Gpu>(c, x, DType::F32)))
             .collect();
         handles
             .into_iter()

@@ -1,20 +1,97 @@
 //! The kernel test grid and checks shared by the WGPU and CUDA kernel tests.
 #![allow(dead_code)]
 
-use burn::backend::NdArray;
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::backend::Cube;
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_attn_core::kernels::launch::flash_forward_with;
 use burn_attn_core::kernels::plan::{BandArgs, ForcedPlan, ForwardKernel};
-use burn_attn_core::kernels::{cube_order_probe, online_softmax_probe, CubeRuntime, CubeTensor};
+use burn_attn_core::kernels::{cube_order_probe, online_softmax_probe, CubeBackend, CubeTensor};
+use burn_attn_core::AttentionBackend;
 use burn_attn_core::{
     attention_with_lse, reference_attention, AttentionOptions, Decline, DispatchLog,
     Implementation, KernelPolicy, KeyPattern, Pass, Unsupported, Window,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// Where a check runs: the device its tensors are created on (a test binary names one
+/// per backend it checks).
+pub trait On {
+    /// The device.
+    fn device() -> Device;
+}
+
 /// The truth: the materialised reference in f64 on the CPU.
-type Truth = NdArray<f64>;
+pub struct Truth;
+
+impl On for Truth {
+    #[allow(deprecated)]
+    fn device() -> Device {
+        Device::ndarray()
+    }
+}
+
+/// The op's backward on the CubeCL backend, called directly (as `Autodiff` calls it):
+/// `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn op_backward(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<3>,
+    d_out: Tensor<4>,
+    options: AttentionOptions,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    fn prim<const D: usize>(t: Tensor<D>) -> burn::backend::tensor::FloatTensor<Cube> {
+        t.try_into_primitive::<Cube>().expect("a CubeCL tensor")
+    }
+    let (dq, dk, dv) = Cube::banded_attention_backward(
+        prim(q),
+        prim(k),
+        prim(v),
+        prim(out),
+        prim(lse),
+        prim(d_out),
+        options,
+    );
+    let back = |t| Tensor::<4>::from_primitive::<Cube>(t);
+    (back(dq), back(dk), back(dv))
+}
+
+/// A high-level tensor on a CubeCL device as the kernels' launchers take it.
+pub fn to_cube(t: Tensor<4>) -> CubeTensor {
+    cube_primitive(t)
+}
+
+/// Any-rank [`to_cube`].
+pub fn cube_primitive<const D: usize>(t: Tensor<D>) -> CubeTensor {
+    let fused = t.try_into_primitive::<Cube>().expect("a CubeCL tensor");
+    fused
+        .client
+        .clone()
+        .resolve_tensor_float::<CubeBackend>(fused)
+}
+
+/// The values of a launcher's (contiguous) output, as f64.
+pub fn cube_to_f64(t: CubeTensor) -> Vec<f64> {
+    let dtype = t.dtype;
+    let bytes = t.client.read_one(t.handle).expect("the output reads back");
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| burn::tensor::f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| burn::tensor::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        other => panic!("a launcher output in {other:?}"),
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Case {
@@ -109,12 +186,8 @@ pub fn inputs(case: &Case, seed: u64) -> Inputs {
     }
 }
 
-pub fn tensor<B: Backend>(
-    x: &(Vec<f32>, [usize; 4]),
-    dtype: DType,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let t = Tensor::<B, 4>::from_data(TensorData::new(x.0.clone(), x.1), device);
+pub fn tensor(x: &(Vec<f32>, [usize; 4]), dtype: DType, device: &Device) -> Tensor<4> {
+    let t = Tensor::<4>::from_data(TensorData::new(x.0.clone(), x.1), device);
     if dtype == DType::F32 {
         t
     } else {
@@ -122,12 +195,13 @@ pub fn tensor<B: Backend>(
     }
 }
 
-pub fn to_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.cast(DType::F32)
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .unwrap()
+pub fn to_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    let t = if t.dtype() == DType::F64 {
+        t
+    } else {
+        t.cast(DType::F32)
+    };
+    t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()
 }
 
 /// Max absolute difference, where both `-inf` counts as equal and NaN as infinitely wrong.
@@ -148,13 +222,13 @@ pub fn max_err(got: &[f64], want: &[f64]) -> f64 {
 }
 
 pub fn truth(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
-    let device = Default::default();
+    let device = Truth::device();
     let pattern = KeyPattern::band(case.window, case.causal);
     let scale = 1.0 / (case.dim as f64).sqrt();
-    let (o, l) = reference_attention::<Truth>(
-        tensor(&x.q, DType::F32, &device),
-        tensor(&x.k, DType::F32, &device),
-        tensor(&x.v, DType::F32, &device),
+    let (o, l) = reference_attention(
+        tensor(&x.q, DType::F64, &device),
+        tensor(&x.k, DType::F64, &device),
+        tensor(&x.v, DType::F64, &device),
         &pattern,
         scale,
         None,
@@ -165,18 +239,14 @@ pub fn truth(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
 
 /// Runs a kernel (through `attention_with_lse`, which must not fall back to the tiled
 /// tensor ops) on backend `B` in `dtype`.
-pub fn kernel<B: burn_attn_core::AttentionBackend>(
-    case: &Case,
-    x: &Inputs,
-    dtype: DType,
-) -> (Vec<f64>, Vec<f64>, DType) {
-    let device = Default::default();
+pub fn kernel<B: On>(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>, DType) {
+    let device = B::device();
     let log = DispatchLog::new();
     let options = case
         .options()
         .with_kernel(KernelPolicy::Require)
         .with_log(log.clone());
-    let (o, l) = attention_with_lse::<B>(
+    let (o, l) = attention_with_lse(
         tensor(&x.q, dtype, &device),
         tensor(&x.k, dtype, &device),
         tensor(&x.v, dtype, &device),
@@ -194,15 +264,15 @@ pub fn kernel<B: burn_attn_core::AttentionBackend>(
 }
 
 /// The reference computed on the GPU backend in a low precision.
-pub fn low_precision_reference<B: Backend>(
+pub fn low_precision_reference<B: On>(
     case: &Case,
     x: &Inputs,
     dtype: DType,
 ) -> (Vec<f64>, Vec<f64>) {
-    let device = Default::default();
+    let device = B::device();
     let pattern = KeyPattern::band(case.window, case.causal);
     let scale = 1.0 / (case.dim as f64).sqrt();
-    let (o, l) = reference_attention::<B>(
+    let (o, l) = reference_attention(
         tensor(&x.q, dtype, &device),
         tensor(&x.k, dtype, &device),
         tensor(&x.v, dtype, &device),
@@ -219,7 +289,7 @@ pub fn f32_bound(case: &Case) -> f64 {
     2e-5 * (1.0 + (case.dim as f64).sqrt() / 4.0) * case.q_gain.max(1.0) as f64
 }
 
-pub fn check_f32<B: burn_attn_core::AttentionBackend>(case: Case) {
+pub fn check_f32<B: On>(case: Case) {
     let x = inputs(&case, 7 + case.seq_q as u64 * 31 + case.dim as u64);
     let (to, tl) = truth(&case, &x);
     let (ko, kl, lse_dtype) = kernel::<B>(&case, &x, DType::F32);
@@ -233,22 +303,18 @@ pub fn check_f32<B: burn_attn_core::AttentionBackend>(case: Case) {
     );
 }
 
-pub fn check_low<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+pub fn check_low<B: On>(case: Case, dtype: DType) {
     check_low_against::<B>(case, dtype, false)
 }
 
 /// [`check_low`] with the low-precision reference run on the host
 /// ([`host_low_precision_reference`]): on CUDA, Burn's own kernels compile and tune per
 /// shape, which costs about a minute per case of the grid.
-pub fn check_low_host<B: burn_attn_core::AttentionBackend>(case: Case, dtype: DType) {
+pub fn check_low_host<B: On>(case: Case, dtype: DType) {
     check_low_against::<B>(case, dtype, true)
 }
 
-fn check_low_against<B: burn_attn_core::AttentionBackend>(
-    case: Case,
-    dtype: DType,
-    host_reference: bool,
-) {
+fn check_low_against<B: On>(case: Case, dtype: DType, host_reference: bool) {
     let x = inputs(&case, 11 + case.seq_k as u64 * 17 + case.dim as u64);
     let start = std::time::Instant::now();
     let (to, tl) = truth(&case, &x);
@@ -306,9 +372,9 @@ impl<'a> LowPrecisionRows<'a> {
         let pattern = KeyPattern::band(case.window, case.causal);
         let visible = if seq_q > 0 && seq_k > 0 {
             pattern
-                .tile_mask::<NdArray<f32>>(0..seq_q, 0..seq_k, seq_q, seq_k, &Default::default())
+                .tile_mask(0..seq_q, 0..seq_k, seq_q, seq_k, &Truth::device())
                 .into_data()
-                .to_vec::<bool>()
+                .try_to_vec::<bool>()
                 .expect("bool mask")
         } else {
             Vec::new()
@@ -441,20 +507,19 @@ pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
 /// Returns the inputs, the f64 truth and the kernel's output and lse, or why the launcher
 /// declined.
 #[allow(clippy::type_complexity)]
-pub fn run_forward_launcher<B, R>(
+pub fn run_forward_launcher<B>(
     case: &Case,
     seed: u64,
     kernel: ForwardKernel,
 ) -> Result<(Inputs, [Vec<f64>; 2], [Vec<f64>; 2]), Unsupported>
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
     let x = inputs(case, seed);
-    let device = Default::default();
-    let q = tensor::<B>(&seq_major(&x.q), DType::F32, &device).swap_dims(1, 2);
-    let k = tensor::<B>(&x.k, DType::F32, &device);
-    let v = tensor::<B>(&x.v, DType::F32, &device);
+    let device = B::device();
+    let q = tensor(&seq_major(&x.q), DType::F32, &device).swap_dims(1, 2);
+    let k = tensor(&x.k, DType::F32, &device);
+    let v = tensor(&x.v, DType::F32, &device);
     let options = case.options();
     let window = options.effective_window();
     let band = BandArgs {
@@ -462,11 +527,9 @@ where
         left: window.left,
         right: window.right,
     };
-    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
     let forced = ForcedPlan::default();
-    let (out, lse) = flash_forward_with(kernel, prim(q), prim(k), prim(v), band, &forced)?;
-    let ko = to_f64(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out)));
-    let kl = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)));
+    let (out, lse) = flash_forward_with(kernel, to_cube(q), to_cube(k), to_cube(v), band, &forced)?;
+    let (ko, kl) = (cube_to_f64(out), cube_to_f64(lse));
     let (to, tl) = truth(case, &x);
     Ok((x, [to, tl], [ko, kl]))
 }
@@ -474,13 +537,12 @@ where
 /// The tf32 forward (run by [`run_forward_launcher`]) against the f64 truth: its output and
 /// lse errors within 3x those of the host tf32 reference ([`host_tf32_reference`]), with a floor of 1e-3. Panics
 /// when the launcher declines.
-pub fn check_tf32_kernel<B, R>(case: Case)
+pub fn check_tf32_kernel<B>(case: Case)
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
     let seed = 13 + case.seq_q as u64 * 19 + case.dim as u64;
-    let (x, [to, tl], [ko, kl]) = run_forward_launcher::<B, R>(&case, seed, ForwardKernel::Tf32)
+    let (x, [to, tl], [ko, kl]) = run_forward_launcher::<B>(&case, seed, ForwardKernel::Tf32)
         .unwrap_or_else(|e| panic!("{case:?}: the tf32 kernel declined: {e}"));
     let (ro, rl) = host_tf32_reference(&case, &x);
     let (eo, el) = (max_err(&ko, &to), max_err(&kl, &tl));
@@ -639,7 +701,7 @@ fn attention_gradients<B>(
     ours: bool,
 ) -> [Vec<f64>; 3]
 where
-    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+    B: On,
 {
     attention_gradients_in::<B>(case, x, w, ours, DType::F32)
 }
@@ -653,12 +715,12 @@ fn attention_gradients_in<B>(
     dtype: DType,
 ) -> [Vec<f64>; 3]
 where
-    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+    B: On,
 {
-    let device = Default::default();
-    let q = tensor::<B>(&x.q, dtype, &device).require_grad();
-    let k = tensor::<B>(&x.k, dtype, &device).require_grad();
-    let v = tensor::<B>(&x.v, dtype, &device).require_grad();
+    let device = B::device().autodiff();
+    let q = tensor(&x.q, dtype, &device).require_grad();
+    let k = tensor(&x.k, dtype, &device).require_grad();
+    let v = tensor(&x.v, dtype, &device).require_grad();
     let out = if ours {
         burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &case.options())
     } else {
@@ -666,8 +728,8 @@ where
         let scale = 1.0 / (case.dim as f64).sqrt();
         reference_attention(q.clone(), k.clone(), v.clone(), &pattern, scale, None, None).0
     };
-    let grads = (out * tensor::<B>(w, dtype, &device)).sum().backward();
-    let flat = |t: Tensor<B, 4>| to_f64(t.grad(&grads).expect("gradient"));
+    let grads = (out * tensor(w, dtype, &device)).sum().backward();
+    let flat = |t: Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
     [flat(q), flat(k), flat(v)]
 }
 
@@ -676,13 +738,13 @@ where
 /// f64 on the CPU.
 pub fn check_gradients<B>(case: Case)
 where
-    B: burn::tensor::backend::AutodiffBackend + burn_attn_core::AttentionBackend,
+    B: On,
 {
     let x = inputs(&case, 23 + case.seq_q as u64 * 7 + case.dim as u64);
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
     let w = uniform(&mut StdRng::seed_from_u64(99), shape, 1.0);
     let got = attention_gradients::<B>(&case, &x, &w, true);
-    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let want = attention_gradients_in::<Truth>(&case, &x, &w, false, DType::F64);
     let bound = 4.0 * f32_bound(&case);
     for (name, (g, t)) in ["dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
         let err = max_err(g, t);
@@ -721,27 +783,26 @@ fn seq_major(x: &(Vec<f32>, [usize; 4])) -> (Vec<f32>, [usize; 4]) {
 /// forward (kernel) gives O and lse, then the op's backward runs on `d_out = w` (the
 /// matrix-unit kernels for f16/bf16 on CUDA, the portable ones otherwise). `Err` with the
 /// last kernel's reason when every backward kernel declines.
-fn kernel_backward<B, R>(
+fn kernel_backward<B>(
     case: &Case,
     x: &Inputs,
     w: &(Vec<f32>, [usize; 4]),
     dtype: DType,
 ) -> Result<[Vec<f64>; 3], Unsupported>
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    let device = Default::default();
+    let device = B::device();
     // Queries as a strided view of a [b, seq, h, d] buffer (the kernels take any strides).
-    let q = tensor::<B>(&seq_major(&x.q), dtype, &device).swap_dims(1, 2);
-    let k = tensor::<B>(&x.k, dtype, &device);
-    let v = tensor::<B>(&x.v, dtype, &device);
+    let q = tensor(&seq_major(&x.q), dtype, &device).swap_dims(1, 2);
+    let k = tensor(&x.k, dtype, &device);
+    let v = tensor(&x.v, dtype, &device);
     let options = case.options();
-    let (out, lse) = attention_with_lse::<B>(q.clone(), k.clone(), v.clone(), &options);
-    let d_out = tensor::<B>(w, dtype, &device);
+    let (out, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &options);
+    let d_out = tensor(w, dtype, &device);
     let log = DispatchLog::new();
     let options = options.with_log(log.clone());
-    let (dq, dk, dv) = B::banded_attention_backward(q, k, v, out, lse, d_out, &options);
+    let (dq, dk, dv) = op_backward(q, k, v, out, lse, d_out, options);
     let dispatch = log.of(Pass::Backward).pop().expect("the backward ran");
     if dispatch.served == Implementation::Tiled {
         return match dispatch.declined.last() {
@@ -749,9 +810,7 @@ where
             other => panic!("{case:?}: no kernel tried: {other:?}"),
         };
     }
-    let [dq, dk, dv] = [dq, dk, dv].map(|t| t.into_primitive().tensor());
-    let back = |t| {
-        let t = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    let back = |t: Tensor<4>| {
         assert_eq!(t.dtype(), dtype, "gradients keep the input dtype");
         to_f64(t)
     };
@@ -763,44 +822,40 @@ where
 /// bound; f16/bf16 within 3x the error of the reference's gradients computed in the same
 /// low precision on the device (DESIGN.md). Also runs the kernels twice and requires the
 /// same bits.
-pub fn check_backward_kernel<B, R>(case: Case, dtype: DType)
+pub fn check_backward_kernel<B>(case: Case, dtype: DType)
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    check_backward_kernel_against::<B, R>(case, dtype, false)
+    check_backward_kernel_against::<B>(case, dtype, false)
         .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
 }
 
 /// [`check_backward_kernel`] with the host-evaluated low-precision reference
 /// ([`host_low_precision_gradients`]) instead of Burn's low-precision autodiff on `B`.
-pub fn check_backward_kernel_host<B, R>(case: Case, dtype: DType)
+pub fn check_backward_kernel_host<B>(case: Case, dtype: DType)
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    check_backward_kernel_against::<B, R>(case, dtype, true)
+    check_backward_kernel_against::<B>(case, dtype, true)
         .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
 }
 
 /// [`check_backward_kernel`] for a call the launchers may decline: `Err(why)` when they do
 /// (nothing checked), else the same checks.
-pub fn check_backward_kernel_if_taken<B, R>(case: Case, dtype: DType) -> Result<(), Unsupported>
+pub fn check_backward_kernel_if_taken<B>(case: Case, dtype: DType) -> Result<(), Unsupported>
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    check_backward_kernel_against::<B, R>(case, dtype, false)
+    check_backward_kernel_against::<B>(case, dtype, false)
 }
 
-fn check_backward_kernel_against<B, R>(
+fn check_backward_kernel_against<B>(
     case: Case,
     dtype: DType,
     host_reference: bool,
 ) -> Result<(), Unsupported>
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
     let x = inputs(
         &case,
@@ -808,14 +863,14 @@ where
     );
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
     let w = uniform(&mut StdRng::seed_from_u64(77), shape, 1.0);
-    let got = kernel_backward::<B, R>(&case, &x, &w, dtype)?;
-    let again = kernel_backward::<B, R>(&case, &x, &w, dtype)?;
-    let want = attention_gradients::<burn::backend::Autodiff<Truth>>(&case, &x, &w, false);
+    let got = kernel_backward::<B>(&case, &x, &w, dtype)?;
+    let again = kernel_backward::<B>(&case, &x, &w, dtype)?;
+    let want = attention_gradients_in::<Truth>(&case, &x, &w, false, DType::F64);
     let low_ref = (dtype != DType::F32).then(|| {
         if host_reference {
             host_low_precision_gradients(&case, &x, &w, dtype)
         } else {
-            attention_gradients_in::<burn::backend::Autodiff<B>>(&case, &x, &w, false, dtype)
+            attention_gradients_in::<B>(&case, &x, &w, false, dtype)
         }
     });
     for (n, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
@@ -971,12 +1026,11 @@ pub fn host_online_softmax(band: &ProbeBand, rows: usize, scores: &[f32]) -> (Ve
 /// probabilities within 2e-6 absolute plus 2e-5 relative (f32 exponentials), sums and
 /// output scales 2e-5 relative, maxima 1e-6 relative (f32 rounding of the scaled score;
 /// the sentinel within that too).
-pub fn check_online_softmax_probe<B, R>()
+pub fn check_online_softmax_probe<B>()
 where
-    R: CubeRuntime,
-    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    let device = Default::default();
+    let device = B::device();
     for (n, band) in probe_bands().into_iter().enumerate() {
         for rows in [16usize, 32] {
             let mut rng = StdRng::seed_from_u64(7 + n as u64 + rows as u64);
@@ -987,12 +1041,12 @@ where
                 .collect();
             let (want_p, want_s) = host_online_softmax(&band, rows, &scores);
             for vs in [1usize, 2, 4] {
-                let t = Tensor::<B, 3>::from_data(
+                let t = Tensor::<3>::from_data(
                     TensorData::new(scores.clone(), [band.tiles, rows, 16]),
                     &device,
                 );
-                let (p, st) = online_softmax_probe::<R>(
-                    t.into_primitive().tensor(),
+                let (p, st) = online_softmax_probe(
+                    cube_primitive(t),
                     band.scale,
                     band.offset,
                     band.left,
@@ -1000,8 +1054,7 @@ where
                     band.seq_k,
                     vs,
                 );
-                let got_p = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p)));
-                let got_s = to_f64(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(st)));
+                let (got_p, got_s) = (cube_to_f64(p), cube_to_f64(st));
                 for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
                     assert!(
                         (g - w).abs() <= 2e-6 + 2e-5 * w.abs(),
@@ -1038,15 +1091,12 @@ where
 /// (heaviest last) and key blocks (heaviest first). Each expected order is a permutation
 /// of the grid's (block, head) pairs by construction, so equality shows the kernels'
 /// mapping takes every pair exactly once.
-pub fn check_cube_order<B, R>()
+pub fn check_cube_order<B>()
 where
-    R: CubeRuntime,
-    B: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
-    let device = Default::default();
-    let like = Tensor::<B, 1>::zeros([1], &device)
-        .into_primitive()
-        .tensor();
+    let device = B::device();
+    let like = cube_primitive(Tensor::<1>::zeros([1], &device));
     for (blocks, heads, group) in [
         (8, 16, 0),
         (8, 16, 4),
@@ -1077,8 +1127,13 @@ where
                     }
                 }
             }
-            let got = cube_order_probe::<R>(&like, blocks, heads, group as u32, heaviest_last);
-            let got = to_f64(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(got)));
+            let got = cube_to_f64(cube_order_probe(
+                &like,
+                blocks,
+                heads,
+                group as u32,
+                heaviest_last,
+            ));
             assert_eq!(
                 got, want,
                 "cube order of {blocks} blocks x {heads} heads, groups of {group}, \
@@ -1092,19 +1147,15 @@ where
 /// one entry per executed pass, recorded when the op runs; the forward served by
 /// `forward`, the backward by a kernel; `KernelPolicy::Tiled` served by the tiled tensor
 /// ops with its reason; with tf32 allowed, f32 served by `tf32_forward`.
-pub fn check_dispatch<B>(forward: Implementation, tf32_forward: Implementation)
-where
-    B: burn_attn_core::AttentionBackend,
-{
-    type Ad<B> = burn::backend::Autodiff<B>;
+pub fn check_dispatch<B: On>(forward: Implementation, tf32_forward: Implementation) {
     let case = Case::new(33, 40, 32).causal().gqa(4, 2);
     let x = inputs(&case, 3);
-    let device = Default::default();
+    let device = B::device().autodiff();
     let log = DispatchLog::new();
     let options = case.options().with_log(log.clone());
-    let q = tensor::<Ad<B>>(&x.q, DType::F32, &device).require_grad();
-    let k = tensor::<Ad<B>>(&x.k, DType::F32, &device).require_grad();
-    let v = tensor::<Ad<B>>(&x.v, DType::F32, &device).require_grad();
+    let q = tensor(&x.q, DType::F32, &device).require_grad();
+    let k = tensor(&x.k, DType::F32, &device).require_grad();
+    let v = tensor(&x.v, DType::F32, &device).require_grad();
     let out = burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &options);
     let grads = out.sum().backward();
     let _ = to_f64(q.grad(&grads).expect("dq"));
@@ -1199,10 +1250,9 @@ fn assert_only_nan_row(name: &str, got: &[f64], clean: &[f64], rows: usize, widt
 /// leaves every other row's output, log-sum-exp and dQ bits as they are without it; the
 /// row that sees no key stays 0 with log-sum-exp `-inf`, and zero dQ, though its query
 /// holds a NaN.
-pub fn check_nan_rows<B, R>(dtype: DType)
+pub fn check_nan_rows<B>(dtype: DType)
 where
-    R: CubeRuntime,
-    B: burn_attn_core::AttentionBackend<FloatTensorPrimitive = CubeTensor<R>>,
+    B: On,
 {
     let (case, clean, poisoned) = nan_rule_case();
     let (o, l, _) = kernel::<B>(&case, &clean, dtype);
@@ -1212,7 +1262,7 @@ where
     assert_eq!(l_nan[DEAD_NAN_ROW], f64::NEG_INFINITY);
     let w = nan_rule_weights(&case);
     let backward = |x| {
-        kernel_backward::<B, R>(&case, x, &w, dtype)
+        kernel_backward::<B>(&case, x, &w, dtype)
             .unwrap_or_else(|e| panic!("{dtype:?}: backward kernel declined: {e}"))
     };
     let [dq, ..] = backward(&clean);

@@ -4,11 +4,12 @@
 use burn::config::Config;
 use burn_attn::nn::complexity::Method;
 use burn_attn::nn::hybrid::{HybridCrossover, HybridMeasurement, HybridProfile};
-use burn_attn::{AttentionBackend, SparsePattern};
+use burn::tensor::Device;
+use burn_attn::SparsePattern;
 use indicatif::ProgressBar;
 
 use crate::cli::CalibrateArgs;
-use crate::run::{run, MemoryMeter};
+use crate::run::{backend_name, run, MemoryMeter};
 
 /// The smallest length from which `method` stays faster than `baseline` over every longer
 /// measured length; `None` when it is not faster at the longest.
@@ -95,10 +96,10 @@ pub fn thresholds(
     (flash_max, sparse_max, crossovers)
 }
 
-/// Measures flash, the sparse core and the sliding window at `--lengths` on backend `B` and
+/// Measures flash, the sparse core and the sliding window at `--lengths` on `device` and
 /// returns the profile.
-pub fn calibrate<B: AttentionBackend>(
-    device: &B::Device,
+pub fn calibrate(
+    device: &Device,
     args: &CalibrateArgs,
     meter: &MemoryMeter,
     bar: &ProgressBar,
@@ -122,7 +123,7 @@ pub fn calibrate<B: AttentionBackend>(
     let mut compare = c.clone();
     compare.methods = vec![Method::Flash, args.sparse, Method::SlidingWindow];
     compare.no_structured = true;
-    let rows = run::<B>(device, &compare, meter, bar);
+    let rows = run(device, &compare, meter, bar);
     let measured: Vec<HybridMeasurement> = rows
         .iter()
         .map(|r| HybridMeasurement {
@@ -133,7 +134,7 @@ pub fn calibrate<B: AttentionBackend>(
         .collect();
     let (flash_max, sparse_max, crossovers) = thresholds(&measured, args.sparse);
     Ok(HybridProfile::new(
-        B::name(device),
+        backend_name(device),
         c.dtype.name().into(),
         c.d_model,
         c.heads,

@@ -13,7 +13,7 @@
 //! sequence memory case instead (GPU backends: device pool bytes after one forward);
 //! `--skip-burn` drops Burn's kernels, which otherwise run up to n = 4096 (`--burn-all`:
 //! at every length). `--backward` times training steps instead: forward plus backward
-//! through `Autodiff<B>` (gradients of `sum(out * w)` for Q, K and V), reporting the
+//! through `Autodiff` (gradients of `sum(out * w)` for Q, K and V), reporting the
 //! backward alone (step minus forward) with the backward count `2.5x` the forward's, and
 //! Burn's materialised attention trained the same way as the peer; with `--memory` it
 //! runs one training step at n = 32768. `--memory-seq N` changes the memory case's length.
@@ -24,8 +24,7 @@
 //! `--calls K` times K calls back to back per sample (median of the per-call means): the
 //! host's work for one call then overlaps the GPU's for the previous ones, where the
 //! default (K = 1) also counts each call's host work and launch before its kernel.
-//! `--backend cuda-unfused` runs Burn's CUDA backend without its fusion stream
-//! (`CubeBackend` itself). `--peers PATH` reads the peer script's JSON
+//! `--peers PATH` reads the peer script's JSON
 //! (`scripts/peers/torch_attention.py`) and prints our time over each matching peer's.
 //! `--plan-*` options force kernel tiles and schedule (tuning runs; a forced choice the
 //! call cannot run makes the run fail rather than time another plan), `--tf32` lets f32
@@ -33,12 +32,11 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::{attention as burn_attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use burn_attn::cores::{ForcedPlan, KernelPolicy};
-use burn_attn::{attention, AttentionBackend, AttentionOptions, Window};
+use burn_attn::{attention, AttentionOptions, Window};
 use clap::{Args, ValueEnum};
 
 use crate::cli::DType;
@@ -182,8 +180,8 @@ fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
 /// runs each (per run), after a warm-up of at least three runs and 200 ms: a GPU that was
 /// idle (or compiling) runs its first milliseconds at lower clocks, which moved
 /// one-millisecond cases by 13% between runs of one binary.
-fn median_ms<B: Backend>(
-    device: &B::Device,
+fn median_ms(
+    device: &Device,
     repeats: usize,
     calls: usize,
     mut f: impl FnMut(),
@@ -192,7 +190,7 @@ fn median_ms<B: Backend>(
     let mut runs = 0;
     while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
         f();
-        B::sync(device).unwrap();
+        device.sync().unwrap();
         runs += 1;
     }
     let mut times: Vec<f64> = (0..repeats)
@@ -201,7 +199,7 @@ fn median_ms<B: Backend>(
             for _ in 0..calls {
                 f();
             }
-            B::sync(device).unwrap();
+            device.sync().unwrap();
             start.elapsed().as_secs_f64() * 1e3 / calls as f64
         })
         .collect();
@@ -263,12 +261,12 @@ fn selected_cases(args: &KernelArgs) -> Vec<Case> {
 }
 
 /// Burn's materialised attention (`attention_fallback`) of the case.
-fn burn_materialised<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
+fn burn_materialised(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
     case: &Case,
-) -> Tensor<B, 4> {
+) -> Tensor<4> {
     attention_fallback(
         q.clone(),
         k.clone(),
@@ -279,26 +277,26 @@ fn burn_materialised<B: Backend>(
     )
 }
 
-fn run<B: AttentionBackend>(device: &B::Device, args: &KernelArgs) -> Vec<serde_json::Value> {
+fn run(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
     let cases = selected_cases(args);
     for case in cases {
         note_burn_skipped(&case, args);
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
-        let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
+        let rand = || Tensor::<4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v) = (rand(), rand(), rand());
         let opts = case.run_options(args);
-        let ours = median_ms::<B>(device, args.repeats, args.calls, || {
+        let ours = median_ms(device, args.repeats, args.calls, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
         let materialised = runs_materialised(&case, args).then(|| {
-            median_ms::<B>(device, args.repeats, args.calls, || {
+            median_ms(device, args.repeats, args.calls, || {
                 let _ = burn_materialised(&q, &k, &v, &case);
             })
         });
         let burn_fused = wants_burn_fused(&case, args) && burn_fits(&case, args);
         let burn = burn_fused.then(|| {
-            median_ms::<B>(device, args.repeats, args.calls, || {
+            median_ms(device, args.repeats, args.calls, || {
                 let _ = burn_attention(
                     q.clone(),
                     k.clone(),
@@ -336,9 +334,9 @@ fn run<B: AttentionBackend>(device: &B::Device, args: &KernelArgs) -> Vec<serde_
 }
 
 /// Training-step timings (`--backward`): the forward alone, then forward plus backward
-/// through `Autodiff<B>`; the backward is their difference.
-fn run_backward<B: AutodiffBackend + AttentionBackend>(
-    device: &B::Device,
+/// through `Autodiff`; the backward is their difference.
+fn run_backward(
+    device: &Device,
     args: &KernelArgs,
 ) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
@@ -346,7 +344,7 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
     for case in cases {
         note_burn_skipped(&case, args);
         let q_shape = [case.batch, case.heads, case.seq, case.head_dim];
-        let rand = || Tensor::<B, 4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
+        let rand = || Tensor::<4>::random(q_shape, Distribution::Normal(0.0, 1.0), device);
         let (q, k, v, w) = (rand(), rand(), rand(), rand());
         let opts = case.run_options(args);
         // One training step of ours (`materialised = false`) or of Burn's materialised
@@ -365,15 +363,15 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
             let grads = (out * w.clone()).sum().backward();
             let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
         };
-        let forward = median_ms::<B>(device, args.repeats, args.calls, || {
+        let forward = median_ms(device, args.repeats, args.calls, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &opts);
         });
-        let ours = median_ms::<B>(device, args.repeats, args.calls, || step(false)) - forward;
+        let ours = median_ms(device, args.repeats, args.calls, || step(false)) - forward;
         let materialised = runs_materialised(&case, args).then(|| {
-            let fwd = median_ms::<B>(device, args.repeats, args.calls, || {
+            let fwd = median_ms(device, args.repeats, args.calls, || {
                 let _ = burn_materialised(&q, &k, &v, &case);
             });
-            median_ms::<B>(device, args.repeats, args.calls, || step(true)) - fwd
+            median_ms(device, args.repeats, args.calls, || step(true)) - fwd
         });
         // DESIGN.md's count: the backward is 2.5x the forward's FLOPs.
         let tflops = |ms: f64| 2.5 * case.flops() / ms.max(1e-6) / 1e9;
@@ -399,24 +397,6 @@ fn run_backward<B: AutodiffBackend + AttentionBackend>(
     rows
 }
 
-/// The device pool of a CubeCL runtime: frees unused pages, then reports bytes reserved.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-struct Pool<R: burn::cubecl::Runtime>(burn::cubecl::client::ComputeClient<R>);
-
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-impl<R: burn::cubecl::Runtime> Pool<R> {
-    fn cleanup(&self) {
-        self.0.memory_cleanup();
-    }
-    fn reserved(&self) -> u64 {
-        self.0.memory_usage().map_or(0, |u| u.bytes_reserved)
-    }
-    /// Bytes of live allocations (no padding, no free pages).
-    fn in_use(&self) -> u64 {
-        self.0.memory_usage().map_or(0, |u| u.bytes_in_use)
-    }
-}
-
 /// The memory targets' cases: b = 1, h = 16, d = 128; one forward at n = 65536, or with
 /// `--backward` one training step (forward and backward of `sum(out * w)`) at n = 32768.
 ///
@@ -426,12 +406,10 @@ impl<R: burn::cubecl::Runtime> Pool<R> {
 /// outputs (and gradients) alive: the pool returns no pages during the call, so that
 /// reading bounds the peak from above (up to page rounding). The live bytes (`in use`)
 /// before and after are printed too.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
-    device: &B::Device,
-    pool: &Pool<R>,
-    args: &KernelArgs,
-) -> Vec<serde_json::Value> {
+fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
+    let reserved = || device.memory_pool_usage().map_or(0, |u| u.bytes_reserved);
+    // Bytes of live allocations (no padding, no free pages).
+    let in_use = || device.memory_pool_usage().map_or(0, |u| u.bytes_in_use);
     use burn_attn::cores::attention_with_lse;
     let default_seq = if args.backward { 32768 } else { 65536 };
     let (b, h, n, d) = (
@@ -442,14 +420,14 @@ fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
     );
     let mut rows = Vec::new();
     for causal in [false, true] {
-        let fill = |x: f32| Tensor::<B, 4>::full([b, h, n, d], x, device);
+        let fill = |x: f32| Tensor::<4>::full([b, h, n, d], x, device);
         let (q, k, v) = (fill(0.02), fill(0.01), fill(0.5));
         let w = args.backward.then(|| fill(1.0));
         let elem = q.dtype().size() as u64;
-        B::sync(device).unwrap();
-        pool.cleanup();
-        let before = pool.reserved();
-        let in_use_before = pool.in_use();
+        device.sync().unwrap();
+        device.memory_cleanup();
+        let before = reserved();
+        let in_use_before = in_use();
         let opts = AttentionOptions::new()
             .with_causal(causal)
             .with_tf32(args.tf32)
@@ -473,10 +451,10 @@ fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
                 (None, Some((q.grad(&grads), k.grad(&grads), v.grad(&grads))))
             }
         };
-        B::sync(device).unwrap();
+        device.sync().unwrap();
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let after = pool.reserved();
-        let in_use_after = pool.in_use();
+        let after = reserved();
+        let in_use_after = in_use();
         // Forward: Q, K, V, O and the f32 lse. Training: Q, K, V, O, their four gradients
         // (dO = w) and the lse.
         let tensors_n = if args.backward { 8 } else { 4 };
@@ -510,31 +488,6 @@ fn memory_case<B: AutodiffBackend + AttentionBackend, R: burn::cubecl::Runtime>(
     rows
 }
 
-#[allow(unused_macros)] // used only with the gpu features
-macro_rules! dispatch_dtype {
-    ($backend:ident, $runtime:ty, $args:expr, $device:expr) => {{
-        use burn::backend::Autodiff;
-        let device = $device;
-        let pool = Pool::<$runtime>(<$runtime as burn::cubecl::Runtime>::client(&device));
-        macro_rules! with_float {
-            ($f:ty) => {
-                match ($args.memory, $args.backward) {
-                    (true, _) => {
-                        memory_case::<Autodiff<$backend<$f>>, $runtime>(&device, &pool, &$args)
-                    }
-                    (false, true) => run_backward::<Autodiff<$backend<$f>>>(&device, &$args),
-                    (false, false) => run::<$backend<$f>>(&device, &$args),
-                }
-            };
-        }
-        match $args.dtype {
-            DType::F32 => with_float!(f32),
-            DType::F16 => with_float!(burn::tensor::f16),
-            DType::Bf16 => with_float!(burn::tensor::bf16),
-        }
-    }};
-}
-
 /// Where `kernel` runs.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelBackend {
@@ -544,9 +497,6 @@ pub enum KernelBackend {
     Wgpu,
     /// Burn's `Cuda` backend (feature `cuda`).
     Cuda,
-    /// Burn's CUDA `CubeBackend` without the fusion stream (feature `cuda`): beside `cuda`
-    /// at `--calls 1`, how much of a single call's time the fusion stream takes.
-    CudaUnfused,
 }
 
 impl KernelBackend {
@@ -556,7 +506,6 @@ impl KernelBackend {
             KernelBackend::Cpu => "cpu",
             KernelBackend::Wgpu => "wgpu",
             KernelBackend::Cuda => "cuda",
-            KernelBackend::CudaUnfused => "cuda-unfused",
         }
     }
 }
@@ -741,61 +690,20 @@ pub fn kernel(args: KernelArgs) -> Result<(), String> {
         return Err("--calls and --repeats take at least 1".into());
     }
     let peers = args.peers.as_deref().map(load_peers).transpose()?;
-    let rows = match args.backend {
-        KernelBackend::Cpu => {
-            type Cpu<F> = burn::backend::NdArray<F>;
-            if args.dtype != DType::F32 {
-                return Err("the CPU backend runs f32".into());
-            }
-            if args.memory {
-                return Err("--memory reads a GPU device pool".into());
-            }
-            if args.backward {
-                run_backward::<burn::backend::Autodiff<Cpu<f32>>>(&Default::default(), &args)
-            } else {
-                run::<Cpu<f32>>(&Default::default(), &args)
-            }
+    let backend = match args.backend {
+        KernelBackend::Cpu => crate::cli::BackendKind::Cpu,
+        KernelBackend::Wgpu => crate::cli::BackendKind::Wgpu,
+        KernelBackend::Cuda => crate::cli::BackendKind::Cuda,
+    };
+    let device = crate::device::device_for(backend, args.dtype)?;
+    let rows = match (args.memory, args.backward) {
+        (true, _) if args.backend == KernelBackend::Cpu => {
+            return Err("--memory reads a GPU device pool".into())
         }
-        #[cfg(feature = "cuda")]
-        KernelBackend::Cuda => {
-            use burn::backend::Cuda;
-            type Runtime = burn::cubecl::cuda::CudaRuntime;
-            dispatch_dtype!(
-                Cuda,
-                Runtime,
-                args,
-                burn::backend::cuda::CudaDevice::default()
-            )
-        }
-        #[cfg(feature = "cuda")]
-        KernelBackend::CudaUnfused => {
-            type Runtime = burn::cubecl::cuda::CudaRuntime;
-            type CudaUnfused<F> = burn_attn::cores::kernels::CubeBackend<Runtime, F, i32, u8>;
-            dispatch_dtype!(
-                CudaUnfused,
-                Runtime,
-                args,
-                burn::backend::cuda::CudaDevice::default()
-            )
-        }
-        #[cfg(feature = "wgpu")]
-        KernelBackend::Wgpu => {
-            use burn::backend::Wgpu;
-            type Runtime = burn::cubecl::wgpu::WgpuRuntime;
-            dispatch_dtype!(
-                Wgpu,
-                Runtime,
-                args,
-                burn::backend::wgpu::WgpuDevice::default()
-            )
-        }
-        #[allow(unreachable_patterns)]
-        other => {
-            return Err(format!(
-                "backend {} is not compiled in (features: cuda, wgpu)",
-                other.name()
-            ))
-        }
+        (true, true) => memory_case(&device.autodiff(), &args),
+        (true, false) => memory_case(&device, &args),
+        (false, true) => run_backward(&device.autodiff(), &args),
+        (false, false) => run(&device, &args),
     };
     if let Some(peers) = &peers {
         print_peer_ratios(&rows, peers, args.backward);

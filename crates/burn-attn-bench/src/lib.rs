@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod calibrate;
 pub mod cli;
+pub mod device;
 pub mod digest;
 pub mod growth;
 pub mod kernel;
@@ -17,5 +18,6 @@ pub mod table;
 pub use cli::{
     BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType, DigestArgs, ModelArgs,
 };
+pub use device::{device_for, memory_meter};
 pub use run::{progress_bar, run, MemoryMeter, Report, Row};
 pub use table::{format_model, format_table};

@@ -2,12 +2,13 @@
 
 use std::process::ExitCode;
 
+use burn::tensor::Device;
 use burn_attn_bench::alloc::CountingAllocator;
 use burn_attn_bench::calibrate::{calibrate, format_profile, save_profile};
 use burn_attn_bench::output::{build_report, format_report, write_outputs};
 use burn_attn_bench::{
-    format_model, progress_bar, run, BackendKind, CalibrateArgs, Cli, Command, CompareArgs, DType,
-    MemoryMeter,
+    device_for, format_model, memory_meter, progress_bar, run, CalibrateArgs, Cli, Command,
+    CompareArgs, MemoryMeter,
 };
 use clap::Parser;
 
@@ -15,16 +16,12 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
 
-/// Runs `compare` on backend `B`, prints the report and writes its files.
-fn compare_on<B: burn_attn::AttentionBackend>(
-    device: B::Device,
-    meter: MemoryMeter,
-    args: CompareArgs,
-) -> Result<(), String> {
+/// Runs `compare` on `device`, prints the report and writes its files.
+fn compare_on(device: Device, meter: MemoryMeter, args: CompareArgs) -> Result<(), String> {
     let total = (args.lengths.len() * args.selected_methods().len()) as u64;
     let bar = progress_bar(total, args.no_progress);
-    let rows = run::<B>(&device, &args, &meter, &bar);
-    let backend = burn_attn_bench::run::backend_name::<B>(&device);
+    let rows = run(&device, &args, &meter, &bar);
+    let backend = burn_attn_bench::run::backend_name(&device);
     // Rows missing without a time limit failed (each said why as it failed).
     let failed = match args.time_limit {
         None => burn_attn_bench::run::missing_rows(&args, &rows),
@@ -47,123 +44,28 @@ fn compare_on<B: burn_attn::AttentionBackend>(
     }
 }
 
-/// Runs `calibrate` on backend `B` and writes the profile.
-fn calibrate_on<B: burn_attn::AttentionBackend>(
-    device: B::Device,
-    meter: MemoryMeter,
-    args: CalibrateArgs,
-) -> Result<(), String> {
+/// Runs `calibrate` on `device` and writes the profile.
+fn calibrate_on(device: Device, meter: MemoryMeter, args: CalibrateArgs) -> Result<(), String> {
     let total = (args.compare.lengths.len() * 3) as u64;
     let bar = progress_bar(total, args.compare.no_progress);
-    let profile = calibrate::<B>(&device, &args, &meter, &bar)?;
+    let profile = calibrate(&device, &args, &meter, &bar)?;
     print!("{}", format_profile(&profile));
     save_profile(&profile, &args.profile)?;
     eprintln!("wrote {}", args.profile.display());
     Ok(())
 }
 
-/// The device memory pool of a CubeCL runtime as a [`MemoryMeter`].
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn pool_meter<R: burn::cubecl::Runtime>(device: &R::Device) -> MemoryMeter {
-    let client = R::client(device);
-    let cleanup_client = client.clone();
-    MemoryMeter {
-        description: "device memory pool: growth of bytes reserved from the device during one \
-            forward after a pool cleanup, or of bytes in use if larger (CubeCL keeps no peak \
-            counter; sampled after the synced forward with its output alive)"
-            .into(),
-        sample: Some(Box::new(move || {
-            let usage = client.memory_usage().ok();
-            burn_attn_bench::run::DeviceMemory {
-                in_use: usage.as_ref().map_or(0, |u| u.bytes_in_use),
-                reserved: usage.as_ref().map_or(0, |u| u.bytes_reserved),
-            }
-        })),
-        cleanup: Some(Box::new(move || cleanup_client.memory_cleanup())),
-    }
-}
-
-/// Calls `$f::<Backend>(device, meter, args)` for the backend and dtype in `$c`.
-macro_rules! dispatch {
-    ($f:ident, $c:expr, $args:expr) => {{
-        let c: &CompareArgs = $c;
-        match (c.backend, c.dtype) {
-            (BackendKind::Cpu, DType::F32) => $f::<burn::backend::NdArray<f32>>(
-                Default::default(),
-                MemoryMeter::allocator(),
-                $args,
-            ),
-            (BackendKind::Cpu, d) => Err(format!("the CPU backend runs f32, not {}", d.name())),
-            #[cfg(feature = "cuda")]
-            (BackendKind::Cuda, dtype) => {
-                use burn::backend::cuda::CudaDevice;
-                let device = CudaDevice::default();
-                let meter = pool_meter::<burn::cubecl::cuda::CudaRuntime>(&device);
-                match dtype {
-                    DType::F32 => $f::<burn::backend::Cuda<f32>>(device, meter, $args),
-                    DType::F16 => {
-                        $f::<burn::backend::Cuda<burn::tensor::f16>>(device, meter, $args)
-                    }
-                    DType::Bf16 => {
-                        $f::<burn::backend::Cuda<burn::tensor::bf16>>(device, meter, $args)
-                    }
-                }
-            }
-            #[cfg(feature = "wgpu")]
-            (BackendKind::Wgpu, dtype) => {
-                use burn::backend::wgpu::WgpuDevice;
-                let device = WgpuDevice::default();
-                let meter = pool_meter::<burn::cubecl::wgpu::WgpuRuntime>(&device);
-                match dtype {
-                    DType::F32 => $f::<burn::backend::Wgpu<f32>>(device, meter, $args),
-                    DType::F16 => {
-                        $f::<burn::backend::Wgpu<burn::tensor::f16>>(device, meter, $args)
-                    }
-                    DType::Bf16 => Err("WGPU has no bf16; use f32 or f16".to_string()),
-                }
-            }
-            #[allow(unreachable_patterns)]
-            (other, _) => Err(format!(
-                "backend {other:?} is not compiled in: build with `--features {}`",
-                format!("{other:?}").to_lowercase()
-            )),
-        }
-    }};
+/// The device of a `compare` run and its memory meter.
+fn device_and_meter(args: &CompareArgs) -> Result<(Device, MemoryMeter), String> {
+    let device = device_for(args.backend, args.dtype)?;
+    let meter = memory_meter(&device);
+    Ok((device, meter))
 }
 
 /// Writes `digest`'s file for the backend and dtype of `args`.
 fn digest(args: &burn_attn_bench::DigestArgs) -> Result<(), String> {
-    use burn::backend::Autodiff;
-    use burn_attn_bench::digest::digest;
-    let text = match (args.backend, args.dtype) {
-        (BackendKind::Cpu, DType::F32) => {
-            digest::<Autodiff<burn::backend::NdArray<f32>>>(&Default::default())
-        }
-        #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, dtype) => {
-            use burn::backend::Cuda;
-            let device = Default::default();
-            match dtype {
-                DType::F32 => digest::<Autodiff<Cuda<f32>>>(&device),
-                DType::F16 => digest::<Autodiff<Cuda<burn::tensor::f16>>>(&device),
-                DType::Bf16 => digest::<Autodiff<Cuda<burn::tensor::bf16>>>(&device),
-            }
-        }
-        #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, DType::F32) => {
-            digest::<Autodiff<burn::backend::Wgpu<f32>>>(&Default::default())
-        }
-        #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, DType::F16) => {
-            digest::<Autodiff<burn::backend::Wgpu<burn::tensor::f16>>>(&Default::default())
-        }
-        (backend, dtype) => {
-            return Err(format!(
-                "digest on {backend:?} with {} is not available in this build",
-                dtype.name()
-            ))
-        }
-    };
+    let device = device_for(args.backend, args.dtype)?;
+    let text = burn_attn_bench::digest::digest(&device.autodiff());
     std::fs::write(&args.out, text).map_err(|e| format!("writing {}: {e}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
@@ -175,12 +77,14 @@ fn main() -> ExitCode {
         Command::Compare(mut args) => args
             .resolve()
             .and_then(|()| args.validate())
-            .and_then(|()| dispatch!(compare_on, &args.clone(), args)),
+            .and_then(|()| device_and_meter(&args))
+            .and_then(|(device, meter)| compare_on(device, meter, args)),
         Command::Calibrate(mut args) => args
             .compare
             .resolve()
             .and_then(|()| args.compare.validate())
-            .and_then(|()| dispatch!(calibrate_on, &args.compare.clone(), args)),
+            .and_then(|()| device_and_meter(&args.compare))
+            .and_then(|(device, meter)| calibrate_on(device, meter, args)),
         Command::Digest(args) => digest(&args),
         Command::Kernel(args) => burn_attn_bench::kernel::kernel(args),
         Command::Model(args) => {

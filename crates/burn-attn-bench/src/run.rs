@@ -4,12 +4,12 @@
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, ElementConversion, Tensor, TensorData};
 use burn_attn::cores::KeyPattern;
 use burn_attn::nn::complexity::{Cost, Method};
 use burn_attn::{pattern_attention, AttentionOptions};
 use burn_attn::{
-    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AttentionBackend,
+    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig,,
     CausalLinearAttention, CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig,
     HybridAttention, HybridAttentionConfig, LearnedSparseAttention, LearnedSparseAttentionConfig,
     LinearAttention, LinearAttentionConfig, MultiHeadProjection, SlidingWindowAttention,
@@ -142,21 +142,21 @@ pub struct Report {
 }
 
 /// A built module of any variant, so the loop can treat them alike.
-enum Variant<B: AttentionBackend> {
+enum Variant {
     // The baseline: plain materialised exact attention through these projections.
-    Exact(FlashAttention<B>),
-    Flash(FlashAttention<B>),
-    Sparse(SparseAttention<B>),
-    LearnedSparse(LearnedSparseAttention<B>),
-    Linear(LinearAttention<B>),
-    CausalLinear(CausalLinearAttention<B>),
-    Sliding(SlidingWindowAttention<B>),
-    Adaptive(AdaptiveSlidingWindowAttention<B>),
-    Hybrid(HybridAttention<B>),
+    Exact(FlashAttention),
+    Flash(FlashAttention),
+    Sparse(SparseAttention),
+    LearnedSparse(LearnedSparseAttention),
+    Linear(LinearAttention),
+    CausalLinear(CausalLinearAttention),
+    Sliding(SlidingWindowAttention),
+    Adaptive(AdaptiveSlidingWindowAttention),
+    Hybrid(HybridAttention),
 }
 
-impl<B: AttentionBackend> Variant<B> {
-    fn build(method: Method, args: &CompareArgs, device: &B::Device) -> Self {
+impl Variant {
+    fn build(method: Method, args: &CompareArgs, device: &Device) -> Self {
         let (d, h) = (args.d_model, args.heads);
         let sparse = |pattern: SparsePattern| {
             Variant::Sparse(
@@ -223,7 +223,7 @@ impl<B: AttentionBackend> Variant<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
             Variant::Exact(m) => m.projection().exact(x, false),
             Variant::Flash(m) => m.forward(x),
@@ -237,7 +237,7 @@ impl<B: AttentionBackend> Variant<B> {
         }
     }
 
-    fn projection(&self) -> &MultiHeadProjection<B> {
+    fn projection(&self) -> &MultiHeadProjection {
         match self {
             Variant::Exact(m) | Variant::Flash(m) => m.projection(),
             Variant::Sparse(m) => m.projection(),
@@ -250,7 +250,7 @@ impl<B: AttentionBackend> Variant<B> {
         }
     }
 
-    fn projection_mut(&mut self) -> &mut MultiHeadProjection<B> {
+    fn projection_mut(&mut self) -> &mut MultiHeadProjection {
         match self {
             Variant::Exact(m) | Variant::Flash(m) => &mut m.projection,
             Variant::Sparse(m) => &mut m.projection,
@@ -285,14 +285,14 @@ impl<B: AttentionBackend> Variant<B> {
 }
 
 /// Runs `forward` and waits for the device, so timings include the work on GPUs.
-fn forward_synced<B: AttentionBackend>(
-    variant: &Variant<B>,
-    x: &Tensor<B, 3>,
-    device: &B::Device,
-) -> Tensor<B, 3> {
+fn forward_synced(
+    variant: &Variant,
+    x: &Tensor<3>,
+    device: &Device,
+) -> Tensor<3> {
     let out = variant.forward(x.clone());
     // A failed sync only means the timing is off; the error check below still reads back.
-    let _ = B::sync(device);
+    let _ = device.sync();
     out
 }
 
@@ -385,7 +385,7 @@ fn timed_ms(repeats: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 /// Max and mean absolute difference.
-fn errors<B: Backend>(out: Tensor<B, 3>, reference: Tensor<B, 3>) -> (f64, f64) {
+fn errors(out: Tensor<3>, reference: Tensor<3>) -> (f64, f64) {
     // Reduce in f32 whatever the backend's float type, so the mean does not round away.
     let diff = (out - reference).abs().cast(burn::tensor::FloatDType::F32);
     let max = diff.clone().max().into_scalar().elem::<f64>();
@@ -394,20 +394,18 @@ fn errors<B: Backend>(out: Tensor<B, 3>, reference: Tensor<B, 3>) -> (f64, f64) 
 }
 
 /// Measures one method at one length.
-fn measure<B: AttentionBackend>(
+fn measure(
     method: Method,
     n: usize,
     args: &CompareArgs,
-    device: &B::Device,
+    device: &Device,
     meter: &MemoryMeter,
 ) -> Row {
-    B::seed(
-        device,
-        args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
+    device.seed(args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
     );
-    let mut variant = Variant::<B>::build(method, args, device);
+    let mut variant = Variant::build(method, args, device);
     let batch = args.batch_for(n);
-    let x = Tensor::<B, 3>::random(
+    let x = Tensor::<3>::random(
         [batch, n, args.d_model],
         Distribution::Normal(0.0, 1.0),
         device,
@@ -436,7 +434,7 @@ fn measure<B: AttentionBackend>(
                 None,
                 0.0,
             );
-            let _ = B::sync(device);
+            let _ = device.sync();
             out
         };
         drop(core());
@@ -450,7 +448,7 @@ fn measure<B: AttentionBackend>(
         let projection = variant.projection_mut();
         projection.key = projection.query.clone();
         let data = structured_input(batch, n, args.d_model, 3.0, args.seed ^ n as u64);
-        let xs = Tensor::<B, 3>::from_data(TensorData::new(data, [batch, n, args.d_model]), device);
+        let xs = Tensor::<3>::from_data(TensorData::new(data, [batch, n, args.d_model]), device);
         let reference = variant.projection().exact(xs.clone(), variant.causal());
         let (max, mean) = errors(variant.forward(xs), reference);
         (Some(max), Some(mean))
@@ -476,8 +474,8 @@ fn measure<B: AttentionBackend>(
 }
 
 /// Runs every selected method at every length on backend `B`, advancing `bar` per row.
-pub fn run<B: AttentionBackend>(
-    device: &B::Device,
+pub fn run(
+    device: &Device,
     args: &CompareArgs,
     meter: &MemoryMeter,
     bar: &ProgressBar,
@@ -500,7 +498,7 @@ pub fn run<B: AttentionBackend>(
             // A method that fails at a size (out of memory, an unsupported shape) loses its
             // row, not the whole table.
             let row = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                measure::<B>(method, n, args, device, meter)
+                measure(method, n, args, device, meter)
             }));
             match row {
                 Ok(row) => {
@@ -551,6 +549,7 @@ pub fn missing_rows(args: &CompareArgs, rows: &[Row]) -> Vec<(Method, usize)> {
 }
 
 /// The backend's name for the report.
-pub fn backend_name<B: Backend>(device: &B::Device) -> String {
-    B::name(device)
+pub fn backend_name(device: &Device) -> String {
+    use burn::backend::{Backend, Dispatch};
+    Dispatch::name(device.as_dispatch())
 }

@@ -10,7 +10,11 @@ use burn_attn_bench::growth::{growth, loglog_slope};
 use burn_attn_bench::{progress_bar, run, Cli, Command, MemoryMeter, Row};
 use clap::Parser;
 
-type B = burn::backend::NdArray<f32>;
+/// The CPU device (ndarray, which Burn 0.22 deprecates; our default CPU backend).
+#[allow(deprecated)]
+fn cpu() -> burn::tensor::Device {
+    burn::tensor::Device::ndarray()
+}
 
 #[test]
 fn slopes_recover_known_exponents() {
@@ -144,8 +148,7 @@ fn calibration_writes_a_profile_the_hybrid_obeys() {
         other => panic!("expected calibrate, got {other:?}"),
     };
     let bar = progress_bar(0, true);
-    let profile =
-        calibrate::<B>(&Default::default(), &args, &MemoryMeter::allocator(), &bar).unwrap();
+    let profile = calibrate(&cpu(), &args, &MemoryMeter::allocator(), &bar).unwrap();
     assert_eq!(profile.measured.len(), 9);
     assert!(profile.flash_max_len <= profile.sparse_max_len);
     save_profile(&profile, &path).unwrap();
@@ -173,7 +176,7 @@ fn calibration_writes_a_profile_the_hybrid_obeys() {
     let config = HybridAttentionConfig::new(32, 4)
         .with_profile_file(&path)
         .unwrap();
-    let module = config.init::<B>(&Default::default());
+    let module = config.init(&cpu());
     for n in [1usize, 16, 17, 32, 33, 64, 65, 10_000] {
         let want = if n <= loaded.flash_max_len {
             HybridChoice::Flash
@@ -212,12 +215,7 @@ fn calibration_writes_a_profile_the_hybrid_obeys() {
     };
     compare.resolve().unwrap();
     assert_eq!(compare.hybrid_flash_max, loaded.flash_max_len);
-    let rows = run::<B>(
-        &Default::default(),
-        &compare,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &compare, &MemoryMeter::allocator(), &bar);
     for row in rows {
         let want = match module.choose(row.seq_len) {
             HybridChoice::Flash => Method::Flash,

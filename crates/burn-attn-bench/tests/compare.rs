@@ -7,6 +7,12 @@ use burn_attn_bench::output::{build_report, format_report, write_outputs};
 use burn_attn_bench::{format_table, progress_bar, run, Cli, Command, CompareArgs, MemoryMeter};
 use clap::Parser;
 
+/// The CPU device (ndarray, which Burn 0.22 deprecates; our default CPU backend).
+#[allow(deprecated)]
+fn cpu() -> burn::tensor::Device {
+    burn::tensor::Device::ndarray()
+}
+
 // The same counter as the binary, so the peak column is exercised too.
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
@@ -63,12 +69,7 @@ fn compare_produces_every_row() {
     let args = tiny_args(&[]);
     args.validate().unwrap();
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
 
     assert_eq!(rows.len(), Method::ALL.len() * 2);
     for &n in &[16, 32] {
@@ -150,12 +151,7 @@ fn windows_wider_than_the_sequence_are_exact() {
         ("--methods", "sparse-local,sliding-window"),
     ]);
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     assert_eq!(rows.len(), 2);
     for row in rows {
         assert!(row.max_error < 1e-4, "{}: {}", row.method, row.max_error);
@@ -167,12 +163,7 @@ fn json_round_trips() {
     let _serial = serial();
     let args = tiny_args(&[("--lengths", "16"), ("--methods", "exact,linear")]);
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     let report = burn_attn_bench::Report {
         backend: "ndarray".into(),
         memory: MemoryMeter::allocator().description,
@@ -197,12 +188,7 @@ fn hybrid_switches_regime_with_the_thresholds() {
         ("--methods", "hybrid"),
     ]);
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     let selected: Vec<Method> = rows.iter().map(|r| r.model.selected).collect();
     assert_eq!(
         selected,
@@ -249,7 +235,7 @@ fn end_to_end_writes_json_csv_and_both_plots() {
     args.validate().unwrap();
     let bar = progress_bar(0, true);
     let meter = MemoryMeter::allocator();
-    let rows = run::<burn::backend::NdArray<f32>>(&Default::default(), &args, &meter, &bar);
+    let rows = run(&cpu(), &args, &meter, &bar);
     let report = build_report("ndarray".into(), meter.description.clone(), args, rows).unwrap();
     let text = format_report(&report);
     assert!(
@@ -304,12 +290,7 @@ fn hybrid_allocates_no_more_than_the_core_it_chose() {
         ("--no-structured", ""),
     ]);
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     for n in [16, 24, 32] {
         let at = |m: Method| {
             rows.iter()
@@ -336,12 +317,7 @@ fn time_limit_stops_rows_and_the_report_lists_them() {
     let args = tiny_args(&[("--methods", "flash,linear"), ("--time-limit", "1e-9")]);
     args.validate().unwrap();
     let bar = progress_bar(0, true);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     assert!(
         rows.is_empty(),
         "rows ran past the time limit: {}",
@@ -366,12 +342,7 @@ fn time_limit_stops_rows_and_the_report_lists_them() {
 
     // A generous limit runs every row.
     let args = tiny_args(&[("--methods", "flash"), ("--time-limit", "1e6")]);
-    let rows = run::<burn::backend::NdArray<f32>>(
-        &Default::default(),
-        &args,
-        &MemoryMeter::allocator(),
-        &bar,
-    );
+    let rows = run(&cpu(), &args, &MemoryMeter::allocator(), &bar);
     assert_eq!(rows.len(), 2);
     assert!(burn_attn_bench::run::missing_rows(&args, &rows).is_empty());
 

@@ -9,7 +9,7 @@ use burn::backend::{
     backend_extension, tensor::FloatTensor, Backend, DispatchKindConversion, DispatchTensor,
     DispatchTensorKind,
 };
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
 use crate::dispatch::{serve_tiled, Decline, Declines, Implementation, Pass};
@@ -35,7 +35,8 @@ pub trait AttentionBackend: Backend {
     /// `k: [batch, kv_heads, seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
     ///
     /// Returns the output `[batch, heads, seq_q, value_dim]` and the row log-sum-exp
-    /// `[batch, heads, seq_q]` in f32 (`-inf` for rows that see no key, whose output is 0).
+    /// `[batch, heads, seq_q]` (in f32 from the kernels, in the inputs' dtype from the tiled
+    /// tensor ops; `-inf` for rows that see no key, whose output is 0).
     fn banded_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -59,8 +60,8 @@ pub trait AttentionBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// The tiled tensor-op path for a band, with the lse in f32 (as the kernels return it): the
-/// implementation of backends without kernels and the fallback of the kernels.
+/// The tiled tensor-op path for a band (the lse in the inputs' dtype): the implementation
+/// of backends without kernels and the fallback of the kernels.
 pub(crate) fn tiled_band(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -70,13 +71,7 @@ pub(crate) fn tiled_band(
     let pattern = KeyPattern::band(options.window, options.causal);
     let scale = options.scale_for(q.dims()[3]);
     let spec = TiledSpec::new(&pattern, scale).with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-    let (out, lse) = tiled_attention(q, k, v, &spec);
-    let lse = if lse.dtype() == DType::F32 {
-        lse
-    } else {
-        lse.cast(DType::F32)
-    };
-    (out, lse)
+    tiled_attention(q, k, v, &spec)
 }
 
 /// A backend primitive as a high-level tensor (on that backend, without autodiff), so the

@@ -113,6 +113,15 @@ fn metadata_problem(
     Problem::contiguous(q, dims4(&k.shape()), dims4(&v.shape()), precision, band)
 }
 
+/// `lse` in f32.
+fn f32_lse(lse: FloatTensor<Cube>) -> FloatTensor<Cube> {
+    if lse.dtype() == DType::F32 {
+        lse
+    } else {
+        Cube::float_cast(lse, FloatDType::F32)
+    }
+}
+
 /// The capabilities of the device a fused tensor lives on.
 fn caps_of(t: &FloatTensor<Cube>) -> DeviceCaps {
     device_caps(&t.device().client())
@@ -133,7 +142,9 @@ impl AttentionBackend for Cube {
             plan_forward(kernel, p, &caps, &forced)
         });
         let Some((kernel, served)) = chosen else {
-            return tiled_forward_on::<Self>(q, k, v, &options, declined);
+            // The lse in f32, as the kernels return it.
+            let (out, lse) = tiled_forward_on::<Self>(q, k, v, &options, declined);
+            return (out, f32_lse(lse));
         };
         report(
             options.log.as_ref(),
@@ -158,11 +169,7 @@ impl AttentionBackend for Cube {
         // The kernels take the lse in f32 (what the forward returns; a cast otherwise), and
         // out and d_out in the inputs' dtype and shapes (checked by the metadata problem of
         // q, k, v: the forward made out, autodiff made d_out like it).
-        let lse = if lse.dtype() == DType::F32 {
-            lse
-        } else {
-            Self::float_cast(lse, FloatDType::F32)
-        };
+        let lse = f32_lse(lse);
         let rows_follow =
             out.dtype() == q.dtype() && d_out.dtype() == q.dtype() && out.shape() == d_out.shape();
         let problem = if rows_follow {
