@@ -2,9 +2,9 @@
 //! hybrid thresholds and saved as a [`HybridProfile`].
 
 use burn::config::Config;
+use burn::tensor::Device;
 use burn_attn::nn::complexity::Method;
 use burn_attn::nn::hybrid::{HybridCrossover, HybridMeasurement, HybridProfile};
-use burn::tensor::Device;
 use burn_attn::SparsePattern;
 use indicatif::ProgressBar;
 

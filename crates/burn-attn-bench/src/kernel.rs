@@ -180,12 +180,7 @@ fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
 /// runs each (per run), after a warm-up of at least three runs and 200 ms: a GPU that was
 /// idle (or compiling) runs its first milliseconds at lower clocks, which moved
 /// one-millisecond cases by 13% between runs of one binary.
-fn median_ms(
-    device: &Device,
-    repeats: usize,
-    calls: usize,
-    mut f: impl FnMut(),
-) -> f64 {
+fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: impl FnMut()) -> f64 {
     let warm = Instant::now();
     let mut runs = 0;
     while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
@@ -261,12 +256,7 @@ fn selected_cases(args: &KernelArgs) -> Vec<Case> {
 }
 
 /// Burn's materialised attention (`attention_fallback`) of the case.
-fn burn_materialised(
-    q: &Tensor<4>,
-    k: &Tensor<4>,
-    v: &Tensor<4>,
-    case: &Case,
-) -> Tensor<4> {
+fn burn_materialised(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, case: &Case) -> Tensor<4> {
     attention_fallback(
         q.clone(),
         k.clone(),
@@ -335,10 +325,7 @@ fn run(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
 
 /// Training-step timings (`--backward`): the forward alone, then forward plus backward
 /// through `Autodiff`; the backward is their difference.
-fn run_backward(
-    device: &Device,
-    args: &KernelArgs,
-) -> Vec<serde_json::Value> {
+fn run_backward(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
     let mut rows = Vec::new();
     let cases = selected_cases(args);
     for case in cases {

@@ -9,10 +9,10 @@ use burn_attn::cores::KeyPattern;
 use burn_attn::nn::complexity::{Cost, Method};
 use burn_attn::{pattern_attention, AttentionOptions};
 use burn_attn::{
-    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig,,
-    CausalLinearAttention, CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig,
-    HybridAttention, HybridAttentionConfig, LearnedSparseAttention, LearnedSparseAttentionConfig,
-    LinearAttention, LinearAttentionConfig, MultiHeadProjection, SlidingWindowAttention,
+    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
+    CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig, HybridAttention,
+    HybridAttentionConfig, LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention,
+    LinearAttentionConfig, MultiHeadProjection, SlidingWindowAttention,
     SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -285,11 +285,7 @@ impl Variant {
 }
 
 /// Runs `forward` and waits for the device, so timings include the work on GPUs.
-fn forward_synced(
-    variant: &Variant,
-    x: &Tensor<3>,
-    device: &Device,
-) -> Tensor<3> {
+fn forward_synced(variant: &Variant, x: &Tensor<3>, device: &Device) -> Tensor<3> {
     let out = variant.forward(x.clone());
     // A failed sync only means the timing is off; the error check below still reads back.
     let _ = device.sync();
@@ -401,8 +397,7 @@ fn measure(
     device: &Device,
     meter: &MemoryMeter,
 ) -> Row {
-    device.seed(args.seed ^ (n as u64).rotate_left(17) ^ method as u64,
-    );
+    device.seed(args.seed ^ (n as u64).rotate_left(17) ^ method as u64);
     let mut variant = Variant::build(method, args, device);
     let batch = args.batch_for(n);
     let x = Tensor::<3>::random(
