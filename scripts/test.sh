@@ -17,6 +17,16 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 && ! ls /usr/share
     fi
 fi
 
+# The CUDA build must compile kernels with NVRTC (cubecl-cuda's `cpp`) at the version the
+# build environment's cubecl-llvm stand-in claims (build-support/): a build on the LLVM
+# compiler would panic on its first CUDA device start there.
+cuda_tree="$(cargo tree -e features -i cubecl-cuda --features burn-attn/cuda)"
+if ! grep -q '^cubecl-cuda v0.11.3$' <<<"$cuda_tree" || ! grep -q 'cubecl-cuda feature "cpp"' <<<"$cuda_tree"; then
+    echo "== the cuda build must use cubecl-cuda 0.11.3 with its cpp (NVRTC) feature:" >&2
+    head -1 <<<"$cuda_tree" >&2
+    exit 1
+fi
+
 # A one-off build gains nothing from incremental state, which takes gigabytes.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "== disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"

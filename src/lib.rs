@@ -5,23 +5,24 @@
 //! attention, linear and causal linear attention, sliding-window and adaptive-window
 //! attention, and a hybrid that picks the mechanism by sequence length.
 //!
-//! Every module is generic over the backend, has a `#[derive(Config)]` config with
-//! `init(&device)`, and takes `[batch, seq, d_model]`. The backend is chosen by cargo
-//! feature (`ndarray`, the default; `wgpu`, `vulkan`, `metal`; `cuda`); on backends with
-//! a GPU kernel the exact cores run it, elsewhere a tiled tensor-op implementation.
+//! Every module is a Burn module (no backend type parameter: the device says where it
+//! runs), has a `#[derive(Config)]` config with `init(&device)`, and takes `[batch, seq,
+//! d_model]`. Backends are compiled in by cargo feature (`ndarray`, the default; `flex`;
+//! `wgpu`, `vulkan`, `metal`; `cuda`); on devices with a GPU kernel the exact cores run it,
+//! elsewhere a tiled tensor-op implementation.
 //!
 //! ```
-//! use burn::backend::NdArray;
-//! use burn::tensor::{Distribution, Tensor};
+//! use burn::tensor::{Device, Distribution, Tensor};
 //! use burn_attn::{FlashAttentionConfig, SlidingWindowAttentionConfig};
 //!
-//! let device = Default::default();
-//! let attn = FlashAttentionConfig::new(64, 4).with_causal(true).init::<NdArray>(&device);
-//! let x = Tensor::<NdArray, 3>::random([2, 10, 64], Distribution::Normal(0.0, 1.0), &device);
+//! # #[allow(deprecated)]
+//! let device = Device::ndarray();
+//! let attn = FlashAttentionConfig::new(64, 4).with_causal(true).init(&device);
+//! let x = Tensor::<3>::random([2, 10, 64], Distribution::Normal(0.0, 1.0), &device);
 //! let y = attn.forward(x.clone());
 //! assert_eq!(y.dims(), [2, 10, 64]);
 //!
-//! let local = SlidingWindowAttentionConfig::new(64, 4).with_window(4).init::<NdArray>(&device);
+//! let local = SlidingWindowAttentionConfig::new(64, 4).with_window(4).init(&device);
 //! assert_eq!(local.forward(x).dims(), [2, 10, 64]);
 //! ```
 #![warn(missing_docs)]

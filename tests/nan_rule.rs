@@ -39,7 +39,7 @@ fn run(q: Vec<f32>) -> [Vec<f32>; 3] {
     let (out, lse) = attention_with_lse(q.clone(), k, v, &options);
     let grads = (out.clone() * w).sum().backward();
     let dq = q.grad(&grads).expect("q takes part in the output");
-    let values = |data: TensorData| data.to_vec::<f32>().unwrap();
+    let values = |data: TensorData| data.try_to_vec::<f32>().unwrap();
     [
         values(out.into_data()),
         values(lse.into_data()),

@@ -238,7 +238,7 @@ pub fn truth(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Runs a kernel (through `attention_with_lse`, which must not fall back to the tiled
-/// tensor ops) on backend `B` in `dtype`.
+/// tensor ops) on `B`'s device in `dtype`.
 pub fn kernel<B: On>(case: &Case, x: &Inputs, dtype: DType) -> (Vec<f64>, Vec<f64>, DType) {
     let device = B::device();
     let log = DispatchLog::new();
@@ -502,7 +502,7 @@ pub fn host_tf32_reference(case: &Case, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
     LowPrecisionRows::new(case, &xr, DType::F32).forward(round_tf32)
 }
 
-/// Runs one forward launcher directly on the plain CubeCL backend `B` (no dispatch, no
+/// Runs one forward launcher directly on the CubeCL primitives of `B`'s device (no dispatch, no
 /// environment switch) in f32, the queries a strided view as in the backward checks.
 /// Returns the inputs, the f64 truth and the kernel's output and lse, or why the launcher
 /// declined.
@@ -733,7 +733,7 @@ where
     [flat(q), flat(k), flat(v)]
 }
 
-/// Training through the op on backend `B` (forward kernel, backward kernels from the saved
+/// Training through the op on `B`'s device with autodiff (forward kernel, backward kernels from the saved
 /// O and lse, or their tiled fallbacks) against autodiff of the materialised reference in
 /// f64 on the CPU.
 pub fn check_gradients<B>(case: Case)
@@ -779,7 +779,7 @@ fn seq_major(x: &(Vec<f32>, [usize; 4])) -> (Vec<f32>, [usize; 4]) {
     (data, [b, s, h, d])
 }
 
-/// The backward kernels' gradients for `case` on the plain CubeCL backend `B`: the
+/// The backward kernels' gradients for `case` on `B`'s device: the
 /// forward (kernel) gives O and lse, then the op's backward runs on `d_out = w` (the
 /// matrix-unit kernels for f16/bf16 on CUDA, the portable ones otherwise). `Err` with the
 /// last kernel's reason when every backward kernel declines.
@@ -817,8 +817,8 @@ where
     Ok([back(dq), back(dk), back(dv)])
 }
 
-/// The backward kernels (the op's backward dispatch, called directly on the plain CubeCL
-/// backend `B`) against autodiff of the materialised reference in f64: f32 to an absolute
+/// The backward kernels (the op's backward dispatch, called directly on the CubeCL
+/// device of `B`) against autodiff of the materialised reference in f64: f32 to an absolute
 /// bound; f16/bf16 within 3x the error of the reference's gradients computed in the same
 /// low precision on the device (DESIGN.md). Also runs the kernels twice and requires the
 /// same bits.
@@ -831,7 +831,7 @@ where
 }
 
 /// [`check_backward_kernel`] with the host-evaluated low-precision reference
-/// ([`host_low_precision_gradients`]) instead of Burn's low-precision autodiff on `B`.
+/// ([`host_low_precision_gradients`]) instead of Burn's low-precision autodiff on `B`'s device.
 pub fn check_backward_kernel_host<B>(case: Case, dtype: DType)
 where
     B: On,
@@ -1143,7 +1143,7 @@ where
     }
 }
 
-/// The dispatch log through `B` (a fusion-wrapped backend, as users get) and its autodiff:
+/// The dispatch log through `B`'s device (fused, as users get it) with autodiff:
 /// one entry per executed pass, recorded when the op runs; the forward served by
 /// `forward`, the backward by a kernel; `KernelPolicy::Tiled` served by the tiled tensor
 /// ops with its reason; with tf32 allowed, f32 served by `tf32_forward`.

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, ElementConversion, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_attn::cores::KeyPattern;
 use burn_attn::nn::complexity::{Cost, Method};
 use burn_attn::{pattern_attention, AttentionOptions};
@@ -384,8 +384,8 @@ fn timed_ms(repeats: usize, mut f: impl FnMut()) -> Vec<f64> {
 fn errors(out: Tensor<3>, reference: Tensor<3>) -> (f64, f64) {
     // Reduce in f32 whatever the backend's float type, so the mean does not round away.
     let diff = (out - reference).abs().cast(burn::tensor::FloatDType::F32);
-    let max = diff.clone().max().into_scalar().elem::<f64>();
-    let mean = diff.mean().into_scalar().elem::<f64>();
+    let max = diff.clone().max().into_scalar::<f64>();
+    let mean = diff.mean().into_scalar::<f64>();
     (max, mean)
 }
 
@@ -468,7 +468,7 @@ fn measure(
     }
 }
 
-/// Runs every selected method at every length on backend `B`, advancing `bar` per row.
+/// Runs every selected method at every length on `device`, advancing `bar` per row.
 pub fn run(
     device: &Device,
     args: &CompareArgs,

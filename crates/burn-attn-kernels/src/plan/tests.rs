@@ -280,3 +280,52 @@ fn span_counts_strided_views() {
     assert_eq!(span(&[2, 8], &[24, 1]), 32);
     assert_eq!(span(&[2, 0, 4], &[4, 4, 1]), 0);
 }
+
+#[test]
+fn contiguous_problem_of_metadata() {
+    let band = BandArgs {
+        scale: 0.125,
+        left: None,
+        right: Some(0),
+    };
+    let p = Problem::contiguous(
+        [2, 8, 100, 64],
+        [2, 2, 300, 64],
+        [2, 2, 300, 40],
+        Precision::BF16,
+        band,
+    )
+    .unwrap();
+    assert_eq!(
+        (p.sizes.heads, p.sizes.kv_heads, p.sizes.value_dim),
+        (8, 2, 40)
+    );
+    // Rows of 64 and 40 bf16 elements are whole 16-byte pieces.
+    assert!(p.aligned_rows);
+    // The largest tensor: q (2 * 8 * 100 * 64), above k (2 * 2 * 300 * 64) and the output.
+    assert_eq!(p.span, 2 * 8 * 100 * 64);
+    let odd = Problem::contiguous(
+        [1, 1, 5, 36],
+        [1, 1, 5, 36],
+        [1, 1, 5, 36],
+        Precision::F32,
+        band,
+    );
+    assert!(odd.unwrap().aligned_rows, "36 f32 = 9 pieces of 16 bytes");
+    let odd = Problem::contiguous(
+        [1, 1, 5, 33],
+        [1, 1, 5, 33],
+        [1, 1, 5, 33],
+        Precision::F16,
+        band,
+    );
+    assert!(!odd.unwrap().aligned_rows);
+    let mismatched = Problem::contiguous(
+        [1, 4, 5, 32],
+        [1, 3, 5, 32],
+        [1, 3, 5, 32],
+        Precision::F16,
+        band,
+    );
+    assert!(matches!(mismatched, Err(Unsupported::Shapes(_))));
+}
