@@ -151,7 +151,7 @@ impl<F: Float> PlaneMma<F> {
             let a_off =
                 a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
             let a_regs = def.load_matrix::<F, MmaVecA>(
-                &&a_smem[a_off..a_off + 8],
+                &a_smem[a_off..a_off + 8],
                 MatrixIdent::A,
                 4usize,
                 false,
@@ -167,7 +167,7 @@ impl<F: Float> PlaneMma<F> {
                     + kc * 16
                     + 8 * (ld_block % 2);
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &&b_smem[b_off..b_off + 8],
+                    &b_smem[b_off..b_off + 8],
                     MatrixIdent::B,
                     4usize,
                     false,
@@ -235,7 +235,7 @@ impl<F: Float> PlaneMma<F> {
                     + np * 16
                     + 8 * (ld_block / 2);
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &&b_smem[b_off..b_off + 8],
+                    &b_smem[b_off..b_off + 8],
                     MatrixIdent::B,
                     4usize,
                     true,

@@ -153,11 +153,7 @@ pub(crate) fn stage_rows_async<F: Float>(
                 let off = select(valid, src_first + i * src_step, at.base);
                 let len = select(valid, chunk, 0usize);
                 let to = to_first + comptime!(i * row_step * smem_stride);
-                copy_async_checked(
-                    &&src[off..off + len],
-                    &mut &mut smem[to..to + chunk],
-                    copy_len,
-                );
+                copy_async_checked(&src[off..off + len], &mut smem[to..to + chunk], copy_len);
             }
         }
     } else {
@@ -171,11 +167,7 @@ pub(crate) fn stage_rows_async<F: Float>(
                 let off = select(valid, at.base + j * at.row_stride + c, at.base);
                 let len = select(valid, chunk, 0usize);
                 let to = dst + r * smem_stride + c;
-                copy_async_checked(
-                    &&src[off..off + len],
-                    &mut &mut smem[to..to + chunk],
-                    copy_len,
-                );
+                copy_async_checked(&src[off..off + len], &mut smem[to..to + chunk], copy_len);
             }
             idx += threads;
         }

@@ -71,7 +71,7 @@ impl ForwardProducts for Ldmatrix16 {
             for mt in 0..m_tiles {
                 let q_off = at.q + mt * 16 * q_stride + dc * 16;
                 let a_regs = def.load_matrix::<F, MmaVecA>(
-                    &&q_smem[q_off..q_off + 8],
+                    &q_smem[q_off..q_off + 8],
                     MatrixIdent::A,
                     4usize,
                     false,
@@ -86,7 +86,7 @@ impl ForwardProducts for Ldmatrix16 {
                 // B for key tiles 2kp and 2kp + 1 (K rows being B's columns).
                 let k_off = k_at + kp * 16 * k_stride + dc * 16;
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &&k_smem[k_off..k_off + 8],
+                    &k_smem[k_off..k_off + 8],
                     MatrixIdent::B,
                     4usize,
                     false,
@@ -159,7 +159,7 @@ impl ForwardProducts for Ldmatrix16 {
                 // B for value tiles 2vp and 2vp + 1 from V [key][d] transposed.
                 let v_off = v_at + kc * 16 * v_stride + vp * 16;
                 let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &&v_smem[v_off..v_off + 8],
+                    &v_smem[v_off..v_off + 8],
                     MatrixIdent::B,
                     4usize,
                     true,
