@@ -59,7 +59,7 @@ pub struct DigestArgs {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
-    /// The CPU backend (`burn::backend::NdArray<f32>`); `ndarray` is accepted too.
+    /// The CPU backend (`Device::ndarray()`, f32); `ndarray` is accepted too.
     #[value(alias = "ndarray")]
     #[serde(alias = "ndarray")]
     Cpu,

@@ -478,7 +478,7 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
 /// Where `kernel` runs.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelBackend {
-    /// The CPU backend (`NdArray<f32>`): the tiled tensor ops, for a sanity run.
+    /// The CPU backend (`Device::ndarray()`, f32): the tiled tensor ops, for a sanity run.
     Cpu,
     /// Burn's `Wgpu` backend (feature `wgpu`).
     Wgpu,

@@ -1,4 +1,4 @@
-//! [`AttentionBackend`] for `Autodiff<B>`: the forward is the inner backend's op (its
+//! [`AttentionBackend`] for `Autodiff<E>`: the forward is the inner backend's op (its
 //! kernel where it has one); the backward is the inner backend's
 //! [`AttentionBackend::banded_attention_backward`] (the backward kernels on `Cube`,
 //! [`tiled_band_backward`](crate::tiled_band_backward) elsewhere), which recomputes the
