@@ -239,7 +239,7 @@ fn unit_backward_at_the_software_loop_cap() {
 fn unit_launcher_declines_mismatched_shapes() {
     require_gpu();
     let device = Gpu::device();
-    let t = |shape: [usize; 4]| to_cube(Tensor::<4>::zeros(shape, &device));
+    let t = |shape: [usize; 4]| cube_primitive(Tensor::<4>::zeros(shape, &device));
     let band = BandArgs {
         scale: 0.25,
         left: None,

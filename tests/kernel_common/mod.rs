@@ -59,11 +59,6 @@ pub fn op_backward(
 }
 
 /// A high-level tensor on a CubeCL device as the kernels' launchers take it.
-pub fn to_cube(t: Tensor<4>) -> CubeTensor {
-    cube_primitive(t)
-}
-
-/// Any-rank [`to_cube`].
 pub fn cube_primitive<const D: usize>(t: Tensor<D>) -> CubeTensor {
     let fused = t.try_into_primitive::<Cube>().expect("a CubeCL tensor");
     fused
@@ -528,7 +523,14 @@ where
         right: window.right,
     };
     let forced = ForcedPlan::default();
-    let (out, lse) = flash_forward_with(kernel, to_cube(q), to_cube(k), to_cube(v), band, &forced)?;
+    let (out, lse) = flash_forward_with(
+        kernel,
+        cube_primitive(q),
+        cube_primitive(k),
+        cube_primitive(v),
+        band,
+        &forced,
+    )?;
     let (ko, kl) = (cube_to_f64(out), cube_to_f64(lse));
     let (to, tl) = truth(case, &x);
     Ok((x, [to, tl], [ko, kl]))

@@ -167,21 +167,19 @@ impl AttentionBackend for Cube {
         options: AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // The kernels take the lse in f32 (what the forward returns; a cast otherwise), and
-        // out and d_out in the inputs' dtype and shapes (checked by the metadata problem of
-        // q, k, v: the forward made out, autodiff made d_out like it).
+        // out and d_out in the inputs' dtype and rows.
         let lse = f32_lse(lse);
-        let rows_follow =
-            out.dtype() == q.dtype() && d_out.dtype() == q.dtype() && out.shape() == d_out.shape();
-        let problem = if rows_follow {
-            metadata_problem(&q, &k, &v, &options)
+        let problem = if out.dtype() == q.dtype() && d_out.dtype() == q.dtype() {
+            metadata_problem(&q, &k, &v, &options).and_then(|p| {
+                p.check_backward_shapes(&out.shape(), &lse.shape(), &d_out.shape())
+                    .map(|()| p)
+            })
         } else {
             Err(Unsupported::DType {
                 got: format!(
-                    "out {:?} {:?}, d_out {:?} {:?} with q {:?}",
+                    "out {:?}, d_out {:?} with q {:?} (out and d_out in the input dtype)",
                     out.dtype(),
-                    out.shape(),
                     d_out.dtype(),
-                    d_out.shape(),
                     q.dtype()
                 ),
             })

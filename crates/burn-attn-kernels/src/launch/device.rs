@@ -100,27 +100,11 @@ pub(crate) fn backward_problem(
             ),
         });
     }
-    let Sizes {
-        batch,
-        heads,
-        seq_q,
-        value_dim,
-        ..
-    } = problem.sizes;
-    let row_shape = [batch, heads, seq_q, value_dim];
-    let shapes_ok = dims4(out) == row_shape
-        && dims4(d_out) == row_shape
-        && lse.meta.shape().as_slice() == [batch, heads, seq_q];
-    if !shapes_ok {
-        return Err(Unsupported::Shapes(format!(
-            "out {:?}, lse {:?}, d_out {:?} do not follow q {:?} and v {:?}",
-            out.meta.shape(),
-            lse.meta.shape(),
-            d_out.meta.shape(),
-            q.meta.shape(),
-            v.meta.shape()
-        )));
-    }
+    problem.check_backward_shapes(
+        out.meta.shape().as_slice(),
+        lse.meta.shape().as_slice(),
+        d_out.meta.shape().as_slice(),
+    )?;
     problem.aligned_rows &= aligned_rows(d_out);
     problem.span = [out, lse, d_out]
         .iter()

@@ -206,6 +206,32 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// Whether the backward's other tensors follow this (forward) problem: `out` and
+    /// `d_out` `[batch, heads, seq_q, value_dim]`, `lse` `[batch, heads, seq_q]`.
+    pub fn check_backward_shapes(
+        &self,
+        out: &[usize],
+        lse: &[usize],
+        d_out: &[usize],
+    ) -> Result<(), Unsupported> {
+        let Sizes {
+            batch,
+            heads,
+            seq_q,
+            value_dim,
+            ..
+        } = self.sizes;
+        let rows = [batch, heads, seq_q, value_dim];
+        if out == rows && d_out == rows && lse == rows[..3] {
+            Ok(())
+        } else {
+            Err(Unsupported::Shapes(format!(
+                "out {out:?}, lse {lse:?}, d_out {d_out:?} do not follow the inputs' rows \
+                 {rows:?}"
+            )))
+        }
+    }
+
     /// The problem of contiguous tensors of these shapes in one dtype (what a call's
     /// metadata says before its buffers exist: fused backends decide from it, and a launch
     /// whose tensors are laid out otherwise makes them contiguous where this problem's plan
