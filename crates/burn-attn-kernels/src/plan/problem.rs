@@ -222,7 +222,7 @@ impl Problem {
             ..
         } = self.sizes;
         let rows = [batch, heads, seq_q, value_dim];
-        if out == rows && d_out == rows && lse == rows[..3] {
+        if out == rows && d_out == rows && lse == &rows[..3] {
             Ok(())
         } else {
             Err(Unsupported::Shapes(format!(
