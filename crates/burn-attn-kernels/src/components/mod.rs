@@ -7,7 +7,8 @@
 //!   double-buffered `cp.async` tile pair of a loop, or plain loads into one buffer;
 //! - `fragments` (matrix-unit registers, the backward's products) and `products` (the
 //!   forward's two products, per dtype family);
-//! - `softmax`: the online-softmax step on accumulator registers; `epilogue`: rows out;
+//! - `softmax`: the online-softmax step on accumulator registers (`exp`: its exponential,
+//!   PTX's approximation on CUDA); `epilogue`: rows out;
 //! - `register_tile`: the portable kernels' per-unit register tiles.
 //!
 //! No plans; the only launches are the probe kernels that test the softmax step and the
@@ -15,6 +16,7 @@
 
 pub(crate) mod band;
 pub(crate) mod epilogue;
+pub(crate) mod exp;
 pub(crate) mod fragments;
 pub(crate) mod pipeline;
 pub mod products;

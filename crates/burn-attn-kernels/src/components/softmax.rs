@@ -10,6 +10,7 @@
 
 use cubecl::prelude::*;
 
+use super::exp::softmax_exp;
 use super::fragments::{acc_get, acc_set, MmaVecAcc};
 
 /// A finite stand-in for `-inf` as the running maximum: keeps every `exp` argument finite
@@ -75,8 +76,8 @@ pub(crate) const MAX_LAG: f32 = 8.0;
 /// Scales and masks the scores of the key tile that starts at key `t0` (`s_acc`, `m_tiles
 /// * k_tiles` accumulator tiles), updates the running maxima `m_row` and sums `l_row`,
 /// rescales `o_acc` (`m_tiles * v_tiles` tiles) where a maximum moved, and leaves `P =
-/// exp(S - m)` in `s_acc`, masked keys 0 (exactly with CUDA's `__expf`; a subnormal at
-/// most elsewhere). `scale` must be positive (the launchers' options are validated): the
+/// exp(S - m)` in `s_acc`, masked keys 0 (exactly with `ptx_exp`, PTX's approximation,
+/// which CUDA targets take; a subnormal at most elsewhere). `scale` must be positive (the launchers' options are validated): the
 /// maximum of the raw scores is taken before scaling.
 ///
 /// Two paths, chosen once per tile: a tile that every row of the plane sees whole
@@ -106,6 +107,7 @@ pub(crate) fn online_softmax_tile(
     #[comptime] k_tiles: usize,
     #[comptime] v_tiles: usize,
     #[comptime] c_vs: usize,
+    #[comptime] ptx_exp: bool,
 ) {
     let halves = comptime!(2 * m_tiles);
     let tile_hi = t0 + comptime!(k_tiles as i32 * 8) - 1;
@@ -177,7 +179,7 @@ pub(crate) fn online_softmax_tile(
         }
         moved = moved || m_new != m_old;
         // exp(NEG_BIG - finite) underflows to 0: the first visible key resets sums.
-        alpha[hf] = f32::exp(m_old - m_new);
+        alpha[hf] = softmax_exp(m_old - m_new, ptx_exp);
         m_row[hf] = m_new;
         l_row[hf] *= alpha[hf];
         // What the row's scores subtract (the scratch maxima are done with): see above.
@@ -212,7 +214,7 @@ pub(crate) fn online_softmax_tile(
             for e in 0..4usize {
                 let half = 2 * mt + e / 2;
                 let s = acc_get(&*s_acc, tile, e, c_vs);
-                let p = f32::exp(fma(s, factor, -row_max[half]));
+                let p = softmax_exp(fma(s, factor, -row_max[half]), ptx_exp);
                 l_row[half] += p;
                 acc_set(s_acc, tile, e, c_vs, p);
             }
@@ -240,7 +242,8 @@ fn register_acc_size(#[comptime] vs: usize) {
 /// probabilities (`probs`, same shape) and each row's maximum, sum (reduced over the row's
 /// four lanes, as the kernels' epilogues do) and output scale (the product of the
 /// rescalings an output accumulator that started at 1 received) to `state`, `[tiles,
-/// rows, 3]`. Needs no matrix unit, so it runs on every runtime with plane shuffles.
+/// rows, 3]`. Needs no matrix unit, so it runs on every runtime with plane shuffles;
+/// `ptx_exp` (CUDA only) as the kernels take it.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn online_softmax_probe_kernel(
@@ -255,6 +258,7 @@ pub fn online_softmax_probe_kernel(
     #[comptime] tiles: usize,
     #[comptime] m_tiles: usize,
     #[comptime] c_vs: usize,
+    #[comptime] ptx_exp: bool,
 ) {
     register_acc_size(c_vs);
     let k_tiles = comptime!(PROBE_KEYS / 8);
@@ -310,7 +314,7 @@ pub fn online_softmax_probe_kernel(
         }
         online_softmax_tile(
             &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, m_tiles, k_tiles,
-            1usize, c_vs,
+            1usize, c_vs, ptx_exp,
         );
         #[unroll]
         for mt in 0..m_tiles {

@@ -18,6 +18,7 @@ use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
 use crate::components::epilogue::write_output_rows;
+use crate::components::exp::MMA_PTX;
 use crate::components::fragments::MmaVecAcc;
 use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
 use crate::components::products::{ForwardProducts, ProductTile};
@@ -44,7 +45,8 @@ use crate::components::staging::{
 /// `row_pad` and 16-byte aligned rows (the plan checks); otherwise the kernel stages with
 /// plain loads into one buffer. `heavy_first`: heads per group of the heavy-first cube
 /// order (0: the natural order; see `schedule::cube_block`); any value computes the same
-/// result.
+/// result. Exponentials through PTX's `ex2.approx` (`components::exp`): CUDA only, as
+/// the plans launch it.
 #[cube(
     launch_unchecked,
     address_type = "dynamic",
@@ -229,6 +231,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
                 tile.k_tiles,
                 tile.v_tiles,
                 c_vs,
+                MMA_PTX,
             );
             P::accumulate::<F>(
                 &s_acc,

@@ -48,6 +48,7 @@ use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
 use crate::components::epilogue::{acc_rows_to_smem, store_plane_rows};
+use crate::components::exp::{softmax_exp, MMA_PTX};
 use crate::components::fragments::{acc_get, acc_set, MmaVecAcc, PlaneMma};
 use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
 use crate::components::schedule::CubeHead;
@@ -72,7 +73,8 @@ use crate::components::staging::{
 /// plan checks); otherwise the kernel stages with plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
-/// see `schedule::cube_block`). Any value computes the same result.
+/// see `schedule::cube_block`). Any value computes the same result. Exponentials through
+/// PTX's `ex2.approx` (`components::exp`): CUDA only, as the plans launch it.
 #[cube(
     launch_unchecked,
     address_type = "dynamic",
@@ -282,7 +284,10 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
             for kt in 0..k_tiles {
                 #[unroll]
                 for e in 0..4usize {
-                    let mut p = f32::exp(acc_get(&s_acc, kt, e, c_vs) * scale - lse_row[e / 2]);
+                    let mut p = softmax_exp(
+                        acc_get(&s_acc, kt, e, c_vs) * scale - lse_row[e / 2],
+                        MMA_PTX,
+                    );
                     if !unmasked {
                         let row = row_a + (8 * (e / 2)) as i32;
                         let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
@@ -370,7 +375,8 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 /// rows (the plan checks); otherwise the kernel stages with plain loads into one buffer.
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
-/// see `schedule::cube_block`). Any value computes the same result.
+/// see `schedule::cube_block`). Any value computes the same result. Exponentials through
+/// PTX's `ex2.approx` (`components::exp`): CUDA only, as the plans launch it.
 #[cube(
     launch_unchecked,
     address_type = "dynamic",
@@ -674,8 +680,10 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 #[unroll]
                 for e in 0..4usize {
                     let qc = qt * 8 + 2 * t + e % 2;
-                    let mut p =
-                        f32::exp(acc_get(&s_acc, qt, e, c_vs) * scale - lse_tile[st_at + qc]);
+                    let mut p = softmax_exp(
+                        acc_get(&s_acc, qt, e, c_vs) * scale - lse_tile[st_at + qc],
+                        MMA_PTX,
+                    );
                     if !unmasked {
                         let key = key_a + (8 * (e / 2)) as i32;
                         let i = t0 + qc as i32;

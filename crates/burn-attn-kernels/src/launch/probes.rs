@@ -7,8 +7,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_contiguous;
+use super::device::device_caps;
 use crate::components::schedule::cube_order_probe_kernel;
 use crate::components::softmax::{online_softmax_probe_kernel, PROBE_KEYS, PROBE_ROW_TILE};
+use crate::plan::RuntimeKind;
 
 /// Test support: runs [`online_softmax_probe_kernel`] (one plane) on `scores`
 /// (`[tiles, rows, 16]` f32, contiguous; `rows` 16 or 32: one or two row tiles) with the
@@ -42,6 +44,7 @@ pub fn online_softmax_probe(
     let probs = alloc_contiguous(&scores, Shape::new([tiles, rows, PROBE_KEYS]), DType::F32);
     let state = alloc_contiguous(&scores, Shape::new([tiles, rows, 3]), DType::F32);
     let client = scores.client.clone();
+    let ptx_exp = device_caps(&client).runtime == RuntimeKind::Cuda;
     online_softmax_probe_kernel::launch(
         &client,
         CubeCount::Static(1, 1, 1),
@@ -57,6 +60,7 @@ pub fn online_softmax_probe(
         tiles,
         rows / PROBE_ROW_TILE,
         vector_size,
+        ptx_exp,
     );
     (probs, state)
 }
