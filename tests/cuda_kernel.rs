@@ -118,6 +118,12 @@ mod on_cuda {
         );
     }
 
+    /// The block-sparse plan builds with CUDA's device ops as on the CPU.
+    #[test]
+    fn cuda_block_mask_builds_on_the_device() {
+        check_block_mask_on_device::<Gpu>();
+    }
+
     /// The heavy-first cube order (every kernel's block and head) through its probe kernel.
     #[test]
     fn cuda_cube_order_matches_host() {

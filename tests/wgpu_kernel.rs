@@ -45,6 +45,13 @@ fn require_gpu() {
     );
 }
 
+/// The block-sparse plan builds with WGPU's device ops (32-bit integers) as on the CPU.
+#[test]
+fn block_mask_builds_on_the_device() {
+    require_gpu();
+    check_block_mask_on_device::<Gpu>();
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

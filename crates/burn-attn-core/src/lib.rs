@@ -20,6 +20,7 @@
 
 mod backend;
 mod backward;
+mod block_mask;
 mod dispatch;
 mod error;
 mod linear;
@@ -34,6 +35,7 @@ pub use backend::{
     try_pattern_attention, AttentionBackend,
 };
 pub use backward::tiled_band_backward;
+pub use block_mask::{BlockCover, BlockGrid, BlockMask};
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };
