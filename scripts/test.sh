@@ -31,4 +31,9 @@ fi
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "== disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 cargo test --workspace --features burn-attn/wgpu "$@"
+
+# The published crates package in dependency order. Without verification and lockfile:
+# both resolve cubecl-cuda's cubecl-llvm without the workspace's stand-in, which needs
+# llvm-sys from the network.
+cargo package --workspace --exclude burn-attn-bench --no-verify --exclude-lockfile --allow-dirty --quiet
 echo "== disk after the suite: $(df -h --output=avail . | tail -1 | tr -d ' ') free; target/ holds $(du -sh target 2>/dev/null | cut -f1)"
