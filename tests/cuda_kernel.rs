@@ -118,6 +118,12 @@ mod on_cuda {
         );
     }
 
+    /// The block-sparse portable forward: patterns, key padding and document ids.
+    #[test]
+    fn cuda_sparse_kernel_f32_matches_the_host_truth() {
+        check_sparse_forward::<Gpu>();
+    }
+
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.
     #[test]
     fn cuda_block_mask_builds_on_the_device() {

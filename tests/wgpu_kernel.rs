@@ -52,6 +52,13 @@ fn block_mask_builds_on_the_device() {
     check_block_mask_on_device::<Gpu>();
 }
 
+/// The block-sparse portable forward: patterns, key padding and document ids.
+#[test]
+fn sparse_kernel_f32_matches_the_host_truth() {
+    require_gpu();
+    check_sparse_forward::<Gpu>();
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

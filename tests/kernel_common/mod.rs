@@ -1323,3 +1323,212 @@ pub fn check_block_mask_on_device<B: On>() {
     // The case is not degenerate: some blocks of each kind are listed.
     assert!(want[0].iter().sum::<i64>() > 0 && want[2].iter().sum::<i64>() > 0);
 }
+
+/// An Int tensor on a CubeCL device as i32, as the kernels' launchers take it.
+pub fn cube_int_primitive<const D: usize>(t: Tensor<D, burn::tensor::Int>) -> CubeTensor {
+    let fused = t
+        .cast(burn::tensor::IntDType::I32)
+        .try_into_primitive::<Cube>()
+        .expect("a CubeCL tensor");
+    fused
+        .client
+        .clone()
+        .resolve_tensor_int::<CubeBackend>(fused)
+}
+
+/// The host truth of attention where `visible(b, i, j)` says which keys query `i` of batch
+/// `b` sees (f64; rows that see nothing are 0 with lse -inf): `(out, lse)` flattened.
+fn masked_truth(
+    x: &Inputs,
+    case: &Case,
+    visible: &dyn Fn(usize, usize, usize) -> bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let (b, h, kvh, n, d) = (case.batch, case.heads, case.kv_heads, case.seq_q, case.dim);
+    assert_eq!(
+        (case.seq_k, case.value_dim),
+        (n, d),
+        "self-attention, value dim = head dim"
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    let at = |t: &(Vec<f32>, [usize; 4]), i0: usize, i1: usize, i2: usize, i3: usize| {
+        let [_, s1, s2, s3] = t.1;
+        t.0[((i0 * s1 + i1) * s2 + i2) * s3 + i3] as f64
+    };
+    let (mut out, mut lse) = (vec![0.0; b * h * n * d], vec![f64::NEG_INFINITY; b * h * n]);
+    for bi in 0..b {
+        for hi in 0..h {
+            let kh = hi / (h / kvh);
+            for i in 0..n {
+                let scores: Vec<(usize, f64)> = (0..n)
+                    .filter(|&j| visible(bi, i, j))
+                    .map(|j| {
+                        (
+                            j,
+                            (0..d)
+                                .map(|c| at(&x.q, bi, hi, i, c) * at(&x.k, bi, kh, j, c))
+                                .sum::<f64>()
+                                * scale,
+                        )
+                    })
+                    .collect();
+                if scores.is_empty() {
+                    continue;
+                }
+                let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s.1 - m).exp()).sum();
+                lse[(bi * h + hi) * n + i] = m + sum.ln();
+                for c in 0..d {
+                    let o: f64 = scores
+                        .iter()
+                        .map(|&(j, s)| (s - m).exp() * at(&x.v, bi, kh, j, c))
+                        .sum();
+                    out[((bi * h + hi) * n + i) * d + c] = o / sum;
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// The block-sparse portable forward on `B` (f32) against the host truth, for patterns
+/// (band, causal, strided columns, block layouts), key padding and document ids alone and
+/// combined, batch 2 with GQA and an odd length; empty rows are 0 with lse -inf.
+pub fn check_sparse_forward<B: On>() {
+    use burn::tensor::{Bool, Int};
+    use burn_attn_core::kernels::launch::{
+        flash_forward_sparse, sparse_forward_blocks, BlockLists, SparseRules,
+    };
+    use burn_attn_core::{BlockCover, BlockGrid, BlockLayout, BlockMask};
+    let device = B::device();
+    let case = Case {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 77,
+        seq_k: 77,
+        dim: 32,
+        value_dim: 32,
+        causal: false,
+        window: Window::FULL,
+        q_gain: 1.0,
+    };
+    let x = inputs(&case, 21);
+    let (n, batch) = (case.seq_q, case.batch);
+    let q = tensor(&x.q, DType::F32, &device);
+    let k = tensor(&x.k, DType::F32, &device);
+    let v = tensor(&x.v, DType::F32, &device);
+    let forced = ForcedPlan::default();
+    let (block_q, block_k) = sparse_forward_blocks(
+        &cube_primitive(q.clone()),
+        &cube_primitive(k.clone()),
+        &cube_primitive(v.clone()),
+        &forced,
+    )
+    .unwrap();
+    let grid = BlockGrid::new(block_q, block_k, n, n).unwrap();
+    let pad: Vec<bool> = (0..batch * n)
+        .map(|i| i % n >= n - 9 - 20 * (i / n))
+        .collect();
+    let docs: Vec<i64> = (0..batch * n)
+        .map(|i| ((i % n) / (25 + 11 * (i / n))) as i64)
+        .collect();
+    let layout = BlockLayout::random(n, n, 8, 0.4, 3).unwrap();
+    let patterns = [
+        KeyPattern::band(Window::symmetric(20), false),
+        KeyPattern {
+            window: Window::new(Some(6), Some(0)),
+            stride: Some(16),
+            causal: true,
+            blocks: None,
+        },
+        KeyPattern {
+            blocks: Some(layout.clone()),
+            ..KeyPattern::default()
+        },
+        KeyPattern {
+            window: Window::new(Some(30), Some(5)),
+            causal: true,
+            stride: Some(7),
+            blocks: Some(layout),
+        },
+    ];
+    for (p_at, pattern) in patterns.iter().enumerate() {
+        // Every rule alone on the band; the others with none or all of padding and documents
+        // (each set of rules is a kernel to compile).
+        let masks: &[(bool, bool)] = if p_at == 0 {
+            &[(false, false), (true, false), (false, true), (true, true)]
+        } else {
+            &[(false, false), (true, true)]
+        };
+        for &(with_pad, with_docs) in masks {
+            let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
+            let mut rules = SparseRules {
+                left: pattern.window.left,
+                right: pattern.window.right,
+                causal: pattern.causal,
+                stride: pattern.stride,
+                ..SparseRules::default()
+            };
+            if let Some(l) = &pattern.blocks {
+                let active: Vec<i64> = l.active.iter().map(|&a| i64::from(a)).collect();
+                let active =
+                    Tensor::<1, Int>::from_data(TensorData::new(active, [l.active.len()]), &device);
+                rules.layout = Some((cube_int_primitive(active), l.block_q, l.block_k));
+            }
+            if with_pad {
+                let padding =
+                    Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device);
+                cover = cover
+                    .intersect(BlockCover::of_key_padding(padding.clone(), grid).unwrap())
+                    .unwrap();
+                rules.padding = Some(cube_int_primitive(padding.int()));
+            }
+            if with_docs {
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(docs.clone(), [batch, n]), &device);
+                cover = cover
+                    .intersect(BlockCover::of_documents(ids.clone(), ids.clone(), grid).unwrap())
+                    .unwrap();
+                rules.documents = Some((cube_int_primitive(ids.clone()), cube_int_primitive(ids)));
+            }
+            let mask = BlockMask::new(cover);
+            let lists = BlockLists {
+                block_q,
+                block_k,
+                partial_count: cube_int_primitive(mask.partial_count),
+                partial_index: cube_int_primitive(mask.partial_index),
+                full_count: cube_int_primitive(mask.full_count),
+                full_index: cube_int_primitive(mask.full_index),
+            };
+            let scale = 1.0 / (case.dim as f32).sqrt();
+            let (out, lse) = flash_forward_sparse(
+                cube_primitive(q.clone()),
+                cube_primitive(k.clone()),
+                cube_primitive(v.clone()),
+                scale,
+                &lists,
+                &rules,
+                &forced,
+            )
+            .unwrap();
+            let visible = |b: usize, i: usize, j: usize| {
+                pattern.visible(i, j, n, n)
+                    && !(with_pad && pad[b * n + j])
+                    && !(with_docs && docs[b * n + i] != docs[b * n + j])
+            };
+            let (want_out, want_lse) = masked_truth(&x, &case, &visible);
+            let (got_out, got_lse) = (cube_to_f64(out), cube_to_f64(lse));
+            let what = format!("pattern {p_at}, padding {with_pad}, documents {with_docs}");
+            let err = max_err(&got_out, &want_out);
+            assert!(err < 1e-4, "{what}: output error {err}");
+            let dead = want_lse.iter().filter(|l| l.is_infinite()).count();
+            assert!(
+                got_lse
+                    .iter()
+                    .zip(&want_lse)
+                    .all(|(g, w)| (g.is_infinite() && w.is_infinite()) || (g - w).abs() < 1e-4),
+                "{what}: lse differs ({dead} rows see no key)"
+            );
+        }
+    }
+}

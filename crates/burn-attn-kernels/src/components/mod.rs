@@ -9,18 +9,24 @@
 //!   forward's two products, per dtype family);
 //! - `softmax`: the online-softmax step on accumulator registers (`exp`: its exponential,
 //!   PTX's approximation on CUDA); `epilogue`: rows out;
-//! - `register_tile`: the portable kernels' per-unit register tiles.
+//! - `register_tile`: the portable kernels' per-unit register tiles; `unit_softmax`: their
+//!   online-softmax step;
+//! - `key_blocks`: the key blocks a query block visits under a block-sparse plan, and
+//!   `element_rules`: which keys of a partially visible block each query sees.
 //!
 //! No plans; the only launches are the probe kernels that test the softmax step and the
 //! schedule on their own.
 
 pub(crate) mod band;
+pub mod element_rules;
 pub(crate) mod epilogue;
 pub(crate) mod exp;
 pub(crate) mod fragments;
+pub(crate) mod key_blocks;
 pub(crate) mod pipeline;
 pub mod products;
 pub(crate) mod register_tile;
 pub(crate) mod schedule;
 pub(crate) mod softmax;
 pub(crate) mod staging;
+pub(crate) mod unit_softmax;

@@ -29,91 +29,7 @@ use crate::components::register_tile::tile_product;
 use crate::components::schedule::CubeHead;
 use crate::components::softmax::NEG_BIG;
 use crate::components::staging::stage_rows;
-
-/// The softmax part of one key tile for one unit: scales (and with `masked`, masks) its
-/// `rq x rk` scores `s`, publishes their row maxima in `partial`, waits for the cube,
-/// moves the running maxima `m` of its rows, rescales its output tile `o` and row sums `l`,
-/// and writes its probabilities to `p_tile`. The caller syncs before reading `p_tile`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn softmax_tile(
-    s: &mut Array<f32>,
-    o: &mut Array<f32>,
-    m: &mut Array<f32>,
-    l: &mut Array<f32>,
-    partial: &mut [f32],
-    p_tile: &mut [f32],
-    scale: f32,
-    t0: i32,
-    lo0: i32,
-    hi0: i32,
-    seq_k: i32,
-    #[comptime] rq: usize,
-    #[comptime] rk: usize,
-    #[comptime] rv: usize,
-    #[comptime] row_threads: usize,
-    #[comptime] col_threads: usize,
-    #[comptime] block_k: usize,
-    #[comptime] masked: bool,
-) {
-    let ty = UNIT_POS_X as usize / col_threads;
-    let tx = UNIT_POS_X as usize % col_threads;
-    #[unroll]
-    for a in 0..rq {
-        // The unit's a-th row is `a * row_threads` below its first, and so is its band.
-        let shift = (a * row_threads) as i32;
-        let mut mx = f32::new(NEG_BIG);
-        #[unroll]
-        for b in 0..rk {
-            let mut x = s[a * rk + b] * scale;
-            if masked {
-                let j = t0 + (tx + b * col_threads) as i32;
-                if j < lo0 + shift || j > hi0 + shift || j >= seq_k {
-                    x = f32::new(NEG_BIG);
-                }
-            }
-            s[a * rk + b] = x;
-            mx = f32::max(mx, x);
-        }
-        partial[(ty + a * row_threads) * col_threads + tx] = mx;
-    }
-    sync_cube();
-    #[unroll]
-    for a in 0..rq {
-        let prow = (ty + a * row_threads) * col_threads;
-        let mut m_tile = f32::new(NEG_BIG);
-        #[unroll]
-        for c in 0..col_threads {
-            m_tile = f32::max(m_tile, partial[prow + c]);
-        }
-        let m_old = m[a];
-        let m_new = f32::max(m_old, m_tile);
-        // exp(NEG_BIG - finite) underflows to 0: the first visible key resets the sums.
-        let alpha = f32::exp(m_old - m_new);
-        m[a] = m_new;
-        let mut l_row = l[a] * alpha;
-        #[unroll]
-        for e in 0..rv {
-            o[a * rv + e] *= alpha;
-        }
-        let p_row = (ty + a * row_threads) * (block_k + 1);
-        #[unroll]
-        for b in 0..rk {
-            let x = s[a * rk + b];
-            let mut p = f32::exp(x - m_new);
-            if masked {
-                // Masked keys hold NEG_BIG; while the row has seen no key m_new is NEG_BIG
-                // too and exp would give 1, so zero them explicitly.
-                if x <= f32::new(NEG_BIG) {
-                    p = f32::new(0.0);
-                }
-            }
-            l_row += p;
-            p_tile[p_row + tx + b * col_threads] = p;
-        }
-        l[a] = l_row;
-    }
-}
+use crate::components::unit_softmax::{softmax_tile, write_unit_rows};
 
 /// FlashAttention forward without matrix units.
 ///
@@ -187,6 +103,8 @@ pub fn flash_unit_kernel<F: Float>(
     let mut o = Array::<f32>::new(comptime!(rq * rv));
     let mut m = Array::<f32>::new(rq);
     let mut l = Array::<f32>::new(rq);
+    // The softmax step's per-score rule flags, which only block-sparse calls use.
+    let no_hide = Array::<u32>::new(1usize);
     #[unroll]
     for i in 0..comptime!(rq * rv) {
         o[i] = f32::new(0.0);
@@ -255,6 +173,8 @@ pub fn flash_unit_kernel<F: Float>(
                 col_threads,
                 block_k,
                 false,
+                &no_hide,
+                false,
             );
         } else {
             softmax_tile(
@@ -276,6 +196,8 @@ pub fn flash_unit_kernel<F: Float>(
                 col_threads,
                 block_k,
                 true,
+                &no_hide,
+                false,
             );
         }
         stage_rows::<F>(
@@ -314,45 +236,22 @@ pub fn flash_unit_kernel<F: Float>(
         t0 += block_k as i32;
     }
 
-    // Row sums: each unit holds the part of its columns' keys; add them up.
-    #[unroll]
-    for a in 0..rq {
-        partial[(ty + a * row_threads) * col_threads + tx] = l[a];
-    }
-    sync_cube();
-    #[unroll]
-    for a in 0..rq {
-        let row = r0 + ty + a * row_threads;
-        if row < seq_q {
-            let prow = (ty + a * row_threads) * col_threads;
-            let mut l_row = f32::new(0.0);
-            #[unroll]
-            for c in 0..col_threads {
-                l_row += partial[prow + c];
-            }
-            let o_base = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
-            // 0 exactly where the row saw no key; NaN where what it sees holds a NaN.
-            let dead = l_row == f32::new(0.0);
-            let mut inv = f32::new(0.0);
-            if !dead {
-                inv = f32::new(1.0) / l_row;
-            }
-            #[unroll]
-            for e in 0..rv {
-                let col = tx + e * col_threads;
-                if col < value_dim {
-                    let at = o_base + col * out.stride(3);
-                    out[at] = F::cast_from(o[a * rv + e] * inv);
-                }
-            }
-            if tx == 0 {
-                let lse_idx = b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2);
-                if dead {
-                    lse[lse_idx] = neg_inf;
-                } else {
-                    lse[lse_idx] = m[a] + f32::ln(l_row);
-                }
-            }
-        }
-    }
+    write_unit_rows::<F>(
+        out,
+        lse,
+        &o,
+        &m,
+        &l,
+        &mut partial,
+        b,
+        h,
+        r0,
+        seq_q,
+        neg_inf,
+        value_dim,
+        rq,
+        rv,
+        row_threads,
+        col_threads,
+    );
 }

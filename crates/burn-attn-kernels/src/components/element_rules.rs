@@ -1,0 +1,79 @@
+//! Which keys of a partially visible block a query sees under the rules a block-sparse call
+//! combines: `causal && (band || strided column) && active layout block && key not padding
+//! && same document` (the scalar definition is burn-attn-core's `KeyPattern::visible`, with
+//! key padding and document ids). Each rule past the band is a comptime switch, so a call
+//! pays only for the rules it has.
+
+use cubecl::prelude::*;
+
+/// The runtime values of the rules (positions in `i32`: query `i` is aligned with key `i +
+/// offset`).
+#[derive(CubeLaunch, CubeType, Clone, Copy)]
+pub struct ElementRules {
+    /// `seq_k - seq_q`.
+    pub offset: i32,
+    /// Keys visible left and right of the aligned position (the band; `seq_q + seq_k`
+    /// for an unbounded side).
+    pub left: i32,
+    pub right: i32,
+    /// Keys visible right of the aligned position under the causal rule (0 when causal,
+    /// unbounded otherwise); applies to strided columns too.
+    pub causal_right: i32,
+    /// Every key `j` with `j % stride == 0` is visible besides the band (0: none).
+    pub stride: i32,
+    /// Query rows and key columns per block of the layout, and its key blocks per row.
+    pub layout_rows: u32,
+    pub layout_cols: u32,
+    pub layout_k_blocks: u32,
+}
+
+/// Which rules past the band and the causal rule a call has (comptime).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, Default)]
+pub struct RuleSet {
+    /// Strided columns.
+    pub stride: bool,
+    /// A block layout (`[q_blocks * k_blocks]`, row-major and contiguous; nonzero where active).
+    pub layout: bool,
+    /// Key padding (`[batch, seq_k]`, nonzero where the key is padding).
+    pub padding: bool,
+    /// Document ids (`[batch, seq_q]` and `[batch, seq_k]`).
+    pub documents: bool,
+}
+
+#[cube]
+impl ElementRules {
+    /// Whether query `i` (`< seq_q`) of batch `b` must not see key `j` (`< seq_k`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn hides(
+        &self,
+        b: usize,
+        i: usize,
+        j: usize,
+        layout: &Tensor<i32>,
+        padding: &Tensor<i32>,
+        doc_q: &Tensor<i32>,
+        doc_k: &Tensor<i32>,
+        #[comptime] rules: RuleSet,
+    ) -> bool {
+        let d = j as i32 - (i as i32 + self.offset);
+        let mut seen = d >= -self.left && d <= self.right;
+        if comptime!(rules.stride) {
+            seen = seen || (j as i32) % self.stride == 0;
+        }
+        seen = seen && d <= self.causal_right;
+        if comptime!(rules.layout) {
+            let at =
+                (i as u32 / self.layout_rows) * self.layout_k_blocks + j as u32 / self.layout_cols;
+            seen = seen && layout[at as usize] != 0;
+        }
+        if comptime!(rules.padding) {
+            seen = seen && padding[b * padding.stride(0) + j * padding.stride(1)] == 0;
+        }
+        if comptime!(rules.documents) {
+            seen = seen
+                && doc_q[b * doc_q.stride(0) + i * doc_q.stride(1)]
+                    == doc_k[b * doc_k.stride(0) + j * doc_k.stride(1)];
+        }
+        !seen
+    }
+}

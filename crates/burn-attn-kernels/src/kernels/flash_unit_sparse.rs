@@ -1,0 +1,275 @@
+//! The portable forward over a block-sparse plan: `flash_unit`'s tile step (stage K, scores
+//! on register tiles, online softmax, stage V, `P V`) on the key blocks a query block's
+//! lists name (`components::key_blocks`) instead of a band's range, with the element rules
+//! (`components::element_rules`) on the partially visible ones. The plan's blocks are the
+//! kernel's tiles: `block_q` query rows by `block_k` keys.
+
+use cubecl::prelude::*;
+
+use crate::components::element_rules::{ElementRules, RuleSet};
+use crate::components::key_blocks::KeyBlockList;
+use crate::components::register_tile::tile_product;
+use crate::components::schedule::CubeHead;
+use crate::components::softmax::NEG_BIG;
+use crate::components::staging::stage_rows;
+use crate::components::unit_softmax::{softmax_tile, write_unit_rows};
+
+/// FlashAttention forward without matrix units over a block-sparse plan.
+///
+/// Launch as `flash_unit_kernel` (natural cube order). The lists (`partial_count`,
+/// `partial_index`, `full_count`, `full_index`: i32, `[batch, heads, q_blocks]` and `[batch,
+/// heads, q_blocks, k_blocks]`, any strides, a batch or head dimension of 1 shared) are on a grid
+/// of `block_q x block_k` blocks. A query row sees a key of a listed full block whenever the
+/// key is below `seq_k`; of a partial block when `rules` (and the tensors its switches name:
+/// `layout`, `padding`, `doc_q`, `doc_k`, i32; 1-element placeholders where off) let it. A row
+/// whose lists are empty outputs 0 with lse `neg_inf`, as in `flash_unit_kernel`.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn flash_unit_sparse_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    partial_count: &Tensor<i32>,
+    partial_index: &Tensor<i32>,
+    full_count: &Tensor<i32>,
+    full_index: &Tensor<i32>,
+    layout: &Tensor<i32>,
+    padding: &Tensor<i32>,
+    doc_q: &Tensor<i32>,
+    doc_k: &Tensor<i32>,
+    element_rules: ElementRules,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] rules: RuleSet,
+    #[comptime] dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] block_q: usize,
+    #[comptime] block_k: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
+    #[comptime] _source: u64,
+    #[define(F)] _dtype: ElemType,
+) {
+    let rq = comptime!(block_q / row_threads);
+    let rk = comptime!(block_k / col_threads);
+    let rv = comptime!(value_dim.div_ceil(col_threads));
+    let units = comptime!(row_threads * col_threads);
+    let q_stride = comptime!(block_q + 1);
+    let k_stride = comptime!(block_k + 1);
+
+    let cube = CubeHead::query_major(q, k, 0u32);
+    let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
+    let (seq_q, seq_k) = (cube.seq_q, cube.seq_k);
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
+    let r0 = cube.block * block_q;
+    let list = KeyBlockList::new(
+        partial_count,
+        partial_index,
+        full_count,
+        full_index,
+        b,
+        h,
+        cube.block,
+    );
+
+    let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
+    let mut kv =
+        Shared::<[F]>::new_slice(comptime!(usize::max(dim * k_stride, block_k * value_dim)));
+    let mut p_tile = Shared::<[f32]>::new_slice(comptime!(block_q * k_stride));
+    let mut partial = Shared::<[f32]>::new_slice(comptime!(block_q * col_threads));
+
+    let q_base = b * q.stride(0) + h * q.stride(1);
+    let k_base = b * k.stride(0) + kvh * k.stride(1);
+    let v_base = b * v.stride(0) + kvh * v.stride(1);
+    stage_rows::<F>(q, &mut q_t, q_base, r0, seq_q, dim, block_q, units, true);
+
+    let mut s = Array::<f32>::new(comptime!(rq * rk));
+    let mut o = Array::<f32>::new(comptime!(rq * rv));
+    let mut m = Array::<f32>::new(rq);
+    let mut l = Array::<f32>::new(rq);
+    let mut hide = Array::<u32>::new(comptime!(rq * rk));
+    #[unroll]
+    for i in 0..comptime!(rq * rv) {
+        o[i] = f32::new(0.0);
+    }
+    #[unroll]
+    for a in 0..rq {
+        m[a] = f32::new(NEG_BIG);
+        l[a] = f32::new(0.0);
+    }
+    // The softmax step's band admits every key of every tile here: the rules carry the
+    // band.
+    let lo0 = -(comptime!(block_q as i32));
+    let hi0 = seq_k as i32;
+
+    for e in 0..list.len {
+        let t0 = list.block(e, partial_index, full_index) * comptime!(block_k as u32);
+        stage_rows::<F>(
+            k,
+            &mut kv,
+            k_base,
+            t0 as usize,
+            seq_k,
+            dim,
+            block_k,
+            units,
+            true,
+        );
+        sync_cube();
+        tile_product::<F, F>(
+            &mut s,
+            &q_t,
+            &kv,
+            ty,
+            tx,
+            dim,
+            q_stride,
+            1usize,
+            k_stride,
+            1usize,
+            rq,
+            row_threads,
+            rk,
+            col_threads,
+            block_k,
+            true,
+        );
+        // Partial blocks take the rules; full ones none, but the last still masks past seq_k.
+        if e < list.partial {
+            #[unroll]
+            for a in 0..rq {
+                let i = r0 + ty + a * row_threads;
+                #[unroll]
+                for c in 0..rk {
+                    let j = t0 as usize + tx + c * col_threads;
+                    let mut hidden = true;
+                    if i < seq_q && j < seq_k {
+                        hidden = element_rules.hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+                    }
+                    hide[a * rk + c] = select(hidden, 1u32, 0u32);
+                }
+            }
+            softmax_tile(
+                &mut s,
+                &mut o,
+                &mut m,
+                &mut l,
+                &mut partial,
+                &mut p_tile,
+                scale,
+                t0 as i32,
+                lo0,
+                hi0,
+                seq_k as i32,
+                rq,
+                rk,
+                rv,
+                row_threads,
+                col_threads,
+                block_k,
+                true,
+                &hide,
+                true,
+            );
+        } else if t0 as usize + block_k > seq_k {
+            softmax_tile(
+                &mut s,
+                &mut o,
+                &mut m,
+                &mut l,
+                &mut partial,
+                &mut p_tile,
+                scale,
+                t0 as i32,
+                lo0,
+                hi0,
+                seq_k as i32,
+                rq,
+                rk,
+                rv,
+                row_threads,
+                col_threads,
+                block_k,
+                true,
+                &hide,
+                false,
+            );
+        } else {
+            softmax_tile(
+                &mut s,
+                &mut o,
+                &mut m,
+                &mut l,
+                &mut partial,
+                &mut p_tile,
+                scale,
+                t0 as i32,
+                lo0,
+                hi0,
+                seq_k as i32,
+                rq,
+                rk,
+                rv,
+                row_threads,
+                col_threads,
+                block_k,
+                false,
+                &hide,
+                false,
+            );
+        }
+        stage_rows::<F>(
+            v,
+            &mut kv,
+            v_base,
+            t0 as usize,
+            seq_k,
+            value_dim,
+            block_k,
+            units,
+            false,
+        );
+        sync_cube();
+        tile_product::<f32, F>(
+            &mut o,
+            &p_tile,
+            &kv,
+            ty,
+            tx,
+            block_k,
+            1usize,
+            k_stride,
+            value_dim,
+            1usize,
+            rq,
+            row_threads,
+            rv,
+            col_threads,
+            value_dim,
+            false,
+        );
+        sync_cube();
+    }
+
+    write_unit_rows::<F>(
+        out,
+        lse,
+        &o,
+        &m,
+        &l,
+        &mut partial,
+        b,
+        h,
+        r0,
+        seq_q,
+        neg_inf,
+        value_dim,
+        rq,
+        rv,
+        row_threads,
+        col_threads,
+    );
+}
