@@ -34,100 +34,59 @@ const KINDS: &[&str] = &[
     "hybrid",
 ];
 
-/// One attention layer of any kind.
-#[derive(Module, Debug)]
-enum Mixer {
-    Flash(FlashAttention),
-    Window(SlidingWindowAttention),
-    Sparse(SparseAttention),
-    Learned(LearnedSparseAttention),
-    Linear(LinearAttention),
-    CausalLinear(CausalLinearAttention),
-    Adaptive(AdaptiveSlidingWindowAttention),
-    Hybrid(HybridAttention),
-}
-
-impl Mixer {
-    /// Causal where the mechanism has a causal form; learned sparse and plain linear
-    /// attention look at the whole sequence.
-    fn new(kind: &str, d: usize, heads: usize, seq: usize, device: &Device) -> Self {
-        let window = (seq / 4).max(2);
-        match kind {
-            "flash" => Mixer::Flash(
-                FlashAttentionConfig::new(d, heads)
-                    .with_causal(true)
-                    .init(device),
-            ),
-            "sliding-window" => Mixer::Window(
-                SlidingWindowAttentionConfig::new(d, heads)
-                    .with_window(window)
-                    .with_causal(true)
-                    .init(device),
-            ),
-            "sparse-strided" => Mixer::Sparse(
-                SparseAttentionConfig::new(d, heads)
-                    .with_pattern(SparsePattern::Strided {
-                        stride: 4,
-                        local: 2,
-                    })
-                    .with_causal(true)
-                    .init(device),
-            ),
-            "sparse-random" => Mixer::Sparse(
-                SparseAttentionConfig::new(d, heads)
-                    .with_pattern(SparsePattern::Random {
-                        density: 0.3,
-                        block: 4,
-                        seed: 7,
-                    })
-                    .with_causal(true)
-                    .init(device),
-            ),
-            "learned-sparse" => Mixer::Learned(
-                LearnedSparseAttentionConfig::new(d, heads)
-                    .with_ratio(0.3)
-                    .init(device),
-            ),
-            "linear" => Mixer::Linear(LinearAttentionConfig::new(d, heads).init(device)),
-            "causal-linear" => Mixer::CausalLinear(
-                CausalLinearAttentionConfig::new(d, heads)
-                    .with_chunk_size(16)
-                    .init(device),
-            ),
-            "adaptive-window" => Mixer::Adaptive(
-                AdaptiveSlidingWindowAttentionConfig::new(d, heads)
-                    .with_min_window(2)
-                    .with_max_window(seq)
-                    .with_ramp(2.0)
-                    .with_causal(true)
-                    .init(device),
-            ),
-            "hybrid" => Mixer::Hybrid(
-                HybridAttentionConfig::new(d, heads)
-                    .with_causal(true)
-                    .with_flash_max_len(seq / 2)
-                    .with_sparse_max_len(seq * 2)
-                    .with_sparse_pattern(SparsePattern::Strided {
-                        stride: 4,
-                        local: 2,
-                    })
-                    .init(device),
-            ),
-            other => panic!("unknown attention kind {other:?}; one of {KINDS:?}"),
-        }
-    }
-
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        match self {
-            Mixer::Flash(m) => m.forward(x),
-            Mixer::Window(m) => m.forward(x),
-            Mixer::Sparse(m) => m.forward(x),
-            Mixer::Learned(m) => m.forward(x),
-            Mixer::Linear(m) => m.forward(x),
-            Mixer::CausalLinear(m) => m.forward(x),
-            Mixer::Adaptive(m) => m.forward(x),
-            Mixer::Hybrid(m) => m.forward(x),
-        }
+/// The attention of `kind`: causal where the mechanism has a causal form; learned sparse
+/// and plain linear attention look at the whole sequence.
+fn attention_config(kind: &str, d: usize, heads: usize, seq: usize) -> AnyAttentionConfig {
+    let window = (seq / 4).max(2);
+    match kind {
+        "flash" => AnyAttentionConfig::Flash(FlashAttentionConfig::new(d, heads).with_causal(true)),
+        "sliding-window" => AnyAttentionConfig::SlidingWindow(
+            SlidingWindowAttentionConfig::new(d, heads)
+                .with_window(window)
+                .with_causal(true),
+        ),
+        "sparse-strided" => AnyAttentionConfig::Sparse(
+            SparseAttentionConfig::new(d, heads)
+                .with_pattern(SparsePattern::Strided {
+                    stride: 4,
+                    local: 2,
+                })
+                .with_causal(true),
+        ),
+        "sparse-random" => AnyAttentionConfig::Sparse(
+            SparseAttentionConfig::new(d, heads)
+                .with_pattern(SparsePattern::Random {
+                    density: 0.3,
+                    block: 4,
+                    seed: 7,
+                })
+                .with_causal(true),
+        ),
+        "learned-sparse" => AnyAttentionConfig::LearnedSparse(
+            LearnedSparseAttentionConfig::new(d, heads).with_ratio(0.3),
+        ),
+        "linear" => AnyAttentionConfig::Linear(LinearAttentionConfig::new(d, heads)),
+        "causal-linear" => AnyAttentionConfig::CausalLinear(
+            CausalLinearAttentionConfig::new(d, heads).with_chunk_size(16),
+        ),
+        "adaptive-window" => AnyAttentionConfig::AdaptiveWindow(
+            AdaptiveSlidingWindowAttentionConfig::new(d, heads)
+                .with_min_window(2)
+                .with_max_window(seq)
+                .with_ramp(2.0)
+                .with_causal(true),
+        ),
+        "hybrid" => AnyAttentionConfig::Hybrid(
+            HybridAttentionConfig::new(d, heads)
+                .with_causal(true)
+                .with_flash_max_len(seq / 2)
+                .with_sparse_max_len(seq * 2)
+                .with_sparse_pattern(SparsePattern::Strided {
+                    stride: 4,
+                    local: 2,
+                }),
+        ),
+        other => panic!("unknown attention kind {other:?}; one of {KINDS:?}"),
     }
 }
 
@@ -135,7 +94,7 @@ impl Mixer {
 #[derive(Module, Debug)]
 struct Block {
     norm_attn: LayerNorm,
-    attn: Mixer,
+    attn: AnyAttention,
     norm_mlp: LayerNorm,
     up: Linear,
     down: Linear,
@@ -157,7 +116,7 @@ impl Model {
         let blocks = (0..args.layers)
             .map(|_| Block {
                 norm_attn: LayerNormConfig::new(d).init(device),
-                attn: Mixer::new(kind, d, args.heads, task.seq_len(), device),
+                attn: attention_config(kind, d, args.heads, task.seq_len()).init(device),
                 norm_mlp: LayerNormConfig::new(d).init(device),
                 up: LinearConfig::new(d, 4 * d).init(device),
                 down: LinearConfig::new(4 * d, d).init(device),

@@ -37,10 +37,10 @@ pub use burn_attn_core::{
     AttentionError, AttentionOptions, LinearAttentionState, Window,
 };
 pub use burn_attn_nn::{
-    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
-    CausalLinearAttentionConfig, ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig,
-    HybridAttention, HybridAttentionConfig, HybridChoice, LearnedSparseAttention,
-    LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig, MultiHeadProjection,
-    MultiHeadProjectionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
-    SparseAttention, SparseAttentionConfig, SparsePattern,
+    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,
+    AnyAttentionConfig, CausalLinearAttention, CausalLinearAttentionConfig, ComplexityModel,
+    FeatureMap, FlashAttention, FlashAttentionConfig, HybridAttention, HybridAttentionConfig,
+    HybridChoice, LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention,
+    LinearAttentionConfig, MultiHeadProjection, MultiHeadProjectionConfig, SlidingWindowAttention,
+    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
 };

@@ -118,6 +118,14 @@ mod on_cuda {
         );
     }
 
+    /// Concurrent calls from several threads give the serial calls' bits (bf16 on the
+    /// matrix units, f32 on the portable kernel).
+    #[test]
+    fn cuda_concurrent_calls_match_serial_calls() {
+        check_concurrent_calls::<Gpu>(DType::BF16);
+        check_concurrent_calls::<Gpu>(DType::F32);
+    }
+
     /// The block-sparse portable forward: patterns, key padding and document ids.
     #[test]
     fn cuda_sparse_kernel_f32_matches_the_host_truth() {

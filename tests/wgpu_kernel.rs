@@ -407,39 +407,9 @@ fn tensor_op_cores_take_half_precision_inputs() {
 }
 
 /// Calls from several threads on one device give the same bits as the same calls made one
-/// after another (each thread its own shape, so the kernels and plans differ too).
+/// after another.
 #[test]
 fn concurrent_calls_match_serial_calls() {
     require_gpu();
-    let cases = [
-        Case::new(97, 97, 64).causal(),
-        Case::new(33, 47, 32).gqa(4, 2),
-        Case::new(130, 130, 64).window(Some(5), Some(9)).batch(2),
-        Case::new(40, 3, 32).causal(),
-    ];
-    let inputs: Vec<_> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| inputs(c, 20 + i as u64))
-        .collect();
-    let serial: Vec<_> = cases
-        .iter()
-        .zip(&inputs)
-        .map(|(c, x)| kernel::<Gpu>(c, x, DType::F32))
-        .collect();
-    let concurrent: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = cases
-            .iter()
-            .zip(&inputs)
-            .map(|(c, x)| scope.spawn(move || kernel::<Gpu>(c, x, DType::F32)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a call"))
-            .collect()
-    });
-    for (i, ((o1, l1, _), (o2, l2, _))) in serial.iter().zip(&concurrent).enumerate() {
-        assert!(same_bits(o1, o2), "case {i}");
-        assert!(same_bits(l1, l2), "case {i}");
-    }
+    check_concurrent_calls::<Gpu>(DType::F32);
 }

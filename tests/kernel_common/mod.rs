@@ -1532,3 +1532,46 @@ pub fn check_sparse_forward<B: On>() {
         }
     }
 }
+
+/// Calls from several threads on one device give the same bits as the same calls made
+/// one after another: one thread per case, each its own shape, so the kernels and plans
+/// differ too.
+pub fn check_concurrent_calls<B: On>(dtype: DType) {
+    let cases = [
+        Case::new(97, 97, 64).causal(),
+        Case::new(33, 47, 32).gqa(4, 2),
+        Case::new(130, 130, 64).window(Some(5), Some(9)).batch(2),
+        Case::new(40, 3, 32).causal(),
+    ];
+    let inputs: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| inputs(c, 20 + i as u64))
+        .collect();
+    let serial: Vec<_> = cases
+        .iter()
+        .zip(&inputs)
+        .map(|(c, x)| kernel::<B>(c, x, dtype))
+        .collect();
+    let concurrent: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cases
+            .iter()
+            .zip(&inputs)
+            .map(|(c, x)| scope.spawn(move || kernel::<B>(c, x, dtype)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a call"))
+            .collect()
+    });
+    for (i, ((o1, l1, _), (o2, l2, _))) in serial.iter().zip(&concurrent).enumerate() {
+        assert!(
+            same_bits(o1, o2),
+            "{dtype:?} case {i}: output differs from the serial call"
+        );
+        assert!(
+            same_bits(l1, l2),
+            "{dtype:?} case {i}: lse differs from the serial call"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod adaptive_window;
+pub mod any;
 pub mod causal_linear;
 pub mod complexity;
 pub mod flash;
@@ -18,6 +19,7 @@ pub mod sparse;
 mod test_util;
 
 pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig};
+pub use any::{AnyAttention, AnyAttentionConfig};
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use complexity::ComplexityModel;
 pub use flash::{FlashAttention, FlashAttentionConfig};

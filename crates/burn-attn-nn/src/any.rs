@@ -1,0 +1,291 @@
+//! One module type over every mechanism, chosen by configuration: a model holds an
+//! [`AnyAttention`] and switches attention by changing its [`AnyAttentionConfig`] (saved
+//! with the model's config like any other).
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::{Bool, Device, Tensor};
+
+use crate::{
+    AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
+    CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig, HybridAttention,
+    HybridAttentionConfig, LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention,
+    LinearAttentionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig, SparseAttention,
+    SparseAttentionConfig,
+};
+
+/// The configuration of any attention mechanism of this crate.
+#[derive(Config, Debug)]
+pub enum AnyAttentionConfig {
+    /// Exact attention ([`FlashAttention`]).
+    Flash(FlashAttentionConfig),
+    /// A fixed window ([`SlidingWindowAttention`]).
+    SlidingWindow(SlidingWindowAttentionConfig),
+    /// A fixed sparse pattern ([`SparseAttention`]).
+    Sparse(SparseAttentionConfig),
+    /// Keys picked by a learned gate ([`LearnedSparseAttention`]).
+    LearnedSparse(LearnedSparseAttentionConfig),
+    /// Linear attention over the whole sequence ([`LinearAttention`]).
+    Linear(LinearAttentionConfig),
+    /// Causal linear attention ([`CausalLinearAttention`]).
+    CausalLinear(CausalLinearAttentionConfig),
+    /// A window each token predicts ([`AdaptiveSlidingWindowAttention`]).
+    AdaptiveWindow(AdaptiveSlidingWindowAttentionConfig),
+    /// A mechanism picked by sequence length ([`HybridAttention`]).
+    Hybrid(HybridAttentionConfig),
+}
+
+impl AnyAttentionConfig {
+    /// The module of this configuration on `device`.
+    ///
+    /// # Panics
+    /// As the chosen mechanism's `init` (invalid settings, named).
+    pub fn init(&self, device: &Device) -> AnyAttention {
+        match self {
+            Self::Flash(c) => AnyAttention::Flash(c.init(device)),
+            Self::SlidingWindow(c) => AnyAttention::SlidingWindow(c.init(device)),
+            Self::Sparse(c) => AnyAttention::Sparse(c.init(device)),
+            Self::LearnedSparse(c) => AnyAttention::LearnedSparse(c.init(device)),
+            Self::Linear(c) => AnyAttention::Linear(c.init(device)),
+            Self::CausalLinear(c) => AnyAttention::CausalLinear(c.init(device)),
+            Self::AdaptiveWindow(c) => AnyAttention::AdaptiveWindow(c.init(device)),
+            Self::Hybrid(c) => AnyAttention::Hybrid(c.init(device)),
+        }
+    }
+
+    /// The mechanism's name, as the comparison tool prints it (`flash`, `sliding-window`,
+    /// `sparse`, `learned-sparse`, `linear`, `causal-linear`, `adaptive-window`, `hybrid`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Flash(_) => "flash",
+            Self::SlidingWindow(_) => "sliding-window",
+            Self::Sparse(_) => "sparse",
+            Self::LearnedSparse(_) => "learned-sparse",
+            Self::Linear(_) => "linear",
+            Self::CausalLinear(_) => "causal-linear",
+            Self::AdaptiveWindow(_) => "adaptive-window",
+            Self::Hybrid(_) => "hybrid",
+        }
+    }
+}
+
+/// Any attention mechanism of this crate as one module type (see [`AnyAttentionConfig`]).
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum AnyAttention {
+    /// Exact attention.
+    Flash(FlashAttention),
+    /// A fixed window.
+    SlidingWindow(SlidingWindowAttention),
+    /// A fixed sparse pattern.
+    Sparse(SparseAttention),
+    /// Keys picked by a learned gate.
+    LearnedSparse(LearnedSparseAttention),
+    /// Linear attention.
+    Linear(LinearAttention),
+    /// Causal linear attention.
+    CausalLinear(CausalLinearAttention),
+    /// A window each token predicts.
+    AdaptiveWindow(AdaptiveSlidingWindowAttention),
+    /// A mechanism picked by sequence length.
+    Hybrid(HybridAttention),
+}
+
+impl AnyAttention {
+    /// Self-attention: `x` is `[batch, seq, d_model]`, as is the output.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Self::Flash(m) => m.forward(x),
+            Self::SlidingWindow(m) => m.forward(x),
+            Self::Sparse(m) => m.forward(x),
+            Self::LearnedSparse(m) => m.forward(x),
+            Self::Linear(m) => m.forward(x),
+            Self::CausalLinear(m) => m.forward(x),
+            Self::AdaptiveWindow(m) => m.forward(x),
+            Self::Hybrid(m) => m.forward(x),
+        }
+    }
+
+    /// Whether the mechanism takes separate queries, keys and values
+    /// ([`forward_cross`](Self::forward_cross)): all but causal linear, adaptive-window and
+    /// hybrid attention, whose masks follow the query's own position in one sequence.
+    pub fn supports_cross(&self) -> bool {
+        !matches!(
+            self,
+            Self::CausalLinear(_) | Self::AdaptiveWindow(_) | Self::Hybrid(_)
+        )
+    }
+
+    /// Cross-attention with optional key padding (`[batch, seq_k]`, `true` where hidden),
+    /// as the chosen mechanism's `forward_cross`.
+    ///
+    /// # Panics
+    /// Where the mechanism has no cross form ([`supports_cross`](Self::supports_cross) is
+    /// false), naming it.
+    pub fn forward_cross(
+        &self,
+        query: Tensor<3>,
+        key: Tensor<3>,
+        value: Tensor<3>,
+        key_padding: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
+        match self {
+            Self::Flash(m) => m.forward_cross(query, key, value, key_padding),
+            Self::SlidingWindow(m) => m.forward_cross(query, key, value, key_padding),
+            Self::Sparse(m) => m.forward_cross(query, key, value, key_padding),
+            Self::LearnedSparse(m) => m.forward_cross(query, key, value, key_padding),
+            Self::Linear(m) => m.forward_cross(query, key, value, key_padding),
+            Self::CausalLinear(_) | Self::AdaptiveWindow(_) | Self::Hybrid(_) => panic!(
+                "burn-attn: {} attention has no cross form (queries, keys and values from one \
+                 sequence only)",
+                self.name()
+            ),
+        }
+    }
+
+    /// The mechanism's name (see [`AnyAttentionConfig::name`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Flash(_) => "flash",
+            Self::SlidingWindow(_) => "sliding-window",
+            Self::Sparse(_) => "sparse",
+            Self::LearnedSparse(_) => "learned-sparse",
+            Self::Linear(_) => "linear",
+            Self::CausalLinear(_) => "causal-linear",
+            Self::AdaptiveWindow(_) => "adaptive-window",
+            Self::Hybrid(_) => "hybrid",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{cpu, max_abs_diff, randn};
+    use crate::SparsePattern;
+
+    /// Standard-normal input from seed `seed`.
+    fn seeded_input(shape: [usize; 3], seed: u64, device: &Device) -> Tensor<3> {
+        device.seed(seed);
+        randn(shape, device)
+    }
+
+    fn configs(d: usize, heads: usize) -> Vec<AnyAttentionConfig> {
+        vec![
+            AnyAttentionConfig::Flash(FlashAttentionConfig::new(d, heads).with_causal(true)),
+            AnyAttentionConfig::SlidingWindow(
+                SlidingWindowAttentionConfig::new(d, heads).with_window(3),
+            ),
+            AnyAttentionConfig::Sparse(SparseAttentionConfig::new(d, heads).with_pattern(
+                SparsePattern::Strided {
+                    stride: 3,
+                    local: 2,
+                },
+            )),
+            AnyAttentionConfig::LearnedSparse(LearnedSparseAttentionConfig::new(d, heads)),
+            AnyAttentionConfig::Linear(LinearAttentionConfig::new(d, heads)),
+            AnyAttentionConfig::CausalLinear(CausalLinearAttentionConfig::new(d, heads)),
+            AnyAttentionConfig::AdaptiveWindow(
+                AdaptiveSlidingWindowAttentionConfig::new(d, heads)
+                    .with_min_window(2)
+                    .with_max_window(8),
+            ),
+            AnyAttentionConfig::Hybrid(HybridAttentionConfig::new(d, heads)),
+        ]
+    }
+
+    /// The mechanism's own module built from the variant's config, with `any`'s weights
+    /// (a variant of another kind panics).
+    fn direct(
+        config: &AnyAttentionConfig,
+        any: &AnyAttention,
+        device: &Device,
+    ) -> Box<dyn Fn(Tensor<3>) -> Tensor<3>> {
+        match (config, any) {
+            (AnyAttentionConfig::Flash(c), AnyAttention::Flash(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::SlidingWindow(c), AnyAttention::SlidingWindow(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::Sparse(c), AnyAttention::Sparse(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::LearnedSparse(c), AnyAttention::LearnedSparse(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::Linear(c), AnyAttention::Linear(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::CausalLinear(c), AnyAttention::CausalLinear(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::AdaptiveWindow(c), AnyAttention::AdaptiveWindow(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            (AnyAttentionConfig::Hybrid(c), AnyAttention::Hybrid(m)) => {
+                let own = c.init(device).load_record(m.clone().into_record());
+                Box::new(move |x| own.forward(x))
+            }
+            _ => panic!("{} built {}", config.name(), any.name()),
+        }
+    }
+
+    #[test]
+    fn each_config_builds_its_mechanism_and_forwards_as_it() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let x = seeded_input([2, 11, d], 5, &device);
+        let mut names = Vec::new();
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            let got = any.forward(x.clone());
+            let want = direct(&config, &any, &device)(x.clone());
+            assert_eq!(any.name(), config.name());
+            names.push(any.name());
+            assert_eq!(got.dims(), [2, 11, d]);
+            let diff = max_abs_diff(got, want);
+            assert!(
+                diff == 0.0,
+                "{}: differs from its own module by {diff}",
+                config.name()
+            );
+            // The config round-trips through its serialised form.
+            let json = serde_json::to_string(&config).unwrap();
+            let back: AnyAttentionConfig = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.name(), config.name());
+        }
+        names.dedup();
+        assert_eq!(names.len(), 8);
+    }
+
+    #[test]
+    fn cross_attention_where_the_mechanism_has_it() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let (q, kv) = (
+            seeded_input([2, 5, d], 1, &device),
+            seeded_input([2, 9, d], 2, &device),
+        );
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                any.forward_cross(q.clone(), kv.clone(), kv.clone(), None)
+            }));
+            match run {
+                Ok(out) => {
+                    assert!(any.supports_cross(), "{}", any.name());
+                    assert_eq!(out.dims(), [2, 5, d]);
+                }
+                Err(_) => assert!(!any.supports_cross(), "{} panicked", any.name()),
+            }
+        }
+    }
+}
