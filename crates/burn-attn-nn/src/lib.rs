@@ -9,6 +9,7 @@ pub mod any;
 pub mod causal_linear;
 pub mod complexity;
 pub mod flash;
+mod from_burn_nn;
 pub mod hybrid;
 pub mod learned_sparse;
 pub mod linear;
