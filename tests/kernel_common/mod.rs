@@ -1425,110 +1425,124 @@ pub fn check_sparse_forward<B: On>() {
         &forced,
     )
     .unwrap();
-    let grid = BlockGrid::new(block_q, block_k, n, n).unwrap();
-    let pad: Vec<bool> = (0..batch * n)
-        .map(|i| i % n >= n - 9 - 20 * (i / n))
-        .collect();
-    let docs: Vec<i64> = (0..batch * n)
-        .map(|i| ((i % n) / (25 + 11 * (i / n))) as i64)
-        .collect();
-    let layout = BlockLayout::random(n, n, 8, 0.4, 3).unwrap();
-    let patterns = [
-        KeyPattern::band(Window::symmetric(20), false),
-        KeyPattern {
-            window: Window::new(Some(6), Some(0)),
-            stride: Some(16),
-            causal: true,
-            blocks: None,
-        },
-        KeyPattern {
-            blocks: Some(layout.clone()),
-            ..KeyPattern::default()
-        },
-        KeyPattern {
-            window: Window::new(Some(30), Some(5)),
-            causal: true,
-            stride: Some(7),
-            blocks: Some(layout),
-        },
-    ];
-    for (p_at, pattern) in patterns.iter().enumerate() {
-        // Every rule alone on the band; the others with none or all of padding and documents
-        // (each set of rules is a kernel to compile).
-        let masks: &[(bool, bool)] = if p_at == 0 {
-            &[(false, false), (true, false), (false, true), (true, true)]
-        } else {
-            &[(false, false), (true, true)]
-        };
-        for &(with_pad, with_docs) in masks {
-            let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
-            let mut rules = SparseRules {
-                left: pattern.window.left,
-                right: pattern.window.right,
-                causal: pattern.causal,
-                stride: pattern.stride,
-                ..SparseRules::default()
+    // Lists on the kernel's tiles, and on blocks of two by three of them.
+    for (block_q, block_k) in [(block_q, block_k), (2 * block_q, 3 * block_k)] {
+        let grid = BlockGrid::new(block_q, block_k, n, n).unwrap();
+        let pad: Vec<bool> = (0..batch * n)
+            .map(|i| i % n >= n - 9 - 20 * (i / n))
+            .collect();
+        let docs: Vec<i64> = (0..batch * n)
+            .map(|i| ((i % n) / (25 + 11 * (i / n))) as i64)
+            .collect();
+        let layout = BlockLayout::random(n, n, 8, 0.4, 3).unwrap();
+        let patterns = [
+            KeyPattern::band(Window::symmetric(20), false),
+            KeyPattern {
+                window: Window::new(Some(6), Some(0)),
+                stride: Some(16),
+                causal: true,
+                blocks: None,
+            },
+            KeyPattern {
+                blocks: Some(layout.clone()),
+                ..KeyPattern::default()
+            },
+            KeyPattern {
+                window: Window::new(Some(30), Some(5)),
+                causal: true,
+                stride: Some(7),
+                blocks: Some(layout),
+            },
+        ];
+        for (p_at, pattern) in patterns.iter().enumerate() {
+            // Every rule alone on the band; the others with none or all of padding and documents
+            // (each set of rules is a kernel to compile).
+            let masks: &[(bool, bool)] = if p_at == 0 {
+                &[(false, false), (true, false), (false, true), (true, true)]
+            } else {
+                &[(false, false), (true, true)]
             };
-            if let Some(l) = &pattern.blocks {
-                let active: Vec<i64> = l.active.iter().map(|&a| i64::from(a)).collect();
-                let active =
-                    Tensor::<1, Int>::from_data(TensorData::new(active, [l.active.len()]), &device);
-                rules.layout = Some((cube_int_primitive(active), l.block_q, l.block_k));
-            }
-            if with_pad {
-                let padding =
-                    Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device);
-                cover = cover
-                    .intersect(BlockCover::of_key_padding(padding.clone(), grid).unwrap())
-                    .unwrap();
-                rules.padding = Some(cube_int_primitive(padding.int()));
-            }
-            if with_docs {
-                let ids =
-                    Tensor::<2, Int>::from_data(TensorData::new(docs.clone(), [batch, n]), &device);
-                cover = cover
-                    .intersect(BlockCover::of_documents(ids.clone(), ids.clone(), grid).unwrap())
-                    .unwrap();
-                rules.documents = Some((cube_int_primitive(ids.clone()), cube_int_primitive(ids)));
-            }
-            let mask = BlockMask::new(cover);
-            let lists = BlockLists {
-                block_q,
-                block_k,
-                partial_count: cube_int_primitive(mask.partial_count),
-                partial_index: cube_int_primitive(mask.partial_index),
-                full_count: cube_int_primitive(mask.full_count),
-                full_index: cube_int_primitive(mask.full_index),
-            };
-            let scale = 1.0 / (case.dim as f32).sqrt();
-            let (out, lse) = flash_forward_sparse(
-                cube_primitive(q.clone()),
-                cube_primitive(k.clone()),
-                cube_primitive(v.clone()),
-                scale,
-                &lists,
-                &rules,
-                &forced,
-            )
-            .unwrap();
-            let visible = |b: usize, i: usize, j: usize| {
-                pattern.visible(i, j, n, n)
-                    && !(with_pad && pad[b * n + j])
-                    && !(with_docs && docs[b * n + i] != docs[b * n + j])
-            };
-            let (want_out, want_lse) = masked_truth(&x, &case, &visible);
-            let (got_out, got_lse) = (cube_to_f64(out), cube_to_f64(lse));
-            let what = format!("pattern {p_at}, padding {with_pad}, documents {with_docs}");
-            let err = max_err(&got_out, &want_out);
-            assert!(err < 1e-4, "{what}: output error {err}");
-            let dead = want_lse.iter().filter(|l| l.is_infinite()).count();
-            assert!(
-                got_lse
-                    .iter()
-                    .zip(&want_lse)
-                    .all(|(g, w)| (g.is_infinite() && w.is_infinite()) || (g - w).abs() < 1e-4),
-                "{what}: lse differs ({dead} rows see no key)"
+            for &(with_pad, with_docs) in masks {
+                let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
+                let mut rules = SparseRules {
+                    left: pattern.window.left,
+                    right: pattern.window.right,
+                    causal: pattern.causal,
+                    stride: pattern.stride,
+                    ..SparseRules::default()
+                };
+                if let Some(l) = &pattern.blocks {
+                    let active: Vec<i64> = l.active.iter().map(|&a| i64::from(a)).collect();
+                    let active = Tensor::<1, Int>::from_data(
+                        TensorData::new(active, [l.active.len()]),
+                        &device,
+                    );
+                    rules.layout = Some((cube_int_primitive(active), l.block_q, l.block_k));
+                }
+                if with_pad {
+                    let padding = Tensor::<2, Bool>::from_data(
+                        TensorData::new(pad.clone(), [batch, n]),
+                        &device,
+                    );
+                    cover = cover
+                        .intersect(BlockCover::of_key_padding(padding.clone(), grid).unwrap())
+                        .unwrap();
+                    rules.padding = Some(cube_int_primitive(padding.int()));
+                }
+                if with_docs {
+                    let ids = Tensor::<2, Int>::from_data(
+                        TensorData::new(docs.clone(), [batch, n]),
+                        &device,
+                    );
+                    cover = cover
+                        .intersect(
+                            BlockCover::of_documents(ids.clone(), ids.clone(), grid).unwrap(),
+                        )
+                        .unwrap();
+                    rules.documents =
+                        Some((cube_int_primitive(ids.clone()), cube_int_primitive(ids)));
+                }
+                let mask = BlockMask::new(cover);
+                let lists = BlockLists {
+                    block_q,
+                    block_k,
+                    partial_count: cube_int_primitive(mask.partial_count),
+                    partial_index: cube_int_primitive(mask.partial_index),
+                    full_count: cube_int_primitive(mask.full_count),
+                    full_index: cube_int_primitive(mask.full_index),
+                };
+                let scale = 1.0 / (case.dim as f32).sqrt();
+                let (out, lse) = flash_forward_sparse(
+                    cube_primitive(q.clone()),
+                    cube_primitive(k.clone()),
+                    cube_primitive(v.clone()),
+                    scale,
+                    &lists,
+                    &rules,
+                    &forced,
+                )
+                .unwrap();
+                let visible = |b: usize, i: usize, j: usize| {
+                    pattern.visible(i, j, n, n)
+                        && !(with_pad && pad[b * n + j])
+                        && !(with_docs && docs[b * n + i] != docs[b * n + j])
+                };
+                let (want_out, want_lse) = masked_truth(&x, &case, &visible);
+                let (got_out, got_lse) = (cube_to_f64(out), cube_to_f64(lse));
+                let what = format!(
+                "blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, documents {with_docs}"
             );
+                let err = max_err(&got_out, &want_out);
+                assert!(err < 1e-4, "{what}: output error {err}");
+                let dead = want_lse.iter().filter(|l| l.is_infinite()).count();
+                assert!(
+                    got_lse
+                        .iter()
+                        .zip(&want_lse)
+                        .all(|(g, w)| (g.is_infinite() && w.is_infinite()) || (g - w).abs() < 1e-4),
+                    "{what}: lse differs ({dead} rows see no key)"
+                );
+            }
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The portable forward over a block-sparse plan: `flash_unit`'s tile step (stage K, scores
 //! on register tiles, online softmax, stage V, `P V`) on the key blocks a query block's
 //! lists name (`components::key_blocks`) instead of a band's range, with the element rules
-//! (`components::element_rules`) on the partially visible ones. The plan's blocks are the
-//! kernel's tiles: `block_q` query rows by `block_k` keys.
+//! (`components::element_rules`) on the partially visible ones. A list's block is
+//! `q_tiles_per_block x k_tiles_per_block` of the kernel's `block_q x block_k` tiles, so
+//! one plan serves kernels of smaller tiles.
 
 use cubecl::prelude::*;
 
@@ -19,7 +20,7 @@ use crate::components::unit_softmax::{softmax_tile, write_unit_rows};
 /// Launch as `flash_unit_kernel` (natural cube order). The lists (`partial_count`,
 /// `partial_index`, `full_count`, `full_index`: i32, `[batch, heads, q_blocks]` and `[batch,
 /// heads, q_blocks, k_blocks]`, any strides, a batch or head dimension of 1 shared) are on a grid
-/// of `block_q x block_k` blocks. A query row sees a key of a listed full block whenever the
+/// of `(q_tiles_per_block * block_q) x (k_tiles_per_block * block_k)` blocks. A query row sees a key of a listed full block whenever the
 /// key is below `seq_k`; of a partial block when `rules` (and the tensors its switches name:
 /// `layout`, `padding`, `doc_q`, `doc_k`, i32; 1-element placeholders where off) let it. A row
 /// whose lists are empty outputs 0 with lse `neg_inf`, as in `flash_unit_kernel`.
@@ -40,6 +41,8 @@ pub fn flash_unit_sparse_kernel<F: Float>(
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
     element_rules: ElementRules,
+    q_tiles_per_block: u32,
+    k_tiles_per_block: u32,
     scale: f32,
     neg_inf: f32,
     #[comptime] rules: RuleSet,
@@ -72,7 +75,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
         full_index,
         b,
         h,
-        cube.block,
+        cube.block / q_tiles_per_block as usize,
     );
 
     let mut q_t = Shared::<[F]>::new_slice(comptime!(dim * q_stride));
@@ -106,152 +109,159 @@ pub fn flash_unit_sparse_kernel<F: Float>(
     let hi0 = seq_k as i32;
 
     for e in 0..list.len {
-        let t0 = list.block(e, partial_index, full_index) * comptime!(block_k as u32);
-        stage_rows::<F>(
-            k,
-            &mut kv,
-            k_base,
-            t0 as usize,
-            seq_k,
-            dim,
-            block_k,
-            units,
-            true,
-        );
-        sync_cube();
-        tile_product::<F, F>(
-            &mut s,
-            &q_t,
-            &kv,
-            ty,
-            tx,
-            dim,
-            q_stride,
-            1usize,
-            k_stride,
-            1usize,
-            rq,
-            row_threads,
-            rk,
-            col_threads,
-            block_k,
-            true,
-        );
-        // Partial blocks take the rules; full ones none, but the last still masks past seq_k.
-        if e < list.partial {
-            #[unroll]
-            for a in 0..rq {
-                let i = r0 + ty + a * row_threads;
-                #[unroll]
-                for c in 0..rk {
-                    let j = t0 as usize + tx + c * col_threads;
-                    let mut hidden = true;
-                    if i < seq_q && j < seq_k {
-                        hidden = element_rules.hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+        let kb = list.block(e, partial_index, full_index);
+        // The block's key tiles; a tile past the sequence end has no key.
+        for sub in 0..k_tiles_per_block {
+            let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
+            if (t0 as usize) < seq_k {
+                stage_rows::<F>(
+                    k,
+                    &mut kv,
+                    k_base,
+                    t0 as usize,
+                    seq_k,
+                    dim,
+                    block_k,
+                    units,
+                    true,
+                );
+                sync_cube();
+                tile_product::<F, F>(
+                    &mut s,
+                    &q_t,
+                    &kv,
+                    ty,
+                    tx,
+                    dim,
+                    q_stride,
+                    1usize,
+                    k_stride,
+                    1usize,
+                    rq,
+                    row_threads,
+                    rk,
+                    col_threads,
+                    block_k,
+                    true,
+                );
+                // Partial blocks take the rules; full ones none, but the last still masks past seq_k.
+                if e < list.partial {
+                    #[unroll]
+                    for a in 0..rq {
+                        let i = r0 + ty + a * row_threads;
+                        #[unroll]
+                        for c in 0..rk {
+                            let j = t0 as usize + tx + c * col_threads;
+                            let mut hidden = true;
+                            if i < seq_q && j < seq_k {
+                                hidden = element_rules
+                                    .hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+                            }
+                            hide[a * rk + c] = select(hidden, 1u32, 0u32);
+                        }
                     }
-                    hide[a * rk + c] = select(hidden, 1u32, 0u32);
+                    softmax_tile(
+                        &mut s,
+                        &mut o,
+                        &mut m,
+                        &mut l,
+                        &mut partial,
+                        &mut p_tile,
+                        scale,
+                        t0 as i32,
+                        lo0,
+                        hi0,
+                        seq_k as i32,
+                        rq,
+                        rk,
+                        rv,
+                        row_threads,
+                        col_threads,
+                        block_k,
+                        true,
+                        &hide,
+                        true,
+                    );
+                } else if t0 as usize + block_k > seq_k {
+                    softmax_tile(
+                        &mut s,
+                        &mut o,
+                        &mut m,
+                        &mut l,
+                        &mut partial,
+                        &mut p_tile,
+                        scale,
+                        t0 as i32,
+                        lo0,
+                        hi0,
+                        seq_k as i32,
+                        rq,
+                        rk,
+                        rv,
+                        row_threads,
+                        col_threads,
+                        block_k,
+                        true,
+                        &hide,
+                        false,
+                    );
+                } else {
+                    softmax_tile(
+                        &mut s,
+                        &mut o,
+                        &mut m,
+                        &mut l,
+                        &mut partial,
+                        &mut p_tile,
+                        scale,
+                        t0 as i32,
+                        lo0,
+                        hi0,
+                        seq_k as i32,
+                        rq,
+                        rk,
+                        rv,
+                        row_threads,
+                        col_threads,
+                        block_k,
+                        false,
+                        &hide,
+                        false,
+                    );
                 }
+                stage_rows::<F>(
+                    v,
+                    &mut kv,
+                    v_base,
+                    t0 as usize,
+                    seq_k,
+                    value_dim,
+                    block_k,
+                    units,
+                    false,
+                );
+                sync_cube();
+                tile_product::<f32, F>(
+                    &mut o,
+                    &p_tile,
+                    &kv,
+                    ty,
+                    tx,
+                    block_k,
+                    1usize,
+                    k_stride,
+                    value_dim,
+                    1usize,
+                    rq,
+                    row_threads,
+                    rv,
+                    col_threads,
+                    value_dim,
+                    false,
+                );
+                sync_cube();
             }
-            softmax_tile(
-                &mut s,
-                &mut o,
-                &mut m,
-                &mut l,
-                &mut partial,
-                &mut p_tile,
-                scale,
-                t0 as i32,
-                lo0,
-                hi0,
-                seq_k as i32,
-                rq,
-                rk,
-                rv,
-                row_threads,
-                col_threads,
-                block_k,
-                true,
-                &hide,
-                true,
-            );
-        } else if t0 as usize + block_k > seq_k {
-            softmax_tile(
-                &mut s,
-                &mut o,
-                &mut m,
-                &mut l,
-                &mut partial,
-                &mut p_tile,
-                scale,
-                t0 as i32,
-                lo0,
-                hi0,
-                seq_k as i32,
-                rq,
-                rk,
-                rv,
-                row_threads,
-                col_threads,
-                block_k,
-                true,
-                &hide,
-                false,
-            );
-        } else {
-            softmax_tile(
-                &mut s,
-                &mut o,
-                &mut m,
-                &mut l,
-                &mut partial,
-                &mut p_tile,
-                scale,
-                t0 as i32,
-                lo0,
-                hi0,
-                seq_k as i32,
-                rq,
-                rk,
-                rv,
-                row_threads,
-                col_threads,
-                block_k,
-                false,
-                &hide,
-                false,
-            );
         }
-        stage_rows::<F>(
-            v,
-            &mut kv,
-            v_base,
-            t0 as usize,
-            seq_k,
-            value_dim,
-            block_k,
-            units,
-            false,
-        );
-        sync_cube();
-        tile_product::<f32, F>(
-            &mut o,
-            &p_tile,
-            &kv,
-            ty,
-            tx,
-            block_k,
-            1usize,
-            k_stride,
-            value_dim,
-            1usize,
-            rq,
-            row_threads,
-            rv,
-            col_threads,
-            value_dim,
-            false,
-        );
-        sync_cube();
     }
 
     write_unit_rows::<F>(

@@ -56,8 +56,8 @@ pub struct SparseRules {
     pub documents: Option<(CubeTensor, CubeTensor)>,
 }
 
-/// The query rows and keys per block the sparse forward takes for `q`, `k`, `v` (its
-/// tiles): build the lists on this grid.
+/// The query rows and keys of the sparse forward's tiles for `q`, `k`, `v`: build the lists
+/// on blocks of these or of multiples of them.
 pub fn sparse_forward_blocks(
     q: &CubeTensor,
     k: &CubeTensor,
@@ -93,7 +93,8 @@ fn sparse_plan(
 }
 
 /// The block-sparse portable forward of one call: `q`, `k`, `v` as `flash_forward_with`,
-/// `lists` on the grid [`sparse_forward_blocks`] gives, `rules` for its partial blocks.
+/// `lists` on blocks that [`sparse_forward_blocks`]'s tiles divide, `rules` for its partial
+/// blocks.
 ///
 /// # Errors
 /// When the portable plan declines the call, or the lists or rule tensors do not fit it
@@ -110,15 +111,20 @@ pub fn flash_forward_sparse(
     let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
     let sizes = problem.sizes;
     let tiles = plan.tiles;
-    if (lists.block_q, lists.block_k) != (tiles.rows, tiles.cols) {
+    if lists.block_q == 0
+        || lists.block_k == 0
+        || !lists.block_q.is_multiple_of(tiles.rows)
+        || !lists.block_k.is_multiple_of(tiles.cols)
+    {
         return Err(Unsupported::Shapes(format!(
-            "block lists on {} x {} blocks; the portable plan takes {} x {} tiles",
+            "block lists on {} x {} blocks; the portable plan takes {} x {} tiles, which must \
+             divide them",
             lists.block_q, lists.block_k, tiles.rows, tiles.cols
         )));
     }
     let (q_blocks, k_blocks) = (
-        sizes.seq_q.div_ceil(tiles.rows),
-        sizes.seq_k.div_ceil(tiles.cols),
+        sizes.seq_q.div_ceil(lists.block_q),
+        sizes.seq_k.div_ceil(lists.block_k),
     );
     let fits = |t: &CubeTensor, last: &[usize]| {
         let dims = t.meta.shape().as_slice().to_vec();
@@ -234,6 +240,8 @@ pub fn flash_forward_sparse(
         doc_q.into_tensor_arg(),
         doc_k.into_tensor_arg(),
         element_rules,
+        (lists.block_q / tiles.rows) as u32,
+        (lists.block_k / tiles.cols) as u32,
         scale,
         f32::NEG_INFINITY,
         set,
