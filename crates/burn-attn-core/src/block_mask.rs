@@ -288,6 +288,37 @@ impl BlockCover {
         })
     }
 
+    /// The cover of the first `seq_q` queries and `seq_k` keys, for a call shorter than the
+    /// lengths the cover was built for (a module builds its pattern's cover once, for its
+    /// longest sequence). Sound for the shorter call: a block empty or full for the longer
+    /// lengths is so for any part of it; one that the cut makes empty or full stays partial.
+    ///
+    /// # Errors
+    /// When a length is 0 or longer than the cover's, or the alignment `seq_k - seq_q`
+    /// differs from the cover's (query `i` would meet other keys).
+    pub fn prefix(&self, seq_q: usize, seq_k: usize) -> Result<Self, AttentionError> {
+        let g = self.grid;
+        let same_alignment = seq_k as i64 - seq_q as i64 == g.seq_k as i64 - g.seq_q as i64;
+        if seq_q == 0 || seq_k == 0 || seq_q > g.seq_q || seq_k > g.seq_k || !same_alignment {
+            return Err(AttentionError::Invalid(format!(
+                "a block cover built for seq_q {}, seq_k {} serves calls of at most those \
+                 lengths with the same seq_k - seq_q ({}), not seq_q {seq_q}, seq_k {seq_k}",
+                g.seq_q,
+                g.seq_k,
+                g.seq_k as i64 - g.seq_q as i64
+            )));
+        }
+        let grid = BlockGrid::new(g.block_q, g.block_k, seq_q, seq_k)?;
+        let [b, h, ..] = self.codes.dims();
+        Ok(Self {
+            grid,
+            codes: self
+                .codes
+                .clone()
+                .slice([0..b, 0..h, 0..grid.q_blocks(), 0..grid.k_blocks()]),
+        })
+    }
+
     /// The cover codes, `[batch or 1, heads or 1, q_blocks, k_blocks]`, as
     /// [`TileCover`]s read back to the host (for tests and tools).
     pub fn to_covers(&self) -> Vec<TileCover> {
@@ -790,6 +821,39 @@ mod tests {
             err.contains("seq_k 29") && err.contains("seq_k 30"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn prefixes_serve_shorter_calls() {
+        let device = Device::ndarray();
+        let (long, block) = (40, 4);
+        for (pattern, _) in patterns(long, long) {
+            if pattern.blocks.is_some() {
+                continue; // layouts are built for their lengths
+            }
+            let grid = BlockGrid::new(block, block, long, long).unwrap();
+            let cover = BlockCover::of_pattern(&pattern, grid, &device).unwrap();
+            for n in [1, 7, 13, 40] {
+                let short = cover.prefix(n, n).unwrap();
+                let own = BlockGrid::new(block, block, n, n).unwrap();
+                assert_eq!(short.grid(), own);
+                for (at, got) in short.to_covers().into_iter().enumerate() {
+                    let (qb, kb) = (at / own.k_blocks(), at % own.k_blocks());
+                    let want = exact(own, qb, kb, |i, j| pattern.visible(i, j, n, n));
+                    assert_cover(got, want, false, &format!("{pattern:?} n {n} ({qb}, {kb})"));
+                }
+            }
+        }
+        let cover = BlockCover::of_pattern(
+            &KeyPattern::default(),
+            BlockGrid::new(4, 4, 9, 12).unwrap(),
+            &device,
+        )
+        .unwrap();
+        assert!(cover.prefix(6, 9).is_ok());
+        let err = cover.prefix(6, 6).unwrap_err().to_string();
+        assert!(err.contains("seq_k - seq_q (3)"), "{err}");
+        assert!(cover.prefix(10, 13).is_err());
     }
 
     #[test]
