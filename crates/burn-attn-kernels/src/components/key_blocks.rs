@@ -41,8 +41,18 @@ impl KeyBlockList {
         head: usize,
         block: usize,
     ) -> KeyBlockList {
-        let partial = partial_count[list_at(partial_count, batch, head, block)] as u32;
-        let full = full_count[list_at(full_count, batch, head, block)] as u32;
+        // A list holds at most one entry per key block: counts past that (lists not built
+        // by `BlockMask`) are cut, so the walk stays bounded; an index past the keys names
+        // tiles the kernel skips.
+        let blocks = partial_index.shape(3) as u32;
+        let partial = min(
+            partial_count[list_at(partial_count, batch, head, block)] as u32,
+            blocks,
+        );
+        let full = min(
+            full_count[list_at(full_count, batch, head, block)] as u32,
+            blocks - partial,
+        );
         KeyBlockList {
             partial_at: list_at(partial_index, batch, head, block),
             full_at: list_at(full_index, batch, head, block),
