@@ -1,6 +1,7 @@
 //! Property tests of the CPU path (`pattern_attention` on `NdArray<f32>`: the tiled band
 //! and pattern paths) against the materialised reference in f64, over random shapes,
-//! windows, causal rules, strided columns, block layouts, key padding and GQA.
+//! windows, causal rules, strided columns, block layouts, key padding and GQA; and the
+//! block-sparse plan (`BlockCover`, `BlockMask`) against the scalar definition.
 
 use burn::tensor::{Bool, DType, Device, Tensor, TensorCreationOptions, TensorData};
 use burn_attn::cores::{pattern_attention, reference_attention, BlockLayout, KeyPattern};
@@ -142,5 +143,87 @@ proptest! {
         );
         let err = max_diff(ours, truth);
         prop_assert!(err < 2e-5, "max |ours - f64| = {err} for {call:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// The block-sparse plan never lies: a block its cover calls empty has no visible key,
+    /// one it calls full has every key visible (padding and document ids included), and the
+    /// lists hold exactly the blocks that are not empty.
+    #[test]
+    fn block_covers_and_lists_are_sound(call in calls()) {
+        use burn::tensor::Int;
+        use burn_attn::cores::{BlockCover, BlockGrid, BlockMask, TileCover};
+        let device = cpu();
+        let (batch, seq_q, seq_k) = (call.batch, call.seq_q, call.seq_k);
+        let grid = BlockGrid::new(call.dim % 9 + 1, call.value_dim % 9 + 1, seq_q, seq_k).unwrap();
+        let blocks = call.blocks.map(|(block, density, seed)| {
+            BlockLayout::random(seq_q, seq_k, block, density, seed).unwrap()
+        });
+        let pattern = KeyPattern {
+            window: Window::new(call.left, call.right),
+            stride: call.stride,
+            causal: call.causal,
+            blocks,
+        };
+        let mut rng = StdRng::seed_from_u64(call.seed);
+        let pad: Vec<bool> = (0..batch * seq_k)
+            .map(|i| call.pad_every.is_some_and(|every| i % every == 1))
+            .collect();
+        let docs = |rng: &mut StdRng, len: usize| -> Vec<i64> {
+            (0..batch)
+                .flat_map(|_| {
+                    let mut doc = 0;
+                    (0..len).map(|_| { doc += i64::from(rng.random_range(0..5) == 0); doc }).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let (doc_q, doc_k) = (docs(&mut rng, seq_q), docs(&mut rng, seq_k));
+        let ids = |d: &Vec<i64>, len: usize| Tensor::<2, Int>::from_data(TensorData::new(d.clone(), [batch, len]), &device);
+        let cover = BlockCover::of_pattern(&pattern, grid, &device)
+            .unwrap()
+            .intersect(BlockCover::of_key_padding(
+                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, seq_k]), &device),
+                grid,
+            ).unwrap())
+            .unwrap()
+            .intersect(BlockCover::of_documents(ids(&doc_q, seq_q), ids(&doc_k, seq_k), grid).unwrap())
+            .unwrap();
+        let covers = cover.to_covers();
+        let (qb, kb) = (grid.q_blocks(), grid.k_blocks());
+        let mut listed = 0;
+        for b in 0..batch {
+            for q in 0..qb {
+                for k in 0..kb {
+                    let rows = q * grid.block_q..((q + 1) * grid.block_q).min(seq_q);
+                    let cols = k * grid.block_k..((k + 1) * grid.block_k).min(seq_k);
+                    let seen: Vec<bool> = rows
+                        .flat_map(|i| cols.clone().map(move |j| (i, j)))
+                        .map(|(i, j)| {
+                            pattern.visible(i, j, seq_q, seq_k)
+                                && !pad[b * seq_k + j]
+                                && doc_q[b * seq_q + i] == doc_k[b * seq_k + j]
+                        })
+                        .collect();
+                    let got = covers[(b * qb + q) * kb + k];
+                    match got {
+                        TileCover::Empty => prop_assert!(seen.iter().all(|s| !s), "empty ({q}, {k}) for {call:?}"),
+                        TileCover::Full => prop_assert!(seen.iter().all(|s| *s), "full ({q}, {k}) for {call:?}"),
+                        TileCover::Partial => {}
+                    }
+                    listed += usize::from(got != TileCover::Empty);
+                }
+            }
+        }
+        let mask = BlockMask::new(cover);
+        let count = |t: Tensor<3, Int>| t.sum().into_scalar::<i64>() as usize;
+        prop_assert_eq!(count(mask.partial_count.clone()) + count(mask.full_count.clone()), listed);
+        prop_assert_eq!(count(mask.t_partial_count) + count(mask.t_full_count), listed);
     }
 }
