@@ -98,6 +98,26 @@ impl BlockGrid {
             .clamp_max(len as i64 - 1);
         (first, last)
     }
+
+    /// The first and last query row and key of every block.
+    fn edges(&self, device: &Device) -> BlockEdges {
+        let (q_first, q_last) = Self::block_edges(self.block_q, self.seq_q, device);
+        let (k_first, k_last) = Self::block_edges(self.block_k, self.seq_k, device);
+        BlockEdges {
+            q_first,
+            q_last,
+            k_first,
+            k_last,
+        }
+    }
+}
+
+/// First and last query row (`[q_blocks]`) and key (`[k_blocks]`) of every block of a grid.
+struct BlockEdges {
+    q_first: Tensor<1, Int>,
+    q_last: Tensor<1, Int>,
+    k_first: Tensor<1, Int>,
+    k_last: Tensor<1, Int>,
 }
 
 /// For every (query block, key block) of a [`BlockGrid`], whether no key, some keys or
@@ -127,15 +147,24 @@ impl BlockCover {
         device: &Device,
     ) -> Result<Self, AttentionError> {
         pattern.validate(grid.seq_q, grid.seq_k)?;
-        let (q_first, q_last) = BlockGrid::block_edges(grid.block_q, grid.seq_q, device);
-        let (k_first, k_last) = BlockGrid::block_edges(grid.block_k, grid.seq_k, device);
+        let edges = grid.edges(device);
         let (qb, kb) = (grid.q_blocks(), grid.k_blocks());
         let offset = aligned(0, grid.seq_q, grid.seq_k);
         // Differences j - (i + offset) over each block: the band rules are bounds on them.
-        let min_diff = k_first.clone().reshape([1, kb]).expand([qb, kb])
-            - q_last.reshape([qb, 1]).add_scalar(offset).expand([qb, kb]);
-        let max_diff = k_last.clone().reshape([1, kb]).expand([qb, kb])
-            - q_first.reshape([qb, 1]).add_scalar(offset).expand([qb, kb]);
+        let min_diff = edges.k_first.clone().reshape([1, kb]).expand([qb, kb])
+            - edges
+                .q_last
+                .clone()
+                .reshape([qb, 1])
+                .add_scalar(offset)
+                .expand([qb, kb]);
+        let max_diff = edges.k_last.clone().reshape([1, kb]).expand([qb, kb])
+            - edges
+                .q_first
+                .clone()
+                .reshape([qb, 1])
+                .add_scalar(offset)
+                .expand([qb, kb]);
         let unbounded = (grid.seq_q + grid.seq_k) as i64;
         let band = |w: Window| {
             let lo = w
@@ -159,8 +188,13 @@ impl BlockCover {
             let s = stride as i64;
             // Whether the block holds a multiple of the stride: its first one from the
             // block's first key is at or before the block's last key.
-            let first_multiple = k_first.add_scalar(s - 1).div_scalar(s).mul_scalar(s);
-            let holds = first_multiple.lower_equal(k_last);
+            let first_multiple = edges
+                .k_first
+                .clone()
+                .add_scalar(s - 1)
+                .div_scalar(s)
+                .mul_scalar(s);
+            let holds = first_multiple.lower_equal(edges.k_last.clone());
             let strided = if stride == 1 {
                 Tensor::<1, Int>::full([kb], FULL, device)
             } else {
@@ -172,7 +206,7 @@ impl BlockCover {
             codes = codes.min_pair(band(Window::new(None, Some(0))));
         }
         if let Some(layout) = &pattern.blocks {
-            codes = codes.min_pair(layout_codes(layout, grid, device));
+            codes = codes.min_pair(layout_codes(layout, grid, &edges, device));
         }
         Ok(Self {
             grid,
@@ -449,7 +483,12 @@ fn codes_to_covers<const D: usize>(codes: Tensor<D, Int>) -> Vec<TileCover> {
 /// The cover of a block layout on the grid: a grid block is empty when every layout block
 /// it overlaps is inactive and full when every one is active. Counts active layout blocks
 /// over each grid block's rectangle with a 2-D prefix sum.
-fn layout_codes(layout: &BlockLayout, grid: BlockGrid, device: &Device) -> Tensor<2, Int> {
+fn layout_codes(
+    layout: &BlockLayout,
+    grid: BlockGrid,
+    edges: &BlockEdges,
+    device: &Device,
+) -> Tensor<2, Int> {
     let (lq, lk) = (layout.q_blocks, layout.k_blocks);
     let active: Vec<i64> = layout.active.iter().map(|&a| i64::from(a)).collect();
     let active = Tensor::<2, Int>::from_data(TensorData::new(active, [lq, lk]), device);
@@ -459,13 +498,12 @@ fn layout_codes(layout: &BlockLayout, grid: BlockGrid, device: &Device) -> Tenso
         .cumsum(1)
         .pad([(1, 0), (1, 0)], burn::tensor::ops::PadMode::Constant(0.0))
         .reshape([(lq + 1) * (lk + 1)]);
-    let (q_first, q_last) = BlockGrid::block_edges(grid.block_q, grid.seq_q, device);
-    let (k_first, k_last) = BlockGrid::block_edges(grid.block_k, grid.seq_k, device);
     let (qb, kb) = (grid.q_blocks(), grid.k_blocks());
-    let r0 = q_first.div_scalar(layout.block_q as i64);
-    let r1 = q_last.div_scalar(layout.block_q as i64).add_scalar(1);
-    let c0 = k_first.div_scalar(layout.block_k as i64);
-    let c1 = k_last.div_scalar(layout.block_k as i64).add_scalar(1);
+    let layout_block = |pos: &Tensor<1, Int>, size: usize| pos.clone().div_scalar(size as i64);
+    let r0 = layout_block(&edges.q_first, layout.block_q);
+    let r1 = layout_block(&edges.q_last, layout.block_q).add_scalar(1);
+    let c0 = layout_block(&edges.k_first, layout.block_k);
+    let c1 = layout_block(&edges.k_last, layout.block_k).add_scalar(1);
     let row = |r: Tensor<1, Int>| {
         r.mul_scalar((lk + 1) as i64)
             .reshape([qb, 1])

@@ -201,41 +201,28 @@ mod tests {
         any: &AnyAttention,
         device: &Device,
     ) -> Box<dyn Fn(Tensor<3>) -> Tensor<3>> {
-        match (config, any) {
-            (AnyAttentionConfig::Flash(c), AnyAttention::Flash(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::SlidingWindow(c), AnyAttention::SlidingWindow(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::Sparse(c), AnyAttention::Sparse(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::LearnedSparse(c), AnyAttention::LearnedSparse(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::Linear(c), AnyAttention::Linear(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::CausalLinear(c), AnyAttention::CausalLinear(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::AdaptiveWindow(c), AnyAttention::AdaptiveWindow(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            (AnyAttentionConfig::Hybrid(c), AnyAttention::Hybrid(m)) => {
-                let own = c.init(device).load_record(m.clone().into_record());
-                Box::new(move |x| own.forward(x))
-            }
-            _ => panic!("{} built {}", config.name(), any.name()),
+        // Every variant: the config's own module, loaded with the variant's record.
+        macro_rules! own {
+            ($($variant:ident),*) => {
+                match (config, any) {
+                    $((AnyAttentionConfig::$variant(c), AnyAttention::$variant(m)) => {
+                        let own = c.init(device).load_record(m.clone().into_record());
+                        Box::new(move |x| own.forward(x))
+                    })*
+                    _ => panic!("{} built {}", config.name(), any.name()),
+                }
+            };
         }
+        own!(
+            Flash,
+            SlidingWindow,
+            Sparse,
+            LearnedSparse,
+            Linear,
+            CausalLinear,
+            AdaptiveWindow,
+            Hybrid
+        )
     }
 
     #[test]

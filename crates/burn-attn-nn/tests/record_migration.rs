@@ -25,17 +25,6 @@ fn expected(name: &str) -> Vec<f32> {
     serde_json::from_value(outputs[name].clone()).unwrap()
 }
 
-/// Loads `bytes` into `module`, asserting every parameter was applied and none is left over.
-fn load<M: ModuleSnapshot>(module: &mut M, bytes: &[u8]) {
-    let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec()));
-    let result = module.load_from(&mut store).unwrap();
-    assert!(
-        result.missing.is_empty() && result.unused.is_empty() && result.errors.is_empty(),
-        "{result:?}"
-    );
-    assert!(!result.applied.is_empty(), "nothing applied: {result:?}");
-}
-
 /// The largest absolute difference between `got` and `want`.
 fn max_diff(got: Tensor<3>, want: &[f32]) -> f32 {
     let got = got.into_data().try_to_vec::<f32>().unwrap();
@@ -46,33 +35,59 @@ fn max_diff(got: Tensor<3>, want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `module` (freshly initialised, so it computes something else) loads `bytes` with every
+/// parameter applied and none left over, and then gives the 0.21 build's output `name`.
+fn assert_loads<M: ModuleSnapshot>(
+    mut module: M,
+    forward: impl Fn(&M, Tensor<3>) -> Tensor<3>,
+    bytes: &[u8],
+    name: &str,
+    device: &Device,
+) {
+    let want = expected(name);
+    // A fresh module computes something else: the comparison below sees the load.
+    assert!(max_diff(forward(&module, input(device)), &want) > 1e-2);
+    let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec()));
+    let result = module.load_from(&mut store).unwrap();
+    assert!(
+        result.missing.is_empty() && result.unused.is_empty() && result.errors.is_empty(),
+        "{result:?}"
+    );
+    assert!(!result.applied.is_empty(), "nothing applied: {result:?}");
+    let diff = max_diff(forward(&module, input(device)), &want);
+    assert!(diff < 1e-5, "{name}: largest difference {diff}");
+}
+
 #[test]
 fn learned_sparse_weights_saved_by_burn_021_load() {
     let device = Device::ndarray();
-    let mut module = LearnedSparseAttentionConfig::new(16, 4)
+    let module = LearnedSparseAttentionConfig::new(16, 4)
         .with_n_kv_heads(Some(2))
         .with_ratio(0.25)
         .init(&device);
-    let want = expected("learned_sparse");
-    // A fresh module computes something else: the comparison below sees the load.
-    assert!(max_diff(module.forward(input(&device)), &want) > 1e-2);
-    load(&mut module, LEARNED_SPARSE);
-    let diff = max_diff(module.forward(input(&device)), &want);
-    assert!(diff < 1e-5, "largest difference {diff}");
+    assert_loads(
+        module,
+        |m, x| m.forward(x),
+        LEARNED_SPARSE,
+        "learned_sparse",
+        &device,
+    );
 }
 
 #[test]
 fn adaptive_window_weights_saved_by_burn_021_load() {
     let device = Device::ndarray();
-    let mut module = AdaptiveSlidingWindowAttentionConfig::new(16, 4)
+    let module = AdaptiveSlidingWindowAttentionConfig::new(16, 4)
         .with_n_kv_heads(Some(2))
         .with_min_window(2)
         .with_max_window(8)
         .with_ramp(2.0)
         .init(&device);
-    let want = expected("adaptive_window");
-    assert!(max_diff(module.forward(input(&device)), &want) > 1e-2);
-    load(&mut module, ADAPTIVE_WINDOW);
-    let diff = max_diff(module.forward(input(&device)), &want);
-    assert!(diff < 1e-5, "largest difference {diff}");
+    assert_loads(
+        module,
+        |m, x| m.forward(x),
+        ADAPTIVE_WINDOW,
+        "adaptive_window",
+        &device,
+    );
 }

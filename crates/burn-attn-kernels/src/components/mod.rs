@@ -9,8 +9,8 @@
 //!   forward's two products, per dtype family);
 //! - `softmax`: the online-softmax step on accumulator registers (`exp`: its exponential,
 //!   PTX's approximation on CUDA); `epilogue`: rows out;
-//! - `register_tile`: the portable kernels' per-unit register tiles; `unit_softmax`: their
-//!   online-softmax step;
+//! - `register_tile`: the portable kernels' per-unit register tiles; `unit_forward`: the
+//!   portable forwards' key-tile step and epilogue;
 //! - `key_blocks`: the key blocks a query block visits under a block-sparse plan, and
 //!   `element_rules`: which keys of a partially visible block each query sees.
 //!
@@ -29,4 +29,4 @@ pub(crate) mod register_tile;
 pub(crate) mod schedule;
 pub(crate) mod softmax;
 pub(crate) mod staging;
-pub(crate) mod unit_softmax;
+pub(crate) mod unit_forward;

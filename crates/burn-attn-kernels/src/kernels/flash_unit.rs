@@ -25,11 +25,10 @@
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
-use crate::components::register_tile::tile_product;
 use crate::components::schedule::CubeHead;
 use crate::components::softmax::NEG_BIG;
 use crate::components::staging::stage_rows;
-use crate::components::unit_softmax::{softmax_tile, write_unit_rows};
+use crate::components::unit_forward::{attend_key_tile, write_unit_rows};
 
 /// FlashAttention forward without matrix units.
 ///
@@ -74,7 +73,6 @@ pub fn flash_unit_kernel<F: Float>(
     let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
-    let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = cube.block * block_q;
     // The keys the cube's rows see (its one plane is the whole cube).
@@ -117,122 +115,35 @@ pub fn flash_unit_kernel<F: Float>(
 
     let mut t0 = bounds.start;
     while t0 < bounds.end {
-        stage_rows::<F>(
+        let masked = !bounds.tile_unmasked(t0, t0 + block_k as i32 - 1, seq_k);
+        attend_key_tile::<F>(
             k,
-            &mut kv,
-            k_base,
-            usize::cast_from(t0),
-            seq_k,
-            dim,
-            block_k,
-            units,
-            true,
-        );
-        sync_cube();
-
-        // Scores: s[a][b] = q[row a] . k[key b], with rows ty + a * row_threads and keys
-        // tx + b * col_threads of the tile.
-        tile_product::<F, F>(
-            &mut s,
-            &q_t,
-            &kv,
-            ty,
-            tx,
-            dim,
-            q_stride,
-            1usize,
-            k_stride,
-            1usize,
-            rq,
-            row_threads,
-            rk,
-            col_threads,
-            block_k,
-            true,
-        );
-
-        let tile_full = bounds.tile_unmasked(t0, t0 + block_k as i32 - 1, seq_k);
-        // Both variants sync once inside (after the maxima), after which K is dead.
-        if tile_full {
-            softmax_tile(
-                &mut s,
-                &mut o,
-                &mut m,
-                &mut l,
-                &mut partial,
-                &mut p_tile,
-                scale,
-                t0,
-                lo0,
-                hi0,
-                seq_k as i32,
-                rq,
-                rk,
-                rv,
-                row_threads,
-                col_threads,
-                block_k,
-                false,
-                &no_hide,
-                false,
-            );
-        } else {
-            softmax_tile(
-                &mut s,
-                &mut o,
-                &mut m,
-                &mut l,
-                &mut partial,
-                &mut p_tile,
-                scale,
-                t0,
-                lo0,
-                hi0,
-                seq_k as i32,
-                rq,
-                rk,
-                rv,
-                row_threads,
-                col_threads,
-                block_k,
-                true,
-                &no_hide,
-                false,
-            );
-        }
-        stage_rows::<F>(
             v,
+            &q_t,
             &mut kv,
-            v_base,
-            usize::cast_from(t0),
-            seq_k,
-            value_dim,
-            block_k,
-            units,
-            false,
-        );
-        sync_cube();
-
-        // O += P V over the tile's keys (zeros past seq_k, with p = 0 there too).
-        tile_product::<f32, F>(
+            &mut p_tile,
+            &mut partial,
+            &mut s,
             &mut o,
-            &p_tile,
-            &kv,
-            ty,
-            tx,
+            &mut m,
+            &mut l,
+            &no_hide,
+            k_base,
+            v_base,
+            t0,
+            masked,
+            lo0,
+            hi0,
+            seq_k,
+            scale,
+            dim,
+            value_dim,
+            block_q,
             block_k,
-            1usize,
-            k_stride,
-            value_dim,
-            1usize,
-            rq,
             row_threads,
-            rv,
             col_threads,
-            value_dim,
             false,
         );
-        sync_cube();
         t0 += block_k as i32;
     }
 

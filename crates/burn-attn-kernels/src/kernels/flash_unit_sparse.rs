@@ -1,5 +1,5 @@
-//! The portable forward over a block-sparse plan: `flash_unit`'s tile step (stage K, scores
-//! on register tiles, online softmax, stage V, `P V`) on the key blocks a query block's
+//! The portable forward over a block-sparse plan: `flash_unit`'s key-tile step
+//! (`components::unit_forward`) on the key blocks a query block's
 //! lists name (`components::key_blocks`) instead of a band's range, with the element rules
 //! (`components::element_rules`) on the partially visible ones. A list's block is
 //! `q_tiles_per_block x k_tiles_per_block` of the kernel's `block_q x block_k` tiles, so
@@ -9,11 +9,10 @@ use cubecl::prelude::*;
 
 use crate::components::element_rules::{ElementRules, RuleSet};
 use crate::components::key_blocks::KeyBlockList;
-use crate::components::register_tile::tile_product;
 use crate::components::schedule::CubeHead;
 use crate::components::softmax::NEG_BIG;
 use crate::components::staging::stage_rows;
-use crate::components::unit_softmax::{softmax_tile, write_unit_rows};
+use crate::components::unit_forward::{attend_key_tile, write_unit_rows};
 
 /// FlashAttention forward without matrix units over a block-sparse plan.
 ///
@@ -113,39 +112,11 @@ pub fn flash_unit_sparse_kernel<F: Float>(
         // The block's key tiles; a tile past the sequence end has no key.
         for sub in 0..k_tiles_per_block {
             let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
+            // Partial blocks take the rules; full ones none, but a tile over the sequence
+            // end still masks the keys past it (the rules hide them).
+            let masked = e < list.partial || t0 as usize + block_k > seq_k;
             if (t0 as usize) < seq_k {
-                stage_rows::<F>(
-                    k,
-                    &mut kv,
-                    k_base,
-                    t0 as usize,
-                    seq_k,
-                    dim,
-                    block_k,
-                    units,
-                    true,
-                );
-                sync_cube();
-                tile_product::<F, F>(
-                    &mut s,
-                    &q_t,
-                    &kv,
-                    ty,
-                    tx,
-                    dim,
-                    q_stride,
-                    1usize,
-                    k_stride,
-                    1usize,
-                    rq,
-                    row_threads,
-                    rk,
-                    col_threads,
-                    block_k,
-                    true,
-                );
-                // Partial blocks take the rules; full ones none, but the last still masks past seq_k.
-                if e < list.partial {
+                if masked {
                     #[unroll]
                     for a in 0..rq {
                         let i = r0 + ty + a * row_threads;
@@ -160,106 +131,35 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                             hide[a * rk + c] = select(hidden, 1u32, 0u32);
                         }
                     }
-                    softmax_tile(
-                        &mut s,
-                        &mut o,
-                        &mut m,
-                        &mut l,
-                        &mut partial,
-                        &mut p_tile,
-                        scale,
-                        t0 as i32,
-                        lo0,
-                        hi0,
-                        seq_k as i32,
-                        rq,
-                        rk,
-                        rv,
-                        row_threads,
-                        col_threads,
-                        block_k,
-                        true,
-                        &hide,
-                        true,
-                    );
-                } else if t0 as usize + block_k > seq_k {
-                    softmax_tile(
-                        &mut s,
-                        &mut o,
-                        &mut m,
-                        &mut l,
-                        &mut partial,
-                        &mut p_tile,
-                        scale,
-                        t0 as i32,
-                        lo0,
-                        hi0,
-                        seq_k as i32,
-                        rq,
-                        rk,
-                        rv,
-                        row_threads,
-                        col_threads,
-                        block_k,
-                        true,
-                        &hide,
-                        false,
-                    );
-                } else {
-                    softmax_tile(
-                        &mut s,
-                        &mut o,
-                        &mut m,
-                        &mut l,
-                        &mut partial,
-                        &mut p_tile,
-                        scale,
-                        t0 as i32,
-                        lo0,
-                        hi0,
-                        seq_k as i32,
-                        rq,
-                        rk,
-                        rv,
-                        row_threads,
-                        col_threads,
-                        block_k,
-                        false,
-                        &hide,
-                        false,
-                    );
                 }
-                stage_rows::<F>(
+                attend_key_tile::<F>(
+                    k,
                     v,
+                    &q_t,
                     &mut kv,
-                    v_base,
-                    t0 as usize,
-                    seq_k,
-                    value_dim,
-                    block_k,
-                    units,
-                    false,
-                );
-                sync_cube();
-                tile_product::<f32, F>(
+                    &mut p_tile,
+                    &mut partial,
+                    &mut s,
                     &mut o,
-                    &p_tile,
-                    &kv,
-                    ty,
-                    tx,
+                    &mut m,
+                    &mut l,
+                    &hide,
+                    k_base,
+                    v_base,
+                    t0 as i32,
+                    masked,
+                    lo0,
+                    hi0,
+                    seq_k,
+                    scale,
+                    dim,
+                    value_dim,
+                    block_q,
                     block_k,
-                    1usize,
-                    k_stride,
-                    value_dim,
-                    1usize,
-                    rq,
                     row_threads,
-                    rv,
                     col_threads,
-                    value_dim,
-                    false,
+                    true,
                 );
-                sync_cube();
             }
         }
     }

@@ -175,19 +175,15 @@ pub fn flash_forward_sparse(
     let mut layout_blocks = (1, 1, 1);
     if let Some((active, lq, lk)) = &rules.layout {
         let (rows, cols) = (sizes.seq_q.div_ceil(*lq), sizes.seq_k.div_ceil(*lk));
-        i32_rows("block layout", active, 1, rows * cols).or_else(|_| {
-            let dims = active.meta.shape().as_slice().to_vec();
-            if active.dtype == DType::I32 && dims == [rows * cols] {
-                Ok(())
-            } else {
-                Err(Unsupported::Shapes(format!(
-                    "block layout is {:?} {dims:?}; expected i32 [{}] ({rows} x {cols} blocks \
-                     of {lq} x {lk})",
-                    active.dtype,
-                    rows * cols
-                )))
-            }
-        })?;
+        // Row-major active flags, flat (a leading 1 is the same buffer).
+        let (n, dims) = (rows * cols, active.meta.shape().as_slice().to_vec());
+        if active.dtype != DType::I32 || (dims != [n] && dims != [1, n]) {
+            return Err(Unsupported::Shapes(format!(
+                "block layout is {:?} {dims:?}; expected i32 [{n}] ({rows} x {cols} blocks of \
+                 {lq} x {lk})",
+                active.dtype
+            )));
+        }
         layout_blocks = (*lq as u32, *lk as u32, cols as u32);
     }
     if rules.stride == Some(0) {
@@ -204,12 +200,10 @@ pub fn flash_forward_sparse(
         padding: rules.padding.is_some(),
         documents: rules.documents.is_some(),
     };
+    // Rule tensors a call does not have: a 1-element placeholder the kernel never reads.
     let placeholder = alloc_contiguous(&q, Shape::new([1]), DType::I32);
     let or_placeholder = |t: Option<&CubeTensor>| t.cloned().unwrap_or_else(|| placeholder.clone());
-    let (doc_q, doc_k) = match &rules.documents {
-        Some((a, b)) => (a.clone(), b.clone()),
-        None => (placeholder.clone(), placeholder.clone()),
-    };
+    let documents = rules.documents.as_ref();
     let element_rules = ElementRulesLaunch::new(
         sizes.seq_k as i32 - sizes.seq_q as i32,
         sizes.side(rules.left),
@@ -237,8 +231,8 @@ pub fn flash_forward_sparse(
         lists.full_index.clone().into_tensor_arg(),
         or_placeholder(rules.layout.as_ref().map(|l| &l.0)).into_tensor_arg(),
         or_placeholder(rules.padding.as_ref()).into_tensor_arg(),
-        doc_q.into_tensor_arg(),
-        doc_k.into_tensor_arg(),
+        or_placeholder(documents.map(|d| &d.0)).into_tensor_arg(),
+        or_placeholder(documents.map(|d| &d.1)).into_tensor_arg(),
         element_rules,
         (lists.block_q / tiles.rows) as u32,
         (lists.block_k / tiles.cols) as u32,

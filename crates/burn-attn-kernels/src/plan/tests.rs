@@ -304,28 +304,15 @@ fn contiguous_problem_of_metadata() {
     assert!(p.aligned_rows);
     // The largest tensor: q (2 * 8 * 100 * 64), above k (2 * 2 * 300 * 64) and the output.
     assert_eq!(p.span, 2 * 8 * 100 * 64);
-    let odd = Problem::contiguous(
-        [1, 1, 5, 36],
-        [1, 1, 5, 36],
-        [1, 1, 5, 36],
-        Precision::F32,
-        band,
-    );
+    // Five rows of `d` columns, q with `heads[0]` heads, k and v with `heads[1]`.
+    let small = |heads: [usize; 2], d: usize, precision: Precision| {
+        let kv = [1, heads[1], 5, d];
+        Problem::contiguous([1, heads[0], 5, d], kv, kv, precision, band)
+    };
+    let odd = small([1, 1], 36, Precision::F32);
     assert!(odd.unwrap().aligned_rows, "36 f32 = 9 pieces of 16 bytes");
-    let odd = Problem::contiguous(
-        [1, 1, 5, 33],
-        [1, 1, 5, 33],
-        [1, 1, 5, 33],
-        Precision::F16,
-        band,
-    );
+    let odd = small([1, 1], 33, Precision::F16);
     assert!(!odd.unwrap().aligned_rows);
-    let mismatched = Problem::contiguous(
-        [1, 4, 5, 32],
-        [1, 3, 5, 32],
-        [1, 3, 5, 32],
-        Precision::F16,
-        band,
-    );
+    let mismatched = small([4, 3], 32, Precision::F16);
     assert!(matches!(mismatched, Err(Unsupported::Shapes(_))));
 }

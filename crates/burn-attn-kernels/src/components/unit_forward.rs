@@ -1,18 +1,183 @@
-//! The online-softmax step of the portable forwards (`flash_unit`, `flash_unit_sparse`) on
-//! one key tile of a unit's register tile of scores.
+//! The steps the portable forwards (`flash_unit`, `flash_unit_sparse`) share: one key
+//! tile's pass (stage K, scores, online softmax, stage V, `P V`) over a unit's register
+//! tiles, and the epilogue. The kernels differ only in which tiles they visit.
 
 use cubecl::prelude::*;
 
+use super::register_tile::tile_product;
 use super::softmax::NEG_BIG;
+use super::staging::stage_rows;
+
+/// One key tile, the one starting at key `t0`, for the whole cube: stages K (transposed,
+/// into `kv`), computes each unit's `rq x rk` scores `s` against the staged Q (`q_t`),
+/// takes the softmax step (`masked`: with the per-element mask of [`softmax_tile`], plus
+/// the `hide` flags with `use_hide`), stages V into `kv` and adds `P V` into the output
+/// tiles `o`. `block_q` rows per cube; every unit calls it with the same `t0` and `masked`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_key_tile<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    q_t: &[F],
+    kv: &mut [F],
+    p_tile: &mut [f32],
+    partial: &mut [f32],
+    s: &mut Array<f32>,
+    o: &mut Array<f32>,
+    m: &mut Array<f32>,
+    l: &mut Array<f32>,
+    hide: &Array<u32>,
+    k_base: usize,
+    v_base: usize,
+    t0: i32,
+    masked: bool,
+    lo0: i32,
+    hi0: i32,
+    seq_k: usize,
+    scale: f32,
+    #[comptime] dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] block_q: usize,
+    #[comptime] block_k: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
+    #[comptime] use_hide: bool,
+) {
+    let rq = comptime!(block_q / row_threads);
+    let rk = comptime!(block_k / col_threads);
+    let rv = comptime!(value_dim.div_ceil(col_threads));
+    let units = comptime!(row_threads * col_threads);
+    let q_stride = comptime!(block_q + 1);
+    let k_stride = comptime!(block_k + 1);
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
+
+    stage_rows::<F>(
+        k,
+        kv,
+        k_base,
+        usize::cast_from(t0),
+        seq_k,
+        dim,
+        block_k,
+        units,
+        true,
+    );
+    sync_cube();
+
+    // Scores: s[a][b] = q[row a] . k[key b], with rows ty + a * row_threads and keys
+    // tx + b * col_threads of the tile.
+    tile_product::<F, F>(
+        s,
+        q_t,
+        &*kv,
+        ty,
+        tx,
+        dim,
+        q_stride,
+        1usize,
+        k_stride,
+        1usize,
+        rq,
+        row_threads,
+        rk,
+        col_threads,
+        block_k,
+        true,
+    );
+
+    // Both variants sync once inside (after the maxima), after which K is dead.
+    if masked {
+        softmax_tile(
+            s,
+            o,
+            m,
+            l,
+            partial,
+            p_tile,
+            scale,
+            t0,
+            lo0,
+            hi0,
+            seq_k as i32,
+            rq,
+            rk,
+            rv,
+            row_threads,
+            col_threads,
+            block_k,
+            true,
+            hide,
+            use_hide,
+        );
+    } else {
+        softmax_tile(
+            s,
+            o,
+            m,
+            l,
+            partial,
+            p_tile,
+            scale,
+            t0,
+            lo0,
+            hi0,
+            seq_k as i32,
+            rq,
+            rk,
+            rv,
+            row_threads,
+            col_threads,
+            block_k,
+            false,
+            hide,
+            false,
+        );
+    }
+    stage_rows::<F>(
+        v,
+        kv,
+        v_base,
+        usize::cast_from(t0),
+        seq_k,
+        value_dim,
+        block_k,
+        units,
+        false,
+    );
+    sync_cube();
+
+    // O += P V over the tile's keys (zeros past seq_k, with p = 0 there too).
+    tile_product::<f32, F>(
+        o,
+        &*p_tile,
+        &*kv,
+        ty,
+        tx,
+        block_k,
+        1usize,
+        k_stride,
+        value_dim,
+        1usize,
+        rq,
+        row_threads,
+        rv,
+        col_threads,
+        value_dim,
+        false,
+    );
+    sync_cube();
+}
 
 /// The softmax part of one key tile for one unit: scales (and with `masked`, masks: the
 /// band `lo0..=hi0` shifted per row, keys past `seq_k`, and with `use_hide` the scores
-/// whose `hide` flag is set) its `rq x rk` scores `s`, publishes their row maxima in `partial`, waits for the cube,
-/// moves the running maxima `m` of its rows, rescales its output tile `o` and row sums `l`,
-/// and writes its probabilities to `p_tile`. The caller syncs before reading `p_tile`.
+/// whose `hide` flag is set) its `rq x rk` scores `s`, publishes their row maxima in
+/// `partial`, waits for the cube, moves the running maxima `m` of its rows, rescales its
+/// output tile `o` and row sums `l`, and writes its probabilities to `p_tile`. The caller
+/// syncs before reading `p_tile`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn softmax_tile(
+fn softmax_tile(
     s: &mut Array<f32>,
     o: &mut Array<f32>,
     m: &mut Array<f32>,
