@@ -126,10 +126,10 @@ mod on_cuda {
         check_concurrent_calls::<Gpu>(DType::F32);
     }
 
-    /// The block-sparse portable forward: patterns, key padding and document ids.
+    /// The block-sparse portable forward and backward: patterns, key padding and document ids.
     #[test]
     fn cuda_sparse_kernel_f32_matches_the_host_truth() {
-        check_sparse_forward::<Gpu>();
+        check_sparse_kernels::<Gpu>();
     }
 
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.

@@ -52,11 +52,11 @@ fn block_mask_builds_on_the_device() {
     check_block_mask_on_device::<Gpu>();
 }
 
-/// The block-sparse portable forward: patterns, key padding and document ids.
+/// The block-sparse portable forward and backward: patterns, key padding and document ids.
 #[test]
 fn sparse_kernel_f32_matches_the_host_truth() {
     require_gpu();
-    check_sparse_forward::<Gpu>();
+    check_sparse_kernels::<Gpu>();
 }
 
 #[test]

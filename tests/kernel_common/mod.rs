@@ -1337,12 +1337,21 @@ pub fn cube_int_primitive<const D: usize>(t: Tensor<D, burn::tensor::Int>) -> Cu
 }
 
 /// The host truth of attention where `visible(b, i, j)` says which keys query `i` of batch
-/// `b` sees (f64; rows that see nothing are 0 with lse -inf): `(out, lse)` flattened.
+/// `b` sees (f64; rows that see nothing are 0 with lse -inf), flattened.
+struct MaskedTruth {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    /// `(dq, dk, dv)` for the output gradient given.
+    grads: [Vec<f64>; 3],
+}
+
+/// [`MaskedTruth`] of `x` under `visible`, with gradients for `d_out` (`[b, h, n, d]`).
 fn masked_truth(
     x: &Inputs,
     case: &Case,
     visible: &dyn Fn(usize, usize, usize) -> bool,
-) -> (Vec<f64>, Vec<f64>) {
+    d_out: &(Vec<f32>, [usize; 4]),
+) -> MaskedTruth {
     let (b, h, kvh, n, d) = (case.batch, case.heads, case.kv_heads, case.seq_q, case.dim);
     assert_eq!(
         (case.seq_k, case.value_dim),
@@ -1355,6 +1364,8 @@ fn masked_truth(
         t.0[((i0 * s1 + i1) * s2 + i2) * s3 + i3] as f64
     };
     let (mut out, mut lse) = (vec![0.0; b * h * n * d], vec![f64::NEG_INFINITY; b * h * n]);
+    let mut dq = vec![0.0; b * h * n * d];
+    let (mut dk, mut dv) = (vec![0.0; b * kvh * n * d], vec![0.0; b * kvh * n * d]);
     for bi in 0..b {
         for hi in 0..h {
             let kh = hi / (h / kvh);
@@ -1376,27 +1387,50 @@ fn masked_truth(
                 }
                 let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|s| (s.1 - m).exp()).sum();
-                lse[(bi * h + hi) * n + i] = m + sum.ln();
+                let row = (bi * h + hi) * n + i;
+                lse[row] = m + sum.ln();
+                let p: Vec<(usize, f64)> = scores
+                    .iter()
+                    .map(|&(j, s)| (j, (s - m).exp() / sum))
+                    .collect();
                 for c in 0..d {
-                    let o: f64 = scores
-                        .iter()
-                        .map(|&(j, s)| (s - m).exp() * at(&x.v, bi, kh, j, c))
+                    out[row * d + c] = p.iter().map(|&(j, pj)| pj * at(&x.v, bi, kh, j, c)).sum();
+                }
+                // dP_j = dO . V_j, D = dO . O, dS_j = P_j (dP_j - D).
+                let d_row: f64 = (0..d)
+                    .map(|c| at(d_out, bi, hi, i, c) * out[row * d + c])
+                    .sum();
+                for &(j, pj) in &p {
+                    let key = (bi * kvh + kh) * n + j;
+                    let dp: f64 = (0..d)
+                        .map(|c| at(d_out, bi, hi, i, c) * at(&x.v, bi, kh, j, c))
                         .sum();
-                    out[((bi * h + hi) * n + i) * d + c] = o / sum;
+                    let ds = pj * (dp - d_row) * scale;
+                    for c in 0..d {
+                        dv[key * d + c] += pj * at(d_out, bi, hi, i, c);
+                        dq[row * d + c] += ds * at(&x.k, bi, kh, j, c);
+                        dk[key * d + c] += ds * at(&x.q, bi, hi, i, c);
+                    }
                 }
             }
         }
     }
-    (out, lse)
+    MaskedTruth {
+        out,
+        lse,
+        grads: [dq, dk, dv],
+    }
 }
 
-/// The block-sparse portable forward on `B` (f32) against the host truth, for patterns
-/// (band, causal, strided columns, block layouts), key padding and document ids alone and
-/// combined, batch 2 with GQA and an odd length; empty rows are 0 with lse -inf.
-pub fn check_sparse_forward<B: On>() {
+/// The block-sparse portable forward and backward on `B` (f32) against the host truth,
+/// for patterns (band, causal, strided columns, block layouts), key padding and document
+/// ids alone and combined, batch 2 with GQA and an odd length; empty rows are 0 with lse
+/// -inf and get zero gradients.
+pub fn check_sparse_kernels<B: On>() {
     use burn::tensor::{Bool, Int};
     use burn_attn_core::kernels::launch::{
-        flash_forward_sparse, sparse_forward_blocks, BlockLists, SparseRules,
+        flash_backward_sparse, flash_forward_sparse, sparse_blocks, BackwardInputs, BlockLists,
+        SparseRules,
     };
     use burn_attn_core::{BlockCover, BlockGrid, BlockLayout, BlockMask};
     let device = B::device();
@@ -1413,12 +1447,14 @@ pub fn check_sparse_forward<B: On>() {
         q_gain: 1.0,
     };
     let x = inputs(&case, 21);
+    let d_out = inputs(&case, 22).q;
     let (n, batch) = (case.seq_q, case.batch);
     let q = tensor(&x.q, DType::F32, &device);
     let k = tensor(&x.k, DType::F32, &device);
     let v = tensor(&x.v, DType::F32, &device);
+    let g = tensor(&d_out, DType::F32, &device);
     let forced = ForcedPlan::default();
-    let (block_q, block_k) = sparse_forward_blocks(
+    let (block_q, block_k) = sparse_blocks(
         &cube_primitive(q.clone()),
         &cube_primitive(k.clone()),
         &cube_primitive(v.clone()),
@@ -1510,6 +1546,10 @@ pub fn check_sparse_forward<B: On>() {
                     partial_index: cube_int_primitive(mask.partial_index),
                     full_count: cube_int_primitive(mask.full_count),
                     full_index: cube_int_primitive(mask.full_index),
+                    t_partial_count: cube_int_primitive(mask.t_partial_count),
+                    t_partial_index: cube_int_primitive(mask.t_partial_index),
+                    t_full_count: cube_int_primitive(mask.t_full_count),
+                    t_full_index: cube_int_primitive(mask.t_full_index),
                 };
                 let scale = 1.0 / (case.dim as f32).sqrt();
                 let (out, lse) = flash_forward_sparse(
@@ -1527,21 +1567,45 @@ pub fn check_sparse_forward<B: On>() {
                         && !(with_pad && pad[b * n + j])
                         && !(with_docs && docs[b * n + i] != docs[b * n + j])
                 };
-                let (want_out, want_lse) = masked_truth(&x, &case, &visible);
-                let (got_out, got_lse) = (cube_to_f64(out), cube_to_f64(lse));
+                let want = masked_truth(&x, &case, &visible, &d_out);
+                let (got_out, got_lse) = (cube_to_f64(out.clone()), cube_to_f64(lse.clone()));
                 let what = format!(
-                "blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, documents {with_docs}"
-            );
-                let err = max_err(&got_out, &want_out);
+                    "blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, \
+                     documents {with_docs}"
+                );
+                let err = max_err(&got_out, &want.out);
                 assert!(err < 1e-4, "{what}: output error {err}");
-                let dead = want_lse.iter().filter(|l| l.is_infinite()).count();
+                let dead = want.lse.iter().filter(|l| l.is_infinite()).count();
                 assert!(
                     got_lse
                         .iter()
-                        .zip(&want_lse)
+                        .zip(&want.lse)
                         .all(|(g, w)| (g.is_infinite() && w.is_infinite()) || (g - w).abs() < 1e-4),
                     "{what}: lse differs ({dead} rows see no key)"
                 );
+                let grads = flash_backward_sparse(
+                    BackwardInputs {
+                        q: cube_primitive(q.clone()),
+                        k: cube_primitive(k.clone()),
+                        v: cube_primitive(v.clone()),
+                        out,
+                        lse,
+                        d_out: cube_primitive(g.clone()),
+                    },
+                    scale,
+                    &lists,
+                    &rules,
+                    &forced,
+                )
+                .unwrap();
+                for ((name, got), want) in ["dq", "dk", "dv"]
+                    .into_iter()
+                    .zip([grads.0, grads.1, grads.2])
+                    .zip(&want.grads)
+                {
+                    let err = max_err(&cube_to_f64(got), want);
+                    assert!(err < 1e-4, "{what}: {name} error {err}");
+                }
             }
         }
     }

@@ -77,3 +77,50 @@ impl ElementRules {
         !seen
     }
 }
+
+#[cube]
+impl ElementRules {
+    /// Fills a unit's `rows x cols` register tile of flags (row-major) with
+    /// [`ElementRules::hides`], 1 also past `seq_q` or `seq_k`: register row `a` is query
+    /// `i0 + a * row_step` and column `c` key `j0 + c * col_step`, or with `keys_major`
+    /// row `a` is key `j0 + a * row_step` and column `c` query `i0 + c * col_step` (the
+    /// transposed tiles of a key-major pass).
+    #[allow(clippy::too_many_arguments)]
+    pub fn hide_tile(
+        &self,
+        hide: &mut Array<u32>,
+        b: usize,
+        i0: usize,
+        j0: usize,
+        seq_q: usize,
+        seq_k: usize,
+        layout: &Tensor<i32>,
+        padding: &Tensor<i32>,
+        doc_q: &Tensor<i32>,
+        doc_k: &Tensor<i32>,
+        #[comptime] rules: RuleSet,
+        #[comptime] rows: usize,
+        #[comptime] row_step: usize,
+        #[comptime] cols: usize,
+        #[comptime] col_step: usize,
+        #[comptime] keys_major: bool,
+    ) {
+        #[unroll]
+        for a in 0..rows {
+            #[unroll]
+            for c in 0..cols {
+                let mut i = i0 + a * row_step;
+                let mut j = j0 + c * col_step;
+                if comptime!(keys_major) {
+                    i = i0 + c * col_step;
+                    j = j0 + a * row_step;
+                }
+                let mut hidden = true;
+                if i < seq_q && j < seq_k {
+                    hidden = self.hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+                }
+                hide[a * cols + c] = select(hidden, 1u32, 0u32);
+            }
+        }
+    }
+}

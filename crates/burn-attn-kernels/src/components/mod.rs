@@ -29,4 +29,5 @@ pub(crate) mod register_tile;
 pub(crate) mod schedule;
 pub(crate) mod softmax;
 pub(crate) mod staging;
+pub(crate) mod unit_backward;
 pub(crate) mod unit_forward;

@@ -26,10 +26,11 @@
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
-use crate::components::register_tile::tile_product;
 use crate::components::schedule::CubeHead;
-use crate::components::softmax::{has_probabilities, NEG_BIG};
 use crate::components::staging::stage_rows;
+use crate::components::unit_backward::{
+    dkdv_query_tile, dq_key_tile, stage_row_stats, write_dkdv, write_dq,
+};
 
 /// Query-major backward: `D = rowsum(dO * O)` and `dQ`.
 ///
@@ -75,7 +76,6 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
-    let tx = UNIT_POS_X as usize % col_threads;
 
     let r0 = cube.block * block_q;
     // The band of this unit's first row (its a-th row is a * row_threads further).
@@ -100,27 +100,22 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     stage_rows::<F>(
         d_out, &mut do_t, do_base, r0, seq_q, value_dim, block_q, units, true,
     );
-    // D and lse per row (rows past seq_q: 0 and NEG_BIG, so they get no probabilities).
-    let mut idx = UNIT_POS_X as usize;
-    while idx < block_q {
-        let row = r0 + idx;
-        let mut d_i = f32::new(0.0);
-        let mut lse_i = f32::new(NEG_BIG);
-        if row < seq_q {
-            let o_at = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
-            let g_at = do_base + row * d_out.stride(2);
-            for c in 0..value_dim {
-                d_i += f32::cast_from(d_out[g_at + c * d_out.stride(3)])
-                    * f32::cast_from(out[o_at + c * out.stride(3)]);
-            }
-            lse_i = lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)];
-            let at = b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2);
-            delta[at] = d_i;
-        }
-        d_tile[idx] = d_i;
-        lse_tile[idx] = lse_i;
-        idx += units;
-    }
+    stage_row_stats::<F>(
+        out,
+        d_out,
+        lse,
+        delta,
+        &mut d_tile,
+        &mut lse_tile,
+        b,
+        h,
+        r0,
+        seq_q,
+        do_base,
+        value_dim,
+        block_q,
+        units,
+    );
 
     let mut s = Array::<f32>::new(comptime!(rq * rk));
     let mut dp = Array::<f32>::new(comptime!(rq * rk));
@@ -129,117 +124,55 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     for i in 0..comptime!(rq * rd) {
         dq_acc[i] = f32::new(0.0);
     }
+    let no_hide = Array::<u32>::new(1usize);
 
     let mut t0 = bounds.start;
     while t0 < bounds.end {
-        let start = usize::cast_from(t0);
-        // dP = dO V^T over the value dim.
-        stage_rows::<F>(
-            v, &mut kv, v_base, start, seq_k, value_dim, block_k, units, true,
-        );
-        sync_cube();
-        tile_product::<F, F>(
-            &mut dp,
-            &do_t,
-            &kv,
-            ty,
-            tx,
-            value_dim,
-            q_stride,
-            1usize,
-            k_stride,
-            1usize,
-            rq,
-            row_threads,
-            rk,
-            col_threads,
-            block_k,
-            true,
-        );
-        sync_cube();
-        // S = Q K^T over the head dim; K stays for dQ.
-        stage_rows::<F>(k, &mut kv, k_base, start, seq_k, dim, block_k, units, true);
-        sync_cube();
-        tile_product::<F, F>(
-            &mut s,
+        dq_key_tile::<F>(
+            k,
+            v,
             &q_t,
-            &kv,
-            ty,
-            tx,
-            dim,
-            q_stride,
-            1usize,
-            k_stride,
-            1usize,
-            rq,
-            row_threads,
-            rk,
-            col_threads,
-            block_k,
-            true,
-        );
-        // dS = P (dP - D), zero outside the band, past seq_k and on rows without keys.
-        #[unroll]
-        for a in 0..rq {
-            let r = ty + a * row_threads;
-            let shift = (a * row_threads) as i32;
-            let lse_i = lse_tile[r];
-            let d_i = d_tile[r];
-            #[unroll]
-            for c in 0..rk {
-                let key = tx + c * col_threads;
-                let j = t0 + key as i32;
-                let mut ds = f32::new(0.0);
-                if j >= lo0 + shift
-                    && j <= hi0 + shift
-                    && j < seq_k as i32
-                    && has_probabilities(lse_i)
-                {
-                    let p = f32::exp(s[a * rk + c] * scale - lse_i);
-                    ds = p * (dp[a * rk + c] - d_i);
-                }
-                ds_tile[r * k_stride + key] = ds;
-            }
-        }
-        sync_cube();
-        // dQ += dS K: K as [key][d] read from its transposed tile.
-        tile_product::<f32, F>(
+            &do_t,
+            &mut kv,
+            &mut ds_tile,
+            &lse_tile,
+            &d_tile,
+            &mut s,
+            &mut dp,
             &mut dq_acc,
-            &ds_tile,
-            &kv,
-            ty,
-            tx,
-            block_k,
-            1usize,
-            k_stride,
-            1usize,
-            k_stride,
-            rq,
-            row_threads,
-            rd,
-            col_threads,
+            &no_hide,
+            k_base,
+            v_base,
+            t0,
+            false,
+            lo0,
+            hi0,
+            seq_k,
+            scale,
             dim,
+            value_dim,
+            block_q,
+            block_k,
+            row_threads,
+            col_threads,
             false,
         );
-        sync_cube();
         t0 += block_k as i32;
     }
 
-    #[unroll]
-    for a in 0..rq {
-        let row = r0 + ty + a * row_threads;
-        if row < seq_q {
-            let dq_at = b * dq.stride(0) + h * dq.stride(1) + row * dq.stride(2);
-            #[unroll]
-            for e in 0..rd {
-                let c = tx + e * col_threads;
-                if c < dim {
-                    let at = dq_at + c * dq.stride(3);
-                    dq[at] = F::cast_from(dq_acc[a * rd + e] * scale);
-                }
-            }
-        }
-    }
+    write_dq::<F>(
+        dq,
+        &dq_acc,
+        b,
+        h,
+        r0,
+        seq_q,
+        scale,
+        dim,
+        rq,
+        row_threads,
+        col_threads,
+    );
 }
 
 /// Key-major backward: `dK` and `dV`, summed over the query heads of each kv head.
@@ -288,7 +221,6 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
     let (b, kvh, group) = (cube.batch, cube.kv_head, cube.group);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
     let ty = UNIT_POS_X as usize / col_threads;
-    let tx = UNIT_POS_X as usize % col_threads;
 
     let c0 = cube.block * block_k;
     // Query i sees this unit's first key j = c0 + ty iff i_lo0 <= i <= i_hi0 (its a-th key
@@ -327,166 +259,67 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
         dv_acc[i] = f32::new(0.0);
     }
 
+    let no_hide = Array::<u32>::new(1usize);
     // The query heads of this kv head, in a fixed order.
     for g in 0..group {
         let h = kvh * group + g;
-        let q_base = b * q.stride(0) + h * q.stride(1);
-        let do_base = b * d_out.stride(0) + h * d_out.stride(1);
-        let lse_base = b * lse.stride(0) + h * lse.stride(1);
-        let delta_base = b * delta.stride(0) + h * delta.stride(1);
         let mut t0 = bounds.start;
         while t0 < bounds.end {
-            let start = usize::cast_from(t0);
-            stage_rows::<F>(q, &mut q_t, q_base, start, seq_q, dim, block_q, units, true);
-            stage_rows::<F>(
-                d_out, &mut do_t, do_base, start, seq_q, value_dim, block_q, units, true,
-            );
-            let mut idx = UNIT_POS_X as usize;
-            while idx < block_q {
-                let i = start + idx;
-                let mut lse_i = f32::new(NEG_BIG);
-                let mut d_i = f32::new(0.0);
-                if i < seq_q {
-                    lse_i = lse[lse_base + i * lse.stride(2)];
-                    d_i = delta[delta_base + i * delta.stride(2)];
-                }
-                lse_tile[idx] = lse_i;
-                d_tile[idx] = d_i;
-                idx += units;
-            }
-            sync_cube();
-
-            // S^T = K Q^T and dP^T = V dO^T: keys ty + a * row_threads, query rows
-            // tx + c * col_threads of the tile.
-            tile_product::<F, F>(
-                &mut st,
+            dkdv_query_tile::<F>(
+                q,
+                d_out,
+                lse,
+                delta,
                 &k_t,
-                &q_t,
-                ty,
-                tx,
-                dim,
-                k_stride,
-                1usize,
-                q_stride,
-                1usize,
-                rk,
-                row_threads,
-                rq,
-                col_threads,
-                block_q,
-                true,
-            );
-            tile_product::<F, F>(
-                &mut dpt,
                 &v_t,
-                &do_t,
-                ty,
-                tx,
-                value_dim,
-                k_stride,
-                1usize,
-                q_stride,
-                1usize,
-                rk,
-                row_threads,
-                rq,
-                col_threads,
-                block_q,
-                true,
-            );
-            // P^T and dS^T = P^T (dP^T - D), zero outside the band, past seq_q and the
-            // cube's keys, and on rows without keys.
-            #[unroll]
-            for a in 0..rk {
-                let key = ty + a * row_threads;
-                let shift = (a * row_threads) as i32;
-                let key_ok = c0 + key < seq_k;
-                #[unroll]
-                for c in 0..rq {
-                    let qi = tx + c * col_threads;
-                    let i = t0 + qi as i32;
-                    let lse_i = lse_tile[qi];
-                    let mut p = f32::new(0.0);
-                    let mut ds = f32::new(0.0);
-                    if key_ok
-                        && i >= i_lo0 + shift
-                        && i <= i_hi0 + shift
-                        && i < bounds.end
-                        && has_probabilities(lse_i)
-                    {
-                        p = f32::exp(st[a * rq + c] * scale - lse_i);
-                        ds = p * (dpt[a * rq + c] - d_tile[qi]);
-                    }
-                    p_tile[key * q_stride + qi] = p;
-                    ds_tile[key * q_stride + qi] = ds;
-                }
-            }
-            sync_cube();
-            // dV += P^T dO and dK += dS^T Q: dO and Q as [row][col] read from their
-            // transposed tiles.
-            tile_product::<f32, F>(
-                &mut dv_acc,
-                &p_tile,
-                &do_t,
-                ty,
-                tx,
-                block_q,
-                1usize,
-                q_stride,
-                1usize,
-                q_stride,
-                rk,
-                row_threads,
-                rv,
-                col_threads,
-                value_dim,
-                false,
-            );
-            tile_product::<f32, F>(
+                &mut q_t,
+                &mut do_t,
+                &mut p_tile,
+                &mut ds_tile,
+                &mut lse_tile,
+                &mut d_tile,
+                &mut st,
+                &mut dpt,
                 &mut dk_acc,
-                &ds_tile,
-                &q_t,
-                ty,
-                tx,
-                block_q,
-                1usize,
-                q_stride,
-                1usize,
-                q_stride,
-                rk,
-                row_threads,
-                rd,
-                col_threads,
+                &mut dv_acc,
+                &no_hide,
+                b,
+                h,
+                c0,
+                t0,
+                false,
+                i_lo0,
+                i_hi0,
+                bounds.end,
+                seq_q,
+                seq_k,
+                scale,
                 dim,
+                value_dim,
+                block_k,
+                block_q,
+                row_threads,
+                col_threads,
                 false,
             );
-            sync_cube();
             t0 += block_q as i32;
         }
     }
 
-    #[unroll]
-    for a in 0..rk {
-        let key = c0 + ty + a * row_threads;
-        if key < seq_k {
-            let dk_at = b * dk.stride(0) + kvh * dk.stride(1) + key * dk.stride(2);
-            let dv_at = b * dv.stride(0) + kvh * dv.stride(1) + key * dv.stride(2);
-            #[unroll]
-            for e in 0..rd {
-                let c = tx + e * col_threads;
-                if c < dim {
-                    let at = dk_at + c * dk.stride(3);
-                    dk[at] = F::cast_from(dk_acc[a * rd + e] * scale);
-                }
-            }
-            #[unroll]
-            for e in 0..rv {
-                let c = tx + e * col_threads;
-                if c < value_dim {
-                    let at = dv_at + c * dv.stride(3);
-                    dv[at] = F::cast_from(dv_acc[a * rv + e]);
-                }
-            }
-        }
-    }
+    write_dkdv::<F>(
+        dk,
+        dv,
+        &dk_acc,
+        &dv_acc,
+        b,
+        kvh,
+        c0,
+        seq_k,
+        scale,
+        dim,
+        value_dim,
+        rk,
+        row_threads,
+        col_threads,
+    );
 }

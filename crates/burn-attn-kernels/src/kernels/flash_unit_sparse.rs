@@ -117,20 +117,24 @@ pub fn flash_unit_sparse_kernel<F: Float>(
             let masked = e < list.partial || t0 as usize + block_k > seq_k;
             if (t0 as usize) < seq_k {
                 if masked {
-                    #[unroll]
-                    for a in 0..rq {
-                        let i = r0 + ty + a * row_threads;
-                        #[unroll]
-                        for c in 0..rk {
-                            let j = t0 as usize + tx + c * col_threads;
-                            let mut hidden = true;
-                            if i < seq_q && j < seq_k {
-                                hidden = element_rules
-                                    .hides(b, i, j, layout, padding, doc_q, doc_k, rules);
-                            }
-                            hide[a * rk + c] = select(hidden, 1u32, 0u32);
-                        }
-                    }
+                    element_rules.hide_tile(
+                        &mut hide,
+                        b,
+                        r0 + ty,
+                        t0 as usize + tx,
+                        seq_q,
+                        seq_k,
+                        layout,
+                        padding,
+                        doc_q,
+                        doc_k,
+                        rules,
+                        rq,
+                        row_threads,
+                        rk,
+                        col_threads,
+                        false,
+                    );
                 }
                 attend_key_tile::<F>(
                     k,

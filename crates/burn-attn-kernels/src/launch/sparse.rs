@@ -1,24 +1,31 @@
-//! Launches the block-sparse portable forward: the plan's tiles, the lists and rules a
-//! caller built for them (burn-attn-core's `BlockMask`), checked against the call.
+//! Launches the block-sparse portable forward and backward: the plans' tiles, the lists and
+//! rules a caller built for them (burn-attn-core's `BlockMask`), checked against the call.
 
 use burn_backend::cubecl::dtype_to_elem_type;
 use burn_backend::{DType, Shape};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::buffers::{alloc_contiguous, alloc_outputs};
+use super::backward::{BackwardInputs, Gradients};
+use super::buffers::{alloc_contiguous, alloc_gradients, alloc_outputs};
 use super::device::{device_caps, forward_problem};
 use super::forward::{address_type, cube_count, ForwardOutput};
 use crate::components::element_rules::{ElementRulesLaunch, RuleSet};
-use crate::kernels::flash_unit_sparse_kernel;
+use crate::kernels::{
+    flash_unit_sparse_backward_dkdv_kernel, flash_unit_sparse_backward_dq_kernel,
+    flash_unit_sparse_kernel,
+};
 use crate::plan::{
-    plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Problem, UnitPlan, Unsupported,
+    plan_backward, plan_forward, BackwardKernel, BackwardPlan, BandArgs, ForcedPlan, ForwardKernel,
+    ForwardPlan, Problem, Sizes, UnitBackwardPlan, UnitPlan, UnitTiles, Unsupported,
 };
 use crate::KERNEL_SOURCE;
 
 /// The visited key blocks of each query block, on a grid of `block_q x block_k` blocks:
 /// i32 tensors `[batch or 1, heads or 1, q_blocks]` (counts) and `[batch or 1, heads or 1,
-/// q_blocks, k_blocks]` (block indices, the first `count` meaningful).
+/// q_blocks, k_blocks]` (block indices, the first `count` meaningful); and transposed, the
+/// query blocks that visit each key block (`[.., k_blocks]`, `[.., k_blocks, q_blocks]`),
+/// which only the backward reads.
 #[derive(Debug, Clone)]
 pub struct BlockLists {
     /// Query rows per block.
@@ -33,6 +40,14 @@ pub struct BlockLists {
     pub full_count: CubeTensor,
     /// Their indices.
     pub full_index: CubeTensor,
+    /// Query blocks that see each key block partially.
+    pub t_partial_count: CubeTensor,
+    /// Their indices.
+    pub t_partial_index: CubeTensor,
+    /// Query blocks that see each key block whole.
+    pub t_full_count: CubeTensor,
+    /// Their indices.
+    pub t_full_index: CubeTensor,
 }
 
 /// The element rules of partially visible blocks (the scalar definition is burn-attn-core's
@@ -56,16 +71,23 @@ pub struct SparseRules {
     pub documents: Option<(CubeTensor, CubeTensor)>,
 }
 
-/// The query rows and keys of the sparse forward's tiles for `q`, `k`, `v`: build the lists
-/// on blocks of these or of multiples of them.
-pub fn sparse_forward_blocks(
+/// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
+/// take lists on: multiples of these serve the forward's tiles and both backward kernels'
+/// (lists on other blocks are declined).
+pub fn sparse_blocks(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     forced: &ForcedPlan,
 ) -> Result<(usize, usize), Unsupported> {
-    let (plan, _) = sparse_plan(q, k, v, 1.0, forced)?;
-    Ok((plan.tiles.rows, plan.tiles.cols))
+    let (forward, problem) = sparse_plan(q, k, v, 1.0, forced)?;
+    let backward = sparse_backward_plan(&problem, q, forced)?;
+    let (f, dq, kv) = (forward.tiles, backward.dq_tiles, backward.kv_tiles);
+    // Tiles are powers of two: the largest is a multiple of the others.
+    Ok((
+        f.rows.max(dq.rows).max(kv.cols),
+        f.cols.max(dq.cols).max(kv.rows),
+    ))
 }
 
 fn sparse_plan(
@@ -92,9 +114,189 @@ fn sparse_plan(
     }
 }
 
+fn sparse_backward_plan(
+    problem: &Problem,
+    q: &CubeTensor,
+    forced: &ForcedPlan,
+) -> Result<UnitBackwardPlan, Unsupported> {
+    match plan_backward(
+        BackwardKernel::Unit,
+        problem,
+        &device_caps(&q.client),
+        forced,
+    )? {
+        BackwardPlan::Unit(plan) => Ok(plan),
+        other => unreachable!("the portable plan is {other:?}"),
+    }
+}
+
+/// The rule tensors and launch values of one call, checked against its sizes; absent
+/// tensors are 1-element placeholders the kernels never read.
+struct RuleArgs {
+    set: RuleSet,
+    /// `ElementRules`' values: offset, left, right, causal right, stride; layout rows,
+    /// columns and key blocks.
+    positions: [i32; 5],
+    layout_blocks: (u32, u32, u32),
+    layout: CubeTensor,
+    padding: CubeTensor,
+    doc_q: CubeTensor,
+    doc_k: CubeTensor,
+}
+
+impl RuleArgs {
+    fn new(rules: &SparseRules, sizes: &Sizes, like: &CubeTensor) -> Result<Self, Unsupported> {
+        let i32_rows = |name: &str, t: &CubeTensor, rows: usize, cols: usize| {
+            let dims = t.meta.shape().as_slice().to_vec();
+            if t.dtype != DType::I32 || dims != [rows, cols] {
+                return Err(Unsupported::Shapes(format!(
+                    "{name} is {:?} {dims:?}; expected i32 [{rows}, {cols}]",
+                    t.dtype
+                )));
+            }
+            Ok(())
+        };
+        if let Some(pad) = &rules.padding {
+            i32_rows("key padding", pad, sizes.batch, sizes.seq_k)?;
+        }
+        if let Some((dq, dk)) = &rules.documents {
+            i32_rows("query document ids", dq, sizes.batch, sizes.seq_q)?;
+            i32_rows("key document ids", dk, sizes.batch, sizes.seq_k)?;
+        }
+        let mut layout_blocks = (1, 1, 1);
+        if let Some((active, lq, lk)) = &rules.layout {
+            let (rows, cols) = (sizes.seq_q.div_ceil(*lq), sizes.seq_k.div_ceil(*lk));
+            // Row-major active flags, flat (a leading 1 is the same buffer).
+            let (n, dims) = (rows * cols, active.meta.shape().as_slice().to_vec());
+            if active.dtype != DType::I32 || (dims != [n] && dims != [1, n]) {
+                return Err(Unsupported::Shapes(format!(
+                    "block layout is {:?} {dims:?}; expected i32 [{n}] ({rows} x {cols} blocks \
+                     of {lq} x {lk})",
+                    active.dtype
+                )));
+            }
+            layout_blocks = (*lq as u32, *lk as u32, cols as u32);
+        }
+        if rules.stride == Some(0) {
+            return Err(Unsupported::Shapes("a stride of 0".into()));
+        }
+        let placeholder = alloc_contiguous(like, Shape::new([1]), DType::I32);
+        let or_placeholder =
+            |t: Option<&CubeTensor>| t.cloned().unwrap_or_else(|| placeholder.clone());
+        let documents = rules.documents.as_ref();
+        Ok(Self {
+            set: RuleSet {
+                stride: rules.stride.is_some(),
+                layout: rules.layout.is_some(),
+                padding: rules.padding.is_some(),
+                documents: rules.documents.is_some(),
+            },
+            positions: [
+                sizes.seq_k as i32 - sizes.seq_q as i32,
+                sizes.side(rules.left),
+                sizes.side(rules.right),
+                if rules.causal { 0 } else { sizes.side(None) },
+                rules.stride.map_or(0, |s| s.min(i32::MAX as usize) as i32),
+            ],
+            layout_blocks,
+            layout: or_placeholder(rules.layout.as_ref().map(|l| &l.0)),
+            padding: or_placeholder(rules.padding.as_ref()),
+            doc_q: or_placeholder(documents.map(|d| &d.0)),
+            doc_k: or_placeholder(documents.map(|d| &d.1)),
+        })
+    }
+}
+
+impl RuleArgs {
+    /// The kernels' `ElementRules` argument.
+    fn element_rules(&self) -> ElementRulesLaunch {
+        let [offset, left, right, causal_right, stride] = self.positions;
+        let (rows, cols, k_blocks) = self.layout_blocks;
+        ElementRulesLaunch::new(
+            offset,
+            left,
+            right,
+            causal_right,
+            stride,
+            rows,
+            cols,
+            k_blocks,
+        )
+    }
+}
+
+/// Checks that `lists` are on blocks the kernels' `tiles` (query rows x keys, per kernel)
+/// divide and have the shapes of the call.
+fn check_lists(
+    lists: &BlockLists,
+    sizes: &Sizes,
+    tiles: &[(usize, usize)],
+) -> Result<(), Unsupported> {
+    if lists.block_q == 0
+        || lists.block_k == 0
+        || tiles.iter().any(|&(rows, cols)| {
+            !lists.block_q.is_multiple_of(rows) || !lists.block_k.is_multiple_of(cols)
+        })
+    {
+        return Err(Unsupported::Shapes(format!(
+            "block lists on {} x {} blocks; the portable plans take tiles (query rows x keys) \
+             {tiles:?}, which must divide them",
+            lists.block_q, lists.block_k
+        )));
+    }
+    let (q_blocks, k_blocks) = (
+        sizes.seq_q.div_ceil(lists.block_q),
+        sizes.seq_k.div_ceil(lists.block_k),
+    );
+    let fits = |t: &CubeTensor, last: &[usize]| {
+        let dims = t.meta.shape().as_slice().to_vec();
+        t.dtype == DType::I32
+            && dims.len() == 2 + last.len()
+            && (dims[0] == 1 || dims[0] == sizes.batch)
+            && (dims[1] == 1 || dims[1] == sizes.heads)
+            && dims[2..] == *last
+    };
+    let (rows, pairs, cols, t_pairs) = (
+        [q_blocks],
+        [q_blocks, k_blocks],
+        [k_blocks],
+        [k_blocks, q_blocks],
+    );
+    for (name, t, last) in [
+        ("partial_count", &lists.partial_count, &rows[..]),
+        ("partial_index", &lists.partial_index, &pairs[..]),
+        ("full_count", &lists.full_count, &rows[..]),
+        ("full_index", &lists.full_index, &pairs[..]),
+        ("t_partial_count", &lists.t_partial_count, &cols[..]),
+        ("t_partial_index", &lists.t_partial_index, &t_pairs[..]),
+        ("t_full_count", &lists.t_full_count, &cols[..]),
+        ("t_full_index", &lists.t_full_index, &t_pairs[..]),
+    ] {
+        if !fits(t, last) {
+            return Err(Unsupported::Shapes(format!(
+                "{name} is {:?} {:?}; expected i32 [batch or 1, heads or 1, {last:?}] for \
+                 batch {}, heads {}",
+                t.dtype,
+                t.meta.shape().as_slice(),
+                sizes.batch,
+                sizes.heads
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Query rows x keys of a kernel's tiles (the dK/dV kernel's rows are keys).
+fn query_key(t: &UnitTiles, keys_major: bool) -> (usize, usize) {
+    if keys_major {
+        (t.cols, t.rows)
+    } else {
+        (t.rows, t.cols)
+    }
+}
+
 /// The block-sparse portable forward of one call: `q`, `k`, `v` as `flash_forward_with`,
-/// `lists` on blocks that [`sparse_forward_blocks`]'s tiles divide, `rules` for its partial
-/// blocks.
+/// `lists` on blocks of [`sparse_blocks`] (or multiples), `rules` for its partial blocks.
 ///
 /// # Errors
 /// When the portable plan declines the call, or the lists or rule tensors do not fit it
@@ -111,110 +313,14 @@ pub fn flash_forward_sparse(
     let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
     let sizes = problem.sizes;
     let tiles = plan.tiles;
-    if lists.block_q == 0
-        || lists.block_k == 0
-        || !lists.block_q.is_multiple_of(tiles.rows)
-        || !lists.block_k.is_multiple_of(tiles.cols)
-    {
-        return Err(Unsupported::Shapes(format!(
-            "block lists on {} x {} blocks; the portable plan takes {} x {} tiles, which must \
-             divide them",
-            lists.block_q, lists.block_k, tiles.rows, tiles.cols
-        )));
-    }
-    let (q_blocks, k_blocks) = (
-        sizes.seq_q.div_ceil(lists.block_q),
-        sizes.seq_k.div_ceil(lists.block_k),
-    );
-    let fits = |t: &CubeTensor, last: &[usize]| {
-        let dims = t.meta.shape().as_slice().to_vec();
-        t.dtype == DType::I32
-            && dims.len() == 2 + last.len()
-            && (dims[0] == 1 || dims[0] == sizes.batch)
-            && (dims[1] == 1 || dims[1] == sizes.heads)
-            && dims[2..] == *last
-    };
-    for (name, t, last) in [
-        ("partial_count", &lists.partial_count, &[q_blocks][..]),
-        (
-            "partial_index",
-            &lists.partial_index,
-            &[q_blocks, k_blocks][..],
-        ),
-        ("full_count", &lists.full_count, &[q_blocks][..]),
-        ("full_index", &lists.full_index, &[q_blocks, k_blocks][..]),
-    ] {
-        if !fits(t, last) {
-            return Err(Unsupported::Shapes(format!(
-                "{name} is {:?} {:?}; expected i32 [batch or 1, heads or 1, {last:?}] for \
-                 batch {}, heads {}",
-                t.dtype,
-                t.meta.shape().as_slice(),
-                sizes.batch,
-                sizes.heads
-            )));
-        }
-    }
-    let i32_rows = |name: &str, t: &CubeTensor, rows: usize, cols: usize| {
-        let dims = t.meta.shape().as_slice().to_vec();
-        if t.dtype != DType::I32 || dims != [rows, cols] {
-            return Err(Unsupported::Shapes(format!(
-                "{name} is {:?} {dims:?}; expected i32 [{rows}, {cols}]",
-                t.dtype
-            )));
-        }
-        Ok(())
-    };
-    if let Some(pad) = &rules.padding {
-        i32_rows("key padding", pad, sizes.batch, sizes.seq_k)?;
-    }
-    if let Some((dq, dk)) = &rules.documents {
-        i32_rows("query document ids", dq, sizes.batch, sizes.seq_q)?;
-        i32_rows("key document ids", dk, sizes.batch, sizes.seq_k)?;
-    }
-    let mut layout_blocks = (1, 1, 1);
-    if let Some((active, lq, lk)) = &rules.layout {
-        let (rows, cols) = (sizes.seq_q.div_ceil(*lq), sizes.seq_k.div_ceil(*lk));
-        // Row-major active flags, flat (a leading 1 is the same buffer).
-        let (n, dims) = (rows * cols, active.meta.shape().as_slice().to_vec());
-        if active.dtype != DType::I32 || (dims != [n] && dims != [1, n]) {
-            return Err(Unsupported::Shapes(format!(
-                "block layout is {:?} {dims:?}; expected i32 [{n}] ({rows} x {cols} blocks of \
-                 {lq} x {lk})",
-                active.dtype
-            )));
-        }
-        layout_blocks = (*lq as u32, *lk as u32, cols as u32);
-    }
-    if rules.stride == Some(0) {
-        return Err(Unsupported::Shapes("a stride of 0".into()));
-    }
-
+    check_lists(lists, &sizes, &[query_key(&tiles, false)])?;
+    let args = RuleArgs::new(rules, &sizes, &q)?;
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
         return Ok((out, lse));
     }
-    let set = RuleSet {
-        stride: rules.stride.is_some(),
-        layout: rules.layout.is_some(),
-        padding: rules.padding.is_some(),
-        documents: rules.documents.is_some(),
-    };
-    // Rule tensors a call does not have: a 1-element placeholder the kernel never reads.
-    let placeholder = alloc_contiguous(&q, Shape::new([1]), DType::I32);
-    let or_placeholder = |t: Option<&CubeTensor>| t.cloned().unwrap_or_else(|| placeholder.clone());
-    let documents = rules.documents.as_ref();
-    let element_rules = ElementRulesLaunch::new(
-        sizes.seq_k as i32 - sizes.seq_q as i32,
-        sizes.side(rules.left),
-        sizes.side(rules.right),
-        if rules.causal { 0 } else { sizes.side(None) },
-        rules.stride.map_or(0, |s| s.min(i32::MAX as usize) as i32),
-        layout_blocks.0,
-        layout_blocks.1,
-        layout_blocks.2,
-    );
     let dtype = q.dtype;
+    let element_rules = args.element_rules();
     flash_unit_sparse_kernel::launch(
         &q.client.clone(),
         cube_count(plan.grid),
@@ -229,16 +335,16 @@ pub fn flash_forward_sparse(
         lists.partial_index.clone().into_tensor_arg(),
         lists.full_count.clone().into_tensor_arg(),
         lists.full_index.clone().into_tensor_arg(),
-        or_placeholder(rules.layout.as_ref().map(|l| &l.0)).into_tensor_arg(),
-        or_placeholder(rules.padding.as_ref()).into_tensor_arg(),
-        or_placeholder(documents.map(|d| &d.0)).into_tensor_arg(),
-        or_placeholder(documents.map(|d| &d.1)).into_tensor_arg(),
+        args.layout.into_tensor_arg(),
+        args.padding.into_tensor_arg(),
+        args.doc_q.into_tensor_arg(),
+        args.doc_k.into_tensor_arg(),
         element_rules,
         (lists.block_q / tiles.rows) as u32,
         (lists.block_k / tiles.cols) as u32,
         scale,
         f32::NEG_INFINITY,
-        set,
+        args.set,
         sizes.dim,
         sizes.value_dim,
         tiles.rows,
@@ -249,4 +355,123 @@ pub fn flash_forward_sparse(
         dtype_to_elem_type(dtype),
     );
     Ok((out, lse))
+}
+
+/// The block-sparse portable backward of one call: the gradients of
+/// [`flash_forward_sparse`] with the same `scale`, `lists` (their transposed lists too) and
+/// `rules`, from its inputs, output, f32 lse and the output's gradient. No atomics: two
+/// runs give the same bits.
+///
+/// # Errors
+/// As [`flash_forward_sparse`], and when `out`, `lse` or `d_out` do not fit the inputs.
+pub fn flash_backward_sparse(
+    inputs: BackwardInputs,
+    scale: f32,
+    lists: &BlockLists,
+    rules: &SparseRules,
+    forced: &ForcedPlan,
+) -> Result<Gradients, Unsupported> {
+    let band = BandArgs {
+        scale,
+        left: None,
+        right: None,
+    };
+    let problem = inputs.problem(band)?;
+    let plan = sparse_backward_plan(&problem, &inputs.q, forced)?;
+    let sizes = problem.sizes;
+    let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
+    check_lists(
+        lists,
+        &sizes,
+        &[query_key(&dq_t, false), query_key(&kv_t, true)],
+    )?;
+    let args = RuleArgs::new(rules, &sizes, &inputs.q)?;
+    let [dq, dk, dv, delta] = alloc_gradients(&inputs.q, &sizes);
+    let BackwardInputs {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        d_out,
+    } = inputs;
+    let client = q.client.clone();
+    let elem = dtype_to_elem_type(q.dtype);
+    if !sizes.is_empty() {
+        flash_unit_sparse_backward_dq_kernel::launch(
+            &client,
+            cube_count(plan.dq_grid),
+            CubeDim::new_1d(dq_t.units() as u32),
+            address_type(plan.offsets),
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            out.into_tensor_arg(),
+            d_out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            lists.partial_count.clone().into_tensor_arg(),
+            lists.partial_index.clone().into_tensor_arg(),
+            lists.full_count.clone().into_tensor_arg(),
+            lists.full_index.clone().into_tensor_arg(),
+            args.layout.clone().into_tensor_arg(),
+            args.padding.clone().into_tensor_arg(),
+            args.doc_q.clone().into_tensor_arg(),
+            args.doc_k.clone().into_tensor_arg(),
+            args.element_rules(),
+            (lists.block_q / dq_t.rows) as u32,
+            (lists.block_k / dq_t.cols) as u32,
+            scale,
+            args.set,
+            sizes.dim,
+            sizes.value_dim,
+            dq_t.rows,
+            dq_t.cols,
+            dq_t.row_threads,
+            dq_t.col_threads,
+            KERNEL_SOURCE,
+            elem,
+        );
+    }
+    // With no query rows it still runs and writes zero dK and dV.
+    if sizes.seq_k * sizes.batch * sizes.kv_heads > 0 {
+        let element_rules = args.element_rules();
+        flash_unit_sparse_backward_dkdv_kernel::launch(
+            &client,
+            cube_count(plan.kv_grid),
+            CubeDim::new_1d(kv_t.units() as u32),
+            address_type(plan.offsets),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            d_out.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            lists.t_partial_count.clone().into_tensor_arg(),
+            lists.t_partial_index.clone().into_tensor_arg(),
+            lists.t_full_count.clone().into_tensor_arg(),
+            lists.t_full_index.clone().into_tensor_arg(),
+            args.layout.into_tensor_arg(),
+            args.padding.into_tensor_arg(),
+            args.doc_q.into_tensor_arg(),
+            args.doc_k.into_tensor_arg(),
+            element_rules,
+            (lists.block_q / kv_t.cols) as u32,
+            (lists.block_k / kv_t.rows) as u32,
+            scale,
+            args.set,
+            sizes.dim,
+            sizes.value_dim,
+            kv_t.rows,
+            kv_t.cols,
+            kv_t.row_threads,
+            kv_t.col_threads,
+            KERNEL_SOURCE,
+            elem,
+        );
+    }
+    Ok((dq, dk, dv))
 }
