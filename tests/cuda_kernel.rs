@@ -132,6 +132,13 @@ mod on_cuda {
         check_sparse_kernels::<Gpu>();
     }
 
+    /// Training through `pattern_attention` with strided columns, block layouts and key
+    /// padding runs the block-sparse kernels, forward and backward.
+    #[test]
+    fn cuda_sparse_training_runs_the_kernels() {
+        check_sparse_training::<Gpu>();
+    }
+
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.
     #[test]
     fn cuda_block_mask_builds_on_the_device() {

@@ -59,6 +59,14 @@ fn sparse_kernel_f32_matches_the_host_truth() {
     check_sparse_kernels::<Gpu>();
 }
 
+/// Training through `pattern_attention` with strided columns, block layouts and key
+/// padding runs the block-sparse kernels, forward and backward.
+#[test]
+fn sparse_training_runs_the_kernels() {
+    require_gpu();
+    check_sparse_training::<Gpu>();
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

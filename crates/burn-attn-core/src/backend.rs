@@ -250,8 +250,9 @@ pub fn try_attention_with_lse(
 
 /// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
 /// kernel of [`AttentionBackend::banded_attention`] when the call is a plain band, the
-/// tiled tensor-op path otherwise (strided columns, block layouts, padding, dropout in
-/// training).
+/// block-sparse portable kernels (forward and backward) for strided columns, block layouts
+/// and key padding on CubeCL devices, the tiled tensor-op path otherwise (dropout in
+/// training, and every such call on the CPU backends).
 ///
 /// `key_padding` is `[batch, seq_k]`, `true` where the key is padding. `dropout` applies
 /// to the attention probabilities only while the backend tracks gradients.
@@ -315,22 +316,36 @@ pub fn try_pattern_attention(
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
     pattern.window = pattern.window.intersect(options.window);
-    let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
-        .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-    let why = if pattern.stride.is_some() {
+    let why = if dropout_active {
+        "dropout"
+    } else if pattern.stride.is_some() {
         "strided columns"
     } else if pattern.blocks.is_some() {
         "block layouts"
-    } else if key_padding.is_some() {
-        "key padding"
     } else {
-        "dropout"
+        "key padding"
     };
+    let band_kernels = [Implementation::FlashMma, Implementation::FlashUnit]
+        .map(|imp| (imp, Decline::Mask(why)));
+    let mut declined = band_kernels.to_vec();
+    #[cfg(feature = "cube")]
+    if !dropout_active {
+        match sparse::sparse_kernel_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            options,
+            key_padding.clone(),
+        ) {
+            Ok(out) => return Ok(out),
+            Err(sparse_declined) => declined.extend(sparse_declined),
+        }
+    }
+    let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
+        .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
     spec.key_padding = key_padding;
     spec.dropout = dropout;
-    let declined = [Implementation::FlashMma, Implementation::FlashUnit]
-        .map(|imp| (imp, Decline::Mask(why)))
-        .to_vec();
     Ok(serve_tiled(Pass::Forward, options, declined, || {
         tiled_attention(q, k, v, &spec).0
     }))
@@ -376,3 +391,11 @@ mod autodiff_impl;
 #[cfg(feature = "cube")]
 #[path = "backend/cube.rs"]
 mod cube_impl;
+
+#[cfg(feature = "cube")]
+#[path = "backend/sparse.rs"]
+mod sparse;
+
+#[cfg(feature = "cube")]
+#[path = "backend/sparse_cube.rs"]
+mod sparse_cube;

@@ -6,10 +6,13 @@
 //! with those options appends one [`Dispatch`] per pass when the op actually executes
 //! (under Burn's fusion stream that is when the stream runs, not when the call returns),
 //! so a log is per call site and safe to use from several threads. Backends without
-//! kernels record the tiled ops with no declines. Calls whose mask no kernel evaluates
-//! (`pattern_attention` with strided columns, block layouts, key padding or dropout)
-//! record their forward when called, with the mask as every kernel's reason; their
-//! backward is Burn's autodiff of the tensor ops and is not recorded.
+//! kernels record the tiled ops with no declines. `pattern_attention` calls whose mask the
+//! band kernels cannot evaluate (strided columns, block layouts, key padding) record their
+//! forward when called: served by the block-sparse kernel on CubeCL devices (its backward
+//! is recorded when it executes), otherwise by the tiled ops with the mask as the band
+//! kernels' reason and the block-sparse kernel's own (dropout in training has no kernel
+//! yet); a tiled forward's backward is Burn's autodiff of the tensor ops and is not
+//! recorded.
 
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +31,10 @@ pub enum Implementation {
     FlashMmaBackward,
     /// The portable backward kernels (dQ; dK/dV).
     FlashUnitBackward,
+    /// The block-sparse portable forward (strided columns, block layouts, key padding).
+    FlashUnitSparse,
+    /// The block-sparse portable backward kernels (dQ; dK/dV).
+    FlashUnitSparseBackward,
     /// The tiled tensor-op implementation (every backend).
     Tiled,
 }

@@ -91,6 +91,18 @@ fn dims4(shape: &[usize]) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
+/// The kernels' precision of a call's dtypes.
+pub(crate) fn precision_of(q: DType, k: DType, v: DType) -> Result<Precision, Unsupported> {
+    match (q, k, v) {
+        (DType::F32, DType::F32, DType::F32) => Ok(Precision::F32),
+        (DType::F16, DType::F16, DType::F16) => Ok(Precision::F16),
+        (DType::BF16, DType::BF16, DType::BF16) => Ok(Precision::BF16),
+        (q, k, v) => Err(Unsupported::DType {
+            got: format!("q {q:?}, k {k:?}, v {v:?}"),
+        }),
+    }
+}
+
 /// The problem of a call from its tensors' metadata, as contiguous tensors.
 fn metadata_problem(
     q: &FloatTensor<Cube>,
@@ -98,16 +110,7 @@ fn metadata_problem(
     v: &FloatTensor<Cube>,
     options: &AttentionOptions,
 ) -> Result<Problem, Unsupported> {
-    let precision = match (q.dtype(), k.dtype(), v.dtype()) {
-        (DType::F32, DType::F32, DType::F32) => Precision::F32,
-        (DType::F16, DType::F16, DType::F16) => Precision::F16,
-        (DType::BF16, DType::BF16, DType::BF16) => Precision::BF16,
-        (q, k, v) => {
-            return Err(Unsupported::DType {
-                got: format!("q {q:?}, k {k:?}, v {v:?}"),
-            })
-        }
-    };
+    let precision = precision_of(q.dtype(), k.dtype(), v.dtype())?;
     let q = dims4(&q.shape());
     let band = band_args(options, q[3]);
     Problem::contiguous(q, dims4(&k.shape()), dims4(&v.shape()), precision, band)

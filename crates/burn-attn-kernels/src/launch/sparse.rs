@@ -16,8 +16,7 @@ use crate::kernels::{
     flash_unit_sparse_kernel,
 };
 use crate::plan::{
-    plan_backward, plan_forward, BackwardKernel, BackwardPlan, BandArgs, ForcedPlan, ForwardKernel,
-    ForwardPlan, Problem, Sizes, UnitBackwardPlan, UnitPlan, UnitTiles, Unsupported,
+    plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparsePlan, UnitTiles, Unsupported,
 };
 use crate::KERNEL_SOURCE;
 
@@ -72,62 +71,33 @@ pub struct SparseRules {
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
-/// take lists on: multiples of these serve the forward's tiles and both backward kernels'
-/// (lists on other blocks are declined).
+/// take lists on (multiples of these serve too): [`plan_sparse`]'s grid.
 pub fn sparse_blocks(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     forced: &ForcedPlan,
 ) -> Result<(usize, usize), Unsupported> {
-    let (forward, problem) = sparse_plan(q, k, v, 1.0, forced)?;
-    let backward = sparse_backward_plan(&problem, q, forced)?;
-    let (f, dq, kv) = (forward.tiles, backward.dq_tiles, backward.kv_tiles);
-    // Tiles are powers of two: the largest is a multiple of the others.
-    Ok((
-        f.rows.max(dq.rows).max(kv.cols),
-        f.cols.max(dq.cols).max(kv.rows),
-    ))
+    let (plan, _) = sparse_plan(q, k, v, 1.0, forced)?;
+    Ok((plan.block_q, plan.block_k))
 }
 
+/// The problem of a call (no band: the rules carry it) and its plan.
 fn sparse_plan(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     scale: f32,
     forced: &ForcedPlan,
-) -> Result<(UnitPlan, Problem), Unsupported> {
+) -> Result<(SparsePlan, Problem), Unsupported> {
     let band = BandArgs {
         scale,
         left: None,
         right: None,
     };
     let problem = forward_problem(q, k, v, band)?;
-    match plan_forward(
-        ForwardKernel::Unit,
-        &problem,
-        &device_caps(&q.client),
-        forced,
-    )? {
-        ForwardPlan::Unit(plan) => Ok((plan, problem)),
-        other => unreachable!("the portable plan is {other:?}"),
-    }
-}
-
-fn sparse_backward_plan(
-    problem: &Problem,
-    q: &CubeTensor,
-    forced: &ForcedPlan,
-) -> Result<UnitBackwardPlan, Unsupported> {
-    match plan_backward(
-        BackwardKernel::Unit,
-        problem,
-        &device_caps(&q.client),
-        forced,
-    )? {
-        BackwardPlan::Unit(plan) => Ok(plan),
-        other => unreachable!("the portable plan is {other:?}"),
-    }
+    let plan = plan_sparse(&problem, &device_caps(&q.client), forced)?;
+    Ok((plan, problem))
 }
 
 /// The rule tensors and launch values of one call, checked against its sizes; absent
@@ -311,7 +281,7 @@ pub fn flash_forward_sparse(
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
     let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
-    let sizes = problem.sizes;
+    let (sizes, plan) = (problem.sizes, plan.forward);
     let tiles = plan.tiles;
     check_lists(lists, &sizes, &[query_key(&tiles, false)])?;
     let args = RuleArgs::new(rules, &sizes, &q)?;
@@ -377,7 +347,7 @@ pub fn flash_backward_sparse(
         right: None,
     };
     let problem = inputs.problem(band)?;
-    let plan = sparse_backward_plan(&problem, &inputs.q, forced)?;
+    let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?.backward;
     let sizes = problem.sizes;
     let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
     check_lists(

@@ -11,6 +11,7 @@ mod forced;
 mod forward;
 mod problem;
 mod schedule;
+mod sparse;
 mod unit_tiles;
 
 pub use backward::{
@@ -25,6 +26,7 @@ pub use forward::{
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;
+pub use sparse::{plan_sparse, SparsePlan};
 pub use unit_tiles::{UnitTiles, SOFTWARE_LOOP_BUDGET, UNIT_SHARED_BUDGET};
 
 #[cfg(test)]

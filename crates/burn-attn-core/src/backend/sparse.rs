@@ -1,0 +1,318 @@
+//! Block-sparse attention on the kernels: a backend extension of its own (`Cube` and
+//! `Autodiff`), which [`pattern_attention`](crate::pattern_attention) calls when the
+//! block-sparse portable kernels take a call whose mask the band kernels cannot evaluate
+//! (strided columns, block layouts, key padding).
+//!
+//! The call's [`BlockMask`] is built here with tensor ops on the device, on the grid of the
+//! kernels' plan; its lists and the rule tensors travel as [`SparseMaskTensors`], the rules'
+//! values as a [`SparseCall`]. The backward recomputes probabilities from the saved output
+//! and log-sum-exp, as the band op's does, so training memory stays O(seq).
+
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+    Autodiff,
+};
+use burn::backend::{
+    backend_extension,
+    tensor::{FloatTensor, IntTensor},
+    Backend, DispatchDevice, ExtensionType,
+};
+use burn::tensor::{Bool, Device, Int, IntDType, Tensor, TensorData};
+use burn_attn_kernels::launch::device_caps;
+use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem};
+
+use super::cube_impl::precision_of;
+use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
+use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
+use crate::options::{AttentionOptions, ForcedPlan};
+use crate::pattern::KeyPattern;
+
+/// The block lists of a call and its rule tensors, all i32 (`[1]` placeholders for rules
+/// the call does not have): see burn-attn-kernels' `BlockLists` and `SparseRules`.
+#[derive(ExtensionType, Debug, Clone)]
+#[extension_type(fusion)]
+pub(crate) struct SparseMaskTensors<B: Backend> {
+    pub partial_count: IntTensor<B>,
+    pub partial_index: IntTensor<B>,
+    pub full_count: IntTensor<B>,
+    pub full_index: IntTensor<B>,
+    pub t_partial_count: IntTensor<B>,
+    pub t_partial_index: IntTensor<B>,
+    pub t_full_count: IntTensor<B>,
+    pub t_full_index: IntTensor<B>,
+    /// Active flags of the block layout, `[q_blocks * k_blocks]`.
+    pub layout: IntTensor<B>,
+    /// Key padding, `[batch, seq_k]`, nonzero where hidden.
+    pub padding: IntTensor<B>,
+}
+
+/// The values of a block-sparse call: its grid, scale and which rules it has.
+#[derive(Debug, Clone)]
+pub(crate) struct SparseCall {
+    /// Query rows and keys per block of the lists.
+    pub block_q: usize,
+    pub block_k: usize,
+    pub scale: f32,
+    /// The pattern (its window, causal rule, stride; block layout sizes where it has one).
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+    pub causal: bool,
+    pub stride: Option<usize>,
+    pub layout: Option<(usize, usize)>,
+    /// Whether the call has key padding.
+    pub padding: bool,
+    pub forced: ForcedPlan,
+    /// Where the backward's dispatch is recorded.
+    pub log: Option<DispatchLog>,
+}
+
+/// Exact attention under a block-sparse mask, forward and backward, on the kernels.
+#[backend_extension(Cube: cfg(feature = "cube"), Autodiff)]
+pub(crate) trait SparseAttentionBackend: Backend {
+    /// Output `[batch, heads, seq_q, value_dim]` and f32 row log-sum-exp `[batch, heads,
+    /// seq_q]` (`-inf` where a row sees no key; its output is 0).
+    fn sparse_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        #[extension_type] mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dq, dk, dv)` of [`SparseAttentionBackend::sparse_attention`] for `d_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        #[extension_type] mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The capabilities of a device, where it is a CubeCL device (under autodiff or not).
+fn cube_caps(device: &Device) -> Option<DeviceCaps> {
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch().clone().inner() {
+        DispatchDevice::Cube(device) => Some(device_caps(&device.client())),
+        _ => None,
+    }
+}
+
+/// Runs a call on the block-sparse kernels, or returns why they decline it. `pattern`
+/// carries the options' causal rule and window already.
+pub(crate) fn sparse_kernel_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    key_padding: Option<Tensor<2, Bool>>,
+) -> Result<Tensor<4>, Declines> {
+    let decline = |why: Decline| vec![(Implementation::FlashUnitSparse, why)];
+    let Some(caps) = cube_caps(&q.device()) else {
+        return Err(Vec::new());
+    };
+    if options.kernel == crate::KernelPolicy::Tiled {
+        return Err(decline(Decline::TiledRequested));
+    }
+    let (q_dims, k_dims, v_dims) = (q.dims(), k.dims(), v.dims());
+    let scale = options.scale_for(q_dims[3]) as f32;
+    let band = BandArgs {
+        scale,
+        left: None,
+        right: None,
+    };
+    let forced = options.forced_plan.unwrap_or_default();
+    let plan = precision_of(q.dtype(), k.dtype(), v.dtype())
+        .and_then(|precision| Problem::contiguous(q_dims, k_dims, v_dims, precision, band))
+        .and_then(|problem| plan_sparse(&problem, &caps, &forced))
+        .map_err(|why| decline(Decline::Kernel(why)))?;
+    let device = q.device();
+    let (seq_q, seq_k) = (q_dims[2], k_dims[2]);
+    let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
+        .expect("lengths and blocks checked by the plan");
+    let mut cover =
+        BlockCover::of_pattern(pattern, grid, &device).expect("the pattern was validated");
+    if let Some(pad) = &key_padding {
+        cover = cover
+            .intersect(BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape"))
+            .expect("one grid");
+    }
+    let mask = BlockMask::new(cover);
+    let has_padding = key_padding.is_some();
+    let i32 = |t: Tensor<1, Int>| t.cast(IntDType::I32).into_dispatch();
+    let placeholder = || i32(Tensor::<1, Int>::zeros([1], &device));
+    let layout = pattern.blocks.as_ref().map_or_else(placeholder, |l| {
+        let active: Vec<i32> = l.active.iter().map(|&a| i32::from(a)).collect();
+        let n = active.len();
+        i32(Tensor::<1, Int>::from_data(TensorData::new(active, [n]), &device))
+    });
+    let padding = key_padding.map_or_else(placeholder, |pad| {
+        pad.int().cast(IntDType::I32).into_dispatch()
+    });
+    let lists = |t: Tensor<3, Int>| t.cast(IntDType::I32).into_dispatch();
+    let indices = |t: Tensor<4, Int>| t.cast(IntDType::I32).into_dispatch();
+    let tensors = SparseMaskTensors {
+        partial_count: lists(mask.partial_count),
+        partial_index: indices(mask.partial_index),
+        full_count: lists(mask.full_count),
+        full_index: indices(mask.full_index),
+        t_partial_count: lists(mask.t_partial_count),
+        t_partial_index: indices(mask.t_partial_index),
+        t_full_count: lists(mask.t_full_count),
+        t_full_index: indices(mask.t_full_index),
+        layout,
+        padding,
+    };
+    let call = SparseCall {
+        block_q: plan.block_q,
+        block_k: plan.block_k,
+        scale,
+        left: pattern.window.left,
+        right: pattern.window.right,
+        causal: pattern.causal,
+        stride: pattern.stride,
+        layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
+        padding: has_padding,
+        forced,
+        log: options.log.clone(),
+    };
+    report(
+        options.log.as_ref(),
+        Dispatch {
+            pass: Pass::Forward,
+            served: Implementation::FlashUnitSparse,
+            declined: Vec::new(),
+        },
+    );
+    let (out, _lse) = <burn::backend::Dispatch as SparseAttentionBackend>::sparse_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        tensors,
+        call,
+    );
+    Ok(Tensor::from_dispatch(out))
+}
+
+/// The backward step of one block-sparse call.
+#[derive(Debug)]
+struct SparseAttentionBackwardStep;
+
+/// What the backward needs: Q, K, V, O, the lse, the mask and the call.
+type SavedState<E> = (
+    FloatTensor<E>,
+    FloatTensor<E>,
+    FloatTensor<E>,
+    FloatTensor<E>,
+    FloatTensor<E>,
+    SparseMaskTensors<E>,
+    SparseCall,
+);
+
+impl<E: SparseAttentionBackend> Backward<E, 3> for SparseAttentionBackwardStep {
+    type State = SavedState<E>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_out = grads.consume::<E>(&ops.node);
+        let (q, k, v, out, lse, mask, call) = ops.state;
+        let (dq, dk, dv) = E::sparse_attention_backward(q, k, v, out, lse, d_out, mask, call);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<E>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The mask of an autodiff call on its inner backend (integer tensors are not tracked).
+fn inner_mask<E: Backend, C: CheckpointStrategy>(
+    m: SparseMaskTensors<Autodiff<E, C>>,
+) -> SparseMaskTensors<E> {
+    SparseMaskTensors {
+        partial_count: m.partial_count,
+        partial_index: m.partial_index,
+        full_count: m.full_count,
+        full_index: m.full_index,
+        t_partial_count: m.t_partial_count,
+        t_partial_index: m.t_partial_index,
+        t_full_count: m.t_full_count,
+        t_full_index: m.t_full_index,
+        layout: m.layout,
+        padding: m.padding,
+    }
+}
+
+impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend
+    for Autodiff<E, C>
+{
+    fn sparse_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let mask = inner_mask(mask);
+        let (q, q_node) = q.into_parts();
+        let (k, k_node) = k.into_parts();
+        let (v, v_node) = v.into_parts();
+        let (out, lse) = E::sparse_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.clone(),
+            call.clone(),
+        );
+        let tracked = SparseAttentionBackwardStep
+            .prepare::<C>([q_node, k_node, v_node])
+            .compute_bound()
+            .stateful();
+        let out = match tracked {
+            OpsKind::Tracked(prep) => {
+                prep.finish((q, k, v, out.clone(), lse.clone(), mask, call), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (out, FloatTensor::<Self>::new(lse))
+    }
+
+    fn sparse_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = E::sparse_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            out.into_primitive(),
+            lse.into_primitive(),
+            d_out.into_primitive(),
+            inner_mask(mask),
+            call,
+        );
+        (
+            FloatTensor::<Self>::new(dq),
+            FloatTensor::<Self>::new(dk),
+            FloatTensor::<Self>::new(dv),
+        )
+    }
+}

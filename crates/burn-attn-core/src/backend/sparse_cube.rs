@@ -1,0 +1,200 @@
+//! [`SparseAttentionBackend`] for the CubeCL backend `Cube`: the block-sparse portable
+//! kernels, recorded in the fusion stream as a [`SparseKernelLaunch`] that launches them
+//! when the stream executes. The caller planned the call before building its mask
+//! (`sparse_kernel_attention`), so a launch that declines is a bug, not a fallback.
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube, TensorMetadata};
+use burn::tensor::{DType, FloatDType};
+use burn_attn_kernels::launch::{
+    flash_backward_sparse, flash_forward_sparse, BackwardInputs, BlockLists, SparseRules,
+};
+use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
+
+use super::sparse::{SparseAttentionBackend, SparseCall, SparseMaskTensors, SparseMaskTensorsMetadata};
+use crate::dispatch::{report, Dispatch, Implementation, Pass};
+
+impl SparseAttentionBackend for Cube {
+    fn sparse_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        <Self as SparseKernelLaunch>::sparse_forward(q, k, v, mask, call)
+    }
+
+    fn sparse_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        report(
+            call.log.as_ref(),
+            Dispatch {
+                pass: Pass::Backward,
+                served: Implementation::FlashUnitSparseBackward,
+                declined: Vec::new(),
+            },
+        );
+        // The kernels take the lse in f32 and out, d_out in the inputs' dtype.
+        let lse = if lse.dtype() == DType::F32 {
+            lse
+        } else {
+            Cube::float_cast(lse, FloatDType::F32)
+        };
+        let d_out = if d_out.dtype() == q.dtype() {
+            d_out
+        } else {
+            Cube::float_cast(d_out, q.dtype().into())
+        };
+        <Self as SparseKernelLaunch>::sparse_backward(q, k, v, out, lse, d_out, mask, call)
+    }
+}
+
+/// The forward's outputs: rows like q with v's width, in q's dtype; the lse in f32.
+fn forward_outputs(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    v: &TensorSpec,
+    _mask: &SparseMaskTensorsMetadata,
+    _call: &SparseCall,
+) -> (TensorSpec, TensorSpec) {
+    let (b, h, n) = (q.shape[0], q.shape[1], q.shape[2]);
+    (
+        TensorSpec::new([b, h, n, v.shape[3]].into(), q.dtype),
+        TensorSpec::new([b, h, n].into(), DType::F32),
+    )
+}
+
+/// The backward's outputs: gradients like q, k and v.
+#[allow(clippy::too_many_arguments)]
+fn backward_outputs(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _out: &TensorSpec,
+    _lse: &TensorSpec,
+    _d_out: &TensorSpec,
+    _mask: &SparseMaskTensorsMetadata,
+    _call: &SparseCall,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
+}
+
+/// The block-sparse kernel launches, recorded in the fused backend's stream.
+#[backend_extension(Cube, Fusion)]
+pub(crate) trait SparseKernelLaunch: Backend {
+    /// Launches the block-sparse forward: output and row log-sum-exp.
+    #[fusion(meta = forward_outputs)]
+    fn sparse_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        #[extension_type] mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Launches the block-sparse backward: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = backward_outputs)]
+    fn sparse_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        #[extension_type] mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The kernels' lists and rules of a call's mask tensors.
+fn lists_and_rules(
+    mask: SparseMaskTensors<CubeBackend>,
+    call: &SparseCall,
+) -> (BlockLists, SparseRules) {
+    let c = into_contiguous;
+    let lists = BlockLists {
+        block_q: call.block_q,
+        block_k: call.block_k,
+        partial_count: c(mask.partial_count),
+        partial_index: c(mask.partial_index),
+        full_count: c(mask.full_count),
+        full_index: c(mask.full_index),
+        t_partial_count: c(mask.t_partial_count),
+        t_partial_index: c(mask.t_partial_index),
+        t_full_count: c(mask.t_full_count),
+        t_full_index: c(mask.t_full_index),
+    };
+    let rules = SparseRules {
+        left: call.left,
+        right: call.right,
+        causal: call.causal,
+        stride: call.stride,
+        layout: call
+            .layout
+            .map(|(rows, cols)| (c(mask.layout), rows, cols)),
+        padding: call.padding.then(|| c(mask.padding)),
+        documents: None,
+    };
+    (lists, rules)
+}
+
+/// A launch the caller's plan took but the launcher declined: a bug of the plans.
+fn declined(pass: &str, why: impl core::fmt::Display) -> ! {
+    panic!("burn-attn: the block-sparse {pass} was planned for this call but declined it: {why}")
+}
+
+impl SparseKernelLaunch for CubeBackend {
+    fn sparse_forward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (CubeTensor, CubeTensor) {
+        let (lists, rules) = lists_and_rules(mask, &call);
+        flash_forward_sparse(
+            into_contiguous(q),
+            into_contiguous(k),
+            into_contiguous(v),
+            call.scale,
+            &lists,
+            &rules,
+            &call.forced,
+        )
+        .unwrap_or_else(|why| declined("forward", why))
+    }
+
+    fn sparse_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        out: CubeTensor,
+        lse: CubeTensor,
+        d_out: CubeTensor,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let (lists, rules) = lists_and_rules(mask, &call);
+        let inputs = BackwardInputs {
+            q: into_contiguous(q),
+            k: into_contiguous(k),
+            v: into_contiguous(v),
+            out: into_contiguous(out),
+            lse: into_contiguous(lse),
+            d_out: into_contiguous(d_out),
+        };
+        flash_backward_sparse(inputs, call.scale, &lists, &rules, &call.forced)
+            .unwrap_or_else(|why| declined("backward", why))
+    }
+}
