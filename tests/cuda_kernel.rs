@@ -129,7 +129,14 @@ mod on_cuda {
     /// The block-sparse portable forward and backward: patterns, key padding and document ids.
     #[test]
     fn cuda_sparse_kernel_f32_matches_the_host_truth() {
-        check_sparse_kernels::<Gpu>();
+        check_sparse_kernels::<Gpu>(DType::F32);
+    }
+
+    /// The block-sparse matrix-unit forward (and the portable backward) in bf16 and f16.
+    #[test]
+    fn cuda_sparse_kernel_low_precision_matches_the_host_truth() {
+        check_sparse_kernels::<Gpu>(DType::BF16);
+        check_sparse_kernels::<Gpu>(DType::F16);
     }
 
     /// Training through `pattern_attention` with strided columns, block layouts and key

@@ -56,7 +56,7 @@ fn block_mask_builds_on_the_device() {
 #[test]
 fn sparse_kernel_f32_matches_the_host_truth() {
     require_gpu();
-    check_sparse_kernels::<Gpu>();
+    check_sparse_kernels::<Gpu>(DType::F32);
 }
 
 /// Training through `pattern_attention` with strided columns, block layouts and key

@@ -325,8 +325,8 @@ pub fn try_pattern_attention(
     } else {
         "key padding"
     };
-    let band_kernels = [Implementation::FlashMma, Implementation::FlashUnit]
-        .map(|imp| (imp, Decline::Mask(why)));
+    let band_kernels =
+        [Implementation::FlashMma, Implementation::FlashUnit].map(|imp| (imp, Decline::Mask(why)));
     let mut declined = band_kernels.to_vec();
     #[cfg(feature = "cube")]
     if !dropout_active {

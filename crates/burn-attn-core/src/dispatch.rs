@@ -31,7 +31,10 @@ pub enum Implementation {
     FlashMmaBackward,
     /// The portable backward kernels (dQ; dK/dV).
     FlashUnitBackward,
-    /// The block-sparse portable forward (strided columns, block layouts, key padding).
+    /// The block-sparse matrix-unit forward (f16/bf16, CUDA sm_80+; strided columns, block
+    /// layouts, key padding).
+    FlashMmaSparse,
+    /// The block-sparse portable forward (every CubeCL runtime and dtype).
     FlashUnitSparse,
     /// The block-sparse portable backward kernels (dQ; dK/dV).
     FlashUnitSparseBackward,

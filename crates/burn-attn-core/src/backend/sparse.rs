@@ -21,7 +21,7 @@ use burn::backend::{
 };
 use burn::tensor::{Bool, Device, Int, IntDType, Tensor, TensorData};
 use burn_attn_kernels::launch::device_caps;
-use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem};
+use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward};
 
 use super::cube_impl::precision_of;
 use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
@@ -114,7 +114,14 @@ pub(crate) fn sparse_kernel_attention(
     options: &AttentionOptions,
     key_padding: Option<Tensor<2, Bool>>,
 ) -> Result<Tensor<4>, Declines> {
-    let decline = |why: Decline| vec![(Implementation::FlashUnitSparse, why)];
+    let decline = |why: Decline| {
+        [
+            Implementation::FlashMmaSparse,
+            Implementation::FlashUnitSparse,
+        ]
+        .map(|imp| (imp, why.clone()))
+        .to_vec()
+    };
     let Some(caps) = cube_caps(&q.device()) else {
         return Err(Vec::new());
     };
@@ -151,7 +158,10 @@ pub(crate) fn sparse_kernel_attention(
     let layout = pattern.blocks.as_ref().map_or_else(placeholder, |l| {
         let active: Vec<i32> = l.active.iter().map(|&a| i32::from(a)).collect();
         let n = active.len();
-        i32(Tensor::<1, Int>::from_data(TensorData::new(active, [n]), &device))
+        i32(Tensor::<1, Int>::from_data(
+            TensorData::new(active, [n]),
+            &device,
+        ))
     });
     let padding = key_padding.map_or_else(placeholder, |pad| {
         pad.int().cast(IntDType::I32).into_dispatch()
@@ -183,11 +193,15 @@ pub(crate) fn sparse_kernel_attention(
         forced,
         log: options.log.clone(),
     };
+    let served = match plan.forward {
+        SparseForward::Mma(_) => Implementation::FlashMmaSparse,
+        SparseForward::Unit(_) => Implementation::FlashUnitSparse,
+    };
     report(
         options.log.as_ref(),
         Dispatch {
             pass: Pass::Forward,
-            served: Implementation::FlashUnitSparse,
+            served,
             declined: Vec::new(),
         },
     );
@@ -255,9 +269,7 @@ fn inner_mask<E: Backend, C: CheckpointStrategy>(
     }
 }
 
-impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend
-    for Autodiff<E, C>
-{
+impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend for Autodiff<E, C> {
     fn sparse_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -269,13 +281,8 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend
         let (q, q_node) = q.into_parts();
         let (k, k_node) = k.into_parts();
         let (v, v_node) = v.into_parts();
-        let (out, lse) = E::sparse_attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            mask.clone(),
-            call.clone(),
-        );
+        let (out, lse) =
+            E::sparse_attention(q.clone(), k.clone(), v.clone(), mask.clone(), call.clone());
         let tracked = SparseAttentionBackwardStep
             .prepare::<C>([q_node, k_node, v_node])
             .compute_bound()

@@ -12,7 +12,9 @@ use burn_attn_kernels::launch::{
 };
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
-use super::sparse::{SparseAttentionBackend, SparseCall, SparseMaskTensors, SparseMaskTensorsMetadata};
+use super::sparse::{
+    SparseAttentionBackend, SparseCall, SparseMaskTensors, SparseMaskTensorsMetadata,
+};
 use crate::dispatch::{report, Dispatch, Implementation, Pass};
 
 impl SparseAttentionBackend for Cube {
@@ -140,9 +142,7 @@ fn lists_and_rules(
         right: call.right,
         causal: call.causal,
         stride: call.stride,
-        layout: call
-            .layout
-            .map(|(rows, cols)| (c(mask.layout), rows, cols)),
+        layout: call.layout.map(|(rows, cols)| (c(mask.layout), rows, cols)),
         padding: call.padding.then(|| c(mask.padding)),
         documents: None,
     };

@@ -6,7 +6,8 @@
 //!   comptime tile config; `HeadRows`, where the head's rows are), and `pipeline`: the
 //!   double-buffered `cp.async` tile pair of a loop, or plain loads into one buffer;
 //! - `fragments` (matrix-unit registers, the backward's products) and `products` (the
-//!   forward's two products, per dtype family);
+//!   forward's two products, per dtype family); `mma_forward`: the matrix-unit forwards'
+//!   key-tile step;
 //! - `softmax`: the online-softmax step on accumulator registers (`exp`: its exponential,
 //!   PTX's approximation on CUDA); `epilogue`: rows out;
 //! - `register_tile`: the portable kernels' per-unit register tiles; `unit_forward`: the
@@ -23,6 +24,7 @@ pub(crate) mod epilogue;
 pub(crate) mod exp;
 pub(crate) mod fragments;
 pub(crate) mod key_blocks;
+pub(crate) mod mma_forward;
 pub(crate) mod pipeline;
 pub mod products;
 pub(crate) mod register_tile;

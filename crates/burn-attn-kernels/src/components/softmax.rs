@@ -93,6 +93,10 @@ pub(crate) const MAX_LAG: f32 = 8.0;
 /// A row's maximum only moves when the tile's maximum exceeds it by more than
 /// [`MAX_LAG`] (always for the first visible key: `NEG_BIG + MAX_LAG == NEG_BIG`), and the
 /// output accumulators are rescaled only when some row of the plane moved (one vote).
+///
+/// With `use_hide` (comptime), a `masked` tile also masks the scores whose bit is set in
+/// `hide` (bit `(mt * k_tiles + kt) * 4 + e` of the lane's accumulator element `e` of
+/// tile `(mt, kt)`, 32 per word): the block-sparse kernels' element rules.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_softmax_tile(
@@ -103,18 +107,24 @@ pub(crate) fn online_softmax_tile(
     scale: f32,
     band: TileBand,
     t0: i32,
+    hide: &Array<u32>,
+    masked: bool,
     #[comptime] m_tiles: usize,
     #[comptime] k_tiles: usize,
     #[comptime] v_tiles: usize,
     #[comptime] c_vs: usize,
     #[comptime] ptx_exp: bool,
+    #[comptime] use_hide: bool,
 ) {
     let halves = comptime!(2 * m_tiles);
     let tile_hi = t0 + comptime!(k_tiles as i32 * 8) - 1;
-    let unmasked = band.plane_full
+    let mut unmasked = band.plane_full
         && tile_hi < band.seq_k as i32
         && t0 >= band.full_lo
         && tile_hi <= band.full_hi;
+    if use_hide {
+        unmasked = unmasked && !masked;
+    }
     // Per half: the tile's row maximum, then what the row's scores subtract; the rescale.
     let mut row_max = Array::<f32>::new(halves);
     let mut alpha = Array::<f32>::new(halves);
@@ -157,6 +167,15 @@ pub(crate) fn online_softmax_tile(
                         || j >= band.seq_k as i32
                     {
                         s = f32::new(NEG_BIG);
+                    }
+                    // Nested: `use_hide` is comptime, and the bits exist only with it.
+                    if use_hide {
+                        if masked {
+                            let at = tile * 4 + e;
+                            if (hide[at / 32] >> (at % 32) as u32) & 1 != 0 {
+                                s = f32::new(NEG_BIG);
+                            }
+                        }
                     }
                     acc_set(s_acc, tile, e, c_vs, s);
                     let half = 2 * mt + e / 2;
@@ -297,6 +316,7 @@ pub fn online_softmax_probe_kernel(
         right,
         seq_k,
     };
+    let no_hide = Array::<u32>::new(1usize);
     for tile in 0..tiles {
         let t0 = (tile * PROBE_KEYS) as i32;
         #[unroll]
@@ -313,8 +333,8 @@ pub fn online_softmax_probe_kernel(
             }
         }
         online_softmax_tile(
-            &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, m_tiles, k_tiles,
-            1usize, c_vs, ptx_exp,
+            &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, &no_hide, false,
+            m_tiles, k_tiles, 1usize, c_vs, ptx_exp, false,
         );
         #[unroll]
         for mt in 0..m_tiles {

@@ -20,10 +20,11 @@ use crate::components::band::BandBounds;
 use crate::components::epilogue::write_output_rows;
 use crate::components::exp::MMA_PTX;
 use crate::components::fragments::MmaVecAcc;
-use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
+use crate::components::mma_forward::mma_key_tile;
+use crate::components::pipeline::{stage_pair, BufferBarriers};
 use crate::components::products::{ForwardProducts, ProductTile};
 use crate::components::schedule::CubeHead;
-use crate::components::softmax::{online_softmax_tile, TileBand, NEG_BIG};
+use crate::components::softmax::{TileBand, NEG_BIG};
 use crate::components::staging::{
     stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
 };
@@ -191,59 +192,41 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
         stage_rows_sync::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
     }
 
+    let no_hide = Array::<u32>::new(1usize);
     while t0 < bounds.end {
         let next = t0 + bk_i;
-        acquire_pair::<F>(
+        mma_key_tile::<F, P>(
             k,
             k_at,
-            &mut k_smem,
             v,
             v_at,
+            &q_smem,
+            &mut k_smem,
             &mut v_smem,
             &barriers,
-            usize::cast_from(t0),
-            usize::cast_from(next),
+            lanes,
+            &mut s_acc,
+            &mut o_acc,
+            &mut m_row,
+            &mut l_row,
+            &no_hide,
+            band,
+            scale,
+            t0,
+            next,
             next < bounds.end,
+            bounds.plane_sees(t0, next - 1),
+            false,
             stage,
             tid,
             k_tile,
             v_tile,
+            tile,
+            c_vs,
+            MMA_PTX,
             async_copy,
+            false,
         );
-        if bounds.plane_sees(t0, next - 1) {
-            P::scores::<F>(
-                &q_smem,
-                &k_smem,
-                stage * comptime!(k_tile.len()),
-                lanes,
-                &mut s_acc,
-                tile,
-            );
-            online_softmax_tile(
-                &mut s_acc,
-                &mut o_acc,
-                &mut m_row,
-                &mut l_row,
-                scale,
-                band,
-                t0,
-                m_tiles,
-                tile.k_tiles,
-                tile.v_tiles,
-                c_vs,
-                MMA_PTX,
-            );
-            P::accumulate::<F>(
-                &s_acc,
-                &v_smem,
-                stage * comptime!(v_tile.len()),
-                lanes,
-                &mut o_acc,
-                tile,
-            );
-        }
-        // Every plane is done with this buffer before it is staged again.
-        sync_cube();
         t0 = next;
         if comptime!(async_copy) {
             stage = 1 - stage;

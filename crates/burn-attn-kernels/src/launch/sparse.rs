@@ -11,12 +11,14 @@ use super::buffers::{alloc_contiguous, alloc_gradients, alloc_outputs};
 use super::device::{device_caps, forward_problem};
 use super::forward::{address_type, cube_count, ForwardOutput};
 use crate::components::element_rules::{ElementRulesLaunch, RuleSet};
+use crate::components::products::Ldmatrix16;
 use crate::kernels::{
-    flash_unit_sparse_backward_dkdv_kernel, flash_unit_sparse_backward_dq_kernel,
-    flash_unit_sparse_kernel,
+    flash_mma_sparse_kernel, flash_unit_sparse_backward_dkdv_kernel,
+    flash_unit_sparse_backward_dq_kernel, flash_unit_sparse_kernel,
 };
 use crate::plan::{
-    plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparsePlan, UnitTiles, Unsupported,
+    plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparseForward, SparsePlan, UnitTiles,
+    Unsupported,
 };
 use crate::KERNEL_SOURCE;
 
@@ -281,9 +283,9 @@ pub fn flash_forward_sparse(
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
     let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
-    let (sizes, plan) = (problem.sizes, plan.forward);
-    let tiles = plan.tiles;
-    check_lists(lists, &sizes, &[query_key(&tiles, false)])?;
+    let sizes = problem.sizes;
+    let (tile_q, tile_k) = plan.forward.tile();
+    check_lists(lists, &sizes, &[(tile_q, tile_k)])?;
     let args = RuleArgs::new(rules, &sizes, &q)?;
     let (out, lse) = alloc_outputs(&q, &sizes);
     if sizes.is_empty() {
@@ -291,39 +293,97 @@ pub fn flash_forward_sparse(
     }
     let dtype = q.dtype;
     let element_rules = args.element_rules();
-    flash_unit_sparse_kernel::launch(
-        &q.client.clone(),
-        cube_count(plan.grid),
-        CubeDim::new_1d(tiles.units() as u32),
-        address_type(plan.offsets),
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        lse.clone().into_tensor_arg(),
-        lists.partial_count.clone().into_tensor_arg(),
-        lists.partial_index.clone().into_tensor_arg(),
-        lists.full_count.clone().into_tensor_arg(),
-        lists.full_index.clone().into_tensor_arg(),
-        args.layout.into_tensor_arg(),
-        args.padding.into_tensor_arg(),
-        args.doc_q.into_tensor_arg(),
-        args.doc_k.into_tensor_arg(),
-        element_rules,
-        (lists.block_q / tiles.rows) as u32,
-        (lists.block_k / tiles.cols) as u32,
-        scale,
-        f32::NEG_INFINITY,
-        args.set,
-        sizes.dim,
-        sizes.value_dim,
-        tiles.rows,
-        tiles.cols,
-        tiles.row_threads,
-        tiles.col_threads,
-        KERNEL_SOURCE,
-        dtype_to_elem_type(dtype),
+    let (q_tiles, k_tiles) = (
+        (lists.block_q / tile_q) as u32,
+        (lists.block_k / tile_k) as u32,
     );
+    let tensor = |t: &CubeTensor| t.clone().into_tensor_arg();
+    match plan.forward {
+        SparseForward::Unit(plan) => {
+            let tiles = plan.tiles;
+            flash_unit_sparse_kernel::launch(
+                &q.client.clone(),
+                cube_count(plan.grid),
+                CubeDim::new_1d(tiles.units() as u32),
+                address_type(plan.offsets),
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                tensor(&out),
+                tensor(&lse),
+                tensor(&lists.partial_count),
+                tensor(&lists.partial_index),
+                tensor(&lists.full_count),
+                tensor(&lists.full_index),
+                tensor(&args.layout),
+                tensor(&args.padding),
+                tensor(&args.doc_q),
+                tensor(&args.doc_k),
+                element_rules,
+                q_tiles,
+                k_tiles,
+                scale,
+                f32::NEG_INFINITY,
+                args.set,
+                sizes.dim,
+                sizes.value_dim,
+                tiles.rows,
+                tiles.cols,
+                tiles.row_threads,
+                tiles.col_threads,
+                KERNEL_SOURCE,
+                dtype_to_elem_type(dtype),
+            );
+        }
+        SparseForward::Mma(plan) => {
+            let client = q.client.clone();
+            // SAFETY: as `flash_mma_kernel`'s launch (`launch::forward`): every global
+            // access is guarded by the tensors' own sizes (rows < seq_q, keys < seq_k,
+            // columns < head/value dim), shared-memory indices by the comptime tiles, and
+            // the plan stages asynchronously and stores `N` values only where rows allow.
+            // The lists' reads are bounded by their shapes (counts cut at the key blocks,
+            // `components::key_blocks`) and checked above; the rule tensors' reads by
+            // `i < seq_q`, `j < seq_k` and their checked shapes.
+            unsafe {
+                flash_mma_sparse_kernel::launch_unchecked::<Ldmatrix16>(
+                    &client,
+                    cube_count(plan.grid),
+                    CubeDim::new_2d(32, plan.planes as u32),
+                    address_type(plan.offsets),
+                    plan.out_vector,
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    tensor(&out),
+                    tensor(&lse),
+                    tensor(&lists.partial_count),
+                    tensor(&lists.partial_index),
+                    tensor(&lists.full_count),
+                    tensor(&lists.full_index),
+                    tensor(&args.layout),
+                    tensor(&args.padding),
+                    tensor(&args.doc_q),
+                    tensor(&args.doc_k),
+                    element_rules,
+                    q_tiles,
+                    k_tiles,
+                    scale,
+                    sizes.side(None),
+                    f32::NEG_INFINITY,
+                    args.set,
+                    plan.dim_pad,
+                    plan.value_dim_pad,
+                    plan.planes,
+                    plan.row_tiles,
+                    plan.block_k,
+                    16 / dtype.size(),
+                    plan.async_copy,
+                    KERNEL_SOURCE,
+                    dtype_to_elem_type(dtype),
+                );
+            }
+        }
+    }
     Ok((out, lse))
 }
 
