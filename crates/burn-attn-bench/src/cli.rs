@@ -39,6 +39,10 @@ pub enum Command {
     /// kernel benchmark's shapes, beside Burn's own attention on the same backend; with
     /// `--peers`, our time over PyTorch's kernels measured on the same shapes.
     Kernel(crate::kernel::KernelArgs),
+    /// Time the attention op under block-sparse masks (windows, strided columns, random
+    /// block layouts, key padding), forward and training step, against FlexAttention's
+    /// records of the same masks.
+    Masks(crate::masks::MasksArgs),
 }
 
 /// Options of `digest`.

@@ -9,6 +9,7 @@ pub mod device;
 pub mod digest;
 pub mod growth;
 pub mod kernel;
+pub mod masks;
 pub mod output;
 pub mod peers;
 pub mod plots;

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             .and_then(|(device, meter)| calibrate_on(device, meter, args)),
         Command::Digest(args) => digest(&args),
         Command::Kernel(args) => burn_attn_bench::kernel::kernel(args),
+        Command::Masks(args) => burn_attn_bench::masks::masks(args),
         Command::Model(args) => {
             let model =
                 burn_attn::nn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));

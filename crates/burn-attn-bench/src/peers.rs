@@ -1,5 +1,5 @@
-//! Peer timings from `scripts/peers/torch_attention.py` (its JSON output), matched to
-//! our rows by shape and dtype.
+//! Peer timings from `scripts/peers/torch_attention.py` and `scripts/peers/flex_masks.py`
+//! (their JSON output), matched to our rows by shape and dtype.
 
 use std::path::Path;
 
@@ -33,6 +33,9 @@ pub struct PeerRecord {
     pub window: Option<usize>,
     /// Median milliseconds.
     pub ms: f64,
+    /// Visible (query, key) pairs per (batch, head), counted from the mask (mask records).
+    #[serde(default)]
+    pub visible_pairs: Option<f64>,
 }
 
 /// Our time over one peer's, for a matching row.
