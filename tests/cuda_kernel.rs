@@ -139,11 +139,12 @@ mod on_cuda {
         check_sparse_kernels::<Gpu>(DType::F16);
     }
 
-    /// Training through `pattern_attention` with strided columns, block layouts and key
-    /// padding runs the block-sparse kernels, forward and backward.
+    /// Training through `pattern_attention` with strided columns, block layouts, key
+    /// padding and dropout runs the block-sparse kernels, forward and backward.
     #[test]
     fn cuda_sparse_training_runs_the_kernels() {
         check_sparse_training::<Gpu>();
+        check_dropout_training::<Gpu>();
     }
 
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.

@@ -59,12 +59,13 @@ fn sparse_kernel_f32_matches_the_host_truth() {
     check_sparse_kernels::<Gpu>(DType::F32);
 }
 
-/// Training through `pattern_attention` with strided columns, block layouts and key
-/// padding runs the block-sparse kernels, forward and backward.
+/// Training through `pattern_attention` with strided columns, block layouts, key padding
+/// and dropout runs the block-sparse kernels, forward and backward.
 #[test]
 fn sparse_training_runs_the_kernels() {
     require_gpu();
     check_sparse_training::<Gpu>();
+    check_dropout_training::<Gpu>();
 }
 
 #[test]

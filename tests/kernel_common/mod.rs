@@ -1345,13 +1345,17 @@ struct MaskedTruth {
     grads: [Vec<f64>; 3],
 }
 
-/// [`MaskedTruth`] of `x` under `visible`, with gradients for `d_out` (`[b, h, n, d]`).
+/// [`MaskedTruth`] of `x` under `visible`, with gradients for `d_out` (`[b, h, n, d]`);
+/// with `dropout` (probability, seed), probabilities dropped by the kernels' hash
+/// (`plan::dropout_hash`) leave the output and the kept ones are scaled by `1 / (1 - p)`.
 fn masked_truth(
     x: &Inputs,
     case: &Case,
     visible: &dyn Fn(usize, usize, usize) -> bool,
     d_out: &(Vec<f32>, [usize; 4]),
+    dropout: Option<(f64, u32)>,
 ) -> MaskedTruth {
+    use burn_attn_core::kernels::plan::{dropout_hash, dropout_threshold};
     let (b, h, kvh, n, d) = (case.batch, case.heads, case.kv_heads, case.seq_q, case.dim);
     assert_eq!(
         (case.seq_k, case.value_dim),
@@ -1393,8 +1397,25 @@ fn masked_truth(
                     .iter()
                     .map(|&(j, s)| (j, (s - m).exp() / sum))
                     .collect();
+                // The factor each probability takes in the output: 0 if dropped, else
+                // 1 / (1 - p).
+                let keep = |j: usize| match dropout {
+                    None => 1.0,
+                    Some((prob, seed)) => {
+                        let pair = (bi * h + hi) as u32;
+                        if dropout_hash(seed, pair, i as u32, j as u32) < dropout_threshold(prob)
+                        {
+                            0.0
+                        } else {
+                            1.0 / (1.0 - prob)
+                        }
+                    }
+                };
                 for c in 0..d {
-                    out[row * d + c] = p.iter().map(|&(j, pj)| pj * at(&x.v, bi, kh, j, c)).sum();
+                    out[row * d + c] = p
+                        .iter()
+                        .map(|&(j, pj)| pj * keep(j) * at(&x.v, bi, kh, j, c))
+                        .sum();
                 }
                 // dP_j = dO . V_j, D = dO . O, dS_j = P_j (dP_j - D).
                 let d_row: f64 = (0..d)
@@ -1405,9 +1426,9 @@ fn masked_truth(
                     let dp: f64 = (0..d)
                         .map(|c| at(d_out, bi, hi, i, c) * at(&x.v, bi, kh, j, c))
                         .sum();
-                    let ds = pj * (dp - d_row) * scale;
+                    let ds = pj * (dp * keep(j) - d_row) * scale;
                     for c in 0..d {
-                        dv[key * d + c] += pj * at(d_out, bi, hi, i, c);
+                        dv[key * d + c] += pj * keep(j) * at(d_out, bi, hi, i, c);
                         dq[row * d + c] += ds * at(&x.k, bi, kh, j, c);
                         dk[key * d + c] += ds * at(&x.q, bi, hi, i, c);
                     }
@@ -1505,14 +1526,21 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
             },
         ];
         for (p_at, pattern) in patterns.iter().enumerate() {
-            // Every rule alone on the band; the others with none or all of padding and documents
-            // (each set of rules is a kernel to compile).
-            let masks: &[(bool, bool)] = if p_at == 0 {
-                &[(false, false), (true, false), (false, true), (true, true)]
-            } else {
-                &[(false, false), (true, true)]
+            // Every rule alone on the band; the others with none or all of padding and
+            // documents, the last also with dropout (each set of rules is a kernel to
+            // compile).
+            let masks: &[(bool, bool, bool)] = match p_at {
+                0 => &[
+                    (false, false, false),
+                    (true, false, false),
+                    (false, true, false),
+                    (true, true, false),
+                    (false, false, true),
+                ],
+                3 => &[(false, false, false), (true, true, false), (true, true, true)],
+                _ => &[(false, false, false), (true, true, false)],
             };
-            for &(with_pad, with_docs) in masks {
+            for &(with_pad, with_docs, with_drop) in masks {
                 let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
                 let mut rules = SparseRules {
                     left: pattern.window.left,
@@ -1552,6 +1580,14 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     rules.documents =
                         Some((cube_int_primitive(ids.clone()), cube_int_primitive(ids)));
                 }
+                let dropout = with_drop.then_some((0.3, 0x00c0_ffee_u32));
+                if let Some((p, seed)) = dropout {
+                    let seed = Tensor::<1, Int>::from_data(
+                        TensorData::new(vec![seed as i64], [1]),
+                        &device,
+                    );
+                    rules.dropout = Some((p, cube_int_primitive(seed)));
+                }
                 let mask = BlockMask::new(cover);
                 let lists = BlockLists {
                     block_q,
@@ -1581,11 +1617,11 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                         && !(with_pad && pad[b * n + j])
                         && !(with_docs && docs[b * n + i] != docs[b * n + j])
                 };
-                let want = masked_truth(&x, &case, &visible, &d_out);
+                let want = masked_truth(&x, &case, &visible, &d_out, dropout);
                 let (got_out, got_lse) = (cube_to_f64(out.clone()), cube_to_f64(lse.clone()));
                 let what = format!(
-                    "blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, \
-                     documents {with_docs}"
+                    "{dtype:?} blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, \
+                     documents {with_docs}, dropout {with_drop}"
                 );
                 let err = max_err(&got_out, &want.out);
                 assert!(err < tol, "{what}: output error {err}");
@@ -1793,4 +1829,62 @@ pub fn check_sparse_training<B: On>() {
             assert!(err < 1e-4, "case {at}: {name} error {err:e}");
         }
     }
+}
+
+/// Training with dropout through `pattern_attention` on `B`'s device runs the
+/// block-sparse kernels forward and backward (the mask itself is checked against the host
+/// in [`check_sparse_kernels`]): two calls draw two seeds (their outputs differ where the
+/// call without dropout is one output), every value is finite, and the mean output stays
+/// that of the call without dropout (kept probabilities are scaled by `1 / (1 - p)`).
+pub fn check_dropout_training<B: On>() {
+    let case = Case::new(96, 96, 32).gqa(4, 2).batch(2);
+    let x = inputs(&case, 41);
+    let device = B::device().autodiff();
+    let log = DispatchLog::new();
+    let options = AttentionOptions::default()
+        .with_log(log.clone())
+        .with_kernel(KernelPolicy::Require);
+    let pattern = KeyPattern::band(Window::symmetric(40), false);
+    let run = |dropout: f64| {
+        let q = tensor(&x.q, DType::F32, &device).require_grad();
+        let k = tensor(&x.k, DType::F32, &device).require_grad();
+        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let out = burn_attn_core::pattern_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            &options,
+            None,
+            dropout,
+        );
+        let grads = out.clone().sum().backward();
+        let dq = to_f64(q.grad(&grads).expect("dq"));
+        (to_f64(out), dq)
+    };
+    let (plain, _) = run(0.0);
+    log.clear();
+    let (first, dq) = run(0.25);
+    let (second, _) = run(0.25);
+    let served: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
+    assert_eq!(
+        served,
+        [
+            (Pass::Forward, Implementation::FlashUnitSparse),
+            (Pass::Backward, Implementation::FlashUnitSparseBackward),
+            (Pass::Forward, Implementation::FlashUnitSparse),
+            (Pass::Backward, Implementation::FlashUnitSparseBackward),
+        ]
+    );
+    assert!(first.iter().chain(&second).chain(&dq).all(|v| v.is_finite()));
+    assert!(max_err(&first, &plain) > 1e-2, "dropout changed nothing");
+    assert!(max_err(&first, &second) > 1e-2, "two calls drew one mask");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let spread = plain.iter().map(|v| v.abs()).sum::<f64>() / plain.len() as f64;
+    assert!(
+        (mean(&first) - mean(&plain)).abs() < 0.1 * spread,
+        "mean output {} against {} without dropout",
+        mean(&first),
+        mean(&plain)
+    );
 }

@@ -250,9 +250,13 @@ pub fn try_attention_with_lse(
 
 /// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
 /// kernel of [`AttentionBackend::banded_attention`] when the call is a plain band, the
-/// block-sparse portable kernels (forward and backward) for strided columns, block layouts
-/// and key padding on CubeCL devices, the tiled tensor-op path otherwise (dropout in
-/// training, and every such call on the CPU backends).
+/// block-sparse kernels (forward and backward) for strided columns, block layouts, key
+/// padding and dropout in training on CubeCL devices, the tiled tensor-op path otherwise
+/// (every such call on the CPU backends).
+///
+/// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
+/// the device's random generator, not from Burn's dropout: the same probability, another
+/// mask than the tiled path's for the same seed.
 ///
 /// `key_padding` is `[batch, seq_k]`, `true` where the key is padding. `dropout` applies
 /// to the attention probabilities only while the backend tracks gradients.
@@ -329,18 +333,17 @@ pub fn try_pattern_attention(
         [Implementation::FlashMma, Implementation::FlashUnit].map(|imp| (imp, Decline::Mask(why)));
     let mut declined = band_kernels.to_vec();
     #[cfg(feature = "cube")]
-    if !dropout_active {
-        match sparse::sparse_kernel_attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            &pattern,
-            options,
-            key_padding.clone(),
-        ) {
-            Ok(out) => return Ok(out),
-            Err(sparse_declined) => declined.extend(sparse_declined),
-        }
+    match sparse::sparse_kernel_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        &pattern,
+        options,
+        key_padding.clone(),
+        dropout_active.then_some(dropout),
+    ) {
+        Ok(out) => return Ok(out),
+        Err(sparse_declined) => declined.extend(sparse_declined),
     }
     let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
         .with_tile(options.tile.unwrap_or(DEFAULT_TILE));

@@ -7,12 +7,11 @@
 //! (under Burn's fusion stream that is when the stream runs, not when the call returns),
 //! so a log is per call site and safe to use from several threads. Backends without
 //! kernels record the tiled ops with no declines. `pattern_attention` calls whose mask the
-//! band kernels cannot evaluate (strided columns, block layouts, key padding) record their
-//! forward when called: served by the block-sparse kernel on CubeCL devices (its backward
-//! is recorded when it executes), otherwise by the tiled ops with the mask as the band
-//! kernels' reason and the block-sparse kernel's own (dropout in training has no kernel
-//! yet); a tiled forward's backward is Burn's autodiff of the tensor ops and is not
-//! recorded.
+//! band kernels cannot evaluate (strided columns, block layouts, key padding, dropout in
+//! training) record their forward when called: served by a block-sparse kernel on CubeCL
+//! devices (its backward is recorded when it executes), otherwise by the tiled ops with the
+//! mask as the band kernels' reason and the block-sparse kernels' own; a tiled forward's
+//! backward is Burn's autodiff of the tensor ops and is not recorded.
 
 use std::sync::{Arc, Mutex};
 

@@ -1,7 +1,7 @@
 //! Block-sparse attention on the kernels: a backend extension of its own (`Cube` and
 //! `Autodiff`), which [`pattern_attention`](crate::pattern_attention) calls when the
-//! block-sparse portable kernels take a call whose mask the band kernels cannot evaluate
-//! (strided columns, block layouts, key padding).
+//! block-sparse kernels take a call whose mask the band kernels cannot evaluate (strided
+//! columns, block layouts, key padding, dropout in training).
 //!
 //! The call's [`BlockMask`] is built here with tensor ops on the device, on the grid of the
 //! kernels' plan; its lists and the rule tensors travel as [`SparseMaskTensors`], the rules'
@@ -19,7 +19,7 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
     Backend, DispatchDevice, ExtensionType,
 };
-use burn::tensor::{Bool, Device, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, Int, IntDType, Tensor, TensorData};
 use burn_attn_kernels::launch::device_caps;
 use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward};
 
@@ -46,6 +46,8 @@ pub(crate) struct SparseMaskTensors<B: Backend> {
     pub layout: IntTensor<B>,
     /// Key padding, `[batch, seq_k]`, nonzero where hidden.
     pub padding: IntTensor<B>,
+    /// The dropout seed, `[1]`.
+    pub seed: IntTensor<B>,
 }
 
 /// The values of a block-sparse call: its grid, scale and which rules it has.
@@ -63,6 +65,8 @@ pub(crate) struct SparseCall {
     pub layout: Option<(usize, usize)>,
     /// Whether the call has key padding.
     pub padding: bool,
+    /// The probability of dropping an attention probability (training only).
+    pub dropout: Option<f64>,
     pub forced: ForcedPlan,
     /// Where the backward's dispatch is recorded.
     pub log: Option<DispatchLog>,
@@ -105,7 +109,9 @@ fn cube_caps(device: &Device) -> Option<DeviceCaps> {
 }
 
 /// Runs a call on the block-sparse kernels, or returns why they decline it. `pattern`
-/// carries the options' causal rule and window already.
+/// carries the options' causal rule and window already; `dropout` (in `(0, 1)`, for
+/// training) drops probabilities with a seed drawn from the device's random generator
+/// (so `Backend::seed` makes it repeatable), which the backward reuses.
 pub(crate) fn sparse_kernel_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -113,6 +119,7 @@ pub(crate) fn sparse_kernel_attention(
     pattern: &KeyPattern,
     options: &AttentionOptions,
     key_padding: Option<Tensor<2, Bool>>,
+    dropout: Option<f64>,
 ) -> Result<Tensor<4>, Declines> {
     let decline = |why: Decline| {
         [
@@ -166,6 +173,14 @@ pub(crate) fn sparse_kernel_attention(
     let padding = key_padding.map_or_else(placeholder, |pad| {
         pad.int().cast(IntDType::I32).into_dispatch()
     });
+    let seed = match dropout {
+        Some(_) => i32(Tensor::<1, Int>::random(
+            [1],
+            Distribution::Uniform(0.0, i32::MAX as f64),
+            &device,
+        )),
+        None => placeholder(),
+    };
     let lists = |t: Tensor<3, Int>| t.cast(IntDType::I32).into_dispatch();
     let indices = |t: Tensor<4, Int>| t.cast(IntDType::I32).into_dispatch();
     let tensors = SparseMaskTensors {
@@ -179,6 +194,7 @@ pub(crate) fn sparse_kernel_attention(
         t_full_index: indices(mask.t_full_index),
         layout,
         padding,
+        seed,
     };
     let call = SparseCall {
         block_q: plan.block_q,
@@ -190,6 +206,7 @@ pub(crate) fn sparse_kernel_attention(
         stride: pattern.stride,
         layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
         padding: has_padding,
+        dropout,
         forced,
         log: options.log.clone(),
     };
@@ -266,6 +283,7 @@ fn inner_mask<E: Backend, C: CheckpointStrategy>(
         t_full_index: m.t_full_index,
         layout: m.layout,
         padding: m.padding,
+        seed: m.seed,
     }
 }
 

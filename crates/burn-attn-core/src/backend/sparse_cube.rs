@@ -145,6 +145,7 @@ fn lists_and_rules(
         layout: call.layout.map(|(rows, cols)| (c(mask.layout), rows, cols)),
         padding: call.padding.then(|| c(mask.padding)),
         documents: None,
+        dropout: call.dropout.map(|p| (p, c(mask.seed))),
     };
     (lists, rules)
 }

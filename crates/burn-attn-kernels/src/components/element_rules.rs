@@ -1,8 +1,12 @@
 //! Which keys of a partially visible block a query sees under the rules a block-sparse call
 //! combines: `causal && (band || strided column) && active layout block && key not padding
 //! && same document` (the scalar definition is burn-attn-core's `KeyPattern::visible`, with
-//! key padding and document ids). Each rule past the band is a comptime switch, so a call
-//! pays only for the rules it has.
+//! key padding and document ids), and which probabilities attention dropout drops. Each
+//! rule past the band is a comptime switch, so a call pays only for the rules it has.
+//!
+//! Dropout is counter-based: element `(b, h, i, j)` is dropped when [`dropout_hash`] of the
+//! call's seed and its position falls below the threshold `p * 2^32`, so the backward
+//! regenerates the forward's mask from the same seed without storing it.
 
 use cubecl::prelude::*;
 
@@ -25,6 +29,11 @@ pub struct ElementRules {
     pub layout_rows: u32,
     pub layout_cols: u32,
     pub layout_k_blocks: u32,
+    /// Dropout: hashes below this are dropped; kept probabilities are scaled by
+    /// `keep_scale` (`1 / (1 - p)`); `heads` numbers the (batch, head) pairs.
+    pub drop_threshold: u32,
+    pub keep_scale: f32,
+    pub heads: u32,
 }
 
 /// Which rules past the band and the causal rule a call has (comptime).
@@ -38,6 +47,28 @@ pub struct RuleSet {
     pub padding: bool,
     /// Document ids (`[batch, seq_q]` and `[batch, seq_k]`).
     pub documents: bool,
+    /// Attention dropout (a 1-element seed tensor).
+    pub dropout: bool,
+}
+
+/// MurmurHash3's 32-bit finaliser.
+#[cube]
+fn mix32(x: u32) -> u32 {
+    let mut h = x;
+    h ^= h >> 16;
+    h *= 0x85eb_ca6bu32;
+    h ^= h >> 13;
+    h *= 0xc2b2_ae35u32;
+    h ^= h >> 16;
+    h
+}
+
+/// The dropout hash of element `(i, j)` of the (batch, head) pair `pair` (`b * heads + h`):
+/// `mix32(mix32(mix32(seed ^ pair) ^ i) ^ j)` in wrapping 32-bit arithmetic, as the host's
+/// `plan::dropout_hash` (the tests check the two agree through the kernels).
+#[cube]
+pub fn dropout_hash(seed: u32, pair: u32, i: u32, j: u32) -> u32 {
+    mix32(mix32(mix32(seed ^ pair) ^ i) ^ j)
 }
 
 #[cube]
@@ -80,16 +111,26 @@ impl ElementRules {
 
 #[cube]
 impl ElementRules {
-    /// Fills a unit's `rows x cols` register tile of flags (row-major) with
-    /// [`ElementRules::hides`], 1 also past `seq_q` or `seq_k`: register row `a` is query
+    /// Whether dropout drops the probability of query `i`, key `j` of batch `b`, query
+    /// head `h` (the seed is `seed[0]`).
+    pub fn drops(&self, b: usize, h: usize, i: usize, j: usize, seed: &Tensor<i32>) -> bool {
+        let pair = (b * self.heads as usize + h) as u32;
+        let hash = dropout_hash(seed[0] as u32, pair, i as u32, j as u32);
+        hash < self.drop_threshold
+    }
+
+    /// Fills a unit's `rows x cols` register tile of flags (row-major): the hidden bit (1) where
+    /// [`ElementRules::hides`] (also past `seq_q` or `seq_k`), plus the dropped bit (2) where
+    /// dropout drops the probability (with `rules.dropout`). Register row `a` is query
     /// `i0 + a * row_step` and column `c` key `j0 + c * col_step`, or with `keys_major`
     /// row `a` is key `j0 + a * row_step` and column `c` query `i0 + c * col_step` (the
-    /// transposed tiles of a key-major pass).
+    /// transposed tiles of a key-major pass); `h` is the query head.
     #[allow(clippy::too_many_arguments)]
     pub fn hide_tile(
         &self,
         hide: &mut Array<u32>,
         b: usize,
+        h: usize,
         i0: usize,
         j0: usize,
         seq_q: usize,
@@ -98,6 +139,7 @@ impl ElementRules {
         padding: &Tensor<i32>,
         doc_q: &Tensor<i32>,
         doc_k: &Tensor<i32>,
+        seed: &Tensor<i32>,
         #[comptime] rules: RuleSet,
         #[comptime] rows: usize,
         #[comptime] row_step: usize,
@@ -115,11 +157,18 @@ impl ElementRules {
                     i = i0 + c * col_step;
                     j = j0 + a * row_step;
                 }
-                let mut hidden = true;
+                let mut flags = 1u32;
                 if i < seq_q && j < seq_k {
-                    hidden = self.hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+                    flags = select(
+                        self.hides(b, i, j, layout, padding, doc_q, doc_k, rules),
+                        1u32,
+                        0u32,
+                    );
+                    if comptime!(rules.dropout) {
+                        flags |= select(self.drops(b, h, i, j, seed), 2u32, 0u32);
+                    }
                 }
-                hide[a * cols + c] = select(hidden, 1u32, 0u32);
+                hide[a * cols + c] = flags;
             }
         }
     }

@@ -6,18 +6,19 @@
 
 use cubecl::prelude::*;
 
-use super::fragments::MmaVecAcc;
+use super::fragments::{acc_get, acc_set, MmaVecAcc};
 use super::pipeline::{acquire_pair, BufferBarriers};
 use super::products::{ForwardProducts, LaneOffsets, ProductTile};
-use super::softmax::{online_softmax_tile, TileBand};
+use super::softmax::{flag_bit, online_softmax_tile, TileBand};
 use super::staging::{HeadRows, StageTile};
 
 /// One key tile, the one starting at key `t0`, for the whole cube: acquires its K and V
 /// into buffer `stage` (staging the tile at `next` when `has_next`, with `async_copy`),
 /// and where `visit` (the plane has rows that see the tile) runs the products and the
 /// softmax step on this plane's registers (`hide`, `masked`, `use_hide`: the element
-/// mask of [`online_softmax_tile`]). Ends with a cube barrier: every plane is done with
-/// the buffer before it is staged again.
+/// mask of [`online_softmax_tile`]; with `use_drop` too, a `masked` tile's probabilities
+/// whose dropped bit is set leave `P V`, the others are scaled by `keep_scale`). Ends with
+/// a cube barrier: every plane is done with the buffer before it is staged again.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
@@ -37,6 +38,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     hide: &Array<u32>,
     band: TileBand,
     scale: f32,
+    keep_scale: f32,
     t0: i32,
     next: i32,
     has_next: bool,
@@ -51,6 +53,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     #[comptime] ptx_exp: bool,
     #[comptime] async_copy: bool,
     #[comptime] use_hide: bool,
+    #[comptime] use_drop: bool,
 ) {
     acquire_pair::<F>(
         k,
@@ -95,6 +98,20 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
             ptx_exp,
             use_hide,
         );
+        if comptime!(use_drop) {
+            if masked {
+                #[unroll]
+                for t in 0..comptime!(tile.m_tiles * tile.k_tiles) {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let at = flag_bit(t, e) + 1;
+                        let dropped = (hide[at / 32] >> (at % 32) as u32) & 1 != 0;
+                        let p = acc_get(&*s_acc, t, e, c_vs);
+                        acc_set(s_acc, t, e, c_vs, p * select(dropped, 0.0f32, keep_scale));
+                    }
+                }
+            }
+        }
         P::accumulate::<F>(
             &*s_acc,
             &*v_smem,

@@ -65,6 +65,13 @@ pub(crate) struct TileBand {
     pub seq_k: usize,
 }
 
+/// The first of the two flag bits (hidden, then dropped) of accumulator element `e` of
+/// accumulator tile `tile` in a lane's flag words.
+#[cube]
+pub(crate) fn flag_bit(tile: usize, e: usize) -> usize {
+    2 * (tile * 4 + e)
+}
+
 /// How far (in natural-log units of the scaled scores) a row's running maximum may trail
 /// the largest score it has seen before the row is rescaled: probabilities stay at most
 /// `e^8` (about 2981), far inside the range of f16, bf16 and f32, while a row whose
@@ -94,9 +101,10 @@ pub(crate) const MAX_LAG: f32 = 8.0;
 /// [`MAX_LAG`] (always for the first visible key: `NEG_BIG + MAX_LAG == NEG_BIG`), and the
 /// output accumulators are rescaled only when some row of the plane moved (one vote).
 ///
-/// With `use_hide` (comptime), a `masked` tile also masks the scores whose bit is set in
-/// `hide` (bit `(mt * k_tiles + kt) * 4 + e` of the lane's accumulator element `e` of
-/// tile `(mt, kt)`, 32 per word): the block-sparse kernels' element rules.
+/// With `use_hide` (comptime), a `masked` tile also masks the scores whose hidden bit is
+/// set in `hide` (the lane's accumulator element `e` of tile `(mt, kt)` has bits
+/// [`flag_bit`]`(mt * k_tiles + kt, e)` and the next one, hidden and dropped, 32 per word):
+/// the block-sparse kernels' element rules.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_softmax_tile(
@@ -171,7 +179,7 @@ pub(crate) fn online_softmax_tile(
                     // Nested: `use_hide` is comptime, and the bits exist only with it.
                     if use_hide {
                         if masked {
-                            let at = tile * 4 + e;
+                            let at = flag_bit(tile, e);
                             if (hide[at / 32] >> (at % 32) as u32) & 1 != 0 {
                                 s = f32::new(NEG_BIG);
                             }

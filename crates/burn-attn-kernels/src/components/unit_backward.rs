@@ -6,7 +6,10 @@
 //! A step's mask: an element is visible when it lies in the band (`lo0..=hi0` for the
 //! unit's first row or key, shifted per register row) and below the sequence ends, and,
 //! with `use_hide` (comptime: the flags exist only then) on a `masked` step, its `hide`
-//! flag is 0; rows whose lse is `-inf` get nothing.
+//! flags do not hold the hidden bit (1); rows whose lse is `-inf` get nothing. Where the flags hold
+//! the dropped bit (2) the forward dropped the probability: its `P` enters `dV` and `dP` as 0, the
+//! kept ones times `keep_scale` (FlashAttention's dropout backward: `dS = P (dP' - D)`
+//! with `dP'` the masked, scaled `dO V^T`).
 
 use cubecl::prelude::*;
 
@@ -84,6 +87,7 @@ pub(crate) fn dq_key_tile<F: Float>(
     hi0: i32,
     seq_k: usize,
     scale: f32,
+    keep_scale: f32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
@@ -159,15 +163,18 @@ pub(crate) fn dq_key_tile<F: Float>(
                 && j <= hi0 + shift
                 && j < seq_k as i32
                 && has_probabilities(lse_i);
+            let mut keep = f32::new(1.0);
             if use_hide {
                 if masked {
-                    seen = seen && hide[a * rk + c] == 0;
+                    let flags = hide[a * rk + c];
+                    seen = seen && flags & 1u32 == 0;
+                    keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
                 }
             }
             let mut ds = f32::new(0.0);
             if seen {
                 let p = f32::exp(s[a * rk + c] * scale - lse_i);
-                ds = p * (dp[a * rk + c] - d_i);
+                ds = p * (dp[a * rk + c] * keep - d_i);
             }
             ds_tile[r * k_stride + key] = ds;
         }
@@ -268,6 +275,7 @@ pub(crate) fn dkdv_query_tile<F: Float>(
     seq_q: usize,
     seq_k: usize,
     scale: f32,
+    keep_scale: f32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_k: usize,
@@ -363,16 +371,20 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 && i <= i_hi0 + shift
                 && i < row_end
                 && has_probabilities(lse_i);
+            let mut keep = f32::new(1.0);
             if use_hide {
                 if masked {
-                    seen = seen && hide[a * rq + c] == 0;
+                    let flags = hide[a * rq + c];
+                    seen = seen && flags & 1u32 == 0;
+                    keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
                 }
             }
             let mut p = f32::new(0.0);
             let mut ds = f32::new(0.0);
             if seen {
-                p = f32::exp(st[a * rq + c] * scale - lse_i);
-                ds = p * (dpt[a * rq + c] - d_tile[qi]);
+                let p_full = f32::exp(st[a * rq + c] * scale - lse_i);
+                p = p_full * keep;
+                ds = p_full * (dpt[a * rq + c] * keep - d_tile[qi]);
             }
             p_tile[key * q_stride + qi] = p;
             ds_tile[key * q_stride + qi] = ds;

@@ -11,8 +11,9 @@ use super::staging::stage_rows;
 /// One key tile, the one starting at key `t0`, for the whole cube: stages K (transposed,
 /// into `kv`), computes each unit's `rq x rk` scores `s` against the staged Q (`q_t`),
 /// takes the softmax step (`masked`: with the per-element mask of [`softmax_tile`], plus
-/// the `hide` flags with `use_hide`), stages V into `kv` and adds `P V` into the output
-/// tiles `o`. `block_q` rows per cube; every unit calls it with the same `t0` and `masked`.
+/// the `hide` flags with `use_hide`: the hidden bit (1) masks the score, the dropped bit (2) drops its
+/// probability from `P V`, whose kept probabilities are scaled by `keep_scale`), stages V
+/// into `kv` and adds `P V` into the output tiles `o`. `block_q` rows per cube; every unit calls it with the same `t0` and `masked`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_key_tile<F: Float>(
@@ -35,6 +36,7 @@ pub(crate) fn attend_key_tile<F: Float>(
     hi0: i32,
     seq_k: usize,
     scale: f32,
+    keep_scale: f32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
@@ -96,6 +98,7 @@ pub(crate) fn attend_key_tile<F: Float>(
             partial,
             p_tile,
             scale,
+            keep_scale,
             t0,
             lo0,
             hi0,
@@ -119,6 +122,7 @@ pub(crate) fn attend_key_tile<F: Float>(
             partial,
             p_tile,
             scale,
+            keep_scale,
             t0,
             lo0,
             hi0,
@@ -171,10 +175,12 @@ pub(crate) fn attend_key_tile<F: Float>(
 
 /// The softmax part of one key tile for one unit: scales (and with `masked`, masks: the
 /// band `lo0..=hi0` shifted per row, keys past `seq_k`, and with `use_hide` the scores
-/// whose `hide` flag is set) its `rq x rk` scores `s`, publishes their row maxima in
-/// `partial`, waits for the cube, moves the running maxima `m` of its rows, rescales its
-/// output tile `o` and row sums `l`, and writes its probabilities to `p_tile`. The caller
-/// syncs before reading `p_tile`.
+/// whose `hide` flags hold the hidden bit (1)) its `rq x rk` scores `s`, publishes their row maxima
+/// in `partial`, waits for the cube, moves the running maxima `m` of its rows, rescales
+/// its output tile `o` and row sums `l`, and writes its probabilities to `p_tile` (with
+/// `masked` and `use_hide`: 0 where the flags hold the dropped bit (2), the others times
+/// `keep_scale`; the row sums take them undropped). The caller syncs before reading
+/// `p_tile`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tile(
@@ -185,6 +191,7 @@ fn softmax_tile(
     partial: &mut [f32],
     p_tile: &mut [f32],
     scale: f32,
+    keep_scale: f32,
     t0: i32,
     lo0: i32,
     hi0: i32,
@@ -217,7 +224,7 @@ fn softmax_tile(
                 // Nested: `use_hide` is comptime, and the flags exist only with it.
                 #[allow(clippy::collapsible_if)]
                 if use_hide {
-                    if hide[a * rk + b] != 0 {
+                    if hide[a * rk + b] & 1u32 != 0 {
                         x = f32::new(NEG_BIG);
                     }
                 }
@@ -259,6 +266,12 @@ fn softmax_tile(
                 }
             }
             l_row += p;
+            if masked {
+                #[allow(clippy::collapsible_if)]
+                if use_hide {
+                    p *= select(hide[a * rk + b] & 2u32 != 0, 0.0f32, keep_scale);
+                }
+            }
             p_tile[p_row + tx + b * col_threads] = p;
         }
         l[a] = l_row;

@@ -212,6 +212,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             &no_hide,
             band,
             scale,
+            1.0f32,
             t0,
             next,
             next < bounds.end,
@@ -225,6 +226,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             c_vs,
             MMA_PTX,
             async_copy,
+            false,
             false,
         );
         t0 = next;

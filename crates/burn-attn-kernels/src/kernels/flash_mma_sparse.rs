@@ -19,7 +19,7 @@ use crate::components::mma_forward::mma_key_tile;
 use crate::components::pipeline::{stage_pair, BufferBarriers};
 use crate::components::products::{ForwardProducts, ProductTile};
 use crate::components::schedule::CubeHead;
-use crate::components::softmax::{TileBand, NEG_BIG};
+use crate::components::softmax::{flag_bit, TileBand, NEG_BIG};
 use crate::components::staging::{
     stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
 };
@@ -45,6 +45,7 @@ fn step_start(
 /// `flash_unit_sparse_kernel` (a list's query block is `q_tiles_per_block` cubes, its key
 /// block `k_tiles_per_block` tiles of `block_k` keys) and `unbounded` = `seq_q + seq_k`.
 /// Outputs as `flash_mma_kernel`; a row whose lists are empty outputs 0 with lse `neg_inf`.
+/// With `rules.dropout`, probabilities are dropped as `ElementRules::drops` says.
 #[cube(
     launch_unchecked,
     address_type = "dynamic",
@@ -65,6 +66,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     padding: &Tensor<i32>,
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
+    seed: &Tensor<i32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -184,8 +186,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
         cube.block / q_tiles_per_block as usize,
     );
     let steps = list.len * k_tiles_per_block;
-    // This lane's hide bits: 4 per accumulator tile, 32 per word.
-    let words = comptime!((m_tiles * tile.k_tiles * 4).div_ceil(32));
+    // This lane's flag bits: hidden and dropped per accumulator element, 32 per word.
+    let words = comptime!((m_tiles * tile.k_tiles * 8).div_ceil(32));
     let mut hide = Array::<u32>::new(words);
 
     // Q and the first key tile (asynchronously: committed together on buffer 0).
@@ -243,7 +245,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                 block_k,
             );
         }
-        let masked = s / k_tiles_per_block < list.partial;
+        // With dropout every tile takes its flags.
+        let masked = s / k_tiles_per_block < list.partial || comptime!(rules.dropout);
         let visit = t0 < seq_k as i32 && bounds.plane_sees(t0, t0 + bk_i - 1);
         if masked {
             #[unroll]
@@ -258,13 +261,19 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                     for e in 0..4usize {
                         let i = band.row_a as usize + 16 * mt + 8 * (e / 2);
                         let j = t0 as usize + kt * 8 + 2 * band.t + e % 2;
-                        let mut hidden = true;
+                        let mut flags = 1u32;
                         if i < seq_q && j < seq_k {
-                            hidden =
-                                element_rules.hides(b, i, j, layout, padding, doc_q, doc_k, rules);
+                            flags = select(
+                                element_rules.hides(b, i, j, layout, padding, doc_q, doc_k, rules),
+                                1u32,
+                                0u32,
+                            );
+                            if comptime!(rules.dropout) {
+                                flags |= select(element_rules.drops(b, h, i, j, seed), 2u32, 0u32);
+                            }
                         }
-                        let at = (mt * tile.k_tiles + kt) * 4 + e;
-                        hide[at / 32] |= select(hidden, 1u32, 0u32) << (at % 32) as u32;
+                        let at = flag_bit(mt * tile.k_tiles + kt, e);
+                        hide[at / 32] |= flags << (at % 32) as u32;
                     }
                 }
             }
@@ -286,6 +295,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             &hide,
             band,
             scale,
+            element_rules.keep_scale,
             t0,
             next,
             has_next,
@@ -300,6 +310,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             MMA_PTX,
             async_copy,
             true,
+            comptime!(rules.dropout),
         );
         if comptime!(async_copy) {
             stage = 1 - stage;

@@ -136,6 +136,7 @@ pub fn flash_unit_kernel<F: Float>(
             hi0,
             seq_k,
             scale,
+            1.0f32,
             dim,
             value_dim,
             block_q,

@@ -22,7 +22,8 @@ use crate::components::unit_forward::{attend_key_tile, write_unit_rows};
 /// of `(q_tiles_per_block * block_q) x (k_tiles_per_block * block_k)` blocks. A query row sees a key of a listed full block whenever the
 /// key is below `seq_k`; of a partial block when `rules` (and the tensors its switches name:
 /// `layout`, `padding`, `doc_q`, `doc_k`, i32; 1-element placeholders where off) let it. A row
-/// whose lists are empty outputs 0 with lse `neg_inf`, as in `flash_unit_kernel`.
+/// whose lists are empty outputs 0 with lse `neg_inf`, as in `flash_unit_kernel`. With
+/// `rules.dropout`, probabilities are dropped as `ElementRules::drops` says (seed `seed[0]`).
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_sparse_kernel<F: Float>(
@@ -39,6 +40,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
     padding: &Tensor<i32>,
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
+    seed: &Tensor<i32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -113,13 +115,16 @@ pub fn flash_unit_sparse_kernel<F: Float>(
         for sub in 0..k_tiles_per_block {
             let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
             // Partial blocks take the rules; full ones none, but a tile over the sequence
-            // end still masks the keys past it (the rules hide them).
-            let masked = e < list.partial || t0 as usize + block_k > seq_k;
+            // end still masks the keys past it (the rules hide them), and with dropout
+            // every tile takes its flags.
+            let masked =
+                e < list.partial || t0 as usize + block_k > seq_k || comptime!(rules.dropout);
             if (t0 as usize) < seq_k {
                 if masked {
                     element_rules.hide_tile(
                         &mut hide,
                         b,
+                        h,
                         r0 + ty,
                         t0 as usize + tx,
                         seq_q,
@@ -128,6 +133,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                         padding,
                         doc_q,
                         doc_k,
+                        seed,
                         rules,
                         rq,
                         row_threads,
@@ -156,6 +162,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                     hi0,
                     seq_k,
                     scale,
+                    element_rules.keep_scale,
                     dim,
                     value_dim,
                     block_q,

@@ -4,7 +4,8 @@
 //! kernel walks each key block's query blocks (the transposed lists), for every query head
 //! of its kv head, so no two cubes write one gradient row and no atomics are needed. Lists
 //! are on blocks of `q_tiles_per_block x k_tiles_per_block` of a kernel's tiles, as in
-//! `flash_unit_sparse`.
+//! `flash_unit_sparse`. With dropout, every tile regenerates the forward's dropout flags
+//! from the seed.
 
 use cubecl::prelude::*;
 
@@ -41,6 +42,7 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
     padding: &Tensor<i32>,
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
+    seed: &Tensor<i32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -126,12 +128,13 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
         let kb = list.block(e, partial_index, full_index);
         for sub in 0..k_tiles_per_block {
             let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
-            let masked = e < list.partial;
+            let masked = e < list.partial || comptime!(rules.dropout);
             if (t0 as usize) < seq_k {
                 if masked {
                     element_rules.hide_tile(
                         &mut hide,
                         b,
+                        h,
                         r0 + ty,
                         t0 as usize + tx,
                         seq_q,
@@ -140,6 +143,7 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                         padding,
                         doc_q,
                         doc_k,
+                        seed,
                         rules,
                         rq,
                         row_threads,
@@ -169,6 +173,7 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                     hi0,
                     seq_k,
                     scale,
+                    element_rules.keep_scale,
                     dim,
                     value_dim,
                     block_q,
@@ -222,6 +227,7 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
     padding: &Tensor<i32>,
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
+    seed: &Tensor<i32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -301,12 +307,13 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
             let qb = list.block(e, t_partial_index, t_full_index);
             for sub in 0..q_tiles_per_block {
                 let t0 = (qb * q_tiles_per_block + sub) * comptime!(block_q as u32);
-                let masked = e < list.partial;
+                let masked = e < list.partial || comptime!(rules.dropout);
                 if (t0 as usize) < seq_q {
                     if masked {
                         element_rules.hide_tile(
                             &mut hide,
                             b,
+                            h,
                             t0 as usize + tx,
                             c0 + ty,
                             seq_q,
@@ -315,6 +322,7 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                             padding,
                             doc_q,
                             doc_k,
+                            seed,
                             rules,
                             rk,
                             row_threads,
@@ -352,6 +360,7 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                         seq_q,
                         seq_k,
                         scale,
+                        element_rules.keep_scale,
                         dim,
                         value_dim,
                         block_k,

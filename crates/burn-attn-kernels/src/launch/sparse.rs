@@ -17,8 +17,8 @@ use crate::kernels::{
     flash_unit_sparse_backward_dq_kernel, flash_unit_sparse_kernel,
 };
 use crate::plan::{
-    plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparseForward, SparsePlan, UnitTiles,
-    Unsupported,
+    dropout_threshold, plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparseForward,
+    SparsePlan, UnitTiles, Unsupported,
 };
 use crate::KERNEL_SOURCE;
 
@@ -70,6 +70,9 @@ pub struct SparseRules {
     pub padding: Option<CubeTensor>,
     /// Document ids `[batch, seq_q]` and `[batch, seq_k]` (i32).
     pub documents: Option<(CubeTensor, CubeTensor)>,
+    /// Attention dropout: the probability of dropping (in `(0, 1)`) and a 1-element i32
+    /// seed tensor (forward and backward must get the same seed).
+    pub dropout: Option<(f64, CubeTensor)>,
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
@@ -110,10 +113,14 @@ struct RuleArgs {
     /// columns and key blocks.
     positions: [i32; 5],
     layout_blocks: (u32, u32, u32),
+    /// Dropout's threshold and keep scale.
+    dropout: (u32, f32),
+    heads: u32,
     layout: CubeTensor,
     padding: CubeTensor,
     doc_q: CubeTensor,
     doc_k: CubeTensor,
+    seed: CubeTensor,
 }
 
 impl RuleArgs {
@@ -152,6 +159,22 @@ impl RuleArgs {
         if rules.stride == Some(0) {
             return Err(Unsupported::Shapes("a stride of 0".into()));
         }
+        let mut dropout = (0, 1.0);
+        if let Some((p, seed)) = &rules.dropout {
+            if !(*p > 0.0 && *p < 1.0) {
+                return Err(Unsupported::Shapes(format!(
+                    "dropout {p} (takes 0 < p < 1)"
+                )));
+            }
+            let dims = seed.meta.shape().as_slice().to_vec();
+            if seed.dtype != DType::I32 || dims != [1] {
+                return Err(Unsupported::Shapes(format!(
+                    "dropout seed is {:?} {dims:?}; expected i32 [1]",
+                    seed.dtype
+                )));
+            }
+            dropout = (dropout_threshold(*p), (1.0 / (1.0 - p)) as f32);
+        }
         let placeholder = alloc_contiguous(like, Shape::new([1]), DType::I32);
         let or_placeholder =
             |t: Option<&CubeTensor>| t.cloned().unwrap_or_else(|| placeholder.clone());
@@ -162,6 +185,7 @@ impl RuleArgs {
                 layout: rules.layout.is_some(),
                 padding: rules.padding.is_some(),
                 documents: rules.documents.is_some(),
+                dropout: rules.dropout.is_some(),
             },
             positions: [
                 sizes.seq_k as i32 - sizes.seq_q as i32,
@@ -171,6 +195,9 @@ impl RuleArgs {
                 rules.stride.map_or(0, |s| s.min(i32::MAX as usize) as i32),
             ],
             layout_blocks,
+            dropout,
+            heads: sizes.heads as u32,
+            seed: or_placeholder(rules.dropout.as_ref().map(|d| &d.1)),
             layout: or_placeholder(rules.layout.as_ref().map(|l| &l.0)),
             padding: or_placeholder(rules.padding.as_ref()),
             doc_q: or_placeholder(documents.map(|d| &d.0)),
@@ -184,6 +211,7 @@ impl RuleArgs {
     fn element_rules(&self) -> ElementRulesLaunch {
         let [offset, left, right, causal_right, stride] = self.positions;
         let (rows, cols, k_blocks) = self.layout_blocks;
+        let (threshold, keep_scale) = self.dropout;
         ElementRulesLaunch::new(
             offset,
             left,
@@ -193,6 +221,9 @@ impl RuleArgs {
             rows,
             cols,
             k_blocks,
+            threshold,
+            keep_scale,
+            self.heads,
         )
     }
 }
@@ -319,6 +350,7 @@ pub fn flash_forward_sparse(
                 tensor(&args.padding),
                 tensor(&args.doc_q),
                 tensor(&args.doc_k),
+                tensor(&args.seed),
                 element_rules,
                 q_tiles,
                 k_tiles,
@@ -364,6 +396,7 @@ pub fn flash_forward_sparse(
                     tensor(&args.padding),
                     tensor(&args.doc_q),
                     tensor(&args.doc_k),
+                    tensor(&args.seed),
                     element_rules,
                     q_tiles,
                     k_tiles,
@@ -449,6 +482,7 @@ pub fn flash_backward_sparse(
             args.padding.clone().into_tensor_arg(),
             args.doc_q.clone().into_tensor_arg(),
             args.doc_k.clone().into_tensor_arg(),
+            args.seed.clone().into_tensor_arg(),
             args.element_rules(),
             (lists.block_q / dq_t.rows) as u32,
             (lists.block_k / dq_t.cols) as u32,
@@ -488,6 +522,7 @@ pub fn flash_backward_sparse(
             args.padding.into_tensor_arg(),
             args.doc_q.into_tensor_arg(),
             args.doc_k.into_tensor_arg(),
+            args.seed.into_tensor_arg(),
             element_rules,
             (lists.block_q / kv_t.cols) as u32,
             (lists.block_k / kv_t.rows) as u32,
