@@ -98,6 +98,8 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
             ptx_exp,
             use_hide,
         );
+        // Nested: the outer switch is comptime.
+        #[allow(clippy::collapsible_if)]
         if comptime!(use_drop) {
             if masked {
                 #[unroll]

@@ -177,6 +177,7 @@ pub(crate) fn online_softmax_tile(
                         s = f32::new(NEG_BIG);
                     }
                     // Nested: `use_hide` is comptime, and the bits exist only with it.
+                    #[allow(clippy::collapsible_if)]
                     if use_hide {
                         if masked {
                             let at = flag_bit(tile, e);

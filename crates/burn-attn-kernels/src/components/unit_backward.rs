@@ -164,6 +164,8 @@ pub(crate) fn dq_key_tile<F: Float>(
                 && j < seq_k as i32
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
+            // Nested: the outer switch is comptime.
+            #[allow(clippy::collapsible_if)]
             if use_hide {
                 if masked {
                     let flags = hide[a * rk + c];
@@ -372,6 +374,8 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 && i < row_end
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
+            // Nested: the outer switch is comptime.
+            #[allow(clippy::collapsible_if)]
             if use_hide {
                 if masked {
                     let flags = hide[a * rq + c];
