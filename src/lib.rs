@@ -33,8 +33,9 @@ pub use burn_attn_core as cores;
 pub use burn_attn_nn as nn;
 
 pub use burn_attn_core::{
-    attention, pattern_attention, try_attention, try_pattern_attention, AttentionBackend,
-    AttentionError, AttentionOptions, LinearAttentionState, Window,
+    attention, masked_attention, pattern_attention, try_attention, try_masked_attention,
+    try_pattern_attention, AttentionBackend, AttentionError, AttentionMasks, AttentionOptions,
+    DocumentIds, LinearAttentionState, Window,
 };
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,

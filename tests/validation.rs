@@ -157,3 +157,46 @@ fn the_forward_is_deterministic() {
     assert_eq!(o1.into_data().as_bytes(), o2.into_data().as_bytes());
     assert_eq!(l1.into_data().as_bytes(), l2.into_data().as_bytes());
 }
+
+#[test]
+fn document_ids_that_decrease_or_misfit_are_errors() {
+    use burn::tensor::{Int, TensorData};
+    use burn_attn::{try_masked_attention, AttentionMasks, DocumentIds};
+    let [q, k, v] = qkv(6);
+    let ids = |values: Vec<i64>, len: usize| {
+        Tensor::<2, Int>::from_data(TensorData::new(values, [2, len]), &cpu())
+    };
+    let run = |docs: DocumentIds| {
+        let masks = AttentionMasks {
+            documents: Some(docs),
+            ..AttentionMasks::default()
+        };
+        let options = AttentionOptions::new();
+        try_masked_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &KeyPattern::default(),
+            &options,
+            &masks,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let decreasing = ids(vec![0, 0, 1, 1, 2, 2, 0, 1, 1, 0, 2, 2], 6);
+    let err = run(DocumentIds::self_attention(decreasing));
+    assert!(
+        err.contains("batch 1, positions 2 and 3 hold 1 then 0"),
+        "{err}"
+    );
+    let short = ids(vec![0; 10], 5);
+    let err = run(DocumentIds {
+        queries: ids(vec![0; 12], 6),
+        keys: short,
+    });
+    assert!(
+        err.contains("key document ids") && err.contains("[2, 5]"),
+        "{err}"
+    );
+}

@@ -68,6 +68,18 @@ fn sparse_training_runs_the_kernels() {
     check_dropout_training::<Gpu>();
 }
 
+/// Document ids (packed sequences) through `masked_attention`: the block-sparse kernels on
+/// WGPU and the tiled tensor ops on the CPU, both against the host truth.
+#[test]
+fn document_masks_match_the_host_truth() {
+    require_gpu();
+    check_document_training::<Gpu>(Some((
+        burn_attn_core::Implementation::FlashUnitSparse,
+        burn_attn_core::Implementation::FlashUnitSparseBackward,
+    )));
+    check_document_training::<Truth>(None);
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

@@ -1403,8 +1403,7 @@ fn masked_truth(
                     None => 1.0,
                     Some((prob, seed)) => {
                         let pair = (bi * h + hi) as u32;
-                        if dropout_hash(seed, pair, i as u32, j as u32) < dropout_threshold(prob)
-                        {
+                        if dropout_hash(seed, pair, i as u32, j as u32) < dropout_threshold(prob) {
                             0.0
                         } else {
                             1.0 / (1.0 - prob)
@@ -1537,7 +1536,11 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     (true, true, false),
                     (false, false, true),
                 ],
-                3 => &[(false, false, false), (true, true, false), (true, true, true)],
+                3 => &[
+                    (false, false, false),
+                    (true, true, false),
+                    (true, true, true),
+                ],
                 _ => &[(false, false, false), (true, true, false)],
             };
             for &(with_pad, with_docs, with_drop) in masks {
@@ -1876,7 +1879,11 @@ pub fn check_dropout_training<B: On>() {
             (Pass::Backward, Implementation::FlashUnitSparseBackward),
         ]
     );
-    assert!(first.iter().chain(&second).chain(&dq).all(|v| v.is_finite()));
+    assert!(first
+        .iter()
+        .chain(&second)
+        .chain(&dq)
+        .all(|v| v.is_finite()));
     assert!(max_err(&first, &plain) > 1e-2, "dropout changed nothing");
     assert!(max_err(&first, &second) > 1e-2, "two calls drew one mask");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -1887,4 +1894,72 @@ pub fn check_dropout_training<B: On>() {
         mean(&first),
         mean(&plain)
     );
+}
+
+/// Training through `masked_attention` with document ids (packed sequences), alone, with
+/// the causal rule and with key padding, on `B`'s device: output and gradients against
+/// the host truth in f64; `served`, where given, names the forward and backward
+/// implementations the dispatch log must show (the block-sparse kernels on GPUs).
+pub fn check_document_training<B: On>(served: Option<(Implementation, Implementation)>) {
+    use burn::tensor::{Bool, Int};
+    use burn_attn_core::{masked_attention, AttentionMasks, DocumentIds};
+    let case = Case::new(77, 77, 32).gqa(4, 2).batch(2);
+    let (n, batch) = (case.seq_q, case.batch);
+    let docs: Vec<i64> = (0..batch * n)
+        .map(|i| ((i % n) / (20 + 9 * (i / n))) as i64)
+        .collect();
+    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 7).collect();
+    let x = inputs(&case, 51);
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(97), shape, 1.0);
+    let device = B::device().autodiff();
+    for (causal, with_pad) in [(false, false), (true, false), (true, true)] {
+        let log = DispatchLog::new();
+        let mut options = AttentionOptions::default().with_log(log.clone());
+        if served.is_some() {
+            options = options.with_kernel(KernelPolicy::Require);
+        }
+        let q = tensor(&x.q, DType::F32, &device).require_grad();
+        let k = tensor(&x.k, DType::F32, &device).require_grad();
+        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(docs.clone(), [batch, n]), &device);
+        let masks = AttentionMasks {
+            key_padding: with_pad.then(|| {
+                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
+            }),
+            documents: Some(DocumentIds::self_attention(ids)),
+            dropout: 0.0,
+        };
+        let pattern = KeyPattern::band(Window::FULL, causal);
+        let out = masked_attention(q.clone(), k.clone(), v.clone(), &pattern, &options, &masks);
+        let grads = (out.clone() * tensor(&w, DType::F32, &device))
+            .sum()
+            .backward();
+        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+        let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
+        let visible = |b: usize, i: usize, j: usize| {
+            (!causal || j <= i)
+                && !(with_pad && pad[b * n + j])
+                && docs[b * n + i] == docs[b * n + j]
+        };
+        let want = masked_truth(&x, &case, &visible, &w, None);
+        let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
+        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(got.iter().zip(want))
+        {
+            let err = max_err(g, t);
+            assert!(
+                err < 1e-4,
+                "causal {causal}, padding {with_pad}: {name} error {err:e}"
+            );
+        }
+        if let Some((forward, backward)) = served {
+            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
+            assert_eq!(
+                entries,
+                [(Pass::Forward, forward), (Pass::Backward, backward)]
+            );
+        }
+    }
 }

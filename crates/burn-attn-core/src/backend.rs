@@ -12,7 +12,7 @@ use burn::backend::{
 use burn::tensor::{Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
-use crate::dispatch::{serve_tiled, Decline, Declines, Implementation, Pass};
+use crate::dispatch::{serve_tiled, Declines, Pass};
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
 use crate::shape::AttentionShape;
@@ -158,7 +158,7 @@ fn extension_serves(kind: &DispatchTensorKind) -> bool {
 
 /// The banded op through Burn's dispatch (the extension where it serves the backend, the
 /// tiled tensor ops otherwise, differentiated by Burn's autodiff there).
-fn banded(
+pub(crate) fn banded(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
@@ -181,7 +181,11 @@ fn banded(
 }
 
 /// q, k and v must share one dtype (a mix would silently promote or fail deep inside).
-fn same_dtype(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Result<(), crate::AttentionError> {
+pub(crate) fn same_dtype(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+) -> Result<(), crate::AttentionError> {
     let (dq, dk, dv) = (q.dtype(), k.dtype(), v.dtype());
     if dq == dk && dq == dv {
         Ok(())
@@ -248,15 +252,9 @@ pub fn try_attention_with_lse(
     Ok(banded(q, k, v, options))
 }
 
-/// Exact attention over any [`KeyPattern`], with optional key padding and dropout: the
-/// kernel of [`AttentionBackend::banded_attention`] when the call is a plain band, the
-/// block-sparse kernels (forward and backward) for strided columns, block layouts, key
-/// padding and dropout in training on CubeCL devices, the tiled tensor-op path otherwise
-/// (every such call on the CPU backends).
-///
-/// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
-/// the device's random generator, not from Burn's dropout: the same probability, another
-/// mask than the tiled path's for the same seed.
+/// Exact attention over any [`KeyPattern`], with optional key padding and dropout:
+/// [`masked_attention`](crate::masked_attention) with these masks (see there for which
+/// implementation runs).
 ///
 /// `key_padding` is `[batch, seq_k]`, `true` where the key is padding. `dropout` applies
 /// to the attention probabilities only while the backend tracks gradients.
@@ -288,70 +286,12 @@ pub fn try_pattern_attention(
     key_padding: Option<Tensor<2, Bool>>,
     dropout: f64,
 ) -> Result<Tensor<4>, crate::AttentionError> {
-    let shape = AttentionShape::of(&q, &k, &v)?;
-    same_dtype(&q, &k, &v)?;
-    options.validate()?;
-    pattern.validate(shape.seq_q, shape.seq_k)?;
-    if !(0.0..1.0).contains(&dropout) {
-        return Err(crate::AttentionError::Invalid(format!(
-            "dropout {dropout} (takes 0 <= dropout < 1)"
-        )));
-    }
-    if let Some(pad) = &key_padding {
-        let dims = pad.dims();
-        if dims != [shape.batch, shape.seq_k] {
-            return Err(crate::AttentionError::Shape {
-                what: "key padding mask",
-                expected: format!("[{}, {}] (batch, seq_k)", shape.batch, shape.seq_k),
-                got: dims.to_vec(),
-            });
-        }
-    }
-    let dropout_active = dropout > 0.0 && q.is_autodiff();
-    let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
-    if plain_band && key_padding.is_none() && !dropout_active {
-        let options = AttentionOptions {
-            causal: pattern.causal || options.causal,
-            window: pattern.window.intersect(options.window),
-            ..options.clone()
-        };
-        return Ok(banded(q, k, v, &options).0);
-    }
-    let mut pattern = pattern.clone();
-    pattern.causal |= options.causal;
-    pattern.window = pattern.window.intersect(options.window);
-    let why = if dropout_active {
-        "dropout"
-    } else if pattern.stride.is_some() {
-        "strided columns"
-    } else if pattern.blocks.is_some() {
-        "block layouts"
-    } else {
-        "key padding"
+    let masks = crate::AttentionMasks {
+        key_padding,
+        documents: None,
+        dropout,
     };
-    let band_kernels =
-        [Implementation::FlashMma, Implementation::FlashUnit].map(|imp| (imp, Decline::Mask(why)));
-    let mut declined = band_kernels.to_vec();
-    #[cfg(feature = "cube")]
-    match sparse::sparse_kernel_attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        &pattern,
-        options,
-        key_padding.clone(),
-        dropout_active.then_some(dropout),
-    ) {
-        Ok(out) => return Ok(out),
-        Err(sparse_declined) => declined.extend(sparse_declined),
-    }
-    let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
-        .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
-    spec.key_padding = key_padding;
-    spec.dropout = dropout;
-    Ok(serve_tiled(Pass::Forward, options, declined, || {
-        tiled_attention(q, k, v, &spec).0
-    }))
+    crate::try_masked_attention(q, k, v, pattern, options, &masks)
 }
 
 /// The CPU backends: the tiled tensor ops, forward and backward.
@@ -397,7 +337,7 @@ mod cube_impl;
 
 #[cfg(feature = "cube")]
 #[path = "backend/sparse.rs"]
-mod sparse;
+pub(crate) mod sparse;
 
 #[cfg(feature = "cube")]
 #[path = "backend/sparse_cube.rs"]

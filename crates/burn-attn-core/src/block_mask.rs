@@ -276,6 +276,16 @@ impl BlockCover {
         }
         check_non_decreasing(&doc_q, "query")?;
         check_non_decreasing(&doc_k, "key")?;
+        Ok(Self::of_sorted_documents(doc_q, doc_k, grid))
+    }
+
+    /// [`BlockCover::of_documents`] of ids already checked against the grid and the order.
+    pub(crate) fn of_sorted_documents(
+        doc_q: Tensor<2, Int>,
+        doc_k: Tensor<2, Int>,
+        grid: BlockGrid,
+    ) -> Self {
+        let [bq, _] = doc_q.dims();
         let (q_min, q_max) = block_extremes(doc_q, grid.block_q);
         let (k_min, k_max) = block_extremes(doc_k, grid.block_k);
         let (qb, kb) = (grid.q_blocks(), grid.k_blocks());
@@ -289,10 +299,10 @@ impl BlockCover {
             .equal(rows(q_max))
             .bool_and(cols(k_min.clone()).equal(cols(k_max)))
             .bool_and(rows(q_min).equal(cols(k_min)));
-        Ok(Self {
+        Self {
             grid,
             codes: codes_of(empty, full).reshape([bq, 1, qb, kb]),
-        })
+        }
     }
 
     /// The cover of the intersection of two rules (a key is visible when both let it
@@ -544,7 +554,7 @@ fn block_extremes(ids: Tensor<2, Int>, block: usize) -> (Tensor<2, Int>, Tensor<
 }
 
 /// An error naming the first position where `ids` decreases along a sequence.
-fn check_non_decreasing(ids: &Tensor<2, Int>, side: &str) -> Result<(), AttentionError> {
+pub(crate) fn check_non_decreasing(ids: &Tensor<2, Int>, side: &str) -> Result<(), AttentionError> {
     let [batch, len] = ids.dims();
     if len < 2 {
         return Ok(());

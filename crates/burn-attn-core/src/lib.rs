@@ -24,6 +24,7 @@ mod block_mask;
 mod dispatch;
 mod error;
 mod linear;
+mod masked;
 mod options;
 mod pattern;
 mod reference;
@@ -43,6 +44,7 @@ pub use error::{ensure, AttentionError};
 pub use linear::{
     causal_linear_attention, check_linear_eps, linear_attention, LinearAttentionState,
 };
+pub use masked::{masked_attention, try_masked_attention, AttentionMasks, DocumentIds};
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;

@@ -37,6 +37,9 @@ pub struct TiledSpec<'a> {
     pub block_k: usize,
     /// `[batch, seq_k]`, `true` where the key is padding and must be hidden.
     pub key_padding: Option<Tensor<2, Bool>>,
+    /// Document ids `[batch, seq_q]` and `[batch, seq_k]`: a query sees only keys of its
+    /// own document.
+    pub documents: Option<(Tensor<2, Int>, Tensor<2, Int>)>,
     /// An additive score bias.
     pub bias: Option<&'a dyn TileBias>,
     /// Dropout probability on the attention probabilities, applied only when the backend
@@ -57,6 +60,7 @@ impl<'a> TiledSpec<'a> {
             block_q,
             block_k,
             key_padding: None,
+            documents: None,
             bias: None,
             dropout: 0.0,
         }
@@ -149,6 +153,14 @@ pub fn tiled_attention(
                 let pad = padding_of(pad.clone().slice([0..batch, cols.clone()]), nc);
                 hidden = Some(hidden.map_or(pad.clone(), |h| h.bool_or(pad)));
             }
+            if let Some((doc_q, doc_k)) = &spec.documents {
+                let other = other_documents(
+                    doc_q.clone().slice([0..batch, rows.clone()]),
+                    doc_k.clone().slice([0..batch, cols.clone()]),
+                    heads,
+                );
+                hidden = Some(hidden.map_or(other.clone(), |h| h.bool_or(other)));
+            }
             state.update(s, hidden, v_blk, dropout);
         }
 
@@ -165,7 +177,14 @@ pub fn tiled_attention(
                 let visible = pattern.columns_mask(rows.clone(), chunk, seq_q, seq_k, &device);
                 let mut hidden = hidden_keys(visible, batch, heads);
                 if let Some(pad) = &spec.key_padding {
-                    hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx), nc));
+                    hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx.clone()), nc));
+                }
+                if let Some((doc_q, doc_k)) = &spec.documents {
+                    hidden = hidden.bool_or(other_documents(
+                        doc_q.clone().slice([0..batch, rows.clone()]),
+                        doc_k.clone().select(1, idx),
+                        heads,
+                    ));
                 }
                 state.update(s, Some(hidden), v_blk, dropout);
             }
@@ -184,6 +203,20 @@ pub fn tiled_attention(
     let out = Tensor::cat(outputs, 2);
     let lse = Tensor::cat(lses, 2).squeeze_dim(3);
     (out, lse)
+}
+
+/// `[batch, heads, rows, cols]`, `true` where query row and key belong to different
+/// documents (`doc_q` `[batch, rows]`, `doc_k` `[batch, cols]`).
+fn other_documents(doc_q: Tensor<2, Int>, doc_k: Tensor<2, Int>, heads: usize) -> Tensor<4, Bool> {
+    let ([batch, nr], [_, nc]) = (doc_q.dims(), doc_k.dims());
+    doc_q
+        .reshape([batch, 1, nr, 1])
+        .expand([batch, heads, nr, nc])
+        .not_equal(
+            doc_k
+                .reshape([batch, 1, 1, nc])
+                .expand([batch, heads, nr, nc]),
+        )
 }
 
 /// `[batch, heads, rows, cols]`, `true` where the `[rows, cols]` mask `visible` hides the

@@ -1,7 +1,7 @@
 //! Block-sparse attention on the kernels: a backend extension of its own (`Cube` and
-//! `Autodiff`), which [`pattern_attention`](crate::pattern_attention) calls when the
+//! `Autodiff`), which [`masked_attention`](crate::masked_attention) calls when the
 //! block-sparse kernels take a call whose mask the band kernels cannot evaluate (strided
-//! columns, block layouts, key padding, dropout in training).
+//! columns, block layouts, key padding, document ids, dropout in training).
 //!
 //! The call's [`BlockMask`] is built here with tensor ops on the device, on the grid of the
 //! kernels' plan; its lists and the rule tensors travel as [`SparseMaskTensors`], the rules'
@@ -19,13 +19,14 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
     Backend, DispatchDevice, ExtensionType,
 };
-use burn::tensor::{Bool, Device, Distribution, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, IntDType, Tensor, TensorData};
 use burn_attn_kernels::launch::device_caps;
 use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward};
 
 use super::cube_impl::precision_of;
 use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
 use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
+use crate::masked::AttentionMasks;
 use crate::options::{AttentionOptions, ForcedPlan};
 use crate::pattern::KeyPattern;
 
@@ -46,6 +47,9 @@ pub(crate) struct SparseMaskTensors<B: Backend> {
     pub layout: IntTensor<B>,
     /// Key padding, `[batch, seq_k]`, nonzero where hidden.
     pub padding: IntTensor<B>,
+    /// Document ids of queries `[batch, seq_q]` and keys `[batch, seq_k]`.
+    pub doc_q: IntTensor<B>,
+    pub doc_k: IntTensor<B>,
     /// The dropout seed, `[1]`.
     pub seed: IntTensor<B>,
 }
@@ -63,8 +67,9 @@ pub(crate) struct SparseCall {
     pub causal: bool,
     pub stride: Option<usize>,
     pub layout: Option<(usize, usize)>,
-    /// Whether the call has key padding.
+    /// Whether the call has key padding, and document ids.
     pub padding: bool,
+    pub documents: bool,
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
@@ -118,7 +123,7 @@ pub(crate) fn sparse_kernel_attention(
     v: Tensor<4>,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-    key_padding: Option<Tensor<2, Bool>>,
+    masks: &AttentionMasks,
     dropout: Option<f64>,
 ) -> Result<Tensor<4>, Declines> {
     let decline = |why: Decline| {
@@ -153,10 +158,15 @@ pub(crate) fn sparse_kernel_attention(
         .expect("lengths and blocks checked by the plan");
     let mut cover =
         BlockCover::of_pattern(pattern, grid, &device).expect("the pattern was validated");
+    let key_padding = masks.key_padding.clone();
     if let Some(pad) = &key_padding {
         cover = cover
             .intersect(BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape"))
             .expect("one grid");
+    }
+    if let Some(docs) = &masks.documents {
+        let docs = BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
+        cover = cover.intersect(docs).expect("one grid");
     }
     let mask = BlockMask::new(cover);
     let has_padding = key_padding.is_some();
@@ -173,6 +183,11 @@ pub(crate) fn sparse_kernel_attention(
     let padding = key_padding.map_or_else(placeholder, |pad| {
         pad.int().cast(IntDType::I32).into_dispatch()
     });
+    let int2 = |t: &Tensor<2, Int>| t.clone().cast(IntDType::I32).into_dispatch();
+    let (doc_q, doc_k) = match &masks.documents {
+        Some(docs) => (int2(&docs.queries), int2(&docs.keys)),
+        None => (placeholder(), placeholder()),
+    };
     let seed = match dropout {
         Some(_) => i32(Tensor::<1, Int>::random(
             [1],
@@ -194,6 +209,8 @@ pub(crate) fn sparse_kernel_attention(
         t_full_index: indices(mask.t_full_index),
         layout,
         padding,
+        doc_q,
+        doc_k,
         seed,
     };
     let call = SparseCall {
@@ -206,6 +223,7 @@ pub(crate) fn sparse_kernel_attention(
         stride: pattern.stride,
         layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
         padding: has_padding,
+        documents: masks.documents.is_some(),
         dropout,
         forced,
         log: options.log.clone(),
@@ -283,6 +301,8 @@ fn inner_mask<E: Backend, C: CheckpointStrategy>(
         t_full_index: m.t_full_index,
         layout: m.layout,
         padding: m.padding,
+        doc_q: m.doc_q,
+        doc_k: m.doc_k,
         seed: m.seed,
     }
 }

@@ -144,7 +144,7 @@ fn lists_and_rules(
         stride: call.stride,
         layout: call.layout.map(|(rows, cols)| (c(mask.layout), rows, cols)),
         padding: call.padding.then(|| c(mask.padding)),
-        documents: None,
+        documents: call.documents.then(|| (c(mask.doc_q), c(mask.doc_k))),
         dropout: call.dropout.map(|p| (p, c(mask.seed))),
     };
     (lists, rules)

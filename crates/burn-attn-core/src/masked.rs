@@ -1,0 +1,180 @@
+//! Attention under every mask a call can carry: a [`KeyPattern`] (band, causal rule,
+//! strided columns, block layout), key padding, document ids (packed sequences) and
+//! dropout, and the one place that routes such a call: the band kernels when the mask is a
+//! plain band, the block-sparse kernels on CubeCL devices otherwise, the tiled tensor ops
+//! where no kernel takes it.
+
+use burn::tensor::{Bool, Int, Tensor};
+
+use crate::backend::{banded, same_dtype};
+use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
+use crate::options::AttentionOptions;
+use crate::pattern::KeyPattern;
+use crate::shape::AttentionShape;
+use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
+use crate::AttentionError;
+
+/// Document ids of packed sequences: query `i` of batch `b` sees key `j` only when
+/// `queries[b, i] == keys[b, j]`. Ids must not decrease along a sequence (each document is
+/// one contiguous run), so a batch of variable-length sequences needs no padding.
+#[derive(Debug, Clone)]
+pub struct DocumentIds {
+    /// `[batch, seq_q]`.
+    pub queries: Tensor<2, Int>,
+    /// `[batch, seq_k]` (the same tensor as `queries` for self-attention).
+    pub keys: Tensor<2, Int>,
+}
+
+impl DocumentIds {
+    /// The ids of self-attention: queries and keys are the same positions.
+    pub fn self_attention(ids: Tensor<2, Int>) -> Self {
+        Self {
+            queries: ids.clone(),
+            keys: ids,
+        }
+    }
+}
+
+/// The masks of a call beside its [`KeyPattern`]. `Default`: none, no dropout.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMasks {
+    /// `[batch, seq_k]`, `true` where the key is padding and hidden from every query.
+    pub key_padding: Option<Tensor<2, Bool>>,
+    /// Document ids (packed sequences).
+    pub documents: Option<DocumentIds>,
+    /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
+    /// the backend tracks gradients (training).
+    pub dropout: f64,
+}
+
+/// Exact attention over `pattern` under `masks`: the band kernels when the call is a
+/// plain band without masks, the block-sparse kernels (forward and backward) for strided
+/// columns, block layouts, key padding, document ids and dropout in training on CubeCL
+/// devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse` elsewhere), the tiled
+/// tensor ops otherwise (every such call on the CPU backends).
+///
+/// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
+/// the device's random generator, not from Burn's dropout: the same probability, another
+/// mask than the tiled path's for the same seed. Document ids are checked (one value read
+/// back per call).
+///
+/// # Panics
+/// With a message naming the values when shapes do not match, ids decrease or options are
+/// invalid ([`try_masked_attention`] returns the error instead).
+pub fn masked_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    masks: &AttentionMasks,
+) -> Tensor<4> {
+    try_masked_attention(q, k, v, pattern, options, masks)
+        .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+}
+
+/// [`masked_attention`] returning bad input as an [`AttentionError`] instead of panicking.
+pub fn try_masked_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    masks: &AttentionMasks,
+) -> Result<Tensor<4>, AttentionError> {
+    let shape = AttentionShape::of(&q, &k, &v)?;
+    same_dtype(&q, &k, &v)?;
+    options.validate()?;
+    pattern.validate(shape.seq_q, shape.seq_k)?;
+    check_masks(masks, &shape)?;
+    let dropout = masks.dropout;
+    let dropout_active = dropout > 0.0 && q.is_autodiff();
+    let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
+    let unmasked = masks.key_padding.is_none() && masks.documents.is_none();
+    if plain_band && unmasked && !dropout_active {
+        let options = AttentionOptions {
+            causal: pattern.causal || options.causal,
+            window: pattern.window.intersect(options.window),
+            ..options.clone()
+        };
+        return Ok(banded(q, k, v, &options).0);
+    }
+    let mut pattern = pattern.clone();
+    pattern.causal |= options.causal;
+    pattern.window = pattern.window.intersect(options.window);
+    let why = if dropout_active {
+        "dropout"
+    } else if pattern.stride.is_some() {
+        "strided columns"
+    } else if pattern.blocks.is_some() {
+        "block layouts"
+    } else if masks.documents.is_some() {
+        "document ids"
+    } else {
+        "key padding"
+    };
+    #[cfg_attr(not(feature = "cube"), allow(unused_mut))]
+    let mut declined: Vec<_> = [Implementation::FlashMma, Implementation::FlashUnit]
+        .map(|imp| (imp, Decline::Mask(why)))
+        .to_vec();
+    #[cfg(feature = "cube")]
+    match crate::backend::sparse::sparse_kernel_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        &pattern,
+        options,
+        masks,
+        dropout_active.then_some(dropout),
+    ) {
+        Ok(out) => return Ok(out),
+        Err(sparse_declined) => declined.extend(sparse_declined),
+    }
+    let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
+        .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
+    spec.key_padding = masks.key_padding.clone();
+    spec.documents = masks
+        .documents
+        .as_ref()
+        .map(|d| (d.queries.clone(), d.keys.clone()));
+    spec.dropout = dropout;
+    Ok(serve_tiled(Pass::Forward, options, declined, || {
+        tiled_attention(q, k, v, &spec).0
+    }))
+}
+
+/// The masks' shapes, dropout's range and the document ids' order, against the call.
+fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), AttentionError> {
+    if !(0.0..1.0).contains(&masks.dropout) {
+        return Err(AttentionError::Invalid(format!(
+            "dropout {} (takes 0 <= dropout < 1)",
+            masks.dropout
+        )));
+    }
+    let expect = |what: &'static str, dims: [usize; 2], len: usize, side: &str| {
+        if dims == [shape.batch, len] {
+            Ok(())
+        } else {
+            Err(AttentionError::Shape {
+                what,
+                expected: format!("[{}, {len}] (batch, {side})", shape.batch),
+                got: dims.to_vec(),
+            })
+        }
+    };
+    if let Some(pad) = &masks.key_padding {
+        expect("key padding mask", pad.dims(), shape.seq_k, "seq_k")?;
+    }
+    if let Some(docs) = &masks.documents {
+        expect(
+            "query document ids",
+            docs.queries.dims(),
+            shape.seq_q,
+            "seq_q",
+        )?;
+        expect("key document ids", docs.keys.dims(), shape.seq_k, "seq_k")?;
+        crate::block_mask::check_non_decreasing(&docs.queries, "query")?;
+        crate::block_mask::check_non_decreasing(&docs.keys, "key")?;
+    }
+    Ok(())
+}
