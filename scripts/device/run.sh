@@ -15,6 +15,9 @@
 #             f16, bf16 and f32: compare two builds' files to check a refactor
 #   bench     `burn-attn-bench kernel` forward and backward, bf16, 10 calls queued
 #   peers     scripts/peers/torch_attention.py on the same shapes (PyTorch, FlexAttention)
+#   masks     `burn-attn-bench masks` (block-sparse masks, forward and backward, bf16) and
+#             FlexAttention under the same masks (scripts/peers/flex_masks.py), with the
+#             ratios; MASKS_ARGS / FLEX_ARGS pass options (`--only block-random`)
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
 #             ours, for each binary folder in DURATION_BINS (default $BIN)
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over every kernel at
@@ -57,6 +60,10 @@ for step in "$@"; do
     peers)
       timeout 500 python3 scripts/peers/torch_attention.py "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log"
       [ -f "$OUT/peers.json" ] && timeout 300 $BENCH --calls 10 --peers "$OUT/peers.json" 2>&1 | grep "ours / peer" ;;
+    masks)
+      timeout 500 python3 scripts/peers/flex_masks.py "$OUT/flex.json" --backward ${FLEX_ARGS:-} 2>&1 | tee "$OUT/flex.log"
+      timeout 500 "$BIN/burn-attn-bench" masks --backend cuda --dtype bf16 --backward \
+        --json "$OUT/masks.json" --peers "$OUT/flex.json" ${MASKS_ARGS:-} 2>&1 | tee "$OUT/masks.log" ;;
     durations)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
       IFS='|' read -ra cases <<< "${DURATION_CASES:-$CASES}"

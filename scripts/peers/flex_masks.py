@@ -10,7 +10,9 @@ builds (crates/burn-attn-bench/src/masks.rs), and given to `create_block_mask`:
   * strided-64-local-128: |i - j| <= 64, or j % 64 == 0;
   * block-random-D (D = 0.05, 0.1, 0.25, 0.5): 128 x 128 blocks, block (r, c) active when
     splitmix64(0x5eed ^ (r * blocks + c)) >> 11 is below D * 2^53 (the Rust side's hash);
-  * key-padding-30: j < n - 3n/10 (the last 30% of every row's keys are padding).
+  * key-padding-30: j < n - 3n/10 (the last 30% of every row's keys are padding);
+  * documents-8: doc[i] == doc[j], 8 documents of hashed lengths summing to n (weights
+    1 + splitmix64(0x5eed + 1 + k) % 1000, document k ending at n * (w_0 + .. + w_k) / total).
 Every case counts its visible (query, key) pairs from the mask function and records them:
 a ratio only compares cases whose counts agree.
 
@@ -54,6 +56,20 @@ def random_layout(torch, n, density, device):
     return torch.tensor(active, device=device).reshape(blocks, blocks)
 
 
+def document_ids(n, documents):
+    weights = [1 + splitmix64(LAYOUT_SEED + 1 + k) % 1000 for k in range(documents)]
+    total, ends, acc = sum(weights), [], 0
+    for w in weights:
+        acc += w
+        ends.append(n * acc // total)
+    ids, doc = [], 0
+    for p in range(n):
+        while doc < documents - 1 and p >= ends[doc]:
+            doc += 1
+        ids.append(doc)
+    return ids
+
+
 def masks(torch, n, device):
     """(name, mask_mod or None for no block mask)."""
     valid = n - 3 * n // 10
@@ -71,6 +87,8 @@ def masks(torch, n, device):
             return layout[i // LAYOUT_BLOCK, j // LAYOUT_BLOCK]
         cases.append((f"block-random-{density}", mask_mod))
     cases.append(("key-padding-30", lambda b, h, i, j: j < valid))
+    docs = torch.tensor(document_ids(n, 8), device=device)
+    cases.append(("documents-8", lambda b, h, i, j: docs[i] == docs[j]))
     return cases
 
 

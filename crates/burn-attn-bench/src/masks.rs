@@ -1,5 +1,6 @@
 //! `masks`: the attention op under the masks block-sparse attention serves (windows,
-//! strided columns, random block layouts, key padding), forward and training step, beside
+//! strided columns, random block layouts, key padding, document ids), forward and training
+//! step, beside
 //! FlexAttention's records of the same masks (`scripts/peers/flex_masks.py`).
 //!
 //! ```sh
@@ -14,9 +15,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use burn_attn::cores::{BlockLayout, DispatchLog, KeyPattern, Pass};
-use burn_attn::{pattern_attention, AttentionOptions, Window};
+use burn_attn::{masked_attention, AttentionMasks, AttentionOptions, DocumentIds, Window};
 use clap::Args;
 
 use crate::cli::{BackendKind, DType};
@@ -74,6 +75,8 @@ struct MaskCase {
     pattern: KeyPattern,
     /// Keys of each batch row from this one on are padding.
     valid_keys: Option<usize>,
+    /// Document id of every position (packed sequences; the same for every batch row).
+    documents: Option<Vec<i64>>,
 }
 
 /// SplitMix64: the random layouts' hash, written the same way in the peer script.
@@ -109,6 +112,7 @@ fn cases(n: usize) -> Vec<MaskCase> {
         name: name.to_string(),
         pattern,
         valid_keys: None,
+        documents: None,
     };
     let mut cases = vec![
         plain("full", KeyPattern::default()),
@@ -147,8 +151,39 @@ fn cases(n: usize) -> Vec<MaskCase> {
         name: "key-padding-30".into(),
         pattern: KeyPattern::default(),
         valid_keys: Some(n - 3 * n / 10),
+        documents: None,
+    });
+    cases.push(MaskCase {
+        name: "documents-8".into(),
+        pattern: KeyPattern::default(),
+        valid_keys: None,
+        documents: Some(document_ids(n, 8)),
     });
     cases
+}
+
+/// The document id of every position of `n`, `documents` runs of hashed lengths summing
+/// to `n`: weights `1 + splitmix64(LAYOUT_SEED + 1 + k) % 1000`, document `k` ending at
+/// `n * (w_0 + .. + w_k) / (w_0 + .. + w_last)` (integer division), as the peer script.
+pub fn document_ids(n: usize, documents: u64) -> Vec<i64> {
+    let weights: Vec<u64> = (0..documents)
+        .map(|k| 1 + splitmix64(LAYOUT_SEED + 1 + k) % 1000)
+        .collect();
+    let total: u64 = weights.iter().sum();
+    let ends: Vec<usize> = weights
+        .iter()
+        .scan(0, |sum, w| {
+            *sum += w;
+            Some((n as u64 * *sum / total) as usize)
+        })
+        .collect();
+    (0..n)
+        .map(|p| {
+            ends.iter()
+                .position(|&end| p < end)
+                .unwrap_or(ends.len() - 1) as i64
+        })
+        .collect()
 }
 
 /// Visible (query, key) pairs of one (batch, head) under the case's mask.
@@ -157,7 +192,10 @@ fn visible_pairs(case: &MaskCase, n: usize) -> f64 {
     let count: usize = (0..n)
         .map(|i| {
             (0..keys)
-                .filter(|&j| case.pattern.visible(i, j, n, n))
+                .filter(|&j| {
+                    case.pattern.visible(i, j, n, n)
+                        && case.documents.as_ref().is_none_or(|d| d[i] == d[j])
+                })
                 .count()
         })
         .sum();
@@ -216,10 +254,22 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
             let flags: Vec<bool> = (0..b * n).map(|at| at % n >= valid).collect();
             Tensor::<2, Bool>::from_data(TensorData::new(flags, [b, n]), &device)
         });
+        let documents = case.documents.as_ref().map(|ids| {
+            let ids: Vec<i64> = (0..b).flat_map(|_| ids.iter().copied()).collect();
+            DocumentIds::self_attention(Tensor::<2, Int>::from_data(
+                TensorData::new(ids, [b, n]),
+                &device,
+            ))
+        });
+        let masks = AttentionMasks {
+            key_padding: padding,
+            documents,
+            dropout: 0.0,
+        };
         let log = DispatchLog::new();
         let options = AttentionOptions::default().with_log(log.clone());
         let call = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
-            pattern_attention(q, k, v, &case.pattern, &options, padding.clone(), 0.0)
+            masked_attention(q, k, v, &case.pattern, &options, &masks)
         };
         let forward = median_ms(&device, args.repeats, args.calls, || {
             let _ = call(q.clone(), k.clone(), v.clone());
@@ -321,8 +371,13 @@ fn matching<'a>(
 mod tests {
     use super::*;
 
-    /// The layouts' hash and the active blocks at each density, as the peer script
-    /// computes them (`scripts/peers/flex_masks.py`, values printed by its functions).
+    /// The first positions of the 8 documents of 16384 positions, as the peer script
+    /// computes them.
+    const DOCUMENT_STARTS: [usize; 8] = [0, 4575, 8192, 11293, 11901, 12603, 14230, 14931];
+
+    /// The layouts' hash, the active blocks at each density and the documents, as the
+    /// peer script computes them (`scripts/peers/flex_masks.py`, values printed by its
+    /// functions).
     #[test]
     fn random_layouts_match_the_peer_script() {
         let hashes: Vec<u64> = (0..3).map(|at| splitmix64(LAYOUT_SEED ^ at)).collect();
@@ -338,5 +393,11 @@ mod tests {
             let layout = random_layout(16384, density);
             assert_eq!(layout.active.iter().filter(|&&a| a).count(), active);
         }
+        // The first position of each document.
+        let ids = document_ids(16384, 8);
+        let starts: Vec<usize> = (0..8)
+            .map(|d| ids.iter().position(|&id| id == d).unwrap())
+            .collect();
+        assert_eq!(starts, DOCUMENT_STARTS);
     }
 }
