@@ -66,6 +66,7 @@ fn sparse_training_runs_the_kernels() {
     require_gpu();
     check_sparse_training::<Gpu>();
     check_dropout_training::<Gpu>();
+    check_empty_masked_calls::<Gpu>();
 }
 
 /// Document ids (packed sequences) through `masked_attention`: the block-sparse kernels on

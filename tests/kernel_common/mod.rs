@@ -1963,3 +1963,33 @@ pub fn check_document_training<B: On>(served: Option<(Implementation, Implementa
         }
     }
 }
+
+/// Calls without keys or queries under a block-sparse mask take the tiled ops (no block
+/// to list) and give their empty or zero rows, as the band op does.
+pub fn check_empty_masked_calls<B: On>() {
+    use burn::tensor::Bool;
+    let device = B::device();
+    let pattern = KeyPattern {
+        stride: Some(4),
+        ..KeyPattern::band(Window::symmetric(4), false)
+    };
+    for (seq_q, seq_k) in [(5, 0), (0, 5)] {
+        let q = Tensor::<4>::ones([1, 2, seq_q, 8], &device);
+        let kv = Tensor::<4>::ones([1, 2, seq_k, 8], &device);
+        let pad = Tensor::<2, Bool>::empty([1, seq_k], &device);
+        let log = DispatchLog::new();
+        let options = AttentionOptions::default().with_log(log.clone());
+        let out = burn_attn_core::pattern_attention(
+            q,
+            kv.clone(),
+            kv,
+            &pattern,
+            &options,
+            (seq_k > 0).then_some(pad),
+            0.0,
+        );
+        assert_eq!(out.dims(), [1, 2, seq_q, 8]);
+        assert!(to_f64(out).iter().all(|&x| x == 0.0));
+        assert_eq!(log.entries()[0].served, Implementation::Tiled);
+    }
+}

@@ -21,7 +21,9 @@ use burn::backend::{
 };
 use burn::tensor::{Device, Distribution, Int, IntDType, Tensor, TensorData};
 use burn_attn_kernels::launch::device_caps;
-use burn_attn_kernels::plan::{plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward};
+use burn_attn_kernels::plan::{
+    plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward, Unsupported,
+};
 
 use super::cube_impl::precision_of;
 use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
@@ -154,8 +156,10 @@ pub(crate) fn sparse_kernel_attention(
         .map_err(|why| decline(Decline::Kernel(why)))?;
     let device = q.device();
     let (seq_q, seq_k) = (q_dims[2], k_dims[2]);
+    // An empty call has no blocks to list (the tiled ops give its empty or zero rows), and
+    // the lists index positions with 32-bit integers.
     let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
-        .expect("lengths and blocks checked by the plan");
+        .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
     let mut cover =
         BlockCover::of_pattern(pattern, grid, &device).expect("the pattern was validated");
     let key_padding = masks.key_padding.clone();
