@@ -2,9 +2,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
+    ensure, masked_attention, pattern_attention, AttentionError, AttentionMasks, AttentionOptions,
+    DocumentIds, KeyPattern, Window,
 };
 
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
@@ -133,6 +134,25 @@ impl FlashAttention {
         self.projection.merge(out)
     }
 
+    /// Self-attention over packed sequences: each row of `x` (`[batch, seq, d_model]`)
+    /// holds several documents one after another, `documents` (`[batch, seq]`) their ids,
+    /// not decreasing along a row. A token attends only within its document (with the
+    /// module's causal rule and window), so sequences of different lengths share a batch
+    /// without padding: the same result as each document run alone.
+    ///
+    /// # Panics
+    /// When `documents` does not match `x` or its ids decrease (naming the position).
+    pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
+        packed_attention(
+            &self.projection,
+            x,
+            documents,
+            &KeyPattern::default(),
+            &self.options(),
+            self.dropout,
+        )
+    }
+
     /// The options of the attention core: scale, causal flag, window and tile.
     pub fn options(&self) -> AttentionOptions {
         AttentionOptions {
@@ -148,6 +168,25 @@ impl FlashAttention {
     pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
     }
+}
+
+/// Self-attention of packed sequences through `projection`: [`masked_attention`] with the
+/// document ids of `documents` (`[batch, seq]`) and `dropout`.
+pub(crate) fn packed_attention(
+    projection: &MultiHeadProjection,
+    x: Tensor<3>,
+    documents: Tensor<2, Int>,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    dropout: f64,
+) -> Tensor<3> {
+    let h = projection.split(x.clone(), x.clone(), x);
+    let masks = AttentionMasks {
+        key_padding: None,
+        documents: Some(DocumentIds::self_attention(documents)),
+        dropout,
+    };
+    projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, &masks))
 }
 
 /// The projection config shared by every variant's config.
@@ -190,6 +229,24 @@ mod tests {
         for seq in [1, 17, 97] {
             exact_check(FlashAttentionConfig::new(32, 4), 2, seq);
             exact_check(FlashAttentionConfig::new(32, 4).with_causal(true), 2, seq);
+        }
+    }
+
+    #[test]
+    fn packed_documents_equal_each_document_alone() {
+        for config in [
+            FlashAttentionConfig::new(16, 4),
+            FlashAttentionConfig::new(16, 4).with_causal(true),
+            FlashAttentionConfig::new(16, 4)
+                .with_window_left(Some(3))
+                .with_window_right(Some(1)),
+        ] {
+            let module = config.init(&cpu());
+            check_packed(
+                config.d_model,
+                |x, docs| module.forward_packed(x, docs),
+                |x| module.forward(x),
+            );
         }
     }
 

@@ -2,12 +2,12 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
     ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
 };
 
-use crate::flash::{projection_config, validate_dropout};
+use crate::flash::{packed_attention, projection_config, validate_dropout};
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// Configuration of [`SlidingWindowAttention`].
@@ -114,6 +114,24 @@ impl SlidingWindowAttention {
         self.projection.merge(out)
     }
 
+    /// Self-attention over packed sequences: `documents` (`[batch, seq]`, not decreasing
+    /// along a row) gives each token's document; a token attends within its document and
+    /// window only, the same result as each document run alone (see
+    /// [`FlashAttention::forward_packed`](crate::FlashAttention::forward_packed)).
+    ///
+    /// # Panics
+    /// When `documents` does not match `x` or its ids decrease (naming the position).
+    pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
+        packed_attention(
+            &self.projection,
+            x,
+            documents,
+            &KeyPattern::band(self.band(), self.causal),
+            &AttentionOptions::new(),
+            self.dropout,
+        )
+    }
+
     /// The shared projections (for exact baselines with the same weights).
     pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
@@ -125,6 +143,21 @@ mod tests {
     use super::*;
     use crate::test_util::*;
     use burn_attn_core::reference_attention;
+
+    #[test]
+    fn packed_documents_equal_each_document_alone() {
+        for causal in [false, true] {
+            let config = SlidingWindowAttentionConfig::new(16, 4)
+                .with_window(4)
+                .with_causal(causal);
+            let module = config.init(&cpu());
+            check_packed(
+                16,
+                |x, docs| module.forward_packed(x, docs),
+                |x| module.forward(x),
+            );
+        }
+    }
 
     #[test]
     fn equals_exact_with_band_mask() {

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::store::ModuleRecord;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 /// The CPU device of the tests (ndarray, f32: this crate's default CPU backend, which
 /// Burn 0.22 deprecates).
@@ -84,4 +84,38 @@ pub fn record_round_trip<M: Module>(module: M, fresh: M) -> M {
     let bytes = module.into_record().into_bytes().unwrap();
     let record = ModuleRecord::from_bytes(bytes).unwrap();
     fresh.load_record(record)
+}
+
+/// Packed self-attention (`packed(x, documents)`) against each document run alone
+/// (`alone(x)`): two rows of 13 tokens, documents of 5, 1 and 7 tokens in the first and
+/// one of 13 in the second, `d_model` wide.
+pub fn check_packed(
+    d_model: usize,
+    packed: impl Fn(Tensor<3>, Tensor<2, Int>) -> Tensor<3>,
+    alone: impl Fn(Tensor<3>) -> Tensor<3>,
+) {
+    let device = cpu();
+    let seq = 13;
+    let x = randn([2, seq, d_model], &device);
+    let rows: [&[usize]; 2] = [&[5, 1, 7], &[13]];
+    let ids: Vec<i64> = rows
+        .iter()
+        .flat_map(|lengths| {
+            lengths
+                .iter()
+                .enumerate()
+                .flat_map(|(doc, &len)| std::iter::repeat_n(doc as i64, len))
+        })
+        .collect();
+    let docs = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, seq]), &device);
+    let got = packed(x.clone(), docs);
+    for (row, lengths) in rows.iter().enumerate() {
+        let mut start = 0;
+        for &len in *lengths {
+            let span = start..start + len;
+            let part = |t: Tensor<3>| t.slice([row..row + 1, span.clone(), 0..d_model]);
+            assert_close(part(got.clone()), alone(part(x.clone())), 2e-5);
+            start += len;
+        }
+    }
 }
