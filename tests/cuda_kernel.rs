@@ -145,6 +145,7 @@ mod on_cuda {
     fn cuda_sparse_training_runs_the_kernels() {
         check_sparse_training::<Gpu>();
         check_dropout_training::<Gpu>();
+        check_block_mask_cache::<Gpu>();
         check_document_training::<Gpu>(Some((
             burn_attn_core::Implementation::FlashUnitSparse,
             burn_attn_core::Implementation::FlashUnitSparseBackward,

@@ -67,6 +67,7 @@ fn sparse_training_runs_the_kernels() {
     check_sparse_training::<Gpu>();
     check_dropout_training::<Gpu>();
     check_empty_masked_calls::<Gpu>();
+    check_block_mask_cache::<Gpu>();
 }
 
 /// Document ids (packed sequences) through `masked_attention`: the block-sparse kernels on

@@ -1993,3 +1993,49 @@ pub fn check_empty_masked_calls<B: On>() {
         assert_eq!(log.entries()[0].served, Implementation::Tiled);
     }
 }
+
+/// A block-mask cache in the options serves repeated calls of one pattern and length with
+/// the plan of the first (the same bits as building it anew, also under key padding on
+/// top of the cached pattern) and is replaced when the length changes.
+pub fn check_block_mask_cache<B: On>() {
+    use burn::tensor::Bool;
+    use burn_attn_core::BlockMaskCache;
+    let device = B::device();
+    let cache = BlockMaskCache::new();
+    let cached = AttentionOptions::default().with_block_mask_cache(cache.clone());
+    let fresh = AttentionOptions::default();
+    let run = |n: usize, padded: bool, options: &AttentionOptions| {
+        let case = Case::new(n, n, 32).gqa(4, 2);
+        let x = inputs(&case, 61);
+        let pattern = KeyPattern {
+            blocks: Some(BlockLayout::random(n, n, 16, 0.4, 9).unwrap()),
+            ..KeyPattern::default()
+        };
+        let pad = padded.then(|| {
+            let flags: Vec<bool> = (0..n).map(|j| j % 5 == 0).collect();
+            Tensor::<2, Bool>::from_data(TensorData::new(flags, [1, n]), &device)
+        });
+        to_f64(burn_attn_core::pattern_attention(
+            tensor(&x.q, DType::F32, &device),
+            tensor(&x.k, DType::F32, &device),
+            tensor(&x.v, DType::F32, &device),
+            &pattern,
+            options,
+            pad,
+            0.0,
+        ))
+    };
+    assert!(cache.held_grid().is_none());
+    let first = run(77, false, &cached);
+    let grid = cache.held_grid().expect("the first call fills the cache");
+    assert_eq!((grid.seq_q, grid.seq_k), (77, 77));
+    assert_eq!(run(77, false, &cached), first);
+    assert_eq!(run(77, false, &fresh), first);
+    assert_eq!(run(77, true, &cached), run(77, true, &fresh));
+    let shorter = run(50, false, &cached);
+    let grid = cache.held_grid().expect("held");
+    assert_eq!((grid.seq_q, grid.seq_k), (50, 50));
+    assert_eq!(shorter, run(50, false, &fresh));
+    cache.clear();
+    assert!(cache.held_grid().is_none());
+}

@@ -21,6 +21,7 @@
 mod backend;
 mod backward;
 mod block_mask;
+mod block_mask_cache;
 mod dispatch;
 mod error;
 mod linear;
@@ -37,6 +38,7 @@ pub use backend::{
 };
 pub use backward::tiled_band_backward;
 pub use block_mask::{BlockCover, BlockGrid, BlockMask};
+pub use block_mask_cache::BlockMaskCache;
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };

@@ -119,6 +119,10 @@ pub struct AttentionOptions {
     /// run makes that kernel decline (the log says why). `None` lets the plans choose.
     #[serde(skip)]
     pub forced_plan: Option<ForcedPlan>,
+    /// Keeps the block-sparse plan of the calls made with these options across calls
+    /// (modules with a fixed pattern hold one); `None` builds it on every call.
+    #[serde(skip)]
+    pub block_masks: Option<crate::BlockMaskCache>,
 }
 
 impl AttentionOptions {
@@ -160,6 +164,13 @@ impl AttentionOptions {
     /// Records each pass's dispatch in `log` (clones of a log share its record).
     pub fn with_log(mut self, log: DispatchLog) -> Self {
         self.log = Some(log);
+        self
+    }
+
+    /// Keeps the block-sparse plan across the calls made with these options (see
+    /// [`BlockMaskCache`](crate::BlockMaskCache)).
+    pub fn with_block_mask_cache(mut self, cache: crate::BlockMaskCache) -> Self {
+        self.block_masks = Some(cache);
         self
     }
 

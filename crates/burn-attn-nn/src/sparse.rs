@@ -4,7 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionOptions, BlockLayout, KeyPattern, Window,
+    ensure, pattern_attention, AttentionError, AttentionOptions, BlockLayout, BlockMaskCache,
+    KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
@@ -151,6 +152,7 @@ impl SparseAttentionConfig {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
                 .init(device),
             pattern: self.pattern,
+            block_masks: BlockMaskCache::new(),
             causal: self.causal,
             dropout: self.dropout,
         }
@@ -166,6 +168,10 @@ pub struct SparseAttention {
     /// The pattern.
     #[module(skip)]
     pub pattern: SparsePattern,
+    /// The block-sparse plan of the last call's lengths, reused by the next calls of the
+    /// same lengths on the GPU kernels (clones of the module share it).
+    #[module(skip)]
+    pub block_masks: BlockMaskCache,
     /// Causal flag.
     pub causal: bool,
     /// Dropout on probabilities while training.
@@ -195,7 +201,7 @@ impl SparseAttention {
             h.k,
             h.v,
             &pattern,
-            &AttentionOptions::new(),
+            &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             key_padding,
             self.dropout,
         );

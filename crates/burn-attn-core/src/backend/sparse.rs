@@ -19,7 +19,7 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
     Backend, DispatchDevice, ExtensionType,
 };
-use burn::tensor::{Device, Distribution, Int, IntDType, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, IntDType, Tensor};
 use burn_attn_kernels::launch::device_caps;
 use burn_attn_kernels::plan::{
     plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward, Unsupported,
@@ -27,6 +27,7 @@ use burn_attn_kernels::plan::{
 
 use super::cube_impl::precision_of;
 use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
+use crate::block_mask_cache::PatternPlan;
 use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
 use crate::masked::AttentionMasks;
 use crate::options::{AttentionOptions, ForcedPlan};
@@ -160,30 +161,33 @@ pub(crate) fn sparse_kernel_attention(
     // the lists index positions with 32-bit integers.
     let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
         .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
-    let mut cover =
-        BlockCover::of_pattern(pattern, grid, &device).expect("the pattern was validated");
+    // The pattern's plan (kept across calls where the options hold a cache), then the
+    // call's own masks on top.
+    let pattern_plan = match &options.block_masks {
+        Some(cache) => cache.plan(pattern, grid, &device),
+        None => PatternPlan::build(pattern, grid, &device),
+    }
+    .expect("the pattern was validated");
     let key_padding = masks.key_padding.clone();
-    if let Some(pad) = &key_padding {
-        cover = cover
-            .intersect(BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape"))
-            .expect("one grid");
-    }
-    if let Some(docs) = &masks.documents {
-        let docs = BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
-        cover = cover.intersect(docs).expect("one grid");
-    }
-    let mask = BlockMask::new(cover);
+    let mask = if key_padding.is_none() && masks.documents.is_none() {
+        pattern_plan.mask
+    } else {
+        let mut cover = pattern_plan.cover;
+        if let Some(pad) = &key_padding {
+            let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
+            cover = cover.intersect(pad).expect("one grid");
+        }
+        if let Some(docs) = &masks.documents {
+            let docs =
+                BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
+            cover = cover.intersect(docs).expect("one grid");
+        }
+        BlockMask::new(cover)
+    };
     let has_padding = key_padding.is_some();
     let i32 = |t: Tensor<1, Int>| t.cast(IntDType::I32).into_dispatch();
     let placeholder = || i32(Tensor::<1, Int>::zeros([1], &device));
-    let layout = pattern.blocks.as_ref().map_or_else(placeholder, |l| {
-        let active: Vec<i32> = l.active.iter().map(|&a| i32::from(a)).collect();
-        let n = active.len();
-        i32(Tensor::<1, Int>::from_data(
-            TensorData::new(active, [n]),
-            &device,
-        ))
-    });
+    let layout = pattern_plan.layout.map_or_else(placeholder, i32);
     let padding = key_padding.map_or_else(placeholder, |pad| {
         pad.int().cast(IntDType::I32).into_dispatch()
     });
