@@ -268,7 +268,11 @@ impl Variant {
     fn core(&self, n: usize) -> Option<(KeyPattern, AttentionOptions)> {
         match self {
             Variant::Flash(m) => Some((KeyPattern::default(), m.options())),
-            Variant::Sparse(m) => Some((m.key_pattern(n, n), AttentionOptions::new())),
+            // With the module's block-sparse plan cache, as its forward runs.
+            Variant::Sparse(m) => Some((
+                m.key_pattern(n, n),
+                AttentionOptions::new().with_block_mask_cache(m.block_masks.clone()),
+            )),
             Variant::Sliding(m) => Some((
                 KeyPattern::band(m.band(), m.causal),
                 AttentionOptions::new(),
