@@ -12,9 +12,10 @@
 //!   launches a plan.
 //!
 //! The kernels: `flash_mma` (matrix units, CUDA sm_80+: f16/bf16, or f32 inputs on tf32
-//! products, opt-in), `flash_unit` (portable, every CubeCL
-//! runtime), and the backward pairs `flash_mma_backward` and `flash_unit_backward` (dQ;
-//! dK/dV; no atomics).
+//! products, opt-in), `flash_unit` (portable, every CubeCL runtime), and the backward pairs
+//! `flash_mma_backward` and `flash_unit_backward` (dQ; dK/dV; no atomics); over
+//! block-sparse plans, `flash_mma_sparse` and `flash_unit_sparse` forward and the
+//! `flash_unit_sparse_backward` pair.
 #![warn(missing_docs)]
 
 pub mod plan;

@@ -10,10 +10,11 @@
 //!   key-tile step;
 //! - `softmax`: the online-softmax step on accumulator registers (`exp`: its exponential,
 //!   PTX's approximation on CUDA); `epilogue`: rows out;
-//! - `register_tile`: the portable kernels' per-unit register tiles; `unit_forward`: the
-//!   portable forwards' key-tile step and epilogue;
-//! - `key_blocks`: the key blocks a query block visits under a block-sparse plan, and
-//!   `element_rules`: which keys of a partially visible block each query sees.
+//! - `register_tile`: the portable kernels' per-unit register tiles; `unit_forward` and
+//!   `unit_backward`: the portable forwards' and backwards' tile steps and epilogues;
+//! - `key_blocks`: the blocks a block visits under a block-sparse plan (key blocks of a
+//!   query block, or the transposed lists), and `element_rules`: which keys of a partially
+//!   visible block each query sees, and which probabilities dropout drops.
 //!
 //! No plans; the only launches are the probe kernels that test the softmax step and the
 //! schedule on their own.

@@ -1,5 +1,6 @@
-//! Launches the block-sparse portable forward and backward: the plans' tiles, the lists and
-//! rules a caller built for them (burn-attn-core's `BlockMask`), checked against the call.
+//! Launches the block-sparse kernels, forward (matrix units where the plan takes the call,
+//! portable otherwise) and backward (portable): the plans' tiles, the lists and rules a
+//! caller built for them (burn-attn-core's `BlockMask`), checked against the call.
 
 use burn_backend::cubecl::dtype_to_elem_type;
 use burn_backend::{DType, Shape};
@@ -298,12 +299,13 @@ fn query_key(t: &UnitTiles, keys_major: bool) -> (usize, usize) {
     }
 }
 
-/// The block-sparse portable forward of one call: `q`, `k`, `v` as `flash_forward_with`,
-/// `lists` on blocks of [`sparse_blocks`] (or multiples), `rules` for its partial blocks.
+/// The block-sparse forward of one call (`flash_mma_sparse` where the matrix-unit plan
+/// takes it, `flash_unit_sparse` otherwise): `q`, `k`, `v` as `flash_forward_with`, `lists`
+/// on blocks of [`sparse_blocks`] (or multiples), `rules` for its partial blocks.
 ///
 /// # Errors
-/// When the portable plan declines the call, or the lists or rule tensors do not fit it
-/// (grid, shapes, i32 dtype), naming the values.
+/// When the plans decline the call, or the lists or rule tensors do not fit it (grid,
+/// shapes, i32 dtype), naming the values.
 pub fn flash_forward_sparse(
     q: CubeTensor,
     k: CubeTensor,
