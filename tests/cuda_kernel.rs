@@ -130,6 +130,7 @@ mod on_cuda {
     #[test]
     fn cuda_sparse_kernel_f32_matches_the_host_truth() {
         check_sparse_kernels::<Gpu>(DType::F32);
+        check_invalid_list_indices::<Gpu>();
     }
 
     /// The block-sparse matrix-unit forward (and the portable backward) in bf16 and f16.

@@ -57,6 +57,7 @@ fn block_mask_builds_on_the_device() {
 fn sparse_kernel_f32_matches_the_host_truth() {
     require_gpu();
     check_sparse_kernels::<Gpu>(DType::F32);
+    check_invalid_list_indices::<Gpu>();
 }
 
 /// Training through `pattern_attention` with strided columns, block layouts, key padding

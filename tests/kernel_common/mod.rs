@@ -2039,3 +2039,84 @@ pub fn check_block_mask_cache<B: On>() {
     cache.clear();
     assert!(cache.held_grid().is_none());
 }
+
+/// Lists with indices outside the key blocks (not built by `BlockMask`: negative, or far
+/// past the keys) give the result of the lists without them: such entries name tiles the
+/// kernels skip, never a wrapped tile start.
+pub fn check_invalid_list_indices<B: On>() {
+    use burn::tensor::Int;
+    use burn_attn_core::kernels::launch::SparseRules;
+    use burn_attn_core::kernels::launch::{flash_forward_sparse, sparse_blocks, BlockLists};
+    use burn_attn_core::{BlockCover, BlockGrid, BlockMask};
+    let device = B::device();
+    let case = Case::new(150, 150, 32);
+    let x = inputs(&case, 71);
+    let (q, k, v) = (
+        tensor(&x.q, DType::F32, &device),
+        tensor(&x.k, DType::F32, &device),
+        tensor(&x.v, DType::F32, &device),
+    );
+    let forced = ForcedPlan::default();
+    let prim = |t: &Tensor<4>| cube_primitive(t.clone());
+    let (block_q, block_k) = sparse_blocks(&prim(&q), &prim(&k), &prim(&v), &forced).unwrap();
+    let grid = BlockGrid::new(block_q, block_k, 150, 150).unwrap();
+    let pattern = KeyPattern::band(Window::symmetric(8), false);
+    let mask = BlockMask::new(BlockCover::of_pattern(&pattern, grid, &device).unwrap());
+    let ints = |t: TensorData| t.convert::<i64>().try_to_vec::<i64>().unwrap();
+    let [_, _, qb, kb] = mask.full_index.dims();
+    let rules = SparseRules {
+        left: Some(4),
+        right: Some(4),
+        ..SparseRules::default()
+    };
+    let run = |full_count: Vec<i64>, full_index: Vec<i64>| {
+        let lists = BlockLists {
+            block_q,
+            block_k,
+            partial_count: cube_int_primitive(mask.partial_count.clone()),
+            partial_index: cube_int_primitive(mask.partial_index.clone()),
+            full_count: cube_int_primitive(Tensor::<3, Int>::from_data(
+                TensorData::new(full_count, [1, 1, qb]),
+                &device,
+            )),
+            full_index: cube_int_primitive(Tensor::<4, Int>::from_data(
+                TensorData::new(full_index, [1, 1, qb, kb]),
+                &device,
+            )),
+            t_partial_count: cube_int_primitive(mask.t_partial_count.clone()),
+            t_partial_index: cube_int_primitive(mask.t_partial_index.clone()),
+            t_full_count: cube_int_primitive(mask.t_full_count.clone()),
+            t_full_index: cube_int_primitive(mask.t_full_index.clone()),
+        };
+        let (out, _) = flash_forward_sparse(
+            prim(&q),
+            prim(&k),
+            prim(&v),
+            1.0 / (case.dim as f32).sqrt(),
+            &lists,
+            &rules,
+            &forced,
+        )
+        .unwrap();
+        cube_to_f64(out)
+    };
+    let (counts, indices) = (
+        ints(mask.full_count.clone().into_data()),
+        ints(mask.full_index.clone().into_data()),
+    );
+    let partial = ints(mask.partial_count.clone().into_data());
+    let want = run(counts.clone(), indices.clone());
+    // Each query block's full list gains one bad entry where it has room.
+    let (mut bad_counts, mut bad_indices) = (counts.clone(), indices);
+    let mut added = 0;
+    for row in 0..qb {
+        let used = (partial[row] + counts[row]) as usize;
+        if used < kb {
+            bad_indices[row * kb + counts[row] as usize] = if row % 2 == 0 { -1 } else { 1 << 30 };
+            bad_counts[row] += 1;
+            added += 1;
+        }
+    }
+    assert!(added > 0, "no query block has room for an extra entry");
+    assert_eq!(run(bad_counts, bad_indices), want);
+}

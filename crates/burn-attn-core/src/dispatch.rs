@@ -31,7 +31,7 @@ pub enum Implementation {
     /// The portable backward kernels (dQ; dK/dV).
     FlashUnitBackward,
     /// The block-sparse matrix-unit forward (f16/bf16, CUDA sm_80+; strided columns, block
-    /// layouts, key padding).
+    /// layouts, key padding, document ids, dropout).
     FlashMmaSparse,
     /// The block-sparse portable forward (every CubeCL runtime and dtype).
     FlashUnitSparse,

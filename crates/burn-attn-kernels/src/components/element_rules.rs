@@ -30,7 +30,8 @@ pub struct ElementRules {
     pub layout_cols: u32,
     pub layout_k_blocks: u32,
     /// Dropout: hashes below this are dropped; kept probabilities are scaled by
-    /// `keep_scale` (`1 / (1 - p)`); `heads` numbers the (batch, head) pairs.
+    /// `keep_scale` (`1 / (1 - p)`); `heads` is the query heads, so a (batch, head) pair is
+    /// `b * heads + h` in the hash.
     pub drop_threshold: u32,
     pub keep_scale: f32,
     pub heads: u32,

@@ -17,6 +17,8 @@ pub(crate) struct KeyBlockList {
     pub partial: u32,
     /// Every listed block.
     pub len: u32,
+    /// Blocks of the other side (key blocks, or query blocks of transposed lists).
+    blocks: u32,
 }
 
 /// Where `(batch, head, block)` starts in `t` (`[batch or 1, heads or 1, blocks, ..]`): a
@@ -42,8 +44,8 @@ impl KeyBlockList {
         block: usize,
     ) -> KeyBlockList {
         // A list holds at most one entry per key block: counts past that (lists not built
-        // by `BlockMask`) are cut, so the walk stays bounded; an index past the keys names
-        // tiles the kernel skips.
+        // by `BlockMask`) are cut, so the walk stays bounded; `block` maps an index outside
+        // the blocks to tiles the kernel skips.
         let blocks = partial_index.shape(3) as u32;
         let partial = min(
             partial_count[list_at(partial_count, batch, head, block)] as u32,
@@ -60,15 +62,23 @@ impl KeyBlockList {
             full_step: full_index.stride(3),
             partial,
             len: partial + full,
+            blocks,
         }
     }
 
-    /// The key block of entry `e < len`: the partial list first, then the full one.
+    /// The key block of entry `e < len`: the partial list first, then the full one. An
+    /// index outside `0..blocks` (lists not built by `BlockMask`) becomes `blocks`, whose
+    /// tiles lie past the keys and are skipped, so no tile start wraps around.
     pub fn block(&self, e: u32, partial_index: &Tensor<i32>, full_index: &Tensor<i32>) -> u32 {
-        if e < self.partial {
-            partial_index[self.partial_at + e as usize * self.partial_step] as u32
+        let index = if e < self.partial {
+            partial_index[self.partial_at + e as usize * self.partial_step]
         } else {
-            full_index[self.full_at + (e - self.partial) as usize * self.full_step] as u32
-        }
+            full_index[self.full_at + (e - self.partial) as usize * self.full_step]
+        };
+        select(
+            index < 0 || index as u32 > self.blocks,
+            self.blocks,
+            index as u32,
+        )
     }
 }

@@ -6,7 +6,7 @@
 
 use cubecl::prelude::*;
 
-use super::fragments::{acc_get, acc_set, MmaVecAcc};
+use super::fragments::{acc_set, MmaVecAcc};
 use super::pipeline::{acquire_pair, BufferBarriers};
 use super::products::{ForwardProducts, LaneOffsets, ProductTile};
 use super::softmax::{flag_bit, online_softmax_tile, TileBand};
@@ -17,8 +17,10 @@ use super::staging::{HeadRows, StageTile};
 /// and where `visit` (the plane has rows that see the tile) runs the products and the
 /// softmax step on this plane's registers (`hide`, `masked`, `use_hide`: the element
 /// mask of [`online_softmax_tile`]; with `use_drop` too, a `masked` tile's probabilities
-/// whose dropped bit is set leave `P V`, the others are scaled by `keep_scale`). Ends with
-/// a cube barrier: every plane is done with the buffer before it is staged again.
+/// whose dropped bit is set leave `P V`; the caller scales the kept ones' sum, the output
+/// accumulators, by `1 / (1 - p)` at the end, so `P` stays within the softmax step's range
+/// in f16). Ends with a cube barrier: every plane is done with the buffer before it is
+/// staged again.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
@@ -38,7 +40,6 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     hide: &Array<u32>,
     band: TileBand,
     scale: f32,
-    keep_scale: f32,
     t0: i32,
     next: i32,
     has_next: bool,
@@ -108,8 +109,9 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
                     for e in 0..4usize {
                         let at = flag_bit(t, e) + 1;
                         let dropped = (hide[at / 32] >> (at % 32) as u32) & 1 != 0;
-                        let p = acc_get(&*s_acc, t, e, c_vs);
-                        acc_set(s_acc, t, e, c_vs, p * select(dropped, 0.0f32, keep_scale));
+                        if dropped {
+                            acc_set(s_acc, t, e, c_vs, 0.0f32);
+                        }
                     }
                 }
             }

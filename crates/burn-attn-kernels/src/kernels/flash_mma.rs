@@ -212,7 +212,6 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             &no_hide,
             band,
             scale,
-            1.0f32,
             t0,
             next,
             next < bounds.end,

@@ -13,7 +13,7 @@ use crate::components::band::BandBounds;
 use crate::components::element_rules::{ElementRules, RuleSet};
 use crate::components::epilogue::write_output_rows;
 use crate::components::exp::MMA_PTX;
-use crate::components::fragments::MmaVecAcc;
+use crate::components::fragments::{acc_get, acc_set, MmaVecAcc};
 use crate::components::key_blocks::KeyBlockList;
 use crate::components::mma_forward::mma_key_tile;
 use crate::components::pipeline::{stage_pair, BufferBarriers};
@@ -295,7 +295,6 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             &hide,
             band,
             scale,
-            element_rules.keep_scale,
             t0,
             next,
             has_next,
@@ -314,6 +313,19 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
         );
         if comptime!(async_copy) {
             stage = 1 - stage;
+        }
+    }
+
+    // Dropout: the kept probabilities' share, 1 / (1 - p), on the output accumulators
+    // (f32) rather than on P (which the products round to the input dtype).
+    if comptime!(rules.dropout) {
+        #[unroll]
+        for t in 0..comptime!(m_tiles * tile.v_tiles) {
+            #[unroll]
+            for e in 0..4usize {
+                let o = acc_get(&o_acc, t, e, c_vs);
+                acc_set(&mut o_acc, t, e, c_vs, o * element_rules.keep_scale);
+            }
         }
     }
 

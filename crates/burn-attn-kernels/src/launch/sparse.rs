@@ -4,6 +4,7 @@
 
 use burn_backend::cubecl::dtype_to_elem_type;
 use burn_backend::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
@@ -199,7 +200,11 @@ impl RuleArgs {
             dropout,
             heads: sizes.heads as u32,
             seed: or_placeholder(rules.dropout.as_ref().map(|d| &d.1)),
-            layout: or_placeholder(rules.layout.as_ref().map(|l| &l.0)),
+            // The kernels index the flags flat.
+            layout: rules
+                .layout
+                .as_ref()
+                .map_or_else(|| placeholder.clone(), |l| into_contiguous(l.0.clone())),
             padding: or_placeholder(rules.padding.as_ref()),
             doc_q: or_placeholder(documents.map(|d| &d.0)),
             doc_k: or_placeholder(documents.map(|d| &d.1)),
@@ -243,8 +248,8 @@ fn check_lists(
         })
     {
         return Err(Unsupported::Shapes(format!(
-            "block lists on {} x {} blocks; the portable plans take tiles (query rows x keys) \
-             {tiles:?}, which must divide them",
+            "block lists on {} x {} blocks; the plans take tiles (query rows x keys) {tiles:?}, \
+             which must divide them",
             lists.block_q, lists.block_k
         )));
     }
