@@ -2004,7 +2004,7 @@ pub fn check_block_mask_cache<B: On>() {
     let cache = BlockMaskCache::new();
     let cached = AttentionOptions::default().with_block_mask_cache(cache.clone());
     let fresh = AttentionOptions::default();
-    let run = |n: usize, padded: bool, options: &AttentionOptions| {
+    let run_on = |device: &Device, n: usize, padded: bool, options: &AttentionOptions| {
         let case = Case::new(n, n, 32).gqa(4, 2);
         let x = inputs(&case, 61);
         let pattern = KeyPattern {
@@ -2013,18 +2013,20 @@ pub fn check_block_mask_cache<B: On>() {
         };
         let pad = padded.then(|| {
             let flags: Vec<bool> = (0..n).map(|j| j % 5 == 0).collect();
-            Tensor::<2, Bool>::from_data(TensorData::new(flags, [1, n]), &device)
+            Tensor::<2, Bool>::from_data(TensorData::new(flags, [1, n]), device)
         });
         to_f64(burn_attn_core::pattern_attention(
-            tensor(&x.q, DType::F32, &device),
-            tensor(&x.k, DType::F32, &device),
-            tensor(&x.v, DType::F32, &device),
+            tensor(&x.q, DType::F32, device),
+            tensor(&x.k, DType::F32, device),
+            tensor(&x.v, DType::F32, device),
             &pattern,
             options,
             pad,
             0.0,
         ))
     };
+    let run =
+        |n: usize, padded: bool, options: &AttentionOptions| run_on(&device, n, padded, options);
     assert!(cache.held_grid().is_none());
     let first = run(77, false, &cached);
     let grid = cache.held_grid().expect("the first call fills the cache");
@@ -2036,6 +2038,11 @@ pub fn check_block_mask_cache<B: On>() {
     let grid = cache.held_grid().expect("held");
     assert_eq!((grid.seq_q, grid.seq_k), (50, 50));
     assert_eq!(shorter, run(50, false, &fresh));
+    // A module that trains and then evaluates: the plan of an autodiff call is not served
+    // to a plain one, nor the other way round.
+    let trained = run_on(&device.clone().autodiff(), 50, false, &cached);
+    assert_eq!(trained, shorter);
+    assert_eq!(run(50, false, &cached), shorter);
     cache.clear();
     assert!(cache.held_grid().is_none());
 }

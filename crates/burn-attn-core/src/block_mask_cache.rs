@@ -78,7 +78,10 @@ impl BlockMaskCache {
     ) -> Result<PatternPlan, AttentionError> {
         let mut held = self.0.lock().expect("block mask cache lock");
         if let Some(h) = held.as_ref() {
-            if h.grid == grid && &h.device == device && &h.pattern == pattern {
+            // Device equality may not tell an autodiff device from its inner one; tensors
+            // made on one are kept to its calls (a module trains, then evaluates).
+            let same_device = &h.device == device && h.device.is_autodiff() == device.is_autodiff();
+            if h.grid == grid && same_device && &h.pattern == pattern {
                 return Ok(h.plan.clone());
             }
         }
