@@ -225,7 +225,7 @@ pub fn attention_with_lse(
 }
 
 /// [`attention`] for callers that must not panic on bad input (a server answering a
-/// request): the same checks, returned as an [`AttentionError`] naming the values. A call
+/// request): the same checks, returned as an [`AttentionError`](crate::AttentionError) naming the values. A call
 /// that passes them runs as [`attention`] does (with [`KernelPolicy::Require`], a kernel
 /// that declines still panics: that is a configuration of the caller's, not input).
 ///
@@ -275,7 +275,7 @@ pub fn pattern_attention(
         .unwrap_or_else(|err| panic!("burn-attn: {err}"))
 }
 
-/// [`pattern_attention`] returning bad input as an [`AttentionError`] instead of
+/// [`pattern_attention`] returning bad input as an [`AttentionError`](crate::AttentionError) instead of
 /// panicking (see [`try_attention`]).
 pub fn try_pattern_attention(
     q: Tensor<4>,

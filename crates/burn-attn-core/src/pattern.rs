@@ -283,7 +283,7 @@ impl KeyPattern {
 
     /// The key tiles a block of query rows visits within `keys`: `block_k`-wide tiles
     /// aligned to multiples of `block_k` (so they match block layouts) over
-    /// [`tile_span`], each with its cover for `rows`; tiles no row of `rows` sees are
+    /// `tile_span`, each with its cover for `rows`; tiles no row of `rows` sees are
     /// skipped. The forward and the backward walk the same tiles through this.
     pub fn visible_tiles(
         &self,

@@ -1,5 +1,5 @@
 //! Burn modules for efficient attention. Every variant shares
-//! [`MultiHeadProjection`](projection::MultiHeadProjection), has a `#[derive(Config)]`
+//! [`MultiHeadProjection`], has a `#[derive(Config)]`
 //! config with `init(&device)`, and `forward(x)` on `[batch, seq, d_model]`. The cores
 //! run through [`burn_attn_core`], which picks a GPU kernel where the backend has one.
 #![warn(missing_docs)]

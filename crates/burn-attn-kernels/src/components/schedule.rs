@@ -112,8 +112,8 @@ impl CubeHead {
     }
 }
 
-/// Test support for [`cube_order_probe`]: the cube at launch index `y * blocks + x` writes
-/// the block and head [`cube_block`] gives it to `order[2 * index]` and `order[2 * index
+/// Test support for [`cube_order_probe`](crate::launch::cube_order_probe): the cube at launch index `y * blocks + x` writes
+/// the block and head `cube_block` gives it to `order[2 * index]` and `order[2 * index
 /// + 1]`.
 #[cube(launch)]
 pub fn cube_order_probe_kernel(

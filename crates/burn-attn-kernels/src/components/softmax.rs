@@ -263,7 +263,7 @@ fn register_acc_size(#[comptime] vs: usize) {
     });
 }
 
-/// Test support for [`online_softmax_probe`]: one plane of 32 lanes with `m_tiles` row
+/// Test support for [`online_softmax_probe`](crate::launch::online_softmax_probe): one plane of 32 lanes with `m_tiles` row
 /// tiles (16 rows each, as the forward kernels' planes) lays `tiles` tiles of raw scores
 /// (`scores`, `[tiles, rows, 16]`: row, key of the tile) out in the `m16n8` accumulator
 /// layout, runs the kernels' `online_softmax_tile` on each, and writes after each tile the

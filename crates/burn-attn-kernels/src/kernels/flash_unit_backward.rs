@@ -4,12 +4,12 @@
 //! FlashAttention-2's scheme, recomputing the probabilities `P = exp(scale * q . k - lse)`
 //! tile by tile from the forward's saved row log-sum-exp, with every product a register-tile
 //! product of two shared-memory operands ([`tile_product`], as the forward kernel):
-//! - [`flash_unit_backward_dq_kernel`], query-major: a cube of `block_q` query rows keeps
+//! - [`flash_unit_backward_dq_kernel()`], query-major: a cube of `block_q` query rows keeps
 //!   its Q and dO rows in shared memory, computes `D_i = rowsum(dO_i * O_i)` (written out
 //!   for the second kernel) and walks the key tiles of its rows' band: per tile `dP = dO
 //!   V^T` (V staged first), then `S = Q K^T` (K staged into the buffer V used), `dS = P
 //!   (dP - D)` through shared memory, and `dQ += dS K` into each unit's register tile.
-//! - [`flash_unit_backward_dkdv_kernel`], key-major: a cube of `block_k` keys of one kv head
+//! - [`flash_unit_backward_dkdv_kernel()`], key-major: a cube of `block_k` keys of one kv head
 //!   keeps its K and V rows in shared memory and walks, for every query head that shares
 //!   the kv head (GQA/MQA, summed inside the kernel so no two cubes write the same
 //!   gradient row), the query tiles whose band can contain one of its keys: per tile `S^T
@@ -37,7 +37,7 @@ use crate::components::unit_backward::{
 /// Launch with `CubeDim::new_1d(row_threads * col_threads)` and `CubeCount::Static(ceil(seq_q
 /// / block_q), batch * heads, 1)`; `row_threads` divides `block_q`, `col_threads` divides
 /// `block_k`. `dq` is `[b, h, seq_q, head_dim]` in the input dtype, `delta` is `[b, h,
-/// seq_q]` in f32 (read by [`flash_unit_backward_dkdv_kernel`]).
+/// seq_q]` in f32 (read by [`flash_unit_backward_dkdv_kernel()`]).
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
@@ -179,7 +179,7 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
 /// Key-major backward: `dK` and `dV`, summed over the query heads of each kv head.
 ///
 /// Launch with `CubeDim::new_1d(row_threads * col_threads)` and `CubeCount::Static(ceil(seq_k
-/// / block_k), batch * kv_heads, 1)`, after [`flash_unit_backward_dq_kernel`] has written
+/// / block_k), batch * kv_heads, 1)`, after [`flash_unit_backward_dq_kernel()`] has written
 /// `delta`; `row_threads` divides `block_k` (the cube's keys), `col_threads` divides
 /// `block_q` (the query rows staged per tile). `dk` is `[b, kv_heads, seq_k, head_dim]` and
 /// `dv` `[b, kv_heads, seq_k, value_dim]` in the input dtype.

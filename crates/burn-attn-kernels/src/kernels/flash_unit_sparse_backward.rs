@@ -204,7 +204,7 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
 /// Key-major sparse backward: `dK` and `dV`, summed over the query heads of each kv head.
 ///
 /// Launch as `flash_unit_backward_dkdv_kernel` (natural cube order), after
-/// [`flash_unit_sparse_backward_dq_kernel`] has written `delta`, with the transposed lists
+/// [`flash_unit_sparse_backward_dq_kernel()`] has written `delta`, with the transposed lists
 /// (`[batch or 1, heads or 1, k_blocks]` counts, `[.., k_blocks, q_blocks]` query blocks)
 /// on blocks of `q_tiles_per_block` of this kernel's `block_q` query rows by
 /// `k_tiles_per_block` of its `block_k` keys.

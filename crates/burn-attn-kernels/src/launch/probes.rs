@@ -12,7 +12,7 @@ use crate::components::schedule::cube_order_probe_kernel;
 use crate::components::softmax::{online_softmax_probe_kernel, PROBE_KEYS, PROBE_ROW_TILE};
 use crate::plan::RuntimeKind;
 
-/// Test support: runs [`online_softmax_probe_kernel`] (one plane) on `scores`
+/// Test support: runs [`online_softmax_probe_kernel`](crate::online_softmax_probe_kernel()) (one plane) on `scores`
 /// (`[tiles, rows, 16]` f32, contiguous; `rows` 16 or 32: one or two row tiles) with the
 /// band `offset`/`left`/`right` over `seq_k` keys and accumulator vectors of
 /// `vector_size` (1, 2 or 4) floats; returns the probabilities after each tile and each

@@ -80,7 +80,7 @@ impl UnitTiles {
     }
 
     /// The first candidate whose shared memory fits `budget` and whose f32 tile registers
-    /// stay within [`UNIT_TILE_REGISTERS`] (else the last that fits: the smallest tiles),
+    /// stay within `UNIT_TILE_REGISTERS` (else the last that fits: the smallest tiles),
     /// among those `wanted` keeps.
     pub fn choose(
         budget: usize,
