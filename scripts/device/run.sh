@@ -18,6 +18,8 @@
 #   masks     `burn-attn-bench masks` (block-sparse masks, forward and backward, bf16) and
 #             FlexAttention under the same masks (scripts/peers/flex_masks.py), with the
 #             ratios; MASKS_ARGS / FLEX_ARGS pass options (`--only block-random`)
+#   masks-vulkan  the same masks through Vulkan (the portable kernels, f32 and f16;
+#             `build` makes `burn-attn-bench-vulkan`; the Vulkan loader must be installed)
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
 #             ours, for each binary folder in DURATION_BINS (default $BIN)
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over every kernel at
@@ -40,7 +42,9 @@ for step in "$@"; do
   case $step in
     build)
       mkdir -p "$BIN"
-      cargo build --release -p burn-attn-bench --features cuda &&
+      cargo build --release -p burn-attn-bench --features burn-attn/vulkan &&
+        cp target/release/burn-attn-bench "$BIN/burn-attn-bench-vulkan" &&
+        cargo build --release -p burn-attn-bench --features cuda &&
         cp target/release/burn-attn-bench "$BIN/" &&
         exe=$(cargo test --release --features burn-attn/cuda --test cuda_kernel --no-run --message-format=json 2>/dev/null |
           python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])') &&
@@ -64,6 +68,12 @@ for step in "$@"; do
       timeout 500 python3 scripts/peers/flex_masks.py "$OUT/flex.json" --backward ${FLEX_ARGS:-} 2>&1 | tee "$OUT/flex.log"
       timeout 500 "$BIN/burn-attn-bench" masks --backend cuda --dtype bf16 --backward \
         --json "$OUT/masks.json" --peers "$OUT/flex.json" ${MASKS_ARGS:-} 2>&1 | tee "$OUT/masks.log" ;;
+    masks-vulkan)
+      for dtype in f32 f16; do
+        CUBECL_WGPU_DEFAULT_DEVICE=DiscreteGpu\(0\) timeout 500 "$BIN/burn-attn-bench-vulkan" masks \
+          --backend wgpu --dtype $dtype --backward --json "$OUT/masks-vulkan-$dtype.json" \
+          ${MASKS_ARGS:-} 2>&1 | tee "$OUT/masks-vulkan-$dtype.log"
+      done ;;
     durations)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
       IFS='|' read -ra cases <<< "${DURATION_CASES:-$CASES}"
