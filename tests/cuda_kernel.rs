@@ -151,6 +151,10 @@ mod on_cuda {
             burn_attn_core::Implementation::FlashUnitSparse,
             burn_attn_core::Implementation::FlashUnitSparseBackward,
         )));
+        check_attention_mask_training::<Gpu>(Some((
+            burn_attn_core::Implementation::FlashUnitSparse,
+            burn_attn_core::Implementation::FlashUnitSparseBackward,
+        )));
     }
 
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.

@@ -200,3 +200,29 @@ fn document_ids_that_decrease_or_misfit_are_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn an_attention_mask_of_other_lengths_is_an_error() {
+    use burn::tensor::Bool;
+    use burn_attn::{try_masked_attention, AttentionMasks};
+    let [q, k, v] = qkv(6);
+    let masks = AttentionMasks {
+        attention_mask: Some(Tensor::<3, Bool>::empty([2, 6, 5], &cpu())),
+        ..AttentionMasks::default()
+    };
+    let err = try_masked_attention(
+        q,
+        k,
+        v,
+        &KeyPattern::default(),
+        &AttentionOptions::new(),
+        &masks,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("attention mask") && err.contains("[2, 6, 5]"),
+        "{err}"
+    );
+}

@@ -71,8 +71,9 @@ fn sparse_training_runs_the_kernels() {
     check_block_mask_cache::<Gpu>();
 }
 
-/// Document ids (packed sequences) through `masked_attention`: the block-sparse kernels on
-/// WGPU and the tiled tensor ops on the CPU, both against the host truth.
+/// Document ids (packed sequences) and dense attention masks through `masked_attention`:
+/// the block-sparse kernels on WGPU and the tiled tensor ops on the CPU, both against the
+/// host truth.
 #[test]
 fn document_masks_match_the_host_truth() {
     require_gpu();
@@ -81,6 +82,11 @@ fn document_masks_match_the_host_truth() {
         burn_attn_core::Implementation::FlashUnitSparseBackward,
     )));
     check_document_training::<Truth>(None);
+    check_attention_mask_training::<Gpu>(Some((
+        burn_attn_core::Implementation::FlashUnitSparse,
+        burn_attn_core::Implementation::FlashUnitSparseBackward,
+    )));
+    check_attention_mask_training::<Truth>(None);
 }
 
 #[test]

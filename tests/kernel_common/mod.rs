@@ -1928,7 +1928,7 @@ pub fn check_document_training<B: On>(served: Option<(Implementation, Implementa
                 Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
             }),
             documents: Some(DocumentIds::self_attention(ids)),
-            dropout: 0.0,
+            ..AttentionMasks::default()
         };
         let pattern = KeyPattern::band(Window::FULL, causal);
         let out = masked_attention(q.clone(), k.clone(), v.clone(), &pattern, &options, &masks);
@@ -2126,4 +2126,81 @@ pub fn check_invalid_list_indices<B: On>() {
     }
     assert!(added > 0, "no query block has room for an extra entry");
     assert_eq!(run(bad_counts, bad_indices), want);
+}
+
+/// Training through `masked_attention` with a dense attention mask (alone, with the causal
+/// rule, with key padding) on `B`'s device against the host truth in f64: a mask that hides
+/// whole blocks, shows whole blocks and hides scattered pairs elsewhere, different per
+/// batch row; `served` as in [`check_document_training`].
+pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Implementation)>) {
+    use burn::tensor::Bool;
+    use burn_attn_core::{masked_attention, AttentionMasks};
+    let case = Case::new(150, 150, 32).gqa(4, 2).batch(2);
+    let (n, batch) = (case.seq_q, case.batch);
+    let hidden = |b: usize, i: usize, j: usize| {
+        if i < 64 && j < 64 {
+            true
+        } else if i >= 64 && j >= 64 {
+            false
+        } else {
+            (i * 7 + j * 13 + b * 5) % 10 < 3
+        }
+    };
+    let flags: Vec<bool> = (0..batch * n * n)
+        .map(|at| hidden(at / (n * n), (at / n) % n, at % n))
+        .collect();
+    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 9).collect();
+    let x = inputs(&case, 81);
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(96), shape, 1.0);
+    let device = B::device().autodiff();
+    for (causal, with_pad) in [(false, false), (true, false), (false, true)] {
+        let log = DispatchLog::new();
+        let mut options = AttentionOptions::default().with_log(log.clone());
+        if served.is_some() {
+            options = options.with_kernel(KernelPolicy::Require);
+        }
+        let q = tensor(&x.q, DType::F32, &device).require_grad();
+        let k = tensor(&x.k, DType::F32, &device).require_grad();
+        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let masks = AttentionMasks {
+            key_padding: with_pad.then(|| {
+                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
+            }),
+            attention_mask: Some(Tensor::<3, Bool>::from_data(
+                TensorData::new(flags.clone(), [batch, n, n]),
+                &device,
+            )),
+            ..AttentionMasks::default()
+        };
+        let pattern = KeyPattern::band(Window::FULL, causal);
+        let out = masked_attention(q.clone(), k.clone(), v.clone(), &pattern, &options, &masks);
+        let grads = (out.clone() * tensor(&w, DType::F32, &device))
+            .sum()
+            .backward();
+        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+        let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
+        let visible = |b: usize, i: usize, j: usize| {
+            !(hidden(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
+        };
+        let want = masked_truth(&x, &case, &visible, &w, None);
+        let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
+        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(got.iter().zip(want))
+        {
+            let err = max_err(g, t);
+            assert!(
+                err < 1e-4,
+                "causal {causal}, padding {with_pad}: {name} error {err:e}"
+            );
+        }
+        if let Some((forward, backward)) = served {
+            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
+            assert_eq!(
+                entries,
+                [(Pass::Forward, forward), (Pass::Backward, backward)]
+            );
+        }
+    }
 }

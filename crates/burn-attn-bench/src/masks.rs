@@ -266,7 +266,7 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
         let masks = AttentionMasks {
             key_padding: padding,
             documents,
-            dropout: 0.0,
+            ..AttentionMasks::default()
         };
         let log = DispatchLog::new();
         // The pattern's plan is built once, as FlexAttention's block mask is (the peer

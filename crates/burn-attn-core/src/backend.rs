@@ -288,8 +288,8 @@ pub fn try_pattern_attention(
 ) -> Result<Tensor<4>, crate::AttentionError> {
     let masks = crate::AttentionMasks {
         key_padding,
-        documents: None,
         dropout,
+        ..crate::AttentionMasks::default()
     };
     crate::try_masked_attention(q, k, v, pattern, options, &masks)
 }

@@ -253,6 +253,50 @@ impl BlockCover {
         })
     }
 
+    /// The cover of a dense attention mask (`[batch, seq_q, seq_k]`, `true` where query `i`
+    /// must not see key `j`); `[batch, 1, q_blocks, k_blocks]`. Counts each block's visible
+    /// pairs: none is empty, all (inside the call) is full.
+    ///
+    /// # Errors
+    /// When `mask` is not `[batch, seq_q, seq_k]` for the grid's lengths.
+    pub fn of_attention_mask(
+        mask: Tensor<3, Bool>,
+        grid: BlockGrid,
+    ) -> Result<Self, AttentionError> {
+        let [batch, seq_q, seq_k] = mask.dims();
+        if (seq_q, seq_k) != (grid.seq_q, grid.seq_k) {
+            return Err(AttentionError::Invalid(format!(
+                "attention mask of shape [{batch}, {seq_q}, {seq_k}] for seq_q {} and seq_k {}: \
+                 expected [batch, {}, {}]",
+                grid.seq_q, grid.seq_k, grid.seq_q, grid.seq_k
+            )));
+        }
+        let (qb, kb, bq, bk) = (grid.q_blocks(), grid.k_blocks(), grid.block_q, grid.block_k);
+        // Pairs past the call's lengths count neither way.
+        let visible = mask
+            .bool_not()
+            .int()
+            .pad(
+                [(0, qb * bq - seq_q), (0, kb * bk - seq_k)],
+                burn::tensor::ops::PadMode::Constant(0.0),
+            )
+            .reshape([batch, qb, bq, kb, bk])
+            .sum_dim(4)
+            .sum_dim(2)
+            .reshape([batch, qb, kb]);
+        let device = visible.device();
+        let edges = grid.edges(&device);
+        let rows = (edges.q_last - edges.q_first).add_scalar(1);
+        let cols = (edges.k_last - edges.k_first).add_scalar(1);
+        let real = rows.reshape([1, qb, 1]).expand([batch, qb, kb])
+            * cols.reshape([1, 1, kb]).expand([batch, qb, kb]);
+        let codes = codes_of(visible.clone().equal_elem(0), visible.equal(real));
+        Ok(Self {
+            grid,
+            codes: codes.reshape([batch, 1, qb, kb]),
+        })
+    }
+
     /// The cover of document ids (packed sequences): query `i` sees key `j` only when
     /// `doc_q[b, i] == doc_k[b, j]`. Ids must not decrease along a sequence (documents are
     /// contiguous runs). `doc_q` is `[batch, seq_q]`, `doc_k` `[batch, seq_k]` (the same

@@ -42,6 +42,10 @@ pub struct AttentionMasks {
     pub key_padding: Option<Tensor<2, Bool>>,
     /// Document ids (packed sequences).
     pub documents: Option<DocumentIds>,
+    /// `[batch, seq_q, seq_k]`, `true` where query `i` must not see key `j` (burn-nn's
+    /// `mask_attn`): any mask, at O(seq_q * seq_k) memory. The kernels read it on the blocks
+    /// it leaves partly visible and skip the blocks it hides whole.
+    pub attention_mask: Option<Tensor<3, Bool>>,
     /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
     /// the backend tracks gradients (training).
     pub dropout: f64,
@@ -49,9 +53,9 @@ pub struct AttentionMasks {
 
 /// Exact attention over `pattern` under `masks`: the band kernels when the call is a
 /// plain band without masks, the block-sparse kernels (forward and backward) for strided
-/// columns, block layouts, key padding, document ids and dropout in training on CubeCL
-/// devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse` elsewhere), the tiled
-/// tensor ops otherwise (every such call on the CPU backends).
+/// columns, block layouts, key padding, document ids, attention masks and dropout in
+/// training on CubeCL devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse`
+/// elsewhere), the tiled tensor ops otherwise (every such call on the CPU backends).
 ///
 /// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
 /// the device's random generator, not from Burn's dropout: the same probability, another
@@ -90,7 +94,8 @@ pub fn try_masked_attention(
     let dropout = masks.dropout;
     let dropout_active = dropout > 0.0 && q.is_autodiff();
     let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
-    let unmasked = masks.key_padding.is_none() && masks.documents.is_none();
+    let unmasked =
+        masks.key_padding.is_none() && masks.documents.is_none() && masks.attention_mask.is_none();
     if plain_band && unmasked && !dropout_active {
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
@@ -110,6 +115,8 @@ pub fn try_masked_attention(
         "block layouts"
     } else if masks.documents.is_some() {
         "document ids"
+    } else if masks.attention_mask.is_some() {
+        "attention masks"
     } else {
         "key padding"
     };
@@ -137,6 +144,7 @@ pub fn try_masked_attention(
         .documents
         .as_ref()
         .map(|d| (d.queries.clone(), d.keys.clone()));
+    spec.attention_mask = masks.attention_mask.clone();
     spec.dropout = dropout;
     Ok(serve_tiled(Pass::Forward, options, declined, || {
         tiled_attention(q, k, v, &spec).0
@@ -164,6 +172,19 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
     };
     if let Some(pad) = &masks.key_padding {
         expect("key padding mask", pad.dims(), shape.seq_k, "seq_k")?;
+    }
+    if let Some(mask) = &masks.attention_mask {
+        let dims = mask.dims();
+        if dims != [shape.batch, shape.seq_q, shape.seq_k] {
+            return Err(AttentionError::Shape {
+                what: "attention mask",
+                expected: format!(
+                    "[{}, {}, {}] (batch, seq_q, seq_k)",
+                    shape.batch, shape.seq_q, shape.seq_k
+                ),
+                got: dims.to_vec(),
+            });
+        }
     }
     if let Some(docs) = &masks.documents {
         expect(

@@ -40,6 +40,8 @@ pub struct TiledSpec<'a> {
     /// Document ids `[batch, seq_q]` and `[batch, seq_k]`: a query sees only keys of its
     /// own document.
     pub documents: Option<(Tensor<2, Int>, Tensor<2, Int>)>,
+    /// `[batch, seq_q, seq_k]`, `true` where the query must not see the key.
+    pub attention_mask: Option<Tensor<3, Bool>>,
     /// An additive score bias.
     pub bias: Option<&'a dyn TileBias>,
     /// Dropout probability on the attention probabilities, applied only when the backend
@@ -61,6 +63,7 @@ impl<'a> TiledSpec<'a> {
             block_k,
             key_padding: None,
             documents: None,
+            attention_mask: None,
             bias: None,
             dropout: 0.0,
         }
@@ -161,6 +164,14 @@ pub fn tiled_attention(
                 );
                 hidden = Some(hidden.map_or(other.clone(), |h| h.bool_or(other)));
             }
+            if let Some(mask) = &spec.attention_mask {
+                let tile = mask
+                    .clone()
+                    .slice([0..batch, rows.clone(), cols.clone()])
+                    .reshape([batch, 1, nr, nc])
+                    .expand([batch, heads, nr, nc]);
+                hidden = Some(hidden.map_or(tile.clone(), |h| h.bool_or(tile)));
+            }
             state.update(s, hidden, v_blk, dropout);
         }
 
@@ -182,9 +193,18 @@ pub fn tiled_attention(
                 if let Some((doc_q, doc_k)) = &spec.documents {
                     hidden = hidden.bool_or(other_documents(
                         doc_q.clone().slice([0..batch, rows.clone()]),
-                        doc_k.clone().select(1, idx),
+                        doc_k.clone().select(1, idx.clone()),
                         heads,
                     ));
+                }
+                if let Some(mask) = &spec.attention_mask {
+                    let tile = mask
+                        .clone()
+                        .slice([0..batch, rows.clone()])
+                        .select(2, idx)
+                        .reshape([batch, 1, nr, nc])
+                        .expand([batch, heads, nr, nc]);
+                    hidden = hidden.bool_or(tile);
                 }
                 state.update(s, Some(hidden), v_blk, dropout);
             }

@@ -182,9 +182,9 @@ pub(crate) fn packed_attention(
 ) -> Tensor<3> {
     let h = projection.split(x.clone(), x.clone(), x);
     let masks = AttentionMasks {
-        key_padding: None,
         documents: Some(DocumentIds::self_attention(documents)),
         dropout,
+        ..AttentionMasks::default()
     };
     projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, &masks))
 }

@@ -53,6 +53,8 @@ pub(crate) struct SparseMaskTensors<B: Backend> {
     /// Document ids of queries `[batch, seq_q]` and keys `[batch, seq_k]`.
     pub doc_q: IntTensor<B>,
     pub doc_k: IntTensor<B>,
+    /// A dense mask `[batch, seq_q, seq_k]`, nonzero where hidden.
+    pub dense: IntTensor<B>,
     /// The dropout seed, `[1]`.
     pub seed: IntTensor<B>,
 }
@@ -73,6 +75,8 @@ pub(crate) struct SparseCall {
     /// Whether the call has key padding, and document ids.
     pub padding: bool,
     pub documents: bool,
+    /// Whether the call has a dense attention mask.
+    pub dense: bool,
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
@@ -169,21 +173,27 @@ pub(crate) fn sparse_kernel_attention(
     }
     .expect("the pattern was validated");
     let key_padding = masks.key_padding.clone();
-    let mask = if key_padding.is_none() && masks.documents.is_none() {
-        pattern_plan.mask
-    } else {
-        let mut cover = pattern_plan.cover;
-        if let Some(pad) = &key_padding {
-            let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
-            cover = cover.intersect(pad).expect("one grid");
-        }
-        if let Some(docs) = &masks.documents {
-            let docs =
-                BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
-            cover = cover.intersect(docs).expect("one grid");
-        }
-        BlockMask::new(cover)
-    };
+    let mask =
+        if key_padding.is_none() && masks.documents.is_none() && masks.attention_mask.is_none() {
+            pattern_plan.mask
+        } else {
+            let mut cover = pattern_plan.cover;
+            if let Some(pad) = &key_padding {
+                let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
+                cover = cover.intersect(pad).expect("one grid");
+            }
+            if let Some(docs) = &masks.documents {
+                let docs =
+                    BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
+                cover = cover.intersect(docs).expect("one grid");
+            }
+            if let Some(dense) = &masks.attention_mask {
+                let dense =
+                    BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape");
+                cover = cover.intersect(dense).expect("one grid");
+            }
+            BlockMask::new(cover)
+        };
     let has_padding = key_padding.is_some();
     let i32 = |t: Tensor<1, Int>| t.cast(IntDType::I32).into_dispatch();
     let placeholder = || i32(Tensor::<1, Int>::zeros([1], &device));
@@ -196,6 +206,9 @@ pub(crate) fn sparse_kernel_attention(
         Some(docs) => (int2(&docs.queries), int2(&docs.keys)),
         None => (placeholder(), placeholder()),
     };
+    let dense = masks.attention_mask.as_ref().map_or_else(placeholder, |m| {
+        m.clone().int().cast(IntDType::I32).into_dispatch()
+    });
     let seed = match dropout {
         Some(_) => i32(Tensor::<1, Int>::random(
             [1],
@@ -219,6 +232,7 @@ pub(crate) fn sparse_kernel_attention(
         padding,
         doc_q,
         doc_k,
+        dense,
         seed,
     };
     let call = SparseCall {
@@ -232,6 +246,7 @@ pub(crate) fn sparse_kernel_attention(
         layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
         padding: has_padding,
         documents: masks.documents.is_some(),
+        dense: masks.attention_mask.is_some(),
         dropout,
         forced,
         log: options.log.clone(),
@@ -311,6 +326,7 @@ fn inner_mask<E: Backend, C: CheckpointStrategy>(
         padding: m.padding,
         doc_q: m.doc_q,
         doc_k: m.doc_k,
+        dense: m.dense,
         seed: m.seed,
     }
 }

@@ -146,6 +146,7 @@ fn lists_and_rules(
         padding: call.padding.then(|| c(mask.padding)),
         documents: call.documents.then(|| (c(mask.doc_q), c(mask.doc_k))),
         dropout: call.dropout.map(|p| (p, c(mask.seed))),
+        dense: call.dense.then(|| c(mask.dense)),
     };
     (lists, rules)
 }

@@ -1,7 +1,8 @@
 //! Which keys of a partially visible block a query sees under the rules a block-sparse call
 //! combines: `causal && (band || strided column) && active layout block && key not padding
-//! && same document` (the scalar definition is burn-attn-core's `KeyPattern::visible`, with
-//! key padding and document ids), and which probabilities attention dropout drops. Each
+//! && same document && not hidden by a dense mask` (the scalar definition is burn-attn-core's
+//! `KeyPattern::visible`, with key padding, document ids and a dense `[batch, seq_q, seq_k]`
+//! mask), and which probabilities attention dropout drops. Each
 //! rule past the band is a comptime switch, so a call pays only for the rules it has.
 //!
 //! Dropout is counter-based: element `(b, h, i, j)` is dropped when [`dropout_hash`] of the
@@ -50,6 +51,8 @@ pub struct RuleSet {
     pub documents: bool,
     /// Attention dropout (a 1-element seed tensor).
     pub dropout: bool,
+    /// A dense mask (`[batch, seq_q, seq_k]`, nonzero where hidden).
+    pub dense: bool,
 }
 
 /// MurmurHash3's 32-bit finaliser.
@@ -85,6 +88,7 @@ impl ElementRules {
         padding: &Tensor<i32>,
         doc_q: &Tensor<i32>,
         doc_k: &Tensor<i32>,
+        dense: &Tensor<i32>,
         #[comptime] rules: RuleSet,
     ) -> bool {
         let d = j as i32 - (i as i32 + self.offset);
@@ -105,6 +109,10 @@ impl ElementRules {
             seen = seen
                 && doc_q[b * doc_q.stride(0) + i * doc_q.stride(1)]
                     == doc_k[b * doc_k.stride(0) + j * doc_k.stride(1)];
+        }
+        if comptime!(rules.dense) {
+            seen =
+                seen && dense[b * dense.stride(0) + i * dense.stride(1) + j * dense.stride(2)] == 0;
         }
         !seen
     }
@@ -140,6 +148,7 @@ impl ElementRules {
         padding: &Tensor<i32>,
         doc_q: &Tensor<i32>,
         doc_k: &Tensor<i32>,
+        dense: &Tensor<i32>,
         seed: &Tensor<i32>,
         #[comptime] rules: RuleSet,
         #[comptime] rows: usize,
@@ -161,7 +170,7 @@ impl ElementRules {
                 let mut flags = 1u32;
                 if i < seq_q && j < seq_k {
                     flags = select(
-                        self.hides(b, i, j, layout, padding, doc_q, doc_k, rules),
+                        self.hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules),
                         1u32,
                         0u32,
                     );

@@ -66,6 +66,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     padding: &Tensor<i32>,
     doc_q: &Tensor<i32>,
     doc_k: &Tensor<i32>,
+    dense: &Tensor<i32>,
     seed: &Tensor<i32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
@@ -264,7 +265,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                         let mut flags = 1u32;
                         if i < seq_q && j < seq_k {
                             flags = select(
-                                element_rules.hides(b, i, j, layout, padding, doc_q, doc_k, rules),
+                                element_rules
+                                    .hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules),
                                 1u32,
                                 0u32,
                             );

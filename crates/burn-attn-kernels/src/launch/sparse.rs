@@ -75,6 +75,8 @@ pub struct SparseRules {
     /// Attention dropout: the probability of dropping (in `(0, 1)`) and a 1-element i32
     /// seed tensor (forward and backward must get the same seed).
     pub dropout: Option<(f64, CubeTensor)>,
+    /// A dense mask `[batch, seq_q, seq_k]` (i32, nonzero where hidden).
+    pub dense: Option<CubeTensor>,
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
@@ -122,6 +124,7 @@ struct RuleArgs {
     padding: CubeTensor,
     doc_q: CubeTensor,
     doc_k: CubeTensor,
+    dense: CubeTensor,
     seed: CubeTensor,
 }
 
@@ -143,6 +146,15 @@ impl RuleArgs {
         if let Some((dq, dk)) = &rules.documents {
             i32_rows("query document ids", dq, sizes.batch, sizes.seq_q)?;
             i32_rows("key document ids", dk, sizes.batch, sizes.seq_k)?;
+        }
+        if let Some(dense) = &rules.dense {
+            let dims = dense.meta.shape().as_slice().to_vec();
+            if dense.dtype != DType::I32 || dims != [sizes.batch, sizes.seq_q, sizes.seq_k] {
+                return Err(Unsupported::Shapes(format!(
+                    "dense mask is {:?} {dims:?}; expected i32 [{}, {}, {}]",
+                    dense.dtype, sizes.batch, sizes.seq_q, sizes.seq_k
+                )));
+            }
         }
         let mut layout_blocks = (1, 1, 1);
         if let Some((active, lq, lk)) = &rules.layout {
@@ -188,6 +200,7 @@ impl RuleArgs {
                 padding: rules.padding.is_some(),
                 documents: rules.documents.is_some(),
                 dropout: rules.dropout.is_some(),
+                dense: rules.dense.is_some(),
             },
             positions: [
                 sizes.seq_k as i32 - sizes.seq_q as i32,
@@ -208,6 +221,7 @@ impl RuleArgs {
             padding: or_placeholder(rules.padding.as_ref()),
             doc_q: or_placeholder(documents.map(|d| &d.0)),
             doc_k: or_placeholder(documents.map(|d| &d.1)),
+            dense: or_placeholder(rules.dense.as_ref()),
         })
     }
 }
@@ -357,6 +371,7 @@ pub fn flash_forward_sparse(
                 tensor(&args.padding),
                 tensor(&args.doc_q),
                 tensor(&args.doc_k),
+                tensor(&args.dense),
                 tensor(&args.seed),
                 element_rules,
                 q_tiles,
@@ -403,6 +418,7 @@ pub fn flash_forward_sparse(
                     tensor(&args.padding),
                     tensor(&args.doc_q),
                     tensor(&args.doc_k),
+                    tensor(&args.dense),
                     tensor(&args.seed),
                     element_rules,
                     q_tiles,
@@ -489,6 +505,7 @@ pub fn flash_backward_sparse(
             args.padding.clone().into_tensor_arg(),
             args.doc_q.clone().into_tensor_arg(),
             args.doc_k.clone().into_tensor_arg(),
+            args.dense.clone().into_tensor_arg(),
             args.seed.clone().into_tensor_arg(),
             args.element_rules(),
             (lists.block_q / dq_t.rows) as u32,
@@ -529,6 +546,7 @@ pub fn flash_backward_sparse(
             args.padding.into_tensor_arg(),
             args.doc_q.into_tensor_arg(),
             args.doc_k.into_tensor_arg(),
+            args.dense.into_tensor_arg(),
             args.seed.into_tensor_arg(),
             element_rules,
             (lists.block_q / kv_t.cols) as u32,
