@@ -39,9 +39,10 @@ pub use burn_attn_core::{
 };
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,
-    AnyAttentionConfig, CausalLinearAttention, CausalLinearAttentionConfig, ComplexityModel,
-    FeatureMap, FlashAttention, FlashAttentionConfig, HybridAttention, HybridAttentionConfig,
-    HybridChoice, LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention,
-    LinearAttentionConfig, MultiHeadProjection, MultiHeadProjectionConfig, SlidingWindowAttention,
-    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
+    AnyAttentionConfig, AttentionInput, CausalLinearAttention, CausalLinearAttentionConfig,
+    ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig, HybridAttention,
+    HybridAttentionConfig, HybridChoice, LearnedSparseAttention, LearnedSparseAttentionConfig,
+    LinearAttention, LinearAttentionConfig, MultiHeadProjection, MultiHeadProjectionConfig,
+    SlidingWindowAttention, SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
+    SparsePattern,
 };

@@ -8,6 +8,7 @@ use burn_attn_core::{
     DocumentIds, KeyPattern, Window,
 };
 
+use crate::input::AttentionInput;
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
 
 /// Configuration of [`FlashAttention`].
@@ -130,6 +131,25 @@ impl FlashAttention {
             &self.options(),
             key_padding,
             self.dropout,
+        );
+        self.projection.merge(out)
+    }
+
+    /// Attention with burn-nn's masks ([`AttentionInput`], burn-nn's `MhaInput` field for
+    /// field): `[batch, seq_q, d_model]` out.
+    ///
+    /// # Panics
+    /// When a mask's shape does not match the call (naming the shapes).
+    pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
+        let masks = input.masks(self.dropout);
+        let h = self.projection.split(input.query, input.key, input.value);
+        let out = masked_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            &self.options(),
+            &masks,
         );
         self.projection.merge(out)
     }

@@ -70,8 +70,30 @@ mod tests {
         let want = mha
             .forward(MhaInput::new(q.clone(), kv.clone(), kv.clone()).mask_pad(pad.clone()))
             .context;
-        let diff = max_abs_diff(attn.forward_cross(q, kv.clone(), kv, Some(pad)), want);
+        let diff = max_abs_diff(
+            attn.forward_cross(q.clone(), kv.clone(), kv.clone(), Some(pad.clone())),
+            want,
+        );
         assert!(diff < 1e-5, "padded cross-attention differs by {diff}");
+
+        // Both masks, as an `MhaInput` maps to an `AttentionInput` (every query keeps a key).
+        let hidden: Vec<bool> = (0..batch * seq_q * seq_k)
+            .map(|at| (at % seq_k) % 3 == (at / seq_k) % 2 && at % seq_k != 0)
+            .collect();
+        let mask =
+            Tensor::<3, Bool>::from_data(TensorData::new(hidden, [batch, seq_q, seq_k]), &device);
+        let want = mha
+            .forward(
+                MhaInput::new(q.clone(), kv.clone(), kv.clone())
+                    .mask_pad(pad.clone())
+                    .mask_attn(mask.clone()),
+            )
+            .context;
+        let input = crate::AttentionInput::new(q, kv.clone(), kv)
+            .mask_pad(pad)
+            .mask_attn(mask);
+        let diff = max_abs_diff(attn.forward_input(input), want);
+        assert!(diff < 1e-5, "masked cross-attention differs by {diff}");
     }
 
     #[test]

@@ -4,10 +4,12 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
+    ensure, masked_attention, pattern_attention, AttentionError, AttentionOptions, KeyPattern,
+    Window,
 };
 
 use crate::flash::{packed_attention, projection_config, validate_dropout};
+use crate::input::AttentionInput;
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// Configuration of [`SlidingWindowAttention`].
@@ -114,6 +116,24 @@ impl SlidingWindowAttention {
         self.projection.merge(out)
     }
 
+    /// Attention with burn-nn's masks ([`AttentionInput`]) inside the window.
+    ///
+    /// # Panics
+    /// When a mask's shape does not match the call (naming the shapes).
+    pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
+        let masks = input.masks(self.dropout);
+        let h = self.projection.split(input.query, input.key, input.value);
+        let out = masked_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::band(self.band(), self.causal),
+            &AttentionOptions::new(),
+            &masks,
+        );
+        self.projection.merge(out)
+    }
+
     /// Self-attention over packed sequences: `documents` (`[batch, seq]`, not decreasing
     /// along a row) gives each token's document; a token attends within its document and
     /// window only, the same result as each document run alone (see
@@ -143,6 +163,29 @@ mod tests {
     use super::*;
     use crate::test_util::*;
     use burn_attn_core::reference_attention;
+
+    #[test]
+    fn input_masks_equal_the_reference() {
+        use burn::tensor::{Bool, TensorData};
+        let module = SlidingWindowAttentionConfig::new(16, 4)
+            .with_window(6)
+            .init(&cpu());
+        let (batch, n) = (2, 11);
+        let x = randn([batch, n, 16], &cpu());
+        let hidden: Vec<bool> = (0..batch * n * n).map(|at| at % 7 == 3).collect();
+        let mask =
+            Tensor::<3, Bool>::from_data(TensorData::new(hidden.clone(), [batch, n, n]), &cpu());
+        let got = module
+            .forward_input(crate::AttentionInput::self_attn(x.clone()).mask_attn(mask.clone()));
+        let h = module.projection().split_self(x);
+        let band = KeyPattern::band(module.band(), false);
+        let bias = Tensor::<3>::zeros([batch, n, n], &cpu())
+            .mask_fill(mask, f32::NEG_INFINITY)
+            .reshape([batch, 1, n, n]);
+        let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
+        let (want, _) = reference_attention(h.q, h.k, h.v, &band, scale, None, Some(bias));
+        assert_close(got, module.projection().merge(want), 2e-5);
+    }
 
     #[test]
     fn packed_documents_equal_each_document_alone() {
