@@ -1896,74 +1896,6 @@ pub fn check_dropout_training<B: On>() {
     );
 }
 
-/// Training through `masked_attention` with document ids (packed sequences), alone, with
-/// the causal rule and with key padding, on `B`'s device: output and gradients against
-/// the host truth in f64; `served`, where given, names the forward and backward
-/// implementations the dispatch log must show (the block-sparse kernels on GPUs).
-pub fn check_document_training<B: On>(served: Option<(Implementation, Implementation)>) {
-    use burn::tensor::{Bool, Int};
-    use burn_attn_core::{masked_attention, AttentionMasks, DocumentIds};
-    let case = Case::new(77, 77, 32).gqa(4, 2).batch(2);
-    let (n, batch) = (case.seq_q, case.batch);
-    let docs: Vec<i64> = (0..batch * n)
-        .map(|i| ((i % n) / (20 + 9 * (i / n))) as i64)
-        .collect();
-    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 7).collect();
-    let x = inputs(&case, 51);
-    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
-    let w = uniform(&mut StdRng::seed_from_u64(97), shape, 1.0);
-    let device = B::device().autodiff();
-    for (causal, with_pad) in [(false, false), (true, false), (true, true)] {
-        let log = DispatchLog::new();
-        let mut options = AttentionOptions::default().with_log(log.clone());
-        if served.is_some() {
-            options = options.with_kernel(KernelPolicy::Require);
-        }
-        let q = tensor(&x.q, DType::F32, &device).require_grad();
-        let k = tensor(&x.k, DType::F32, &device).require_grad();
-        let v = tensor(&x.v, DType::F32, &device).require_grad();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(docs.clone(), [batch, n]), &device);
-        let masks = AttentionMasks {
-            key_padding: with_pad.then(|| {
-                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
-            }),
-            documents: Some(DocumentIds::self_attention(ids)),
-            ..AttentionMasks::default()
-        };
-        let pattern = KeyPattern::band(Window::FULL, causal);
-        let out = masked_attention(q.clone(), k.clone(), v.clone(), &pattern, &options, &masks);
-        let grads = (out.clone() * tensor(&w, DType::F32, &device))
-            .sum()
-            .backward();
-        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
-        let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
-        let visible = |b: usize, i: usize, j: usize| {
-            (!causal || j <= i)
-                && !(with_pad && pad[b * n + j])
-                && docs[b * n + i] == docs[b * n + j]
-        };
-        let want = masked_truth(&x, &case, &visible, &w, None);
-        let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
-        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
-            .into_iter()
-            .zip(got.iter().zip(want))
-        {
-            let err = max_err(g, t);
-            assert!(
-                err < 1e-4,
-                "causal {causal}, padding {with_pad}: {name} error {err:e}"
-            );
-        }
-        if let Some((forward, backward)) = served {
-            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
-            assert_eq!(
-                entries,
-                [(Pass::Forward, forward), (Pass::Backward, backward)]
-            );
-        }
-    }
-}
-
 /// Calls without keys or queries under a block-sparse mask take the tiled ops (no block
 /// to list) and give their empty or zero rows, as the band op does.
 pub fn check_empty_masked_calls<B: On>() {
@@ -2128,33 +2060,26 @@ pub fn check_invalid_list_indices<B: On>() {
     assert_eq!(run(bad_counts, bad_indices), want);
 }
 
-/// Training through `masked_attention` with a dense attention mask (alone, with the causal
-/// rule, with key padding) on `B`'s device against the host truth in f64: a mask that hides
-/// whole blocks, shows whole blocks and hides scattered pairs elsewhere, different per
-/// batch row; `served` as in [`check_document_training`].
-pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Implementation)>) {
+/// Training through `masked_attention` on `B`'s device with the masks `masks` builds on a
+/// device (the call's own rule, `hides(b, i, j)`), combined per variant `(causal, padded)`
+/// with the causal rule and the key padding `pad` (`[batch, seq_k]`), against the host
+/// truth in f64: output and gradients to 1e-4. `served`, where given, names the forward and
+/// backward implementations the dispatch log must show (the block-sparse kernels on GPUs).
+fn check_masked_training<B: On>(
+    case: Case,
+    variants: &[(bool, bool)],
+    masks: &dyn Fn(&Device) -> burn_attn_core::AttentionMasks,
+    hides: &dyn Fn(usize, usize, usize) -> bool,
+    pad: &[bool],
+    served: Option<(Implementation, Implementation)>,
+) {
     use burn::tensor::Bool;
-    use burn_attn_core::{masked_attention, AttentionMasks};
-    let case = Case::new(150, 150, 32).gqa(4, 2).batch(2);
-    let (n, batch) = (case.seq_q, case.batch);
-    let hidden = |b: usize, i: usize, j: usize| {
-        if i < 64 && j < 64 {
-            true
-        } else if i >= 64 && j >= 64 {
-            false
-        } else {
-            (i * 7 + j * 13 + b * 5) % 10 < 3
-        }
-    };
-    let flags: Vec<bool> = (0..batch * n * n)
-        .map(|at| hidden(at / (n * n), (at / n) % n, at % n))
-        .collect();
-    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 9).collect();
-    let x = inputs(&case, 81);
+    let (n, batch) = (case.seq_k, case.batch);
+    let x = inputs(&case, 51 + n as u64);
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
-    let w = uniform(&mut StdRng::seed_from_u64(96), shape, 1.0);
+    let w = uniform(&mut StdRng::seed_from_u64(97), shape, 1.0);
     let device = B::device().autodiff();
-    for (causal, with_pad) in [(false, false), (true, false), (false, true)] {
+    for &(causal, with_pad) in variants {
         let log = DispatchLog::new();
         let mut options = AttentionOptions::default().with_log(log.clone());
         if served.is_some() {
@@ -2163,25 +2088,26 @@ pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Impl
         let q = tensor(&x.q, DType::F32, &device).require_grad();
         let k = tensor(&x.k, DType::F32, &device).require_grad();
         let v = tensor(&x.v, DType::F32, &device).require_grad();
-        let masks = AttentionMasks {
-            key_padding: with_pad.then(|| {
-                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
-            }),
-            attention_mask: Some(Tensor::<3, Bool>::from_data(
-                TensorData::new(flags.clone(), [batch, n, n]),
-                &device,
-            )),
-            ..AttentionMasks::default()
-        };
+        let mut call_masks = masks(&device);
+        call_masks.key_padding = with_pad.then(|| {
+            Tensor::<2, Bool>::from_data(TensorData::new(pad.to_vec(), [batch, n]), &device)
+        });
         let pattern = KeyPattern::band(Window::FULL, causal);
-        let out = masked_attention(q.clone(), k.clone(), v.clone(), &pattern, &options, &masks);
+        let out = burn_attn_core::masked_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            &options,
+            &call_masks,
+        );
         let grads = (out.clone() * tensor(&w, DType::F32, &device))
             .sum()
             .backward();
         let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
         let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
         let visible = |b: usize, i: usize, j: usize| {
-            !(hidden(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
+            !(hides(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
         };
         let want = masked_truth(&x, &case, &visible, &w, None);
         let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
@@ -2203,4 +2129,59 @@ pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Impl
             );
         }
     }
+}
+
+/// [`check_masked_training`] with document ids (packed sequences): alone, with the causal
+/// rule and with key padding; batch 2, GQA, odd length.
+pub fn check_document_training<B: On>(served: Option<(Implementation, Implementation)>) {
+    use burn::tensor::Int;
+    use burn_attn_core::{AttentionMasks, DocumentIds};
+    let case = Case::new(77, 77, 32).gqa(4, 2).batch(2);
+    let (n, batch) = (case.seq_q, case.batch);
+    let docs: Vec<i64> = (0..batch * n)
+        .map(|i| ((i % n) / (20 + 9 * (i / n))) as i64)
+        .collect();
+    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 7).collect();
+    let masks = |device: &Device| AttentionMasks {
+        documents: Some(DocumentIds::self_attention(Tensor::<2, Int>::from_data(
+            TensorData::new(docs.clone(), [batch, n]),
+            device,
+        ))),
+        ..AttentionMasks::default()
+    };
+    let hides = |b: usize, i: usize, j: usize| docs[b * n + i] != docs[b * n + j];
+    let variants = [(false, false), (true, false), (true, true)];
+    check_masked_training::<B>(case, &variants, &masks, &hides, &pad, served);
+}
+
+/// [`check_masked_training`] with a dense attention mask that hides whole blocks, shows
+/// whole blocks and hides scattered pairs elsewhere, different per batch row: alone, with
+/// the causal rule and with key padding.
+pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Implementation)>) {
+    use burn::tensor::Bool;
+    use burn_attn_core::AttentionMasks;
+    let case = Case::new(150, 150, 32).gqa(4, 2).batch(2);
+    let (n, batch) = (case.seq_q, case.batch);
+    let hides = |b: usize, i: usize, j: usize| {
+        if i < 64 && j < 64 {
+            true
+        } else if i >= 64 && j >= 64 {
+            false
+        } else {
+            (i * 7 + j * 13 + b * 5) % 10 < 3
+        }
+    };
+    let flags: Vec<bool> = (0..batch * n * n)
+        .map(|at| hides(at / (n * n), (at / n) % n, at % n))
+        .collect();
+    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 9).collect();
+    let masks = |device: &Device| AttentionMasks {
+        attention_mask: Some(Tensor::<3, Bool>::from_data(
+            TensorData::new(flags.clone(), [batch, n, n]),
+            device,
+        )),
+        ..AttentionMasks::default()
+    };
+    let variants = [(false, false), (true, false), (false, true)];
+    check_masked_training::<B>(case, &variants, &masks, &hides, &pad, served);
 }
