@@ -180,7 +180,7 @@ fn peer_column(name: &str, ms: f64, tflops: f64, ours: f64) -> String {
 /// runs each (per run), after a warm-up of at least three runs and 200 ms: a GPU that was
 /// idle (or compiling) runs its first milliseconds at lower clocks, which moved
 /// one-millisecond cases by 13% between runs of one binary.
-fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: impl FnMut()) -> f64 {
+pub(crate) fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: impl FnMut()) -> f64 {
     let warm = Instant::now();
     let mut runs = 0;
     while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {

@@ -15,14 +15,13 @@
 //! over `--repeats` samples of `--calls` calls queued back to back (CUDA events on the
 //! peer's side); the backward is the training step minus the forward.
 
-use std::time::Instant;
-
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use burn_attn::cores::{BlockLayout, BlockMaskCache, DispatchLog, KeyPattern, Pass};
 use burn_attn::{masked_attention, AttentionMasks, AttentionOptions, DocumentIds, Window};
 use clap::Args;
 
 use crate::cli::{BackendKind, DType};
+use crate::kernel::median_ms;
 use crate::peers::{dtype_name, load_peers, PeerRecord};
 
 /// Options of `masks`.
@@ -202,28 +201,6 @@ fn visible_pairs(case: &MaskCase, n: usize) -> f64 {
         })
         .sum();
     count as f64
-}
-
-fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: impl FnMut()) -> f64 {
-    let warm = Instant::now();
-    let mut runs = 0;
-    while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
-        f();
-        device.sync().unwrap();
-        runs += 1;
-    }
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..calls {
-                f();
-            }
-            device.sync().unwrap();
-            start.elapsed().as_secs_f64() * 1e3 / calls as f64
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 /// Runs `masks` with `args`.

@@ -126,10 +126,6 @@ pub fn tiled_attention(
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
         let mut state = RowState::new([batch, heads, nr, value_dim], (&device, dtype));
-        let padding_of = |pad: Tensor<2, Bool>, nc: usize| {
-            pad.reshape([batch, 1, 1, nc])
-                .expand([batch, heads, nr, nc])
-        };
 
         let keys = if gather_strided {
             pattern.band_key_range(rows.clone(), seq_q, seq_k)
@@ -148,30 +144,12 @@ pub fn tiled_attention(
                     .cast(dtype)
                     .expand([batch, heads, nr, nc]);
             }
-            let mut hidden = (cover == TileCover::Partial).then(|| {
+            let pattern_hidden = (cover == TileCover::Partial).then(|| {
                 let visible = pattern.tile_mask(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                 hidden_keys(visible, batch, heads)
             });
-            if let Some(pad) = &spec.key_padding {
-                let pad = padding_of(pad.clone().slice([0..batch, cols.clone()]), nc);
-                hidden = Some(hidden.map_or(pad.clone(), |h| h.bool_or(pad)));
-            }
-            if let Some((doc_q, doc_k)) = &spec.documents {
-                let other = other_documents(
-                    doc_q.clone().slice([0..batch, rows.clone()]),
-                    doc_k.clone().slice([0..batch, cols.clone()]),
-                    heads,
-                );
-                hidden = Some(hidden.map_or(other.clone(), |h| h.bool_or(other)));
-            }
-            if let Some(mask) = &spec.attention_mask {
-                let tile = mask
-                    .clone()
-                    .slice([0..batch, rows.clone(), cols.clone()])
-                    .reshape([batch, 1, nr, nc])
-                    .expand([batch, heads, nr, nc]);
-                hidden = Some(hidden.map_or(tile.clone(), |h| h.bool_or(tile)));
-            }
+            let keys = TileKeys::Range(cols.clone());
+            let hidden = either_hidden(pattern_hidden, masks_hidden(spec, &rows, &keys, heads));
             state.update(s, hidden, v_blk, dropout);
         }
 
@@ -186,27 +164,10 @@ pub fn tiled_attention(
                 let v_blk = v.clone().select(2, idx.clone());
                 let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
                 let visible = pattern.columns_mask(rows.clone(), chunk, seq_q, seq_k, &device);
-                let mut hidden = hidden_keys(visible, batch, heads);
-                if let Some(pad) = &spec.key_padding {
-                    hidden = hidden.bool_or(padding_of(pad.clone().select(1, idx.clone()), nc));
-                }
-                if let Some((doc_q, doc_k)) = &spec.documents {
-                    hidden = hidden.bool_or(other_documents(
-                        doc_q.clone().slice([0..batch, rows.clone()]),
-                        doc_k.clone().select(1, idx.clone()),
-                        heads,
-                    ));
-                }
-                if let Some(mask) = &spec.attention_mask {
-                    let tile = mask
-                        .clone()
-                        .slice([0..batch, rows.clone()])
-                        .select(2, idx)
-                        .reshape([batch, 1, nr, nc])
-                        .expand([batch, heads, nr, nc]);
-                    hidden = hidden.bool_or(tile);
-                }
-                state.update(s, Some(hidden), v_blk, dropout);
+                let pattern_hidden = Some(hidden_keys(visible, batch, heads));
+                let keys = TileKeys::Gathered(&idx);
+                let hidden = either_hidden(pattern_hidden, masks_hidden(spec, &rows, &keys, heads));
+                state.update(s, hidden, v_blk, dropout);
             }
         }
 
@@ -225,18 +186,71 @@ pub fn tiled_attention(
     (out, lse)
 }
 
-/// `[batch, heads, rows, cols]`, `true` where query row and key belong to different
-/// documents (`doc_q` `[batch, rows]`, `doc_k` `[batch, cols]`).
-fn other_documents(doc_q: Tensor<2, Int>, doc_k: Tensor<2, Int>, heads: usize) -> Tensor<4, Bool> {
-    let ([batch, nr], [_, nc]) = (doc_q.dims(), doc_k.dims());
-    doc_q
-        .reshape([batch, 1, nr, 1])
-        .expand([batch, heads, nr, nc])
-        .not_equal(
-            doc_k
-                .reshape([batch, 1, 1, nc])
-                .expand([batch, heads, nr, nc]),
-        )
+/// The key columns of a tile: a range of keys, or keys gathered by index.
+enum TileKeys<'a> {
+    Range(Range<usize>),
+    Gathered(&'a Tensor<1, Int>),
+}
+
+impl TileKeys<'_> {
+    /// `t`'s entries at these keys along `dim`.
+    fn take<const D: usize, K: burn::tensor::kind::Basic>(
+        &self,
+        t: Tensor<D, K>,
+        dim: usize,
+    ) -> Tensor<D, K> {
+        match self {
+            TileKeys::Range(cols) => t.narrow(dim, cols.start, cols.len()),
+            TileKeys::Gathered(idx) => t.select(dim, (*idx).clone()),
+        }
+    }
+}
+
+/// The positions of the tile (query `rows` x `keys`) that the call's masks hide (key
+/// padding, other documents, the attention mask), `[batch, heads, rows, cols]`; `None`
+/// where the call has none of them.
+fn masks_hidden(
+    spec: &TiledSpec,
+    rows: &Range<usize>,
+    keys: &TileKeys,
+    heads: usize,
+) -> Option<Tensor<4, Bool>> {
+    let nr = rows.len();
+    let to_heads = |t: Tensor<4, Bool>| {
+        let [batch, _, _, nc] = t.dims();
+        t.expand([batch, heads, nr, nc])
+    };
+    let padding = spec.key_padding.as_ref().map(|pad| {
+        let pad = keys.take(pad.clone(), 1);
+        let [batch, nc] = pad.dims();
+        to_heads(pad.reshape([batch, 1, 1, nc]))
+    });
+    let documents = spec.documents.as_ref().map(|(doc_q, doc_k)| {
+        let doc_q = doc_q.clone().narrow(1, rows.start, nr);
+        let doc_k = keys.take(doc_k.clone(), 1);
+        let ([batch, _], [_, nc]) = (doc_q.dims(), doc_k.dims());
+        let rows = doc_q.reshape([batch, 1, nr, 1]).expand([batch, 1, nr, nc]);
+        to_heads(rows.not_equal(doc_k.reshape([batch, 1, 1, nc]).expand([batch, 1, nr, nc])))
+    });
+    let attention = spec.attention_mask.as_ref().map(|mask| {
+        let tile = keys.take(mask.clone().narrow(1, rows.start, nr), 2);
+        let [batch, _, nc] = tile.dims();
+        to_heads(tile.reshape([batch, 1, nr, nc]))
+    });
+    [padding, documents, attention]
+        .into_iter()
+        .fold(None, either_hidden)
+}
+
+/// Positions hidden by either of two masks.
+fn either_hidden(
+    a: Option<Tensor<4, Bool>>,
+    b: Option<Tensor<4, Bool>>,
+) -> Option<Tensor<4, Bool>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.bool_or(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `[batch, heads, rows, cols]`, `true` where the `[rows, cols]` mask `visible` hides the

@@ -117,7 +117,7 @@ fn metadata_problem(
 }
 
 /// `lse` in f32.
-fn f32_lse(lse: FloatTensor<Cube>) -> FloatTensor<Cube> {
+pub(crate) fn f32_lse(lse: FloatTensor<Cube>) -> FloatTensor<Cube> {
     if lse.dtype() == DType::F32 {
         lse
     } else {

@@ -120,6 +120,11 @@ fn cube_caps(device: &Device) -> Option<DeviceCaps> {
     }
 }
 
+/// An integer tensor as the kernels read it: i32, through Burn's dispatch.
+fn i32_dispatch<const D: usize>(t: Tensor<D, Int>) -> burn::backend::DispatchTensor {
+    t.cast(IntDType::I32).into_dispatch()
+}
+
 /// Runs a call on the block-sparse kernels, or returns why they decline it. `pattern`
 /// carries the options' causal rule and window already; `dropout` (in `(0, 1)`, for
 /// training) drops probabilities with a seed drawn from the device's random generator
@@ -195,39 +200,37 @@ pub(crate) fn sparse_kernel_attention(
             BlockMask::new(cover)
         };
     let has_padding = key_padding.is_some();
-    let i32 = |t: Tensor<1, Int>| t.cast(IntDType::I32).into_dispatch();
-    let placeholder = || i32(Tensor::<1, Int>::zeros([1], &device));
-    let layout = pattern_plan.layout.map_or_else(placeholder, i32);
-    let padding = key_padding.map_or_else(placeholder, |pad| {
-        pad.int().cast(IntDType::I32).into_dispatch()
-    });
-    let int2 = |t: &Tensor<2, Int>| t.clone().cast(IntDType::I32).into_dispatch();
+    let placeholder = || i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
+    let layout = pattern_plan.layout.map_or_else(placeholder, i32_dispatch);
+    let padding = key_padding.map_or_else(placeholder, |pad| i32_dispatch(pad.int()));
     let (doc_q, doc_k) = match &masks.documents {
-        Some(docs) => (int2(&docs.queries), int2(&docs.keys)),
+        Some(docs) => (
+            i32_dispatch(docs.queries.clone()),
+            i32_dispatch(docs.keys.clone()),
+        ),
         None => (placeholder(), placeholder()),
     };
-    let dense = masks.attention_mask.as_ref().map_or_else(placeholder, |m| {
-        m.clone().int().cast(IntDType::I32).into_dispatch()
-    });
+    let dense = masks
+        .attention_mask
+        .as_ref()
+        .map_or_else(placeholder, |m| i32_dispatch(m.clone().int()));
     let seed = match dropout {
-        Some(_) => i32(Tensor::<1, Int>::random(
+        Some(_) => i32_dispatch(Tensor::<1, Int>::random(
             [1],
             Distribution::Uniform(0.0, i32::MAX as f64),
             &device,
         )),
         None => placeholder(),
     };
-    let lists = |t: Tensor<3, Int>| t.cast(IntDType::I32).into_dispatch();
-    let indices = |t: Tensor<4, Int>| t.cast(IntDType::I32).into_dispatch();
     let tensors = SparseMaskTensors {
-        partial_count: lists(mask.partial_count),
-        partial_index: indices(mask.partial_index),
-        full_count: lists(mask.full_count),
-        full_index: indices(mask.full_index),
-        t_partial_count: lists(mask.t_partial_count),
-        t_partial_index: indices(mask.t_partial_index),
-        t_full_count: lists(mask.t_full_count),
-        t_full_index: indices(mask.t_full_index),
+        partial_count: i32_dispatch(mask.partial_count),
+        partial_index: i32_dispatch(mask.partial_index),
+        full_count: i32_dispatch(mask.full_count),
+        full_index: i32_dispatch(mask.full_index),
+        t_partial_count: i32_dispatch(mask.t_partial_count),
+        t_partial_index: i32_dispatch(mask.t_partial_index),
+        t_full_count: i32_dispatch(mask.t_full_count),
+        t_full_index: i32_dispatch(mask.t_full_index),
         layout,
         padding,
         doc_q,

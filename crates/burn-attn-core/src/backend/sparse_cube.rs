@@ -6,12 +6,13 @@
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube, TensorMetadata};
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::DType;
 use burn_attn_kernels::launch::{
     flash_backward_sparse, flash_forward_sparse, BackwardInputs, BlockLists, SparseRules,
 };
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
+use super::cube_impl::f32_lse;
 use super::sparse::{
     SparseAttentionBackend, SparseCall, SparseMaskTensors, SparseMaskTensorsMetadata,
 };
@@ -47,11 +48,7 @@ impl SparseAttentionBackend for Cube {
             },
         );
         // The kernels take the lse in f32 and out, d_out in the inputs' dtype.
-        let lse = if lse.dtype() == DType::F32 {
-            lse
-        } else {
-            Cube::float_cast(lse, FloatDType::F32)
-        };
+        let lse = f32_lse(lse);
         let d_out = if d_out.dtype() == q.dtype() {
             d_out
         } else {
