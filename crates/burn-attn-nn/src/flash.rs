@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, masked_attention, pattern_attention, AttentionError, AttentionMasks, AttentionOptions,
-    DocumentIds, KeyPattern, Window,
+    ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions, DocumentIds,
+    KeyPattern, Window,
 };
 
 use crate::input::AttentionInput;
@@ -122,17 +122,9 @@ impl FlashAttention {
         value: Tensor<3>,
         key_padding: Option<Tensor<2, Bool>>,
     ) -> Tensor<3> {
-        let h = self.projection.split(query, key, value);
-        let out = pattern_attention(
-            h.q,
-            h.k,
-            h.v,
-            &KeyPattern::default(),
-            &self.options(),
-            key_padding,
-            self.dropout,
-        );
-        self.projection.merge(out)
+        let mut input = AttentionInput::new(query, key, value);
+        input.mask_pad = key_padding;
+        self.forward_input(input)
     }
 
     /// Attention with burn-nn's masks ([`AttentionInput`], burn-nn's `MhaInput` field for
@@ -142,16 +134,8 @@ impl FlashAttention {
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
         let masks = input.masks(self.dropout);
-        let h = self.projection.split(input.query, input.key, input.value);
-        let out = masked_attention(
-            h.q,
-            h.k,
-            h.v,
-            &KeyPattern::default(),
-            &self.options(),
-            &masks,
-        );
-        self.projection.merge(out)
+        let pattern = KeyPattern::default();
+        attend(&self.projection, input, &pattern, &self.options(), &masks)
     }
 
     /// Self-attention over packed sequences: each row of `x` (`[batch, seq, d_model]`)
@@ -163,14 +147,10 @@ impl FlashAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        packed_attention(
-            &self.projection,
-            x,
-            documents,
-            &KeyPattern::default(),
-            &self.options(),
-            self.dropout,
-        )
+        let masks = packed_masks(documents, self.dropout);
+        let pattern = KeyPattern::default();
+        let input = AttentionInput::self_attn(x);
+        attend(&self.projection, input, &pattern, &self.options(), &masks)
     }
 
     /// The options of the attention core: scale, causal flag, window and tile.
@@ -190,23 +170,27 @@ impl FlashAttention {
     }
 }
 
-/// Self-attention of packed sequences through `projection`: [`masked_attention`] with the
-/// document ids of `documents` (`[batch, seq]`) and `dropout`.
-pub(crate) fn packed_attention(
+/// The exact modules' one path: projections, [`masked_attention`] under `pattern`,
+/// `options` and `masks`, output projection.
+pub(crate) fn attend(
     projection: &MultiHeadProjection,
-    x: Tensor<3>,
-    documents: Tensor<2, Int>,
+    input: AttentionInput,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-    dropout: f64,
+    masks: &AttentionMasks,
 ) -> Tensor<3> {
-    let h = projection.split(x.clone(), x.clone(), x);
-    let masks = AttentionMasks {
+    let h = projection.split(input.query, input.key, input.value);
+    projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, masks))
+}
+
+/// The masks of packed self-attention: document ids `documents` (`[batch, seq]`), with
+/// `dropout`.
+pub(crate) fn packed_masks(documents: Tensor<2, Int>, dropout: f64) -> AttentionMasks {
+    AttentionMasks {
         documents: Some(DocumentIds::self_attention(documents)),
         dropout,
         ..AttentionMasks::default()
-    };
-    projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, &masks))
+    }
 }
 
 /// The projection config shared by every variant's config.

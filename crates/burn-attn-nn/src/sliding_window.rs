@@ -4,11 +4,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, masked_attention, pattern_attention, AttentionError, AttentionOptions, KeyPattern,
-    Window,
+    ensure, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
 };
 
-use crate::flash::{packed_attention, projection_config, validate_dropout};
+use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
 use crate::input::AttentionInput;
 use crate::projection::{validate_heads, MultiHeadProjection};
 
@@ -103,17 +102,9 @@ impl SlidingWindowAttention {
         value: Tensor<3>,
         key_padding: Option<Tensor<2, Bool>>,
     ) -> Tensor<3> {
-        let h = self.projection.split(query, key, value);
-        let out = pattern_attention(
-            h.q,
-            h.k,
-            h.v,
-            &KeyPattern::band(self.band(), self.causal),
-            &AttentionOptions::new(),
-            key_padding,
-            self.dropout,
-        );
-        self.projection.merge(out)
+        let mut input = AttentionInput::new(query, key, value);
+        input.mask_pad = key_padding;
+        self.forward_input(input)
     }
 
     /// Attention with burn-nn's masks ([`AttentionInput`]) inside the window.
@@ -122,16 +113,7 @@ impl SlidingWindowAttention {
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
         let masks = input.masks(self.dropout);
-        let h = self.projection.split(input.query, input.key, input.value);
-        let out = masked_attention(
-            h.q,
-            h.k,
-            h.v,
-            &KeyPattern::band(self.band(), self.causal),
-            &AttentionOptions::new(),
-            &masks,
-        );
-        self.projection.merge(out)
+        self.attend(input, &masks)
     }
 
     /// Self-attention over packed sequences: `documents` (`[batch, seq]`, not decreasing
@@ -142,13 +124,18 @@ impl SlidingWindowAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        packed_attention(
+        let masks = packed_masks(documents, self.dropout);
+        self.attend(AttentionInput::self_attn(x), &masks)
+    }
+
+    fn attend(&self, input: AttentionInput, masks: &AttentionMasks) -> Tensor<3> {
+        let pattern = KeyPattern::band(self.band(), self.causal);
+        attend(
             &self.projection,
-            x,
-            documents,
-            &KeyPattern::band(self.band(), self.causal),
+            input,
+            &pattern,
             &AttentionOptions::new(),
-            self.dropout,
+            masks,
         )
     }
 
