@@ -1343,7 +1343,16 @@ struct MaskedTruth {
     lse: Vec<f64>,
     /// `(dq, dk, dv)` for the output gradient given.
     grads: [Vec<f64>; 3],
+    /// The score terms' gradients per batch and query head (`[b, h, n]`): the key bias's
+    /// (the logits' gradient summed per key) and the reach's (summed per query, times the
+    /// term's slope).
+    term_grads: [Vec<f64>; 2],
 }
+
+/// A call's score terms as the truth takes them: `(bias, slope)` of element `(b, h, i, j)`
+/// (added to the scaled score; its derivative by the query's reach), `None` where a term
+/// hides the key.
+type Terms<'a> = &'a dyn Fn(usize, usize, usize, usize) -> Option<(f64, f64)>;
 
 /// [`MaskedTruth`] of `x` under `visible`, with gradients for `d_out` (`[b, h, n, d]`);
 /// with `dropout` (probability, seed), probabilities dropped by the kernels' hash
@@ -1354,6 +1363,7 @@ fn masked_truth(
     visible: &dyn Fn(usize, usize, usize) -> bool,
     d_out: &(Vec<f32>, [usize; 4]),
     dropout: Option<(f64, u32)>,
+    terms: Option<Terms>,
 ) -> MaskedTruth {
     use burn_attn_core::kernels::plan::{dropout_hash, dropout_threshold};
     let (b, h, kvh, n, d) = (case.batch, case.heads, case.kv_heads, case.seq_q, case.dim);
@@ -1370,20 +1380,22 @@ fn masked_truth(
     let (mut out, mut lse) = (vec![0.0; b * h * n * d], vec![f64::NEG_INFINITY; b * h * n]);
     let mut dq = vec![0.0; b * h * n * d];
     let (mut dk, mut dv) = (vec![0.0; b * kvh * n * d], vec![0.0; b * kvh * n * d]);
+    let (mut d_bias, mut d_reach) = (vec![0.0; b * h * n], vec![0.0; b * h * n]);
     for bi in 0..b {
         for hi in 0..h {
             let kh = hi / (h / kvh);
             for i in 0..n {
-                let scores: Vec<(usize, f64)> = (0..n)
+                let scores: Vec<(usize, f64, f64)> = (0..n)
                     .filter(|&j| visible(bi, i, j))
-                    .map(|j| {
-                        (
-                            j,
-                            (0..d)
-                                .map(|c| at(&x.q, bi, hi, i, c) * at(&x.k, bi, kh, j, c))
-                                .sum::<f64>()
-                                * scale,
-                        )
+                    .filter_map(|j| {
+                        let (bias, slope) = match terms {
+                            Some(terms) => terms(bi, hi, i, j)?,
+                            None => (0.0, 0.0),
+                        };
+                        let dot = (0..d)
+                            .map(|c| at(&x.q, bi, hi, i, c) * at(&x.k, bi, kh, j, c))
+                            .sum::<f64>();
+                        Some((j, dot * scale + bias, slope))
                     })
                     .collect();
                 if scores.is_empty() {
@@ -1393,9 +1405,9 @@ fn masked_truth(
                 let sum: f64 = scores.iter().map(|s| (s.1 - m).exp()).sum();
                 let row = (bi * h + hi) * n + i;
                 lse[row] = m + sum.ln();
-                let p: Vec<(usize, f64)> = scores
+                let p: Vec<(usize, f64, f64)> = scores
                     .iter()
-                    .map(|&(j, s)| (j, (s - m).exp() / sum))
+                    .map(|&(j, s, slope)| (j, (s - m).exp() / sum, slope))
                     .collect();
                 // The factor each probability takes in the output: 0 if dropped, else
                 // 1 / (1 - p).
@@ -1413,19 +1425,22 @@ fn masked_truth(
                 for c in 0..d {
                     out[row * d + c] = p
                         .iter()
-                        .map(|&(j, pj)| pj * keep(j) * at(&x.v, bi, kh, j, c))
+                        .map(|&(j, pj, _)| pj * keep(j) * at(&x.v, bi, kh, j, c))
                         .sum();
                 }
                 // dP_j = dO . V_j, D = dO . O, dS_j = P_j (dP_j - D).
                 let d_row: f64 = (0..d)
                     .map(|c| at(d_out, bi, hi, i, c) * out[row * d + c])
                     .sum();
-                for &(j, pj) in &p {
+                for &(j, pj, slope) in &p {
                     let key = (bi * kvh + kh) * n + j;
                     let dp: f64 = (0..d)
                         .map(|c| at(d_out, bi, hi, i, c) * at(&x.v, bi, kh, j, c))
                         .sum();
-                    let ds = pj * (dp * keep(j) - d_row) * scale;
+                    let d_logit = pj * (dp * keep(j) - d_row);
+                    d_bias[(bi * h + hi) * n + j] += d_logit;
+                    d_reach[row] += d_logit * slope;
+                    let ds = d_logit * scale;
                     for c in 0..d {
                         dv[key * d + c] += pj * keep(j) * at(d_out, bi, hi, i, c);
                         dq[row * d + c] += ds * at(&x.k, bi, kh, j, c);
@@ -1439,13 +1454,16 @@ fn masked_truth(
         out,
         lse,
         grads: [dq, dk, dv],
+        term_grads: [d_bias, d_reach],
     }
 }
 
 /// The block-sparse forward and backward kernels on `B` in `dtype` against the host truth
 /// on the same (rounded) inputs, for patterns (band, causal, strided columns, block
-/// layouts), key padding and document ids alone and combined, batch 2 with GQA and an odd
-/// length; empty rows are 0 with lse -inf and get zero gradients. f32 to 1e-4; f16/bf16
+/// layouts), key padding, document ids and score terms (a per-key bias with `-inf` keys, a
+/// soft edge from a per-query reach shared by the heads) alone and combined, batch 2 with
+/// GQA and an odd length; empty rows are 0 with lse -inf and get zero gradients; the score
+/// terms' gradients per batch and query head. f32 to 1e-4; f16/bf16
 /// (the matrix-unit forward on CUDA) within the rounding of probabilities and outputs to
 /// the dtype: 2e-3 (f16) or 1.6e-2 (bf16), relative to the largest gradient for gradients.
 pub fn check_sparse_kernels<B: On>(dtype: DType) {
@@ -1493,8 +1511,46 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
         &cube_primitive(k.clone()),
         &cube_primitive(v.clone()),
         &forced,
+        false,
     )
     .unwrap();
+    let heads = case.heads;
+    // Score terms: a per-key bias per batch and head, `-inf` on some keys, and a reach per
+    // query shared by the heads, with its ramp.
+    let key_bias: Vec<f32> = (0..batch * heads * n)
+        .map(|at| {
+            let (bh, j) = (at / n, at % n);
+            if (j * 3 + bh) % 13 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                ((bh * 3 + j * 5) % 17) as f32 / 8.0 - 1.5
+            }
+        })
+        .collect();
+    let reach: Vec<f32> = (0..batch * n)
+        .map(|at| 3.0 + ((at / n * 5 + at % n * 7) % 11) as f32 * 1.3)
+        .collect();
+    let ramp = 4.0f32;
+    let term_of = |with: u8, b: usize, h: usize, i: usize, j: usize| {
+        let (mut bias, mut slope) = (0.0, 0.0);
+        if with & 1 != 0 {
+            let kb = key_bias[(b * heads + h) * n + j] as f64;
+            if kb == f64::NEG_INFINITY {
+                return None;
+            }
+            bias += kb;
+        }
+        if with & 2 != 0 {
+            let distance = (j as f64 - i as f64).abs();
+            let w = ((reach[b * n + i] as f64 - distance) / ramp as f64 + 0.5).min(1.0);
+            if w <= 1e-30 {
+                return None;
+            }
+            bias += w.ln();
+            slope = if w < 1.0 { 1.0 / (ramp as f64 * w) } else { 0.0 };
+        }
+        Some((bias, slope))
+    };
     // Lists on the kernel's tiles, and on blocks of two by three of them.
     for (block_q, block_k) in [(block_q, block_k), (2 * block_q, 3 * block_k)] {
         let grid = BlockGrid::new(block_q, block_k, n, n).unwrap();
@@ -1528,22 +1584,27 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
             // Every rule alone on the band; the others with none or all of padding and
             // documents, the last also with dropout (each set of rules is a kernel to
             // compile).
-            let masks: &[(bool, bool, bool)] = match p_at {
+            // Score terms (bit 0: key bias, bit 1: soft edge) alone on the band, and both
+            // with padding and dropout.
+            let masks: &[(bool, bool, bool, u8)] = match p_at {
                 0 => &[
-                    (false, false, false),
-                    (true, false, false),
-                    (false, true, false),
-                    (true, true, false),
-                    (false, false, true),
+                    (false, false, false, 0),
+                    (true, false, false, 0),
+                    (false, true, false, 0),
+                    (true, true, false, 0),
+                    (false, false, true, 0),
+                    (false, false, false, 1),
+                    (false, false, false, 2),
+                    (true, false, true, 3),
                 ],
                 3 => &[
-                    (false, false, false),
-                    (true, true, false),
-                    (true, true, true),
+                    (false, false, false, 0),
+                    (true, true, false, 0),
+                    (true, true, true, 0),
                 ],
-                _ => &[(false, false, false), (true, true, false)],
+                _ => &[(false, false, false, 0), (true, true, false, 0)],
             };
-            for &(with_pad, with_docs, with_drop) in masks {
+            for &(with_pad, with_docs, with_drop, with_terms) in masks {
                 let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
                 let mut rules = SparseRules {
                     left: pattern.window.left,
@@ -1583,6 +1644,24 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     rules.documents =
                         Some((cube_int_primitive(ids.clone()), cube_int_primitive(ids)));
                 }
+                if with_terms & 1 != 0 {
+                    let bias = Tensor::<3>::from_data(
+                        TensorData::new(key_bias.clone(), [batch, heads, n]),
+                        &device,
+                    );
+                    let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
+                    cover = cover
+                        .intersect(BlockCover::of_hidden_keys(hidden, grid).unwrap())
+                        .unwrap();
+                    rules.key_bias = Some(cube_primitive(bias));
+                }
+                if with_terms & 2 != 0 {
+                    let reach = Tensor::<3>::from_data(
+                        TensorData::new(reach.clone(), [batch, 1, n]),
+                        &device,
+                    );
+                    rules.soft_edge = Some((cube_primitive(reach), ramp));
+                }
                 let dropout = with_drop.then_some((0.3, 0x00c0_ffee_u32));
                 if let Some((p, seed)) = dropout {
                     let seed = Tensor::<1, Int>::from_data(
@@ -1620,11 +1699,19 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                         && !(with_pad && pad[b * n + j])
                         && !(with_docs && docs[b * n + i] != docs[b * n + j])
                 };
-                let want = masked_truth(&x, &case, &visible, &d_out, dropout);
+                let terms = |b: usize, h: usize, i: usize, j: usize| term_of(with_terms, b, h, i, j);
+                let want = masked_truth(
+                    &x,
+                    &case,
+                    &visible,
+                    &d_out,
+                    dropout,
+                    (with_terms != 0).then_some(&terms as Terms),
+                );
                 let (got_out, got_lse) = (cube_to_f64(out.clone()), cube_to_f64(lse.clone()));
                 let what = format!(
                     "{dtype:?} blocks {block_q} x {block_k}, pattern {p_at}, padding {with_pad}, \
-                     documents {with_docs}, dropout {with_drop}"
+                     documents {with_docs}, dropout {with_drop}, score terms {with_terms}"
                 );
                 let err = max_err(&got_out, &want.out);
                 assert!(err < tol, "{what}: output error {err}");
@@ -1651,11 +1738,14 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     &forced,
                 )
                 .unwrap();
-                for ((name, got), want) in ["dq", "dk", "dv"]
-                    .into_iter()
-                    .zip([grads.0, grads.1, grads.2])
-                    .zip(&want.grads)
-                {
+                let (dq, dk, dv) = grads.qkv;
+                let mut checks = vec![("dq", dq, &want.grads[0]), ("dk", dk, &want.grads[1])];
+                checks.push(("dv", dv, &want.grads[2]));
+                assert_eq!(grads.key_bias.is_some(), with_terms & 1 != 0, "{what}");
+                assert_eq!(grads.reach.is_some(), with_terms & 2 != 0, "{what}");
+                checks.extend(grads.key_bias.map(|g| ("key bias", g, &want.term_grads[0])));
+                checks.extend(grads.reach.map(|g| ("reach", g, &want.term_grads[1])));
+                for (name, got, want) in checks {
                     let err = max_err(&cube_to_f64(got), want);
                     let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
                     assert!(
@@ -1997,7 +2087,8 @@ pub fn check_invalid_list_indices<B: On>() {
     );
     let forced = ForcedPlan::default();
     let prim = |t: &Tensor<4>| cube_primitive(t.clone());
-    let (block_q, block_k) = sparse_blocks(&prim(&q), &prim(&k), &prim(&v), &forced).unwrap();
+    let (block_q, block_k) =
+        sparse_blocks(&prim(&q), &prim(&k), &prim(&v), &forced, false).unwrap();
     let grid = BlockGrid::new(block_q, block_k, 150, 150).unwrap();
     let pattern = KeyPattern::band(Window::symmetric(8), false);
     let mask = BlockMask::new(BlockCover::of_pattern(&pattern, grid, &device).unwrap());
@@ -2109,7 +2200,7 @@ fn check_masked_training<B: On>(
         let visible = |b: usize, i: usize, j: usize| {
             !(hides(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
         };
-        let want = masked_truth(&x, &case, &visible, &w, None);
+        let want = masked_truth(&x, &case, &visible, &w, None, None);
         let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
         for (name, (g, t)) in ["out", "dq", "dk", "dv"]
             .into_iter()

@@ -34,9 +34,9 @@ use std::time::Instant;
 
 use burn::tensor::module::{attention as burn_attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Distribution, Tensor};
-use burn_attn::cores::{ForcedPlan, KernelPolicy};
-use burn_attn::{attention, AttentionOptions, Window};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn_attn::cores::{ForcedPlan, KernelPolicy, KeyPattern};
+use burn_attn::{attention, masked_attention, AttentionMasks, AttentionOptions, Window};
 use clap::{Args, ValueEnum};
 
 use crate::cli::DType;
@@ -385,7 +385,8 @@ fn run_backward(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
 }
 
 /// The memory targets' cases: b = 1, h = 16, d = 128; one forward at n = 65536, or with
-/// `--backward` one training step (forward and backward of `sum(out * w)`) at n = 32768.
+/// `--backward` one training step (forward and backward of `sum(out * w)`) at n = 32768;
+/// with `--memory-masks` under key padding (the last 30% of keys) and dropout 0.1.
 ///
 /// The inputs are constant-filled (memory does not depend on the values; random
 /// generation leaves pages of f32 intermediates in the pool). After a pool cleanup with
@@ -420,12 +421,26 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
             .with_tf32(args.tf32)
             .with_kernel(KernelPolicy::Require)
             .with_forced_plan(args.plan.forced());
+        let masks = args.memory_masks.then(|| AttentionMasks {
+            key_padding: Some(
+                Tensor::<1, Int>::arange(0..n as i64, device)
+                    .reshape([1, n])
+                    .greater_equal_elem((n - 3 * n / 10) as i64),
+            ),
+            dropout: if args.backward { 0.1 } else { 0.0 },
+            ..AttentionMasks::default()
+        });
+        let call = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| match &masks {
+            Some(masks) => masked_attention(q, k, v, &KeyPattern::default(), &opts, masks),
+            None => attention(q, k, v, &opts),
+        };
         let start = Instant::now();
         // Keep what the call returns alive while the pool is read.
         let kept = match &w {
+            None if masks.is_some() => (Some((call(q.clone(), k.clone(), v.clone()), None)), None),
             None => {
                 let (o, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &opts);
-                (Some((o, lse)), None)
+                (Some((o, Some(lse))), None)
             }
             Some(w) => {
                 let (q, k, v) = (
@@ -433,7 +448,7 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
                     k.clone().require_grad(),
                     v.clone().require_grad(),
                 );
-                let out = attention(q.clone(), k.clone(), v.clone(), &opts);
+                let out = call(q.clone(), k.clone(), v.clone());
                 let grads = (out * w.clone()).sum().backward();
                 (None, Some((q.grad(&grads), k.grad(&grads), v.grad(&grads))))
             }
@@ -447,10 +462,11 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
         let tensors_n = if args.backward { 8 } else { 4 };
         let tensors = (tensors_n * b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
         let ratio = after as f64 / tensors as f64;
-        let what = if args.backward {
-            "training step"
-        } else {
-            "forward"
+        let what = match (args.backward, args.memory_masks) {
+            (true, false) => "training step",
+            (true, true) => "training step, padding 30%, dropout 0.1",
+            (false, false) => "forward",
+            (false, true) => "forward, padding 30%",
         };
         println!(
             "memory {what} b={b} h={h} n={n} d={d} causal={causal} {}: pool {:.1} MiB before, \
@@ -599,6 +615,10 @@ pub struct KernelArgs {
     /// Length of the memory case.
     #[arg(long)]
     pub memory_seq: Option<usize>,
+    /// The memory case under masks: 30% of the keys padded and, with `--backward`,
+    /// attention dropout 0.1 (the block-sparse kernels).
+    #[arg(long)]
+    pub memory_masks: bool,
     /// Time training steps (backward) instead of forwards.
     #[arg(long)]
     pub backward: bool,

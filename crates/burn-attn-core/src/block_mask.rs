@@ -224,32 +224,49 @@ impl BlockCover {
         grid: BlockGrid,
     ) -> Result<Self, AttentionError> {
         let [batch, seq_k] = padding.dims();
+        Self::of_hidden_keys(padding.reshape([batch, 1, seq_k]), grid)
+    }
+
+    /// The cover of keys hidden per batch and head (`[batch or 1, heads or 1, seq_k]`,
+    /// `true` where every query of that batch and head must not see the key: padding, or
+    /// keys a learned selection leaves out); `[batch or 1, heads or 1, q_blocks, k_blocks]`.
+    ///
+    /// # Errors
+    /// When the last dimension is not the grid's `seq_k`.
+    pub fn of_hidden_keys(
+        hidden: Tensor<3, Bool>,
+        grid: BlockGrid,
+    ) -> Result<Self, AttentionError> {
+        let [batch, heads, seq_k] = hidden.dims();
         if seq_k != grid.seq_k {
             return Err(AttentionError::Invalid(format!(
-                "key padding of shape [{batch}, {seq_k}] for seq_k {}: expected [batch, {}]",
+                "hidden keys of shape [{batch}, {heads}, {seq_k}] for seq_k {}: expected \
+                 [batch, heads, {}]",
                 grid.seq_k, grid.seq_k
             )));
         }
         let (qb, kb, bk) = (grid.q_blocks(), grid.k_blocks(), grid.block_k);
         let tail = kb * bk - seq_k;
         // Keys past seq_k are outside the call: they count neither way.
-        let visible = padding
+        let visible = hidden
             .bool_not()
             .int()
             .pad([(0, tail)], burn::tensor::ops::PadMode::Constant(0.0))
-            .reshape([batch, kb, bk])
-            .sum_dim(2)
-            .reshape([batch, kb]);
+            .reshape([batch, heads, kb, bk])
+            .sum_dim(3)
+            .reshape([batch, heads, kb]);
         let device = visible.device();
         let (k_first, k_last) = BlockGrid::block_edges(bk, seq_k, &device);
         let real = (k_last - k_first)
             .add_scalar(1)
-            .reshape([1, kb])
-            .expand([batch, kb]);
+            .reshape([1, 1, kb])
+            .expand([batch, heads, kb]);
         let codes = codes_of(visible.clone().equal_elem(0), visible.equal(real));
         Ok(Self {
             grid,
-            codes: codes.reshape([batch, 1, 1, kb]).expand([batch, 1, qb, kb]),
+            codes: codes
+                .reshape([batch, heads, 1, kb])
+                .expand([batch, heads, qb, kb]),
         })
     }
 

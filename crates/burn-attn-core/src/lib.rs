@@ -29,6 +29,7 @@ mod masked;
 mod options;
 mod pattern;
 mod reference;
+mod score_terms;
 mod shape;
 mod tiled;
 
@@ -50,6 +51,7 @@ pub use masked::{masked_attention, try_masked_attention, AttentionMasks, Documen
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;
+pub use score_terms::SoftEdge;
 pub use shape::{repeat_kv, AttentionShape};
 pub use tiled::{smallest_normal, tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};
 

@@ -1,6 +1,6 @@
 //! Attention under every mask a call can carry: a [`KeyPattern`] (band, causal rule,
-//! strided columns, block layout), key padding, document ids (packed sequences) and
-//! dropout, and the one place that routes such a call: the band kernels when the mask is a
+//! strided columns, block layout), key padding, document ids (packed sequences), score
+//! terms (a per-key bias, a soft window edge) and dropout, and the one place that routes such a call: the band kernels when the mask is a
 //! plain band, the block-sparse kernels on CubeCL devices otherwise, the tiled tensor ops
 //! where no kernel takes it.
 
@@ -10,6 +10,7 @@ use crate::backend::{banded, same_dtype};
 use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
+use crate::score_terms::{check_score_terms, ScoreTerms, SoftEdge};
 use crate::shape::AttentionShape;
 use crate::tiled::{tiled_attention, TiledSpec, DEFAULT_TILE};
 use crate::AttentionError;
@@ -46,6 +47,11 @@ pub struct AttentionMasks {
     /// `mask_attn`): any mask, at O(seq_q * seq_k) memory. The kernels read it on the blocks
     /// it leaves partly visible and skip the blocks it hides whole.
     pub attention_mask: Option<Tensor<3, Bool>>,
+    /// A bias added to the scaled scores of each key, `[batch or 1, heads or 1, seq_k]`
+    /// (query heads; learned sparsity's gate); `-inf` hides a key. Differentiable.
+    pub key_bias: Option<Tensor<3>>,
+    /// A soft window edge per query (the adaptive window). Differentiable in its reach.
+    pub soft_edge: Option<SoftEdge>,
     /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
     /// the backend tracks gradients (training).
     pub dropout: f64,
@@ -55,7 +61,9 @@ pub struct AttentionMasks {
 /// plain band without masks, the block-sparse kernels (forward and backward) for strided
 /// columns, block layouts, key padding, document ids, attention masks and dropout in
 /// training on CubeCL devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse`
-/// elsewhere), the tiled tensor ops otherwise (every such call on the CPU backends).
+/// elsewhere and for calls with score terms), the tiled tensor ops otherwise (every such
+/// call on the CPU backends). Score terms (`key_bias`, `soft_edge`) get gradients on every
+/// path.
 ///
 /// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
 /// the device's random generator, not from Burn's dropout: the same probability, another
@@ -94,8 +102,11 @@ pub fn try_masked_attention(
     let dropout = masks.dropout;
     let dropout_active = dropout > 0.0 && q.is_autodiff();
     let plain_band = pattern.stride.is_none() && pattern.blocks.is_none();
-    let unmasked =
-        masks.key_padding.is_none() && masks.documents.is_none() && masks.attention_mask.is_none();
+    let unmasked = masks.key_padding.is_none()
+        && masks.documents.is_none()
+        && masks.attention_mask.is_none()
+        && masks.key_bias.is_none()
+        && masks.soft_edge.is_none();
     if plain_band && unmasked && !dropout_active {
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
@@ -117,6 +128,8 @@ pub fn try_masked_attention(
         "document ids"
     } else if masks.attention_mask.is_some() {
         "attention masks"
+    } else if masks.key_bias.is_some() || masks.soft_edge.is_some() {
+        "score terms"
     } else {
         "key padding"
     };
@@ -146,6 +159,14 @@ pub fn try_masked_attention(
         .map(|d| (d.queries.clone(), d.keys.clone()));
     spec.attention_mask = masks.attention_mask.clone();
     spec.dropout = dropout;
+    let terms = ScoreTerms {
+        key_bias: masks.key_bias.as_ref(),
+        soft_edge: masks.soft_edge.as_ref(),
+        offset: shape.seq_k as i64 - shape.seq_q as i64,
+    };
+    if terms.key_bias.is_some() || terms.soft_edge.is_some() {
+        spec.bias = Some(&terms);
+    }
     Ok(serve_tiled(Pass::Forward, options, declined, || {
         tiled_attention(q, k, v, &spec).0
     }))
@@ -197,5 +218,5 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
         crate::block_mask::check_non_decreasing(&docs.queries, "query")?;
         crate::block_mask::check_non_decreasing(&docs.keys, "key")?;
     }
-    Ok(())
+    check_score_terms(masks.key_bias.as_ref(), masks.soft_edge.as_ref(), shape)
 }

@@ -77,6 +77,9 @@ pub(crate) struct SparseCall {
     pub documents: bool,
     /// Whether the call has a dense attention mask.
     pub dense: bool,
+    /// Whether the call has a per-key score bias, and a soft edge (its ramp width).
+    pub key_bias: bool,
+    pub soft_edge: Option<f32>,
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
@@ -88,28 +91,50 @@ pub(crate) struct SparseCall {
 #[backend_extension(Cube: cfg(feature = "cube"), Autodiff)]
 pub(crate) trait SparseAttentionBackend: Backend {
     /// Output `[batch, heads, seq_q, value_dim]` and f32 row log-sum-exp `[batch, heads,
-    /// seq_q]` (`-inf` where a row sees no key; its output is 0).
+    /// seq_q]` (`-inf` where a row sees no key; its output is 0). `key_bias` (`[batch or 1,
+    /// heads or 1, seq_k]`) and `reach` (`[batch or 1, heads or 1, seq_q]`) are the score
+    /// terms where `call` has them, `[1, 1, 1]` placeholders otherwise.
     fn sparse_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         #[extension_type] mask: SparseMaskTensors<Self>,
         call: SparseCall,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `(dq, dk, dv)` of [`SparseAttentionBackend::sparse_attention`] for `d_out`.
+    /// `(dq, dk, dv, d_key_bias, d_reach)` of [`SparseAttentionBackend::sparse_attention`]
+    /// for `d_out` (the score terms' gradients in their tensors' shapes and dtypes).
     #[allow(clippy::too_many_arguments)]
     fn sparse_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
         #[extension_type] mask: SparseMaskTensors<Self>,
         call: SparseCall,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 }
+
+/// The gradients of a block-sparse call: q, k, v, the key bias, the reach.
+pub(crate) type SparseGradients<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
 
 /// The capabilities of a device, where it is a CubeCL device (under autodiff or not).
 fn cube_caps(device: &Device) -> Option<DeviceCaps> {
@@ -160,9 +185,10 @@ pub(crate) fn sparse_kernel_attention(
         right: None,
     };
     let forced = options.forced_plan.unwrap_or_default();
+    let has_terms = masks.key_bias.is_some() || masks.soft_edge.is_some();
     let plan = precision_of(q.dtype(), k.dtype(), v.dtype())
         .and_then(|precision| Problem::contiguous(q_dims, k_dims, v_dims, precision, band))
-        .and_then(|problem| plan_sparse(&problem, &caps, &forced))
+        .and_then(|problem| plan_sparse(&problem, &caps, &forced, has_terms))
         .map_err(|why| decline(Decline::Kernel(why)))?;
     let device = q.device();
     let (seq_q, seq_k) = (q_dims[2], k_dims[2]);
@@ -178,27 +204,35 @@ pub(crate) fn sparse_kernel_attention(
     }
     .expect("the pattern was validated");
     let key_padding = masks.key_padding.clone();
-    let mask =
-        if key_padding.is_none() && masks.documents.is_none() && masks.attention_mask.is_none() {
-            pattern_plan.mask
-        } else {
-            let mut cover = pattern_plan.cover;
-            if let Some(pad) = &key_padding {
-                let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
-                cover = cover.intersect(pad).expect("one grid");
-            }
-            if let Some(docs) = &masks.documents {
-                let docs =
-                    BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
-                cover = cover.intersect(docs).expect("one grid");
-            }
-            if let Some(dense) = &masks.attention_mask {
-                let dense =
-                    BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape");
-                cover = cover.intersect(dense).expect("one grid");
-            }
-            BlockMask::new(cover)
-        };
+    let mask = if key_padding.is_none()
+        && masks.documents.is_none()
+        && masks.attention_mask.is_none()
+        && masks.key_bias.is_none()
+    {
+        pattern_plan.mask
+    } else {
+        let mut cover = pattern_plan.cover;
+        // Keys whose bias is -inf are hidden: their blocks are skipped.
+        if let Some(bias) = &masks.key_bias {
+            let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
+            let hidden = BlockCover::of_hidden_keys(hidden, grid).expect("checked shape");
+            cover = cover.intersect(hidden).expect("one grid");
+        }
+        if let Some(pad) = &key_padding {
+            let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
+            cover = cover.intersect(pad).expect("one grid");
+        }
+        if let Some(docs) = &masks.documents {
+            let docs =
+                BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
+            cover = cover.intersect(docs).expect("one grid");
+        }
+        if let Some(dense) = &masks.attention_mask {
+            let dense = BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape");
+            cover = cover.intersect(dense).expect("one grid");
+        }
+        BlockMask::new(cover)
+    };
     let has_padding = key_padding.is_some();
     let placeholder = || i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
     let layout = pattern_plan.layout.map_or_else(placeholder, i32_dispatch);
@@ -238,6 +272,17 @@ pub(crate) fn sparse_kernel_attention(
         dense,
         seed,
     };
+    // The score terms (placeholders where absent) keep their dtype: the kernels' launch
+    // reads them as f32 and returns gradients in it.
+    let term_placeholder = || Tensor::<3>::zeros([1, 1, 1], &device).into_dispatch();
+    let key_bias = masks
+        .key_bias
+        .clone()
+        .map_or_else(term_placeholder, Tensor::into_dispatch);
+    let reach = masks
+        .soft_edge
+        .as_ref()
+        .map_or_else(term_placeholder, |e| e.reach.clone().into_dispatch());
     let call = SparseCall {
         block_q: plan.block_q,
         block_k: plan.block_k,
@@ -250,6 +295,8 @@ pub(crate) fn sparse_kernel_attention(
         padding: has_padding,
         documents: masks.documents.is_some(),
         dense: masks.attention_mask.is_some(),
+        key_bias: masks.key_bias.is_some(),
+        soft_edge: masks.soft_edge.as_ref().map(|e| e.ramp as f32),
         dropout,
         forced,
         log: options.log.clone(),
@@ -270,6 +317,8 @@ pub(crate) fn sparse_kernel_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+        key_bias,
+        reach,
         tensors,
         call,
     );
@@ -280,31 +329,34 @@ pub(crate) fn sparse_kernel_attention(
 #[derive(Debug)]
 struct SparseAttentionBackwardStep;
 
-/// What the backward needs: Q, K, V, O, the lse, the mask and the call.
+/// What the backward needs: Q, K, V, the key bias and reach, O, the lse, the mask and the
+/// call.
 type SavedState<E> = (
-    FloatTensor<E>,
-    FloatTensor<E>,
-    FloatTensor<E>,
+    [FloatTensor<E>; 5],
     FloatTensor<E>,
     FloatTensor<E>,
     SparseMaskTensors<E>,
     SparseCall,
 );
 
-impl<E: SparseAttentionBackend> Backward<E, 3> for SparseAttentionBackwardStep {
+impl<E: SparseAttentionBackend> Backward<E, 5> for SparseAttentionBackwardStep {
     type State = SavedState<E>;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, 5>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_q, node_k, node_v] = ops.parents;
         let d_out = grads.consume::<E>(&ops.node);
-        let (q, k, v, out, lse, mask, call) = ops.state;
-        let (dq, dk, dv) = E::sparse_attention_backward(q, k, v, out, lse, d_out, mask, call);
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+        let ([q, k, v, key_bias, reach], out, lse, mask, call) = ops.state;
+        let (dq, dk, dv, d_key_bias, d_reach) =
+            E::sparse_attention_backward(q, k, v, key_bias, reach, out, lse, d_out, mask, call);
+        for (node, grad) in ops
+            .parents
+            .into_iter()
+            .zip([dq, dk, dv, d_key_bias, d_reach])
+        {
             if let Some(node) = node {
                 grads.register::<E>(node.id, grad);
             }
@@ -339,6 +391,8 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
@@ -346,15 +400,18 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         let (q, q_node) = q.into_parts();
         let (k, k_node) = k.into_parts();
         let (v, v_node) = v.into_parts();
-        let (out, lse) =
-            E::sparse_attention(q.clone(), k.clone(), v.clone(), mask.clone(), call.clone());
+        let (key_bias, bias_node) = key_bias.into_parts();
+        let (reach, reach_node) = reach.into_parts();
+        let inputs = [q, k, v, key_bias, reach];
+        let [q, k, v, key_bias, reach] = inputs.clone();
+        let (out, lse) = E::sparse_attention(q, k, v, key_bias, reach, mask.clone(), call.clone());
         let tracked = SparseAttentionBackwardStep
-            .prepare::<C>([q_node, k_node, v_node])
+            .prepare::<C>([q_node, k_node, v_node, bias_node, reach_node])
             .compute_bound()
             .stateful();
         let out = match tracked {
             OpsKind::Tracked(prep) => {
-                prep.finish((q, k, v, out.clone(), lse.clone(), mask, call), out)
+                prep.finish((inputs, out.clone(), lse.clone(), mask, call), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
@@ -365,16 +422,20 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = E::sparse_attention_backward(
+    ) -> SparseGradients<Self> {
+        let (dq, dk, dv, d_key_bias, d_reach) = E::sparse_attention_backward(
             q.into_primitive(),
             k.into_primitive(),
             v.into_primitive(),
+            key_bias.into_primitive(),
+            reach.into_primitive(),
             out.into_primitive(),
             lse.into_primitive(),
             d_out.into_primitive(),
@@ -385,6 +446,8 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
             FloatTensor::<Self>::new(dq),
             FloatTensor::<Self>::new(dk),
             FloatTensor::<Self>::new(dv),
+            FloatTensor::<Self>::new(d_key_bias),
+            FloatTensor::<Self>::new(d_reach),
         )
     }
 }

@@ -10,35 +10,65 @@ use burn::tensor::DType;
 use burn_attn_kernels::launch::{
     flash_backward_sparse, flash_forward_sparse, BackwardInputs, BlockLists, SparseRules,
 };
+use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
 use super::cube_impl::f32_lse;
 use super::sparse::{
-    SparseAttentionBackend, SparseCall, SparseMaskTensors, SparseMaskTensorsMetadata,
+    SparseAttentionBackend, SparseCall, SparseGradients, SparseMaskTensors,
+    SparseMaskTensorsMetadata,
 };
 use crate::dispatch::{report, Dispatch, Implementation, Pass};
+
+/// A tensor in `dtype` (cast where it is another).
+fn in_dtype(t: FloatTensor<Cube>, dtype: DType) -> FloatTensor<Cube> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        Cube::float_cast(t, dtype.into())
+    }
+}
+
+/// A score term's gradient (f32, per batch and query head) in the term's own shape
+/// (summed over the dimensions it broadcasts) and dtype.
+fn term_gradient(grad: FloatTensor<Cube>, term: &FloatTensor<Cube>) -> FloatTensor<Cube> {
+    let (want, have) = (term.shape(), grad.shape());
+    let mut grad = grad;
+    for dim in 0..2 {
+        if want[dim] == 1 && have[dim] != 1 {
+            grad = Cube::float_sum_dim(grad, dim);
+        }
+    }
+    in_dtype(grad, term.dtype())
+}
 
 impl SparseAttentionBackend for Cube {
     fn sparse_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        <Self as SparseKernelLaunch>::sparse_forward(q, k, v, mask, call)
+        let key_bias = in_dtype(key_bias, DType::F32);
+        let reach = in_dtype(reach, DType::F32);
+        <Self as SparseKernelLaunch>::sparse_forward(q, k, v, key_bias, reach, mask, call)
     }
 
     fn sparse_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> SparseGradients<Self> {
         report(
             call.log.as_ref(),
             Dispatch {
@@ -47,14 +77,24 @@ impl SparseAttentionBackend for Cube {
                 declined: Vec::new(),
             },
         );
-        // The kernels take the lse in f32 and out, d_out in the inputs' dtype.
+        // The kernels take the lse and score terms in f32 and out, d_out in the inputs'
+        // dtype.
         let lse = f32_lse(lse);
-        let d_out = if d_out.dtype() == q.dtype() {
-            d_out
-        } else {
-            Cube::float_cast(d_out, q.dtype().into())
-        };
-        <Self as SparseKernelLaunch>::sparse_backward(q, k, v, out, lse, d_out, mask, call)
+        let d_out = in_dtype(d_out, q.dtype());
+        let terms = (
+            in_dtype(key_bias.clone(), DType::F32),
+            in_dtype(reach.clone(), DType::F32),
+        );
+        let (dq, dk, dv, d_key_bias, d_reach) = <Self as SparseKernelLaunch>::sparse_backward(
+            q, k, v, terms.0, terms.1, out, lse, d_out, mask, call,
+        );
+        (
+            dq,
+            dk,
+            dv,
+            term_gradient(d_key_bias, &key_bias),
+            term_gradient(d_reach, &reach),
+        )
     }
 }
 
@@ -63,6 +103,8 @@ fn forward_outputs(
     q: &TensorSpec,
     _k: &TensorSpec,
     v: &TensorSpec,
+    _key_bias: &TensorSpec,
+    _reach: &TensorSpec,
     _mask: &SparseMaskTensorsMetadata,
     _call: &SparseCall,
 ) -> (TensorSpec, TensorSpec) {
@@ -73,19 +115,36 @@ fn forward_outputs(
     )
 }
 
-/// The backward's outputs: gradients like q, k and v.
+/// The backward's outputs: gradients like q, k and v; the score terms' per batch and
+/// query head in f32 (`[1, 1, 1]` where the call has none).
 #[allow(clippy::too_many_arguments)]
 fn backward_outputs(
     q: &TensorSpec,
     k: &TensorSpec,
     v: &TensorSpec,
+    _key_bias: &TensorSpec,
+    _reach: &TensorSpec,
     _out: &TensorSpec,
     _lse: &TensorSpec,
     _d_out: &TensorSpec,
     _mask: &SparseMaskTensorsMetadata,
-    _call: &SparseCall,
-) -> (TensorSpec, TensorSpec, TensorSpec) {
-    (q.clone(), k.clone(), v.clone())
+    call: &SparseCall,
+) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+    let term = |present: bool, positions: usize| {
+        let shape = if present {
+            [q.shape[0], q.shape[1], positions]
+        } else {
+            [1, 1, 1]
+        };
+        TensorSpec::new(shape.into(), DType::F32)
+    };
+    (
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        term(call.key_bias, k.shape[2]),
+        term(call.soft_edge.is_some(), q.shape[2]),
+    )
 }
 
 /// The block-sparse kernel launches, recorded in the fused backend's stream.
@@ -97,28 +156,40 @@ pub(crate) trait SparseKernelLaunch: Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         #[extension_type] mask: SparseMaskTensors<Self>,
         call: SparseCall,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Launches the block-sparse backward: `(dq, dk, dv)`.
+    /// Launches the block-sparse backward: `(dq, dk, dv)` and the score terms' gradients
+    /// (see [`backward_outputs`]).
     #[allow(clippy::too_many_arguments)]
     #[fusion(meta = backward_outputs)]
     fn sparse_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
         #[extension_type] mask: SparseMaskTensors<Self>,
         call: SparseCall,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 }
 
-/// The kernels' lists and rules of a call's mask tensors.
+/// The kernels' lists and rules of a call's mask tensors and f32 score terms.
 fn lists_and_rules(
     mask: SparseMaskTensors<CubeBackend>,
+    terms: (CubeTensor, CubeTensor),
     call: &SparseCall,
 ) -> (BlockLists, SparseRules) {
     let c = into_contiguous;
@@ -144,6 +215,8 @@ fn lists_and_rules(
         documents: call.documents.then(|| (c(mask.doc_q), c(mask.doc_k))),
         dropout: call.dropout.map(|p| (p, c(mask.seed))),
         dense: call.dense.then(|| c(mask.dense)),
+        key_bias: call.key_bias.then(|| c(terms.0)),
+        soft_edge: call.soft_edge.map(|ramp| (c(terms.1), ramp)),
     };
     (lists, rules)
 }
@@ -158,10 +231,12 @@ impl SparseKernelLaunch for CubeBackend {
         q: CubeTensor,
         k: CubeTensor,
         v: CubeTensor,
+        key_bias: CubeTensor,
+        reach: CubeTensor,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
     ) -> (CubeTensor, CubeTensor) {
-        let (lists, rules) = lists_and_rules(mask, &call);
+        let (lists, rules) = lists_and_rules(mask, (key_bias, reach), &call);
         flash_forward_sparse(
             into_contiguous(q),
             into_contiguous(k),
@@ -178,13 +253,15 @@ impl SparseKernelLaunch for CubeBackend {
         q: CubeTensor,
         k: CubeTensor,
         v: CubeTensor,
+        key_bias: CubeTensor,
+        reach: CubeTensor,
         out: CubeTensor,
         lse: CubeTensor,
         d_out: CubeTensor,
         mask: SparseMaskTensors<Self>,
         call: SparseCall,
-    ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let (lists, rules) = lists_and_rules(mask, &call);
+    ) -> SparseGradients<Self> {
+        let (lists, rules) = lists_and_rules(mask, (key_bias, reach), &call);
         let inputs = BackwardInputs {
             q: into_contiguous(q),
             k: into_contiguous(k),
@@ -193,7 +270,20 @@ impl SparseKernelLaunch for CubeBackend {
             lse: into_contiguous(lse),
             d_out: into_contiguous(d_out),
         };
-        flash_backward_sparse(inputs, call.scale, &lists, &rules, &call.forced)
-            .unwrap_or_else(|why| declined("backward", why))
+        let grads = flash_backward_sparse(inputs, call.scale, &lists, &rules, &call.forced)
+            .unwrap_or_else(|why| declined("backward", why));
+        let (dq, dk, dv) = grads.qkv;
+        // Where the call has no such term, its placeholder gradient (never read).
+        let placeholder = || {
+            zeros_client(
+                dq.client.clone(),
+                dq.device.clone(),
+                [1, 1, 1].into(),
+                DType::F32,
+            )
+        };
+        let d_key_bias = grads.key_bias.unwrap_or_else(placeholder);
+        let d_reach = grads.reach.unwrap_or_else(placeholder);
+        (dq, dk, dv, d_key_bias, d_reach)
     }
 }

@@ -5,6 +5,12 @@
 //! mask), and which probabilities attention dropout drops. Each
 //! rule past the band is a comptime switch, so a call pays only for the rules it has.
 //!
+//! Score terms add to the scaled scores of every visited tile, with gradients from the
+//! backward: a per-key bias `[batch, heads, seq_k]` (learned sparsity's gate) and a soft
+//! window edge from a per-query reach `[batch, heads, seq_q]` (the adaptive window):
+//! `ln(clamp((reach_i - |j - (i + offset)|) / ramp + 1/2, 0, 1))`, hidden where the weight
+//! is 0.
+//!
 //! Dropout is counter-based: element `(b, h, i, j)` is dropped when [`dropout_hash`] of the
 //! call's seed and its position falls below the threshold `p * 2^32`, so the backward
 //! regenerates the forward's mask from the same seed without storing it.
@@ -36,6 +42,8 @@ pub struct ElementRules {
     pub drop_threshold: u32,
     pub keep_scale: f32,
     pub heads: u32,
+    /// Width of the soft edge, in keys (positive; 1 without a soft edge).
+    pub ramp: f32,
 }
 
 /// Which rules past the band and the causal rule a call has (comptime).
@@ -53,6 +61,25 @@ pub struct RuleSet {
     pub dropout: bool,
     /// A dense mask (`[batch, seq_q, seq_k]`, nonzero where hidden).
     pub dense: bool,
+    /// A per-key score bias (`[batch or 1, heads or 1, seq_k]`, f32).
+    pub key_bias: bool,
+    /// A soft window edge from a per-query reach (`[batch or 1, heads or 1, seq_q]`, f32).
+    pub soft_edge: bool,
+}
+
+impl RuleSet {
+    /// Whether the call adds score terms (every visited tile then takes the rules).
+    pub fn has_terms(&self) -> bool {
+        self.key_bias || self.soft_edge
+    }
+}
+
+/// Where `(batch, head, position)` is in `t` (`[batch or 1, heads or 1, positions]`).
+#[cube]
+fn term_at(t: &Tensor<f32>, batch: usize, head: usize, position: usize) -> usize {
+    let b = select(t.shape(0) == 1, 0, batch);
+    let h = select(t.shape(1) == 1, 0, head);
+    b * t.stride(0) + h * t.stride(1) + position * t.stride(2)
 }
 
 /// MurmurHash3's 32-bit finaliser.
@@ -179,6 +206,85 @@ impl ElementRules {
                     }
                 }
                 hide[a * cols + c] = flags;
+            }
+        }
+    }
+}
+
+#[cube]
+impl ElementRules {
+    /// Fills a unit's register tile of score terms, in [`ElementRules::hide_tile`]'s element
+    /// order (after it, on the same tile): `bias` the term added to the scaled score
+    /// (`key_bias[b, h, j]` plus the soft edge's `ln(weight)`), `slope` the soft edge's
+    /// `d bias / d reach_i` (`1 / (ramp * weight)` on the ramp, 0 off it), and the hidden
+    /// bit (1) of `hide` where the edge's weight is 0 or the key bias is `-inf`. Elements past `seq_q` or `seq_k`
+    /// get 0 (they are hidden already).
+    #[allow(clippy::too_many_arguments)]
+    pub fn term_tile(
+        &self,
+        bias: &mut Array<f32>,
+        slope: &mut Array<f32>,
+        hide: &mut Array<u32>,
+        b: usize,
+        h: usize,
+        i0: usize,
+        j0: usize,
+        seq_q: usize,
+        seq_k: usize,
+        key_bias: &Tensor<f32>,
+        reach: &Tensor<f32>,
+        #[comptime] rules: RuleSet,
+        #[comptime] rows: usize,
+        #[comptime] row_step: usize,
+        #[comptime] cols: usize,
+        #[comptime] col_step: usize,
+        #[comptime] keys_major: bool,
+    ) {
+        #[unroll]
+        for a in 0..rows {
+            #[unroll]
+            for c in 0..cols {
+                let mut i = i0 + a * row_step;
+                let mut j = j0 + c * col_step;
+                if comptime!(keys_major) {
+                    i = i0 + c * col_step;
+                    j = j0 + a * row_step;
+                }
+                let at = a * cols + c;
+                let mut term = f32::new(0.0);
+                let mut d_reach = f32::new(0.0);
+                if i < seq_q && j < seq_k {
+                    if comptime!(rules.key_bias) {
+                        // -inf (any bias below -1e30) hides the key; NaN stays NaN.
+                        let bias_j = key_bias[term_at(key_bias, b, h, j)];
+                        if bias_j < f32::new(-1.0e30) {
+                            hide[at] |= 1u32;
+                        } else {
+                            term += bias_j;
+                        }
+                    }
+                    if comptime!(rules.soft_edge) {
+                        let d = j as i32 - (i as i32 + self.offset);
+                        let distance = f32::cast_from(select(d < 0, -d, d));
+                        let weight = f32::min(
+                            (reach[term_at(reach, b, h, i)] - distance) / self.ramp + f32::new(0.5),
+                            f32::new(1.0),
+                        );
+                        // Tiny weights count as 0, so the log stays finite.
+                        if weight > f32::new(1.0e-30) {
+                            term += f32::ln(weight);
+                            d_reach = select(
+                                weight < f32::new(1.0),
+                                f32::new(1.0) / (self.ramp * weight),
+                                f32::new(0.0),
+                            );
+                        } else {
+                            hide[at] |= 1u32;
+                        }
+                    }
+                }
+                bias[at] = term;
+                slope[at] = d_reach;
             }
         }
     }

@@ -9,7 +9,10 @@
 //! flags do not hold the hidden bit (1); rows whose lse is `-inf` get nothing. Where the flags hold
 //! the dropped bit (2) the forward dropped the probability: its `P` enters `dV` and `dP` as 0, the
 //! kept ones times `keep_scale` (FlashAttention's dropout backward: `dS = P (dP' - D)`
-//! with `dP'` the masked, scaled `dO V^T`).
+//! with `dP'` the masked, scaled `dO V^T`). With `use_bias` on a `masked` step, `bias` terms
+//! add to the scaled scores, and `dS` is their gradient: the dQ step sums `dS * slope` per
+//! row (`grad_terms`: the soft edge's reach), the dK/dV step `dS` per key (`grad_terms`:
+//! the key bias).
 
 use cubecl::prelude::*;
 
@@ -63,7 +66,8 @@ pub(crate) fn stage_row_stats<F: Float>(
 /// The dQ kernel's step over the key tile at `t0`, for the whole cube: `dP = dO V^T` (V
 /// staged into `kv`), `S = Q K^T` (K staged into `kv`, kept for the product), `dS = P (dP
 /// - D)` into `ds_tile` (zero where masked), then `dQ += dS K` into each unit's register
-/// tile `dq_acc`. `hide` holds `rq x rk` flags (row-major by register row).
+/// tile `dq_acc` (and with `grad_terms`, `row_grad[a] += dS * slope` over the tile's keys
+/// for register row `a`). `hide` holds `rq x rk` flags (row-major by register row).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dq_key_tile<F: Float>(
@@ -79,6 +83,9 @@ pub(crate) fn dq_key_tile<F: Float>(
     dp: &mut Array<f32>,
     dq_acc: &mut Array<f32>,
     hide: &Array<u32>,
+    bias: &Array<f32>,
+    slope: &Array<f32>,
+    row_grad: &mut Array<f32>,
     k_base: usize,
     v_base: usize,
     t0: i32,
@@ -95,6 +102,8 @@ pub(crate) fn dq_key_tile<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] use_hide: bool,
+    #[comptime] use_bias: bool,
+    #[comptime] grad_terms: bool,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -164,6 +173,7 @@ pub(crate) fn dq_key_tile<F: Float>(
                 && j < seq_k as i32
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
+            let mut x = s[a * rk + c] * scale;
             // Nested: the outer switch is comptime.
             #[allow(clippy::collapsible_if)]
             if use_hide {
@@ -171,12 +181,21 @@ pub(crate) fn dq_key_tile<F: Float>(
                     let flags = hide[a * rk + c];
                     seen = seen && flags & 1u32 == 0;
                     keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
+                    if use_bias {
+                        x += bias[a * rk + c];
+                    }
                 }
             }
             let mut ds = f32::new(0.0);
             if seen {
-                let p = f32::exp(s[a * rk + c] * scale - lse_i);
+                let p = f32::exp(x - lse_i);
                 ds = p * (dp[a * rk + c] * keep - d_i);
+            }
+            #[allow(clippy::collapsible_if)]
+            if grad_terms {
+                if masked {
+                    row_grad[a] += ds * slope[a * rk + c];
+                }
             }
             ds_tile[r * k_stride + key] = ds;
         }
@@ -244,7 +263,8 @@ pub(crate) fn write_dq<F: Float>(
 /// cube of `block_k` keys from `c0` (staged in `k_t`, `v_t`): stages Q, dO, the lse and D
 /// of the tile, computes `S^T = K Q^T` and `dP^T = V dO^T`, `P^T` and `dS^T = P^T (dP^T -
 /// D)` into `p_tile`, `ds_tile` (zero where masked), then `dV += P^T dO` and `dK += dS^T
-/// Q`. `hide` holds `rk x rq` flags (row-major by register key); the band is
+/// Q` (and with `grad_terms`, `key_grad[a] += dS` over the tile's rows for register key
+/// `a`). `hide` holds `rk x rq` flags (row-major by register key); the band is
 /// `i_lo0..=i_hi0` for the unit's first key, rows from `row_end` on are outside it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -266,6 +286,8 @@ pub(crate) fn dkdv_query_tile<F: Float>(
     dk_acc: &mut Array<f32>,
     dv_acc: &mut Array<f32>,
     hide: &Array<u32>,
+    bias: &Array<f32>,
+    key_grad: &mut Array<f32>,
     b: usize,
     h: usize,
     c0: usize,
@@ -285,6 +307,8 @@ pub(crate) fn dkdv_query_tile<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] use_hide: bool,
+    #[comptime] use_bias: bool,
+    #[comptime] grad_terms: bool,
 ) {
     let rk = comptime!(block_k / row_threads);
     let rq = comptime!(block_q / col_threads);
@@ -374,6 +398,7 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 && i < row_end
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
+            let mut x = st[a * rq + c] * scale;
             // Nested: the outer switch is comptime.
             #[allow(clippy::collapsible_if)]
             if use_hide {
@@ -381,14 +406,23 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                     let flags = hide[a * rq + c];
                     seen = seen && flags & 1u32 == 0;
                     keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
+                    if use_bias {
+                        x += bias[a * rq + c];
+                    }
                 }
             }
             let mut p = f32::new(0.0);
             let mut ds = f32::new(0.0);
             if seen {
-                let p_full = f32::exp(st[a * rq + c] * scale - lse_i);
+                let p_full = f32::exp(x - lse_i);
                 p = p_full * keep;
                 ds = p_full * (dpt[a * rq + c] * keep - d_tile[qi]);
+            }
+            #[allow(clippy::collapsible_if)]
+            if grad_terms {
+                if masked {
+                    key_grad[a] += ds;
+                }
             }
             p_tile[key * q_stride + qi] = p;
             ds_tile[key * q_stride + qi] = ds;
@@ -484,4 +518,49 @@ pub(crate) fn write_dkdv<F: Float>(
             }
         }
     }
+}
+
+/// Adds up a per-position gradient held by each unit as `rk` partial sums (register row
+/// `a` is position `p0 + ty + a * row_threads`), over the `col_threads` units of a row
+/// through `part` (at least `rows * row_threads * col_threads` floats), and writes it to `grad[b, h, position]`
+/// (positions below `end`). Syncs the cube first and last.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_term_grad(
+    grad: &mut Tensor<f32>,
+    partial: &Array<f32>,
+    part: &mut [f32],
+    b: usize,
+    h: usize,
+    p0: usize,
+    end: usize,
+    #[comptime] rows: usize,
+    #[comptime] row_threads: usize,
+    #[comptime] col_threads: usize,
+) {
+    let ty = UNIT_POS_X as usize / col_threads;
+    let tx = UNIT_POS_X as usize % col_threads;
+    sync_cube();
+    #[unroll]
+    for a in 0..rows {
+        part[(ty + a * row_threads) * col_threads + tx] = partial[a];
+    }
+    sync_cube();
+    if tx == 0 {
+        #[unroll]
+        for a in 0..rows {
+            let position = p0 + ty + a * row_threads;
+            if position < end {
+                let row = (ty + a * row_threads) * col_threads;
+                let mut sum = f32::new(0.0);
+                #[unroll]
+                for c in 0..col_threads {
+                    sum += part[row + c];
+                }
+                let at = b * grad.stride(0) + h * grad.stride(1) + position * grad.stride(2);
+                grad[at] = sum;
+            }
+        }
+    }
+    sync_cube();
 }

@@ -12,7 +12,8 @@ use super::staging::stage_rows;
 /// into `kv`), computes each unit's `rq x rk` scores `s` against the staged Q (`q_t`),
 /// takes the softmax step (`masked`: with the per-element mask of [`softmax_tile`], plus
 /// the `hide` flags with `use_hide`: the hidden bit (1) masks the score, the dropped bit (2) drops its
-/// probability from `P V`, whose kept probabilities are scaled by `keep_scale`), stages V
+/// probability from `P V`, whose kept probabilities are scaled by `keep_scale`; with
+/// `use_bias` the `bias` terms add to the scaled scores), stages V
 /// into `kv` and adds `P V` into the output tiles `o`. `block_q` rows per cube; every unit calls it with the same `t0` and `masked`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -28,6 +29,7 @@ pub(crate) fn attend_key_tile<F: Float>(
     m: &mut Array<f32>,
     l: &mut Array<f32>,
     hide: &Array<u32>,
+    bias: &Array<f32>,
     k_base: usize,
     v_base: usize,
     t0: i32,
@@ -44,6 +46,7 @@ pub(crate) fn attend_key_tile<F: Float>(
     #[comptime] row_threads: usize,
     #[comptime] col_threads: usize,
     #[comptime] use_hide: bool,
+    #[comptime] use_bias: bool,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -112,6 +115,8 @@ pub(crate) fn attend_key_tile<F: Float>(
             true,
             hide,
             use_hide,
+            bias,
+            use_bias,
         );
     } else {
         softmax_tile(
@@ -135,6 +140,8 @@ pub(crate) fn attend_key_tile<F: Float>(
             block_k,
             false,
             hide,
+            false,
+            bias,
             false,
         );
     }
@@ -179,8 +186,8 @@ pub(crate) fn attend_key_tile<F: Float>(
 /// in `partial`, waits for the cube, moves the running maxima `m` of its rows, rescales
 /// its output tile `o` and row sums `l`, and writes its probabilities to `p_tile` (with
 /// `masked` and `use_hide`: 0 where the flags hold the dropped bit (2), the others times
-/// `keep_scale`; the row sums take them undropped). The caller syncs before reading
-/// `p_tile`.
+/// `keep_scale`; the row sums take them undropped; with `masked` and `use_bias` the
+/// `bias` terms add to the scaled scores). The caller syncs before reading `p_tile`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn softmax_tile(
@@ -205,6 +212,8 @@ fn softmax_tile(
     #[comptime] masked: bool,
     hide: &Array<u32>,
     #[comptime] use_hide: bool,
+    bias: &Array<f32>,
+    #[comptime] use_bias: bool,
 ) {
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
@@ -217,6 +226,10 @@ fn softmax_tile(
         for b in 0..rk {
             let mut x = s[a * rk + b] * scale;
             if masked {
+                #[allow(clippy::collapsible_if)]
+                if use_bias {
+                    x += bias[a * rk + b];
+                }
                 let j = t0 + (tx + b * col_threads) as i32;
                 if j < lo0 + shift || j > hi0 + shift || j >= seq_k {
                     x = f32::new(NEG_BIG);

@@ -101,8 +101,10 @@ pub fn flash_unit_kernel<F: Float>(
     let mut o = Array::<f32>::new(comptime!(rq * rv));
     let mut m = Array::<f32>::new(rq);
     let mut l = Array::<f32>::new(rq);
-    // The softmax step's per-score rule flags, which only block-sparse calls use.
+    // The softmax step's per-score rule flags and score terms, which only block-sparse
+    // calls use.
     let no_hide = Array::<u32>::new(1usize);
+    let no_bias = Array::<f32>::new(1usize);
     #[unroll]
     for i in 0..comptime!(rq * rv) {
         o[i] = f32::new(0.0);
@@ -128,6 +130,7 @@ pub fn flash_unit_kernel<F: Float>(
             &mut m,
             &mut l,
             &no_hide,
+            &no_bias,
             k_base,
             v_base,
             t0,
@@ -143,6 +146,7 @@ pub fn flash_unit_kernel<F: Float>(
             block_k,
             row_threads,
             col_threads,
+            false,
             false,
         );
         t0 += block_k as i32;

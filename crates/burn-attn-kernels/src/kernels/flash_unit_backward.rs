@@ -124,7 +124,10 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
     for i in 0..comptime!(rq * rd) {
         dq_acc[i] = f32::new(0.0);
     }
+    // The block-sparse calls' rule flags and score terms.
     let no_hide = Array::<u32>::new(1usize);
+    let no_terms = Array::<f32>::new(1usize);
+    let mut no_grad = Array::<f32>::new(1usize);
 
     let mut t0 = bounds.start;
     while t0 < bounds.end {
@@ -141,6 +144,9 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             &mut dp,
             &mut dq_acc,
             &no_hide,
+            &no_terms,
+            &no_terms,
+            &mut no_grad,
             k_base,
             v_base,
             t0,
@@ -156,6 +162,8 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             block_k,
             row_threads,
             col_threads,
+            false,
+            false,
             false,
         );
         t0 += block_k as i32;
@@ -260,7 +268,10 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
         dv_acc[i] = f32::new(0.0);
     }
 
+    // The block-sparse calls' rule flags and score terms.
     let no_hide = Array::<u32>::new(1usize);
+    let no_terms = Array::<f32>::new(1usize);
+    let mut no_grad = Array::<f32>::new(1usize);
     // The query heads of this kv head, in a fixed order.
     for g in 0..group {
         let h = kvh * group + g;
@@ -284,6 +295,8 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 &mut dk_acc,
                 &mut dv_acc,
                 &no_hide,
+                &no_terms,
+                &mut no_grad,
                 b,
                 h,
                 c0,
@@ -302,6 +315,8 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 block_q,
                 row_threads,
                 col_threads,
+                false,
+                false,
                 false,
             );
             t0 += block_q as i32;

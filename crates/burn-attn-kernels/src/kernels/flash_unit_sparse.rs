@@ -23,7 +23,9 @@ use crate::components::unit_forward::{attend_key_tile, write_unit_rows};
 /// key is below `seq_k`; of a partial block when `rules` (and the tensors its switches name:
 /// `layout`, `padding`, `doc_q`, `doc_k`, i32; 1-element placeholders where off) let it. A row
 /// whose lists are empty outputs 0 with lse `neg_inf`, as in `flash_unit_kernel`. With
-/// `rules.dropout`, probabilities are dropped as `ElementRules::drops` says (seed `seed[0]`).
+/// `rules.dropout`, probabilities are dropped as `ElementRules::drops` says (seed `seed[0]`);
+/// with score terms (`rules.key_bias`: `key_bias`, `rules.soft_edge`: `reach`, f32
+/// `[batch or 1, heads or 1, seq]`) every visited tile adds them to its scaled scores.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_sparse_kernel<F: Float>(
@@ -42,6 +44,8 @@ pub fn flash_unit_sparse_kernel<F: Float>(
     doc_k: &Tensor<i32>,
     dense: &Tensor<i32>,
     seed: &Tensor<i32>,
+    key_bias: &Tensor<f32>,
+    reach: &Tensor<f32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -96,6 +100,9 @@ pub fn flash_unit_sparse_kernel<F: Float>(
     let mut m = Array::<f32>::new(rq);
     let mut l = Array::<f32>::new(rq);
     let mut hide = Array::<u32>::new(comptime!(rq * rk));
+    let terms = comptime!(rules.has_terms());
+    let mut bias = Array::<f32>::new(comptime!(if terms { rq * rk } else { 1 }));
+    let mut slope = Array::<f32>::new(comptime!(if terms { rq * rk } else { 1 }));
     #[unroll]
     for i in 0..comptime!(rq * rv) {
         o[i] = f32::new(0.0);
@@ -116,10 +123,11 @@ pub fn flash_unit_sparse_kernel<F: Float>(
         for sub in 0..k_tiles_per_block {
             let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
             // Partial blocks take the rules; full ones none, but a tile over the sequence
-            // end still masks the keys past it (the rules hide them), and with dropout
-            // every tile takes its flags.
-            let masked =
-                e < list.partial || t0 as usize + block_k > seq_k || comptime!(rules.dropout);
+            // end still masks the keys past it (the rules hide them), and with dropout or
+            // score terms every tile takes its flags.
+            let masked = e < list.partial
+                || t0 as usize + block_k > seq_k
+                || comptime!(rules.dropout || terms);
             if (t0 as usize) < seq_k {
                 if masked {
                     element_rules.hide_tile(
@@ -143,6 +151,27 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                         col_threads,
                         false,
                     );
+                    if comptime!(terms) {
+                        element_rules.term_tile(
+                            &mut bias,
+                            &mut slope,
+                            &mut hide,
+                            b,
+                            h,
+                            r0 + ty,
+                            t0 as usize + tx,
+                            seq_q,
+                            seq_k,
+                            key_bias,
+                            reach,
+                            rules,
+                            rq,
+                            row_threads,
+                            rk,
+                            col_threads,
+                            false,
+                        );
+                    }
                 }
                 attend_key_tile::<F>(
                     k,
@@ -156,6 +185,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                     &mut m,
                     &mut l,
                     &hide,
+                    &bias,
                     k_base,
                     v_base,
                     t0 as i32,
@@ -172,6 +202,7 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                     row_threads,
                     col_threads,
                     true,
+                    terms,
                 );
             }
         }

@@ -5,7 +5,9 @@
 //! of its kv head, so no two cubes write one gradient row and no atomics are needed. Lists
 //! are on blocks of `q_tiles_per_block x k_tiles_per_block` of a kernel's tiles, as in
 //! `flash_unit_sparse`. With dropout, every tile regenerates the forward's dropout flags
-//! from the seed.
+//! from the seed. Score terms get their gradients where their positions live: the soft
+//! edge's reach (per query row) from the dQ kernel, the key bias (per key) from the dK/dV
+//! kernel, one write per (batch, query head, position).
 
 use cubecl::prelude::*;
 
@@ -14,7 +16,7 @@ use crate::components::key_blocks::KeyBlockList;
 use crate::components::schedule::CubeHead;
 use crate::components::staging::stage_rows;
 use crate::components::unit_backward::{
-    dkdv_query_tile, dq_key_tile, stage_row_stats, write_dkdv, write_dq,
+    dkdv_query_tile, dq_key_tile, stage_row_stats, write_dkdv, write_dq, write_term_grad,
 };
 
 /// Query-major sparse backward: `D = rowsum(dO * O)` and `dQ`.
@@ -22,7 +24,8 @@ use crate::components::unit_backward::{
 /// Launch as `flash_unit_backward_dq_kernel` (natural cube order), with the lists of
 /// `flash_unit_sparse_kernel` (its query block of `q_tiles_per_block` of this kernel's
 /// `block_q` rows, key blocks of `k_tiles_per_block` of its `block_k` keys) and the same
-/// rules.
+/// rules; with `rules.soft_edge` it writes the reach's gradient `d_reach` (f32 `[batch,
+/// heads, seq_q]`; a placeholder otherwise).
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
@@ -44,6 +47,9 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
     doc_k: &Tensor<i32>,
     dense: &Tensor<i32>,
     seed: &Tensor<i32>,
+    key_bias: &Tensor<f32>,
+    reach: &Tensor<f32>,
+    d_reach: &mut Tensor<f32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -117,9 +123,17 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
     let mut dp = Array::<f32>::new(comptime!(rq * rk));
     let mut dq_acc = Array::<f32>::new(comptime!(rq * rd));
     let mut hide = Array::<u32>::new(comptime!(rq * rk));
+    let terms = comptime!(rules.has_terms());
+    let mut bias = Array::<f32>::new(comptime!(if terms { rq * rk } else { 1 }));
+    let mut slope = Array::<f32>::new(comptime!(if terms { rq * rk } else { 1 }));
+    let mut row_grad = Array::<f32>::new(rq);
     #[unroll]
     for i in 0..comptime!(rq * rd) {
         dq_acc[i] = f32::new(0.0);
+    }
+    #[unroll]
+    for a in 0..rq {
+        row_grad[a] = f32::new(0.0);
     }
     // The step's band admits every key: the rules carry the band.
     let lo0 = -(comptime!(block_q as i32));
@@ -129,7 +143,7 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
         let kb = list.block(e, partial_index, full_index);
         for sub in 0..k_tiles_per_block {
             let t0 = (kb * k_tiles_per_block + sub) * comptime!(block_k as u32);
-            let masked = e < list.partial || comptime!(rules.dropout);
+            let masked = e < list.partial || comptime!(rules.dropout || terms);
             if (t0 as usize) < seq_k {
                 if masked {
                     element_rules.hide_tile(
@@ -153,6 +167,27 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                         col_threads,
                         false,
                     );
+                    if comptime!(terms) {
+                        element_rules.term_tile(
+                            &mut bias,
+                            &mut slope,
+                            &mut hide,
+                            b,
+                            h,
+                            r0 + ty,
+                            t0 as usize + tx,
+                            seq_q,
+                            seq_k,
+                            key_bias,
+                            reach,
+                            rules,
+                            rq,
+                            row_threads,
+                            rk,
+                            col_threads,
+                            false,
+                        );
+                    }
                 }
                 dq_key_tile::<F>(
                     k,
@@ -167,6 +202,9 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                     &mut dp,
                     &mut dq_acc,
                     &hide,
+                    &bias,
+                    &slope,
+                    &mut row_grad,
                     k_base,
                     v_base,
                     t0 as i32,
@@ -183,9 +221,27 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                     row_threads,
                     col_threads,
                     true,
+                    terms,
+                    comptime!(rules.soft_edge),
                 );
             }
         }
+    }
+
+    // The dS tile is free now: it holds the rows' partial sums.
+    if comptime!(rules.soft_edge) {
+        write_term_grad(
+            d_reach,
+            &row_grad,
+            &mut ds_tile,
+            b,
+            h,
+            r0,
+            seq_q,
+            rq,
+            row_threads,
+            col_threads,
+        );
     }
 
     write_dq::<F>(
@@ -209,7 +265,9 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
 /// [`flash_unit_sparse_backward_dq_kernel()`] has written `delta`, with the transposed lists
 /// (`[batch or 1, heads or 1, k_blocks]` counts, `[.., k_blocks, q_blocks]` query blocks)
 /// on blocks of `q_tiles_per_block` of this kernel's `block_q` query rows by
-/// `k_tiles_per_block` of its `block_k` keys.
+/// `k_tiles_per_block` of its `block_k` keys; with `rules.key_bias` it writes the bias's
+/// gradient `d_key_bias` (f32 `[batch, heads, seq_k]`, per query head; a placeholder
+/// otherwise).
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
@@ -231,6 +289,9 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
     doc_k: &Tensor<i32>,
     dense: &Tensor<i32>,
     seed: &Tensor<i32>,
+    key_bias: &Tensor<f32>,
+    reach: &Tensor<f32>,
+    d_key_bias: &mut Tensor<f32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -282,6 +343,10 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
     let mut dk_acc = Array::<f32>::new(comptime!(rk * rd));
     let mut dv_acc = Array::<f32>::new(comptime!(rk * rv));
     let mut hide = Array::<u32>::new(comptime!(rk * rq));
+    let terms = comptime!(rules.has_terms());
+    let mut bias = Array::<f32>::new(comptime!(if terms { rk * rq } else { 1 }));
+    let mut slope = Array::<f32>::new(comptime!(if terms { rk * rq } else { 1 }));
+    let mut key_grad = Array::<f32>::new(rk);
     #[unroll]
     for i in 0..comptime!(rk * rd) {
         dk_acc[i] = f32::new(0.0);
@@ -297,6 +362,10 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
     // The query heads of this kv head, in a fixed order.
     for g in 0..group {
         let h = kvh * group + g;
+        #[unroll]
+        for a in 0..rk {
+            key_grad[a] = f32::new(0.0);
+        }
         let list = KeyBlockList::new(
             t_partial_count,
             t_partial_index,
@@ -310,7 +379,7 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
             let qb = list.block(e, t_partial_index, t_full_index);
             for sub in 0..q_tiles_per_block {
                 let t0 = (qb * q_tiles_per_block + sub) * comptime!(block_q as u32);
-                let masked = e < list.partial || comptime!(rules.dropout);
+                let masked = e < list.partial || comptime!(rules.dropout || terms);
                 if (t0 as usize) < seq_q {
                     if masked {
                         element_rules.hide_tile(
@@ -334,6 +403,27 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                             col_threads,
                             true,
                         );
+                        if comptime!(terms) {
+                            element_rules.term_tile(
+                                &mut bias,
+                                &mut slope,
+                                &mut hide,
+                                b,
+                                h,
+                                t0 as usize + tx,
+                                c0 + ty,
+                                seq_q,
+                                seq_k,
+                                key_bias,
+                                reach,
+                                rules,
+                                rk,
+                                row_threads,
+                                rq,
+                                col_threads,
+                                true,
+                            );
+                        }
                     }
                     dkdv_query_tile::<F>(
                         q,
@@ -353,6 +443,8 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                         &mut dk_acc,
                         &mut dv_acc,
                         &hide,
+                        &bias,
+                        &mut key_grad,
                         b,
                         h,
                         c0,
@@ -372,9 +464,26 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                         row_threads,
                         col_threads,
                         true,
+                        terms,
+                        comptime!(rules.key_bias),
                     );
                 }
             }
+        }
+        // The dS tile is free between query heads: it holds the keys' partial sums.
+        if comptime!(rules.key_bias) {
+            write_term_grad(
+                d_key_bias,
+                &key_grad,
+                &mut ds_tile,
+                b,
+                h,
+                c0,
+                seq_k,
+                rk,
+                row_threads,
+                col_threads,
+            );
         }
     }
 

@@ -13,5 +13,6 @@ pub use device::{device_caps, forward_problem};
 pub use forward::{flash_forward_with, launch_forward, ForwardOutput};
 pub use probes::{cube_order_probe, online_softmax_probe};
 pub use sparse::{
-    flash_backward_sparse, flash_forward_sparse, sparse_blocks, BlockLists, SparseRules,
+    flash_backward_sparse, flash_forward_sparse, sparse_blocks, BlockLists, SparseGradients,
+    SparseRules,
 };

@@ -5,6 +5,7 @@
 use burn_backend::cubecl::dtype_to_elem_type;
 use burn_backend::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
@@ -77,17 +78,48 @@ pub struct SparseRules {
     pub dropout: Option<(f64, CubeTensor)>,
     /// A dense mask `[batch, seq_q, seq_k]` (i32, nonzero where hidden).
     pub dense: Option<CubeTensor>,
+    /// A score bias per key, `[batch or 1, heads or 1, seq_k]` (f32), added to the scaled
+    /// scores of every visible element; the backward returns its gradient.
+    pub key_bias: Option<CubeTensor>,
+    /// A soft window edge: each query's reach `[batch or 1, heads or 1, seq_q]` (f32) and
+    /// the ramp width (keys, positive). Key `j` of query `i` has weight `clamp((reach_i -
+    /// |j - (i + seq_k - seq_q)|) / ramp + 1/2, 0, 1)`: `ln(weight)` adds to its score, and
+    /// a weight of 0 hides it. The backward returns the reach's gradient.
+    pub soft_edge: Option<(CubeTensor, f32)>,
+}
+
+impl SparseRules {
+    /// Whether the call adds score terms (a key bias or a soft edge): the portable
+    /// forward serves it.
+    pub fn has_score_terms(&self) -> bool {
+        self.key_bias.is_some() || self.soft_edge.is_some()
+    }
+}
+
+/// The gradients of a block-sparse call: `(dq, dk, dv)`, and where the call has them, the
+/// key bias's and the reach's (f32, `[batch, heads, seq_k]` and `[batch, heads, seq_q]`,
+/// per query head: sum over a broadcast dimension).
+#[derive(Debug, Clone)]
+pub struct SparseGradients {
+    /// Query, key and value gradients.
+    pub qkv: Gradients,
+    /// The key bias's gradient.
+    pub key_bias: Option<CubeTensor>,
+    /// The reach's gradient.
+    pub reach: Option<CubeTensor>,
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
-/// take lists on (multiples of these serve too): [`plan_sparse`]'s grid.
+/// take lists on (multiples of these serve too): [`plan_sparse`]'s grid, for a call with
+/// or without score terms.
 pub fn sparse_blocks(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     forced: &ForcedPlan,
+    score_terms: bool,
 ) -> Result<(usize, usize), Unsupported> {
-    let (plan, _) = sparse_plan(q, k, v, 1.0, forced)?;
+    let (plan, _) = sparse_plan(q, k, v, 1.0, forced, score_terms)?;
     Ok((plan.block_q, plan.block_k))
 }
 
@@ -98,6 +130,7 @@ fn sparse_plan(
     v: &CubeTensor,
     scale: f32,
     forced: &ForcedPlan,
+    score_terms: bool,
 ) -> Result<(SparsePlan, Problem), Unsupported> {
     let band = BandArgs {
         scale,
@@ -105,7 +138,7 @@ fn sparse_plan(
         right: None,
     };
     let problem = forward_problem(q, k, v, band)?;
-    let plan = plan_sparse(&problem, &device_caps(&q.client), forced)?;
+    let plan = plan_sparse(&problem, &device_caps(&q.client), forced, score_terms)?;
     Ok((plan, problem))
 }
 
@@ -126,6 +159,10 @@ struct RuleArgs {
     doc_k: CubeTensor,
     dense: CubeTensor,
     seed: CubeTensor,
+    /// f32 score terms (placeholders where absent) and the ramp.
+    key_bias: CubeTensor,
+    reach: CubeTensor,
+    ramp: f32,
 }
 
 impl RuleArgs {
@@ -189,7 +226,36 @@ impl RuleArgs {
             }
             dropout = (dropout_threshold(*p), (1.0 / (1.0 - p)) as f32);
         }
+        let term = |name: &str, t: &CubeTensor, positions: usize| {
+            let dims = t.meta.shape().as_slice().to_vec();
+            let fits = dims.len() == 3
+                && (dims[0] == 1 || dims[0] == sizes.batch)
+                && (dims[1] == 1 || dims[1] == sizes.heads)
+                && dims[2] == positions;
+            if t.dtype != DType::F32 || !fits {
+                return Err(Unsupported::Shapes(format!(
+                    "{name} is {:?} {dims:?}; expected f32 [batch or 1, heads or 1, {positions}] \
+                     for batch {}, heads {}",
+                    t.dtype, sizes.batch, sizes.heads
+                )));
+            }
+            Ok(())
+        };
+        if let Some(bias) = &rules.key_bias {
+            term("key bias", bias, sizes.seq_k)?;
+        }
+        let mut ramp = 1.0;
+        if let Some((reach, width)) = &rules.soft_edge {
+            term("reach", reach, sizes.seq_q)?;
+            if !(width.is_finite() && *width > 0.0) {
+                return Err(Unsupported::Shapes(format!(
+                    "soft edge ramp {width} (takes a finite width > 0)"
+                )));
+            }
+            ramp = *width;
+        }
         let placeholder = alloc_contiguous(like, Shape::new([1]), DType::I32);
+        let f32_placeholder = alloc_contiguous(like, Shape::new([1, 1, 1]), DType::F32);
         let or_placeholder =
             |t: Option<&CubeTensor>| t.cloned().unwrap_or_else(|| placeholder.clone());
         let documents = rules.documents.as_ref();
@@ -201,6 +267,8 @@ impl RuleArgs {
                 documents: rules.documents.is_some(),
                 dropout: rules.dropout.is_some(),
                 dense: rules.dense.is_some(),
+                key_bias: rules.key_bias.is_some(),
+                soft_edge: rules.soft_edge.is_some(),
             },
             positions: [
                 sizes.seq_k as i32 - sizes.seq_q as i32,
@@ -222,6 +290,15 @@ impl RuleArgs {
             doc_q: or_placeholder(documents.map(|d| &d.0)),
             doc_k: or_placeholder(documents.map(|d| &d.1)),
             dense: or_placeholder(rules.dense.as_ref()),
+            key_bias: rules
+                .key_bias
+                .clone()
+                .unwrap_or_else(|| f32_placeholder.clone()),
+            reach: rules
+                .soft_edge
+                .as_ref()
+                .map_or(f32_placeholder, |e| e.0.clone()),
+            ramp,
         })
     }
 }
@@ -244,6 +321,7 @@ impl RuleArgs {
             threshold,
             keep_scale,
             self.heads,
+            self.ramp,
         )
     }
 }
@@ -334,7 +412,7 @@ pub fn flash_forward_sparse(
     rules: &SparseRules,
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
-    let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
+    let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced, rules.has_score_terms())?;
     let sizes = problem.sizes;
     let (tile_q, tile_k) = plan.forward.tile();
     check_lists(lists, &sizes, &[(tile_q, tile_k)])?;
@@ -373,6 +451,8 @@ pub fn flash_forward_sparse(
                 tensor(&args.doc_k),
                 tensor(&args.dense),
                 tensor(&args.seed),
+                tensor(&args.key_bias),
+                tensor(&args.reach),
                 element_rules,
                 q_tiles,
                 k_tiles,
@@ -445,8 +525,8 @@ pub fn flash_forward_sparse(
 
 /// The block-sparse portable backward of one call: the gradients of
 /// [`flash_forward_sparse`] with the same `scale`, `lists` (their transposed lists too) and
-/// `rules`, from its inputs, output, f32 lse and the output's gradient. No atomics: two
-/// runs give the same bits.
+/// `rules`, from its inputs, output, f32 lse and the output's gradient, with the score
+/// terms' gradients where the call has them. No atomics: two runs give the same bits.
 ///
 /// # Errors
 /// As [`flash_forward_sparse`], and when `out`, `lse` or `d_out` do not fit the inputs.
@@ -456,14 +536,20 @@ pub fn flash_backward_sparse(
     lists: &BlockLists,
     rules: &SparseRules,
     forced: &ForcedPlan,
-) -> Result<Gradients, Unsupported> {
+) -> Result<SparseGradients, Unsupported> {
     let band = BandArgs {
         scale,
         left: None,
         right: None,
     };
     let problem = inputs.problem(band)?;
-    let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?.backward;
+    let plan = plan_sparse(
+        &problem,
+        &device_caps(&inputs.q.client),
+        forced,
+        rules.has_score_terms(),
+    )?
+    .backward;
     let sizes = problem.sizes;
     let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
     check_lists(
@@ -473,6 +559,22 @@ pub fn flash_backward_sparse(
     )?;
     let args = RuleArgs::new(rules, &sizes, &inputs.q)?;
     let [dq, dk, dv, delta] = alloc_gradients(&inputs.q, &sizes);
+    // Per query head; the kernels write every position, except in an empty call (zeros).
+    let term_grad = |present: bool, positions: usize| {
+        let shape = Shape::new(if present {
+            [sizes.batch, sizes.heads, positions]
+        } else {
+            [1, 1, 1]
+        });
+        if sizes.is_empty() {
+            let q = &inputs.q;
+            zeros_client(q.client.clone(), q.device.clone(), shape, DType::F32)
+        } else {
+            alloc_contiguous(&inputs.q, shape, DType::F32)
+        }
+    };
+    let d_key_bias = term_grad(rules.key_bias.is_some(), sizes.seq_k);
+    let d_reach = term_grad(rules.soft_edge.is_some(), sizes.seq_q);
     let BackwardInputs {
         q,
         k,
@@ -507,6 +609,9 @@ pub fn flash_backward_sparse(
             args.doc_k.clone().into_tensor_arg(),
             args.dense.clone().into_tensor_arg(),
             args.seed.clone().into_tensor_arg(),
+            args.key_bias.clone().into_tensor_arg(),
+            args.reach.clone().into_tensor_arg(),
+            d_reach.clone().into_tensor_arg(),
             args.element_rules(),
             (lists.block_q / dq_t.rows) as u32,
             (lists.block_k / dq_t.cols) as u32,
@@ -548,6 +653,9 @@ pub fn flash_backward_sparse(
             args.doc_k.into_tensor_arg(),
             args.dense.into_tensor_arg(),
             args.seed.into_tensor_arg(),
+            args.key_bias.into_tensor_arg(),
+            args.reach.into_tensor_arg(),
+            d_key_bias.clone().into_tensor_arg(),
             element_rules,
             (lists.block_q / kv_t.cols) as u32,
             (lists.block_k / kv_t.rows) as u32,
@@ -563,5 +671,9 @@ pub fn flash_backward_sparse(
             elem,
         );
     }
-    Ok((dq, dk, dv))
+    Ok(SparseGradients {
+        qkv: (dq, dk, dv),
+        key_bias: rules.key_bias.is_some().then_some(d_key_bias),
+        reach: rules.soft_edge.is_some().then_some(d_reach),
+    })
 }
