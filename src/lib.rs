@@ -35,7 +35,7 @@ pub use burn_attn_nn as nn;
 pub use burn_attn_core::{
     attention, masked_attention, pattern_attention, try_attention, try_masked_attention,
     try_pattern_attention, AttentionBackend, AttentionError, AttentionMasks, AttentionOptions,
-    DocumentIds, LinearAttentionState, Window,
+    DocumentIds, LinearAttentionState, SoftEdge, Window,
 };
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,

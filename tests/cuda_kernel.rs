@@ -155,6 +155,10 @@ mod on_cuda {
             burn_attn_core::Implementation::FlashUnitSparse,
             burn_attn_core::Implementation::FlashUnitSparseBackward,
         )));
+        check_score_term_training::<Gpu>(Some((
+            burn_attn_core::Implementation::FlashUnitSparse,
+            burn_attn_core::Implementation::FlashUnitSparseBackward,
+        )));
     }
 
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.

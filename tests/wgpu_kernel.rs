@@ -89,6 +89,19 @@ fn document_masks_match_the_host_truth() {
     check_attention_mask_training::<Truth>(None);
 }
 
+/// Score terms (a per-key bias, a soft window edge) in training through `masked_attention`:
+/// the block-sparse kernels on WGPU with the terms' gradients from their backward, and the
+/// tiled tensor ops on the CPU, both against the host truth.
+#[test]
+fn score_terms_match_the_host_truth() {
+    require_gpu();
+    check_score_term_training::<Gpu>(Some((
+        burn_attn_core::Implementation::FlashUnitSparse,
+        burn_attn_core::Implementation::FlashUnitSparseBackward,
+    )));
+    check_score_term_training::<Truth>(None);
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

@@ -1547,7 +1547,11 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                 return None;
             }
             bias += w.ln();
-            slope = if w < 1.0 { 1.0 / (ramp as f64 * w) } else { 0.0 };
+            slope = if w < 1.0 {
+                1.0 / (ramp as f64 * w)
+            } else {
+                0.0
+            };
         }
         Some((bias, slope))
     };
@@ -1699,7 +1703,8 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                         && !(with_pad && pad[b * n + j])
                         && !(with_docs && docs[b * n + i] != docs[b * n + j])
                 };
-                let terms = |b: usize, h: usize, i: usize, j: usize| term_of(with_terms, b, h, i, j);
+                let terms =
+                    |b: usize, h: usize, i: usize, j: usize| term_of(with_terms, b, h, i, j);
                 let want = masked_truth(
                     &x,
                     &case,
@@ -2275,4 +2280,154 @@ pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Impl
     };
     let variants = [(false, false), (true, false), (false, true)];
     check_masked_training::<B>(case, &variants, &masks, &hides, &pad, served);
+}
+
+/// Training through `masked_attention` on `B`'s device with score terms: a per-key bias
+/// per batch and head (`-inf` on some keys) and a soft edge whose reach is shared by the
+/// heads (`[batch, 1, seq]`, as the adaptive window's), alone and together with key padding
+/// and a window, against the host truth in f64: output, `dq`, `dk`, `dv` and the terms'
+/// gradients to 1e-4 of the largest. `served` as [`check_masked_training`]'s.
+pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implementation)>) {
+    use burn::tensor::Bool;
+    use burn_attn_core::{AttentionMasks, SoftEdge};
+    let case = Case::new(77, 77, 32).gqa(4, 2).batch(2);
+    let (n, batch, heads) = (case.seq_q, case.batch, case.heads);
+    let x = inputs(&case, 61);
+    let w = uniform(
+        &mut StdRng::seed_from_u64(98),
+        [batch, heads, n, case.value_dim],
+        1.0,
+    );
+    let key_bias: Vec<f32> = (0..batch * heads * n)
+        .map(|at| {
+            let (bh, j) = (at / n, at % n);
+            if (j * 5 + bh) % 11 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                ((bh * 7 + j * 3) % 13) as f32 / 6.0 - 1.0
+            }
+        })
+        .collect();
+    let reach: Vec<f32> = (0..batch * n)
+        .map(|at| 2.5 + ((at / n * 3 + at % n * 5) % 9) as f32 * 1.7)
+        .collect();
+    let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 8).collect();
+    let ramp = 3.0;
+    let device = B::device().autodiff();
+    // (key bias, soft edge, padding, window)
+    for (with_bias, with_edge, with_pad, window) in [
+        (true, false, false, Window::FULL),
+        (false, true, false, Window::symmetric(20)),
+        (true, true, true, Window::symmetric(20)),
+    ] {
+        let log = DispatchLog::new();
+        let mut options = AttentionOptions::default().with_log(log.clone());
+        if served.is_some() {
+            options = options.with_kernel(KernelPolicy::Require);
+        }
+        let q = tensor(&x.q, DType::F32, &device).require_grad();
+        let k = tensor(&x.k, DType::F32, &device).require_grad();
+        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let bias_t = Tensor::<3>::from_data(
+            TensorData::new(key_bias.clone(), [batch, heads, n]),
+            &device,
+        )
+        .require_grad();
+        let reach_t =
+            Tensor::<3>::from_data(TensorData::new(reach.clone(), [batch, 1, n]), &device)
+                .require_grad();
+        let masks = AttentionMasks {
+            key_bias: with_bias.then(|| bias_t.clone()),
+            soft_edge: with_edge.then(|| SoftEdge {
+                reach: reach_t.clone(),
+                ramp,
+            }),
+            key_padding: with_pad.then(|| {
+                Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
+            }),
+            ..AttentionMasks::default()
+        };
+        let pattern = KeyPattern::band(window, false);
+        let out = burn_attn_core::masked_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            &options,
+            &masks,
+        );
+        let grads = (out.clone() * tensor(&w, DType::F32, &device))
+            .sum()
+            .backward();
+        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+        let flat3 = |t: &Tensor<3>| {
+            let g = t.grad(&grads).expect("a score term's gradient");
+            let dims = g.dims();
+            to_f64(g.reshape([1, dims[0], dims[1], dims[2]]))
+        };
+        let what = format!(
+            "{:?}: key bias {with_bias}, soft edge {with_edge}, padding {with_pad}",
+            B::device()
+        );
+        let visible = |b: usize, i: usize, j: usize| {
+            pattern.visible(i, j, n, n) && !(with_pad && pad[b * n + j])
+        };
+        let terms = |b: usize, h: usize, i: usize, j: usize| {
+            let (mut bias, mut slope) = (0.0, 0.0);
+            if with_bias {
+                let kb = key_bias[(b * heads + h) * n + j] as f64;
+                if kb == f64::NEG_INFINITY {
+                    return None;
+                }
+                bias += kb;
+            }
+            if with_edge {
+                let distance = (j as f64 - i as f64).abs();
+                let g = ((reach[b * n + i] as f64 - distance) / ramp + 0.5).min(1.0);
+                if g <= 1e-30 {
+                    return None;
+                }
+                bias += g.ln();
+                slope = if g < 1.0 { 1.0 / (ramp * g) } else { 0.0 };
+            }
+            Some((bias, slope))
+        };
+        let want = masked_truth(&x, &case, &visible, &w, None, Some(&terms));
+        // The reach is shared by the heads: its gradient sums theirs.
+        let reach_want: Vec<f64> = (0..batch * n)
+            .map(|at| {
+                (0..heads)
+                    .map(|h| want.term_grads[1][(at / n * heads + h) * n + at % n])
+                    .sum()
+            })
+            .collect();
+        let mut checks = vec![
+            ("out", to_f64(out), want.out.clone()),
+            ("dq", flat(&q), want.grads[0].clone()),
+            ("dk", flat(&k), want.grads[1].clone()),
+            ("dv", flat(&v), want.grads[2].clone()),
+        ];
+        if with_bias {
+            checks.push(("key bias", flat3(&bias_t), want.term_grads[0].clone()));
+        }
+        if with_edge {
+            checks.push(("reach", flat3(&reach_t), reach_want));
+        }
+        for (name, got, want) in checks {
+            let err = max_err(&got, &want);
+            let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            assert!(
+                err < 1e-4 * size,
+                "{what}: {name} error {err:e} (largest {size})"
+            );
+        }
+        if let Some((forward, backward)) = served {
+            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
+            assert_eq!(
+                entries,
+                [(Pass::Forward, forward), (Pass::Backward, backward)],
+                "{what}"
+            );
+        }
+    }
 }

@@ -47,7 +47,9 @@ pub use error::{ensure, AttentionError};
 pub use linear::{
     causal_linear_attention, check_linear_eps, linear_attention, LinearAttentionState,
 };
-pub use masked::{masked_attention, try_masked_attention, AttentionMasks, DocumentIds};
+pub use masked::{
+    block_sparse_kernels, masked_attention, try_masked_attention, AttentionMasks, DocumentIds,
+};
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;

@@ -57,6 +57,19 @@ pub struct AttentionMasks {
     pub dropout: f64,
 }
 
+/// Whether calls on `device` can take the block-sparse kernels (a CubeCL device: CUDA or
+/// WGPU), for modules whose best formulation differs between the kernels and the tiled
+/// tensor ops (learned sparsity gathers its selected keys for the tiled ops).
+pub fn block_sparse_kernels(device: &burn::tensor::Device) -> bool {
+    #[cfg(feature = "cube")]
+    return crate::backend::sparse::cube_caps(device).is_some();
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Exact attention over `pattern` under `masks`: the band kernels when the call is a
 /// plain band without masks, the block-sparse kernels (forward and backward) for strided
 /// columns, block layouts, key padding, document ids, attention masks and dropout in

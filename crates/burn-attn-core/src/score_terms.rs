@@ -109,12 +109,18 @@ impl TileBias for ScoreTerms<'_> {
                 .reshape([1, nc])
                 .expand([nr, nc]);
             let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
-            let weight = ((reach - distance) / edge.ramp + 0.5).clamp(0.0, 1.0);
-            let hidden = weight.clone().lower_equal_elem(0.0);
-            let log_weight = weight
+            // ln(clamp(raw, 0, 1)) by masks rather than a clamp, whose gradient would reach
+            // the keys past the ramp (weight 1): those get 0, as the kernels give them.
+            let raw = (reach - distance) / edge.ramp + 0.5;
+            let (inside, hidden) = (
+                raw.clone().greater_equal_elem(1.0),
+                raw.clone().lower_equal_elem(0.0),
+            );
+            let log_weight = raw
                 .clone()
-                .clamp_min(smallest_normal(weight.dtype()))
+                .clamp_min(smallest_normal(raw.dtype()))
                 .log()
+                .mask_fill(inside, 0.0)
                 .mask_fill(hidden, f32::NEG_INFINITY);
             total = Some(match total {
                 Some(t) => t + log_weight,

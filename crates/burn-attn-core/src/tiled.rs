@@ -138,18 +138,27 @@ pub fn tiled_attention(
             let k_blk = k.clone().slice([0..batch, 0..heads, cols.clone()]);
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
             let mut s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
+            // A bias's -inf entries hide their keys like a mask (the masked fill keeps an
+            // empty row's infinite output gradient from meeting a zero probability).
+            let mut bias_hidden = None;
             if let Some(bias) = spec.bias {
-                s = s + bias
+                let bias = bias
                     .bias(rows.clone(), cols.clone())
                     .cast(dtype)
                     .expand([batch, heads, nr, nc]);
+                let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
+                s = s + bias.mask_fill(hidden.clone(), 0.0);
+                bias_hidden = Some(hidden);
             }
             let pattern_hidden = (cover == TileCover::Partial).then(|| {
                 let visible = pattern.tile_mask(rows.clone(), cols.clone(), seq_q, seq_k, &device);
                 hidden_keys(visible, batch, heads)
             });
             let keys = TileKeys::Range(cols.clone());
-            let hidden = either_hidden(pattern_hidden, masks_hidden(spec, &rows, &keys, heads));
+            let hidden = either_hidden(
+                either_hidden(pattern_hidden, bias_hidden),
+                masks_hidden(spec, &rows, &keys, heads),
+            );
             state.update(s, hidden, v_blk, dropout);
         }
 

@@ -1,16 +1,14 @@
 //! Adaptive sliding window: each token predicts its own window size, and a soft edge makes
 //! that prediction trainable.
 
-use core::ops::Range;
-
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 use burn_attn_core::{
-    ensure, smallest_normal, tiled_attention, AttentionError, KeyPattern, TileBias, TiledSpec,
-    Window,
+    ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache,
+    KeyPattern, SoftEdge, Window,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -87,6 +85,7 @@ impl AdaptiveSlidingWindowAttentionConfig {
             ramp: self.ramp,
             causal: self.causal,
             dropout: self.dropout,
+            block_masks: BlockMaskCache::new(),
         }
     }
 }
@@ -114,40 +113,10 @@ pub struct AdaptiveSlidingWindowAttention {
     pub causal: bool,
     /// Dropout on probabilities while training.
     pub dropout: f64,
-}
-
-/// The soft window edge as a score bias: `ln(weight)`, `-inf` where the weight is 0.
-struct SoftEdge {
-    /// Reach of each query, `[batch, seq]`.
-    reach: Tensor<2>,
-    ramp: f64,
-}
-
-impl TileBias for SoftEdge {
-    fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
-        let device = self.reach.device();
-        let [batch, _] = self.reach.dims();
-        let (nr, nc) = (rows.len(), cols.len());
-        let reach = self
-            .reach
-            .clone()
-            .slice([0..batch, rows.clone()])
-            .reshape([batch, 1, nr, 1]);
-        let r = Tensor::<1, Int>::arange(rows.start as i64..rows.end as i64, &device)
-            .reshape([nr, 1])
-            .expand([nr, nc]);
-        let c = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, &device)
-            .reshape([1, nc])
-            .expand([nr, nc]);
-        let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
-        let weight = ((reach - distance) / self.ramp + 0.5).clamp(0.0, 1.0);
-        let hidden = weight.clone().lower_equal_elem(0.0);
-        let tiny = smallest_normal(weight.dtype());
-        weight
-            .clamp_min(tiny)
-            .log()
-            .mask_fill(hidden, f32::NEG_INFINITY)
-    }
+    /// The band's block-sparse plan of the last call's length, reused by the next calls of
+    /// the same length on the GPU kernels (clones of the module share it).
+    #[module(skip)]
+    pub block_masks: BlockMaskCache,
 }
 
 impl AdaptiveSlidingWindowAttention {
@@ -172,24 +141,31 @@ impl AdaptiveSlidingWindowAttention {
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    ///
+    /// The soft edge is a score term of [`masked_attention`]: on CubeCL devices the
+    /// block-sparse kernels evaluate it per element in the band and return the reach's
+    /// gradient from their backward; on the CPU the tiled path adds it per tile.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.projection.check_input("input", &x);
         let sizes = self.window_sizes(x.clone());
+        let [batch, seq] = sizes.dims();
         let reach = if self.causal {
             sizes - 1.0
         } else {
             sizes / 2.0
         };
-        let edge = SoftEdge {
-            reach,
-            ramp: self.ramp,
+        let masks = AttentionMasks {
+            soft_edge: Some(SoftEdge {
+                reach: reach.reshape([batch, 1, seq]),
+                ramp: self.ramp,
+            }),
+            dropout: self.dropout,
+            ..AttentionMasks::default()
         };
         let h = self.projection.split_self(x);
         let pattern = KeyPattern::band(self.band(), self.causal);
-        let mut spec = TiledSpec::new(&pattern, 1.0 / (h.q.dims()[3] as f64).sqrt());
-        spec.bias = Some(&edge);
-        spec.dropout = self.dropout;
-        let (out, _) = tiled_attention(h.q, h.k, h.v, &spec);
+        let options = AttentionOptions::new().with_block_mask_cache(self.block_masks.clone());
+        let out = masked_attention(h.q, h.k, h.v, &pattern, &options, &masks);
         self.projection.merge(out)
     }
 

@@ -1,4 +1,5 @@
-//! Learned sparsity: a trained gate chooses, per head, the keys every query attends to.
+//! Learned sparsity: a trained gate chooses, per head, the blocks of keys every query
+//! attends to.
 
 use core::ops::Range;
 
@@ -6,9 +7,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, repeat_kv, tiled_attention, AttentionError, KeyPattern, TileBias, TiledSpec,
+    block_sparse_kernels, ensure, masked_attention, repeat_kv, tiled_attention, AttentionError,
+    AttentionMasks, AttentionOptions, KeyPattern, TileBias, TiledSpec,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -30,10 +32,15 @@ pub struct LearnedSparseAttentionConfig {
     /// Dropout on the attention probabilities while training. Default: `0.0`.
     #[config(default = 0.0)]
     pub dropout: f64,
-    /// Fraction of keys kept per head: each query attends to the top `ceil(ratio * n)`
-    /// keys by gate score (at least 1). In `(0, 1]`. Default: `0.1`, as the seed.
+    /// Fraction of key blocks kept per head: the top `ceil(ratio * blocks)` blocks by
+    /// pooled gate score (at least 1). In `(0, 1]`. Default: `0.1`, as the seed.
     #[config(default = 0.1)]
     pub ratio: f64,
+    /// Keys per selection block (at least 1): the gate's scores are averaged over each
+    /// block and whole blocks are kept, so the GPU kernels skip the others tile by tile.
+    /// `1` selects single keys (per-key top-k). Default: `64`.
+    #[config(default = 64)]
+    pub block: usize,
 }
 
 impl LearnedSparseAttentionConfig {
@@ -45,6 +52,11 @@ impl LearnedSparseAttentionConfig {
             return Err(AttentionError::OutOfUnitRange {
                 what: "ratio",
                 value: self.ratio,
+            });
+        }
+        if self.block == 0 {
+            return Err(AttentionError::ZeroSize {
+                what: "selection block",
             });
         }
         Ok(())
@@ -61,33 +73,42 @@ impl LearnedSparseAttentionConfig {
                 .init(device),
             gate: LinearConfig::new(self.d_model, self.n_heads).init(device),
             ratio: self.ratio,
+            block: self.block,
             dropout: self.dropout,
         }
     }
 }
 
-/// Attention over the keys a trained gate selects.
+/// Attention over the key blocks a trained gate selects (MoBA/NSA-style block selection).
 ///
-/// The gate scores every key per head; each query attends to the top `ceil(ratio * n)`
-/// keys, and `log_sigmoid(score)` is added to those keys' logits so the gate is trained by
-/// the loss. Keys are selected (never query rows), so no row is ever left empty: no NaN.
-/// Cost O(n * ratio * n). Not causal: the selection looks at every key.
+/// The gate scores every key per head; the scores are averaged over blocks of `block`
+/// keys, each head keeps its top `ceil(ratio * blocks)` blocks for every query, and
+/// `log_sigmoid(score)` is added to the kept keys' logits so the gate is trained by the
+/// loss. Keys are selected (never query rows), so no row is left empty unless every key
+/// it could see is padding. Not causal: the selection looks at every key.
+///
+/// On CubeCL devices the gate's bias (`-inf` on the keys left out) is a score term of the
+/// block-sparse kernels: they visit only the selected blocks and return the bias's
+/// gradient from their backward. On the CPU the selected keys are gathered and the tiled
+/// ops attend to them: the same result, at O(n * ratio * n) either way.
 #[derive(Module, Debug)]
 pub struct LearnedSparseAttention {
     /// The shared projections.
     pub projection: MultiHeadProjection,
     /// Key scores per head: `d_model -> n_heads`.
     pub gate: Linear,
-    /// Fraction of keys kept.
+    /// Fraction of key blocks kept.
     pub ratio: f64,
+    /// Keys per selection block.
+    pub block: usize,
     /// Dropout on probabilities while training.
     pub dropout: f64,
 }
 
-/// The gate's log-sigmoid bias on the selected keys, `[batch, heads, 1, selected]`.
-struct SelectedKeyBias(Tensor<4>);
+/// The gate's log-sigmoid bias on the gathered keys, `[batch, heads, 1, gathered]`.
+struct GatheredKeyBias(Tensor<4>);
 
-impl TileBias for SelectedKeyBias {
+impl TileBias for GatheredKeyBias {
     fn bias(&self, _rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
         let [b, h, _, _] = self.0.dims();
         self.0.clone().slice([0..b, 0..h, 0..1, cols])
@@ -95,9 +116,10 @@ impl TileBias for SelectedKeyBias {
 }
 
 impl LearnedSparseAttention {
-    /// How many keys are kept out of `seq_k`.
-    pub fn selected(&self, seq_k: usize) -> usize {
-        ((self.ratio * seq_k as f64).ceil() as usize).clamp(1, seq_k.max(1))
+    /// How many key blocks are kept out of the `ceil(seq_k / block)` blocks of `seq_k` keys.
+    pub fn selected_blocks(&self, seq_k: usize) -> usize {
+        let blocks = seq_k.div_ceil(self.block);
+        ((self.ratio * blocks as f64).ceil() as usize).clamp(1, blocks.max(1))
     }
 
     /// Self-attention: `[batch, seq, d_model] -> [batch, seq, d_model]`.
@@ -105,9 +127,39 @@ impl LearnedSparseAttention {
         self.forward_cross(x.clone(), x.clone(), x, None)
     }
 
+    /// The key blocks each head keeps, `[batch, heads, kept]` (block indices, best first),
+    /// from the gate's scores `[batch, heads, seq_k]`: a block's score is the mean over its
+    /// keys that are not padding (`padding`, `[batch, heads, seq_k]`, `true` = padding);
+    /// blocks of padding only rank last.
+    pub fn select_blocks(
+        &self,
+        gate_scores: Tensor<3>,
+        padding: Option<Tensor<3, Bool>>,
+    ) -> Tensor<3, Int> {
+        let [batch, heads, seq_k] = gate_scores.dims();
+        let blocks = seq_k.div_ceil(self.block);
+        let tail = blocks * self.block - seq_k;
+        let scores = gate_scores.detach();
+        let valid = match padding {
+            Some(pad) => pad.bool_not().float(),
+            None => scores.ones_like(),
+        };
+        let per_block = |t: Tensor<3>| {
+            t.pad([(0, tail)], burn::tensor::ops::PadMode::Constant(0.0))
+                .reshape([batch, heads, blocks, self.block])
+                .sum_dim(3)
+                .reshape([batch, heads, blocks])
+        };
+        let count = per_block(valid.clone());
+        let pooled = (per_block(scores * valid) / count.clone().clamp_min(1.0))
+            .mask_fill(count.equal_elem(0.0), f32::NEG_INFINITY);
+        // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
+        let (_, order) = pooled.sort_descending_with_indices(2);
+        order.slice([0..batch, 0..heads, 0..self.selected_blocks(seq_k)])
+    }
+
     /// Attention of `query` over the selected keys of `key`/`value`, with an optional
-    /// `[batch, seq_k]` key padding mask (`true` = padding; padding is selected last and
-    /// always hidden).
+    /// `[batch, seq_k]` key padding mask (`true` = padding; padding is always hidden).
     pub fn forward_cross(
         &self,
         query: Tensor<3>,
@@ -117,11 +169,8 @@ impl LearnedSparseAttention {
     ) -> Tensor<3> {
         let gate_scores = self.gate.forward(key.clone()).swap_dims(1, 2); // [b, heads, seq_k]
         let h = self.projection.split(query, key, value);
-        let [batch, heads, _, head_dim] = h.q.dims();
+        let [batch, heads, _, _] = h.q.dims();
         let seq_k = h.k.dims()[2];
-        let value_dim = h.v.dims()[3];
-        let n_sel = self.selected(seq_k);
-
         let padding = key_padding.map(|pad| {
             ensure(if pad.dims() == [batch, seq_k] {
                 Ok(())
@@ -134,39 +183,98 @@ impl LearnedSparseAttention {
             });
             pad.reshape([batch, 1, seq_k]).expand([batch, heads, seq_k])
         });
-        // Only the indices come from the top-k, so padding can rank last with -inf.
-        let ranking = match &padding {
-            Some(pad) => gate_scores
-                .clone()
-                .mask_fill(pad.clone(), f32::NEG_INFINITY),
-            None => gate_scores.clone(),
+        let kept = self.select_blocks(gate_scores.clone(), padding.clone());
+        let bias = log_sigmoid(gate_scores);
+        let bias = match padding {
+            Some(pad) => bias.mask_fill(pad, f32::NEG_INFINITY),
+            None => bias,
         };
-        // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
-        let (_, idx) = ranking.detach().sort_descending_with_indices(2);
-        let idx = idx.slice([0..batch, 0..heads, 0..n_sel]); // [b, heads, n_sel]
+        let out = if block_sparse_kernels(&h.q.device()) {
+            self.attend_masked(h.q, h.k, h.v, bias, kept)
+        } else {
+            self.attend_gathered(h.q, h.k, h.v, bias, kept)
+        };
+        self.projection.merge(out)
+    }
 
-        let gather_rows = |x: Tensor<4>, width: usize| {
-            let idx = idx
+    /// The kernels' formulation: the gate's bias over every key, `-inf` on the keys of
+    /// blocks left out (the kernels skip their tiles), through [`masked_attention`].
+    fn attend_masked(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<3>,
+        kept: Tensor<3, Int>,
+    ) -> Tensor<4> {
+        let [batch, heads, seq_k] = bias.dims();
+        let (blocks, kept_n) = (seq_k.div_ceil(self.block), kept.dims()[2]);
+        let shape = [batch, heads, kept_n, blocks];
+        let is_kept = kept
+            .reshape([batch, heads, kept_n, 1])
+            .expand(shape)
+            .equal(
+                Tensor::<1, Int>::arange(0..blocks as i64, &bias.device())
+                    .reshape([1, 1, 1, blocks])
+                    .expand(shape),
+            )
+            .int()
+            .sum_dim(2)
+            .reshape([batch, heads, blocks, 1])
+            .expand([batch, heads, blocks, self.block])
+            .reshape([batch, heads, blocks * self.block])
+            .slice([0..batch, 0..heads, 0..seq_k]);
+        let masks = AttentionMasks {
+            key_bias: Some(bias.mask_fill(is_kept.equal_elem(0), f32::NEG_INFINITY)),
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        let pattern = KeyPattern::default();
+        masked_attention(q, k, v, &pattern, &AttentionOptions::new(), &masks)
+    }
+
+    /// The tiled ops' formulation: the keys of the kept blocks gathered (positions past
+    /// the end hidden), attended with the gate's bias on them.
+    fn attend_gathered(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<3>,
+        kept: Tensor<3, Int>,
+    ) -> Tensor<4> {
+        let [batch, heads, seq_k] = bias.dims();
+        let (kept_n, block) = (kept.dims()[2], self.block);
+        let n_sel = kept_n * block;
+        let positions = (kept
+            .mul_scalar(block as i64)
+            .reshape([batch, heads, kept_n, 1])
+            .expand([batch, heads, kept_n, block])
+            + Tensor::<1, Int>::arange(0..block as i64, &bias.device())
+                .reshape([1, 1, 1, block])
+                .expand([batch, heads, kept_n, block]))
+        .reshape([batch, heads, n_sel]);
+        let past_end = positions.clone().greater_equal_elem(seq_k as i64);
+        let positions = positions.clamp_max(seq_k as i64 - 1);
+        let gather_rows = |x: Tensor<4>| {
+            let width = x.dims()[3];
+            let idx = positions
                 .clone()
                 .reshape([batch, heads, n_sel, 1])
                 .expand([batch, heads, n_sel, width]);
             repeat_kv(x, heads).gather(2, idx)
         };
-        let k_sel = gather_rows(h.k, head_dim);
-        let v_sel = gather_rows(h.v, value_dim);
-        let mut bias = log_sigmoid(gate_scores.gather(2, idx.clone()));
-        if let Some(pad) = padding {
-            let hidden = pad.float().gather(2, idx).greater_elem(0.5);
-            bias = bias.mask_fill(hidden, f32::NEG_INFINITY);
-        }
-        let bias = SelectedKeyBias(bias.reshape([batch, heads, 1, n_sel]));
-
+        let (k_sel, v_sel) = (gather_rows(k), gather_rows(v));
+        let bias = bias
+            .gather(2, positions)
+            .mask_fill(past_end, f32::NEG_INFINITY);
+        let bias = GatheredKeyBias(bias.reshape([batch, heads, 1, n_sel]));
         let pattern = KeyPattern::default();
-        let mut spec = TiledSpec::new(&pattern, 1.0 / (head_dim as f64).sqrt());
+        let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+        let mut spec = TiledSpec::new(&pattern, scale);
         spec.bias = Some(&bias);
         spec.dropout = self.dropout;
-        let (out, _) = tiled_attention(h.q, k_sel, v_sel, &spec);
-        self.projection.merge(out)
+        tiled_attention(q, k_sel, v_sel, &spec).0
     }
 
     /// The shared projections (for exact baselines with the same weights).
@@ -179,23 +287,36 @@ impl LearnedSparseAttention {
 mod tests {
     use super::*;
     use crate::test_util::*;
-    use burn::tensor::Int;
+    use burn::tensor::TensorData;
     use burn_attn_core::reference_attention;
 
-    /// The same selection written the plain way: a dense mask over all keys that keeps the
-    /// top-k per head, with the gate bias added to every logit.
+    /// The same selection written the plain way, on the host: per head, the blocks'
+    /// mean gate scores, the top blocks kept, and a dense bias over all keys (`-inf` off
+    /// the kept blocks, the gate's log-sigmoid on them).
     fn dense_reference(module: &LearnedSparseAttention, x: Tensor<3>) -> Tensor<3> {
         let scores = module.gate.forward(x.clone()).swap_dims(1, 2); // [b, h, n]
         let [b, heads, n] = scores.dims();
-        let k = module.selected(n);
-        let threshold = scores
-            .clone()
-            .sort_descending(2)
-            .slice([0..b, 0..heads, k - 1..k]);
-        let hidden = scores.clone().lower(threshold.expand([b, heads, n]));
-        let bias = log_sigmoid(scores)
-            .mask_fill(hidden, f32::NEG_INFINITY)
-            .reshape([b, heads, 1, n]);
+        let values: Vec<f32> = scores.clone().into_data().try_to_vec().unwrap();
+        let (block, keep) = (module.block, module.selected_blocks(n));
+        let blocks = n.div_ceil(block);
+        let mut bias = vec![f32::NEG_INFINITY; b * heads * n];
+        for bh in 0..b * heads {
+            let row = &values[bh * n..(bh + 1) * n];
+            let mut means: Vec<(usize, f32)> = (0..blocks)
+                .map(|k| {
+                    let keys = &row[k * block..((k + 1) * block).min(n)];
+                    (k, keys.iter().sum::<f32>() / keys.len() as f32)
+                })
+                .collect();
+            means.sort_by(|a, c| c.1.total_cmp(&a.1));
+            for &(k, _) in &means[..keep] {
+                for j in k * block..((k + 1) * block).min(n) {
+                    let s = row[j] as f64;
+                    bias[bh * n + j] = (-(1.0 + (-s).exp()).ln()) as f32;
+                }
+            }
+        }
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, heads, 1, n]), &x.device());
         let h = module.projection().split_self(x);
         let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
         let (out, _) = reference_attention(
@@ -211,15 +332,17 @@ mod tests {
     }
 
     #[test]
-    fn equals_dense_top_k_reference() {
-        for (ratio, seq, kv) in [
-            (0.1, 97, None),
-            (0.5, 17, Some(2)),
-            (1.0, 9, None),
-            (0.01, 1, None),
+    fn equals_dense_block_top_k_reference() {
+        for (ratio, block, seq, kv) in [
+            (0.1, 8, 97, None),
+            (0.5, 4, 17, Some(2)),
+            (0.3, 1, 23, None),
+            (1.0, 4, 9, None),
+            (0.01, 64, 1, None),
         ] {
             let module = LearnedSparseAttentionConfig::new(32, 4)
                 .with_ratio(ratio)
+                .with_block(block)
                 .with_n_kv_heads(kv)
                 .init(&cpu());
             let x = randn([2, seq, 32], &cpu());
@@ -227,6 +350,37 @@ mod tests {
             assert_finite(got.clone());
             assert_close(got, dense_reference(&module, x), 2e-5);
         }
+    }
+
+    /// The kernels' formulation (a bias over every key) and the tiled ops' (gathered keys)
+    /// agree, with padding and a last block past the end.
+    #[test]
+    fn masked_and_gathered_formulations_agree() {
+        let module = LearnedSparseAttentionConfig::new(32, 4)
+            .with_ratio(0.4)
+            .with_block(8)
+            .with_n_kv_heads(Some(2))
+            .init(&cpu());
+        let (q, kv) = (randn([2, 13, 32], &cpu()), randn([2, 45, 32], &cpu()));
+        let gate_scores = module.gate.forward(kv.clone()).swap_dims(1, 2);
+        let pad = Tensor::<1, Int>::arange(0..45, &cpu())
+            .reshape([1, 45])
+            .greater_equal_elem(39)
+            .reshape([1, 1, 45])
+            .expand([2, 4, 45]);
+        let kept = module.select_blocks(gate_scores.clone(), Some(pad.clone()));
+        let bias = log_sigmoid(gate_scores).mask_fill(pad, f32::NEG_INFINITY);
+        let h = module.projection.split(q, kv.clone(), kv);
+        let masked = module.attend_masked(
+            h.q.clone(),
+            h.k.clone(),
+            h.v.clone(),
+            bias.clone(),
+            kept.clone(),
+        );
+        let gathered = module.attend_gathered(h.q, h.k, h.v, bias, kept);
+        assert_finite(masked.clone());
+        assert_close(masked, gathered, 1e-5);
     }
 
     #[test]

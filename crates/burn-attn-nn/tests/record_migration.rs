@@ -61,9 +61,11 @@ fn assert_loads<M: ModuleSnapshot>(
 #[test]
 fn learned_sparse_weights_saved_by_burn_021_load() {
     let device = Device::ndarray();
+    // Single-key blocks: the 0.21 build's per-key selection.
     let module = LearnedSparseAttentionConfig::new(16, 4)
         .with_n_kv_heads(Some(2))
         .with_ratio(0.25)
+        .with_block(1)
         .init(&device);
     assert_loads(
         module,

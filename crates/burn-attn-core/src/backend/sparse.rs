@@ -137,7 +137,7 @@ pub(crate) type SparseGradients<B> = (
 );
 
 /// The capabilities of a device, where it is a CubeCL device (under autodiff or not).
-fn cube_caps(device: &Device) -> Option<DeviceCaps> {
+pub(crate) fn cube_caps(device: &Device) -> Option<DeviceCaps> {
     #[allow(unreachable_patterns)]
     match device.as_dispatch().clone().inner() {
         DispatchDevice::Cube(device) => Some(device_caps(&device.client())),
