@@ -62,8 +62,11 @@ fn attention_config(kind: &str, d: usize, heads: usize, seq: usize) -> AnyAttent
                 })
                 .with_causal(true),
         ),
+        // Blocks of two keys: a key and its value, which the gate keeps together.
         "learned-sparse" => AnyAttentionConfig::LearnedSparse(
-            LearnedSparseAttentionConfig::new(d, heads).with_ratio(0.3),
+            LearnedSparseAttentionConfig::new(d, heads)
+                .with_ratio(0.3)
+                .with_block(2),
         ),
         "linear" => AnyAttentionConfig::Linear(LinearAttentionConfig::new(d, heads)),
         "causal-linear" => AnyAttentionConfig::CausalLinear(

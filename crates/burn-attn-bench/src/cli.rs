@@ -197,6 +197,10 @@ pub struct CompareArgs {
     /// matches, with tied query/key projections).
     #[arg(long)]
     pub no_structured: bool,
+    /// Time a training step of each module too (forward and backward of `sum(out * w)`
+    /// to its parameters and input).
+    #[arg(long)]
+    pub train: bool,
     /// Peer timings: the JSON that `scripts/peers/torch_attention.py OUT.json`
     /// writes. Rows with the same batch, heads, length, head dim and dtype print our time
     /// over the peer's.

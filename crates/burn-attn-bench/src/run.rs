@@ -98,6 +98,10 @@ pub struct Row {
     /// hybrid): what the peers' kernels compute.
     #[serde(default)]
     pub core_ms: Option<f64>,
+    /// Median time of a training step of the whole module (forward and backward of
+    /// `sum(out * w)`), with `--train`.
+    #[serde(default)]
+    pub train_ms: Option<f64>,
     /// Memory peak of one forward pass in bytes, as the report's `memory` describes it
     /// (`None` when the counting allocator is not registered).
     pub peak_bytes: Option<u64>,
@@ -393,6 +397,26 @@ fn errors(out: Tensor<3>, reference: Tensor<3>) -> (f64, f64) {
     (max, mean)
 }
 
+/// The median time of a training step of `method`'s module at length `n` (built on the
+/// autodiff device with the same seed): forward and backward of `sum(out * w)`, synced.
+fn train_step_ms(method: Method, n: usize, args: &CompareArgs, device: &Device) -> f64 {
+    let device = device.clone().autodiff();
+    device.seed(args.seed ^ (n as u64).rotate_left(17) ^ method as u64);
+    let variant = Variant::build(method, args, &device);
+    let shape = [args.batch_for(n), n, args.d_model];
+    let x = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let step = || {
+        let grads = (variant.forward(x.clone()) * w.clone()).sum().backward();
+        let _ = device.sync();
+        drop(grads);
+    };
+    for _ in 0..args.warmup.max(1) {
+        step();
+    }
+    median(timed_ms(args.repeats, step))
+}
+
 /// Measures one method at one length.
 fn measure(
     method: Method,
@@ -440,6 +464,8 @@ fn measure(
         median(timed_ms(args.repeats, || drop(core())))
     });
 
+    let train_ms = args.train.then(|| train_step_ms(method, n, args, device));
+
     let (structured_max_error, structured_mean_error) = if args.no_structured {
         (None, None)
     } else {
@@ -461,6 +487,7 @@ fn measure(
         median_ms: median(times),
         min_ms,
         core_ms,
+        train_ms,
         peak_bytes,
         max_error,
         mean_error,

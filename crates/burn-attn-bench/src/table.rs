@@ -23,7 +23,8 @@ peak MiB: see the header (host allocator on the CPU, device memory pool on GPUs)
 model MiB: complexity model, attention intermediates plus Q/K/V/output activations in f32 \
 (it counts one n x n matrix for exact; the materialised baseline holds a few).
 median ms: the whole module (projections included); core ms: the attention core alone on \
-pre-projected Q/K/V (pattern-attention cores only), what the peers time.
+pre-projected Q/K/V (pattern-attention cores only), what the peers time; train ms: a \
+training step of the whole module, forward and backward (--train).
 GFLOP/s: the model's attention FLOPs (FlashAttention count) over the core time (the median \
 when there is none).
 err max/mean: |output - exact| on random normal inputs, against materialised exact \
@@ -49,6 +50,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "seq",
         "median ms",
         "core ms",
+        "train ms",
         "GFLOP/s",
         "peak MiB",
         "model MiB",
@@ -58,7 +60,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "struct max",
         "struct mean",
     ];
-    let mut widths = vec![22, 6, 10, 9, 9, 10, 10, 11, 9, 9, 10, 11];
+    let mut widths = vec![22, 6, 10, 9, 9, 9, 10, 10, 11, 9, 9, 10, 11];
     if has_peers {
         header.push("vs peers (ours/peer)");
         widths.push(20);
@@ -68,7 +70,7 @@ pub fn format_table(rows: &[Row]) -> String {
         for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
             if i == 0 {
                 let _ = write!(s, "{c:<w$}");
-            } else if i == 12 {
+            } else if i == 13 {
                 let _ = write!(s, "  {c}");
             } else {
                 let _ = write!(s, "  {c:>w$}");
@@ -95,6 +97,7 @@ pub fn format_table(rows: &[Row]) -> String {
             row.seq_len.to_string(),
             format!("{:.3}", row.median_ms),
             row.core_ms.map_or("-".into(), |t| format!("{t:.3}")),
+            row.train_ms.map_or("-".into(), |t| format!("{t:.3}")),
             format!("{gflops:.2}"),
             row.peak_bytes
                 .map_or("n/a".into(), |b| format!("{:.3}", b as f64 / MIB)),
@@ -122,7 +125,7 @@ pub fn format_table(rows: &[Row]) -> String {
 /// The results as CSV, one line per row (errors and peers as extra columns).
 pub fn format_csv(rows: &[Row]) -> String {
     let mut out = String::from(
-        "method,selected,seq_len,batch,median_ms,min_ms,core_ms,peak_bytes,max_error,mean_error,\
+        "method,selected,seq_len,batch,median_ms,min_ms,core_ms,train_ms,peak_bytes,max_error,mean_error,\
          structured_max_error,structured_mean_error,model_memory_elems,model_activation_elems,\
          model_flops,peers\n",
     );
@@ -135,7 +138,7 @@ pub fn format_csv(rows: &[Row]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{:e},{:e},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{:e},{:e},{},{},{},{},{},{}",
             r.method,
             r.model.selected,
             r.seq_len,
@@ -143,6 +146,7 @@ pub fn format_csv(rows: &[Row]) -> String {
             r.median_ms,
             r.min_ms,
             r.core_ms.map_or(String::new(), |t| t.to_string()),
+            r.train_ms.map_or(String::new(), |t| t.to_string()),
             r.peak_bytes.map_or(String::new(), |b| b.to_string()),
             r.max_error,
             r.mean_error,

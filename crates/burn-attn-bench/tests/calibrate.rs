@@ -45,6 +45,7 @@ fn slopes_recover_known_exponents() {
                     median_ms: 1e-4 * (n as f64).powi(k),
                     min_ms: 0.0,
                     core_ms: None,
+                    train_ms: None,
                     peak_bytes: Some(8 * (n as u64).pow(k as u32)),
                     max_error: 0.0,
                     mean_error: 0.0,

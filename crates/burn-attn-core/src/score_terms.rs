@@ -109,8 +109,8 @@ impl TileBias for ScoreTerms<'_> {
                 .reshape([1, nc])
                 .expand([nr, nc]);
             let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
-            // ln(clamp(raw, 0, 1)) by masks rather than a clamp, whose gradient would reach
-            // the keys past the ramp (weight 1): those get 0, as the kernels give them.
+            // ln(clamp(raw, 0, 1)) built from masks, so the reach's gradient is 1 / raw on
+            // the ramp and exactly 0 inside the window and past it, as the kernels give it.
             let raw = (reach - distance) / edge.ramp + 0.5;
             let (inside, hidden) = (
                 raw.clone().greater_equal_elem(1.0),

@@ -106,7 +106,8 @@ pub(crate) trait SparseAttentionBackend: Backend {
 
     /// `(dq, dk, dv, d_key_bias, d_reach)` of [`SparseAttentionBackend::sparse_attention`]
     /// for `d_out` (the score terms' gradients in their tensors' shapes and dtypes).
-    #[allow(clippy::too_many_arguments)]
+    // The extension macro takes tuple outputs written out, not through an alias.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn sparse_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -164,7 +164,8 @@ pub(crate) trait SparseKernelLaunch: Backend {
 
     /// Launches the block-sparse backward: `(dq, dk, dv)` and the score terms' gradients
     /// (see [`backward_outputs`]).
-    #[allow(clippy::too_many_arguments)]
+    // The extension macro takes tuple outputs written out, not through an alias.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     #[fusion(meta = backward_outputs)]
     fn sparse_backward(
         q: FloatTensor<Self>,
