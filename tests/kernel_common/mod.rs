@@ -1511,7 +1511,6 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
         &cube_primitive(k.clone()),
         &cube_primitive(v.clone()),
         &forced,
-        false,
     )
     .unwrap();
     let heads = case.heads;
@@ -2092,8 +2091,7 @@ pub fn check_invalid_list_indices<B: On>() {
     );
     let forced = ForcedPlan::default();
     let prim = |t: &Tensor<4>| cube_primitive(t.clone());
-    let (block_q, block_k) =
-        sparse_blocks(&prim(&q), &prim(&k), &prim(&v), &forced, false).unwrap();
+    let (block_q, block_k) = sparse_blocks(&prim(&q), &prim(&k), &prim(&v), &forced).unwrap();
     let grid = BlockGrid::new(block_q, block_k, 150, 150).unwrap();
     let pattern = KeyPattern::band(Window::symmetric(8), false);
     let mask = BlockMask::new(BlockCover::of_pattern(&pattern, grid, &device).unwrap());

@@ -74,8 +74,7 @@ pub fn block_sparse_kernels(device: &burn::tensor::Device) -> bool {
 /// plain band without masks, the block-sparse kernels (forward and backward) for strided
 /// columns, block layouts, key padding, document ids, attention masks and dropout in
 /// training on CubeCL devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse`
-/// elsewhere and for calls with score terms), the tiled tensor ops otherwise (every such
-/// call on the CPU backends). Score terms (`key_bias`, `soft_edge`) get gradients on every
+/// elsewhere), the tiled tensor ops otherwise (every such call on the CPU backends). Score terms (`key_bias`, `soft_edge`) get gradients on every
 /// path.
 ///
 /// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from

@@ -186,10 +186,9 @@ pub(crate) fn sparse_kernel_attention(
         right: None,
     };
     let forced = options.forced_plan.unwrap_or_default();
-    let has_terms = masks.key_bias.is_some() || masks.soft_edge.is_some();
     let plan = precision_of(q.dtype(), k.dtype(), v.dtype())
         .and_then(|precision| Problem::contiguous(q_dims, k_dims, v_dims, precision, band))
-        .and_then(|problem| plan_sparse(&problem, &caps, &forced, has_terms))
+        .and_then(|problem| plan_sparse(&problem, &caps, &forced))
         .map_err(|why| decline(Decline::Kernel(why)))?;
     let device = q.device();
     let (seq_q, seq_k) = (q_dims[2], k_dims[2]);

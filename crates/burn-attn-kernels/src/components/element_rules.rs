@@ -211,14 +211,72 @@ impl ElementRules {
     }
 }
 
+/// The score terms of one element: the bias added to its scaled score, the bias's
+/// derivative by the query's reach, and whether a term hides the key.
+#[derive(CubeType, Clone, Copy)]
+pub struct ElementTerm {
+    pub bias: f32,
+    pub slope: f32,
+    pub hidden: bool,
+}
+
 #[cube]
 impl ElementRules {
+    /// The score terms of query `i` (`< seq_q`), key `j` (`< seq_k`) of batch `b`, query
+    /// head `h`: `key_bias[b, h, j]` (below -1e30, i.e. `-inf`, hides the key; NaN stays
+    /// NaN) plus the soft edge's `ln(weight)`, weight `min((reach_i - |j - (i + offset)|) /
+    /// ramp + 1/2, 1)`, which hides the key at or below 1e-30 and has slope `1 / (ramp *
+    /// weight)` on the ramp (0 inside the window).
+    #[allow(clippy::too_many_arguments)]
+    pub fn term(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+        key_bias: &Tensor<f32>,
+        reach: &Tensor<f32>,
+        #[comptime] rules: RuleSet,
+    ) -> ElementTerm {
+        let mut term = ElementTerm {
+            bias: f32::new(0.0),
+            slope: f32::new(0.0),
+            hidden: false,
+        };
+        if comptime!(rules.key_bias) {
+            let bias_j = key_bias[term_at(key_bias, b, h, j)];
+            if bias_j < f32::new(-1.0e30) {
+                term.hidden = true;
+            } else {
+                term.bias += bias_j;
+            }
+        }
+        if comptime!(rules.soft_edge) {
+            let d = j as i32 - (i as i32 + self.offset);
+            let distance = f32::cast_from(select(d < 0, -d, d));
+            let weight = f32::min(
+                (reach[term_at(reach, b, h, i)] - distance) / self.ramp + f32::new(0.5),
+                f32::new(1.0),
+            );
+            // Tiny weights count as 0, so the log stays finite.
+            if weight > f32::new(1.0e-30) {
+                term.bias += f32::ln(weight);
+                term.slope = select(
+                    weight < f32::new(1.0),
+                    f32::new(1.0) / (self.ramp * weight),
+                    f32::new(0.0),
+                );
+            } else {
+                term.hidden = true;
+            }
+        }
+        term
+    }
+
     /// Fills a unit's register tile of score terms, in [`ElementRules::hide_tile`]'s element
-    /// order (after it, on the same tile): `bias` the term added to the scaled score
-    /// (`key_bias[b, h, j]` plus the soft edge's `ln(weight)`), `slope` the soft edge's
-    /// `d bias / d reach_i` (`1 / (ramp * weight)` on the ramp, 0 off it), and the hidden
-    /// bit (1) of `hide` where the edge's weight is 0 or the key bias is `-inf`. Elements past `seq_q` or `seq_k`
-    /// get 0 (they are hidden already).
+    /// order (after it, on the same tile): `bias` and `slope` of [`ElementRules::term`],
+    /// and the hidden bit (1) of `hide` where a term hides the key. Elements past `seq_q`
+    /// or `seq_k` get 0 (they are hidden already).
     #[allow(clippy::too_many_arguments)]
     pub fn term_tile(
         &self,
@@ -251,40 +309,18 @@ impl ElementRules {
                     j = j0 + a * row_step;
                 }
                 let at = a * cols + c;
-                let mut term = f32::new(0.0);
-                let mut d_reach = f32::new(0.0);
+                let mut term_bias = f32::new(0.0);
+                let mut term_slope = f32::new(0.0);
                 if i < seq_q && j < seq_k {
-                    if comptime!(rules.key_bias) {
-                        // -inf (any bias below -1e30) hides the key; NaN stays NaN.
-                        let bias_j = key_bias[term_at(key_bias, b, h, j)];
-                        if bias_j < f32::new(-1.0e30) {
-                            hide[at] |= 1u32;
-                        } else {
-                            term += bias_j;
-                        }
-                    }
-                    if comptime!(rules.soft_edge) {
-                        let d = j as i32 - (i as i32 + self.offset);
-                        let distance = f32::cast_from(select(d < 0, -d, d));
-                        let weight = f32::min(
-                            (reach[term_at(reach, b, h, i)] - distance) / self.ramp + f32::new(0.5),
-                            f32::new(1.0),
-                        );
-                        // Tiny weights count as 0, so the log stays finite.
-                        if weight > f32::new(1.0e-30) {
-                            term += f32::ln(weight);
-                            d_reach = select(
-                                weight < f32::new(1.0),
-                                f32::new(1.0) / (self.ramp * weight),
-                                f32::new(0.0),
-                            );
-                        } else {
-                            hide[at] |= 1u32;
-                        }
+                    let term = self.term(b, h, i, j, key_bias, reach, rules);
+                    term_bias = term.bias;
+                    term_slope = term.slope;
+                    if term.hidden {
+                        hide[at] |= 1u32;
                     }
                 }
-                bias[at] = term;
-                slope[at] = d_reach;
+                bias[at] = term_bias;
+                slope[at] = term_slope;
             }
         }
     }

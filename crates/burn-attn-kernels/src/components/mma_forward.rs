@@ -19,7 +19,8 @@ use super::staging::{HeadRows, StageTile};
 /// mask of [`online_softmax_tile`]; with `use_drop` too, a `masked` tile's probabilities
 /// whose dropped bit is set leave `P V`; the caller scales the kept ones' sum, the output
 /// accumulators, by `1 / (1 - p)` at the end, so `P` stays within the softmax step's range
-/// in f16). Ends with a cube barrier: every plane is done with the buffer before it is
+/// in f16; with `use_bias`, a `masked` tile's scores take the `bias` terms, one per
+/// accumulator element, `4 * tile` + element). Ends with a cube barrier: every plane is done with the buffer before it is
 /// staged again.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -38,6 +39,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     m_row: &mut Array<f32>,
     l_row: &mut Array<f32>,
     hide: &Array<u32>,
+    bias: &Array<f32>,
     band: TileBand,
     scale: f32,
     t0: i32,
@@ -55,6 +57,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     #[comptime] async_copy: bool,
     #[comptime] use_hide: bool,
     #[comptime] use_drop: bool,
+    #[comptime] use_bias: bool,
 ) {
     acquire_pair::<F>(
         k,
@@ -92,12 +95,14 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
             t0,
             hide,
             masked,
+            bias,
             tile.m_tiles,
             tile.k_tiles,
             tile.v_tiles,
             c_vs,
             ptx_exp,
             use_hide,
+            use_bias,
         );
         // Nested: the outer switch is comptime.
         #[allow(clippy::collapsible_if)]

@@ -104,7 +104,9 @@ pub(crate) const MAX_LAG: f32 = 8.0;
 /// With `use_hide` (comptime), a `masked` tile also masks the scores whose hidden bit is
 /// set in `hide` (the lane's accumulator element `e` of tile `(mt, kt)` has bits
 /// [`flag_bit`]`(mt * k_tiles + kt, e)` and the next one, hidden and dropped, 32 per word):
-/// the block-sparse kernels' element rules.
+/// the block-sparse kernels' element rules; with `use_bias` too, the masked tile's scaled
+/// scores take the lane's `bias` terms (element `e` of tile `(mt, kt)` at `4 * (mt * k_tiles
+/// + kt) + e`), the block-sparse kernels' score terms.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn online_softmax_tile(
@@ -117,12 +119,14 @@ pub(crate) fn online_softmax_tile(
     t0: i32,
     hide: &Array<u32>,
     masked: bool,
+    bias: &Array<f32>,
     #[comptime] m_tiles: usize,
     #[comptime] k_tiles: usize,
     #[comptime] v_tiles: usize,
     #[comptime] c_vs: usize,
     #[comptime] ptx_exp: bool,
     #[comptime] use_hide: bool,
+    #[comptime] use_bias: bool,
 ) {
     let halves = comptime!(2 * m_tiles);
     let tile_hi = t0 + comptime!(k_tiles as i32 * 8) - 1;
@@ -180,6 +184,9 @@ pub(crate) fn online_softmax_tile(
                     #[allow(clippy::collapsible_if)]
                     if use_hide {
                         if masked {
+                            if use_bias {
+                                s += bias[tile * 4 + e];
+                            }
                             let at = flag_bit(tile, e);
                             if (hide[at / 32] >> (at % 32) as u32) & 1 != 0 {
                                 s = f32::new(NEG_BIG);
@@ -326,6 +333,7 @@ pub fn online_softmax_probe_kernel(
         seq_k,
     };
     let no_hide = Array::<u32>::new(1usize);
+    let no_bias = Array::<f32>::new(1usize);
     for tile in 0..tiles {
         let t0 = (tile * PROBE_KEYS) as i32;
         #[unroll]
@@ -343,7 +351,7 @@ pub fn online_softmax_probe_kernel(
         }
         online_softmax_tile(
             &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, &no_hide, false,
-            m_tiles, k_tiles, 1usize, c_vs, ptx_exp, false,
+            &no_bias, m_tiles, k_tiles, 1usize, c_vs, ptx_exp, false, false,
         );
         #[unroll]
         for mt in 0..m_tiles {

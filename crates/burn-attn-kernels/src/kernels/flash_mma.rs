@@ -192,7 +192,9 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
         stage_rows_sync::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
     }
 
+    // The block-sparse kernels' rule flags and score terms.
     let no_hide = Array::<u32>::new(1usize);
+    let no_bias = Array::<f32>::new(1usize);
     while t0 < bounds.end {
         let next = t0 + bk_i;
         mma_key_tile::<F, P>(
@@ -210,6 +212,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             &mut m_row,
             &mut l_row,
             &no_hide,
+            &no_bias,
             band,
             scale,
             t0,
@@ -225,6 +228,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             c_vs,
             MMA_PTX,
             async_copy,
+            false,
             false,
             false,
         );

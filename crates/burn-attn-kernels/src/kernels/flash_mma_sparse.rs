@@ -1,7 +1,8 @@
 //! The matrix-unit forward over a block-sparse plan: `flash_mma`'s key-tile step
 //! (`components::mma_forward`) on the key blocks a query block's lists name
 //! (`components::key_blocks`), with the element rules (`components::element_rules`) on
-//! the partially visible ones as the softmax step's hide bits. A list's block is
+//! the partially visible ones as the softmax step's hide bits, and the score terms of
+//! every visited tile as per-lane biases (`ElementRules::term`). A list's block is
 //! `q_tiles_per_block` cubes of query rows by `k_tiles_per_block` key tiles, as in
 //! `flash_unit_sparse`.
 
@@ -45,7 +46,8 @@ fn step_start(
 /// `flash_unit_sparse_kernel` (a list's query block is `q_tiles_per_block` cubes, its key
 /// block `k_tiles_per_block` tiles of `block_k` keys) and `unbounded` = `seq_q + seq_k`.
 /// Outputs as `flash_mma_kernel`; a row whose lists are empty outputs 0 with lse `neg_inf`.
-/// With `rules.dropout`, probabilities are dropped as `ElementRules::drops` says.
+/// With `rules.dropout`, probabilities are dropped as `ElementRules::drops` says; score
+/// terms (`key_bias`, `reach`) as in `flash_unit_sparse_kernel`.
 #[cube(
     launch_unchecked,
     address_type = "dynamic",
@@ -68,6 +70,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     doc_k: &Tensor<i32>,
     dense: &Tensor<i32>,
     seed: &Tensor<i32>,
+    key_bias: &Tensor<f32>,
+    reach: &Tensor<f32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -190,6 +194,13 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     // This lane's flag bits: hidden and dropped per accumulator element, 32 per word.
     let words = comptime!((m_tiles * tile.k_tiles * 8).div_ceil(32));
     let mut hide = Array::<u32>::new(words);
+    // And its score terms, one per accumulator element.
+    let terms = comptime!(rules.has_terms());
+    let mut bias = Array::<f32>::new(comptime!(if terms {
+        m_tiles * tile.k_tiles * 4
+    } else {
+        1
+    }));
 
     // Q and the first key tile (asynchronously: committed together on buffer 0).
     let mut stage = 0usize;
@@ -246,8 +257,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                 block_k,
             );
         }
-        // With dropout every tile takes its flags.
-        let masked = s / k_tiles_per_block < list.partial || comptime!(rules.dropout);
+        // With dropout or score terms every tile takes its flags.
+        let masked = s / k_tiles_per_block < list.partial || comptime!(rules.dropout || terms);
         let visit = t0 < seq_k as i32 && bounds.plane_sees(t0, t0 + bk_i - 1);
         if masked {
             #[unroll]
@@ -273,6 +284,11 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                             if comptime!(rules.dropout) {
                                 flags |= select(element_rules.drops(b, h, i, j, seed), 2u32, 0u32);
                             }
+                            if comptime!(terms) {
+                                let term = element_rules.term(b, h, i, j, key_bias, reach, rules);
+                                bias[(mt * tile.k_tiles + kt) * 4 + e] = term.bias;
+                                flags |= select(term.hidden, 1u32, 0u32);
+                            }
                         }
                         let at = flag_bit(mt * tile.k_tiles + kt, e);
                         hide[at / 32] |= flags << (at % 32) as u32;
@@ -295,6 +311,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             &mut m_row,
             &mut l_row,
             &hide,
+            &bias,
             band,
             scale,
             t0,
@@ -312,6 +329,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             async_copy,
             true,
             comptime!(rules.dropout),
+            terms,
         );
         if comptime!(async_copy) {
             stage = 1 - stage;

@@ -88,14 +88,6 @@ pub struct SparseRules {
     pub soft_edge: Option<(CubeTensor, f32)>,
 }
 
-impl SparseRules {
-    /// Whether the call adds score terms (a key bias or a soft edge): the portable
-    /// forward serves it.
-    pub fn has_score_terms(&self) -> bool {
-        self.key_bias.is_some() || self.soft_edge.is_some()
-    }
-}
-
 /// The gradients of a block-sparse call: `(dq, dk, dv)`, and where the call has them, the
 /// key bias's and the reach's (f32, `[batch, heads, seq_k]` and `[batch, heads, seq_q]`,
 /// per query head: sum over a broadcast dimension).
@@ -110,16 +102,14 @@ pub struct SparseGradients {
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
-/// take lists on (multiples of these serve too): [`plan_sparse`]'s grid, for a call with
-/// or without score terms.
+/// take lists on (multiples of these serve too): [`plan_sparse`]'s grid.
 pub fn sparse_blocks(
     q: &CubeTensor,
     k: &CubeTensor,
     v: &CubeTensor,
     forced: &ForcedPlan,
-    score_terms: bool,
 ) -> Result<(usize, usize), Unsupported> {
-    let (plan, _) = sparse_plan(q, k, v, 1.0, forced, score_terms)?;
+    let (plan, _) = sparse_plan(q, k, v, 1.0, forced)?;
     Ok((plan.block_q, plan.block_k))
 }
 
@@ -130,7 +120,6 @@ fn sparse_plan(
     v: &CubeTensor,
     scale: f32,
     forced: &ForcedPlan,
-    score_terms: bool,
 ) -> Result<(SparsePlan, Problem), Unsupported> {
     let band = BandArgs {
         scale,
@@ -138,7 +127,7 @@ fn sparse_plan(
         right: None,
     };
     let problem = forward_problem(q, k, v, band)?;
-    let plan = plan_sparse(&problem, &device_caps(&q.client), forced, score_terms)?;
+    let plan = plan_sparse(&problem, &device_caps(&q.client), forced)?;
     Ok((plan, problem))
 }
 
@@ -412,7 +401,7 @@ pub fn flash_forward_sparse(
     rules: &SparseRules,
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
-    let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced, rules.has_score_terms())?;
+    let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
     let sizes = problem.sizes;
     let (tile_q, tile_k) = plan.forward.tile();
     check_lists(lists, &sizes, &[(tile_q, tile_k)])?;
@@ -500,6 +489,8 @@ pub fn flash_forward_sparse(
                     tensor(&args.doc_k),
                     tensor(&args.dense),
                     tensor(&args.seed),
+                    tensor(&args.key_bias),
+                    tensor(&args.reach),
                     element_rules,
                     q_tiles,
                     k_tiles,
@@ -543,13 +534,7 @@ pub fn flash_backward_sparse(
         right: None,
     };
     let problem = inputs.problem(band)?;
-    let plan = plan_sparse(
-        &problem,
-        &device_caps(&inputs.q.client),
-        forced,
-        rules.has_score_terms(),
-    )?
-    .backward;
+    let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?.backward;
     let sizes = problem.sizes;
     let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
     check_lists(

@@ -41,20 +41,14 @@ pub struct SparsePlan {
 
 /// Plans the block-sparse kernels for `problem` (its band is ignored: the element rules
 /// carry the mask), or says why they decline: the matrix-unit forward where its plan takes
-/// the call (f16/bf16 on CUDA) and the call has no `score_terms` (a key bias or soft
-/// edge, which only the portable forward reads), the portable one otherwise; the portable
-/// backward.
+/// the call (f16/bf16 on CUDA), the portable one otherwise; the portable backward.
 pub fn plan_sparse(
     problem: &Problem,
     caps: &DeviceCaps,
     forced: &ForcedPlan,
-    score_terms: bool,
 ) -> Result<SparsePlan, Unsupported> {
-    let mma = (!score_terms)
-        .then(|| plan_forward(ForwardKernel::Mma, problem, caps, forced))
-        .and_then(Result::ok);
-    let forward = match mma {
-        Some(ForwardPlan::Mma(plan)) => SparseForward::Mma(plan),
+    let forward = match plan_forward(ForwardKernel::Mma, problem, caps, forced) {
+        Ok(ForwardPlan::Mma(plan)) => SparseForward::Mma(plan),
         _ => match plan_forward(ForwardKernel::Unit, problem, caps, forced)? {
             ForwardPlan::Unit(plan) => SparseForward::Unit(plan),
             other => unreachable!("the portable forward plans {other:?}"),
