@@ -224,6 +224,12 @@ impl BlockCover {
         grid: BlockGrid,
     ) -> Result<Self, AttentionError> {
         let [batch, seq_k] = padding.dims();
+        if seq_k != grid.seq_k {
+            return Err(AttentionError::Invalid(format!(
+                "key padding of shape [{batch}, {seq_k}] for seq_k {}: expected [batch, {}]",
+                grid.seq_k, grid.seq_k
+            )));
+        }
         Self::of_hidden_keys(padding.reshape([batch, 1, seq_k]), grid)
     }
 
