@@ -1349,6 +1349,34 @@ struct MaskedTruth {
     term_grads: [Vec<f64>; 2],
 }
 
+/// The score terms of query `i`, key `j` of self-attention as the kernels define them, in
+/// f64: a key bias (`-inf` hides the key) and a soft edge (the query's reach and the
+/// ramp); `(bias, slope)` as [`Terms`] returns, `None` where a term hides the key.
+fn term_truth(
+    key_bias: Option<f32>,
+    edge: Option<(f32, f64)>,
+    i: usize,
+    j: usize,
+) -> Option<(f64, f64)> {
+    let (mut bias, mut slope) = (0.0, 0.0);
+    if let Some(kb) = key_bias {
+        if kb == f32::NEG_INFINITY {
+            return None;
+        }
+        bias += kb as f64;
+    }
+    if let Some((reach, ramp)) = edge {
+        let distance = (j as f64 - i as f64).abs();
+        let w = ((reach as f64 - distance) / ramp + 0.5).min(1.0);
+        if w <= 1e-30 {
+            return None;
+        }
+        bias += w.ln();
+        slope = if w < 1.0 { 1.0 / (ramp * w) } else { 0.0 };
+    }
+    Some((bias, slope))
+}
+
 /// A call's score terms as the truth takes them: `(bias, slope)` of element `(b, h, i, j)`
 /// (added to the scaled score; its derivative by the query's reach), `None` where a term
 /// hides the key.
@@ -1531,28 +1559,12 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
         .collect();
     let ramp = 4.0f32;
     let term_of = |with: u8, b: usize, h: usize, i: usize, j: usize| {
-        let (mut bias, mut slope) = (0.0, 0.0);
-        if with & 1 != 0 {
-            let kb = key_bias[(b * heads + h) * n + j] as f64;
-            if kb == f64::NEG_INFINITY {
-                return None;
-            }
-            bias += kb;
-        }
-        if with & 2 != 0 {
-            let distance = (j as f64 - i as f64).abs();
-            let w = ((reach[b * n + i] as f64 - distance) / ramp as f64 + 0.5).min(1.0);
-            if w <= 1e-30 {
-                return None;
-            }
-            bias += w.ln();
-            slope = if w < 1.0 {
-                1.0 / (ramp as f64 * w)
-            } else {
-                0.0
-            };
-        }
-        Some((bias, slope))
+        term_truth(
+            (with & 1 != 0).then(|| key_bias[(b * heads + h) * n + j]),
+            (with & 2 != 0).then(|| (reach[b * n + i], ramp as f64)),
+            i,
+            j,
+        )
     };
     // Lists on the kernel's tiles, and on blocks of two by three of them.
     for (block_q, block_k) in [(block_q, block_k), (2 * block_q, 3 * block_k)] {
@@ -2371,24 +2383,12 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
             pattern.visible(i, j, n, n) && !(with_pad && pad[b * n + j])
         };
         let terms = |b: usize, h: usize, i: usize, j: usize| {
-            let (mut bias, mut slope) = (0.0, 0.0);
-            if with_bias {
-                let kb = key_bias[(b * heads + h) * n + j] as f64;
-                if kb == f64::NEG_INFINITY {
-                    return None;
-                }
-                bias += kb;
-            }
-            if with_edge {
-                let distance = (j as f64 - i as f64).abs();
-                let g = ((reach[b * n + i] as f64 - distance) / ramp + 0.5).min(1.0);
-                if g <= 1e-30 {
-                    return None;
-                }
-                bias += g.ln();
-                slope = if g < 1.0 { 1.0 / (ramp * g) } else { 0.0 };
-            }
-            Some((bias, slope))
+            term_truth(
+                with_bias.then(|| key_bias[(b * heads + h) * n + j]),
+                with_edge.then(|| (reach[b * n + i], ramp)),
+                i,
+                j,
+            )
         };
         let want = masked_truth(&x, &case, &visible, &w, None, Some(&terms));
         // The reach is shared by the heads: its gradient sums theirs.

@@ -156,15 +156,19 @@ impl ElementRules {
     }
 
     /// Fills a unit's `rows x cols` register tile of flags (row-major): the hidden bit (1) where
-    /// [`ElementRules::hides`] (also past `seq_q` or `seq_k`), plus the dropped bit (2) where
-    /// dropout drops the probability (with `rules.dropout`). Register row `a` is query
-    /// `i0 + a * row_step` and column `c` key `j0 + c * col_step`, or with `keys_major`
-    /// row `a` is key `j0 + a * row_step` and column `c` query `i0 + c * col_step` (the
-    /// transposed tiles of a key-major pass); `h` is the query head.
+    /// [`ElementRules::hides`] (also past `seq_q` or `seq_k`) or a score term hides the key,
+    /// plus the dropped bit (2) where dropout drops the probability (with `rules.dropout`);
+    /// with score terms, `bias` and `slope` of [`ElementRules::term`] in the same order (0
+    /// past the sequence ends; 1-element placeholders without terms). Register row `a` is
+    /// query `i0 + a * row_step` and column `c` key `j0 + c * col_step`, or with
+    /// `keys_major` row `a` is key `j0 + a * row_step` and column `c` query `i0 + c *
+    /// col_step` (the transposed tiles of a key-major pass); `h` is the query head.
     #[allow(clippy::too_many_arguments)]
     pub fn hide_tile(
         &self,
         hide: &mut Array<u32>,
+        bias: &mut Array<f32>,
+        slope: &mut Array<f32>,
         b: usize,
         h: usize,
         i0: usize,
@@ -177,6 +181,8 @@ impl ElementRules {
         doc_k: &Tensor<i32>,
         dense: &Tensor<i32>,
         seed: &Tensor<i32>,
+        key_bias: &Tensor<f32>,
+        reach: &Tensor<f32>,
         #[comptime] rules: RuleSet,
         #[comptime] rows: usize,
         #[comptime] row_step: usize,
@@ -194,7 +200,10 @@ impl ElementRules {
                     i = i0 + c * col_step;
                     j = j0 + a * row_step;
                 }
+                let at = a * cols + c;
                 let mut flags = 1u32;
+                let mut term_bias = f32::new(0.0);
+                let mut term_slope = f32::new(0.0);
                 if i < seq_q && j < seq_k {
                     flags = select(
                         self.hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules),
@@ -204,8 +213,18 @@ impl ElementRules {
                     if comptime!(rules.dropout) {
                         flags |= select(self.drops(b, h, i, j, seed), 2u32, 0u32);
                     }
+                    if comptime!(rules.has_terms()) {
+                        let term = self.term(b, h, i, j, key_bias, reach, rules);
+                        term_bias = term.bias;
+                        term_slope = term.slope;
+                        flags |= select(term.hidden, 1u32, 0u32);
+                    }
                 }
-                hide[a * cols + c] = flags;
+                hide[at] = flags;
+                if comptime!(rules.has_terms()) {
+                    bias[at] = term_bias;
+                    slope[at] = term_slope;
+                }
             }
         }
     }
@@ -271,57 +290,5 @@ impl ElementRules {
             }
         }
         term
-    }
-
-    /// Fills a unit's register tile of score terms, in [`ElementRules::hide_tile`]'s element
-    /// order (after it, on the same tile): `bias` and `slope` of [`ElementRules::term`],
-    /// and the hidden bit (1) of `hide` where a term hides the key. Elements past `seq_q`
-    /// or `seq_k` get 0 (they are hidden already).
-    #[allow(clippy::too_many_arguments)]
-    pub fn term_tile(
-        &self,
-        bias: &mut Array<f32>,
-        slope: &mut Array<f32>,
-        hide: &mut Array<u32>,
-        b: usize,
-        h: usize,
-        i0: usize,
-        j0: usize,
-        seq_q: usize,
-        seq_k: usize,
-        key_bias: &Tensor<f32>,
-        reach: &Tensor<f32>,
-        #[comptime] rules: RuleSet,
-        #[comptime] rows: usize,
-        #[comptime] row_step: usize,
-        #[comptime] cols: usize,
-        #[comptime] col_step: usize,
-        #[comptime] keys_major: bool,
-    ) {
-        #[unroll]
-        for a in 0..rows {
-            #[unroll]
-            for c in 0..cols {
-                let mut i = i0 + a * row_step;
-                let mut j = j0 + c * col_step;
-                if comptime!(keys_major) {
-                    i = i0 + c * col_step;
-                    j = j0 + a * row_step;
-                }
-                let at = a * cols + c;
-                let mut term_bias = f32::new(0.0);
-                let mut term_slope = f32::new(0.0);
-                if i < seq_q && j < seq_k {
-                    let term = self.term(b, h, i, j, key_bias, reach, rules);
-                    term_bias = term.bias;
-                    term_slope = term.slope;
-                    if term.hidden {
-                        hide[at] |= 1u32;
-                    }
-                }
-                bias[at] = term_bias;
-                slope[at] = term_slope;
-            }
-        }
     }
 }

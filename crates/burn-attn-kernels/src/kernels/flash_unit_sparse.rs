@@ -132,6 +132,8 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                 if masked {
                     element_rules.hide_tile(
                         &mut hide,
+                        &mut bias,
+                        &mut slope,
                         b,
                         h,
                         r0 + ty,
@@ -144,6 +146,8 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                         doc_k,
                         dense,
                         seed,
+                        key_bias,
+                        reach,
                         rules,
                         rq,
                         row_threads,
@@ -151,27 +155,6 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                         col_threads,
                         false,
                     );
-                    if comptime!(terms) {
-                        element_rules.term_tile(
-                            &mut bias,
-                            &mut slope,
-                            &mut hide,
-                            b,
-                            h,
-                            r0 + ty,
-                            t0 as usize + tx,
-                            seq_q,
-                            seq_k,
-                            key_bias,
-                            reach,
-                            rules,
-                            rq,
-                            row_threads,
-                            rk,
-                            col_threads,
-                            false,
-                        );
-                    }
                 }
                 attend_key_tile::<F>(
                     k,

@@ -148,6 +148,8 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                 if masked {
                     element_rules.hide_tile(
                         &mut hide,
+                        &mut bias,
+                        &mut slope,
                         b,
                         h,
                         r0 + ty,
@@ -160,6 +162,8 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                         doc_k,
                         dense,
                         seed,
+                        key_bias,
+                        reach,
                         rules,
                         rq,
                         row_threads,
@@ -167,27 +171,6 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                         col_threads,
                         false,
                     );
-                    if comptime!(terms) {
-                        element_rules.term_tile(
-                            &mut bias,
-                            &mut slope,
-                            &mut hide,
-                            b,
-                            h,
-                            r0 + ty,
-                            t0 as usize + tx,
-                            seq_q,
-                            seq_k,
-                            key_bias,
-                            reach,
-                            rules,
-                            rq,
-                            row_threads,
-                            rk,
-                            col_threads,
-                            false,
-                        );
-                    }
                 }
                 dq_key_tile::<F>(
                     k,
@@ -384,6 +367,8 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                     if masked {
                         element_rules.hide_tile(
                             &mut hide,
+                            &mut bias,
+                            &mut slope,
                             b,
                             h,
                             t0 as usize + tx,
@@ -396,6 +381,8 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                             doc_k,
                             dense,
                             seed,
+                            key_bias,
+                            reach,
                             rules,
                             rk,
                             row_threads,
@@ -403,27 +390,6 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                             col_threads,
                             true,
                         );
-                        if comptime!(terms) {
-                            element_rules.term_tile(
-                                &mut bias,
-                                &mut slope,
-                                &mut hide,
-                                b,
-                                h,
-                                t0 as usize + tx,
-                                c0 + ty,
-                                seq_q,
-                                seq_k,
-                                key_bias,
-                                reach,
-                                rules,
-                                rk,
-                                row_threads,
-                                rq,
-                                col_threads,
-                                true,
-                            );
-                        }
                     }
                     dkdv_query_tile::<F>(
                         q,
