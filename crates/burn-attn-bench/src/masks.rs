@@ -312,12 +312,21 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
                 let Some(ours) = ours else { continue };
                 for peer in matching(peers, &case.name, pass, &args) {
                     let peer_pairs = peer.visible_pairs.unwrap_or(f64::NAN);
-                    println!(
-                        "  {}{pass}: ours / {} = {:.2} (visible pairs ours {pairs:.0}, peer {peer_pairs:.0})",
-                        case.name,
-                        peer.kind,
-                        ours / peer.ms
-                    );
+                    // A ratio compares the same work only: the masks must show as many pairs.
+                    if peer_pairs == pairs as f64 {
+                        println!(
+                            "  {}{pass}: ours / {} = {:.2} (visible pairs {pairs:.0} on both sides)",
+                            case.name,
+                            peer.kind,
+                            ours / peer.ms
+                        );
+                    } else {
+                        println!(
+                            "  {}{pass}: no ratio to {}: visible pairs differ (ours {pairs:.0}, \
+                             peer {peer_pairs:.0})",
+                            case.name, peer.kind
+                        );
+                    }
                 }
             }
         }
