@@ -41,8 +41,8 @@ pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,
     AnyAttentionConfig, AttentionInput, CausalLinearAttention, CausalLinearAttentionConfig,
     ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig, HybridAttention,
-    HybridAttentionConfig, HybridChoice, LearnedSparseAttention, LearnedSparseAttentionConfig,
-    LinearAttention, LinearAttentionConfig, MultiHeadProjection, MultiHeadProjectionConfig,
-    SlidingWindowAttention, SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
-    SparsePattern,
+    HybridAttentionConfig, HybridChoice, KvCache, LearnedSparseAttention,
+    LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig, MultiHeadProjection,
+    MultiHeadProjectionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
+    SparseAttention, SparseAttentionConfig, SparsePattern,
 };

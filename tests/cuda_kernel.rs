@@ -161,6 +161,12 @@ mod on_cuda {
         )));
     }
 
+    /// Decoding with a key/value cache on CUDA equals the full forward's rows.
+    #[test]
+    fn cuda_cached_decoding_matches_the_full_forward() {
+        check_cached_decoding::<Gpu>();
+    }
+
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.
     #[test]
     fn cuda_block_mask_builds_on_the_device() {

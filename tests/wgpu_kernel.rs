@@ -89,6 +89,13 @@ fn document_masks_match_the_host_truth() {
     check_attention_mask_training::<Truth>(None);
 }
 
+/// Decoding with a key/value cache on WGPU equals the full forward's rows.
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    require_gpu();
+    check_cached_decoding::<Gpu>();
+}
+
 /// Score terms (a per-key bias, a soft window edge) in training through `masked_attention`:
 /// the block-sparse kernels on WGPU with the terms' gradients from their backward, and the
 /// tiled tensor ops on the CPU, both against the host truth.

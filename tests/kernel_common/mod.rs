@@ -2429,3 +2429,47 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
         }
     }
 }
+
+/// Decoding with a key/value cache on `B`'s device (the kernels take one or a few query
+/// rows against the cached keys, bottom-right aligned) gives the full forward's rows:
+/// `FlashAttention` causal with GQA and a window over a growing cache, token by token and
+/// in chunks, and `SlidingWindowAttention` over a rolling one.
+pub fn check_cached_decoding<B: On>() {
+    use burn_attn::{FlashAttentionConfig, KvCache, SlidingWindowAttentionConfig};
+    let device = B::device();
+    device.seed(17);
+    let x = Tensor::<3>::random(
+        [2, 70, 64],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let decode = |chunk: usize, step: &mut dyn FnMut(Tensor<3>) -> Tensor<3>| {
+        let outs: Vec<_> = (0..70)
+            .step_by(chunk)
+            .map(|s| step(x.clone().slice([0..2, s..(s + chunk).min(70), 0..64])))
+            .collect();
+        Tensor::cat(outs, 1)
+    };
+    let flash = FlashAttentionConfig::new(64, 4)
+        .with_n_kv_heads(Some(2))
+        .with_causal(true)
+        .with_window_left(Some(24))
+        .init(&device);
+    let window = SlidingWindowAttentionConfig::new(64, 4)
+        .with_window(16)
+        .with_causal(true)
+        .init(&device);
+    let close = |got: Tensor<3>, want: Tensor<3>, what: &str| {
+        let err: f32 = (got - want).abs().max().into_scalar();
+        assert!(err < 1e-4, "{what}: error {err:e}");
+    };
+    for chunk in [1, 5] {
+        let mut cache = KvCache::new();
+        let got = decode(chunk, &mut |t| flash.forward_cache(t, &mut cache));
+        close(got, flash.forward(x.clone()), "flash");
+        let mut cache = KvCache::rolling();
+        let got = decode(chunk, &mut |t| window.forward_cache(t, &mut cache));
+        close(got, window.forward(x.clone()), "sliding window");
+        assert_eq!(cache.len(), 15);
+    }
+}

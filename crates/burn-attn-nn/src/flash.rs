@@ -9,6 +9,7 @@ use burn_attn_core::{
 };
 
 use crate::input::AttentionInput;
+use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
 
 /// Configuration of [`FlashAttention`].
@@ -151,6 +152,37 @@ impl FlashAttention {
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
         attend(&self.projection, input, &pattern, &self.options(), &masks)
+    }
+
+    /// Decoding: self-attention of the next tokens `x` (`[batch, new, d_model]`) over every
+    /// token so far, whose projected keys and values `cache` holds (and then holds `x`'s
+    /// too). The result equals the last `new` rows of [`forward`](Self::forward) over the
+    /// whole sequence, without projecting the prefix again. A rolling cache
+    /// ([`KvCache::rolling`]) keeps only the `window_left` keys the window still shows.
+    ///
+    /// # Panics
+    /// When the module is not causal or `cache` does not fit the call (naming the values;
+    /// [`try_forward_cache`](Self::try_forward_cache) returns the error instead).
+    pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
+    /// [`forward_cache`](Self::forward_cache) returning bad input as an error.
+    pub fn try_forward_cache(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, AttentionError> {
+        let pattern = KeyPattern::default();
+        decode(
+            &self.projection,
+            x,
+            cache,
+            &pattern,
+            &self.options(),
+            self.dropout,
+        )
     }
 
     /// The options of the attention core: scale, causal flag, window and tile.

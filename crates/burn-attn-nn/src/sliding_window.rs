@@ -9,6 +9,7 @@ use burn_attn_core::{
 
 use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
 use crate::input::AttentionInput;
+use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// Configuration of [`SlidingWindowAttention`].
@@ -126,6 +127,37 @@ impl SlidingWindowAttention {
     pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
         let masks = packed_masks(documents, self.dropout);
         self.attend(AttentionInput::self_attn(x), &masks)
+    }
+
+    /// Decoding (causal windows only): the next tokens `x` (`[batch, new, d_model]`) over
+    /// the tokens so far held by `cache`, as
+    /// [`FlashAttention::forward_cache`](crate::FlashAttention::forward_cache). With
+    /// [`KvCache::rolling`] the cache keeps the `window - 1` most recent keys only: constant
+    /// memory however long the generation.
+    ///
+    /// # Panics
+    /// When the module is not causal or `cache` does not fit the call (naming the values;
+    /// [`try_forward_cache`](Self::try_forward_cache) returns the error instead).
+    pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
+    /// [`forward_cache`](Self::forward_cache) returning bad input as an error.
+    pub fn try_forward_cache(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, AttentionError> {
+        let pattern = KeyPattern::band(self.band(), self.causal);
+        decode(
+            &self.projection,
+            x,
+            cache,
+            &pattern,
+            &AttentionOptions::new(),
+            self.dropout,
+        )
     }
 
     fn attend(&self, input: AttentionInput, masks: &AttentionMasks) -> Tensor<3> {

@@ -1,0 +1,335 @@
+//! The projected keys and values of the tokens decoded so far: what a causal module needs
+//! to generate one token (or a few) at a time without projecting the prefix again.
+
+use burn::tensor::Tensor;
+use burn_attn_core::{
+    try_masked_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern,
+};
+
+use crate::projection::MultiHeadProjection;
+
+/// A key/value cache for decoding with [`FlashAttention::forward_cache`] and
+/// [`SlidingWindowAttention::forward_cache`]: keys and values `[batch, kv_heads, len,
+/// head_dim]` (value width for values), grown by each call's new tokens.
+///
+/// Three kinds: [`KvCache::new`] keeps every key (memory grows with the sequence);
+/// [`KvCache::with_capacity`] allocates `capacity` positions on the first call and writes
+/// into them (no reallocation while decoding; a call past the capacity is an error);
+/// [`KvCache::rolling`] keeps only the most recent keys a window can still see (a sliding
+/// window's cache, constant memory). A cache belongs to one module and one sequence batch:
+/// a call whose batch, heads, head dims, dtype or device differ from the cached keys' is an
+/// error naming both.
+///
+/// [`FlashAttention::forward_cache`]: crate::FlashAttention::forward_cache
+/// [`SlidingWindowAttention::forward_cache`]: crate::SlidingWindowAttention::forward_cache
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Keys and values held (with a capacity: the whole buffer, `len` of it written).
+    keys: Option<Tensor<4>>,
+    values: Option<Tensor<4>>,
+    /// Positions written.
+    len: usize,
+    /// Tokens appended in total (positions of the sequence so far).
+    seen: usize,
+    kind: CacheKind,
+}
+
+/// How a cache holds its keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum CacheKind {
+    /// Every key, concatenated.
+    #[default]
+    Growing,
+    /// A buffer of this many positions, allocated on the first call.
+    Capacity(usize),
+    /// The most recent keys only, as many as the module's window needs.
+    Rolling,
+}
+
+impl KvCache {
+    /// An empty cache that keeps every key.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty cache of `capacity` positions, allocated on the first call.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            kind: CacheKind::Capacity(capacity),
+            ..Self::default()
+        }
+    }
+
+    /// An empty cache that keeps only the keys the module's window can still see.
+    pub fn rolling() -> Self {
+        Self {
+            kind: CacheKind::Rolling,
+            ..Self::default()
+        }
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens appended since the cache was created or cleared: the position of the next
+    /// token.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Drops every key (a new sequence); the kind and capacity stay.
+    pub fn clear(&mut self) {
+        self.keys = None;
+        self.values = None;
+        self.len = 0;
+        self.seen = 0;
+    }
+
+    /// Appends a call's keys and values (`[batch, kv_heads, new, dim]`) and returns every
+    /// key and value the call's queries may see: all held ones, or with a rolling cache and
+    /// `keep` (keys before a query that its window shows) the last `keep + new`, of which
+    /// the cache then keeps the last `keep`.
+    pub(crate) fn append(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        keep: Option<usize>,
+    ) -> Result<(Tensor<4>, Tensor<4>), AttentionError> {
+        let new = k.dims()[2];
+        if let (Some(held_k), Some(held_v)) = (&self.keys, &self.values) {
+            check_like("keys", held_k, &k)?;
+            check_like("values", held_v, &v)?;
+        }
+        if let CacheKind::Capacity(capacity) = self.kind {
+            let all = self.write(k, v, capacity)?;
+            self.seen += new;
+            return Ok(all);
+        }
+        let join = |held: Option<Tensor<4>>, t: Tensor<4>| match held {
+            Some(held) => Tensor::cat(vec![held, t], 2),
+            None => t,
+        };
+        let all_k = join(self.keys.take(), k);
+        let all_v = join(self.values.take(), v);
+        self.seen += new;
+        let (held_k, held_v, out) = match (self.kind, keep) {
+            (CacheKind::Rolling, Some(keep)) => (
+                last(&all_k, keep),
+                last(&all_v, keep),
+                (last(&all_k, keep + new), last(&all_v, keep + new)),
+            ),
+            _ => (all_k.clone(), all_v.clone(), (all_k, all_v)),
+        };
+        self.len = held_k.dims()[2];
+        self.keys = Some(held_k);
+        self.values = Some(held_v);
+        Ok(out)
+    }
+
+    /// Writes `k`, `v` after the held positions of a `capacity`-position buffer (allocated
+    /// on the first call) and returns the written part.
+    fn write(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        capacity: usize,
+    ) -> Result<(Tensor<4>, Tensor<4>), AttentionError> {
+        let new = k.dims()[2];
+        if self.len + new > capacity {
+            return Err(AttentionError::Invalid(format!(
+                "the key/value cache holds {} of its {capacity} positions; {new} more do not \
+                 fit",
+                self.len
+            )));
+        }
+        let at = self.len..self.len + new;
+        let write = |buffer: Option<Tensor<4>>, t: Tensor<4>| {
+            let [b, h, _, d] = t.dims();
+            let buffer = buffer.unwrap_or_else(|| {
+                Tensor::<4>::zeros([b, h, capacity, d], (&t.device(), t.dtype()))
+            });
+            buffer.slice_assign([0..b, 0..h, at.clone(), 0..d], t)
+        };
+        let buffer_k = write(self.keys.take(), k);
+        let buffer_v = write(self.values.take(), v);
+        self.len += new;
+        let out = (
+            buffer_k.clone().narrow(2, 0, self.len),
+            buffer_v.clone().narrow(2, 0, self.len),
+        );
+        self.keys = Some(buffer_k);
+        self.values = Some(buffer_v);
+        Ok(out)
+    }
+}
+
+/// The last `count` positions of `t` (all of them when it holds fewer).
+fn last(t: &Tensor<4>, count: usize) -> Tensor<4> {
+    let len = t.dims()[2];
+    let count = count.min(len);
+    t.clone().narrow(2, len - count, count)
+}
+
+/// Checks that a call's `new` keys or values match the cached ones in everything but length.
+fn check_like(what: &str, held: &Tensor<4>, new: &Tensor<4>) -> Result<(), AttentionError> {
+    let ([hb, hh, _, hd], [nb, nh, _, nd]) = (held.dims(), new.dims());
+    if (hb, hh, hd) != (nb, nh, nd) || held.dtype() != new.dtype() || held.device() != new.device()
+    {
+        return Err(AttentionError::Invalid(format!(
+            "the cached {what} are [{hb}, {hh}, _, {hd}] {:?} on {:?}; this call's are \
+             {:?} {:?} on {:?} (a cache serves one module and one batch: clear it for another)",
+            held.dtype(),
+            held.device(),
+            new.dims(),
+            new.dtype(),
+            new.device()
+        )));
+    }
+    Ok(())
+}
+
+/// Decoding through `cache` for the exact modules: projects the new tokens `x` (`[batch,
+/// new, d_model]`), appends their keys and values, and attends the new queries over every
+/// cached key under `pattern` and `options` (bottom-right aligned: the new tokens are the
+/// last positions). Only causal attention decodes: a later token would change what an
+/// earlier one sees.
+pub(crate) fn decode(
+    projection: &MultiHeadProjection,
+    x: Tensor<3>,
+    cache: &mut KvCache,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    dropout: f64,
+) -> Result<Tensor<3>, AttentionError> {
+    if !(pattern.causal || options.causal) {
+        return Err(AttentionError::Invalid(
+            "decoding with a key/value cache needs a causal module (causal: true): without \
+             it every token sees later ones"
+                .into(),
+        ));
+    }
+    let h = projection.split_self(x);
+    let keep = pattern.window.intersect(options.window).left;
+    let (k, v) = cache.append(h.k, h.v, keep)?;
+    let masks = AttentionMasks {
+        dropout,
+        ..AttentionMasks::default()
+    };
+    let out = try_masked_attention(h.q, k, v, pattern, options, &masks)?;
+    Ok(projection.merge(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use crate::{FlashAttentionConfig, SlidingWindowAttentionConfig};
+
+    /// Feeds `x` (`[batch, seq, d]`) through `step` in chunks of `chunk` tokens and
+    /// concatenates the outputs.
+    fn decode_all(
+        x: &Tensor<3>,
+        chunk: usize,
+        mut step: impl FnMut(Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let [batch, seq, d] = x.dims();
+        let outs: Vec<_> = (0..seq)
+            .step_by(chunk)
+            .map(|start| {
+                let end = (start + chunk).min(seq);
+                step(x.clone().slice([0..batch, start..end, 0..d]))
+            })
+            .collect();
+        Tensor::cat(outs, 1)
+    }
+
+    #[test]
+    fn decoding_equals_the_full_forward() {
+        let x = randn([2, 23, 32], &cpu());
+        for window_left in [None, Some(5)] {
+            let module = FlashAttentionConfig::new(32, 4)
+                .with_n_kv_heads(Some(2))
+                .with_causal(true)
+                .with_window_left(window_left)
+                .init(&cpu());
+            let want = module.forward(x.clone());
+            for (kind, chunk) in [
+                (KvCache::new(), 1),
+                (KvCache::new(), 4),
+                (KvCache::with_capacity(23), 3),
+                (KvCache::rolling(), 1),
+                (KvCache::rolling(), 5),
+            ] {
+                let mut cache = kind.clone();
+                let got = decode_all(&x, chunk, |t| module.forward_cache(t, &mut cache));
+                assert_close(got, want.clone(), 1e-5);
+                assert_eq!(cache.seen(), 23);
+                let held = match (kind.kind, window_left) {
+                    (CacheKind::Rolling, Some(left)) => left,
+                    _ => 23,
+                };
+                assert_eq!(cache.len(), held, "{kind:?} window {window_left:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_rolling_window_cache_stays_bounded() {
+        let module = SlidingWindowAttentionConfig::new(32, 4)
+            .with_window(6)
+            .with_causal(true)
+            .init(&cpu());
+        let x = randn([1, 40, 32], &cpu());
+        let want = module.forward(x.clone());
+        let mut cache = KvCache::rolling();
+        let got = decode_all(&x, 1, |t| {
+            let out = module.forward_cache(t, &mut cache);
+            assert!(cache.len() <= 5, "the cache holds {} keys", cache.len());
+            out
+        });
+        assert_close(got, want, 1e-5);
+    }
+
+    #[test]
+    fn bad_calls_are_named() {
+        let causal = FlashAttentionConfig::new(16, 2)
+            .with_causal(true)
+            .init(&cpu());
+        let full = FlashAttentionConfig::new(16, 2).init(&cpu());
+        let err = full
+            .try_forward_cache(randn([1, 2, 16], &cpu()), &mut KvCache::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("causal"), "{err}");
+
+        let mut cache = KvCache::with_capacity(4);
+        causal.forward_cache(randn([1, 3, 16], &cpu()), &mut cache);
+        let err = causal
+            .try_forward_cache(randn([1, 2, 16], &cpu()), &mut cache)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 of its 4 positions; 2 more"), "{err}");
+
+        let mut cache = KvCache::new();
+        causal.forward_cache(randn([1, 3, 16], &cpu()), &mut cache);
+        let err = causal
+            .try_forward_cache(randn([2, 1, 16], &cpu()), &mut cache)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[1, 2, _, 8]") && err.contains("[2, 2, 1, 8]"),
+            "{err}"
+        );
+        cache.clear();
+        assert!(cache.is_empty() && cache.seen() == 0);
+        causal.forward_cache(randn([2, 1, 16], &cpu()), &mut cache);
+        assert_eq!(cache.len(), 1);
+    }
+}
