@@ -313,7 +313,7 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
                 for peer in matching(peers, &case.name, pass, &args) {
                     let peer_pairs = peer.visible_pairs.unwrap_or(f64::NAN);
                     // A ratio compares the same work only: the masks must show as many pairs.
-                    if peer_pairs == pairs as f64 {
+                    if peer_pairs == pairs {
                         println!(
                             "  {}{pass}: ours / {} = {:.2} (visible pairs {pairs:.0} on both sides)",
                             case.name,
