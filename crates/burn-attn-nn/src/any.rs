@@ -5,13 +5,14 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
+use burn_attn_core::AttentionError;
 
 use crate::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
     CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig, HybridAttention,
-    HybridAttentionConfig, LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention,
-    LinearAttentionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig, SparseAttention,
-    SparseAttentionConfig,
+    HybridAttentionConfig, KvCache, LearnedSparseAttention, LearnedSparseAttentionConfig,
+    LinearAttention, LinearAttentionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
+    SparseAttention, SparseAttentionConfig,
 };
 
 /// The configuration of any attention mechanism of this crate.
@@ -143,6 +144,31 @@ impl AnyAttention {
         }
     }
 
+    /// Decoding with a key/value cache ([`KvCache`]), as the chosen mechanism's
+    /// `try_forward_cache`: the exact causal mechanisms (flash, sliding window). Another
+    /// mechanism is an error naming it.
+    pub fn try_forward_cache(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, AttentionError> {
+        match self {
+            Self::Flash(m) => m.try_forward_cache(x, cache),
+            Self::SlidingWindow(m) => m.try_forward_cache(x, cache),
+            _ => Err(AttentionError::Invalid(format!(
+                "{} attention does not decode with a key/value cache (flash and \
+                 sliding-window do)",
+                self.name()
+            ))),
+        }
+    }
+
+    /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
+    pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
     /// The mechanism's name (see [`AnyAttentionConfig::name`]).
     pub fn name(&self) -> &'static str {
         match self {
@@ -272,6 +298,35 @@ mod tests {
                     assert_eq!(out.dims(), [2, 5, d]);
                 }
                 Err(_) => assert!(!any.supports_cross(), "{} panicked", any.name()),
+            }
+        }
+    }
+
+    /// Flash (causal) decodes through its cache as its own module does; the sliding window
+    /// of the test configs is not causal and mechanisms without a cache form are refused:
+    /// both name the reason.
+    #[test]
+    fn decoding_where_the_mechanism_has_it() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let x = seeded_input([1, 6, d], 3, &device);
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            let mut cache = KvCache::new();
+            match any.try_forward_cache(x.clone(), &mut cache) {
+                Ok(out) => {
+                    assert_eq!(any.name(), "flash");
+                    assert_eq!(max_abs_diff(out, any.forward(x.clone())), 0.0);
+                }
+                Err(err) => {
+                    let err = err.to_string();
+                    let why = if any.name() == "sliding-window" {
+                        "causal"
+                    } else {
+                        any.name()
+                    };
+                    assert!(err.contains(why), "{}: {err}", any.name());
+                }
             }
         }
     }
