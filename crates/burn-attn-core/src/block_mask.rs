@@ -341,8 +341,7 @@ impl BlockCover {
                 grid.seq_q, grid.seq_k, grid.seq_q, grid.seq_k
             )));
         }
-        check_non_decreasing(&doc_q, "query")?;
-        check_non_decreasing(&doc_k, "key")?;
+        check_documents_order(&doc_q, &doc_k)?;
         Ok(Self::of_sorted_documents(doc_q, doc_k, grid))
     }
 
@@ -620,36 +619,56 @@ fn block_extremes(ids: Tensor<2, Int>, block: usize) -> (Tensor<2, Int>, Tensor<
     )
 }
 
-/// An error naming the first position where `ids` decreases along a sequence.
-pub(crate) fn check_non_decreasing(ids: &Tensor<2, Int>, side: &str) -> Result<(), AttentionError> {
-    let [batch, len] = ids.dims();
-    if len < 2 {
+/// An error naming the first position where the query or key document ids decrease
+/// along a sequence. One value is read back when both are in order (a call's only sync).
+pub(crate) fn check_documents_order(
+    doc_q: &Tensor<2, Int>,
+    doc_k: &Tensor<2, Int>,
+) -> Result<(), AttentionError> {
+    let decreases = |ids: &Tensor<2, Int>| {
+        let [batch, len] = ids.dims();
+        (len >= 2).then(|| {
+            let step =
+                ids.clone().slice([0..batch, 1..len]) - ids.clone().slice([0..batch, 0..len - 1]);
+            step.lower_elem(0).int()
+        })
+    };
+    let (dq, dk) = (decreases(doc_q), decreases(doc_k));
+    let total = [&dq, &dk]
+        .into_iter()
+        .flatten()
+        .map(|d| d.clone().sum())
+        .reduce(|a, b| a + b);
+    if total.is_none_or(|t| t.into_scalar::<i64>() == 0) {
         return Ok(());
     }
-    let step = ids.clone().slice([0..batch, 1..len]) - ids.clone().slice([0..batch, 0..len - 1]);
-    let decreases = step.lower_elem(0).int();
-    if decreases.clone().sum().into_scalar::<i64>() == 0 {
-        return Ok(());
+    for (side, ids, decreases) in [("query", doc_q, dq), ("key", doc_k, dk)] {
+        let Some(decreases) = decreases else { continue };
+        let [batch, len] = ids.dims();
+        if decreases.clone().sum().into_scalar::<i64>() == 0 {
+            continue;
+        }
+        let first = decreases
+            .reshape([batch * (len - 1)])
+            .argmax(0)
+            .into_scalar::<i64>() as usize;
+        let (b, i) = (first / (len - 1), first % (len - 1));
+        let values = ids
+            .clone()
+            .slice([b..b + 1, i..i + 2])
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .expect("int data");
+        return Err(AttentionError::Invalid(format!(
+            "{side} document ids must not decrease along a sequence: batch {b}, positions {i} \
+             and {} hold {} then {}",
+            i + 1,
+            values[0],
+            values[1]
+        )));
     }
-    let first = decreases
-        .reshape([batch * (len - 1)])
-        .argmax(0)
-        .into_scalar::<i64>() as usize;
-    let (b, i) = (first / (len - 1), first % (len - 1));
-    let values = ids
-        .clone()
-        .slice([b..b + 1, i..i + 2])
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec::<i64>()
-        .expect("int data");
-    Err(AttentionError::Invalid(format!(
-        "{side} document ids must not decrease along a sequence: batch {b}, positions {i} \
-         and {} hold {} then {}",
-        i + 1,
-        values[0],
-        values[1]
-    )))
+    Ok(())
 }
 
 /// For each row of `codes` (`[b, h, rows, cols]`), how many entries hold `code` and their

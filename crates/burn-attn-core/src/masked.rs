@@ -227,8 +227,7 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
             "seq_q",
         )?;
         expect("key document ids", docs.keys.dims(), shape.seq_k, "seq_k")?;
-        crate::block_mask::check_non_decreasing(&docs.queries, "query")?;
-        crate::block_mask::check_non_decreasing(&docs.keys, "key")?;
+        crate::block_mask::check_documents_order(&docs.queries, &docs.keys)?;
     }
     check_score_terms(masks.key_bias.as_ref(), masks.soft_edge.as_ref(), shape)
 }
