@@ -1350,15 +1350,20 @@ struct MaskedTruth {
 }
 
 /// The score terms of query `i`, key `j` of self-attention as the kernels define them, in
-/// f64: a key bias (`-inf` hides the key) and a soft edge (the query's reach and the
-/// ramp); `(bias, slope)` as [`Terms`] returns, `None` where a term hides the key.
+/// f64: a key bias (`-inf` hides the key), a soft edge (the query's reach and the ramp)
+/// and an ALiBi slope; `(bias, slope)` as [`Terms`] returns, `None` where a term hides the
+/// key.
 fn term_truth(
     key_bias: Option<f32>,
     edge: Option<(f32, f64)>,
+    alibi: Option<f32>,
     i: usize,
     j: usize,
 ) -> Option<(f64, f64)> {
     let (mut bias, mut slope) = (0.0, 0.0);
+    if let Some(m) = alibi {
+        bias -= m as f64 * (j as f64 - i as f64).abs();
+    }
     if let Some(kb) = key_bias {
         if kb == f32::NEG_INFINITY {
             return None;
@@ -1558,10 +1563,12 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
         .map(|at| 3.0 + ((at / n * 5 + at % n * 7) % 11) as f32 * 1.3)
         .collect();
     let ramp = 4.0f32;
+    let alibi: Vec<f32> = (0..heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
     let term_of = |with: u8, b: usize, h: usize, i: usize, j: usize| {
         term_truth(
             (with & 1 != 0).then(|| key_bias[(b * heads + h) * n + j]),
             (with & 2 != 0).then(|| (reach[b * n + i], ramp as f64)),
+            (with & 4 != 0).then(|| alibi[h]),
             i,
             j,
         )
@@ -1599,8 +1606,8 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
             // Every rule alone on the band; the others with none or all of padding and
             // documents, the last also with dropout (each set of rules is a kernel to
             // compile).
-            // Score terms (bit 0: key bias, bit 1: soft edge) alone on the band, and both
-            // with padding and dropout.
+            // Score terms (bit 0: key bias, bit 1: soft edge, bit 2: ALiBi) alone on the
+            // band, the first two with padding and dropout, ALiBi with a key bias.
             let masks: &[(bool, bool, bool, u8)] = match p_at {
                 0 => &[
                     (false, false, false, 0),
@@ -1611,6 +1618,7 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     (false, false, false, 1),
                     (false, false, false, 2),
                     (true, false, true, 3),
+                    (false, false, false, 4 | 1),
                 ],
                 3 => &[
                     (false, false, false, 0),
@@ -1676,6 +1684,9 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                         &device,
                     );
                     rules.soft_edge = Some((cube_primitive(reach), ramp));
+                }
+                if with_terms & 4 != 0 {
+                    rules.alibi = Some(alibi.clone());
                 }
                 let dropout = with_drop.then_some((0.3, 0x00c0_ffee_u32));
                 if let Some((p, seed)) = dropout {
@@ -2295,7 +2306,7 @@ pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Impl
 /// Training through `masked_attention` on `B`'s device with score terms: a per-key bias
 /// per batch and head (`-inf` on some keys) and a soft edge whose reach is shared by the
 /// heads (`[batch, 1, seq]`, as the adaptive window's), alone and together with key padding
-/// and a window, against the host truth in f64: output, `dq`, `dk`, `dv` and the terms'
+/// and a window, and ALiBi slopes under a causal window, against the host truth in f64: output, `dq`, `dk`, `dv` and the terms'
 /// gradients to 1e-4 of the largest. `served` as [`check_masked_training`]'s.
 pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implementation)>) {
     use burn::tensor::Bool;
@@ -2324,11 +2335,13 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
     let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 8).collect();
     let ramp = 3.0;
     let device = B::device().autodiff();
-    // (key bias, soft edge, padding, window)
-    for (with_bias, with_edge, with_pad, window) in [
-        (true, false, false, Window::FULL),
-        (false, true, false, Window::symmetric(20)),
-        (true, true, true, Window::symmetric(20)),
+    let slopes: Vec<f32> = (0..heads).map(|h| 0.25 * (h + 1) as f32).collect();
+    // (key bias, soft edge, ALiBi, padding, window)
+    for (with_bias, with_edge, with_alibi, with_pad, window) in [
+        (true, false, false, false, Window::FULL),
+        (false, true, false, false, Window::symmetric(20)),
+        (true, true, false, true, Window::symmetric(20)),
+        (false, false, true, false, Window::new(Some(30), Some(0))),
     ] {
         let log = DispatchLog::new();
         let mut options = AttentionOptions::default().with_log(log.clone());
@@ -2352,6 +2365,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
                 reach: reach_t.clone(),
                 ramp,
             }),
+            alibi: with_alibi.then(|| slopes.clone()),
             key_padding: with_pad.then(|| {
                 Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
             }),
@@ -2376,7 +2390,8 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
             to_f64(g.reshape([1, dims[0], dims[1], dims[2]]))
         };
         let what = format!(
-            "{:?}: key bias {with_bias}, soft edge {with_edge}, padding {with_pad}",
+            "{:?}: key bias {with_bias}, soft edge {with_edge}, ALiBi {with_alibi}, padding \
+             {with_pad}",
             B::device()
         );
         let visible = |b: usize, i: usize, j: usize| {
@@ -2386,6 +2401,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
             term_truth(
                 with_bias.then(|| key_bias[(b * heads + h) * n + j]),
                 with_edge.then(|| (reach[b * n + i], ramp)),
+                with_alibi.then(|| slopes[h]),
                 i,
                 j,
             )

@@ -52,6 +52,9 @@ pub struct AttentionMasks {
     pub key_bias: Option<Tensor<3>>,
     /// A soft window edge per query (the adaptive window). Differentiable in its reach.
     pub soft_edge: Option<SoftEdge>,
+    /// ALiBi slopes, one per query head: `-slope_h * |j - i - (seq_k - seq_q)|` adds to the
+    /// scaled score of query `i`, key `j` (a constant: no gradient).
+    pub alibi: Option<Vec<f32>>,
     /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
     /// the backend tracks gradients (training).
     pub dropout: f64,
@@ -118,7 +121,8 @@ pub fn try_masked_attention(
         && masks.documents.is_none()
         && masks.attention_mask.is_none()
         && masks.key_bias.is_none()
-        && masks.soft_edge.is_none();
+        && masks.soft_edge.is_none()
+        && masks.alibi.is_none();
     if plain_band && unmasked && !dropout_active {
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
@@ -140,7 +144,7 @@ pub fn try_masked_attention(
         "document ids"
     } else if masks.attention_mask.is_some() {
         "attention masks"
-    } else if masks.key_bias.is_some() || masks.soft_edge.is_some() {
+    } else if masks.key_bias.is_some() || masks.soft_edge.is_some() || masks.alibi.is_some() {
         "score terms"
     } else {
         "key padding"
@@ -174,9 +178,11 @@ pub fn try_masked_attention(
     let terms = ScoreTerms {
         key_bias: masks.key_bias.as_ref(),
         soft_edge: masks.soft_edge.as_ref(),
+        alibi: masks.alibi.as_deref(),
         offset: shape.seq_k as i64 - shape.seq_q as i64,
+        device: q.device(),
     };
-    if terms.key_bias.is_some() || terms.soft_edge.is_some() {
+    if terms.any() {
         spec.bias = Some(&terms);
     }
     Ok(serve_tiled(Pass::Forward, options, declined, || {
@@ -229,5 +235,10 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
         expect("key document ids", docs.keys.dims(), shape.seq_k, "seq_k")?;
         crate::block_mask::check_documents_order(&docs.queries, &docs.keys)?;
     }
-    check_score_terms(masks.key_bias.as_ref(), masks.soft_edge.as_ref(), shape)
+    check_score_terms(
+        masks.key_bias.as_ref(),
+        masks.soft_edge.as_ref(),
+        masks.alibi.as_deref(),
+        shape,
+    )
 }

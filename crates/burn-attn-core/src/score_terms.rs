@@ -1,11 +1,12 @@
 //! Score terms: additive log-weights on the scaled scores that the kernels evaluate per
 //! element and differentiate in their backward. A per-key bias (learned sparsity's gate)
-//! and a soft window edge from a per-query reach (the adaptive window). The tiled path
-//! takes both as one [`TileBias`].
+//! and a soft window edge from a per-query reach (the adaptive window), and ALiBi (a
+//! constant per-head slope times the distance). The tiled path takes them as one
+//! [`TileBias`].
 
 use core::ops::Range;
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::shape::AttentionShape;
 use crate::tiled::{smallest_normal, TileBias};
@@ -53,8 +54,17 @@ fn check_term(
 pub(crate) fn check_score_terms(
     key_bias: Option<&Tensor<3>>,
     soft_edge: Option<&SoftEdge>,
+    alibi: Option<&[f32]>,
     shape: &AttentionShape,
 ) -> Result<(), AttentionError> {
+    if let Some(slopes) = alibi {
+        if slopes.len() != shape.heads || slopes.iter().any(|s| !s.is_finite()) {
+            return Err(AttentionError::Invalid(format!(
+                "ALiBi slopes {slopes:?}: expected {} finite values, one per query head",
+                shape.heads
+            )));
+        }
+    }
     if let Some(bias) = key_bias {
         check_term("key bias", bias.dims(), shape, shape.seq_k, "seq_k")?;
     }
@@ -80,53 +90,73 @@ pub(crate) fn check_score_terms(
 pub(crate) struct ScoreTerms<'a> {
     pub key_bias: Option<&'a Tensor<3>>,
     pub soft_edge: Option<&'a SoftEdge>,
+    pub alibi: Option<&'a [f32]>,
     /// `seq_k - seq_q`.
     pub offset: i64,
+    pub device: Device,
+}
+
+impl ScoreTerms<'_> {
+    /// Whether the call has any term.
+    pub(crate) fn any(&self) -> bool {
+        self.key_bias.is_some() || self.soft_edge.is_some() || self.alibi.is_some()
+    }
+
+    /// `|j - i - offset|` for queries `rows` and keys `cols`, `[1, 1, rows, cols]`.
+    fn distance(&self, rows: &Range<usize>, cols: &Range<usize>) -> Tensor<4> {
+        let (nr, nc) = (rows.len(), cols.len());
+        let r = Tensor::<1, Int>::arange(rows.start as i64..rows.end as i64, &self.device)
+            .add_scalar(self.offset)
+            .reshape([nr, 1])
+            .expand([nr, nc]);
+        let c = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, &self.device)
+            .reshape([1, nc])
+            .expand([nr, nc]);
+        (c - r).abs().float().reshape([1, 1, nr, nc])
+    }
 }
 
 impl TileBias for ScoreTerms<'_> {
     fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
         let (nr, nc) = (rows.len(), cols.len());
-        let mut total: Option<Tensor<4>> = None;
+        let mut terms = Vec::new();
         if let Some(bias) = self.key_bias {
             let [b, h, _] = bias.dims();
             let tile = bias.clone().slice([0..b, 0..h, cols.clone()]);
-            total = Some(tile.reshape([b, h, 1, nc]));
+            terms.push(tile.reshape([b, h, 1, nc]));
         }
         if let Some(edge) = self.soft_edge {
-            let device = edge.reach.device();
             let [b, h, _] = edge.reach.dims();
             let reach = edge
                 .reach
                 .clone()
                 .slice([0..b, 0..h, rows.clone()])
                 .reshape([b, h, nr, 1]);
-            let r = Tensor::<1, Int>::arange(rows.start as i64..rows.end as i64, &device)
-                .add_scalar(self.offset)
-                .reshape([nr, 1])
-                .expand([nr, nc]);
-            let c = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, &device)
-                .reshape([1, nc])
-                .expand([nr, nc]);
-            let distance = (c - r).abs().float().reshape([1, 1, nr, nc]);
             // ln(clamp(raw, 0, 1)) built from masks, so the reach's gradient is 1 / raw on
             // the ramp and exactly 0 inside the window and past it, as the kernels give it.
-            let raw = (reach - distance) / edge.ramp + 0.5;
+            let raw = (reach - self.distance(&rows, &cols)) / edge.ramp + 0.5;
             let (inside, hidden) = (
                 raw.clone().greater_equal_elem(1.0),
                 raw.clone().lower_equal_elem(0.0),
             );
-            let log_weight = raw
-                .clone()
-                .clamp_min(smallest_normal(raw.dtype()))
-                .log()
-                .mask_fill(inside, 0.0)
-                .mask_fill(hidden, f32::NEG_INFINITY);
-            total = Some(match total {
-                Some(t) => t + log_weight,
-                None => log_weight,
-            });
+            terms.push(
+                raw.clone()
+                    .clamp_min(smallest_normal(raw.dtype()))
+                    .log()
+                    .mask_fill(inside, 0.0)
+                    .mask_fill(hidden, f32::NEG_INFINITY),
+            );
         }
-        total.expect("a call with score terms")
+        if let Some(slopes) = self.alibi {
+            let heads = slopes.len();
+            let slopes =
+                Tensor::<1>::from_data(TensorData::new(slopes.to_vec(), [heads]), &self.device)
+                    .reshape([1, heads, 1, 1]);
+            terms.push(-(slopes * self.distance(&rows, &cols)));
+        }
+        terms
+            .into_iter()
+            .reduce(|a, b| a + b)
+            .expect("a call with score terms")
     }
 }

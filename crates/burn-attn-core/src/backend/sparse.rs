@@ -80,6 +80,8 @@ pub(crate) struct SparseCall {
     /// Whether the call has a per-key score bias, and a soft edge (its ramp width).
     pub key_bias: bool,
     pub soft_edge: Option<f32>,
+    /// ALiBi slopes, one per query head.
+    pub alibi: Option<Vec<f32>>,
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
@@ -297,6 +299,7 @@ pub(crate) fn sparse_kernel_attention(
         dense: masks.attention_mask.is_some(),
         key_bias: masks.key_bias.is_some(),
         soft_edge: masks.soft_edge.as_ref().map(|e| e.ramp as f32),
+        alibi: masks.alibi.clone(),
         dropout,
         forced,
         log: options.log.clone(),

@@ -218,6 +218,7 @@ fn lists_and_rules(
         dense: call.dense.then(|| c(mask.dense)),
         key_bias: call.key_bias.then(|| c(terms.0)),
         soft_edge: call.soft_edge.map(|ramp| (c(terms.1), ramp)),
+        alibi: call.alibi.clone(),
     };
     (lists, rules)
 }

@@ -9,7 +9,8 @@
 //! backward: a per-key bias `[batch, heads, seq_k]` (learned sparsity's gate) and a soft
 //! window edge from a per-query reach `[batch, heads, seq_q]` (the adaptive window):
 //! `ln(clamp((reach_i - |j - (i + offset)|) / ramp + 1/2, 0, 1))`, hidden where the weight
-//! is 0.
+//! is 0; and ALiBi, `-slope_h * |j - (i + offset)|` with one slope per query head (no
+//! gradient).
 //!
 //! Dropout is counter-based: element `(b, h, i, j)` is dropped when [`dropout_hash`] of the
 //! call's seed and its position falls below the threshold `p * 2^32`, so the backward
@@ -65,12 +66,14 @@ pub struct RuleSet {
     pub key_bias: bool,
     /// A soft window edge from a per-query reach (`[batch or 1, heads or 1, seq_q]`, f32).
     pub soft_edge: bool,
+    /// ALiBi: `-slope[h] * distance` (`[heads]` slopes, f32).
+    pub alibi: bool,
 }
 
 impl RuleSet {
     /// Whether the call adds score terms (every visited tile then takes the rules).
     pub fn has_terms(&self) -> bool {
-        self.key_bias || self.soft_edge
+        self.key_bias || self.soft_edge || self.alibi
     }
 }
 
@@ -183,6 +186,7 @@ impl ElementRules {
         seed: &Tensor<i32>,
         key_bias: &Tensor<f32>,
         reach: &Tensor<f32>,
+        slopes: &Tensor<f32>,
         #[comptime] rules: RuleSet,
         #[comptime] rows: usize,
         #[comptime] row_step: usize,
@@ -214,7 +218,7 @@ impl ElementRules {
                         flags |= select(self.drops(b, h, i, j, seed), 2u32, 0u32);
                     }
                     if comptime!(rules.has_terms()) {
-                        let term = self.term(b, h, i, j, key_bias, reach, rules);
+                        let term = self.term(b, h, i, j, key_bias, reach, slopes, rules);
                         term_bias = term.bias;
                         term_slope = term.slope;
                         flags |= select(term.hidden, 1u32, 0u32);
@@ -245,7 +249,8 @@ impl ElementRules {
     /// head `h`: `key_bias[b, h, j]` (below -1e30, i.e. `-inf`, hides the key; NaN stays
     /// NaN) plus the soft edge's `ln(weight)`, weight `min((reach_i - |j - (i + offset)|) /
     /// ramp + 1/2, 1)`, which hides the key at or below 1e-30 and has slope `1 / (ramp *
-    /// weight)` on the ramp (0 inside the window).
+    /// weight)` on the ramp (0 inside the window), plus ALiBi's `-slopes[h] * |j - (i +
+    /// offset)|`.
     #[allow(clippy::too_many_arguments)]
     pub fn term(
         &self,
@@ -255,6 +260,7 @@ impl ElementRules {
         j: usize,
         key_bias: &Tensor<f32>,
         reach: &Tensor<f32>,
+        slopes: &Tensor<f32>,
         #[comptime] rules: RuleSet,
     ) -> ElementTerm {
         let mut term = ElementTerm {
@@ -270,9 +276,12 @@ impl ElementRules {
                 term.bias += bias_j;
             }
         }
+        let d = j as i32 - (i as i32 + self.offset);
+        let distance = f32::cast_from(select(d < 0, -d, d));
+        if comptime!(rules.alibi) {
+            term.bias -= slopes[h] * distance;
+        }
         if comptime!(rules.soft_edge) {
-            let d = j as i32 - (i as i32 + self.offset);
-            let distance = f32::cast_from(select(d < 0, -d, d));
             let weight = f32::min(
                 (reach[term_at(reach, b, h, i)] - distance) / self.ramp + f32::new(0.5),
                 f32::new(1.0),

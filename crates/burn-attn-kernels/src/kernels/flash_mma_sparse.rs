@@ -72,6 +72,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     seed: &Tensor<i32>,
     key_bias: &Tensor<f32>,
     reach: &Tensor<f32>,
+    slopes: &Tensor<f32>,
     element_rules: ElementRules,
     q_tiles_per_block: u32,
     k_tiles_per_block: u32,
@@ -285,7 +286,8 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                                 flags |= select(element_rules.drops(b, h, i, j, seed), 2u32, 0u32);
                             }
                             if comptime!(terms) {
-                                let term = element_rules.term(b, h, i, j, key_bias, reach, rules);
+                                let term =
+                                    element_rules.term(b, h, i, j, key_bias, reach, slopes, rules);
                                 bias[(mt * tile.k_tiles + kt) * 4 + e] = term.bias;
                                 flags |= select(term.hidden, 1u32, 0u32);
                             }

@@ -86,6 +86,9 @@ pub struct SparseRules {
     /// |j - (i + seq_k - seq_q)|) / ramp + 1/2, 0, 1)`: `ln(weight)` adds to its score, and
     /// a weight of 0 hides it. The backward returns the reach's gradient.
     pub soft_edge: Option<(CubeTensor, f32)>,
+    /// ALiBi slopes, one per query head: `-slope_h * |j - (i + seq_k - seq_q)|` adds to the
+    /// scaled scores (a constant: no gradient).
+    pub alibi: Option<Vec<f32>>,
 }
 
 /// The gradients of a block-sparse call: `(dq, dk, dv)`, and where the call has them, the
@@ -151,6 +154,7 @@ struct RuleArgs {
     /// f32 score terms (placeholders where absent) and the ramp.
     key_bias: CubeTensor,
     reach: CubeTensor,
+    slopes: CubeTensor,
     ramp: f32,
 }
 
@@ -243,6 +247,26 @@ impl RuleArgs {
             }
             ramp = *width;
         }
+        let slopes = match &rules.alibi {
+            Some(slopes) => {
+                if slopes.len() != sizes.heads || slopes.iter().any(|s| !s.is_finite()) {
+                    return Err(Unsupported::Shapes(format!(
+                        "ALiBi slopes {slopes:?}: expected {} finite values (one per query head)",
+                        sizes.heads
+                    )));
+                }
+                let bytes: Vec<u8> = slopes.iter().flat_map(|s| s.to_le_bytes()).collect();
+                let handle = like.client.create_from_slice(&bytes);
+                CubeTensor::new_contiguous(
+                    like.client.clone(),
+                    like.device.clone(),
+                    Shape::new([slopes.len()]),
+                    handle,
+                    DType::F32,
+                )
+            }
+            None => alloc_contiguous(like, Shape::new([1]), DType::F32),
+        };
         let placeholder = alloc_contiguous(like, Shape::new([1]), DType::I32);
         let f32_placeholder = alloc_contiguous(like, Shape::new([1, 1, 1]), DType::F32);
         let or_placeholder =
@@ -258,6 +282,7 @@ impl RuleArgs {
                 dense: rules.dense.is_some(),
                 key_bias: rules.key_bias.is_some(),
                 soft_edge: rules.soft_edge.is_some(),
+                alibi: rules.alibi.is_some(),
             },
             positions: [
                 sizes.seq_k as i32 - sizes.seq_q as i32,
@@ -287,6 +312,7 @@ impl RuleArgs {
                 .soft_edge
                 .as_ref()
                 .map_or(f32_placeholder, |e| e.0.clone()),
+            slopes,
             ramp,
         })
     }
@@ -442,6 +468,7 @@ pub fn flash_forward_sparse(
                 tensor(&args.seed),
                 tensor(&args.key_bias),
                 tensor(&args.reach),
+                tensor(&args.slopes),
                 element_rules,
                 q_tiles,
                 k_tiles,
@@ -491,6 +518,7 @@ pub fn flash_forward_sparse(
                     tensor(&args.seed),
                     tensor(&args.key_bias),
                     tensor(&args.reach),
+                    tensor(&args.slopes),
                     element_rules,
                     q_tiles,
                     k_tiles,
@@ -596,6 +624,7 @@ pub fn flash_backward_sparse(
             args.seed.clone().into_tensor_arg(),
             args.key_bias.clone().into_tensor_arg(),
             args.reach.clone().into_tensor_arg(),
+            args.slopes.clone().into_tensor_arg(),
             d_reach.clone().into_tensor_arg(),
             args.element_rules(),
             (lists.block_q / dq_t.rows) as u32,
@@ -640,6 +669,7 @@ pub fn flash_backward_sparse(
             args.seed.into_tensor_arg(),
             args.key_bias.into_tensor_arg(),
             args.reach.into_tensor_arg(),
+            args.slopes.into_tensor_arg(),
             d_key_bias.clone().into_tensor_arg(),
             element_rules,
             (lists.block_q / kv_t.cols) as u32,
