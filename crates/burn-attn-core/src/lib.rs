@@ -53,7 +53,7 @@ pub use masked::{
 pub use options::{aligned, AttentionOptions, ForcedPlan, Window};
 pub use pattern::{BlockLayout, KeyPattern, TileCover};
 pub use reference::reference_attention;
-pub use score_terms::SoftEdge;
+pub use score_terms::{alibi_slopes, SoftEdge};
 pub use shape::{repeat_kv, AttentionShape};
 pub use tiled::{smallest_normal, tiled_attention, TileBias, TiledSpec, DEFAULT_TILE};
 

@@ -25,6 +25,24 @@ pub struct SoftEdge {
     pub ramp: f64,
 }
 
+/// ALiBi's slopes for `heads` heads (Press et al.): `2^(-8h/n)` for `h = 1..=n` when `n`
+/// is a power of two; otherwise those of the largest power of two below, then every
+/// other slope of twice that many, as many as are missing.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let powers = |n: usize| -> Vec<f32> {
+        (1..=n)
+            .map(|h| 2f64.powf(-8.0 * h as f64 / n as f64) as f32)
+            .collect()
+    };
+    if heads == 0 {
+        return Vec::new();
+    }
+    let base = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let mut slopes = powers(base);
+    slopes.extend(powers(2 * base).into_iter().step_by(2).take(heads - base));
+    slopes
+}
+
 /// Checks a score term's shape `[batch or 1, heads or 1, positions]`.
 fn check_term(
     what: &'static str,

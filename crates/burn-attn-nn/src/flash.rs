@@ -4,8 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions, DocumentIds,
-    KeyPattern, Window,
+    alibi_slopes, ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions,
+    DocumentIds, KeyPattern, Window,
 };
 
 use crate::input::AttentionInput;
@@ -44,6 +44,11 @@ pub struct FlashAttentionConfig {
     /// their own). Default: `64`, the seed's block size.
     #[config(default = 64)]
     pub block_size: usize,
+    /// ALiBi position biases (Press et al.'s slopes, [`alibi_slopes`]): `-slope_h * |i -
+    /// j|` on each head's scores. Calls then take the block-sparse kernels on GPUs (their
+    /// backward is the portable one). Default: `false`.
+    #[config(default = false)]
+    pub alibi: bool,
 }
 
 impl FlashAttentionConfig {
@@ -82,6 +87,7 @@ impl FlashAttentionConfig {
             window_right: self.window_right,
             block_size: self.block_size,
             dropout: self.dropout,
+            alibi: self.alibi,
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct FlashAttention {
     pub block_size: usize,
     /// Dropout on probabilities while training.
     pub dropout: f64,
+    /// ALiBi position biases.
+    pub alibi: bool,
 }
 
 impl FlashAttention {
@@ -134,7 +142,7 @@ impl FlashAttention {
     /// # Panics
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
-        let masks = input.masks(self.dropout);
+        let masks = self.with_alibi(input.masks(self.dropout));
         let pattern = KeyPattern::default();
         attend(&self.projection, input, &pattern, &self.options(), &masks)
     }
@@ -148,7 +156,7 @@ impl FlashAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        let masks = packed_masks(documents, self.dropout);
+        let masks = self.with_alibi(packed_masks(documents, self.dropout));
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
         attend(&self.projection, input, &pattern, &self.options(), &masks)
@@ -175,14 +183,26 @@ impl FlashAttention {
         cache: &mut KvCache,
     ) -> Result<Tensor<3>, AttentionError> {
         let pattern = KeyPattern::default();
+        let masks = self.with_alibi(AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        });
         decode(
             &self.projection,
             x,
             cache,
             &pattern,
             &self.options(),
-            self.dropout,
+            &masks,
         )
+    }
+
+    /// `masks` with the module's ALiBi slopes, where it has them.
+    fn with_alibi(&self, mut masks: AttentionMasks) -> AttentionMasks {
+        if self.alibi {
+            masks.alibi = Some(alibi_slopes(self.projection.n_heads));
+        }
+        masks
     }
 
     /// The options of the attention core: scale, causal flag, window and tile.
@@ -251,6 +271,53 @@ pub(crate) fn validate_dropout(dropout: f64) -> Result<(), AttentionError> {
 mod tests {
     use super::*;
     use crate::test_util::*;
+
+    /// ALiBi: the module equals the dense reference with `-slope_h * |i - j|` added to
+    /// each head's scores (causal, GQA, 6 heads: slopes of 4 and 8 heads interleaved), and
+    /// decoding with a cache gives the same rows.
+    #[test]
+    fn alibi_equals_the_reference_and_decodes() {
+        use burn::tensor::TensorData;
+        use burn_attn_core::reference_attention;
+        let heads = 6;
+        let slopes = alibi_slopes(heads);
+        assert_eq!(slopes.len(), heads);
+        // 4 heads' 1/4 .. 1/256, then every other of 8 heads' slopes: 1/2, 1/8.
+        let want = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125];
+        assert!(
+            slopes.iter().zip(want).all(|(s, w)| (s - w).abs() < 1e-7),
+            "{slopes:?}"
+        );
+        let module = FlashAttentionConfig::new(48, heads)
+            .with_n_kv_heads(Some(2))
+            .with_causal(true)
+            .with_alibi(true)
+            .init(&cpu());
+        let (b, n) = (2, 21);
+        let x = randn([b, n, 48], &cpu());
+        let got = module.forward(x.clone());
+        let mut bias = Vec::with_capacity(heads * n * n);
+        for slope in &slopes {
+            for i in 0..n {
+                for j in 0..n {
+                    bias.push(-slope * (i as f32 - j as f32).abs());
+                }
+            }
+        }
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [1, heads, n, n]), &cpu())
+            .expand([b, heads, n, n]);
+        let h = module.projection().split_self(x.clone());
+        let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
+        let pattern = KeyPattern::band(Window::FULL, true);
+        let (out, _) = reference_attention(h.q, h.k, h.v, &pattern, scale, None, Some(bias));
+        assert_close(got.clone(), module.projection().merge(out), 2e-5);
+
+        let mut cache = crate::KvCache::new();
+        let steps: Vec<_> = (0..n)
+            .map(|t| module.forward_cache(x.clone().slice([0..b, t..t + 1, 0..48]), &mut cache))
+            .collect();
+        assert_close(Tensor::cat(steps, 1), got, 2e-5);
+    }
 
     fn exact_check(config: FlashAttentionConfig, batch: usize, seq: usize) {
         let module = config.init(&cpu());

@@ -198,7 +198,8 @@ fn check_like(what: &str, held: &Tensor<4>, new: &Tensor<4>) -> Result<(), Atten
 /// Decoding through `cache` for the exact modules: projects the new tokens `x` (`[batch,
 /// new, d_model]`), appends their keys and values, and attends the new queries over every
 /// cached key under `pattern` and `options` (bottom-right aligned: the new tokens are the
-/// last positions). Only causal attention decodes: a later token would change what an
+/// last positions) and `masks` (dropout, ALiBi; no mask tied to a length). Only causal
+/// attention decodes: a later token would change what an
 /// earlier one sees.
 pub(crate) fn decode(
     projection: &MultiHeadProjection,
@@ -206,7 +207,7 @@ pub(crate) fn decode(
     cache: &mut KvCache,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-    dropout: f64,
+    masks: &AttentionMasks,
 ) -> Result<Tensor<3>, AttentionError> {
     if !(pattern.causal || options.causal) {
         return Err(AttentionError::Invalid(
@@ -218,11 +219,7 @@ pub(crate) fn decode(
     let h = projection.split_self(x);
     let keep = pattern.window.intersect(options.window).left;
     let (k, v) = cache.append(h.k, h.v, keep)?;
-    let masks = AttentionMasks {
-        dropout,
-        ..AttentionMasks::default()
-    };
-    let out = try_masked_attention(h.q, k, v, pattern, options, &masks)?;
+    let out = try_masked_attention(h.q, k, v, pattern, options, masks)?;
     Ok(projection.merge(out))
 }
 

@@ -150,13 +150,17 @@ impl SlidingWindowAttention {
         cache: &mut KvCache,
     ) -> Result<Tensor<3>, AttentionError> {
         let pattern = KeyPattern::band(self.band(), self.causal);
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
         decode(
             &self.projection,
             x,
             cache,
             &pattern,
             &AttentionOptions::new(),
-            self.dropout,
+            &masks,
         )
     }
 
