@@ -1397,6 +1397,7 @@ fn masked_truth(
     d_out: &(Vec<f32>, [usize; 4]),
     dropout: Option<(f64, u32)>,
     terms: Option<Terms>,
+    softcap: Option<f64>,
 ) -> MaskedTruth {
     use burn_attn_core::kernels::plan::{dropout_hash, dropout_threshold};
     let (b, h, kvh, n, d) = (case.batch, case.heads, case.kv_heads, case.seq_q, case.dim);
@@ -1418,7 +1419,8 @@ fn masked_truth(
         for hi in 0..h {
             let kh = hi / (h / kvh);
             for i in 0..n {
-                let scores: Vec<(usize, f64, f64)> = (0..n)
+                // (key, score, the bias's slope by the reach, the softcap's derivative)
+                let scores: Vec<(usize, f64, f64, f64)> = (0..n)
                     .filter(|&j| visible(bi, i, j))
                     .filter_map(|j| {
                         let (bias, slope) = match terms {
@@ -1428,7 +1430,14 @@ fn masked_truth(
                         let dot = (0..d)
                             .map(|c| at(&x.q, bi, hi, i, c) * at(&x.k, bi, kh, j, c))
                             .sum::<f64>();
-                        Some((j, dot * scale + bias, slope))
+                        let (score, d_cap) = match softcap {
+                            Some(cap) => {
+                                let t = (dot * scale / cap).tanh();
+                                (cap * t, 1.0 - t * t)
+                            }
+                            None => (dot * scale, 1.0),
+                        };
+                        Some((j, score + bias, slope, d_cap))
                     })
                     .collect();
                 if scores.is_empty() {
@@ -1438,9 +1447,9 @@ fn masked_truth(
                 let sum: f64 = scores.iter().map(|s| (s.1 - m).exp()).sum();
                 let row = (bi * h + hi) * n + i;
                 lse[row] = m + sum.ln();
-                let p: Vec<(usize, f64, f64)> = scores
+                let p: Vec<(usize, f64, f64, f64)> = scores
                     .iter()
-                    .map(|&(j, s, slope)| (j, (s - m).exp() / sum, slope))
+                    .map(|&(j, s, slope, d_cap)| (j, (s - m).exp() / sum, slope, d_cap))
                     .collect();
                 // The factor each probability takes in the output: 0 if dropped, else
                 // 1 / (1 - p).
@@ -1458,14 +1467,14 @@ fn masked_truth(
                 for c in 0..d {
                     out[row * d + c] = p
                         .iter()
-                        .map(|&(j, pj, _)| pj * keep(j) * at(&x.v, bi, kh, j, c))
+                        .map(|&(j, pj, _, _)| pj * keep(j) * at(&x.v, bi, kh, j, c))
                         .sum();
                 }
                 // dP_j = dO . V_j, D = dO . O, dS_j = P_j (dP_j - D).
                 let d_row: f64 = (0..d)
                     .map(|c| at(d_out, bi, hi, i, c) * out[row * d + c])
                     .sum();
-                for &(j, pj, slope) in &p {
+                for &(j, pj, slope, d_cap) in &p {
                     let key = (bi * kvh + kh) * n + j;
                     let dp: f64 = (0..d)
                         .map(|c| at(d_out, bi, hi, i, c) * at(&x.v, bi, kh, j, c))
@@ -1473,7 +1482,7 @@ fn masked_truth(
                     let d_logit = pj * (dp * keep(j) - d_row);
                     d_bias[(bi * h + hi) * n + j] += d_logit;
                     d_reach[row] += d_logit * slope;
-                    let ds = d_logit * scale;
+                    let ds = d_logit * d_cap * scale;
                     for c in 0..d {
                         dv[key * d + c] += pj * keep(j) * at(d_out, bi, hi, i, c);
                         dq[row * d + c] += ds * at(&x.k, bi, kh, j, c);
@@ -1564,6 +1573,7 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
         .collect();
     let ramp = 4.0f32;
     let alibi: Vec<f32> = (0..heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
+    let softcap = 1.5f32;
     let term_of = |with: u8, b: usize, h: usize, i: usize, j: usize| {
         term_truth(
             (with & 1 != 0).then(|| key_bias[(b * heads + h) * n + j]),
@@ -1606,8 +1616,9 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
             // Every rule alone on the band; the others with none or all of padding and
             // documents, the last also with dropout (each set of rules is a kernel to
             // compile).
-            // Score terms (bit 0: key bias, bit 1: soft edge, bit 2: ALiBi) alone on the
-            // band, the first two with padding and dropout, ALiBi with a key bias.
+            // Score terms (bit 0: key bias, bit 1: soft edge, bit 2: ALiBi, bit 3: a
+            // softcap) alone on the band, the first two with padding and dropout, ALiBi
+            // with a key bias, a softcap with a soft edge, padding and dropout.
             let masks: &[(bool, bool, bool, u8)] = match p_at {
                 0 => &[
                     (false, false, false, 0),
@@ -1619,6 +1630,7 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     (false, false, false, 2),
                     (true, false, true, 3),
                     (false, false, false, 4 | 1),
+                    (true, false, true, 8 | 2),
                 ],
                 3 => &[
                     (false, false, false, 0),
@@ -1688,6 +1700,9 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                 if with_terms & 4 != 0 {
                     rules.alibi = Some(alibi.clone());
                 }
+                if with_terms & 8 != 0 {
+                    rules.softcap = Some(softcap);
+                }
                 let dropout = with_drop.then_some((0.3, 0x00c0_ffee_u32));
                 if let Some((p, seed)) = dropout {
                     let seed = Tensor::<1, Int>::from_data(
@@ -1734,6 +1749,7 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     &d_out,
                     dropout,
                     (with_terms != 0).then_some(&terms as Terms),
+                    (with_terms & 8 != 0).then_some(softcap as f64),
                 );
                 let (got_out, got_lse) = (cube_to_f64(out.clone()), cube_to_f64(lse.clone()));
                 let what = format!(
@@ -2226,7 +2242,7 @@ fn check_masked_training<B: On>(
         let visible = |b: usize, i: usize, j: usize| {
             !(hides(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
         };
-        let want = masked_truth(&x, &case, &visible, &w, None, None);
+        let want = masked_truth(&x, &case, &visible, &w, None, None, None);
         let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
         for (name, (g, t)) in ["out", "dq", "dk", "dv"]
             .into_iter()
@@ -2306,7 +2322,8 @@ pub fn check_attention_mask_training<B: On>(served: Option<(Implementation, Impl
 /// Training through `masked_attention` on `B`'s device with score terms: a per-key bias
 /// per batch and head (`-inf` on some keys) and a soft edge whose reach is shared by the
 /// heads (`[batch, 1, seq]`, as the adaptive window's), alone and together with key padding
-/// and a window, and ALiBi slopes under a causal window, against the host truth in f64: output, `dq`, `dk`, `dv` and the terms'
+/// and a window, ALiBi slopes under a causal window, and a softcap with a key bias and
+/// padding, against the host truth in f64: output, `dq`, `dk`, `dv` and the terms'
 /// gradients to 1e-4 of the largest. `served` as [`check_masked_training`]'s.
 pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implementation)>) {
     use burn::tensor::Bool;
@@ -2336,12 +2353,20 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
     let ramp = 3.0;
     let device = B::device().autodiff();
     let slopes: Vec<f32> = (0..heads).map(|h| 0.25 * (h + 1) as f32).collect();
-    // (key bias, soft edge, ALiBi, padding, window)
-    for (with_bias, with_edge, with_alibi, with_pad, window) in [
-        (true, false, false, false, Window::FULL),
-        (false, true, false, false, Window::symmetric(20)),
-        (true, true, false, true, Window::symmetric(20)),
-        (false, false, true, false, Window::new(Some(30), Some(0))),
+    // (key bias, soft edge, ALiBi, softcap, padding, window)
+    for (with_bias, with_edge, with_alibi, softcap, with_pad, window) in [
+        (true, false, false, None, false, Window::FULL),
+        (false, true, false, None, false, Window::symmetric(20)),
+        (true, true, false, None, true, Window::symmetric(20)),
+        (
+            false,
+            false,
+            true,
+            None,
+            false,
+            Window::new(Some(30), Some(0)),
+        ),
+        (true, false, false, Some(0.8), true, Window::FULL),
     ] {
         let log = DispatchLog::new();
         let mut options = AttentionOptions::default().with_log(log.clone());
@@ -2366,6 +2391,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
                 ramp,
             }),
             alibi: with_alibi.then(|| slopes.clone()),
+            softcap,
             key_padding: with_pad.then(|| {
                 Tensor::<2, Bool>::from_data(TensorData::new(pad.clone(), [batch, n]), &device)
             }),
@@ -2390,8 +2416,8 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
             to_f64(g.reshape([1, dims[0], dims[1], dims[2]]))
         };
         let what = format!(
-            "{:?}: key bias {with_bias}, soft edge {with_edge}, ALiBi {with_alibi}, padding \
-             {with_pad}",
+            "{:?}: key bias {with_bias}, soft edge {with_edge}, ALiBi {with_alibi}, softcap \
+             {softcap:?}, padding {with_pad}",
             B::device()
         );
         let visible = |b: usize, i: usize, j: usize| {
@@ -2406,7 +2432,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
                 j,
             )
         };
-        let want = masked_truth(&x, &case, &visible, &w, None, Some(&terms));
+        let want = masked_truth(&x, &case, &visible, &w, None, Some(&terms), softcap);
         // The reach is shared by the heads: its gradient sums theirs.
         let reach_want: Vec<f64> = (0..batch * n)
             .map(|at| {

@@ -55,6 +55,9 @@ pub struct AttentionMasks {
     /// ALiBi slopes, one per query head: `-slope_h * |j - i - (seq_k - seq_q)|` adds to the
     /// scaled score of query `i`, key `j` (a constant: no gradient).
     pub alibi: Option<Vec<f32>>,
+    /// A tanh softcap (Gemma 2's): the scaled scores become `softcap * tanh(s / softcap)`
+    /// before the other terms; finite and positive. Differentiable (in the scores).
+    pub softcap: Option<f64>,
     /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
     /// the backend tracks gradients (training).
     pub dropout: f64,
@@ -122,7 +125,8 @@ pub fn try_masked_attention(
         && masks.attention_mask.is_none()
         && masks.key_bias.is_none()
         && masks.soft_edge.is_none()
-        && masks.alibi.is_none();
+        && masks.alibi.is_none()
+        && masks.softcap.is_none();
     if plain_band && unmasked && !dropout_active {
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
@@ -144,7 +148,11 @@ pub fn try_masked_attention(
         "document ids"
     } else if masks.attention_mask.is_some() {
         "attention masks"
-    } else if masks.key_bias.is_some() || masks.soft_edge.is_some() || masks.alibi.is_some() {
+    } else if masks.key_bias.is_some()
+        || masks.soft_edge.is_some()
+        || masks.alibi.is_some()
+        || masks.softcap.is_some()
+    {
         "score terms"
     } else {
         "key padding"
@@ -175,6 +183,7 @@ pub fn try_masked_attention(
         .map(|d| (d.queries.clone(), d.keys.clone()));
     spec.attention_mask = masks.attention_mask.clone();
     spec.dropout = dropout;
+    spec.softcap = masks.softcap;
     let terms = ScoreTerms {
         key_bias: masks.key_bias.as_ref(),
         soft_edge: masks.soft_edge.as_ref(),
@@ -234,6 +243,13 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
         )?;
         expect("key document ids", docs.keys.dims(), shape.seq_k, "seq_k")?;
         crate::block_mask::check_documents_order(&docs.queries, &docs.keys)?;
+    }
+    if let Some(cap) = masks.softcap {
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(AttentionError::Invalid(format!(
+                "softcap {cap} (takes a finite value > 0)"
+            )));
+        }
     }
     check_score_terms(
         masks.key_bias.as_ref(),

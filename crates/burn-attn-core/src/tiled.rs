@@ -47,6 +47,8 @@ pub struct TiledSpec<'a> {
     /// Dropout probability on the attention probabilities, applied only when the backend
     /// tracks gradients (training).
     pub dropout: f64,
+    /// A tanh softcap of the scaled scores, `softcap * tanh(s / softcap)`, before the bias.
+    pub softcap: Option<f64>,
 }
 
 impl<'a> TiledSpec<'a> {
@@ -66,6 +68,7 @@ impl<'a> TiledSpec<'a> {
             attention_mask: None,
             bias: None,
             dropout: 0.0,
+            softcap: None,
         }
     }
 
@@ -137,7 +140,7 @@ pub fn tiled_attention(
             let nc = cols.len();
             let k_blk = k.clone().slice([0..batch, 0..heads, cols.clone()]);
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
-            let mut s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
+            let mut s = softcapped(q_blk.clone().matmul(k_blk.swap_dims(2, 3)), spec.softcap);
             // A bias's -inf entries hide their keys like a mask (the masked fill keeps an
             // empty row's infinite output gradient from meeting a zero probability).
             let mut bias_hidden = None;
@@ -171,7 +174,7 @@ pub fn tiled_attention(
                 let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [nc]), &device);
                 let k_blk = k.clone().select(2, idx.clone());
                 let v_blk = v.clone().select(2, idx.clone());
-                let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3));
+                let s = softcapped(q_blk.clone().matmul(k_blk.swap_dims(2, 3)), spec.softcap);
                 let visible = pattern.columns_mask(rows.clone(), chunk, seq_q, seq_k, &device);
                 let pattern_hidden = Some(hidden_keys(visible, batch, heads));
                 let keys = TileKeys::Gathered(&idx);
@@ -193,6 +196,14 @@ pub fn tiled_attention(
     let out = Tensor::cat(outputs, 2);
     let lse = Tensor::cat(lses, 2).squeeze_dim(3);
     (out, lse)
+}
+
+/// Scaled scores through a tanh softcap, where there is one.
+fn softcapped(s: Tensor<4>, softcap: Option<f64>) -> Tensor<4> {
+    match softcap {
+        Some(cap) => s.div_scalar(cap).tanh().mul_scalar(cap),
+        None => s,
+    }
 }
 
 /// The key columns of a tile: a range of keys, or keys gathered by index.

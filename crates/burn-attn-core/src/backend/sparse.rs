@@ -82,6 +82,8 @@ pub(crate) struct SparseCall {
     pub soft_edge: Option<f32>,
     /// ALiBi slopes, one per query head.
     pub alibi: Option<Vec<f32>>,
+    /// A tanh softcap of the scaled scores.
+    pub softcap: Option<f32>,
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
@@ -300,6 +302,7 @@ pub(crate) fn sparse_kernel_attention(
         key_bias: masks.key_bias.is_some(),
         soft_edge: masks.soft_edge.as_ref().map(|e| e.ramp as f32),
         alibi: masks.alibi.clone(),
+        softcap: masks.softcap.map(|cap| cap as f32),
         dropout,
         forced,
         log: options.log.clone(),

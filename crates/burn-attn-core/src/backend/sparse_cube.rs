@@ -219,6 +219,7 @@ fn lists_and_rules(
         key_bias: call.key_bias.then(|| c(terms.0)),
         soft_edge: call.soft_edge.map(|ramp| (c(terms.1), ramp)),
         alibi: call.alibi.clone(),
+        softcap: call.softcap,
     };
     (lists, rules)
 }

@@ -45,6 +45,9 @@ pub struct ElementRules {
     pub heads: u32,
     /// Width of the soft edge, in keys (positive; 1 without a soft edge).
     pub ramp: f32,
+    /// The tanh softcap of the scaled scores, `softcap * tanh(s / softcap)` (positive; 1
+    /// without one).
+    pub softcap: f32,
 }
 
 /// Which rules past the band and the causal rule a call has (comptime).
@@ -68,12 +71,14 @@ pub struct RuleSet {
     pub soft_edge: bool,
     /// ALiBi: `-slope[h] * distance` (`[heads]` slopes, f32).
     pub alibi: bool,
+    /// A tanh softcap of the scaled scores (before the other terms).
+    pub softcap: bool,
 }
 
 impl RuleSet {
     /// Whether the call adds score terms (every visited tile then takes the rules).
     pub fn has_terms(&self) -> bool {
-        self.key_bias || self.soft_edge || self.alibi
+        self.key_bias || self.soft_edge || self.alibi || self.softcap
     }
 }
 

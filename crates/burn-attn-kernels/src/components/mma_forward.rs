@@ -40,6 +40,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     l_row: &mut Array<f32>,
     hide: &Array<u32>,
     bias: &Array<f32>,
+    softcap: f32,
     band: TileBand,
     scale: f32,
     t0: i32,
@@ -58,6 +59,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
     #[comptime] use_hide: bool,
     #[comptime] use_drop: bool,
     #[comptime] use_bias: bool,
+    #[comptime] use_softcap: bool,
 ) {
     acquire_pair::<F>(
         k,
@@ -96,6 +98,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
             hide,
             masked,
             bias,
+            softcap,
             tile.m_tiles,
             tile.k_tiles,
             tile.v_tiles,
@@ -103,6 +106,7 @@ pub(crate) fn mma_key_tile<F: Float, P: ForwardProducts>(
             ptx_exp,
             use_hide,
             use_bias,
+            use_softcap,
         );
         // Nested: the outer switch is comptime.
         #[allow(clippy::collapsible_if)]

@@ -105,7 +105,7 @@ pub(crate) const MAX_LAG: f32 = 8.0;
 /// set in `hide` (the lane's accumulator element `e` of tile `(mt, kt)` has bits
 /// [`flag_bit`]`(mt * k_tiles + kt, e)` and the next one, hidden and dropped, 32 per word):
 /// the block-sparse kernels' element rules; with `use_bias` too, the masked tile's scaled
-/// scores take the lane's `bias` terms (element `e` of tile `(mt, kt)` at `4 * (mt * k_tiles
+/// scores take a tanh softcap (`use_softcap`), then the lane's `bias` terms (element `e` of tile `(mt, kt)` at `4 * (mt * k_tiles
 /// + kt) + e`), the block-sparse kernels' score terms.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -120,6 +120,7 @@ pub(crate) fn online_softmax_tile(
     hide: &Array<u32>,
     masked: bool,
     bias: &Array<f32>,
+    softcap: f32,
     #[comptime] m_tiles: usize,
     #[comptime] k_tiles: usize,
     #[comptime] v_tiles: usize,
@@ -127,6 +128,7 @@ pub(crate) fn online_softmax_tile(
     #[comptime] ptx_exp: bool,
     #[comptime] use_hide: bool,
     #[comptime] use_bias: bool,
+    #[comptime] use_softcap: bool,
 ) {
     let halves = comptime!(2 * m_tiles);
     let tile_hi = t0 + comptime!(k_tiles as i32 * 8) - 1;
@@ -184,6 +186,9 @@ pub(crate) fn online_softmax_tile(
                     #[allow(clippy::collapsible_if)]
                     if use_hide {
                         if masked {
+                            if use_softcap {
+                                s = softcap * f32::tanh(s / softcap);
+                            }
                             if use_bias {
                                 s += bias[tile * 4 + e];
                             }
@@ -351,7 +356,7 @@ pub fn online_softmax_probe_kernel(
         }
         online_softmax_tile(
             &mut s_acc, &mut o_acc, &mut m_row, &mut l_row, scale, band, t0, &no_hide, false,
-            &no_bias, m_tiles, k_tiles, 1usize, c_vs, ptx_exp, false, false,
+            &no_bias, 1.0f32, m_tiles, k_tiles, 1usize, c_vs, ptx_exp, false, false, false,
         );
         #[unroll]
         for mt in 0..m_tiles {

@@ -12,7 +12,8 @@
 //! with `dP'` the masked, scaled `dO V^T`). With `use_bias` on a `masked` step, `bias` terms
 //! add to the scaled scores, and `dS` is their gradient: the dQ step sums `dS * slope` per
 //! row (`grad_terms`: the soft edge's reach), the dK/dV step `dS` per key (`grad_terms`:
-//! the key bias).
+//! the key bias). With `use_softcap` the scaled scores pass through `softcap * tanh(s /
+//! softcap)` first, and `dS` takes its derivative before the products.
 
 use cubecl::prelude::*;
 
@@ -104,6 +105,8 @@ pub(crate) fn dq_key_tile<F: Float>(
     #[comptime] use_hide: bool,
     #[comptime] use_bias: bool,
     #[comptime] grad_terms: bool,
+    softcap: f32,
+    #[comptime] use_softcap: bool,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -174,6 +177,13 @@ pub(crate) fn dq_key_tile<F: Float>(
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
             let mut x = s[a * rk + c] * scale;
+            // A softcap's derivative, which the scores' gradient takes.
+            let mut d_cap = f32::new(1.0);
+            if use_softcap {
+                let t = f32::tanh(x / softcap);
+                x = softcap * t;
+                d_cap = f32::new(1.0) - t * t;
+            }
             // Nested: the outer switch is comptime.
             #[allow(clippy::collapsible_if)]
             if use_hide {
@@ -197,7 +207,7 @@ pub(crate) fn dq_key_tile<F: Float>(
                     row_grad[a] += ds * slope[a * rk + c];
                 }
             }
-            ds_tile[r * k_stride + key] = ds;
+            ds_tile[r * k_stride + key] = ds * d_cap;
         }
     }
     sync_cube();
@@ -309,6 +319,8 @@ pub(crate) fn dkdv_query_tile<F: Float>(
     #[comptime] use_hide: bool,
     #[comptime] use_bias: bool,
     #[comptime] grad_terms: bool,
+    softcap: f32,
+    #[comptime] use_softcap: bool,
 ) {
     let rk = comptime!(block_k / row_threads);
     let rq = comptime!(block_q / col_threads);
@@ -399,6 +411,13 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 && has_probabilities(lse_i);
             let mut keep = f32::new(1.0);
             let mut x = st[a * rq + c] * scale;
+            // A softcap's derivative, which the scores' gradient takes.
+            let mut d_cap = f32::new(1.0);
+            if use_softcap {
+                let t = f32::tanh(x / softcap);
+                x = softcap * t;
+                d_cap = f32::new(1.0) - t * t;
+            }
             // Nested: the outer switch is comptime.
             #[allow(clippy::collapsible_if)]
             if use_hide {
@@ -425,7 +444,7 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 }
             }
             p_tile[key * q_stride + qi] = p;
-            ds_tile[key * q_stride + qi] = ds;
+            ds_tile[key * q_stride + qi] = ds * d_cap;
         }
     }
     sync_cube();

@@ -13,7 +13,8 @@ use super::staging::stage_rows;
 /// takes the softmax step (`masked`: with the per-element mask of [`softmax_tile`], plus
 /// the `hide` flags with `use_hide`: the hidden bit (1) masks the score, the dropped bit (2) drops its
 /// probability from `P V`, whose kept probabilities are scaled by `keep_scale`; with
-/// `use_bias` the `bias` terms add to the scaled scores), stages V
+/// `use_bias` the `bias` terms add to the scaled scores, after a tanh softcap with
+/// `use_softcap`), stages V
 /// into `kv` and adds `P V` into the output tiles `o`. `block_q` rows per cube; every unit calls it with the same `t0` and `masked`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -47,6 +48,8 @@ pub(crate) fn attend_key_tile<F: Float>(
     #[comptime] col_threads: usize,
     #[comptime] use_hide: bool,
     #[comptime] use_bias: bool,
+    softcap: f32,
+    #[comptime] use_softcap: bool,
 ) {
     let rq = comptime!(block_q / row_threads);
     let rk = comptime!(block_k / col_threads);
@@ -117,6 +120,8 @@ pub(crate) fn attend_key_tile<F: Float>(
             use_hide,
             bias,
             use_bias,
+            softcap,
+            use_softcap,
         );
     } else {
         softmax_tile(
@@ -142,6 +147,8 @@ pub(crate) fn attend_key_tile<F: Float>(
             hide,
             false,
             bias,
+            false,
+            softcap,
             false,
         );
     }
@@ -214,6 +221,8 @@ fn softmax_tile(
     #[comptime] use_hide: bool,
     bias: &Array<f32>,
     #[comptime] use_bias: bool,
+    softcap: f32,
+    #[comptime] use_softcap: bool,
 ) {
     let ty = UNIT_POS_X as usize / col_threads;
     let tx = UNIT_POS_X as usize % col_threads;
@@ -226,6 +235,10 @@ fn softmax_tile(
         for b in 0..rk {
             let mut x = s[a * rk + b] * scale;
             if masked {
+                #[allow(clippy::collapsible_if)]
+                if use_softcap {
+                    x = softcap * f32::tanh(x / softcap);
+                }
                 #[allow(clippy::collapsible_if)]
                 if use_bias {
                     x += bias[a * rk + b];

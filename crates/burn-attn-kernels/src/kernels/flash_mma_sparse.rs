@@ -314,6 +314,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             &mut l_row,
             &hide,
             &bias,
+            element_rules.softcap,
             band,
             scale,
             t0,
@@ -332,6 +333,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
             true,
             comptime!(rules.dropout),
             terms,
+            comptime!(rules.softcap),
         );
         if comptime!(async_copy) {
             stage = 1 - stage;

@@ -148,6 +148,8 @@ pub fn flash_unit_kernel<F: Float>(
             col_threads,
             false,
             false,
+            1.0f32,
+            false,
         );
         t0 += block_k as i32;
     }

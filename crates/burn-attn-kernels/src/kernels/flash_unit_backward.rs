@@ -165,6 +165,8 @@ pub fn flash_unit_backward_dq_kernel<F: Float>(
             false,
             false,
             false,
+            1.0f32,
+            false,
         );
         t0 += block_k as i32;
     }
@@ -317,6 +319,8 @@ pub fn flash_unit_backward_dkdv_kernel<F: Float>(
                 col_threads,
                 false,
                 false,
+                false,
+                1.0f32,
                 false,
             );
             t0 += block_q as i32;

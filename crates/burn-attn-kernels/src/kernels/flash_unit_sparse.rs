@@ -188,6 +188,8 @@ pub fn flash_unit_sparse_kernel<F: Float>(
                     col_threads,
                     true,
                     terms,
+                    element_rules.softcap,
+                    comptime!(rules.softcap),
                 );
             }
         }

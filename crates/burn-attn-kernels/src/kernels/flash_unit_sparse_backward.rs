@@ -208,6 +208,8 @@ pub fn flash_unit_sparse_backward_dq_kernel<F: Float>(
                     true,
                     terms,
                     comptime!(rules.soft_edge),
+                    element_rules.softcap,
+                    comptime!(rules.softcap),
                 );
             }
         }
@@ -436,6 +438,8 @@ pub fn flash_unit_sparse_backward_dkdv_kernel<F: Float>(
                         true,
                         terms,
                         comptime!(rules.key_bias),
+                        element_rules.softcap,
+                        comptime!(rules.softcap),
                     );
                 }
             }

@@ -89,6 +89,9 @@ pub struct SparseRules {
     /// ALiBi slopes, one per query head: `-slope_h * |j - (i + seq_k - seq_q)|` adds to the
     /// scaled scores (a constant: no gradient).
     pub alibi: Option<Vec<f32>>,
+    /// A tanh softcap: the scaled scores become `softcap * tanh(s / softcap)` before the
+    /// other terms (finite, positive).
+    pub softcap: Option<f32>,
 }
 
 /// The gradients of a block-sparse call: `(dq, dk, dv)`, and where the call has them, the
@@ -156,6 +159,7 @@ struct RuleArgs {
     reach: CubeTensor,
     slopes: CubeTensor,
     ramp: f32,
+    softcap: f32,
 }
 
 impl RuleArgs {
@@ -247,6 +251,13 @@ impl RuleArgs {
             }
             ramp = *width;
         }
+        if let Some(cap) = rules.softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(Unsupported::Shapes(format!(
+                    "softcap {cap} (takes a finite value > 0)"
+                )));
+            }
+        }
         let slopes = match &rules.alibi {
             Some(slopes) => {
                 if slopes.len() != sizes.heads || slopes.iter().any(|s| !s.is_finite()) {
@@ -283,6 +294,7 @@ impl RuleArgs {
                 key_bias: rules.key_bias.is_some(),
                 soft_edge: rules.soft_edge.is_some(),
                 alibi: rules.alibi.is_some(),
+                softcap: rules.softcap.is_some(),
             },
             positions: [
                 sizes.seq_k as i32 - sizes.seq_q as i32,
@@ -314,6 +326,7 @@ impl RuleArgs {
                 .map_or(f32_placeholder, |e| e.0.clone()),
             slopes,
             ramp,
+            softcap: rules.softcap.unwrap_or(1.0),
         })
     }
 }
@@ -337,6 +350,7 @@ impl RuleArgs {
             keep_scale,
             self.heads,
             self.ramp,
+            self.softcap,
         )
     }
 }
