@@ -49,6 +49,11 @@ pub struct FlashAttentionConfig {
     /// backward is the portable one). Default: `false`.
     #[config(default = false)]
     pub alibi: bool,
+    /// A tanh softcap of the scaled scores (Gemma 2's): `softcap * tanh(s / softcap)`;
+    /// finite and positive. Calls then take the block-sparse kernels on GPUs. Default:
+    /// `None`.
+    #[config(default = "None")]
+    pub softcap: Option<f64>,
 }
 
 impl FlashAttentionConfig {
@@ -58,6 +63,13 @@ impl FlashAttentionConfig {
         validate_dropout(self.dropout)?;
         if self.block_size == 0 {
             return Err(AttentionError::ZeroSize { what: "block_size" });
+        }
+        if let Some(cap) = self.softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(AttentionError::Invalid(format!(
+                    "softcap must be finite and positive, got {cap}"
+                )));
+            }
         }
         self.options().validate()
     }
@@ -88,6 +100,7 @@ impl FlashAttentionConfig {
             block_size: self.block_size,
             dropout: self.dropout,
             alibi: self.alibi,
+            softcap: self.softcap,
         }
     }
 }
@@ -113,6 +126,8 @@ pub struct FlashAttention {
     pub dropout: f64,
     /// ALiBi position biases.
     pub alibi: bool,
+    /// Tanh softcap of the scores.
+    pub softcap: Option<f64>,
 }
 
 impl FlashAttention {
@@ -142,7 +157,7 @@ impl FlashAttention {
     /// # Panics
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
-        let masks = self.with_alibi(input.masks(self.dropout));
+        let masks = self.with_score_modifiers(input.masks(self.dropout));
         let pattern = KeyPattern::default();
         attend(&self.projection, input, &pattern, &self.options(), &masks)
     }
@@ -156,7 +171,7 @@ impl FlashAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        let masks = self.with_alibi(packed_masks(documents, self.dropout));
+        let masks = self.with_score_modifiers(packed_masks(documents, self.dropout));
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
         attend(&self.projection, input, &pattern, &self.options(), &masks)
@@ -183,7 +198,7 @@ impl FlashAttention {
         cache: &mut KvCache,
     ) -> Result<Tensor<3>, AttentionError> {
         let pattern = KeyPattern::default();
-        let masks = self.with_alibi(AttentionMasks {
+        let masks = self.with_score_modifiers(AttentionMasks {
             dropout: self.dropout,
             ..AttentionMasks::default()
         });
@@ -197,11 +212,12 @@ impl FlashAttention {
         )
     }
 
-    /// `masks` with the module's ALiBi slopes, where it has them.
-    fn with_alibi(&self, mut masks: AttentionMasks) -> AttentionMasks {
+    /// `masks` with the module's score modifiers (ALiBi slopes, softcap), where it has them.
+    fn with_score_modifiers(&self, mut masks: AttentionMasks) -> AttentionMasks {
         if self.alibi {
             masks.alibi = Some(alibi_slopes(self.projection.n_heads));
         }
+        masks.softcap = self.softcap;
         masks
     }
 
@@ -317,6 +333,39 @@ mod tests {
             .map(|t| module.forward_cache(x.clone().slice([0..b, t..t + 1, 0..48]), &mut cache))
             .collect();
         assert_close(Tensor::cat(steps, 1), got, 2e-5);
+    }
+
+    /// A softcap: the module equals materialised attention of the capped scores.
+    #[test]
+    fn softcap_equals_the_capped_reference() {
+        let cap = 0.7;
+        let module = FlashAttentionConfig::new(32, 4)
+            .with_causal(true)
+            .with_softcap(Some(cap))
+            .init(&cpu());
+        let x = randn([2, 13, 32], &cpu());
+        let got = module.forward(x.clone());
+        let h = module.projection().split_self(x);
+        let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
+        let s = h.q.matmul(h.k.swap_dims(2, 3)).mul_scalar(scale);
+        let s = s.div_scalar(cap).tanh().mul_scalar(cap);
+        let n = 13;
+        let keys = Tensor::<1, Int>::arange(0..n as i64, &cpu());
+        let future = keys
+            .clone()
+            .reshape([1, n])
+            .expand([n, n])
+            .greater(keys.reshape([n, 1]).expand([n, n]))
+            .reshape([1, 1, n, n])
+            .expand([2, 4, n, n]);
+        let p = burn::tensor::activation::softmax(s.mask_fill(future, f32::NEG_INFINITY), 3);
+        assert_close(got, module.projection().merge(p.matmul(h.v)), 2e-5);
+        let err = FlashAttentionConfig::new(32, 4)
+            .with_softcap(Some(0.0))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("softcap") && err.contains('0'), "{err}");
     }
 
     fn exact_check(config: FlashAttentionConfig, batch: usize, seq: usize) {
