@@ -1349,6 +1349,26 @@ struct MaskedTruth {
     term_grads: [Vec<f64>; 2],
 }
 
+/// Score-term data of the tests: a per-key bias per batch and head (`[batch, heads, n]`,
+/// `-inf` on some keys) and a reach per query shared by the heads (`[batch, n]`), both
+/// hashed from the position.
+fn score_term_data(batch: usize, heads: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let key_bias = (0..batch * heads * n)
+        .map(|at| {
+            let (bh, j) = (at / n, at % n);
+            if (j * 3 + bh) % 13 == 0 {
+                f32::NEG_INFINITY
+            } else {
+                ((bh * 3 + j * 5) % 17) as f32 / 8.0 - 1.5
+            }
+        })
+        .collect();
+    let reach = (0..batch * n)
+        .map(|at| 3.0 + ((at / n * 5 + at % n * 7) % 11) as f32 * 1.3)
+        .collect();
+    (key_bias, reach)
+}
+
 /// The score terms of query `i`, key `j` of self-attention as the kernels define them, in
 /// f64: a key bias (`-inf` hides the key), a soft edge (the query's reach and the ramp)
 /// and an ALiBi slope; `(bias, slope)` as [`Terms`] returns, `None` where a term hides the
@@ -1556,21 +1576,8 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
     )
     .unwrap();
     let heads = case.heads;
-    // Score terms: a per-key bias per batch and head, `-inf` on some keys, and a reach per
-    // query shared by the heads, with its ramp.
-    let key_bias: Vec<f32> = (0..batch * heads * n)
-        .map(|at| {
-            let (bh, j) = (at / n, at % n);
-            if (j * 3 + bh) % 13 == 0 {
-                f32::NEG_INFINITY
-            } else {
-                ((bh * 3 + j * 5) % 17) as f32 / 8.0 - 1.5
-            }
-        })
-        .collect();
-    let reach: Vec<f32> = (0..batch * n)
-        .map(|at| 3.0 + ((at / n * 5 + at % n * 7) % 11) as f32 * 1.3)
-        .collect();
+    // Score terms, with its ramp.
+    let (key_bias, reach) = score_term_data(batch, heads, n);
     let ramp = 4.0f32;
     let alibi: Vec<f32> = (0..heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
     let softcap = 1.5f32;
@@ -2336,19 +2343,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
         [batch, heads, n, case.value_dim],
         1.0,
     );
-    let key_bias: Vec<f32> = (0..batch * heads * n)
-        .map(|at| {
-            let (bh, j) = (at / n, at % n);
-            if (j * 5 + bh) % 11 == 0 {
-                f32::NEG_INFINITY
-            } else {
-                ((bh * 7 + j * 3) % 13) as f32 / 6.0 - 1.0
-            }
-        })
-        .collect();
-    let reach: Vec<f32> = (0..batch * n)
-        .map(|at| 2.5 + ((at / n * 3 + at % n * 5) % 9) as f32 * 1.7)
-        .collect();
+    let (key_bias, reach) = score_term_data(batch, heads, n);
     let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 8).collect();
     let ramp = 3.0;
     let device = B::device().autodiff();
