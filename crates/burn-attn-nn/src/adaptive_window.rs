@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
     ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache,
     KeyPattern, SoftEdge, Window,
@@ -146,6 +146,15 @@ impl AdaptiveSlidingWindowAttention {
     /// block-sparse kernels evaluate it per element in the band and return the reach's
     /// gradient from their backward; on the CPU the tiled path adds it per tile.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_padded(x, None)
+    }
+
+    /// [`forward`](Self::forward) with an optional `[batch, seq]` key padding mask (`true`
+    /// = padding, hidden from every query; a row that sees no key gives 0).
+    ///
+    /// # Panics
+    /// When the mask's shape does not match `x` (naming both).
+    pub fn forward_padded(&self, x: Tensor<3>, key_padding: Option<Tensor<2, Bool>>) -> Tensor<3> {
         self.projection.check_input("input", &x);
         let sizes = self.window_sizes(x.clone());
         let [batch, seq] = sizes.dims();
@@ -159,6 +168,7 @@ impl AdaptiveSlidingWindowAttention {
                 reach: reach.reshape([batch, 1, seq]),
                 ramp: self.ramp,
             }),
+            key_padding,
             dropout: self.dropout,
             ..AttentionMasks::default()
         };
@@ -179,6 +189,16 @@ impl AdaptiveSlidingWindowAttention {
 mod tests {
     use super::*;
     use crate::test_util::*;
+
+    #[test]
+    fn padding_hides_keys() {
+        let module = AdaptiveSlidingWindowAttentionConfig::new(16, 2)
+            .with_min_window(2)
+            .with_max_window(8)
+            .with_ramp(2.0)
+            .init(&cpu());
+        assert_padding_hides_keys(|x, pad| module.forward_padded(x, Some(pad)), [2, 15, 16], 4);
+    }
     use burn::tensor::TensorData;
     use burn_attn_core::reference_attention;
 

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
     ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
 };
@@ -241,6 +241,15 @@ impl HybridAttention {
     /// module of that mechanism: the forward allocates what that mechanism needs and
     /// nothing for the cores it did not choose (no dense mask, no second projection).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_padded(x, None)
+    }
+
+    /// [`forward`](Self::forward) with an optional `[batch, seq]` key padding mask (`true`
+    /// = padding, hidden from every query; a row that sees no key gives 0).
+    ///
+    /// # Panics
+    /// When the mask's shape does not match `x` (naming both).
+    pub fn forward_padded(&self, x: Tensor<3>, key_padding: Option<Tensor<2, Bool>>) -> Tensor<3> {
         let seq = x.dims()[1];
         let h = self.projection.split_self(x);
         let pattern = self.key_pattern(seq);
@@ -250,7 +259,7 @@ impl HybridAttention {
             h.v,
             &pattern,
             &AttentionOptions::new(),
-            None,
+            key_padding,
             self.dropout,
         );
         self.projection.merge(out)
@@ -266,6 +275,17 @@ impl HybridAttention {
 mod tests {
     use super::*;
     use crate::test_util::*;
+
+    #[test]
+    fn padding_hides_keys() {
+        for (flash_max, sparse_max) in [(32, 64), (4, 64), (2, 4)] {
+            let module = HybridAttentionConfig::new(16, 2)
+                .with_flash_max_len(flash_max)
+                .with_sparse_max_len(sparse_max)
+                .init(&cpu());
+            assert_padding_hides_keys(|x, pad| module.forward_padded(x, Some(pad)), [2, 13, 16], 3);
+        }
+    }
     use burn_attn_core::reference_attention;
 
     fn small() -> HybridAttentionConfig {

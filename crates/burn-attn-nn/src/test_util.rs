@@ -119,3 +119,32 @@ pub fn check_packed(
         }
     }
 }
+
+/// Key padding hides keys: with the last `padded` positions of `[batch, seq, d]` inputs
+/// padded, replacing those positions' inputs leaves the other positions' outputs of
+/// `forward(x, padding)` unchanged (the padded queries' own rows may change).
+pub fn assert_padding_hides_keys(
+    forward: impl Fn(Tensor<3>, Tensor<2, burn::tensor::Bool>) -> Tensor<3>,
+    [batch, seq, d]: [usize; 3],
+    padded: usize,
+) {
+    use burn::tensor::Int;
+    let device = cpu();
+    let pad = Tensor::<1, Int>::arange(0..seq as i64, &device)
+        .reshape([1, seq])
+        .expand([batch, seq])
+        .greater_equal_elem((seq - padded) as i64);
+    let x = randn([batch, seq, d], &device);
+    let kept = seq - padded;
+    let other = Tensor::cat(
+        vec![
+            x.clone().slice([0..batch, 0..kept]),
+            randn([batch, padded, d], &device),
+        ],
+        1,
+    );
+    let a = forward(x, pad.clone()).slice([0..batch, 0..kept]);
+    let b = forward(other, pad).slice([0..batch, 0..kept]);
+    assert_finite(a.clone());
+    assert_close(a, b, 1e-5);
+}
