@@ -161,6 +161,12 @@ mod on_cuda {
         )));
     }
 
+    /// Learned sparsity and adaptive windows on CUDA give the CPU's outputs and gradients.
+    #[test]
+    fn cuda_score_term_modules_match_the_cpu() {
+        check_score_term_modules::<Gpu>();
+    }
+
     /// Decoding with a key/value cache on CUDA equals the full forward's rows.
     #[test]
     fn cuda_cached_decoding_matches_the_full_forward() {

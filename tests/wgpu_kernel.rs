@@ -89,6 +89,14 @@ fn document_masks_match_the_host_truth() {
     check_attention_mask_training::<Truth>(None);
 }
 
+/// Learned sparsity and adaptive windows on WGPU (score terms in the kernels) give the
+/// CPU's outputs and gradients.
+#[test]
+fn score_term_modules_match_the_cpu() {
+    require_gpu();
+    check_score_term_modules::<Gpu>();
+}
+
 /// Decoding with a key/value cache on WGPU equals the full forward's rows.
 #[test]
 fn cached_decoding_matches_the_full_forward() {

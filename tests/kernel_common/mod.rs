@@ -2510,3 +2510,88 @@ pub fn check_cached_decoding<B: On>() {
         assert_eq!(cache.len(), 15);
     }
 }
+
+/// The modules whose GPU path differs from the CPU's give the CPU's results on `B`'s
+/// device: `LearnedSparseAttention` (the kernels' key-bias formulation against the CPU's
+/// gathered keys) and `AdaptiveSlidingWindowAttention` (the soft edge as a kernel term),
+/// forward outputs and the gate's and predictor's gradients, to 1e-4 of the largest.
+pub fn check_score_term_modules<B: On>() {
+    use burn::module::Module;
+    use burn_attn::{AdaptiveSlidingWindowAttentionConfig, LearnedSparseAttentionConfig};
+    let gpu = B::device().autodiff();
+    let cpu = Truth::device().autodiff();
+    let shape = [2, 90, 64];
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i as f32) * 0.731).sin())
+        .collect();
+    let input =
+        |device: &Device| Tensor::<3>::from_data(TensorData::new(values.clone(), shape), device);
+    let close = |got: Tensor<2>, want: Tensor<2>, what: &str| {
+        let size: f32 = want.clone().abs().max().into_scalar();
+        let err: f32 = (got.to_device(&Truth::device()) - want)
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(
+            err <= 1e-4 * size.max(1.0),
+            "{what}: error {err:e} (largest {size})"
+        );
+    };
+    let flat = |t: Tensor<3>| {
+        let [a, b, c] = t.dims();
+        t.reshape([a * b, c])
+    };
+
+    let learned = LearnedSparseAttentionConfig::new(64, 4)
+        .with_n_kv_heads(Some(2))
+        .with_ratio(0.3)
+        .with_block(16)
+        .init(&cpu);
+    let on_gpu = learned.clone().fork(&gpu);
+    let (out_cpu, out_gpu) = (learned.forward(input(&cpu)), on_gpu.forward(input(&gpu)));
+    close(
+        flat(out_gpu.clone()),
+        flat(out_cpu.clone()),
+        "learned sparse output",
+    );
+    let (g_cpu, g_gpu) = (
+        out_cpu.powi_scalar(2).sum().backward(),
+        out_gpu.powi_scalar(2).sum().backward(),
+    );
+    close(
+        on_gpu.gate.weight.grad(&g_gpu).expect("a gate gradient"),
+        learned.gate.weight.grad(&g_cpu).expect("a gate gradient"),
+        "learned sparse gate gradient",
+    );
+
+    let adaptive = AdaptiveSlidingWindowAttentionConfig::new(64, 4)
+        .with_min_window(4)
+        .with_max_window(24)
+        .with_ramp(3.0)
+        .with_causal(true)
+        .init(&cpu);
+    let on_gpu = adaptive.clone().fork(&gpu);
+    let (out_cpu, out_gpu) = (adaptive.forward(input(&cpu)), on_gpu.forward(input(&gpu)));
+    close(
+        flat(out_gpu.clone()),
+        flat(out_cpu.clone()),
+        "adaptive window output",
+    );
+    let (g_cpu, g_gpu) = (
+        out_cpu.powi_scalar(2).sum().backward(),
+        out_gpu.powi_scalar(2).sum().backward(),
+    );
+    close(
+        on_gpu
+            .predictor
+            .weight
+            .grad(&g_gpu)
+            .expect("a predictor gradient"),
+        adaptive
+            .predictor
+            .weight
+            .grad(&g_cpu)
+            .expect("a predictor gradient"),
+        "adaptive window predictor gradient",
+    );
+}
