@@ -392,7 +392,8 @@ fn kernel_forward_is_deterministic() {
 }
 
 /// The tensor-op cores with f16 inputs on a backend whose default float is f32 (as a
-/// mixed-precision model calls them): whatever they create follows the inputs' dtype, the
+/// mixed-precision model calls them), and f32 score terms beside f16 inputs on the tiled
+/// path and the block-sparse kernels: whatever they create follows the inputs' dtype, the
 /// output is f16, and it matches the f32 run to f16 precision.
 #[test]
 fn tensor_op_cores_take_half_precision_inputs() {
@@ -440,6 +441,34 @@ fn tensor_op_cores_take_half_precision_inputs() {
     let low = tiled(half(&q), half(&k), half(&v));
     let full = tiled(q.clone(), k.clone(), v.clone());
     check("tiled softmax, strided + padding", low, full);
+
+    // Score terms in f32 beside f16 inputs (a key bias, a soft edge, ALiBi, a softcap), on
+    // the tiled path and on the block-sparse kernels.
+    let terms = burn_attn_core::AttentionMasks {
+        key_bias: Some(Tensor::<3>::random(
+            [2, 2, 37],
+            Distribution::Uniform(-1.0, 0.0),
+            &device,
+        )),
+        soft_edge: Some(burn_attn_core::SoftEdge {
+            reach: Tensor::<3>::random([2, 1, 37], Distribution::Uniform(2.0, 9.0), &device),
+            ramp: 2.0,
+        }),
+        alibi: Some(vec![0.25, 0.0625]),
+        softcap: Some(2.0),
+        ..burn_attn_core::AttentionMasks::default()
+    };
+    let band = KeyPattern::band(Window::symmetric(12), false);
+    for policy in [
+        burn_attn_core::KernelPolicy::Tiled,
+        burn_attn_core::KernelPolicy::Require,
+    ] {
+        let options = AttentionOptions::new().with_kernel(policy);
+        let run = |q, k, v| burn_attn_core::masked_attention(q, k, v, &band, &options, &terms);
+        let low = run(half(&q), half(&k), half(&v));
+        let full = run(q.clone(), k.clone(), v.clone());
+        check(&format!("score terms, {policy:?}"), low, full);
+    }
 
     // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
     let band = KeyPattern::band(Window::new(Some(2), Some(0)), false);
