@@ -226,3 +226,56 @@ fn an_attention_mask_of_other_lengths_is_an_error() {
         "{err}"
     );
 }
+
+/// Score terms that do not fit the call, and out-of-range modifiers, are errors naming the
+/// values (batch 2, 2 heads, 6 positions).
+#[test]
+fn bad_score_terms_are_errors() {
+    use burn_attn::{try_masked_attention, AttentionMasks, SoftEdge};
+    let [q, k, v] = qkv(6);
+    let run = |masks: AttentionMasks| {
+        try_masked_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &KeyPattern::default(),
+            &AttentionOptions::new(),
+            &masks,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let zeros = |dims: [usize; 3]| Tensor::<3>::zeros(dims, &cpu());
+    let err = run(AttentionMasks {
+        key_bias: Some(zeros([2, 3, 6])),
+        ..AttentionMasks::default()
+    });
+    assert!(
+        err.contains("key bias") && err.contains("[2, 3, 6]"),
+        "{err}"
+    );
+    let edge = |reach: Tensor<3>, ramp: f64| AttentionMasks {
+        soft_edge: Some(SoftEdge { reach, ramp }),
+        ..AttentionMasks::default()
+    };
+    let err = run(edge(zeros([2, 1, 5]), 1.0));
+    assert!(err.contains("reach") && err.contains("[2, 1, 5]"), "{err}");
+    let err = run(edge(zeros([2, 1, 6]), 0.0));
+    assert!(err.contains("ramp 0"), "{err}");
+    let err = run(AttentionMasks {
+        alibi: Some(vec![0.5]),
+        ..AttentionMasks::default()
+    });
+    assert!(
+        err.contains("ALiBi") && err.contains("[0.5]") && err.contains('2'),
+        "{err}"
+    );
+    for cap in [0.0, f64::NAN] {
+        let err = run(AttentionMasks {
+            softcap: Some(cap),
+            ..AttentionMasks::default()
+        });
+        assert!(err.contains(&format!("softcap {cap}")), "{err}");
+    }
+}
