@@ -469,6 +469,21 @@ pub struct BlockMask {
 }
 
 impl BlockMask {
+    /// The lists in `dtype` (the kernels read i32: a plan kept across calls is cast once).
+    pub(crate) fn cast(self, dtype: burn::tensor::IntDType) -> Self {
+        Self {
+            grid: self.grid,
+            partial_count: self.partial_count.cast(dtype),
+            partial_index: self.partial_index.cast(dtype),
+            full_count: self.full_count.cast(dtype),
+            full_index: self.full_index.cast(dtype),
+            t_partial_count: self.t_partial_count.cast(dtype),
+            t_partial_index: self.t_partial_index.cast(dtype),
+            t_full_count: self.t_full_count.cast(dtype),
+            t_full_index: self.t_full_index.cast(dtype),
+        }
+    }
+
     /// The lists of `cover`.
     pub fn new(cover: BlockCover) -> Self {
         let (partial_count, partial_index) = lists(cover.codes.clone(), PARTIAL);

@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, IntDType, Tensor, TensorData};
 
 use crate::block_mask::{BlockCover, BlockGrid, BlockMask};
 use crate::error::AttentionError;
@@ -40,10 +40,11 @@ impl PatternPlan {
             let n = active.len();
             Tensor::<1, Int>::from_data(TensorData::new(active, [n]), device)
         });
+        // In the kernels' i32 once, so calls served from a cache cast nothing.
         Ok(Self {
-            mask: BlockMask::new(cover.clone()),
+            mask: BlockMask::new(cover.clone()).cast(IntDType::I32),
             cover,
-            layout,
+            layout: layout.map(|l| l.cast(IntDType::I32)),
         })
     }
 }
