@@ -20,6 +20,8 @@
 #             ratios; MASKS_ARGS / FLEX_ARGS pass options (`--only block-random`)
 #   masks-vulkan  the same masks through Vulkan (the portable kernels, f32 and f16;
 #             `build` makes `burn-attn-bench-vulkan`; the Vulkan loader must be installed)
+#   compare   the comparison tool's CUDA table (bf16, n = 4096 and 16384, 32768 tokens per
+#             length, training steps too: `--train`); COMPARE_ARGS passes options
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
 #             ours, for each binary folder in DURATION_BINS (default $BIN)
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over every kernel at
@@ -74,6 +76,11 @@ for step in "$@"; do
           --backend wgpu --dtype $dtype --backward --json "$OUT/masks-vulkan-$dtype.json" \
           ${MASKS_ARGS:-} 2>&1 | tee "$OUT/masks-vulkan-$dtype.log"
       done ;;
+    compare)
+      timeout 560 "$BIN/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 \
+        --lengths 4096,16384 --heads 16 --head-dim 128 --train --no-structured --repeats 5 \
+        --warmup 2 --time-limit 480 --no-plots --no-progress --out-dir "$OUT/compare" \
+        ${COMPARE_ARGS:-} 2>&1 | tee "$OUT/compare.log" | grep -v "^wrote" | tail -40 ;;
     durations)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
       IFS='|' read -ra cases <<< "${DURATION_CASES:-$CASES}"
@@ -92,6 +99,6 @@ for step in "$@"; do
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;
-    *) echo "unknown step $step (build grid digest bench peers durations sanitize)"; exit 2 ;;
+    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan compare durations sanitize)"; exit 2 ;;
   esac
 done
