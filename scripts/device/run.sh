@@ -52,7 +52,7 @@ for step in "$@"; do
           python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])') &&
         cp "$exe" "$BIN/cuda_kernel" && ls -la "$BIN" ;;
     grid)
-      timeout "${GRID_TIMEOUT:-400}" "$BIN/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" |
+      timeout "${GRID_TIMEOUT:-560}" "$BIN/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" |
         grep -E "^test |panicked|FAILED|test result" | head -60
       echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")" ;;
     digest)
