@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
     alibi_slopes, ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions,
-    DocumentIds, KeyPattern, Window,
+    BlockMaskCache, DocumentIds, KeyPattern, Window,
 };
 
 use crate::input::AttentionInput;
@@ -101,6 +101,7 @@ impl FlashAttentionConfig {
             dropout: self.dropout,
             alibi: self.alibi,
             softcap: self.softcap,
+            block_masks: BlockMaskCache::new(),
         }
     }
 }
@@ -128,6 +129,11 @@ pub struct FlashAttention {
     pub alibi: bool,
     /// Tanh softcap of the scores.
     pub softcap: Option<f64>,
+    /// The band's block-sparse plan of the last masked call's lengths (padding, documents,
+    /// dropout, score modifiers), reused by the next calls of the same lengths on the GPU
+    /// kernels (clones of the module share it).
+    #[module(skip)]
+    pub block_masks: BlockMaskCache,
 }
 
 impl FlashAttention {
@@ -221,13 +227,15 @@ impl FlashAttention {
         masks
     }
 
-    /// The options of the attention core: scale, causal flag, window and tile.
+    /// The options of the attention core: scale, causal flag, window, tile and the
+    /// module's block-sparse plan cache.
     pub fn options(&self) -> AttentionOptions {
         AttentionOptions {
             scale: self.scale,
             causal: self.causal,
             window: Window::new(self.window_left, self.window_right),
             tile: Some(self.block_size),
+            block_masks: Some(self.block_masks.clone()),
             ..AttentionOptions::default()
         }
     }

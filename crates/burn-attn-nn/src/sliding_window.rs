@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
+    ensure, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache, KeyPattern, Window,
 };
 
 use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
@@ -61,6 +61,7 @@ impl SlidingWindowAttentionConfig {
             window: self.window,
             causal: self.causal,
             dropout: self.dropout,
+            block_masks: BlockMaskCache::new(),
         }
     }
 }
@@ -77,6 +78,10 @@ pub struct SlidingWindowAttention {
     pub causal: bool,
     /// Dropout on probabilities while training.
     pub dropout: f64,
+    /// The band's block-sparse plan of the last masked call's lengths, reused by the next
+    /// calls of the same lengths on the GPU kernels (clones of the module share it).
+    #[module(skip)]
+    pub block_masks: BlockMaskCache,
 }
 
 impl SlidingWindowAttention {
@@ -159,7 +164,7 @@ impl SlidingWindowAttention {
             x,
             cache,
             &pattern,
-            &AttentionOptions::new(),
+            &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             &masks,
         )
     }
@@ -170,7 +175,7 @@ impl SlidingWindowAttention {
             &self.projection,
             input,
             &pattern,
-            &AttentionOptions::new(),
+            &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             masks,
         )
     }
