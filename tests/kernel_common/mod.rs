@@ -2516,7 +2516,7 @@ pub fn check_cached_decoding<B: On>() {
 /// gathered keys) and `AdaptiveSlidingWindowAttention` (the soft edge as a kernel term),
 /// forward outputs and the gate's and predictor's gradients, to 1e-4 of the largest.
 pub fn check_score_term_modules<B: On>() {
-    use burn::module::Module;
+    use burn::module::{Module, Param};
     use burn_attn::{AdaptiveSlidingWindowAttentionConfig, LearnedSparseAttentionConfig};
     let gpu = B::device().autodiff();
     let cpu = Truth::device().autodiff();
@@ -2537,61 +2537,65 @@ pub fn check_score_term_modules<B: On>() {
             "{what}: error {err:e} (largest {size})"
         );
     };
-    let flat = |t: Tensor<3>| {
-        let [a, b, c] = t.dims();
-        t.reshape([a * b, c])
-    };
+    // The module on the CPU and forked to the GPU: outputs, then the gradient of
+    // `weight` for the loss `sum(out^2)`.
+    fn same_on_both<M: Module>(
+        module: M,
+        forward: impl Fn(&M, Tensor<3>) -> Tensor<3>,
+        weight: impl Fn(&M) -> &Param<Tensor<2>>,
+        devices: (&Device, &Device),
+        input: &dyn Fn(&Device) -> Tensor<3>,
+        close: &dyn Fn(Tensor<2>, Tensor<2>, &str),
+        what: &str,
+    ) {
+        let (cpu, gpu) = devices;
+        let on_gpu = module.clone().fork(gpu);
+        let flat = |t: Tensor<3>| {
+            let [a, b, c] = t.dims();
+            t.reshape([a * b, c])
+        };
+        let (out_cpu, out_gpu) = (forward(&module, input(cpu)), forward(&on_gpu, input(gpu)));
+        close(
+            flat(out_gpu.clone()),
+            flat(out_cpu.clone()),
+            &format!("{what} output"),
+        );
+        let g_cpu = out_cpu.powi_scalar(2).sum().backward();
+        let g_gpu = out_gpu.powi_scalar(2).sum().backward();
+        close(
+            weight(&on_gpu).grad(&g_gpu).expect("a gradient"),
+            weight(&module).grad(&g_cpu).expect("a gradient"),
+            &format!("{what} gradient"),
+        );
+    }
 
     let learned = LearnedSparseAttentionConfig::new(64, 4)
         .with_n_kv_heads(Some(2))
         .with_ratio(0.3)
         .with_block(16)
         .init(&cpu);
-    let on_gpu = learned.clone().fork(&gpu);
-    let (out_cpu, out_gpu) = (learned.forward(input(&cpu)), on_gpu.forward(input(&gpu)));
-    close(
-        flat(out_gpu.clone()),
-        flat(out_cpu.clone()),
-        "learned sparse output",
+    same_on_both(
+        learned,
+        |m, x| m.forward(x),
+        |m| &m.gate.weight,
+        (&cpu, &gpu),
+        &input,
+        &close,
+        "learned sparse gate",
     );
-    let (g_cpu, g_gpu) = (
-        out_cpu.powi_scalar(2).sum().backward(),
-        out_gpu.powi_scalar(2).sum().backward(),
-    );
-    close(
-        on_gpu.gate.weight.grad(&g_gpu).expect("a gate gradient"),
-        learned.gate.weight.grad(&g_cpu).expect("a gate gradient"),
-        "learned sparse gate gradient",
-    );
-
     let adaptive = AdaptiveSlidingWindowAttentionConfig::new(64, 4)
         .with_min_window(4)
         .with_max_window(24)
         .with_ramp(3.0)
         .with_causal(true)
         .init(&cpu);
-    let on_gpu = adaptive.clone().fork(&gpu);
-    let (out_cpu, out_gpu) = (adaptive.forward(input(&cpu)), on_gpu.forward(input(&gpu)));
-    close(
-        flat(out_gpu.clone()),
-        flat(out_cpu.clone()),
-        "adaptive window output",
-    );
-    let (g_cpu, g_gpu) = (
-        out_cpu.powi_scalar(2).sum().backward(),
-        out_gpu.powi_scalar(2).sum().backward(),
-    );
-    close(
-        on_gpu
-            .predictor
-            .weight
-            .grad(&g_gpu)
-            .expect("a predictor gradient"),
-        adaptive
-            .predictor
-            .weight
-            .grad(&g_cpu)
-            .expect("a predictor gradient"),
-        "adaptive window predictor gradient",
+    same_on_both(
+        adaptive,
+        |m, x| m.forward(x),
+        |m| &m.predictor.weight,
+        (&cpu, &gpu),
+        &input,
+        &close,
+        "adaptive window predictor",
     );
 }

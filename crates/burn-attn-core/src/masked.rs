@@ -63,6 +63,17 @@ pub struct AttentionMasks {
     pub dropout: f64,
 }
 
+impl AttentionMasks {
+    /// Whether the call changes scores beyond hiding them (a key bias, a soft edge, ALiBi,
+    /// a softcap).
+    fn has_score_terms(&self) -> bool {
+        self.key_bias.is_some()
+            || self.soft_edge.is_some()
+            || self.alibi.is_some()
+            || self.softcap.is_some()
+    }
+}
+
 /// Whether calls on `device` can take the block-sparse kernels (a CubeCL device: CUDA or
 /// WGPU), for modules whose best formulation differs between the kernels and the tiled
 /// tensor ops (learned sparsity gathers its selected keys for the tiled ops).
@@ -123,10 +134,7 @@ pub fn try_masked_attention(
     let unmasked = masks.key_padding.is_none()
         && masks.documents.is_none()
         && masks.attention_mask.is_none()
-        && masks.key_bias.is_none()
-        && masks.soft_edge.is_none()
-        && masks.alibi.is_none()
-        && masks.softcap.is_none();
+        && !masks.has_score_terms();
     if plain_band && unmasked && !dropout_active {
         let options = AttentionOptions {
             causal: pattern.causal || options.causal,
@@ -148,11 +156,7 @@ pub fn try_masked_attention(
         "document ids"
     } else if masks.attention_mask.is_some() {
         "attention masks"
-    } else if masks.key_bias.is_some()
-        || masks.soft_edge.is_some()
-        || masks.alibi.is_some()
-        || masks.softcap.is_some()
-    {
+    } else if masks.has_score_terms() {
         "score terms"
     } else {
         "key padding"

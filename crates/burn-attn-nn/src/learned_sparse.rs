@@ -1,16 +1,14 @@
 //! Learned sparsity: a trained gate chooses, per head, the blocks of keys every query
 //! attends to.
 
-use core::ops::Range;
-
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    block_sparse_kernels, ensure, masked_attention, repeat_kv, tiled_attention, AttentionError,
-    AttentionMasks, AttentionOptions, KeyPattern, TileBias, TiledSpec,
+    block_sparse_kernels, ensure, masked_attention, repeat_kv, AttentionError, AttentionMasks,
+    AttentionOptions, KeyPattern,
 };
 
 use crate::flash::{projection_config, validate_dropout};
@@ -103,16 +101,6 @@ pub struct LearnedSparseAttention {
     pub block: usize,
     /// Dropout on probabilities while training.
     pub dropout: f64,
-}
-
-/// The gate's log-sigmoid bias on the gathered keys, `[batch, heads, 1, gathered]`.
-struct GatheredKeyBias(Tensor<4>);
-
-impl TileBias for GatheredKeyBias {
-    fn bias(&self, _rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
-        let [b, h, _, _] = self.0.dims();
-        self.0.clone().slice([0..b, 0..h, 0..1, cols])
-    }
 }
 
 impl LearnedSparseAttention {
@@ -224,17 +212,16 @@ impl LearnedSparseAttention {
             .expand([batch, heads, blocks, self.block])
             .reshape([batch, heads, blocks * self.block])
             .slice([0..batch, 0..heads, 0..seq_k]);
-        let masks = AttentionMasks {
-            key_bias: Some(bias.mask_fill(is_kept.equal_elem(0), f32::NEG_INFINITY)),
-            dropout: self.dropout,
-            ..AttentionMasks::default()
-        };
-        let pattern = KeyPattern::default();
-        masked_attention(q, k, v, &pattern, &AttentionOptions::new(), &masks)
+        self.attend(
+            q,
+            k,
+            v,
+            bias.mask_fill(is_kept.equal_elem(0), f32::NEG_INFINITY),
+        )
     }
 
-    /// The tiled ops' formulation: the keys of the kept blocks gathered (positions past
-    /// the end hidden), attended with the gate's bias on them.
+    /// The CPU's formulation: the keys of the kept blocks gathered (positions past the end
+    /// hidden), attended with the gate's bias on them (the tiled ops visit those only).
     fn attend_gathered(
         &self,
         q: Tensor<4>,
@@ -268,13 +255,18 @@ impl LearnedSparseAttention {
         let bias = bias
             .gather(2, positions)
             .mask_fill(past_end, f32::NEG_INFINITY);
-        let bias = GatheredKeyBias(bias.reshape([batch, heads, 1, n_sel]));
+        self.attend(q, k_sel, v_sel, bias)
+    }
+
+    /// Attention of `q` over `k`, `v` with the gate's `bias` on every key.
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<3>) -> Tensor<4> {
+        let masks = AttentionMasks {
+            key_bias: Some(bias),
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
         let pattern = KeyPattern::default();
-        let scale = 1.0 / (q.dims()[3] as f64).sqrt();
-        let mut spec = TiledSpec::new(&pattern, scale);
-        spec.bias = Some(&bias);
-        spec.dropout = self.dropout;
-        tiled_attention(q, k_sel, v_sel, &spec).0
+        masked_attention(q, k, v, &pattern, &AttentionOptions::new(), &masks)
     }
 
     /// The shared projections (for exact baselines with the same weights).

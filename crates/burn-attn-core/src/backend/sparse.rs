@@ -207,40 +207,43 @@ pub(crate) fn sparse_kernel_attention(
         None => PatternPlan::build(pattern, grid, &device),
     }
     .expect("the pattern was validated");
-    let key_padding = masks.key_padding.clone();
-    let mask = if key_padding.is_none()
-        && masks.documents.is_none()
-        && masks.attention_mask.is_none()
-        && masks.key_bias.is_none()
-    {
+    // The call's masks' covers on the pattern's: keys whose bias is -inf are hidden too,
+    // so their blocks are skipped.
+    let covers: Vec<BlockCover> = [
+        masks.key_bias.as_ref().map(|bias| {
+            let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
+            BlockCover::of_hidden_keys(hidden, grid).expect("checked shape")
+        }),
+        masks
+            .key_padding
+            .as_ref()
+            .map(|pad| BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape")),
+        masks.documents.as_ref().map(|docs| {
+            BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid)
+        }),
+        masks.attention_mask.as_ref().map(|dense| {
+            BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape")
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mask = if covers.is_empty() {
         pattern_plan.mask
     } else {
-        let mut cover = pattern_plan.cover;
-        // Keys whose bias is -inf are hidden: their blocks are skipped.
-        if let Some(bias) = &masks.key_bias {
-            let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
-            let hidden = BlockCover::of_hidden_keys(hidden, grid).expect("checked shape");
-            cover = cover.intersect(hidden).expect("one grid");
-        }
-        if let Some(pad) = &key_padding {
-            let pad = BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape");
-            cover = cover.intersect(pad).expect("one grid");
-        }
-        if let Some(docs) = &masks.documents {
-            let docs =
-                BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid);
-            cover = cover.intersect(docs).expect("one grid");
-        }
-        if let Some(dense) = &masks.attention_mask {
-            let dense = BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape");
-            cover = cover.intersect(dense).expect("one grid");
-        }
+        let cover = covers.into_iter().fold(pattern_plan.cover, |cover, other| {
+            cover.intersect(other).expect("one grid")
+        });
         BlockMask::new(cover)
     };
-    let has_padding = key_padding.is_some();
-    let placeholder = || i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
+    // One 1-element tensor stands in for every absent rule (the kernels never read it).
+    let absent = i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
+    let placeholder = || absent.clone();
     let layout = pattern_plan.layout.map_or_else(placeholder, i32_dispatch);
-    let padding = key_padding.map_or_else(placeholder, |pad| i32_dispatch(pad.int()));
+    let padding = masks
+        .key_padding
+        .as_ref()
+        .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
     let (doc_q, doc_k) = match &masks.documents {
         Some(docs) => (
             i32_dispatch(docs.queries.clone()),
@@ -278,7 +281,8 @@ pub(crate) fn sparse_kernel_attention(
     };
     // The score terms (placeholders where absent) keep their dtype: the kernels' launch
     // reads them as f32 and returns gradients in it.
-    let term_placeholder = || Tensor::<3>::zeros([1, 1, 1], &device).into_dispatch();
+    let absent_term = Tensor::<3>::zeros([1, 1, 1], &device);
+    let term_placeholder = || absent_term.clone().into_dispatch();
     let key_bias = masks
         .key_bias
         .clone()
@@ -296,7 +300,7 @@ pub(crate) fn sparse_kernel_attention(
         causal: pattern.causal,
         stride: pattern.stride,
         layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
-        padding: has_padding,
+        padding: masks.key_padding.is_some(),
         documents: masks.documents.is_some(),
         dense: masks.attention_mask.is_some(),
         key_bias: masks.key_bias.is_some(),

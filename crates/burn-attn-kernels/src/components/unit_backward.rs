@@ -175,31 +175,24 @@ pub(crate) fn dq_key_tile<F: Float>(
                 && j <= hi0 + shift
                 && j < seq_k as i32
                 && has_probabilities(lse_i);
-            let mut keep = f32::new(1.0);
-            let mut x = s[a * rk + c] * scale;
-            // A softcap's derivative, which the scores' gradient takes.
-            let mut d_cap = f32::new(1.0);
-            if use_softcap {
-                let t = f32::tanh(x / softcap);
-                x = softcap * t;
-                d_cap = f32::new(1.0) - t * t;
-            }
-            // Nested: the outer switch is comptime.
-            #[allow(clippy::collapsible_if)]
-            if use_hide {
-                if masked {
-                    let flags = hide[a * rk + c];
-                    seen = seen && flags & 1u32 == 0;
-                    keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
-                    if use_bias {
-                        x += bias[a * rk + c];
-                    }
-                }
-            }
+            let e = element_logit(
+                s[a * rk + c],
+                scale,
+                softcap,
+                hide,
+                bias,
+                a * rk + c,
+                masked,
+                keep_scale,
+                use_hide,
+                use_bias,
+                use_softcap,
+            );
+            seen = seen && !e.hidden;
             let mut ds = f32::new(0.0);
             if seen {
-                let p = f32::exp(x - lse_i);
-                ds = p * (dp[a * rk + c] * keep - d_i);
+                let p = f32::exp(e.x - lse_i);
+                ds = p * (dp[a * rk + c] * e.keep - d_i);
             }
             #[allow(clippy::collapsible_if)]
             if grad_terms {
@@ -207,7 +200,7 @@ pub(crate) fn dq_key_tile<F: Float>(
                     row_grad[a] += ds * slope[a * rk + c];
                 }
             }
-            ds_tile[r * k_stride + key] = ds * d_cap;
+            ds_tile[r * k_stride + key] = ds * e.d_cap;
         }
     }
     sync_cube();
@@ -409,33 +402,26 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 && i <= i_hi0 + shift
                 && i < row_end
                 && has_probabilities(lse_i);
-            let mut keep = f32::new(1.0);
-            let mut x = st[a * rq + c] * scale;
-            // A softcap's derivative, which the scores' gradient takes.
-            let mut d_cap = f32::new(1.0);
-            if use_softcap {
-                let t = f32::tanh(x / softcap);
-                x = softcap * t;
-                d_cap = f32::new(1.0) - t * t;
-            }
-            // Nested: the outer switch is comptime.
-            #[allow(clippy::collapsible_if)]
-            if use_hide {
-                if masked {
-                    let flags = hide[a * rq + c];
-                    seen = seen && flags & 1u32 == 0;
-                    keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
-                    if use_bias {
-                        x += bias[a * rq + c];
-                    }
-                }
-            }
+            let e = element_logit(
+                st[a * rq + c],
+                scale,
+                softcap,
+                hide,
+                bias,
+                a * rq + c,
+                masked,
+                keep_scale,
+                use_hide,
+                use_bias,
+                use_softcap,
+            );
+            seen = seen && !e.hidden;
             let mut p = f32::new(0.0);
             let mut ds = f32::new(0.0);
             if seen {
-                let p_full = f32::exp(x - lse_i);
-                p = p_full * keep;
-                ds = p_full * (dpt[a * rq + c] * keep - d_tile[qi]);
+                let p_full = f32::exp(e.x - lse_i);
+                p = p_full * e.keep;
+                ds = p_full * (dpt[a * rq + c] * e.keep - d_tile[qi]);
             }
             #[allow(clippy::collapsible_if)]
             if grad_terms {
@@ -444,7 +430,7 @@ pub(crate) fn dkdv_query_tile<F: Float>(
                 }
             }
             p_tile[key * q_stride + qi] = p;
-            ds_tile[key * q_stride + qi] = ds * d_cap;
+            ds_tile[key * q_stride + qi] = ds * e.d_cap;
         }
     }
     sync_cube();
@@ -537,6 +523,64 @@ pub(crate) fn write_dkdv<F: Float>(
             }
         }
     }
+}
+
+/// One element's logit as the backward steps see it, with what its flags say.
+#[derive(CubeType, Clone, Copy)]
+struct ElementLogit {
+    /// The scaled score, softcapped, plus its bias term.
+    x: f32,
+    /// The softcap's derivative (1 without one), which the score's gradient takes.
+    d_cap: f32,
+    /// Whether its hidden flag is set.
+    hidden: bool,
+    /// Its probability's factor in `P V` and `dP`: 0 where dropout dropped it, else
+    /// `keep_scale` (1 on steps without flags).
+    keep: f32,
+}
+
+/// The logit of register element `at` from its raw score: scaled, through the softcap
+/// (`use_softcap`), and on a `masked` step with `use_hide` its `hide` flags and (with
+/// `use_bias`) its `bias` term; the arrays are read only where their switches are on.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn element_logit(
+    score: f32,
+    scale: f32,
+    softcap: f32,
+    hide: &Array<u32>,
+    bias: &Array<f32>,
+    at: usize,
+    masked: bool,
+    keep_scale: f32,
+    #[comptime] use_hide: bool,
+    #[comptime] use_bias: bool,
+    #[comptime] use_softcap: bool,
+) -> ElementLogit {
+    let mut e = ElementLogit {
+        x: score * scale,
+        d_cap: f32::new(1.0),
+        hidden: false,
+        keep: f32::new(1.0),
+    };
+    if use_softcap {
+        let t = f32::tanh(e.x / softcap);
+        e.x = softcap * t;
+        e.d_cap = f32::new(1.0) - t * t;
+    }
+    // Nested: the outer switch is comptime.
+    #[allow(clippy::collapsible_if)]
+    if use_hide {
+        if masked {
+            let flags = hide[at];
+            e.hidden = flags & 1u32 != 0;
+            e.keep = select(flags & 2u32 != 0, 0.0f32, keep_scale);
+            if use_bias {
+                e.x += bias[at];
+            }
+        }
+    }
+    e
 }
 
 /// Adds up a per-position gradient held by each unit as `rk` partial sums (register row
