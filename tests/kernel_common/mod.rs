@@ -2200,6 +2200,54 @@ pub fn check_invalid_list_indices<B: On>() {
     assert_eq!(run(bad_counts, bad_indices), want);
 }
 
+/// Options that log the dispatch and, with `served`, require a kernel.
+fn logged_options(
+    served: Option<(Implementation, Implementation)>,
+) -> (AttentionOptions, DispatchLog) {
+    let log = DispatchLog::new();
+    let mut options = AttentionOptions::default().with_log(log.clone());
+    if served.is_some() {
+        options = options.with_kernel(KernelPolicy::Require);
+    }
+    (options, log)
+}
+
+/// That `log` shows the forward and backward `served` names (when given).
+fn assert_served(log: &DispatchLog, served: Option<(Implementation, Implementation)>, what: &str) {
+    if let Some((forward, backward)) = served {
+        let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
+        assert_eq!(
+            entries,
+            [(Pass::Forward, forward), (Pass::Backward, backward)],
+            "{what}"
+        );
+    }
+}
+
+/// One training step through `masked_attention` on `device` (f32, autodiff) for the loss
+/// `sum(out * w)`: the output, `dq`, `dk`, `dv` flattened as f64, and the gradients (for
+/// the masks' own tensors).
+fn masked_training_step(
+    x: &Inputs,
+    w: &(Vec<f32>, [usize; 4]),
+    device: &Device,
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    masks: &burn_attn_core::AttentionMasks,
+) -> ([Vec<f64>; 4], burn::tensor::Gradients) {
+    let q = tensor(&x.q, DType::F32, device).require_grad();
+    let k = tensor(&x.k, DType::F32, device).require_grad();
+    let v = tensor(&x.v, DType::F32, device).require_grad();
+    let out =
+        burn_attn_core::masked_attention(q.clone(), k.clone(), v.clone(), pattern, options, masks);
+    let grads = (out.clone() * tensor(w, DType::F32, device))
+        .sum()
+        .backward();
+    let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+    let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
+    (got, grads)
+}
+
 /// Training through `masked_attention` on `B`'s device with the masks `masks` builds on a
 /// device (the call's own rule, `hides(b, i, j)`), combined per variant `(causal, padded)`
 /// with the causal rule and the key padding `pad` (`[batch, seq_k]`), against the host
@@ -2220,54 +2268,27 @@ fn check_masked_training<B: On>(
     let w = uniform(&mut StdRng::seed_from_u64(97), shape, 1.0);
     let device = B::device().autodiff();
     for &(causal, with_pad) in variants {
-        let log = DispatchLog::new();
-        let mut options = AttentionOptions::default().with_log(log.clone());
-        if served.is_some() {
-            options = options.with_kernel(KernelPolicy::Require);
-        }
-        let q = tensor(&x.q, DType::F32, &device).require_grad();
-        let k = tensor(&x.k, DType::F32, &device).require_grad();
-        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let (options, log) = logged_options(served);
         let mut call_masks = masks(&device);
         call_masks.key_padding = with_pad.then(|| {
             Tensor::<2, Bool>::from_data(TensorData::new(pad.to_vec(), [batch, n]), &device)
         });
         let pattern = KeyPattern::band(Window::FULL, causal);
-        let out = burn_attn_core::masked_attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            &pattern,
-            &options,
-            &call_masks,
-        );
-        let grads = (out.clone() * tensor(&w, DType::F32, &device))
-            .sum()
-            .backward();
-        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
-        let got = [to_f64(out), flat(&q), flat(&k), flat(&v)];
+        let (got, _) = masked_training_step(&x, &w, &device, &pattern, &options, &call_masks);
         let visible = |b: usize, i: usize, j: usize| {
             !(hides(b, i, j) || (causal && j > i) || (with_pad && pad[b * n + j]))
         };
         let want = masked_truth(&x, &case, &visible, &w, None, None, None);
         let want = [&want.out, &want.grads[0], &want.grads[1], &want.grads[2]];
+        let what = format!("causal {causal}, padding {with_pad}");
         for (name, (g, t)) in ["out", "dq", "dk", "dv"]
             .into_iter()
             .zip(got.iter().zip(want))
         {
             let err = max_err(g, t);
-            assert!(
-                err < 1e-4,
-                "causal {causal}, padding {with_pad}: {name} error {err:e}"
-            );
+            assert!(err < 1e-4, "{what}: {name} error {err:e}");
         }
-        if let Some((forward, backward)) = served {
-            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
-            assert_eq!(
-                entries,
-                [(Pass::Forward, forward), (Pass::Backward, backward)]
-            );
-        }
+        assert_served(&log, served, &what);
     }
 }
 
@@ -2363,14 +2384,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
         ),
         (true, false, false, Some(0.8), true, Window::FULL),
     ] {
-        let log = DispatchLog::new();
-        let mut options = AttentionOptions::default().with_log(log.clone());
-        if served.is_some() {
-            options = options.with_kernel(KernelPolicy::Require);
-        }
-        let q = tensor(&x.q, DType::F32, &device).require_grad();
-        let k = tensor(&x.k, DType::F32, &device).require_grad();
-        let v = tensor(&x.v, DType::F32, &device).require_grad();
+        let (options, log) = logged_options(served);
         let bias_t = Tensor::<3>::from_data(
             TensorData::new(key_bias.clone(), [batch, heads, n]),
             &device,
@@ -2393,18 +2407,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
             ..AttentionMasks::default()
         };
         let pattern = KeyPattern::band(window, false);
-        let out = burn_attn_core::masked_attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            &pattern,
-            &options,
-            &masks,
-        );
-        let grads = (out.clone() * tensor(&w, DType::F32, &device))
-            .sum()
-            .backward();
-        let flat = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+        let (got, grads) = masked_training_step(&x, &w, &device, &pattern, &options, &masks);
         let flat3 = |t: &Tensor<3>| {
             let g = t.grad(&grads).expect("a score term's gradient");
             let dims = g.dims();
@@ -2436,11 +2439,12 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
                     .sum()
             })
             .collect();
+        let [out, dq, dk, dv] = got;
         let mut checks = vec![
-            ("out", to_f64(out), want.out.clone()),
-            ("dq", flat(&q), want.grads[0].clone()),
-            ("dk", flat(&k), want.grads[1].clone()),
-            ("dv", flat(&v), want.grads[2].clone()),
+            ("out", out, want.out.clone()),
+            ("dq", dq, want.grads[0].clone()),
+            ("dk", dk, want.grads[1].clone()),
+            ("dv", dv, want.grads[2].clone()),
         ];
         if with_bias {
             checks.push(("key bias", flat3(&bias_t), want.term_grads[0].clone()));
@@ -2456,14 +2460,7 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
                 "{what}: {name} error {err:e} (largest {size})"
             );
         }
-        if let Some((forward, backward)) = served {
-            let entries: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
-            assert_eq!(
-                entries,
-                [(Pass::Forward, forward), (Pass::Backward, backward)],
-                "{what}"
-            );
-        }
+        assert_served(&log, served, &what);
     }
 }
 
