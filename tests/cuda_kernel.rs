@@ -28,6 +28,7 @@ mod kernel_common;
 #[cfg(feature = "cuda")]
 mod on_cuda {
     use burn::tensor::{DType, Device};
+    use burn_attn_core::kernels::plan::BackwardKernel;
 
     use super::kernel_common::*;
 
@@ -129,15 +130,15 @@ mod on_cuda {
     /// The block-sparse portable forward and backward: patterns, key padding and document ids.
     #[test]
     fn cuda_sparse_kernel_f32_matches_the_host_truth() {
-        check_sparse_kernels::<Gpu>(DType::F32);
+        check_sparse_kernels::<Gpu>(DType::F32, BackwardKernel::Unit);
         check_invalid_list_indices::<Gpu>();
     }
 
-    /// The block-sparse matrix-unit forward (and the portable backward) in bf16 and f16.
+    /// The block-sparse matrix-unit forward and backward in bf16 and f16.
     #[test]
     fn cuda_sparse_kernel_low_precision_matches_the_host_truth() {
-        check_sparse_kernels::<Gpu>(DType::BF16);
-        check_sparse_kernels::<Gpu>(DType::F16);
+        check_sparse_kernels::<Gpu>(DType::BF16, BackwardKernel::Mma);
+        check_sparse_kernels::<Gpu>(DType::F16, BackwardKernel::Mma);
     }
 
     /// Training through `pattern_attention` with strided columns, block layouts, key

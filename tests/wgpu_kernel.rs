@@ -56,7 +56,10 @@ fn block_mask_builds_on_the_device() {
 #[test]
 fn sparse_kernel_f32_matches_the_host_truth() {
     require_gpu();
-    check_sparse_kernels::<Gpu>(DType::F32);
+    check_sparse_kernels::<Gpu>(
+        DType::F32,
+        burn_attn_core::kernels::plan::BackwardKernel::Unit,
+    );
     check_invalid_list_indices::<Gpu>();
 }
 

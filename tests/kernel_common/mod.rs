@@ -1528,7 +1528,11 @@ fn masked_truth(
 /// terms' gradients per batch and query head. f32 to 1e-4; f16/bf16
 /// (the matrix-unit forward on CUDA) within the rounding of probabilities and outputs to
 /// the dtype: 2e-3 (f16) or 1.6e-2 (bf16), relative to the largest gradient for gradients.
-pub fn check_sparse_kernels<B: On>(dtype: DType) {
+/// `backward`: the backward kernels the plans must pick for `dtype` on `B`.
+pub fn check_sparse_kernels<B: On>(
+    dtype: DType,
+    backward: burn_attn_core::kernels::plan::BackwardKernel,
+) {
     use burn::tensor::{Bool, Int};
     use burn_attn_core::kernels::launch::{
         flash_backward_sparse, flash_forward_sparse, sparse_blocks, BackwardInputs, BlockLists,
@@ -1788,6 +1792,7 @@ pub fn check_sparse_kernels<B: On>(dtype: DType) {
                     &forced,
                 )
                 .unwrap();
+                assert_eq!(grads.kernel, backward, "{what}: backward kernels");
                 let (dq, dk, dv) = grads.qkv;
                 let mut checks = vec![("dq", dq, &want.grads[0]), ("dk", dk, &want.grads[1])];
                 checks.push(("dv", dv, &want.grads[2]));

@@ -35,6 +35,8 @@ pub enum Implementation {
     FlashMmaSparse,
     /// The block-sparse portable forward (every CubeCL runtime and dtype).
     FlashUnitSparse,
+    /// The block-sparse matrix-unit backward kernels (dQ; dK/dV; f16/bf16, CUDA sm_80+).
+    FlashMmaSparseBackward,
     /// The block-sparse portable backward kernels (dQ; dK/dV).
     FlashUnitSparseBackward,
     /// The tiled tensor-op implementation (every backend).

@@ -22,7 +22,7 @@ use burn::backend::{
 use burn::tensor::{Device, Distribution, Int, IntDType, Tensor};
 use burn_attn_kernels::launch::device_caps;
 use burn_attn_kernels::plan::{
-    plan_sparse, BandArgs, DeviceCaps, Problem, SparseForward, Unsupported,
+    plan_sparse, BandArgs, DeviceCaps, Problem, SparseBackward, SparseForward, Unsupported,
 };
 
 use super::cube_impl::precision_of;
@@ -87,7 +87,9 @@ pub(crate) struct SparseCall {
     /// The probability of dropping an attention probability (training only).
     pub dropout: Option<f64>,
     pub forced: ForcedPlan,
-    /// Where the backward's dispatch is recorded.
+    /// The backward kernels the plan picked, and where the backward's dispatch is
+    /// recorded.
+    pub backward: Implementation,
     pub log: Option<DispatchLog>,
 }
 
@@ -309,6 +311,10 @@ pub(crate) fn sparse_kernel_attention(
         softcap: masks.softcap.map(|cap| cap as f32),
         dropout,
         forced,
+        backward: match plan.backward {
+            SparseBackward::Mma(_) => Implementation::FlashMmaSparseBackward,
+            SparseBackward::Unit(_) => Implementation::FlashUnitSparseBackward,
+        },
         log: options.log.clone(),
     };
     let served = match plan.forward {

@@ -18,7 +18,7 @@ use super::sparse::{
     SparseAttentionBackend, SparseCall, SparseGradients, SparseMaskTensors,
     SparseMaskTensorsMetadata,
 };
-use crate::dispatch::{report, Dispatch, Implementation, Pass};
+use crate::dispatch::{report, Dispatch, Pass};
 
 /// A tensor in `dtype` (cast where it is another).
 fn in_dtype(t: FloatTensor<Cube>, dtype: DType) -> FloatTensor<Cube> {
@@ -73,7 +73,7 @@ impl SparseAttentionBackend for Cube {
             call.log.as_ref(),
             Dispatch {
                 pass: Pass::Backward,
-                served: Implementation::FlashUnitSparseBackward,
+                served: call.backward,
                 declined: Vec::new(),
             },
         );

@@ -81,4 +81,19 @@ impl KeyBlockList {
             index as u32,
         )
     }
+
+    /// The first row (key, or query of transposed lists) of step `s` of a walk over the
+    /// list's blocks in tiles of `tile` rows, `tiles_per_block` to a block: entry `s /
+    /// tiles_per_block`, its `s % tiles_per_block`-th tile.
+    pub fn tile_start(
+        &self,
+        s: u32,
+        partial_index: &Tensor<i32>,
+        full_index: &Tensor<i32>,
+        tiles_per_block: u32,
+        #[comptime] tile: usize,
+    ) -> i32 {
+        let block = self.block(s / tiles_per_block, partial_index, full_index);
+        ((block * tiles_per_block + s % tiles_per_block) * comptime!(tile as u32)) as i32
+    }
 }

@@ -25,6 +25,7 @@ pub(crate) mod epilogue;
 pub(crate) mod exp;
 pub(crate) mod fragments;
 pub(crate) mod key_blocks;
+pub(crate) mod mma_backward;
 pub(crate) mod mma_forward;
 pub(crate) mod pipeline;
 pub mod products;

@@ -47,9 +47,9 @@ use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
 use crate::components::band::BandBounds;
-use crate::components::epilogue::{acc_rows_to_smem, store_plane_rows};
 use crate::components::exp::{softmax_exp, MMA_PTX};
 use crate::components::fragments::{acc_get, acc_set, MmaVecAcc, PlaneMma};
+use crate::components::mma_backward::{dq_row_stats, issue_query_tile, write_plane_gradient};
 use crate::components::pipeline::{acquire_pair, stage_pair, BufferBarriers};
 use crate::components::schedule::CubeHead;
 use crate::components::softmax::{live_lse, DEAD_LSE};
@@ -184,36 +184,25 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         }
     }
 
-    // D and the lse of the lane's two rows (g and g + 8), from global memory. The four
-    // lanes of a group hold the same rows: each sums every fourth column of dO * O, then
-    // they exchange sums.
-    let o_base = b * out.stride(0) + h * out.stride(1);
+    // D and the lse of the lane's two rows (g and g + 8), from global memory.
     let mut d_row = Array::<f32>::new(2usize);
     let mut lse_row = Array::<f32>::new(2usize);
-    #[unroll]
-    for hf in 0..2usize {
-        let row = w0 + g + 8 * hf;
-        let mut d = f32::new(0.0);
-        let mut l = f32::new(DEAD_LSE);
-        if row < seq_q {
-            let mut c = t;
-            while c < value_dim {
-                d += f32::cast_from(
-                    d_out[do_at.base + row * do_at.row_stride + c * do_at.col_stride],
-                ) * f32::cast_from(out[o_base + row * out.stride(2) + c * out.stride(3)]);
-                c += 4;
-            }
-            l = live_lse(lse[b * lse.stride(0) + h * lse.stride(1) + row * lse.stride(2)]);
-        }
-        d += plane_shuffle_xor(d, 1);
-        d += plane_shuffle_xor(d, 2);
-        if row < seq_q && t == 0 {
-            let at = b * delta.stride(0) + h * delta.stride(1) + row * delta.stride(2);
-            delta[at] = d;
-        }
-        d_row[hf] = d;
-        lse_row[hf] = l;
-    }
+    dq_row_stats::<F>(
+        out,
+        d_out,
+        lse,
+        delta,
+        do_at,
+        &mut d_row,
+        &mut lse_row,
+        b,
+        h,
+        w0,
+        g,
+        t,
+        seq_q,
+        value_dim,
+    );
     if comptime!(!async_copy) {
         // Published by the first key tile's barrier.
         stage_rows_sync::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
@@ -320,37 +309,24 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         }
     }
 
-    // dQ: the plane's rows over its own rows of Q in shared memory (only this plane reads
-    // them), then stored along rows (`store_plane_rows`). With synchronous staging and no
-    // key tile, other planes' Q writes may still be landing in those rows.
+    // dQ: the plane's rows over its own rows of Q in shared memory. With synchronous
+    // staging and no key tile, other planes' Q writes may still be landing in those rows.
     sync_cube();
-    let s_plane = warp * 16 * d_stride;
-    acc_rows_to_smem::<F>(
+    write_plane_gradient::<F, NQ>(
         &dq_acc,
         scale,
         &mut q_smem,
-        s_plane,
-        d_stride,
-        g,
-        t,
-        dq_tiles,
-        c_vs,
-    );
-    sync_plane();
-    let dq_base = b * dq.stride(0) + h * dq.stride(1);
-    let dq_row_stride = dq.stride(2);
-    store_plane_rows::<F, NQ>(
-        &q_smem,
-        s_plane,
-        d_stride,
         dq,
-        dq_base,
-        dq_row_stride,
+        b,
+        h,
         w0,
+        warp,
+        lane,
         seq_q,
         dim,
-        lane,
-        16usize,
+        d_stride,
+        dq_tiles,
+        c_vs,
         dim_pad,
     );
 }
@@ -575,34 +551,31 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             if next < steps {
                 let hn = h_first + next / tiles;
                 let tn = q_first + (next % tiles) * block_q;
-                stage_pair::<F>(
+                // Its lse and D are stored into the other buffer at the end of this step
+                // (see there; `live_lse` is applied there too, so that nothing waits for
+                // the loads before then).
+                let stats = issue_query_tile::<F>(
                     q,
-                    HeadRows::new(q, b, hn, seq_q, dim),
-                    &mut q_smem,
                     d_out,
-                    HeadRows::new(d_out, b, hn, seq_q, value_dim),
+                    lse,
+                    delta,
+                    &mut q_smem,
                     &mut do_smem,
+                    &barriers,
+                    b,
+                    hn,
                     tn,
                     1 - stage,
                     tid,
+                    seq_q,
+                    dim,
+                    value_dim,
                     q_tile,
                     do_tile,
-                    true,
+                    block_q,
                 );
-                barriers.commit(1 - stage);
-                // The next step's lse and D (one query row per unit, `block_q <= threads`):
-                // loaded here, so that the loads are in flight during this step's matrix
-                // work, and stored into the other buffer with plain stores at the end of
-                // this step (see there; `live_lse` is applied there too, so that nothing
-                // waits for the loads before then).
-                if tid < block_q {
-                    let i = tn + tid;
-                    if i < seq_q {
-                        next_lse = lse[b * lse.stride(0) + hn * lse.stride(1) + i * lse.stride(2)];
-                        next_delta =
-                            delta[b * delta.stride(0) + hn * delta.stride(1) + i * delta.stride(2)];
-                    }
-                }
+                next_lse = stats.lse;
+                next_delta = stats.delta;
             }
             barriers.wait(stage);
         } else {
@@ -743,65 +716,41 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         }
     }
 
-    // dK and dV: the plane's key rows over its own rows of K and V in shared memory (only
-    // this plane reads them), then stored along rows (`store_plane_rows`). With
+    // dK and dV: the plane's key rows over its own rows of K and V in shared memory. With
     // synchronous staging and no step, other planes' K/V writes may still be landing.
     sync_cube();
-    let k_plane = warp * 16 * d_stride;
-    let v_plane = warp * 16 * v_stride;
-    acc_rows_to_smem::<F>(
+    write_plane_gradient::<F, NK>(
         &dk_acc,
         scale,
         &mut k_smem,
-        k_plane,
+        dk,
+        b,
+        kvh,
+        w0,
+        warp,
+        lane,
+        seq_k,
+        dim,
         d_stride,
-        g,
-        t,
         dk_tiles,
         c_vs,
+        dim_pad,
     );
-    acc_rows_to_smem::<F>(
+    write_plane_gradient::<F, NV>(
         &dv_acc,
         f32::new(1.0),
         &mut v_smem,
-        v_plane,
-        v_stride,
-        g,
-        t,
-        dv_tiles,
-        c_vs,
-    );
-    sync_plane();
-    let dk_base = b * dk.stride(0) + kvh * dk.stride(1);
-    let dv_base = b * dv.stride(0) + kvh * dv.stride(1);
-    let dk_row_stride = dk.stride(2);
-    store_plane_rows::<F, NK>(
-        &k_smem,
-        k_plane,
-        d_stride,
-        dk,
-        dk_base,
-        dk_row_stride,
-        w0,
-        seq_k,
-        dim,
-        lane,
-        16usize,
-        dim_pad,
-    );
-    let dv_row_stride = dv.stride(2);
-    store_plane_rows::<F, NV>(
-        &v_smem,
-        v_plane,
-        v_stride,
         dv,
-        dv_base,
-        dv_row_stride,
+        b,
+        kvh,
         w0,
+        warp,
+        lane,
         seq_k,
         value_dim,
-        lane,
-        16usize,
+        v_stride,
+        dv_tiles,
+        c_vs,
         value_dim_pad,
     );
 }

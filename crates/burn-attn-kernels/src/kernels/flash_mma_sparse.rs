@@ -25,21 +25,6 @@ use crate::components::staging::{
     stage_rows_async, stage_rows_sync, zero_pad_columns, HeadRows, StageTile,
 };
 
-/// The key tile of step `s` of a list walk: entry `s / k_tiles_per_block`, its
-/// `s % k_tiles_per_block`-th tile of `block_k` keys.
-#[cube]
-fn step_start(
-    list: &KeyBlockList,
-    s: u32,
-    partial_index: &Tensor<i32>,
-    full_index: &Tensor<i32>,
-    k_tiles_per_block: u32,
-    #[comptime] block_k: usize,
-) -> i32 {
-    let kb = list.block(s / k_tiles_per_block, partial_index, full_index);
-    ((kb * k_tiles_per_block + s % k_tiles_per_block) * comptime!(block_k as u32)) as i32
-}
-
 /// Matrix-unit FlashAttention forward over a block-sparse plan, products by `P`.
 ///
 /// Launch as `flash_mma_kernel` (natural cube order), with the lists and rules of
@@ -208,14 +193,7 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
     if comptime!(async_copy) {
         if steps > 0 {
             stage_rows_async::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
-            let t0 = step_start(
-                &list,
-                0u32,
-                partial_index,
-                full_index,
-                k_tiles_per_block,
-                block_k,
-            );
+            let t0 = list.tile_start(0u32, partial_index, full_index, k_tiles_per_block, block_k);
             stage_pair::<F>(
                 k,
                 k_at,
@@ -238,25 +216,11 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
 
     let bk_i = block_k as i32;
     for s in 0..steps {
-        let t0 = step_start(
-            &list,
-            s,
-            partial_index,
-            full_index,
-            k_tiles_per_block,
-            block_k,
-        );
+        let t0 = list.tile_start(s, partial_index, full_index, k_tiles_per_block, block_k);
         let has_next = s + 1 < steps;
         let mut next = 0i32;
         if has_next {
-            next = step_start(
-                &list,
-                s + 1,
-                partial_index,
-                full_index,
-                k_tiles_per_block,
-                block_k,
-            );
+            next = list.tile_start(s + 1, partial_index, full_index, k_tiles_per_block, block_k);
         }
         // With dropout or score terms every tile takes its flags.
         let masked = s / k_tiles_per_block < list.partial || comptime!(rules.dropout || terms);

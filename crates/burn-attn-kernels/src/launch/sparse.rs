@@ -1,6 +1,6 @@
-//! Launches the block-sparse kernels, forward (matrix units where the plan takes the call,
-//! portable otherwise) and backward (portable): the plans' tiles, the lists and rules a
-//! caller built for them (burn-attn-core's `BlockMask`), checked against the call.
+//! Launches the block-sparse kernels, forward and backward (matrix units where the plans
+//! take the call, portable otherwise): the plans' tiles, the lists and rules a caller built
+//! for them (burn-attn-core's `BlockMask`), checked against the call.
 
 use burn_backend::cubecl::dtype_to_elem_type;
 use burn_backend::{DType, Shape};
@@ -16,12 +16,14 @@ use super::forward::{address_type, cube_count, ForwardOutput};
 use crate::components::element_rules::{ElementRulesLaunch, RuleSet};
 use crate::components::products::Ldmatrix16;
 use crate::kernels::{
+    flash_mma_sparse_backward_dkdv_kernel, flash_mma_sparse_backward_dq_kernel,
     flash_mma_sparse_kernel, flash_unit_sparse_backward_dkdv_kernel,
     flash_unit_sparse_backward_dq_kernel, flash_unit_sparse_kernel,
 };
 use crate::plan::{
-    dropout_threshold, plan_sparse, BandArgs, ForcedPlan, Problem, Sizes, SparseForward,
-    SparsePlan, UnitTiles, Unsupported,
+    dropout_threshold, plan_sparse, BackwardKernel, BandArgs, ForcedPlan, MmaBackwardPlan, Problem,
+    Sizes, SparseBackward, SparseForward, SparsePlan, UnitBackwardPlan, Unsupported,
+    MMA_ROWS_PER_TILE,
 };
 use crate::KERNEL_SOURCE;
 
@@ -105,6 +107,8 @@ pub struct SparseGradients {
     pub key_bias: Option<CubeTensor>,
     /// The reach's gradient.
     pub reach: Option<CubeTensor>,
+    /// The kernels that computed them.
+    pub kernel: BackwardKernel,
 }
 
 /// The smallest block sizes `(block_q, block_k)` a block-sparse call of `q`, `k`, `v` can
@@ -416,15 +420,6 @@ fn check_lists(
     Ok(())
 }
 
-/// Query rows x keys of a kernel's tiles (the dK/dV kernel's rows are keys).
-fn query_key(t: &UnitTiles, keys_major: bool) -> (usize, usize) {
-    if keys_major {
-        (t.cols, t.rows)
-    } else {
-        (t.rows, t.cols)
-    }
-}
-
 /// The block-sparse forward of one call (`flash_mma_sparse` where the matrix-unit plan
 /// takes it, `flash_unit_sparse` otherwise): `q`, `k`, `v` as `flash_forward_with`, `lists`
 /// on blocks of [`sparse_blocks`] (or multiples), `rules` for its partial blocks.
@@ -556,7 +551,8 @@ pub fn flash_forward_sparse(
     Ok((out, lse))
 }
 
-/// The block-sparse portable backward of one call: the gradients of
+/// The block-sparse backward of one call (`flash_mma_sparse_backward` where the
+/// matrix-unit plan takes it, `flash_unit_sparse_backward` otherwise): the gradients of
 /// [`flash_forward_sparse`] with the same `scale`, `lists` (their transposed lists too) and
 /// `rules`, from its inputs, output, f32 lse and the output's gradient, with the score
 /// terms' gradients where the call has them. No atomics: two runs give the same bits.
@@ -578,12 +574,7 @@ pub fn flash_backward_sparse(
     let problem = inputs.problem(band)?;
     let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?.backward;
     let sizes = problem.sizes;
-    let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
-    check_lists(
-        lists,
-        &sizes,
-        &[query_key(&dq_t, false), query_key(&kv_t, true)],
-    )?;
+    check_lists(lists, &sizes, &plan.tiles())?;
     let args = RuleArgs::new(rules, &sizes, &inputs.q)?;
     let [dq, dk, dv, delta] = alloc_gradients(&inputs.q, &sizes);
     // Per query head; the kernels write every position, except in an empty call (zeros).
@@ -600,8 +591,60 @@ pub fn flash_backward_sparse(
             alloc_contiguous(&inputs.q, shape, DType::F32)
         }
     };
-    let d_key_bias = term_grad(rules.key_bias.is_some(), sizes.seq_k);
-    let d_reach = term_grad(rules.soft_edge.is_some(), sizes.seq_q);
+    let outputs = SparseOutputs {
+        dq: dq.clone(),
+        dk: dk.clone(),
+        dv: dv.clone(),
+        delta,
+        d_key_bias: term_grad(rules.key_bias.is_some(), sizes.seq_k),
+        d_reach: term_grad(rules.soft_edge.is_some(), sizes.seq_q),
+    };
+    // The dQ kernel runs where there are query rows; the dK/dV kernel where there are keys
+    // (with no query rows it writes zero dK and dV).
+    let runs = (
+        !sizes.is_empty(),
+        sizes.seq_k * sizes.batch * sizes.kv_heads > 0,
+    );
+    let kernel = match plan {
+        SparseBackward::Unit(plan) => {
+            launch_unit_backward(&plan, &sizes, inputs, scale, lists, &args, &outputs, runs);
+            BackwardKernel::Unit
+        }
+        SparseBackward::Mma(plan) => {
+            launch_mma_backward(&plan, inputs, scale, lists, &args, &outputs, runs);
+            BackwardKernel::Mma
+        }
+    };
+    Ok(SparseGradients {
+        qkv: (dq, dk, dv),
+        key_bias: rules.key_bias.is_some().then_some(outputs.d_key_bias),
+        reach: rules.soft_edge.is_some().then_some(outputs.d_reach),
+        kernel,
+    })
+}
+
+/// The buffers a block-sparse backward writes.
+struct SparseOutputs {
+    dq: CubeTensor,
+    dk: CubeTensor,
+    dv: CubeTensor,
+    /// `D = rowsum(dO * O)`, from the dQ kernel to the dK/dV kernel.
+    delta: CubeTensor,
+    d_key_bias: CubeTensor,
+    d_reach: CubeTensor,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_unit_backward(
+    plan: &UnitBackwardPlan,
+    sizes: &Sizes,
+    inputs: BackwardInputs,
+    scale: f32,
+    lists: &BlockLists,
+    args: &RuleArgs,
+    outputs: &SparseOutputs,
+    (run_dq, run_kv): (bool, bool),
+) {
     let BackwardInputs {
         q,
         k,
@@ -612,34 +655,36 @@ pub fn flash_backward_sparse(
     } = inputs;
     let client = q.client.clone();
     let elem = dtype_to_elem_type(q.dtype);
-    if !sizes.is_empty() {
+    let (dq_t, kv_t) = (plan.dq_tiles, plan.kv_tiles);
+    let tensor = |t: &CubeTensor| t.clone().into_tensor_arg();
+    if run_dq {
         flash_unit_sparse_backward_dq_kernel::launch(
             &client,
             cube_count(plan.dq_grid),
             CubeDim::new_1d(dq_t.units() as u32),
             address_type(plan.offsets),
-            q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
+            tensor(&q),
+            tensor(&k),
+            tensor(&v),
             out.into_tensor_arg(),
-            d_out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            dq.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
-            lists.partial_count.clone().into_tensor_arg(),
-            lists.partial_index.clone().into_tensor_arg(),
-            lists.full_count.clone().into_tensor_arg(),
-            lists.full_index.clone().into_tensor_arg(),
-            args.layout.clone().into_tensor_arg(),
-            args.padding.clone().into_tensor_arg(),
-            args.doc_q.clone().into_tensor_arg(),
-            args.doc_k.clone().into_tensor_arg(),
-            args.dense.clone().into_tensor_arg(),
-            args.seed.clone().into_tensor_arg(),
-            args.key_bias.clone().into_tensor_arg(),
-            args.reach.clone().into_tensor_arg(),
-            args.slopes.clone().into_tensor_arg(),
-            d_reach.clone().into_tensor_arg(),
+            tensor(&d_out),
+            tensor(&lse),
+            tensor(&outputs.dq),
+            tensor(&outputs.delta),
+            tensor(&lists.partial_count),
+            tensor(&lists.partial_index),
+            tensor(&lists.full_count),
+            tensor(&lists.full_index),
+            tensor(&args.layout),
+            tensor(&args.padding),
+            tensor(&args.doc_q),
+            tensor(&args.doc_k),
+            tensor(&args.dense),
+            tensor(&args.seed),
+            tensor(&args.key_bias),
+            tensor(&args.reach),
+            tensor(&args.slopes),
+            tensor(&outputs.d_reach),
             args.element_rules(),
             (lists.block_q / dq_t.rows) as u32,
             (lists.block_k / dq_t.cols) as u32,
@@ -655,9 +700,7 @@ pub fn flash_backward_sparse(
             elem,
         );
     }
-    // With no query rows it still runs and writes zero dK and dV.
-    if sizes.seq_k * sizes.batch * sizes.kv_heads > 0 {
-        let element_rules = args.element_rules();
+    if run_kv {
         flash_unit_sparse_backward_dkdv_kernel::launch(
             &client,
             cube_count(plan.kv_grid),
@@ -668,24 +711,24 @@ pub fn flash_backward_sparse(
             v.into_tensor_arg(),
             d_out.into_tensor_arg(),
             lse.into_tensor_arg(),
-            delta.into_tensor_arg(),
-            dk.clone().into_tensor_arg(),
-            dv.clone().into_tensor_arg(),
-            lists.t_partial_count.clone().into_tensor_arg(),
-            lists.t_partial_index.clone().into_tensor_arg(),
-            lists.t_full_count.clone().into_tensor_arg(),
-            lists.t_full_index.clone().into_tensor_arg(),
-            args.layout.into_tensor_arg(),
-            args.padding.into_tensor_arg(),
-            args.doc_q.into_tensor_arg(),
-            args.doc_k.into_tensor_arg(),
-            args.dense.into_tensor_arg(),
-            args.seed.into_tensor_arg(),
-            args.key_bias.into_tensor_arg(),
-            args.reach.into_tensor_arg(),
-            args.slopes.into_tensor_arg(),
-            d_key_bias.clone().into_tensor_arg(),
-            element_rules,
+            tensor(&outputs.delta),
+            tensor(&outputs.dk),
+            tensor(&outputs.dv),
+            tensor(&lists.t_partial_count),
+            tensor(&lists.t_partial_index),
+            tensor(&lists.t_full_count),
+            tensor(&lists.t_full_index),
+            tensor(&args.layout),
+            tensor(&args.padding),
+            tensor(&args.doc_q),
+            tensor(&args.doc_k),
+            tensor(&args.dense),
+            tensor(&args.seed),
+            tensor(&args.key_bias),
+            tensor(&args.reach),
+            tensor(&args.slopes),
+            tensor(&outputs.d_key_bias),
+            args.element_rules(),
             (lists.block_q / kv_t.cols) as u32,
             (lists.block_k / kv_t.rows) as u32,
             scale,
@@ -700,9 +743,124 @@ pub fn flash_backward_sparse(
             elem,
         );
     }
-    Ok(SparseGradients {
-        qkv: (dq, dk, dv),
-        key_bias: rules.key_bias.is_some().then_some(d_key_bias),
-        reach: rules.soft_edge.is_some().then_some(d_reach),
-    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_mma_backward(
+    plan: &MmaBackwardPlan,
+    inputs: BackwardInputs,
+    scale: f32,
+    lists: &BlockLists,
+    args: &RuleArgs,
+    outputs: &SparseOutputs,
+    (run_dq, run_kv): (bool, bool),
+) {
+    let BackwardInputs {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        d_out,
+    } = inputs;
+    let client = q.client.clone();
+    let elem = dtype_to_elem_type(q.dtype);
+    let rows = MMA_ROWS_PER_TILE * plan.planes;
+    let tensor = |t: &CubeTensor| t.clone().into_tensor_arg();
+    // SAFETY: as the dense matrix-unit backward's launch (`launch::backward`): every global
+    // access is guarded by the tensors' own sizes (query rows < seq_q, keys < seq_k, columns
+    // < head/value dim; staging zero-fills past them, outputs are written only inside them),
+    // shared-memory indices by the comptime tiles, and the plan stages asynchronously only
+    // with unit column strides and head/value dims that are multiples of 8. The lists'
+    // reads are bounded by their shapes (counts cut at the blocks, `components::key_blocks`)
+    // and checked above; the rule tensors' reads by `i < seq_q`, `j < seq_k` and their
+    // checked shapes; the score terms' gradients are written at `[b, h, position]` of
+    // buffers of `[batch, heads, positions]` where the call has them.
+    unsafe {
+        if run_dq {
+            flash_mma_sparse_backward_dq_kernel::launch_unchecked(
+                &client,
+                cube_count(plan.dq_grid),
+                CubeDim::new_2d(32, plan.planes as u32),
+                address_type(plan.offsets),
+                plan.dim_vector,
+                tensor(&q),
+                tensor(&k),
+                tensor(&v),
+                out.into_tensor_arg(),
+                tensor(&d_out),
+                tensor(&lse),
+                tensor(&outputs.dq),
+                tensor(&outputs.delta),
+                tensor(&lists.partial_count),
+                tensor(&lists.partial_index),
+                tensor(&lists.full_count),
+                tensor(&lists.full_index),
+                tensor(&args.layout),
+                tensor(&args.padding),
+                tensor(&args.doc_q),
+                tensor(&args.doc_k),
+                tensor(&args.dense),
+                tensor(&args.seed),
+                tensor(&args.key_bias),
+                tensor(&args.reach),
+                tensor(&args.slopes),
+                tensor(&outputs.d_reach),
+                args.element_rules(),
+                (lists.block_q / rows) as u32,
+                (lists.block_k / plan.block_k) as u32,
+                scale,
+                args.set,
+                plan.dim_pad,
+                plan.value_dim_pad,
+                plan.planes,
+                plan.block_k,
+                KERNEL_SOURCE,
+                elem,
+            );
+        }
+        if run_kv {
+            flash_mma_sparse_backward_dkdv_kernel::launch_unchecked(
+                &client,
+                cube_count(plan.kv_grid),
+                CubeDim::new_2d(32, plan.planes as u32),
+                address_type(plan.offsets),
+                plan.dim_vector,
+                plan.value_dim_vector,
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                d_out.into_tensor_arg(),
+                lse.into_tensor_arg(),
+                tensor(&outputs.delta),
+                tensor(&outputs.dk),
+                tensor(&outputs.dv),
+                tensor(&lists.t_partial_count),
+                tensor(&lists.t_partial_index),
+                tensor(&lists.t_full_count),
+                tensor(&lists.t_full_index),
+                tensor(&args.layout),
+                tensor(&args.padding),
+                tensor(&args.doc_q),
+                tensor(&args.doc_k),
+                tensor(&args.dense),
+                tensor(&args.seed),
+                tensor(&args.key_bias),
+                tensor(&args.reach),
+                tensor(&args.slopes),
+                tensor(&outputs.d_key_bias),
+                args.element_rules(),
+                (lists.block_q / plan.block_q) as u32,
+                (lists.block_k / rows) as u32,
+                scale,
+                args.set,
+                plan.dim_pad,
+                plan.value_dim_pad,
+                plan.planes,
+                plan.block_q,
+                KERNEL_SOURCE,
+                elem,
+            );
+        }
+    }
 }

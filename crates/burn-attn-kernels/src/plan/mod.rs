@@ -26,7 +26,9 @@ pub use forward::{
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;
-pub use sparse::{dropout_hash, dropout_threshold, plan_sparse, SparseForward, SparsePlan};
+pub use sparse::{
+    dropout_hash, dropout_threshold, plan_sparse, SparseBackward, SparseForward, SparsePlan,
+};
 pub use unit_tiles::{UnitTiles, SOFTWARE_LOOP_BUDGET, UNIT_SHARED_BUDGET};
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! The plans of the block-sparse kernels: the forward (matrix units where they take the
-//! call, portable otherwise), the portable backward, and the block grid their lists must be
-//! on.
+//! The plans of the block-sparse kernels: the forward and the backward (matrix units where
+//! they take the call, portable otherwise), and the block grid their lists must be on.
 
 use super::{
     plan_backward, plan_forward, BackwardKernel, BackwardPlan, DeviceCaps, ForcedPlan,
-    ForwardKernel, ForwardPlan, MmaPlan, Problem, UnitBackwardPlan, UnitPlan, Unsupported,
+    ForwardKernel, ForwardPlan, MmaBackwardPlan, MmaPlan, Problem, UnitBackwardPlan, UnitPlan,
+    Unsupported, MMA_ROWS_PER_TILE,
 };
 
 /// The forward kernel of a block-sparse call.
@@ -26,13 +26,39 @@ impl SparseForward {
     }
 }
 
+/// The backward kernels of a block-sparse call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseBackward {
+    /// `flash_mma_sparse_backward` (f16/bf16 matrix units, CUDA sm_80+, asynchronous
+    /// staging).
+    Mma(MmaBackwardPlan),
+    /// `flash_unit_sparse_backward` (portable).
+    Unit(UnitBackwardPlan),
+}
+
+impl SparseBackward {
+    /// Query rows x keys of the dQ kernel's tiles, and of the dK/dV kernel's.
+    pub fn tiles(&self) -> [(usize, usize); 2] {
+        match self {
+            SparseBackward::Mma(plan) => {
+                let rows = MMA_ROWS_PER_TILE * plan.planes;
+                [(rows, plan.block_k), (plan.block_q, rows)]
+            }
+            SparseBackward::Unit(plan) => [
+                (plan.dq_tiles.rows, plan.dq_tiles.cols),
+                (plan.kv_tiles.cols, plan.kv_tiles.rows),
+            ],
+        }
+    }
+}
+
 /// The forward and backward plans of a block-sparse call, and its block grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparsePlan {
     /// The forward's plan.
     pub forward: SparseForward,
     /// The backward's plans (dQ; dK/dV).
-    pub backward: UnitBackwardPlan,
+    pub backward: SparseBackward,
     /// Query rows per block of the lists: a multiple of every kernel's query tile.
     pub block_q: usize,
     /// Keys per block of the lists: a multiple of every kernel's key tile.
@@ -40,8 +66,9 @@ pub struct SparsePlan {
 }
 
 /// Plans the block-sparse kernels for `problem` (its band is ignored: the element rules
-/// carry the mask), or says why they decline: the matrix-unit forward where its plan takes
-/// the call (f16/bf16 on CUDA), the portable one otherwise; the portable backward.
+/// carry the mask), or says why they decline: the matrix-unit kernels where their plans take
+/// the call (f16/bf16 on CUDA; the backward also needs asynchronous staging), the portable
+/// ones otherwise.
 pub fn plan_sparse(
     problem: &Problem,
     caps: &DeviceCaps,
@@ -54,18 +81,21 @@ pub fn plan_sparse(
             other => unreachable!("the portable forward plans {other:?}"),
         },
     };
-    let BackwardPlan::Unit(backward) = plan_backward(BackwardKernel::Unit, problem, caps, forced)?
-    else {
-        unreachable!("the portable backward plans portable kernels")
+    let backward = match plan_backward(BackwardKernel::Mma, problem, caps, forced) {
+        Ok(BackwardPlan::Mma(plan)) if plan.async_copy => SparseBackward::Mma(plan),
+        _ => match plan_backward(BackwardKernel::Unit, problem, caps, forced)? {
+            BackwardPlan::Unit(plan) => SparseBackward::Unit(plan),
+            other => unreachable!("the portable backward plans {other:?}"),
+        },
     };
-    let ((f_rows, f_cols), dq, kv) = (forward.tile(), backward.dq_tiles, backward.kv_tiles);
-    // Tiles are powers of two: the largest is a multiple of the others (the dK/dV kernel's
-    // rows are keys).
+    let [dq, kv] = backward.tiles();
+    let (f_rows, f_cols) = forward.tile();
+    // Tiles are powers of two: the largest is a multiple of the others.
     Ok(SparsePlan {
         forward,
         backward,
-        block_q: f_rows.max(dq.rows).max(kv.cols),
-        block_k: f_cols.max(dq.cols).max(kv.rows),
+        block_q: f_rows.max(dq.0).max(kv.0),
+        block_k: f_cols.max(dq.1).max(kv.1),
     })
 }
 

@@ -316,3 +316,26 @@ fn contiguous_problem_of_metadata() {
     let mismatched = small([4, 3], 32, Precision::F16);
     assert!(matches!(mismatched, Err(Unsupported::Shapes(_))));
 }
+
+#[test]
+fn sparse_plans_take_the_matrix_units_backward_where_it_stages_asynchronously() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
+    let plan = plan_sparse(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    let SparseBackward::Mma(backward) = plan.backward else {
+        panic!("{:?}", plan.backward)
+    };
+    assert_eq!((backward.block_k, backward.block_q), (32, 64));
+    // The list blocks are multiples of every kernel's tiles (query rows x keys).
+    assert_eq!(plan.backward.tiles(), [(64, 32), (64, 64)]);
+    assert_eq!((plan.block_q, plan.block_k), (128, 64));
+    // Synchronous staging, f32 and other runtimes: the portable backward.
+    let forced = ForcedPlan {
+        sync_staging: true,
+        ..ForcedPlan::default()
+    };
+    let plan = plan_sparse(&p, &DeviceCaps::hopper(), &forced).unwrap();
+    assert!(matches!(plan.backward, SparseBackward::Unit(_)), "{plan:?}");
+    let p = problem(Precision::F32, [2, 16, 4096, 128], None, None);
+    let plan = plan_sparse(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
+    assert!(matches!(plan.backward, SparseBackward::Unit(_)), "{plan:?}");
+}
