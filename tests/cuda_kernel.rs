@@ -134,10 +134,15 @@ mod on_cuda {
         check_invalid_list_indices::<Gpu>();
     }
 
-    /// The block-sparse matrix-unit forward and backward in bf16 and f16.
+    /// The block-sparse matrix-unit forward and backward in bf16.
     #[test]
-    fn cuda_sparse_kernel_low_precision_matches_the_host_truth() {
+    fn cuda_sparse_kernel_bf16_matches_the_host_truth() {
         check_sparse_kernels::<Gpu>(DType::BF16, BackwardKernel::Mma);
+    }
+
+    /// The block-sparse matrix-unit forward and backward in f16.
+    #[test]
+    fn cuda_sparse_kernel_f16_matches_the_host_truth() {
         check_sparse_kernels::<Gpu>(DType::F16, BackwardKernel::Mma);
     }
 
@@ -145,7 +150,13 @@ mod on_cuda {
     /// padding and dropout runs the block-sparse kernels, forward and backward.
     #[test]
     fn cuda_sparse_training_runs_the_kernels() {
-        check_sparse_training::<Gpu>();
+        check_sparse_training::<Gpu>(
+            DType::F32,
+            (
+                burn_attn_core::Implementation::FlashUnitSparse,
+                burn_attn_core::Implementation::FlashUnitSparseBackward,
+            ),
+        );
         check_dropout_training::<Gpu>();
         check_block_mask_cache::<Gpu>();
         check_document_training::<Gpu>(Some((
@@ -160,6 +171,19 @@ mod on_cuda {
             burn_attn_core::Implementation::FlashUnitSparse,
             burn_attn_core::Implementation::FlashUnitSparseBackward,
         )));
+    }
+
+    /// Training through `pattern_attention` in bf16 runs the block-sparse matrix-unit
+    /// kernels, forward and backward.
+    #[test]
+    fn cuda_sparse_training_bf16_runs_the_matrix_units() {
+        check_sparse_training::<Gpu>(
+            DType::BF16,
+            (
+                burn_attn_core::Implementation::FlashMmaSparse,
+                burn_attn_core::Implementation::FlashMmaSparseBackward,
+            ),
+        );
     }
 
     /// Learned sparsity and adaptive windows on CUDA give the CPU's outputs and gradients.

@@ -185,16 +185,22 @@ fn document_ids_that_decrease_or_misfit_are_errors() {
         .to_string()
     };
     let decreasing = ids(vec![0, 0, 1, 1, 2, 2, 0, 1, 1, 0, 2, 2], 6);
-    let err = run(DocumentIds::self_attention(decreasing));
+    let err = run(DocumentIds::self_attention(decreasing.clone()));
+    assert!(
+        err.contains("batch 1, positions 2 and 3 hold 1 then 0"),
+        "{err}"
+    );
+    // Checked once, up front: the same error, before any call.
+    let err = DocumentIds::self_attention(decreasing)
+        .checked()
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("batch 1, positions 2 and 3 hold 1 then 0"),
         "{err}"
     );
     let short = ids(vec![0; 10], 5);
-    let err = run(DocumentIds {
-        queries: ids(vec![0; 12], 6),
-        keys: short,
-    });
+    let err = run(DocumentIds::new(ids(vec![0; 12], 6), short));
     assert!(
         err.contains("key document ids") && err.contains("[2, 5]"),
         "{err}"

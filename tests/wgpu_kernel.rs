@@ -68,7 +68,13 @@ fn sparse_kernel_f32_matches_the_host_truth() {
 #[test]
 fn sparse_training_runs_the_kernels() {
     require_gpu();
-    check_sparse_training::<Gpu>();
+    check_sparse_training::<Gpu>(
+        DType::F32,
+        (
+            burn_attn_core::Implementation::FlashUnitSparse,
+            burn_attn_core::Implementation::FlashUnitSparseBackward,
+        ),
+    );
     check_dropout_training::<Gpu>();
     check_empty_masked_calls::<Gpu>();
     check_block_mask_cache::<Gpu>();

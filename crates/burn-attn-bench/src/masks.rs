@@ -235,10 +235,13 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
         });
         let documents = case.documents.as_ref().map(|ids| {
             let ids: Vec<i64> = (0..b).flat_map(|_| ids.iter().copied()).collect();
+            // Checked once, as a model checks a batch's ids for all its layers.
             DocumentIds::self_attention(Tensor::<2, Int>::from_data(
                 TensorData::new(ids, [b, n]),
                 &device,
             ))
+            .checked()
+            .expect("the bench's ids do not decrease")
         });
         let masks = AttentionMasks {
             key_padding: padding,
@@ -248,7 +251,7 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
         let log = DispatchLog::new();
         // The pattern's plan is built once, as FlexAttention's block mask is (the peer
         // builds it outside its timed calls); key padding and document covers are built
-        // per call on our side.
+        // per call on our side (on the device, without reading anything back).
         let options = AttentionOptions::default()
             .with_log(log.clone())
             .with_block_mask_cache(BlockMaskCache::new());

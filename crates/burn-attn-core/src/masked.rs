@@ -18,21 +18,64 @@ use crate::AttentionError;
 /// Document ids of packed sequences: query `i` of batch `b` sees key `j` only when
 /// `queries[b, i] == keys[b, j]`. Ids must not decrease along a sequence (each document is
 /// one contiguous run), so a batch of variable-length sequences needs no padding.
+///
+/// Every call checks the order (which reads a flag back from the device, and so waits for
+/// the queue), unless the ids were checked once with [`DocumentIds::checked`]: do that
+/// when one batch's ids serve several calls (every layer of a model).
 #[derive(Debug, Clone)]
 pub struct DocumentIds {
-    /// `[batch, seq_q]`.
-    pub queries: Tensor<2, Int>,
-    /// `[batch, seq_k]` (the same tensor as `queries` for self-attention).
-    pub keys: Tensor<2, Int>,
+    queries: Tensor<2, Int>,
+    keys: Tensor<2, Int>,
+    ordered: bool,
 }
 
 impl DocumentIds {
-    /// The ids of self-attention: queries and keys are the same positions.
-    pub fn self_attention(ids: Tensor<2, Int>) -> Self {
+    /// Ids of queries (`[batch, seq_q]`) and keys (`[batch, seq_k]`), checked by each call.
+    pub fn new(queries: Tensor<2, Int>, keys: Tensor<2, Int>) -> Self {
         Self {
-            queries: ids.clone(),
-            keys: ids,
+            queries,
+            keys,
+            ordered: false,
         }
+    }
+
+    /// The ids of self-attention (`[batch, seq]`): queries and keys are the same positions.
+    pub fn self_attention(ids: Tensor<2, Int>) -> Self {
+        Self::new(ids.clone(), ids)
+    }
+
+    /// The same ids with their order checked now, once: calls then skip the check.
+    ///
+    /// # Errors
+    /// When ids decrease along a sequence, naming the batch and positions.
+    pub fn checked(self) -> Result<Self, AttentionError> {
+        crate::block_mask::check_documents_order(&self.queries, &self.keys)?;
+        Ok(Self {
+            ordered: true,
+            ..self
+        })
+    }
+
+    /// The queries' ids, `[batch, seq_q]`.
+    pub fn queries(&self) -> &Tensor<2, Int> {
+        &self.queries
+    }
+
+    /// The keys' ids, `[batch, seq_k]`.
+    pub fn keys(&self) -> &Tensor<2, Int> {
+        &self.keys
+    }
+
+    /// Whether the order was checked ([`DocumentIds::checked`]).
+    pub fn is_checked(&self) -> bool {
+        self.ordered
+    }
+}
+
+impl From<Tensor<2, Int>> for DocumentIds {
+    /// The ids of self-attention ([`DocumentIds::self_attention`]).
+    fn from(ids: Tensor<2, Int>) -> Self {
+        Self::self_attention(ids)
     }
 }
 
@@ -246,7 +289,9 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
             "seq_q",
         )?;
         expect("key document ids", docs.keys.dims(), shape.seq_k, "seq_k")?;
-        crate::block_mask::check_documents_order(&docs.queries, &docs.keys)?;
+        if !docs.ordered {
+            crate::block_mask::check_documents_order(&docs.queries, &docs.keys)?;
+        }
     }
     if let Some(cap) = masks.softcap {
         if !(cap.is_finite() && cap > 0.0) {

@@ -172,12 +172,14 @@ impl FlashAttention {
     /// holds several documents one after another, `documents` (`[batch, seq]`) their ids,
     /// not decreasing along a row. A token attends only within its document (with the
     /// module's causal rule and window), so sequences of different lengths share a batch
-    /// without padding: the same result as each document run alone.
+    /// without padding: the same result as each document run alone. Ids given as a tensor
+    /// are checked by each call (a read back from the device); pass
+    /// [`DocumentIds::checked`] ids to check them once for several layers.
     ///
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
-    pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        let masks = self.with_score_modifiers(packed_masks(documents, self.dropout));
+    pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
+        let masks = self.with_score_modifiers(packed_masks(documents.into(), self.dropout));
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
         attend(&self.projection, input, &pattern, &self.options(), &masks)
@@ -259,11 +261,10 @@ pub(crate) fn attend(
     projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, masks))
 }
 
-/// The masks of packed self-attention: document ids `documents` (`[batch, seq]`), with
-/// `dropout`.
-pub(crate) fn packed_masks(documents: Tensor<2, Int>, dropout: f64) -> AttentionMasks {
+/// The masks of packed self-attention: document ids `documents`, with `dropout`.
+pub(crate) fn packed_masks(documents: DocumentIds, dropout: f64) -> AttentionMasks {
     AttentionMasks {
-        documents: Some(DocumentIds::self_attention(documents)),
+        documents: Some(documents),
         dropout,
         ..AttentionMasks::default()
     }
@@ -402,6 +403,16 @@ mod tests {
                 .with_window_right(Some(1)),
         ] {
             let module = config.init(&cpu());
+            // Ids checked once up front, and checked by the call.
+            check_packed(
+                config.d_model,
+                |x, docs| {
+                    let ids = DocumentIds::self_attention(docs).checked().unwrap();
+                    assert!(ids.is_checked());
+                    module.forward_packed(x, ids)
+                },
+                |x| module.forward(x),
+            );
             check_packed(
                 config.d_model,
                 |x, docs| module.forward_packed(x, docs),

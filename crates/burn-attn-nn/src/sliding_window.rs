@@ -4,7 +4,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use burn_attn_core::{
-    ensure, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache, KeyPattern, Window,
+    ensure, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache, DocumentIds,
+    KeyPattern, Window,
 };
 
 use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
@@ -129,8 +130,8 @@ impl SlidingWindowAttention {
     ///
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
-    pub fn forward_packed(&self, x: Tensor<3>, documents: Tensor<2, Int>) -> Tensor<3> {
-        let masks = packed_masks(documents, self.dropout);
+    pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
+        let masks = packed_masks(documents.into(), self.dropout);
         self.attend(AttentionInput::self_attn(x), &masks)
     }
 

@@ -221,7 +221,7 @@ pub(crate) fn sparse_kernel_attention(
             .as_ref()
             .map(|pad| BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape")),
         masks.documents.as_ref().map(|docs| {
-            BlockCover::of_sorted_documents(docs.queries.clone(), docs.keys.clone(), grid)
+            BlockCover::of_sorted_documents(docs.queries().clone(), docs.keys().clone(), grid)
         }),
         masks.attention_mask.as_ref().map(|dense| {
             BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape")
@@ -248,8 +248,8 @@ pub(crate) fn sparse_kernel_attention(
         .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
     let (doc_q, doc_k) = match &masks.documents {
         Some(docs) => (
-            i32_dispatch(docs.queries.clone()),
-            i32_dispatch(docs.keys.clone()),
+            i32_dispatch(docs.queries().clone()),
+            i32_dispatch(docs.keys().clone()),
         ),
         None => (placeholder(), placeholder()),
     };
