@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
     alibi_slopes, ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions,
     BlockMaskCache, DocumentIds, KeyPattern, Window,
@@ -296,6 +296,7 @@ pub(crate) fn validate_dropout(dropout: f64) -> Result<(), AttentionError> {
 mod tests {
     use super::*;
     use crate::test_util::*;
+    use burn::tensor::Int;
 
     /// ALiBi: the module equals the dense reference with `-slope_h * |i - j|` added to
     /// each head's scores (causal, GQA, 6 heads: slopes of 4 and 8 heads interleaved), and

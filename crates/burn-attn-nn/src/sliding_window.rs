@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
     ensure, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache, DocumentIds,
     KeyPattern, Window,
