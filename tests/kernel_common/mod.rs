@@ -670,6 +670,10 @@ pub fn grid() -> Vec<Case> {
     // GQA / MQA.
     cases.push(Case::new(33, 33, 64).gqa(4, 2).causal());
     cases.push(Case::new(33, 47, 64).gqa(8, 1));
+    // Grouped calls whose every query sees every key run each group's query heads as rows
+    // of one head: one decoded token against its cache, three queries over all keys.
+    cases.push(Case::new(1, 97, 64).gqa(8, 2).causal().batch(2));
+    cases.push(Case::new(3, 50, 32).gqa(6, 1));
     // Value dim differing from the head dim.
     let mut c = Case::new(40, 40, 32).causal();
     c.value_dim = 80;
@@ -762,6 +766,8 @@ pub fn gradient_grid() -> Vec<Case> {
         Case::new(97, 17, 32).causal(),
         Case::new(33, 47, 64).gqa(8, 1),
         Case::new(130, 130, 64).window(Some(40), Some(3)).causal(),
+        // A decoded token of a grouped call (its heads packed as rows).
+        Case::new(1, 97, 64).gqa(8, 2).causal(),
     ]
 }
 

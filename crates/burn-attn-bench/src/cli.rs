@@ -43,6 +43,9 @@ pub enum Command {
     /// block layouts, key padding), forward and training step, against FlexAttention's
     /// records of the same masks.
     Masks(crate::masks::MasksArgs),
+    /// Time one decoding step's attention (new queries against a key/value cache, grouped
+    /// heads) against PyTorch's decode paths and the cache's read time at copy bandwidth.
+    Decode(crate::decode::DecodeArgs),
 }
 
 /// Options of `digest`.

@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod calibrate;
 pub mod cli;
+pub mod decode;
 pub mod device;
 pub mod digest;
 pub mod growth;

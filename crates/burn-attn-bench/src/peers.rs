@@ -36,6 +36,15 @@ pub struct PeerRecord {
     /// Visible (query, key) pairs per (batch, head), counted from the mask (mask records).
     #[serde(default)]
     pub visible_pairs: Option<f64>,
+    /// Key/value heads (decode records; `n` is then the cache length).
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+    /// New queries per sequence (decode records).
+    #[serde(default)]
+    pub new: Option<usize>,
+    /// Bytes read and written (the `copy` record of the device's copy bandwidth).
+    #[serde(default)]
+    pub bytes: Option<f64>,
 }
 
 /// Our time over one peer's, for a matching row.

@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
 use crate::dispatch::{serve_tiled, Declines, Pass};
+use crate::grouped_rows;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
 use crate::shape::AttentionShape;
@@ -157,8 +158,24 @@ fn extension_serves(kind: &DispatchTensorKind) -> bool {
 }
 
 /// The banded op through Burn's dispatch (the extension where it serves the backend, the
-/// tiled tensor ops otherwise, differentiated by Burn's autodiff there).
+/// tiled tensor ops otherwise, differentiated by Burn's autodiff there). Grouped-query calls
+/// whose every query sees every key run with each group's query heads as rows of one head
+/// (`grouped_rows`).
 pub(crate) fn banded(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    options: &AttentionOptions,
+) -> (Tensor<4>, Tensor<3>) {
+    let shape = AttentionShape::of(&q, &k, &v).expect("the callers checked the shapes");
+    if grouped_rows::packs(&shape, options) {
+        return grouped_rows::packed(q, k, v, &shape, options, banded_heads);
+    }
+    banded_heads(q, k, v, options)
+}
+
+/// [`banded`] with the call's heads as they are.
+pub(crate) fn banded_heads(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,

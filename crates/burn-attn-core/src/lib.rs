@@ -24,6 +24,7 @@ mod block_mask;
 mod block_mask_cache;
 mod dispatch;
 mod error;
+mod grouped_rows;
 mod linear;
 mod masked;
 mod options;
