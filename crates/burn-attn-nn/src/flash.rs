@@ -11,6 +11,7 @@ use burn_attn_core::{
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
+use crate::rotary::{rotate_heads, validate_rotary};
 
 /// Configuration of [`FlashAttention`].
 #[derive(Config, Debug)]
@@ -54,6 +55,11 @@ pub struct FlashAttentionConfig {
     /// `None`.
     #[config(default = "None")]
     pub softcap: Option<f64>,
+    /// Rotary position embeddings on the projected queries and keys, with this base
+    /// (10000.0 in RoFormer and Llama; burn-nn's `RotaryEncoding`), decoding included;
+    /// the head dim must be even. Default: `None`.
+    #[config(default = "None")]
+    pub rotary_theta: Option<f32>,
 }
 
 impl FlashAttentionConfig {
@@ -61,6 +67,7 @@ impl FlashAttentionConfig {
     pub fn validate(&self) -> Result<(), AttentionError> {
         validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
         validate_dropout(self.dropout)?;
+        validate_rotary(self.rotary_theta, self.d_model / self.n_heads)?;
         if self.block_size == 0 {
             return Err(AttentionError::ZeroSize { what: "block_size" });
         }
@@ -101,6 +108,7 @@ impl FlashAttentionConfig {
             dropout: self.dropout,
             alibi: self.alibi,
             softcap: self.softcap,
+            rotary_theta: self.rotary_theta,
             block_masks: BlockMaskCache::new(),
         }
     }
@@ -129,6 +137,8 @@ pub struct FlashAttention {
     pub alibi: bool,
     /// Tanh softcap of the scores.
     pub softcap: Option<f64>,
+    /// Base of the rotary position embeddings, if any.
+    pub rotary_theta: Option<f32>,
     /// The band's block-sparse plan of the last masked call's lengths (padding, documents,
     /// dropout, score modifiers), reused by the next calls of the same lengths on the GPU
     /// kernels (clones of the module share it).
@@ -165,7 +175,14 @@ impl FlashAttention {
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
         let masks = self.with_score_modifiers(input.masks(self.dropout));
         let pattern = KeyPattern::default();
-        attend(&self.projection, input, &pattern, &self.options(), &masks)
+        attend(
+            &self.projection,
+            input,
+            &pattern,
+            &self.options(),
+            &masks,
+            self.rotary_theta,
+        )
     }
 
     /// Self-attention over packed sequences: each row of `x` (`[batch, seq, d_model]`)
@@ -182,7 +199,14 @@ impl FlashAttention {
         let masks = self.with_score_modifiers(packed_masks(documents.into(), self.dropout));
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
-        attend(&self.projection, input, &pattern, &self.options(), &masks)
+        attend(
+            &self.projection,
+            input,
+            &pattern,
+            &self.options(),
+            &masks,
+            self.rotary_theta,
+        )
     }
 
     /// Decoding: self-attention of the next tokens `x` (`[batch, new, d_model]`) over every
@@ -217,6 +241,7 @@ impl FlashAttention {
             &pattern,
             &self.options(),
             &masks,
+            self.rotary_theta,
         )
     }
 
@@ -248,16 +273,21 @@ impl FlashAttention {
     }
 }
 
-/// The exact modules' one path: projections, [`masked_attention`] under `pattern`,
-/// `options` and `masks`, output projection.
+/// The exact modules' one path: projections (with rotary embeddings of base `rotary`),
+/// [`masked_attention`] under `pattern`, `options` and `masks`, output projection.
 pub(crate) fn attend(
     projection: &MultiHeadProjection,
     input: AttentionInput,
     pattern: &KeyPattern,
     options: &AttentionOptions,
     masks: &AttentionMasks,
+    rotary: Option<f32>,
 ) -> Tensor<3> {
-    let h = projection.split(input.query, input.key, input.value);
+    let h = rotate_heads(
+        projection.split(input.query, input.key, input.value),
+        rotary,
+        0,
+    );
     projection.merge(masked_attention(h.q, h.k, h.v, pattern, options, masks))
 }
 
@@ -392,6 +422,40 @@ mod tests {
             exact_check(FlashAttentionConfig::new(32, 4), 2, seq);
             exact_check(FlashAttentionConfig::new(32, 4).with_causal(true), 2, seq);
         }
+    }
+
+    /// Rotary embeddings equal burn-nn's `RotaryEncoding` applied by hand to the projected
+    /// queries and keys (and change the result).
+    #[test]
+    fn rotary_equals_burn_nn_rotary_applied_by_hand() {
+        use burn::nn::RotaryEncodingConfig;
+        let x = randn([2, 9, 16], &cpu());
+        let plain = FlashAttentionConfig::new(16, 2).with_causal(true);
+        let module = plain.clone().with_rotary_theta(Some(100.0)).init(&cpu());
+        let got = module.forward(x.clone());
+        let h = module.projection().split_self(x.clone());
+        let rope = RotaryEncodingConfig::new(9, 8)
+            .with_theta(100.0)
+            .init(&cpu());
+        let out =
+            burn_attn_core::attention(rope.forward(h.q), rope.forward(h.k), h.v, &module.options());
+        let want = module.projection().merge(out);
+        assert_close(got.clone(), want, 1e-5);
+        let unrotated = FlashAttention {
+            rotary_theta: None,
+            ..module.clone()
+        };
+        let diff = (got - unrotated.forward(x))
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(diff > 1e-2, "rotary changed nothing ({diff})");
+        assert!(FlashAttentionConfig::new(12, 4)
+            .with_rotary_theta(Some(1e4))
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("head dim 3 must be even"));
     }
 
     #[test]

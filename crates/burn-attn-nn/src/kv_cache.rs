@@ -7,6 +7,7 @@ use burn_attn_core::{
 };
 
 use crate::projection::MultiHeadProjection;
+use crate::rotary::rotate_heads;
 
 /// A key/value cache for decoding with [`FlashAttention::forward_cache`] and
 /// [`SlidingWindowAttention::forward_cache`]: keys and values `[batch, kv_heads, len,
@@ -198,7 +199,8 @@ fn check_like(what: &str, held: &Tensor<4>, new: &Tensor<4>) -> Result<(), Atten
 /// Decoding through `cache` for the exact modules: projects the new tokens `x` (`[batch,
 /// new, d_model]`), appends their keys and values, and attends the new queries over every
 /// cached key under `pattern` and `options` (bottom-right aligned: the new tokens are the
-/// last positions) and `masks` (dropout, ALiBi; no mask tied to a length). Only causal
+/// last positions) and `masks` (dropout, ALiBi; no mask tied to a length), with rotary
+/// embeddings of base `rotary` at the tokens' positions (from the cache's). Only causal
 /// attention decodes: a later token would change what an
 /// earlier one sees.
 pub(crate) fn decode(
@@ -208,6 +210,7 @@ pub(crate) fn decode(
     pattern: &KeyPattern,
     options: &AttentionOptions,
     masks: &AttentionMasks,
+    rotary: Option<f32>,
 ) -> Result<Tensor<3>, AttentionError> {
     if !(pattern.causal || options.causal) {
         return Err(AttentionError::Invalid(
@@ -216,7 +219,7 @@ pub(crate) fn decode(
                 .into(),
         ));
     }
-    let h = projection.split_self(x);
+    let h = rotate_heads(projection.split_self(x), rotary, cache.seen());
     let keep = pattern.window.intersect(options.window).left;
     let (k, v) = cache.append(h.k, h.v, keep)?;
     let out = try_masked_attention(h.q, k, v, pattern, options, masks)?;
@@ -250,11 +253,18 @@ mod tests {
     #[test]
     fn decoding_equals_the_full_forward() {
         let x = randn([2, 23, 32], &cpu());
-        for window_left in [None, Some(5)] {
+        // Rotary embeddings continue at the cache's position.
+        for (window_left, rotary) in [
+            (None, None),
+            (Some(5), None),
+            (None, Some(100.0)),
+            (Some(5), Some(100.0)),
+        ] {
             let module = FlashAttentionConfig::new(32, 4)
                 .with_n_kv_heads(Some(2))
                 .with_causal(true)
                 .with_window_left(window_left)
+                .with_rotary_theta(rotary)
                 .init(&cpu());
             let want = module.forward(x.clone());
             for (kind, chunk) in [

@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod learned_sparse;
 pub mod linear;
 pub mod projection;
+mod rotary;
 pub mod sliding_window;
 pub mod sparse;
 #[cfg(test)]

@@ -167,6 +167,7 @@ impl SlidingWindowAttention {
             &pattern,
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             &masks,
+            None,
         )
     }
 
@@ -178,6 +179,7 @@ impl SlidingWindowAttention {
             &pattern,
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             masks,
+            None,
         )
     }
 
