@@ -284,4 +284,12 @@ fn bad_score_terms_are_errors() {
         });
         assert!(err.contains(&format!("softcap {cap}")), "{err}");
     }
+    let err = run(AttentionMasks {
+        score_bias: Some(Tensor::<4>::zeros([1, 2, 6, 5], &cpu())),
+        ..AttentionMasks::default()
+    });
+    assert!(
+        err.contains("score bias") && err.contains("[1, 2, 6, 5]"),
+        "{err}"
+    );
 }

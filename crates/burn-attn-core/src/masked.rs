@@ -101,6 +101,12 @@ pub struct AttentionMasks {
     /// A tanh softcap (Gemma 2's): the scaled scores become `softcap * tanh(s / softcap)`
     /// before the other terms; finite and positive. Differentiable (in the scores).
     pub softcap: Option<f64>,
+    /// Any additive bias on the scaled scores, `[batch or 1, heads or 1, seq_q, seq_k]`
+    /// (query heads; relative-position biases, T5-style; `-inf` hides a key). Differentiable.
+    /// It costs O(seq_q * seq_k) memory, and no kernel reads it: such calls take the tiled
+    /// tensor ops on every backend (the dispatch log says why). Prefer `key_bias`,
+    /// `soft_edge` or `alibi` where they express the bias: the kernels evaluate those.
+    pub score_bias: Option<Tensor<4>>,
     /// Probability of dropping an attention probability, in `[0, 1)`; applies only while
     /// the backend tracks gradients (training).
     pub dropout: f64,
@@ -108,12 +114,13 @@ pub struct AttentionMasks {
 
 impl AttentionMasks {
     /// Whether the call changes scores beyond hiding them (a key bias, a soft edge, ALiBi,
-    /// a softcap).
+    /// a softcap, a score bias).
     fn has_score_terms(&self) -> bool {
         self.key_bias.is_some()
             || self.soft_edge.is_some()
             || self.alibi.is_some()
             || self.softcap.is_some()
+            || self.score_bias.is_some()
     }
 }
 
@@ -199,6 +206,8 @@ pub fn try_masked_attention(
         "document ids"
     } else if masks.attention_mask.is_some() {
         "attention masks"
+    } else if masks.score_bias.is_some() {
+        "a score bias (no kernel reads one)"
     } else if masks.has_score_terms() {
         "score terms"
     } else {
@@ -209,17 +218,19 @@ pub fn try_masked_attention(
         .map(|imp| (imp, Decline::Mask(why)))
         .to_vec();
     #[cfg(feature = "cube")]
-    match crate::backend::sparse::sparse_kernel_attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        &pattern,
-        options,
-        masks,
-        dropout_active.then_some(dropout),
-    ) {
-        Ok(out) => return Ok(out),
-        Err(sparse_declined) => declined.extend(sparse_declined),
+    if masks.score_bias.is_none() {
+        match crate::backend::sparse::sparse_kernel_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            options,
+            masks,
+            dropout_active.then_some(dropout),
+        ) {
+            Ok(out) => return Ok(out),
+            Err(sparse_declined) => declined.extend(sparse_declined),
+        }
     }
     let mut spec = TiledSpec::new(&pattern, options.scale_for(shape.head_dim))
         .with_tile(options.tile.unwrap_or(DEFAULT_TILE));
@@ -235,6 +246,7 @@ pub fn try_masked_attention(
         key_bias: masks.key_bias.as_ref(),
         soft_edge: masks.soft_edge.as_ref(),
         alibi: masks.alibi.as_deref(),
+        score_bias: masks.score_bias.as_ref(),
         offset: shape.seq_k as i64 - shape.seq_q as i64,
         device: q.device(),
     };
@@ -298,6 +310,22 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
             return Err(AttentionError::Invalid(format!(
                 "softcap {cap} (takes a finite value > 0)"
             )));
+        }
+    }
+    if let Some(bias) = &masks.score_bias {
+        let dims = bias.dims();
+        let fits = (dims[0] == 1 || dims[0] == shape.batch)
+            && (dims[1] == 1 || dims[1] == shape.heads)
+            && dims[2..] == [shape.seq_q, shape.seq_k];
+        if !fits {
+            return Err(AttentionError::Shape {
+                what: "score bias",
+                expected: format!(
+                    "[{} or 1, {} or 1, {}, {}] (batch, query heads, seq_q, seq_k)",
+                    shape.batch, shape.heads, shape.seq_q, shape.seq_k
+                ),
+                got: dims.to_vec(),
+            });
         }
     }
     check_score_terms(
