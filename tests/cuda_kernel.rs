@@ -189,13 +189,15 @@ mod on_cuda {
     /// Learned sparsity and adaptive windows on CUDA give the CPU's outputs and gradients.
     #[test]
     fn cuda_score_term_modules_match_the_cpu() {
-        check_score_term_modules::<Gpu>();
+        // Burn's f32 matmul (the projections) runs on tf32 tensor cores on CUDA.
+        check_score_term_modules::<Gpu>(2e-3);
     }
 
     /// Decoding with a key/value cache on CUDA equals the full forward's rows.
     #[test]
     fn cuda_cached_decoding_matches_the_full_forward() {
-        check_cached_decoding::<Gpu>();
+        // Burn's f32 matmul (the projections) runs on tf32 tensor cores on CUDA.
+        check_cached_decoding::<Gpu>(2e-3);
     }
 
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.

@@ -115,7 +115,7 @@ pub struct AttentionMasks {
 impl AttentionMasks {
     /// Whether the call changes scores beyond hiding them (a key bias, a soft edge, ALiBi,
     /// a softcap, a score bias).
-    fn has_score_terms(&self) -> bool {
+    pub(crate) fn has_score_terms(&self) -> bool {
         self.key_bias.is_some()
             || self.soft_edge.is_some()
             || self.alibi.is_some()

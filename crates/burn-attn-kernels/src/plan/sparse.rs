@@ -52,13 +52,29 @@ impl SparseBackward {
     }
 }
 
+impl SparsePlan {
+    /// The backward of a call with (`terms_or_dropout`) or without score terms and dropout:
+    /// such calls take the portable backward, whose score-term gradients and dropout have
+    /// been checked on a CUDA device, where the matrix-unit backward's have not been yet.
+    pub fn backward_for(&self, terms_or_dropout: bool) -> SparseBackward {
+        if terms_or_dropout {
+            SparseBackward::Unit(self.portable_backward)
+        } else {
+            self.backward
+        }
+    }
+}
+
 /// The forward and backward plans of a block-sparse call, and its block grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparsePlan {
     /// The forward's plan.
     pub forward: SparseForward,
-    /// The backward's plans (dQ; dK/dV).
+    /// The backward's plans (dQ; dK/dV): the matrix-unit ones where they take the call.
     pub backward: SparseBackward,
+    /// The portable backward's plans, for calls the matrix-unit backward does not take
+    /// ([`SparsePlan::backward_for`]).
+    pub portable_backward: UnitBackwardPlan,
     /// Query rows per block of the lists: a multiple of every kernel's query tile.
     pub block_q: usize,
     /// Keys per block of the lists: a multiple of every kernel's key tile.
@@ -81,21 +97,25 @@ pub fn plan_sparse(
             other => unreachable!("the portable forward plans {other:?}"),
         },
     };
+    let BackwardPlan::Unit(portable_backward) =
+        plan_backward(BackwardKernel::Unit, problem, caps, forced)?
+    else {
+        unreachable!("the portable backward plans portable kernels")
+    };
     let backward = match plan_backward(BackwardKernel::Mma, problem, caps, forced) {
         Ok(BackwardPlan::Mma(plan)) if plan.async_copy => SparseBackward::Mma(plan),
-        _ => match plan_backward(BackwardKernel::Unit, problem, caps, forced)? {
-            BackwardPlan::Unit(plan) => SparseBackward::Unit(plan),
-            other => unreachable!("the portable backward plans {other:?}"),
-        },
+        _ => SparseBackward::Unit(portable_backward),
     };
     let [dq, kv] = backward.tiles();
+    let [u_dq, u_kv] = SparseBackward::Unit(portable_backward).tiles();
     let (f_rows, f_cols) = forward.tile();
     // Tiles are powers of two: the largest is a multiple of the others.
     Ok(SparsePlan {
         forward,
         backward,
-        block_q: f_rows.max(dq.0).max(kv.0),
-        block_k: f_cols.max(dq.1).max(kv.1),
+        portable_backward,
+        block_q: f_rows.max(dq.0).max(kv.0).max(u_dq.0).max(u_kv.0),
+        block_k: f_cols.max(dq.1).max(kv.1).max(u_dq.1).max(u_kv.1),
     })
 }
 
