@@ -20,6 +20,8 @@
 #             ratios; MASKS_ARGS / FLEX_ARGS pass options (`--only block-random`)
 #   masks-vulkan  the same masks through Vulkan (the portable kernels, f32 and f16;
 #             `build` makes `burn-attn-bench-vulkan`; the Vulkan loader must be installed)
+#   decode    one decoding step's attention (`burn-attn-bench decode`) beside PyTorch's SDPA
+#             with `enable_gqa` and the copy bandwidth (scripts/peers/torch_decode.py)
 #   compare   the comparison tool's CUDA table (bf16, n = 4096 and 16384, 32768 tokens per
 #             length, training steps too: `--train`); COMPARE_ARGS passes options
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
@@ -76,6 +78,10 @@ for step in "$@"; do
           --backend wgpu --dtype $dtype --backward --json "$OUT/masks-vulkan-$dtype.json" \
           ${MASKS_ARGS:-} 2>&1 | tee "$OUT/masks-vulkan-$dtype.log"
       done ;;
+    decode)
+      timeout 300 python3 scripts/peers/torch_decode.py "$OUT/decode-peers.json" ${DECODE_PEER_ARGS:-} 2>&1 | tee "$OUT/decode-peers.log"
+      timeout 200 "$BIN/burn-attn-bench" decode --backend cuda --dtype bf16 \
+        --peers "$OUT/decode-peers.json" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" ;;
     compare)
       timeout 560 "$BIN/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 \
         --lengths 4096,16384 --heads 16 --head-dim 128 --train --no-structured --repeats 5 \
@@ -99,6 +105,6 @@ for step in "$@"; do
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;
-    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan compare durations sanitize)"; exit 2 ;;
+    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode compare durations sanitize)"; exit 2 ;;
   esac
 done
