@@ -18,7 +18,7 @@ pub(crate) fn validate_rotary(theta: Option<f32>, head_dim: usize) -> Result<(),
         Some(theta) if !(theta.is_finite() && theta > 0.0) => Err(AttentionError::Invalid(
             format!("rotary_theta must be finite and positive, got {theta}"),
         )),
-        Some(_) if head_dim % 2 != 0 => Err(AttentionError::Invalid(format!(
+        Some(_) if !head_dim.is_multiple_of(2) => Err(AttentionError::Invalid(format!(
             "rotary embeddings rotate feature pairs: head dim {head_dim} must be even"
         ))),
         _ => Ok(()),

@@ -163,11 +163,54 @@ impl ElementRules {
         hash < self.drop_threshold
     }
 
-    /// Fills a unit's `rows x cols` register tile of flags (row-major): the hidden bit (1) where
-    /// [`ElementRules::hides`] (also past `seq_q` or `seq_k`) or a score term hides the key,
-    /// plus the dropped bit (2) where dropout drops the probability (with `rules.dropout`);
-    /// with score terms, `bias` and `slope` of [`ElementRules::term`] in the same order (0
-    /// past the sequence ends; 1-element placeholders without terms). Register row `a` is
+    /// The rules' verdict on query `i`, key `j` of batch `b`, query head `h`: hidden past
+    /// `seq_q` or `seq_k`, where [`ElementRules::hides`] says so or a score term hides the
+    /// key; dropped where dropout drops it (with `rules.dropout`); with score terms, the
+    /// bias and slope of [`ElementRules::term`] (0 past the sequence ends).
+    #[allow(clippy::too_many_arguments)]
+    pub fn element(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+        seq_q: usize,
+        seq_k: usize,
+        layout: &Tensor<i32>,
+        padding: &Tensor<i32>,
+        doc_q: &Tensor<i32>,
+        doc_k: &Tensor<i32>,
+        dense: &Tensor<i32>,
+        seed: &Tensor<i32>,
+        key_bias: &Tensor<f32>,
+        reach: &Tensor<f32>,
+        slopes: &Tensor<f32>,
+        #[comptime] rules: RuleSet,
+    ) -> ElementVerdict {
+        let mut verdict = ElementVerdict {
+            hidden: true,
+            dropped: false,
+            bias: f32::new(0.0),
+            slope: f32::new(0.0),
+        };
+        if i < seq_q && j < seq_k {
+            verdict.hidden = self.hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules);
+            if comptime!(rules.dropout) {
+                verdict.dropped = self.drops(b, h, i, j, seed);
+            }
+            if comptime!(rules.has_terms()) {
+                let term = self.term(b, h, i, j, key_bias, reach, slopes, rules);
+                verdict.bias = term.bias;
+                verdict.slope = term.slope;
+                verdict.hidden = verdict.hidden || term.hidden;
+            }
+        }
+        verdict
+    }
+
+    /// Fills a unit's `rows x cols` register tile of flags (row-major): the hidden bit (1)
+    /// and the dropped bit (2) of [`ElementRules::element`]; with score terms, `bias` and
+    /// `slope` in the same order (1-element placeholders without terms). Register row `a` is
     /// query `i0 + a * row_step` and column `c` key `j0 + c * col_step`, or with
     /// `keys_major` row `a` is key `j0 + a * row_step` and column `c` query `i0 + c *
     /// col_step` (the transposed tiles of a key-major pass); `h` is the query head.
@@ -210,33 +253,28 @@ impl ElementRules {
                     j = j0 + a * row_step;
                 }
                 let at = a * cols + c;
-                let mut flags = 1u32;
-                let mut term_bias = f32::new(0.0);
-                let mut term_slope = f32::new(0.0);
-                if i < seq_q && j < seq_k {
-                    flags = select(
-                        self.hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules),
-                        1u32,
-                        0u32,
-                    );
-                    if comptime!(rules.dropout) {
-                        flags |= select(self.drops(b, h, i, j, seed), 2u32, 0u32);
-                    }
-                    if comptime!(rules.has_terms()) {
-                        let term = self.term(b, h, i, j, key_bias, reach, slopes, rules);
-                        term_bias = term.bias;
-                        term_slope = term.slope;
-                        flags |= select(term.hidden, 1u32, 0u32);
-                    }
-                }
-                hide[at] = flags;
+                let verdict = self.element(
+                    b, h, i, j, seq_q, seq_k, layout, padding, doc_q, doc_k, dense, seed, key_bias,
+                    reach, slopes, rules,
+                );
+                hide[at] = select(verdict.hidden, 1u32, 0u32) | select(verdict.dropped, 2u32, 0u32);
                 if comptime!(rules.has_terms()) {
-                    bias[at] = term_bias;
-                    slope[at] = term_slope;
+                    bias[at] = verdict.bias;
+                    slope[at] = verdict.slope;
                 }
             }
         }
     }
+}
+
+/// What the rules make of one element: hidden (no probability), dropped by dropout, and
+/// its score terms' bias and the bias's derivative by the query's reach.
+#[derive(CubeType, Clone, Copy)]
+pub struct ElementVerdict {
+    pub hidden: bool,
+    pub dropped: bool,
+    pub bias: f32,
+    pub slope: f32,
 }
 
 /// The score terms of one element: the bias added to its scaled score, the bias's

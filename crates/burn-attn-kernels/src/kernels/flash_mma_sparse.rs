@@ -238,24 +238,15 @@ pub fn flash_mma_sparse_kernel<F: Float, P: ForwardProducts, N: Size>(
                     for e in 0..4usize {
                         let i = band.row_a as usize + 16 * mt + 8 * (e / 2);
                         let j = t0 as usize + kt * 8 + 2 * band.t + e % 2;
-                        let mut flags = 1u32;
-                        if i < seq_q && j < seq_k {
-                            flags = select(
-                                element_rules
-                                    .hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules),
-                                1u32,
-                                0u32,
-                            );
-                            if comptime!(rules.dropout) {
-                                flags |= select(element_rules.drops(b, h, i, j, seed), 2u32, 0u32);
-                            }
-                            if comptime!(terms) {
-                                let term =
-                                    element_rules.term(b, h, i, j, key_bias, reach, slopes, rules);
-                                bias[(mt * tile.k_tiles + kt) * 4 + e] = term.bias;
-                                flags |= select(term.hidden, 1u32, 0u32);
-                            }
+                        let verdict = element_rules.element(
+                            b, h, i, j, seq_q, seq_k, layout, padding, doc_q, doc_k, dense, seed,
+                            key_bias, reach, slopes, rules,
+                        );
+                        if comptime!(terms) {
+                            bias[(mt * tile.k_tiles + kt) * 4 + e] = verdict.bias;
                         }
+                        let flags = select(verdict.hidden, 1u32, 0u32)
+                            | select(verdict.dropped, 2u32, 0u32);
                         let at = flag_bit(mt * tile.k_tiles + kt, e);
                         hide[at / 32] |= flags << (at % 32) as u32;
                     }

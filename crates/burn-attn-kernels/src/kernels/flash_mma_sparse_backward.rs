@@ -91,19 +91,15 @@ fn sparse_logit(
         e.d_cap = f32::new(1.0) - th * th;
     }
     if masked && !e.hidden {
-        e.hidden = rules_at.hides(b, i, j, layout, padding, doc_q, doc_k, dense, rules);
+        let verdict = rules_at.element(
+            b, h, i, j, seq_q, seq_k, layout, padding, doc_q, doc_k, dense, seed, key_bias, reach,
+            slopes, rules,
+        );
+        e.hidden = verdict.hidden;
+        e.x += verdict.bias;
+        e.slope = verdict.slope;
         if comptime!(rules.dropout) {
-            e.keep = select(
-                rules_at.drops(b, h, i, j, seed),
-                f32::new(0.0),
-                rules_at.keep_scale,
-            );
-        }
-        if comptime!(rules.has_terms()) {
-            let term = rules_at.term(b, h, i, j, key_bias, reach, slopes, rules);
-            e.x += term.bias;
-            e.slope = term.slope;
-            e.hidden = e.hidden || term.hidden;
+            e.keep = select(verdict.dropped, f32::new(0.0), rules_at.keep_scale);
         }
     }
     e
