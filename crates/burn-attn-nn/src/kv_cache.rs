@@ -292,6 +292,7 @@ mod tests {
         let module = SlidingWindowAttentionConfig::new(32, 4)
             .with_window(6)
             .with_causal(true)
+            .with_rotary_theta(Some(100.0))
             .init(&cpu());
         let x = randn([1, 40, 32], &cpu());
         let want = module.forward(x.clone());

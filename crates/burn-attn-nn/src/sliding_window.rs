@@ -12,6 +12,7 @@ use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection};
+use crate::rotary::validate_rotary;
 
 /// Configuration of [`SlidingWindowAttention`].
 #[derive(Config, Debug)]
@@ -37,6 +38,11 @@ pub struct SlidingWindowAttentionConfig {
     /// Look only backwards. Default: `false` (symmetric).
     #[config(default = false)]
     pub causal: bool,
+    /// Rotary position embeddings on the projected queries and keys, with this base
+    /// (as [`FlashAttentionConfig::rotary_theta`](crate::FlashAttentionConfig::rotary_theta)),
+    /// decoding included; the head dim must be even. Default: `None`.
+    #[config(default = "None")]
+    pub rotary_theta: Option<f32>,
 }
 
 impl SlidingWindowAttentionConfig {
@@ -44,6 +50,7 @@ impl SlidingWindowAttentionConfig {
     pub fn validate(&self) -> Result<(), AttentionError> {
         validate_heads(self.d_model, self.n_heads, self.n_kv_heads)?;
         validate_dropout(self.dropout)?;
+        validate_rotary(self.rotary_theta, self.d_model / self.n_heads)?;
         if self.window == 0 {
             return Err(AttentionError::ZeroSize { what: "window" });
         }
@@ -62,6 +69,7 @@ impl SlidingWindowAttentionConfig {
             window: self.window,
             causal: self.causal,
             dropout: self.dropout,
+            rotary_theta: self.rotary_theta,
             block_masks: BlockMaskCache::new(),
         }
     }
@@ -79,6 +87,8 @@ pub struct SlidingWindowAttention {
     pub causal: bool,
     /// Dropout on probabilities while training.
     pub dropout: f64,
+    /// Base of the rotary position embeddings, if any.
+    pub rotary_theta: Option<f32>,
     /// The band's block-sparse plan of the last masked call's lengths, reused by the next
     /// calls of the same lengths on the GPU kernels (clones of the module share it).
     #[module(skip)]
@@ -167,7 +177,7 @@ impl SlidingWindowAttention {
             &pattern,
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             &masks,
-            None,
+            self.rotary_theta,
         )
     }
 
@@ -179,7 +189,7 @@ impl SlidingWindowAttention {
             &pattern,
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             masks,
-            None,
+            self.rotary_theta,
         )
     }
 
