@@ -5,8 +5,10 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn_attn::cores::KeyPattern;
+use burn_attn::cores::{causal_linear_attention, linear_attention, KeyPattern};
 use burn_attn::nn::complexity::{Cost, Method};
+use burn_attn::nn::linear::FeatureMap;
+use burn_attn::nn::projection::Heads;
 use burn_attn::{pattern_attention, AttentionOptions};
 use burn_attn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
@@ -93,9 +95,9 @@ pub struct Row {
     pub median_ms: f64,
     /// Fastest forward pass, in milliseconds.
     pub min_ms: f64,
-    /// Median time of the attention core alone (on pre-projected Q/K/V, no projections),
-    /// for methods whose core is a pattern attention (flash, sparse, sliding window,
-    /// hybrid): what the peers' kernels compute.
+    /// Median time of the attention core alone (on pre-projected Q/K/V, no projections;
+    /// the linear cores on feature-mapped Q and K), for flash, sparse, sliding window,
+    /// hybrid, linear and causal linear: what the peers' kernels compute.
     #[serde(default)]
     pub core_ms: Option<f64>,
     /// Median time of a training step of the whole module (forward and backward of
@@ -267,21 +269,30 @@ impl Variant {
         }
     }
 
-    /// The key pattern and options the module's core runs at length `n`, when its core
-    /// is a pattern attention.
-    fn core(&self, n: usize) -> Option<(KeyPattern, AttentionOptions)> {
+    /// The core the module runs at length `n`, where it has one to time alone.
+    fn core(&self, n: usize) -> Option<Core> {
+        let pattern = |pattern, options| Some(Core::Pattern(pattern, options));
         match self {
-            Variant::Flash(m) => Some((KeyPattern::default(), m.options())),
+            Variant::Flash(m) => pattern(KeyPattern::default(), m.options()),
             // With the module's block-sparse plan cache, as its forward runs.
-            Variant::Sparse(m) => Some((
+            Variant::Sparse(m) => pattern(
                 m.key_pattern(n, n),
                 AttentionOptions::new().with_block_mask_cache(m.block_masks.clone()),
-            )),
-            Variant::Sliding(m) => Some((
+            ),
+            Variant::Sliding(m) => pattern(
                 KeyPattern::band(m.band(), m.causal),
                 AttentionOptions::new(),
-            )),
-            Variant::Hybrid(m) => Some((m.key_pattern(n), AttentionOptions::new())),
+            ),
+            Variant::Hybrid(m) => pattern(m.key_pattern(n), AttentionOptions::new()),
+            Variant::Linear(m) => Some(Core::Linear {
+                map: m.feature_map,
+                eps: m.eps,
+            }),
+            Variant::CausalLinear(m) => Some(Core::CausalLinear {
+                map: m.feature_map,
+                eps: m.eps,
+                chunk: m.chunk_size,
+            }),
             _ => None,
         }
     }
@@ -289,6 +300,50 @@ impl Variant {
     /// Whether the reference is causal exact attention.
     fn causal(&self) -> bool {
         matches!(self, Variant::CausalLinear(_))
+    }
+}
+
+/// An attention core timed alone, on the module's own projections of the input.
+enum Core {
+    /// `pattern_attention` with these options.
+    Pattern(KeyPattern, AttentionOptions),
+    /// `linear_attention` on feature-mapped queries and keys.
+    Linear { map: FeatureMap, eps: f64 },
+    /// `causal_linear_attention` on feature-mapped queries and keys.
+    CausalLinear {
+        map: FeatureMap,
+        eps: f64,
+        chunk: usize,
+    },
+}
+
+impl Core {
+    /// The core on projected heads: the linear cores take their feature map's outputs
+    /// (applied once, outside the timing, as the peers' kernels take them).
+    fn runner(self, h: Heads) -> Box<dyn Fn() -> Tensor<4>> {
+        match self {
+            Core::Pattern(pattern, options) => Box::new(move || {
+                pattern_attention(
+                    h.q.clone(),
+                    h.k.clone(),
+                    h.v.clone(),
+                    &pattern,
+                    &options,
+                    None,
+                    0.0,
+                )
+            }),
+            Core::Linear { map, eps } => {
+                let (q, k) = (map.apply(h.q), map.apply(h.k));
+                Box::new(move || linear_attention(q.clone(), k.clone(), h.v.clone(), eps, None))
+            }
+            Core::CausalLinear { map, eps, chunk } => {
+                let (q, k) = (map.apply(h.q), map.apply(h.k));
+                Box::new(move || {
+                    causal_linear_attention(q.clone(), k.clone(), h.v.clone(), chunk, eps, None).0
+                })
+            }
+        }
     }
 }
 
@@ -445,18 +500,10 @@ fn measure(
     let times = timed_ms(args.repeats, || drop(forward_synced(&variant, &x, device)));
     let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
 
-    let core_ms = variant.core(n).map(|(pattern, options)| {
-        let h = variant.projection().split_self(x.clone());
+    let core_ms = variant.core(n).map(|core| {
+        let run = core.runner(variant.projection().split_self(x.clone()));
         let core = || {
-            let out = pattern_attention(
-                h.q.clone(),
-                h.k.clone(),
-                h.v.clone(),
-                &pattern,
-                &options,
-                None,
-                0.0,
-            );
+            let out = run();
             let _ = device.sync();
             out
         };

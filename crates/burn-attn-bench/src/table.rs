@@ -23,8 +23,8 @@ peak MiB: see the header (host allocator on the CPU, device memory pool on GPUs)
 model MiB: complexity model, attention intermediates plus Q/K/V/output activations in f32 \
 (it counts one n x n matrix for exact; the materialised baseline holds a few).
 median ms: the whole module (projections included); core ms: the attention core alone on \
-pre-projected Q/K/V (pattern-attention cores only), what the peers time; train ms: a \
-training step of the whole module, forward and backward (--train).
+pre-projected Q/K/V (the linear cores on feature-mapped Q and K), what the peers time; \
+train ms: a training step of the whole module, forward and backward (--train).
 GFLOP/s: the model's attention FLOPs (FlashAttention count) over the core time (the median \
 when there is none).
 err max/mean: |output - exact| on random normal inputs, against materialised exact \
