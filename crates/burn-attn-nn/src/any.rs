@@ -145,8 +145,8 @@ impl AnyAttention {
     }
 
     /// Decoding with a key/value cache ([`KvCache`]), as the chosen mechanism's
-    /// `try_forward_cache`: the exact causal mechanisms (flash, sliding window). Another
-    /// mechanism is an error naming it.
+    /// `try_forward_cache`: the exact causal mechanisms (flash, sliding window, sparse with
+    /// a local or strided pattern). Another mechanism is an error naming it.
     pub fn try_forward_cache(
         &self,
         x: Tensor<3>,
@@ -155,9 +155,10 @@ impl AnyAttention {
         match self {
             Self::Flash(m) => m.try_forward_cache(x, cache),
             Self::SlidingWindow(m) => m.try_forward_cache(x, cache),
+            Self::Sparse(m) => m.try_forward_cache(x, cache),
             _ => Err(AttentionError::Invalid(format!(
-                "{} attention does not decode with a key/value cache (flash and \
-                 sliding-window do)",
+                "{} attention does not decode with a key/value cache (flash, sliding-window \
+                 and sparse do)",
                 self.name()
             ))),
         }
@@ -303,8 +304,8 @@ mod tests {
     }
 
     /// Flash (causal) decodes through its cache as its own module does; the sliding window
-    /// of the test configs is not causal and mechanisms without a cache form are refused:
-    /// both name the reason.
+    /// and sparse configs of the test are not causal and mechanisms without a cache form
+    /// are refused: both name the reason.
     #[test]
     fn decoding_where_the_mechanism_has_it() {
         let device = cpu();
@@ -320,7 +321,7 @@ mod tests {
                 }
                 Err(err) => {
                     let err = err.to_string();
-                    let why = if any.name() == "sliding-window" {
+                    let why = if matches!(any.name(), "sliding-window" | "sparse") {
                         "causal"
                     } else {
                         any.name()

@@ -79,6 +79,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Whether the cache keeps only the keys a window still shows ([`KvCache::rolling`]).
+    pub fn is_rolling(&self) -> bool {
+        matches!(self.kind, CacheKind::Rolling)
+    }
+
     /// Tokens appended since the cache was created or cleared: the position of the next
     /// token.
     pub fn seen(&self) -> usize {
@@ -285,6 +290,65 @@ mod tests {
                 assert_eq!(cache.len(), held, "{kind:?} window {window_left:?}");
             }
         }
+    }
+
+    /// Sparse attention decodes its local (rolling cache) and strided (growing cache)
+    /// patterns to the full forward's rows, and refuses a random one or a strided pattern
+    /// on a rolling cache, naming why.
+    #[test]
+    fn sparse_patterns_decode_where_they_can() {
+        use crate::{SparseAttentionConfig, SparsePattern};
+        let x = randn([2, 41, 32], &cpu());
+        let module = |pattern| {
+            SparseAttentionConfig::new(32, 4)
+                .with_n_kv_heads(Some(2))
+                .with_causal(true)
+                .with_pattern(pattern)
+                .init(&cpu())
+        };
+        for (pattern, cache) in [
+            (SparsePattern::Local { window: 10 }, KvCache::rolling()),
+            (SparsePattern::Local { window: 10 }, KvCache::new()),
+            (
+                SparsePattern::Strided {
+                    stride: 8,
+                    local: 3,
+                },
+                KvCache::new(),
+            ),
+            (
+                SparsePattern::Strided {
+                    stride: 8,
+                    local: 3,
+                },
+                KvCache::with_capacity(41),
+            ),
+        ] {
+            let m = module(pattern);
+            let want = m.forward(x.clone());
+            for chunk in [1, 6] {
+                let mut cache = cache.clone();
+                let got = decode_all(&x, chunk, |t| m.forward_cache(t, &mut cache));
+                assert_close(got, want.clone(), 1e-5);
+            }
+        }
+        let err = |pattern, mut cache: KvCache| {
+            module(pattern)
+                .try_forward_cache(x.clone().slice([0..2, 0..1, 0..32]), &mut cache)
+                .unwrap_err()
+                .to_string()
+        };
+        let random = SparsePattern::Random {
+            density: 0.3,
+            block: 4,
+            seed: 1,
+        };
+        assert!(err(random, KvCache::new()).contains("random"));
+        let strided = SparsePattern::Strided {
+            stride: 8,
+            local: 3,
+        };
+        assert!(err(strided, KvCache::rolling()).contains("rolling"));
     }
 
     #[test]

@@ -4,12 +4,13 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionOptions, BlockLayout, BlockMaskCache,
-    KeyPattern, Window,
+    ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, BlockLayout,
+    BlockMaskCache, KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::flash::{projection_config, validate_dropout};
+use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// A fixed sparsity pattern, described once (band, strided columns, block layout) so every
@@ -206,6 +207,54 @@ impl SparseAttention {
             self.dropout,
         );
         self.projection.merge(out)
+    }
+
+    /// Decoding: self-attention of the next tokens `x` (`[batch, new, d_model]`) over every
+    /// token so far, whose projected keys and values `cache` holds (and then holds `x`'s
+    /// too); equals the last `new` rows of [`forward`](Self::forward) over the whole
+    /// sequence. Causal modules with a `Local` pattern (a rolling cache keeps the window's
+    /// keys) or a `Strided` one (a growing cache: its global columns reach back to the
+    /// start); `Random` layouts are drawn for whole lengths and do not decode.
+    ///
+    /// # Errors
+    /// When the module is not causal, the pattern is `Random`, a `Strided` pattern is given
+    /// a rolling cache, or `cache` does not fit the call (naming the values).
+    pub fn try_forward_cache(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, AttentionError> {
+        match self.pattern {
+            SparsePattern::Random { .. } => {
+                return Err(AttentionError::Invalid(
+                    "a random sparse pattern does not decode with a key/value cache: its block \
+                     layout is drawn for whole lengths"
+                        .into(),
+                ))
+            }
+            SparsePattern::Strided { .. } if cache.is_rolling() => {
+                return Err(AttentionError::Invalid(
+                    "a strided sparse pattern needs every key (its global columns reach back to \
+                     the start): use KvCache::new or with_capacity, not rolling"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        // Local and strided patterns do not depend on the lengths.
+        let pattern = self.pattern.key_pattern(1, 1, self.causal)?;
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        let options = AttentionOptions::new().with_block_mask_cache(self.block_masks.clone());
+        decode(&self.projection, x, cache, &pattern, &options, &masks, None)
+    }
+
+    /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
+    pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
     }
 
     /// The key pattern used for the given lengths.
