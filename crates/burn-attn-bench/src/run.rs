@@ -271,7 +271,7 @@ impl Variant {
 
     /// The core the module runs at length `n`, where it has one to time alone.
     fn core(&self, n: usize) -> Option<Core> {
-        let pattern = |pattern, options| Some(Core::Pattern(pattern, options));
+        let pattern = |pattern, options| Some(Core::Pattern(Box::new((pattern, options))));
         match self {
             Variant::Flash(m) => pattern(KeyPattern::default(), m.options()),
             // With the module's block-sparse plan cache, as its forward runs.
@@ -306,7 +306,7 @@ impl Variant {
 /// An attention core timed alone, on the module's own projections of the input.
 enum Core {
     /// `pattern_attention` with these options.
-    Pattern(KeyPattern, AttentionOptions),
+    Pattern(Box<(KeyPattern, AttentionOptions)>),
     /// `linear_attention` on feature-mapped queries and keys.
     Linear { map: FeatureMap, eps: f64 },
     /// `causal_linear_attention` on feature-mapped queries and keys.
@@ -322,13 +322,14 @@ impl Core {
     /// (applied once, outside the timing, as the peers' kernels take them).
     fn runner(self, h: Heads) -> Box<dyn Fn() -> Tensor<4>> {
         match self {
-            Core::Pattern(pattern, options) => Box::new(move || {
+            Core::Pattern(call) => Box::new(move || {
+                let (pattern, options) = &*call;
                 pattern_attention(
                     h.q.clone(),
                     h.k.clone(),
                     h.v.clone(),
-                    &pattern,
-                    &options,
+                    pattern,
+                    options,
                     None,
                     0.0,
                 )
