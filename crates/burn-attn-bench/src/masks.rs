@@ -1,7 +1,8 @@
 //! `masks`: the attention op under the masks block-sparse attention serves (windows,
 //! strided columns, random block layouts, key padding, document ids), forward and training
-//! step, beside
-//! FlexAttention's records of the same masks (`scripts/peers/flex_masks.py`).
+//! step, beside FlexAttention's records of the same masks (`scripts/peers/flex_masks.py`);
+//! and the dense call with ALiBi or a softcap, whose cost over the plain kernel is the
+//! measure (no peer rows).
 //!
 //! ```sh
 //! burn-attn-bench masks --backend cuda --dtype bf16 --peers flex.json
@@ -16,7 +17,7 @@
 //! peer's side); the backward is the training step minus the forward.
 
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
-use burn_attn::cores::{BlockLayout, BlockMaskCache, DispatchLog, KeyPattern, Pass};
+use burn_attn::cores::{alibi_slopes, BlockLayout, BlockMaskCache, DispatchLog, KeyPattern, Pass};
 use burn_attn::{masked_attention, AttentionMasks, AttentionOptions, DocumentIds, Window};
 use clap::Args;
 
@@ -78,6 +79,17 @@ struct MaskCase {
     valid_keys: Option<usize>,
     /// Document id of every position (packed sequences; the same for every batch row).
     documents: Option<Vec<i64>>,
+    /// Score modifiers on every score (no key hidden): ALiBi, a softcap.
+    modifiers: ScoreModifiers,
+}
+
+/// Score modifiers of a case (they change scores, hide nothing).
+#[derive(Clone, Copy, Default)]
+struct ScoreModifiers {
+    /// ALiBi with Press et al.'s slopes.
+    alibi: bool,
+    /// A tanh softcap.
+    softcap: Option<f64>,
 }
 
 /// SplitMix64: the random layouts' hash, written the same way in the peer script.
@@ -114,6 +126,7 @@ fn cases(n: usize) -> Vec<MaskCase> {
         pattern,
         valid_keys: None,
         documents: None,
+        modifiers: ScoreModifiers::default(),
     };
     let mut cases = vec![
         plain("full", KeyPattern::default()),
@@ -153,13 +166,37 @@ fn cases(n: usize) -> Vec<MaskCase> {
         pattern: KeyPattern::default(),
         valid_keys: Some(n - 3 * n / 10),
         documents: None,
+        modifiers: ScoreModifiers::default(),
     });
     cases.push(MaskCase {
         name: "documents-8".into(),
         pattern: KeyPattern::default(),
         valid_keys: None,
         documents: Some(document_ids(n, 8)),
+        modifiers: ScoreModifiers::default(),
     });
+    // Score modifiers on the dense call: their cost over the plain kernel (no peer rows).
+    for (name, modifiers) in [
+        (
+            "alibi",
+            ScoreModifiers {
+                alibi: true,
+                softcap: None,
+            },
+        ),
+        (
+            "softcap-30",
+            ScoreModifiers {
+                alibi: false,
+                softcap: Some(30.0),
+            },
+        ),
+    ] {
+        cases.push(MaskCase {
+            modifiers,
+            ..plain(name, KeyPattern::default())
+        });
+    }
     cases
 }
 
@@ -246,6 +283,8 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
         let masks = AttentionMasks {
             key_padding: padding,
             documents,
+            alibi: case.modifiers.alibi.then(|| alibi_slopes(h)),
+            softcap: case.modifiers.softcap,
             ..AttentionMasks::default()
         };
         let log = DispatchLog::new();
