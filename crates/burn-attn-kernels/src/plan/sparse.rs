@@ -52,19 +52,6 @@ impl SparseBackward {
     }
 }
 
-impl SparsePlan {
-    /// The backward of a call with (`terms_or_dropout`) or without score terms and dropout:
-    /// such calls take the portable backward, whose score-term gradients and dropout have
-    /// been checked on a CUDA device, where the matrix-unit backward's have not been yet.
-    pub fn backward_for(&self, terms_or_dropout: bool) -> SparseBackward {
-        if terms_or_dropout {
-            SparseBackward::Unit(self.portable_backward)
-        } else {
-            self.backward
-        }
-    }
-}
-
 /// The forward and backward plans of a block-sparse call, and its block grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparsePlan {
@@ -79,6 +66,19 @@ pub struct SparsePlan {
     pub block_q: usize,
     /// Keys per block of the lists: a multiple of every kernel's key tile.
     pub block_k: usize,
+}
+
+impl SparsePlan {
+    /// The backward of a call with (`terms_or_dropout`) or without score terms and dropout:
+    /// such calls take the portable backward, whose score-term gradients and dropout have
+    /// been checked on a CUDA device, where the matrix-unit backward's have not been yet.
+    pub fn backward_for(&self, terms_or_dropout: bool) -> SparseBackward {
+        if terms_or_dropout {
+            SparseBackward::Unit(self.portable_backward)
+        } else {
+            self.backward
+        }
+    }
 }
 
 /// Plans the block-sparse kernels for `problem` (its band is ignored: the element rules
