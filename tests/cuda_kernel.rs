@@ -186,6 +186,12 @@ mod on_cuda {
         );
     }
 
+    /// The portable forward with its keys split gives the unsplit call's rows.
+    #[test]
+    fn cuda_key_splits_match_the_unsplit_forward() {
+        check_key_splits::<Gpu>();
+    }
+
     /// Learned sparsity and adaptive windows on CUDA give the CPU's outputs and gradients.
     #[test]
     fn cuda_score_term_modules_match_the_cpu() {

@@ -509,3 +509,10 @@ fn concurrent_calls_match_serial_calls() {
     require_gpu();
     check_concurrent_calls::<Gpu>(DType::F32);
 }
+
+/// The portable forward with its keys split gives the unsplit call's rows.
+#[test]
+fn key_splits_match_the_unsplit_forward() {
+    require_gpu();
+    check_key_splits::<Gpu>();
+}

@@ -2621,3 +2621,59 @@ pub fn check_score_term_modules<B: On>(tol: f32) {
         "adaptive window predictor",
     );
 }
+
+/// The portable forward with its keys split (forced: 1, 3 and 7 splits; the cubes of each
+/// split write partial rows that a second kernel merges by their log-sum-exp) gives the
+/// output and lse of the unsplit call: a decoded token of a grouped call, causal rows over
+/// more keys, a window whose splits mostly see nothing, rows that see no key at all, a
+/// batch above 1. With `lse` `-inf` rows compared as such.
+pub fn check_key_splits<B: On>() {
+    use burn_attn_core::kernels::plan::ForcedPlan;
+    use burn_attn_core::Implementation;
+    let device = B::device();
+    let cases = [
+        Case::new(1, 300, 32).gqa(8, 2).causal().batch(2),
+        Case::new(17, 97, 64).causal(),
+        Case::new(97, 97, 32).window(Some(7), Some(2)),
+        Case::new(40, 3, 32).causal(),
+    ];
+    for (at, case) in cases.iter().enumerate() {
+        let x = inputs(case, 60 + at as u64);
+        let run = |splits: usize| {
+            let log = DispatchLog::new();
+            let options = case
+                .options()
+                .with_kernel(KernelPolicy::Require)
+                .with_log(log.clone())
+                .with_forced_plan(ForcedPlan {
+                    key_splits: Some(splits),
+                    no_matrix_units: true,
+                    ..ForcedPlan::default()
+                });
+            let (o, l) = attention_with_lse(
+                tensor(&x.q, DType::F32, &device),
+                tensor(&x.k, DType::F32, &device),
+                tensor(&x.v, DType::F32, &device),
+                &options,
+            );
+            let served = log.of(Pass::Forward);
+            assert_eq!(served[0].served, Implementation::FlashUnit, "{case:?}");
+            (to_f64(o), to_f64(l))
+        };
+        let (want_o, want_l) = run(1);
+        for splits in [3, 7] {
+            let (o, l) = run(splits);
+            let err = max_err(&o, &want_o);
+            assert!(
+                err < 1e-5,
+                "{case:?}, {splits} splits: output error {err:e}"
+            );
+            assert!(
+                l.iter()
+                    .zip(&want_l)
+                    .all(|(g, w)| (g.is_infinite() && w.is_infinite()) || (g - w).abs() < 1e-5),
+                "{case:?}, {splits} splits: lse differs"
+            );
+        }
+    }
+}

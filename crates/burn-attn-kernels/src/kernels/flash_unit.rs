@@ -40,6 +40,11 @@ use crate::components::unit_forward::{attend_key_tile, write_unit_rows};
 ///
 /// `heavy_first`: heads per group of the heavy-first cube order (0: the natural order;
 /// see `schedule::cube_block`). Any value computes the same result.
+///
+/// Key splits: cube `z` of a grid `splits` deep sees only keys `z * split_keys .. (z + 1) *
+/// split_keys` and writes its partial rows (normalised over those keys, with their lse) to
+/// batch `z * batch + b` of `out` and `lse` (`[splits * batch, ..]`), for
+/// `merge_key_splits_kernel`. One split: `split_keys >= seq_k`, a grid 1 deep.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_unit_kernel<F: Float>(
@@ -53,6 +58,7 @@ pub fn flash_unit_kernel<F: Float>(
     right: i32,
     heavy_first: u32,
     neg_inf: f32,
+    split_keys: i32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block_q: usize,
@@ -115,9 +121,13 @@ pub fn flash_unit_kernel<F: Float>(
         l[a] = f32::new(0.0);
     }
 
-    let mut t0 = bounds.start;
-    while t0 < bounds.end {
-        let masked = !bounds.tile_unmasked(t0, t0 + block_k as i32 - 1, seq_k);
+    // This cube's split of the keys: keys past its end count as past the sequence.
+    let split = CUBE_POS_Z as i32;
+    let split_end = min(bounds.end, (split + 1) * split_keys);
+    let keys_end = min(seq_k as i32, split_end) as usize;
+    let mut t0 = max(bounds.start, split * split_keys);
+    while t0 < split_end {
+        let masked = !bounds.tile_unmasked(t0, t0 + block_k as i32 - 1, keys_end);
         attend_key_tile::<F>(
             k,
             v,
@@ -137,7 +147,7 @@ pub fn flash_unit_kernel<F: Float>(
             masked,
             lo0,
             hi0,
-            seq_k,
+            keys_end,
             scale,
             1.0f32,
             dim,
@@ -161,7 +171,7 @@ pub fn flash_unit_kernel<F: Float>(
         &m,
         &l,
         &mut partial,
-        b,
+        CUBE_POS_Z as usize * q.shape(0) + b,
         h,
         r0,
         seq_q,

@@ -12,6 +12,7 @@ mod flash_unit;
 mod flash_unit_backward;
 mod flash_unit_sparse;
 mod flash_unit_sparse_backward;
+mod merge_key_splits;
 
 pub use crate::components::products::{ForwardProducts, Ldmatrix16, Tf32Lanes};
 pub use flash_mma::flash_mma_kernel;
@@ -26,3 +27,4 @@ pub use flash_unit_sparse::flash_unit_sparse_kernel;
 pub use flash_unit_sparse_backward::{
     flash_unit_sparse_backward_dkdv_kernel, flash_unit_sparse_backward_dq_kernel,
 };
+pub use merge_key_splits::merge_key_splits_kernel;

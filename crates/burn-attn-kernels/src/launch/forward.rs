@@ -7,10 +7,10 @@ use cubecl::prelude::*;
 use super::buffers::alloc_outputs;
 use super::device::{device_caps, forward_problem};
 use crate::components::products::{ForwardProducts, Ldmatrix16, Tf32Lanes};
-use crate::kernels::{flash_mma_kernel, flash_unit_kernel};
+use crate::kernels::{flash_mma_kernel, flash_unit_kernel, merge_key_splits_kernel};
 use crate::plan::{
     plan_forward, BandArgs, ForcedPlan, ForwardKernel, ForwardPlan, Grid, MmaPlan, Offsets,
-    Problem, UnitPlan, Unsupported,
+    Problem, Sizes, UnitPlan, Unsupported,
 };
 use crate::KERNEL_SOURCE;
 
@@ -84,21 +84,36 @@ fn launch_unit(
 ) {
     let (sizes, band, tiles) = (&problem.sizes, &problem.band, &plan.tiles);
     let dtype = q.dtype;
+    let client = q.client.clone();
+    // With key splits, each split's rows go to its own batch of partial outputs, merged
+    // below.
+    let splits = plan.key_splits;
+    let (parts, part_lse) = if splits > 1 {
+        let split_sizes = Sizes {
+            batch: splits * sizes.batch,
+            ..*sizes
+        };
+        alloc_outputs(&q, &split_sizes)
+    } else {
+        (out.clone(), lse.clone())
+    };
+    let Grid { x, y } = plan.grid;
     flash_unit_kernel::launch(
-        &q.client.clone(),
-        cube_count(plan.grid),
+        &client,
+        CubeCount::Static(x, y, splits as u32),
         CubeDim::new_1d(tiles.units() as u32),
         address_type(plan.offsets),
-        q.into_tensor_arg(),
+        q.clone().into_tensor_arg(),
         k.into_tensor_arg(),
         v.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        lse.clone().into_tensor_arg(),
+        parts.clone().into_tensor_arg(),
+        part_lse.clone().into_tensor_arg(),
         band.scale,
         sizes.side(band.left),
         sizes.side(band.right),
         plan.heavy_first,
         f32::NEG_INFINITY,
+        plan.split_keys.min(i32::MAX as usize) as i32,
         sizes.dim,
         sizes.value_dim,
         tiles.rows,
@@ -108,6 +123,23 @@ fn launch_unit(
         KERNEL_SOURCE,
         dtype_to_elem_type(dtype),
     );
+    if splits > 1 {
+        let elements = (sizes.batch * sizes.heads * sizes.seq_q * sizes.value_dim) as u32;
+        let units = 256u32;
+        merge_key_splits_kernel::launch(
+            &client,
+            CubeCount::Static(elements.div_ceil(units), 1, 1),
+            CubeDim::new_1d(units),
+            address_type(plan.offsets),
+            parts.into_tensor_arg(),
+            part_lse.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            splits as u32,
+            f32::NEG_INFINITY,
+            dtype_to_elem_type(dtype),
+        );
+    }
 }
 
 /// Launches the matrix-unit forward with the products `P` (the plan's dtype family).

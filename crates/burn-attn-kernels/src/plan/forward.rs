@@ -68,10 +68,53 @@ pub struct UnitPlan {
     pub tiles: UnitTiles,
     /// Heads per group of the heavy-first order (0: natural order).
     pub heavy_first: u32,
-    /// The grid.
+    /// The grid (one split deep).
     pub grid: Grid,
+    /// Splits of the keys (1: none): the grid is this deep, each split's rows are merged
+    /// by their log-sum-exp (`merge_key_splits`).
+    pub key_splits: usize,
+    /// Keys per split (a multiple of the key tile; at least `seq_k` without splits).
+    pub split_keys: usize,
     /// Width of the element offsets.
     pub offsets: Offsets,
+}
+
+/// Cubes below which a call without enough query rows to fill the device splits its keys.
+const SPLIT_BELOW_CUBES: usize = 128;
+/// Cubes the splits aim at.
+const SPLIT_TARGET_CUBES: usize = 256;
+/// Fewest key tiles per split.
+const SPLIT_MIN_TILES: usize = 8;
+
+/// Key splits of a portable forward on `grid` with key tiles of `cols` (forced, or chosen:
+/// where the grid has fewer than [`SPLIT_BELOW_CUBES`] cubes and a cube's band spans most
+/// keys, as many as bring it to [`SPLIT_TARGET_CUBES`] with at least [`SPLIT_MIN_TILES`]
+/// tiles each), and the keys per split.
+fn key_splits(
+    problem: &Problem,
+    grid: &Grid,
+    rows: usize,
+    cols: usize,
+    forced: &ForcedPlan,
+) -> Result<(usize, usize), Unsupported> {
+    let seq_k = problem.sizes.seq_k.max(1);
+    let cubes = grid.x as usize * grid.y as usize;
+    let splits = match allowed(
+        "key_splits",
+        forced.key_splits,
+        &(1..=64).collect::<Vec<_>>(),
+    )? {
+        Some(splits) => splits,
+        None if cubes < SPLIT_BELOW_CUBES && 2 * problem.band.cube_span(rows, seq_k) >= seq_k => {
+            SPLIT_TARGET_CUBES
+                .div_ceil(cubes.max(1))
+                .min(seq_k / (SPLIT_MIN_TILES * cols))
+                .clamp(1, 64)
+        }
+        None => 1,
+    };
+    let split_keys = seq_k.div_ceil(splits).div_ceil(cols) * cols;
+    Ok((splits, split_keys))
 }
 
 /// The plan of one forward kernel.
@@ -445,10 +488,13 @@ fn plan_unit(
         }
     }
     let grid = sizes.query_grid(tiles.rows)?;
+    let (key_splits, split_keys) = key_splits(problem, &grid, tiles.rows, tiles.cols, forced)?;
     Ok(UnitPlan {
         tiles,
         heavy_first: heavy_first(&problem.band, &grid, forced)?,
         grid,
+        key_splits,
+        split_keys,
         offsets: problem.offsets(caps)?,
     })
 }

@@ -345,3 +345,51 @@ fn sparse_plans_take_the_matrix_units_backward_where_it_stages_asynchronously() 
     let plan = plan_sparse(&p, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
     assert!(matches!(plan.backward, SparseBackward::Unit(_)), "{plan:?}");
 }
+
+#[test]
+fn portable_forwards_split_long_keys_of_few_cubes() {
+    let decode = |seq_k: usize| Problem {
+        sizes: Sizes::check([8, 8, 4, 128], [8, 8, seq_k, 128], [8, 8, seq_k, 128]).unwrap(),
+        precision: Precision::F32,
+        band: BandArgs {
+            scale: 1.0,
+            left: None,
+            right: Some(0),
+        },
+        aligned_rows: true,
+        span: 8 * 8 * seq_k * 128,
+    };
+    let unit = |p: &Problem, forced: &ForcedPlan| match plan_forward(
+        ForwardKernel::Unit,
+        p,
+        &DeviceCaps::hopper(),
+        forced,
+    )
+    .unwrap()
+    {
+        ForwardPlan::Unit(plan) => plan,
+        other => panic!("{other:?}"),
+    };
+    // 64 cubes over 32768 keys: four splits bring them to 256.
+    let plan = unit(&decode(32768), &ForcedPlan::default());
+    assert_eq!(plan.grid.x * plan.grid.y, 64);
+    assert_eq!((plan.key_splits, plan.split_keys), (4, 8192));
+    // Too few keys to split, and a grid that fills the device: one split.
+    assert_eq!(unit(&decode(300), &ForcedPlan::default()).key_splits, 1);
+    let full = problem(Precision::F32, [8, 16, 4096, 128], None, None);
+    let plan = unit(&full, &ForcedPlan::default());
+    assert_eq!((plan.key_splits, plan.split_keys), (1, 4096));
+    // Forced, within 1..=64.
+    let forced = |splits| ForcedPlan {
+        key_splits: Some(splits),
+        ..ForcedPlan::default()
+    };
+    assert_eq!(unit(&full, &forced(3)).key_splits, 3);
+    assert!(plan_forward(
+        ForwardKernel::Unit,
+        &full,
+        &DeviceCaps::hopper(),
+        &forced(65)
+    )
+    .is_err());
+}
