@@ -11,6 +11,7 @@ use cubecl::prelude::*;
 /// value_dim]`, contiguous) and `lse`. Launch one unit per element of `out` (1-d, any cube
 /// size). `neg_inf` must be `f32::NEG_INFINITY` (WGSL has no infinite literal).
 #[cube(launch, address_type = "dynamic")]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // the NaN test
 pub fn merge_key_splits_kernel<F: Float>(
     parts: &Tensor<F>,
     part_lse: &Tensor<f32>,
@@ -33,7 +34,8 @@ pub fn merge_key_splits_kernel<F: Float>(
     let mut a_nan = f32::new(0.0);
     for s in 0..splits as usize {
         let l = part_lse[s * rows + row];
-        if l != l {
+        // NaN compares false: every other value, -inf included, is >= -inf.
+        if !(l >= neg_inf) {
             nan = true;
             a_nan = l;
         }
