@@ -17,9 +17,8 @@ Every new query sees the whole cache (no mask): one new token is a decoding step
 tokens are timed without the causal rule on both sides (`burn-attn-bench decode` runs them
 so too), so both count the same keys.
 
-Timing: a warm-up (compilation, then at least 3 runs and 200 ms), then per sample CUDA
-events around `--calls` calls queued back to back; the record's `ms` is the per-call time,
-median over `--repeats` samples.
+Timing: `torch_attention.py`'s warm-up and CUDA-event medians (`--calls` calls queued back
+to back per sample, median over `--repeats` samples); the record's `ms` is per call.
 
 Output: OUT.json, a list of records (kind, dtype, b, h, kv_heads, n = cache length, new,
 d, ms, device, torch), rewritten after each case; `burn-attn-bench decode --peers OUT.json`
@@ -32,8 +31,11 @@ Usage:
 
 import argparse
 import json
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_attention import median_ms, warm_up  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,26 +52,6 @@ def parse_args(argv=None):
                    help="NEW:CACHE pairs, comma-separated")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     return p.parse_args(argv)
-
-
-def median_ms(torch, fn, calls, repeats):
-    start = time.perf_counter()
-    runs = 0
-    while runs < 3 or time.perf_counter() - start < 0.2:
-        fn()
-        torch.cuda.synchronize()
-        runs += 1
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) / calls)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main(argv=None):
@@ -108,6 +90,7 @@ def main(argv=None):
         with torch.no_grad():
             for kind, fn in peers:
                 try:
+                    warm_up(torch, fn)
                     ms = median_ms(torch, fn, args.calls, args.repeats)
                 except Exception as e:  # a path that refuses the shape is skipped, said
                     print(f"{kind} new={new} cache={n}: skipped ({type(e).__name__}: {e})",
@@ -121,6 +104,7 @@ def main(argv=None):
     n = max(c[1] for c in cases)
     k = torch.randn((b, kvh, n, d), device=device, dtype=dtype)
     out = torch.empty_like(k)
+    warm_up(torch, lambda: out.copy_(k))
     ms = median_ms(torch, lambda: out.copy_(k), args.calls, args.repeats)
     moved = 2 * k.numel() * k.element_size()
     print(f"copy of {k.numel() * k.element_size() / 2**20:.0f} MiB: {ms:.4f} ms, "

@@ -349,6 +349,21 @@ fn round_to(x: f32, dtype: DType) -> f32 {
     }
 }
 
+/// `t`'s values rounded to `dtype` (kept as f32), so that the host truth sees the inputs the
+/// device sees.
+fn rounded(t: (Vec<f32>, [usize; 4]), dtype: DType) -> (Vec<f32>, [usize; 4]) {
+    (t.0.iter().map(|&x| round_to(x, dtype)).collect(), t.1)
+}
+
+/// [`rounded`] on each of q, k and v.
+fn rounded_inputs(x: Inputs, dtype: DType) -> Inputs {
+    Inputs {
+        q: rounded(x.q, dtype),
+        k: rounded(x.k, dtype),
+        v: rounded(x.v, dtype),
+    }
+}
+
 /// Rows of the materialised reference (`reference_attention`) evaluated on the host in
 /// `dtype`: inputs rounded to it, every tensor op's result rounded as the op would store it
 /// (matmuls and sums accumulate in f32 and round once, as GPU kernels do). Shared by the
@@ -1559,15 +1574,8 @@ pub fn check_sparse_kernels<B: On>(
         window: Window::FULL,
         q_gain: 1.0,
     };
-    let round =
-        |t: (Vec<f32>, [usize; 4])| (t.0.iter().map(|&x| round_to(x, dtype)).collect(), t.1);
-    let x = inputs(&case, 21);
-    let x = Inputs {
-        q: round(x.q),
-        k: round(x.k),
-        v: round(x.v),
-    };
-    let d_out = round(inputs(&case, 22).q);
+    let x = rounded_inputs(inputs(&case, 21), dtype);
+    let d_out = rounded(inputs(&case, 22).q, dtype);
     let tol = match dtype {
         DType::F32 => 1e-4,
         DType::F16 => 2e-3,
@@ -1956,18 +1964,11 @@ pub fn check_sparse_training<B: On>(dtype: DType, served: (Implementation, Imple
         (base, strided, Some(&padding)),
         (cross, random(cross.seq_q), None),
     ];
-    let round =
-        |t: (Vec<f32>, [usize; 4])| (t.0.iter().map(|&x| round_to(x, dtype)).collect(), t.1);
     let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
     for (at, (case, pattern, pad)) in cases.into_iter().enumerate() {
-        let x = inputs(&case, 31 + at as u64);
-        let x = Inputs {
-            q: round(x.q),
-            k: round(x.k),
-            v: round(x.v),
-        };
+        let x = rounded_inputs(inputs(&case, 31 + at as u64), dtype);
         let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
-        let w = round(uniform(&mut StdRng::seed_from_u64(98), shape, 1.0));
+        let w = rounded(uniform(&mut StdRng::seed_from_u64(98), shape, 1.0), dtype);
         let log = DispatchLog::new();
         let options = AttentionOptions::default()
             .with_log(log.clone())

@@ -160,16 +160,16 @@ fn extension_serves(kind: &DispatchTensorKind) -> bool {
 /// The banded op through Burn's dispatch (the extension where it serves the backend, the
 /// tiled tensor ops otherwise, differentiated by Burn's autodiff there). Grouped-query calls
 /// whose every query sees every key run with each group's query heads as rows of one head
-/// (`grouped_rows`).
+/// (`grouped_rows`). `shape` is the call's, as the callers checked it.
 pub(crate) fn banded(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
+    shape: &AttentionShape,
     options: &AttentionOptions,
 ) -> (Tensor<4>, Tensor<3>) {
-    let shape = AttentionShape::of(&q, &k, &v).expect("the callers checked the shapes");
-    if grouped_rows::packs(&shape, options) {
-        return grouped_rows::packed(q, k, v, &shape, options, banded_heads);
+    if grouped_rows::packs(shape, options) {
+        return grouped_rows::packed(q, k, v, shape, options, banded_heads);
     }
     banded_heads(q, k, v, options)
 }
@@ -263,10 +263,10 @@ pub fn try_attention_with_lse(
     v: Tensor<4>,
     options: &AttentionOptions,
 ) -> Result<(Tensor<4>, Tensor<3>), crate::AttentionError> {
-    AttentionShape::of(&q, &k, &v)?;
+    let shape = AttentionShape::of(&q, &k, &v)?;
     same_dtype(&q, &k, &v)?;
     options.validate()?;
-    Ok(banded(q, k, v, options))
+    Ok(banded(q, k, v, &shape, options))
 }
 
 /// Exact attention over any [`KeyPattern`], with optional key padding and dropout:

@@ -191,7 +191,7 @@ pub fn try_masked_attention(
             window: pattern.window.intersect(options.window),
             ..options.clone()
         };
-        return Ok(banded(q, k, v, &options).0);
+        return Ok(banded(q, k, v, &shape, &options).0);
     }
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
