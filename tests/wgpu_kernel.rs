@@ -126,6 +126,15 @@ fn score_terms_match_the_host_truth() {
     check_score_term_training::<Truth>(None);
 }
 
+/// Linear attention on the chunked kernel: causal and not, normalised and not, GQA,
+/// lengths chunks do not divide, one row; forward and backward against the quadratic form.
+#[test]
+fn linear_kernel_matches_the_quadratic_form() {
+    require_gpu();
+    check_linear_training::<Gpu>(DType::F32, 1e-4);
+    check_linear_streaming::<Gpu>(1e-4);
+}
+
 #[test]
 fn kernel_f32_matches_reference_plain() {
     require_gpu();

@@ -13,6 +13,9 @@ use burn_attn_core::{
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod linear;
+pub use linear::*;
+
 /// Where a check runs: the device its tensors are created on (a test binary names one
 /// per backend it checks).
 pub trait On {

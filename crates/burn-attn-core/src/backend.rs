@@ -359,3 +359,11 @@ pub(crate) mod sparse;
 #[cfg(feature = "cube")]
 #[path = "backend/sparse_cube.rs"]
 mod sparse_cube;
+
+#[cfg(feature = "cube")]
+#[path = "backend/linear_kernel.rs"]
+pub(crate) mod linear_kernel;
+
+#[cfg(feature = "cube")]
+#[path = "backend/linear_cube.rs"]
+mod linear_cube;

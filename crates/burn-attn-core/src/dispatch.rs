@@ -39,7 +39,12 @@ pub enum Implementation {
     FlashMmaSparseBackward,
     /// The block-sparse portable backward kernels (dQ; dK/dV).
     FlashUnitSparseBackward,
-    /// The tiled tensor-op implementation (every backend).
+    /// The chunked linear-attention kernel (portable; forward).
+    LinearChunk,
+    /// The chunked linear-attention kernel's backward passes.
+    LinearChunkBackward,
+    /// The tiled tensor-op implementation (every backend; for linear attention, its
+    /// tensor ops).
     Tiled,
 }
 
@@ -175,12 +180,23 @@ pub(crate) fn serve_tiled<T>(
     declined: Declines,
     run: impl FnOnce() -> T,
 ) -> T {
+    serve_tiled_with(pass, options.kernel, options.log.as_ref(), declined, run)
+}
+
+/// [`serve_tiled`] for a call's kernel policy and log.
+pub(crate) fn serve_tiled_with<T>(
+    pass: Pass,
+    policy: KernelPolicy,
+    log: Option<&DispatchLog>,
+    declined: Declines,
+    run: impl FnOnce() -> T,
+) -> T {
     let dispatch = Dispatch {
         pass,
         served: Implementation::Tiled,
         declined,
     };
-    if options.kernel == KernelPolicy::Require {
+    if policy == KernelPolicy::Require {
         let reasons = if dispatch.declined.is_empty() {
             "the backend has no attention kernels".to_string()
         } else {
@@ -188,6 +204,6 @@ pub(crate) fn serve_tiled<T>(
         };
         panic!("burn-attn: a kernel is required and none takes the call ({reasons})");
     }
-    report(options.log.as_ref(), dispatch);
+    report(log, dispatch);
     run()
 }

@@ -46,7 +46,8 @@ pub use dispatch::{
 };
 pub use error::{ensure, AttentionError};
 pub use linear::{
-    causal_linear_attention, check_linear_eps, linear_attention, LinearAttentionState,
+    causal_linear_attention, causal_linear_attention_with, check_linear_eps, linear_attention,
+    linear_attention_with, LinearAttentionState, LinearOptions,
 };
 pub use masked::{
     block_sparse_kernels, masked_attention, try_masked_attention, AttentionMasks, DocumentIds,

@@ -7,8 +7,107 @@
 
 use burn::tensor::{Bool, Tensor, TensorCreationOptions};
 
+use crate::dispatch::{serve_tiled_with, DispatchLog, KernelPolicy, Pass};
 use crate::error::{ensure, AttentionError};
 use crate::shape::{repeat_kv, AttentionShape};
+
+/// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
+/// which implementation may serve it.
+///
+/// On CubeCL devices (CUDA, WGPU) the chunked kernel serves the call where it takes it
+/// (see [`Implementation::LinearChunk`](crate::Implementation::LinearChunk)); elsewhere,
+/// and where it declines, the tensor ops do.
+#[derive(Debug, Clone)]
+pub struct LinearOptions {
+    /// `phi(q) S / (phi(q) . z + eps)` (the default), or the unnormalised `phi(q) S`.
+    pub normalise: bool,
+    /// The normaliser's `eps`: finite and positive. Default `1e-6`.
+    pub eps: f64,
+    /// Rows per chunk of the causal form on the tensor-op path (the in-chunk products are
+    /// `chunk x chunk`). Default 64.
+    pub chunk: usize,
+    /// Rows per chunk of the kernel (16, 32 or 64), for tests and tuning; `None` (the
+    /// default) lets its plan choose from the device.
+    pub kernel_chunk: Option<usize>,
+    /// Kernel or tensor ops ([`KernelPolicy::Auto`] by default).
+    pub kernel: KernelPolicy,
+    /// Where the implementation that served each pass is recorded.
+    pub log: Option<DispatchLog>,
+}
+
+impl Default for LinearOptions {
+    fn default() -> Self {
+        Self {
+            normalise: true,
+            eps: 1e-6,
+            chunk: 64,
+            kernel_chunk: None,
+            kernel: KernelPolicy::Auto,
+            log: None,
+        }
+    }
+}
+
+impl LinearOptions {
+    /// The defaults: normalised, `eps = 1e-6`, chunks of 64, a kernel where one serves.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Normalised or not.
+    pub fn with_normalise(mut self, normalise: bool) -> Self {
+        self.normalise = normalise;
+        self
+    }
+
+    /// The normaliser's `eps`.
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The tensor-op path's chunk.
+    pub fn with_chunk(mut self, chunk: usize) -> Self {
+        self.chunk = chunk;
+        self
+    }
+
+    /// The kernel's chunk (16, 32 or 64).
+    pub fn with_kernel_chunk(mut self, chunk: usize) -> Self {
+        self.kernel_chunk = Some(chunk);
+        self
+    }
+
+    /// The kernel policy.
+    pub fn with_kernel(mut self, kernel: KernelPolicy) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// A log of the implementations that served each pass.
+    pub fn with_log(mut self, log: DispatchLog) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Checks `eps` (where the call normalises) and the chunk.
+    pub fn validate(&self) -> Result<(), AttentionError> {
+        if self.normalise {
+            check_linear_eps(self.eps)?;
+        }
+        if self.chunk == 0 {
+            return Err(AttentionError::ZeroSize { what: "chunk size" });
+        }
+        if let Some(chunk) = self.kernel_chunk {
+            if ![16, 32, 64].contains(&chunk) {
+                return Err(AttentionError::Invalid(format!(
+                    "kernel_chunk must be 16, 32 or 64, got {chunk}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The running state of causal linear attention: everything the past contributes.
 #[derive(Debug, Clone)]
@@ -58,7 +157,8 @@ pub fn check_linear_eps(eps: f64) -> Result<(), AttentionError> {
 /// `phi_k: [batch, kv_heads, seq_k, d]`, `v: [batch, kv_heads, seq_k, dv]`:
 /// `out_i = phi(q_i) S / (phi(q_i) . z + eps)` with `S = sum_j phi(k_j)^T v_j`,
 /// `z = sum_j phi(k_j)`. `key_padding` (`[batch, seq_k]`, `true` = padding) removes keys.
-/// O(n d dv) time, O(d dv) extra memory per head.
+/// O(n d dv) time, O(d dv) extra memory per head. [`linear_attention_with`] with the
+/// default options and this `eps`.
 pub fn linear_attention(
     phi_q: Tensor<4>,
     phi_k: Tensor<4>,
@@ -66,10 +166,27 @@ pub fn linear_attention(
     eps: f64,
     key_padding: Option<Tensor<2, Bool>>,
 ) -> Tensor<4> {
+    linear_attention_with(
+        phi_q,
+        phi_k,
+        v,
+        key_padding,
+        &LinearOptions::new().with_eps(eps),
+    )
+}
+
+/// [`linear_attention`] with options: unnormalised (`phi(q) S`), the kernel policy, a
+/// dispatch log. Panics with the reason on invalid input.
+pub fn linear_attention_with(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    key_padding: Option<Tensor<2, Bool>>,
+    options: &LinearOptions,
+) -> Tensor<4> {
     let shape = checked_shape(&phi_q, &phi_k, &v);
-    ensure(check_linear_eps(eps));
-    let mut phi_k = repeat_kv(phi_k, shape.heads);
-    let v = repeat_kv(v, shape.heads);
+    ensure(options.validate());
+    let mut phi_k = phi_k;
     if let Some(pad) = key_padding {
         if pad.dims() != [shape.batch, shape.seq_k] {
             ensure(Err(AttentionError::Shape {
@@ -85,20 +202,71 @@ pub fn linear_attention(
                 .reshape([shape.batch, 1, shape.seq_k, 1]);
         phi_k = phi_k * keep;
     }
-    let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
-    let z = phi_k.sum_dim(2); // [b, h, 1, d]
-    let num = phi_q.clone().matmul(kv);
-    let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
-    num / (den + eps)
+    let declined = match kernel_attention(
+        phi_q.clone(),
+        phi_k.clone(),
+        v.clone(),
+        None,
+        &shape,
+        false,
+        options,
+    ) {
+        Ok((out, _)) => return out,
+        Err(declined) => declined,
+    };
+    serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
+        let phi_k = repeat_kv(phi_k, shape.heads);
+        let v = repeat_kv(v, shape.heads);
+        let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
+        let num = phi_q.clone().matmul(kv);
+        if !options.normalise {
+            return num;
+        }
+        let z = phi_k.sum_dim(2); // [b, h, 1, d]
+        let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
+        num / (den + options.eps)
+    })
+}
+
+/// The chunked kernel where the device has it (see `backend::linear_kernel`); the reasons
+/// it declines otherwise (none where the device has no kernels).
+#[cfg(feature = "cube")]
+fn kernel_attention(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    state: Option<LinearAttentionState>,
+    shape: &AttentionShape,
+    causal: bool,
+    options: &LinearOptions,
+) -> Result<(Tensor<4>, Option<LinearAttentionState>), crate::dispatch::Declines> {
+    crate::backend::linear_kernel::linear_kernel_attention(
+        phi_q, phi_k, v, state, shape, causal, options,
+    )
+}
+
+#[cfg(not(feature = "cube"))]
+fn kernel_attention(
+    _phi_q: Tensor<4>,
+    _phi_k: Tensor<4>,
+    _v: Tensor<4>,
+    _state: Option<LinearAttentionState>,
+    _shape: &AttentionShape,
+    _causal: bool,
+    _options: &LinearOptions,
+) -> Result<(Tensor<4>, Option<LinearAttentionState>), crate::dispatch::Declines> {
+    Err(Vec::new())
 }
 
 /// Causal linear attention, chunk-parallel: token `i` sees keys `0..=i` of this call plus
 /// everything folded into `state`. Returns the output `[batch, heads, seq, dv]` and the
 /// state after the last token, so a stream can be processed call by call (a call with
 /// one token is the recurrent step). Keys and queries have the same length.
+/// [`causal_linear_attention_with`] with the default options and this chunk and `eps`.
 ///
 /// Cost: O(n * chunk * d) for the in-chunk products plus O(n / chunk * d * dv) for the
-/// chunk states; memory O(n / chunk * d * dv + n * chunk).
+/// chunk states; memory O(n / chunk * d * dv + n * chunk) on the tensor-op path, O(d * dv)
+/// per head on the kernel.
 pub fn causal_linear_attention(
     phi_q: Tensor<4>,
     phi_k: Tensor<4>,
@@ -107,17 +275,75 @@ pub fn causal_linear_attention(
     eps: f64,
     state: Option<LinearAttentionState>,
 ) -> (Tensor<4>, LinearAttentionState) {
+    let options = LinearOptions::new().with_chunk(chunk).with_eps(eps);
+    causal_linear_attention_with(phi_q, phi_k, v, state, &options)
+}
+
+/// [`causal_linear_attention`] with options: unnormalised (`phi(q_i) S_i`), the kernel
+/// policy, a dispatch log. The state comes back in f32 from the kernel and in the inputs'
+/// dtype from the tensor ops; gradients flow into `phi_q`, `phi_k` and `v`, not into a
+/// given state (it is taken as a constant, as truncated backpropagation through time
+/// does). Panics with the reason on invalid input.
+pub fn causal_linear_attention_with(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    state: Option<LinearAttentionState>,
+    options: &LinearOptions,
+) -> (Tensor<4>, LinearAttentionState) {
     let shape = checked_shape(&phi_q, &phi_k, &v);
-    ensure(check_linear_eps(eps));
+    ensure(options.validate());
     if shape.seq_q != shape.seq_k {
         ensure(Err(AttentionError::Invalid(format!(
             "causal linear attention needs as many queries as keys, got {} and {}",
             shape.seq_q, shape.seq_k
         ))));
     }
-    if chunk == 0 {
-        ensure(Err(AttentionError::ZeroSize { what: "chunk size" }));
+    let AttentionShape {
+        batch,
+        heads,
+        head_dim: d,
+        value_dim: dv,
+        ..
+    } = shape;
+    if let Some(state) = &state {
+        let (kv, z) = (state.kv.dims(), state.z.dims());
+        if kv != [batch, heads, d, dv] || z != [batch, heads, d] {
+            ensure(Err(AttentionError::Shape {
+                what: "linear attention state (kv; z)",
+                expected: format!("[{batch}, {heads}, {d}, {dv}]; [{batch}, {heads}, {d}]"),
+                got: kv.iter().chain(&z).copied().collect(),
+            }));
+        }
     }
+    let declined = match kernel_attention(
+        phi_q.clone(),
+        phi_k.clone(),
+        v.clone(),
+        state.clone(),
+        &shape,
+        true,
+        options,
+    ) {
+        Ok((out, Some(state))) => return (out, state),
+        Ok((_, None)) => unreachable!("the causal kernel returns its state"),
+        Err(declined) => declined,
+    };
+    serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
+        chunked_tensor_ops(phi_q, phi_k, v, state, &shape, options)
+    })
+}
+
+/// The causal form in tensor ops (the CPU's implementation and the reference of the
+/// kernel).
+fn chunked_tensor_ops(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    state: Option<LinearAttentionState>,
+    shape: &AttentionShape,
+    options: &LinearOptions,
+) -> (Tensor<4>, LinearAttentionState) {
     let AttentionShape {
         batch,
         heads,
@@ -125,7 +351,8 @@ pub fn causal_linear_attention(
         head_dim: d,
         value_dim: dv,
         ..
-    } = shape;
+    } = *shape;
+    let chunk = options.chunk;
     let device = phi_q.device();
     // Everything this function creates follows the inputs' dtype (f16/bf16 inputs on a
     // backend whose default float is f32 must not meet f32 constants), and so does the state.
@@ -139,13 +366,6 @@ pub fn causal_linear_attention(
         },
         None => LinearAttentionState::zeros(batch, heads, d, dv, (&device, dtype)),
     };
-    if state.kv.dims() != [batch, heads, d, dv] {
-        ensure(Err(AttentionError::Shape {
-            what: "linear attention state",
-            expected: format!("[{batch}, {heads}, {d}, {dv}]"),
-            got: state.kv.dims().to_vec(),
-        }));
-    }
     if seq == 0 {
         return (
             Tensor::zeros([batch, heads, 0, dv], (&device, dtype)),
@@ -191,8 +411,13 @@ pub fn causal_linear_attention(
     let z_prefix = z_chunks.clone().cumsum(2) - z_chunks.clone()
         + state.z.clone().reshape([batch, heads, 1, 1, d]);
     let num = intra_num + q.clone().matmul(kv_prefix);
-    let den = intra_den + q.matmul(z_prefix.swap_dims(3, 4));
-    let out = (num / (den + eps))
+    let out = if options.normalise {
+        let den = intra_den + q.matmul(z_prefix.swap_dims(3, 4));
+        num / (den + options.eps)
+    } else {
+        num
+    };
+    let out = out
         .reshape([batch, heads, padded, dv])
         .slice([0..batch, 0..heads, 0..seq]);
 

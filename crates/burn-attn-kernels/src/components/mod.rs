@@ -14,7 +14,9 @@
 //!   `unit_backward`: the portable forwards' and backwards' tile steps and epilogues;
 //! - `key_blocks`: the blocks a block visits under a block-sparse plan (key blocks of a
 //!   query block, or the transposed lists), and `element_rules`: which keys of a partially
-//!   visible block each query sees, and which probabilities dropout drops.
+//!   visible block each query sees, and which probabilities dropout drops;
+//! - `linear_chunk`: the chunked linear-attention pass's row walk (forward or reversed)
+//!   and staging.
 //!
 //! No plans; the only launches are the probe kernels that test the softmax step and the
 //! schedule on their own.
@@ -25,6 +27,7 @@ pub(crate) mod epilogue;
 pub(crate) mod exp;
 pub(crate) mod fragments;
 pub(crate) mod key_blocks;
+pub(crate) mod linear_chunk;
 pub(crate) mod mma_backward;
 pub(crate) mod mma_forward;
 pub(crate) mod pipeline;

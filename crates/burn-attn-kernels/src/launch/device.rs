@@ -142,7 +142,7 @@ fn aligned_rows(t: &CubeTensor) -> bool {
 }
 
 /// Elements `t` spans from its first: its highest element offset plus one.
-fn tensor_span(t: &CubeTensor) -> usize {
+pub(crate) fn tensor_span(t: &CubeTensor) -> usize {
     span(t.meta.shape().as_slice(), t.meta.strides())
 }
 

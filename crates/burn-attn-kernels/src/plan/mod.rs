@@ -9,6 +9,7 @@ mod decline;
 mod device;
 mod forced;
 mod forward;
+mod linear;
 mod problem;
 mod schedule;
 mod sparse;
@@ -23,6 +24,10 @@ pub use device::{DeviceCaps, RuntimeKind};
 pub use forced::ForcedPlan;
 pub use forward::{
     plan_forward, store_vector, ForwardKernel, ForwardPlan, MmaPlan, UnitPlan, MMA_ROWS_PER_TILE,
+};
+pub use linear::{
+    plan_linear, LinearExtra, LinearMode, LinearPlan, LinearSizes, LinearTiles, LINEAR_COL_THREADS,
+    LINEAR_ROW_THREADS,
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;

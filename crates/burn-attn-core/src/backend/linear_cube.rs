@@ -1,0 +1,524 @@
+//! [`LinearAttentionBackend`] for the CubeCL backend `Cube`: every product is a pass of the
+//! chunked kernel, recorded in the fusion stream as a [`LinearPassLaunch`]; the
+//! element-wise steps between passes are Burn tensor ops (fused by the stream).
+//!
+//! The backward, for `out_i = n_i / den_i` with `n_i = sum_j (q_i . k_j) v_j` over the
+//! keys row `i` sees: `dn_i = dO_i / den_i` and `dd_i = -(dO_i . out_i) / den_i` (0 and
+//! `dO` unnormalised), then
+//! - `dq_i = sum_j (dn_i . v_j + dd_i) k_j`: a forward pass with `a = dn`, `b = v`, `c =
+//!   k` and `dd` as the rows' scalar (causal: from the starting state transposed);
+//! - `dk_j = sum_i (v_j . dn_i + dd_i) q_i` and `dv_j = sum_i (k_j . q_i) dn_i`: passes over
+//!   the rows that see key `j` (reversed when causal), per query head, then summed over
+//!   each group of query heads sharing a kv head (non-causal: the states are summed
+//!   before they are applied).
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube};
+use burn::tensor::{DType, Tensor};
+use burn_attn_kernels::launch::{linear_pass, LinearOperands, LinearState};
+use burn_attn_kernels::plan::{LinearExtra, LinearMode};
+use burn_cubecl::ops::numeric::zeros_client;
+use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
+
+use super::linear_kernel::{LinearAttentionBackend, LinearCall};
+use super::{lift, lower};
+use crate::dispatch::{report, Dispatch, Implementation, Pass};
+
+/// One pass as the fusion stream records it: the mode, grid heads, sizes of its outputs.
+#[derive(Debug, Clone)]
+pub(crate) struct PassCall {
+    mode: LinearMode,
+    heads: usize,
+    eps: f32,
+    chunk: Option<usize>,
+    batch: usize,
+    rows: usize,
+    dim: usize,
+    value_dim: usize,
+    dtype: DType,
+}
+
+/// A pass's outputs: rows, divisor, state `s`, `z`, `x` (placeholders of their rank where
+/// the mode writes none).
+#[allow(clippy::too_many_arguments)]
+fn pass_outputs(
+    _a: &TensorSpec,
+    _b: &TensorSpec,
+    _c: &TensorSpec,
+    _extra: &TensorSpec,
+    _s: &TensorSpec,
+    _z: &TensorSpec,
+    _x: &TensorSpec,
+    call: &PassCall,
+) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+    let spec = |shape: Vec<usize>, dtype: DType| TensorSpec::new(shape.into(), dtype);
+    let PassCall {
+        mode,
+        heads,
+        batch,
+        rows,
+        dim,
+        value_dim,
+        dtype,
+        ..
+    } = call.clone();
+    let (h, b) = (heads, batch);
+    let rows_out = mode.outputs;
+    let den = mode.outputs && mode.normalise;
+    let state = mode.state_out;
+    (
+        spec(if rows_out { vec![b, h, rows, value_dim] } else { vec![1; 4] }, dtype),
+        spec(if den { vec![b, h, rows] } else { vec![1; 3] }, DType::F32),
+        spec(if state { vec![b, h, dim, value_dim] } else { vec![1; 4] }, DType::F32),
+        spec(if state { vec![b, h, dim] } else { vec![1; 3] }, DType::F32),
+        spec(if state { vec![b, h, value_dim] } else { vec![1; 3] }, DType::F32),
+    )
+}
+
+/// The linear kernel's launches, recorded in the fused backend's stream.
+#[backend_extension(Cube, Fusion)]
+pub(crate) trait LinearPassLaunch: Backend {
+    /// One pass: `(out, den, s, z, x)` (see [`pass_outputs`]).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[fusion(meta = pass_outputs)]
+    fn linear_pass(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        extra: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        call: PassCall,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+impl LinearPassLaunch for CubeBackend {
+    fn linear_pass(
+        a: CubeTensor,
+        b: CubeTensor,
+        c: CubeTensor,
+        extra: CubeTensor,
+        s: CubeTensor,
+        z: CubeTensor,
+        x: CubeTensor,
+        call: PassCall,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+        let mode = call.mode;
+        let keys = mode.reads_keys();
+        let operands = LinearOperands {
+            a: mode.reads_rows().then(|| into_contiguous(a.clone())),
+            b: keys.then(|| into_contiguous(b)),
+            c: keys.then(|| into_contiguous(c)),
+            extra: mode.reads_scalars().then(|| into_contiguous(extra)),
+            state: mode.state_in.then(|| LinearState {
+                s: into_contiguous(s),
+                z: into_contiguous(z),
+                x: into_contiguous(x),
+            }),
+        };
+        let done = linear_pass(mode, operands, call.heads, call.eps, call.chunk).unwrap_or_else(
+            |why| panic!("burn-attn: a linear pass was planned for this call but declined: {why}"),
+        );
+        let placeholder = |rank: usize, dtype: DType| {
+            zeros_client(a.client.clone(), a.device.clone(), vec![1; rank].into(), dtype)
+        };
+        let state = done.state;
+        (
+            done.out.unwrap_or_else(|| placeholder(4, call.dtype)),
+            done.den.unwrap_or_else(|| placeholder(3, DType::F32)),
+            state.as_ref().map_or_else(|| placeholder(4, DType::F32), |s| s.s.clone()),
+            state.as_ref().map_or_else(|| placeholder(3, DType::F32), |s| s.z.clone()),
+            state.map_or_else(|| placeholder(3, DType::F32), |s| s.x),
+        )
+    }
+}
+
+/// A state of one pass: `s: [batch, heads, dim, value_dim]`, `z: [batch, heads, dim]`, `x:
+/// [batch, heads, value_dim]`, f32.
+#[derive(Clone)]
+struct PassState {
+    s: Tensor<4>,
+    z: Tensor<3>,
+    x: Tensor<3>,
+}
+
+impl PassState {
+    /// `s` with zero `z` and `x`.
+    fn of(s: Tensor<4>) -> Self {
+        let [b, h, dim, value_dim] = s.dims();
+        let device = s.device();
+        Self {
+            z: Tensor::zeros([b, h, dim], (&device, DType::F32)),
+            x: Tensor::zeros([b, h, value_dim], (&device, DType::F32)),
+            s,
+        }
+    }
+
+    /// Summed over each group of `group` consecutive heads.
+    fn group_sum(self, group: usize) -> Self {
+        fn sum<const D: usize, const E: usize>(t: Tensor<D>, group: usize) -> Tensor<D> {
+            if group == 1 {
+                return t;
+            }
+            let mut dims = t.dims();
+            dims[1] /= group;
+            let mut split = [0; E];
+            split[0] = dims[0];
+            split[1] = dims[1];
+            split[2] = group;
+            split[3..].copy_from_slice(&dims[2..]);
+            t.reshape(split).sum_dim(2).reshape(dims)
+        }
+        Self {
+            s: sum::<4, 5>(self.s, group),
+            z: sum::<3, 4>(self.z, group),
+            x: sum::<3, 4>(self.x, group),
+        }
+    }
+}
+
+/// One pass's operands as tensors (any absent one a placeholder).
+#[derive(Default)]
+struct PassInputs {
+    a: Option<Tensor<4>>,
+    b: Option<Tensor<4>>,
+    c: Option<Tensor<4>>,
+    extra: Option<Tensor<3>>,
+    state: Option<PassState>,
+}
+
+/// Runs one pass of `mode` with `heads` grid heads: `(out, den, state)`.
+fn run_pass(
+    mode: LinearMode,
+    heads: usize,
+    call: &LinearCall,
+    inputs: PassInputs,
+) -> (Tensor<4>, Tensor<3>, PassState) {
+    let rows_of = inputs.a.as_ref().or(inputs.b.as_ref());
+    let any = rows_of.or(inputs.c.as_ref()).expect("a pass has a row operand");
+    let (device, dtype) = (any.device(), any.dtype());
+    let [batch, _, _, _] = any.dims();
+    let rows = if mode.reads_rows() {
+        inputs.a.as_ref().map(|t| t.dims()[2])
+    } else {
+        inputs.b.as_ref().map(|t| t.dims()[2])
+    }
+    .expect("the mode's row operand");
+    let dim = match (&inputs.a, &inputs.b, &inputs.state) {
+        (Some(t), _, _) | (None, Some(t), _) => t.dims()[3],
+        (_, _, Some(state)) => state.s.dims()[2],
+        _ => unreachable!("a pass has a head dim"),
+    };
+    let value_dim = match (&inputs.c, &inputs.state) {
+        (Some(t), _) => t.dims()[3],
+        (None, Some(state)) => state.s.dims()[3],
+        _ => unreachable!("a pass has a value dim"),
+    };
+    let rows4 = || Tensor::<4>::zeros([1, 1, 1, 1], (&device, dtype));
+    let f32_3 = || Tensor::<3>::zeros([1, 1, 1], (&device, DType::F32));
+    let f32_4 = || Tensor::<4>::zeros([1, 1, 1, 1], (&device, DType::F32));
+    let state = inputs.state.unwrap_or_else(|| PassState {
+        s: f32_4(),
+        z: f32_3(),
+        x: f32_3(),
+    });
+    let low = |t: Tensor<4>| lower::<Cube, 4>(t);
+    let low3 = |t: Tensor<3>| lower::<Cube, 3>(t);
+    let pass = PassCall {
+        mode,
+        heads,
+        eps: call.eps,
+        chunk: call.chunk,
+        batch,
+        rows,
+        dim,
+        value_dim,
+        dtype,
+    };
+    let (out, den, s, z, x) = <Cube as LinearPassLaunch>::linear_pass(
+        low(inputs.a.unwrap_or_else(rows4)),
+        low(inputs.b.unwrap_or_else(rows4)),
+        low(inputs.c.unwrap_or_else(rows4)),
+        low3(inputs.extra.unwrap_or_else(f32_3)),
+        low(state.s),
+        low3(state.z),
+        low3(state.x),
+        pass,
+    );
+    (
+        lift::<Cube, 4>(out),
+        lift::<Cube, 3>(den),
+        PassState {
+            s: lift::<Cube, 4>(s),
+            z: lift::<Cube, 3>(z),
+            x: lift::<Cube, 3>(x),
+        },
+    )
+}
+
+/// The mode with the normaliser's scalar (`extra`) where the call normalises.
+fn with_extra(mode: LinearMode, call: &LinearCall, extra: LinearExtra) -> LinearMode {
+    LinearMode {
+        extra: if call.normalise { extra } else { LinearExtra::None },
+        ..mode
+    }
+}
+
+fn reversed(mode: LinearMode) -> LinearMode {
+    LinearMode {
+        reverse: true,
+        ..mode
+    }
+}
+
+impl LinearAttentionBackend for Cube {
+    fn linear_attention_kernel(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (q, k, v) = (lift::<Cube, 4>(q), lift::<Cube, 4>(k), lift::<Cube, 4>(v));
+        let (heads, kv_heads) = (q.dims()[1], k.dims()[1]);
+        let (out, den, state) = if call.causal {
+            let state = call.state_in.then(|| {
+                let s = lift::<Cube, 4>(s0);
+                PassState {
+                    z: lift::<Cube, 3>(z0),
+                    ..PassState::of(s)
+                }
+            });
+            let mode = LinearMode {
+                state_in: call.state_in,
+                state_out: true,
+                ..LinearMode::causal(call.normalise)
+            };
+            let inputs = PassInputs {
+                a: Some(q),
+                b: Some(k),
+                c: Some(v),
+                state,
+                ..Default::default()
+            };
+            run_pass(mode, heads, &call, inputs)
+        } else {
+            let keys = PassInputs {
+                b: Some(k),
+                c: Some(v),
+                ..Default::default()
+            };
+            let (_, _, state) = run_pass(LinearMode::state(call.normalise), kv_heads, &call, keys);
+            let (out, den, _) = run_pass(
+                LinearMode::apply(call.normalise),
+                heads,
+                &call,
+                PassInputs {
+                    a: Some(q),
+                    state: Some(state.clone()),
+                    ..Default::default()
+                },
+            );
+            let device = out.device();
+            let no_state = PassState {
+                s: Tensor::zeros([1, 1, 1, 1], (&device, DType::F32)),
+                z: Tensor::zeros([1, 1, 1], (&device, DType::F32)),
+                x: Tensor::zeros([1, 1, 1], (&device, DType::F32)),
+            };
+            (out, den, no_state)
+        };
+        (
+            lower::<Cube, 4>(out),
+            lower::<Cube, 3>(den),
+            lower::<Cube, 4>(state.s),
+            lower::<Cube, 3>(state.z),
+        )
+    }
+
+    fn linear_attention_kernel_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        den: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        report(
+            call.log.as_ref(),
+            Dispatch {
+                pass: Pass::Backward,
+                served: Implementation::LinearChunkBackward,
+                declined: Vec::new(),
+            },
+        );
+        let (q, k, v) = (lift::<Cube, 4>(q), lift::<Cube, 4>(k), lift::<Cube, 4>(v));
+        let dtype = q.dtype();
+        let d_out = lift::<Cube, 4>(d_out).cast(dtype);
+        let (heads, kv_heads) = (q.dims()[1], k.dims()[1]);
+        let group = heads / kv_heads;
+        // The gradient of the numerator, and of the divisor (the rows' scalar).
+        let (dn, dd) = if call.normalise {
+            let den = lift::<Cube, 3>(den);
+            let d_out = d_out.cast(DType::F32);
+            let dn = d_out.clone() / den.clone().unsqueeze_dim::<4>(3);
+            let dot = (d_out * lift::<Cube, 4>(out).cast(DType::F32))
+                .sum_dim(3)
+                .squeeze_dim::<3>(3);
+            (dn.cast(dtype), Some(-dot / den))
+        } else {
+            (d_out, None)
+        };
+        let (dq, dk, dv) = if call.causal {
+            let start = call.state_in.then(|| PassState {
+                x: lift::<Cube, 3>(z0),
+                ..PassState::of(lift::<Cube, 4>(s0).swap_dims(2, 3))
+            });
+            let dq_mode = LinearMode {
+                state_in: call.state_in,
+                ..with_extra(LinearMode::causal(false), &call, LinearExtra::Rows)
+            };
+            let (dq, _, _) = run_pass(
+                dq_mode,
+                heads,
+                &call,
+                PassInputs {
+                    a: Some(dn.clone()),
+                    b: Some(v.clone()),
+                    c: Some(k.clone()),
+                    extra: dd.clone(),
+                    state: start,
+                },
+            );
+            let dk_mode = reversed(with_extra(LinearMode::causal(false), &call, LinearExtra::Keys));
+            let (dk, _, _) = run_pass(
+                dk_mode,
+                heads,
+                &call,
+                PassInputs {
+                    a: Some(v),
+                    b: Some(dn.clone()),
+                    c: Some(q.clone()),
+                    extra: dd,
+                    state: None,
+                },
+            );
+            let (dv, _, _) = run_pass(
+                reversed(LinearMode::causal(false)),
+                heads,
+                &call,
+                PassInputs {
+                    a: Some(k),
+                    b: Some(q),
+                    c: Some(dn),
+                    ..Default::default()
+                },
+            );
+            (dq, group_sum_rows(dk, group), group_sum_rows(dv, group))
+        } else {
+            let state = |mode: LinearMode, heads: usize, inputs: PassInputs| {
+                run_pass(mode, heads, &call, inputs).2
+            };
+            let apply = |mode: LinearMode, heads: usize, inputs: PassInputs| {
+                run_pass(mode, heads, &call, inputs).0
+            };
+            let rows_mode = |m: LinearMode| with_extra(m, &call, LinearExtra::Rows);
+            let keys_mode = |m: LinearMode| with_extra(m, &call, LinearExtra::Keys);
+            // dQ from sum_j v_j^T k_j (and sum_j k_j for the divisor's scalar).
+            let s_vk = state(
+                rows_mode(LinearMode::state(false)),
+                kv_heads,
+                PassInputs {
+                    b: Some(v.clone()),
+                    c: Some(k.clone()),
+                    ..Default::default()
+                },
+            );
+            let dq = apply(
+                rows_mode(LinearMode::apply(false)),
+                heads,
+                PassInputs {
+                    a: Some(dn.clone()),
+                    extra: dd.clone(),
+                    state: Some(s_vk),
+                    ..Default::default()
+                },
+            );
+            // dK from sum_i dn_i^T q_i (and sum_i dd_i q_i), summed over each group.
+            let s_dq = state(
+                keys_mode(LinearMode::state(false)),
+                heads,
+                PassInputs {
+                    b: Some(dn.clone()),
+                    c: Some(q.clone()),
+                    extra: dd,
+                    ..Default::default()
+                },
+            );
+            let dk = apply(
+                keys_mode(LinearMode::apply(false)),
+                kv_heads,
+                PassInputs {
+                    a: Some(v),
+                    state: Some(s_dq.group_sum(group)),
+                    ..Default::default()
+                },
+            );
+            // dV from sum_i q_i^T dn_i, summed over each group.
+            let s_qd = state(
+                LinearMode::state(false),
+                heads,
+                PassInputs {
+                    b: Some(q),
+                    c: Some(dn),
+                    ..Default::default()
+                },
+            );
+            let dv = apply(
+                LinearMode::apply(false),
+                kv_heads,
+                PassInputs {
+                    a: Some(k),
+                    state: Some(s_qd.group_sum(group)),
+                    ..Default::default()
+                },
+            );
+            (dq, dk, dv)
+        };
+        (
+            lower::<Cube, 4>(dq),
+            lower::<Cube, 4>(dk),
+            lower::<Cube, 4>(dv),
+        )
+    }
+}
+
+/// Per-query-head rows `[batch, heads, rows, d]` summed over each group of `group`
+/// consecutive heads (f32 sums, the rows' dtype kept).
+fn group_sum_rows(t: Tensor<4>, group: usize) -> Tensor<4> {
+    if group == 1 {
+        return t;
+    }
+    let [b, h, n, d] = t.dims();
+    let dtype = t.dtype();
+    t.cast(DType::F32)
+        .reshape([b, h / group, group, n, d])
+        .sum_dim(2)
+        .reshape([b, h / group, n, d])
+        .cast(dtype)
+}

@@ -1,0 +1,309 @@
+//! Linear attention on the chunked kernel: a backend extension of its own (`Cube` and
+//! `Autodiff`), which [`linear_attention_with`](crate::linear_attention_with) and
+//! [`causal_linear_attention_with`](crate::causal_linear_attention_with) call on CubeCL
+//! devices. The forward saves only its output and the f32 normaliser per row; the backward
+//! is three more passes of the same kernel (see `linear_cube`), so training memory stays
+//! O(seq) and no per-chunk state is ever stored.
+
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+    Autodiff,
+};
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
+use burn::tensor::{DType, Tensor};
+use burn_attn_kernels::plan::{
+    plan_linear, LinearExtra, LinearMode, LinearSizes, Precision, Unsupported,
+};
+
+use super::sparse::cube_caps;
+use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
+use crate::linear::{LinearAttentionState, LinearOptions};
+use crate::shape::AttentionShape;
+use crate::KernelPolicy;
+
+/// The values of one linear-attention call on the kernel.
+#[derive(Debug, Clone)]
+pub(crate) struct LinearCall {
+    /// Causal (chunked, with a carried state) or not.
+    pub causal: bool,
+    /// `out / (den + eps)`, or the unnormalised sum.
+    pub normalise: bool,
+    pub eps: f32,
+    /// The chunk length, where the caller fixes it.
+    pub chunk: Option<usize>,
+    /// Whether the causal call starts from a given state.
+    pub state_in: bool,
+    pub log: Option<DispatchLog>,
+}
+
+/// Linear attention of feature-mapped operands on the chunked kernel, forward and backward.
+#[backend_extension(Cube: cfg(feature = "cube"), Autodiff)]
+pub(crate) trait LinearAttentionBackend: Backend {
+    /// `(out, den, s, z)`: the output `[batch, heads, seq_q, value_dim]` in the inputs'
+    /// dtype, the f32 divisor `den + eps` per row `[batch, heads, seq_q]` (`[1, 1, 1]`
+    /// unnormalised) and, causal, the f32 state after the last row (`s: [batch, heads, dim,
+    /// value_dim]`, `z: [batch, heads, dim]`; `[1, 1, 1, 1]` and `[1, 1, 1]` otherwise).
+    /// `s0`, `z0` are the starting state where `call.state_in` (placeholders otherwise);
+    /// no gradient flows into them.
+    fn linear_attention_kernel(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
+    /// `(dq, dk, dv)` of [`LinearAttentionBackend::linear_attention_kernel`] for `d_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_attention_kernel_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        den: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The passes a call runs, forward and backward, each planned on the device: the kernel
+/// serves the call only if it takes every one.
+fn plan_call(shape: &AttentionShape, dtype: DType, call: &LinearCall, caps: &burn_attn_kernels::plan::DeviceCaps) -> Result<(), Unsupported> {
+    let precision = match dtype {
+        DType::F32 => Precision::F32,
+        DType::F16 => Precision::F16,
+        DType::BF16 => Precision::BF16,
+        other => {
+            return Err(Unsupported::DType {
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    let AttentionShape {
+        batch,
+        heads,
+        seq_q,
+        seq_k,
+        head_dim: d,
+        value_dim: dv,
+        ..
+    } = *shape;
+    let sizes = |rows: usize, dim: usize, value_dim: usize| LinearSizes {
+        batch,
+        heads,
+        rows,
+        dim,
+        value_dim,
+        span: batch * heads * seq_q.max(seq_k) * d.max(dv),
+    };
+    let normalise = call.normalise;
+    let extra = |mode: LinearMode, extra: LinearExtra| LinearMode {
+        extra: if normalise { extra } else { LinearExtra::None },
+        ..mode
+    };
+    let passes: Vec<(LinearSizes, LinearMode)> = if call.causal {
+        let reversed = |mode: LinearMode| LinearMode {
+            reverse: true,
+            ..mode
+        };
+        vec![
+            (sizes(seq_q, d, dv), LinearMode::causal(normalise)),
+            (sizes(seq_q, dv, d), extra(LinearMode::causal(false), LinearExtra::Rows)),
+            (sizes(seq_q, dv, d), reversed(extra(LinearMode::causal(false), LinearExtra::Keys))),
+            (sizes(seq_q, d, dv), reversed(LinearMode::causal(false))),
+        ]
+    } else {
+        vec![
+            (sizes(seq_k, d, dv), LinearMode::state(normalise)),
+            (sizes(seq_q, d, dv), LinearMode::apply(normalise)),
+            (sizes(seq_k, dv, d), extra(LinearMode::state(false), LinearExtra::Rows)),
+            (sizes(seq_q, dv, d), extra(LinearMode::apply(false), LinearExtra::Rows)),
+            (sizes(seq_q, dv, d), extra(LinearMode::state(false), LinearExtra::Keys)),
+            (sizes(seq_k, dv, d), extra(LinearMode::apply(false), LinearExtra::Keys)),
+            (sizes(seq_q, d, dv), LinearMode::state(false)),
+            (sizes(seq_k, d, dv), LinearMode::apply(false)),
+        ]
+    };
+    for (sizes, mode) in passes {
+        plan_linear(&sizes, &mode, precision, caps, call.chunk)?;
+    }
+    Ok(())
+}
+
+/// Runs a call on the kernel, or returns why it declines (empty: the device has no
+/// kernels). Causal calls return the state after the last row (f32).
+pub(crate) fn linear_kernel_attention(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    state: Option<LinearAttentionState>,
+    shape: &AttentionShape,
+    causal: bool,
+    options: &LinearOptions,
+) -> Result<(Tensor<4>, Option<LinearAttentionState>), Declines> {
+    let Some(caps) = cube_caps(&phi_q.device()) else {
+        return Err(Vec::new());
+    };
+    let decline = |why: Decline| vec![(Implementation::LinearChunk, why)];
+    if options.kernel == KernelPolicy::Tiled {
+        return Err(decline(Decline::TiledRequested));
+    }
+    let call = LinearCall {
+        causal,
+        normalise: options.normalise,
+        eps: options.eps as f32,
+        chunk: options.kernel_chunk,
+        state_in: state.is_some(),
+        log: options.log.clone(),
+    };
+    plan_call(shape, phi_q.dtype(), &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
+    report(
+        options.log.as_ref(),
+        Dispatch {
+            pass: Pass::Forward,
+            served: Implementation::LinearChunk,
+            declined: Vec::new(),
+        },
+    );
+    let device = phi_q.device();
+    let (s0, z0) = match state {
+        Some(state) => (
+            state.kv.cast(DType::F32).into_dispatch(),
+            state.z.cast(DType::F32).into_dispatch(),
+        ),
+        None => (
+            Tensor::<4>::zeros([1, 1, 1, 1], (&device, DType::F32)).into_dispatch(),
+            Tensor::<3>::zeros([1, 1, 1], (&device, DType::F32)).into_dispatch(),
+        ),
+    };
+    let (out, _den, s, z) =
+        <burn::backend::Dispatch as LinearAttentionBackend>::linear_attention_kernel(
+            phi_q.into_dispatch(),
+            phi_k.into_dispatch(),
+            v.into_dispatch(),
+            s0,
+            z0,
+            call,
+        );
+    let state = causal.then(|| LinearAttentionState {
+        kv: Tensor::from_dispatch(s),
+        z: Tensor::from_dispatch(z),
+    });
+    Ok((Tensor::from_dispatch(out), state))
+}
+
+/// The backward step of one linear-attention call.
+#[derive(Debug)]
+struct LinearBackwardStep;
+
+/// What the backward needs: Q, K, V, the starting state, O, the divisor and the call.
+type SavedState<E> = (
+    [FloatTensor<E>; 3],
+    [FloatTensor<E>; 2],
+    FloatTensor<E>,
+    FloatTensor<E>,
+    LinearCall,
+);
+
+impl<E: LinearAttentionBackend> Backward<E, 3> for LinearBackwardStep {
+    type State = SavedState<E>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let d_out = grads.consume::<E>(&ops.node);
+        let ([q, k, v], [s0, z0], out, den, call) = ops.state;
+        let (dq, dk, dv) =
+            E::linear_attention_kernel_backward(q, k, v, s0, z0, out, den, d_out, call);
+        for (node, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<E>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<E: LinearAttentionBackend, C: CheckpointStrategy> LinearAttentionBackend
+    for Autodiff<E, C>
+{
+    fn linear_attention_kernel(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (q, q_node) = q.into_parts();
+        let (k, k_node) = k.into_parts();
+        let (v, v_node) = v.into_parts();
+        let (s0, z0) = (s0.into_primitive(), z0.into_primitive());
+        let inputs = [q, k, v];
+        let [q, k, v] = inputs.clone();
+        let (out, den, s, z) =
+            E::linear_attention_kernel(q, k, v, s0.clone(), z0.clone(), call.clone());
+        let tracked = LinearBackwardStep
+            .prepare::<C>([q_node, k_node, v_node])
+            .compute_bound()
+            .stateful();
+        let out = match tracked {
+            OpsKind::Tracked(prep) => {
+                prep.finish((inputs, [s0, z0], out.clone(), den.clone(), call), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (
+            out,
+            FloatTensor::<Self>::new(den),
+            FloatTensor::<Self>::new(s),
+            FloatTensor::<Self>::new(z),
+        )
+    }
+
+    fn linear_attention_kernel_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        den: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        call: LinearCall,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = E::linear_attention_kernel_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            s0.into_primitive(),
+            z0.into_primitive(),
+            out.into_primitive(),
+            den.into_primitive(),
+            d_out.into_primitive(),
+            call,
+        );
+        (
+            FloatTensor::<Self>::new(dq),
+            FloatTensor::<Self>::new(dk),
+            FloatTensor::<Self>::new(dv),
+        )
+    }
+}

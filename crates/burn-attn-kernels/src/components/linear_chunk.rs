@@ -1,0 +1,122 @@
+//! The pieces of the chunked linear-attention kernel: where a chunk's rows are in a head
+//! (forward or reversed), their staging into shared memory, the carried f32 state.
+
+use cubecl::prelude::*;
+
+/// The rows of one head of a `[batch, heads, rows, d]` tensor as a pass walks them: row `t`
+/// of the walk is row `t` of the head, or row `rows - 1 - t` when reversed.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub(crate) struct WalkRows {
+    pub base: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+    pub rows: usize,
+}
+
+#[cube]
+impl WalkRows {
+    /// Batch `b`, grid head `h` of `heads` (the tensor's head is `h / (heads / its heads)`).
+    pub fn new<F: Numeric>(src: &Tensor<F>, b: usize, h: usize, heads: usize, rows: usize) -> WalkRows {
+        let head = h / (heads / src.shape(1));
+        WalkRows {
+            base: b * src.stride(0) + head * src.stride(1),
+            row_stride: src.stride(2),
+            col_stride: src.stride(3),
+            rows,
+        }
+    }
+
+    /// The element offset of row `t` of the walk (which must be `< rows`), column `col`.
+    pub fn at(&self, t: usize, col: usize, #[comptime] reverse: bool) -> usize {
+        let row = if reverse { self.rows - 1 - t } else { t };
+        self.base + row * self.row_stride + col * self.col_stride
+    }
+}
+
+/// Stages rows `t0 .. t0 + chunk` of the walk transposed: `smem[col * (chunk + 1) + r] =
+/// row t0 + r, column col`, zero past the rows and from `dim` to `dim_pad`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_transposed<F: Float>(
+    src: &Tensor<F>,
+    walk: WalkRows,
+    smem: &mut [F],
+    t0: usize,
+    dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] dim_pad: usize,
+    #[comptime] units: usize,
+    #[comptime] reverse: bool,
+) {
+    let stride = comptime!(chunk + 1);
+    let mut idx = UNIT_POS_X as usize;
+    // Consecutive units take consecutive columns of one row: coalesced reads.
+    while idx < comptime!(chunk * dim_pad) {
+        let r = idx / dim_pad;
+        let col = idx % dim_pad;
+        let t = t0 + r;
+        let mut x = F::new(0.0);
+        if t < walk.rows && col < dim {
+            x = src[walk.at(t, col, reverse)];
+        }
+        smem[col * stride + r] = x;
+        idx += units;
+    }
+}
+
+/// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
+/// `smem[r * width + v] = row t0 + r, column v0 + v`, zero past the rows and `value_dim`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_value_block<F: Float>(
+    src: &Tensor<F>,
+    walk: WalkRows,
+    smem: &mut [F],
+    t0: usize,
+    v0: usize,
+    value_dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] width: usize,
+    #[comptime] units: usize,
+    #[comptime] reverse: bool,
+) {
+    let mut idx = UNIT_POS_X as usize;
+    while idx < comptime!(chunk * width) {
+        let r = idx / width;
+        let v = idx % width;
+        let t = t0 + r;
+        let mut x = F::new(0.0);
+        if t < walk.rows && v0 + v < value_dim {
+            x = src[walk.at(t, v0 + v, reverse)];
+        }
+        smem[idx] = x;
+        idx += units;
+    }
+}
+
+/// Stages the per-row scalars of rows `t0 .. t0 + chunk` of `src` (`[batch, heads, rows]`,
+/// f32; batch `b`, head `head`): zero past the rows.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_row_scalars(
+    src: &Tensor<f32>,
+    b: usize,
+    head: usize,
+    rows: usize,
+    smem: &mut [f32],
+    t0: usize,
+    #[comptime] chunk: usize,
+    #[comptime] reverse: bool,
+) {
+    let r = UNIT_POS_X as usize;
+    if r < chunk {
+        let t = t0 + r;
+        let mut x = f32::new(0.0);
+        if t < rows {
+            let row = if reverse { rows - 1 - t } else { t };
+            x = src[b * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
+        }
+        smem[r] = x;
+    }
+}

@@ -1,0 +1,356 @@
+//! Plans of the chunked linear-attention kernel (`linear_chunk`): one pass over the rows of
+//! a head in chunks, carrying an f32 state, in one of the modes [`LinearMode`] names.
+//!
+//! Every linear-attention product is a pass of this one kernel: with row operands `a`
+//! (queries' role), `b` (keys' role) and `c` (values' role) of one length, the causal pass
+//! computes `out_i = sum_{j <= i} (a_i . b_j) c_j + a_i S0` (optionally normalised by
+//! `sum_{j <= i} a_i . b_j + a_i . z0 + eps`) and the state `S = S0 + sum_j b_j^T c_j`;
+//! the state pass computes only `S`; the apply pass only `out_i = a_i S0`. Reversed, `j <=
+//! i` becomes `j >= i` (the backward's key-side products). One optional per-row scalar
+//! adds `e_i` (on the rows' side) or `e_j` (on the keys' side) to every `a_i . b_j`: the
+//! normaliser's gradient in the backward.
+
+use super::{DeviceCaps, Grid, Offsets, Precision, Unsupported, SOFTWARE_LOOP_BUDGET};
+use super::{MAX_HEAD_DIM, UNIT_SHARED_BUDGET};
+
+/// Units along a chunk's rows, and along its keys and value columns.
+pub const LINEAR_ROW_THREADS: usize = 8;
+/// Units along a chunk's keys and the value columns of a cube.
+pub const LINEAR_COL_THREADS: usize = 16;
+
+/// Where the pass's optional per-row scalar enters `a_i . b_j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearExtra {
+    /// No scalar.
+    None,
+    /// `a_i . b_j + e_i` (the rows' side; the keys' side counts 1).
+    Rows,
+    /// `a_i . b_j + e_j` (the keys' side; the rows' side counts 1).
+    Keys,
+}
+
+/// What one pass computes (a comptime value of the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearMode {
+    /// The in-chunk causal term `sum_{j <= i in the chunk} (a_i . b_j) c_j`.
+    pub intra: bool,
+    /// Whether rows are written (`out`, and the normaliser with `normalise`).
+    pub outputs: bool,
+    /// Whether the state takes each chunk's `b^T c` after its rows.
+    pub update: bool,
+    /// `out_i / (den_i + eps)`, the normaliser `den_i` written too.
+    pub normalise: bool,
+    /// Rows from the last to the first (`j >= i`).
+    pub reverse: bool,
+    /// The per-row scalar, if any.
+    pub extra: LinearExtra,
+    /// Whether the pass starts from a given state (else from 0).
+    pub state_in: bool,
+    /// Whether the pass writes its final state.
+    pub state_out: bool,
+}
+
+impl LinearMode {
+    /// The causal pass: in-chunk term, carried state, rows out.
+    pub fn causal(normalise: bool) -> Self {
+        Self {
+            intra: true,
+            outputs: true,
+            update: true,
+            normalise,
+            reverse: false,
+            extra: LinearExtra::None,
+            state_in: false,
+            state_out: false,
+        }
+    }
+
+    /// The state pass: `S = sum_j b_j^T c_j` (and `z = sum_j b_j` with `normalise`), no rows.
+    pub fn state(normalise: bool) -> Self {
+        Self {
+            intra: false,
+            outputs: false,
+            update: true,
+            normalise,
+            reverse: false,
+            extra: LinearExtra::None,
+            state_in: false,
+            state_out: true,
+        }
+    }
+
+    /// The apply pass: `out_i = a_i S0` (normalised by `a_i . z0 + eps` with `normalise`).
+    pub fn apply(normalise: bool) -> Self {
+        Self {
+            intra: false,
+            outputs: true,
+            update: false,
+            normalise,
+            reverse: false,
+            extra: LinearExtra::None,
+            state_in: true,
+            state_out: false,
+        }
+    }
+
+    /// Whether the pass reads the rows' operand `a`.
+    pub fn reads_rows(&self) -> bool {
+        self.outputs
+    }
+
+    /// Whether the pass reads the keys' operands `b` and `c`.
+    pub fn reads_keys(&self) -> bool {
+        self.intra || self.update
+    }
+
+    /// Whether the pass reads its per-row scalars: the rows' in the rows' steps, the keys'
+    /// in the key steps (a state pass with the rows' scalar adds `c` with weight 1).
+    pub fn reads_scalars(&self) -> bool {
+        match self.extra {
+            LinearExtra::None => false,
+            LinearExtra::Rows => self.outputs,
+            LinearExtra::Keys => self.reads_keys(),
+        }
+    }
+}
+
+/// The tiles of one pass: `chunk` rows at a time, `value_block` value columns per cube,
+/// the head dim rounded up to the units along the rows (`dim_pad`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearTiles {
+    /// Rows per chunk.
+    pub chunk: usize,
+    /// Value columns per cube.
+    pub value_block: usize,
+    /// The head dim of `a` and `b`, a multiple of [`LINEAR_ROW_THREADS`].
+    pub dim_pad: usize,
+}
+
+impl LinearTiles {
+    /// Preferred first: the longest chunks (the in-chunk products are the matrix-shaped
+    /// work) and the widest value blocks (the in-chunk scores are recomputed per block).
+    const CANDIDATES: [(usize, usize); 7] = [
+        (64, 64),
+        (64, 32),
+        (32, 64),
+        (32, 32),
+        (32, 16),
+        (16, 32),
+        (16, 16),
+    ];
+
+    /// Units of a cube.
+    pub fn units(&self) -> usize {
+        LINEAR_ROW_THREADS * LINEAR_COL_THREADS
+    }
+
+    /// Shared memory of a cube in bytes, for inputs of `precision`.
+    pub fn shared_bytes(&self, mode: &LinearMode, precision: Precision) -> usize {
+        let (c, bv, dp) = (self.chunk, self.value_block, self.dim_pad);
+        let e = precision.size();
+        let rows = if mode.reads_rows() { dp * (c + 1) * e } else { 0 };
+        let keys = if mode.reads_keys() {
+            dp * (c + 1) * e + c * bv * e
+        } else {
+            0
+        };
+        let scores = if mode.intra { c * (c + 1) * 4 } else { 0 };
+        let state = (dp * bv + dp + bv + c) * 4;
+        rows + keys + scores + state
+    }
+
+    /// f32 registers of a unit's largest tile (state update or output rows).
+    fn registers(&self) -> usize {
+        let cols = self.value_block / LINEAR_COL_THREADS;
+        (self.dim_pad / LINEAR_ROW_THREADS).max(self.chunk / LINEAR_ROW_THREADS) * cols
+    }
+
+    /// Loop iterations one unit runs over `rows` rows (the products' loops over the head
+    /// dim and the chunk, the staging loops), for software adapters' budgets.
+    fn loop_iterations(&self, rows: usize, value_dim: usize) -> usize {
+        let (c, dp, bv) = (self.chunk, self.dim_pad, self.value_block);
+        let per_chunk = 2 * dp + 3 * c + 3 * (dp * (c + 1)).div_ceil(self.units()) + bv;
+        rows.div_ceil(c) * per_chunk + 2 * (dp * bv).div_ceil(self.units()) + value_dim
+    }
+}
+
+/// The sizes of one pass: `batch x heads` cubes rows of `rows` (the grid's heads: the
+/// output's, or the state's for a state pass), head dim `dim` of `a` and `b`, value dim
+/// `value_dim` of `c` and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearSizes {
+    /// Batch.
+    pub batch: usize,
+    /// Heads of the grid (every operand's heads divide them).
+    pub heads: usize,
+    /// Rows of the pass.
+    pub rows: usize,
+    /// Head dim of `a` and `b`.
+    pub dim: usize,
+    /// Value dim of `c` and of the output.
+    pub value_dim: usize,
+    /// Elements of the largest tensor the pass reads or writes.
+    pub span: usize,
+}
+
+/// The launch plan of one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearPlan {
+    /// Tiles.
+    pub tiles: LinearTiles,
+    /// Value blocks along `x`, `batch * heads` along `y`.
+    pub grid: Grid,
+    /// The kernels' offset width.
+    pub offsets: Offsets,
+}
+
+/// Plans one pass of `mode` over `sizes` in `precision` on `caps`, or says why not.
+/// `chunk`, when given, fixes the chunk length (16, 32 or 64).
+pub fn plan_linear(
+    sizes: &LinearSizes,
+    mode: &LinearMode,
+    precision: Precision,
+    caps: &DeviceCaps,
+    chunk: Option<usize>,
+) -> Result<LinearPlan, Unsupported> {
+    let LinearSizes {
+        batch,
+        heads,
+        rows,
+        dim,
+        value_dim,
+        span,
+    } = *sizes;
+    if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
+        return Err(Unsupported::HeadDim {
+            dim,
+            value_dim,
+            max: MAX_HEAD_DIM,
+        });
+    }
+    if let Some(c) = chunk {
+        if ![16, 32, 64].contains(&c) {
+            return Err(Unsupported::Forced(format!(
+                "chunk {c} (the linear kernel takes 16, 32 or 64)"
+            )));
+        }
+    }
+    // Rows are indexed in u32 and i32 arithmetic.
+    let max_rows = (i32::MAX / 2) as usize;
+    if rows > max_rows {
+        return Err(Unsupported::Length {
+            total: rows,
+            max: max_rows,
+        });
+    }
+    let offsets = if span <= u32::MAX as usize {
+        Offsets::U32
+    } else if caps.offsets_64 {
+        Offsets::U64
+    } else {
+        return Err(Unsupported::Offsets {
+            span,
+            max: u32::MAX as usize,
+            runtime: caps.runtime_name,
+        });
+    };
+    let budget = caps.shared_memory.min(UNIT_SHARED_BUDGET);
+    let dim_pad = dim.next_multiple_of(LINEAR_ROW_THREADS);
+    let candidates = LinearTiles::CANDIDATES
+        .iter()
+        .filter(|(c, _)| chunk.is_none_or(|want| want == *c))
+        .map(|&(chunk, value_block)| LinearTiles {
+            chunk,
+            // No wider than the value dim needs.
+            value_block: value_block.min(value_dim.next_multiple_of(LINEAR_COL_THREADS)),
+            dim_pad,
+        })
+        .collect::<Vec<_>>();
+    let tiles = candidates
+        .iter()
+        .find(|t| t.shared_bytes(mode, precision) <= budget && t.registers() <= 64)
+        .copied()
+        .ok_or_else(|| Unsupported::SharedMemory {
+            needed: candidates
+                .iter()
+                .map(|t| t.shared_bytes(mode, precision))
+                .min()
+                .unwrap_or(0),
+            available: budget,
+        })?;
+    if caps.software_adapter {
+        let iterations = tiles.loop_iterations(rows, value_dim);
+        if iterations > SOFTWARE_LOOP_BUDGET {
+            return Err(Unsupported::LoopBudget {
+                iterations,
+                budget: SOFTWARE_LOOP_BUDGET,
+            });
+        }
+    }
+    let grid = Grid::new(value_dim, tiles.value_block, batch * heads)?;
+    Ok(LinearPlan {
+        tiles,
+        grid,
+        offsets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(rows: usize, dim: usize, value_dim: usize) -> LinearSizes {
+        LinearSizes {
+            batch: 2,
+            heads: 16,
+            rows,
+            dim,
+            value_dim,
+            span: 2 * 16 * rows * dim.max(value_dim),
+        }
+    }
+
+    #[test]
+    fn hopper_takes_long_chunks_within_the_shared_budget() {
+        let mode = LinearMode::causal(true);
+        for precision in [Precision::BF16, Precision::F32] {
+            let plan =
+                plan_linear(&sizes(16384, 128, 128), &mode, precision, &DeviceCaps::hopper(), None)
+                    .unwrap();
+            assert!(plan.tiles.shared_bytes(&mode, precision) <= UNIT_SHARED_BUDGET);
+            assert_eq!(plan.grid.y, 32);
+            assert_eq!(plan.grid.x as usize * plan.tiles.value_block, 128);
+        }
+    }
+
+    #[test]
+    fn narrow_values_take_one_block_and_odd_dims_pad() {
+        let plan = plan_linear(
+            &sizes(17, 5, 7),
+            &LinearMode::causal(true),
+            Precision::F32,
+            &DeviceCaps::lavapipe(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(plan.tiles.value_block, 16);
+        assert_eq!(plan.tiles.dim_pad, 8);
+        assert_eq!(plan.grid.x, 1);
+    }
+
+    #[test]
+    fn declines_with_reasons() {
+        let caps = DeviceCaps::lavapipe();
+        let mode = LinearMode::causal(true);
+        let head = plan_linear(&sizes(8, 300, 8), &mode, Precision::F32, &caps, None);
+        assert!(matches!(head, Err(Unsupported::HeadDim { dim: 300, .. })));
+        let chunk = plan_linear(&sizes(8, 8, 8), &mode, Precision::F32, &caps, Some(24));
+        assert!(matches!(chunk, Err(Unsupported::Forced(_))));
+        let long = plan_linear(&sizes(1 << 20, 64, 64), &mode, Precision::F32, &caps, None);
+        assert!(matches!(long, Err(Unsupported::LoopBudget { .. })));
+        let mut wide = sizes(1 << 20, 64, 64);
+        wide.span = 1 << 33;
+        let offsets = plan_linear(&wide, &mode, Precision::F32, &caps, None);
+        assert!(matches!(offsets, Err(Unsupported::Offsets { .. })));
+    }
+}
