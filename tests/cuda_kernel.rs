@@ -206,6 +206,17 @@ mod on_cuda {
         check_cached_decoding::<Gpu>(2e-3);
     }
 
+    /// Linear attention on the chunked kernel, f32 and bf16: causal and not, normalised and
+    /// not, GQA, lengths chunks do not divide, one row, streaming; forward and backward
+    /// against the quadratic form in f64.
+    #[test]
+    fn cuda_linear_kernel_matches_the_quadratic_form() {
+        check_linear_training::<Gpu>(DType::F32, 1e-4);
+        check_linear_streaming::<Gpu>(1e-4);
+        check_linear_training::<Gpu>(DType::BF16, 2e-2);
+        check_linear_training::<Gpu>(DType::F16, 5e-3);
+    }
+
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.
     #[test]
     fn cuda_block_mask_builds_on_the_device() {

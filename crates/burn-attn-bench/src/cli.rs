@@ -46,6 +46,10 @@ pub enum Command {
     /// Time one decoding step's attention (new queries against a key/value cache, grouped
     /// heads) against PyTorch's decode paths and the cache's read time at copy bandwidth.
     Decode(crate::decode::DecodeArgs),
+    /// Time causal linear attention's core against our causal flash attention over lengths
+    /// (forward and training step, crossover, growth, a streaming step) beside
+    /// flash-linear-attention's and FlashAttention-2's records of the same shapes.
+    Linear(crate::linear::LinearArgs),
 }
 
 /// Options of `digest`.

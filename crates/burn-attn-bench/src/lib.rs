@@ -10,6 +10,7 @@ pub mod device;
 pub mod digest;
 pub mod growth;
 pub mod kernel;
+pub mod linear;
 pub mod masks;
 pub mod output;
 pub mod peers;

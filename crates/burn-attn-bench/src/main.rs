@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => burn_attn_bench::kernel::kernel(args),
         Command::Masks(args) => burn_attn_bench::masks::masks(args),
         Command::Decode(args) => burn_attn_bench::decode::decode(args),
+        Command::Linear(args) => burn_attn_bench::linear::linear(args),
         Command::Model(args) => {
             let model =
                 burn_attn::nn::complexity::ComplexityModel::new(args.d_model, args.heads.max(1));

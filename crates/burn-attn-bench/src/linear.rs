@@ -1,0 +1,286 @@
+//! `linear`: causal linear attention's core against our causal flash attention over
+//! lengths, forward and training step, beside its peers measured on the same shapes
+//! (`scripts/peers/torch_linear.py`: flash-linear-attention's `chunk_linear_attn` and
+//! `fused_chunk_linear_attn`, FlashAttention-2 causal), with the crossover length, the
+//! growth (the log-log slope of time over length) and one streaming step's time after the
+//! shortest and the longest length.
+//!
+//! ```sh
+//! burn-attn-bench linear --backend cuda --dtype bf16 --peers linear.json
+//! ```
+//! Shapes: batch 2, 16 heads, d = 128, lengths 1024 .. 65536; q and k positive (uniform in
+//! [0, 1): the feature map applied outside, on both sides), v normal; normalised. Times are
+//! wall clock, the median over `--repeats` samples of `--calls` calls queued back to back
+//! (CUDA events on the peers' side); the training step is the forward plus the backward of
+//! `sum(out * dO)` for a fixed `dO`.
+
+use burn::tensor::{Distribution, Tensor};
+use burn_attn::cores::{
+    causal_linear_attention_with, DispatchLog, LinearAttentionState,
+    LinearOptions, Pass,
+};
+use burn_attn::{attention, AttentionOptions};
+use clap::Args;
+
+use crate::cli::{BackendKind, DType};
+use crate::kernel::median_ms;
+use crate::peers::{dtype_name, load_peers, PeerRecord};
+
+/// Options of `linear`.
+#[derive(Args, Debug, Clone)]
+pub struct LinearArgs {
+    /// Where the cases run.
+    #[arg(long, value_enum, default_value_t = BackendKind::Cuda)]
+    pub backend: BackendKind,
+    /// Float type of the inputs.
+    #[arg(long, value_enum, default_value_t = DType::Bf16)]
+    pub dtype: DType,
+    /// Batch.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    /// Head dimension (of q, k and v).
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    /// Sequence lengths, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384,65536"
+    )]
+    pub lengths: Vec<usize>,
+    /// Skip our causal flash attention above this length (its time grows as n^2).
+    #[arg(long, default_value_t = 65536)]
+    pub flash_up_to: usize,
+    /// Samples per case; the median is reported.
+    #[arg(long, default_value_t = 7)]
+    pub repeats: usize,
+    /// Calls queued back to back per sample.
+    #[arg(long, default_value_t = 5)]
+    pub calls: usize,
+    /// The peer script's JSON: prints our time over each peer's for each length.
+    #[arg(long, value_name = "PATH")]
+    pub peers: Option<std::path::PathBuf>,
+    /// Write the rows as JSON.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// The times of one length: ours forward and training step, our flash's, and who served.
+struct Row {
+    n: usize,
+    linear: (f64, f64),
+    flash: Option<(f64, f64)>,
+    served: String,
+}
+
+/// Runs `linear` with `args`.
+pub fn linear(args: LinearArgs) -> Result<(), String> {
+    if args.calls == 0 || args.repeats == 0 || args.lengths.contains(&0) {
+        return Err("--calls, --repeats and every length take at least 1".into());
+    }
+    let peers = args.peers.as_deref().map(load_peers).transpose()?;
+    let device = crate::device::device_for(args.backend, args.dtype)?;
+    let train = device.clone().autodiff();
+    let (b, h, d) = (args.batch, args.heads, args.head_dim);
+    let mut rows = Vec::new();
+    for &n in &args.lengths {
+        let make = |device: &burn::tensor::Device| {
+            let pos = |dist| Tensor::<4>::random([b, h, n, d], dist, device);
+            (
+                pos(Distribution::Uniform(0.0, 1.0)),
+                pos(Distribution::Uniform(0.0, 1.0)),
+                pos(Distribution::Normal(0.0, 1.0)),
+                pos(Distribution::Normal(0.0, 1.0)),
+            )
+        };
+        let (q, k, v, _) = make(&device);
+        let log = DispatchLog::new();
+        let options = LinearOptions::new().with_log(log.clone());
+        let forward = median_ms(&device, args.repeats, args.calls, || {
+            let _ = causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);
+        });
+        let (tq, tk, tv, d_out) = make(&train);
+        let (tq, tk, tv) = (tq.require_grad(), tk.require_grad(), tv.require_grad());
+        let step = median_ms(&train, args.repeats, args.calls, || {
+            let (out, _) =
+                causal_linear_attention_with(tq.clone(), tk.clone(), tv.clone(), None, &options);
+            let _ = (out * d_out.clone()).sum().backward();
+        });
+        let served = served(&log);
+        let flash = (n <= args.flash_up_to).then(|| {
+            let options = AttentionOptions::new().with_causal(true);
+            let forward = median_ms(&device, args.repeats, args.calls, || {
+                let _ = attention(q.clone(), k.clone(), v.clone(), &options);
+            });
+            let step = median_ms(&train, args.repeats, args.calls, || {
+                let out = attention(tq.clone(), tk.clone(), tv.clone(), &options);
+                let _ = (out * d_out.clone()).sum().backward();
+            });
+            (forward, step)
+        });
+        let row = Row {
+            n,
+            linear: (forward, step),
+            flash,
+            served,
+        };
+        print_row(&row, &args, peers.as_deref());
+        rows.push(row);
+    }
+    print_growth(&rows);
+    let step_ms = streaming_steps(&args, &device)?;
+    if let Some(path) = &args.json {
+        let json: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "b": b, "h": h, "d": d, "n": r.n, "dtype": args.dtype.name(),
+                    "linear_ms": r.linear.0, "linear_step_ms": r.linear.1,
+                    "flash_ms": r.flash.map(|f| f.0), "flash_step_ms": r.flash.map(|f| f.1),
+                    "served": r.served,
+                })
+            })
+            .chain(step_ms.iter().map(|(position, ms)| {
+                serde_json::json!({ "streaming_position": position, "ms": ms })
+            }))
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&json).unwrap())
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The implementations the log recorded, forward then backward.
+fn served(log: &DispatchLog) -> String {
+    let last = |pass| {
+        log.of(pass)
+            .last()
+            .map_or("-".to_string(), |s| format!("{:?}", s.served))
+    };
+    format!("{} / {}", last(Pass::Forward), last(Pass::Backward))
+}
+
+fn print_row(row: &Row, args: &LinearArgs, peers: Option<&[PeerRecord]>) {
+    let (b, h, d, n) = (args.batch, args.heads, args.head_dim, row.n);
+    let mut line = format!(
+        "causal linear b={b} h={h} d={d} n={n:<6} forward {:>9.3} ms, training step {:>9.3} ms [{}]",
+        row.linear.0, row.linear.1, row.served
+    );
+    if let Some((forward, step)) = row.flash {
+        line += &format!(
+            " | our causal flash {forward:.3} / {step:.3} ms: linear is {:.2}x / {:.2}x faster",
+            forward / row.linear.0,
+            step / row.linear.1
+        );
+    }
+    println!("{line}");
+    for peer in peers.into_iter().flatten().filter(|p| {
+        (p.b, p.h, p.n, p.d) == (b, h, n, d) && dtype_name(&p.dtype) == args.dtype.name()
+    }) {
+        let (ours, what) = match (peer.kind.ends_with("-fwdbwd"), peer.kind.starts_with("fa2")) {
+            (false, false) => (Some(row.linear.0), "our linear forward"),
+            (true, false) => (Some(row.linear.1), "our linear training step"),
+            (false, true) => (row.flash.map(|f| f.0), "our flash forward"),
+            (true, true) => (row.flash.map(|f| f.1), "our flash training step"),
+        };
+        let mut line = format!("  n={n}: {} {:.3} ms", peer.kind, peer.ms);
+        if let Some(ours) = ours {
+            line += &format!(", {what} / it = {:.2}", ours / peer.ms);
+        }
+        if peer.kind.starts_with("fa2") {
+            let linear = if peer.kind.ends_with("-fwdbwd") {
+                row.linear.1
+            } else {
+                row.linear.0
+            };
+            line += &format!(", it / our linear = {:.2}", peer.ms / linear);
+        }
+        println!("{line}");
+    }
+}
+
+/// The crossover (the first length where the linear core beats our flash, forward and
+/// training step) and the log-log slope of the linear core's time from 4096 up.
+fn print_growth(rows: &[Row]) {
+    for (what, pick) in [("forward", 0usize), ("training step", 1)] {
+        let time = |t: (f64, f64)| if pick == 0 { t.0 } else { t.1 };
+        let crossover = rows
+            .iter()
+            .find(|r| r.flash.is_some_and(|f| time(r.linear) < time(f)))
+            .map_or("none measured".to_string(), |r| format!("n = {}", r.n));
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.n >= 4096)
+            .map(|r| ((r.n as f64).ln(), time(r.linear).ln()))
+            .collect();
+        let slope = fit_slope(&points).map_or("-".to_string(), |s| format!("{s:.2}"));
+        println!("{what}: linear beats our causal flash from {crossover}; log-log slope of its time over n >= 4096: {slope}");
+    }
+}
+
+/// The least-squares slope of `y` over `x` (at least two distinct `x`).
+fn fit_slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let (sxy, sxx) = points.iter().fold((0.0, 0.0), |(sxy, sxx), (x, y)| {
+        (sxy + (x - mx) * (y - my), sxx + (x - mx) * (x - mx))
+    });
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// One token's streaming step against the state of the shortest and of the longest length's
+/// earlier tokens.
+fn streaming_steps(
+    args: &LinearArgs,
+    device: &burn::tensor::Device,
+) -> Result<Vec<(usize, f64)>, String> {
+    let (b, h, d) = (args.batch, args.heads, args.head_dim);
+    let options = LinearOptions::new();
+    let mut times = Vec::new();
+    let shortest = args.lengths.iter().copied().min().unwrap_or(1);
+    let longest = args.lengths.iter().copied().max().unwrap_or(1);
+    for position in [shortest, longest] {
+        let rand = |n| Tensor::<4>::random([b, h, n, d], Distribution::Uniform(0.0, 1.0), device);
+        let (_, state): (_, LinearAttentionState) =
+            causal_linear_attention_with(rand(position), rand(position), rand(position), None, &options);
+        let (q, k, v) = (rand(1), rand(1), rand(1));
+        let ms = median_ms(device, args.repeats, args.calls, || {
+            let _ = causal_linear_attention_with(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(state.clone()),
+                &options,
+            );
+        });
+        println!("streaming step b={b} h={h} d={d}: one token after {position} tokens {ms:.4} ms");
+        times.push((position, ms));
+    }
+    if let [(_, first), (_, last)] = times[..] {
+        println!("streaming step after {longest} / after {shortest} tokens = {:.2}", last / first);
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_a_power_law_is_its_exponent() {
+        let points: Vec<_> = [1024.0f64, 4096.0, 16384.0]
+            .iter()
+            .map(|n| (n.ln(), (3.0 * n * n).ln()))
+            .collect();
+        assert!((fit_slope(&points).unwrap() - 2.0).abs() < 1e-9);
+        assert_eq!(fit_slope(&points[..1]), None);
+    }
+}
