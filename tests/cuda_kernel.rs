@@ -189,7 +189,9 @@ mod on_cuda {
     /// The portable forward with its keys split gives the unsplit call's rows.
     #[test]
     fn cuda_key_splits_match_the_unsplit_forward() {
-        check_key_splits::<Gpu>();
+        check_key_splits::<Gpu>(DType::F32, burn_attn_core::Implementation::FlashUnit, 1e-5);
+        // The matrix-unit forward's partial rows are rounded to bf16 before the merge.
+        check_key_splits::<Gpu>(DType::BF16, burn_attn_core::Implementation::FlashMma, 2e-2);
     }
 
     /// Learned sparsity and adaptive windows on CUDA give the CPU's outputs and gradients.

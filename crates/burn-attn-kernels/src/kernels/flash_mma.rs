@@ -65,6 +65,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     right: i32,
     heavy_first: u32,
     neg_inf: f32,
+    split_keys: i32,
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
@@ -167,10 +168,15 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
 
     // Q and the first key tile (asynchronously: committed together on buffer 0).
     let bk_i = block_k as i32;
-    let mut t0 = bounds.start - (bounds.start % bk_i);
+    // This cube's split of the keys (`split_keys` a multiple of `block_k`, so no tile
+    // straddles two splits; one split: `split_keys >= seq_k`).
+    let split = CUBE_POS_Z as i32;
+    let split_end = min(bounds.end, (split + 1) * split_keys);
+    let lo = max(bounds.start, split * split_keys);
+    let mut t0 = lo - (lo % bk_i);
     let mut stage = 0usize;
     if comptime!(async_copy) {
-        if t0 < bounds.end {
+        if t0 < split_end {
             stage_rows_async::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
             stage_pair::<F>(
                 k,
@@ -195,7 +201,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
     // The block-sparse kernels' rule flags and score terms.
     let no_hide = Array::<u32>::new(1usize);
     let no_bias = Array::<f32>::new(1usize);
-    while t0 < bounds.end {
+    while t0 < split_end {
         let next = t0 + bk_i;
         mma_key_tile::<F, P>(
             k,
@@ -218,7 +224,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
             scale,
             t0,
             next,
-            next < bounds.end,
+            next < split_end,
             bounds.plane_sees(t0, next - 1),
             false,
             stage,
@@ -249,7 +255,7 @@ pub fn flash_mma_kernel<F: Float, P: ForwardProducts, N: Size>(
         &mut q_smem,
         out,
         lse,
-        b,
+        CUBE_POS_Z as usize * q.shape(0) + b,
         h,
         w0,
         warp,

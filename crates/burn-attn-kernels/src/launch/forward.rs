@@ -85,18 +85,8 @@ fn launch_unit(
     let (sizes, band, tiles) = (&problem.sizes, &problem.band, &plan.tiles);
     let dtype = q.dtype;
     let client = q.client.clone();
-    // With key splits, each split's rows go to its own batch of partial outputs, merged
-    // below.
     let splits = plan.key_splits;
-    let (parts, part_lse) = if splits > 1 {
-        let split_sizes = Sizes {
-            batch: splits * sizes.batch,
-            ..*sizes
-        };
-        alloc_outputs(&q, &split_sizes)
-    } else {
-        (out.clone(), lse.clone())
-    };
+    let (parts, part_lse) = split_outputs(&q, sizes, out, lse, splits);
     let Grid { x, y } = plan.grid;
     flash_unit_kernel::launch(
         &client,
@@ -123,23 +113,64 @@ fn launch_unit(
         KERNEL_SOURCE,
         dtype_to_elem_type(dtype),
     );
+    merge_splits(
+        &client,
+        plan.offsets,
+        sizes,
+        [parts, part_lse],
+        [out, lse],
+        splits,
+    );
+}
+
+/// Where a forward with `splits` key splits writes: `out` and `lse` themselves, or partial
+/// outputs of `splits * batch` rows' batches (split-major) for [`merge_splits`].
+fn split_outputs(
+    q: &CubeTensor,
+    sizes: &Sizes,
+    out: &CubeTensor,
+    lse: &CubeTensor,
+    splits: usize,
+) -> (CubeTensor, CubeTensor) {
     if splits > 1 {
-        let elements = (sizes.batch * sizes.heads * sizes.seq_q * sizes.value_dim) as u32;
-        let units = 256u32;
-        merge_key_splits_kernel::launch(
-            &client,
-            CubeCount::Static(elements.div_ceil(units), 1, 1),
-            CubeDim::new_1d(units),
-            address_type(plan.offsets),
-            parts.into_tensor_arg(),
-            part_lse.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            splits as u32,
-            f32::NEG_INFINITY,
-            dtype_to_elem_type(dtype),
-        );
+        let split_sizes = Sizes {
+            batch: splits * sizes.batch,
+            ..*sizes
+        };
+        alloc_outputs(q, &split_sizes)
+    } else {
+        (out.clone(), lse.clone())
     }
+}
+
+/// Merges the partial outputs of [`split_outputs`] into `out` and `lse` by their
+/// log-sum-exp (nothing to do with one split).
+fn merge_splits(
+    client: &cubecl::client::Client,
+    offsets: Offsets,
+    sizes: &Sizes,
+    [parts, part_lse]: [CubeTensor; 2],
+    [out, lse]: [&CubeTensor; 2],
+    splits: usize,
+) {
+    if splits <= 1 {
+        return;
+    }
+    let elements = (sizes.batch * sizes.heads * sizes.seq_q * sizes.value_dim) as u32;
+    let units = 256u32;
+    merge_key_splits_kernel::launch(
+        client,
+        CubeCount::Static(elements.div_ceil(units), 1, 1),
+        CubeDim::new_1d(units),
+        address_type(offsets),
+        parts.into_tensor_arg(),
+        part_lse.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        splits as u32,
+        f32::NEG_INFINITY,
+        dtype_to_elem_type(out.dtype),
+    );
 }
 
 /// Launches the matrix-unit forward with the products `P` (the plan's dtype family).
@@ -156,6 +187,9 @@ fn launch_mma<P: ForwardProducts>(
     let (sizes, band) = (&problem.sizes, &problem.band);
     let client = q.client.clone();
     let dtype = q.dtype;
+    let splits = plan.key_splits;
+    let (parts, part_lse) = split_outputs(&q, sizes, out, lse, splits);
+    let Grid { x, y } = plan.grid;
     // Shared-memory rows are padded by 16 bytes, and `cp.async` copies 16 bytes.
     let row_pad = 16 / dtype.size();
     // SAFETY: every global access of the kernel is guarded by the tensor's own sizes (rows
@@ -167,20 +201,21 @@ fn launch_mma<P: ForwardProducts>(
     unsafe {
         flash_mma_kernel::launch_unchecked::<P>(
             &client,
-            cube_count(plan.grid),
+            CubeCount::Static(x, y, splits as u32),
             CubeDim::new_2d(32, plan.planes as u32),
             address_type(plan.offsets),
             plan.out_vector,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
+            parts.clone().into_tensor_arg(),
+            part_lse.clone().into_tensor_arg(),
             band.scale,
             sizes.side(band.left),
             sizes.side(band.right),
             plan.heavy_first,
             f32::NEG_INFINITY,
+            plan.split_keys.min(i32::MAX as usize) as i32,
             plan.dim_pad,
             plan.value_dim_pad,
             plan.planes,
@@ -192,4 +227,12 @@ fn launch_mma<P: ForwardProducts>(
             dtype_to_elem_type(dtype),
         );
     }
+    merge_splits(
+        &client,
+        plan.offsets,
+        sizes,
+        [parts, part_lse],
+        [out, lse],
+        splits,
+    );
 }

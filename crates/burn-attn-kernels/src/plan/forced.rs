@@ -32,7 +32,7 @@ pub struct ForcedPlan {
     pub dq_block_k: Option<usize>,
     /// Query rows per tile of the matrix-unit dK/dV kernel: 16, 32 or 64.
     pub dkdv_block_q: Option<usize>,
-    /// Key splits of the portable forward: 1 to 64 (1: none).
+    /// Key splits of the forwards (dense): 1 to 64 (1: none).
     pub key_splits: Option<usize>,
     /// Leaves the matrix-unit kernels out (forward and backward), so the portable ones
     /// serve f16/bf16 on CUDA too (comparisons).

@@ -46,8 +46,12 @@ pub struct MmaPlan {
     pub out_vector: usize,
     /// Heads per group of the heavy-first order (0: natural order).
     pub heavy_first: u32,
-    /// The grid.
+    /// The grid (one split deep).
     pub grid: Grid,
+    /// Splits of the keys (1: none), as [`UnitPlan::key_splits`].
+    pub key_splits: usize,
+    /// Keys per split (a multiple of `block_k`; at least `seq_k` without splits).
+    pub split_keys: usize,
     /// Shared memory per cube, in bytes.
     pub shared_bytes: usize,
     /// Width of the element offsets.
@@ -324,6 +328,7 @@ fn matrix_plan(
         bytes,
         caps.shared_memory,
     )?;
+    let (key_splits, split_keys) = key_splits(problem, &grid, block_q, block_k, forced)?;
     Ok(MmaPlan {
         planes: t.planes,
         row_tiles: t.row_tiles,
@@ -333,6 +338,8 @@ fn matrix_plan(
         async_copy,
         out_vector: mma_out_vector(t.dim_pad, t.value_dim_pad, problem.sizes.value_dim, elem),
         heavy_first: heavy_first(&problem.band, &grid, forced)?,
+        key_splits,
+        split_keys,
         grid,
         shared_bytes: bytes(block_k),
         offsets: problem.offsets(caps)?,
