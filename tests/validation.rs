@@ -100,6 +100,34 @@ fn linear_attention_with_eps_zero_is_an_error() {
 }
 
 #[test]
+#[should_panic(expected = "causal linear attention needs as many queries as keys, got 9 and 12")]
+fn causal_linear_attention_of_different_lengths_is_an_error() {
+    let [q, _, _] = qkv(9);
+    let [_, k, v] = qkv(12);
+    let _ = burn_attn::cores::causal_linear_attention(q.exp(), k.exp(), v, 4, 1e-6, None);
+}
+
+#[test]
+#[should_panic(expected = "the linear attention state has kv [2, 2, 8, 7] and z [2, 2, 8], expected kv [2, 2, 8, 8] and z [2, 2, 8]")]
+fn linear_state_of_the_wrong_shape_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let device = cpu();
+    let state = burn_attn::LinearAttentionState {
+        kv: Tensor::zeros([2, 2, 8, 7], &device),
+        z: Tensor::zeros([2, 2, 8], &device),
+    };
+    let _ = burn_attn::cores::causal_linear_attention(q.exp(), k.exp(), v, 4, 1e-6, Some(state));
+}
+
+#[test]
+#[should_panic(expected = "kernel_chunk must be 16, 32 or 64, got 24")]
+fn linear_kernel_chunk_outside_the_kernels_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let options = burn_attn::cores::LinearOptions::new().with_kernel_chunk(24);
+    let _ = burn_attn::cores::linear_attention_with(q.exp(), k.exp(), v, None, &options);
+}
+
+#[test]
 fn linear_modules_reject_eps_zero() {
     let err = burn_attn::LinearAttentionConfig::new(16, 2)
         .with_eps(0.0)

@@ -309,11 +309,11 @@ pub fn causal_linear_attention_with(
     if let Some(state) = &state {
         let (kv, z) = (state.kv.dims(), state.z.dims());
         if kv != [batch, heads, d, dv] || z != [batch, heads, d] {
-            ensure(Err(AttentionError::Shape {
-                what: "linear attention state (kv; z)",
-                expected: format!("[{batch}, {heads}, {d}, {dv}]; [{batch}, {heads}, {d}]"),
-                got: kv.iter().chain(&z).copied().collect(),
-            }));
+            ensure(Err(AttentionError::Invalid(format!(
+                "the linear attention state has kv {kv:?} and z {z:?}, expected kv [{batch}, \
+                 {heads}, {d}, {dv}] and z [{batch}, {heads}, {d}] (batch, heads, head_dim, \
+                 value_dim)"
+            ))));
         }
     }
     let declined = match kernel_attention(
@@ -476,6 +476,21 @@ mod tests {
             let st = st.unwrap();
             assert!((st.kv - state.kv).abs().max().into_scalar::<f32>() < 1e-4);
         }
+    }
+
+    #[test]
+    fn unnormalised_forms_are_the_numerators() {
+        let (q, k, v) = (positive([1, 2, 21, 4]), positive([1, 2, 21, 4]), positive([1, 2, 21, 3]));
+        let options = LinearOptions::new().with_normalise(false).with_chunk(8);
+        let (causal, _) =
+            causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);
+        let mask = Tensor::<2>::ones([21, 21], &Device::ndarray())
+            .tril(0)
+            .reshape([1, 1, 21, 21]);
+        let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+        assert!(max_diff(causal, (scores.clone() * mask).matmul(v.clone())) < 1e-4);
+        let full = linear_attention_with(q, k, v.clone(), None, &options);
+        assert!(max_diff(full, scores.matmul(v)) < 1e-4);
     }
 
     #[test]
