@@ -121,7 +121,7 @@ fn options(case: &LinearCase, log: &DispatchLog) -> LinearOptions {
 }
 
 /// The cases: causal and not, normalised and not, GQA, batch 2, lengths that chunks do not
-/// divide, one row, a value dim of three blocks' columns.
+/// divide, one row, a value dim of three blocks' columns, a length that runs in segments.
 pub fn linear_cases() -> Vec<LinearCase> {
     let base = LinearCase {
         batch: 2,
@@ -154,6 +154,17 @@ pub fn linear_cases() -> Vec<LinearCase> {
             dim: 8,
             value_dim: 72,
             kernel_chunk: Some(32),
+            ..base
+        },
+        // Long enough for the causal passes to run in segments on a small grid.
+        LinearCase {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            seq_q: 600,
+            seq_k: 600,
+            dim: 16,
+            value_dim: 16,
             ..base
         },
         LinearCase {
@@ -219,8 +230,8 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
         batch: 2,
         heads: 2,
         kv_heads: 1,
-        seq_q: 45,
-        seq_k: 45,
+        seq_q: 700,
+        seq_k: 700,
         dim: 16,
         value_dim: 24,
         causal: true,
@@ -237,7 +248,8 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
         tensor(&x.v, DType::F32, &device),
     );
     let (whole, state) = causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &opts);
-    let split = 20;
+    // The second call runs in segments from the first's state.
+    let split = 100;
     let part = |t: &Tensor<4>, from: usize, to: usize| rows(t.clone(), from, to);
     let (first, mid) =
         causal_linear_attention_with(part(&q, 0, split), part(&k, 0, split), part(&v, 0, split), None, &opts);

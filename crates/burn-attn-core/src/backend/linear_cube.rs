@@ -14,13 +14,16 @@
 
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use burn_attn_kernels::launch::{linear_pass, LinearOperands, LinearState};
-use burn_attn_kernels::plan::{LinearExtra, LinearMode};
+use burn_attn_kernels::plan::{
+    plan_linear, segment_rows, LinearExtra, LinearMode, LinearSizes, Precision,
+};
 use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
 use super::linear_kernel::{LinearAttentionBackend, LinearCall};
+use super::sparse::cube_caps;
 use super::{lift, lower};
 use crate::dispatch::{report, Dispatch, Implementation, Pass};
 
@@ -36,6 +39,18 @@ pub(crate) struct PassCall {
     dim: usize,
     value_dim: usize,
     dtype: DType,
+    /// Rows per segment where the pass runs in segments (its states then have `segments *
+    /// batch` batches).
+    segment_rows: Option<usize>,
+}
+
+impl PassCall {
+    /// The states' batches: `segments * batch`.
+    fn state_batches(&self) -> usize {
+        self.segment_rows
+            .map_or(1, |per| self.rows.div_ceil(per).max(1))
+            * self.batch
+    }
 }
 
 /// A pass's outputs: rows, divisor, state `s`, `z`, `x` (placeholders of their rank where
@@ -62,16 +77,16 @@ fn pass_outputs(
         dtype,
         ..
     } = call.clone();
-    let (h, b) = (heads, batch);
+    let (h, b, states) = (heads, batch, call.state_batches());
     let rows_out = mode.outputs;
     let den = mode.outputs && mode.normalise;
     let state = mode.state_out;
     (
         spec(if rows_out { vec![b, h, rows, value_dim] } else { vec![1; 4] }, dtype),
         spec(if den { vec![b, h, rows] } else { vec![1; 3] }, DType::F32),
-        spec(if state { vec![b, h, dim, value_dim] } else { vec![1; 4] }, DType::F32),
-        spec(if state { vec![b, h, dim] } else { vec![1; 3] }, DType::F32),
-        spec(if state { vec![b, h, value_dim] } else { vec![1; 3] }, DType::F32),
+        spec(if state { vec![states, h, dim, value_dim] } else { vec![1; 4] }, DType::F32),
+        spec(if state { vec![states, h, dim] } else { vec![1; 3] }, DType::F32),
+        spec(if state { vec![states, h, value_dim] } else { vec![1; 3] }, DType::F32),
     )
 }
 
@@ -123,9 +138,17 @@ impl LinearPassLaunch for CubeBackend {
                 x: into_contiguous(x),
             }),
         };
-        let done = linear_pass(mode, operands, call.heads, call.eps, call.chunk).unwrap_or_else(
-            |why| panic!("burn-attn: a linear pass was planned for this call but declined: {why}"),
-        );
+        let done = linear_pass(
+            mode,
+            operands,
+            call.heads,
+            call.eps,
+            call.chunk,
+            call.segment_rows,
+        )
+        .unwrap_or_else(|why| {
+            panic!("burn-attn: a linear pass was planned for this call but declined: {why}")
+        });
         let placeholder = |rank: usize, dtype: DType| {
             zeros_client(a.client.clone(), a.device.clone(), vec![1; rank].into(), dtype)
         };
@@ -161,6 +184,56 @@ impl PassState {
         }
     }
 
+    /// The start state of each of `segments` segments (segment-major batches, as a
+    /// segmented pass writes and reads them) from their own states: the sum of the
+    /// segments before, plus `start` (the pass's own start, `[batch, ..]`) where given.
+    fn prefix(self, segments: usize, start: Option<&PassState>) -> Self {
+        fn exclusive<const D: usize, const E: usize>(
+            t: Tensor<D>,
+            segments: usize,
+            start: Option<Tensor<D>>,
+        ) -> Tensor<D> {
+            let dims = t.dims();
+            let split = by_segment::<D, E>(dims, segments);
+            let t = t.reshape(split);
+            let mut prefix = t.clone().cumsum(0) - t;
+            if let Some(start) = start {
+                let mut one = split;
+                one[0] = 1;
+                prefix = prefix + start.reshape(one);
+            }
+            prefix.reshape(dims)
+        }
+        Self {
+            s: exclusive::<4, 5>(self.s, segments, start.map(|s| s.s.clone())),
+            z: exclusive::<3, 4>(self.z, segments, start.map(|s| s.z.clone())),
+            x: exclusive::<3, 4>(self.x, segments, start.map(|s| s.x.clone())),
+        }
+    }
+
+    /// The state after every segment: their sum plus `start` where given.
+    fn total(self, segments: usize, start: Option<&PassState>) -> Self {
+        fn sum<const D: usize, const E: usize>(
+            t: Tensor<D>,
+            segments: usize,
+            start: Option<Tensor<D>>,
+        ) -> Tensor<D> {
+            let mut dims = t.dims();
+            let split = by_segment::<D, E>(dims, segments);
+            dims[0] /= segments;
+            let total = t.reshape(split).sum_dim(0).reshape(dims);
+            match start {
+                Some(start) => total + start,
+                None => total,
+            }
+        }
+        Self {
+            s: sum::<4, 5>(self.s, segments, start.map(|s| s.s.clone())),
+            z: sum::<3, 4>(self.z, segments, start.map(|s| s.z.clone())),
+            x: sum::<3, 4>(self.x, segments, start.map(|s| s.x.clone())),
+        }
+    }
+
     /// Summed over each group of `group` consecutive heads.
     fn group_sum(self, group: usize) -> Self {
         fn sum<const D: usize, const E: usize>(t: Tensor<D>, group: usize) -> Tensor<D> {
@@ -184,6 +257,15 @@ impl PassState {
     }
 }
 
+/// `[segments * batch, rest..]` as `[segments, batch, rest..]`.
+fn by_segment<const D: usize, const E: usize>(dims: [usize; D], segments: usize) -> [usize; E] {
+    let mut split = [0; E];
+    split[0] = segments;
+    split[1] = dims[0] / segments;
+    split[2..].copy_from_slice(&dims[1..]);
+    split
+}
+
 /// One pass's operands as tensors (any absent one a placeholder).
 #[derive(Default)]
 struct PassInputs {
@@ -194,16 +276,11 @@ struct PassInputs {
     state: Option<PassState>,
 }
 
-/// Runs one pass of `mode` with `heads` grid heads: `(out, den, state)`.
-fn run_pass(
-    mode: LinearMode,
-    heads: usize,
-    call: &LinearCall,
-    inputs: PassInputs,
-) -> (Tensor<4>, Tensor<3>, PassState) {
+/// The sizes one pass walks: batch, rows, head dim, value dim, the operands' dtype and
+/// device.
+fn pass_sizes(mode: &LinearMode, inputs: &PassInputs) -> (usize, usize, usize, usize, DType, Device) {
     let rows_of = inputs.a.as_ref().or(inputs.b.as_ref());
     let any = rows_of.or(inputs.c.as_ref()).expect("a pass has a row operand");
-    let (device, dtype) = (any.device(), any.dtype());
     let [batch, _, _, _] = any.dims();
     let rows = if mode.reads_rows() {
         inputs.a.as_ref().map(|t| t.dims()[2])
@@ -221,6 +298,106 @@ fn run_pass(
         (None, Some(state)) => state.s.dims()[3],
         _ => unreachable!("a pass has a value dim"),
     };
+    (batch, rows, dim, value_dim, any.dtype(), any.device())
+}
+
+/// Runs one pass of `mode` with `heads` grid heads: `(out, den, state)`. A causal pass
+/// with too few cubes for the device runs in segments (see `plan::segment_rows`): a state
+/// pass gives each segment's own state, their prefix sums each segment's start.
+fn run_pass(
+    mode: LinearMode,
+    heads: usize,
+    call: &LinearCall,
+    inputs: PassInputs,
+) -> (Tensor<4>, Tensor<3>, PassState) {
+    let (batch, rows, dim, value_dim, dtype, device) = pass_sizes(&mode, &inputs);
+    let segment = (mode.intra)
+        .then(|| {
+            let caps = cube_caps(&device)?;
+            let precision = precision(dtype)?;
+            let sizes = LinearSizes {
+                batch,
+                heads,
+                rows,
+                dim,
+                value_dim,
+                span: 0,
+            };
+            let plan = plan_linear(&sizes, &mode, precision, &caps, call.chunk).ok()?;
+            Some(segment_rows(&sizes, &plan)).filter(|&per| per < rows)
+        })
+        .flatten();
+    let Some(per) = segment else {
+        return run_one(mode, heads, call, inputs, None);
+    };
+    let segments = rows.div_ceil(per);
+    // Each segment's own state, then the exclusive prefix over segments plus the start.
+    let state_mode = LinearMode {
+        intra: false,
+        outputs: false,
+        update: true,
+        state_in: false,
+        state_out: true,
+        ..mode
+    };
+    let own = run_one(
+        state_mode,
+        heads,
+        call,
+        PassInputs {
+            b: inputs.b.clone(),
+            c: inputs.c.clone(),
+            extra: inputs.extra.clone(),
+            ..Default::default()
+        },
+        Some(per),
+    )
+    .2;
+    let start = inputs.state.clone();
+    let prefix = own.clone().prefix(segments, start.as_ref());
+    let main_mode = LinearMode {
+        state_in: true,
+        state_out: false,
+        ..mode
+    };
+    let (out, den, _) = run_one(
+        main_mode,
+        heads,
+        call,
+        PassInputs {
+            state: Some(prefix),
+            ..inputs
+        },
+        Some(per),
+    );
+    let state = if mode.state_out {
+        own.total(segments, start.as_ref())
+    } else {
+        PassState::of(Tensor::zeros([1, 1, 1, 1], (&device, DType::F32)))
+    };
+    (out, den, state)
+}
+
+/// The kernels' precision of a dtype.
+fn precision(dtype: DType) -> Option<Precision> {
+    match dtype {
+        DType::F32 => Some(Precision::F32),
+        DType::F16 => Some(Precision::F16),
+        DType::BF16 => Some(Precision::BF16),
+        _ => None,
+    }
+}
+
+/// Runs one pass of `mode` with `heads` grid heads, in segments of `segment_rows` where
+/// given: `(out, den, state)`.
+fn run_one(
+    mode: LinearMode,
+    heads: usize,
+    call: &LinearCall,
+    inputs: PassInputs,
+    segment_rows: Option<usize>,
+) -> (Tensor<4>, Tensor<3>, PassState) {
+    let (batch, rows, dim, value_dim, dtype, device) = pass_sizes(&mode, &inputs);
     let rows4 = || Tensor::<4>::zeros([1, 1, 1, 1], (&device, dtype));
     let f32_3 = || Tensor::<3>::zeros([1, 1, 1], (&device, DType::F32));
     let f32_4 = || Tensor::<4>::zeros([1, 1, 1, 1], (&device, DType::F32));
@@ -241,6 +418,7 @@ fn run_pass(
         dim,
         value_dim,
         dtype,
+        segment_rows,
     };
     let (out, den, s, z, x) = <Cube as LinearPassLaunch>::linear_pass(
         low(inputs.a.unwrap_or_else(rows4)),

@@ -35,7 +35,7 @@ impl WalkRows {
 }
 
 /// Stages rows `t0 .. t0 + chunk` of the walk transposed: `smem[col * (chunk + 1) + r] =
-/// row t0 + r, column col`, zero past the rows and from `dim` to `dim_pad`.
+/// row t0 + r, column col`, zero from row `end` and from `dim` to `dim_pad`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_transposed<F: Float>(
@@ -43,6 +43,7 @@ pub(crate) fn stage_transposed<F: Float>(
     walk: WalkRows,
     smem: &mut [F],
     t0: usize,
+    end: usize,
     dim: usize,
     #[comptime] chunk: usize,
     #[comptime] dim_pad: usize,
@@ -57,7 +58,7 @@ pub(crate) fn stage_transposed<F: Float>(
         let col = idx % dim_pad;
         let t = t0 + r;
         let mut x = F::new(0.0);
-        if t < walk.rows && col < dim {
+        if t < end && col < dim {
             x = src[walk.at(t, col, reverse)];
         }
         smem[col * stride + r] = x;
@@ -66,7 +67,8 @@ pub(crate) fn stage_transposed<F: Float>(
 }
 
 /// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
-/// `smem[r * width + v] = row t0 + r, column v0 + v`, zero past the rows and `value_dim`.
+/// `smem[r * width + v] = row t0 + r, column v0 + v`, zero from row `end` and past
+/// `value_dim`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_value_block<F: Float>(
@@ -74,6 +76,7 @@ pub(crate) fn stage_value_block<F: Float>(
     walk: WalkRows,
     smem: &mut [F],
     t0: usize,
+    end: usize,
     v0: usize,
     value_dim: usize,
     #[comptime] chunk: usize,
@@ -87,7 +90,7 @@ pub(crate) fn stage_value_block<F: Float>(
         let v = idx % width;
         let t = t0 + r;
         let mut x = F::new(0.0);
-        if t < walk.rows && v0 + v < value_dim {
+        if t < end && v0 + v < value_dim {
             x = src[walk.at(t, v0 + v, reverse)];
         }
         smem[idx] = x;
@@ -96,7 +99,7 @@ pub(crate) fn stage_value_block<F: Float>(
 }
 
 /// Stages the per-row scalars of rows `t0 .. t0 + chunk` of `src` (`[batch, heads, rows]`,
-/// f32; batch `b`, head `head`): zero past the rows.
+/// f32; batch `b`, head `head`; reversed within `rows`): zero from row `end`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_row_scalars(
@@ -104,6 +107,7 @@ pub(crate) fn stage_row_scalars(
     b: usize,
     head: usize,
     rows: usize,
+    end: usize,
     smem: &mut [f32],
     t0: usize,
     #[comptime] chunk: usize,
@@ -113,7 +117,7 @@ pub(crate) fn stage_row_scalars(
     if r < chunk {
         let t = t0 + r;
         let mut x = f32::new(0.0);
-        if t < rows {
+        if t < end {
             let row = if reverse { rows - 1 - t } else { t };
             x = src[b * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
         }

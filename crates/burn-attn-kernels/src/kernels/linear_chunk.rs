@@ -26,7 +26,10 @@ use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_COL_THREADS, LINE
 /// One pass of chunked linear attention (see `plan::linear` for the modes).
 ///
 /// Launch with `CubeDim::new_1d(128)` and `CubeCount::Static(ceil(value_dim /
-/// value_block), batch * heads, 1)`. Operands: `a: [batch, ha, rows, dim]`, `b: [batch, hb,
+/// value_block), batch * heads, segments)`: cube `z` walks rows `z * segment_rows ..
+/// (z + 1) * segment_rows` (a multiple of the chunk) from the state at batch `z * batch +
+/// b` of the state tensors, and writes its final state there (one segment: `segment_rows
+/// >= rows`). Operands: `a: [batch, ha, rows, dim]`, `b: [batch, hb,
 /// rows, dim]`, `c: [batch, hc, rows, value_dim]`, `extra: [batch, he, rows]` (f32), the
 /// state `s_in: [batch, hs, dim, value_dim]`, `z_in: [batch, hs, dim]`, `x_in: [batch, hs,
 /// value_dim]` (f32; `x` is the state row of the per-row scalar), every head count dividing
@@ -50,6 +53,7 @@ pub fn linear_chunk_kernel<F: Float>(
     x_out: &mut Tensor<f32>,
     rows: u32,
     heads: u32,
+    segment_rows: u32,
     eps: f32,
     #[comptime] dim: usize,
     #[comptime] value_dim: usize,
@@ -79,6 +83,14 @@ pub fn linear_chunk_kernel<F: Float>(
     let bh = CUBE_POS_Y as usize;
     let (batch, h) = (bh / heads, bh % heads);
     let v0 = CUBE_POS_X as usize * bv;
+    // This cube's segment of the rows, and the batch of its state (segment-major).
+    let segment = CUBE_POS_Z as usize;
+    let start = segment * segment_rows as usize;
+    let mut end = start + segment_rows as usize;
+    if end > rows {
+        end = rows;
+    }
+    let state_batch = segment * (CUBE_COUNT_Y as usize / heads) + batch;
 
     let a_rows = WalkRows::new::<F>(a, batch, h, heads, rows);
     let b_rows = WalkRows::new::<F>(b, batch, h, heads, rows);
@@ -101,25 +113,27 @@ pub fn linear_chunk_kernel<F: Float>(
     let mut x_s = Shared::<[f32]>::new_slice(bv);
 
     load_state(
-        s_in, z_in, x_in, &mut s_s, &mut z_s, &mut x_s, batch, h, heads, v0, dim, value_dim,
-        tiles, mode,
+        s_in, z_in, x_in, &mut s_s, &mut z_s, &mut x_s, state_batch, h, heads, v0, dim,
+        value_dim, tiles, mode,
     );
     sync_cube();
 
-    let mut t0 = 0usize;
-    while t0 < rows {
+    let mut t0 = start;
+    while t0 < end {
         // 1. Stage the chunk.
         if comptime!(mode.reads_rows()) {
-            stage_transposed::<F>(a, a_rows, &mut a_t, t0, dim, chunk, dp, units, reverse);
+            stage_transposed::<F>(a, a_rows, &mut a_t, t0, end, dim, chunk, dp, units, reverse);
         }
         if comptime!(mode.reads_keys()) {
-            stage_transposed::<F>(b, b_rows, &mut b_t, t0, dim, chunk, dp, units, reverse);
-            stage_value_block::<F>(c, c_rows, &mut c_s, t0, v0, value_dim, chunk, bv, units, reverse);
+            stage_transposed::<F>(b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse);
+            stage_value_block::<F>(
+                c, c_rows, &mut c_s, t0, end, v0, value_dim, chunk, bv, units, reverse,
+            );
         }
         // The scalars where a step reads them: the rows' in the rows' steps, the keys' in
         // the key steps.
         if comptime!(mode.reads_scalars()) {
-            stage_row_scalars(extra, batch, extra_head, rows, &mut e_s, t0, chunk, reverse);
+            stage_row_scalars(extra, batch, extra_head, rows, end, &mut e_s, t0, chunk, reverse);
         }
         sync_cube();
 
@@ -154,7 +168,7 @@ pub fn linear_chunk_kernel<F: Float>(
                     divisor = row_normaliser::<F>(&a_t, &p_s, &z_s, r, tiles, mode) + eps;
                 }
                 let t = t0 + r;
-                if t < rows {
+                if t < end {
                     #[unroll]
                     for j in 0..rv {
                         let v = tx + j * ct;
@@ -194,7 +208,8 @@ pub fn linear_chunk_kernel<F: Float>(
 
     if comptime!(mode.state_out) {
         store_state(
-            s_out, z_out, x_out, &s_s, &z_s, &x_s, batch, h, v0, dim, value_dim, tiles, mode,
+            s_out, z_out, x_out, &s_s, &z_s, &x_s, state_batch, h, v0, dim, value_dim, tiles,
+            mode,
         );
     }
 }

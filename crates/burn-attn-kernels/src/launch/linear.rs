@@ -60,15 +60,36 @@ pub struct LinearPassOutput {
 
 /// Runs one pass of `mode` over `operands` with `heads` grid heads (every operand's and the
 /// state's heads divide them), or says why the kernel declines. `chunk` fixes the chunk
-/// length where given.
+/// length where given. With `segment_rows` (a multiple of 64), the rows run in segments
+/// of that many, each from its own start state and to its own final state: the state
+/// tensors then have `segments * batch` batches, segment-major.
 pub fn linear_pass(
     mode: LinearMode,
     operands: LinearOperands,
     heads: usize,
     eps: f32,
     chunk: Option<usize>,
+    segment_rows: Option<usize>,
 ) -> Result<LinearPassOutput, Unsupported> {
-    let shapes = Shapes::of(&mode, &operands, heads)?;
+    if segment_rows.is_some_and(|rows| rows == 0 || !rows.is_multiple_of(64)) {
+        return Err(Unsupported::Shapes(format!(
+            "segments of {segment_rows:?} rows (a positive multiple of 64)"
+        )));
+    }
+    let rows = |t: &Option<CubeTensor>| t.as_ref().map(|t| dims4(t)[2]);
+    let walked = if mode.reads_rows() { rows(&operands.a) } else { rows(&operands.b) };
+    let segments = match (segment_rows, walked) {
+        (Some(per), Some(rows)) => rows.div_ceil(per).max(1),
+        _ => 1,
+    };
+    if segments > u16::MAX as usize {
+        return Err(Unsupported::Grid {
+            x: 1,
+            y: segments,
+            max: u16::MAX as usize,
+        });
+    }
+    let shapes = Shapes::of(&mode, &operands, heads, segments)?;
     let first = [&operands.a, &operands.b, &operands.c]
         .into_iter()
         .flatten()
@@ -95,7 +116,12 @@ pub fn linear_pass(
     };
     let plan = plan_linear(&sizes, &mode, precision, &device_caps(&first.client), chunk)?;
     log::debug!("burn-attn: linear pass {mode:?}, {plan:?} for {sizes:?}");
-    Ok(launch_pass(&plan, &mode, &sizes, &first, operands, eps))
+    let segment_rows = if segments > 1 {
+        segment_rows.unwrap_or(sizes.rows)
+    } else {
+        sizes.rows.max(1)
+    };
+    Ok(launch_pass(&plan, &mode, &sizes, &first, operands, eps, segment_rows, segments))
 }
 
 /// The sizes a pass reads from its operands, checked against each other.
@@ -108,7 +134,12 @@ struct Shapes {
 }
 
 impl Shapes {
-    fn of(mode: &LinearMode, ops: &LinearOperands, heads: usize) -> Result<Self, Unsupported> {
+    fn of(
+        mode: &LinearMode,
+        ops: &LinearOperands,
+        heads: usize,
+        segments: usize,
+    ) -> Result<Self, Unsupported> {
         let bad = |what: String| Err(Unsupported::Shapes(what));
         let needed = |t: &Option<CubeTensor>, name: &str, used: bool| match (t, used) {
             (Some(t), true) => Ok(Some(dims4(t))),
@@ -144,7 +175,7 @@ impl Shapes {
         }
         if let Some(st) = &ops.state {
             let (s, z, x) = (dims4(&st.s), st.z.meta.shape(), st.x.meta.shape());
-            let ok = s[0] == batch
+            let ok = s[0] == segments * batch
                 && divides(s[1])
                 && s[2] == dim
                 && s[3] == value_dim
@@ -153,8 +184,8 @@ impl Shapes {
                 && [&st.s, &st.z, &st.x].iter().all(|t| t.dtype == DType::F32);
             if !ok {
                 return bad(format!(
-                    "state s {s:?}, z {z:?}, x {x:?} (f32, [{batch}, heads dividing {heads}, \
-                     {dim}, {value_dim}])"
+                    "state s {s:?}, z {z:?}, x {x:?} (f32, [{segments} x {batch}, heads dividing \
+                     {heads}, {dim}, {value_dim}])"
                 ));
             }
         }
@@ -178,7 +209,7 @@ impl Shapes {
             return bad("a, b and c need one dtype".into());
         }
         let mut widest = [batch, heads, rows, dim.max(value_dim)].iter().product::<usize>();
-        widest = widest.max(batch * heads * dim * value_dim);
+        widest = widest.max(segments * batch * heads * dim * value_dim);
         for t in [&ops.a, &ops.b, &ops.c].into_iter().flatten() {
             widest = widest.max(tensor_span(t));
         }
@@ -192,6 +223,7 @@ impl Shapes {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_pass(
     plan: &LinearPlan,
     mode: &LinearMode,
@@ -199,6 +231,8 @@ fn launch_pass(
     like: &CubeTensor,
     ops: LinearOperands,
     eps: f32,
+    segment_rows: usize,
+    segments: usize,
 ) -> LinearPassOutput {
     let LinearSizes {
         batch,
@@ -218,10 +252,11 @@ fn launch_pass(
         .outputs
         .then(|| buffer(&[batch, heads, rows, value_dim], dtype));
     let den = (mode.outputs && mode.normalise).then(|| buffer(&[batch, heads, rows], DType::F32));
+    let states = segments * batch;
     let state_out = mode.state_out.then(|| LinearState {
-        s: buffer(&[batch, heads, dim, value_dim], DType::F32),
-        z: buffer(&[batch, heads, dim], DType::F32),
-        x: buffer(&[batch, heads, value_dim], DType::F32),
+        s: buffer(&[states, heads, dim, value_dim], DType::F32),
+        z: buffer(&[states, heads, dim], DType::F32),
+        x: buffer(&[states, heads, value_dim], DType::F32),
     });
     let state_in = ops.state.clone();
     let empty = batch * heads == 0 || (rows == 0 && !mode.state_out);
@@ -232,7 +267,7 @@ fn launch_pass(
         };
         linear_chunk_kernel::launch(
             &client,
-            CubeCount::Static(plan.grid.x, plan.grid.y, 1),
+            CubeCount::Static(plan.grid.x, plan.grid.y, segments as u32),
             CubeDim::new_1d(plan.tiles.units() as u32),
             address_type(plan.offsets),
             tensor(ops.a, &rows4),
@@ -249,6 +284,7 @@ fn launch_pass(
             tensor(state_out.as_ref().map(|s| s.x.clone()), &f32_3),
             rows as u32,
             heads as u32,
+            segment_rows as u32,
             eps,
             dim,
             value_dim,

@@ -18,6 +18,13 @@ pub const LINEAR_ROW_THREADS: usize = 8;
 /// Units along a chunk's keys and the value columns of a cube.
 pub const LINEAR_COL_THREADS: usize = 16;
 
+/// Cubes a causal pass should launch at least (four per multiprocessor of an H100-class
+/// device): below it, [`segment_rows`] splits the rows into segments.
+pub const LINEAR_TARGET_CUBES: usize = 512;
+
+/// Rows of one segment, at least (a segment's start state costs a state pass over it).
+const MIN_SEGMENT_ROWS: usize = 256;
+
 /// Where the pass's optional per-row scalar enters `a_i . b_j`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LinearExtra {
@@ -295,6 +302,21 @@ pub fn plan_linear(
     })
 }
 
+/// Rows per segment of a causal pass planned as `plan` over `sizes`: the rows split into
+/// segments (a multiple of 64 rows each, at least 256) until about
+/// [`LINEAR_TARGET_CUBES`] cubes run, or all rows in one segment. Each segment starts from
+/// the state of the rows before it, which a state pass over the segments and a prefix sum
+/// provide.
+pub fn segment_rows(sizes: &LinearSizes, plan: &LinearPlan) -> usize {
+    let cubes = plan.grid.x as usize * plan.grid.y as usize;
+    let wanted = LINEAR_TARGET_CUBES.div_ceil(cubes.max(1));
+    let segments = wanted.min(sizes.rows / MIN_SEGMENT_ROWS).max(1);
+    if segments == 1 {
+        return sizes.rows.max(1);
+    }
+    sizes.rows.div_ceil(segments).next_multiple_of(64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +358,21 @@ mod tests {
         assert_eq!(plan.tiles.value_block, 16);
         assert_eq!(plan.tiles.dim_pad, 8);
         assert_eq!(plan.grid.x, 1);
+    }
+
+    #[test]
+    fn few_cubes_split_long_rows_into_segments() {
+        let mode = LinearMode::causal(true);
+        let caps = DeviceCaps::hopper();
+        let long = sizes(16384, 128, 128);
+        let plan = plan_linear(&long, &mode, Precision::BF16, &caps, None).unwrap();
+        let rows = segment_rows(&long, &plan);
+        let cubes = plan.grid.x as usize * plan.grid.y as usize * 16384usize.div_ceil(rows);
+        assert!(rows % 64 == 0 && rows >= MIN_SEGMENT_ROWS, "{rows}");
+        assert!(cubes >= LINEAR_TARGET_CUBES, "{cubes} cubes");
+        let short = sizes(300, 128, 128);
+        let plan = plan_linear(&short, &mode, Precision::BF16, &caps, None).unwrap();
+        assert_eq!(segment_rows(&short, &plan), 300);
     }
 
     #[test]
