@@ -24,6 +24,7 @@ mod block_mask;
 mod block_mask_cache;
 mod dispatch;
 mod error;
+mod feature_map;
 mod grouped_rows;
 mod linear;
 mod masked;
@@ -45,6 +46,7 @@ pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };
 pub use error::{ensure, AttentionError};
+pub use feature_map::FeatureMap;
 pub use linear::{
     causal_linear_attention, causal_linear_attention_with, check_linear_eps, linear_attention,
     linear_attention_with, LinearAttentionState, LinearOptions,

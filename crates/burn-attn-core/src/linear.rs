@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Tensor, TensorCreationOptions};
 
 use crate::dispatch::{serve_tiled_with, DispatchLog, KernelPolicy, Pass};
 use crate::error::{ensure, AttentionError};
+use crate::feature_map::FeatureMap;
 use crate::shape::{repeat_kv, AttentionShape};
 
 /// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
@@ -19,6 +20,10 @@ use crate::shape::{repeat_kv, AttentionShape};
 /// and where it declines, the tensor ops do.
 #[derive(Debug, Clone)]
 pub struct LinearOptions {
+    /// The feature map to apply to the queries and keys the call takes (fused into the
+    /// kernel's loads where the kernel serves it), or `None` (the default): they are
+    /// feature-mapped already.
+    pub feature_map: Option<FeatureMap>,
     /// `phi(q) S / (phi(q) . z + eps)` (the default), or the unnormalised `phi(q) S`.
     pub normalise: bool,
     /// The normaliser's `eps`: finite and positive. Default `1e-6`.
@@ -38,6 +43,7 @@ pub struct LinearOptions {
 impl Default for LinearOptions {
     fn default() -> Self {
         Self {
+            feature_map: None,
             normalise: true,
             eps: 1e-6,
             chunk: 64,
@@ -52,6 +58,12 @@ impl LinearOptions {
     /// The defaults: normalised, `eps = 1e-6`, chunks of 64, a kernel where one serves.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Queries and keys are raw: the call applies `map` to them.
+    pub fn with_feature_map(mut self, map: FeatureMap) -> Self {
+        self.feature_map = Some(map);
+        self
     }
 
     /// Normalised or not.
@@ -175,8 +187,9 @@ pub fn linear_attention(
     )
 }
 
-/// [`linear_attention`] with options: unnormalised (`phi(q) S`), the kernel policy, a
-/// dispatch log. Panics with the reason on invalid input.
+/// [`linear_attention`] with options: a feature map applied to raw `q` and `k` in place of
+/// feature-mapped ones (fused into the kernel's loads), unnormalised (`phi(q) S`), the
+/// kernel policy, a dispatch log. Panics with the reason on invalid input.
 pub fn linear_attention_with(
     phi_q: Tensor<4>,
     phi_k: Tensor<4>,
@@ -186,7 +199,8 @@ pub fn linear_attention_with(
 ) -> Tensor<4> {
     let shape = checked_shape(&phi_q, &phi_k, &v);
     ensure(options.validate());
-    let mut phi_k = phi_k;
+    let (mut phi_q, mut phi_k) = (phi_q, phi_k);
+    let mut options = options.clone();
     if let Some(pad) = key_padding {
         if pad.dims() != [shape.batch, shape.seq_k] {
             ensure(Err(AttentionError::Shape {
@@ -194,6 +208,12 @@ pub fn linear_attention_with(
                 expected: format!("[{}, {}] (batch, seq_k)", shape.batch, shape.seq_k),
                 got: pad.dims().to_vec(),
             }));
+        }
+        // Padded keys are zero after the map (which maps 0 to 1 for elu + 1), so the map
+        // is applied here.
+        if let Some(map) = options.feature_map.take() {
+            phi_q = map.apply(phi_q);
+            phi_k = map.apply(phi_k);
         }
         let keep =
             pad.bool_not()
@@ -209,12 +229,16 @@ pub fn linear_attention_with(
         None,
         &shape,
         false,
-        options,
+        &options,
     ) {
         Ok((out, _)) => return out,
         Err(declined) => declined,
     };
     serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
+        let (phi_q, phi_k) = match options.feature_map {
+            Some(map) => (map.apply(phi_q), map.apply(phi_k)),
+            None => (phi_q, phi_k),
+        };
         let phi_k = repeat_kv(phi_k, shape.heads);
         let v = repeat_kv(v, shape.heads);
         let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
@@ -279,8 +303,9 @@ pub fn causal_linear_attention(
     causal_linear_attention_with(phi_q, phi_k, v, state, &options)
 }
 
-/// [`causal_linear_attention`] with options: unnormalised (`phi(q_i) S_i`), the kernel
-/// policy, a dispatch log. The state comes back in f32 from the kernel and in the inputs'
+/// [`causal_linear_attention`] with options: a feature map applied to raw `q` and `k` in
+/// place of feature-mapped ones (fused into the kernel's loads), unnormalised (`phi(q_i)
+/// S_i`), the kernel policy, a dispatch log. The state comes back in f32 from the kernel and in the inputs'
 /// dtype from the tensor ops; gradients flow into `phi_q`, `phi_k` and `v`, not into a
 /// given state (it is taken as a constant, as truncated backpropagation through time
 /// does). Panics with the reason on invalid input.
@@ -330,6 +355,10 @@ pub fn causal_linear_attention_with(
         Err(declined) => declined,
     };
     serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
+        let (phi_q, phi_k) = match options.feature_map {
+            Some(map) => (map.apply(phi_q), map.apply(phi_k)),
+            None => (phi_q, phi_k),
+        };
         chunked_tensor_ops(phi_q, phi_k, v, state, &shape, options)
     })
 }

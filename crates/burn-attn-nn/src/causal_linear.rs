@@ -3,7 +3,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use burn_attn_core::{causal_linear_attention, ensure, AttentionError, LinearAttentionState};
+use burn_attn_core::{
+    causal_linear_attention_with, ensure, AttentionError, LinearAttentionState, LinearOptions,
+};
 
 use crate::flash::projection_config;
 use crate::linear::{validate_linear, FeatureMap};
@@ -97,14 +99,11 @@ impl CausalLinearAttention {
         state: Option<LinearAttentionState>,
     ) -> (Tensor<3>, LinearAttentionState) {
         let h = self.projection.split_self(x);
-        let (out, state) = causal_linear_attention(
-            self.feature_map.apply(h.q),
-            self.feature_map.apply(h.k),
-            h.v,
-            self.chunk_size,
-            self.eps,
-            state,
-        );
+        let options = LinearOptions::new()
+            .with_eps(self.eps)
+            .with_chunk(self.chunk_size)
+            .with_feature_map(self.feature_map);
+        let (out, state) = causal_linear_attention_with(h.q, h.k, h.v, state, &options);
         (self.projection.merge(out), state)
     }
 

@@ -2,37 +2,13 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::activation::{elu, relu, softplus};
 use burn::tensor::{Bool, Device, Tensor};
-use burn_attn_core::{ensure, linear_attention, AttentionError};
-use serde::{Deserialize, Serialize};
+use burn_attn_core::{ensure, linear_attention_with, AttentionError, LinearOptions};
 
 use crate::flash::projection_config;
 use crate::projection::{validate_heads, MultiHeadProjection};
 
-/// The positive feature map `phi` of linear attention. For a map not listed here, call
-/// [`burn_attn_core::linear_attention`] with your own feature-mapped tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum FeatureMap {
-    /// `elu(x) + 1` (Katharopoulos et al.), the default.
-    #[default]
-    EluPlusOne,
-    /// `relu(x)`; the normaliser's `eps` keeps all-zero rows finite.
-    Relu,
-    /// `softplus(x) = ln(1 + e^x)`.
-    Softplus,
-}
-
-impl FeatureMap {
-    /// Applies the map elementwise.
-    pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match self {
-            FeatureMap::EluPlusOne => elu(x, 1.0) + 1.0,
-            FeatureMap::Relu => relu(x),
-            FeatureMap::Softplus => softplus(x, 1.0),
-        }
-    }
-}
+pub use burn_attn_core::FeatureMap;
 
 /// Configuration of [`LinearAttention`].
 #[derive(Config, Debug)]
@@ -117,13 +93,10 @@ impl LinearAttention {
         key_padding: Option<Tensor<2, Bool>>,
     ) -> Tensor<3> {
         let h = self.projection.split(query, key, value);
-        let out = linear_attention(
-            self.feature_map.apply(h.q),
-            self.feature_map.apply(h.k),
-            h.v,
-            self.eps,
-            key_padding,
-        );
+        let options = LinearOptions::new()
+            .with_eps(self.eps)
+            .with_feature_map(self.feature_map);
+        let out = linear_attention_with(h.q, h.k, h.v, key_padding, &options);
         self.projection.merge(out)
     }
 

@@ -2,6 +2,9 @@
 //! chunked kernel, recorded in the fusion stream as a [`LinearPassLaunch`]; the
 //! element-wise steps between passes are Burn tensor ops (fused by the stream).
 //!
+//! A feature map fused into the loads maps the operands that are `q` or `k` in each pass;
+//! the gradients with respect to the mapped `q`, `k` then take the map's derivative.
+//!
 //! The backward, for `out_i = n_i / den_i` with `n_i = sum_j (q_i . k_j) v_j` over the
 //! keys row `i` sees: `dn_i = dO_i / den_i` and `dd_i = -(dO_i . out_i) / den_i` (0 and
 //! `dO` unnormalised), then
@@ -17,7 +20,7 @@ use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube};
 use burn::tensor::{DType, Device, Tensor};
 use burn_attn_kernels::launch::{linear_pass, LinearOperands, LinearState};
 use burn_attn_kernels::plan::{
-    plan_linear, segment_rows, LinearExtra, LinearMode, LinearSizes, Precision,
+    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearSizes, Precision,
 };
 use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
@@ -441,6 +444,13 @@ fn run_one(
     )
 }
 
+impl LinearCall {
+    /// The feature map as the kernel applies it.
+    fn map(&self) -> LinearMap {
+        self.feature_map.map_or(LinearMap::Identity, |map| map.kernel_map())
+    }
+}
+
 /// The mode with the normaliser's scalar (`extra`) where the call normalises.
 fn with_extra(mode: LinearMode, call: &LinearCall, extra: LinearExtra) -> LinearMode {
     LinearMode {
@@ -484,7 +494,8 @@ impl LinearAttentionBackend for Cube {
                 state_in: call.state_in,
                 state_out: true,
                 ..LinearMode::causal(call.normalise)
-            };
+            }
+            .mapped(call.map(), true, true, false);
             let inputs = PassInputs {
                 a: Some(q),
                 b: Some(k),
@@ -499,9 +510,10 @@ impl LinearAttentionBackend for Cube {
                 c: Some(v),
                 ..Default::default()
             };
-            let (_, _, state) = run_pass(LinearMode::state(call.normalise), kv_heads, &call, keys);
+            let state_mode = LinearMode::state(call.normalise).mapped(call.map(), false, true, false);
+            let (_, _, state) = run_pass(state_mode, kv_heads, &call, keys);
             let (out, den, _) = run_pass(
-                LinearMode::apply(call.normalise),
+                LinearMode::apply(call.normalise).mapped(call.map(), true, false, false),
                 heads,
                 &call,
                 PassInputs {
@@ -546,6 +558,7 @@ impl LinearAttentionBackend for Cube {
             },
         );
         let (q, k, v) = (lift::<Cube, 4>(q), lift::<Cube, 4>(k), lift::<Cube, 4>(v));
+        let (q_raw, k_raw) = (q.clone(), k.clone());
         let dtype = q.dtype();
         let d_out = lift::<Cube, 4>(d_out).cast(dtype);
         let (heads, kv_heads) = (q.dims()[1], k.dims()[1]);
@@ -570,7 +583,8 @@ impl LinearAttentionBackend for Cube {
             let dq_mode = LinearMode {
                 state_in: call.state_in,
                 ..with_extra(LinearMode::causal(false), &call, LinearExtra::Rows)
-            };
+            }
+            .mapped(call.map(), false, false, true);
             let (dq, _, _) = run_pass(
                 dq_mode,
                 heads,
@@ -583,7 +597,8 @@ impl LinearAttentionBackend for Cube {
                     state: start,
                 },
             );
-            let dk_mode = reversed(with_extra(LinearMode::causal(false), &call, LinearExtra::Keys));
+            let dk_mode = reversed(with_extra(LinearMode::causal(false), &call, LinearExtra::Keys))
+                .mapped(call.map(), false, false, true);
             let (dk, _, _) = run_pass(
                 dk_mode,
                 heads,
@@ -597,7 +612,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let (dv, _, _) = run_pass(
-                reversed(LinearMode::causal(false)),
+                reversed(LinearMode::causal(false)).mapped(call.map(), true, true, false),
                 heads,
                 &call,
                 PassInputs {
@@ -619,7 +634,7 @@ impl LinearAttentionBackend for Cube {
             let keys_mode = |m: LinearMode| with_extra(m, &call, LinearExtra::Keys);
             // dQ from sum_j v_j^T k_j (and sum_j k_j for the divisor's scalar).
             let s_vk = state(
-                rows_mode(LinearMode::state(false)),
+                rows_mode(LinearMode::state(false)).mapped(call.map(), false, false, true),
                 kv_heads,
                 PassInputs {
                     b: Some(v.clone()),
@@ -639,7 +654,7 @@ impl LinearAttentionBackend for Cube {
             );
             // dK from sum_i dn_i^T q_i (and sum_i dd_i q_i), summed over each group.
             let s_dq = state(
-                keys_mode(LinearMode::state(false)),
+                keys_mode(LinearMode::state(false)).mapped(call.map(), false, false, true),
                 heads,
                 PassInputs {
                     b: Some(dn.clone()),
@@ -659,7 +674,7 @@ impl LinearAttentionBackend for Cube {
             );
             // dV from sum_i q_i^T dn_i, summed over each group.
             let s_qd = state(
-                LinearMode::state(false),
+                LinearMode::state(false).mapped(call.map(), false, true, false),
                 heads,
                 PassInputs {
                     b: Some(q),
@@ -668,7 +683,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let dv = apply(
-                LinearMode::apply(false),
+                LinearMode::apply(false).mapped(call.map(), true, false, false),
                 kv_heads,
                 PassInputs {
                     a: Some(k),
@@ -677,6 +692,16 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             (dq, dk, dv)
+        };
+        // Gradients with respect to phi(q), phi(k) to those of the raw q, k.
+        let (dq, dk) = match call.feature_map {
+            Some(map) => {
+                let chain = |grad: Tensor<4>, x: Tensor<4>| {
+                    (grad.cast(DType::F32) * map.derivative(x.cast(DType::F32))).cast(dtype)
+                };
+                (chain(dq, q_raw), chain(dk, k_raw))
+            }
+            None => (dq, dk),
         };
         (
             lower::<Cube, 4>(dq),

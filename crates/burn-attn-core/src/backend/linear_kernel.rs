@@ -18,6 +18,7 @@ use burn_attn_kernels::plan::{
 };
 
 use super::sparse::cube_caps;
+use crate::feature_map::FeatureMap;
 use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
 use crate::linear::{LinearAttentionState, LinearOptions};
 use crate::shape::AttentionShape;
@@ -35,6 +36,8 @@ pub(crate) struct LinearCall {
     pub chunk: Option<usize>,
     /// Whether the causal call starts from a given state.
     pub state_in: bool,
+    /// The feature map the kernel applies to q and k (`None`: they are mapped already).
+    pub feature_map: Option<FeatureMap>,
     pub log: Option<DispatchLog>,
 }
 
@@ -164,6 +167,7 @@ pub(crate) fn linear_kernel_attention(
         eps: options.eps as f32,
         chunk: options.kernel_chunk,
         state_in: state.is_some(),
+        feature_map: options.feature_map,
         log: options.log.clone(),
     };
     plan_call(shape, phi_q.dtype(), &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;

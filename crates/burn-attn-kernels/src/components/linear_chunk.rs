@@ -3,6 +3,8 @@
 
 use cubecl::prelude::*;
 
+use crate::plan::LinearMap;
+
 /// The rows of one head of a `[batch, heads, rows, d]` tensor as a pass walks them: row `t`
 /// of the walk is row `t` of the head, or row `rows - 1 - t` when reversed.
 #[derive(CubeType, Clone, Copy)]
@@ -34,8 +36,26 @@ impl WalkRows {
     }
 }
 
+/// `map` of `x` (the identity where `apply` is off).
+#[cube]
+pub(crate) fn feature_map(x: f32, #[comptime] map: LinearMap, #[comptime] apply: bool) -> f32 {
+    let mut y = x;
+    if comptime!(apply && map == LinearMap::EluPlusOne) {
+        y = if x > 0.0 { x + 1.0 } else { f32::exp(x) };
+    }
+    if comptime!(apply && map == LinearMap::Relu) {
+        y = f32::max(x, 0.0);
+    }
+    if comptime!(apply && map == LinearMap::Softplus) {
+        // ln(1 + e^x) = x + ln(1 + e^-x), exact in f32 past x = 20.
+        y = if x > 20.0 { x } else { f32::ln(1.0 + f32::exp(x)) };
+    }
+    y
+}
+
 /// Stages rows `t0 .. t0 + chunk` of the walk transposed: `smem[col * (chunk + 1) + r] =
-/// row t0 + r, column col`, zero from row `end` and from `dim` to `dim_pad`.
+/// row t0 + r, column col` (through `map` where `mapped`), zero from row `end` and from
+/// `dim` to `dim_pad`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_transposed<F: Float>(
@@ -49,6 +69,8 @@ pub(crate) fn stage_transposed<F: Float>(
     #[comptime] dim_pad: usize,
     #[comptime] units: usize,
     #[comptime] reverse: bool,
+    #[comptime] map: LinearMap,
+    #[comptime] mapped: bool,
 ) {
     let stride = comptime!(chunk + 1);
     let mut idx = UNIT_POS_X as usize;
@@ -59,7 +81,7 @@ pub(crate) fn stage_transposed<F: Float>(
         let t = t0 + r;
         let mut x = F::new(0.0);
         if t < end && col < dim {
-            x = src[walk.at(t, col, reverse)];
+            x = F::cast_from(feature_map(f32::cast_from(src[walk.at(t, col, reverse)]), map, mapped));
         }
         smem[col * stride + r] = x;
         idx += units;
@@ -67,8 +89,8 @@ pub(crate) fn stage_transposed<F: Float>(
 }
 
 /// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
-/// `smem[r * width + v] = row t0 + r, column v0 + v`, zero from row `end` and past
-/// `value_dim`.
+/// `smem[r * width + v] = row t0 + r, column v0 + v` (through `map` where `mapped`), zero
+/// from row `end` and past `value_dim`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_value_block<F: Float>(
@@ -83,6 +105,8 @@ pub(crate) fn stage_value_block<F: Float>(
     #[comptime] width: usize,
     #[comptime] units: usize,
     #[comptime] reverse: bool,
+    #[comptime] map: LinearMap,
+    #[comptime] mapped: bool,
 ) {
     let mut idx = UNIT_POS_X as usize;
     while idx < comptime!(chunk * width) {
@@ -91,7 +115,8 @@ pub(crate) fn stage_value_block<F: Float>(
         let t = t0 + r;
         let mut x = F::new(0.0);
         if t < end && v0 + v < value_dim {
-            x = src[walk.at(t, v0 + v, reverse)];
+            let value = f32::cast_from(src[walk.at(t, v0 + v, reverse)]);
+            x = F::cast_from(feature_map(value, map, mapped));
         }
         smem[idx] = x;
         idx += units;

@@ -5,7 +5,8 @@
 //! chunk to chunk, so no per-chunk state is ever written out. Per chunk, in the mode's
 //! steps (see `plan::linear`):
 //! 1. stage the chunk's `a` rows (transposed), `b` rows (transposed), `c` rows of the value
-//!    block, and the per-row scalars;
+//!    block (each through the feature map where the mode maps it), and the per-row
+//!    scalars;
 //! 2. rows (`outputs`): each unit's register tile of `a S`, plus with `intra` the chunk's
 //!    causal scores `a b^T` (masked, through shared memory) times `c`, normalised by the
 //!    row's `a z` plus its masked score sum plus `eps`;
@@ -122,12 +123,19 @@ pub fn linear_chunk_kernel<F: Float>(
     while t0 < end {
         // 1. Stage the chunk.
         if comptime!(mode.reads_rows()) {
-            stage_transposed::<F>(a, a_rows, &mut a_t, t0, end, dim, chunk, dp, units, reverse);
+            stage_transposed::<F>(
+                a, a_rows, &mut a_t, t0, end, dim, chunk, dp, units, reverse, mode.map,
+                mode.map_a,
+            );
         }
         if comptime!(mode.reads_keys()) {
-            stage_transposed::<F>(b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse);
+            stage_transposed::<F>(
+                b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse, mode.map,
+                mode.map_b,
+            );
             stage_value_block::<F>(
-                c, c_rows, &mut c_s, t0, end, v0, value_dim, chunk, bv, units, reverse,
+                c, c_rows, &mut c_s, t0, end, v0, value_dim, chunk, bv, units, reverse, mode.map,
+                mode.map_c,
             );
         }
         // The scalars where a step reads them: the rows' in the rows' steps, the keys' in

@@ -36,6 +36,20 @@ pub enum LinearExtra {
     Keys,
 }
 
+/// A feature map the kernel applies to operands as it stages them (zero rows past the
+/// operand's end stay zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearMap {
+    /// No map.
+    Identity,
+    /// `elu(x) + 1`.
+    EluPlusOne,
+    /// `max(x, 0)`.
+    Relu,
+    /// `ln(1 + e^x)`.
+    Softplus,
+}
+
 /// What one pass computes (a comptime value of the kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LinearMode {
@@ -55,9 +69,33 @@ pub struct LinearMode {
     pub state_in: bool,
     /// Whether the pass writes its final state.
     pub state_out: bool,
+    /// The feature map, and which of `a`, `b`, `c` it applies to.
+    pub map: LinearMap,
+    /// `map` on the rows' operand `a`.
+    pub map_a: bool,
+    /// `map` on the keys' operand `b`.
+    pub map_b: bool,
+    /// `map` on the values' operand `c`.
+    pub map_c: bool,
 }
 
 impl LinearMode {
+    /// No feature map on any operand (the fields the constructors share).
+    const UNMAPPED: Self = Self {
+        intra: false,
+        outputs: false,
+        update: false,
+        normalise: false,
+        reverse: false,
+        extra: LinearExtra::None,
+        state_in: false,
+        state_out: false,
+        map: LinearMap::Identity,
+        map_a: false,
+        map_b: false,
+        map_c: false,
+    };
+
     /// The causal pass: in-chunk term, carried state, rows out.
     pub fn causal(normalise: bool) -> Self {
         Self {
@@ -69,6 +107,7 @@ impl LinearMode {
             extra: LinearExtra::None,
             state_in: false,
             state_out: false,
+            ..Self::UNMAPPED
         }
     }
 
@@ -83,6 +122,7 @@ impl LinearMode {
             extra: LinearExtra::None,
             state_in: false,
             state_out: true,
+            ..Self::UNMAPPED
         }
     }
 
@@ -97,6 +137,18 @@ impl LinearMode {
             extra: LinearExtra::None,
             state_in: true,
             state_out: false,
+            ..Self::UNMAPPED
+        }
+    }
+
+    /// The same pass with `map` applied to the operands flagged.
+    pub fn mapped(self, map: LinearMap, a: bool, b: bool, c: bool) -> Self {
+        Self {
+            map,
+            map_a: a,
+            map_b: b,
+            map_c: c,
+            ..self
         }
     }
 

@@ -26,7 +26,7 @@ pub use forward::{
     plan_forward, store_vector, ForwardKernel, ForwardPlan, MmaPlan, UnitPlan, MMA_ROWS_PER_TILE,
 };
 pub use linear::{
-    plan_linear, segment_rows, LinearExtra, LinearMode, LinearPlan, LinearSizes, LinearTiles,
+    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearPlan, LinearSizes, LinearTiles,
     LINEAR_COL_THREADS, LINEAR_ROW_THREADS, LINEAR_TARGET_CUBES,
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
