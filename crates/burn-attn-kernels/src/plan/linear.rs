@@ -420,7 +420,7 @@ mod tests {
         let plan = plan_linear(&long, &mode, Precision::BF16, &caps, None).unwrap();
         let rows = segment_rows(&long, &plan);
         let cubes = plan.grid.x as usize * plan.grid.y as usize * 16384usize.div_ceil(rows);
-        assert!(rows % 64 == 0 && rows >= MIN_SEGMENT_ROWS, "{rows}");
+        assert!(rows.is_multiple_of(64) && rows >= MIN_SEGMENT_ROWS, "{rows}");
         assert!(cubes >= LINEAR_TARGET_CUBES, "{cubes} cubes");
         let short = sizes(300, 128, 128);
         let plan = plan_linear(&short, &mode, Precision::BF16, &caps, None).unwrap();
