@@ -132,6 +132,7 @@ fn score_terms_match_the_host_truth() {
 fn linear_kernel_matches_the_quadratic_form() {
     require_gpu();
     check_linear_training::<Gpu>(DType::F32, 1e-4);
+    check_linear_training::<Gpu>(DType::F16, 5e-3);
     check_linear_streaming::<Gpu>(1e-4);
 }
 

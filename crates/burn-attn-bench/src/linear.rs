@@ -16,7 +16,7 @@
 
 use burn::tensor::{Distribution, Tensor};
 use burn_attn::cores::{
-    causal_linear_attention_with, DispatchLog, LinearAttentionState,
+    causal_linear_attention_with, DispatchLog, KernelPolicy, LinearAttentionState,
     LinearOptions, Pass,
 };
 use burn_attn::{attention, AttentionOptions};
@@ -98,7 +98,9 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
         };
         let (q, k, v, _) = make(&device);
         let log = DispatchLog::new();
-        let options = LinearOptions::new().with_log(log.clone());
+        let options = LinearOptions::new()
+            .with_log(log.clone())
+            .with_kernel(policy(args.backend));
         let forward = median_ms(&device, args.repeats, args.calls, || {
             let _ = causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);
         });
@@ -151,6 +153,16 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// The kernel on GPU backends, never a fallback (on CUDA it serves required calls only, for
+/// now); the tensor ops on the CPU.
+fn policy(backend: BackendKind) -> KernelPolicy {
+    if backend == BackendKind::Cpu {
+        KernelPolicy::Auto
+    } else {
+        KernelPolicy::Require
+    }
 }
 
 /// The implementations the log recorded, forward then backward.
@@ -243,7 +255,7 @@ fn streaming_steps(
     device: &burn::tensor::Device,
 ) -> Result<Vec<(usize, f64)>, String> {
     let (b, h, d) = (args.batch, args.heads, args.head_dim);
-    let options = LinearOptions::new();
+    let options = LinearOptions::new().with_kernel(policy(args.backend));
     let mut times = Vec::new();
     let shortest = args.lengths.iter().copied().min().unwrap_or(1);
     let longest = args.lengths.iter().copied().max().unwrap_or(1);

@@ -14,7 +14,7 @@ use burn::backend::autodiff::{
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
 use burn::tensor::{DType, Tensor};
 use burn_attn_kernels::plan::{
-    plan_linear, LinearExtra, LinearMode, LinearSizes, Precision, Unsupported,
+    plan_linear, LinearExtra, LinearMode, LinearSizes, Precision, RuntimeKind, Unsupported,
 };
 
 use super::sparse::cube_caps;
@@ -160,6 +160,14 @@ pub(crate) fn linear_kernel_attention(
     let decline = |why: Decline| vec![(Implementation::LinearChunk, why)];
     if options.kernel == KernelPolicy::Tiled {
         return Err(decline(Decline::TiledRequested));
+    }
+    // On CUDA the kernel serves only calls that require it, until its CUDA grid has run
+    // (it has run on WGPU); other calls keep the tensor ops there.
+    if caps.runtime == RuntimeKind::Cuda && options.kernel != KernelPolicy::Require {
+        return Err(decline(Decline::Kernel(Unsupported::Runtime {
+            got: caps.runtime_name,
+            needs: "KernelPolicy::Require on CUDA until the kernel's CUDA check has run",
+        })));
     }
     let call = LinearCall {
         causal,
