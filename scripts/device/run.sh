@@ -22,6 +22,11 @@
 #             `build` makes `burn-attn-bench-vulkan`; the Vulkan loader must be installed)
 #   decode    one decoding step's attention (`burn-attn-bench decode`) beside PyTorch's SDPA
 #             with `enable_gqa` and the copy bandwidth (scripts/peers/torch_decode.py)
+#   linear    causal linear attention (`burn-attn-bench linear`: forward, training step,
+#             crossover with our causal flash, growth, a streaming step) beside
+#             flash-linear-attention and FlashAttention-2 (scripts/peers/torch_linear.py;
+#             fla's wheels installed or in $WHEELS, see shared/DEVICE.md); LINEAR_ARGS
+#             and LINEAR_PEER_ARGS pass options (`--lengths 4096,16384`)
 #   compare   the comparison tool's CUDA table (bf16, n = 4096 and 16384, 32768 tokens per
 #             length, training steps too: `--train`); COMPARE_ARGS passes options
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
@@ -82,6 +87,15 @@ for step in "$@"; do
       timeout 300 python3 scripts/peers/torch_decode.py "$OUT/decode-peers.json" ${DECODE_PEER_ARGS:-} 2>&1 | tee "$OUT/decode-peers.log"
       timeout 200 "$BIN/burn-attn-bench" decode --backend cuda --dtype bf16 \
         --peers "$OUT/decode-peers.json" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" ;;
+    linear)
+      if [ -n "${WHEELS:-}" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla-site "$WHEELS"/*.whl &&
+          export PYTHONPATH=/tmp/fla-site${PYTHONPATH:+:$PYTHONPATH}
+      fi
+      timeout 400 python3 scripts/peers/torch_linear.py "$OUT/linear-peers.json" ${LINEAR_PEER_ARGS:-} 2>&1 |
+        grep -v Warning | tee "$OUT/linear-peers.log"
+      timeout 300 "$BIN/burn-attn-bench" linear --backend cuda --dtype bf16 \
+        --peers "$OUT/linear-peers.json" --json "$OUT/linear.json" ${LINEAR_ARGS:-} 2>&1 | tee "$OUT/linear.log" ;;
     compare)
       timeout 560 "$BIN/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 \
         --lengths 4096,16384 --heads 16 --head-dim 128 --train --no-structured --repeats 5 \
