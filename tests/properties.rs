@@ -1,7 +1,8 @@
 //! Property tests of the CPU path (`pattern_attention` on `NdArray<f32>`: the tiled band
 //! and pattern paths) against the materialised reference in f64, over random shapes,
 //! windows, causal rules, strided columns, block layouts, key padding and GQA; and the
-//! block-sparse plan (`BlockCover`, `BlockMask`) against the scalar definition.
+//! block-sparse plan (`BlockCover`, `BlockMask`) against the scalar definition; the linear
+//! cores against their quadratic form.
 
 use burn::tensor::{Bool, DType, Device, Tensor, TensorCreationOptions, TensorData};
 use burn_attn::cores::{pattern_attention, reference_attention, BlockLayout, KeyPattern};
@@ -225,5 +226,136 @@ proptest! {
         let count = |t: Tensor<3, Int>| t.sum().into_scalar::<i64>() as usize;
         prop_assert_eq!(count(mask.partial_count.clone()) + count(mask.full_count.clone()), listed);
         prop_assert_eq!(count(mask.t_partial_count) + count(mask.t_full_count), listed);
+    }
+}
+
+/// One linear-attention call: sizes, causal or not, normalised or not, a feature map, the
+/// tensor ops' chunk, a split of a causal call into two streamed calls, the inputs' seed.
+#[derive(Debug, Clone)]
+struct LinearCall {
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    seq: usize,
+    seq_k: usize,
+    dim: usize,
+    value_dim: usize,
+    causal: bool,
+    normalise: bool,
+    map: usize,
+    chunk: usize,
+    split: usize,
+    seed: u64,
+}
+
+fn linear_calls() -> impl Strategy<Value = LinearCall> {
+    (
+        (1usize..3, 1usize..3, 1usize..3, 1usize..40, 1usize..40),
+        (1usize..13, 1usize..13),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            0usize..4,
+            1usize..20,
+            0usize..40,
+        ),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((batch, kv_heads, group, seq, seq_k), (dim, value_dim), rest, seed)| {
+                let (causal, normalise, map, chunk, split) = rest;
+                LinearCall {
+                    batch,
+                    kv_heads,
+                    group,
+                    seq,
+                    seq_k: if causal { seq } else { seq_k },
+                    dim,
+                    value_dim,
+                    causal,
+                    normalise,
+                    map,
+                    chunk,
+                    split: split % seq,
+                    seed,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// The linear cores on the CPU (tensor ops, chunked causal form, streamed in two calls)
+    /// against the quadratic form in f64, for every feature map, normalised or not.
+    #[test]
+    fn linear_cores_match_the_quadratic_form(call in linear_calls()) {
+        use burn_attn::cores::{
+            causal_linear_attention_with, linear_attention_with, repeat_kv, FeatureMap,
+            LinearOptions,
+        };
+        let mut rng = StdRng::seed_from_u64(call.seed);
+        let heads = call.kv_heads * call.group;
+        let q = values(&mut rng, [call.batch, heads, call.seq, call.dim]);
+        let k = values(&mut rng, [call.batch, call.kv_heads, call.seq_k, call.dim]);
+        let v = values(&mut rng, [call.batch, call.kv_heads, call.seq_k, call.value_dim]);
+        let map = [None, Some(FeatureMap::EluPlusOne), Some(FeatureMap::Relu), Some(FeatureMap::Softplus)][call.map];
+        // Without a map the inputs must be positive already.
+        let positive = |t: Tensor<4>| if map.is_none() { t.abs() } else { t };
+        let eps = 1e-2;
+        let mut options = LinearOptions::new()
+            .with_eps(eps)
+            .with_chunk(call.chunk)
+            .with_normalise(call.normalise);
+        if let Some(map) = map {
+            options = options.with_feature_map(map);
+        }
+        let device = cpu();
+        let t = |data: &TensorData| positive(Tensor::<4>::from_data(data.clone(), &device));
+        let (q32, k32, v32) = (t(&q), t(&k), Tensor::<4>::from_data(v.clone(), &device));
+        let ours = if call.causal {
+            let s = call.split;
+            let rows = |x: &Tensor<4>, from: usize, to: usize| {
+                let [b, h, _, _] = x.dims();
+                x.clone().slice([0..b, 0..h, from..to])
+            };
+            if s == 0 {
+                causal_linear_attention_with(q32, k32, v32, None, &options).0
+            } else {
+                let (first, state) = causal_linear_attention_with(
+                    rows(&q32, 0, s), rows(&k32, 0, s), rows(&v32, 0, s), None, &options);
+                let (second, _) = causal_linear_attention_with(
+                    rows(&q32, s, call.seq), rows(&k32, s, call.seq), rows(&v32, s, call.seq),
+                    Some(state), &options);
+                Tensor::cat(vec![first, second], 2)
+            }
+        } else {
+            linear_attention_with(q32, k32, v32, None, &options)
+        };
+
+        let f64s = TensorCreationOptions::new(device.clone()).with_dtype(DType::F64);
+        let t64 = |data: &TensorData| positive(Tensor::<4>::from_data(data.clone().convert::<f64>(), f64s.clone()));
+        let (mut q64, mut k64) = (t64(&q), t64(&k));
+        if let Some(map) = map {
+            q64 = map.apply(q64);
+            k64 = map.apply(k64);
+        }
+        let v64 = Tensor::<4>::from_data(v.convert::<f64>(), f64s.clone());
+        let (k64, v64) = (repeat_kv(k64, heads), repeat_kv(v64, heads));
+        let mut scores = q64.matmul(k64.swap_dims(2, 3));
+        if call.causal {
+            let n = call.seq;
+            let lower = Tensor::<2>::ones([n, n], f64s.clone()).tril(0).reshape([1, 1, n, n]);
+            scores = scores * lower;
+        }
+        let num = scores.clone().matmul(v64);
+        let truth = if call.normalise { num / (scores.sum_dim(3) + eps) } else { num };
+        let size = truth.clone().abs().max().into_scalar::<f64>().max(1.0);
+        let err = max_diff(ours, truth);
+        prop_assert!(err < 2e-5 * size, "max |ours - f64| = {err} of {size} for {call:?}");
     }
 }

@@ -108,7 +108,9 @@ fn causal_linear_attention_of_different_lengths_is_an_error() {
 }
 
 #[test]
-#[should_panic(expected = "the linear attention state has kv [2, 2, 8, 7] and z [2, 2, 8], expected kv [2, 2, 8, 8] and z [2, 2, 8]")]
+#[should_panic(
+    expected = "the linear attention state has kv [2, 2, 8, 7] and z [2, 2, 8], expected kv [2, 2, 8, 8] and z [2, 2, 8]"
+)]
 fn linear_state_of_the_wrong_shape_is_an_error() {
     let [q, k, v] = qkv(9);
     let device = cpu();

@@ -52,7 +52,11 @@ fn linear_inputs(case: &LinearCase, seed: u64) -> LinearInputs {
         ..
     } = *case;
     // Raw queries and keys take both signs where the call maps them.
-    let low = if case.feature_map.is_some() { -1.5 } else { 0.0 };
+    let low = if case.feature_map.is_some() {
+        -1.5
+    } else {
+        0.0
+    };
     LinearInputs {
         q: gen([b, h, seq_q, dim], low, 1.0),
         k: gen([b, kvh, seq_k, dim], low, 1.0),
@@ -111,7 +115,9 @@ fn linear_training(
         (Some(o), false) => linear_attention_with(q.clone(), k.clone(), v.clone(), None, o),
         (None, _) => quadratic(q.clone(), k.clone(), v.clone(), case),
     };
-    let grads = (out.clone() * tensor(&x.w, dtype, &device)).sum().backward();
+    let grads = (out.clone() * tensor(&x.w, dtype, &device))
+        .sum()
+        .backward();
     let grad = |t: Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
     [to_f64(out), grad(q), grad(k), grad(v)]
 }
@@ -246,7 +252,10 @@ pub fn check_linear_training<B: On>(dtype: DType, tol: f64) {
             ],
             "case {at}: {case:?}"
         );
-        for (name, (g, t)) in ["out", "dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
+        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(got.iter().zip(&want))
+        {
             let err = max_err(g, t);
             let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
             assert!(
@@ -288,8 +297,13 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     // The second call runs in segments from the first's state.
     let split = 100;
     let part = |t: &Tensor<4>, from: usize, to: usize| rows(t.clone(), from, to);
-    let (first, mid) =
-        causal_linear_attention_with(part(&q, 0, split), part(&k, 0, split), part(&v, 0, split), None, &opts);
+    let (first, mid) = causal_linear_attention_with(
+        part(&q, 0, split),
+        part(&k, 0, split),
+        part(&v, 0, split),
+        None,
+        &opts,
+    );
     let n = case.seq_q;
     let (second, last) = causal_linear_attention_with(
         part(&q, split, n),
@@ -302,7 +316,10 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     let err = max_err(&to_f64(streamed), &to_f64(whole.clone()));
     assert!(err <= tol, "streamed rows differ by {err:e}");
     let k_full = repeat_kv(k.clone(), case.heads);
-    let kv_truth = k_full.clone().swap_dims(2, 3).matmul(repeat_kv(v.clone(), case.heads));
+    let kv_truth = k_full
+        .clone()
+        .swap_dims(2, 3)
+        .matmul(repeat_kv(v.clone(), case.heads));
     let z_truth = k_full.sum_dim(2).squeeze_dim::<3>(2);
     for (name, got, want) in [
         ("kv", to_f64(last.kv.clone()), to_f64(kv_truth.clone())),
@@ -311,20 +328,28 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     ] {
         let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
         let err = max_err(&got, &want);
-        assert!(err <= tol * size, "state {name} differs by {err:e} of {size:e}");
+        assert!(
+            err <= tol * size,
+            "state {name} differs by {err:e} of {size:e}"
+        );
     }
 
     // Training the second call from the first's state: its gradients are the whole call's
     // for its own rows.
     let ad = device.clone().autodiff();
     let lift = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &ad).require_grad();
-    let (q2, k2, v2) = (lift(part(&q, split, n)), lift(part(&k, split, n)), lift(part(&v, split, n)));
+    let (q2, k2, v2) = (
+        lift(part(&q, split, n)),
+        lift(part(&k, split, n)),
+        lift(part(&v, split, n)),
+    );
     let start = LinearAttentionState {
         kv: Tensor::from_data(mid.kv.into_data(), &ad),
         z: Tensor::from_data(mid.z.into_data(), &ad),
     };
     let w = rows(tensor(&x.w, DType::F32, &ad), split, n);
-    let (out2, _) = causal_linear_attention_with(q2.clone(), k2.clone(), v2.clone(), Some(start), &opts);
+    let (out2, _) =
+        causal_linear_attention_with(q2.clone(), k2.clone(), v2.clone(), Some(start), &opts);
     let grads = (out2 * w).sum().backward();
     let got: Vec<Vec<f64>> = [q2, k2, v2]
         .into_iter()
@@ -349,10 +374,13 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     for (name, (g, w)) in ["dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
         let size = w.iter().fold(1.0f64, |m, x| m.max(x.abs()));
         let err = max_err(g, w);
-        assert!(err <= tol * size, "streamed training {name} error {err:e} of {size:e}");
+        assert!(
+            err <= tol * size,
+            "streamed training {name} error {err:e} of {size:e}"
+        );
     }
-    assert!(log
-        .entries()
-        .iter()
-        .all(|d| matches!(d.served, Implementation::LinearChunk | Implementation::LinearChunkBackward)));
+    assert!(log.entries().iter().all(|d| matches!(
+        d.served,
+        Implementation::LinearChunk | Implementation::LinearChunkBackward
+    )));
 }

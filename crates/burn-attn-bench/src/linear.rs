@@ -16,8 +16,8 @@
 
 use burn::tensor::{Distribution, Tensor};
 use burn_attn::cores::{
-    causal_linear_attention_with, DispatchLog, KernelPolicy, LinearAttentionState,
-    LinearOptions, Pass,
+    causal_linear_attention_with, DispatchLog, KernelPolicy, LinearAttentionState, LinearOptions,
+    Pass,
 };
 use burn_attn::{attention, AttentionOptions};
 use clap::Args;
@@ -145,9 +145,9 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
                     "served": r.served,
                 })
             })
-            .chain(step_ms.iter().map(|(position, ms)| {
-                serde_json::json!({ "streaming_position": position, "ms": ms })
-            }))
+            .chain(step_ms.iter().map(
+                |(position, ms)| serde_json::json!({ "streaming_position": position, "ms": ms }),
+            ))
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap())
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -261,8 +261,13 @@ fn streaming_steps(
     let longest = args.lengths.iter().copied().max().unwrap_or(1);
     for position in [shortest, longest] {
         let rand = |n| Tensor::<4>::random([b, h, n, d], Distribution::Uniform(0.0, 1.0), device);
-        let (_, state): (_, LinearAttentionState) =
-            causal_linear_attention_with(rand(position), rand(position), rand(position), None, &options);
+        let (_, state): (_, LinearAttentionState) = causal_linear_attention_with(
+            rand(position),
+            rand(position),
+            rand(position),
+            None,
+            &options,
+        );
         let (q, k, v) = (rand(1), rand(1), rand(1));
         let ms = median_ms(device, args.repeats, args.calls, || {
             let _ = causal_linear_attention_with(
@@ -277,7 +282,10 @@ fn streaming_steps(
         times.push((position, ms));
     }
     if let [(_, first), (_, last)] = times[..] {
-        println!("streaming step after {longest} / after {shortest} tokens = {:.2}", last / first);
+        println!(
+            "streaming step after {longest} / after {shortest} tokens = {:.2}",
+            last / first
+        );
     }
     Ok(times)
 }

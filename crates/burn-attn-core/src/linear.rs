@@ -234,22 +234,28 @@ pub fn linear_attention_with(
         Ok((out, _)) => return out,
         Err(declined) => declined,
     };
-    serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
-        let (phi_q, phi_k) = match options.feature_map {
-            Some(map) => (map.apply(phi_q), map.apply(phi_k)),
-            None => (phi_q, phi_k),
-        };
-        let phi_k = repeat_kv(phi_k, shape.heads);
-        let v = repeat_kv(v, shape.heads);
-        let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
-        let num = phi_q.clone().matmul(kv);
-        if !options.normalise {
-            return num;
-        }
-        let z = phi_k.sum_dim(2); // [b, h, 1, d]
-        let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
-        num / (den + options.eps)
-    })
+    serve_tiled_with(
+        Pass::Forward,
+        options.kernel,
+        options.log.as_ref(),
+        declined,
+        || {
+            let (phi_q, phi_k) = match options.feature_map {
+                Some(map) => (map.apply(phi_q), map.apply(phi_k)),
+                None => (phi_q, phi_k),
+            };
+            let phi_k = repeat_kv(phi_k, shape.heads);
+            let v = repeat_kv(v, shape.heads);
+            let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
+            let num = phi_q.clone().matmul(kv);
+            if !options.normalise {
+                return num;
+            }
+            let z = phi_k.sum_dim(2); // [b, h, 1, d]
+            let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
+            num / (den + options.eps)
+        },
+    )
 }
 
 /// The chunked kernel where the device has it (see `backend::linear_kernel`); the reasons
@@ -354,13 +360,19 @@ pub fn causal_linear_attention_with(
         Ok((_, None)) => unreachable!("the causal kernel returns its state"),
         Err(declined) => declined,
     };
-    serve_tiled_with(Pass::Forward, options.kernel, options.log.as_ref(), declined, || {
-        let (phi_q, phi_k) = match options.feature_map {
-            Some(map) => (map.apply(phi_q), map.apply(phi_k)),
-            None => (phi_q, phi_k),
-        };
-        chunked_tensor_ops(phi_q, phi_k, v, state, &shape, options)
-    })
+    serve_tiled_with(
+        Pass::Forward,
+        options.kernel,
+        options.log.as_ref(),
+        declined,
+        || {
+            let (phi_q, phi_k) = match options.feature_map {
+                Some(map) => (map.apply(phi_q), map.apply(phi_k)),
+                None => (phi_q, phi_k),
+            };
+            chunked_tensor_ops(phi_q, phi_k, v, state, &shape, options)
+        },
+    )
 }
 
 /// The causal form in tensor ops (the CPU's implementation and the reference of the
@@ -509,7 +521,11 @@ mod tests {
 
     #[test]
     fn unnormalised_forms_are_the_numerators() {
-        let (q, k, v) = (positive([1, 2, 21, 4]), positive([1, 2, 21, 4]), positive([1, 2, 21, 3]));
+        let (q, k, v) = (
+            positive([1, 2, 21, 4]),
+            positive([1, 2, 21, 4]),
+            positive([1, 2, 21, 3]),
+        );
         let options = LinearOptions::new().with_normalise(false).with_chunk(8);
         let (causal, _) =
             causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);

@@ -85,11 +85,39 @@ fn pass_outputs(
     let den = mode.outputs && mode.normalise;
     let state = mode.state_out;
     (
-        spec(if rows_out { vec![b, h, rows, value_dim] } else { vec![1; 4] }, dtype),
+        spec(
+            if rows_out {
+                vec![b, h, rows, value_dim]
+            } else {
+                vec![1; 4]
+            },
+            dtype,
+        ),
         spec(if den { vec![b, h, rows] } else { vec![1; 3] }, DType::F32),
-        spec(if state { vec![states, h, dim, value_dim] } else { vec![1; 4] }, DType::F32),
-        spec(if state { vec![states, h, dim] } else { vec![1; 3] }, DType::F32),
-        spec(if state { vec![states, h, value_dim] } else { vec![1; 3] }, DType::F32),
+        spec(
+            if state {
+                vec![states, h, dim, value_dim]
+            } else {
+                vec![1; 4]
+            },
+            DType::F32,
+        ),
+        spec(
+            if state {
+                vec![states, h, dim]
+            } else {
+                vec![1; 3]
+            },
+            DType::F32,
+        ),
+        spec(
+            if state {
+                vec![states, h, value_dim]
+            } else {
+                vec![1; 3]
+            },
+            DType::F32,
+        ),
     )
 }
 
@@ -153,14 +181,23 @@ impl LinearPassLaunch for CubeBackend {
             panic!("burn-attn: a linear pass was planned for this call but declined: {why}")
         });
         let placeholder = |rank: usize, dtype: DType| {
-            zeros_client(a.client.clone(), a.device.clone(), vec![1; rank].into(), dtype)
+            zeros_client(
+                a.client.clone(),
+                a.device.clone(),
+                vec![1; rank].into(),
+                dtype,
+            )
         };
         let state = done.state;
         (
             done.out.unwrap_or_else(|| placeholder(4, call.dtype)),
             done.den.unwrap_or_else(|| placeholder(3, DType::F32)),
-            state.as_ref().map_or_else(|| placeholder(4, DType::F32), |s| s.s.clone()),
-            state.as_ref().map_or_else(|| placeholder(3, DType::F32), |s| s.z.clone()),
+            state
+                .as_ref()
+                .map_or_else(|| placeholder(4, DType::F32), |s| s.s.clone()),
+            state
+                .as_ref()
+                .map_or_else(|| placeholder(3, DType::F32), |s| s.z.clone()),
             state.map_or_else(|| placeholder(3, DType::F32), |s| s.x),
         )
     }
@@ -281,9 +318,14 @@ struct PassInputs {
 
 /// The sizes one pass walks: batch, rows, head dim, value dim, the operands' dtype and
 /// device.
-fn pass_sizes(mode: &LinearMode, inputs: &PassInputs) -> (usize, usize, usize, usize, DType, Device) {
+fn pass_sizes(
+    mode: &LinearMode,
+    inputs: &PassInputs,
+) -> (usize, usize, usize, usize, DType, Device) {
     let rows_of = inputs.a.as_ref().or(inputs.b.as_ref());
-    let any = rows_of.or(inputs.c.as_ref()).expect("a pass has a row operand");
+    let any = rows_of
+        .or(inputs.c.as_ref())
+        .expect("a pass has a row operand");
     let [batch, _, _, _] = any.dims();
     let rows = if mode.reads_rows() {
         inputs.a.as_ref().map(|t| t.dims()[2])
@@ -447,14 +489,19 @@ fn run_one(
 impl LinearCall {
     /// The feature map as the kernel applies it.
     fn map(&self) -> LinearMap {
-        self.feature_map.map_or(LinearMap::Identity, |map| map.kernel_map())
+        self.feature_map
+            .map_or(LinearMap::Identity, |map| map.kernel_map())
     }
 }
 
 /// The mode with the normaliser's scalar (`extra`) where the call normalises.
 fn with_extra(mode: LinearMode, call: &LinearCall, extra: LinearExtra) -> LinearMode {
     LinearMode {
-        extra: if call.normalise { extra } else { LinearExtra::None },
+        extra: if call.normalise {
+            extra
+        } else {
+            LinearExtra::None
+        },
         ..mode
     }
 }
@@ -510,7 +557,8 @@ impl LinearAttentionBackend for Cube {
                 c: Some(v),
                 ..Default::default()
             };
-            let state_mode = LinearMode::state(call.normalise).mapped(call.map(), false, true, false);
+            let state_mode =
+                LinearMode::state(call.normalise).mapped(call.map(), false, true, false);
             let (_, _, state) = run_pass(state_mode, kv_heads, &call, keys);
             let (out, den, _) = run_pass(
                 LinearMode::apply(call.normalise).mapped(call.map(), true, false, false),
@@ -597,8 +645,12 @@ impl LinearAttentionBackend for Cube {
                     state: start,
                 },
             );
-            let dk_mode = reversed(with_extra(LinearMode::causal(false), &call, LinearExtra::Keys))
-                .mapped(call.map(), false, false, true);
+            let dk_mode = reversed(with_extra(
+                LinearMode::causal(false),
+                &call,
+                LinearExtra::Keys,
+            ))
+            .mapped(call.map(), false, false, true);
             let (dk, _, _) = run_pass(
                 dk_mode,
                 heads,

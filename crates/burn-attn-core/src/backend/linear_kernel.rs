@@ -18,8 +18,8 @@ use burn_attn_kernels::plan::{
 };
 
 use super::sparse::cube_caps;
-use crate::feature_map::FeatureMap;
 use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
+use crate::feature_map::FeatureMap;
 use crate::linear::{LinearAttentionState, LinearOptions};
 use crate::shape::AttentionShape;
 use crate::KernelPolicy;
@@ -81,7 +81,12 @@ pub(crate) trait LinearAttentionBackend: Backend {
 
 /// The passes a call runs, forward and backward, each planned on the device: the kernel
 /// serves the call only if it takes every one.
-fn plan_call(shape: &AttentionShape, dtype: DType, call: &LinearCall, caps: &burn_attn_kernels::plan::DeviceCaps) -> Result<(), Unsupported> {
+fn plan_call(
+    shape: &AttentionShape,
+    dtype: DType,
+    call: &LinearCall,
+    caps: &burn_attn_kernels::plan::DeviceCaps,
+) -> Result<(), Unsupported> {
     let precision = match dtype {
         DType::F32 => Precision::F32,
         DType::F16 => Precision::F16,
@@ -121,18 +126,36 @@ fn plan_call(shape: &AttentionShape, dtype: DType, call: &LinearCall, caps: &bur
         };
         vec![
             (sizes(seq_q, d, dv), LinearMode::causal(normalise)),
-            (sizes(seq_q, dv, d), extra(LinearMode::causal(false), LinearExtra::Rows)),
-            (sizes(seq_q, dv, d), reversed(extra(LinearMode::causal(false), LinearExtra::Keys))),
+            (
+                sizes(seq_q, dv, d),
+                extra(LinearMode::causal(false), LinearExtra::Rows),
+            ),
+            (
+                sizes(seq_q, dv, d),
+                reversed(extra(LinearMode::causal(false), LinearExtra::Keys)),
+            ),
             (sizes(seq_q, d, dv), reversed(LinearMode::causal(false))),
         ]
     } else {
         vec![
             (sizes(seq_k, d, dv), LinearMode::state(normalise)),
             (sizes(seq_q, d, dv), LinearMode::apply(normalise)),
-            (sizes(seq_k, dv, d), extra(LinearMode::state(false), LinearExtra::Rows)),
-            (sizes(seq_q, dv, d), extra(LinearMode::apply(false), LinearExtra::Rows)),
-            (sizes(seq_q, dv, d), extra(LinearMode::state(false), LinearExtra::Keys)),
-            (sizes(seq_k, dv, d), extra(LinearMode::apply(false), LinearExtra::Keys)),
+            (
+                sizes(seq_k, dv, d),
+                extra(LinearMode::state(false), LinearExtra::Rows),
+            ),
+            (
+                sizes(seq_q, dv, d),
+                extra(LinearMode::apply(false), LinearExtra::Rows),
+            ),
+            (
+                sizes(seq_q, dv, d),
+                extra(LinearMode::state(false), LinearExtra::Keys),
+            ),
+            (
+                sizes(seq_k, dv, d),
+                extra(LinearMode::apply(false), LinearExtra::Keys),
+            ),
             (sizes(seq_q, d, dv), LinearMode::state(false)),
             (sizes(seq_k, d, dv), LinearMode::apply(false)),
         ]
@@ -248,9 +271,7 @@ impl<E: LinearAttentionBackend> Backward<E, 3> for LinearBackwardStep {
     }
 }
 
-impl<E: LinearAttentionBackend, C: CheckpointStrategy> LinearAttentionBackend
-    for Autodiff<E, C>
-{
+impl<E: LinearAttentionBackend, C: CheckpointStrategy> LinearAttentionBackend for Autodiff<E, C> {
     fn linear_attention_kernel(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

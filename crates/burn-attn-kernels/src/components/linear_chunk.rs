@@ -19,7 +19,13 @@ pub(crate) struct WalkRows {
 #[cube]
 impl WalkRows {
     /// Batch `b`, grid head `h` of `heads` (the tensor's head is `h / (heads / its heads)`).
-    pub fn new<F: Numeric>(src: &Tensor<F>, b: usize, h: usize, heads: usize, rows: usize) -> WalkRows {
+    pub fn new<F: Numeric>(
+        src: &Tensor<F>,
+        b: usize,
+        h: usize,
+        heads: usize,
+        rows: usize,
+    ) -> WalkRows {
         let head = h / (heads / src.shape(1));
         WalkRows {
             base: b * src.stride(0) + head * src.stride(1),
@@ -48,7 +54,11 @@ pub(crate) fn feature_map(x: f32, #[comptime] map: LinearMap, #[comptime] apply:
     }
     if comptime!(apply && map == LinearMap::Softplus) {
         // ln(1 + e^x) = x + ln(1 + e^-x), exact in f32 past x = 20.
-        y = if x > 20.0 { x } else { f32::ln(1.0 + f32::exp(x)) };
+        y = if x > 20.0 {
+            x
+        } else {
+            f32::ln(1.0 + f32::exp(x))
+        };
     }
     y
 }
@@ -81,7 +91,11 @@ pub(crate) fn stage_transposed<F: Float>(
         let t = t0 + r;
         let mut x = F::new(0.0);
         if t < end && col < dim {
-            x = F::cast_from(feature_map(f32::cast_from(src[walk.at(t, col, reverse)]), map, mapped));
+            x = F::cast_from(feature_map(
+                f32::cast_from(src[walk.at(t, col, reverse)]),
+                map,
+                mapped,
+            ));
         }
         smem[col * stride + r] = x;
         idx += units;

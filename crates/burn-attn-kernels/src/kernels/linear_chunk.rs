@@ -102,10 +102,26 @@ pub fn linear_chunk_kernel<F: Float>(
     let c_rows = WalkRows::new::<F>(c, batch, h, heads, rows);
     let extra_head = h / (heads / extra.shape(1));
 
-    let a_len = comptime!(if mode.reads_rows() { tiles.dim_pad * (tiles.chunk + 1) } else { 1 });
-    let b_len = comptime!(if mode.reads_keys() { tiles.dim_pad * (tiles.chunk + 1) } else { 1 });
-    let c_len = comptime!(if mode.reads_keys() { tiles.chunk * tiles.value_block } else { 1 });
-    let p_len = comptime!(if mode.intra { tiles.chunk * (tiles.chunk + 1) } else { 1 });
+    let a_len = comptime!(if mode.reads_rows() {
+        tiles.dim_pad * (tiles.chunk + 1)
+    } else {
+        1
+    });
+    let b_len = comptime!(if mode.reads_keys() {
+        tiles.dim_pad * (tiles.chunk + 1)
+    } else {
+        1
+    });
+    let c_len = comptime!(if mode.reads_keys() {
+        tiles.chunk * tiles.value_block
+    } else {
+        1
+    });
+    let p_len = comptime!(if mode.intra {
+        tiles.chunk * (tiles.chunk + 1)
+    } else {
+        1
+    });
     let mut a_t = Shared::<[F]>::new_slice(a_len);
     let mut b_t = Shared::<[F]>::new_slice(b_len);
     let mut c_s = Shared::<[F]>::new_slice(c_len);
@@ -118,8 +134,20 @@ pub fn linear_chunk_kernel<F: Float>(
     let mut x_s = Shared::<[f32]>::new_slice(bv);
 
     load_state(
-        s_in, z_in, x_in, &mut s_s, &mut z_s, &mut x_s, state_batch, h, heads, v0, dim,
-        value_dim, tiles, mode,
+        s_in,
+        z_in,
+        x_in,
+        &mut s_s,
+        &mut z_s,
+        &mut x_s,
+        state_batch,
+        h,
+        heads,
+        v0,
+        dim,
+        value_dim,
+        tiles,
+        mode,
     );
     sync_cube();
 
@@ -128,14 +156,12 @@ pub fn linear_chunk_kernel<F: Float>(
         // 1. Stage the chunk.
         if comptime!(mode.reads_rows()) {
             stage_transposed::<F>(
-                a, a_rows, &mut a_t, t0, end, dim, chunk, dp, units, reverse, mode.map,
-                mode.map_a,
+                a, a_rows, &mut a_t, t0, end, dim, chunk, dp, units, reverse, mode.map, mode.map_a,
             );
         }
         if comptime!(mode.reads_keys()) {
             stage_transposed::<F>(
-                b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse, mode.map,
-                mode.map_b,
+                b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse, mode.map, mode.map_b,
             );
             stage_value_block::<F>(
                 c, c_rows, &mut c_s, t0, end, v0, value_dim, chunk, bv, units, reverse, mode.map,
@@ -145,7 +171,9 @@ pub fn linear_chunk_kernel<F: Float>(
         // The scalars where a step reads them: the rows' in the rows' steps, the keys' in
         // the key steps.
         if comptime!(mode.reads_scalars()) {
-            stage_row_scalars(extra, batch, extra_head, rows, end, &mut e_s, t0, chunk, reverse);
+            stage_row_scalars(
+                extra, batch, extra_head, rows, end, &mut e_s, t0, chunk, reverse,
+            );
         }
         sync_cube();
 
@@ -153,8 +181,8 @@ pub fn linear_chunk_kernel<F: Float>(
         if comptime!(mode.outputs) {
             let mut o = Array::<f32>::new(comptime!(rq * rv));
             tile_product::<F, f32>(
-                &mut o, &a_t, &s_s, ty, tx, dp, stride, 1usize, bv, 1usize, rq, rt, rv, ct,
-                bv, true,
+                &mut o, &a_t, &s_s, ty, tx, dp, stride, 1usize, bv, 1usize, rq, rt, rv, ct, bv,
+                true,
             );
             if comptime!(mode.intra) {
                 chunk_scores::<F>(&a_t, &b_t, &e_s, &mut p_s, ty, tx, tiles, mode);
@@ -212,7 +240,9 @@ pub fn linear_chunk_kernel<F: Float>(
         // 3. The state takes the chunk (after every read of it above).
         if comptime!(mode.update) {
             sync_cube();
-            update_state::<F>(&b_t, &c_s, &e_s, &mut s_s, &mut z_s, &mut x_s, ty, tx, tiles, mode);
+            update_state::<F>(
+                &b_t, &c_s, &e_s, &mut s_s, &mut z_s, &mut x_s, ty, tx, tiles, mode,
+            );
         }
         sync_cube();
         t0 += chunk;
@@ -220,7 +250,18 @@ pub fn linear_chunk_kernel<F: Float>(
 
     if comptime!(mode.state_out) {
         store_state(
-            s_out, z_out, x_out, &s_s, &z_s, &x_s, state_batch, h, v0, dim, value_dim, tiles,
+            s_out,
+            z_out,
+            x_out,
+            &s_s,
+            &z_s,
+            &x_s,
+            state_batch,
+            h,
+            v0,
+            dim,
+            value_dim,
+            tiles,
             mode,
         );
     }
@@ -426,7 +467,8 @@ fn load_state(
         let mut x = f32::new(0.0);
         if comptime!(mode.state_in && mode.extra != LinearExtra::None) {
             if v0 + tid < value_dim {
-                x = x_in[batch * x_in.stride(0) + hs * x_in.stride(1) + (v0 + tid) * x_in.stride(2)];
+                x = x_in
+                    [batch * x_in.stride(0) + hs * x_in.stride(1) + (v0 + tid) * x_in.stride(2)];
             }
         }
         x_s[tid] = x;

@@ -9,9 +9,7 @@ use super::buffers::alloc_contiguous;
 use super::device::{device_caps, dims4, tensor_span};
 use super::forward::address_type;
 use crate::kernels::linear_chunk_kernel;
-use crate::plan::{
-    plan_linear, LinearMode, LinearPlan, LinearSizes, Precision, Unsupported,
-};
+use crate::plan::{plan_linear, LinearMode, LinearPlan, LinearSizes, Precision, Unsupported};
 use crate::KERNEL_SOURCE;
 
 /// The f32 state of linear attention per (batch, head): `s: [batch, heads, dim, value_dim]`
@@ -77,7 +75,11 @@ pub fn linear_pass(
         )));
     }
     let rows = |t: &Option<CubeTensor>| t.as_ref().map(|t| dims4(t)[2]);
-    let walked = if mode.reads_rows() { rows(&operands.a) } else { rows(&operands.b) };
+    let walked = if mode.reads_rows() {
+        rows(&operands.a)
+    } else {
+        rows(&operands.b)
+    };
     let segments = match (segment_rows, walked) {
         (Some(per), Some(rows)) => rows.div_ceil(per).max(1),
         _ => 1,
@@ -121,7 +123,16 @@ pub fn linear_pass(
     } else {
         sizes.rows.max(1)
     };
-    Ok(launch_pass(&plan, &mode, &sizes, &first, operands, eps, segment_rows, segments))
+    Ok(launch_pass(
+        &plan,
+        &mode,
+        &sizes,
+        &first,
+        operands,
+        eps,
+        segment_rows,
+        segments,
+    ))
 }
 
 /// The sizes a pass reads from its operands, checked against each other.
@@ -143,17 +154,25 @@ impl Shapes {
         let bad = |what: String| Err(Unsupported::Shapes(what));
         let needed = |t: &Option<CubeTensor>, name: &str, used: bool| match (t, used) {
             (Some(t), true) => Ok(Some(dims4(t))),
-            (None, true) => Err(Unsupported::Shapes(format!("the pass needs operand {name}"))),
+            (None, true) => Err(Unsupported::Shapes(format!(
+                "the pass needs operand {name}"
+            ))),
             _ => Ok(None),
         };
         let a = needed(&ops.a, "a", mode.reads_rows())?;
         let b = needed(&ops.b, "b", mode.reads_keys())?;
         let c = needed(&ops.c, "c", mode.reads_keys())?;
         if mode.state_in != ops.state.is_some() {
-            return bad(format!("state given: {}, mode {mode:?}", ops.state.is_some()));
+            return bad(format!(
+                "state given: {}, mode {mode:?}",
+                ops.state.is_some()
+            ));
         }
         if mode.reads_scalars() != ops.extra.is_some() {
-            return bad(format!("scalars given: {}, mode {mode:?}", ops.extra.is_some()));
+            return bad(format!(
+                "scalars given: {}, mode {mode:?}",
+                ops.extra.is_some()
+            ));
         }
         let row_ops = [a, b, c].into_iter().flatten().collect::<Vec<_>>();
         let [batch, _, rows, _] = row_ops[0];
@@ -197,10 +216,17 @@ impl Shapes {
                 || e_shape[2] != rows
                 || e.dtype != DType::F32
             {
-                return bad(format!("scalars {e_shape:?} (f32, [{batch}, heads, {rows}])"));
+                return bad(format!(
+                    "scalars {e_shape:?} (f32, [{batch}, heads, {rows}])"
+                ));
             }
         }
-        let dtype = ops.a.as_ref().or(ops.b.as_ref()).or(ops.c.as_ref()).map(|t| t.dtype);
+        let dtype = ops
+            .a
+            .as_ref()
+            .or(ops.b.as_ref())
+            .or(ops.c.as_ref())
+            .map(|t| t.dtype);
         if [&ops.a, &ops.b, &ops.c]
             .into_iter()
             .flatten()
@@ -208,7 +234,9 @@ impl Shapes {
         {
             return bad("a, b and c need one dtype".into());
         }
-        let mut widest = [batch, heads, rows, dim.max(value_dim)].iter().product::<usize>();
+        let mut widest = [batch, heads, rows, dim.max(value_dim)]
+            .iter()
+            .product::<usize>();
         widest = widest.max(segments * batch * heads * dim * value_dim);
         for t in [&ops.a, &ops.b, &ops.c].into_iter().flatten() {
             widest = widest.max(tensor_span(t));
@@ -243,7 +271,8 @@ fn launch_pass(
         ..
     } = *sizes;
     let dtype = like.dtype;
-    let buffer = |shape: &[usize], dtype: DType| alloc_contiguous(like, Shape::from(shape.to_vec()), dtype);
+    let buffer =
+        |shape: &[usize], dtype: DType| alloc_contiguous(like, Shape::from(shape.to_vec()), dtype);
     // Placeholders of each rank, never read or written by a mode that does not use them.
     let rows4 = || buffer(&[1, 1, 1, 1], dtype);
     let f32_4 = || buffer(&[1, 1, 1, 1], DType::F32);

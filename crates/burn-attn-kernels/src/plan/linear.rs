@@ -207,7 +207,11 @@ impl LinearTiles {
     pub fn shared_bytes(&self, mode: &LinearMode, precision: Precision) -> usize {
         let (c, bv, dp) = (self.chunk, self.value_block, self.dim_pad);
         let e = precision.size();
-        let rows = if mode.reads_rows() { dp * (c + 1) * e } else { 0 };
+        let rows = if mode.reads_rows() {
+            dp * (c + 1) * e
+        } else {
+            0
+        };
         let keys = if mode.reads_keys() {
             dp * (c + 1) * e + c * bv * e
         } else {
@@ -388,9 +392,14 @@ mod tests {
     fn hopper_takes_long_chunks_within_the_shared_budget() {
         let mode = LinearMode::causal(true);
         for precision in [Precision::BF16, Precision::F32] {
-            let plan =
-                plan_linear(&sizes(16384, 128, 128), &mode, precision, &DeviceCaps::hopper(), None)
-                    .unwrap();
+            let plan = plan_linear(
+                &sizes(16384, 128, 128),
+                &mode,
+                precision,
+                &DeviceCaps::hopper(),
+                None,
+            )
+            .unwrap();
             assert!(plan.tiles.shared_bytes(&mode, precision) <= UNIT_SHARED_BUDGET);
             assert_eq!(plan.grid.y, 32);
             assert_eq!(plan.grid.x as usize * plan.tiles.value_block, 128);
@@ -420,7 +429,10 @@ mod tests {
         let plan = plan_linear(&long, &mode, Precision::BF16, &caps, None).unwrap();
         let rows = segment_rows(&long, &plan);
         let cubes = plan.grid.x as usize * plan.grid.y as usize * 16384usize.div_ceil(rows);
-        assert!(rows.is_multiple_of(64) && rows >= MIN_SEGMENT_ROWS, "{rows}");
+        assert!(
+            rows.is_multiple_of(64) && rows >= MIN_SEGMENT_ROWS,
+            "{rows}"
+        );
         assert!(cubes >= LINEAR_TARGET_CUBES, "{cubes} cubes");
         let short = sizes(300, 128, 128);
         let plan = plan_linear(&short, &mode, Precision::BF16, &caps, None).unwrap();

@@ -26,8 +26,8 @@ pub use forward::{
     plan_forward, store_vector, ForwardKernel, ForwardPlan, MmaPlan, UnitPlan, MMA_ROWS_PER_TILE,
 };
 pub use linear::{
-    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearPlan, LinearSizes, LinearTiles,
-    LINEAR_COL_THREADS, LINEAR_ROW_THREADS, LINEAR_TARGET_CUBES,
+    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearPlan, LinearSizes,
+    LinearTiles, LINEAR_COL_THREADS, LINEAR_ROW_THREADS, LINEAR_TARGET_CUBES,
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;
