@@ -267,7 +267,7 @@ pub fn check_linear_training<B: On>(dtype: DType, tol: f64) {
 }
 
 /// Streaming on `B`'s device: a causal call split in two, the second starting from the
-/// first's state, equals the whole call (rows and the final state, which equals `sum_j
+/// first's state, and a one-token step from that state equal the whole call (rows and the final state, which equals `sum_j
 /// k_j^T v_j` and `sum_j k_j`), and training the second call alone gives the whole call's
 /// gradients of its rows' queries, keys and values (the state is a constant).
 pub fn check_linear_streaming<B: On>(tol: f64) {
@@ -315,6 +315,16 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     let streamed = Tensor::cat(vec![first, second], 2);
     let err = max_err(&to_f64(streamed), &to_f64(whole.clone()));
     assert!(err <= tol, "streamed rows differ by {err:e}");
+    // One token's step (the decoding step) from the first call's state.
+    let (step, _) = causal_linear_attention_with(
+        part(&q, split, split + 1),
+        part(&k, split, split + 1),
+        part(&v, split, split + 1),
+        Some(mid.clone()),
+        &opts,
+    );
+    let err = max_err(&to_f64(step), &to_f64(part(&whole, split, split + 1)));
+    assert!(err <= tol, "a one-token step differs by {err:e}");
     let k_full = repeat_kv(k.clone(), case.heads);
     let kv_truth = k_full
         .clone()
