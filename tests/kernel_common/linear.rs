@@ -315,6 +315,10 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     let streamed = Tensor::cat(vec![first, second], 2);
     let err = max_err(&to_f64(streamed), &to_f64(whole.clone()));
     assert!(err <= tol, "streamed rows differ by {err:e}");
+    // The unnormalised form carries the same state.
+    let unnormalised = opts.clone().with_normalise(false);
+    let (_, plain) =
+        causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &unnormalised);
     // One token's step (the decoding step) from the first call's state.
     let (step, _) = causal_linear_attention_with(
         part(&q, split, split + 1),
@@ -334,7 +338,9 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     for (name, got, want) in [
         ("kv", to_f64(last.kv.clone()), to_f64(kv_truth.clone())),
         ("z", to_f64(last.z.clone()), to_f64(z_truth.clone())),
-        ("kv (one call)", to_f64(state.kv), to_f64(kv_truth)),
+        ("kv (one call)", to_f64(state.kv), to_f64(kv_truth.clone())),
+        ("kv (unnormalised)", to_f64(plain.kv), to_f64(kv_truth)),
+        ("z (unnormalised)", to_f64(plain.z), to_f64(z_truth.clone())),
     ] {
         let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
         let err = max_err(&got, &want);

@@ -386,7 +386,8 @@ fn update_state<F: Float>(
         }
     }
     let tid = UNIT_POS_X as usize;
-    if comptime!(mode.normalise) {
+    // z feeds the normaliser, and is part of every state a pass writes.
+    if comptime!(mode.normalise || mode.state_out) {
         let mut d = tid;
         while d < comptime!(tiles.dim_pad) {
             let mut sum = f32::new(0.0);
@@ -455,7 +456,7 @@ fn load_state(
     let mut d = tid;
     while d < comptime!(tiles.dim_pad) {
         let mut x = f32::new(0.0);
-        if comptime!(mode.state_in && mode.normalise) {
+        if comptime!(mode.state_in) {
             if d < dim {
                 x = z_in[batch * z_in.stride(0) + hs * z_in.stride(1) + d * z_in.stride(2)];
             }
@@ -475,7 +476,8 @@ fn load_state(
     }
 }
 
-/// Writes the cube's block of the final state (z from the first value block only).
+/// Writes the cube's block of the final state (z, the same in every value block, from the
+/// first only).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_state(
@@ -509,14 +511,12 @@ fn store_state(
         }
         idx += units;
     }
-    if comptime!(mode.normalise) {
-        if v0 == 0 {
-            let mut d = tid;
-            while d < dim {
-                let at = batch * z_out.stride(0) + h * z_out.stride(1) + d * z_out.stride(2);
-                z_out[at] = z_s[d];
-                d += units;
-            }
+    if v0 == 0 {
+        let mut d = tid;
+        while d < dim {
+            let at = batch * z_out.stride(0) + h * z_out.stride(1) + d * z_out.stride(2);
+            z_out[at] = z_s[d];
+            d += units;
         }
     }
     if comptime!(mode.extra != LinearExtra::None) {
