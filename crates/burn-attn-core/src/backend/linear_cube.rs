@@ -20,11 +20,12 @@ use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube};
 use burn::tensor::{DType, Device, Tensor};
 use burn_attn_kernels::launch::{linear_pass, LinearOperands, LinearState};
 use burn_attn_kernels::plan::{
-    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearSizes, Precision,
+    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearSizes,
 };
 use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
+use super::cube_impl::precision_of;
 use super::linear_kernel::{LinearAttentionBackend, LinearCall};
 use super::sparse::cube_caps;
 use super::{lift, lower};
@@ -359,7 +360,7 @@ fn run_pass(
     let segment = (mode.intra)
         .then(|| {
             let caps = cube_caps(&device)?;
-            let precision = precision(dtype)?;
+            let precision = precision_of(dtype, dtype, dtype).ok()?;
             let sizes = LinearSizes {
                 batch,
                 heads,
@@ -421,16 +422,6 @@ fn run_pass(
         PassState::of(Tensor::zeros([1, 1, 1, 1], (&device, DType::F32)))
     };
     (out, den, state)
-}
-
-/// The kernels' precision of a dtype.
-fn precision(dtype: DType) -> Option<Precision> {
-    match dtype {
-        DType::F32 => Some(Precision::F32),
-        DType::F16 => Some(Precision::F16),
-        DType::BF16 => Some(Precision::BF16),
-        _ => None,
-    }
 }
 
 /// Runs one pass of `mode` with `heads` grid heads, in segments of `segment_rows` where

@@ -14,9 +14,10 @@ use burn::backend::autodiff::{
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
 use burn::tensor::{DType, Tensor};
 use burn_attn_kernels::plan::{
-    plan_linear, LinearExtra, LinearMode, LinearSizes, Precision, RuntimeKind, Unsupported,
+    plan_linear, LinearExtra, LinearMode, LinearSizes, RuntimeKind, Unsupported,
 };
 
+use super::cube_impl::precision_of;
 use super::sparse::cube_caps;
 use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
 use crate::feature_map::FeatureMap;
@@ -83,20 +84,11 @@ pub(crate) trait LinearAttentionBackend: Backend {
 /// serves the call only if it takes every one.
 fn plan_call(
     shape: &AttentionShape,
-    dtype: DType,
+    dtypes: [DType; 3],
     call: &LinearCall,
     caps: &burn_attn_kernels::plan::DeviceCaps,
 ) -> Result<(), Unsupported> {
-    let precision = match dtype {
-        DType::F32 => Precision::F32,
-        DType::F16 => Precision::F16,
-        DType::BF16 => Precision::BF16,
-        other => {
-            return Err(Unsupported::DType {
-                got: format!("{other:?}"),
-            })
-        }
-    };
+    let precision = precision_of(dtypes[0], dtypes[1], dtypes[2])?;
     let AttentionShape {
         batch,
         heads,
@@ -201,7 +193,8 @@ pub(crate) fn linear_kernel_attention(
         feature_map: options.feature_map,
         log: options.log.clone(),
     };
-    plan_call(shape, phi_q.dtype(), &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
+    let dtypes = [phi_q.dtype(), phi_k.dtype(), v.dtype()];
+    plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
     report(
         options.log.as_ref(),
         Dispatch {
