@@ -1,9 +1,11 @@
-//! Linear attention cores: `phi(Q) (phi(K)^T V)` normalised, non-causal and causal.
+//! Linear attention cores: `phi(Q) (phi(K)^T V)`, normalised or not, non-causal and causal.
 //!
-//! They take feature-mapped queries and keys, so any feature map plugs in. The causal form
-//! is chunk-parallel: inside a chunk a masked quadratic product, across chunks an exclusive
-//! prefix sum of per-chunk `phi(K)^T V` states. No host loop over time steps; the same
-//! code with a chunk of one token is the recurrent step.
+//! They take feature-mapped queries and keys, so any feature map plugs in, or raw ones
+//! with a [`FeatureMap`] in the options. On CubeCL devices the chunked kernel serves them
+//! (`backend::linear_kernel`); the tensor ops here are the CPU's implementation and the
+//! fallback. Their causal form is chunk-parallel: inside a chunk a masked quadratic
+//! product, across chunks an exclusive prefix sum of per-chunk `phi(K)^T V` states. No host
+//! loop over time steps; the same code with a chunk of one token is the recurrent step.
 
 use burn::tensor::{Bool, Tensor, TensorCreationOptions};
 
@@ -15,9 +17,10 @@ use crate::shape::{repeat_kv, AttentionShape};
 /// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
 /// which implementation may serve it.
 ///
-/// On CubeCL devices (CUDA, WGPU) the chunked kernel serves the call where it takes it
-/// (see [`Implementation::LinearChunk`](crate::Implementation::LinearChunk)); elsewhere,
-/// and where it declines, the tensor ops do.
+/// On WGPU the chunked kernel serves the call where it takes it (see
+/// [`Implementation::LinearChunk`](crate::Implementation::LinearChunk)); on CUDA it serves
+/// only calls with [`KernelPolicy::Require`] until its CUDA check has run; elsewhere, and
+/// where it declines, the tensor ops do.
 #[derive(Debug, Clone)]
 pub struct LinearOptions {
     /// The feature map to apply to the queries and keys the call takes (fused into the
