@@ -97,6 +97,13 @@ fn quadratic(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, case: &LinearCase) -> Ten
     }
 }
 
+/// Asserts `got` within `tol` times the largest magnitude of `want` (at least 1) of it.
+fn assert_close(got: &[f64], want: &[f64], tol: f64, what: String) {
+    let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+    let err = max_err(got, want);
+    assert!(err <= tol * size, "{what}: error {err:e} of {size:e}");
+}
+
 /// Output and gradients `[out, dq, dk, dv]` of `sum(out * w)`: ours on `device` (the log
 /// records who served), or the quadratic form.
 fn linear_training(
@@ -256,12 +263,7 @@ pub fn check_linear_training<B: On>(dtype: DType, tol: f64) {
             .into_iter()
             .zip(got.iter().zip(&want))
         {
-            let err = max_err(g, t);
-            let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            assert!(
-                err <= tol * size,
-                "{dtype:?} case {at} ({case:?}): {name} error {err:e} of {size:e}"
-            );
+            assert_close(g, t, tol, format!("{dtype:?} case {at} ({case:?}): {name}"));
         }
     }
 }
@@ -342,12 +344,7 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
         ("kv (unnormalised)", to_f64(plain.kv), to_f64(kv_truth)),
         ("z (unnormalised)", to_f64(plain.z), to_f64(z_truth.clone())),
     ] {
-        let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-        let err = max_err(&got, &want);
-        assert!(
-            err <= tol * size,
-            "state {name} differs by {err:e} of {size:e}"
-        );
+        assert_close(&got, &want, tol, format!("state {name}"));
     }
 
     // Training the second call from the first's state: its gradients are the whole call's
@@ -388,12 +385,7 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
         .map(|t| to_f64(rows(t.grad(&grads).expect("gradient"), split, n)))
         .collect();
     for (name, (g, w)) in ["dq", "dk", "dv"].into_iter().zip(got.iter().zip(&want)) {
-        let size = w.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-        let err = max_err(g, w);
-        assert!(
-            err <= tol * size,
-            "streamed training {name} error {err:e} of {size:e}"
-        );
+        assert_close(g, w, tol, format!("streamed training {name}"));
     }
     assert!(log.entries().iter().all(|d| matches!(
         d.served,

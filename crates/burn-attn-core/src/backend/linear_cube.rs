@@ -277,25 +277,33 @@ impl PassState {
 
     /// Summed over each group of `group` consecutive heads.
     fn group_sum(self, group: usize) -> Self {
-        fn sum<const D: usize, const E: usize>(t: Tensor<D>, group: usize) -> Tensor<D> {
-            if group == 1 {
-                return t;
-            }
-            let mut dims = t.dims();
-            dims[1] /= group;
-            let mut split = [0; E];
-            split[0] = dims[0];
-            split[1] = dims[1];
-            split[2] = group;
-            split[3..].copy_from_slice(&dims[2..]);
-            t.reshape(split).sum_dim(2).reshape(dims)
-        }
         Self {
-            s: sum::<4, 5>(self.s, group),
-            z: sum::<3, 4>(self.z, group),
-            x: sum::<3, 4>(self.x, group),
+            s: sum_head_groups::<4, 5>(self.s, group),
+            z: sum_head_groups::<3, 4>(self.z, group),
+            x: sum_head_groups::<3, 4>(self.x, group),
         }
     }
+}
+
+/// `t` (`[batch, heads, ..]`) summed over each group of `group` consecutive heads, in f32,
+/// its dtype kept.
+fn sum_head_groups<const D: usize, const E: usize>(t: Tensor<D>, group: usize) -> Tensor<D> {
+    if group == 1 {
+        return t;
+    }
+    let dtype = t.dtype();
+    let mut dims = t.dims();
+    dims[1] /= group;
+    let mut split = [0; E];
+    split[0] = dims[0];
+    split[1] = dims[1];
+    split[2] = group;
+    split[3..].copy_from_slice(&dims[2..]);
+    t.cast(DType::F32)
+        .reshape(split)
+        .sum_dim(2)
+        .reshape(dims)
+        .cast(dtype)
 }
 
 /// `[segments * batch, rest..]` as `[segments, batch, rest..]`.
@@ -369,7 +377,8 @@ fn run_pass(
                 value_dim,
                 span: 0,
             };
-            let plan = plan_linear(&sizes, &mode, precision, &caps, call.chunk).ok()?;
+            let plan =
+                plan_linear(&sizes, &mode, precision, &caps, call.options.kernel_chunk).ok()?;
             Some(segment_rows(&sizes, &plan)).filter(|&per| per < rows)
         })
         .flatten();
@@ -447,8 +456,8 @@ fn run_one(
     let pass = PassCall {
         mode,
         heads,
-        eps: call.eps,
-        chunk: call.chunk,
+        eps: call.options.eps as f32,
+        chunk: call.options.kernel_chunk,
         batch,
         rows,
         dim,
@@ -480,7 +489,8 @@ fn run_one(
 impl LinearCall {
     /// The feature map as the kernel applies it.
     fn map(&self) -> LinearMap {
-        self.feature_map
+        self.options
+            .feature_map
             .map_or(LinearMap::Identity, |map| map.kernel_map())
     }
 }
@@ -488,7 +498,7 @@ impl LinearCall {
 /// The mode with the normaliser's scalar (`extra`) where the call normalises.
 fn with_extra(mode: LinearMode, call: &LinearCall, extra: LinearExtra) -> LinearMode {
     LinearMode {
-        extra: if call.normalise {
+        extra: if call.options.normalise {
             extra
         } else {
             LinearExtra::None
@@ -531,7 +541,7 @@ impl LinearAttentionBackend for Cube {
             let mode = LinearMode {
                 state_in: call.state_in,
                 state_out: true,
-                ..LinearMode::causal(call.normalise)
+                ..LinearMode::causal(call.options.normalise)
             }
             .mapped(call.map(), true, true, false);
             let inputs = PassInputs {
@@ -549,10 +559,10 @@ impl LinearAttentionBackend for Cube {
                 ..Default::default()
             };
             let state_mode =
-                LinearMode::state(call.normalise).mapped(call.map(), false, true, false);
+                LinearMode::state(call.options.normalise).mapped(call.map(), false, true, false);
             let (_, _, state) = run_pass(state_mode, kv_heads, &call, keys);
             let (out, den, _) = run_pass(
-                LinearMode::apply(call.normalise).mapped(call.map(), true, false, false),
+                LinearMode::apply(call.options.normalise).mapped(call.map(), true, false, false),
                 heads,
                 &call,
                 PassInputs {
@@ -589,7 +599,7 @@ impl LinearAttentionBackend for Cube {
         call: LinearCall,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         report(
-            call.log.as_ref(),
+            call.options.log.as_ref(),
             Dispatch {
                 pass: Pass::Backward,
                 served: Implementation::LinearChunkBackward,
@@ -603,7 +613,7 @@ impl LinearAttentionBackend for Cube {
         let (heads, kv_heads) = (q.dims()[1], k.dims()[1]);
         let group = heads / kv_heads;
         // The gradient of the numerator, and of the divisor (the rows' scalar).
-        let (dn, dd) = if call.normalise {
+        let (dn, dd) = if call.options.normalise {
             let den = lift::<Cube, 3>(den);
             let d_out = d_out.cast(DType::F32);
             let dn = d_out.clone() / den.clone().unsqueeze_dim::<4>(3);
@@ -665,7 +675,11 @@ impl LinearAttentionBackend for Cube {
                     ..Default::default()
                 },
             );
-            (dq, group_sum_rows(dk, group), group_sum_rows(dv, group))
+            (
+                dq,
+                sum_head_groups::<4, 5>(dk, group),
+                sum_head_groups::<4, 5>(dv, group),
+            )
         } else {
             let state = |mode: LinearMode, heads: usize, inputs: PassInputs| {
                 run_pass(mode, heads, &call, inputs).2
@@ -737,7 +751,7 @@ impl LinearAttentionBackend for Cube {
             (dq, dk, dv)
         };
         // Gradients with respect to phi(q), phi(k) to those of the raw q, k.
-        let (dq, dk) = match call.feature_map {
+        let (dq, dk) = match call.options.feature_map {
             Some(map) => {
                 let chain = |grad: Tensor<4>, x: Tensor<4>| {
                     (grad.cast(DType::F32) * map.derivative(x.cast(DType::F32))).cast(dtype)
@@ -752,19 +766,4 @@ impl LinearAttentionBackend for Cube {
             lower::<Cube, 4>(dv),
         )
     }
-}
-
-/// Per-query-head rows `[batch, heads, rows, d]` summed over each group of `group`
-/// consecutive heads (f32 sums, the rows' dtype kept).
-fn group_sum_rows(t: Tensor<4>, group: usize) -> Tensor<4> {
-    if group == 1 {
-        return t;
-    }
-    let [b, h, n, d] = t.dims();
-    let dtype = t.dtype();
-    t.cast(DType::F32)
-        .reshape([b, h / group, group, n, d])
-        .sum_dim(2)
-        .reshape([b, h / group, n, d])
-        .cast(dtype)
 }

@@ -19,27 +19,20 @@ use burn_attn_kernels::plan::{
 
 use super::cube_impl::precision_of;
 use super::sparse::cube_caps;
-use crate::dispatch::{report, Decline, Declines, Dispatch, DispatchLog, Implementation, Pass};
-use crate::feature_map::FeatureMap;
+use crate::dispatch::{report, Decline, Declines, Dispatch, Implementation, Pass};
 use crate::linear::{LinearAttentionState, LinearOptions};
 use crate::shape::AttentionShape;
 use crate::KernelPolicy;
 
-/// The values of one linear-attention call on the kernel.
+/// One linear-attention call on the kernel: its form, whether it starts from a given state,
+/// and the caller's options.
 #[derive(Debug, Clone)]
 pub(crate) struct LinearCall {
     /// Causal (chunked, with a carried state) or not.
     pub causal: bool,
-    /// `out / (den + eps)`, or the unnormalised sum.
-    pub normalise: bool,
-    pub eps: f32,
-    /// The chunk length, where the caller fixes it.
-    pub chunk: Option<usize>,
     /// Whether the causal call starts from a given state.
     pub state_in: bool,
-    /// The feature map the kernel applies to q and k (`None`: they are mapped already).
-    pub feature_map: Option<FeatureMap>,
-    pub log: Option<DispatchLog>,
+    pub options: LinearOptions,
 }
 
 /// Linear attention of feature-mapped operands on the chunked kernel, forward and backward.
@@ -106,7 +99,7 @@ fn plan_call(
         value_dim,
         span: batch * heads * seq_q.max(seq_k) * d.max(dv),
     };
-    let normalise = call.normalise;
+    let normalise = call.options.normalise;
     let extra = |mode: LinearMode, extra: LinearExtra| LinearMode {
         extra: if normalise { extra } else { LinearExtra::None },
         ..mode
@@ -153,7 +146,7 @@ fn plan_call(
         ]
     };
     for (sizes, mode) in passes {
-        plan_linear(&sizes, &mode, precision, caps, call.chunk)?;
+        plan_linear(&sizes, &mode, precision, caps, call.options.kernel_chunk)?;
     }
     Ok(())
 }
@@ -186,12 +179,8 @@ pub(crate) fn linear_kernel_attention(
     }
     let call = LinearCall {
         causal,
-        normalise: options.normalise,
-        eps: options.eps as f32,
-        chunk: options.kernel_chunk,
         state_in: state.is_some(),
-        feature_map: options.feature_map,
-        log: options.log.clone(),
+        options: options.clone(),
     };
     let dtypes = [phi_q.dtype(), phi_k.dtype(), v.dtype()];
     plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;

@@ -113,7 +113,12 @@ pub(crate) fn backward_problem(
     Ok(problem)
 }
 
-fn precision_of(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor) -> Result<Precision, Unsupported> {
+/// The precision of a call whose `q`, `k` and `v` share one float dtype, or why not.
+pub(crate) fn precision_of(
+    q: &CubeTensor,
+    k: &CubeTensor,
+    v: &CubeTensor,
+) -> Result<Precision, Unsupported> {
     let precision = match q.dtype {
         DType::F32 => Some(Precision::F32),
         DType::F16 => Some(Precision::F16),

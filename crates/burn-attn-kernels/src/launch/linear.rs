@@ -6,10 +6,10 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_contiguous;
-use super::device::{device_caps, dims4, tensor_span};
+use super::device::{device_caps, dims4, precision_of, tensor_span};
 use super::forward::address_type;
 use crate::kernels::linear_chunk_kernel;
-use crate::plan::{plan_linear, LinearMode, LinearPlan, LinearSizes, Precision, Unsupported};
+use crate::plan::{plan_linear, LinearMode, LinearPlan, LinearSizes, Unsupported};
 use crate::KERNEL_SOURCE;
 
 /// The f32 state of linear attention per (batch, head): `s: [batch, heads, dim, value_dim]`
@@ -98,16 +98,12 @@ pub fn linear_pass(
         .next()
         .ok_or_else(|| Unsupported::Shapes("a linear pass needs a row operand".into()))?
         .clone();
-    let precision = match first.dtype {
-        DType::F32 => Precision::F32,
-        DType::F16 => Precision::F16,
-        DType::BF16 => Precision::BF16,
-        other => {
-            return Err(Unsupported::DType {
-                got: format!("{other:?}"),
-            })
-        }
-    };
+    // One dtype for the operands the pass reads (an absent one stands as the first).
+    let precision = precision_of(
+        operands.a.as_ref().unwrap_or(&first),
+        operands.b.as_ref().unwrap_or(&first),
+        operands.c.as_ref().unwrap_or(&first),
+    )?;
     let sizes = LinearSizes {
         batch: shapes.batch,
         heads,
@@ -220,19 +216,6 @@ impl Shapes {
                     "scalars {e_shape:?} (f32, [{batch}, heads, {rows}])"
                 ));
             }
-        }
-        let dtype = ops
-            .a
-            .as_ref()
-            .or(ops.b.as_ref())
-            .or(ops.c.as_ref())
-            .map(|t| t.dtype);
-        if [&ops.a, &ops.b, &ops.c]
-            .into_iter()
-            .flatten()
-            .any(|t| Some(t.dtype) != dtype)
-        {
-            return bad("a, b and c need one dtype".into());
         }
         let mut widest = [batch, heads, rows, dim.max(value_dim)]
             .iter()
