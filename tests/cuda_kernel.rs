@@ -219,6 +219,21 @@ mod on_cuda {
         check_linear_training::<Gpu>(DType::F16, 5e-3);
     }
 
+    /// Linear attention in bf16 at head dims 64 and 128 runs on the matrix-unit kernel,
+    /// forward and backward, and matches the quadratic form in f64.
+    #[test]
+    fn cuda_linear_matrix_kernel_matches_the_quadratic_form() {
+        check_linear_cases::<Gpu>(
+            linear_matrix_cases(),
+            DType::BF16,
+            2e-2,
+            [
+                burn_attn_core::Implementation::LinearChunkMma,
+                burn_attn_core::Implementation::LinearChunkMmaBackward,
+            ],
+        );
+    }
+
     /// The block-sparse plan builds with CUDA's device ops as on the CPU.
     #[test]
     fn cuda_block_mask_builds_on_the_device() {

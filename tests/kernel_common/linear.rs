@@ -234,12 +234,87 @@ pub fn linear_cases() -> Vec<LinearCase> {
     ]
 }
 
+/// Cases the matrix-unit kernel takes in bf16 (head dims 64 and 128, value dims a
+/// multiple of 64): causal and not, normalised and not, GQA, lengths chunks do not divide,
+/// one row, a length that runs in segments, feature maps.
+pub fn linear_matrix_cases() -> Vec<LinearCase> {
+    let base = LinearCase {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        seq_q: 77,
+        seq_k: 77,
+        dim: 64,
+        value_dim: 64,
+        causal: true,
+        normalise: true,
+        kernel_chunk: None,
+        feature_map: None,
+    };
+    vec![
+        base,
+        // Segments on a small grid, the state handed from one to the next.
+        LinearCase {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            seq_q: 600,
+            seq_k: 600,
+            dim: 128,
+            value_dim: 128,
+            feature_map: Some(FeatureMap::EluPlusOne),
+            ..base
+        },
+        LinearCase {
+            dim: 128,
+            value_dim: 64,
+            seq_q: 130,
+            seq_k: 130,
+            normalise: false,
+            ..base
+        },
+        LinearCase {
+            causal: false,
+            seq_q: 30,
+            seq_k: 41,
+            value_dim: 128,
+            feature_map: Some(FeatureMap::Relu),
+            ..base
+        },
+        LinearCase {
+            seq_q: 1,
+            seq_k: 1,
+            kv_heads: 1,
+            ..base
+        },
+    ]
+}
+
 /// Training through the linear cores on `B`'s device (fused, with autodiff) runs the
 /// chunked kernel forward and backward (the log says so) and matches autodiff of the
 /// quadratic form in f64 on the CPU within `tol` of the largest value, for every case of
 /// [`linear_cases`] in `dtype` (inputs rounded to it on both sides).
 pub fn check_linear_training<B: On>(dtype: DType, tol: f64) {
-    for (at, case) in linear_cases().into_iter().enumerate() {
+    check_linear_cases::<B>(
+        linear_cases(),
+        dtype,
+        tol,
+        [
+            Implementation::LinearChunk,
+            Implementation::LinearChunkBackward,
+        ],
+    );
+}
+
+/// [`check_linear_training`] for `cases`, served by the implementations `served` (forward,
+/// backward).
+pub fn check_linear_cases<B: On>(
+    cases: Vec<LinearCase>,
+    dtype: DType,
+    tol: f64,
+    served: [Implementation; 2],
+) {
+    for (at, case) in cases.into_iter().enumerate() {
         let x = linear_inputs(&case, 500 + at as u64);
         let x = LinearInputs {
             q: super::rounded(x.q, dtype),
@@ -253,10 +328,7 @@ pub fn check_linear_training<B: On>(dtype: DType, tol: f64) {
         let logged: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
         assert_eq!(
             logged,
-            [
-                (Pass::Forward, Implementation::LinearChunk),
-                (Pass::Backward, Implementation::LinearChunkBackward)
-            ],
+            [(Pass::Forward, served[0]), (Pass::Backward, served[1])],
             "case {at}: {case:?}"
         );
         for (name, (g, t)) in ["out", "dq", "dk", "dv"]

@@ -41,8 +41,13 @@ pub enum Implementation {
     FlashUnitSparseBackward,
     /// The chunked linear-attention kernel (portable; forward).
     LinearChunk,
-    /// The chunked linear-attention kernel's backward passes.
+    /// The chunked linear-attention kernel's backward passes (portable).
     LinearChunkBackward,
+    /// The chunked linear-attention kernel on matrix units (bf16, CUDA sm_80+, head dims 64
+    /// and 128, value dims a multiple of 64; forward).
+    LinearChunkMma,
+    /// The backward passes, all on the matrix-unit kernel.
+    LinearChunkMmaBackward,
     /// The tiled tensor-op implementation (every backend; for linear attention, its
     /// tensor ops).
     Tiled,

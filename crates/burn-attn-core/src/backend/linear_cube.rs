@@ -602,7 +602,11 @@ impl LinearAttentionBackend for Cube {
             call.options.log.as_ref(),
             Dispatch {
                 pass: Pass::Backward,
-                served: Implementation::LinearChunkBackward,
+                served: if call.matrix_backward {
+                    Implementation::LinearChunkMmaBackward
+                } else {
+                    Implementation::LinearChunkBackward
+                },
                 declined: Vec::new(),
             },
         );

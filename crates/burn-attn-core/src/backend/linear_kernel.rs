@@ -32,6 +32,9 @@ pub(crate) struct LinearCall {
     pub causal: bool,
     /// Whether the causal call starts from a given state.
     pub state_in: bool,
+    /// Whether the backward's passes all run on the matrix-unit kernel (what the backward
+    /// reports).
+    pub matrix_backward: bool,
     pub options: LinearOptions,
 }
 
@@ -74,13 +77,14 @@ pub(crate) trait LinearAttentionBackend: Backend {
 }
 
 /// The passes a call runs, forward and backward, each planned on the device: the kernel
-/// serves the call only if it takes every one.
+/// serves the call only if it takes every one. Returns whether the forward's passes, and
+/// the backward's, all run on the matrix-unit kernel.
 fn plan_call(
     shape: &AttentionShape,
     dtypes: [DType; 3],
     call: &LinearCall,
     caps: &burn_attn_kernels::plan::DeviceCaps,
-) -> Result<(), Unsupported> {
+) -> Result<(bool, bool), Unsupported> {
     let precision = precision_of(dtypes[0], dtypes[1], dtypes[2])?;
     let AttentionShape {
         batch,
@@ -145,10 +149,18 @@ fn plan_call(
             (sizes(seq_k, d, dv), LinearMode::apply(false)),
         ]
     };
-    for (sizes, mode) in passes {
-        plan_linear(&sizes, &mode, precision, caps, call.options.kernel_chunk)?;
+    // The forward's passes come first: the causal pass, or the state and apply passes.
+    let forward_passes = if call.causal { 1 } else { 2 };
+    let mut matrix = (true, true);
+    for (at, (sizes, mode)) in passes.into_iter().enumerate() {
+        let plan = plan_linear(&sizes, &mode, precision, caps, call.options.kernel_chunk)?;
+        if at < forward_passes {
+            matrix.0 &= plan.matrix;
+        } else {
+            matrix.1 &= plan.matrix;
+        }
     }
-    Ok(())
+    Ok(matrix)
 }
 
 /// Runs a call on the kernel, or returns why it declines (empty: the device has no
@@ -177,18 +189,25 @@ pub(crate) fn linear_kernel_attention(
             needs: "KernelPolicy::Require on CUDA until the kernel's CUDA check has run",
         })));
     }
-    let call = LinearCall {
+    let mut call = LinearCall {
         causal,
         state_in: state.is_some(),
+        matrix_backward: false,
         options: options.clone(),
     };
     let dtypes = [phi_q.dtype(), phi_k.dtype(), v.dtype()];
-    plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
+    let (matrix_forward, matrix_backward) =
+        plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
+    call.matrix_backward = matrix_backward;
     report(
         options.log.as_ref(),
         Dispatch {
             pass: Pass::Forward,
-            served: Implementation::LinearChunk,
+            served: if matrix_forward {
+                Implementation::LinearChunkMma
+            } else {
+                Implementation::LinearChunk
+            },
             declined: Vec::new(),
         },
     );

@@ -187,6 +187,102 @@ impl<F: Float> PlaneMma<F> {
         }
     }
 
+    /// `acc += A B` for `m_tiles` row tiles of 16 and `n_tiles` (even) column tiles of 8 over
+    /// `k_chunks` chunks of 16, both operands from shared memory: output tile `(mt, nt)` is
+    /// `acc` tile `mt * n_tiles + nt`. `A` starts at element `a0` and is stored `[m][k]`
+    /// (`a_km` off) or `[k][m]` (`a_km` on, read with `ldmatrix.trans`); `B` starts at `b0`
+    /// and is stored `[n][k]` (`b_kn` off) or `[k][n]` (`b_kn` on, read with
+    /// `ldmatrix.trans`). Strides are in elements, rows 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn smem_product(
+        &mut self,
+        a_smem: &[F],
+        a0: usize,
+        b_smem: &[F],
+        b0: usize,
+        acc: &mut Array<Vector<f32, MmaVecAcc>>,
+        #[comptime] a_stride: usize,
+        #[comptime] a_km: bool,
+        #[comptime] b_stride: usize,
+        #[comptime] b_kn: bool,
+        #[comptime] k_chunks: usize,
+        #[comptime] m_tiles: usize,
+        #[comptime] n_tiles: usize,
+    ) {
+        let def = self.def;
+        let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+        let lane = UNIT_POS_PLANE as usize;
+        let ld_block = lane / 8;
+        let ld_row = lane % 8;
+        let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
+        #[unroll]
+        for kc in 0..k_chunks {
+            // A blocks (m 0-7 | 8-15) x (k 0-7 | 8-15), block `ld_block` = m half
+            // `ld_block % 2`, k half `ld_block / 2`.
+            #[unroll]
+            for mt in 0..m_tiles {
+                let a_off = if comptime!(a_km) {
+                    a0 + (kc * 16 + 8 * (ld_block / 2) + ld_row) * a_stride
+                        + mt * 16
+                        + 8 * (ld_block % 2)
+                } else {
+                    a0 + (mt * 16 + ld_row + 8 * (ld_block % 2)) * a_stride
+                        + kc * 16
+                        + 8 * (ld_block / 2)
+                };
+                let a_regs = def.load_matrix::<F, MmaVecA>(
+                    &a_smem[a_off..a_off + 8],
+                    MatrixIdent::A,
+                    4usize,
+                    a_km,
+                );
+                #[unroll]
+                for i in 0..a_vecs {
+                    a_all[mt * a_vecs + i] = a_regs[i];
+                }
+            }
+            #[unroll]
+            for np in 0..comptime!(n_tiles / 2) {
+                // B blocks of the tile pair: (n 0-7 | 8-15) x (k 0-7 | 8-15).
+                let b_off = if comptime!(b_kn) {
+                    b0 + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
+                        + np * 16
+                        + 8 * (ld_block / 2)
+                } else {
+                    b0 + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
+                        + kc * 16
+                        + 8 * (ld_block % 2)
+                };
+                let b_regs = def.load_matrix::<F, MmaVecB>(
+                    &b_smem[b_off..b_off + 8],
+                    MatrixIdent::B,
+                    4usize,
+                    b_kn,
+                );
+                #[unroll]
+                for mt in 0..m_tiles {
+                    #[unroll]
+                    for i in 0..a_vecs {
+                        self.a[i] = a_all[mt * a_vecs + i];
+                    }
+                    mma_pair::<F>(
+                        def,
+                        &self.a,
+                        &b_regs,
+                        acc,
+                        mt * n_tiles + 2 * np,
+                        &mut self.b,
+                        &mut self.c,
+                        b_vecs,
+                        c_vecs,
+                    );
+                }
+            }
+        }
+    }
+
     /// `acc += A B` over `k_chunks` chunks of 16 rows of `B`, for `n_tiles` (even) output
     /// tiles: `A` is the plane's accumulator tiles `src` (tiles `2c` and `2c + 1` form the `A`
     /// fragment of chunk `c`), converted to `F`; `B` is `b_smem` from element `b_row0` as

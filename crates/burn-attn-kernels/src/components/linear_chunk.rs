@@ -1,9 +1,12 @@
 //! The pieces of the chunked linear-attention kernel: where a chunk's rows are in a head
 //! (forward or reversed), their staging into shared memory, the carried f32 state.
 
+// A comptime condition around a runtime one stays two `if`s.
+#![allow(clippy::collapsible_if)]
+
 use cubecl::prelude::*;
 
-use crate::plan::LinearMap;
+use crate::plan::{LinearExtra, LinearMap, LinearMode};
 
 /// The rows of one head of a `[batch, heads, rows, d]` tensor as a pass walks them: row `t`
 /// of the walk is row `t` of the head, or row `rows - 1 - t` when reversed.
@@ -103,8 +106,9 @@ pub(crate) fn stage_transposed<F: Float>(
 }
 
 /// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
-/// `smem[r * width + v] = row t0 + r, column v0 + v` (through `map` where `mapped`), zero
-/// from row `end` and past `value_dim`.
+/// `smem[r * stride + v] = row t0 + r, column v0 + v` (through `map` where `mapped`), zero
+/// from row `end` and past `value_dim`. Unit `tid` of `units` takes every `units`-th
+/// element.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_value_block<F: Float>(
@@ -115,14 +119,16 @@ pub(crate) fn stage_value_block<F: Float>(
     end: usize,
     v0: usize,
     value_dim: usize,
+    tid: usize,
     #[comptime] chunk: usize,
     #[comptime] width: usize,
+    #[comptime] stride: usize,
     #[comptime] units: usize,
     #[comptime] reverse: bool,
     #[comptime] map: LinearMap,
     #[comptime] mapped: bool,
 ) {
-    let mut idx = UNIT_POS_X as usize;
+    let mut idx = tid;
     while idx < comptime!(chunk * width) {
         let r = idx / width;
         let v = idx % width;
@@ -132,13 +138,14 @@ pub(crate) fn stage_value_block<F: Float>(
             let value = f32::cast_from(src[walk.at(t, v0 + v, reverse)]);
             x = F::cast_from(feature_map(value, map, mapped));
         }
-        smem[idx] = x;
+        smem[r * stride + v] = x;
         idx += units;
     }
 }
 
 /// Stages the per-row scalars of rows `t0 .. t0 + chunk` of `src` (`[batch, heads, rows]`,
-/// f32; batch `b`, head `head`; reversed within `rows`): zero from row `end`.
+/// f32; batch `b`, head `head`; reversed within `rows`): zero from row `end`. Units
+/// `tid < chunk` stage one each.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_row_scalars(
@@ -149,10 +156,11 @@ pub(crate) fn stage_row_scalars(
     end: usize,
     smem: &mut [f32],
     t0: usize,
+    tid: usize,
     #[comptime] chunk: usize,
     #[comptime] reverse: bool,
 ) {
-    let r = UNIT_POS_X as usize;
+    let r = tid;
     if r < chunk {
         let t = t0 + r;
         let mut x = f32::new(0.0);
@@ -161,5 +169,133 @@ pub(crate) fn stage_row_scalars(
             x = src[b * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
         }
         smem[r] = x;
+    }
+}
+
+/// The starting vectors of the state: `z` (`dim`, zero-padded to `dim_pad`) and the
+/// scalar's row `x` (the cube's `value_block` columns from `v0`), from `z_in` and `x_in` at
+/// state batch `batch`, head `hs` with `state_in`, else 0. Unit `tid` of `units`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_state_vectors(
+    z_in: &Tensor<f32>,
+    x_in: &Tensor<f32>,
+    z_s: &mut [f32],
+    x_s: &mut [f32],
+    batch: usize,
+    hs: usize,
+    v0: usize,
+    dim: usize,
+    value_dim: usize,
+    tid: usize,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_block: usize,
+    #[comptime] units: usize,
+    #[comptime] mode: LinearMode,
+) {
+    let mut d = tid;
+    while d < dim_pad {
+        let mut x = f32::new(0.0);
+        if comptime!(mode.state_in) {
+            if d < dim {
+                x = z_in[batch * z_in.stride(0) + hs * z_in.stride(1) + d * z_in.stride(2)];
+            }
+        }
+        z_s[d] = x;
+        d += units;
+    }
+    if tid < value_block {
+        let mut x = f32::new(0.0);
+        if comptime!(mode.state_in && mode.extra != LinearExtra::None) {
+            if v0 + tid < value_dim {
+                x = x_in
+                    [batch * x_in.stride(0) + hs * x_in.stride(1) + (v0 + tid) * x_in.stride(2)];
+            }
+        }
+        x_s[tid] = x;
+    }
+}
+
+/// Writes the final state's vectors: `z` (the same in every value block, from the first
+/// only) and the scalar's row `x` (where the mode has a scalar). Unit `tid` of `units`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_state_vectors(
+    z_out: &mut Tensor<f32>,
+    x_out: &mut Tensor<f32>,
+    z_s: &[f32],
+    x_s: &[f32],
+    batch: usize,
+    h: usize,
+    v0: usize,
+    dim: usize,
+    value_dim: usize,
+    tid: usize,
+    #[comptime] value_block: usize,
+    #[comptime] units: usize,
+    #[comptime] mode: LinearMode,
+) {
+    if v0 == 0 {
+        let mut d = tid;
+        while d < dim {
+            let at = batch * z_out.stride(0) + h * z_out.stride(1) + d * z_out.stride(2);
+            z_out[at] = z_s[d];
+            d += units;
+        }
+    }
+    if comptime!(mode.extra != LinearExtra::None) {
+        if tid < value_block && v0 + tid < value_dim {
+            let at = batch * x_out.stride(0) + h * x_out.stride(1) + (v0 + tid) * x_out.stride(2);
+            x_out[at] = x_s[tid];
+        }
+    }
+}
+
+/// The state's vectors take the chunk: `z += sum of the b rows` (where the mode normalises
+/// or writes its state) and `x += sum_j e_j c_j` (the keys' scalars, or 1 per row for the
+/// rows' side) where it has a scalar. `b` row `j`, column `d` is at `j * b_row + d *
+/// b_col`; `c` row `j` at `j * c_row`. Unit `tid` of `units`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn update_state_vectors<F: Float>(
+    b_s: &[F],
+    c_s: &[F],
+    e_s: &[f32],
+    z_s: &mut [f32],
+    x_s: &mut [f32],
+    tid: usize,
+    #[comptime] b_row: usize,
+    #[comptime] b_col: usize,
+    #[comptime] c_row: usize,
+    #[comptime] chunk: usize,
+    #[comptime] dim_pad: usize,
+    #[comptime] value_block: usize,
+    #[comptime] units: usize,
+    #[comptime] mode: LinearMode,
+) {
+    if comptime!(mode.normalise || mode.state_out) {
+        let mut d = tid;
+        while d < dim_pad {
+            let mut sum = f32::new(0.0);
+            for j in 0..chunk {
+                sum += f32::cast_from(b_s[j * b_row + d * b_col]);
+            }
+            z_s[d] += sum;
+            d += units;
+        }
+    }
+    if comptime!(mode.extra != LinearExtra::None) {
+        // Padded rows have c = 0, so a weight of 1 there adds nothing.
+        if tid < value_block {
+            let mut sum = f32::new(0.0);
+            for j in 0..chunk {
+                let mut weight = f32::new(1.0);
+                if comptime!(mode.extra == LinearExtra::Keys) {
+                    weight = e_s[j];
+                }
+                sum += weight * f32::cast_from(c_s[j * c_row + tid]);
+            }
+            x_s[tid] += sum;
+        }
     }
 }

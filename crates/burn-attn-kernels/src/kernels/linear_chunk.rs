@@ -23,7 +23,8 @@
 use cubecl::prelude::*;
 
 use crate::components::linear_chunk::{
-    stage_row_scalars, stage_transposed, stage_value_block, WalkRows,
+    load_state_vectors, stage_row_scalars, stage_transposed, stage_value_block,
+    store_state_vectors, update_state_vectors, WalkRows,
 };
 use crate::components::register_tile::tile_product;
 use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_COL_THREADS, LINEAR_ROW_THREADS};
@@ -164,15 +165,15 @@ pub fn linear_chunk_kernel<F: Float>(
                 b, b_rows, &mut b_t, t0, end, dim, chunk, dp, units, reverse, mode.map, mode.map_b,
             );
             stage_value_block::<F>(
-                c, c_rows, &mut c_s, t0, end, v0, value_dim, chunk, bv, units, reverse, mode.map,
-                mode.map_c,
+                c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, bv, units, reverse,
+                mode.map, mode.map_c,
             );
         }
         // The scalars where a step reads them: the rows' in the rows' steps, the keys' in
         // the key steps.
         if comptime!(mode.reads_scalars()) {
             stage_row_scalars(
-                extra, batch, extra_head, rows, end, &mut e_s, t0, chunk, reverse,
+                extra, batch, extra_head, rows, end, &mut e_s, t0, tid, chunk, reverse,
             );
         }
         sync_cube();
@@ -385,33 +386,22 @@ fn update_state<F: Float>(
             s_s[at] += s[i * rv + j];
         }
     }
-    let tid = UNIT_POS_X as usize;
-    // z feeds the normaliser, and is part of every state a pass writes.
-    if comptime!(mode.normalise || mode.state_out) {
-        let mut d = tid;
-        while d < comptime!(tiles.dim_pad) {
-            let mut sum = f32::new(0.0);
-            for j in 0..chunk {
-                sum += f32::cast_from(b_t[d * stride + j]);
-            }
-            z_s[d] += sum;
-            d += comptime!(LINEAR_ROW_THREADS * LINEAR_COL_THREADS);
-        }
-    }
-    if comptime!(mode.extra != LinearExtra::None) {
-        // Padded rows have c = 0, so a weight of 1 there adds nothing.
-        if tid < bv {
-            let mut sum = f32::new(0.0);
-            for j in 0..chunk {
-                let mut weight = f32::new(1.0);
-                if comptime!(mode.extra == LinearExtra::Keys) {
-                    weight = e_s[j];
-                }
-                sum += weight * f32::cast_from(c_s[j * bv + tid]);
-            }
-            x_s[tid] += sum;
-        }
-    }
+    update_state_vectors::<F>(
+        b_t,
+        c_s,
+        e_s,
+        z_s,
+        x_s,
+        UNIT_POS_X as usize,
+        1usize,
+        stride,
+        bv,
+        chunk,
+        comptime!(tiles.dim_pad),
+        bv,
+        comptime!(LINEAR_ROW_THREADS * LINEAR_COL_THREADS),
+        mode,
+    );
 }
 
 /// The starting state: the given one (`state_in`) or 0, zero in the padding.
@@ -453,27 +443,22 @@ fn load_state(
         s_s[idx] = x;
         idx += units;
     }
-    let mut d = tid;
-    while d < comptime!(tiles.dim_pad) {
-        let mut x = f32::new(0.0);
-        if comptime!(mode.state_in) {
-            if d < dim {
-                x = z_in[batch * z_in.stride(0) + hs * z_in.stride(1) + d * z_in.stride(2)];
-            }
-        }
-        z_s[d] = x;
-        d += units;
-    }
-    if tid < bv {
-        let mut x = f32::new(0.0);
-        if comptime!(mode.state_in && mode.extra != LinearExtra::None) {
-            if v0 + tid < value_dim {
-                x = x_in
-                    [batch * x_in.stride(0) + hs * x_in.stride(1) + (v0 + tid) * x_in.stride(2)];
-            }
-        }
-        x_s[tid] = x;
-    }
+    load_state_vectors(
+        z_in,
+        x_in,
+        z_s,
+        x_s,
+        batch,
+        hs,
+        v0,
+        dim,
+        value_dim,
+        tid,
+        tiles.dim_pad,
+        bv,
+        units,
+        mode,
+    );
 }
 
 /// Writes the cube's block of the final state (z, the same in every value block, from the
@@ -511,18 +496,7 @@ fn store_state(
         }
         idx += units;
     }
-    if v0 == 0 {
-        let mut d = tid;
-        while d < dim {
-            let at = batch * z_out.stride(0) + h * z_out.stride(1) + d * z_out.stride(2);
-            z_out[at] = z_s[d];
-            d += units;
-        }
-    }
-    if comptime!(mode.extra != LinearExtra::None) {
-        if tid < bv && v0 + tid < value_dim {
-            let at = batch * x_out.stride(0) + h * x_out.stride(1) + (v0 + tid) * x_out.stride(2);
-            x_out[at] = x_s[tid];
-        }
-    }
+    store_state_vectors(
+        z_out, x_out, z_s, x_s, batch, h, v0, dim, value_dim, tid, bv, units, mode,
+    );
 }

@@ -8,8 +8,10 @@ use cubecl::prelude::*;
 use super::buffers::alloc_contiguous;
 use super::device::{device_caps, dims4, precision_of, tensor_span};
 use super::forward::address_type;
-use crate::kernels::linear_chunk_kernel;
-use crate::plan::{plan_linear, LinearMode, LinearPlan, LinearSizes, Unsupported};
+use crate::kernels::{linear_chunk_kernel, linear_chunk_mma_kernel};
+use crate::plan::{
+    plan_linear, LinearMode, LinearPlan, LinearSizes, Unsupported, LINEAR_MMA_PLANES,
+};
 use crate::KERNEL_SOURCE;
 
 /// The f32 state of linear attention per (batch, head): `s: [batch, heads, dim, value_dim]`
@@ -277,11 +279,9 @@ fn launch_pass(
         let tensor = |t: Option<CubeTensor>, placeholder: &dyn Fn() -> CubeTensor| {
             t.unwrap_or_else(placeholder).into_tensor_arg()
         };
-        linear_chunk_kernel::launch(
-            &client,
-            CubeCount::Static(plan.grid.x, plan.grid.y, segments as u32),
-            CubeDim::new_1d(plan.tiles.units() as u32),
-            address_type(plan.offsets),
+        // The two kernels take the same operands; the matrix kernel's cube is four planes.
+        let count = CubeCount::Static(plan.grid.x, plan.grid.y, segments as u32);
+        let tensors = [
             tensor(ops.a, &rows4),
             tensor(ops.b, &rows4),
             tensor(ops.c, &rows4),
@@ -294,17 +294,67 @@ fn launch_pass(
             tensor(state_out.as_ref().map(|s| s.s.clone()), &f32_4),
             tensor(state_out.as_ref().map(|s| s.z.clone()), &f32_3),
             tensor(state_out.as_ref().map(|s| s.x.clone()), &f32_3),
-            rows as u32,
-            heads as u32,
-            segment_rows as u32,
-            eps,
-            dim,
-            value_dim,
-            plan.tiles,
-            *mode,
-            KERNEL_SOURCE,
-            dtype_to_elem_type(dtype),
-        );
+        ];
+        let [a, b, c, extra, s_in, z_in, x_in, out_arg, den_arg, s_out, z_out, x_out] = tensors;
+        if plan.matrix {
+            linear_chunk_mma_kernel::launch(
+                &client,
+                count,
+                CubeDim::new_2d(32, LINEAR_MMA_PLANES as u32),
+                address_type(plan.offsets),
+                a,
+                b,
+                c,
+                extra,
+                s_in,
+                z_in,
+                x_in,
+                out_arg,
+                den_arg,
+                s_out,
+                z_out,
+                x_out,
+                rows as u32,
+                heads as u32,
+                segment_rows as u32,
+                eps,
+                dim,
+                value_dim,
+                plan.tiles,
+                *mode,
+                KERNEL_SOURCE,
+                dtype_to_elem_type(dtype),
+            );
+        } else {
+            linear_chunk_kernel::launch(
+                &client,
+                count,
+                CubeDim::new_1d(plan.tiles.units() as u32),
+                address_type(plan.offsets),
+                a,
+                b,
+                c,
+                extra,
+                s_in,
+                z_in,
+                x_in,
+                out_arg,
+                den_arg,
+                s_out,
+                z_out,
+                x_out,
+                rows as u32,
+                heads as u32,
+                segment_rows as u32,
+                eps,
+                dim,
+                value_dim,
+                plan.tiles,
+                *mode,
+                KERNEL_SOURCE,
+                dtype_to_elem_type(dtype),
+            );
+        }
     }
     LinearPassOutput {
         out,

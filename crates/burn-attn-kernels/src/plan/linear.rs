@@ -18,6 +18,13 @@ pub const LINEAR_ROW_THREADS: usize = 8;
 /// Units along a chunk's keys and the value columns of a cube.
 pub const LINEAR_COL_THREADS: usize = 16;
 
+/// Planes of a matrix-unit cube (16 rows of a chunk each, `dim / 4` rows of the state).
+pub const LINEAR_MMA_PLANES: usize = 4;
+
+/// The matrix-unit kernel's chunk and value block.
+const MATRIX_CHUNK: usize = 64;
+const MATRIX_VALUE_BLOCK: usize = 64;
+
 /// Cubes a causal pass should launch at least (four per multiprocessor of an H100-class
 /// device): below it, [`segment_rows`] splits the rows into segments.
 pub const LINEAR_TARGET_CUBES: usize = 512;
@@ -198,9 +205,34 @@ impl LinearTiles {
         (16, 16),
     ];
 
-    /// Units of a cube.
+    /// Units of a cube (the portable kernel's 8 x 16, or the matrix kernel's four planes:
+    /// the same count).
     pub fn units(&self) -> usize {
         LINEAR_ROW_THREADS * LINEAR_COL_THREADS
+    }
+
+    /// The matrix-unit kernel's tiles for head dim `dim`.
+    fn matrix(dim: usize) -> Self {
+        Self {
+            chunk: MATRIX_CHUNK,
+            value_block: MATRIX_VALUE_BLOCK,
+            dim_pad: dim,
+        }
+    }
+
+    /// Shared memory of a matrix-unit cube in bytes, for inputs of `precision`: `a`, `b`
+    /// and `c` rows and the rounded state, each row padded by 8 values, and the f32 vectors.
+    pub fn matrix_shared_bytes(&self, mode: &LinearMode, precision: Precision) -> usize {
+        let (c, bv, dp) = (self.chunk, self.value_block, self.dim_pad);
+        let e = precision.size();
+        let rows = if mode.reads_rows() { c * (dp + 8) } else { 8 };
+        let keys = if mode.reads_keys() {
+            c * (dp + 8) + c * (bv + 8)
+        } else {
+            16
+        };
+        let state = if mode.outputs { dp * (bv + 8) } else { 8 };
+        (rows + keys + state) * e + (c + dp + bv) * 4
     }
 
     /// Shared memory of a cube in bytes, for inputs of `precision`.
@@ -261,6 +293,9 @@ pub struct LinearSizes {
 pub struct LinearPlan {
     /// Tiles.
     pub tiles: LinearTiles,
+    /// Whether the matrix-unit kernel runs the pass (`linear_chunk_mma`), else the portable
+    /// one (`linear_chunk`).
+    pub matrix: bool,
     /// Value blocks along `x`, `batch * heads` along `y`.
     pub grid: Grid,
     /// The kernels' offset width.
@@ -269,6 +304,11 @@ pub struct LinearPlan {
 
 /// Plans one pass of `mode` over `sizes` in `precision` on `caps`, or says why not.
 /// `chunk`, when given, fixes the chunk length (16, 32 or 64).
+///
+/// The matrix-unit kernel takes bf16 passes on devices with bf16 matrix units, head dims
+/// of 64 or 128 and value dims a multiple of 64, in chunks of 64. f16 stays on the
+/// portable kernel: the rows' products read the state rounded to the inputs' type, and a
+/// state summed over a long sequence passes f16's largest value (65504).
 pub fn plan_linear(
     sizes: &LinearSizes,
     mode: &LinearMode,
@@ -317,6 +357,21 @@ pub fn plan_linear(
             runtime: caps.runtime_name,
         });
     };
+    let matrix = LinearTiles::matrix(dim);
+    if precision == Precision::BF16
+        && caps.mma_for(precision)
+        && (dim == 64 || dim == 128)
+        && value_dim.is_multiple_of(MATRIX_VALUE_BLOCK)
+        && chunk.is_none_or(|c| c == MATRIX_CHUNK)
+        && matrix.matrix_shared_bytes(mode, precision) <= caps.shared_memory
+    {
+        return Ok(LinearPlan {
+            tiles: matrix,
+            matrix: true,
+            grid: Grid::new(value_dim, MATRIX_VALUE_BLOCK, batch * heads)?,
+            offsets,
+        });
+    }
     let budget = caps.shared_memory.min(UNIT_SHARED_BUDGET);
     let dim_pad = dim.next_multiple_of(LINEAR_ROW_THREADS);
     let candidates = LinearTiles::CANDIDATES
@@ -353,6 +408,7 @@ pub fn plan_linear(
     let grid = Grid::new(value_dim, tiles.value_block, batch * heads)?;
     Ok(LinearPlan {
         tiles,
+        matrix: false,
         grid,
         offsets,
     })
@@ -391,7 +447,7 @@ mod tests {
     #[test]
     fn hopper_takes_long_chunks_within_the_shared_budget() {
         let mode = LinearMode::causal(true);
-        for precision in [Precision::BF16, Precision::F32] {
+        for precision in [Precision::F16, Precision::F32] {
             let plan = plan_linear(
                 &sizes(16384, 128, 128),
                 &mode,
@@ -404,6 +460,58 @@ mod tests {
             assert_eq!(plan.grid.y, 32);
             assert_eq!(plan.grid.x as usize * plan.tiles.value_block, 128);
         }
+    }
+
+    #[test]
+    fn bf16_on_matrix_units_takes_the_matrix_kernel() {
+        let caps = DeviceCaps::hopper();
+        let backward = LinearMode {
+            reverse: true,
+            extra: LinearExtra::Keys,
+            ..LinearMode::causal(false)
+        };
+        for mode in [LinearMode::causal(true), LinearMode::apply(true), backward] {
+            for (dim, value_dim) in [(128, 128), (64, 192), (128, 64)] {
+                let plan = plan_linear(
+                    &sizes(4096, dim, value_dim),
+                    &mode,
+                    Precision::BF16,
+                    &caps,
+                    None,
+                )
+                .unwrap();
+                assert!(plan.matrix, "{mode:?} {dim} {value_dim}");
+                assert_eq!(plan.tiles, LinearTiles::matrix(dim));
+                assert_eq!(plan.grid.x as usize, value_dim / 64);
+                assert!(plan.tiles.matrix_shared_bytes(&mode, Precision::BF16) < 64 * 1024);
+            }
+        }
+        // f16 and f32, other head dims and value dims, other chunks: the portable kernel.
+        let portable = |dim, value_dim, precision, chunk| {
+            let plan = plan_linear(
+                &sizes(4096, dim, value_dim),
+                &LinearMode::causal(true),
+                precision,
+                &caps,
+                chunk,
+            )
+            .unwrap();
+            !plan.matrix
+        };
+        assert!(portable(128, 128, Precision::F16, None));
+        assert!(portable(128, 128, Precision::F32, None));
+        assert!(portable(96, 128, Precision::BF16, None));
+        assert!(portable(128, 96, Precision::BF16, None));
+        assert!(portable(128, 128, Precision::BF16, Some(32)));
+        let wgpu = DeviceCaps::lavapipe();
+        let plan = plan_linear(
+            &sizes(64, 128, 128),
+            &LinearMode::causal(true),
+            Precision::BF16,
+            &wgpu,
+            None,
+        );
+        assert!(plan.is_ok_and(|p| !p.matrix));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use forward::{
 };
 pub use linear::{
     plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearPlan, LinearSizes,
-    LinearTiles, LINEAR_COL_THREADS, LINEAR_ROW_THREADS, LINEAR_TARGET_CUBES,
+    LinearTiles, LINEAR_COL_THREADS, LINEAR_MMA_PLANES, LINEAR_ROW_THREADS, LINEAR_TARGET_CUBES,
 };
 pub use problem::{span, BandArgs, Grid, Offsets, Precision, Problem, Sizes, MAX_HEAD_DIM};
 pub use schedule::heavy_first;

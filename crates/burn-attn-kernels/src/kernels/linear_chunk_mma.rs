@@ -1,0 +1,430 @@
+//! The chunked linear-attention kernel on matrix units (`mma.sync.m16n8k16`, bf16, CUDA
+//! sm_80+): the same passes as `linear_chunk` (see `plan::linear` for the modes), with
+//! every product on the matrix units.
+//!
+//! One cube of four planes walks the rows of one (batch, head) in chunks of 64, for one
+//! block of 64 value columns. The state `S` (`dim x 64`, f32) lives in the planes'
+//! accumulator registers (each plane its `dim / 4` rows), with a bf16 copy in shared memory
+//! for the products that read it. Per chunk:
+//! 1. stage the chunk's `a`, `b` (row-major) and `c` rows of the value block, each through
+//!    the feature map where the mode maps it, and the per-row scalars;
+//! 2. rows (`outputs`): each plane's 16 rows of `a S`, plus with `intra` the masked scores
+//!    `a b^T` (f32 accumulators, into bf16 `A` fragments) times `c`; normalised by the row's
+//!    `a z` plus its masked score sum plus `eps`;
+//! 3. state (`update`): `S += b^T c` in the registers, then the bf16 copy, `z` and `x`.
+//!
+//! The rows' products read the state rounded to bf16 (the scores are rounded the same way
+//! before they meet `c`); the state itself, `z` and every sum stay f32.
+
+// A comptime condition around a runtime one stays two `if`s: merged, the comptime part
+// would be evaluated at run time.
+#![allow(clippy::collapsible_if)]
+
+use cubecl::cmma::MatrixIdent;
+use cubecl::prelude::*;
+
+use crate::components::fragments::{acc_get, acc_set, MmaVecAcc, PlaneMma};
+use crate::components::linear_chunk::{
+    load_state_vectors, stage_row_scalars, stage_value_block, store_state_vectors,
+    update_state_vectors, WalkRows,
+};
+use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_MMA_PLANES};
+
+/// One pass of chunked linear attention on matrix units (see `plan::linear` for the modes).
+///
+/// Launch with `CubeDim::new_2d(32, 4)` and the grid and operands of
+/// [`linear_chunk_kernel`](super::linear_chunk_kernel); `tiles` has chunks of 64 rows,
+/// value blocks of 64 columns and `dim_pad == dim`, a multiple of 64 (the plan's matrix
+/// tiles), and `value_dim` is a multiple of 64.
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub fn linear_chunk_mma_kernel<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    extra: &Tensor<f32>,
+    s_in: &Tensor<f32>,
+    z_in: &Tensor<f32>,
+    x_in: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    den: &mut Tensor<f32>,
+    s_out: &mut Tensor<f32>,
+    z_out: &mut Tensor<f32>,
+    x_out: &mut Tensor<f32>,
+    rows: u32,
+    heads: u32,
+    segment_rows: u32,
+    eps: f32,
+    #[comptime] dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] tiles: LinearTiles,
+    #[comptime] mode: LinearMode,
+    #[comptime] _source: u64,
+    #[define(F)] _dtype: ElemType,
+) {
+    let mut mma = PlaneMma::<F>::new();
+    let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
+    let c_vecs = mma.def.vectors_per_lane(MatrixIdent::Accumulator);
+
+    let chunk = comptime!(tiles.chunk);
+    let bv = comptime!(tiles.value_block);
+    let dp = comptime!(tiles.dim_pad);
+    let units = comptime!(32 * LINEAR_MMA_PLANES);
+    // Rows padded by 8 values (16 bytes): `ldmatrix`'s eight row addresses hit distinct
+    // banks.
+    let a_stride = comptime!(tiles.dim_pad + 8);
+    let c_stride = comptime!(tiles.value_block + 8);
+    let key_tiles = comptime!(tiles.chunk / 8);
+    let value_tiles = comptime!(tiles.value_block / 8);
+    // Row tiles of the state per plane.
+    let s_tiles = comptime!(tiles.dim_pad / (16 * LINEAR_MMA_PLANES));
+    let has_extra = comptime!(mode.extra != LinearExtra::None);
+    let extra_rows = comptime!(mode.extra == LinearExtra::Rows);
+    let reverse = comptime!(mode.reverse);
+
+    let lane = UNIT_POS_PLANE as usize;
+    let warp = UNIT_POS_Y as usize;
+    let tid = warp * 32 + lane;
+    let g = lane / 4;
+    let q4 = lane % 4;
+    let heads = heads as usize;
+    let rows = rows as usize;
+    let bh = CUBE_POS_Y as usize;
+    let (batch, h) = (bh / heads, bh % heads);
+    let v0 = CUBE_POS_X as usize * bv;
+    // This cube's segment of the rows, and the batch of its state (segment-major).
+    let segment = CUBE_POS_Z as usize;
+    let start = segment * segment_rows as usize;
+    let mut end = start + segment_rows as usize;
+    if end > rows {
+        end = rows;
+    }
+    let state_batch = segment * (CUBE_COUNT_Y as usize / heads) + batch;
+
+    let a_rows = WalkRows::new::<F>(a, batch, h, heads, rows);
+    let b_rows = WalkRows::new::<F>(b, batch, h, heads, rows);
+    let c_rows = WalkRows::new::<F>(c, batch, h, heads, rows);
+    let extra_head = h / (heads / extra.shape(1));
+
+    let a_len = comptime!(if mode.reads_rows() {
+        tiles.chunk * (tiles.dim_pad + 8)
+    } else {
+        8
+    });
+    let b_len = comptime!(if mode.reads_keys() {
+        tiles.chunk * (tiles.dim_pad + 8)
+    } else {
+        8
+    });
+    let c_len = comptime!(if mode.reads_keys() {
+        tiles.chunk * (tiles.value_block + 8)
+    } else {
+        8
+    });
+    let s_len = comptime!(if mode.outputs {
+        tiles.dim_pad * (tiles.value_block + 8)
+    } else {
+        8
+    });
+    let mut a_s = Shared::<[F]>::new_aligned_slice(a_len, 16usize);
+    let mut b_s = Shared::<[F]>::new_aligned_slice(b_len, 16usize);
+    let mut c_s = Shared::<[F]>::new_aligned_slice(c_len, 16usize);
+    // The state rounded for the rows' products, `[dim][value_block]`.
+    let mut s_f = Shared::<[F]>::new_aligned_slice(s_len, 16usize);
+    let mut e_s = Shared::<[f32]>::new_slice(chunk);
+    let mut z_s = Shared::<[f32]>::new_slice(dp);
+    let mut x_s = Shared::<[f32]>::new_slice(bv);
+
+    // The state: this plane's rows `s_row0 ..` of S, in accumulator tiles (s_tile, value
+    // tile).
+    let s_row0 = warp * 16 * s_tiles;
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(s_tiles * value_tiles * c_vecs));
+    let hs = h / (heads / s_in.shape(1));
+    #[unroll]
+    for mt in 0..s_tiles {
+        #[unroll]
+        for nt in 0..value_tiles {
+            #[unroll]
+            for e in 0..4usize {
+                let mut x = f32::new(0.0);
+                if comptime!(mode.state_in) {
+                    let d = s_row0 + mt * 16 + g + 8 * (e / 2);
+                    let v = v0 + nt * 8 + 2 * q4 + e % 2;
+                    x = s_in[state_batch * s_in.stride(0)
+                        + hs * s_in.stride(1)
+                        + d * s_in.stride(2)
+                        + v * s_in.stride(3)];
+                }
+                acc_set(&mut s_acc, mt * value_tiles + nt, e, c_vs, x);
+            }
+        }
+    }
+    if comptime!(mode.outputs) {
+        round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+    }
+    load_state_vectors(
+        z_in,
+        x_in,
+        &mut z_s,
+        &mut x_s,
+        state_batch,
+        hs,
+        v0,
+        dim,
+        value_dim,
+        tid,
+        dp,
+        bv,
+        units,
+        mode,
+    );
+    sync_cube();
+
+    let mut t0 = start;
+    while t0 < end {
+        // 1. Stage the chunk.
+        if comptime!(mode.reads_rows()) {
+            stage_value_block::<F>(
+                a, a_rows, &mut a_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
+                reverse, mode.map, mode.map_a,
+            );
+        }
+        if comptime!(mode.reads_keys()) {
+            stage_value_block::<F>(
+                b, b_rows, &mut b_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
+                reverse, mode.map, mode.map_b,
+            );
+            stage_value_block::<F>(
+                c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, c_stride, units,
+                reverse, mode.map, mode.map_c,
+            );
+        }
+        if comptime!(mode.reads_scalars()) {
+            stage_row_scalars(
+                extra, batch, extra_head, rows, end, &mut e_s, t0, tid, chunk, reverse,
+            );
+        }
+        sync_cube();
+
+        // 2. This plane's 16 rows.
+        if comptime!(mode.outputs) {
+            let r0 = warp * 16;
+            let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(value_tiles * c_vecs));
+            #[unroll]
+            for i in 0..comptime!(value_tiles * c_vecs) {
+                o_acc[i] = Vector::new(f32::new(0.0));
+            }
+            // The masked scores' sums of the lane's rows g and g + 8.
+            let mut score_sum = Array::<f32>::new(2usize);
+            score_sum[0] = f32::new(0.0);
+            score_sum[1] = f32::new(0.0);
+            mma.smem_product(
+                &a_s,
+                r0 * a_stride,
+                &s_f,
+                0usize,
+                &mut o_acc,
+                a_stride,
+                false,
+                c_stride,
+                true,
+                comptime!(tiles.dim_pad / 16),
+                1usize,
+                value_tiles,
+            );
+            if comptime!(mode.intra) {
+                let mut p_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(key_tiles * c_vecs));
+                #[unroll]
+                for i in 0..comptime!(key_tiles * c_vecs) {
+                    p_acc[i] = Vector::new(f32::new(0.0));
+                }
+                mma.smem_product(
+                    &a_s,
+                    r0 * a_stride,
+                    &b_s,
+                    0usize,
+                    &mut p_acc,
+                    a_stride,
+                    false,
+                    a_stride,
+                    false,
+                    comptime!(tiles.dim_pad / 16),
+                    1usize,
+                    key_tiles,
+                );
+                #[unroll]
+                for nt in 0..key_tiles {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let row = r0 + g + 8 * (e / 2);
+                        let key = nt * 8 + 2 * q4 + e % 2;
+                        let mut score = acc_get(&p_acc, nt, e, c_vs);
+                        if comptime!(mode.extra == LinearExtra::Rows) {
+                            score += e_s[row];
+                        }
+                        if comptime!(mode.extra == LinearExtra::Keys) {
+                            score += e_s[key];
+                        }
+                        if key > row {
+                            score = f32::new(0.0);
+                        }
+                        score_sum[e / 2] += score;
+                        acc_set(&mut p_acc, nt, e, c_vs, score);
+                    }
+                }
+                mma.acc_b(
+                    &p_acc,
+                    &c_s,
+                    0usize,
+                    &mut o_acc,
+                    c_stride,
+                    comptime!(tiles.chunk / 16),
+                    value_tiles,
+                );
+            }
+            #[unroll]
+            for half in 0..2usize {
+                let row = r0 + g + 8 * half;
+                let mut divisor = f32::new(1.0);
+                if comptime!(mode.normalise) {
+                    // `a . z` over the quad's four quarters of the head dim, plus the scores.
+                    let quarter = comptime!(tiles.dim_pad / 4);
+                    let mut sum = f32::new(0.0);
+                    for i in 0..quarter {
+                        let d = q4 * quarter + i;
+                        sum += f32::cast_from(a_s[row * a_stride + d]) * z_s[d];
+                    }
+                    sum += score_sum[half];
+                    sum += plane_shuffle_xor(sum, 1);
+                    sum += plane_shuffle_xor(sum, 2);
+                    divisor = sum + eps;
+                }
+                let mut weight = f32::new(0.0);
+                if has_extra {
+                    weight = f32::new(1.0);
+                    if extra_rows {
+                        weight = e_s[row];
+                    }
+                }
+                let t = t0 + row;
+                if t < end {
+                    let at_row = if reverse { rows - 1 - t } else { t };
+                    #[unroll]
+                    for nt in 0..value_tiles {
+                        #[unroll]
+                        for e2 in 0..2usize {
+                            let v = nt * 8 + 2 * q4 + e2;
+                            let mut value = acc_get(&o_acc, nt, half * 2 + e2, c_vs);
+                            if has_extra {
+                                value += weight * x_s[v];
+                            }
+                            let at = batch * out.stride(0)
+                                + h * out.stride(1)
+                                + at_row * out.stride(2)
+                                + (v0 + v) * out.stride(3);
+                            out[at] = F::cast_from(value / divisor);
+                        }
+                    }
+                    if comptime!(mode.normalise) {
+                        if q4 == 0 && v0 == 0 {
+                            let at =
+                                batch * den.stride(0) + h * den.stride(1) + at_row * den.stride(2);
+                            den[at] = divisor;
+                        }
+                    }
+                }
+            }
+        }
+
+        // 3. The state takes the chunk (its rounded copy and vectors after every read).
+        if comptime!(mode.update) {
+            mma.smem_product(
+                &b_s,
+                s_row0,
+                &c_s,
+                0usize,
+                &mut s_acc,
+                a_stride,
+                true,
+                c_stride,
+                true,
+                comptime!(tiles.chunk / 16),
+                s_tiles,
+                value_tiles,
+            );
+            sync_cube();
+            if comptime!(mode.outputs) {
+                round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+            }
+            update_state_vectors::<F>(
+                &b_s, &c_s, &e_s, &mut z_s, &mut x_s, tid, a_stride, 1usize, c_stride, chunk, dp,
+                bv, units, mode,
+            );
+        }
+        sync_cube();
+        t0 += chunk;
+    }
+
+    if comptime!(mode.state_out) {
+        #[unroll]
+        for mt in 0..s_tiles {
+            #[unroll]
+            for nt in 0..value_tiles {
+                #[unroll]
+                for e in 0..4usize {
+                    let d = s_row0 + mt * 16 + g + 8 * (e / 2);
+                    let v = v0 + nt * 8 + 2 * q4 + e % 2;
+                    let at = state_batch * s_out.stride(0)
+                        + h * s_out.stride(1)
+                        + d * s_out.stride(2)
+                        + v * s_out.stride(3);
+                    s_out[at] = acc_get(&s_acc, mt * value_tiles + nt, e, c_vs);
+                }
+            }
+        }
+        store_state_vectors(
+            z_out,
+            x_out,
+            &z_s,
+            &x_s,
+            state_batch,
+            h,
+            v0,
+            dim,
+            value_dim,
+            tid,
+            bv,
+            units,
+            mode,
+        );
+    }
+}
+
+/// Writes this plane's rows of the state, rounded to `F`, into `s_f` (`[dim][value_block]`,
+/// rows padded by 8).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn round_state<F: Float>(
+    s_acc: &Array<Vector<f32, MmaVecAcc>>,
+    s_f: &mut [F],
+    s_row0: usize,
+    g: usize,
+    q4: usize,
+    #[comptime] tiles: LinearTiles,
+    #[comptime] c_vs: usize,
+) {
+    let value_tiles = comptime!(tiles.value_block / 8);
+    let stride = comptime!(tiles.value_block + 8);
+    #[unroll]
+    for mt in 0..comptime!(tiles.dim_pad / (16 * LINEAR_MMA_PLANES)) {
+        #[unroll]
+        for nt in 0..value_tiles {
+            #[unroll]
+            for e in 0..4usize {
+                let d = s_row0 + mt * 16 + g + 8 * (e / 2);
+                let v = nt * 8 + 2 * q4 + e % 2;
+                s_f[d * stride + v] = F::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
+            }
+        }
+    }
+}
