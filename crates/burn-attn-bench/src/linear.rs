@@ -133,6 +133,7 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
         rows.push(row);
     }
     print_growth(&rows);
+    let memory = training_memory(&args, &device);
     let step_ms = streaming_steps(&args, &device)?;
     if let Some(path) = &args.json {
         let json: Vec<_> = rows
@@ -148,6 +149,7 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
             .chain(step_ms.iter().map(
                 |(position, ms)| serde_json::json!({ "streaming_position": position, "ms": ms }),
             ))
+            .chain(memory)
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap())
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -246,6 +248,49 @@ fn fit_slope(points: &[(f64, f64)]) -> Option<f64> {
         (sxy + (x - mx) * (y - my), sxx + (x - mx) * (x - mx))
     });
     (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// One training step's device memory at the longest length, where the backend has a pool
+/// (GPUs): after a pool cleanup with only the inputs (q, k, v and dO, constant-filled)
+/// alive, the step runs with its output and gradients kept, and the pool's reserved bytes
+/// are read (the pool returns no pages during the call, so this bounds the peak from
+/// above). Compared with the tensors the step cannot do without: inputs, output, the
+/// three gradients and the f32 divisor per row it saves.
+fn training_memory(args: &LinearArgs, device: &burn::tensor::Device) -> Option<serde_json::Value> {
+    device.memory_pool_usage()?;
+    let reserved = || device.memory_pool_usage().map_or(0, |u| u.bytes_reserved);
+    let (b, h, d) = (args.batch, args.heads, args.head_dim);
+    let n = args.lengths.iter().copied().max()?;
+    let train = device.clone().autodiff();
+    let fill = |x: f32| Tensor::<4>::full([b, h, n, d], x, &train);
+    let (q, k, v, w) = (fill(0.02), fill(0.01), fill(0.5), fill(1.0));
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let elem = q.dtype().size() as u64;
+    device.sync().ok()?;
+    device.memory_cleanup();
+    let before = reserved();
+    let options = LinearOptions::new().with_kernel(policy(args.backend));
+    let (out, _) = causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);
+    let grads = (out.clone() * w).sum().backward();
+    let kept = (out, q.grad(&grads), k.grad(&grads), v.grad(&grads));
+    device.sync().ok()?;
+    let after = reserved();
+    drop(kept);
+    // q, k, v, dO, the output, three gradients; the f32 divisor per row.
+    let tensors = 8 * (b * h * n * d) as u64 * elem + (b * h * n * 4) as u64;
+    let ratio = after as f64 / tensors as f64;
+    println!(
+        "memory training step b={b} h={h} n={n} d={d} {}: pool {:.1} MiB before, {:.1} MiB \
+         after; inputs, output, gradients and divisor {:.1} MiB; ratio {ratio:.2}",
+        args.dtype.name(),
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        tensors as f64 / 1048576.0,
+    );
+    Some(serde_json::json!({
+        "memory_n": n, "reserved_before": before, "reserved_after": after,
+        "tensor_bytes": tensors, "ratio": ratio,
+    }))
 }
 
 /// One token's streaming step against the state of the shortest and of the longest length's
