@@ -287,11 +287,11 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 let row = r0 + g + 8 * half;
                 let mut divisor = f32::new(1.0);
                 if comptime!(mode.normalise) {
-                    // `a . z` over the quad's four quarters of the head dim, plus the scores.
-                    let quarter = comptime!(tiles.dim_pad / 4);
+                    // `a . z` over the quad's four interleaved quarters of the head dim (the
+                    // quad reads consecutive words), plus the scores.
                     let mut sum = f32::new(0.0);
-                    for i in 0..quarter {
-                        let d = q4 * quarter + i;
+                    for i in 0..comptime!(tiles.dim_pad / 4) {
+                        let d = 4 * i + q4;
                         sum += f32::cast_from(a_s[row * a_stride + d]) * z_s[d];
                     }
                     sum += score_sum[half];
