@@ -108,7 +108,8 @@ pub(crate) fn stage_transposed<F: Float>(
 /// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
 /// `smem[r * stride + v] = row t0 + r, column v0 + v` (through `map` where `mapped`), zero
 /// from row `end` and past `value_dim`. Unit `tid` of `units` takes every `units`-th
-/// element.
+/// element; `unrolled` (where `units` divides `chunk * width`) unrolls the loop, so each
+/// unit's loads are all in flight at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_value_block<F: Float>(
@@ -127,20 +128,65 @@ pub(crate) fn stage_value_block<F: Float>(
     #[comptime] reverse: bool,
     #[comptime] map: LinearMap,
     #[comptime] mapped: bool,
+    #[comptime] unrolled: bool,
 ) {
-    let mut idx = tid;
-    while idx < comptime!(chunk * width) {
-        let r = idx / width;
-        let v = idx % width;
-        let t = t0 + r;
-        let mut x = F::new(0.0);
-        if t < end && v0 + v < value_dim {
-            let value = f32::cast_from(src[walk.at(t, v0 + v, reverse)]);
-            x = F::cast_from(feature_map(value, map, mapped));
+    if comptime!(unrolled) {
+        #[unroll]
+        for i in 0..comptime!(chunk * width / units) {
+            stage_element::<F>(
+                src,
+                walk,
+                smem,
+                tid + i * units,
+                t0,
+                end,
+                v0,
+                value_dim,
+                width,
+                stride,
+                reverse,
+                map,
+                mapped,
+            );
         }
-        smem[r * stride + v] = x;
-        idx += units;
+    } else {
+        let mut idx = tid;
+        while idx < comptime!(chunk * width) {
+            stage_element::<F>(
+                src, walk, smem, idx, t0, end, v0, value_dim, width, stride, reverse, map, mapped,
+            );
+            idx += units;
+        }
     }
+}
+
+/// Element `idx` of [`stage_value_block`]'s block.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_element<F: Float>(
+    src: &Tensor<F>,
+    walk: WalkRows,
+    smem: &mut [F],
+    idx: usize,
+    t0: usize,
+    end: usize,
+    v0: usize,
+    value_dim: usize,
+    #[comptime] width: usize,
+    #[comptime] stride: usize,
+    #[comptime] reverse: bool,
+    #[comptime] map: LinearMap,
+    #[comptime] mapped: bool,
+) {
+    let r = idx / width;
+    let v = idx % width;
+    let t = t0 + r;
+    let mut x = F::new(0.0);
+    if t < end && v0 + v < value_dim {
+        let value = f32::cast_from(src[walk.at(t, v0 + v, reverse)]);
+        x = F::cast_from(feature_map(value, map, mapped));
+    }
+    smem[r * stride + v] = x;
 }
 
 /// Stages the per-row scalars of rows `t0 .. t0 + chunk` of `src` (`[batch, heads, rows]`,

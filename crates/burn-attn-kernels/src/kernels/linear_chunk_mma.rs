@@ -186,17 +186,17 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         if comptime!(mode.reads_rows()) {
             stage_value_block::<F>(
                 a, a_rows, &mut a_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_a,
+                reverse, mode.map, mode.map_a, true,
             );
         }
         if comptime!(mode.reads_keys()) {
             stage_value_block::<F>(
                 b, b_rows, &mut b_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_b,
+                reverse, mode.map, mode.map_b, true,
             );
             stage_value_block::<F>(
                 c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, c_stride, units,
-                reverse, mode.map, mode.map_c,
+                reverse, mode.map, mode.map_c, true,
             );
         }
         if comptime!(mode.reads_scalars()) {
