@@ -403,11 +403,13 @@ pub fn check_linear_streaming<B: On>(tol: f64) {
     );
     let err = max_err(&to_f64(step), &to_f64(part(&whole, split, split + 1)));
     assert!(err <= tol, "a one-token step differs by {err:e}");
-    let k_full = repeat_kv(k.clone(), case.heads);
+    // The state's truth in f64 on the CPU (the device's f32 matmul may run on tf32).
+    let truth = Truth::device();
+    let k_full = repeat_kv(tensor(&x.k, DType::F64, &truth), case.heads);
     let kv_truth = k_full
         .clone()
         .swap_dims(2, 3)
-        .matmul(repeat_kv(v.clone(), case.heads));
+        .matmul(repeat_kv(tensor(&x.v, DType::F64, &truth), case.heads));
     let z_truth = k_full.sum_dim(2).squeeze_dim::<3>(2);
     for (name, got, want) in [
         ("kv", to_f64(last.kv.clone()), to_f64(kv_truth.clone())),

@@ -328,13 +328,7 @@ fn matrix_plan(
         bytes,
         caps.shared_memory,
     )?;
-    // The matrix units split keys only where a forced plan asks, until their CUDA check
-    // has run; the portable forward splits on its own.
-    let unsplit = ForcedPlan {
-        key_splits: Some(forced.key_splits.unwrap_or(1)),
-        ..*forced
-    };
-    let (key_splits, split_keys) = key_splits(problem, &grid, block_q, block_k, &unsplit)?;
+    let (key_splits, split_keys) = key_splits(problem, &grid, block_q, block_k, forced)?;
     Ok(MmaPlan {
         planes: t.planes,
         row_tiles: t.row_tiles,

@@ -392,13 +392,15 @@ fn portable_forwards_split_long_keys_of_few_cubes() {
         &forced(65)
     )
     .is_err());
-    // The matrix-unit forward splits where a forced plan asks (not on its own yet).
+    // The matrix-unit forward splits a decoding step's long keys on its own, and as a
+    // forced plan asks.
     let bf16 = Problem {
         precision: Precision::BF16,
         ..decode(32768)
     };
     let plan = mma(&bf16, &DeviceCaps::hopper(), &ForcedPlan::default()).unwrap();
-    assert_eq!(plan.key_splits, 1);
+    assert!(plan.key_splits > 1, "{plan:?}");
+    assert_eq!(plan.split_keys % plan.block_k, 0);
     let plan = mma(&bf16, &DeviceCaps::hopper(), &forced(4)).unwrap();
     assert_eq!((plan.key_splits, plan.split_keys % plan.block_k), (4, 0));
 }
