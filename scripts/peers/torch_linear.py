@@ -28,7 +28,7 @@ reads it.
 
 Usage:
     python3 scripts/peers/torch_linear.py OUT.json [--dtype bf16|f16] [--lengths N,..]
-        [--calls K] [--repeats R] [--no-fa2]
+        [--calls K] [--repeats R] [--no-fa2] [--fla chunk,fused-chunk]
 """
 
 import argparse
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-fa2", action="store_true", help="skip FlashAttention-2")
+    p.add_argument("--fla", default="chunk,fused-chunk",
+                   help="fla kernels to time, comma-separated (chunk, fused-chunk)")
     return p.parse_args(argv)
 
 
@@ -110,7 +112,8 @@ def main(argv=None):
         do = torch.randn((b, n, h, d), device=device, dtype=dtype)
         peers = []
         if chunk_linear_attn is not None:
-            peers += [("fla-chunk", chunk_linear_attn), ("fla-fused-chunk", fused_chunk_linear_attn)]
+            kernels = {"chunk": chunk_linear_attn, "fused-chunk": fused_chunk_linear_attn}
+            peers += [("fla-" + k, kernels[k]) for k in args.fla.split(",")]
         for kind, op in peers:
             with torch.no_grad():
                 timed(kind, n, lambda: op(q, k, v, normalize=True))

@@ -181,14 +181,6 @@ pub(crate) fn linear_kernel_attention(
     if options.kernel == KernelPolicy::Tiled {
         return Err(decline(Decline::TiledRequested));
     }
-    // On CUDA the kernel serves only calls that require it, until its CUDA grid has run
-    // (it has run on WGPU); other calls keep the tensor ops there.
-    if caps.runtime == RuntimeKind::Cuda && options.kernel != KernelPolicy::Require {
-        return Err(decline(Decline::Kernel(Unsupported::Runtime {
-            got: caps.runtime_name,
-            needs: "KernelPolicy::Require on CUDA until the kernel's CUDA check has run",
-        })));
-    }
     let mut call = LinearCall {
         causal,
         state_in: state.is_some(),
@@ -199,6 +191,16 @@ pub(crate) fn linear_kernel_attention(
     let (matrix_forward, matrix_backward) =
         plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
     call.matrix_backward = matrix_backward;
+    // On CUDA the portable kernel serves only calls that require it, until its CUDA grid
+    // has run (it has run on WGPU; the matrix-unit kernel's has run on CUDA).
+    let portable = !(matrix_forward && matrix_backward);
+    if portable && caps.runtime == RuntimeKind::Cuda && options.kernel != KernelPolicy::Require {
+        return Err(decline(Decline::Kernel(Unsupported::Runtime {
+            got: caps.runtime_name,
+            needs: "KernelPolicy::Require for the portable linear kernel on CUDA until its \
+                    CUDA check has run",
+        })));
+    }
     report(
         options.log.as_ref(),
         Dispatch {

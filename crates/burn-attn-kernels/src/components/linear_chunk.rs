@@ -108,8 +108,8 @@ pub(crate) fn stage_transposed<F: Float>(
 /// Stages rows `t0 .. t0 + chunk`, columns `v0 .. v0 + width` of the walk row-major:
 /// `smem[r * stride + v] = row t0 + r, column v0 + v` (through `map` where `mapped`), zero
 /// from row `end` and past `value_dim`. Unit `tid` of `units` takes every `units`-th
-/// element; `unrolled` (where `units` divides `chunk * width`) unrolls the loop, so each
-/// unit's loads are all in flight at once.
+/// element, `group` of them per loop step (unrolled: their loads are in flight together;
+/// `units * group` must divide `chunk * width`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn stage_value_block<F: Float>(
@@ -128,16 +128,17 @@ pub(crate) fn stage_value_block<F: Float>(
     #[comptime] reverse: bool,
     #[comptime] map: LinearMap,
     #[comptime] mapped: bool,
-    #[comptime] unrolled: bool,
+    #[comptime] group: usize,
 ) {
-    if comptime!(unrolled) {
+    let mut first = tid;
+    while first < comptime!(chunk * width) {
         #[unroll]
-        for i in 0..comptime!(chunk * width / units) {
+        for i in 0..group {
             stage_element::<F>(
                 src,
                 walk,
                 smem,
-                tid + i * units,
+                first + i * units,
                 t0,
                 end,
                 v0,
@@ -149,14 +150,7 @@ pub(crate) fn stage_value_block<F: Float>(
                 mapped,
             );
         }
-    } else {
-        let mut idx = tid;
-        while idx < comptime!(chunk * width) {
-            stage_element::<F>(
-                src, walk, smem, idx, t0, end, v0, value_dim, width, stride, reverse, map, mapped,
-            );
-            idx += units;
-        }
+        first += comptime!(units * group);
     }
 }
 

@@ -166,7 +166,7 @@ pub fn linear_chunk_kernel<F: Float>(
             );
             stage_value_block::<F>(
                 c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, bv, units, reverse,
-                mode.map, mode.map_c, false,
+                mode.map, mode.map_c, 1usize,
             );
         }
         // The scalars where a step reads them: the rows' in the rows' steps, the keys' in

@@ -30,6 +30,10 @@ use crate::components::linear_chunk::{
 };
 use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_MMA_PLANES};
 
+/// Elements each unit stages per loop step (their loads in flight together): more keeps
+/// more registers live beside the state's accumulators, and the kernel spills.
+const STAGE_GROUP: usize = 8;
+
 /// One pass of chunked linear attention on matrix units (see `plan::linear` for the modes).
 ///
 /// Launch with `CubeDim::new_2d(32, 4)` and the grid and operands of
@@ -186,17 +190,17 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         if comptime!(mode.reads_rows()) {
             stage_value_block::<F>(
                 a, a_rows, &mut a_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_a, true,
+                reverse, mode.map, mode.map_a, STAGE_GROUP,
             );
         }
         if comptime!(mode.reads_keys()) {
             stage_value_block::<F>(
                 b, b_rows, &mut b_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_b, true,
+                reverse, mode.map, mode.map_b, STAGE_GROUP,
             );
             stage_value_block::<F>(
                 c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, c_stride, units,
-                reverse, mode.map, mode.map_c, true,
+                reverse, mode.map, mode.map_c, STAGE_GROUP,
             );
         }
         if comptime!(mode.reads_scalars()) {
