@@ -189,18 +189,60 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         // 1. Stage the chunk.
         if comptime!(mode.reads_rows()) {
             stage_value_block::<F>(
-                a, a_rows, &mut a_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_a, STAGE_GROUP,
+                a,
+                a_rows,
+                &mut a_s,
+                t0,
+                end,
+                0usize,
+                dim,
+                tid,
+                chunk,
+                dp,
+                a_stride,
+                units,
+                reverse,
+                mode.map,
+                mode.map_a,
+                STAGE_GROUP,
             );
         }
         if comptime!(mode.reads_keys()) {
             stage_value_block::<F>(
-                b, b_rows, &mut b_s, t0, end, 0usize, dim, tid, chunk, dp, a_stride, units,
-                reverse, mode.map, mode.map_b, STAGE_GROUP,
+                b,
+                b_rows,
+                &mut b_s,
+                t0,
+                end,
+                0usize,
+                dim,
+                tid,
+                chunk,
+                dp,
+                a_stride,
+                units,
+                reverse,
+                mode.map,
+                mode.map_b,
+                STAGE_GROUP,
             );
             stage_value_block::<F>(
-                c, c_rows, &mut c_s, t0, end, v0, value_dim, tid, chunk, bv, c_stride, units,
-                reverse, mode.map, mode.map_c, STAGE_GROUP,
+                c,
+                c_rows,
+                &mut c_s,
+                t0,
+                end,
+                v0,
+                value_dim,
+                tid,
+                chunk,
+                bv,
+                c_stride,
+                units,
+                reverse,
+                mode.map,
+                mode.map_c,
+                STAGE_GROUP,
             );
         }
         if comptime!(mode.reads_scalars()) {
