@@ -324,8 +324,9 @@ mod on_cuda {
     }
 
     /// Every kernel and staging variant once at small shapes (batch 2, GQA, causal and a
-    /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging):
-    /// what `scripts/device/run.sh sanitize` runs under compute-sanitizer.
+    /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging; the
+    /// linear kernels' passes): what `scripts/device/run.sh sanitize` runs under
+    /// compute-sanitizer.
     #[test]
     fn cuda_sanitizer_sweep() {
         let cases = [
@@ -339,6 +340,27 @@ mod on_cuda {
             check_backward_kernel_host::<Gpu>(case, DType::BF16);
             check_backward_kernel::<Gpu>(case, DType::F32);
         }
+        // The linear kernels' passes, forward and backward: the matrix-unit one (bf16) and
+        // the portable one (f32), causal at a length chunks do not divide.
+        let linear = linear_matrix_cases()[..1].to_vec();
+        check_linear_cases::<Gpu>(
+            linear,
+            DType::BF16,
+            2e-2,
+            [
+                burn_attn_core::Implementation::LinearChunkMma,
+                burn_attn_core::Implementation::LinearChunkMmaBackward,
+            ],
+        );
+        check_linear_cases::<Gpu>(
+            linear_cases()[..1].to_vec(),
+            DType::F32,
+            1e-4,
+            [
+                burn_attn_core::Implementation::LinearChunk,
+                burn_attn_core::Implementation::LinearChunkBackward,
+            ],
+        );
     }
 
     /// The NaN rule on the matrix-unit (bf16, f16) and portable (f32) kernels, forward and
