@@ -134,57 +134,15 @@ impl<F: Float> PlaneMma<F> {
         #[comptime] k_chunks: usize,
         #[comptime] n_tiles: usize,
     ) {
-        let def = self.def;
-        let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-        // ldmatrix x4: lane l gives the address of row l % 8 of 8x8 block l / 8.
-        let lane = UNIT_POS_PLANE as usize;
-        let ld_block = lane / 8;
-        let ld_row = lane % 8;
+        let c_vecs = self.def.vectors_per_lane(MatrixIdent::Accumulator);
         #[unroll]
         for i in 0..comptime!(n_tiles * c_vecs) {
             acc[i] = Vector::new(f32::new(0.0));
         }
-        #[unroll]
-        for kc in 0..k_chunks {
-            let a_off =
-                a_row0 + (ld_row + 8 * (ld_block % 2)) * a_stride + kc * 16 + 8 * (ld_block / 2);
-            let a_regs = def.load_matrix::<F, MmaVecA>(
-                &a_smem[a_off..a_off + 8],
-                MatrixIdent::A,
-                4usize,
-                false,
-            );
-            #[unroll]
-            for i in 0..a_vecs {
-                self.a[i] = a_regs[i];
-            }
-            #[unroll]
-            for np in 0..comptime!(n_tiles / 2) {
-                let b_off = b_row0
-                    + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
-                    + kc * 16
-                    + 8 * (ld_block % 2);
-                let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &b_smem[b_off..b_off + 8],
-                    MatrixIdent::B,
-                    4usize,
-                    false,
-                );
-                mma_pair::<F>(
-                    def,
-                    &self.a,
-                    &b_regs,
-                    acc,
-                    2 * np,
-                    &mut self.b,
-                    &mut self.c,
-                    b_vecs,
-                    c_vecs,
-                );
-            }
-        }
+        self.smem_product(
+            a_smem, a_row0, b_smem, b_row0, acc, a_stride, false, b_stride, false, k_chunks,
+            1usize, n_tiles,
+        );
     }
 
     /// `acc += A B` for `m_tiles` row tiles of 16 and `n_tiles` (even) column tiles of 8 over

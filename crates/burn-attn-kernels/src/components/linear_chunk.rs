@@ -45,6 +45,49 @@ impl WalkRows {
     }
 }
 
+/// Where one cube of a pass works (see `linear_chunk_kernel`'s grid): batch `batch`, grid
+/// head `head`, value columns from `v0`, walk rows `start .. end` of its segment, and the
+/// batch of its state in the state tensors (segment-major).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub(crate) struct PassCube {
+    pub batch: usize,
+    pub head: usize,
+    pub v0: usize,
+    pub start: usize,
+    pub end: usize,
+    pub state_batch: usize,
+}
+
+#[cube]
+impl PassCube {
+    /// This cube's, for `rows` rows, `heads` grid heads, segments of `segment_rows` and
+    /// value blocks of `value_block` columns.
+    pub fn new(
+        rows: usize,
+        heads: usize,
+        segment_rows: usize,
+        #[comptime] value_block: usize,
+    ) -> PassCube {
+        let bh = CUBE_POS_Y as usize;
+        let batch = bh / heads;
+        let segment = CUBE_POS_Z as usize;
+        let start = segment * segment_rows;
+        let mut end = start + segment_rows;
+        if end > rows {
+            end = rows;
+        }
+        PassCube {
+            batch,
+            head: bh % heads,
+            v0: CUBE_POS_X as usize * value_block,
+            start,
+            end,
+            state_batch: segment * (CUBE_COUNT_Y as usize / heads) + batch,
+        }
+    }
+}
+
 /// `map` of `x` (the identity where `apply` is off).
 #[cube]
 pub(crate) fn feature_map(x: f32, #[comptime] map: LinearMap, #[comptime] apply: bool) -> f32 {

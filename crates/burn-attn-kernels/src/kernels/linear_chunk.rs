@@ -24,7 +24,7 @@ use cubecl::prelude::*;
 
 use crate::components::linear_chunk::{
     load_state_vectors, stage_row_scalars, stage_transposed, stage_value_block,
-    store_state_vectors, update_state_vectors, WalkRows,
+    store_state_vectors, update_state_vectors, PassCube, WalkRows,
 };
 use crate::components::register_tile::tile_product;
 use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_COL_THREADS, LINEAR_ROW_THREADS};
@@ -86,17 +86,9 @@ pub fn linear_chunk_kernel<F: Float>(
     let tx = tid % ct;
     let heads = heads as usize;
     let rows = rows as usize;
-    let bh = CUBE_POS_Y as usize;
-    let (batch, h) = (bh / heads, bh % heads);
-    let v0 = CUBE_POS_X as usize * bv;
-    // This cube's segment of the rows, and the batch of its state (segment-major).
-    let segment = CUBE_POS_Z as usize;
-    let start = segment * segment_rows as usize;
-    let mut end = start + segment_rows as usize;
-    if end > rows {
-        end = rows;
-    }
-    let state_batch = segment * (CUBE_COUNT_Y as usize / heads) + batch;
+    let cube = PassCube::new(rows, heads, segment_rows as usize, bv);
+    let (batch, h, v0) = (cube.batch, cube.head, cube.v0);
+    let (start, end, state_batch) = (cube.start, cube.end, cube.state_batch);
 
     let a_rows = WalkRows::new::<F>(a, batch, h, heads, rows);
     let b_rows = WalkRows::new::<F>(b, batch, h, heads, rows);
