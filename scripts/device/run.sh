@@ -27,6 +27,9 @@
 #             flash-linear-attention and FlashAttention-2 (scripts/peers/torch_linear.py;
 #             fla's wheels installed or in $WHEELS, see shared/DEVICE.md); LINEAR_ARGS
 #             and LINEAR_PEER_ARGS pass options (`--lengths 4096,16384`)
+#   linear-profile  Nsight Compute on the linear kernels' first launches at n = 16384
+#             (registers, local-memory spills, occupancy, throughput; LINEAR_PROFILE_ARGS
+#             passes bench options)
 #   compare   the comparison tool's CUDA table (bf16, n = 4096 and 16384, 32768 tokens per
 #             length, training steps too: `--train`); COMPARE_ARGS passes options
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
@@ -96,6 +99,14 @@ for step in "$@"; do
         grep -v Warning | tee "$OUT/linear-peers.log"
       timeout 300 "$BIN/burn-attn-bench" linear --backend cuda --dtype bf16 \
         --peers "$OUT/linear-peers.json" --json "$OUT/linear.json" ${LINEAR_ARGS:-} 2>&1 | tee "$OUT/linear.log" ;;
+    linear-profile)
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
+      timeout 300 "$NCU" -k regex:linear_chunk --launch-count 4 --section LaunchStats \
+        --section Occupancy --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        "$BIN/burn-attn-bench" linear --backend cuda --dtype bf16 --lengths 16384 --repeats 1 \
+        --calls 1 --flash-up-to 1 ${LINEAR_PROFILE_ARGS:-} > "$OUT/linear-profile.log" 2>&1
+      grep -E "linear_chunk|Duration|Registers Per|Spilling Requests  |Achieved Occupancy" \
+        "$OUT/linear-profile.log" ;;
     compare)
       timeout 560 "$BIN/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 \
         --lengths 4096,16384 --heads 16 --head-dim 128 --train --no-structured --repeats 5 \
@@ -119,6 +130,6 @@ for step in "$@"; do
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;
-    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode compare durations sanitize)"; exit 2 ;;
+    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile compare durations sanitize)"; exit 2 ;;
   esac
 done
