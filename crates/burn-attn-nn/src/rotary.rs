@@ -29,13 +29,17 @@ pub(crate) fn validate_rotary(theta: Option<f32>, head_dim: usize) -> Result<(),
 /// base `theta`, in `x`'s dtype.
 pub(crate) fn rotate(x: Tensor<4>, start: usize, theta: f32) -> Tensor<4> {
     let [_, _, seq, dim] = x.dims();
-    let rope = RotaryEncodingConfig::new(start + seq, dim)
+    // A table of this call's positions only (`shift` moves its first row to `start`), so a
+    // decoding step at position p costs O(seq * dim), not O(p * dim).
+    let mut rope = RotaryEncodingConfig::new(seq.max(1), dim)
         .with_theta(theta)
         .init(&x.device());
+    if start > 0 {
+        rope.shift(start);
+    }
     // burn-nn's tables take the device's default float type.
     let dtype = x.dtype();
-    rope.apply(x.cast(rope.freq_complex.dtype()), start)
-        .cast(dtype)
+    rope.apply(x.cast(rope.freq_complex.dtype()), 0).cast(dtype)
 }
 
 /// A call's heads with rotary embeddings (where `theta` is set): queries and keys
@@ -49,5 +53,28 @@ pub(crate) fn rotate_heads(heads: Heads, theta: Option<f32>, start: usize) -> He
         q: rotate(heads.q, q_start, theta),
         k: rotate(heads.k, k_start, theta),
         v: heads.v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::cpu;
+    use burn::tensor::Distribution;
+
+    /// Rotating from a late position with a table of the call's positions only equals
+    /// burn-nn's table of every position up to them, bit for bit.
+    #[test]
+    fn a_late_start_equals_the_whole_table() {
+        let x = Tensor::<4>::random([2, 3, 5, 8], Distribution::Normal(0.0, 1.0), &cpu());
+        for start in [0, 3, 7, 1000] {
+            let whole = RotaryEncodingConfig::new(start + 5, 8)
+                .with_theta(100.0)
+                .init(&cpu())
+                .apply(x.clone(), start);
+            let got = rotate(x.clone(), start, 100.0);
+            let differ = whole.not_equal(got).int().sum().into_scalar::<i64>();
+            assert_eq!(differ, 0, "start {start}: {differ} elements differ");
+        }
     }
 }
