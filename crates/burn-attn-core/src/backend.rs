@@ -367,3 +367,7 @@ pub(crate) mod linear_kernel;
 #[cfg(feature = "cube")]
 #[path = "backend/linear_cube.rs"]
 mod linear_cube;
+
+#[cfg(feature = "cube")]
+#[path = "backend/linear_passes.rs"]
+mod linear_passes;

@@ -19,9 +19,7 @@ use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Cube};
 use burn::tensor::{DType, Device, Tensor};
 use burn_attn_kernels::launch::{linear_pass, LinearOperands, LinearState};
-use burn_attn_kernels::plan::{
-    plan_linear, segment_rows, LinearExtra, LinearMap, LinearMode, LinearSizes,
-};
+use burn_attn_kernels::plan::{plan_linear, segment_rows, LinearMode, LinearSizes};
 use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeBackend};
 
@@ -486,34 +484,6 @@ fn run_one(
     )
 }
 
-impl LinearCall {
-    /// The feature map as the kernel applies it.
-    fn map(&self) -> LinearMap {
-        self.options
-            .feature_map
-            .map_or(LinearMap::Identity, |map| map.kernel_map())
-    }
-}
-
-/// The mode with the normaliser's scalar (`extra`) where the call normalises.
-fn with_extra(mode: LinearMode, call: &LinearCall, extra: LinearExtra) -> LinearMode {
-    LinearMode {
-        extra: if call.options.normalise {
-            extra
-        } else {
-            LinearExtra::None
-        },
-        ..mode
-    }
-}
-
-fn reversed(mode: LinearMode) -> LinearMode {
-    LinearMode {
-        reverse: true,
-        ..mode
-    }
-}
-
 impl LinearAttentionBackend for Cube {
     fn linear_attention_kernel(
         q: FloatTensor<Self>,
@@ -538,12 +508,7 @@ impl LinearAttentionBackend for Cube {
                     ..PassState::of(s)
                 }
             });
-            let mode = LinearMode {
-                state_in: call.state_in,
-                state_out: true,
-                ..LinearMode::causal(call.options.normalise)
-            }
-            .mapped(call.map(), true, true, false);
+            let mode = call.causal_passes().forward;
             let inputs = PassInputs {
                 a: Some(q),
                 b: Some(k),
@@ -558,11 +523,10 @@ impl LinearAttentionBackend for Cube {
                 c: Some(v),
                 ..Default::default()
             };
-            let state_mode =
-                LinearMode::state(call.options.normalise).mapped(call.map(), false, true, false);
-            let (_, _, state) = run_pass(state_mode, kv_heads, &call, keys);
+            let passes = call.full_passes();
+            let (_, _, state) = run_pass(passes.state, kv_heads, &call, keys);
             let (out, den, _) = run_pass(
-                LinearMode::apply(call.options.normalise).mapped(call.map(), true, false, false),
+                passes.apply,
                 heads,
                 &call,
                 PassInputs {
@@ -633,13 +597,9 @@ impl LinearAttentionBackend for Cube {
                 x: lift::<Cube, 3>(z0),
                 ..PassState::of(lift::<Cube, 4>(s0).swap_dims(2, 3))
             });
-            let dq_mode = LinearMode {
-                state_in: call.state_in,
-                ..with_extra(LinearMode::causal(false), &call, LinearExtra::Rows)
-            }
-            .mapped(call.map(), false, false, true);
+            let passes = call.causal_passes();
             let (dq, _, _) = run_pass(
-                dq_mode,
+                passes.dq,
                 heads,
                 &call,
                 PassInputs {
@@ -650,14 +610,8 @@ impl LinearAttentionBackend for Cube {
                     state: start,
                 },
             );
-            let dk_mode = reversed(with_extra(
-                LinearMode::causal(false),
-                &call,
-                LinearExtra::Keys,
-            ))
-            .mapped(call.map(), false, false, true);
             let (dk, _, _) = run_pass(
-                dk_mode,
+                passes.dk,
                 heads,
                 &call,
                 PassInputs {
@@ -669,7 +623,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let (dv, _, _) = run_pass(
-                reversed(LinearMode::causal(false)).mapped(call.map(), true, true, false),
+                passes.dv,
                 heads,
                 &call,
                 PassInputs {
@@ -691,11 +645,10 @@ impl LinearAttentionBackend for Cube {
             let apply = |mode: LinearMode, heads: usize, inputs: PassInputs| {
                 run_pass(mode, heads, &call, inputs).0
             };
-            let rows_mode = |m: LinearMode| with_extra(m, &call, LinearExtra::Rows);
-            let keys_mode = |m: LinearMode| with_extra(m, &call, LinearExtra::Keys);
+            let passes = call.full_passes();
             // dQ from sum_j v_j^T k_j (and sum_j k_j for the divisor's scalar).
             let s_vk = state(
-                rows_mode(LinearMode::state(false)).mapped(call.map(), false, false, true),
+                passes.dq_state,
                 kv_heads,
                 PassInputs {
                     b: Some(v.clone()),
@@ -704,7 +657,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let dq = apply(
-                rows_mode(LinearMode::apply(false)),
+                passes.dq_apply,
                 heads,
                 PassInputs {
                     a: Some(dn.clone()),
@@ -715,7 +668,7 @@ impl LinearAttentionBackend for Cube {
             );
             // dK from sum_i dn_i^T q_i (and sum_i dd_i q_i), summed over each group.
             let s_dq = state(
-                keys_mode(LinearMode::state(false)).mapped(call.map(), false, false, true),
+                passes.dk_state,
                 heads,
                 PassInputs {
                     b: Some(dn.clone()),
@@ -725,7 +678,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let dk = apply(
-                keys_mode(LinearMode::apply(false)),
+                passes.dk_apply,
                 kv_heads,
                 PassInputs {
                     a: Some(v),
@@ -735,7 +688,7 @@ impl LinearAttentionBackend for Cube {
             );
             // dV from sum_i q_i^T dn_i, summed over each group.
             let s_qd = state(
-                LinearMode::state(false).mapped(call.map(), false, true, false),
+                passes.dv_state,
                 heads,
                 PassInputs {
                     b: Some(q),
@@ -744,7 +697,7 @@ impl LinearAttentionBackend for Cube {
                 },
             );
             let dv = apply(
-                LinearMode::apply(false).mapped(call.map(), true, false, false),
+                passes.dv_apply,
                 kv_heads,
                 PassInputs {
                     a: Some(k),

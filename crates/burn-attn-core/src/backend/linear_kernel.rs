@@ -13,11 +13,10 @@ use burn::backend::autodiff::{
 };
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
 use burn::tensor::{DType, Tensor};
-use burn_attn_kernels::plan::{
-    plan_linear, LinearExtra, LinearMode, LinearSizes, RuntimeKind, Unsupported,
-};
+use burn_attn_kernels::plan::{plan_linear, RuntimeKind, Unsupported};
 
 use super::cube_impl::precision_of;
+use super::linear_passes::Direction;
 use super::sparse::cube_caps;
 use crate::dispatch::{report, Decline, Declines, Dispatch, Implementation, Pass};
 use crate::linear::{LinearAttentionState, LinearOptions};
@@ -86,81 +85,15 @@ fn plan_call(
     caps: &burn_attn_kernels::plan::DeviceCaps,
 ) -> Result<(bool, bool), Unsupported> {
     let precision = precision_of(dtypes[0], dtypes[1], dtypes[2])?;
-    let AttentionShape {
-        batch,
-        heads,
-        seq_q,
-        seq_k,
-        head_dim: d,
-        value_dim: dv,
-        ..
-    } = *shape;
-    let sizes = |rows: usize, dim: usize, value_dim: usize| LinearSizes {
-        batch,
-        heads,
-        rows,
-        dim,
-        value_dim,
-        span: batch * heads * seq_q.max(seq_k) * d.max(dv),
-    };
-    let normalise = call.options.normalise;
-    let extra = |mode: LinearMode, extra: LinearExtra| LinearMode {
-        extra: if normalise { extra } else { LinearExtra::None },
-        ..mode
-    };
-    let passes: Vec<(LinearSizes, LinearMode)> = if call.causal {
-        let reversed = |mode: LinearMode| LinearMode {
-            reverse: true,
-            ..mode
-        };
-        vec![
-            (sizes(seq_q, d, dv), LinearMode::causal(normalise)),
-            (
-                sizes(seq_q, dv, d),
-                extra(LinearMode::causal(false), LinearExtra::Rows),
-            ),
-            (
-                sizes(seq_q, dv, d),
-                reversed(extra(LinearMode::causal(false), LinearExtra::Keys)),
-            ),
-            (sizes(seq_q, d, dv), reversed(LinearMode::causal(false))),
-        ]
-    } else {
-        vec![
-            (sizes(seq_k, d, dv), LinearMode::state(normalise)),
-            (sizes(seq_q, d, dv), LinearMode::apply(normalise)),
-            (
-                sizes(seq_k, dv, d),
-                extra(LinearMode::state(false), LinearExtra::Rows),
-            ),
-            (
-                sizes(seq_q, dv, d),
-                extra(LinearMode::apply(false), LinearExtra::Rows),
-            ),
-            (
-                sizes(seq_q, dv, d),
-                extra(LinearMode::state(false), LinearExtra::Keys),
-            ),
-            (
-                sizes(seq_k, dv, d),
-                extra(LinearMode::apply(false), LinearExtra::Keys),
-            ),
-            (sizes(seq_q, d, dv), LinearMode::state(false)),
-            (sizes(seq_k, d, dv), LinearMode::apply(false)),
-        ]
-    };
-    // The forward's passes come first: the causal pass, or the state and apply passes.
-    let forward_passes = if call.causal { 1 } else { 2 };
-    let mut matrix = (true, true);
-    for (at, (sizes, mode)) in passes.into_iter().enumerate() {
+    let (mut forward, mut backward) = (true, true);
+    for (direction, sizes, mode) in call.planned_passes(shape) {
         let plan = plan_linear(&sizes, &mode, precision, caps, call.options.kernel_chunk)?;
-        if at < forward_passes {
-            matrix.0 &= plan.matrix;
-        } else {
-            matrix.1 &= plan.matrix;
+        match direction {
+            Direction::Forward => forward &= plan.matrix,
+            Direction::Backward => backward &= plan.matrix,
         }
     }
-    Ok(matrix)
+    Ok((forward, backward))
 }
 
 /// Runs a call on the kernel, or returns why it declines (empty: the device has no
