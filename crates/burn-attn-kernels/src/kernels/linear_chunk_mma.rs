@@ -37,9 +37,9 @@ const STAGE_GROUP: usize = 8;
 /// One pass of chunked linear attention on matrix units (see `plan::linear` for the modes).
 ///
 /// Launch with `CubeDim::new_2d(32, 4)` and the grid and operands of
-/// [`linear_chunk_kernel`](crate::kernels::linear_chunk_kernel()); `tiles` has chunks of 64 rows,
-/// value blocks of 64 columns and `dim_pad == dim`, a multiple of 64 (the plan's matrix
-/// tiles), and `value_dim` is a multiple of 64.
+/// [`linear_chunk_kernel`](crate::kernels::linear_chunk_kernel()); `tiles` has chunks of
+/// 64 rows, value blocks of 64 columns and `dim_pad == dim`, a multiple of 64 (the plan's
+/// matrix tiles), and `value_dim` is a multiple of 64.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_chunk_mma_kernel<F: Float>(
