@@ -68,10 +68,12 @@ pub struct LinearArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-/// The times of one length: ours forward and training step, our flash's, and who served.
+/// The times of one length: ours forward and training step (and their first calls, with
+/// any kernel compilation), our flash's, and who served.
 struct Row {
     n: usize,
     linear: (f64, f64),
+    first: (f64, f64),
     flash: Option<(f64, f64)>,
     served: String,
 }
@@ -101,16 +103,20 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
         let options = LinearOptions::new()
             .with_log(log.clone())
             .with_kernel(policy(args.backend));
-        let forward = median_ms(&device, args.repeats, args.calls, || {
+        let mut forward_call = || {
             let _ = causal_linear_attention_with(q.clone(), k.clone(), v.clone(), None, &options);
-        });
+        };
+        let first_forward = first_call_ms(&device, &mut forward_call);
+        let forward = median_ms(&device, args.repeats, args.calls, forward_call);
         let (tq, tk, tv, d_out) = make(&train);
         let (tq, tk, tv) = (tq.require_grad(), tk.require_grad(), tv.require_grad());
-        let step = median_ms(&train, args.repeats, args.calls, || {
+        let mut step_call = || {
             let (out, _) =
                 causal_linear_attention_with(tq.clone(), tk.clone(), tv.clone(), None, &options);
             let _ = (out * d_out.clone()).sum().backward();
-        });
+        };
+        let first_step = first_call_ms(&train, &mut step_call);
+        let step = median_ms(&train, args.repeats, args.calls, step_call);
         let served = served(&log);
         let flash = (n <= args.flash_up_to).then(|| {
             let options = AttentionOptions::new().with_causal(true);
@@ -126,6 +132,7 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
         let row = Row {
             n,
             linear: (forward, step),
+            first: (first_forward, first_step),
             flash,
             served,
         };
@@ -142,6 +149,7 @@ pub fn linear(args: LinearArgs) -> Result<(), String> {
                 serde_json::json!({
                     "b": b, "h": h, "d": d, "n": r.n, "dtype": args.dtype.name(),
                     "linear_ms": r.linear.0, "linear_step_ms": r.linear.1,
+                    "first_ms": r.first.0, "first_step_ms": r.first.1,
                     "flash_ms": r.flash.map(|f| f.0), "flash_step_ms": r.flash.map(|f| f.1),
                     "served": r.served,
                 })
@@ -167,6 +175,15 @@ fn policy(backend: BackendKind) -> KernelPolicy {
     }
 }
 
+/// One call of `f`, synced: its time in ms (the first call of a shape includes compiling
+/// its kernels).
+fn first_call_ms(device: &burn::tensor::Device, f: &mut impl FnMut()) -> f64 {
+    let start = std::time::Instant::now();
+    f();
+    device.sync().ok();
+    start.elapsed().as_secs_f64() * 1e3
+}
+
 /// The implementations the log recorded, forward then backward.
 fn served(log: &DispatchLog) -> String {
     let last = |pass| {
@@ -180,8 +197,9 @@ fn served(log: &DispatchLog) -> String {
 fn print_row(row: &Row, args: &LinearArgs, peers: Option<&[PeerRecord]>) {
     let (b, h, d, n) = (args.batch, args.heads, args.head_dim, row.n);
     let mut line = format!(
-        "causal linear b={b} h={h} d={d} n={n:<6} forward {:>9.3} ms, training step {:>9.3} ms [{}]",
-        row.linear.0, row.linear.1, row.served
+        "causal linear b={b} h={h} d={d} n={n:<6} forward {:>9.3} ms, training step {:>9.3} ms \
+         (first calls {:.0} / {:.0} ms) [{}]",
+        row.linear.0, row.linear.1, row.first.0, row.first.1, row.served
     );
     if let Some((forward, step)) = row.flash {
         line += &format!(
