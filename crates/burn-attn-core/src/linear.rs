@@ -245,10 +245,7 @@ pub fn linear_attention_with(
         options.log.as_ref(),
         declined,
         || {
-            let (phi_q, phi_k) = match options.feature_map {
-                Some(map) => (map.apply(phi_q), map.apply(phi_k)),
-                None => (phi_q, phi_k),
-            };
+            let (phi_q, phi_k) = mapped(options.feature_map, phi_q, phi_k);
             let phi_k = repeat_kv(phi_k, shape.heads);
             let v = repeat_kv(v, shape.heads);
             let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
@@ -371,10 +368,7 @@ pub fn causal_linear_attention_with(
         options.log.as_ref(),
         declined,
         || {
-            let (phi_q, phi_k) = match options.feature_map {
-                Some(map) => (map.apply(phi_q), map.apply(phi_k)),
-                None => (phi_q, phi_k),
-            };
+            let (phi_q, phi_k) = mapped(options.feature_map, phi_q, phi_k);
             chunked_tensor_ops(phi_q, phi_k, v, state, &shape, options)
         },
     )
@@ -554,5 +548,13 @@ mod tests {
         let a = q.matmul(k2.swap_dims(2, 3));
         let want = a.clone().matmul(v2) / (a.sum_dim(3) + 1e-6);
         assert!(max_diff(got, want) < 1e-5);
+    }
+}
+
+/// Queries and keys through `map` where one is given (the tensor-op paths' feature map).
+fn mapped(map: Option<FeatureMap>, q: Tensor<4>, k: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    match map {
+        Some(map) => (map.apply(q), map.apply(k)),
+        None => (q, k),
     }
 }
