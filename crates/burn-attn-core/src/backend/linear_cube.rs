@@ -374,6 +374,8 @@ fn run_pass(
                 dim,
                 value_dim,
                 span: 0,
+                // The staging does not change the segments.
+                aligned_rows: false,
             };
             let plan =
                 plan_linear(&sizes, &mode, precision, &caps, call.options.kernel_chunk).ok()?;

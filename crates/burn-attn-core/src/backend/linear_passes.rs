@@ -125,6 +125,8 @@ impl LinearCall {
             dim,
             value_dim,
             span: batch * heads * seq_q.max(seq_k) * d.max(dv),
+            // The staging does not change whether the kernel serves.
+            aligned_rows: false,
         };
         use Direction::{Backward, Forward};
         if self.causal {

@@ -4,6 +4,7 @@
 // A comptime condition around a runtime one stays two `if`s.
 #![allow(clippy::collapsible_if)]
 
+use cubecl::prelude::barrier::copy_async_checked;
 use cubecl::prelude::*;
 
 use crate::plan::{LinearExtra, LinearMap, LinearMode};
@@ -224,6 +225,110 @@ fn stage_element<F: Float>(
         x = F::cast_from(feature_map(value, map, mapped));
     }
     smem[r * stride + v] = x;
+}
+
+/// Where unit `tid`'s pieces of a staged block are: the block's `chunk` rows of `width`
+/// values go in pieces of `copy` values, each unit one column of pieces, on rows `row +
+/// i * row_step` (`units` a multiple of `width / copy`, dividing `chunk * width / copy`).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub(crate) struct BlockPieces {
+    /// The unit's first row.
+    pub row: usize,
+    /// The unit's column.
+    pub col: usize,
+}
+
+#[cube]
+impl BlockPieces {
+    /// Unit `tid`'s.
+    pub fn of(tid: usize, #[comptime] width: usize, #[comptime] copy: usize) -> BlockPieces {
+        let pieces = comptime!(width / copy);
+        BlockPieces {
+            row: tid / pieces,
+            col: (tid % pieces) * copy,
+        }
+    }
+}
+
+/// Rows between a unit's pieces (see [`BlockPieces`]).
+fn piece_row_step(width: usize, units: usize, copy: usize) -> usize {
+    units / (width / copy)
+}
+
+/// [`stage_value_block`] with 16-byte asynchronous copies (`cp.async`, `copy` values each),
+/// for contiguous columns, 16-byte aligned rows and a block whose columns are all valid:
+/// rows from `end` are zero-filled by the copy itself (an empty source). The caller commits
+/// the copies and waits for them, then maps the block ([`map_staged_block`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_value_block_async<F: Float>(
+    src: &Tensor<F>,
+    walk: WalkRows,
+    smem: &mut [F],
+    t0: usize,
+    end: usize,
+    v0: usize,
+    tid: usize,
+    #[comptime] chunk: usize,
+    #[comptime] width: usize,
+    #[comptime] stride: usize,
+    #[comptime] units: usize,
+    #[comptime] reverse: bool,
+    #[comptime] copy: usize,
+) {
+    let row_step = comptime!(piece_row_step(width, units, copy));
+    let at = BlockPieces::of(tid, width, copy);
+    let first = at.row * stride + at.col;
+    #[unroll]
+    for i in 0..comptime!(chunk * width / copy / units) {
+        let t = t0 + at.row + i * row_step;
+        let valid = t < end;
+        // An empty source at a valid address makes the copy write zeros.
+        let off = select(
+            valid,
+            walk.at(select(valid, t, 0usize), v0 + at.col, reverse),
+            walk.base,
+        );
+        let len = select(valid, copy, 0usize);
+        let to = first + comptime!(i * row_step * stride);
+        copy_async_checked(
+            &src[off..off + len],
+            &mut smem[to..to + copy],
+            comptime!(copy as u32),
+        );
+    }
+}
+
+/// Applies `map` in place to unit `tid`'s pieces of a block [`stage_value_block_async`]
+/// staged (rows before `end` only: rows past it stay zero).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn map_staged_block<F: Float>(
+    smem: &mut [F],
+    t0: usize,
+    end: usize,
+    tid: usize,
+    #[comptime] chunk: usize,
+    #[comptime] width: usize,
+    #[comptime] stride: usize,
+    #[comptime] units: usize,
+    #[comptime] map: LinearMap,
+    #[comptime] copy: usize,
+) {
+    let row_step = comptime!(piece_row_step(width, units, copy));
+    let at = BlockPieces::of(tid, width, copy);
+    let first = at.row * stride + at.col;
+    #[unroll]
+    for i in 0..comptime!(chunk * width / copy / units) {
+        if t0 + at.row + i * row_step < end {
+            #[unroll]
+            for j in 0..copy {
+                let to = first + comptime!(i * row_step * stride + j);
+                smem[to] = F::cast_from(feature_map(f32::cast_from(smem[to]), map, true));
+            }
+        }
+    }
 }
 
 /// Stages the per-row scalars of rows `t0 .. t0 + chunk` of `src` (`[batch, heads, rows]`,

@@ -21,25 +21,36 @@
 #![allow(clippy::collapsible_if)]
 
 use cubecl::cmma::MatrixIdent;
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::components::fragments::{acc_get, acc_set, MmaVecAcc, PlaneMma};
 use crate::components::linear_chunk::{
-    load_state_vectors, stage_row_scalars, stage_value_block, store_state_vectors,
-    update_state_vectors, PassCube, WalkRows,
+    load_state_vectors, map_staged_block, stage_row_scalars, stage_value_block,
+    stage_value_block_async, store_state_vectors, update_state_vectors, PassCube, WalkRows,
 };
-use crate::plan::{LinearExtra, LinearMode, LinearTiles, LINEAR_MMA_PLANES};
+use crate::plan::{LinearExtra, LinearMap, LinearMode, LinearTiles, LINEAR_MMA_PLANES};
 
-/// Elements each unit stages per loop step (their loads in flight together): more keeps
-/// more registers live beside the state's accumulators, and the kernel spills.
+/// Elements each unit stages per loop step with plain loads (their loads in flight
+/// together): more keeps more registers live beside the state's accumulators, and the
+/// kernel spills.
 const STAGE_GROUP: usize = 8;
+
+/// Values of one asynchronous copy (16 bytes of bf16).
+const COPY: usize = 8;
 
 /// One pass of chunked linear attention on matrix units (see `plan::linear` for the modes).
 ///
 /// Launch with `CubeDim::new_2d(32, 4)` and the grid and operands of
 /// [`linear_chunk_kernel`](crate::kernels::linear_chunk_kernel()); `tiles` has chunks of
 /// 64 rows, value blocks of 64 columns and `dim_pad == dim`, a multiple of 64 (the plan's
-/// matrix tiles), and `value_dim` is a multiple of 64.
+/// matrix tiles), and `value_dim` is a multiple of 64. `out` is contiguous (the launcher
+/// allocates it). `async_copy` stages the rows with `cp.async` (contiguous columns,
+/// 16-byte aligned rows), else with plain loads.
+///
+/// Addresses a unit reuses every chunk are its own base plus comptime offsets: computed
+/// whole for each element, the compiler keeps them all live across the walk and the
+/// kernel spills.
 #[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub fn linear_chunk_mma_kernel<F: Float>(
@@ -63,6 +74,7 @@ pub fn linear_chunk_mma_kernel<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] tiles: LinearTiles,
     #[comptime] mode: LinearMode,
+    #[comptime] async_copy: bool,
     #[comptime] _source: u64,
     #[define(F)] _dtype: ElemType,
 ) {
@@ -155,9 +167,6 @@ pub fn linear_chunk_mma_kernel<F: Float>(
             }
         }
     }
-    if comptime!(mode.outputs) {
-        round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
-    }
     load_state_vectors(
         z_in,
         x_in,
@@ -174,67 +183,31 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         units,
         mode,
     );
-    sync_cube();
+    // Initialising the barrier synchronises the cube.
+    let copies = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let out_row0 = (batch * heads + h) * rows;
 
     let mut t0 = start;
     while t0 < end {
-        // 1. Stage the chunk.
-        if comptime!(mode.reads_rows()) {
-            stage_value_block::<F>(
-                a,
-                a_rows,
-                &mut a_s,
-                t0,
-                end,
-                0usize,
-                dim,
-                tid,
-                chunk,
-                dp,
-                a_stride,
-                units,
-                reverse,
-                mode.map,
-                mode.map_a,
-                STAGE_GROUP,
-            );
+        // 1. Round the state for the rows' products (once where the walk keeps it) and
+        // stage the chunk.
+        if comptime!(mode.outputs && mode.update) {
+            round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
         }
-        if comptime!(mode.reads_keys()) {
-            stage_value_block::<F>(
-                b,
-                b_rows,
-                &mut b_s,
-                t0,
-                end,
-                0usize,
-                dim,
-                tid,
-                chunk,
-                dp,
-                a_stride,
-                units,
-                reverse,
-                mode.map,
-                mode.map_b,
-                STAGE_GROUP,
+        if comptime!(mode.outputs && !mode.update) {
+            if t0 == start {
+                round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+            }
+        }
+        if comptime!(async_copy) {
+            stage_chunk_async::<F>(
+                a, b, c, a_rows, b_rows, c_rows, &mut a_s, &mut b_s, &mut c_s, &copies, t0, end,
+                v0, tid, tiles, mode,
             );
-            stage_value_block::<F>(
-                c,
-                c_rows,
-                &mut c_s,
-                t0,
-                end,
-                v0,
-                value_dim,
-                tid,
-                chunk,
-                bv,
-                c_stride,
-                units,
-                reverse,
-                mode.map,
-                mode.map_c,
-                STAGE_GROUP,
+        } else {
+            stage_chunk_sync::<F>(
+                a, b, c, a_rows, b_rows, c_rows, &mut a_s, &mut b_s, &mut c_s, t0, end, v0, dim,
+                value_dim, tid, tiles, mode,
             );
         }
         if comptime!(mode.reads_scalars()) {
@@ -347,20 +320,16 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 let t = t0 + row;
                 if t < end {
                     let at_row = if reverse { rows - 1 - t } else { t };
+                    let out_at = (out_row0 + at_row) * value_dim + v0 + 2 * q4;
                     #[unroll]
                     for nt in 0..value_tiles {
                         #[unroll]
                         for e2 in 0..2usize {
-                            let v = nt * 8 + 2 * q4 + e2;
                             let mut value = acc_get(&o_acc, nt, half * 2 + e2, c_vs);
                             if has_extra {
-                                value += weight * x_s[v];
+                                value += weight * x_s[2 * q4 + comptime!(nt * 8 + e2)];
                             }
-                            let at = batch * out.stride(0)
-                                + h * out.stride(1)
-                                + at_row * out.stride(2)
-                                + (v0 + v) * out.stride(3);
-                            out[at] = F::cast_from(value / divisor);
+                            out[out_at + comptime!(nt * 8 + e2)] = F::cast_from(value / divisor);
                         }
                     }
                     if comptime!(mode.normalise) {
@@ -391,9 +360,6 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 value_tiles,
             );
             sync_cube();
-            if comptime!(mode.outputs) {
-                round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
-            }
             update_state_vectors::<F>(
                 &b_s, &c_s, &e_s, &mut z_s, &mut x_s, tid, a_stride, 1usize, c_stride, chunk, dp,
                 bv, units, mode,
@@ -453,16 +419,163 @@ fn round_state<F: Float>(
 ) {
     let value_tiles = comptime!(tiles.value_block / 8);
     let stride = comptime!(tiles.value_block + 8);
+    let base = (s_row0 + g) * stride + 2 * q4;
     #[unroll]
     for mt in 0..comptime!(tiles.dim_pad / (16 * LINEAR_MMA_PLANES)) {
         #[unroll]
         for nt in 0..value_tiles {
             #[unroll]
             for e in 0..4usize {
-                let d = s_row0 + mt * 16 + g + 8 * (e / 2);
-                let v = nt * 8 + 2 * q4 + e % 2;
-                s_f[d * stride + v] = F::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
+                let offset = comptime!((mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2);
+                s_f[base + offset] = F::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
             }
         }
+    }
+}
+
+/// Stages the chunk's operands the mode reads with `cp.async` and waits for them, then
+/// maps them in place where the mode maps them (the caller synchronises the cube).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_chunk_async<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a_rows: WalkRows,
+    b_rows: WalkRows,
+    c_rows: WalkRows,
+    a_s: &mut [F],
+    b_s: &mut [F],
+    c_s: &mut [F],
+    copies: &Barrier,
+    t0: usize,
+    end: usize,
+    v0: usize,
+    tid: usize,
+    #[comptime] tiles: LinearTiles,
+    #[comptime] mode: LinearMode,
+) {
+    let (chunk, dp, bv) = comptime!((tiles.chunk, tiles.dim_pad, tiles.value_block));
+    let a_stride = comptime!(tiles.dim_pad + 8);
+    let c_stride = comptime!(tiles.value_block + 8);
+    let units = comptime!(32 * LINEAR_MMA_PLANES);
+    let reverse = comptime!(mode.reverse);
+    if comptime!(mode.reads_rows()) {
+        stage_value_block_async::<F>(
+            a, a_rows, a_s, t0, end, 0usize, tid, chunk, dp, a_stride, units, reverse, COPY,
+        );
+    }
+    if comptime!(mode.reads_keys()) {
+        stage_value_block_async::<F>(
+            b, b_rows, b_s, t0, end, 0usize, tid, chunk, dp, a_stride, units, reverse, COPY,
+        );
+        stage_value_block_async::<F>(
+            c, c_rows, c_s, t0, end, v0, tid, chunk, bv, c_stride, units, reverse, COPY,
+        );
+    }
+    copies.commit_copy_async();
+    copies.arrive_and_wait();
+    if comptime!(mode.reads_rows() && mode.map_a && mode.map != LinearMap::Identity) {
+        map_staged_block::<F>(
+            a_s, t0, end, tid, chunk, dp, a_stride, units, mode.map, COPY,
+        );
+    }
+    if comptime!(mode.reads_keys() && mode.map_b && mode.map != LinearMap::Identity) {
+        map_staged_block::<F>(
+            b_s, t0, end, tid, chunk, dp, a_stride, units, mode.map, COPY,
+        );
+    }
+    if comptime!(mode.reads_keys() && mode.map_c && mode.map != LinearMap::Identity) {
+        map_staged_block::<F>(
+            c_s, t0, end, tid, chunk, bv, c_stride, units, mode.map, COPY,
+        );
+    }
+}
+
+/// Stages the chunk's operands the mode reads with plain loads, through the feature map
+/// where the mode maps them (the caller synchronises the cube).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_chunk_sync<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a_rows: WalkRows,
+    b_rows: WalkRows,
+    c_rows: WalkRows,
+    a_s: &mut [F],
+    b_s: &mut [F],
+    c_s: &mut [F],
+    t0: usize,
+    end: usize,
+    v0: usize,
+    dim: usize,
+    value_dim: usize,
+    tid: usize,
+    #[comptime] tiles: LinearTiles,
+    #[comptime] mode: LinearMode,
+) {
+    let (chunk, dp, bv) = comptime!((tiles.chunk, tiles.dim_pad, tiles.value_block));
+    let a_stride = comptime!(tiles.dim_pad + 8);
+    let c_stride = comptime!(tiles.value_block + 8);
+    let units = comptime!(32 * LINEAR_MMA_PLANES);
+    let reverse = comptime!(mode.reverse);
+    if comptime!(mode.reads_rows()) {
+        stage_value_block::<F>(
+            a,
+            a_rows,
+            a_s,
+            t0,
+            end,
+            0usize,
+            dim,
+            tid,
+            chunk,
+            dp,
+            a_stride,
+            units,
+            reverse,
+            mode.map,
+            mode.map_a,
+            STAGE_GROUP,
+        );
+    }
+    if comptime!(mode.reads_keys()) {
+        stage_value_block::<F>(
+            b,
+            b_rows,
+            b_s,
+            t0,
+            end,
+            0usize,
+            dim,
+            tid,
+            chunk,
+            dp,
+            a_stride,
+            units,
+            reverse,
+            mode.map,
+            mode.map_b,
+            STAGE_GROUP,
+        );
+        stage_value_block::<F>(
+            c,
+            c_rows,
+            c_s,
+            t0,
+            end,
+            v0,
+            value_dim,
+            tid,
+            chunk,
+            bv,
+            c_stride,
+            units,
+            reverse,
+            mode.map,
+            mode.map_c,
+            STAGE_GROUP,
+        );
     }
 }

@@ -135,7 +135,7 @@ pub(crate) fn precision_of(
 
 /// Whether the rows of `t` can be staged with 16-byte copies: contiguous columns, row,
 /// head and batch strides and the buffer offset all multiples of 16 bytes.
-fn aligned_rows(t: &CubeTensor) -> bool {
+pub(crate) fn aligned_rows(t: &CubeTensor) -> bool {
     let elem = t.dtype.size();
     let [.., dim] = dims4(t);
     let strides = t.meta.strides();

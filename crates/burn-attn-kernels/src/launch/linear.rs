@@ -6,7 +6,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use super::buffers::alloc_contiguous;
-use super::device::{device_caps, dims4, precision_of, tensor_span};
+use super::device::{aligned_rows, device_caps, dims4, precision_of, tensor_span};
 use super::forward::address_type;
 use crate::kernels::{linear_chunk_kernel, linear_chunk_mma_kernel};
 use crate::plan::{
@@ -113,6 +113,10 @@ pub fn linear_pass(
         dim: shapes.dim,
         value_dim: shapes.value_dim,
         span: shapes.span,
+        aligned_rows: [&operands.a, &operands.b, &operands.c]
+            .into_iter()
+            .flatten()
+            .all(aligned_rows),
     };
     let plan = plan_linear(&sizes, &mode, precision, &device_caps(&first.client), chunk)?;
     log::debug!("burn-attn: linear pass {mode:?}, {plan:?} for {sizes:?}");
@@ -322,6 +326,7 @@ fn launch_pass(
                 value_dim,
                 plan.tiles,
                 *mode,
+                plan.async_copy,
                 KERNEL_SOURCE,
                 dtype_to_elem_type(dtype),
             );

@@ -286,6 +286,9 @@ pub struct LinearSizes {
     pub value_dim: usize,
     /// Elements of the largest tensor the pass reads or writes.
     pub span: usize,
+    /// Whether every row operand can be copied in 16-byte pieces (contiguous columns; row,
+    /// head and batch strides and offset multiples of 16 bytes).
+    pub aligned_rows: bool,
 }
 
 /// The launch plan of one pass.
@@ -296,6 +299,9 @@ pub struct LinearPlan {
     /// Whether the matrix-unit kernel runs the pass (`linear_chunk_mma`), else the portable
     /// one (`linear_chunk`).
     pub matrix: bool,
+    /// Whether the matrix-unit kernel stages rows with 16-byte `cp.async` copies (aligned
+    /// rows on a device that has them), else with plain loads.
+    pub async_copy: bool,
     /// Value blocks along `x`, `batch * heads` along `y`.
     pub grid: Grid,
     /// The kernels' offset width.
@@ -323,6 +329,7 @@ pub fn plan_linear(
         dim,
         value_dim,
         span,
+        aligned_rows,
     } = *sizes;
     if dim == 0 || dim > MAX_HEAD_DIM || value_dim == 0 || value_dim > MAX_HEAD_DIM {
         return Err(Unsupported::HeadDim {
@@ -368,6 +375,7 @@ pub fn plan_linear(
         return Ok(LinearPlan {
             tiles: matrix,
             matrix: true,
+            async_copy: aligned_rows && caps.copy_async,
             grid: Grid::new(value_dim, MATRIX_VALUE_BLOCK, batch * heads)?,
             offsets,
         });
@@ -409,6 +417,7 @@ pub fn plan_linear(
     Ok(LinearPlan {
         tiles,
         matrix: false,
+        async_copy: false,
         grid,
         offsets,
     })
@@ -441,6 +450,7 @@ mod tests {
             dim,
             value_dim,
             span: 2 * 16 * rows * dim.max(value_dim),
+            aligned_rows: true,
         }
     }
 
@@ -482,10 +492,18 @@ mod tests {
                 .unwrap();
                 assert!(plan.matrix, "{mode:?} {dim} {value_dim}");
                 assert_eq!(plan.tiles, LinearTiles::matrix(dim));
+                assert!(plan.async_copy);
                 assert_eq!(plan.grid.x as usize, value_dim / 64);
                 assert!(plan.tiles.matrix_shared_bytes(&mode, Precision::BF16) < 64 * 1024);
             }
         }
+        // Rows that cannot be copied in 16-byte pieces: the matrix kernel, staging with loads.
+        let misaligned = LinearSizes {
+            aligned_rows: false,
+            ..sizes(4096, 128, 128)
+        };
+        let plan = plan_linear(&misaligned, &backward, Precision::BF16, &caps, None).unwrap();
+        assert!(plan.matrix && !plan.async_copy);
         // f16 and f32, other head dims and value dims, other chunks: the portable kernel.
         let portable = |dim, value_dim, precision, chunk| {
             let plan = plan_linear(
