@@ -3,9 +3,11 @@
 //! every product on the matrix units.
 //!
 //! One cube of four planes walks the rows of one (batch, head) in chunks of 64, for one
-//! block of 64 value columns. The state `S` (`dim x 64`, f32) lives in the planes'
+//! block of 64 value columns. The state `S` (`dim x 64`, f32) is updated in the planes'
 //! accumulator registers (each plane its `dim / 4` rows), with a bf16 copy in shared memory
-//! for the products that read it. Per chunk:
+//! for the products that read it. A pass that also writes rows keeps `S` in f32 shared
+//! memory between updates, so the rows' accumulators never sit beside the state's (held
+//! together they spill); a state pass keeps it in registers. Per chunk:
 //! 1. stage the chunk's `a`, `b` (row-major) and `c` rows of the value block, each through
 //!    the feature map where the mode maps it, and the per-row scalars;
 //! 2. rows (`outputs`): each plane's 16 rows of `a S`, plus with `intra` the masked scores
@@ -134,11 +136,20 @@ pub fn linear_chunk_mma_kernel<F: Float>(
     } else {
         8
     });
+    // Where the state lives between updates: f32 shared memory in a pass that writes rows,
+    // else the accumulator registers.
+    let home_in_smem = comptime!(mode.outputs && mode.update);
+    let home_len = comptime!(if mode.outputs && mode.update {
+        tiles.dim_pad * (tiles.value_block + 8)
+    } else {
+        8
+    });
     let mut a_s = Shared::<[F]>::new_aligned_slice(a_len, 16usize);
     let mut b_s = Shared::<[F]>::new_aligned_slice(b_len, 16usize);
     let mut c_s = Shared::<[F]>::new_aligned_slice(c_len, 16usize);
     // The state rounded for the rows' products, `[dim][value_block]`.
     let mut s_f = Shared::<[F]>::new_aligned_slice(s_len, 16usize);
+    let mut s_home = Shared::<[f32]>::new_aligned_slice(home_len, 16usize);
     let mut e_s = Shared::<[f32]>::new_slice(chunk);
     let mut z_s = Shared::<[f32]>::new_slice(dp);
     let mut x_s = Shared::<[f32]>::new_slice(bv);
@@ -167,6 +178,12 @@ pub fn linear_chunk_mma_kernel<F: Float>(
             }
         }
     }
+    if comptime!(home_in_smem) {
+        write_state_tiles::<f32>(&s_acc, &mut s_home, s_row0, g, q4, tiles, c_vs);
+    }
+    if comptime!(mode.outputs) {
+        write_state_tiles::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+    }
     load_state_vectors(
         z_in,
         x_in,
@@ -189,16 +206,7 @@ pub fn linear_chunk_mma_kernel<F: Float>(
 
     let mut t0 = start;
     while t0 < end {
-        // 1. Round the state for the rows' products (once where the walk keeps it) and
-        // stage the chunk.
-        if comptime!(mode.outputs && mode.update) {
-            round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
-        }
-        if comptime!(mode.outputs && !mode.update) {
-            if t0 == start {
-                round_state::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
-            }
-        }
+        // 1. Stage the chunk.
         if comptime!(async_copy) {
             stage_chunk_async::<F>(
                 a, b, c, a_rows, b_rows, c_rows, &mut a_s, &mut b_s, &mut c_s, &copies, t0, end,
@@ -345,6 +353,9 @@ pub fn linear_chunk_mma_kernel<F: Float>(
 
         // 3. The state takes the chunk (its rounded copy and vectors after every read).
         if comptime!(mode.update) {
+            if comptime!(home_in_smem) {
+                read_state_tiles(&s_home, &mut s_acc, s_row0, g, q4, tiles, c_vs);
+            }
             mma.smem_product(
                 &b_s,
                 s_row0,
@@ -359,7 +370,13 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 s_tiles,
                 value_tiles,
             );
+            if comptime!(home_in_smem) {
+                write_state_tiles::<f32>(&s_acc, &mut s_home, s_row0, g, q4, tiles, c_vs);
+            }
             sync_cube();
+            if comptime!(mode.outputs) {
+                write_state_tiles::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+            }
             update_state_vectors::<F>(
                 &b_s, &c_s, &e_s, &mut z_s, &mut x_s, tid, a_stride, 1usize, c_stride, chunk, dp,
                 bv, units, mode,
@@ -370,6 +387,9 @@ pub fn linear_chunk_mma_kernel<F: Float>(
     }
 
     if comptime!(mode.state_out) {
+        if comptime!(home_in_smem) {
+            read_state_tiles(&s_home, &mut s_acc, s_row0, g, q4, tiles, c_vs);
+        }
         #[unroll]
         for mt in 0..s_tiles {
             #[unroll]
@@ -404,13 +424,13 @@ pub fn linear_chunk_mma_kernel<F: Float>(
     }
 }
 
-/// Writes this plane's rows of the state, rounded to `F`, into `s_f` (`[dim][value_block]`,
-/// rows padded by 8).
+/// Writes this plane's rows of the state (`s_acc`) as `E` into `dst` (`[dim][value_block]`,
+/// rows padded by 8): the f32 home of the state, or its copy rounded for the products.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn round_state<F: Float>(
+fn write_state_tiles<E: Float>(
     s_acc: &Array<Vector<f32, MmaVecAcc>>,
-    s_f: &mut [F],
+    dst: &mut [E],
     s_row0: usize,
     g: usize,
     q4: usize,
@@ -427,7 +447,36 @@ fn round_state<F: Float>(
             #[unroll]
             for e in 0..4usize {
                 let offset = comptime!((mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2);
-                s_f[base + offset] = F::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
+                dst[base + offset] = E::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
+            }
+        }
+    }
+}
+
+/// Reads this plane's rows of the state from its f32 home `src` into `s_acc` (the layout of
+/// [`write_state_tiles`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn read_state_tiles(
+    src: &[f32],
+    s_acc: &mut Array<Vector<f32, MmaVecAcc>>,
+    s_row0: usize,
+    g: usize,
+    q4: usize,
+    #[comptime] tiles: LinearTiles,
+    #[comptime] c_vs: usize,
+) {
+    let value_tiles = comptime!(tiles.value_block / 8);
+    let stride = comptime!(tiles.value_block + 8);
+    let base = (s_row0 + g) * stride + 2 * q4;
+    #[unroll]
+    for mt in 0..comptime!(tiles.dim_pad / (16 * LINEAR_MMA_PLANES)) {
+        #[unroll]
+        for nt in 0..value_tiles {
+            #[unroll]
+            for e in 0..4usize {
+                let offset = comptime!((mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2);
+                acc_set(s_acc, mt * value_tiles + nt, e, c_vs, src[base + offset]);
             }
         }
     }
