@@ -30,6 +30,11 @@
 #   linear-profile  Nsight Compute on the linear kernels' first launches at n = 16384
 #             (registers, local-memory spills, occupancy, throughput; LINEAR_PROFILE_ARGS
 #             passes bench options)
+#   sources   the CUDA source CubeCL generates for every kernel a run compiles, into
+#             $OUT/cubecl-sources.log.xz (SOURCES_ARGS: the bench command after
+#             `burn-attn-bench`; default one linear step and one flash training step at
+#             n = 1024); scripts/device/registers.py compiles them offline (no GPU) to
+#             registers and spills
 #   compare   the comparison tool's CUDA table (bf16, n = 4096 and 16384, 32768 tokens per
 #             length, training steps too: `--train`); COMPARE_ARGS passes options
 #   durations kernel times under Nsight Compute (locked clocks, one launch at a time) of
@@ -107,6 +112,12 @@ for step in "$@"; do
         --calls 1 --flash-up-to 1 ${LINEAR_PROFILE_ARGS:-} > "$OUT/linear-profile.log" 2>&1
       grep -E "linear_chunk|Duration|Registers Per|Spilling Requests  |Achieved Occupancy" \
         "$OUT/linear-profile.log" ;;
+    sources)
+      rm -f "$OUT/cubecl-sources.log"
+      CUBECL_DEBUG_LOG="$OUT/cubecl-sources.log" timeout 300 "$BIN/burn-attn-bench" \
+        ${SOURCES_ARGS:-linear --backend cuda --dtype bf16 --lengths 1024 --repeats 1 --calls 1} \
+        > /dev/null 2>&1
+      xz -T4 -6 -f "$OUT/cubecl-sources.log" && ls -la "$OUT/cubecl-sources.log.xz" ;;
     compare)
       timeout 560 "$BIN/burn-attn-bench" compare --backend cuda --dtype bf16 --tokens 32768 \
         --lengths 4096,16384 --heads 16 --head-dim 128 --train --no-structured --repeats 5 \
