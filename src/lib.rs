@@ -43,6 +43,6 @@ pub use burn_attn_nn::{
     ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig, HybridAttention,
     HybridAttentionConfig, HybridChoice, KvCache, LearnedSparseAttention,
     LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig, MultiHeadProjection,
-    MultiHeadProjectionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
-    SparseAttention, SparseAttentionConfig, SparsePattern,
+    MultiHeadProjectionConfig, PagedKvCache, SequenceId, SlidingWindowAttention,
+    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
 };

@@ -10,6 +10,7 @@ use burn_attn_core::{
 
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
+use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
 use crate::rotary::{rotate_heads, validate_rotary};
 
@@ -239,6 +240,46 @@ impl FlashAttention {
             x,
             cache,
             &pattern,
+            &self.options(),
+            &masks,
+            self.rotary_theta,
+        )
+    }
+
+    /// Decodes the new tokens `x` (`[batch, new, d_model]`) of several sequences at once:
+    /// row `b` continues sequence `ids[b]` of `cache`, whatever its length. Each row's
+    /// queries see their own sequence's keys (causal, and the module's window) and rotary
+    /// embeddings continue at its own position. Needs a causal module; panics on bad input
+    /// (see [`try_forward_paged`](Self::try_forward_paged)).
+    pub fn forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Tensor<3> {
+        self.try_forward_paged(x, cache, ids)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
+    /// [`forward_paged`](Self::forward_paged) returning bad input (a non-causal module,
+    /// an id the cache does not hold or given twice, a batch that is not one row per id,
+    /// too few free pages) as an error; the cache is unchanged then.
+    pub fn try_forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Result<Tensor<3>, AttentionError> {
+        let masks = self.with_score_modifiers(AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        });
+        decode_paged(
+            &self.projection,
+            x,
+            cache,
+            ids,
+            &KeyPattern::default(),
             &self.options(),
             &masks,
             self.rotary_theta,

@@ -1,0 +1,452 @@
+//! A paged key/value cache: the keys and values of many sequences of different lengths in
+//! one pool of fixed-size pages, each sequence holding a block table of its pages, so a
+//! server decodes them in one call and frees a finished sequence's pages for the next.
+
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn_attn_core::{
+    try_masked_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern,
+};
+
+use crate::projection::MultiHeadProjection;
+use crate::rotary::rotate;
+
+/// One sequence of a [`PagedKvCache`], from [`PagedKvCache::add_sequence`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SequenceId(usize);
+
+/// A paged key/value cache for decoding many sequences of different lengths in one call
+/// ([`FlashAttention::forward_paged`](crate::FlashAttention::forward_paged)).
+///
+/// The keys and values of every sequence live in one pool of `pages` pages of `page_size`
+/// positions (`[kv_heads, pages * page_size, head_dim]`, allocated on the first call, in the
+/// keys' dtype and device). Each sequence holds the list of its pages (its block table) and
+/// takes a new page when its last one is full; [`PagedKvCache::remove_sequence`] returns
+/// them to the pool. A call that needs more pages than are free is an error naming both
+/// counts, and changes nothing.
+///
+/// Each call gathers its sequences' keys into one `[batch, kv_heads, longest, head_dim]`
+/// tensor, shorter sequences padded at the front and their padding hidden by a key-padding
+/// mask, and attends over it: a copy of the batch's keys and values per call, then the
+/// attention kernels (with the padding mask, the block-sparse ones on the GPU).
+#[derive(Debug, Clone)]
+pub struct PagedKvCache {
+    page_size: usize,
+    pages: usize,
+    pool: Option<Pool>,
+    /// Pages no sequence holds, taken from the end.
+    free: Vec<usize>,
+    /// By [`SequenceId`]; `None` once removed.
+    sequences: Vec<Option<Sequence>>,
+}
+
+/// The pool's keys and values, `[kv_heads, pages * page_size, dim]`.
+#[derive(Debug, Clone)]
+struct Pool {
+    keys: Tensor<3>,
+    values: Tensor<3>,
+}
+
+/// One sequence's block table and length.
+#[derive(Debug, Clone, Default)]
+struct Sequence {
+    pages: Vec<usize>,
+    len: usize,
+}
+
+/// What a call attends over: its sequences' keys and values gathered from the pool
+/// (`[batch, kv_heads, longest, dim]`, shorter sequences padded at the front) and the mask
+/// of that padding (`[batch, longest]`, `true` where padded; `None` when every sequence is
+/// as long as the longest).
+pub(crate) struct PagedKeys {
+    pub keys: Tensor<4>,
+    pub values: Tensor<4>,
+    pub padding: Option<Tensor<2, Bool>>,
+}
+
+impl PagedKvCache {
+    /// An empty cache of `pages` pages of `page_size` positions each (both at least 1).
+    pub fn new(pages: usize, page_size: usize) -> Result<Self, AttentionError> {
+        if pages == 0 || page_size == 0 {
+            return Err(AttentionError::Invalid(format!(
+                "a paged cache needs at least one page of at least one position, got {pages} \
+                 pages of {page_size}"
+            )));
+        }
+        Ok(Self {
+            page_size,
+            pages,
+            pool: None,
+            free: (0..pages).rev().collect(),
+            sequences: Vec::new(),
+        })
+    }
+
+    /// Positions per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Pages in the pool.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Pages no sequence holds.
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// A new, empty sequence.
+    pub fn add_sequence(&mut self) -> SequenceId {
+        self.sequences.push(Some(Sequence::default()));
+        SequenceId(self.sequences.len() - 1)
+    }
+
+    /// Removes a sequence and returns its pages to the pool.
+    pub fn remove_sequence(&mut self, id: SequenceId) -> Result<(), AttentionError> {
+        let sequence = self.sequence(id)?.clone();
+        self.free.extend(sequence.pages.iter().rev());
+        self.sequences[id.0] = None;
+        Ok(())
+    }
+
+    /// Tokens a sequence holds (the position of its next token), `None` for an id this
+    /// cache never gave or has removed.
+    pub fn sequence_len(&self, id: SequenceId) -> Option<usize> {
+        self.sequences.get(id.0)?.as_ref().map(|s| s.len)
+    }
+
+    fn sequence(&self, id: SequenceId) -> Result<&Sequence, AttentionError> {
+        self.sequences
+            .get(id.0)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                AttentionError::Invalid(format!(
+                    "sequence {} is not in this paged cache (never added, or removed)",
+                    id.0
+                ))
+            })
+    }
+
+    /// The lengths of `ids`' sequences, checked: every id held, none twice.
+    pub(crate) fn lengths(&self, ids: &[SequenceId]) -> Result<Vec<usize>, AttentionError> {
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
+                return Err(AttentionError::Invalid(format!(
+                    "sequence {} appears twice in one call",
+                    id.0
+                )));
+            }
+        }
+        ids.iter().map(|&id| Ok(self.sequence(id)?.len)).collect()
+    }
+
+    /// Appends a call's keys and values (`[batch, kv_heads, new, dim]`, row `b` to sequence
+    /// `ids[b]`) and returns every key and value of those sequences ([`PagedKeys`]).
+    pub(crate) fn append(
+        &mut self,
+        ids: &[SequenceId],
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<PagedKeys, AttentionError> {
+        let [batch, kv_heads, new, dim] = k.dims();
+        let value_dim = v.dims()[3];
+        if ids.len() != batch || v.dims()[..3] != [batch, kv_heads, new] {
+            return Err(AttentionError::Invalid(format!(
+                "{} sequence ids for keys {:?} and values {:?} (one id per batch row)",
+                ids.len(),
+                k.dims(),
+                v.dims()
+            )));
+        }
+        let lengths = self.lengths(ids)?;
+        if let Some(pool) = &self.pool {
+            check_pool("keys", &pool.keys, &k)?;
+            check_pool("values", &pool.values, &v)?;
+        }
+        let needed: usize = lengths
+            .iter()
+            .zip(ids)
+            .map(|(&len, &id)| {
+                let held = self.sequences[id.0].as_ref().map_or(0, |s| s.pages.len());
+                (len + new).div_ceil(self.page_size).saturating_sub(held)
+            })
+            .sum();
+        if needed > self.free.len() {
+            return Err(AttentionError::Invalid(format!(
+                "the paged cache has {} free pages of {}; this call needs {needed} more",
+                self.free.len(),
+                self.page_size
+            )));
+        }
+        for (&len, &id) in lengths.iter().zip(ids) {
+            let pages = (len + new).div_ceil(self.page_size);
+            let sequence = self.sequences[id.0].as_mut().expect("checked above");
+            while sequence.pages.len() < pages {
+                sequence.pages.push(self.free.pop().expect("counted above"));
+            }
+            sequence.len = len + new;
+        }
+
+        // The new tokens' slots, batch-major as the flattened rows below.
+        let written: Vec<i64> = ids
+            .iter()
+            .zip(&lengths)
+            .flat_map(|(&id, &len)| (len..len + new).map(move |t| (id, t)))
+            .map(|(id, t)| self.slot(id, t))
+            .collect();
+        // Every key of the call's sequences, the shorter ones padded at the front (with
+        // their first slot, hidden by the mask).
+        let longest = lengths.iter().map(|len| len + new).max().unwrap_or(0);
+        let mut gathered = Vec::with_capacity(batch * longest);
+        let mut padding = Vec::with_capacity(batch * longest);
+        for (&id, &len) in ids.iter().zip(&lengths) {
+            let pad = longest - (len + new);
+            gathered.extend(std::iter::repeat_n(self.slot(id, 0), pad));
+            gathered.extend((0..len + new).map(|t| self.slot(id, t)));
+            padding.extend((0..longest).map(|j| j < pad));
+        }
+
+        let device = k.device();
+        let slots = self.pages * self.page_size;
+        let pool = self.pool.get_or_insert_with(|| Pool {
+            keys: Tensor::zeros([kv_heads, slots, dim], (&device, k.dtype())),
+            values: Tensor::zeros([kv_heads, slots, value_dim], (&device, v.dtype())),
+        });
+        let written = index_tensor(written, &device);
+        let rows = |t: Tensor<4>| {
+            let d = t.dims()[3];
+            t.swap_dims(0, 1).reshape([kv_heads, batch * new, d])
+        };
+        pool.keys =
+            pool.keys
+                .clone()
+                .select_assign(1, written.clone(), rows(k), IndexingUpdateOp::Assign);
+        pool.values =
+            pool.values
+                .clone()
+                .select_assign(1, written, rows(v), IndexingUpdateOp::Assign);
+
+        let padded = padding.iter().any(|&p| p);
+        let gathered = index_tensor(gathered, &device);
+        let heads = |pool: &Tensor<3>| {
+            let d = pool.dims()[2];
+            pool.clone()
+                .select(1, gathered.clone())
+                .reshape([kv_heads, batch, longest, d])
+                .swap_dims(0, 1)
+        };
+        Ok(PagedKeys {
+            keys: heads(&pool.keys),
+            values: heads(&pool.values),
+            padding: padded.then(|| {
+                Tensor::<2, Bool>::from_data(TensorData::new(padding, [batch, longest]), &device)
+            }),
+        })
+    }
+
+    /// The pool slot of position `t` of sequence `id` (which holds its page).
+    fn slot(&self, id: SequenceId, t: usize) -> i64 {
+        let sequence = self.sequences[id.0].as_ref().expect("a held sequence");
+        (sequence.pages[t / self.page_size] * self.page_size + t % self.page_size) as i64
+    }
+}
+
+fn index_tensor(indices: Vec<i64>, device: &burn::tensor::Device) -> Tensor<1, Int> {
+    let len = indices.len();
+    Tensor::<1, Int>::from_data(TensorData::new(indices, [len]), device)
+}
+
+/// Checks that a call's keys or values match the pool in heads, dim, dtype and device.
+fn check_pool(what: &str, pool: &Tensor<3>, new: &Tensor<4>) -> Result<(), AttentionError> {
+    let ([ph, _, pd], [_, nh, _, nd]) = (pool.dims(), new.dims());
+    if (ph, pd) != (nh, nd) || pool.dtype() != new.dtype() || pool.device() != new.device() {
+        return Err(AttentionError::Invalid(format!(
+            "the paged cache's {what} have {ph} heads of {pd} {:?} on {:?}; this call's are \
+             {:?} {:?} on {:?} (a cache serves one module)",
+            pool.dtype(),
+            pool.device(),
+            new.dims(),
+            new.dtype(),
+            new.device()
+        )));
+    }
+    Ok(())
+}
+
+/// Decoding through a paged cache for the exact modules: projects the new tokens `x`
+/// (`[batch, new, d_model]`, row `b` of sequence `ids[b]`), rotates them at each sequence's
+/// own positions (base `rotary`), appends their keys and values and attends the new queries
+/// over their sequences' keys under `pattern`, `options` and `masks`, bottom-right aligned
+/// (the shorter sequences' front padding hidden). Only causal attention decodes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_paged(
+    projection: &MultiHeadProjection,
+    x: Tensor<3>,
+    cache: &mut PagedKvCache,
+    ids: &[SequenceId],
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    masks: &AttentionMasks,
+    rotary: Option<f32>,
+) -> Result<Tensor<3>, AttentionError> {
+    if !(pattern.causal || options.causal) {
+        return Err(AttentionError::Invalid(
+            "decoding with a paged cache needs a causal module (causal: true): without it \
+             every token sees later ones"
+                .into(),
+        ));
+    }
+    if masks.key_padding.is_some() || masks.documents.is_some() || masks.attention_mask.is_some() {
+        return Err(AttentionError::Invalid(
+            "a paged cache masks its own padding: masks tied to a length do not apply".into(),
+        ));
+    }
+    if x.dims()[0] != ids.len() {
+        return Err(AttentionError::Invalid(format!(
+            "{} sequence ids for input {:?} (one id per batch row)",
+            ids.len(),
+            x.dims()
+        )));
+    }
+    let starts = cache.lengths(ids)?;
+    let h = projection.split_self(x);
+    let (q, k) = match rotary {
+        Some(theta) => (
+            rotate_rows(h.q, &starts, theta),
+            rotate_rows(h.k, &starts, theta),
+        ),
+        None => (h.q, h.k),
+    };
+    let paged = cache.append(ids, k, h.v)?;
+    let masks = AttentionMasks {
+        key_padding: paged.padding,
+        ..masks.clone()
+    };
+    let out = try_masked_attention(q, paged.keys, paged.values, pattern, options, &masks)?;
+    Ok(projection.merge(out))
+}
+
+/// `x` (`[batch, heads, new, dim]`) rotated with row `b` at positions `starts[b]..`.
+fn rotate_rows(x: Tensor<4>, starts: &[usize], theta: f32) -> Tensor<4> {
+    if starts.windows(2).all(|w| w[0] == w[1]) {
+        return rotate(x, starts.first().copied().unwrap_or(0), theta);
+    }
+    let rows = starts
+        .iter()
+        .enumerate()
+        .map(|(b, &start)| rotate(x.clone().narrow(0, b, 1), start, theta))
+        .collect();
+    Tensor::cat(rows, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use crate::{FlashAttention, FlashAttentionConfig};
+
+    fn module(window_left: Option<usize>, rotary: Option<f32>, alibi: bool) -> FlashAttention {
+        FlashAttentionConfig::new(32, 4)
+            .with_n_kv_heads(Some(2))
+            .with_causal(true)
+            .with_window_left(window_left)
+            .with_rotary_theta(rotary)
+            .with_alibi(alibi)
+            .init(&cpu())
+    }
+
+    /// Three sequences of different lengths, each filled alone, then decoded together one
+    /// token at a time: every row equals its sequence's full causal forward.
+    #[test]
+    fn paged_decoding_equals_each_sequence_alone() {
+        let prompts = [7, 3, 12];
+        let steps = 5;
+        let xs: Vec<_> = prompts
+            .iter()
+            .map(|&p| randn([1, p + steps, 32], &cpu()))
+            .collect();
+        for (window_left, rotary, alibi) in [
+            (None, None, false),
+            (None, Some(100.0), false),
+            (Some(4), Some(100.0), false),
+            (None, None, true),
+        ] {
+            let m = module(window_left, rotary, alibi);
+            let mut cache = PagedKvCache::new(16, 4).unwrap();
+            let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
+            let mut got: Vec<Vec<Tensor<3>>> = vec![Vec::new(); prompts.len()];
+            for (s, &p) in prompts.iter().enumerate() {
+                let prompt = xs[s].clone().slice([0..1, 0..p, 0..32]);
+                got[s].push(m.forward_paged(prompt, &mut cache, &[ids[s]]));
+            }
+            for step in 0..steps {
+                let x = Tensor::cat(
+                    prompts
+                        .iter()
+                        .enumerate()
+                        .map(|(s, &p)| xs[s].clone().slice([0..1, p + step..p + step + 1, 0..32]))
+                        .collect(),
+                    0,
+                );
+                let out = m.forward_paged(x, &mut cache, &ids);
+                for (s, rows) in got.iter_mut().enumerate() {
+                    rows.push(out.clone().narrow(0, s, 1));
+                }
+            }
+            for (s, rows) in got.into_iter().enumerate() {
+                let want = m.forward(xs[s].clone());
+                assert_close(Tensor::cat(rows, 1), want, 1e-5);
+                assert_eq!(cache.sequence_len(ids[s]), Some(prompts[s] + steps));
+            }
+            // 12, 8 and 17 positions: 3 + 2 + 5 pages of 4.
+            assert_eq!(cache.free_pages(), 16 - 10);
+        }
+    }
+
+    /// Too few pages is an error that changes nothing; a removed sequence's pages serve the
+    /// next one; bad ids and batches are named.
+    #[test]
+    fn pages_are_counted_reused_and_checked() {
+        let m = module(None, Some(100.0), false);
+        let mut cache = PagedKvCache::new(3, 4).unwrap();
+        let a = cache.add_sequence();
+        let b = cache.add_sequence();
+        m.forward_paged(randn([1, 8, 32], &cpu()), &mut cache, &[a]);
+        assert_eq!(cache.free_pages(), 1);
+        let x = randn([1, 6, 32], &cpu());
+        let err = m
+            .try_forward_paged(x.clone(), &mut cache, &[b])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 free pages of 4; this call needs 2 more"),
+            "{err}"
+        );
+        assert_eq!(cache.sequence_len(b), Some(0));
+        assert_eq!(cache.free_pages(), 1);
+
+        cache.remove_sequence(a).unwrap();
+        assert_eq!(cache.free_pages(), 3);
+        assert_eq!(cache.sequence_len(a), None);
+        let got = m.forward_paged(x.clone(), &mut cache, &[b]);
+        assert_close(got, m.forward(x), 1e-5);
+
+        let name = |result: Result<Tensor<3>, AttentionError>| result.unwrap_err().to_string();
+        let one = randn([1, 1, 32], &cpu());
+        let err = name(m.try_forward_paged(one.clone(), &mut cache, &[a]));
+        assert!(err.contains("not in this paged cache"), "{err}");
+        let c = cache.add_sequence();
+        let err = name(m.try_forward_paged(randn([2, 1, 32], &cpu()), &mut cache, &[c, c]));
+        assert!(err.contains("appears twice"), "{err}");
+        let err = name(m.try_forward_paged(one.clone(), &mut cache, &[b, c]));
+        assert!(
+            err.contains("2 sequence ids") && err.contains("one id per batch row"),
+            "{err}"
+        );
+        let full = FlashAttentionConfig::new(32, 4).init(&cpu());
+        let err = name(full.try_forward_paged(one, &mut cache, &[c]));
+        assert!(err.contains("causal"), "{err}");
+        assert!(PagedKvCache::new(0, 4).is_err() && PagedKvCache::new(4, 0).is_err());
+    }
+}
