@@ -11,8 +11,8 @@ use crate::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
     CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig, HybridAttention,
     HybridAttentionConfig, KvCache, LearnedSparseAttention, LearnedSparseAttentionConfig,
-    LinearAttention, LinearAttentionConfig, SlidingWindowAttention, SlidingWindowAttentionConfig,
-    SparseAttention, SparseAttentionConfig,
+    LinearAttention, LinearAttentionConfig, PagedKvCache, SequenceId, SlidingWindowAttention,
+    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
 };
 
 /// The configuration of any attention mechanism of this crate.
@@ -162,6 +162,37 @@ impl AnyAttention {
                 self.name()
             ))),
         }
+    }
+
+    /// Decoding several sequences of different lengths through a [`PagedKvCache`], as the
+    /// chosen mechanism's `try_forward_paged`: flash and sliding window. Another mechanism
+    /// is an error naming it (sparse patterns place their columns by absolute position,
+    /// which the cache's front padding would shift).
+    pub fn try_forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Result<Tensor<3>, AttentionError> {
+        match self {
+            Self::Flash(m) => m.try_forward_paged(x, cache, ids),
+            Self::SlidingWindow(m) => m.try_forward_paged(x, cache, ids),
+            _ => Err(AttentionError::Invalid(format!(
+                "{} attention does not decode with a paged cache (flash and sliding-window do)",
+                self.name()
+            ))),
+        }
+    }
+
+    /// [`try_forward_paged`](Self::try_forward_paged), panicking on its error.
+    pub fn forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Tensor<3> {
+        self.try_forward_paged(x, cache, ids)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
     }
 
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.

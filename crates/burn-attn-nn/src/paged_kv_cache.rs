@@ -404,6 +404,68 @@ mod tests {
         }
     }
 
+    /// Two sequences (13 and 9 tokens; prompts of 10 and 6, then 3 tokens each together)
+    /// through `forward`, pages of 3: each sequence's rows.
+    fn decode_two(
+        xs: &[Tensor<3>; 2],
+        forward: &dyn Fn(Tensor<3>, &mut PagedKvCache, &[SequenceId]) -> Tensor<3>,
+    ) -> [Tensor<3>; 2] {
+        let mut cache = PagedKvCache::new(8, 3).unwrap();
+        let ids = [cache.add_sequence(), cache.add_sequence()];
+        let mut rows = [Vec::new(), Vec::new()];
+        for (s, prompt) in [(0, 10), (1, 6)] {
+            let x = xs[s].clone().slice([0..1, 0..prompt, 0..32]);
+            rows[s].push(forward(x, &mut cache, &[ids[s]]));
+        }
+        for step in 0..3 {
+            let x = Tensor::cat(
+                vec![
+                    xs[0].clone().slice([0..1, 10 + step..11 + step, 0..32]),
+                    xs[1].clone().slice([0..1, 6 + step..7 + step, 0..32]),
+                ],
+                0,
+            );
+            let out = forward(x, &mut cache, &ids);
+            rows[0].push(out.clone().narrow(0, 0, 1));
+            rows[1].push(out.narrow(0, 1, 1));
+        }
+        rows.map(|r| Tensor::cat(r, 1))
+    }
+
+    /// A sliding window decodes through pages, directly and as `AnyAttention`; a mechanism
+    /// that cannot is named.
+    #[test]
+    fn sliding_window_and_any_decode_through_pages() {
+        use crate::{AnyAttentionConfig, SlidingWindowAttentionConfig, SparseAttentionConfig};
+        let config = SlidingWindowAttentionConfig::new(32, 4)
+            .with_window(6)
+            .with_causal(true)
+            .with_rotary_theta(Some(100.0));
+        let window = config.clone().init(&cpu());
+        // Initialised on its own: other weights than `window`'s.
+        let any = AnyAttentionConfig::SlidingWindow(config).init(&cpu());
+        let xs = [randn([1, 13, 32], &cpu()), randn([1, 9, 32], &cpu())];
+        let direct = decode_two(&xs, &|x, c, ids| window.forward_paged(x, c, ids));
+        let through_any = decode_two(&xs, &|x, c, ids| any.forward_paged(x, c, ids));
+        for s in 0..2 {
+            assert_close(direct[s].clone(), window.forward(xs[s].clone()), 1e-5);
+            assert_close(through_any[s].clone(), any.forward(xs[s].clone()), 1e-5);
+        }
+        let sparse =
+            AnyAttentionConfig::Sparse(SparseAttentionConfig::new(32, 4).with_causal(true))
+                .init(&cpu());
+        let mut cache = PagedKvCache::new(8, 3).unwrap();
+        let id = cache.add_sequence();
+        let err = sparse
+            .try_forward_paged(randn([1, 2, 32], &cpu()), &mut cache, &[id])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sparse attention does not decode with a paged cache"),
+            "{err}"
+        );
+    }
+
     /// Too few pages is an error that changes nothing; a removed sequence's pages serve the
     /// next one; bad ids and batches are named.
     #[test]

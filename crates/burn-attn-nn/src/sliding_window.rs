@@ -11,6 +11,7 @@ use burn_attn_core::{
 use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
+use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::rotary::validate_rotary;
 
@@ -175,6 +176,44 @@ impl SlidingWindowAttention {
             x,
             cache,
             &pattern,
+            &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
+            &masks,
+            self.rotary_theta,
+        )
+    }
+
+    /// Decodes the new tokens `x` of several sequences of different lengths at once, row
+    /// `b` continuing sequence `ids[b]` of `cache`, as
+    /// [`FlashAttention::forward_paged`](crate::FlashAttention::forward_paged) (the cache
+    /// holds every key; the window hides the older ones). Panics on bad input
+    /// ([`try_forward_paged`](Self::try_forward_paged) returns it).
+    pub fn forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Tensor<3> {
+        self.try_forward_paged(x, cache, ids)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
+    /// [`forward_paged`](Self::forward_paged) returning bad input as an error.
+    pub fn try_forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Result<Tensor<3>, AttentionError> {
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        decode_paged(
+            &self.projection,
+            x,
+            cache,
+            ids,
+            &KeyPattern::band(self.band(), self.causal),
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             &masks,
             self.rotary_theta,
