@@ -64,12 +64,14 @@ pub(crate) struct PagedKeys {
 }
 
 impl PagedKvCache {
-    /// An empty cache of `pages` pages of `page_size` positions each (both at least 1).
+    /// An empty cache of `pages` pages of `page_size` positions each (both at least 1; the
+    /// pool's positions are indexed in 32 bits on every backend).
     pub fn new(pages: usize, page_size: usize) -> Result<Self, AttentionError> {
-        if pages == 0 || page_size == 0 {
+        if pages == 0 || page_size == 0 || pages.saturating_mul(page_size) > i32::MAX as usize {
             return Err(AttentionError::Invalid(format!(
-                "a paged cache needs at least one page of at least one position, got {pages} \
-                 pages of {page_size}"
+                "a paged cache needs at least one page of at least one position and at most \
+                 {} positions in all, got {pages} pages of {page_size}",
+                i32::MAX
             )));
         }
         Ok(Self {
@@ -252,6 +254,7 @@ impl PagedKvCache {
     }
 }
 
+/// Pool slots as an index tensor on `device`.
 fn index_tensor(indices: Vec<i64>, device: &burn::tensor::Device) -> Tensor<1, Int> {
     let len = indices.len();
     Tensor::<1, Int>::from_data(TensorData::new(indices, [len]), device)
@@ -301,6 +304,12 @@ pub(crate) fn decode_paged(
         return Err(AttentionError::Invalid(
             "a paged cache masks its own padding: masks tied to a length do not apply".into(),
         ));
+    }
+    if x.dims()[1] == 0 {
+        return Err(AttentionError::Invalid(format!(
+            "a paged decoding call needs new tokens, got input {:?}",
+            x.dims()
+        )));
     }
     if x.dims()[0] != ids.len() {
         return Err(AttentionError::Invalid(format!(
@@ -509,6 +518,14 @@ mod tests {
         let full = FlashAttentionConfig::new(32, 4).init(&cpu());
         let err = name(full.try_forward_paged(one, &mut cache, &[c]));
         assert!(err.contains("causal"), "{err}");
-        assert!(PagedKvCache::new(0, 4).is_err() && PagedKvCache::new(4, 0).is_err());
+        let err = name(m.try_forward_paged(randn([1, 0, 32], &cpu()), &mut cache, &[c]));
+        assert!(err.contains("needs new tokens"), "{err}");
+        for (pages, size) in [(0, 4), (4, 0), (1 << 20, 1 << 12)] {
+            let err = PagedKvCache::new(pages, size).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("got {pages} pages of {size}")),
+                "{err}"
+            );
+        }
     }
 }
