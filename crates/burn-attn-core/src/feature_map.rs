@@ -3,6 +3,7 @@
 
 use burn::tensor::activation::{elu, relu, sigmoid, softplus};
 use burn::tensor::Tensor;
+#[cfg(feature = "cube")]
 use burn_attn_kernels::plan::LinearMap;
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,7 @@ impl FeatureMap {
     }
 
     /// The map as the linear kernel applies it.
+    #[cfg(feature = "cube")]
     pub(crate) fn kernel_map(self) -> LinearMap {
         match self {
             FeatureMap::EluPlusOne => LinearMap::EluPlusOne,
