@@ -217,18 +217,28 @@ pub(crate) fn decode(
     masks: &AttentionMasks,
     rotary: Option<f32>,
 ) -> Result<Tensor<3>, AttentionError> {
-    if !(pattern.causal || options.causal) {
-        return Err(AttentionError::Invalid(
-            "decoding with a key/value cache needs a causal module (causal: true): without \
-             it every token sees later ones"
-                .into(),
-        ));
-    }
+    require_causal(pattern, options, "a key/value cache")?;
     let h = rotate_heads(projection.split_self(x), rotary, cache.seen());
     let keep = pattern.window.intersect(options.window).left;
     let (k, v) = cache.append(h.k, h.v, keep)?;
     let out = try_masked_attention(h.q, k, v, pattern, options, masks)?;
     Ok(projection.merge(out))
+}
+
+/// Decoding needs causal attention: a later token would change what an earlier one sees.
+/// `cache` names the cache in the error.
+pub(crate) fn require_causal(
+    pattern: &KeyPattern,
+    options: &AttentionOptions,
+    cache: &str,
+) -> Result<(), AttentionError> {
+    if pattern.causal || options.causal {
+        return Ok(());
+    }
+    Err(AttentionError::Invalid(format!(
+        "decoding with {cache} needs a causal module (causal: true): without it every token \
+         sees later ones"
+    )))
 }
 
 #[cfg(test)]

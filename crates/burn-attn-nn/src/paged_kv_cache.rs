@@ -7,6 +7,7 @@ use burn_attn_core::{
     try_masked_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern,
 };
 
+use crate::kv_cache::require_causal;
 use crate::projection::MultiHeadProjection;
 use crate::rotary::rotate;
 
@@ -293,13 +294,7 @@ pub(crate) fn decode_paged(
     masks: &AttentionMasks,
     rotary: Option<f32>,
 ) -> Result<Tensor<3>, AttentionError> {
-    if !(pattern.causal || options.causal) {
-        return Err(AttentionError::Invalid(
-            "decoding with a paged cache needs a causal module (causal: true): without it \
-             every token sees later ones"
-                .into(),
-        ));
-    }
+    require_causal(pattern, options, "a paged cache")?;
     if masks.key_padding.is_some() || masks.documents.is_some() || masks.attention_mask.is_some() {
         return Err(AttentionError::Invalid(
             "a paged cache masks its own padding: masks tied to a length do not apply".into(),
