@@ -107,9 +107,9 @@ impl PagedKvCache {
 
     /// Removes a sequence and returns its pages to the pool.
     pub fn remove_sequence(&mut self, id: SequenceId) -> Result<(), AttentionError> {
-        let sequence = self.sequence(id)?.clone();
+        self.sequence(id)?;
+        let sequence = self.sequences[id.0].take().expect("checked above");
         self.free.extend(sequence.pages.iter().rev());
-        self.sequences[id.0] = None;
         Ok(())
     }
 
@@ -198,17 +198,22 @@ impl PagedKvCache {
             .flat_map(|(&id, &len)| (len..len + new).map(move |t| (id, t)))
             .map(|(id, t)| self.slot(id, t))
             .collect();
-        // Every key of the call's sequences, the shorter ones padded at the front (with
-        // their first slot, hidden by the mask).
+        // The call's block tables (`[batch, pages of the longest]`, short ones repeating
+        // their first page) and front padding, from which the device derives every slot.
         let longest = lengths.iter().map(|len| len + new).max().unwrap_or(0);
-        let mut gathered = Vec::with_capacity(batch * longest);
-        let mut padding = Vec::with_capacity(batch * longest);
-        for (&id, &len) in ids.iter().zip(&lengths) {
-            let pad = longest - (len + new);
-            gathered.extend(std::iter::repeat_n(self.slot(id, 0), pad));
-            gathered.extend((0..len + new).map(|t| self.slot(id, t)));
-            padding.extend((0..longest).map(|j| j < pad));
-        }
+        let table_width = longest.div_ceil(self.page_size);
+        let table: Vec<i64> = ids
+            .iter()
+            .flat_map(|&id| {
+                let pages = &self.sequences[id.0].as_ref().expect("held").pages;
+                (0..table_width).map(move |i| *pages.get(i).unwrap_or(&pages[0]) as i64)
+            })
+            .collect();
+        let pads: Vec<i64> = lengths
+            .iter()
+            .map(|len| (longest - (len + new)) as i64)
+            .collect();
+        let padded = pads.iter().any(|&pad| pad > 0);
 
         let device = k.device();
         let slots = self.pages * self.page_size;
@@ -230,8 +235,20 @@ impl PagedKvCache {
                 .clone()
                 .select_assign(1, written, rows(v), IndexingUpdateOp::Assign);
 
-        let padded = padding.iter().any(|&p| p);
-        let gathered = index_tensor(gathered, &device);
+        // Key `j` of row `b` is position `j - pad_b` of its sequence (position 0 where
+        // padded, hidden by the mask).
+        let columns = Tensor::<1, Int>::arange(0..longest as i64, &device)
+            .reshape([1, longest])
+            .expand([batch, longest]);
+        let pads = Tensor::<2, Int>::from_data(TensorData::new(pads, [batch, 1]), &device)
+            .expand([batch, longest]);
+        let positions = (columns.clone() - pads.clone()).clamp_min(0);
+        let table =
+            Tensor::<2, Int>::from_data(TensorData::new(table, [batch, table_width]), &device);
+        let gathered = (table.gather(1, positions.clone().div_scalar(self.page_size as i64))
+            * self.page_size as i64
+            + positions.remainder_scalar(self.page_size as i64))
+        .reshape([batch * longest]);
         let heads = |pool: &Tensor<3>| {
             let d = pool.dims()[2];
             pool.clone()
@@ -242,9 +259,7 @@ impl PagedKvCache {
         Ok(PagedKeys {
             keys: heads(&pool.keys),
             values: heads(&pool.values),
-            padding: padded.then(|| {
-                Tensor::<2, Bool>::from_data(TensorData::new(padding, [batch, longest]), &device)
-            }),
+            padding: padded.then(|| columns.lower(pads)),
         })
     }
 

@@ -446,11 +446,17 @@ fn write_state_tiles<E: Float>(
         for nt in 0..value_tiles {
             #[unroll]
             for e in 0..4usize {
-                let offset = comptime!((mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2);
+                let offset = comptime!(state_offset(mt, nt, e, stride));
                 dst[base + offset] = E::cast_from(acc_get(s_acc, mt * value_tiles + nt, e, c_vs));
             }
         }
     }
+}
+
+/// Where accumulator element `e` of state tile (`mt`, `nt`) sits in a `[dim][value_block]`
+/// buffer of row `stride`, from the unit's base (see [`write_state_tiles`]).
+fn state_offset(mt: usize, nt: usize, e: usize, stride: usize) -> usize {
+    (mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2
 }
 
 /// Reads this plane's rows of the state from its f32 home `src` into `s_acc` (the layout of
@@ -475,7 +481,7 @@ fn read_state_tiles(
         for nt in 0..value_tiles {
             #[unroll]
             for e in 0..4usize {
-                let offset = comptime!((mt * 16 + 8 * (e / 2)) * stride + nt * 8 + e % 2);
+                let offset = comptime!(state_offset(mt, nt, e, stride));
                 acc_set(s_acc, mt * value_tiles + nt, e, c_vs, src[base + offset]);
             }
         }
