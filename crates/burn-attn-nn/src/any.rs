@@ -146,7 +146,7 @@ impl AnyAttention {
 
     /// Decoding with a key/value cache ([`KvCache`]), as the chosen mechanism's
     /// `try_forward_cache`: the exact causal mechanisms (flash, sliding window, sparse with
-    /// a local or strided pattern). Another mechanism is an error naming it.
+    /// a local or strided pattern, hybrid). Another mechanism is an error naming it.
     pub fn try_forward_cache(
         &self,
         x: Tensor<3>,
@@ -156,9 +156,10 @@ impl AnyAttention {
             Self::Flash(m) => m.try_forward_cache(x, cache),
             Self::SlidingWindow(m) => m.try_forward_cache(x, cache),
             Self::Sparse(m) => m.try_forward_cache(x, cache),
+            Self::Hybrid(m) => m.try_forward_cache(x, cache),
             _ => Err(AttentionError::Invalid(format!(
-                "{} attention does not decode with a key/value cache (flash, sliding-window \
-                 and sparse do)",
+                "{} attention does not decode with a key/value cache (flash, sliding-window, \
+                 sparse and hybrid do)",
                 self.name()
             ))),
         }
@@ -334,9 +335,9 @@ mod tests {
         }
     }
 
-    /// Flash (causal) decodes through its cache as its own module does; the sliding window
-    /// and sparse configs of the test are not causal and mechanisms without a cache form
-    /// are refused: both name the reason.
+    /// Flash (causal) decodes through its cache as its own module does; the sliding window,
+    /// sparse and hybrid configs of the test are not causal and mechanisms without a cache
+    /// form are refused: both name the reason.
     #[test]
     fn decoding_where_the_mechanism_has_it() {
         let device = cpu();
@@ -352,7 +353,7 @@ mod tests {
                 }
                 Err(err) => {
                     let err = err.to_string();
-                    let why = if matches!(any.name(), "sliding-window" | "sparse") {
+                    let why = if matches!(any.name(), "sliding-window" | "sparse" | "hybrid") {
                         "causal"
                     } else {
                         any.name()

@@ -4,11 +4,12 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionOptions, KeyPattern, Window,
+    ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::flash::{projection_config, validate_dropout};
+use crate::kv_cache::{decode, KvCache};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::sparse::SparsePattern;
 
@@ -265,6 +266,63 @@ impl HybridAttention {
         self.projection.merge(out)
     }
 
+    /// Decoding: self-attention of the next tokens `x` (`[batch, new, d_model]`) over every
+    /// token so far, whose projected keys and values `cache` holds (and then holds `x`'s
+    /// too). The core is the one chosen for the sequence so far (`cache.seen() + new`
+    /// tokens), so the rows equal the last `new` rows of [`forward`](Self::forward) over
+    /// that prefix: a generation that crosses a threshold switches core there, as a
+    /// forward over the longer sequence would. Causal modules only; the cache must keep
+    /// every key (short lengths run exact attention), and a `Random` sparse pattern does
+    /// not decode (its layout is drawn for whole lengths).
+    ///
+    /// # Errors
+    /// When the module is not causal, `cache` is rolling, the sparse core with a `Random`
+    /// pattern is chosen, or `cache` does not fit the call (naming the values).
+    pub fn try_forward_cache(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>, AttentionError> {
+        if cache.is_rolling() {
+            return Err(AttentionError::Invalid(
+                "hybrid attention needs every key (it runs exact attention at short lengths): \
+                 use KvCache::new or with_capacity, not rolling"
+                    .into(),
+            ));
+        }
+        let total = cache.seen() + x.dims()[1];
+        let choice = self.choose(total);
+        if choice == HybridChoice::Sparse {
+            if let SparsePattern::Random { .. } = self.sparse_pattern {
+                return Err(AttentionError::Invalid(format!(
+                    "hybrid attention chose its sparse core at {total} tokens, and a random \
+                     sparse pattern does not decode with a key/value cache (its block layout is \
+                     drawn for whole lengths)"
+                )));
+            }
+        }
+        let pattern = self.key_pattern(total);
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        decode(
+            &self.projection,
+            x,
+            cache,
+            &pattern,
+            &AttentionOptions::new(),
+            &masks,
+            None,
+        )
+    }
+
+    /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
+    pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
+        self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
     /// The shared projections (for exact baselines with the same weights).
     pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
@@ -297,6 +355,50 @@ mod tests {
                 local: 1,
             })
             .with_window(4)
+    }
+
+    /// Each decoding step equals the forward over the sequence so far (its last rows),
+    /// across both thresholds (flash to 8 tokens, strided sparse to 24, then the window).
+    #[test]
+    fn decoding_equals_the_forward_over_each_prefix() {
+        let module = small()
+            .with_causal(true)
+            .with_n_kv_heads(Some(1))
+            .init(&cpu());
+        let x = randn([2, 30, 16], &cpu());
+        for (mut cache, chunk) in [(KvCache::new(), 1), (KvCache::with_capacity(30), 3)] {
+            let mut start = 0;
+            while start < 30 {
+                let end = (start + chunk).min(30);
+                let got =
+                    module.forward_cache(x.clone().slice([0..2, start..end, 0..16]), &mut cache);
+                let want = module
+                    .forward(x.clone().slice([0..2, 0..end, 0..16]))
+                    .slice([0..2, start..end, 0..16]);
+                assert_close(got, want, 1e-5);
+                start = end;
+            }
+            assert_eq!(cache.seen(), 30);
+        }
+        let step = |module: &HybridAttention, mut cache: KvCache| {
+            module
+                .try_forward_cache(randn([1, 1, 16], &cpu()), &mut cache)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(step(&module, KvCache::rolling()).contains("rolling"));
+        let full = small().init(&cpu());
+        assert!(step(&full, KvCache::new()).contains("causal"));
+        let random = small()
+            .with_causal(true)
+            .with_flash_max_len(0)
+            .with_sparse_pattern(SparsePattern::Random {
+                density: 0.5,
+                block: 4,
+                seed: 3,
+            })
+            .init(&cpu());
+        assert!(step(&random, KvCache::new()).contains("random"));
     }
 
     #[test]
