@@ -115,7 +115,8 @@ impl<F: Float> PlaneMma<F> {
         }
     }
 
-    /// `acc = A B^T` over `k_chunks` chunks of 16 columns, for `n_tiles` (even) output tiles
+    /// `acc = A B^T` (for the plane's unit `lane`, as every product here) over `k_chunks`
+    /// chunks of 16 columns, for `n_tiles` (even) output tiles
     /// of 8 columns: `A` is the plane's 16 rows of `a_smem` from element `a_row0`, `B^T` the
     /// `8 * n_tiles` rows of `b_smem` from element `b_row0` (the staged buffer), both
     /// `[row][col]` with the given strides. `ldmatrix.x4` gives the `A` blocks (rows 0-7 |
@@ -124,6 +125,7 @@ impl<F: Float> PlaneMma<F> {
     #[allow(clippy::too_many_arguments)]
     pub fn a_bt(
         &mut self,
+        lane: usize,
         a_smem: &[F],
         a_row0: usize,
         b_smem: &[F],
@@ -140,7 +142,7 @@ impl<F: Float> PlaneMma<F> {
             acc[i] = Vector::new(f32::new(0.0));
         }
         self.smem_product(
-            a_smem, a_row0, b_smem, b_row0, acc, a_stride, false, b_stride, false, k_chunks,
+            lane, a_smem, a_row0, b_smem, b_row0, acc, a_stride, false, b_stride, false, k_chunks,
             1usize, n_tiles,
         );
     }
@@ -154,6 +156,7 @@ impl<F: Float> PlaneMma<F> {
     #[allow(clippy::too_many_arguments)]
     pub fn smem_product(
         &mut self,
+        lane: usize,
         a_smem: &[F],
         a0: usize,
         b_smem: &[F],
@@ -171,7 +174,6 @@ impl<F: Float> PlaneMma<F> {
         let a_vecs = def.vectors_per_lane(MatrixIdent::A);
         let b_vecs = def.vectors_per_lane(MatrixIdent::B);
         let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-        let lane = UNIT_POS_PLANE as usize;
         let ld_block = lane / 8;
         let ld_row = lane % 8;
         let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
@@ -249,6 +251,7 @@ impl<F: Float> PlaneMma<F> {
     #[allow(clippy::too_many_arguments)]
     pub fn acc_b(
         &mut self,
+        lane: usize,
         src: &Array<Vector<f32, MmaVecAcc>>,
         b_smem: &[F],
         b_row0: usize,
@@ -263,7 +266,6 @@ impl<F: Float> PlaneMma<F> {
         let b_vecs = def.vectors_per_lane(MatrixIdent::B);
         let c_vs = def.vector_size(MatrixIdent::Accumulator);
         let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-        let lane = UNIT_POS_PLANE as usize;
         let ld_block = lane / 8;
         let ld_row = lane % 8;
         #[unroll]

@@ -244,6 +244,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         if bounds.plane_sees(t0, tile_hi) {
             // S = Q K^T, dP = dO V^T.
             mma.a_bt(
+                lane,
                 &q_smem,
                 warp * 16 * d_stride,
                 &k_smem,
@@ -255,6 +256,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
                 k_tiles,
             );
             mma.a_bt(
+                lane,
                 &do_smem,
                 warp * 16 * v_stride,
                 &v_smem,
@@ -292,6 +294,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 
             // dQ += dS K (K [key][d] is B = [k][n] as stored).
             mma.acc_b(
+                lane,
                 &s_acc,
                 &k_smem,
                 k_buf,
@@ -617,6 +620,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
         if bounds.plane_sees(t0, tile_hi) {
             // S^T = K Q^T, dP^T = V dO^T.
             mma.a_bt(
+                lane,
                 &k_smem,
                 warp * 16 * d_stride,
                 &q_smem,
@@ -628,6 +632,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 q_tiles,
             );
             mma.a_bt(
+                lane,
                 &v_smem,
                 warp * 16 * v_stride,
                 &do_smem,
@@ -676,6 +681,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
 
             // dV += P^T dO, dK += dS^T Q (dO and Q [query][d] are B = [k][n] as stored).
             mma.acc_b(
+                lane,
                 &s_acc,
                 &do_smem,
                 do_buf,
@@ -685,6 +691,7 @@ pub fn flash_mma_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 dv_tiles,
             );
             mma.acc_b(
+                lane,
                 &dp_acc,
                 &q_smem,
                 q_buf,

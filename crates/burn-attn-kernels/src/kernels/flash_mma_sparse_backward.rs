@@ -294,6 +294,7 @@ pub fn flash_mma_sparse_backward_dq_kernel<F: Float, NQ: Size>(
         if t0 < seq_k as i32 && w0 < seq_q {
             // S = Q K^T, dP = dO V^T.
             mma.a_bt(
+                lane,
                 &q_smem,
                 warp * 16 * d_stride,
                 &k_smem,
@@ -305,6 +306,7 @@ pub fn flash_mma_sparse_backward_dq_kernel<F: Float, NQ: Size>(
                 k_tiles,
             );
             mma.a_bt(
+                lane,
                 &do_smem,
                 warp * 16 * v_stride,
                 &v_smem,
@@ -356,6 +358,7 @@ pub fn flash_mma_sparse_backward_dq_kernel<F: Float, NQ: Size>(
             }
             // dQ += dS K.
             mma.acc_b(
+                lane,
                 &s_acc,
                 &k_smem,
                 k_buf,
@@ -626,6 +629,7 @@ pub fn flash_mma_sparse_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
             if t0 < seq_q as i32 && w0 < seq_k {
                 // S^T = K Q^T, dP^T = V dO^T.
                 mma.a_bt(
+                    lane,
                     &k_smem,
                     warp * 16 * d_stride,
                     &q_smem,
@@ -637,6 +641,7 @@ pub fn flash_mma_sparse_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                     q_tiles,
                 );
                 mma.a_bt(
+                    lane,
                     &v_smem,
                     warp * 16 * v_stride,
                     &do_smem,
@@ -690,6 +695,7 @@ pub fn flash_mma_sparse_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                 }
                 // dV += (keep * P)^T dO, dK += dS^T Q.
                 mma.acc_b(
+                    lane,
                     &s_acc,
                     &do_smem,
                     do_buf,
@@ -699,6 +705,7 @@ pub fn flash_mma_sparse_backward_dkdv_kernel<F: Float, NK: Size, NV: Size>(
                     dv_tiles,
                 );
                 mma.acc_b(
+                    lane,
                     &dp_acc,
                     &q_smem,
                     q_buf,

@@ -200,34 +200,49 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         units,
         mode,
     );
+    let mut zero_s = Shared::<[u32]>::new_slice(1usize);
+    if tid == 0 {
+        zero_s[0] = 0u32;
+    }
     // Initialising the barrier synchronises the cube.
     let copies = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let out_row0 = (batch * heads + h) * rows;
 
     let mut t0 = start;
     while t0 < end {
+        // The unit's indices again, through a zero read from shared memory: derived from the
+        // launch's indices alone, the walk's fragment and copy addresses (inline-asm
+        // operands, a register each, about 130) are hoisted out of it and the kernel spills.
+        let zero = zero_s[0] as usize;
+        let lane_c = lane + zero;
+        let warp_c = warp + zero;
+        let tid_c = warp_c * 32 + lane_c;
+        let g_c = lane_c / 4;
+        let q4_c = lane_c % 4;
+        let s_row0_c = warp_c * 16 * s_tiles;
+
         // 1. Stage the chunk.
         if comptime!(async_copy) {
             stage_chunk_async::<F>(
                 a, b, c, a_rows, b_rows, c_rows, &mut a_s, &mut b_s, &mut c_s, &copies, t0, end,
-                v0, tid, tiles, mode,
+                v0, tid_c, tiles, mode,
             );
         } else {
             stage_chunk_sync::<F>(
                 a, b, c, a_rows, b_rows, c_rows, &mut a_s, &mut b_s, &mut c_s, t0, end, v0, dim,
-                value_dim, tid, tiles, mode,
+                value_dim, tid_c, tiles, mode,
             );
         }
         if comptime!(mode.reads_scalars()) {
             stage_row_scalars(
-                extra, batch, extra_head, rows, end, &mut e_s, t0, tid, chunk, reverse,
+                extra, batch, extra_head, rows, end, &mut e_s, t0, tid_c, chunk, reverse,
             );
         }
         sync_cube();
 
         // 2. This plane's 16 rows.
         if comptime!(mode.outputs) {
-            let r0 = warp * 16;
+            let r0 = warp_c * 16;
             let mut o_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(value_tiles * c_vecs));
             #[unroll]
             for i in 0..comptime!(value_tiles * c_vecs) {
@@ -238,6 +253,7 @@ pub fn linear_chunk_mma_kernel<F: Float>(
             score_sum[0] = f32::new(0.0);
             score_sum[1] = f32::new(0.0);
             mma.smem_product(
+                lane_c,
                 &a_s,
                 r0 * a_stride,
                 &s_f,
@@ -258,6 +274,7 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                     p_acc[i] = Vector::new(f32::new(0.0));
                 }
                 mma.smem_product(
+                    lane_c,
                     &a_s,
                     r0 * a_stride,
                     &b_s,
@@ -275,8 +292,8 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 for nt in 0..key_tiles {
                     #[unroll]
                     for e in 0..4usize {
-                        let row = r0 + g + 8 * (e / 2);
-                        let key = nt * 8 + 2 * q4 + e % 2;
+                        let row = r0 + g_c + 8 * (e / 2);
+                        let key = nt * 8 + 2 * q4_c + e % 2;
                         let mut score = acc_get(&p_acc, nt, e, c_vs);
                         if comptime!(mode.extra == LinearExtra::Rows) {
                             score += e_s[row];
@@ -292,6 +309,7 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                     }
                 }
                 mma.acc_b(
+                    lane_c,
                     &p_acc,
                     &c_s,
                     0usize,
@@ -303,14 +321,14 @@ pub fn linear_chunk_mma_kernel<F: Float>(
             }
             #[unroll]
             for half in 0..2usize {
-                let row = r0 + g + 8 * half;
+                let row = r0 + g_c + 8 * half;
                 let mut divisor = f32::new(1.0);
                 if comptime!(mode.normalise) {
                     // `a . z` over the quad's four interleaved quarters of the head dim (the
                     // quad reads consecutive words), plus the scores.
                     let mut sum = f32::new(0.0);
                     for i in 0..comptime!(tiles.dim_pad / 4) {
-                        let d = 4 * i + q4;
+                        let d = 4 * i + q4_c;
                         sum += f32::cast_from(a_s[row * a_stride + d]) * z_s[d];
                     }
                     sum += score_sum[half];
@@ -328,20 +346,20 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 let t = t0 + row;
                 if t < end {
                     let at_row = if reverse { rows - 1 - t } else { t };
-                    let out_at = (out_row0 + at_row) * value_dim + v0 + 2 * q4;
+                    let out_at = (out_row0 + at_row) * value_dim + v0 + 2 * q4_c;
                     #[unroll]
                     for nt in 0..value_tiles {
                         #[unroll]
                         for e2 in 0..2usize {
                             let mut value = acc_get(&o_acc, nt, half * 2 + e2, c_vs);
                             if has_extra {
-                                value += weight * x_s[2 * q4 + comptime!(nt * 8 + e2)];
+                                value += weight * x_s[2 * q4_c + comptime!(nt * 8 + e2)];
                             }
                             out[out_at + comptime!(nt * 8 + e2)] = F::cast_from(value / divisor);
                         }
                     }
                     if comptime!(mode.normalise) {
-                        if q4 == 0 && v0 == 0 {
+                        if q4_c == 0 && v0 == 0 {
                             let at =
                                 batch * den.stride(0) + h * den.stride(1) + at_row * den.stride(2);
                             den[at] = divisor;
@@ -354,11 +372,12 @@ pub fn linear_chunk_mma_kernel<F: Float>(
         // 3. The state takes the chunk (its rounded copy and vectors after every read).
         if comptime!(mode.update) {
             if comptime!(home_in_smem) {
-                read_state_tiles(&s_home, &mut s_acc, s_row0, g, q4, tiles, c_vs);
+                read_state_tiles(&s_home, &mut s_acc, s_row0_c, g_c, q4_c, tiles, c_vs);
             }
             mma.smem_product(
+                lane_c,
                 &b_s,
-                s_row0,
+                s_row0_c,
                 &c_s,
                 0usize,
                 &mut s_acc,
@@ -371,14 +390,14 @@ pub fn linear_chunk_mma_kernel<F: Float>(
                 value_tiles,
             );
             if comptime!(home_in_smem) {
-                write_state_tiles::<f32>(&s_acc, &mut s_home, s_row0, g, q4, tiles, c_vs);
+                write_state_tiles::<f32>(&s_acc, &mut s_home, s_row0_c, g_c, q4_c, tiles, c_vs);
             }
             sync_cube();
             if comptime!(mode.outputs) {
-                write_state_tiles::<F>(&s_acc, &mut s_f, s_row0, g, q4, tiles, c_vs);
+                write_state_tiles::<F>(&s_acc, &mut s_f, s_row0_c, g_c, q4_c, tiles, c_vs);
             }
             update_state_vectors::<F>(
-                &b_s, &c_s, &e_s, &mut z_s, &mut x_s, tid, a_stride, 1usize, c_stride, chunk, dp,
+                &b_s, &c_s, &e_s, &mut z_s, &mut x_s, tid_c, a_stride, 1usize, c_stride, chunk, dp,
                 bv, units, mode,
             );
         }
