@@ -17,12 +17,11 @@ use crate::shape::{repeat_kv, AttentionShape};
 /// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
 /// which implementation may serve it.
 ///
-/// On WGPU the chunked kernel serves the call where it takes it (see
+/// On WGPU and CUDA the chunked kernel serves the call where it takes it (see
 /// [`Implementation::LinearChunk`](crate::Implementation::LinearChunk)); on CUDA its
 /// matrix-unit form serves bf16 calls at head dims 64 and 128 (value dims a multiple of 64;
-/// [`Implementation::LinearChunkMma`](crate::Implementation::LinearChunkMma)), and the
-/// portable one only calls with [`KernelPolicy::Require`] until its CUDA check has passed;
-/// elsewhere, and where they decline, the tensor ops do.
+/// [`Implementation::LinearChunkMma`](crate::Implementation::LinearChunkMma)); elsewhere,
+/// and where they decline, the tensor ops do.
 #[derive(Debug, Clone)]
 pub struct LinearOptions {
     /// The feature map to apply to the queries and keys the call takes (fused into the

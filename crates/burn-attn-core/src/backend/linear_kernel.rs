@@ -13,7 +13,7 @@ use burn::backend::autodiff::{
 };
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
 use burn::tensor::{DType, Tensor};
-use burn_attn_kernels::plan::{plan_linear, RuntimeKind, Unsupported};
+use burn_attn_kernels::plan::{plan_linear, Unsupported};
 
 use super::cube_impl::precision_of;
 use super::linear_passes::Direction;
@@ -124,16 +124,6 @@ pub(crate) fn linear_kernel_attention(
     let (matrix_forward, matrix_backward) =
         plan_call(shape, dtypes, &call, &caps).map_err(|why| decline(Decline::Kernel(why)))?;
     call.matrix_backward = matrix_backward;
-    // On CUDA the portable kernel serves only calls that require it, until its CUDA grid
-    // has run (it has run on WGPU; the matrix-unit kernel's has run on CUDA).
-    let portable = !(matrix_forward && matrix_backward);
-    if portable && caps.runtime == RuntimeKind::Cuda && options.kernel != KernelPolicy::Require {
-        return Err(decline(Decline::Kernel(Unsupported::Runtime {
-            got: caps.runtime_name,
-            needs: "KernelPolicy::Require for the portable linear kernel on CUDA until its \
-                    CUDA check has run",
-        })));
-    }
     report(
         options.log.as_ref(),
         Dispatch {
