@@ -22,6 +22,7 @@ mod backend;
 mod backward;
 mod block_mask;
 mod block_mask_cache;
+mod context_parallel;
 mod dispatch;
 mod error;
 mod feature_map;
@@ -42,6 +43,9 @@ pub use backend::{
 pub use backward::tiled_band_backward;
 pub use block_mask::{BlockCover, BlockGrid, BlockMask};
 pub use block_mask_cache::BlockMaskCache;
+pub use context_parallel::{
+    context_parallel_attention, try_context_parallel_attention, SequenceSlice,
+};
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };
