@@ -4,8 +4,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    alibi_slopes, ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions,
-    BlockMaskCache, DocumentIds, KeyPattern, Window,
+    alibi_slopes, ensure, masked_attention, try_context_parallel_attention, AttentionError,
+    AttentionMasks, AttentionOptions, BlockMaskCache, DocumentIds, KeyPattern, SequenceSlice,
+    Window,
 };
 
 use crate::input::AttentionInput;
@@ -286,6 +287,61 @@ impl FlashAttention {
         )
     }
 
+    /// Context-parallel self-attention: one sequence split into contiguous slices
+    /// (`[batch, rows, d_model]` each, in order, each on its peer's device), every peer
+    /// computing its own rows. The projections run on each peer (this module's weights
+    /// copied there; under autodiff their gradients return to this module's), rotary
+    /// embeddings at the slice's positions, and the core through
+    /// [`try_context_parallel_attention`] (each peer gathers the key and value rows its
+    /// queries see). The outputs, concatenated, equal [`forward`](Self::forward) over the
+    /// whole sequence.
+    ///
+    /// # Errors
+    /// A module with ALiBi, a softcap or dropout (not in the context-parallel core), and
+    /// slices the core rejects (naming the values).
+    pub fn try_forward_context_parallel(
+        &self,
+        slices: Vec<Tensor<3>>,
+    ) -> Result<Vec<Tensor<3>>, AttentionError> {
+        if self.alibi || self.softcap.is_some() || self.dropout > 0.0 {
+            return Err(AttentionError::Invalid(format!(
+                "context-parallel attention takes no ALiBi, softcap or dropout yet (this \
+                 module: alibi {}, softcap {:?}, dropout {})",
+                self.alibi, self.softcap, self.dropout
+            )));
+        }
+        let mut start = 0;
+        let mut peers = Vec::with_capacity(slices.len());
+        for x in slices {
+            let projection = self.projection.clone().to_device(&x.device());
+            let rows = x.dims()[1];
+            let h = rotate_heads(projection.split_self(x), self.rotary_theta, start);
+            start += rows;
+            peers.push((
+                projection,
+                SequenceSlice {
+                    q: h.q,
+                    k: h.k,
+                    v: h.v,
+                },
+            ));
+        }
+        let parts: Vec<SequenceSlice> = peers.iter().map(|(_, part)| part.clone()).collect();
+        let outs = try_context_parallel_attention(&parts, &self.options())?;
+        Ok(peers
+            .into_iter()
+            .zip(outs)
+            .map(|((projection, _), out)| projection.merge(out))
+            .collect())
+    }
+
+    /// [`try_forward_context_parallel`](Self::try_forward_context_parallel), panicking on
+    /// its error.
+    pub fn forward_context_parallel(&self, slices: Vec<Tensor<3>>) -> Vec<Tensor<3>> {
+        self.try_forward_context_parallel(slices)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
     /// `masks` with the module's score modifiers (ALiBi slopes, softcap), where it has them.
     fn with_score_modifiers(&self, mut masks: AttentionMasks) -> AttentionMasks {
         if self.alibi {
@@ -368,6 +424,50 @@ mod tests {
     use super::*;
     use crate::test_util::*;
     use burn::tensor::Int;
+
+    /// Context-parallel slices give the whole forward's rows, and the same gradients of the
+    /// input and of the weights (causal with rotary and GQA; a two-sided window); a module
+    /// with ALiBi is refused, naming it.
+    #[test]
+    fn context_parallel_slices_equal_the_whole_forward() {
+        let device = cpu_ad();
+        for config in [
+            FlashAttentionConfig::new(32, 4)
+                .with_n_kv_heads(Some(2))
+                .with_causal(true)
+                .with_rotary_theta(Some(100.0)),
+            FlashAttentionConfig::new(32, 4)
+                .with_window_left(Some(5))
+                .with_window_right(Some(3)),
+        ] {
+            let module = config.init(&device);
+            let x = randn([2, 21, 32], &device).require_grad();
+            let w = randn([2, 21, 32], &device);
+            let want = module.forward(x.clone());
+            let want_grads = (want.clone() * w.clone()).sum().backward();
+            let x2 = x.clone().detach().require_grad();
+            let slices = [0..6, 6..13, 13..21]
+                .map(|rows| x2.clone().slice([0..2, rows, 0..32]))
+                .to_vec();
+            let got = Tensor::cat(module.forward_context_parallel(slices), 1);
+            let grads = (got.clone() * w).sum().backward();
+            assert_close(got, want, 1e-5);
+            assert_close(x2.grad(&grads).unwrap(), x.grad(&want_grads).unwrap(), 1e-5);
+            let weight = module.projection.query.weight.val();
+            assert_close(
+                weight.grad(&grads).unwrap(),
+                weight.grad(&want_grads).unwrap(),
+                1e-5,
+            );
+        }
+        let err = FlashAttentionConfig::new(32, 4)
+            .with_alibi(true)
+            .init(&cpu())
+            .try_forward_context_parallel(vec![randn([1, 4, 32], &cpu())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alibi true"), "{err}");
+    }
 
     /// ALiBi: the module equals the dense reference with `-slope_h * |i - j|` added to
     /// each head's scores (causal, GQA, 6 heads: slopes of 4 and 8 heads interleaved), and
