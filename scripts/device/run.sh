@@ -30,6 +30,9 @@
 #   linear-profile  Nsight Compute on the linear kernels' first launches at n = 16384
 #             (registers, local-memory spills, occupancy, throughput; LINEAR_PROFILE_ARGS
 #             passes bench options)
+#   linear-peer-profile  Nsight Compute times of flash-linear-attention's kernels, one
+#             forward and one training step at n = 16384 (scripts/peers/fla_profile.py;
+#             WHEELS as for `linear`), for kernel-for-kernel ratios beside linear-profile
 #   sources   the CUDA source CubeCL generates for every kernel a run compiles, into
 #             $OUT/cubecl-sources.log.xz (SOURCES_ARGS: the bench command after
 #             `burn-attn-bench`; default one linear step and one flash training step at
@@ -112,6 +115,15 @@ for step in "$@"; do
         --calls 1 --flash-up-to 1 ${LINEAR_PROFILE_ARGS:-} > "$OUT/linear-profile.log" 2>&1
       grep -E "linear_chunk|Duration|Registers Per|Spilling Requests  |Achieved Occupancy" \
         "$OUT/linear-profile.log" ;;
+    linear-peer-profile)
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
+      if [ -n "${WHEELS:-}" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla-site "$WHEELS"/*.whl &&
+          export PYTHONPATH=/tmp/fla-site${PYTHONPATH:+:$PYTHONPATH}
+      fi
+      timeout 300 "$NCU" --nvtx --nvtx-include "measure/" --metrics gpu__time_duration.sum \
+        python3 scripts/peers/fla_profile.py ${FLA_PROFILE_LENGTHS:-16384} > "$OUT/linear-peer-profile.log" 2>&1
+      grep -E "^===|^  [a-zA-Z_]|gpu__time_duration" "$OUT/linear-peer-profile.log" ;;
     sources)
       rm -f "$OUT/cubecl-sources.log"
       CUBECL_DEBUG_LOG="$OUT/cubecl-sources.log" timeout 300 "$BIN/burn-attn-bench" \
@@ -141,6 +153,6 @@ for step in "$@"; do
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;
-    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile compare durations sanitize)"; exit 2 ;;
+    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile linear-peer-profile sources compare durations sanitize)"; exit 2 ;;
   esac
 done
