@@ -196,6 +196,23 @@ impl AnyAttention {
             .unwrap_or_else(|err| panic!("burn-attn: {err}"))
     }
 
+    /// Context-parallel self-attention over contiguous slices of one sequence on their
+    /// peers' devices, as the chosen mechanism's `try_forward_context_parallel`: flash and
+    /// sliding window. Another mechanism is an error naming it.
+    pub fn try_forward_context_parallel(
+        &self,
+        slices: Vec<Tensor<3>>,
+    ) -> Result<Vec<Tensor<3>>, AttentionError> {
+        match self {
+            Self::Flash(m) => m.try_forward_context_parallel(slices),
+            Self::SlidingWindow(m) => m.try_forward_context_parallel(slices),
+            _ => Err(AttentionError::Invalid(format!(
+                "{} attention has no context-parallel form (flash and sliding-window do)",
+                self.name()
+            ))),
+        }
+    }
+
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
         self.try_forward_cache(x, cache)
@@ -331,6 +348,41 @@ mod tests {
                     assert_eq!(out.dims(), [2, 5, d]);
                 }
                 Err(_) => assert!(!any.supports_cross(), "{} panicked", any.name()),
+            }
+        }
+    }
+
+    /// Flash and the sliding window run context-parallel slices to their own forward's
+    /// rows; every other mechanism is refused, naming it.
+    #[test]
+    fn context_parallel_where_the_mechanism_has_it() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let x = seeded_input([1, 9, d], 5, &device);
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            let slices = vec![
+                x.clone().slice([0..1, 0..4, 0..d]),
+                x.clone().slice([0..1, 4..9, 0..d]),
+            ];
+            match any.try_forward_context_parallel(slices) {
+                Ok(outs) => {
+                    assert!(
+                        matches!(any.name(), "flash" | "sliding-window"),
+                        "{}",
+                        any.name()
+                    );
+                    let got = Tensor::cat(outs, 1);
+                    assert!(
+                        max_abs_diff(got, any.forward(x.clone())) < 1e-5,
+                        "{}",
+                        any.name()
+                    );
+                }
+                Err(err) => {
+                    let err = err.to_string();
+                    assert!(err.contains(any.name()), "{}: {err}", any.name());
+                }
             }
         }
     }

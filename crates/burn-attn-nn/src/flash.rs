@@ -4,11 +4,11 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    alibi_slopes, ensure, masked_attention, try_context_parallel_attention, AttentionError,
-    AttentionMasks, AttentionOptions, BlockMaskCache, DocumentIds, KeyPattern, SequenceSlice,
-    Window,
+    alibi_slopes, ensure, masked_attention, AttentionError, AttentionMasks, AttentionOptions,
+    BlockMaskCache, DocumentIds, KeyPattern, Window,
 };
 
+use crate::context_parallel::{attend_context_parallel, unsupported_masks};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
@@ -292,8 +292,8 @@ impl FlashAttention {
     /// computing its own rows. The projections run on each peer (this module's weights
     /// copied there; under autodiff their gradients return to this module's), rotary
     /// embeddings at the slice's positions, and the core through
-    /// [`try_context_parallel_attention`] (each peer gathers the key and value rows its
-    /// queries see). The outputs, concatenated, equal [`forward`](Self::forward) over the
+    /// [`try_context_parallel_attention`](burn_attn_core::try_context_parallel_attention)
+    /// (each peer gathers the key and value rows its queries see). The outputs, concatenated, equal [`forward`](Self::forward) over the
     /// whole sequence.
     ///
     /// # Errors
@@ -304,35 +304,12 @@ impl FlashAttention {
         slices: Vec<Tensor<3>>,
     ) -> Result<Vec<Tensor<3>>, AttentionError> {
         if self.alibi || self.softcap.is_some() || self.dropout > 0.0 {
-            return Err(AttentionError::Invalid(format!(
-                "context-parallel attention takes no ALiBi, softcap or dropout yet (this \
-                 module: alibi {}, softcap {:?}, dropout {})",
+            return Err(unsupported_masks(format!(
+                "alibi {}, softcap {:?}, dropout {}",
                 self.alibi, self.softcap, self.dropout
             )));
         }
-        let mut start = 0;
-        let mut peers = Vec::with_capacity(slices.len());
-        for x in slices {
-            let projection = self.projection.clone().to_device(&x.device());
-            let rows = x.dims()[1];
-            let h = rotate_heads(projection.split_self(x), self.rotary_theta, start);
-            start += rows;
-            peers.push((
-                projection,
-                SequenceSlice {
-                    q: h.q,
-                    k: h.k,
-                    v: h.v,
-                },
-            ));
-        }
-        let parts: Vec<SequenceSlice> = peers.iter().map(|(_, part)| part.clone()).collect();
-        let outs = try_context_parallel_attention(&parts, &self.options())?;
-        Ok(peers
-            .into_iter()
-            .zip(outs)
-            .map(|((projection, _), out)| projection.merge(out))
-            .collect())
+        attend_context_parallel(&self.projection, slices, &self.options(), self.rotary_theta)
     }
 
     /// [`try_forward_context_parallel`](Self::try_forward_context_parallel), panicking on

@@ -8,6 +8,7 @@ pub mod adaptive_window;
 pub mod any;
 pub mod causal_linear;
 pub mod complexity;
+mod context_parallel;
 pub mod flash;
 mod from_burn_nn;
 pub mod hybrid;

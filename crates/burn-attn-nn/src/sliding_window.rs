@@ -8,6 +8,7 @@ use burn_attn_core::{
     KeyPattern, Window,
 };
 
+use crate::context_parallel::{attend_context_parallel, unsupported_masks};
 use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
@@ -232,6 +233,34 @@ impl SlidingWindowAttention {
         )
     }
 
+    /// Context-parallel self-attention over contiguous slices of one sequence on their
+    /// peers' devices, as
+    /// [`FlashAttention::try_forward_context_parallel`](crate::FlashAttention::try_forward_context_parallel):
+    /// each peer gathers only the rows of its neighbours inside the window.
+    ///
+    /// # Errors
+    /// A module with dropout (not in the context-parallel core), and slices the core
+    /// rejects (naming the values).
+    pub fn try_forward_context_parallel(
+        &self,
+        slices: Vec<Tensor<3>>,
+    ) -> Result<Vec<Tensor<3>>, AttentionError> {
+        if self.dropout > 0.0 {
+            return Err(unsupported_masks(format!("dropout {}", self.dropout)));
+        }
+        let options = AttentionOptions::new()
+            .with_window(self.band())
+            .with_causal(self.causal);
+        attend_context_parallel(&self.projection, slices, &options, self.rotary_theta)
+    }
+
+    /// [`try_forward_context_parallel`](Self::try_forward_context_parallel), panicking on
+    /// its error.
+    pub fn forward_context_parallel(&self, slices: Vec<Tensor<3>>) -> Vec<Tensor<3>> {
+        self.try_forward_context_parallel(slices)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
     /// The shared projections (for exact baselines with the same weights).
     pub fn projection(&self) -> &MultiHeadProjection {
         &self.projection
@@ -243,6 +272,31 @@ mod tests {
     use super::*;
     use crate::test_util::*;
     use burn_attn_core::reference_attention;
+
+    /// Context-parallel slices give the whole forward's rows (causal window with rotary,
+    /// and a symmetric window over slices shorter than it).
+    #[test]
+    fn context_parallel_slices_equal_the_whole_forward() {
+        for (window, causal, cuts) in [(6, true, vec![5, 8, 7]), (9, false, vec![3, 3, 4, 10])] {
+            let module = SlidingWindowAttentionConfig::new(32, 4)
+                .with_window(window)
+                .with_causal(causal)
+                .with_rotary_theta(Some(100.0))
+                .init(&cpu());
+            let n: usize = cuts.iter().sum();
+            let x = randn([2, n, 32], &cpu());
+            let mut at = 0;
+            let slices = cuts
+                .iter()
+                .map(|&rows| {
+                    at += rows;
+                    x.clone().slice([0..2, at - rows..at, 0..32])
+                })
+                .collect();
+            let got = Tensor::cat(module.forward_context_parallel(slices), 1);
+            assert_close(got, module.forward(x), 1e-5);
+        }
+    }
 
     #[test]
     fn input_masks_equal_the_reference() {
