@@ -33,6 +33,10 @@
 #   linear-peer-profile  Nsight Compute times of flash-linear-attention's kernels, one
 #             forward and one training step at n = 16384 (scripts/peers/fla_profile.py;
 #             WHEELS as for `linear`), for kernel-for-kernel ratios beside linear-profile
+#   backward-profile  Nsight Compute sections (throughput, occupancy, warp stall reasons,
+#             memory and shared-memory tables) of one dQ and one dK/dV launch at n = 4096
+#             full and causal (BACKWARD_PROFILE_CASES, `|`-separated; BACKWARD_PROFILE_ARGS
+#             passes plan options such as `--plan-dq-pass`), into $OUT/backward-profile-*.log
 #   sources   the CUDA source CubeCL generates for every kernel a run compiles, into
 #             $OUT/cubecl-sources.log.xz (SOURCES_ARGS: the bench command after
 #             `burn-attn-bench`; default one linear step and one flash training step at
@@ -115,6 +119,19 @@ for step in "$@"; do
         --calls 1 --flash-up-to 1 ${LINEAR_PROFILE_ARGS:-} > "$OUT/linear-profile.log" 2>&1
       grep -E "linear_chunk|Duration|Registers Per|Spilling Requests  |Achieved Occupancy" \
         "$OUT/linear-profile.log" ;;
+    backward-profile)
+      if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
+      IFS='|' read -ra cases <<< "${BACKWARD_PROFILE_CASES:-n=4096 d=128 full|n=4096 d=128 causal}"
+      for case in "${cases[@]}"; do
+        log="$OUT/backward-profile-$(echo "$case" | tr -c 'a-z0-9' '-').log"
+        timeout 300 "$NCU" -k regex:flash_mma_backward --launch-skip 4 --launch-count 2 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis \
+          --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
+          $BENCH --backward --repeats 3 --calls 1 --only "$case" ${BACKWARD_PROFILE_ARGS:-} > "$log" 2>&1
+        echo "-- $case"
+        grep -E "flash_mma_backward|Duration|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued|Issued Ipc|Bank Conflicts|Compute \(SM\) Throughput|Memory Throughput" "$log" | head -60
+      done ;;
     linear-peer-profile)
       if [ -z "$NCU" ]; then echo "no ncu on this machine"; continue; fi
       if [ -n "${WHEELS:-}" ]; then
@@ -153,6 +170,6 @@ for step in "$@"; do
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
       done ;;
-    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile linear-peer-profile sources compare durations sanitize)"; exit 2 ;;
+    *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile linear-peer-profile backward-profile sources compare durations sanitize)"; exit 2 ;;
   esac
 done
