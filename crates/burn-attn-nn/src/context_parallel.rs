@@ -22,27 +22,24 @@ pub(crate) fn attend_context_parallel(
     rotary: Option<f32>,
 ) -> Result<Vec<Tensor<3>>, AttentionError> {
     let mut start = 0;
-    let mut peers = Vec::with_capacity(slices.len());
+    let (mut projections, mut parts) = (Vec::new(), Vec::new());
     for x in slices {
         let projection = projection.clone().to_device(&x.device());
         let rows = x.dims()[1];
         let h = rotate_heads(projection.split_self(x), rotary, start);
         start += rows;
-        peers.push((
-            projection,
-            SequenceSlice {
-                q: h.q,
-                k: h.k,
-                v: h.v,
-            },
-        ));
+        projections.push(projection);
+        parts.push(SequenceSlice {
+            q: h.q,
+            k: h.k,
+            v: h.v,
+        });
     }
-    let parts: Vec<SequenceSlice> = peers.iter().map(|(_, part)| part.clone()).collect();
     let outs = try_context_parallel_attention(&parts, options)?;
-    Ok(peers
+    Ok(projections
         .into_iter()
         .zip(outs)
-        .map(|((projection, _), out)| projection.merge(out))
+        .map(|(projection, out)| projection.merge(out))
         .collect())
 }
 
