@@ -11,8 +11,8 @@
 //! Each step splits every sequence into `--peers` contiguous slices, puts slice `p` on
 //! device `p % gpus` (on the CPU all peers share the one device) and runs the model slice
 //! by slice: the per-token layers on each slice's device with the weights copied there,
-//! attention through `FlashAttention::forward_context_parallel` (each peer gathers the keys
-//! and values its queries see). The loss is the sum over slices; its gradients return to
+//! attention through `FlashAttention::forward_context_parallel` (key/value blocks visit the
+//! peers one at a time). The loss is the sum over slices; its gradients return to
 //! the one set of weights. At the end the split forward is compared with the whole-sequence
 //! forward of the same model, and the accuracy on the repeated half is printed.
 

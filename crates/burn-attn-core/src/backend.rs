@@ -59,6 +59,30 @@ pub trait AttentionBackend: Backend {
         d_out: FloatTensor<Self>,
         options: AttentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradient tap of one key block of a merged attention row (the ring form of
+    /// context-parallel attention): returns `carried` unchanged. Under autodiff its backward
+    /// passes the output gradient on to `carried` and adds the block's share of the
+    /// gradients: [`AttentionBackend::banded_attention_backward`] of `q` (rows
+    /// `rows_start..rows_start + q's rows` of `carried`) against this block's `k` and `v`
+    /// (on their owner's device; copied to `q`'s for the backward, and their gradients
+    /// copied back), with the merged rows' `out` and `lse`. Probabilities recomputed with
+    /// the merged lse are this block's part of the whole row's, so the shares of every
+    /// block sum to the gradients of one call over all of them.
+    #[allow(clippy::too_many_arguments)]
+    fn banded_attention_block_tap(
+        carried: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        rows_start: usize,
+        options: AttentionOptions,
+    ) -> FloatTensor<Self> {
+        let _ = (q, k, v, out, lse, rows_start, options);
+        carried
+    }
 }
 
 /// The tiled tensor-op path for a band (the lse in the inputs' dtype): the implementation
@@ -155,6 +179,38 @@ fn extension_serves(kind: &DispatchTensorKind) -> bool {
         DispatchTensorKind::Autodiff(inner) => extension_serves(inner),
         _ => false,
     }
+}
+
+/// Whether this crate's backend extension serves `t`'s backend.
+pub(crate) fn extension_serves_tensor(t: &Tensor<4>) -> bool {
+    extension_serves(&t.clone().into_dispatch().kind)
+}
+
+/// [`AttentionBackend::banded_attention_block_tap`] through Burn's dispatch (backends the
+/// extension serves; see [`extension_serves_tensor`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn block_tap(
+    carried: Tensor<4>,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<3>,
+    rows_start: usize,
+    options: AttentionOptions,
+) -> Tensor<4> {
+    Tensor::from_dispatch(
+        <burn::backend::Dispatch as AttentionBackend>::banded_attention_block_tap(
+            carried.into_dispatch(),
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            out.into_dispatch(),
+            lse.into_dispatch(),
+            rows_start,
+            options,
+        ),
+    )
 }
 
 /// The banded op through Burn's dispatch (the extension where it serves the backend, the

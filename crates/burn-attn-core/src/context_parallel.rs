@@ -1,21 +1,34 @@
 //! Context-parallel exact attention: one sequence split into contiguous slices, one per
 //! peer (a device), each peer computing its own queries' rows.
 //!
-//! This is the all-gather form (as Llama 3 trained): each peer copies onto its device the
-//! keys and values its queries can see — under a causal band its own slice and the earlier
-//! ones, under a window only its neighbours' rows inside the window — and runs the
-//! attention op on its queries against them. The band is re-expressed for the gathered
-//! keys so each peer's call is one ordinary (bottom-right aligned) attention call: its
-//! kernels, its masks' tile skipping. Copies and slices are differentiable, so under
-//! autodiff each key's and value's gradient flows back to the peer that owns it.
+//! Two forms ([`ContextParallelForm`]):
+//! - **Ring** (the default): key/value blocks visit the peers one at a time, each visit one
+//!   attention call of the peer's queries that see the block, and the partial rows merge by
+//!   their log-sum-exp. A peer holds its own slice, its merged rows and one visiting block
+//!   (the next one's copy issued before the current one is computed), so the sequence that
+//!   fits grows with the number of peers. The backward revisits the blocks: each block's
+//!   share of the gradients is the op's backward against that block with the merged rows'
+//!   output and log-sum-exp ([`AttentionBackend::banded_attention_block_tap`]), and its dK/dV
+//!   return to the block's owner.
+//! - **All-gather** (as Llama 3 trained): each peer copies onto its device every key and value
+//!   row its queries can see and runs one call; fewer, larger calls, but a causal peer holds
+//!   every earlier slice's keys and values.
 //!
-//! What it does not do (yet): the ring form, where key/value blocks travel between
-//! neighbours step by step and partial rows merge by log-sum-exp, so a peer never holds
-//! more than two blocks; here a causal peer holds every earlier slice's keys and values.
+//! Either way each call is one ordinary (bottom-right aligned) attention call with the band
+//! re-expressed for the keys it is given, so the calls keep the kernels and their tile
+//! skipping, and a causal band or a window skips the blocks it hides.
+//!
+//! [`AttentionBackend::banded_attention_block_tap`]: crate::AttentionBackend::banded_attention_block_tap
 
-use burn::tensor::{Device, Tensor};
+use std::ops::Range;
 
-use crate::{try_attention, AttentionError, AttentionOptions, AttentionShape, Window};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::backend::block_tap;
+
+use crate::{
+    try_attention, try_attention_with_lse, AttentionError, AttentionOptions, AttentionShape, Window,
+};
 
 /// One peer's contiguous slice of a sequence: its rows of the queries, keys and values
 /// (`[batch, heads, rows, head_dim]`, `[batch, kv_heads, rows, head_dim]` and `[batch,
@@ -28,6 +41,19 @@ pub struct SequenceSlice {
     pub k: Tensor<4>,
     /// Values of the slice's rows.
     pub v: Tensor<4>,
+}
+
+/// How context-parallel attention moves keys and values between peers (see the
+/// [module](self) docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContextParallelForm {
+    /// Key/value blocks visit the peers one at a time; partial rows merge by log-sum-exp (in
+    /// f32). A peer holds its slice and one visiting block at a time. On backends that this
+    /// crate's backend extension does not serve, calls run [`ContextParallelForm::AllGather`].
+    #[default]
+    Ring,
+    /// Each peer gathers every key and value row its queries see and runs one call.
+    AllGather,
 }
 
 /// The keys one peer needs: rows `lo..=hi` of the whole sequence, and the band that
@@ -63,14 +89,11 @@ fn peer_keys(start: usize, end: usize, n: usize, band: Window) -> PeerKeys {
 
 /// Context-parallel self-attention over `slices`, the contiguous slices of one sequence in
 /// order (slice `p` holds the rows after slice `p - 1`'s; any lengths, each on its peer's
-/// device): each peer's output rows `[batch, heads, rows, value_dim]`, on its device, equal
-/// to the rows of [`attention`](crate::attention) over the whole sequence with `options`
-/// (causal, windows, GQA, scale).
-///
-/// Each peer copies the key and value rows its queries can see from the slices that hold
-/// them onto its own device (under a causal band: its own slice and the earlier ones; under
-/// a window: the rows inside it), then runs one attention call. Under autodiff the
-/// gradients of those rows return to the slices they came from.
+/// device), in the default [`ContextParallelForm::Ring`]: each peer's output rows `[batch,
+/// heads, rows, value_dim]`, on its device, equal to the rows of
+/// [`attention`](crate::attention) over the whole sequence with `options` (causal, windows,
+/// GQA, scale). Under autodiff the gradients of every slice's keys and values return to that
+/// slice's device.
 ///
 /// # Errors
 /// With no slice, an empty slice, slices whose queries and keys have different lengths,
@@ -80,10 +103,50 @@ pub fn try_context_parallel_attention(
     slices: &[SequenceSlice],
     options: &AttentionOptions,
 ) -> Result<Vec<Tensor<4>>, AttentionError> {
+    try_context_parallel_attention_with(slices, options, ContextParallelForm::default())
+}
+
+/// [`try_context_parallel_attention`] in the given `form`.
+///
+/// # Errors
+/// As [`try_context_parallel_attention`].
+pub fn try_context_parallel_attention_with(
+    slices: &[SequenceSlice],
+    options: &AttentionOptions,
+    form: ContextParallelForm,
+) -> Result<Vec<Tensor<4>>, AttentionError> {
+    let bounds = slice_bounds(slices)?;
+    options.validate()?;
+    let layout = Layout {
+        bounds,
+        band: options.effective_window(),
+        local: AttentionOptions {
+            causal: false,
+            ..options.clone()
+        },
+    };
+    let ring =
+        form == ContextParallelForm::Ring && crate::backend::extension_serves_tensor(&slices[0].q);
+    if ring {
+        ring_attention(slices, &layout)
+    } else {
+        all_gather_attention(slices, &layout)
+    }
+}
+
+/// [`try_context_parallel_attention`], panicking on its error.
+pub fn context_parallel_attention(
+    slices: &[SequenceSlice],
+    options: &AttentionOptions,
+) -> Vec<Tensor<4>> {
+    try_context_parallel_attention(slices, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
+}
+
+/// The rows of the whole sequence each slice holds, after checking the slices agree.
+fn slice_bounds(slices: &[SequenceSlice]) -> Result<Vec<Range<usize>>, AttentionError> {
     let first = slices.first().ok_or_else(|| {
         AttentionError::Invalid("context-parallel attention needs at least one slice".into())
     })?;
-    options.validate()?;
     let mut bounds = Vec::with_capacity(slices.len());
     let mut n = 0;
     for (p, slice) in slices.iter().enumerate() {
@@ -114,34 +177,250 @@ pub fn try_context_parallel_attention(
         bounds.push(n..n + rows);
         n += rows;
     }
-    let band = options.effective_window();
-    let local = AttentionOptions {
-        causal: false,
-        ..options.clone()
-    };
-    bounds
+    Ok(bounds)
+}
+
+/// The checked slicing of one call: each slice's rows, the global band and the options of
+/// the local calls (their band set per call).
+struct Layout {
+    bounds: Vec<Range<usize>>,
+    band: Window,
+    local: AttentionOptions,
+}
+
+impl Layout {
+    fn len(&self) -> usize {
+        self.bounds.last().map_or(0, |rows| rows.end)
+    }
+}
+
+/// The all-gather form: one call per peer against every key row it sees.
+fn all_gather_attention(
+    slices: &[SequenceSlice],
+    layout: &Layout,
+) -> Result<Vec<Tensor<4>>, AttentionError> {
+    let n = layout.len();
+    layout
+        .bounds
         .iter()
         .zip(slices)
         .map(|(rows, slice)| {
-            let keys = peer_keys(rows.start, rows.end, n, band);
+            let keys = peer_keys(rows.start, rows.end, n, layout.band);
             let device = slice.q.device();
-            let (k, v) = gather(slices, &bounds, keys.lo..keys.hi + 1, &device);
+            let (k, v) = gather(slices, &layout.bounds, keys.lo..keys.hi + 1, &device);
             try_attention(
                 slice.q.clone(),
                 k,
                 v,
-                &local.clone().with_window(keys.window),
+                &layout.local.clone().with_window(keys.window),
             )
         })
         .collect()
 }
 
-/// [`try_context_parallel_attention`], panicking on its error.
-pub fn context_parallel_attention(
+/// One block's visit to a peer: the peer's query rows that see the block, the block's key
+/// rows they see (both global), and the band of their call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Visit {
+    block: usize,
+    queries: Range<usize>,
+    keys: Range<usize>,
+    window: Window,
+}
+
+/// The visit of the keys `block_rows` to the queries `rows` under `band`, or `None` when
+/// the band hides every pair: the queries cut to those that see a key of the block, the
+/// keys to those one of them sees, and the band of their (bottom-right aligned) call.
+fn visit(
+    block: usize,
+    rows: &Range<usize>,
+    block_rows: &Range<usize>,
+    band: Window,
+) -> Option<Visit> {
+    // Query i sees key j iff i - left <= j <= i + right.
+    let first_key = band.left.map_or(0, |left| rows.start.saturating_sub(left));
+    let last_key = band
+        .right
+        .map_or(usize::MAX, |right| (rows.end - 1).saturating_add(right));
+    let (a, c) = (
+        block_rows.start.max(first_key),
+        (block_rows.end - 1).min(last_key),
+    );
+    if a > c {
+        return None;
+    }
+    let q_start = band
+        .right
+        .map_or(rows.start, |right| rows.start.max(a.saturating_sub(right)));
+    let q_end = band.left.map_or(rows.end, |left| {
+        rows.end.min(c.saturating_add(left).saturating_add(1))
+    });
+    let lo = band
+        .left
+        .map_or(a, |left| a.max(q_start.saturating_sub(left)));
+    let hi = band
+        .right
+        .map_or(c, |right| c.min((q_end - 1).saturating_add(right)));
+    // With queries q_start.. and keys lo..=hi, bottom-right aligned, query i's diagonal is
+    // key i + shift: the band's sides move by the shift, and stay non-negative because every
+    // kept query sees a kept key.
+    let shift = (hi + 1) as i128 - q_end as i128;
+    let side = |width: usize, by: i128| usize::try_from(width as i128 + by).unwrap_or(usize::MAX);
+    Some(Visit {
+        block,
+        queries: q_start..q_end,
+        keys: lo..hi + 1,
+        window: Window::new(
+            band.left.map(|left| side(left, shift)),
+            band.right.map(|right| side(right, -shift)),
+        ),
+    })
+}
+
+/// The ring form: every peer's visits in ring order (its own block first, then the earlier
+/// ones, wrapping around), merged by log-sum-exp, then the gradient taps of the visits.
+fn ring_attention(
     slices: &[SequenceSlice],
-    options: &AttentionOptions,
-) -> Vec<Tensor<4>> {
-    try_context_parallel_attention(slices, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    layout: &Layout,
+) -> Result<Vec<Tensor<4>>, AttentionError> {
+    let peers = slices.len();
+    let visits: Vec<Vec<Visit>> = (0..peers)
+        .map(|p| {
+            (0..peers)
+                .filter_map(|step| {
+                    let block = (p + peers - step) % peers;
+                    visit(block, &layout.bounds[p], &layout.bounds[block], layout.band)
+                })
+                .collect()
+        })
+        .collect();
+    let mut merged: Vec<MergedRows> = slices.iter().map(MergedRows::new).collect();
+    // Step by step, every peer computing against its visiting block; each peer's next
+    // block is copied before its current one is computed.
+    let mut in_flight: Vec<Option<(Tensor<4>, Tensor<4>)>> = (0..peers)
+        .map(|p| {
+            visits[p]
+                .first()
+                .map(|v| fetch(slices, layout, v, &slices[p].q.device()))
+        })
+        .collect();
+    for step in 0..peers {
+        for p in 0..peers {
+            let Some(visit) = visits[p].get(step) else {
+                continue;
+            };
+            let (k, v) = in_flight[p].take().expect("the visit's block was fetched");
+            in_flight[p] = visits[p]
+                .get(step + 1)
+                .map(|next| fetch(slices, layout, next, &slices[p].q.device()));
+            let start = layout.bounds[p].start;
+            let q = slices[p].q.clone().detach().narrow(
+                2,
+                visit.queries.start - start,
+                visit.queries.len(),
+            );
+            let options = layout.local.clone().with_window(visit.window);
+            let (out, lse) = try_attention_with_lse(q, k, v, &options)?;
+            merged[p].add(visit.queries.start - start, out, lse);
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .enumerate()
+        .map(|(p, rows)| {
+            let (out, lse) = rows.finish(slices[p].q.dtype());
+            let start = layout.bounds[p].start;
+            // The output's value is the merged rows; the taps give it each visit's gradients.
+            visits[p].iter().fold(out.clone(), |carried, visit| {
+                let (at, len) = (visit.queries.start - start, visit.queries.len());
+                let owner = &slices[visit.block];
+                let owned = layout.bounds[visit.block].start;
+                let (k_at, k_len) = (visit.keys.start - owned, visit.keys.len());
+                block_tap(
+                    carried,
+                    slices[p].q.clone().narrow(2, at, len),
+                    owner.k.clone().narrow(2, k_at, k_len),
+                    owner.v.clone().narrow(2, k_at, k_len),
+                    out.clone().narrow(2, at, len),
+                    lse.clone().narrow(2, at, len),
+                    at,
+                    layout.local.clone().with_window(visit.window),
+                )
+            })
+        })
+        .collect())
+}
+
+/// A visit's keys and values, copied (without their graph: the taps return their
+/// gradients) onto the visited peer's `device`.
+fn fetch(
+    slices: &[SequenceSlice],
+    layout: &Layout,
+    visit: &Visit,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let owner = &slices[visit.block];
+    let at = visit.keys.start - layout.bounds[visit.block].start;
+    let rows = |t: &Tensor<4>| {
+        t.clone()
+            .detach()
+            .narrow(2, at, visit.keys.len())
+            .to_device(device)
+    };
+    (rows(&owner.k), rows(&owner.v))
+}
+
+/// One peer's output rows merged over the visits so far, in f32: the output and the row
+/// log-sum-exp (`-inf` where no visit reached a row yet).
+struct MergedRows {
+    out: Tensor<4>,
+    lse: Tensor<3>,
+}
+
+impl MergedRows {
+    fn new(slice: &SequenceSlice) -> Self {
+        let [batch, heads, rows, _] = slice.q.dims();
+        let value_dim = slice.v.dims()[3];
+        let device = slice.q.device();
+        Self {
+            out: Tensor::<4>::zeros([batch, heads, rows, value_dim], &device).cast(DType::F32),
+            lse: Tensor::<3>::full([batch, heads, rows], f32::NEG_INFINITY, &device)
+                .cast(DType::F32),
+        }
+    }
+
+    /// Merges a visit's rows `at..` (output and log-sum-exp of its call).
+    fn add(&mut self, at: usize, out: Tensor<4>, lse: Tensor<3>) {
+        let [batch, heads, rows, value_dim] = out.dims();
+        let span = at..at + rows;
+        let old_out = self.out.clone().narrow(2, at, rows);
+        let old_lse = self.lse.clone().narrow(2, at, rows);
+        let (out, lse) = (out.cast(DType::F32), lse.cast(DType::F32));
+        let top = old_lse.clone().max_pair(lse.clone());
+        // Rows no call reached yet on either side keep -inf and a zero output.
+        let top = top
+            .clone()
+            .mask_fill(top.equal_elem(f32::NEG_INFINITY), 0.0);
+        let (w_old, w_new) = ((old_lse - top.clone()).exp(), (lse - top.clone()).exp());
+        let sum = w_old.clone() + w_new.clone();
+        let new_lse = top + sum.clone().log();
+        let sum = sum.clone().mask_fill(sum.equal_elem(0.0), 1.0);
+        let weight = |w: Tensor<3>| (w / sum.clone()).unsqueeze_dim::<4>(3);
+        let new_out = old_out * weight(w_old) + out * weight(w_new);
+        self.out = self
+            .out
+            .clone()
+            .slice_assign([0..batch, 0..heads, span.clone(), 0..value_dim], new_out);
+        self.lse = self
+            .lse
+            .clone()
+            .slice_assign([0..batch, 0..heads, span], new_lse);
+    }
+
+    /// The merged output in `dtype` and the log-sum-exp in f32.
+    fn finish(self, dtype: DType) -> (Tensor<4>, Tensor<3>) {
+        (self.out.cast(dtype), self.lse)
+    }
 }
 
 /// Rows `wanted` of the whole sequence's keys and values, cut from the slices that hold
@@ -203,6 +482,50 @@ mod tests {
         }
     }
 
+    /// Each visit's local band against every (query, key) pair of its peer and block: the
+    /// visits keep exactly the global pairs, and skip only blocks without one.
+    #[test]
+    fn visits_keep_exactly_the_global_pairs() {
+        let n = 23;
+        let blocks = [0..5, 5..11, 11..19, 19..23];
+        for band in [
+            Window::FULL,
+            Window::new(None, Some(0)),
+            Window::new(Some(4), Some(0)),
+            Window::new(Some(3), Some(5)),
+            Window::new(Some(0), Some(0)),
+            Window::new(Some(7), Some(1)),
+            Window::new(Some(usize::MAX), Some(2)),
+        ] {
+            for rows in &blocks {
+                for (b, block) in blocks.iter().enumerate() {
+                    let any = rows
+                        .clone()
+                        .any(|i| block.clone().any(|j| band.contains(i, j, n, n)));
+                    let Some(visit) = visit(b, rows, block, band) else {
+                        assert!(!any, "{band:?} rows {rows:?} block {block:?} skipped");
+                        continue;
+                    };
+                    let (seq_q, seq_k) = (visit.queries.len(), visit.keys.len());
+                    for i in rows.clone() {
+                        for j in block.clone() {
+                            let global = band.contains(i, j, n, n);
+                            let local = visit.queries.contains(&i)
+                                && visit.keys.contains(&j)
+                                && visit.window.contains(
+                                    i - visit.queries.start,
+                                    j - visit.keys.start,
+                                    seq_q,
+                                    seq_k,
+                                );
+                            assert_eq!(global, local, "{band:?} {visit:?}: ({i}, {j})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn random(rng: &mut StdRng, shape: [usize; 4], device: &Device) -> Tensor<4> {
         let data: Vec<f32> = (0..shape.iter().product())
             .map(|_| rng.random_range(-1.0..1.0))
@@ -239,6 +562,12 @@ mod tests {
                 vec![3, 3, 3, 3, 3],
             ),
             (AttentionOptions::new().with_causal(true), 2, 2, vec![17]),
+            (
+                AttentionOptions::new().with_window(Window::new(Some(2), Some(5))),
+                2,
+                2,
+                vec![4, 6, 5, 1],
+            ),
         ];
         for (options, heads, kv_heads, cuts) in cases {
             let n: usize = cuts.iter().sum();
@@ -249,29 +578,34 @@ mod tests {
             let want = attention(q.clone(), k.clone(), v.clone(), &options);
             let want_grads = (want.clone() * w.clone()).sum().backward();
 
-            let (q2, k2, v2) = (
-                q.clone().detach().require_grad(),
-                k.clone().detach().require_grad(),
-                v.clone().detach().require_grad(),
-            );
-            let mut slices = Vec::new();
-            let mut at = 0;
-            for &rows in &cuts {
-                slices.push(SequenceSlice {
-                    q: q2.clone().narrow(2, at, rows),
-                    k: k2.clone().narrow(2, at, rows),
-                    v: v2.clone().narrow(2, at, rows),
-                });
-                at += rows;
-            }
-            let got = Tensor::cat(context_parallel_attention(&slices, &options), 2);
-            let grads = (got.clone() * w).sum().backward();
-            let close = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
-            let what = format!("{options:?} heads {heads}/{kv_heads} slices {cuts:?}");
-            assert!(close(got, want) < 1e-5, "{what}: output");
-            for (name, a, b) in [("dq", &q2, &q), ("dk", &k2, &k), ("dv", &v2, &v)] {
-                let (g, wg) = (a.grad(&grads).unwrap(), b.grad(&want_grads).unwrap());
-                assert!(close(g, wg) < 1e-5, "{what}: {name}");
+            for form in [ContextParallelForm::Ring, ContextParallelForm::AllGather] {
+                let (q2, k2, v2) = (
+                    q.clone().detach().require_grad(),
+                    k.clone().detach().require_grad(),
+                    v.clone().detach().require_grad(),
+                );
+                let mut slices = Vec::new();
+                let mut at = 0;
+                for &rows in &cuts {
+                    slices.push(SequenceSlice {
+                        q: q2.clone().narrow(2, at, rows),
+                        k: k2.clone().narrow(2, at, rows),
+                        v: v2.clone().narrow(2, at, rows),
+                    });
+                    at += rows;
+                }
+                let got = try_context_parallel_attention_with(&slices, &options, form).unwrap();
+                let got = Tensor::cat(got, 2);
+                let grads = (got.clone() * w.clone()).sum().backward();
+                let close = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
+                let what = format!("{form:?} {options:?} heads {heads}/{kv_heads} slices {cuts:?}");
+                let err = close(got, want.clone());
+                assert!(err < 1e-5, "{what}: output {err}");
+                for (name, a, b) in [("dq", &q2, &q), ("dk", &k2, &k), ("dv", &v2, &v)] {
+                    let (g, wg) = (a.grad(&grads).unwrap(), b.grad(&want_grads).unwrap());
+                    let err = close(g, wg);
+                    assert!(err < 1e-5, "{what}: {name} {err}");
+                }
             }
         }
     }

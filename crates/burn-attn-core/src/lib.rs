@@ -44,7 +44,8 @@ pub use backward::tiled_band_backward;
 pub use block_mask::{BlockCover, BlockGrid, BlockMask};
 pub use block_mask_cache::BlockMaskCache;
 pub use context_parallel::{
-    context_parallel_attention, try_context_parallel_attention, SequenceSlice,
+    context_parallel_attention, try_context_parallel_attention,
+    try_context_parallel_attention_with, ContextParallelForm, SequenceSlice,
 };
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,

@@ -293,7 +293,8 @@ impl FlashAttention {
     /// copied there; under autodiff their gradients return to this module's), rotary
     /// embeddings at the slice's positions, and the core through
     /// [`try_context_parallel_attention`](burn_attn_core::try_context_parallel_attention)
-    /// (each peer gathers the key and value rows its queries see). The outputs, concatenated, equal [`forward`](Self::forward) over the
+    /// (its ring form: key/value blocks visit the peers one at a time). The outputs,
+    /// concatenated, equal [`forward`](Self::forward) over the
     /// whole sequence.
     ///
     /// # Errors

@@ -236,7 +236,7 @@ impl SlidingWindowAttention {
     /// Context-parallel self-attention over contiguous slices of one sequence on their
     /// peers' devices, as
     /// [`FlashAttention::try_forward_context_parallel`](crate::FlashAttention::try_forward_context_parallel):
-    /// each peer gathers only the rows of its neighbours inside the window.
+    /// only the blocks of its neighbours inside the window visit each peer.
     ///
     /// # Errors
     /// A module with dropout (not in the context-parallel core), and slices the core
