@@ -186,6 +186,26 @@ mod on_cuda {
         );
     }
 
+    /// Context parallelism's ring form runs every block visit on the matrix units, forward
+    /// and backward, and equals one call over the whole sequence.
+    #[test]
+    fn cuda_context_parallel_ring_runs_the_kernels() {
+        check_context_parallel::<Gpu>(
+            DType::BF16,
+            (
+                burn_attn_core::Implementation::FlashMma,
+                burn_attn_core::Implementation::FlashMmaBackward,
+            ),
+        );
+        check_context_parallel::<Gpu>(
+            DType::F32,
+            (
+                burn_attn_core::Implementation::FlashUnit,
+                burn_attn_core::Implementation::FlashUnitBackward,
+            ),
+        );
+    }
+
     /// The portable forward with its keys split gives the unsplit call's rows.
     #[test]
     fn cuda_key_splits_match_the_unsplit_forward() {

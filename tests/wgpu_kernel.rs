@@ -52,6 +52,20 @@ fn block_mask_builds_on_the_device() {
     check_block_mask_on_device::<Gpu>();
 }
 
+/// Context parallelism's ring form runs every block visit on the portable kernels, forward
+/// and backward, and equals one call over the whole sequence.
+#[test]
+fn context_parallel_ring_runs_the_kernels() {
+    require_gpu();
+    check_context_parallel::<Gpu>(
+        DType::F32,
+        (
+            burn_attn_core::Implementation::FlashUnit,
+            burn_attn_core::Implementation::FlashUnitBackward,
+        ),
+    );
+}
+
 /// The block-sparse portable forward and backward: patterns, key padding and document ids.
 #[test]
 fn sparse_kernel_f32_matches_the_host_truth() {

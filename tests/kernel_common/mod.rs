@@ -2730,3 +2730,95 @@ pub fn check_key_splits<B: On>(dtype: DType, served: burn_attn_core::Implementat
         }
     }
 }
+
+/// Context-parallel attention in its ring form on `B`'s device (every peer on it) gives one
+/// call's output and gradients over the whole sequence, computed on the host in f64; every
+/// block visit runs `served` forward and backward (one forward per visit, one backward per
+/// visit's gradient tap).
+pub fn check_context_parallel<B: On>(dtype: DType, served: (Implementation, Implementation)) {
+    use burn_attn_core::{try_context_parallel_attention_with, ContextParallelForm, SequenceSlice};
+    let n = 300;
+    let cuts = [96, 120, 84];
+    let case = Case::new(n, n, 64).gqa(4, 2).batch(2);
+    let x = rounded_inputs(inputs(&case, 61), dtype);
+    let shape = [case.batch, case.heads, n, case.value_dim];
+    let w = rounded(uniform(&mut StdRng::seed_from_u64(62), shape, 1.0), dtype);
+    let bands = [
+        (Window::FULL, true, 6),
+        (Window::causal(100), true, 5),
+        (Window::new(Some(40), Some(30)), false, 7),
+    ];
+    for (window, causal, visits) in bands {
+        let run = |device: Device, dtype: DType, options: AttentionOptions, split: bool| {
+            let device = device.autodiff();
+            let q = tensor(&x.q, dtype, &device).require_grad();
+            let k = tensor(&x.k, dtype, &device).require_grad();
+            let v = tensor(&x.v, dtype, &device).require_grad();
+            let out = if split {
+                let mut at = 0;
+                let slices: Vec<SequenceSlice> = cuts
+                    .iter()
+                    .map(|&rows| {
+                        let slice = SequenceSlice {
+                            q: q.clone().narrow(2, at, rows),
+                            k: k.clone().narrow(2, at, rows),
+                            v: v.clone().narrow(2, at, rows),
+                        };
+                        at += rows;
+                        slice
+                    })
+                    .collect();
+                let outs = try_context_parallel_attention_with(
+                    &slices,
+                    &options,
+                    ContextParallelForm::Ring,
+                )
+                .unwrap();
+                Tensor::cat(outs, 2)
+            } else {
+                burn_attn_core::attention(q.clone(), k.clone(), v.clone(), &options)
+            };
+            let grads = (out.clone() * tensor(&w, dtype, &device)).sum().backward();
+            let grad = |t: &Tensor<4>| to_f64(t.grad(&grads).expect("gradient"));
+            [to_f64(out), grad(&q), grad(&k), grad(&v)]
+        };
+        let band = AttentionOptions::default()
+            .with_causal(causal)
+            .with_window(window);
+        let log = DispatchLog::new();
+        let options = band
+            .clone()
+            .with_log(log.clone())
+            .with_kernel(KernelPolicy::Require);
+        let got = run(B::device(), dtype, options, true);
+        let want = run(Truth::device(), DType::F64, band, false);
+        let entries = log.entries();
+        let count = |pass: Pass, implementation| {
+            entries
+                .iter()
+                .filter(|d| d.pass == pass && d.served == implementation)
+                .count()
+        };
+        assert_eq!(
+            (
+                count(Pass::Forward, served.0),
+                count(Pass::Backward, served.1),
+                entries.len()
+            ),
+            (visits, visits, 2 * visits),
+            "{window:?} causal {causal}: {entries:?}"
+        );
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(got.iter().zip(&want))
+        {
+            let err = max_err(g, t);
+            let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            assert!(
+                err < tol * size,
+                "{dtype:?} {window:?} causal {causal}: {name} error {err:e} (largest {size:e})"
+            );
+        }
+    }
+}
