@@ -312,37 +312,52 @@ fn training_memory(args: &LinearArgs, device: &burn::tensor::Device) -> Option<s
 }
 
 /// One token's streaming step against the state of the shortest and of the longest length's
-/// earlier tokens.
+/// earlier tokens. The two positions' samples alternate (one sample of `calls` queued steps
+/// each, `repeats` times) so that clock changes during the run fall on both alike.
 fn streaming_steps(
     args: &LinearArgs,
     device: &burn::tensor::Device,
 ) -> Result<Vec<(usize, f64)>, String> {
     let (b, h, d) = (args.batch, args.heads, args.head_dim);
     let options = LinearOptions::new().with_kernel(policy(args.backend));
-    let mut times = Vec::new();
     let shortest = args.lengths.iter().copied().min().unwrap_or(1);
     let longest = args.lengths.iter().copied().max().unwrap_or(1);
-    for position in [shortest, longest] {
-        let rand = |n| Tensor::<4>::random([b, h, n, d], Distribution::Uniform(0.0, 1.0), device);
-        let (_, state): (_, LinearAttentionState) = causal_linear_attention_with(
-            rand(position),
-            rand(position),
-            rand(position),
-            None,
-            &options,
-        );
-        let (q, k, v) = (rand(1), rand(1), rand(1));
-        let ms = median_ms(device, args.repeats, args.calls, || {
-            let _ = causal_linear_attention_with(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                Some(state.clone()),
+    let rand = |n| Tensor::<4>::random([b, h, n, d], Distribution::Uniform(0.0, 1.0), device);
+    let steps: Vec<(usize, LinearAttentionState)> = [shortest, longest]
+        .into_iter()
+        .map(|position| {
+            let (_, state) = causal_linear_attention_with(
+                rand(position),
+                rand(position),
+                rand(position),
+                None,
                 &options,
             );
-        });
+            (position, state)
+        })
+        .collect();
+    let (q, k, v) = (rand(1), rand(1), rand(1));
+    let step = |state: &LinearAttentionState| {
+        let _ = causal_linear_attention_with(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            Some(state.clone()),
+            &options,
+        );
+    };
+    let mut samples = vec![Vec::new(); steps.len()];
+    for _ in 0..args.repeats.max(1) {
+        for ((_, state), times) in steps.iter().zip(&mut samples) {
+            times.push(median_ms(device, 1, args.calls, || step(state)));
+        }
+    }
+    let mut times = Vec::new();
+    for ((position, _), mut samples) in steps.iter().zip(samples) {
+        samples.sort_by(f64::total_cmp);
+        let ms = samples[samples.len() / 2];
         println!("streaming step b={b} h={h} d={d}: one token after {position} tokens {ms:.4} ms");
-        times.push((position, ms));
+        times.push((*position, ms));
     }
     if let [(_, first), (_, last)] = times[..] {
         println!(
