@@ -56,37 +56,6 @@ pub enum ContextParallelForm {
     AllGather,
 }
 
-/// The keys one peer needs: rows `lo..=hi` of the whole sequence, and the band that
-/// expresses the global one for a call of its queries against exactly those keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PeerKeys {
-    lo: usize,
-    hi: usize,
-    window: Window,
-}
-
-/// The keys the queries `start..end` of a self-attention over `n` rows see under `band`
-/// (the effective window: causal is `right = Some(0)`), and the band of the local call.
-///
-/// Query `i` sees key `j` iff `i - left <= j <= i + right`. With the keys cut to `lo..=hi`
-/// and the local call bottom-right aligned (its offset is `(hi - lo + 1) - (end - start)`),
-/// the same pairs are the local band `left' = hi + 1 - end + left`, `right' = end - 1 +
-/// right - hi`, both non-negative because `hi >= end - 1` and `hi <= end - 1 + right`.
-fn peer_keys(start: usize, end: usize, n: usize, band: Window) -> PeerKeys {
-    let lo = band.left.map_or(0, |left| start.saturating_sub(left));
-    let hi = band
-        .right
-        .map_or(n - 1, |right| (end - 1).saturating_add(right).min(n - 1));
-    PeerKeys {
-        lo,
-        hi,
-        window: Window::new(
-            band.left.map(|left| (hi + 1 - end).saturating_add(left)),
-            band.right.map(|right| (end - 1).saturating_add(right) - hi),
-        ),
-    }
-}
-
 /// Context-parallel self-attention over `slices`, the contiguous slices of one sequence in
 /// order (slice `p` holds the rows after slice `p - 1`'s; any lengths, each on its peer's
 /// device), in the default [`ContextParallelForm::Ring`]: each peer's output rows `[batch,
@@ -205,9 +174,10 @@ fn all_gather_attention(
         .iter()
         .zip(slices)
         .map(|(rows, slice)| {
-            let keys = peer_keys(rows.start, rows.end, n, layout.band);
+            // Every query sees its own key, so the visit of the whole sequence keeps them all.
+            let keys = visit(0, rows, &(0..n), layout.band).expect("a query sees its own key");
             let device = slice.q.device();
-            let (k, v) = gather(slices, &layout.bounds, keys.lo..keys.hi + 1, &device);
+            let (k, v) = gather(slices, &layout.bounds, keys.keys, &device);
             try_attention(
                 slice.q.clone(),
                 k,
@@ -230,7 +200,8 @@ struct Visit {
 
 /// The visit of the keys `block_rows` to the queries `rows` under `band`, or `None` when
 /// the band hides every pair: the queries cut to those that see a key of the block, the
-/// keys to those one of them sees, and the band of their (bottom-right aligned) call.
+/// keys to those one of them sees, and the band of their (bottom-right aligned) call. The
+/// all-gather form takes the visit of the whole sequence.
 fn visit(
     block: usize,
     rows: &Range<usize>,
@@ -455,39 +426,12 @@ mod tests {
     use burn::tensor::TensorData;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// The local bands against a brute-force check of every (query, key) pair.
-    #[test]
-    fn peer_keys_keep_exactly_the_global_pairs() {
-        let n = 23;
-        for band in [
-            Window::FULL,
-            Window::new(None, Some(0)),
-            Window::new(Some(4), Some(0)),
-            Window::new(Some(3), Some(5)),
-            Window::new(Some(0), Some(0)),
-            Window::new(Some(usize::MAX), Some(2)),
-        ] {
-            for (start, end) in [(0, 5), (5, 11), (11, 23), (0, 23), (22, 23)] {
-                let keys = peer_keys(start, end, n, band);
-                let (seq_q, seq_k) = (end - start, keys.hi - keys.lo + 1);
-                for i in start..end {
-                    for j in 0..n {
-                        let global = band.contains(i, j, n, n);
-                        let local = (keys.lo..=keys.hi).contains(&j)
-                            && keys.window.contains(i - start, j - keys.lo, seq_q, seq_k);
-                        assert_eq!(global, local, "{band:?} rows {start}..{end}: ({i}, {j})");
-                    }
-                }
-            }
-        }
-    }
-
     /// Each visit's local band against every (query, key) pair of its peer and block: the
     /// visits keep exactly the global pairs, and skip only blocks without one.
     #[test]
     fn visits_keep_exactly_the_global_pairs() {
         let n = 23;
-        let blocks = [0..5, 5..11, 11..19, 19..23];
+        let blocks = [0..5, 5..11, 11..19, 19..23, 0..23];
         for band in [
             Window::FULL,
             Window::new(None, Some(0)),
