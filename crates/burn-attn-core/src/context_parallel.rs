@@ -4,8 +4,8 @@
 //! Two forms ([`ContextParallelForm`]):
 //! - **Ring** (the default): key/value blocks visit the peers one at a time, each visit one
 //!   attention call of the peer's queries that see the block, and the partial rows merge by
-//!   their log-sum-exp. A peer holds its own slice, its merged rows and one visiting block
-//!   (the next one's copy issued before the current one is computed), so the sequence that
+//!   their log-sum-exp. A peer holds its own slice, its merged rows, the visiting block
+//!   and the next one (copied before the current one is computed), so the sequence that
 //!   fits grows with the number of peers. The backward revisits the blocks: each block's
 //!   share of the gradients is the op's backward against that block with the merged rows'
 //!   output and log-sum-exp ([`AttentionBackend::banded_attention_block_tap`]), and its dK/dV
@@ -48,7 +48,7 @@ pub struct SequenceSlice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ContextParallelForm {
     /// Key/value blocks visit the peers one at a time; partial rows merge by log-sum-exp (in
-    /// f32). A peer holds its slice and one visiting block at a time. On backends that this
+    /// f32). A peer holds its slice and at most two visiting blocks at a time. On backends that this
     /// crate's backend extension does not serve, calls run [`ContextParallelForm::AllGather`].
     #[default]
     Ring,
