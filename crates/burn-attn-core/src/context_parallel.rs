@@ -43,8 +43,9 @@ pub struct SequenceSlice {
     pub v: Tensor<4>,
 }
 
-/// How context-parallel attention moves keys and values between peers (see the
-/// [module](self) docs).
+/// How context-parallel attention moves keys and values between peers: the ring form
+/// (blocks visit the peers one at a time) or the all-gather form (each peer gathers every
+/// row it sees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ContextParallelForm {
     /// Key/value blocks visit the peers one at a time; partial rows merge by log-sum-exp (in
