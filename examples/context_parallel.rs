@@ -5,11 +5,14 @@
 //! ```sh
 //! cargo run --release --example context_parallel                       # CPU, 2 peers
 //! cargo run --release --example context_parallel -- --peers 4
+//! cargo run --release --example context_parallel -- --peers 2 --zigzag
 //! cargo run --release --example context_parallel --features cuda -- --gpus 2
 //! ```
 //!
-//! Each step splits every sequence into `--peers` contiguous slices, puts slice `p` on
-//! device `p % gpus` (on the CPU all peers share the one device) and runs the model slice
+//! Each step splits every sequence into `--peers` contiguous slices (with `--zigzag`, into
+//! `2 x peers` chunks, peer `p` holding chunks `p` and `2 x peers - 1 - p`, which balances
+//! the causal work), puts peer `p`'s slices on device `p % gpus` (on the CPU all peers
+//! share the one device) and runs the model slice
 //! by slice: the per-token layers on each slice's device with the weights copied there,
 //! attention through `FlashAttention::forward_context_parallel` (key/value blocks visit the
 //! peers one at a time). The loss is the sum over slices; its gradients return to
@@ -41,6 +44,9 @@ struct Args {
     /// Peers the sequence is split across (contiguous slices).
     #[arg(long, default_value_t = 2)]
     peers: usize,
+    /// Split into the zigzag layout (two chunks per peer, one early and one late).
+    #[arg(long)]
+    zigzag: bool,
     /// GPUs to spread the peers over (with a GPU feature; peer `p` on GPU `p % gpus`).
     #[arg(long, default_value_t = 1)]
     gpus: usize,
@@ -150,13 +156,25 @@ fn main() {
     let peer = |devices: &[Device], p: usize| devices[p % devices.len()].clone();
     devices[0].seed(0);
 
-    // Slice p holds rows bounds[p]..bounds[p + 1] (as even as the length allows).
-    let bounds: Vec<usize> = (0..=args.peers)
-        .map(|p| p * args.seq / args.peers)
-        .collect();
-    let split = |ids: &Tensor<2, Int>, devices: &[Device]| -> Vec<Tensor<2, Int>> {
+    // The slices in sequence order, each with its peer: contiguous (as even as the length
+    // allows) or zigzag.
+    let layout: Vec<(std::ops::Range<usize>, usize)> = if args.zigzag {
+        burn_attn::cores::zigzag_chunks(args.seq, args.peers)
+            .expect("--seq of at least 2 x --peers")
+    } else {
         (0..args.peers)
-            .map(|p| columns(ids, bounds[p]..bounds[p + 1]).to_device(&peer(devices, p)))
+            .map(|p| {
+                (
+                    p * args.seq / args.peers..(p + 1) * args.seq / args.peers,
+                    p,
+                )
+            })
+            .collect()
+    };
+    let split = |ids: &Tensor<2, Int>, devices: &[Device]| -> Vec<Tensor<2, Int>> {
+        layout
+            .iter()
+            .map(|(rows, p)| columns(ids, rows.clone()).to_device(&peer(devices, *p)))
             .collect()
     };
 
@@ -167,10 +185,10 @@ fn main() {
     let start = Instant::now();
     let (batch, seq, vocab) = (args.batch, args.seq, args.vocab);
     println!(
-        "{} peers over {} device(s), slices of rows {:?}",
+        "{} peers over {} device(s), slices of rows (and their peers) {:?}",
         args.peers,
         devices.len(),
-        bounds
+        layout
     );
     for step in 1..=args.steps {
         let ids = Tensor::<2, Int>::from_data(

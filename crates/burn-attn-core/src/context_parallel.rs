@@ -112,6 +112,29 @@ pub fn context_parallel_attention(
     try_context_parallel_attention(slices, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
 }
 
+/// The zigzag layout that balances causal context parallelism over `peers`: the `n` rows
+/// cut into `2 * peers` contiguous chunks as even as the length allows, in sequence order,
+/// each with the peer that holds it. Chunk `c` goes to peer `min(c, 2 * peers - 1 - c)`, so
+/// every peer holds one early and one late chunk and the same number of causal (query, key)
+/// pairs (exactly when `2 * peers` divides `n`). Pass the chunks in order, each on its
+/// peer's device, as the slices of [`try_context_parallel_attention`]: a peer's two chunks
+/// are two slices, and keys a peer owns visit it without a copy.
+///
+/// # Errors
+/// With no peer, or fewer rows than chunks.
+pub fn zigzag_chunks(n: usize, peers: usize) -> Result<Vec<(Range<usize>, usize)>, AttentionError> {
+    let chunks = peers.saturating_mul(2);
+    if peers == 0 || n < chunks {
+        return Err(AttentionError::Invalid(format!(
+            "the zigzag layout cuts {n} rows into 2 x {peers} peers = {chunks} non-empty \
+             chunks: it needs at least one peer and {chunks} rows"
+        )));
+    }
+    Ok((0..chunks)
+        .map(|c| (c * n / chunks..(c + 1) * n / chunks, c.min(chunks - 1 - c)))
+        .collect())
+}
+
 /// The rows of the whole sequence each slice holds, after checking the slices agree.
 fn slice_bounds(slices: &[SequenceSlice]) -> Result<Vec<Range<usize>>, AttentionError> {
     let first = slices.first().ok_or_else(|| {
@@ -468,6 +491,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every peer of the zigzag layout holds the same causal pairs when the chunks divide
+    /// the length, and within a chunk's rows of pairs otherwise; bad layouts are named.
+    #[test]
+    fn zigzag_chunks_balance_causal_pairs() {
+        for (n, peers) in [(24, 3), (17, 2), (100, 4), (8, 4), (5, 1)] {
+            let chunks = zigzag_chunks(n, peers).unwrap();
+            assert_eq!(chunks.len(), 2 * peers);
+            assert_eq!(chunks.first().unwrap().0.start, 0);
+            assert_eq!(chunks.last().unwrap().0.end, n);
+            let mut pairs = vec![0usize; peers];
+            for (i, (rows, peer)) in chunks.iter().enumerate() {
+                assert!(!rows.is_empty());
+                if i > 0 {
+                    assert_eq!(chunks[i - 1].0.end, rows.start);
+                }
+                pairs[*peer] += rows.clone().map(|r| r + 1).sum::<usize>();
+            }
+            let (lo, hi) = (pairs.iter().min().unwrap(), pairs.iter().max().unwrap());
+            if n % (2 * peers) == 0 {
+                assert_eq!(lo, hi, "n {n} peers {peers}: {pairs:?}");
+            } else {
+                assert!(hi - lo <= 2 * n, "n {n} peers {peers}: {pairs:?}");
+            }
+        }
+        for (n, peers) in [(5, 3), (4, 0)] {
+            let err = zigzag_chunks(n, peers).unwrap_err().to_string();
+            assert!(err.contains(&format!("{n} rows")), "{err}");
         }
     }
 

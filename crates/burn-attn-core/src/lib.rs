@@ -45,7 +45,7 @@ pub use block_mask::{BlockCover, BlockGrid, BlockMask};
 pub use block_mask_cache::BlockMaskCache;
 pub use context_parallel::{
     context_parallel_attention, try_context_parallel_attention,
-    try_context_parallel_attention_with, ContextParallelForm, SequenceSlice,
+    try_context_parallel_attention_with, zigzag_chunks, ContextParallelForm, SequenceSlice,
 };
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
