@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_attn_core::{
     ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
 };
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flash::{projection_config, validate_dropout};
 use crate::kv_cache::{decode, KvCache};
+use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::sparse::SparsePattern;
 
@@ -205,6 +206,14 @@ pub struct HybridAttention {
     pub dropout: f64,
 }
 
+/// The error of a decoding call whose chosen core is a `Random` sparse pattern.
+fn random_does_not_decode(total: usize) -> AttentionError {
+    AttentionError::Invalid(format!(
+        "hybrid attention chose its sparse core at {total} tokens, and a random sparse pattern \
+         does not decode with a key/value cache (its block layout is drawn for whole lengths)"
+    ))
+}
+
 impl HybridAttention {
     /// The core used for a sequence of `seq_len` tokens.
     pub fn choose(&self, seq_len: usize) -> HybridChoice {
@@ -294,11 +303,7 @@ impl HybridAttention {
         let choice = self.choose(total);
         if choice == HybridChoice::Sparse {
             if let SparsePattern::Random { .. } = self.sparse_pattern {
-                return Err(AttentionError::Invalid(format!(
-                    "hybrid attention chose its sparse core at {total} tokens, and a random \
-                     sparse pattern does not decode with a key/value cache (its block layout is \
-                     drawn for whole lengths)"
-                )));
+                return Err(random_does_not_decode(total));
             }
         }
         let pattern = self.key_pattern(total);
@@ -320,6 +325,107 @@ impl HybridAttention {
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
         self.try_forward_cache(x, cache)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
+    /// Decoding several sequences of different lengths through a [`PagedKvCache`]: the
+    /// next tokens `x` (`[ids.len(), new, d_model]`, row `b` for sequence `ids[b]`) over
+    /// every token of their sequences so far. Each sequence runs the core chosen for its own
+    /// length (`cache.sequence_len(id) + new`), as [`try_forward_cache`](Self::try_forward_cache)
+    /// does for one, so its rows equal the last `new` rows of [`forward`](Self::forward) over
+    /// its prefix. Sequences that share a core share one call (flash and the window pad
+    /// shorter sequences at the front); the sparse core places its columns by absolute
+    /// position, so it runs one call per length.
+    ///
+    /// # Errors
+    /// When the module is not causal, the sparse core with a `Random` pattern is chosen, an
+    /// id is not held or given twice, `x` is not one row per id, or the call needs more
+    /// pages than are free (naming the values); the cache is unchanged then.
+    pub fn try_forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Result<Tensor<3>, AttentionError> {
+        let [batch, new, _] = x.dims();
+        if batch != ids.len() {
+            return Err(AttentionError::Invalid(format!(
+                "{} sequence ids for input {:?} (one id per batch row)",
+                ids.len(),
+                x.dims()
+            )));
+        }
+        let lengths = cache.lengths(ids)?;
+        cache.check_room(ids, &lengths, new)?;
+        // The calls: rows sharing a core (and, for the sparse core, a length).
+        let mut calls: Vec<((HybridChoice, usize), Vec<usize>)> = Vec::new();
+        for (row, &len) in lengths.iter().enumerate() {
+            let total = len + new;
+            let choice = self.choose(total);
+            let key = match choice {
+                HybridChoice::Sparse => {
+                    if let SparsePattern::Random { .. } = self.sparse_pattern {
+                        return Err(random_does_not_decode(total));
+                    }
+                    (choice, total)
+                }
+                _ => (choice, 0),
+            };
+            match calls.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, rows)) => rows.push(row),
+                None => calls.push((key, vec![row])),
+            }
+        }
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        let device = x.device();
+        let mut order: Vec<usize> = Vec::with_capacity(batch);
+        let mut parts = Vec::with_capacity(calls.len());
+        for (_, rows) in &calls {
+            // Every row of a call chooses the same core (for the sparse one, at one length).
+            let pattern = self.key_pattern(lengths[rows[0]] + new);
+            let index = Tensor::<1, Int>::from_data(
+                TensorData::new(
+                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                    [rows.len()],
+                ),
+                &device,
+            );
+            let call_ids: Vec<SequenceId> = rows.iter().map(|&r| ids[r]).collect();
+            parts.push(decode_paged(
+                &self.projection,
+                x.clone().select(0, index),
+                cache,
+                &call_ids,
+                &pattern,
+                &AttentionOptions::new(),
+                &masks,
+                None,
+            )?);
+            order.extend(rows);
+        }
+        if calls.len() == 1 {
+            return Ok(parts.pop().expect("one call"));
+        }
+        // Row `order[i]` of the input is row `i` of the calls' outputs in turn.
+        let mut back = vec![0i64; batch];
+        for (i, &row) in order.iter().enumerate() {
+            back[row] = i as i64;
+        }
+        let back = Tensor::<1, Int>::from_data(TensorData::new(back, [batch]), &device);
+        Ok(Tensor::cat(parts, 0).select(0, back))
+    }
+
+    /// [`try_forward_paged`](Self::try_forward_paged), panicking on its error.
+    pub fn forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Tensor<3> {
+        self.try_forward_paged(x, cache, ids)
             .unwrap_or_else(|err| panic!("burn-attn: {err}"))
     }
 
@@ -399,6 +505,81 @@ mod tests {
             })
             .init(&cpu());
         assert!(step(&random, KvCache::new()).contains("random"));
+    }
+
+    /// Sequences of different lengths decoded together, one token at a time, each on the
+    /// core its own length chooses (some sequences cross a threshold during the run): every
+    /// row equals the forward over its sequence's prefix; bad calls change nothing.
+    #[test]
+    fn paged_decoding_equals_the_forward_over_each_prefix() {
+        let module = small()
+            .with_causal(true)
+            .with_n_kv_heads(Some(1))
+            .init(&cpu());
+        // Thresholds 8 (flash) and 24 (strided sparse): the prompts start in each core, and
+        // the sparse ones of equal length share a call.
+        let prompts = [3, 6, 13, 14, 14, 22, 26];
+        let steps = 4;
+        let xs: Vec<_> = prompts
+            .iter()
+            .map(|&p| randn([1, p + steps, 16], &cpu()))
+            .collect();
+        let mut cache = PagedKvCache::new(64, 4).unwrap();
+        let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
+        for (s, &p) in prompts.iter().enumerate() {
+            let prompt = xs[s].clone().slice([0..1, 0..p, 0..16]);
+            module.forward_paged(prompt, &mut cache, &[ids[s]]);
+        }
+        for step in 0..steps {
+            let at = |s: usize| prompts[s] + step;
+            let x = Tensor::cat(
+                (0..prompts.len())
+                    .map(|s| xs[s].clone().slice([0..1, at(s)..at(s) + 1, 0..16]))
+                    .collect(),
+                0,
+            );
+            let out = module.forward_paged(x, &mut cache, &ids);
+            for s in 0..prompts.len() {
+                let want = module
+                    .forward(xs[s].clone().slice([0..1, 0..at(s) + 1, 0..16]))
+                    .slice([0..1, at(s)..at(s) + 1, 0..16]);
+                assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
+            }
+        }
+        let free = cache.free_pages();
+        let err = |module: &HybridAttention, cache: &mut PagedKvCache, ids: &[SequenceId]| {
+            let x = randn([ids.len(), 1, 16], &cpu());
+            module
+                .try_forward_paged(x, cache, ids)
+                .unwrap_err()
+                .to_string()
+        };
+        let rows = module
+            .try_forward_paged(randn([1, 1, 16], &cpu()), &mut cache, &ids[..2])
+            .unwrap_err()
+            .to_string();
+        assert!(rows.contains("one id per batch row"), "{rows}");
+        let twice = [ids[0], ids[0]];
+        assert!(err(&module, &mut cache, &twice).contains("twice"));
+        let mut small_cache = PagedKvCache::new(2, 4).unwrap();
+        let held = [small_cache.add_sequence(), small_cache.add_sequence()];
+        module.forward_paged(randn([2, 4, 16], &cpu()), &mut small_cache, &held);
+        let e = err(&module, &mut small_cache, &held);
+        assert!(e.contains("free pages"), "{e}");
+        assert_eq!(small_cache.sequence_len(held[0]), Some(4));
+        let random = small()
+            .with_causal(true)
+            .with_flash_max_len(0)
+            .with_sparse_pattern(SparsePattern::Random {
+                density: 0.5,
+                block: 4,
+                seed: 3,
+            })
+            .init(&cpu());
+        let mut c = PagedKvCache::new(4, 4).unwrap();
+        let one = [c.add_sequence()];
+        assert!(err(&random, &mut c, &one).contains("random"));
+        assert_eq!(cache.free_pages(), free);
     }
 
     #[test]

@@ -144,6 +144,32 @@ impl PagedKvCache {
         ids.iter().map(|&id| Ok(self.sequence(id)?.len)).collect()
     }
 
+    /// An error naming the counts when `new` more tokens for each of `ids` (whose lengths
+    /// [`PagedKvCache::lengths`] gave) need more pages than are free.
+    pub(crate) fn check_room(
+        &self,
+        ids: &[SequenceId],
+        lengths: &[usize],
+        new: usize,
+    ) -> Result<(), AttentionError> {
+        let needed: usize = lengths
+            .iter()
+            .zip(ids)
+            .map(|(&len, &id)| {
+                let held = self.sequences[id.0].as_ref().map_or(0, |s| s.pages.len());
+                (len + new).div_ceil(self.page_size).saturating_sub(held)
+            })
+            .sum();
+        if needed > self.free.len() {
+            return Err(AttentionError::Invalid(format!(
+                "the paged cache has {} free pages of {}; this call needs {needed} more",
+                self.free.len(),
+                self.page_size
+            )));
+        }
+        Ok(())
+    }
+
     /// Appends a call's keys and values (`[batch, kv_heads, new, dim]`, row `b` to sequence
     /// `ids[b]`) and returns every key and value of those sequences ([`PagedKeys`]).
     pub(crate) fn append(
@@ -167,21 +193,7 @@ impl PagedKvCache {
             check_pool("keys", &pool.keys, &k)?;
             check_pool("values", &pool.values, &v)?;
         }
-        let needed: usize = lengths
-            .iter()
-            .zip(ids)
-            .map(|(&len, &id)| {
-                let held = self.sequences[id.0].as_ref().map_or(0, |s| s.pages.len());
-                (len + new).div_ceil(self.page_size).saturating_sub(held)
-            })
-            .sum();
-        if needed > self.free.len() {
-            return Err(AttentionError::Invalid(format!(
-                "the paged cache has {} free pages of {}; this call needs {needed} more",
-                self.free.len(),
-                self.page_size
-            )));
-        }
+        self.check_room(ids, &lengths, new)?;
         for (&len, &id) in lengths.iter().zip(ids) {
             let pages = (len + new).div_ceil(self.page_size);
             let sequence = self.sequences[id.0].as_mut().expect("checked above");
