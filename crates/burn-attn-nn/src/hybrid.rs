@@ -452,6 +452,19 @@ mod tests {
     }
     use burn_attn_core::reference_attention;
 
+    /// A causal module whose sparse core, chosen from the first token, has a random layout.
+    fn random_sparse_first() -> HybridAttention {
+        small()
+            .with_causal(true)
+            .with_flash_max_len(0)
+            .with_sparse_pattern(SparsePattern::Random {
+                density: 0.5,
+                block: 4,
+                seed: 3,
+            })
+            .init(&cpu())
+    }
+
     fn small() -> HybridAttentionConfig {
         HybridAttentionConfig::new(16, 2)
             .with_flash_max_len(8)
@@ -495,15 +508,7 @@ mod tests {
         assert!(step(&module, KvCache::rolling()).contains("rolling"));
         let full = small().init(&cpu());
         assert!(step(&full, KvCache::new()).contains("causal"));
-        let random = small()
-            .with_causal(true)
-            .with_flash_max_len(0)
-            .with_sparse_pattern(SparsePattern::Random {
-                density: 0.5,
-                block: 4,
-                seed: 3,
-            })
-            .init(&cpu());
+        let random = random_sparse_first();
         assert!(step(&random, KvCache::new()).contains("random"));
     }
 
@@ -567,15 +572,7 @@ mod tests {
         let e = err(&module, &mut small_cache, &held);
         assert!(e.contains("free pages"), "{e}");
         assert_eq!(small_cache.sequence_len(held[0]), Some(4));
-        let random = small()
-            .with_causal(true)
-            .with_flash_max_len(0)
-            .with_sparse_pattern(SparsePattern::Random {
-                density: 0.5,
-                block: 4,
-                seed: 3,
-            })
-            .init(&cpu());
+        let random = random_sparse_first();
         let mut c = PagedKvCache::new(4, 4).unwrap();
         let one = [c.add_sequence()];
         assert!(err(&random, &mut c, &one).contains("random"));
