@@ -319,11 +319,18 @@ fn ring_attention(
             merged[p].add(visit.queries.start - start, out, lse);
         }
     }
+    // Without a graph to record (inference) the merged rows are the result.
+    let tracked = slices
+        .iter()
+        .any(|s| s.q.is_tracked() || s.k.is_tracked() || s.v.is_tracked());
     Ok(merged
         .into_iter()
         .enumerate()
         .map(|(p, rows)| {
             let (out, lse) = rows.finish(slices[p].q.dtype());
+            if !tracked {
+                return out;
+            }
             let start = layout.bounds[p].start;
             // The output's value is the merged rows; the taps give it each visit's gradients.
             visits[p].iter().fold(out.clone(), |carried, visit| {
