@@ -94,22 +94,16 @@ impl<E: AttentionBackend> Backward<E, 4> for BlockTapBackward {
         };
         // The block visits the queries' device for its share, which returns to its owner.
         let (here, owner) = (q.device(), k.device());
-        let visit = |t: FloatTensor<E>| {
+        let move_to = |t: FloatTensor<E>, device| {
             if owner == here {
                 t
             } else {
-                E::float_to_device(t, &here)
+                E::float_to_device(t, device)
             }
         };
-        let home = |t: FloatTensor<E>| {
-            if owner == here {
-                t
-            } else {
-                E::float_to_device(t, &owner)
-            }
-        };
-        let (dq, dk, dv) =
-            E::banded_attention_backward(q, visit(k), visit(v), out, lse, d_out, options);
+        let (k, v) = (move_to(k, &here), move_to(v, &here));
+        let (dq, dk, dv) = E::banded_attention_backward(q, k, v, out, lse, d_out, options);
+        let home = |t| move_to(t, &owner);
         if let Some(node) = node_carried {
             grads.register::<E>(node.id, d_carried);
         }
