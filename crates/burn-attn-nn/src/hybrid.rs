@@ -544,9 +544,9 @@ mod tests {
                 0,
             );
             let out = module.forward_paged(x, &mut cache, &ids);
-            for s in 0..prompts.len() {
+            for (s, x) in xs.iter().enumerate() {
                 let want = module
-                    .forward(xs[s].clone().slice([0..1, 0..at(s) + 1, 0..16]))
+                    .forward(x.clone().slice([0..1, 0..at(s) + 1, 0..16]))
                     .slice([0..1, at(s)..at(s) + 1, 0..16]);
                 assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
             }
