@@ -186,6 +186,26 @@ mod on_cuda {
         );
     }
 
+    /// Strided columns without masks run the band and gathered-column calls on the matrix
+    /// units (bf16) and the portable kernels (f32), forward and backward.
+    #[test]
+    fn cuda_strided_columns_split_into_band_calls() {
+        check_strided_split::<Gpu>(
+            DType::BF16,
+            (
+                burn_attn_core::Implementation::FlashMma,
+                burn_attn_core::Implementation::FlashMmaBackward,
+            ),
+        );
+        check_strided_split::<Gpu>(
+            DType::F32,
+            (
+                burn_attn_core::Implementation::FlashUnit,
+                burn_attn_core::Implementation::FlashUnitBackward,
+            ),
+        );
+    }
+
     /// Context parallelism's ring form runs every block visit on the matrix units, forward
     /// and backward, and equals one call over the whole sequence.
     #[test]

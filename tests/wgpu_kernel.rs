@@ -52,6 +52,20 @@ fn block_mask_builds_on_the_device() {
     check_block_mask_on_device::<Gpu>();
 }
 
+/// Strided columns without masks run the band and gathered-column calls on the portable
+/// kernels, forward and backward.
+#[test]
+fn strided_columns_split_into_band_calls() {
+    require_gpu();
+    check_strided_split::<Gpu>(
+        DType::F32,
+        (
+            burn_attn_core::Implementation::FlashUnit,
+            burn_attn_core::Implementation::FlashUnitBackward,
+        ),
+    );
+}
+
 /// Context parallelism's ring form runs every block visit on the portable kernels, forward
 /// and backward, and equals one call over the whole sequence.
 #[test]

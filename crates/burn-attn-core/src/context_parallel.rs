@@ -22,9 +22,10 @@
 
 use std::ops::Range;
 
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
 use crate::backend::block_tap;
+use crate::merge::MergedRows;
 
 use crate::{
     try_attention, try_attention_with_lse, AttentionError, AttentionOptions, AttentionShape, Window,
@@ -289,7 +290,7 @@ fn ring_attention(
                 .collect()
         })
         .collect();
-    let mut merged: Vec<MergedRows> = slices.iter().map(MergedRows::new).collect();
+    let mut merged: Vec<MergedRows> = slices.iter().map(|s| MergedRows::new(&s.q, &s.v)).collect();
     // Step by step, every peer computing against its visiting block; each peer's next
     // block is copied before its current one is computed.
     let mut in_flight: Vec<Option<(Tensor<4>, Tensor<4>)>> = (0..peers)
@@ -328,6 +329,8 @@ fn ring_attention(
         .enumerate()
         .map(|(p, rows)| {
             let (out, lse) = rows.finish(slices[p].q.dtype());
+            // Values only: the taps carry the gradients.
+            let (out, lse) = (out.detach(), lse.detach());
             if !tracked {
                 return out;
             }
@@ -370,59 +373,6 @@ fn fetch(
             .to_device(device)
     };
     (rows(&owner.k), rows(&owner.v))
-}
-
-/// One peer's output rows merged over the visits so far, in f32: the output and the row
-/// log-sum-exp (`-inf` where no visit reached a row yet).
-struct MergedRows {
-    out: Tensor<4>,
-    lse: Tensor<3>,
-}
-
-impl MergedRows {
-    fn new(slice: &SequenceSlice) -> Self {
-        let [batch, heads, rows, _] = slice.q.dims();
-        let value_dim = slice.v.dims()[3];
-        let device = slice.q.device();
-        Self {
-            out: Tensor::<4>::zeros([batch, heads, rows, value_dim], &device).cast(DType::F32),
-            lse: Tensor::<3>::full([batch, heads, rows], f32::NEG_INFINITY, &device)
-                .cast(DType::F32),
-        }
-    }
-
-    /// Merges a visit's rows `at..` (output and log-sum-exp of its call).
-    fn add(&mut self, at: usize, out: Tensor<4>, lse: Tensor<3>) {
-        let [batch, heads, rows, value_dim] = out.dims();
-        let span = at..at + rows;
-        let old_out = self.out.clone().narrow(2, at, rows);
-        let old_lse = self.lse.clone().narrow(2, at, rows);
-        let (out, lse) = (out.cast(DType::F32), lse.cast(DType::F32));
-        let top = old_lse.clone().max_pair(lse.clone());
-        // Rows no call reached yet on either side keep -inf and a zero output.
-        let top = top
-            .clone()
-            .mask_fill(top.equal_elem(f32::NEG_INFINITY), 0.0);
-        let (w_old, w_new) = ((old_lse - top.clone()).exp(), (lse - top.clone()).exp());
-        let sum = w_old.clone() + w_new.clone();
-        let new_lse = top + sum.clone().log();
-        let sum = sum.clone().mask_fill(sum.equal_elem(0.0), 1.0);
-        let weight = |w: Tensor<3>| (w / sum.clone()).unsqueeze_dim::<4>(3);
-        let new_out = old_out * weight(w_old) + out * weight(w_new);
-        self.out = self
-            .out
-            .clone()
-            .slice_assign([0..batch, 0..heads, span.clone(), 0..value_dim], new_out);
-        self.lse = self
-            .lse
-            .clone()
-            .slice_assign([0..batch, 0..heads, span], new_lse);
-    }
-
-    /// The merged output in `dtype` and the log-sum-exp in f32.
-    fn finish(self, dtype: DType) -> (Tensor<4>, Tensor<3>) {
-        (self.out.cast(dtype), self.lse)
-    }
 }
 
 /// Rows `wanted` of the whole sequence's keys and values, cut from the slices that hold

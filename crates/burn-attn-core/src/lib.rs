@@ -29,11 +29,13 @@ mod feature_map;
 mod grouped_rows;
 mod linear;
 mod masked;
+mod merge;
 mod options;
 mod pattern;
 mod reference;
 mod score_terms;
 mod shape;
+mod strided;
 mod tiled;
 
 pub use backend::{

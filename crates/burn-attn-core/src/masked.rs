@@ -196,6 +196,13 @@ pub fn try_masked_attention(
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
     pattern.window = pattern.window.intersect(options.window);
+    if unmasked
+        && !dropout_active
+        && crate::strided::splits(&pattern, shape.seq_q, shape.seq_k)
+        && crate::backend::extension_serves_tensor(&q)
+    {
+        return crate::strided::strided_attention(q, k, v, &pattern, options);
+    }
     let why = if dropout_active {
         "dropout"
     } else if pattern.stride.is_some() {
