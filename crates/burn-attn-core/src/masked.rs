@@ -138,8 +138,9 @@ pub fn block_sparse_kernels(device: &burn::tensor::Device) -> bool {
 }
 
 /// Exact attention over `pattern` under `masks`: the band kernels when the call is a
-/// plain band without masks, the block-sparse kernels (forward and backward) for strided
-/// columns, block layouts, key padding, document ids, attention masks and dropout in
+/// plain band without masks, the band call plus calls over the gathered columns for
+/// strided columns without masks (merged by log-sum-exp), the block-sparse kernels
+/// (forward and backward) for strided columns with masks, block layouts, key padding, document ids, attention masks and dropout in
 /// training on CubeCL devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse`
 /// elsewhere), the tiled tensor ops otherwise (every such call on the CPU backends). Score terms (`key_bias`, `soft_edge`) get gradients on every
 /// path.
