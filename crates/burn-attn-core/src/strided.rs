@@ -352,6 +352,7 @@ mod tests {
                 calls > 1,
                 "{what}: {calls} forward calls, the split did not run"
             );
+            assert_eq!(backward, calls, "{what}: one backward per call");
             let close = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
             let err = close(got, want);
             assert!(err < 1e-5, "{what}: output {err}");
