@@ -166,9 +166,8 @@ impl AnyAttention {
     }
 
     /// Decoding several sequences of different lengths through a [`PagedKvCache`], as the
-    /// chosen mechanism's `try_forward_paged`: flash, sliding window and hybrid. Another
-    /// mechanism is an error naming it (sparse patterns place their columns by absolute
-    /// position, which the cache's front padding would shift).
+    /// chosen mechanism's `try_forward_paged`: flash, sliding window, sparse (local and
+    /// strided) and hybrid. Another mechanism is an error naming it.
     pub fn try_forward_paged(
         &self,
         x: Tensor<3>,
@@ -179,9 +178,10 @@ impl AnyAttention {
             Self::Flash(m) => m.try_forward_paged(x, cache, ids),
             Self::SlidingWindow(m) => m.try_forward_paged(x, cache, ids),
             Self::Hybrid(m) => m.try_forward_paged(x, cache, ids),
+            Self::Sparse(m) => m.try_forward_paged(x, cache, ids),
             _ => Err(AttentionError::Invalid(format!(
-                "{} attention does not decode with a paged cache (flash, sliding-window and \
-                 hybrid do)",
+                "{} attention does not decode with a paged cache (flash, sliding-window, \
+                 sparse and hybrid do)",
                 self.name()
             ))),
         }

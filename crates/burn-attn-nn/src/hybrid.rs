@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
     ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
 };
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flash::{projection_config, validate_dropout};
 use crate::kv_cache::{decode, KvCache};
-use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
+use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::sparse::SparsePattern;
 
@@ -347,75 +347,32 @@ impl HybridAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Result<Tensor<3>, AttentionError> {
-        let [batch, new, _] = x.dims();
-        if batch != ids.len() {
-            return Err(AttentionError::Invalid(format!(
-                "{} sequence ids for input {:?} (one id per batch row)",
-                ids.len(),
-                x.dims()
-            )));
-        }
-        let lengths = cache.lengths(ids)?;
-        cache.check_room(ids, &lengths, new)?;
-        // The calls: rows sharing a core (and, for the sparse core, a length).
-        let mut calls: Vec<((HybridChoice, usize), Vec<usize>)> = Vec::new();
-        for (row, &len) in lengths.iter().enumerate() {
-            let total = len + new;
-            let choice = self.choose(total);
-            let key = match choice {
-                HybridChoice::Sparse => {
-                    if let SparsePattern::Random { .. } = self.sparse_pattern {
-                        return Err(random_does_not_decode(total));
-                    }
-                    (choice, total)
-                }
-                _ => (choice, 0),
-            };
-            match calls.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, rows)) => rows.push(row),
-                None => calls.push((key, vec![row])),
-            }
-        }
         let masks = AttentionMasks {
             dropout: self.dropout,
             ..AttentionMasks::default()
         };
-        let device = x.device();
-        let mut order: Vec<usize> = Vec::with_capacity(batch);
-        let mut parts = Vec::with_capacity(calls.len());
-        for (_, rows) in &calls {
-            // Every row of a call chooses the same core (for the sparse one, at one length).
-            let pattern = self.key_pattern(lengths[rows[0]] + new);
-            let index = Tensor::<1, Int>::from_data(
-                TensorData::new(
-                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
-                    [rows.len()],
-                ),
-                &device,
-            );
-            let call_ids: Vec<SequenceId> = rows.iter().map(|&r| ids[r]).collect();
-            parts.push(decode_paged(
-                &self.projection,
-                x.clone().select(0, index),
-                cache,
-                &call_ids,
-                &pattern,
-                &AttentionOptions::new(),
-                &masks,
-                None,
-            )?);
-            order.extend(rows);
-        }
-        if calls.len() == 1 {
-            return Ok(parts.pop().expect("one call"));
-        }
-        // Row `order[i]` of the input is row `i` of the calls' outputs in turn.
-        let mut back = vec![0i64; batch];
-        for (i, &row) in order.iter().enumerate() {
-            back[row] = i as i64;
-        }
-        let back = Tensor::<1, Int>::from_data(TensorData::new(back, [batch]), &device);
-        Ok(Tensor::cat(parts, 0).select(0, back))
+        decode_paged_grouped(
+            &self.projection,
+            x,
+            cache,
+            ids,
+            &AttentionOptions::new(),
+            &masks,
+            None,
+            |total| {
+                let choice = self.choose(total);
+                let key = match choice {
+                    HybridChoice::Sparse => {
+                        if let SparsePattern::Random { .. } = self.sparse_pattern {
+                            return Err(random_does_not_decode(total));
+                        }
+                        (choice, total)
+                    }
+                    _ => (choice, 0),
+                };
+                Ok((key, self.key_pattern(total)))
+            },
+        )
     }
 
     /// [`try_forward_paged`](Self::try_forward_paged), panicking on its error.

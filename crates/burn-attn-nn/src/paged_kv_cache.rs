@@ -358,6 +358,67 @@ pub(crate) fn decode_paged(
     Ok(projection.merge(out))
 }
 
+/// [`decode_paged`] where sequences may need different patterns: `pattern_of(len)` gives the
+/// pattern of a sequence of `len` tokens after the call and the key of its group (rows of
+/// one key share one call, so the key must tell apart patterns that front padding would
+/// change). Rows come back in input order; the room for every row is checked before any
+/// call, so an error leaves the cache unchanged (the patterns' errors too).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_paged_grouped<K: PartialEq>(
+    projection: &MultiHeadProjection,
+    x: Tensor<3>,
+    cache: &mut PagedKvCache,
+    ids: &[SequenceId],
+    options: &AttentionOptions,
+    masks: &AttentionMasks,
+    rotary: Option<f32>,
+    pattern_of: impl Fn(usize) -> Result<(K, KeyPattern), AttentionError>,
+) -> Result<Tensor<3>, AttentionError> {
+    let [batch, new, _] = x.dims();
+    if batch != ids.len() {
+        return Err(AttentionError::Invalid(format!(
+            "{} sequence ids for input {:?} (one id per batch row)",
+            ids.len(),
+            x.dims()
+        )));
+    }
+    let lengths = cache.lengths(ids)?;
+    cache.check_room(ids, &lengths, new)?;
+    let mut calls: Vec<(K, KeyPattern, Vec<usize>)> = Vec::new();
+    for (row, &len) in lengths.iter().enumerate() {
+        let (key, pattern) = pattern_of(len + new)?;
+        match calls.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, _, rows)) => rows.push(row),
+            None => calls.push((key, pattern, vec![row])),
+        }
+    }
+    if let [(_, pattern, _)] = &calls[..] {
+        return decode_paged(projection, x, cache, ids, pattern, options, masks, rotary);
+    }
+    let device = x.device();
+    let index = |rows: &[usize]| {
+        let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let n = rows.len();
+        Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device)
+    };
+    let mut order: Vec<usize> = Vec::with_capacity(batch);
+    let mut parts = Vec::with_capacity(calls.len());
+    for (_, pattern, rows) in &calls {
+        let call_ids: Vec<SequenceId> = rows.iter().map(|&r| ids[r]).collect();
+        let rows_x = x.clone().select(0, index(rows));
+        parts.push(decode_paged(
+            projection, rows_x, cache, &call_ids, pattern, options, masks, rotary,
+        )?);
+        order.extend(rows);
+    }
+    // Row `order[i]` of the input is row `i` of the calls' outputs in turn.
+    let mut back = vec![0usize; batch];
+    for (i, &row) in order.iter().enumerate() {
+        back[row] = i;
+    }
+    Ok(Tensor::cat(parts, 0).select(0, index(&back)))
+}
+
 /// `x` (`[batch, heads, new, dim]`) rotated with row `b` at positions `starts[b]..`.
 fn rotate_rows(x: Tensor<4>, starts: &[usize], theta: f32) -> Tensor<4> {
     if starts.windows(2).all(|w| w[0] == w[1]) {
@@ -482,9 +543,16 @@ mod tests {
             assert_close(direct[s].clone(), window.forward(xs[s].clone()), 1e-5);
             assert_close(through_any[s].clone(), any.forward(xs[s].clone()), 1e-5);
         }
-        let sparse =
-            AnyAttentionConfig::Sparse(SparseAttentionConfig::new(32, 4).with_causal(true))
-                .init(&cpu());
+        let sparse = AnyAttentionConfig::Sparse(
+            SparseAttentionConfig::new(32, 4)
+                .with_causal(true)
+                .with_pattern(crate::SparsePattern::Random {
+                    density: 0.5,
+                    block: 4,
+                    seed: 2,
+                }),
+        )
+        .init(&cpu());
         let mut cache = PagedKvCache::new(8, 3).unwrap();
         let id = cache.add_sequence();
         let err = sparse
@@ -492,7 +560,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("sparse attention does not decode with a paged cache"),
+            err.contains("random sparse pattern does not decode with a paged cache"),
             "{err}"
         );
     }

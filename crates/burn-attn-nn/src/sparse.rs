@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flash::{projection_config, validate_dropout};
 use crate::kv_cache::{decode, KvCache};
+use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// A fixed sparsity pattern, described once (band, strided columns, block layout) so every
@@ -257,6 +258,60 @@ impl SparseAttention {
             .unwrap_or_else(|err| panic!("burn-attn: {err}"))
     }
 
+    /// Decoding several sequences of different lengths through a [`PagedKvCache`] (row `b`
+    /// of `x`, `[ids.len(), new, d_model]`, continues sequence `ids[b]`): causal `Local` and
+    /// `Strided` patterns. The cache pads shorter sequences at the front, which a band does
+    /// not notice but strided columns would (they sit at absolute positions), so a
+    /// `Strided` pattern runs one call per sequence length.
+    ///
+    /// # Errors
+    /// When the module is not causal, the pattern is `Random`, an id is not held or given
+    /// twice, `x` is not one row per id, or the call needs more pages than are free (naming
+    /// the values); the cache is unchanged then.
+    pub fn try_forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Result<Tensor<3>, AttentionError> {
+        if let SparsePattern::Random { .. } = self.pattern {
+            return Err(AttentionError::Invalid(
+                "a random sparse pattern does not decode with a paged cache: its block layout \
+                 is drawn for whole lengths"
+                    .into(),
+            ));
+        }
+        let masks = AttentionMasks {
+            dropout: self.dropout,
+            ..AttentionMasks::default()
+        };
+        let options = AttentionOptions::new().with_block_mask_cache(self.block_masks.clone());
+        let strided = matches!(self.pattern, SparsePattern::Strided { .. });
+        // Local and strided patterns do not depend on the lengths.
+        let pattern = self.pattern.key_pattern(1, 1, self.causal)?;
+        decode_paged_grouped(
+            &self.projection,
+            x,
+            cache,
+            ids,
+            &options,
+            &masks,
+            None,
+            |total| Ok((if strided { total } else { 0 }, pattern.clone())),
+        )
+    }
+
+    /// [`try_forward_paged`](Self::try_forward_paged), panicking on its error.
+    pub fn forward_paged(
+        &self,
+        x: Tensor<3>,
+        cache: &mut PagedKvCache,
+        ids: &[SequenceId],
+    ) -> Tensor<3> {
+        self.try_forward_paged(x, cache, ids)
+            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    }
+
     /// The key pattern used for the given lengths.
     pub fn key_pattern(&self, seq_q: usize, seq_k: usize) -> KeyPattern {
         self.pattern
@@ -287,6 +342,69 @@ mod tests {
         let pattern = module.key_pattern(seq_q, seq_k);
         let (want, _) = reference_attention(h.q, h.k, h.v, &pattern, scale, None, None);
         assert_close(got, module.projection().merge(want), 2e-5);
+    }
+
+    /// Sequences of different lengths decoded together one token at a time: every row
+    /// equals the forward over its sequence's prefix, for a band and for strided columns
+    /// (whose lengths here differ by other than multiples of the stride); random refuses.
+    #[test]
+    fn paged_decoding_equals_the_forward_over_each_prefix() {
+        let prompts = [5, 6, 9, 9, 14];
+        let steps = 3;
+        let xs: Vec<_> = prompts
+            .iter()
+            .map(|&p| randn([1, p + steps, 16], &cpu()))
+            .collect();
+        for pattern in [
+            SparsePattern::Local { window: 6 },
+            SparsePattern::Strided {
+                stride: 4,
+                local: 1,
+            },
+        ] {
+            let module = SparseAttentionConfig::new(16, 2)
+                .with_causal(true)
+                .with_pattern(pattern)
+                .init(&cpu());
+            let mut cache = PagedKvCache::new(32, 4).unwrap();
+            let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
+            for (s, &p) in prompts.iter().enumerate() {
+                let prompt = xs[s].clone().slice([0..1, 0..p, 0..16]);
+                module.forward_paged(prompt, &mut cache, &[ids[s]]);
+            }
+            for step in 0..steps {
+                let at = |s: usize| prompts[s] + step;
+                let x = Tensor::cat(
+                    (0..prompts.len())
+                        .map(|s| xs[s].clone().slice([0..1, at(s)..at(s) + 1, 0..16]))
+                        .collect(),
+                    0,
+                );
+                let out = module.forward_paged(x, &mut cache, &ids);
+                for (s, x) in xs.iter().enumerate() {
+                    let want = module
+                        .forward(x.clone().slice([0..1, 0..at(s) + 1, 0..16]))
+                        .slice([0..1, at(s)..at(s) + 1, 0..16]);
+                    assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
+                }
+            }
+        }
+        let random = SparseAttentionConfig::new(16, 2)
+            .with_causal(true)
+            .with_pattern(SparsePattern::Random {
+                density: 0.5,
+                block: 4,
+                seed: 1,
+            })
+            .init(&cpu());
+        let mut cache = PagedKvCache::new(4, 4).unwrap();
+        let id = cache.add_sequence();
+        let err = random
+            .try_forward_paged(randn([1, 2, 16], &cpu()), &mut cache, &[id])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("random"), "{err}");
+        assert_eq!(cache.sequence_len(id), Some(0));
     }
 
     #[test]
