@@ -1983,17 +1983,7 @@ pub fn check_sparse_training<B: On>(dtype: DType, served: (Implementation, Imple
             [(Pass::Forward, served.0), (Pass::Backward, served.1)],
             "case {at}"
         );
-        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
-            .into_iter()
-            .zip(got.iter().zip(&want))
-        {
-            let err = max_err(g, t);
-            let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            assert!(
-                err < tol * size,
-                "{dtype:?} case {at}: {name} error {err:e}"
-            );
-        }
+        assert_training_close(&got, &want, tol, &format!("{dtype:?} case {at}"));
     }
 }
 
@@ -2808,17 +2798,12 @@ pub fn check_context_parallel<B: On>(dtype: DType, served: (Implementation, Impl
             "{window:?} causal {causal}: {entries:?}"
         );
         let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
-        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
-            .into_iter()
-            .zip(got.iter().zip(&want))
-        {
-            let err = max_err(g, t);
-            let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            assert!(
-                err < tol * size,
-                "{dtype:?} {window:?} causal {causal}: {name} error {err:e} (largest {size:e})"
-            );
-        }
+        assert_training_close(
+            &got,
+            &want,
+            tol,
+            &format!("{dtype:?} {window:?} causal {causal}"),
+        );
     }
 }
 
@@ -2877,16 +2862,23 @@ pub fn check_strided_split<B: On>(dtype: DType, served: (Implementation, Impleme
                 && entries.len() == 2 * forward,
             "case {at}: {entries:?}"
         );
-        for (name, (g, t)) in ["out", "dq", "dk", "dv"]
-            .into_iter()
-            .zip(got.iter().zip(&want))
-        {
-            let err = max_err(g, t);
-            let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            assert!(
-                err < tol * size,
-                "{dtype:?} case {at}: {name} error {err:e}"
-            );
-        }
+        assert_training_close(&got, &want, tol, &format!("{dtype:?} case {at}"));
+    }
+}
+
+/// Output and dq/dk/dv (`got` against `want`, in that order) each within `tol` times the
+/// largest magnitude of the truth (at least 1).
+#[track_caller]
+pub fn assert_training_close(got: &[Vec<f64>], want: &[Vec<f64>], tol: f64, what: &str) {
+    for (name, (g, t)) in ["out", "dq", "dk", "dv"]
+        .into_iter()
+        .zip(got.iter().zip(want))
+    {
+        let err = max_err(g, t);
+        let size = t.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        assert!(
+            err < tol * size,
+            "{what}: {name} error {err:e} (largest {size:e})"
+        );
     }
 }

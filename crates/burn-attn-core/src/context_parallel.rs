@@ -404,8 +404,8 @@ fn gather(
 mod tests {
     use super::*;
     use crate::attention;
-    use burn::tensor::TensorData;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use crate::test_util::{max_abs_diff, uniform};
+    use rand::{rngs::StdRng, SeedableRng};
 
     /// Each visit's local band against every (query, key) pair of its peer and block: the
     /// visits keep exactly the global pairs, and skip only blocks without one.
@@ -481,13 +481,6 @@ mod tests {
         }
     }
 
-    fn random(rng: &mut StdRng, shape: [usize; 4], device: &Device) -> Tensor<4> {
-        let data: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_data(TensorData::new(data, shape), device)
-    }
-
     /// Outputs and gradients (q, k, v) of slices of lengths `cuts` equal those of one call
     /// over the whole sequence: full, causal, windows, GQA, uneven slices.
     #[test]
@@ -526,10 +519,10 @@ mod tests {
         ];
         for (options, heads, kv_heads, cuts) in cases {
             let n: usize = cuts.iter().sum();
-            let q = random(&mut rng, [2, heads, n, 8], &device).require_grad();
-            let k = random(&mut rng, [2, kv_heads, n, 8], &device).require_grad();
-            let v = random(&mut rng, [2, kv_heads, n, 6], &device).require_grad();
-            let w = random(&mut rng, [2, heads, n, 6], &device);
+            let q = uniform(&mut rng, [2, heads, n, 8], &device).require_grad();
+            let k = uniform(&mut rng, [2, kv_heads, n, 8], &device).require_grad();
+            let v = uniform(&mut rng, [2, kv_heads, n, 6], &device).require_grad();
+            let w = uniform(&mut rng, [2, heads, n, 6], &device);
             let want = attention(q.clone(), k.clone(), v.clone(), &options);
             let want_grads = (want.clone() * w.clone()).sum().backward();
 
@@ -552,13 +545,12 @@ mod tests {
                 let got = try_context_parallel_attention_with(&slices, &options, form).unwrap();
                 let got = Tensor::cat(got, 2);
                 let grads = (got.clone() * w.clone()).sum().backward();
-                let close = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
                 let what = format!("{form:?} {options:?} heads {heads}/{kv_heads} slices {cuts:?}");
-                let err = close(got, want.clone());
+                let err = max_abs_diff(got, want.clone());
                 assert!(err < 1e-5, "{what}: output {err}");
                 for (name, a, b) in [("dq", &q2, &q), ("dk", &k2, &k), ("dv", &v2, &v)] {
                     let (g, wg) = (a.grad(&grads).unwrap(), b.grad(&want_grads).unwrap());
-                    let err = close(g, wg);
+                    let err = max_abs_diff(g, wg);
                     assert!(err < 1e-5, "{what}: {name} {err}");
                 }
             }

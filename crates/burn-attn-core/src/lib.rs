@@ -36,6 +36,8 @@ mod reference;
 mod score_terms;
 mod shape;
 mod strided;
+#[cfg(test)]
+mod test_util;
 mod tiled;
 
 pub use backend::{

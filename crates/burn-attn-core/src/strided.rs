@@ -155,17 +155,24 @@ pub(crate) fn strided_attention(
         // The band shows every column a query may see: one call.
         return crate::try_attention(q, k, v, &call_options(band));
     }
-    // The column calls' inputs: queries gathered by row and stacked, phases as heads.
-    let gathered = |call: &ColumnCall, q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>| {
-        let rows = index(call.row_index(stride));
-        let keys = index(call.key_index(stride));
+    // Each call's query rows and key rows, uploaded once for the forward and the taps.
+    let indices: Vec<(Tensor<1, Int>, Tensor<1, Int>)> = calls
+        .iter()
+        .map(|call| (index(call.row_index(stride)), index(call.key_index(stride))))
+        .collect();
+    // A column call's inputs: queries gathered by row and stacked, phases as heads.
+    let gathered = |call: &ColumnCall,
+                    (rows, keys): &(Tensor<1, Int>, Tensor<1, Int>),
+                    q: &Tensor<4>,
+                    k: &Tensor<4>,
+                    v: &Tensor<4>| {
         let g = call.phases.len();
         (
             q.clone()
-                .select(2, rows)
+                .select(2, rows.clone())
                 .reshape([batch, heads * g, call.rows, dim]),
             k.clone().select(2, keys.clone()),
-            v.clone().select(2, keys),
+            v.clone().select(2, keys.clone()),
         )
     };
 
@@ -174,12 +181,12 @@ pub(crate) fn strided_attention(
     let (out, lse) =
         try_attention_with_lse(dq.clone(), dk.clone(), dv.clone(), &call_options(band))?;
     merged.add(0, out, lse);
-    for call in &calls {
-        let (cq, ck, cv) = gathered(call, &dq, &dk, &dv);
+    for (call, at) in calls.iter().zip(&indices) {
+        let (cq, ck, cv) = gathered(call, at, &dq, &dk, &dv);
         let (out, lse) = try_attention_with_lse(cq, ck, cv, &call_options(call.window))?;
         let rows = call.phases.len() * call.rows;
         merged.add_rows(
-            index(call.row_index(stride)),
+            at.0.clone(),
             out.reshape([batch, heads, rows, value_dim]),
             lse.reshape([batch, heads, rows]),
         );
@@ -202,9 +209,9 @@ pub(crate) fn strided_attention(
         0,
         call_options(band),
     );
-    for call in &calls {
-        let (cq, ck, cv) = gathered(call, &q, &k, &v);
-        let rows = index(call.row_index(stride));
+    for (call, at) in calls.iter().zip(&indices) {
+        let (cq, ck, cv) = gathered(call, at, &q, &k, &v);
+        let rows = at.0.clone();
         let g = call.phases.len();
         let stacked = |t: Tensor<4>| t.reshape([batch, heads * g, call.rows, value_dim]);
         let share = block_tap(
@@ -228,9 +235,10 @@ pub(crate) fn strided_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, uniform};
     use crate::{pattern_attention, reference_attention, DispatchLog, Pass};
     use burn::tensor::Device;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use rand::{rngs::StdRng, SeedableRng};
 
     /// Every (query, key) pair the pattern shows is in exactly one call (the band or one
     /// column call), and no call shows another pair.
@@ -291,13 +299,6 @@ mod tests {
         }
     }
 
-    fn random(rng: &mut StdRng, shape: [usize; 4], device: &Device) -> Tensor<4> {
-        let data: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_data(TensorData::new(data, shape), device)
-    }
-
     /// Strided patterns through `pattern_attention` (split into calls) against autodiff of
     /// the materialised reference: outputs and dq/dk/dv, GQA, cross lengths, both sides.
     #[test]
@@ -320,10 +321,10 @@ mod tests {
                 causal,
                 blocks: None,
             };
-            let q = random(&mut rng, [2, heads, seq_q, 8], &device).require_grad();
-            let k = random(&mut rng, [2, kv_heads, seq_k, 8], &device).require_grad();
-            let v = random(&mut rng, [2, kv_heads, seq_k, 6], &device).require_grad();
-            let w = random(&mut rng, [2, heads, seq_q, 6], &device);
+            let q = uniform(&mut rng, [2, heads, seq_q, 8], &device).require_grad();
+            let k = uniform(&mut rng, [2, kv_heads, seq_k, 8], &device).require_grad();
+            let v = uniform(&mut rng, [2, kv_heads, seq_k, 6], &device).require_grad();
+            let w = uniform(&mut rng, [2, heads, seq_q, 6], &device);
             let log = DispatchLog::new();
             let options = AttentionOptions::new().with_log(log.clone());
             let got = pattern_attention(
@@ -361,11 +362,10 @@ mod tests {
             };
             let expected = 1 + column_calls(seq_q, seq_k, stride, band, causal).len();
             assert_eq!((calls, backward), (expected, expected), "{what}: calls");
-            let close = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
-            let err = close(got, want);
+            let err = max_abs_diff(got, want);
             assert!(err < 1e-5, "{what}: output {err}");
             for (name, a, b) in [("dq", &q, &q2), ("dk", &k, &k2), ("dv", &v, &v2)] {
-                let err = close(a.grad(&grads).unwrap(), b.grad(&want_grads).unwrap());
+                let err = max_abs_diff(a.grad(&grads).unwrap(), b.grad(&want_grads).unwrap());
                 assert!(err < 1e-5, "{what}: {name} {err}");
             }
         }

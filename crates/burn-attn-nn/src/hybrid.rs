@@ -480,34 +480,14 @@ mod tests {
             .init(&cpu());
         // Thresholds 8 (flash) and 24 (strided sparse): the prompts start in each core, and
         // the sparse ones of equal length share a call.
-        let prompts = [3, 6, 13, 14, 14, 22, 26];
-        let steps = 4;
-        let xs: Vec<_> = prompts
-            .iter()
-            .map(|&p| randn([1, p + steps, 16], &cpu()))
-            .collect();
-        let mut cache = PagedKvCache::new(64, 4).unwrap();
-        let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
-        for (s, &p) in prompts.iter().enumerate() {
-            let prompt = xs[s].clone().slice([0..1, 0..p, 0..16]);
-            module.forward_paged(prompt, &mut cache, &[ids[s]]);
-        }
-        for step in 0..steps {
-            let at = |s: usize| prompts[s] + step;
-            let x = Tensor::cat(
-                (0..prompts.len())
-                    .map(|s| xs[s].clone().slice([0..1, at(s)..at(s) + 1, 0..16]))
-                    .collect(),
-                0,
-            );
-            let out = module.forward_paged(x, &mut cache, &ids);
-            for (s, x) in xs.iter().enumerate() {
-                let want = module
-                    .forward(x.clone().slice([0..1, 0..at(s) + 1, 0..16]))
-                    .slice([0..1, at(s)..at(s) + 1, 0..16]);
-                assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
-            }
-        }
+        let (mut cache, ids) = check_paged_decoding(
+            &[3, 6, 13, 14, 14, 22, 26],
+            4,
+            16,
+            64,
+            &|x, cache, ids| module.forward_paged(x, cache, ids),
+            &|x| module.forward(x),
+        );
         let free = cache.free_pages();
         let err = |module: &HybridAttention, cache: &mut PagedKvCache, ids: &[SequenceId]| {
             let x = randn([ids.len(), 1, 16], &cpu());

@@ -349,12 +349,6 @@ mod tests {
     /// (whose lengths here differ by other than multiples of the stride); random refuses.
     #[test]
     fn paged_decoding_equals_the_forward_over_each_prefix() {
-        let prompts = [5, 6, 9, 9, 14];
-        let steps = 3;
-        let xs: Vec<_> = prompts
-            .iter()
-            .map(|&p| randn([1, p + steps, 16], &cpu()))
-            .collect();
         for pattern in [
             SparsePattern::Local { window: 6 },
             SparsePattern::Strided {
@@ -366,28 +360,14 @@ mod tests {
                 .with_causal(true)
                 .with_pattern(pattern)
                 .init(&cpu());
-            let mut cache = PagedKvCache::new(32, 4).unwrap();
-            let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
-            for (s, &p) in prompts.iter().enumerate() {
-                let prompt = xs[s].clone().slice([0..1, 0..p, 0..16]);
-                module.forward_paged(prompt, &mut cache, &[ids[s]]);
-            }
-            for step in 0..steps {
-                let at = |s: usize| prompts[s] + step;
-                let x = Tensor::cat(
-                    (0..prompts.len())
-                        .map(|s| xs[s].clone().slice([0..1, at(s)..at(s) + 1, 0..16]))
-                        .collect(),
-                    0,
-                );
-                let out = module.forward_paged(x, &mut cache, &ids);
-                for (s, x) in xs.iter().enumerate() {
-                    let want = module
-                        .forward(x.clone().slice([0..1, 0..at(s) + 1, 0..16]))
-                        .slice([0..1, at(s)..at(s) + 1, 0..16]);
-                    assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
-                }
-            }
+            check_paged_decoding(
+                &[5, 6, 9, 9, 14],
+                3,
+                16,
+                32,
+                &|x, cache, ids| module.forward_paged(x, cache, ids),
+                &|x| module.forward(x),
+            );
         }
         let random = SparseAttentionConfig::new(16, 2)
             .with_causal(true)

@@ -5,6 +5,8 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
+use crate::{PagedKvCache, SequenceId};
+
 /// The CPU device of the tests (ndarray, f32: this crate's default CPU backend, which
 /// Burn 0.22 deprecates).
 #[allow(deprecated)]
@@ -147,4 +149,47 @@ pub fn assert_padding_hides_keys(
     let b = forward(other, pad).slice([0..batch, 0..kept]);
     assert_finite(a.clone());
     assert_close(a, b, 1e-5);
+}
+
+/// Decodes sequences of `prompts` tokens through one paged cache of `pages` pages of 4:
+/// each prompt alone, then `steps` tokens of every sequence together through
+/// `forward_paged`; asserts every step's rows equal `forward` over each sequence's prefix
+/// (1e-5). Inputs are `[1, len, d_model]`. Returns the cache and the sequences' ids.
+pub fn check_paged_decoding(
+    prompts: &[usize],
+    steps: usize,
+    d_model: usize,
+    pages: usize,
+    forward_paged: &dyn Fn(Tensor<3>, &mut PagedKvCache, &[SequenceId]) -> Tensor<3>,
+    forward: &dyn Fn(Tensor<3>) -> Tensor<3>,
+) -> (PagedKvCache, Vec<SequenceId>) {
+    let xs: Vec<_> = prompts
+        .iter()
+        .map(|&p| randn([1, p + steps, d_model], &cpu()))
+        .collect();
+    let mut cache = PagedKvCache::new(pages, 4).unwrap();
+    let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
+    for (s, &p) in prompts.iter().enumerate() {
+        let prompt = xs[s].clone().slice([0..1, 0..p, 0..d_model]);
+        forward_paged(prompt, &mut cache, &[ids[s]]);
+    }
+    for step in 0..steps {
+        let at = |s: usize| prompts[s] + step;
+        let x = Tensor::cat(
+            (0..prompts.len())
+                .map(|s| xs[s].clone().slice([0..1, at(s)..at(s) + 1, 0..d_model]))
+                .collect(),
+            0,
+        );
+        let out = forward_paged(x, &mut cache, &ids);
+        for (s, x) in xs.iter().enumerate() {
+            let want = forward(x.clone().slice([0..1, 0..at(s) + 1, 0..d_model])).slice([
+                0..1,
+                at(s)..at(s) + 1,
+                0..d_model,
+            ]);
+            assert_close(out.clone().narrow(0, s, 1), want, 1e-5);
+        }
+    }
+    (cache, ids)
 }
