@@ -134,16 +134,25 @@ mod on_cuda {
         check_invalid_list_indices::<Gpu>();
     }
 
-    /// The block-sparse matrix-unit forward and backward in bf16.
-    #[test]
-    fn cuda_sparse_kernel_bf16_matches_the_host_truth() {
-        check_sparse_kernels::<Gpu>(DType::BF16, BackwardKernel::Mma);
+    /// The block-sparse matrix-unit forward and backward in bf16 and f16, in four parts
+    /// each (compiling their kernels takes minutes; run the parts as separate processes).
+    macro_rules! sparse_kernel_parts {
+        ($($name:ident: $dtype:expr, $part:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                check_sparse_kernels_part::<Gpu>($dtype, BackwardKernel::Mma, $part, 4);
+            }
+        )*};
     }
-
-    /// The block-sparse matrix-unit forward and backward in f16.
-    #[test]
-    fn cuda_sparse_kernel_f16_matches_the_host_truth() {
-        check_sparse_kernels::<Gpu>(DType::F16, BackwardKernel::Mma);
+    sparse_kernel_parts! {
+        cuda_sparse_kernel_bf16_part_0: DType::BF16, 0;
+        cuda_sparse_kernel_bf16_part_1: DType::BF16, 1;
+        cuda_sparse_kernel_bf16_part_2: DType::BF16, 2;
+        cuda_sparse_kernel_bf16_part_3: DType::BF16, 3;
+        cuda_sparse_kernel_f16_part_0: DType::F16, 0;
+        cuda_sparse_kernel_f16_part_1: DType::F16, 1;
+        cuda_sparse_kernel_f16_part_2: DType::F16, 2;
+        cuda_sparse_kernel_f16_part_3: DType::F16, 3;
     }
 
     /// Training through `pattern_attention` with strided columns, block layouts, key

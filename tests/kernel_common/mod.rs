@@ -1558,6 +1558,19 @@ pub fn check_sparse_kernels<B: On>(
     dtype: DType,
     backward: burn_attn_core::kernels::plan::BackwardKernel,
 ) {
+    check_sparse_kernels_part::<B>(dtype, backward, 0, 1);
+}
+
+/// Part `part` of `parts` of [`check_sparse_kernels`]: every `parts`-th case from the
+/// `part`-th (each case compiles its own kernels; parts run in separate processes compile
+/// in parallel).
+pub fn check_sparse_kernels_part<B: On>(
+    dtype: DType,
+    backward: burn_attn_core::kernels::plan::BackwardKernel,
+    part: usize,
+    parts: usize,
+) {
+    let mut case_at = 0usize;
     use burn::tensor::{Bool, Int};
     use burn_attn_core::kernels::launch::{
         flash_backward_sparse, flash_forward_sparse, sparse_blocks, BackwardInputs, BlockLists,
@@ -1669,6 +1682,10 @@ pub fn check_sparse_kernels<B: On>(
                 _ => &[(false, false, false, 0), (true, true, false, 0)],
             };
             for &(with_pad, with_docs, with_drop, with_terms) in masks {
+                case_at += 1;
+                if (case_at - 1) % parts != part {
+                    continue;
+                }
                 let mut cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
                 let mut rules = SparseRules {
                     left: pattern.window.left,
