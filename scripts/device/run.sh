@@ -10,7 +10,8 @@
 # built elsewhere. OUT (default target/device-out) receives logs and JSON.
 # Steps:
 #   build     cargo builds the two binaries (release, `cuda` feature) into $BIN
-#   grid      the CUDA kernel tests (every kernel against the f64 reference)
+#   grid      the CUDA kernel tests (every kernel against the f64 reference), one process
+#             per test, GRID_JOBS (6) at a time; GRID_FILTER picks tests by name
 #   digest    bit-exact fingerprints of the op's results (`burn-attn-bench digest`) for
 #             f16, bf16 and f32: compare two builds' files to check a refactor
 #   bench     `burn-attn-bench kernel` forward and backward, bf16, 10 calls queued
@@ -74,9 +75,18 @@ for step in "$@"; do
           python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])') &&
         cp "$exe" "$BIN/cuda_kernel" && ls -la "$BIN" ;;
     grid)
-      timeout "${GRID_TIMEOUT:-560}" "$BIN/cuda_kernel" --test-threads 4 --nocapture ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.log" |
-        grep -E "^test |panicked|FAILED|test result" | head -60
-      echo "cases checked: $(grep -cE 'out err' "$OUT/grid.log")" ;;
+      # One process per test, GRID_JOBS at a time: each process compiles its kernels one
+      # after another, so processes side by side use the host's cores (GRID_FILTER: a regex
+      # of test names).
+      "$BIN/cuda_kernel" --list 2>/dev/null | sed -n 's/: test$//p' |
+        grep -E "${GRID_FILTER:-.}" > "$OUT/grid-tests.txt"
+      rm -f "$OUT"/grid-on_cuda*.log
+      timeout "${GRID_TIMEOUT:-560}" xargs -P "${GRID_JOBS:-6}" -I{} sh -c \
+        '"$0" --exact "$1" --nocapture > "$2/grid-$(echo "$1" | tr : _).log" 2>&1' \
+        "$BIN/cuda_kernel" {} "$OUT" < "$OUT/grid-tests.txt"
+      cat "$OUT"/grid-on_cuda*.log > "$OUT/grid.log"
+      grep -hE "^test .* (ok|FAILED|ignored)$|panicked" "$OUT/grid.log" | head -80
+      echo "tests: $(wc -l < "$OUT/grid-tests.txt"), ok: $(grep -cE '^test .* ok$' "$OUT/grid.log"), failed: $(grep -cE '^test .* FAILED$' "$OUT/grid.log"), cases checked: $(grep -cE 'out err' "$OUT/grid.log")" ;;
     digest)
       for dtype in bf16 f16 f32; do
         "$BIN/burn-attn-bench" digest --backend cuda --dtype $dtype --out "$OUT/digest-$dtype.txt" || echo "digest $dtype failed"
