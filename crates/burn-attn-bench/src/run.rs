@@ -595,7 +595,10 @@ pub fn run(
                         .cloned()
                         .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_default();
-                    bar.println(format!("{method} n={n}: failed, row skipped: {msg}"));
+                    // The device too: an allocation failure names only the bytes asked.
+                    bar.println(format!(
+                        "{method} n={n} on {device:?}: failed, row skipped: {msg}"
+                    ));
                 }
             }
             bar.inc(1);
