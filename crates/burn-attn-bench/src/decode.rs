@@ -62,6 +62,9 @@ pub struct DecodeArgs {
     /// Write the rows as JSON.
     #[arg(long, value_name = "PATH")]
     pub json: Option<std::path::PathBuf>,
+    /// Forced kernel plan (tuning runs: `--plan-key-splits 16`).
+    #[command(flatten)]
+    pub plan: crate::kernel::PlanArgs,
 }
 
 /// `NEW:CACHE` as numbers.
@@ -109,9 +112,13 @@ pub fn decode(args: DecodeArgs) -> Result<(), String> {
         };
         let (q, k, v) = (rand(h, new), rand(kvh, cache), rand(kvh, cache));
         let log = DispatchLog::new();
-        let options = AttentionOptions::new()
+        let mut options = AttentionOptions::new()
             .with_causal(new == 1)
             .with_log(log.clone());
+        let forced = args.plan.forced();
+        if !forced.is_default() {
+            options = options.with_forced_plan(forced);
+        }
         let ms = median_ms(&device, args.repeats, args.calls, || {
             let _ = attention(q.clone(), k.clone(), v.clone(), &options);
         });
