@@ -184,7 +184,7 @@ impl BlockCover {
             codes_of(empty, full)
         };
         let mut codes = band(pattern.window);
-        if let Some(stride) = pattern.stride {
+        if let Some(stride) = pattern.stride_within(grid.seq_k) {
             let s = stride as i64;
             // Whether the block holds a multiple of the stride: its first one from the
             // block's first key is at or before the block's last key.
@@ -776,6 +776,15 @@ mod tests {
                     ..KeyPattern::default()
                 },
                 true,
+            ),
+            // A stride past any length: column 0 only.
+            (
+                KeyPattern {
+                    window: Window::new(Some(1), Some(1)),
+                    stride: Some(usize::MAX),
+                    ..KeyPattern::default()
+                },
+                false,
             ),
             (
                 KeyPattern {

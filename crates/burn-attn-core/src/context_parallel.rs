@@ -25,7 +25,7 @@ use std::ops::Range;
 use burn::tensor::{Device, Tensor};
 
 use crate::backend::block_tap;
-use crate::merge::MergedRows;
+use crate::merge::{untracked, MergedRows};
 
 use crate::{
     try_attention, try_attention_with_lse, AttentionError, AttentionOptions, AttentionShape, Window,
@@ -310,7 +310,7 @@ fn ring_attention(
                 .get(step + 1)
                 .map(|next| fetch(slices, layout, next, &slices[p].q.device()));
             let start = layout.bounds[p].start;
-            let q = slices[p].q.clone().detach().narrow(
+            let q = untracked(slices[p].q.clone()).narrow(
                 2,
                 visit.queries.start - start,
                 visit.queries.len(),
@@ -330,7 +330,7 @@ fn ring_attention(
         .map(|(p, rows)| {
             let (out, lse) = rows.finish(slices[p].q.dtype());
             // Values only: the taps carry the gradients.
-            let (out, lse) = (out.detach(), lse.detach());
+            let (out, lse) = (untracked(out), untracked(lse));
             if !tracked {
                 return out;
             }
@@ -367,8 +367,7 @@ fn fetch(
     let owner = &slices[visit.block];
     let at = visit.keys.start - layout.bounds[visit.block].start;
     let rows = |t: &Tensor<4>| {
-        t.clone()
-            .detach()
+        untracked(t.clone())
             .narrow(2, at, visit.keys.len())
             .to_device(device)
     };

@@ -201,6 +201,12 @@ impl KeyPattern {
         }
     }
 
+    /// The stride as the masks compute with it over `seq_k` keys: at most `seq_k` (a larger
+    /// stride marks column 0 only, as `seq_k` does), so it fits their signed integers.
+    pub(crate) fn stride_within(&self, seq_k: usize) -> Option<usize> {
+        self.stride.map(|s| s.min(seq_k.max(1)))
+    }
+
     /// The scalar definition: whether key `j` is visible to query `i`.
     pub fn visible(&self, i: usize, j: usize, seq_q: usize, seq_k: usize) -> bool {
         let causal_ok = self.causal_window().contains(i, j, seq_q, seq_k);
@@ -430,7 +436,7 @@ impl KeyPattern {
             m
         };
         let mut mask = within(self.window, &diff);
-        if let Some(s) = self.stride {
+        if let Some(s) = self.stride_within(seq_k) {
             mask = mask.bool_or(col_pos.remainder_scalar(s as i64).equal_elem(0));
         }
         if self.causal {
@@ -486,6 +492,13 @@ mod tests {
                 window: Window::symmetric(4),
                 stride: Some(5),
                 causal: true,
+                blocks: None,
+            },
+            // Past any length: only column 0 is strided.
+            KeyPattern {
+                window: Window::new(Some(1), Some(2)),
+                stride: Some(usize::MAX),
+                causal: false,
                 blocks: None,
             },
             KeyPattern {

@@ -17,7 +17,7 @@
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::backend::block_tap;
-use crate::merge::MergedRows;
+use crate::merge::{untracked, MergedRows};
 use crate::{try_attention_with_lse, AttentionError, AttentionOptions, KeyPattern, Window};
 
 /// One call over gathered columns: the query rows it serves (phase-major: every row of
@@ -47,8 +47,8 @@ impl ColumnCall {
 }
 
 /// The column calls of `seq_q` queries over `seq_k` keys with columns every `stride` keys
-/// outside `band` (the pattern's band, already cut by its causal rule; `causal` hides the
-/// columns right of the band).
+/// (at most `seq_k`) outside `band` (the pattern's band, already cut by its causal rule;
+/// `causal` hides the columns right of the band).
 fn column_calls(
     seq_q: usize,
     seq_k: usize,
@@ -57,6 +57,10 @@ fn column_calls(
     causal: bool,
 ) -> Vec<ColumnCall> {
     let s = stride as i64;
+    // A side of `seq_q + seq_k` already reaches every key: wider ones bound nothing more,
+    // and would overflow the arithmetic below.
+    let reach = seq_q + seq_k;
+    let side = |side: Option<usize>| side.map(|w| w.min(reach) as i64);
     let offset = seq_k as i64 - seq_q as i64;
     let columns = seq_k.div_ceil(stride) as i64;
     let mut calls: Vec<(bool, i64, ColumnCall)> = Vec::new();
@@ -71,7 +75,7 @@ fn column_calls(
         let rows = (seq_q - phase).div_ceil(stride) as i64;
         let a = phase as i64 + offset;
         // Left of the band: row k sees t * s <= a + k s - left - 1, so t <= e + k.
-        if let Some(left) = band.left.and_then(|l| i64::try_from(l).ok()) {
+        if let Some(left) = side(band.left) {
             let e = (a - left - 1).div_euclid(s);
             let keys = columns.min(e + rows);
             if keys > 0 {
@@ -90,7 +94,7 @@ fn column_calls(
             }
         }
         // Right of the band: row k sees t * s >= a + k s + right + 1, so t >= f + k.
-        if let Some(right) = band.right.and_then(|r| i64::try_from(r).ok()) {
+        if let Some(right) = side(band.right) {
             if causal {
                 continue;
             }
@@ -131,9 +135,9 @@ pub(crate) fn strided_attention(
     pattern: &KeyPattern,
     options: &AttentionOptions,
 ) -> Result<Tensor<4>, AttentionError> {
-    let stride = pattern.stride.expect("a strided pattern");
     let [batch, heads, seq_q, dim] = q.dims();
     let [_, _, seq_k, _] = k.dims();
+    let stride = pattern.stride_within(seq_k).expect("a strided pattern");
     let value_dim = v.dims()[3];
     let band = if pattern.causal {
         pattern.window.intersect(Window::new(None, Some(0)))
@@ -176,7 +180,11 @@ pub(crate) fn strided_attention(
         )
     };
 
-    let (dq, dk, dv) = (q.clone().detach(), k.clone().detach(), v.clone().detach());
+    let (dq, dk, dv) = (
+        untracked(q.clone()),
+        untracked(k.clone()),
+        untracked(v.clone()),
+    );
     let mut merged = MergedRows::new(&q, &v);
     let (out, lse) =
         try_attention_with_lse(dq.clone(), dk.clone(), dv.clone(), &call_options(band))?;
@@ -192,9 +200,8 @@ pub(crate) fn strided_attention(
         );
     }
     let (out, lse) = merged.finish(q.dtype());
-    // Values only: the taps carry the gradients (a detached input's call may still be on
-    // the graph, whose backward would run for nothing).
-    let (out, lse) = (out.detach(), lse.detach());
+    // Values only: the taps carry the gradients.
+    let (out, lse) = (untracked(out), untracked(lse));
     if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
         return Ok(out);
     }
@@ -255,8 +262,32 @@ mod tests {
             (31, 31, 6, Window::new(Some(0), Some(0)), true),
             (20, 60, 16, Window::new(Some(4), Some(4)), true),
             (3, 70, 64, Window::new(Some(1), Some(1)), false),
+            // Strides and sides past any length (only column 0; a side reaching every key).
+            (4, 4, usize::MAX, Window::new(Some(1), Some(1)), false),
+            (
+                16,
+                16,
+                4,
+                Window::new(Some(2), Some(i64::MAX as usize)),
+                false,
+            ),
+            (
+                8,
+                4,
+                2,
+                Window::new(Some(i64::MAX as usize), Some(1)),
+                false,
+            ),
+            (
+                9,
+                9,
+                3,
+                Window::new(Some(usize::MAX), Some(usize::MAX - 1)),
+                false,
+            ),
         ];
         for (seq_q, seq_k, stride, window, causal) in cases {
+            let stride = stride.min(seq_k);
             let pattern = KeyPattern {
                 window,
                 stride: Some(stride),
@@ -313,6 +344,25 @@ mod tests {
             (50, 50, 8, Window::new(None, Some(3)), false, 2, 2),
             // No column outside the band: one call.
             (20, 20, 4, Window::new(None, Some(0)), true, 2, 2),
+            // A stride and a side past any length.
+            (
+                16,
+                16,
+                usize::MAX,
+                Window::new(Some(2), Some(i64::MAX as usize)),
+                false,
+                2,
+                2,
+            ),
+            (
+                17,
+                17,
+                5,
+                Window::new(Some(usize::MAX), Some(1)),
+                false,
+                2,
+                1,
+            ),
         ];
         for (seq_q, seq_k, stride, window, causal, heads, kv_heads) in cases {
             let pattern = KeyPattern {
@@ -360,7 +410,7 @@ mod tests {
             } else {
                 window
             };
-            let expected = 1 + column_calls(seq_q, seq_k, stride, band, causal).len();
+            let expected = 1 + column_calls(seq_q, seq_k, stride.min(seq_k), band, causal).len();
             assert_eq!((calls, backward), (expected, expected), "{what}: calls");
             let err = max_abs_diff(got, want);
             assert!(err < 1e-5, "{what}: output {err}");
