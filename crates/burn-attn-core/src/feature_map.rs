@@ -1,7 +1,7 @@
 //! The positive feature maps of linear attention, applied by the tensor ops or fused into
 //! the linear kernel's loads.
 
-use burn::tensor::activation::{elu, relu, sigmoid, softplus};
+use burn::tensor::activation::{relu, sigmoid, softplus};
 use burn::tensor::Tensor;
 #[cfg(feature = "cube")]
 use burn_attn_kernels::plan::LinearMap;
@@ -24,7 +24,13 @@ impl FeatureMap {
     /// Applies the map elementwise.
     pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match self {
-            FeatureMap::EluPlusOne => elu(x, 1.0) + 1.0,
+            FeatureMap::EluPlusOne => {
+                // The exponential of the non-positive side only: Burn's `elu` takes it of
+                // every element, and where it overflows, the hidden side's zero gradient
+                // becomes NaN.
+                let positive = x.clone().greater_elem(0.0);
+                x.clone().clamp_max(0.0).exp().mask_where(positive, x + 1.0)
+            }
             FeatureMap::Relu => relu(x),
             FeatureMap::Softplus => softplus(x, 1.0),
         }
@@ -51,6 +57,75 @@ impl FeatureMap {
             FeatureMap::EluPlusOne => LinearMap::EluPlusOne,
             FeatureMap::Relu => LinearMap::Relu,
             FeatureMap::Softplus => LinearMap::Softplus,
+        }
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Device, TensorData};
+
+    /// Each map's values, and its gradient through autodiff against `derivative`, finite
+    /// where the exponential of the input overflows (f32 past 88.7; f16 inputs overflow past
+    /// 11.1 the same way, which ndarray cannot hold).
+    #[test]
+    fn maps_and_their_gradients_are_finite_and_exact() {
+        let device = Device::ndarray().autodiff();
+        let xs = [-30.0f32, -1.0, -1e-3, 0.0, 1e-3, 0.5, 20.0, 100.0, 1e4];
+        for dtype in [DType::F32] {
+            for map in [
+                FeatureMap::EluPlusOne,
+                FeatureMap::Relu,
+                FeatureMap::Softplus,
+            ] {
+                let x = Tensor::<1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &device)
+                    .cast(dtype)
+                    .require_grad();
+                let y = map.apply(x.clone());
+                let grads = y.clone().sum().backward();
+                let got: Vec<f32> = x
+                    .grad(&grads)
+                    .unwrap()
+                    .cast(DType::F32)
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+                let want: Vec<f32> = map
+                    .derivative(x.clone().detach())
+                    .cast(DType::F32)
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+                let values: Vec<f32> = y.cast(DType::F32).into_data().to_vec().unwrap();
+                for (i, &v) in xs.iter().enumerate() {
+                    let exact = match map {
+                        FeatureMap::EluPlusOne if v > 0.0 => v as f64 + 1.0,
+                        FeatureMap::EluPlusOne => (v as f64).exp(),
+                        FeatureMap::Relu => (v as f64).max(0.0),
+                        FeatureMap::Softplus => (v as f64).exp().ln_1p().max(v as f64),
+                    };
+                    let tol = if dtype == DType::F16 { 2e-3 } else { 1e-5 } * exact.abs().max(1.0);
+                    if dtype == DType::F32 || v.abs() < 1e3 {
+                        assert!(
+                            (values[i] as f64 - exact).abs() <= tol,
+                            "{map:?} {dtype:?} phi({v}) = {} vs {exact}",
+                            values[i]
+                        );
+                    }
+                    assert!(
+                        got[i].is_finite(),
+                        "{map:?} {dtype:?} phi'({v}) = {}",
+                        got[i]
+                    );
+                    assert!(
+                        (got[i] - want[i]).abs() <= 2e-3 * want[i].abs().max(1.0),
+                        "{map:?} {dtype:?} phi'({v}): autodiff {} vs {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
         }
     }
 }

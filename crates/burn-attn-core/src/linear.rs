@@ -7,11 +7,12 @@
 //! product, across chunks an exclusive prefix sum of per-chunk `phi(K)^T V` states. No host
 //! loop over time steps; the same code with a chunk of one token is the recurrent step.
 
-use burn::tensor::{Bool, Tensor, TensorCreationOptions};
+use burn::tensor::{Bool, DType, Tensor, TensorCreationOptions};
 
 use crate::dispatch::{serve_tiled_with, DispatchLog, KernelPolicy, Pass};
 use crate::error::{ensure, AttentionError};
 use crate::feature_map::FeatureMap;
+use crate::merge::untracked;
 use crate::shape::{repeat_kv, AttentionShape};
 
 /// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
@@ -312,10 +313,11 @@ pub fn causal_linear_attention(
 
 /// [`causal_linear_attention`] with options: a feature map applied to raw `q` and `k` in
 /// place of feature-mapped ones (fused into the kernel's loads), unnormalised (`phi(q_i)
-/// S_i`), the kernel policy, a dispatch log. The state comes back in f32 from the kernel and in the inputs'
-/// dtype from the tensor ops; gradients flow into `phi_q`, `phi_k` and `v`, not into a
-/// given state (it is taken as a constant, as truncated backpropagation through time
-/// does). Panics with the reason on invalid input.
+/// S_i`), the kernel policy, a dispatch log. The state comes back in f32 (the kernel and
+/// the tensor ops keep it so: prefix sums over long streams overflow f16 and stall in
+/// bf16); gradients flow into `phi_q`, `phi_k` and `v`, not into a given state (it is taken
+/// as a constant, as truncated backpropagation through time does). Panics with the reason
+/// on invalid input.
 pub fn causal_linear_attention_with(
     phi_q: Tensor<4>,
     phi_k: Tensor<4>,
@@ -393,17 +395,18 @@ fn chunked_tensor_ops(
     } = *shape;
     let chunk = options.chunk;
     let device = phi_q.device();
-    // Everything this function creates follows the inputs' dtype (f16/bf16 inputs on a
-    // backend whose default float is f32 must not meet f32 constants), and so does the state.
+    // The in-chunk terms follow the inputs' dtype (f16/bf16 inputs on a backend whose
+    // default float is f32 must not meet f32 constants); the state, the terms across chunks
+    // and the normalisation are f32, as in the kernel. A given state is a constant.
     let dtype = phi_q.dtype();
     let phi_k = repeat_kv(phi_k, heads);
     let v = repeat_kv(v, heads);
     let state = match state {
         Some(state) => LinearAttentionState {
-            kv: state.kv.cast(dtype),
-            z: state.z.cast(dtype),
+            kv: untracked(state.kv).cast(DType::F32),
+            z: untracked(state.z).cast(DType::F32),
         },
-        None => LinearAttentionState::zeros(batch, heads, d, dv, (&device, dtype)),
+        None => LinearAttentionState::zeros(batch, heads, d, dv, (&device, DType::F32)),
     };
     if seq == 0 {
         return (
@@ -439,16 +442,17 @@ fn chunked_tensor_ops(
         .tril(0)
         .reshape([1, 1, 1, chunk, chunk]);
     let scores = q.clone().matmul(k.clone().swap_dims(3, 4)) * causal; // [b,h,c,C,C]
-    let intra_num = scores.clone().matmul(v.clone());
-    let intra_den = scores.sum_dim(4); // [b,h,c,C,1]
+    let intra_num = scores.clone().matmul(v.clone()).cast(DType::F32);
+    let intra_den = scores.sum_dim(4).cast(DType::F32); // [b,h,c,C,1]
 
     // Across chunks: exclusive prefix sums of the chunk states, plus the carried state.
-    let kv_chunks = k.clone().swap_dims(3, 4).matmul(v); // [b,h,c,d,dv]
-    let z_chunks = k.sum_dim(3); // [b,h,c,1,d]
+    let kv_chunks = k.clone().swap_dims(3, 4).matmul(v).cast(DType::F32); // [b,h,c,d,dv]
+    let z_chunks = k.sum_dim(3).cast(DType::F32); // [b,h,c,1,d]
     let kv_prefix = kv_chunks.clone().cumsum(2) - kv_chunks.clone()
         + state.kv.clone().reshape([batch, heads, 1, d, dv]);
     let z_prefix = z_chunks.clone().cumsum(2) - z_chunks.clone()
         + state.z.clone().reshape([batch, heads, 1, 1, d]);
+    let q = q.cast(DType::F32);
     let num = intra_num + q.clone().matmul(kv_prefix);
     let out = if options.normalise {
         let den = intra_den + q.matmul(z_prefix.swap_dims(3, 4));
@@ -458,7 +462,8 @@ fn chunked_tensor_ops(
     };
     let out = out
         .reshape([batch, heads, padded, dv])
-        .slice([0..batch, 0..heads, 0..seq]);
+        .slice([0..batch, 0..heads, 0..seq])
+        .cast(dtype);
 
     let next = LinearAttentionState {
         kv: state.kv + kv_chunks.sum_dim(2).reshape([batch, heads, d, dv]),
@@ -514,6 +519,33 @@ mod tests {
             assert!(max_diff(Tensor::cat(steps, 2), chunked) < 1e-5);
             let st = st.unwrap();
             assert!((st.kv - state.kv).abs().max().into_scalar::<f32>() < 1e-4);
+        }
+    }
+
+    /// A given state is a constant: the second call's gradients reach its own inputs, not
+    /// the first call's, and the state comes back in f32.
+    #[test]
+    fn a_given_state_carries_no_gradient() {
+        let device = Device::ndarray().autodiff();
+        let leaf = |d| {
+            Tensor::<4>::random([1, 2, 9, d], Distribution::Uniform(0.1, 1.0), &device)
+                .require_grad()
+        };
+        let (q1, k1, v1) = (leaf(4), leaf(4), leaf(3));
+        let (_, state) = causal_linear_attention(q1.clone(), k1.clone(), v1.clone(), 4, 1e-6, None);
+        assert_eq!(
+            (state.kv.dtype(), state.z.dtype()),
+            (DType::F32, DType::F32)
+        );
+        let (q2, k2, v2) = (leaf(4), leaf(4), leaf(3));
+        let (out, _) = causal_linear_attention(q2.clone(), k2, v2, 4, 1e-6, Some(state));
+        let grads = out.sum().backward();
+        assert!(q2.grad(&grads).is_some());
+        for (name, t) in [("q", &q1), ("k", &k1), ("v", &v1)] {
+            assert!(
+                t.grad(&grads).is_none(),
+                "the first call's {name} got a gradient"
+            );
         }
     }
 

@@ -131,12 +131,22 @@ impl KvCache {
                 last(&all_v, keep),
                 (last(&all_k, keep + new), last(&all_v, keep + new)),
             ),
-            _ => (all_k.clone(), all_v.clone(), (all_k, all_v)),
+            _ => (
+                Some(all_k.clone()),
+                Some(all_v.clone()),
+                (Some(all_k), Some(all_v)),
+            ),
         };
-        self.len = held_k.dims()[2];
-        self.keys = Some(held_k);
-        self.values = Some(held_v);
-        Ok(out)
+        // (A window that keeps no earlier key holds nothing between calls.)
+        self.len = held_k.as_ref().map_or(0, |k| k.dims()[2]);
+        self.keys = held_k;
+        self.values = held_v;
+        match out {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(AttentionError::Invalid(
+                "a decoding call needs new tokens, got none".into(),
+            )),
+        }
     }
 
     /// Writes `k`, `v` after the held positions of a `capacity`-position buffer (allocated
@@ -176,11 +186,11 @@ impl KvCache {
     }
 }
 
-/// The last `count` positions of `t` (all of them when it holds fewer).
-fn last(t: &Tensor<4>, count: usize) -> Tensor<4> {
+/// The last `count` positions of `t` (all of them when it holds fewer), `None` for none.
+fn last(t: &Tensor<4>, count: usize) -> Option<Tensor<4>> {
     let len = t.dims()[2];
     let count = count.min(len);
-    t.clone().narrow(2, len - count, count)
+    (count > 0).then(|| t.clone().narrow(2, len - count, count))
 }
 
 /// Checks that a call's `new` keys or values match the cached ones in everything but length.
@@ -218,6 +228,7 @@ pub(crate) fn decode(
     rotary: Option<f32>,
 ) -> Result<Tensor<3>, AttentionError> {
     require_causal(pattern, options, "a key/value cache")?;
+    projection.check_tokens(&x)?;
     let h = rotate_heads(projection.split_self(x), rotary, cache.seen());
     let keep = pattern.window.intersect(options.window).left;
     let (k, v) = cache.append(h.k, h.v, keep)?;
@@ -274,6 +285,8 @@ mod tests {
             (Some(5), None),
             (None, Some(100.0)),
             (Some(5), Some(100.0)),
+            // Each token sees itself only: a rolling cache holds nothing between calls.
+            (Some(0), None),
         ] {
             let module = FlashAttentionConfig::new(32, 4)
                 .with_n_kv_heads(Some(2))

@@ -327,12 +327,7 @@ pub(crate) fn decode_paged(
             "a paged cache masks its own padding: masks tied to a length do not apply".into(),
         ));
     }
-    if x.dims()[1] == 0 {
-        return Err(AttentionError::Invalid(format!(
-            "a paged decoding call needs new tokens, got input {:?}",
-            x.dims()
-        )));
-    }
+    projection.check_tokens(&x)?;
     if x.dims()[0] != ids.len() {
         return Err(AttentionError::Invalid(format!(
             "{} sequence ids for input {:?} (one id per batch row)",
@@ -374,6 +369,7 @@ pub(crate) fn decode_paged_grouped<K: PartialEq>(
     rotary: Option<f32>,
     pattern_of: impl Fn(usize) -> Result<(K, KeyPattern), AttentionError>,
 ) -> Result<Tensor<3>, AttentionError> {
+    projection.check_tokens(&x)?;
     let [batch, new, _] = x.dims();
     if batch != ids.len() {
         return Err(AttentionError::Invalid(format!(
@@ -608,8 +604,25 @@ mod tests {
         let full = FlashAttentionConfig::new(32, 4).init(&cpu());
         let err = name(full.try_forward_paged(one, &mut cache, &[c]));
         assert!(err.contains("causal"), "{err}");
-        let err = name(m.try_forward_paged(randn([1, 0, 32], &cpu()), &mut cache, &[c]));
-        assert!(err.contains("needs new tokens"), "{err}");
+        // No new token, no sequence, another width: errors, the cache unchanged.
+        for (x, ids) in [
+            (randn([1, 0, 32], &cpu()), vec![c]),
+            (randn([0, 1, 32], &cpu()), vec![]),
+            (randn([1, 1, 16], &cpu()), vec![c]),
+        ] {
+            let dims = x.dims();
+            let err = name(m.try_forward_paged(x, &mut cache, &ids));
+            assert!(
+                err.contains("one new token") && err.contains(&format!("{:?}", dims.to_vec())),
+                "{err}"
+            );
+            let hybrid = crate::HybridAttentionConfig::new(32, 4)
+                .with_causal(true)
+                .init(&cpu());
+            let err = name(hybrid.try_forward_paged(randn(dims, &cpu()), &mut cache, &ids));
+            assert!(err.contains("one new token"), "{err}");
+            assert_eq!(cache.sequence_len(c), Some(0));
+        }
         for (pages, size) in [(0, 4), (4, 0), (1 << 20, 1 << 12)] {
             let err = PagedKvCache::new(pages, size).unwrap_err().to_string();
             assert!(

@@ -127,6 +127,23 @@ impl MultiHeadProjection {
         }
     }
 
+    /// The decoding paths' check, before they change a cache: `x` is `[batch, new,
+    /// d_model]` with at least one sequence and one new token, or an error naming its shape.
+    pub fn check_tokens(&self, x: &Tensor<3>) -> Result<(), AttentionError> {
+        let [batch, new, d_model] = x.dims();
+        if batch == 0 || new == 0 || d_model != self.d_model {
+            return Err(AttentionError::Shape {
+                what: "decoding input",
+                expected: format!(
+                    "[batch, new, {}] (d_model) with at least one sequence and one new token",
+                    self.d_model
+                ),
+                got: x.dims().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
     /// Projects `query` (`[batch, seq_q, d_model]`) and `key`/`value`
     /// (`[batch, seq_k, d_model]`) and splits them into heads.
     pub fn split(&self, query: Tensor<3>, key: Tensor<3>, value: Tensor<3>) -> Heads {
