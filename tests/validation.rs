@@ -99,6 +99,14 @@ fn linear_attention_with_eps_zero_is_an_error() {
     let _ = burn_attn::cores::linear_attention(q.exp(), k.exp(), v, 0.0, None);
 }
 
+/// An eps that is positive in f64 but 0 in f32, where the normaliser is computed.
+#[test]
+#[should_panic(expected = "eps must be finite and positive in f32")]
+fn linear_attention_with_eps_below_f32_is_an_error() {
+    let [q, k, v] = qkv(9);
+    let _ = burn_attn::cores::linear_attention(q.exp(), k.exp(), v, 1e-50, None);
+}
+
 #[test]
 #[should_panic(expected = "causal linear attention needs as many queries as keys, got 9 and 12")]
 fn causal_linear_attention_of_different_lengths_is_an_error() {

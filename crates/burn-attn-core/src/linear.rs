@@ -157,15 +157,17 @@ fn checked_shape(phi_q: &Tensor<4>, phi_k: &Tensor<4>, v: &Tensor<4>) -> Attenti
     AttentionShape::of(phi_q, phi_k, v).unwrap_or_else(|e| panic!("burn-attn: {e}"))
 }
 
-/// Checks the normaliser's `eps`: finite and positive, since with 0 a row whose features
-/// are all 0 (ReLU, or every key padded) divides 0 by 0.
+/// Checks the normaliser's `eps`: finite and positive in f32, where the normaliser is
+/// computed, since with 0 a row whose features are all 0 (ReLU, or every key padded)
+/// divides 0 by 0.
 pub fn check_linear_eps(eps: f64) -> Result<(), AttentionError> {
-    if eps.is_finite() && eps > 0.0 {
+    let in_f32 = eps as f32;
+    if in_f32.is_finite() && in_f32 > 0.0 {
         Ok(())
     } else {
         Err(AttentionError::Invalid(format!(
-            "eps must be finite and positive (the normaliser divides by phi(q) . z + eps), \
-             got {eps}"
+            "eps must be finite and positive in f32 (the normaliser divides by phi(q) . z + \
+             eps), got {eps}"
         )))
     }
 }
@@ -245,17 +247,22 @@ pub fn linear_attention_with(
         options.log.as_ref(),
         declined,
         || {
+            let dtype = phi_q.dtype();
             let (phi_q, phi_k) = mapped(options.feature_map, phi_q, phi_k);
-            let phi_k = repeat_kv(phi_k, shape.heads);
-            let v = repeat_kv(v, shape.heads);
+            // The sums over every key and the normalisation in f32, as in the kernel (with
+            // elu+1, f16's z passes 65504 past as many keys).
+            let f32_of = |t: Tensor<4>| t.cast(DType::F32);
+            let phi_q = f32_of(phi_q);
+            let phi_k = f32_of(repeat_kv(phi_k, shape.heads));
+            let v = f32_of(repeat_kv(v, shape.heads));
             let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [b, h, d, dv]
             let num = phi_q.clone().matmul(kv);
             if !options.normalise {
-                return num;
+                return num.cast(dtype);
             }
             let z = phi_k.sum_dim(2); // [b, h, 1, d]
             let den = phi_q.matmul(z.swap_dims(2, 3)); // [b, h, n, 1]
-            num / (den + options.eps)
+            (num / (den + options.eps)).cast(dtype)
         },
     )
 }
