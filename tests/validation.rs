@@ -305,8 +305,11 @@ fn bad_score_terms_are_errors() {
     };
     let err = run(edge(zeros([2, 1, 5]), 1.0));
     assert!(err.contains("reach") && err.contains("[2, 1, 5]"), "{err}");
-    let err = run(edge(zeros([2, 1, 6]), 0.0));
-    assert!(err.contains("ramp 0"), "{err}");
+    // Widths and caps are checked where they are applied, in f32.
+    for ramp in [0.0, 1e-50] {
+        let err = run(edge(zeros([2, 1, 6]), ramp));
+        assert!(err.contains(&format!("ramp {ramp}")), "{err}");
+    }
     let err = run(AttentionMasks {
         alibi: Some(vec![0.5]),
         ..AttentionMasks::default()
@@ -315,7 +318,7 @@ fn bad_score_terms_are_errors() {
         err.contains("ALiBi") && err.contains("[0.5]") && err.contains('2'),
         "{err}"
     );
-    for cap in [0.0, f64::NAN] {
+    for cap in [0.0, f64::NAN, 1e39, 1e-50] {
         let err = run(AttentionMasks {
             softcap: Some(cap),
             ..AttentionMasks::default()

@@ -314,9 +314,11 @@ fn check_masks(masks: &AttentionMasks, shape: &AttentionShape) -> Result<(), Att
         }
     }
     if let Some(cap) = masks.softcap {
-        if !(cap.is_finite() && cap > 0.0) {
+        // Checked in f32, where the kernels and the terms apply it.
+        let in_f32 = cap as f32;
+        if !(in_f32.is_finite() && in_f32 > 0.0) {
             return Err(AttentionError::Invalid(format!(
-                "softcap {cap} (takes a finite value > 0)"
+                "softcap {cap} (takes a value finite and > 0 in f32)"
             )));
         }
     }

@@ -6,7 +6,7 @@
 
 use core::ops::Range;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::shape::AttentionShape;
 use crate::tiled::{smallest_normal, TileBias};
@@ -94,9 +94,10 @@ pub(crate) fn check_score_terms(
             shape.seq_q,
             "seq_q",
         )?;
-        if !(edge.ramp.is_finite() && edge.ramp > 0.0) {
+        let ramp = edge.ramp as f32;
+        if !(ramp.is_finite() && ramp > 0.0) {
             return Err(AttentionError::Invalid(format!(
-                "soft edge ramp {} (takes a finite width > 0)",
+                "soft edge ramp {} (takes a width finite and > 0 in f32)",
                 edge.ramp
             )));
         }
@@ -135,18 +136,25 @@ impl ScoreTerms<'_> {
         let c = Tensor::<1, Int>::arange(cols.start as i64..cols.end as i64, &self.device)
             .reshape([1, nc])
             .expand([nr, nc]);
-        (c - r).abs().float().reshape([1, 1, nr, nc])
+        (c - r)
+            .abs()
+            .float()
+            .cast(DType::F32)
+            .reshape([1, 1, nr, nc])
     }
 }
 
 impl TileBias for ScoreTerms<'_> {
+    /// The terms' sum in f32 (the caller casts it to the scores' dtype): each term is
+    /// brought to f32 before they meet, since the inputs' dtype and the backend's default
+    /// float type (the distances, the slopes) may differ.
     fn bias(&self, rows: Range<usize>, cols: Range<usize>) -> Tensor<4> {
         let (nr, nc) = (rows.len(), cols.len());
         let mut terms = Vec::new();
         if let Some(bias) = self.key_bias {
             let [b, h, _] = bias.dims();
             let tile = bias.clone().slice([0..b, 0..h, cols.clone()]);
-            terms.push(tile.reshape([b, h, 1, nc]));
+            terms.push(tile.cast(DType::F32).reshape([b, h, 1, nc]));
         }
         if let Some(edge) = self.soft_edge {
             let [b, h, _] = edge.reach.dims();
@@ -154,6 +162,7 @@ impl TileBias for ScoreTerms<'_> {
                 .reach
                 .clone()
                 .slice([0..b, 0..h, rows.clone()])
+                .cast(DType::F32)
                 .reshape([b, h, nr, 1]);
             // ln(clamp(raw, 0, 1)) built from masks, so the reach's gradient is 1 / raw on
             // the ramp and exactly 0 inside the window and past it, as the kernels give it.
@@ -172,14 +181,20 @@ impl TileBias for ScoreTerms<'_> {
         }
         if let Some(slopes) = self.alibi {
             let heads = slopes.len();
-            let slopes =
-                Tensor::<1>::from_data(TensorData::new(slopes.to_vec(), [heads]), &self.device)
-                    .reshape([1, heads, 1, 1]);
+            let slopes = Tensor::<1>::from_data(
+                TensorData::new(slopes.to_vec(), [heads]),
+                (&self.device, DType::F32),
+            )
+            .reshape([1, heads, 1, 1]);
             terms.push(-(slopes * self.distance(&rows, &cols)));
         }
         if let Some(bias) = self.score_bias {
             let [b, h, _, _] = bias.dims();
-            terms.push(bias.clone().slice([0..b, 0..h, rows, cols]));
+            terms.push(
+                bias.clone()
+                    .slice([0..b, 0..h, rows, cols])
+                    .cast(DType::F32),
+            );
         }
         terms
             .into_iter()
@@ -196,6 +211,61 @@ mod tests {
     use crate::{masked_attention, AttentionMasks, AttentionOptions, KeyPattern};
 
     use super::*;
+
+    /// Inputs in another dtype than the backend's default float (f64 on ndarray, as f16/bf16
+    /// on a GPU whose default is f32) with every term: the same rows as the f32 call.
+    #[test]
+    fn terms_follow_the_inputs_dtype() {
+        let device = Device::ndarray();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut rand = |shape: Vec<usize>, lo: f32, hi: f32| {
+            let n = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+            TensorData::new(data, shape)
+        };
+        let (b, h, sq, sk, d) = (2, 2, 6, 9, 4);
+        let (q, k, v) = (
+            rand(vec![b, h, sq, d], -1.0, 1.0),
+            rand(vec![b, h, sk, d], -1.0, 1.0),
+            rand(vec![b, h, sk, d], -1.0, 1.0),
+        );
+        let (key_bias, reach) = (
+            rand(vec![b, h, sk], -1.0, 0.0),
+            rand(vec![b, 1, sq], 2.0, 6.0),
+        );
+        let run = |dtype: DType| {
+            let t4 = |x: &TensorData| Tensor::<4>::from_data(x.clone(), &device).cast(dtype);
+            let t3 = |x: &TensorData| Tensor::<3>::from_data(x.clone(), &device).cast(dtype);
+            let masks = AttentionMasks {
+                key_bias: Some(t3(&key_bias)),
+                soft_edge: Some(SoftEdge {
+                    reach: t3(&reach),
+                    ramp: 2.0,
+                }),
+                alibi: Some(alibi_slopes(h)),
+                ..AttentionMasks::default()
+            };
+            let options = AttentionOptions {
+                tile: Some(4),
+                ..AttentionOptions::new()
+            };
+            let out = masked_attention(
+                t4(&q),
+                t4(&k),
+                t4(&v),
+                &KeyPattern::default(),
+                &options,
+                &masks,
+            );
+            assert_eq!(out.dtype(), dtype);
+            out.cast(DType::F32)
+        };
+        let err = (run(DType::F64) - run(DType::F32))
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(err < 1e-5, "f64 inputs differ from f32 by {err}");
+    }
 
     /// A score bias (broadcast over the batch, `-inf` hiding one key of every query) equals
     /// the materialised `softmax(scale * q k^T + bias) v`, output and gradients of q, k, v
