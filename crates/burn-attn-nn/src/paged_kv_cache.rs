@@ -449,10 +449,11 @@ mod tests {
     #[test]
     fn paged_decoding_equals_each_sequence_alone() {
         let prompts = [7, 3, 12];
-        let steps = 5;
+        // One token a call, then three together (front padding under several new rows).
+        let (steps, together) = (5, 3);
         let xs: Vec<_> = prompts
             .iter()
-            .map(|&p| randn([1, p + steps, 32], &cpu()))
+            .map(|&p| randn([1, p + steps + together, 32], &cpu()))
             .collect();
         for (window_left, rotary, alibi) in [
             (None, None, false),
@@ -482,13 +483,32 @@ mod tests {
                     rows.push(out.clone().narrow(0, s, 1));
                 }
             }
+            let x = Tensor::cat(
+                prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &p)| {
+                        xs[s]
+                            .clone()
+                            .slice([0..1, p + steps..p + steps + together, 0..32])
+                    })
+                    .collect(),
+                0,
+            );
+            let out = m.forward_paged(x, &mut cache, &ids);
+            for (s, rows) in got.iter_mut().enumerate() {
+                rows.push(out.clone().narrow(0, s, 1));
+            }
             for (s, rows) in got.into_iter().enumerate() {
                 let want = m.forward(xs[s].clone());
                 assert_close(Tensor::cat(rows, 1), want, 1e-5);
-                assert_eq!(cache.sequence_len(ids[s]), Some(prompts[s] + steps));
+                assert_eq!(
+                    cache.sequence_len(ids[s]),
+                    Some(prompts[s] + steps + together)
+                );
             }
-            // 12, 8 and 17 positions: 3 + 2 + 5 pages of 4.
-            assert_eq!(cache.free_pages(), 16 - 10);
+            // 15, 11 and 20 positions: 4 + 3 + 5 pages of 4.
+            assert_eq!(cache.free_pages(), 16 - 12);
         }
     }
 
