@@ -155,10 +155,11 @@ impl LearnedSparseAttention {
         value: Tensor<3>,
         key_padding: Option<Tensor<2, Bool>>,
     ) -> Tensor<3> {
-        let gate_scores = self.gate.forward(key.clone()).swap_dims(1, 2); // [b, heads, seq_k]
-        let h = self.projection.split(query, key, value);
+        // The projection checks the inputs' shapes before the gate reads the keys.
+        let h = self.projection.split(query, key.clone(), value);
         let [batch, heads, _, _] = h.q.dims();
         let seq_k = h.k.dims()[2];
+        let gate_scores = self.gate.forward(key).swap_dims(1, 2); // [b, heads, seq_k]
         let padding = key_padding.map(|pad| {
             ensure(if pad.dims() == [batch, seq_k] {
                 Ok(())
@@ -396,6 +397,23 @@ mod tests {
             .greater_equal_elem(6);
         let again = module.forward_cross(q, kv2.clone(), kv2, Some(pad));
         assert_close(got, again, 1e-5);
+    }
+
+    /// Keys of another width are the projection's named error, before the gate reads them.
+    #[test]
+    fn keys_of_another_width_are_named() {
+        let module = LearnedSparseAttentionConfig::new(16, 2).init(&cpu());
+        let q = randn([2, 3, 16], &cpu());
+        let wide = randn([2, 4, 12], &cpu());
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            module.forward_cross(q.clone(), wide.clone(), wide.clone(), None)
+        }))
+        .unwrap_err();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains("key input") && msg.contains("[2, 4, 12]"),
+            "{msg}"
+        );
     }
 
     #[test]
