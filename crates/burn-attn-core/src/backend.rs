@@ -284,7 +284,10 @@ pub fn attention(
     attention_with_lse(q, k, v, options).0
 }
 
-/// [`attention`], also returning the row log-sum-exp `[batch, heads, seq_q]`.
+/// [`attention`], also returning the row log-sum-exp `[batch, heads, seq_q]` (`-inf` for
+/// rows that see no key): f32 from the kernels, the inputs' dtype from the tensor ops. It
+/// is a value: on the backends the extension serves, no gradient flows through it (build a
+/// loss on it from a detached copy, or recompute it).
 ///
 /// # Panics
 /// As [`attention`] ([`try_attention_with_lse`] returns the error instead).

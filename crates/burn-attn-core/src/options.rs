@@ -44,7 +44,8 @@ impl Window {
     }
 
     /// A causal window that sees `size - 1` keys back and the query's own key:
-    /// `left = size - 1, right = 0`, so each query sees at most `size` keys.
+    /// `left = size - 1, right = 0`, so each query sees at most `size` keys (size 0 is
+    /// size 1: the query's own key).
     pub fn causal(size: usize) -> Self {
         Self {
             left: Some(size.saturating_sub(1)),
