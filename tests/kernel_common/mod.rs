@@ -2230,6 +2230,60 @@ pub fn check_invalid_list_indices<B: On>() {
     }
     assert!(added > 0, "no query block has room for an extra entry");
     assert_eq!(run(bad_counts, bad_indices), want);
+
+    // Blocks past any length (the kernels count tiles per block in 32 bits), and a layout
+    // of empty blocks: errors naming them.
+    let lists = |block_q: usize| BlockLists {
+        block_q,
+        block_k,
+        partial_count: cube_int_primitive(mask.partial_count.clone()),
+        partial_index: cube_int_primitive(mask.partial_index.clone()),
+        full_count: cube_int_primitive(mask.full_count.clone()),
+        full_index: cube_int_primitive(mask.full_index.clone()),
+        t_partial_count: cube_int_primitive(mask.t_partial_count.clone()),
+        t_partial_index: cube_int_primitive(mask.t_partial_index.clone()),
+        t_full_count: cube_int_primitive(mask.t_full_count.clone()),
+        t_full_index: cube_int_primitive(mask.t_full_index.clone()),
+    };
+    let scale = 1.0 / (case.dim as f32).sqrt();
+    let huge = block_q << 32;
+    let err = flash_forward_sparse(
+        prim(&q),
+        prim(&k),
+        prim(&v),
+        scale,
+        &lists(huge),
+        &rules,
+        &forced,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(&format!("{huge} x {block_k} blocks")), "{err}");
+    let empty_blocks = SparseRules {
+        layout: Some((
+            cube_int_primitive(Tensor::<1, Int>::from_data(
+                TensorData::new(vec![1i64], [1]),
+                &device,
+            )),
+            0,
+            4,
+        )),
+        ..rules.clone()
+    };
+    let err = flash_forward_sparse(
+        prim(&q),
+        prim(&k),
+        prim(&v),
+        scale,
+        &lists(block_q),
+        &empty_blocks,
+        &forced,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("block layout of 0 x 4 blocks"), "{err}");
 }
 
 /// Options that log the dispatch and, with `served`, require a kernel.

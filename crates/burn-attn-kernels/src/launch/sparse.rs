@@ -11,7 +11,7 @@ use cubecl::prelude::*;
 
 use super::backward::{BackwardInputs, Gradients};
 use super::buffers::{alloc_contiguous, alloc_gradients, alloc_outputs};
-use super::device::{device_caps, forward_problem};
+use super::device::{device_caps, forward_problem, tensor_span};
 use super::forward::{address_type, cube_count, ForwardOutput};
 use crate::components::element_rules::{ElementRulesLaunch, RuleSet};
 use crate::components::products::Ldmatrix16;
@@ -119,7 +119,7 @@ pub fn sparse_blocks(
     v: &CubeTensor,
     forced: &ForcedPlan,
 ) -> Result<(usize, usize), Unsupported> {
-    let (plan, _) = sparse_plan(q, k, v, 1.0, forced)?;
+    let (plan, _) = sparse_plan(q, k, v, 1.0, 0, forced)?;
     Ok((plan.block_q, plan.block_k))
 }
 
@@ -129,6 +129,7 @@ fn sparse_plan(
     k: &CubeTensor,
     v: &CubeTensor,
     scale: f32,
+    extra_span: usize,
     forced: &ForcedPlan,
 ) -> Result<(SparsePlan, Problem), Unsupported> {
     let band = BandArgs {
@@ -136,7 +137,9 @@ fn sparse_plan(
         left: None,
         right: None,
     };
-    let problem = forward_problem(q, k, v, band)?;
+    let mut problem = forward_problem(q, k, v, band)?;
+    // The lists and rule tensors are indexed with the same offsets.
+    problem.span = problem.span.max(extra_span);
     let plan = plan_sparse(&problem, &device_caps(&q.client), forced)?;
     Ok((plan, problem))
 }
@@ -196,6 +199,14 @@ impl RuleArgs {
         }
         let mut layout_blocks = (1, 1, 1);
         if let Some((active, lq, lk)) = &rules.layout {
+            // Blocks past the sequence are the sequence's own size (one block).
+            let fit = |block: usize, n: usize| (block > 0).then(|| block.min(n.max(1)));
+            let (Some(lq), Some(lk)) = (fit(*lq, sizes.seq_q), fit(*lk, sizes.seq_k)) else {
+                return Err(Unsupported::Shapes(format!(
+                    "block layout of {lq} x {lk} blocks (takes sizes of at least 1)"
+                )));
+            };
+            let (lq, lk) = (&lq, &lk);
             let (rows, cols) = (sizes.seq_q.div_ceil(*lq), sizes.seq_k.div_ceil(*lk));
             // Row-major active flags, flat (a leading 1 is the same buffer).
             let (n, dims) = (rows * cols, active.meta.shape().as_slice().to_vec());
@@ -361,6 +372,33 @@ impl RuleArgs {
 
 /// Checks that `lists` are on blocks the kernels' `tiles` (query rows x keys, per kernel)
 /// divide and have the shapes of the call.
+/// Elements spanned by the largest tensor of a call's lists and rules, and by the score
+/// terms' gradients (`[batch, heads, seq]` in f32), which the plans' offset width must
+/// cover beside q, k, v and the outputs.
+fn rule_span(lists: &BlockLists, rules: &SparseRules, sizes: &Sizes) -> usize {
+    let mut tensors = vec![
+        &lists.partial_count,
+        &lists.partial_index,
+        &lists.full_count,
+        &lists.full_index,
+        &lists.t_partial_count,
+        &lists.t_partial_index,
+        &lists.t_full_count,
+        &lists.t_full_index,
+    ];
+    tensors.extend(rules.layout.as_ref().map(|(t, _, _)| t));
+    tensors.extend(rules.padding.as_ref());
+    tensors.extend(rules.documents.iter().flat_map(|(q, k)| [q, k]));
+    tensors.extend(rules.dense.as_ref());
+    tensors.extend(rules.key_bias.as_ref());
+    tensors.extend(rules.soft_edge.as_ref().map(|(t, _)| t));
+    let grads = sizes.batch * sizes.heads * sizes.seq_q.max(sizes.seq_k);
+    tensors
+        .into_iter()
+        .map(|t| tensor_span(t).max(t.meta.shape().iter().product()))
+        .fold(grads, usize::max)
+}
+
 fn check_lists(
     lists: &BlockLists,
     sizes: &Sizes,
@@ -376,6 +414,23 @@ fn check_lists(
             "block lists on {} x {} blocks; the plans take tiles (query rows x keys) {tiles:?}, \
              which must divide them",
             lists.block_q, lists.block_k
+        )));
+    }
+    // Blocks no larger than the sequence rounded up to their tiles: the kernels count tiles
+    // per block in 32 bits and walk every tile of a listed block.
+    let widest = |n: usize, tile: fn(&(usize, usize)) -> usize| {
+        tiles
+            .iter()
+            .map(|t| n.max(1).next_multiple_of(tile(t)))
+            .max()
+            .unwrap_or(n)
+    };
+    let (most_q, most_k) = (widest(sizes.seq_q, |t| t.0), widest(sizes.seq_k, |t| t.1));
+    if lists.block_q > most_q || lists.block_k > most_k {
+        return Err(Unsupported::Shapes(format!(
+            "block lists on {} x {} blocks for {} x {} (query rows x keys): blocks take at \
+             most {most_q} x {most_k}",
+            lists.block_q, lists.block_k, sizes.seq_q, sizes.seq_k
         )));
     }
     let (q_blocks, k_blocks) = (
@@ -436,7 +491,13 @@ pub fn flash_forward_sparse(
     rules: &SparseRules,
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
-    let (plan, problem) = sparse_plan(&q, &k, &v, scale, forced)?;
+    let band = BandArgs {
+        scale,
+        left: None,
+        right: None,
+    };
+    let extra_span = rule_span(lists, rules, &forward_problem(&q, &k, &v, band)?.sizes);
+    let (plan, problem) = sparse_plan(&q, &k, &v, scale, extra_span, forced)?;
     let sizes = problem.sizes;
     let (tile_q, tile_k) = plan.forward.tile();
     check_lists(lists, &sizes, &[(tile_q, tile_k)])?;
@@ -572,8 +633,10 @@ pub fn flash_backward_sparse(
         left: None,
         right: None,
     };
-    let problem = inputs.problem(band)?;
+    let mut problem = inputs.problem(band)?;
     let sizes = problem.sizes;
+    // The lists and rule tensors are indexed with the same offsets.
+    problem.span = problem.span.max(rule_span(lists, rules, &sizes));
     let args = RuleArgs::new(rules, &sizes, &inputs.q)?;
     let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?
         .backward_for(args.set.has_terms() || args.set.dropout);
