@@ -117,6 +117,22 @@ fn key_splits(
         }
         None => 1,
     };
+    // The partial outputs (`splits` times the output) and their merge (one unit per output
+    // element) count in 32 bits.
+    let s = &problem.sizes;
+    let out = s.batch * s.heads * s.seq_q * s.value_dim;
+    let fits = |splits: usize| splits == 1 || out.saturating_mul(splits) <= u32::MAX as usize;
+    let splits = match (forced.key_splits, fits(splits)) {
+        (_, true) => splits,
+        (Some(_), false) => {
+            return Err(Unsupported::Forced(format!(
+                "key_splits = {splits}: {splits} partial outputs of {out} elements (at most \
+                 {} in all)",
+                u32::MAX
+            )))
+        }
+        (None, false) => 1,
+    };
     let split_keys = seq_k.div_ceil(splits).div_ceil(cols) * cols;
     Ok((splits, split_keys))
 }

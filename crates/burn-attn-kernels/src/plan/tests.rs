@@ -392,6 +392,18 @@ fn portable_forwards_split_long_keys_of_few_cubes() {
         &forced(65)
     )
     .is_err());
+    // Partial outputs past 32-bit counts: a forced split count declines, a chosen one is 1.
+    let long = problem(Precision::F32, [1, 32, 1 << 20, 128], None, None);
+    let err = plan_forward(
+        ForwardKernel::Unit,
+        &long,
+        &DeviceCaps::hopper(),
+        &forced(2),
+    );
+    assert!(
+        matches!(&err, Err(Unsupported::Forced(why)) if why.contains("partial outputs")),
+        "{err:?}"
+    );
     // The matrix-unit forward splits a decoding step's long keys on its own, and as a
     // forced plan asks.
     let bf16 = Problem {
