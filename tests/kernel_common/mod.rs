@@ -2180,35 +2180,30 @@ pub fn check_invalid_list_indices<B: On>() {
         right: Some(4),
         ..SparseRules::default()
     };
-    let run = |full_count: Vec<i64>, full_index: Vec<i64>| {
-        let lists = BlockLists {
+    // The mask's lists on blocks of `block_q` query rows, with these full lists.
+    let lists =
+        |block_q: usize, full_count: Tensor<3, Int>, full_index: Tensor<4, Int>| BlockLists {
             block_q,
             block_k,
             partial_count: cube_int_primitive(mask.partial_count.clone()),
             partial_index: cube_int_primitive(mask.partial_index.clone()),
-            full_count: cube_int_primitive(Tensor::<3, Int>::from_data(
-                TensorData::new(full_count, [1, 1, qb]),
-                &device,
-            )),
-            full_index: cube_int_primitive(Tensor::<4, Int>::from_data(
-                TensorData::new(full_index, [1, 1, qb, kb]),
-                &device,
-            )),
+            full_count: cube_int_primitive(full_count),
+            full_index: cube_int_primitive(full_index),
             t_partial_count: cube_int_primitive(mask.t_partial_count.clone()),
             t_partial_index: cube_int_primitive(mask.t_partial_index.clone()),
             t_full_count: cube_int_primitive(mask.t_full_count.clone()),
             t_full_index: cube_int_primitive(mask.t_full_index.clone()),
         };
-        let (out, _) = flash_forward_sparse(
-            prim(&q),
-            prim(&k),
-            prim(&v),
-            1.0 / (case.dim as f32).sqrt(),
-            &lists,
-            &rules,
-            &forced,
-        )
-        .unwrap();
+    let scale = 1.0 / (case.dim as f32).sqrt();
+    let run = |full_count: Vec<i64>, full_index: Vec<i64>| {
+        let lists = lists(
+            block_q,
+            Tensor::<3, Int>::from_data(TensorData::new(full_count, [1, 1, qb]), &device),
+            Tensor::<4, Int>::from_data(TensorData::new(full_index, [1, 1, qb, kb]), &device),
+        );
+        let (out, _) =
+            flash_forward_sparse(prim(&q), prim(&k), prim(&v), scale, &lists, &rules, &forced)
+                .unwrap();
         cube_to_f64(out)
     };
     let (counts, indices) = (
@@ -2233,26 +2228,14 @@ pub fn check_invalid_list_indices<B: On>() {
 
     // Blocks past any length (the kernels count tiles per block in 32 bits), and a layout
     // of empty blocks: errors naming them.
-    let lists = |block_q: usize| BlockLists {
-        block_q,
-        block_k,
-        partial_count: cube_int_primitive(mask.partial_count.clone()),
-        partial_index: cube_int_primitive(mask.partial_index.clone()),
-        full_count: cube_int_primitive(mask.full_count.clone()),
-        full_index: cube_int_primitive(mask.full_index.clone()),
-        t_partial_count: cube_int_primitive(mask.t_partial_count.clone()),
-        t_partial_index: cube_int_primitive(mask.t_partial_index.clone()),
-        t_full_count: cube_int_primitive(mask.t_full_count.clone()),
-        t_full_index: cube_int_primitive(mask.t_full_index.clone()),
-    };
-    let scale = 1.0 / (case.dim as f32).sqrt();
+    let mask_lists = |block_q| lists(block_q, mask.full_count.clone(), mask.full_index.clone());
     let huge = block_q << 32;
     let err = flash_forward_sparse(
         prim(&q),
         prim(&k),
         prim(&v),
         scale,
-        &lists(huge),
+        &mask_lists(huge),
         &rules,
         &forced,
     )
@@ -2276,7 +2259,7 @@ pub fn check_invalid_list_indices<B: On>() {
         prim(&k),
         prim(&v),
         scale,
-        &lists(block_q),
+        &mask_lists(block_q),
         &empty_blocks,
         &forced,
     )

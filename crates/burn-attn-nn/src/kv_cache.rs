@@ -125,28 +125,17 @@ impl KvCache {
         let all_k = join(self.keys.take(), k);
         let all_v = join(self.values.take(), v);
         self.seen += new;
-        let (held_k, held_v, out) = match (self.kind, keep) {
+        // (A window that keeps no earlier key holds nothing between calls.)
+        let (held, out) = match (self.kind, keep) {
             (CacheKind::Rolling, Some(keep)) => (
-                last(&all_k, keep),
-                last(&all_v, keep),
+                (keep > 0).then(|| (last(&all_k, keep), last(&all_v, keep))),
                 (last(&all_k, keep + new), last(&all_v, keep + new)),
             ),
-            _ => (
-                Some(all_k.clone()),
-                Some(all_v.clone()),
-                (Some(all_k), Some(all_v)),
-            ),
+            _ => (Some((all_k.clone(), all_v.clone())), (all_k, all_v)),
         };
-        // (A window that keeps no earlier key holds nothing between calls.)
-        self.len = held_k.as_ref().map_or(0, |k| k.dims()[2]);
-        self.keys = held_k;
-        self.values = held_v;
-        match out {
-            (Some(k), Some(v)) => Ok((k, v)),
-            _ => Err(AttentionError::Invalid(
-                "a decoding call needs new tokens, got none".into(),
-            )),
-        }
+        self.len = held.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+        (self.keys, self.values) = held.unzip();
+        Ok(out)
     }
 
     /// Writes `k`, `v` after the held positions of a `capacity`-position buffer (allocated
@@ -186,11 +175,12 @@ impl KvCache {
     }
 }
 
-/// The last `count` positions of `t` (all of them when it holds fewer), `None` for none.
-fn last(t: &Tensor<4>, count: usize) -> Option<Tensor<4>> {
+/// The last `count` positions of `t` (all of them when it holds fewer; `count` and `t`
+/// hold at least one).
+fn last(t: &Tensor<4>, count: usize) -> Tensor<4> {
     let len = t.dims()[2];
     let count = count.min(len);
-    (count > 0).then(|| t.clone().narrow(2, len - count, count))
+    t.clone().narrow(2, len - count, count)
 }
 
 /// Checks that a call's `new` keys or values match the cached ones in everything but length.

@@ -119,7 +119,7 @@ pub fn sparse_blocks(
     v: &CubeTensor,
     forced: &ForcedPlan,
 ) -> Result<(usize, usize), Unsupported> {
-    let (plan, _) = sparse_plan(q, k, v, 1.0, 0, forced)?;
+    let (plan, _) = sparse_plan(q, k, v, 1.0, None, forced)?;
     Ok((plan.block_q, plan.block_k))
 }
 
@@ -129,7 +129,7 @@ fn sparse_plan(
     k: &CubeTensor,
     v: &CubeTensor,
     scale: f32,
-    extra_span: usize,
+    call: Option<(&BlockLists, &SparseRules)>,
     forced: &ForcedPlan,
 ) -> Result<(SparsePlan, Problem), Unsupported> {
     let band = BandArgs {
@@ -138,8 +138,10 @@ fn sparse_plan(
         right: None,
     };
     let mut problem = forward_problem(q, k, v, band)?;
-    // The lists and rule tensors are indexed with the same offsets.
-    problem.span = problem.span.max(extra_span);
+    if let Some((lists, rules)) = call {
+        // The lists and rule tensors are indexed with the same offsets.
+        problem.span = problem.span.max(rule_span(lists, rules, &problem.sizes));
+    }
     let plan = plan_sparse(&problem, &device_caps(&q.client), forced)?;
     Ok((plan, problem))
 }
@@ -491,13 +493,7 @@ pub fn flash_forward_sparse(
     rules: &SparseRules,
     forced: &ForcedPlan,
 ) -> Result<ForwardOutput, Unsupported> {
-    let band = BandArgs {
-        scale,
-        left: None,
-        right: None,
-    };
-    let extra_span = rule_span(lists, rules, &forward_problem(&q, &k, &v, band)?.sizes);
-    let (plan, problem) = sparse_plan(&q, &k, &v, scale, extra_span, forced)?;
+    let (plan, problem) = sparse_plan(&q, &k, &v, scale, Some((lists, rules)), forced)?;
     let sizes = problem.sizes;
     let (tile_q, tile_k) = plan.forward.tile();
     check_lists(lists, &sizes, &[(tile_q, tile_k)])?;
