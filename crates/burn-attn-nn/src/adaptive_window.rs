@@ -11,7 +11,8 @@ use burn_attn_core::{
     KeyPattern, SoftEdge, Window,
 };
 
-use crate::flash::{projection_config, validate_dropout};
+use crate::dropout::{validate_dropout, AttentionDropout};
+use crate::flash::projection_config;
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// Configuration of [`AdaptiveSlidingWindowAttention`].
@@ -84,7 +85,7 @@ impl AdaptiveSlidingWindowAttentionConfig {
             max_window: self.max_window,
             ramp: self.ramp,
             causal: self.causal,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
             block_masks: BlockMaskCache::new(),
         }
     }
@@ -112,7 +113,7 @@ pub struct AdaptiveSlidingWindowAttention {
     /// Causal flag.
     pub causal: bool,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
     /// The band's block-sparse plan of the last call's length, reused by the next calls of
     /// the same length on the GPU kernels (clones of the module share it).
     #[module(skip)]
@@ -169,7 +170,7 @@ impl AdaptiveSlidingWindowAttention {
                 ramp: self.ramp,
             }),
             key_padding,
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         let h = self.projection.split_self(x);

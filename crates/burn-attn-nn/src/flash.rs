@@ -9,6 +9,7 @@ use burn_attn_core::{
 };
 
 use crate::context_parallel::{attend_context_parallel, unsupported_masks};
+use crate::dropout::{validate_dropout, AttentionDropout};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
@@ -107,7 +108,7 @@ impl FlashAttentionConfig {
             window_left: self.window_left,
             window_right: self.window_right,
             block_size: self.block_size,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
             alibi: self.alibi,
             softcap: self.softcap,
             rotary_theta: self.rotary_theta,
@@ -134,7 +135,7 @@ pub struct FlashAttention {
     /// Tile of the tensor-op path.
     pub block_size: usize,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
     /// ALiBi position biases.
     pub alibi: bool,
     /// Tanh softcap of the scores.
@@ -175,7 +176,7 @@ impl FlashAttention {
     /// # Panics
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
-        let masks = self.with_score_modifiers(input.masks(self.dropout));
+        let masks = self.with_score_modifiers(input.masks(self.dropout.active()));
         let pattern = KeyPattern::default();
         attend(
             &self.projection,
@@ -198,7 +199,8 @@ impl FlashAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
-        let masks = self.with_score_modifiers(packed_masks(documents.into(), self.dropout));
+        let masks =
+            self.with_score_modifiers(packed_masks(documents.into(), self.dropout.active()));
         let pattern = KeyPattern::default();
         let input = AttentionInput::self_attn(x);
         attend(
@@ -233,7 +235,7 @@ impl FlashAttention {
     ) -> Result<Tensor<3>, AttentionError> {
         let pattern = KeyPattern::default();
         let masks = self.with_score_modifiers(AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         });
         decode(
@@ -272,7 +274,7 @@ impl FlashAttention {
         ids: &[SequenceId],
     ) -> Result<Tensor<3>, AttentionError> {
         let masks = self.with_score_modifiers(AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         });
         decode_paged(
@@ -304,10 +306,12 @@ impl FlashAttention {
         &self,
         slices: Vec<Tensor<3>>,
     ) -> Result<Vec<Tensor<3>>, AttentionError> {
-        if self.alibi || self.softcap.is_some() || self.dropout > 0.0 {
+        if self.alibi || self.softcap.is_some() || self.dropout.active() > 0.0 {
             return Err(unsupported_masks(format!(
                 "alibi {}, softcap {:?}, dropout {}",
-                self.alibi, self.softcap, self.dropout
+                self.alibi,
+                self.softcap,
+                self.dropout.active()
             )));
         }
         attend_context_parallel(&self.projection, slices, &self.options(), self.rotary_theta)
@@ -385,16 +389,6 @@ pub(crate) fn projection_config(
     MultiHeadProjectionConfig::new(d_model, n_heads)
         .with_n_kv_heads(n_kv_heads)
         .with_bias(bias)
-}
-
-/// Checks a dropout probability.
-pub(crate) fn validate_dropout(dropout: f64) -> Result<(), AttentionError> {
-    if !(0.0..1.0).contains(&dropout) {
-        return Err(AttentionError::Invalid(format!(
-            "dropout must be in [0, 1), got {dropout}"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::{FlashAttention, FlashAttentionConfig};
 
 impl FlashAttention {
     /// The [`FlashAttention`] that computes what burn-nn's `mha` computes: its query, key,
-    /// value and output projections, scale `1 / sqrt(d_k)`, its dropout, no causal rule or
+    /// value and output projections, scale `1 / sqrt(d_k)`, its dropout (with its training flag), no causal rule or
     /// window. Calls map as `mha.forward(MhaInput::self_attn(x)).context` ->
     /// `attn.forward(x)` and `MhaInput::new(q, k, v).mask_pad(pad)` ->
     /// `attn.forward_cross(q, k, v, Some(pad))` (`true` = padding in both). burn-nn's
@@ -30,6 +30,7 @@ impl FlashAttention {
         let mut attn = FlashAttentionConfig::new(mha.d_model, mha.n_heads)
             .with_dropout(mha.dropout.prob)
             .init(&device);
+        attn.dropout.training = mha.dropout.training;
         let projection = &mut attn.projection;
         projection.query = mha.query;
         projection.key = mha.key;
@@ -46,6 +47,19 @@ mod tests {
 
     use super::*;
     use crate::test_util::{cpu, max_abs_diff, randn};
+
+    #[test]
+    fn converted_attention_keeps_the_training_flag() {
+        use burn::module::Module;
+        let mha = MultiHeadAttentionConfig::new(16, 4)
+            .with_dropout(0.25)
+            .init(&cpu());
+        let attn = FlashAttention::from_burn_nn(mha.clone()).unwrap();
+        assert_eq!(attn.dropout.prob, 0.25);
+        assert!(attn.dropout.training.is_enabled());
+        let frozen = FlashAttention::from_burn_nn(mha.freeze()).unwrap();
+        assert!(!frozen.dropout.training.is_enabled());
+    }
 
     #[test]
     fn converted_attention_computes_what_burn_nn_computes() {

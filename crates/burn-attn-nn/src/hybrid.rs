@@ -8,7 +8,8 @@ use burn_attn_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::flash::{projection_config, validate_dropout};
+use crate::dropout::{validate_dropout, AttentionDropout};
+use crate::flash::projection_config;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
@@ -179,7 +180,7 @@ impl HybridAttentionConfig {
             sparse_max_len: self.sparse_max_len,
             sparse_pattern: self.sparse_pattern,
             window: self.window,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
         }
     }
 }
@@ -203,7 +204,7 @@ pub struct HybridAttention {
     /// The sliding window size.
     pub window: usize,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
 }
 
 /// The error of a decoding call whose chosen core is a `Random` sparse pattern.
@@ -270,7 +271,7 @@ impl HybridAttention {
             &pattern,
             &AttentionOptions::new(),
             key_padding,
-            self.dropout,
+            self.dropout.active(),
         );
         self.projection.merge(out)
     }
@@ -308,7 +309,7 @@ impl HybridAttention {
         }
         let pattern = self.key_pattern(total);
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         decode(
@@ -348,7 +349,7 @@ impl HybridAttention {
         ids: &[SequenceId],
     ) -> Result<Tensor<3>, AttentionError> {
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         decode_paged_grouped(

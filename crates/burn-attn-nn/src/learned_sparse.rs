@@ -11,7 +11,8 @@ use burn_attn_core::{
     AttentionOptions, KeyPattern,
 };
 
-use crate::flash::{projection_config, validate_dropout};
+use crate::dropout::{validate_dropout, AttentionDropout};
+use crate::flash::projection_config;
 use crate::projection::{validate_heads, MultiHeadProjection};
 
 /// Configuration of [`LearnedSparseAttention`].
@@ -72,7 +73,7 @@ impl LearnedSparseAttentionConfig {
             gate: LinearConfig::new(self.d_model, self.n_heads).init(device),
             ratio: self.ratio,
             block: self.block,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
         }
     }
 }
@@ -100,7 +101,7 @@ pub struct LearnedSparseAttention {
     /// Keys per selection block.
     pub block: usize,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
 }
 
 impl LearnedSparseAttention {
@@ -263,7 +264,7 @@ impl LearnedSparseAttention {
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<3>) -> Tensor<4> {
         let masks = AttentionMasks {
             key_bias: Some(bias),
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         let pattern = KeyPattern::default();

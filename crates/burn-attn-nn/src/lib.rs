@@ -9,6 +9,7 @@ pub mod any;
 pub mod causal_linear;
 pub mod complexity;
 mod context_parallel;
+pub mod dropout;
 pub mod flash;
 mod from_burn_nn;
 pub mod hybrid;
@@ -28,6 +29,7 @@ pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowA
 pub use any::{AnyAttention, AnyAttentionConfig};
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use complexity::ComplexityModel;
+pub use dropout::AttentionDropout;
 pub use flash::{FlashAttention, FlashAttentionConfig};
 pub use hybrid::{HybridAttention, HybridAttentionConfig, HybridChoice};
 pub use input::AttentionInput;

@@ -9,7 +9,8 @@ use burn_attn_core::{
 };
 
 use crate::context_parallel::{attend_context_parallel, unsupported_masks};
-use crate::flash::{attend, packed_masks, projection_config, validate_dropout};
+use crate::dropout::{validate_dropout, AttentionDropout};
+use crate::flash::{attend, packed_masks, projection_config};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
@@ -70,7 +71,7 @@ impl SlidingWindowAttentionConfig {
                 .init(device),
             window: self.window,
             causal: self.causal,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
             rotary_theta: self.rotary_theta,
             block_masks: BlockMaskCache::new(),
         }
@@ -88,7 +89,7 @@ pub struct SlidingWindowAttention {
     /// Causal flag.
     pub causal: bool,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
     /// Base of the rotary position embeddings, if any.
     pub rotary_theta: Option<f32>,
     /// The band's block-sparse plan of the last masked call's lengths, reused by the next
@@ -131,7 +132,7 @@ impl SlidingWindowAttention {
     /// # Panics
     /// When a mask's shape does not match the call (naming the shapes).
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
-        let masks = input.masks(self.dropout);
+        let masks = input.masks(self.dropout.active());
         self.attend(input, &masks)
     }
 
@@ -143,7 +144,7 @@ impl SlidingWindowAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
-        let masks = packed_masks(documents.into(), self.dropout);
+        let masks = packed_masks(documents.into(), self.dropout.active());
         self.attend(AttentionInput::self_attn(x), &masks)
     }
 
@@ -169,7 +170,7 @@ impl SlidingWindowAttention {
     ) -> Result<Tensor<3>, AttentionError> {
         let pattern = KeyPattern::band(self.band(), self.causal);
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         decode(
@@ -206,7 +207,7 @@ impl SlidingWindowAttention {
         ids: &[SequenceId],
     ) -> Result<Tensor<3>, AttentionError> {
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         decode_paged(
@@ -245,8 +246,11 @@ impl SlidingWindowAttention {
         &self,
         slices: Vec<Tensor<3>>,
     ) -> Result<Vec<Tensor<3>>, AttentionError> {
-        if self.dropout > 0.0 {
-            return Err(unsupported_masks(format!("dropout {}", self.dropout)));
+        if self.dropout.active() > 0.0 {
+            return Err(unsupported_masks(format!(
+                "dropout {}",
+                self.dropout.active()
+            )));
         }
         let options = AttentionOptions::new()
             .with_window(self.band())

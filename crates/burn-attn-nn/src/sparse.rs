@@ -9,7 +9,8 @@ use burn_attn_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::flash::{projection_config, validate_dropout};
+use crate::dropout::{validate_dropout, AttentionDropout};
+use crate::flash::projection_config;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
@@ -156,7 +157,7 @@ impl SparseAttentionConfig {
             pattern: self.pattern,
             block_masks: BlockMaskCache::new(),
             causal: self.causal,
-            dropout: self.dropout,
+            dropout: AttentionDropout::new(self.dropout),
         }
     }
 }
@@ -177,7 +178,7 @@ pub struct SparseAttention {
     /// Causal flag.
     pub causal: bool,
     /// Dropout on probabilities while training.
-    pub dropout: f64,
+    pub dropout: AttentionDropout,
 }
 
 impl SparseAttention {
@@ -205,7 +206,7 @@ impl SparseAttention {
             &pattern,
             &AttentionOptions::new().with_block_mask_cache(self.block_masks.clone()),
             key_padding,
-            self.dropout,
+            self.dropout.active(),
         );
         self.projection.merge(out)
     }
@@ -245,7 +246,7 @@ impl SparseAttention {
         // Local and strided patterns do not depend on the lengths.
         let pattern = self.pattern.key_pattern(1, 1, self.causal)?;
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         let options = AttentionOptions::new().with_block_mask_cache(self.block_masks.clone());
@@ -282,7 +283,7 @@ impl SparseAttention {
             ));
         }
         let masks = AttentionMasks {
-            dropout: self.dropout,
+            dropout: self.dropout.active(),
             ..AttentionMasks::default()
         };
         let options = AttentionOptions::new().with_block_mask_cache(self.block_masks.clone());
