@@ -30,7 +30,7 @@ fi
 # A one-off build gains nothing from incremental state, which takes gigabytes.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 echo "== disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
-cargo test --workspace --features burn-attn/wgpu "$@"
+cargo test --workspace --features burn-attn/wgpu,burn-attn/flex "$@"
 
 # The published crates package in dependency order. Without verification and lockfile:
 # both resolve cubecl-cuda's cubecl-llvm without the workspace's stand-in, which needs

@@ -85,7 +85,7 @@ pub trait AttentionBackend: Backend {
     }
 }
 
-/// The tiled tensor-op path for a band (the lse in the inputs' dtype): the implementation
+/// The tiled tensor-op path for a band (the lse in f32 for f16/bf16 inputs): the implementation
 /// of backends without kernels and the fallback of the kernels.
 pub(crate) fn tiled_band(
     q: Tensor<4>,
@@ -285,7 +285,7 @@ pub fn attention(
 }
 
 /// [`attention`], also returning the row log-sum-exp `[batch, heads, seq_q]` (`-inf` for
-/// rows that see no key): f32 from the kernels, the inputs' dtype from the tensor ops. It
+/// rows that see no key): f32 for f16/bf16 inputs, the inputs' dtype otherwise. It
 /// is a value: on the backends the extension serves, no gradient flows through it (build a
 /// loss on it from a detached copy, or recompute it).
 ///

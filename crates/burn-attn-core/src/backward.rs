@@ -9,12 +9,12 @@
 //! gradients plus one tile. No atomics: the sums run in a fixed order, so two runs give
 //! the same bits.
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
 use crate::options::AttentionOptions;
 use crate::pattern::{KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
-use crate::tiled::{hidden_keys, DEFAULT_TILE};
+use crate::tiled::{accumulation_dtype, hidden_keys, DEFAULT_TILE};
 
 /// Gradients `(dq, dk, dv)` of banded attention, in the inputs' shapes and dtype.
 ///
@@ -46,10 +46,7 @@ pub fn tiled_band_backward(
     } = shape;
     let dtype = q.dtype();
     // Low-precision inputs accumulate their gradients in f32.
-    let work = match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    };
+    let work = accumulation_dtype(dtype);
     let to_work = |t: Tensor<4>| if t.dtype() == work { t } else { t.cast(work) };
     let (q, k, v, out, d_out) = (
         to_work(q),

@@ -84,7 +84,9 @@ impl<'a> TiledSpec<'a> {
 }
 
 /// Output `[batch, heads, seq_q, value_dim]` and row log-sum-exp `[batch, heads, seq_q]`
-/// (`-inf` for rows that see no key, whose output is exactly 0).
+/// (`-inf` for rows that see no key, whose output is exactly 0). The softmax state and the
+/// log-sum-exp are kept in [`accumulation_dtype`] (f32 for f16/bf16 inputs, as in the
+/// kernels); the products run in the inputs' dtype and the output is returned in it.
 pub fn tiled_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -104,6 +106,7 @@ pub fn tiled_attention(
     // What this path creates follows the inputs' dtype (f16/bf16 inputs on a backend whose
     // default float is f32 must not meet f32 tensors).
     let dtype = q.dtype();
+    let work = accumulation_dtype(dtype);
     let k = repeat_kv(k, heads);
     let v = repeat_kv(v, heads);
     // Scaling q once is cheaper than scaling every tile of scores.
@@ -128,7 +131,7 @@ pub fn tiled_attention(
         start = rows.end;
         let nr = rows.len();
         let q_blk = q.clone().slice([0..batch, 0..heads, rows.clone()]);
-        let mut state = RowState::new([batch, heads, nr, value_dim], (&device, dtype));
+        let mut state = RowState::new([batch, heads, nr, value_dim], (&device, work));
 
         let keys = if gather_strided {
             pattern.band_key_range(rows.clone(), seq_q, seq_k)
@@ -140,14 +143,15 @@ pub fn tiled_attention(
             let nc = cols.len();
             let k_blk = k.clone().slice([0..batch, 0..heads, cols.clone()]);
             let v_blk = v.clone().slice([0..batch, 0..heads, cols.clone()]);
-            let mut s = softcapped(q_blk.clone().matmul(k_blk.swap_dims(2, 3)), spec.softcap);
+            let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3)).cast(work);
+            let mut s = softcapped(s, spec.softcap);
             // A bias's -inf entries hide their keys like a mask (the masked fill keeps an
             // empty row's infinite output gradient from meeting a zero probability).
             let mut bias_hidden = None;
             if let Some(bias) = spec.bias {
                 let bias = bias
                     .bias(rows.clone(), cols.clone())
-                    .cast(dtype)
+                    .cast(work)
                     .expand([batch, heads, nr, nc]);
                 let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
                 s = s + bias.mask_fill(hidden.clone(), 0.0);
@@ -174,7 +178,8 @@ pub fn tiled_attention(
                 let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [nc]), &device);
                 let k_blk = k.clone().select(2, idx.clone());
                 let v_blk = v.clone().select(2, idx.clone());
-                let s = softcapped(q_blk.clone().matmul(k_blk.swap_dims(2, 3)), spec.softcap);
+                let s = q_blk.clone().matmul(k_blk.swap_dims(2, 3)).cast(work);
+                let s = softcapped(s, spec.softcap);
                 let visible = pattern.columns_mask(rows.clone(), chunk, seq_q, seq_k, &device);
                 let pattern_hidden = Some(hidden_keys(visible, batch, heads));
                 let keys = TileKeys::Gathered(&idx);
@@ -190,12 +195,21 @@ pub fn tiled_attention(
     if outputs.is_empty() {
         return (
             Tensor::zeros([batch, heads, 0, value_dim], (&device, dtype)),
-            Tensor::zeros([batch, heads, 0], (&device, dtype)),
+            Tensor::zeros([batch, heads, 0], (&device, work)),
         );
     }
-    let out = Tensor::cat(outputs, 2);
+    let out = Tensor::cat(outputs, 2).cast(dtype);
     let lse = Tensor::cat(lses, 2).squeeze_dim(3);
     (out, lse)
+}
+
+/// The dtype the softmax state and gradients accumulate in: f32 for f16/bf16 (whose sums
+/// overflow or stall over long rows), the dtype itself otherwise.
+pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
 }
 
 /// Scaled scores through a tanh softcap, where there is one.
@@ -294,7 +308,7 @@ struct RowState {
 }
 
 impl RowState {
-    /// The state before any tile, in the inputs' dtype.
+    /// The state before any tile, in `dtype` (the accumulation dtype).
     fn new(acc_shape: [usize; 4], (device, dtype): (&Device, DType)) -> Self {
         let [b, h, rows, _] = acc_shape;
         Self {
@@ -304,7 +318,8 @@ impl RowState {
         }
     }
 
-    /// Folds in one tile of scores `s` (`hidden` set to `-inf`) with its values.
+    /// Folds in one tile of scores `s` (in the state's dtype; `hidden` set to `-inf`) with
+    /// its values `v` (in the inputs' dtype, the product's).
     fn update(
         &mut self,
         s: Tensor<4>,
@@ -339,7 +354,8 @@ impl RowState {
         } else {
             p
         };
-        self.acc = self.acc.clone() + p.matmul(v);
+        let work = p.dtype();
+        self.acc = self.acc.clone() + p.cast(v.dtype()).matmul(v).cast(work);
         self.max = Some(max);
     }
 
