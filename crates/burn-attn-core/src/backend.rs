@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Tensor};
 
 use crate::backward::tiled_band_backward;
 use crate::dispatch::{serve_tiled, Declines, Pass};
+use crate::error::OrPanic;
 use crate::grouped_rows;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
@@ -297,7 +298,7 @@ pub fn attention_with_lse(
     v: Tensor<4>,
     options: &AttentionOptions,
 ) -> (Tensor<4>, Tensor<3>) {
-    try_attention_with_lse(q, k, v, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    try_attention_with_lse(q, k, v, options).or_panic()
 }
 
 /// [`attention`] for callers that must not panic on bad input (a server answering a
@@ -347,8 +348,7 @@ pub fn pattern_attention(
     key_padding: Option<Tensor<2, Bool>>,
     dropout: f64,
 ) -> Tensor<4> {
-    try_pattern_attention(q, k, v, pattern, options, key_padding, dropout)
-        .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    try_pattern_attention(q, k, v, pattern, options, key_padding, dropout).or_panic()
 }
 
 /// [`pattern_attention`] returning bad input as an [`AttentionError`](crate::AttentionError) instead of

@@ -11,6 +11,7 @@
 
 use burn::tensor::Tensor;
 
+use crate::error::OrPanic;
 use crate::options::AttentionOptions;
 use crate::pattern::{KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
@@ -34,7 +35,7 @@ pub fn tiled_band_backward(
     d_out: Tensor<4>,
     options: &AttentionOptions,
 ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-    let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
+    let shape = AttentionShape::of(&q, &k, &v).or_panic();
     let AttentionShape {
         batch,
         heads,

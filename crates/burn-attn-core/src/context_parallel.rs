@@ -25,8 +25,10 @@ use std::ops::Range;
 use burn::tensor::{Device, Tensor};
 
 use crate::backend::block_tap;
-use crate::merge::{untracked, MergedRows};
+use crate::merge::MergedRows;
+use crate::untracked::untracked;
 
+use crate::error::OrPanic;
 use crate::{
     try_attention, try_attention_with_lse, AttentionError, AttentionOptions, AttentionShape, Window,
 };
@@ -110,7 +112,7 @@ pub fn context_parallel_attention(
     slices: &[SequenceSlice],
     options: &AttentionOptions,
 ) -> Vec<Tensor<4>> {
-    try_context_parallel_attention(slices, options).unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    try_context_parallel_attention(slices, options).or_panic()
 }
 
 /// The zigzag layout that balances causal context parallelism over `peers`: the `n` rows

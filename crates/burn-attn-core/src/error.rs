@@ -97,7 +97,22 @@ impl std::error::Error for AttentionError {}
 /// API returns a tensor rather than a `Result`.
 #[track_caller]
 pub fn ensure(result: Result<(), AttentionError>) {
-    if let Err(err) = result {
-        panic!("burn-attn: {err}");
+    result.or_panic()
+}
+
+/// The value of a `Result` whose error becomes a panic with its message (the form of
+/// [`ensure`]), reported at the caller: the panicking forms of the `try_` functions.
+pub trait OrPanic<T> {
+    /// The value, or a panic naming the error.
+    fn or_panic(self) -> T;
+}
+
+impl<T> OrPanic<T> for Result<T, AttentionError> {
+    #[track_caller]
+    fn or_panic(self) -> T {
+        match self {
+            Ok(value) => value,
+            Err(err) => panic!("burn-attn: {err}"),
+        }
     }
 }

@@ -39,6 +39,7 @@ mod strided;
 #[cfg(test)]
 mod test_util;
 mod tiled;
+mod untracked;
 
 pub use backend::{
     attention, attention_with_lse, pattern_attention, try_attention, try_attention_with_lse,
@@ -54,7 +55,7 @@ pub use context_parallel::{
 pub use dispatch::{
     Decline, Dispatch, DispatchLog, Implementation, KernelPolicy, Pass, Unsupported,
 };
-pub use error::{ensure, AttentionError};
+pub use error::{ensure, AttentionError, OrPanic};
 pub use feature_map::FeatureMap;
 pub use linear::{
     causal_linear_attention, causal_linear_attention_with, check_linear_eps, linear_attention,

@@ -10,10 +10,11 @@
 use burn::tensor::{Bool, DType, Tensor, TensorCreationOptions};
 
 use crate::dispatch::{serve_tiled_with, DispatchLog, KernelPolicy, Pass};
+use crate::error::OrPanic;
 use crate::error::{ensure, AttentionError};
 use crate::feature_map::FeatureMap;
-use crate::merge::untracked;
 use crate::shape::{repeat_kv, AttentionShape};
+use crate::untracked::untracked;
 
 /// Options of a linear-attention call: normalisation, the chunk of the tensor-op path, and
 /// which implementation may serve it.
@@ -154,7 +155,7 @@ impl LinearAttentionState {
 }
 
 fn checked_shape(phi_q: &Tensor<4>, phi_k: &Tensor<4>, v: &Tensor<4>) -> AttentionShape {
-    AttentionShape::of(phi_q, phi_k, v).unwrap_or_else(|e| panic!("burn-attn: {e}"))
+    AttentionShape::of(phi_q, phi_k, v).or_panic()
 }
 
 /// Checks the normaliser's `eps`: finite and positive in f32, where the normaliser is

@@ -8,6 +8,7 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use crate::backend::{banded, same_dtype};
 use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
+use crate::error::OrPanic;
 use crate::options::AttentionOptions;
 use crate::pattern::KeyPattern;
 use crate::score_terms::{check_score_terms, ScoreTerms, SoftEdge};
@@ -161,8 +162,7 @@ pub fn masked_attention(
     options: &AttentionOptions,
     masks: &AttentionMasks,
 ) -> Tensor<4> {
-    try_masked_attention(q, k, v, pattern, options, masks)
-        .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+    try_masked_attention(q, k, v, pattern, options, masks).or_panic()
 }
 
 /// [`masked_attention`] returning bad input as an [`AttentionError`] instead of panicking.

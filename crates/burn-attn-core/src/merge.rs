@@ -4,14 +4,6 @@
 
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 
-/// `t`'s values without a graph, for computations whose gradients come from elsewhere (the
-/// taps). Burn's `detach` keeps a leaf's require-grad, so ops on a detached leaf would
-/// still be recorded, holding their saved tensors until a backward; this gives a fresh,
-/// untracked tensor.
-pub(crate) fn untracked<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    t.set_require_grad(false)
-}
-
 /// Output rows merged over the parts so far, in f32: the output `[batch, heads, rows,
 /// value_dim]` and the row log-sum-exp (`-inf` where no part reached a row yet).
 pub(crate) struct MergedRows {
@@ -89,25 +81,4 @@ fn merge(
     let sum = sum.clone().mask_fill(sum.equal_elem(0.0), 1.0);
     let weight = |w: Tensor<3>| (w / sum.clone()).unsqueeze_dim::<4>(3);
     (old_out * weight(w_old) + out * weight(w_new), new_lse)
-}
-
-#[cfg(all(test, feature = "ndarray"))]
-mod tests {
-    use super::*;
-    use burn::tensor::Device;
-
-    /// A leaf that requires gradients stays tracked through `detach`, not through
-    /// `untracked`; neither does an op's result.
-    #[test]
-    fn untracked_cuts_leaves_that_require_grad() {
-        let device = Device::ndarray().autodiff();
-        let leaf = Tensor::<2>::ones([2, 3], &device).require_grad();
-        assert!(
-            leaf.clone().detach().is_tracked(),
-            "detach keeps require-grad"
-        );
-        assert!(!untracked(leaf.clone()).is_tracked());
-        assert!(!untracked(leaf.clone().narrow(1, 1, 2) * 2.0).is_tracked());
-        assert!(!(untracked(leaf) * 2.0).is_tracked());
-    }
 }

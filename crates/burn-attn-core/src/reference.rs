@@ -4,6 +4,7 @@
 
 use burn::tensor::{Bool, Tensor};
 
+use crate::error::OrPanic;
 use crate::pattern::KeyPattern;
 use crate::shape::{repeat_kv, AttentionShape};
 use crate::tiled::smallest_normal;
@@ -21,7 +22,7 @@ pub fn reference_attention(
     key_padding: Option<Tensor<2, Bool>>,
     bias: Option<Tensor<4>>,
 ) -> (Tensor<4>, Tensor<3>) {
-    let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
+    let shape = AttentionShape::of(&q, &k, &v).or_panic();
     let AttentionShape {
         batch,
         heads,

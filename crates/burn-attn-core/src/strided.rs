@@ -17,7 +17,8 @@
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::backend::block_tap;
-use crate::merge::{untracked, MergedRows};
+use crate::merge::MergedRows;
+use crate::untracked::untracked;
 use crate::{try_attention_with_lse, AttentionError, AttentionOptions, KeyPattern, Window};
 
 /// One call over gathered columns: the query rows it serves (phase-major: every row of

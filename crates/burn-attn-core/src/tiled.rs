@@ -11,6 +11,7 @@ use core::ops::Range;
 
 use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 
+use crate::error::OrPanic;
 use crate::pattern::{tile_span, KeyPattern, TileCover};
 use crate::shape::{repeat_kv, AttentionShape};
 
@@ -93,7 +94,7 @@ pub fn tiled_attention(
     v: Tensor<4>,
     spec: &TiledSpec<'_>,
 ) -> (Tensor<4>, Tensor<3>) {
-    let shape = AttentionShape::of(&q, &k, &v).unwrap_or_else(|e| panic!("burn-attn: {e}"));
+    let shape = AttentionShape::of(&q, &k, &v).or_panic();
     let AttentionShape {
         batch,
         heads,

@@ -14,6 +14,7 @@ use crate::{
     LinearAttention, LinearAttentionConfig, PagedKvCache, SequenceId, SlidingWindowAttention,
     SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
 };
+use burn_attn_core::OrPanic;
 
 /// The configuration of any attention mechanism of this crate.
 #[derive(Config, Debug)]
@@ -194,8 +195,7 @@ impl AnyAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Tensor<3> {
-        self.try_forward_paged(x, cache, ids)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_paged(x, cache, ids).or_panic()
     }
 
     /// Context-parallel self-attention over contiguous slices of one sequence on their
@@ -217,8 +217,7 @@ impl AnyAttention {
 
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
-        self.try_forward_cache(x, cache)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_cache(x, cache).or_panic()
     }
 
     /// The mechanism's name (see [`AnyAttentionConfig::name`]).

@@ -15,6 +15,7 @@ use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection, MultiHeadProjectionConfig};
 use crate::rotary::{rotate_heads, validate_rotary};
+use burn_attn_core::OrPanic;
 
 /// Configuration of [`FlashAttention`].
 #[derive(Config, Debug)]
@@ -223,8 +224,7 @@ impl FlashAttention {
     /// When the module is not causal or `cache` does not fit the call (naming the values;
     /// [`try_forward_cache`](Self::try_forward_cache) returns the error instead).
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
-        self.try_forward_cache(x, cache)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_cache(x, cache).or_panic()
     }
 
     /// [`forward_cache`](Self::forward_cache) returning bad input as an error.
@@ -260,8 +260,7 @@ impl FlashAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Tensor<3> {
-        self.try_forward_paged(x, cache, ids)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_paged(x, cache, ids).or_panic()
     }
 
     /// [`forward_paged`](Self::forward_paged) returning bad input (a non-causal module,
@@ -320,8 +319,7 @@ impl FlashAttention {
     /// [`try_forward_context_parallel`](Self::try_forward_context_parallel), panicking on
     /// its error.
     pub fn forward_context_parallel(&self, slices: Vec<Tensor<3>>) -> Vec<Tensor<3>> {
-        self.try_forward_context_parallel(slices)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_context_parallel(slices).or_panic()
     }
 
     /// `masks` with the module's score modifiers (ALiBi slopes, softcap), where it has them.

@@ -14,6 +14,7 @@ use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::sparse::SparsePattern;
+use burn_attn_core::OrPanic;
 
 /// The core a [`HybridAttention`] runs for a given length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -234,7 +235,7 @@ impl HybridAttention {
             HybridChoice::Sparse => self
                 .sparse_pattern
                 .key_pattern(seq_len, seq_len, self.causal)
-                .unwrap_or_else(|e| panic!("burn-attn: {e}")),
+                .or_panic(),
             HybridChoice::SlidingWindow => KeyPattern::band(
                 if self.causal {
                     Window::causal(self.window)
@@ -325,8 +326,7 @@ impl HybridAttention {
 
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
-        self.try_forward_cache(x, cache)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_cache(x, cache).or_panic()
     }
 
     /// Decoding several sequences of different lengths through a [`PagedKvCache`]: the
@@ -383,8 +383,7 @@ impl HybridAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Tensor<3> {
-        self.try_forward_paged(x, cache, ids)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_paged(x, cache, ids).or_panic()
     }
 
     /// The shared projections (for exact baselines with the same weights).

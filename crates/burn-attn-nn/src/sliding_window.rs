@@ -16,6 +16,7 @@ use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
 use crate::rotary::validate_rotary;
+use burn_attn_core::OrPanic;
 
 /// Configuration of [`SlidingWindowAttention`].
 #[derive(Config, Debug)]
@@ -158,8 +159,7 @@ impl SlidingWindowAttention {
     /// When the module is not causal or `cache` does not fit the call (naming the values;
     /// [`try_forward_cache`](Self::try_forward_cache) returns the error instead).
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
-        self.try_forward_cache(x, cache)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_cache(x, cache).or_panic()
     }
 
     /// [`forward_cache`](Self::forward_cache) returning bad input as an error.
@@ -195,8 +195,7 @@ impl SlidingWindowAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Tensor<3> {
-        self.try_forward_paged(x, cache, ids)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_paged(x, cache, ids).or_panic()
     }
 
     /// [`forward_paged`](Self::forward_paged) returning bad input as an error.
@@ -261,8 +260,7 @@ impl SlidingWindowAttention {
     /// [`try_forward_context_parallel`](Self::try_forward_context_parallel), panicking on
     /// its error.
     pub fn forward_context_parallel(&self, slices: Vec<Tensor<3>>) -> Vec<Tensor<3>> {
-        self.try_forward_context_parallel(slices)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_context_parallel(slices).or_panic()
     }
 
     /// The shared projections (for exact baselines with the same weights).

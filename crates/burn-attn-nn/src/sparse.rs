@@ -14,6 +14,7 @@ use crate::flash::projection_config;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
+use burn_attn_core::OrPanic;
 
 /// A fixed sparsity pattern, described once (band, strided columns, block layout) so every
 /// implementation evaluates the same rule per tile.
@@ -255,8 +256,7 @@ impl SparseAttention {
 
     /// [`try_forward_cache`](Self::try_forward_cache), panicking on its error.
     pub fn forward_cache(&self, x: Tensor<3>, cache: &mut KvCache) -> Tensor<3> {
-        self.try_forward_cache(x, cache)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_cache(x, cache).or_panic()
     }
 
     /// Decoding several sequences of different lengths through a [`PagedKvCache`] (row `b`
@@ -309,15 +309,14 @@ impl SparseAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Tensor<3> {
-        self.try_forward_paged(x, cache, ids)
-            .unwrap_or_else(|err| panic!("burn-attn: {err}"))
+        self.try_forward_paged(x, cache, ids).or_panic()
     }
 
     /// The key pattern used for the given lengths.
     pub fn key_pattern(&self, seq_q: usize, seq_k: usize) -> KeyPattern {
         self.pattern
             .key_pattern(seq_q, seq_k, self.causal)
-            .unwrap_or_else(|e| panic!("burn-attn: {e}"))
+            .or_panic()
     }
 
     /// The shared projections (for exact baselines with the same weights).
