@@ -1829,13 +1829,7 @@ pub fn check_sparse_kernels_part<B: On>(
                     &forced,
                 )
                 .unwrap();
-                // Score terms and dropout take the portable backward (`backward_for`).
-                let want_kernel = if with_terms != 0 || with_drop {
-                    burn_attn_core::kernels::plan::BackwardKernel::Unit
-                } else {
-                    backward
-                };
-                assert_eq!(grads.kernel, want_kernel, "{what}: backward kernels");
+                assert_eq!(grads.kernel, backward, "{what}: backward kernels");
                 let (dq, dk, dv) = grads.qkv;
                 let mut checks = vec![("dq", dq, &want.grads[0]), ("dk", dk, &want.grads[1])];
                 checks.push(("dv", dv, &want.grads[2]));

@@ -70,14 +70,9 @@ pub struct SparsePlan {
 
 impl SparsePlan {
     /// The backward of a call with (`terms_or_dropout`) or without score terms and dropout:
-    /// such calls take the portable backward, whose score-term gradients and dropout have
-    /// been checked on a CUDA device, where the matrix-unit backward's have not been yet.
-    pub fn backward_for(&self, terms_or_dropout: bool) -> SparseBackward {
-        if terms_or_dropout {
-            SparseBackward::Unit(self.portable_backward)
-        } else {
-            self.backward
-        }
+    /// the matrix-unit backward where the plan takes it, whatever the call's rules.
+    pub fn backward_for(&self, _terms_or_dropout: bool) -> SparseBackward {
+        self.backward
     }
 }
 
