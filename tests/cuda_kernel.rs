@@ -475,6 +475,29 @@ mod on_cuda {
         }
     }
 
+    /// The dQ kernel with 32 query rows per plane (two row tiles sharing each K and V
+    /// fragment): every band kind, GQA, batch 2, tails, head dims 64, 96 and 128, and 40
+    /// (padded columns).
+    #[test]
+    fn cuda_backward_dq_rows_32_match_the_reference() {
+        let forced = burn_attn_core::kernels::plan::ForcedPlan {
+            dq_rows: Some(32),
+            ..Default::default()
+        };
+        let cases = [
+            Case::new(200, 300, 128).causal(),
+            Case::new(257, 257, 128).gqa(4, 2).batch(2),
+            Case::new(130, 129, 96).window(Some(40), Some(7)),
+            Case::new(300, 300, 64).causal().gqa(8, 1),
+            Case::new(70, 90, 40).causal().gqa(4, 2),
+            Case::new(1, 17, 128),
+        ];
+        for case in cases {
+            check_backward_kernel_forced::<Gpu>(case, DType::BF16, &forced);
+            check_backward_kernel_forced::<Gpu>(case, DType::F16, &forced);
+        }
+    }
+
     /// Two cases (one with GQA 8:1 and a window) against Burn's own low-precision autodiff
     /// on the device, which compiles and tunes per shape (tens of seconds a case): it checks
     /// the host reference of the test above on the cases both can afford.

@@ -814,6 +814,7 @@ fn kernel_backward<B>(
     x: &Inputs,
     w: &(Vec<f32>, [usize; 4]),
     dtype: DType,
+    forced: &ForcedPlan,
 ) -> Result<[Vec<f64>; 3], Unsupported>
 where
     B: On,
@@ -827,9 +828,19 @@ where
     let (out, lse) = attention_with_lse(q.clone(), k.clone(), v.clone(), &options);
     let d_out = tensor(w, dtype, &device);
     let log = DispatchLog::new();
-    let options = options.with_log(log.clone());
+    let mut options = options.with_log(log.clone());
+    if !forced.is_default() {
+        options = options.with_forced_plan(*forced);
+    }
     let (dq, dk, dv) = op_backward(q, k, v, out, lse, d_out, options);
     let dispatch = log.of(Pass::Backward).pop().expect("the backward ran");
+    if !forced.is_default() {
+        assert_eq!(
+            dispatch.served,
+            Implementation::FlashMmaBackward,
+            "{case:?}: {forced:?} asked, {dispatch:?}"
+        );
+    }
     if dispatch.served == Implementation::Tiled {
         return match dispatch.declined.last() {
             Some((_, Decline::Kernel(why))) => Err(why.clone()),
@@ -852,8 +863,18 @@ pub fn check_backward_kernel<B>(case: Case, dtype: DType)
 where
     B: On,
 {
-    check_backward_kernel_against::<B>(case, dtype, false)
+    check_backward_kernel_against::<B>(case, dtype, false, &ForcedPlan::default())
         .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
+}
+
+/// [`check_backward_kernel_host`] under a forced plan of the matrix-unit backward, which
+/// must serve the call.
+pub fn check_backward_kernel_forced<B>(case: Case, dtype: DType, forced: &ForcedPlan)
+where
+    B: On,
+{
+    check_backward_kernel_against::<B>(case, dtype, true, forced)
+        .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: {forced:?} declined: {e}"))
 }
 
 /// [`check_backward_kernel`] with the host-evaluated low-precision reference
@@ -862,7 +883,7 @@ pub fn check_backward_kernel_host<B>(case: Case, dtype: DType)
 where
     B: On,
 {
-    check_backward_kernel_against::<B>(case, dtype, true)
+    check_backward_kernel_against::<B>(case, dtype, true, &ForcedPlan::default())
         .unwrap_or_else(|e| panic!("{case:?} {dtype:?}: backward kernel declined: {e}"))
 }
 
@@ -872,13 +893,14 @@ pub fn check_backward_kernel_if_taken<B>(case: Case, dtype: DType) -> Result<(),
 where
     B: On,
 {
-    check_backward_kernel_against::<B>(case, dtype, false)
+    check_backward_kernel_against::<B>(case, dtype, false, &ForcedPlan::default())
 }
 
 fn check_backward_kernel_against<B>(
     case: Case,
     dtype: DType,
     host_reference: bool,
+    forced: &ForcedPlan,
 ) -> Result<(), Unsupported>
 where
     B: On,
@@ -889,8 +911,8 @@ where
     );
     let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
     let w = uniform(&mut StdRng::seed_from_u64(77), shape, 1.0);
-    let got = kernel_backward::<B>(&case, &x, &w, dtype)?;
-    let again = kernel_backward::<B>(&case, &x, &w, dtype)?;
+    let got = kernel_backward::<B>(&case, &x, &w, dtype, forced)?;
+    let again = kernel_backward::<B>(&case, &x, &w, dtype, forced)?;
     let want = attention_gradients_in::<Truth>(&case, &x, &w, false, DType::F64);
     let low_ref = (dtype != DType::F32).then(|| {
         if host_reference {
@@ -1288,7 +1310,7 @@ where
     assert_eq!(l_nan[DEAD_NAN_ROW], f64::NEG_INFINITY);
     let w = nan_rule_weights(&case);
     let backward = |x| {
-        kernel_backward::<B>(&case, x, &w, dtype)
+        kernel_backward::<B>(&case, x, &w, dtype, &ForcedPlan::default())
             .unwrap_or_else(|e| panic!("{dtype:?}: backward kernel declined: {e}"))
     };
     let [dq, ..] = backward(&clean);

@@ -555,6 +555,9 @@ pub struct PlanArgs {
     /// Query rows per tile of the matrix-unit dK/dV kernel (16, 32, 64).
     #[arg(long)]
     pub plan_dkdv_block_q: Option<usize>,
+    /// Query rows per plane of the matrix-unit dQ kernel (16, 32).
+    #[arg(long)]
+    pub plan_dq_rows: Option<usize>,
     /// Key splits of the portable forward (1 to 64; 1: none).
     #[arg(long)]
     pub plan_key_splits: Option<usize>,
@@ -575,6 +578,7 @@ impl PlanArgs {
             unit_shared_kib: self.plan_unit_shared_kib,
             heavy_first: self.plan_heavy_first,
             dq_block_k: self.plan_dq_block_k,
+            dq_rows: self.plan_dq_rows,
             dkdv_block_q: self.plan_dkdv_block_q,
             key_splits: self.plan_key_splits,
             no_matrix_units: self.plan_no_matrix_units,

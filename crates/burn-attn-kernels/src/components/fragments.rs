@@ -260,6 +260,27 @@ impl<F: Float> PlaneMma<F> {
         #[comptime] k_chunks: usize,
         #[comptime] n_tiles: usize,
     ) {
+        self.acc_b_rows(
+            lane, src, b_smem, b_row0, acc, b_stride, k_chunks, n_tiles, 1usize,
+        );
+    }
+
+    /// [`Self::acc_b`] for `m_tiles` row tiles of 16 sharing each `B` fragment: `src` holds
+    /// row tile `mt`'s `2 * k_chunks` tiles from tile `mt * 2 * k_chunks`, and `acc` its
+    /// `n_tiles` output tiles from tile `mt * n_tiles`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acc_b_rows(
+        &mut self,
+        lane: usize,
+        src: &Array<Vector<f32, MmaVecAcc>>,
+        b_smem: &[F],
+        b_row0: usize,
+        acc: &mut Array<Vector<f32, MmaVecAcc>>,
+        #[comptime] b_stride: usize,
+        #[comptime] k_chunks: usize,
+        #[comptime] n_tiles: usize,
+        #[comptime] m_tiles: usize,
+    ) {
         let def = self.def;
         let a_vs = def.vector_size(MatrixIdent::A);
         let a_vecs = def.vectors_per_lane(MatrixIdent::A);
@@ -268,21 +289,31 @@ impl<F: Float> PlaneMma<F> {
         let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
         let ld_block = lane / 8;
         let ld_row = lane % 8;
+        let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
         #[unroll]
         for kc in 0..k_chunks {
-            // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's.
+            // A elements 0..4 are tile 2kc's accumulator elements, 4..8 tile 2kc + 1's (of
+            // each row tile).
             #[unroll]
-            for i in 0..a_vecs {
-                let mut vector = Vector::empty();
+            for mt in 0..m_tiles {
                 #[unroll]
-                for n in 0..a_vs {
-                    let ei = i * a_vs + n;
-                    vector.insert_dynamic(
-                        n,
-                        F::cast_from(acc_get(src, kc * 2 + ei / 4, ei % 4, c_vs)),
-                    );
+                for i in 0..a_vecs {
+                    let mut vector = Vector::empty();
+                    #[unroll]
+                    for n in 0..a_vs {
+                        let ei = i * a_vs + n;
+                        vector.insert_dynamic(
+                            n,
+                            F::cast_from(acc_get(
+                                src,
+                                mt * 2 * k_chunks + kc * 2 + ei / 4,
+                                ei % 4,
+                                c_vs,
+                            )),
+                        );
+                    }
+                    a_all[mt * a_vecs + i] = vector;
                 }
-                self.a[i] = vector;
             }
             #[unroll]
             for np in 0..comptime!(n_tiles / 2) {
@@ -296,17 +327,24 @@ impl<F: Float> PlaneMma<F> {
                     4usize,
                     true,
                 );
-                mma_pair::<F>(
-                    def,
-                    &self.a,
-                    &b_regs,
-                    acc,
-                    2 * np,
-                    &mut self.b,
-                    &mut self.c,
-                    b_vecs,
-                    c_vecs,
-                );
+                #[unroll]
+                for mt in 0..m_tiles {
+                    #[unroll]
+                    for i in 0..a_vecs {
+                        self.a[i] = a_all[mt * a_vecs + i];
+                    }
+                    mma_pair::<F>(
+                        def,
+                        &self.a,
+                        &b_regs,
+                        acc,
+                        mt * n_tiles + 2 * np,
+                        &mut self.b,
+                        &mut self.c,
+                        b_vecs,
+                        c_vecs,
+                    );
+                }
             }
         }
     }

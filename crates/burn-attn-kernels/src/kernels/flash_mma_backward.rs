@@ -60,8 +60,10 @@ use crate::components::staging::{
 /// Matrix-unit backward, query-major: `D = rowsum(dO * O)` and `dQ`.
 ///
 /// Launch with `CubeDim::new_2d(32, warps)` and `CubeCount::Static(ceil(seq_q / (16 *
-/// warps)), batch * heads, 1)`. `dim_pad` and `value_dim_pad` are the head and value dims
-/// rounded up to 16; `block_k` (keys per staged tile) is a multiple of 16. `dq` is `[b, h,
+/// row_tiles * warps)), batch * heads, 1)`: each plane owns `16 * row_tiles` query rows
+/// (`row_tiles` 1 or 2; two share each K and V fragment between their products). `dim_pad`
+/// and `value_dim_pad` are the head and value dims rounded up to 16; `block_k` (keys per
+/// staged tile) is a multiple of 16. `dq` is `[b, h,
 /// seq_q, head_dim]` in the input dtype, `delta` `[b, h, seq_q]` in f32 (read by
 /// [`flash_mma_backward_dkdv_kernel()`]); tensors as for `flash_unit_backward_dq_kernel`.
 ///
@@ -97,6 +99,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     #[comptime] dim_pad: usize,
     #[comptime] value_dim_pad: usize,
     #[comptime] warps: usize,
+    #[comptime] row_tiles: usize,
     #[comptime] block_k: usize,
     #[comptime] async_copy: bool,
     #[comptime] _source: u64,
@@ -106,7 +109,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let c_vs = mma.def.vector_size(MatrixIdent::Accumulator);
     let c_vecs = mma.def.vectors_per_lane(MatrixIdent::Accumulator);
 
-    // The cube's query rows, this plane's 16, and the keys they see.
+    // The cube's query rows, this plane's `16 * row_tiles`, and the keys they see.
     let cube = CubeHead::query_major(q, k, heavy_first);
     let (b, h, kvh) = (cube.batch, cube.head, cube.kv_head);
     let (seq_q, seq_k, offset) = (cube.seq_q, cube.seq_k, cube.offset);
@@ -115,11 +118,13 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
     let warp = UNIT_POS_Y as usize;
     let g = lane / 4;
     let t = lane % 4;
-    let block_q = comptime!(16 * warps);
+    let plane_q = comptime!(16 * row_tiles);
+    let block_q = comptime!(plane_q * warps);
     let r0 = cube.block * block_q;
-    let w0 = r0 + warp * 16;
-    let bounds = BandBounds::new(r0, w0, seq_q, seq_k, offset, left, right, block_q, 16usize);
-    // This lane's first row (accumulator elements 0, 1; elements 2, 3 are 8 rows down).
+    let w0 = r0 + warp * plane_q;
+    let bounds = BandBounds::new(r0, w0, seq_q, seq_k, offset, left, right, block_q, plane_q);
+    // This lane's first row (accumulator elements 0, 1 of row tile 0; elements 2, 3 are 8
+    // rows down, row tile `rt` 16 * rt rows down).
     let row_a = (w0 + g) as i32;
 
     // Shared memory (16-byte aligned for `ldmatrix` and `cp.async`): the cube's Q and dO
@@ -184,39 +189,53 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         }
     }
 
-    // D and the lse of the lane's two rows (g and g + 8), from global memory.
-    let mut d_row = Array::<f32>::new(2usize);
-    let mut lse_row = Array::<f32>::new(2usize);
-    dq_row_stats::<F>(
-        out,
-        d_out,
-        lse,
-        delta,
-        do_at,
-        &mut d_row,
-        &mut lse_row,
-        b,
-        h,
-        w0,
-        g,
-        t,
-        seq_q,
-        value_dim,
-    );
+    // D and the lse of the lane's two rows (g and g + 8) of each row tile, from global
+    // memory: row half `2 * rt + hf`.
+    let mut d_row = Array::<f32>::new(comptime!(2 * row_tiles));
+    let mut lse_row = Array::<f32>::new(comptime!(2 * row_tiles));
+    #[unroll]
+    for rt in 0..row_tiles {
+        let mut d_pair = Array::<f32>::new(2usize);
+        let mut lse_pair = Array::<f32>::new(2usize);
+        dq_row_stats::<F>(
+            out,
+            d_out,
+            lse,
+            delta,
+            do_at,
+            &mut d_pair,
+            &mut lse_pair,
+            b,
+            h,
+            w0 + 16 * rt,
+            g,
+            t,
+            seq_q,
+            value_dim,
+        );
+        #[unroll]
+        for hf in 0..2usize {
+            d_row[2 * rt + hf] = d_pair[hf];
+            lse_row[2 * rt + hf] = lse_pair[hf];
+        }
+    }
     if comptime!(!async_copy) {
         // Published by the first key tile's barrier.
         stage_rows_sync::<F>(q, q_at, r0, &mut q_smem, 0usize, tid, q_tile);
         stage_rows_sync::<F>(d_out, do_at, r0, &mut do_smem, 0usize, tid, do_tile);
     }
 
-    let mut dq_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dq_tiles * c_vecs));
+    // Row tile `rt`'s accumulator tiles from tile `rt * dq_tiles` (dQ), `rt * k_tiles`
+    // (scores).
+    let mut dq_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(row_tiles * dq_tiles * c_vecs));
     #[unroll]
-    for i in 0..comptime!(dq_tiles * c_vecs) {
+    for i in 0..comptime!(row_tiles * dq_tiles * c_vecs) {
         dq_acc[i] = Vector::new(f32::new(0.0));
     }
     // S, then P, then dS (one set of registers); dP.
-    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
-    let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(k_tiles * c_vecs));
+    let score_vecs = comptime!(row_tiles * k_tiles * c_vecs);
+    let mut s_acc = Array::<Vector<f32, MmaVecAcc>>::new(score_vecs);
+    let mut dp_acc = Array::<Vector<f32, MmaVecAcc>>::new(score_vecs);
 
     while t0 < bounds.end {
         let next = t0 + bk_i;
@@ -242,29 +261,40 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
 
         let tile_hi = t0 + bk_i - 1;
         if bounds.plane_sees(t0, tile_hi) {
-            // S = Q K^T, dP = dO V^T.
-            mma.a_bt(
+            // S = Q K^T, dP = dO V^T, each K and V fragment serving every row tile.
+            #[unroll]
+            for i in 0..score_vecs {
+                s_acc[i] = Vector::new(f32::new(0.0));
+                dp_acc[i] = Vector::new(f32::new(0.0));
+            }
+            mma.smem_product(
                 lane,
                 &q_smem,
-                warp * 16 * d_stride,
+                warp * plane_q * d_stride,
                 &k_smem,
                 k_buf,
                 &mut s_acc,
                 d_stride,
+                false,
                 d_stride,
+                false,
                 dim_pad / 16,
+                row_tiles,
                 k_tiles,
             );
-            mma.a_bt(
+            mma.smem_product(
                 lane,
                 &do_smem,
-                warp * 16 * v_stride,
+                warp * plane_q * v_stride,
                 &v_smem,
                 v_buf,
                 &mut dp_acc,
                 v_stride,
+                false,
                 v_stride,
+                false,
                 value_dim_pad / 16,
+                row_tiles,
                 k_tiles,
             );
 
@@ -272,28 +302,36 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
             // are zero rows, but exp(-lse) alone may overflow).
             let unmasked = bounds.tile_unmasked(t0, tile_hi, seq_k);
             #[unroll]
-            for kt in 0..k_tiles {
+            for rt in 0..row_tiles {
                 #[unroll]
-                for e in 0..4usize {
-                    let mut p = softmax_exp(
-                        acc_get(&s_acc, kt, e, c_vs) * scale - lse_row[e / 2],
-                        MMA_PTX,
-                    );
-                    if !unmasked {
-                        let row = row_a + (8 * (e / 2)) as i32;
-                        let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
-                        if j < row + offset - left || j > row + offset + right || j >= seq_k as i32
-                        {
-                            p = f32::new(0.0);
+                for kt in 0..k_tiles {
+                    #[unroll]
+                    for e in 0..4usize {
+                        let at = rt * k_tiles + kt;
+                        let half = 2 * rt + e / 2;
+                        let mut p = softmax_exp(
+                            acc_get(&s_acc, at, e, c_vs) * scale - lse_row[half],
+                            MMA_PTX,
+                        );
+                        if !unmasked {
+                            let row = row_a + (16 * rt + 8 * (e / 2)) as i32;
+                            let j = t0 + (kt * 8 + 2 * t + e % 2) as i32;
+                            if j < row + offset - left
+                                || j > row + offset + right
+                                || j >= seq_k as i32
+                            {
+                                p = f32::new(0.0);
+                            }
                         }
+                        let ds = p * (acc_get(&dp_acc, at, e, c_vs) - d_row[half]);
+                        acc_set(&mut s_acc, at, e, c_vs, ds);
                     }
-                    let ds = p * (acc_get(&dp_acc, kt, e, c_vs) - d_row[e / 2]);
-                    acc_set(&mut s_acc, kt, e, c_vs, ds);
                 }
             }
 
-            // dQ += dS K (K [key][d] is B = [k][n] as stored).
-            mma.acc_b(
+            // dQ += dS K (K [key][d] is B = [k][n] as stored), each K fragment serving
+            // every row tile.
+            mma.acc_b_rows(
                 lane,
                 &s_acc,
                 &k_smem,
@@ -302,6 +340,7 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
                 d_stride,
                 block_k / 16,
                 dq_tiles,
+                row_tiles,
             );
         }
         // Every plane is done with this K/V buffer before it is staged again.
@@ -312,26 +351,35 @@ pub fn flash_mma_backward_dq_kernel<F: Float, NQ: Size>(
         }
     }
 
-    // dQ: the plane's rows over its own rows of Q in shared memory. With synchronous
-    // staging and no key tile, other planes' Q writes may still be landing in those rows.
+    // dQ: the plane's rows over its own rows of Q in shared memory (16-row slice
+    // `warp * row_tiles + rt` for row tile `rt`). With synchronous staging and no key tile,
+    // other planes' Q writes may still be landing in those rows.
     sync_cube();
-    write_plane_gradient::<F, NQ>(
-        &dq_acc,
-        scale,
-        &mut q_smem,
-        dq,
-        b,
-        h,
-        w0,
-        warp,
-        lane,
-        seq_q,
-        dim,
-        d_stride,
-        dq_tiles,
-        c_vs,
-        dim_pad,
-    );
+    #[unroll]
+    for rt in 0..row_tiles {
+        let mut part = Array::<Vector<f32, MmaVecAcc>>::new(comptime!(dq_tiles * c_vecs));
+        #[unroll]
+        for i in 0..comptime!(dq_tiles * c_vecs) {
+            part[i] = dq_acc[rt * comptime!(dq_tiles * c_vecs) + i];
+        }
+        write_plane_gradient::<F, NQ>(
+            &part,
+            scale,
+            &mut q_smem,
+            dq,
+            b,
+            h,
+            w0 + 16 * rt,
+            warp * row_tiles + rt,
+            lane,
+            seq_q,
+            dim,
+            d_stride,
+            dq_tiles,
+            c_vs,
+            dim_pad,
+        );
+    }
 }
 
 /// Matrix-unit backward, key-major: `dK` and `dV`, summed over the query heads of each kv

@@ -229,6 +229,7 @@ fn launch_mma_backward(
                 plan.dim_pad,
                 plan.value_dim_pad,
                 plan.planes,
+                plan.dq_row_tiles,
                 plan.block_k,
                 plan.async_copy,
                 KERNEL_SOURCE,

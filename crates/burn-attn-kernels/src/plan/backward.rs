@@ -1,6 +1,7 @@
 //! Plans of the backward kernels (a dQ kernel over query blocks, a dK/dV kernel over key
 //! blocks; no atomics), or why they decline.
 
+use super::forced::allowed;
 use super::forward::{
     mma_support, staging, store_vector, tile_rows, unit_budget, MMA_ROWS_PER_TILE,
 };
@@ -33,6 +34,8 @@ pub struct MmaBackwardPlan {
     pub planes: usize,
     /// Keys per streamed tile of the dQ kernel.
     pub block_k: usize,
+    /// Row tiles of 16 query rows per plane of the dQ kernel (1 or 2).
+    pub dq_row_tiles: usize,
     /// Query rows per streamed tile of the dK/dV kernel.
     pub block_q: usize,
     /// Head dim padded to 16.
@@ -120,7 +123,9 @@ fn plan_mma_backward(
     }
     let planes = MMA_BACKWARD_PLANES;
     let rows = MMA_ROWS_PER_TILE * planes;
-    let dq_grid = sizes.query_grid(rows)?;
+    let dq_row_tiles = allowed("dq_rows", forced.dq_rows, &[16, 32])?.unwrap_or(16) / 16;
+    let dq_rows = rows * dq_row_tiles;
+    let dq_grid = sizes.query_grid(dq_rows)?;
     let kv_grid = sizes.key_grid(rows)?;
     let elem = problem.precision.size();
     let shared = caps.shared_memory;
@@ -128,7 +133,7 @@ fn plan_mma_backward(
     // All tiles padded `[row][d_pad + 8]`; the dK/dV kernel adds each streamed tile's lse
     // and D (8 bytes a row). 128 bytes cover the 16-byte alignment of the four tiles and
     // the two 8-byte barriers.
-    let bytes = |block: usize, per_row: usize| {
+    let bytes = |rows: usize, block: usize, per_row: usize| {
         (rows + stages * block) * (dim_pad + 8 + value_dim_pad + 8) * elem
             + stages * block * per_row
             + 128
@@ -141,15 +146,22 @@ fn plan_mma_backward(
     } else {
         (&[64, 32, 16], &[64, 32, 16])
     };
-    let pick = |field, forced, per_row, candidates| {
-        let bytes = |block| bytes(block, per_row);
+    let pick = |field, forced, rows, per_row, candidates| {
+        let bytes = |block| bytes(rows, block, per_row);
         tile_rows(field, forced, &[16, 32, 64], candidates, bytes, shared)
     };
-    let block_k = pick("dq_block_k", forced.dq_block_k, 0, dq_candidates)?;
-    let block_q = pick("dkdv_block_q", forced.dkdv_block_q, 8, dkdv_candidates)?;
+    let block_k = pick("dq_block_k", forced.dq_block_k, dq_rows, 0, dq_candidates)?;
+    let block_q = pick(
+        "dkdv_block_q",
+        forced.dkdv_block_q,
+        rows,
+        8,
+        dkdv_candidates,
+    )?;
     Ok(MmaBackwardPlan {
         planes,
         block_k,
+        dq_row_tiles,
         block_q,
         dim_pad,
         value_dim_pad,

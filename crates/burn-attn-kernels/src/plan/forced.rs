@@ -30,6 +30,8 @@ pub struct ForcedPlan {
     pub heavy_first: Option<u32>,
     /// Keys per tile of the matrix-unit dQ kernel: 16, 32 or 64.
     pub dq_block_k: Option<usize>,
+    /// Query rows per plane of the matrix-unit dQ kernel: 16 or 32.
+    pub dq_rows: Option<usize>,
     /// Query rows per tile of the matrix-unit dK/dV kernel: 16, 32 or 64.
     pub dkdv_block_q: Option<usize>,
     /// Key splits of the forwards (dense): 1 to 64 (1: none).

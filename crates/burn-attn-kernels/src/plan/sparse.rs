@@ -97,7 +97,12 @@ pub fn plan_sparse(
     else {
         unreachable!("the portable backward plans portable kernels")
     };
-    let backward = match plan_backward(BackwardKernel::Mma, problem, caps, forced) {
+    // The block-sparse dQ kernel takes 16 query rows per plane.
+    let sparse_forced = ForcedPlan {
+        dq_rows: None,
+        ..*forced
+    };
+    let backward = match plan_backward(BackwardKernel::Mma, problem, caps, &sparse_forced) {
         Ok(BackwardPlan::Mma(plan)) if plan.async_copy => SparseBackward::Mma(plan),
         _ => SparseBackward::Unit(portable_backward),
     };

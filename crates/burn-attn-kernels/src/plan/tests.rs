@@ -413,3 +413,37 @@ fn portable_forwards_split_long_keys_of_few_cubes() {
     let plan = mma(&bf16, &DeviceCaps::hopper(), &forced(4)).unwrap();
     assert_eq!((plan.key_splits, plan.split_keys % plan.block_k), (4, 0));
 }
+
+#[test]
+fn dq_rows_of_32_halve_the_dq_grid() {
+    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
+    let forced = ForcedPlan {
+        dq_rows: Some(32),
+        ..ForcedPlan::default()
+    };
+    let plan = |forced: &ForcedPlan| match plan_backward(
+        BackwardKernel::Mma,
+        &p,
+        &DeviceCaps::hopper(),
+        forced,
+    ) {
+        Ok(BackwardPlan::Mma(plan)) => plan,
+        other => panic!("{other:?}"),
+    };
+    let (two, one) = (plan(&forced), plan(&ForcedPlan::default()));
+    assert_eq!((one.dq_row_tiles, two.dq_row_tiles), (1, 2));
+    assert_eq!(two.dq_grid.x * 2, one.dq_grid.x);
+    assert_eq!(two.kv_grid, one.kv_grid);
+    let bad = ForcedPlan {
+        dq_rows: Some(48),
+        ..ForcedPlan::default()
+    };
+    let err = plan_backward(BackwardKernel::Mma, &p, &DeviceCaps::hopper(), &bad).unwrap_err();
+    assert!(err.to_string().contains("dq_rows = 48"), "{err}");
+    let sparse = plan_sparse(&p, &DeviceCaps::hopper(), &forced).unwrap();
+    assert_eq!(
+        sparse.backward.tiles()[0].0,
+        64,
+        "the sparse dQ kernel keeps 16 rows a plane"
+    );
+}
