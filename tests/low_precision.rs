@@ -33,7 +33,12 @@ fn long_rows_in_f16_and_bf16_keep_an_f32_softmax_state() {
         let q = tensor(vec![0.0; DIM], 1);
         let (k, v) = (tensor(keys.clone(), SEQ_K), tensor(values.clone(), SEQ_K));
         // The mean of the values as the kernel sees them (rounded to the dtype).
-        let rounded: Vec<f32> = v.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let rounded: Vec<f32> = v
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
         let mean: Vec<f32> = (0..DIM)
             .map(|c| (0..SEQ_K).map(|r| rounded[r * DIM + c]).sum::<f32>() / SEQ_K as f32)
             .collect();
@@ -41,7 +46,11 @@ fn long_rows_in_f16_and_bf16_keep_an_f32_softmax_state() {
         let (out, lse) = attention_with_lse(q, k, v, &AttentionOptions::default());
         assert_eq!(out.dtype(), dtype);
         assert_eq!(lse.dtype(), DType::F32, "{dtype:?}: the lse keeps f32");
-        let out: Vec<f32> = out.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let out: Vec<f32> = out
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
         let lse: f32 = lse.into_data().try_to_vec::<f32>().unwrap()[0];
         let lse_err = (lse - (SEQ_K as f32).ln()).abs();
         assert!(lse_err < 1e-4, "{dtype:?}: lse {lse}, off by {lse_err}");

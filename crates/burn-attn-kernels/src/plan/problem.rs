@@ -60,6 +60,16 @@ impl BandArgs {
         }
     }
 
+    /// Keys a row of `seq_k` keys sees on average, roughly (a causal or one-sided band
+    /// half the keys, a two-sided band its width; the clipping at the ends is ignored).
+    pub fn mean_row_keys(&self, seq_k: usize) -> usize {
+        match (self.left, self.right) {
+            (None, None) => seq_k,
+            (Some(_), Some(_)) => self.row_keys().min(seq_k),
+            _ => seq_k.div_ceil(2),
+        }
+    }
+
     /// Whether a row block's cost grows with its index (no left bound, a right bound:
     /// causal), the case the heavy-first order is for.
     pub fn is_causal_like(&self) -> bool {

@@ -99,7 +99,7 @@ pub fn plan_sparse(
     };
     // The block-sparse dQ kernel takes 16 query rows per plane.
     let sparse_forced = ForcedPlan {
-        dq_rows: None,
+        dq_rows: Some(16),
         ..*forced
     };
     let backward = match plan_backward(BackwardKernel::Mma, problem, caps, &sparse_forced) {

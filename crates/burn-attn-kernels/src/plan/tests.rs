@@ -415,32 +415,56 @@ fn portable_forwards_split_long_keys_of_few_cubes() {
 }
 
 #[test]
-fn dq_rows_of_32_halve_the_dq_grid() {
-    let p = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
-    let forced = ForcedPlan {
-        dq_rows: Some(32),
-        ..ForcedPlan::default()
-    };
-    let plan = |forced: &ForcedPlan| match plan_backward(
+fn dq_row_tiles_follow_the_visible_keys() {
+    let plan = |p: &Problem, forced: &ForcedPlan| match plan_backward(
         BackwardKernel::Mma,
-        &p,
+        p,
         &DeviceCaps::hopper(),
         forced,
     ) {
         Ok(BackwardPlan::Mma(plan)) => plan,
         other => panic!("{other:?}"),
     };
-    let (two, one) = (plan(&forced), plan(&ForcedPlan::default()));
+    let rows = |dq_rows| ForcedPlan {
+        dq_rows: Some(dq_rows),
+        ..ForcedPlan::default()
+    };
+    let default = ForcedPlan::default();
+    let full = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
+    // By default: two tiles where rows see 2048 keys or more at d = 128.
+    let cases = [
+        (full.clone(), 2),
+        (
+            problem(Precision::BF16, [2, 16, 4096, 128], None, Some(0)),
+            2,
+        ),
+        (
+            problem(Precision::BF16, [2, 16, 1024, 128], None, Some(0)),
+            1,
+        ),
+        (
+            problem(Precision::BF16, [2, 16, 16384, 128], Some(512), Some(512)),
+            1,
+        ),
+        (problem(Precision::BF16, [2, 16, 4096, 64], None, None), 1),
+    ];
+    for (p, tiles) in cases {
+        assert_eq!(
+            plan(&p, &default).dq_row_tiles,
+            tiles,
+            "{:?} {:?}",
+            p.sizes,
+            p.band
+        );
+    }
+    let (two, one) = (plan(&full, &rows(32)), plan(&full, &rows(16)));
     assert_eq!((one.dq_row_tiles, two.dq_row_tiles), (1, 2));
     assert_eq!(two.dq_grid.x * 2, one.dq_grid.x);
     assert_eq!(two.kv_grid, one.kv_grid);
-    let bad = ForcedPlan {
-        dq_rows: Some(48),
-        ..ForcedPlan::default()
-    };
-    let err = plan_backward(BackwardKernel::Mma, &p, &DeviceCaps::hopper(), &bad).unwrap_err();
+    let err =
+        plan_backward(BackwardKernel::Mma, &full, &DeviceCaps::hopper(), &rows(48)).unwrap_err();
     assert!(err.to_string().contains("dq_rows = 48"), "{err}");
-    let sparse = plan_sparse(&p, &DeviceCaps::hopper(), &forced).unwrap();
+    let sparse = plan_sparse(&full, &DeviceCaps::hopper(), &rows(32)).unwrap();
     assert_eq!(
         sparse.backward.tiles()[0].0,
         64,
