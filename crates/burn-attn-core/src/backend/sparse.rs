@@ -311,7 +311,7 @@ pub(crate) fn sparse_kernel_attention(
         softcap: masks.softcap.map(|cap| cap as f32),
         dropout,
         forced,
-        backward: match plan.backward_for(masks.has_score_terms() || dropout.is_some()) {
+        backward: match plan.backward {
             SparseBackward::Mma(_) => Implementation::FlashMmaSparseBackward,
             SparseBackward::Unit(_) => Implementation::FlashUnitSparseBackward,
         },

@@ -609,8 +609,7 @@ pub fn flash_forward_sparse(
 }
 
 /// The block-sparse backward of one call (`flash_mma_sparse_backward` where the
-/// matrix-unit plan takes it and the call has no score terms or dropout,
-/// `flash_unit_sparse_backward` otherwise; see `SparsePlan::backward_for`): the gradients of
+/// matrix-unit plan takes it, `flash_unit_sparse_backward` otherwise): the gradients of
 /// [`flash_forward_sparse`] with the same `scale`, `lists` (their transposed lists too) and
 /// `rules`, from its inputs, output, f32 lse and the output's gradient, with the score
 /// terms' gradients where the call has them. No atomics: two runs give the same bits.
@@ -634,8 +633,7 @@ pub fn flash_backward_sparse(
     // The lists and rule tensors are indexed with the same offsets.
     problem.span = problem.span.max(rule_span(lists, rules, &sizes));
     let args = RuleArgs::new(rules, &sizes, &inputs.q)?;
-    let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?
-        .backward_for(args.set.has_terms() || args.set.dropout);
+    let plan = plan_sparse(&problem, &device_caps(&inputs.q.client), forced)?.backward;
     check_lists(lists, &sizes, &plan.tiles())?;
     let [dq, dk, dv, delta] = alloc_gradients(&inputs.q, &sizes);
     // Per query head; the kernels write every position, except in an empty call (zeros).

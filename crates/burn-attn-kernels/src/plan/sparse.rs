@@ -59,21 +59,12 @@ pub struct SparsePlan {
     pub forward: SparseForward,
     /// The backward's plans (dQ; dK/dV): the matrix-unit ones where they take the call.
     pub backward: SparseBackward,
-    /// The portable backward's plans, for calls the matrix-unit backward does not take
-    /// ([`SparsePlan::backward_for`]).
+    /// The portable backward's plans (the list blocks are multiples of its tiles too).
     pub portable_backward: UnitBackwardPlan,
     /// Query rows per block of the lists: a multiple of every kernel's query tile.
     pub block_q: usize,
     /// Keys per block of the lists: a multiple of every kernel's key tile.
     pub block_k: usize,
-}
-
-impl SparsePlan {
-    /// The backward of a call with (`terms_or_dropout`) or without score terms and dropout:
-    /// the matrix-unit backward where the plan takes it, whatever the call's rules.
-    pub fn backward_for(&self, _terms_or_dropout: bool) -> SparseBackward {
-        self.backward
-    }
 }
 
 /// Plans the block-sparse kernels for `problem` (its band is ignored: the element rules

@@ -328,9 +328,6 @@ fn sparse_plans_take_the_matrix_units_backward_where_it_stages_asynchronously() 
     // The list blocks are multiples of every kernel's tiles (query rows x keys).
     assert_eq!(plan.backward.tiles(), [(64, 32), (64, 64)]);
     assert_eq!((plan.block_q, plan.block_k), (128, 64));
-    // Score terms and dropout take the matrix-unit backward too.
-    assert_eq!(plan.backward_for(true), plan.backward);
-    assert_eq!(plan.backward_for(false), plan.backward);
     // Synchronous staging, f32 and other runtimes: the portable backward.
     let forced = ForcedPlan {
         sync_staging: true,
