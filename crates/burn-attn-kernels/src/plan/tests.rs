@@ -430,7 +430,7 @@ fn dq_row_tiles_follow_the_visible_keys() {
     let full = problem(Precision::BF16, [2, 16, 4096, 128], None, None);
     // By default: two tiles where rows see 2048 keys or more at d = 128.
     let cases = [
-        (full.clone(), 2),
+        (full, 2),
         (
             problem(Precision::BF16, [2, 16, 4096, 128], None, Some(0)),
             2,
