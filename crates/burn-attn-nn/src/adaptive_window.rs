@@ -80,7 +80,9 @@ impl AdaptiveSlidingWindowAttentionConfig {
         AdaptiveSlidingWindowAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
                 .init(device),
-            predictor: LinearConfig::new(self.d_model, 1).init(device),
+            predictor: LinearConfig::new(self.d_model, 1)
+                .with_bias(self.bias)
+                .init(device),
             min_window: self.min_window,
             max_window: self.max_window,
             ramp: self.ramp,
@@ -310,5 +312,22 @@ mod tests {
         assert!(err.contains("min_window"), "{err}");
         let err = config.with_ramp(0.0).validate().unwrap_err().to_string();
         assert!(err.contains("ramp"), "{err}");
+    }
+
+    #[test]
+    fn bias_false_leaves_every_linear_without_a_bias() {
+        for bias in [true, false] {
+            let module = AdaptiveSlidingWindowAttentionConfig::new(16, 2)
+                .with_bias(bias)
+                .init(&cpu());
+            let p = &module.projection;
+            for (name, linear) in [
+                ("predictor", &module.predictor),
+                ("query", &p.query),
+                ("output", &p.output),
+            ] {
+                assert_eq!(linear.bias.is_some(), bias, "{name} with bias = {bias}");
+            }
+        }
     }
 }

@@ -145,6 +145,33 @@ impl AnyAttention {
         }
     }
 
+    /// Whether the mechanism takes key padding on self-attention
+    /// ([`forward_padded`](Self::forward_padded)): all but causal linear attention, whose
+    /// running state has no mask.
+    pub fn supports_padding(&self) -> bool {
+        !matches!(self, Self::CausalLinear(_))
+    }
+
+    /// Self-attention with optional key padding (`[batch, seq]`, `true` where hidden): the
+    /// chosen mechanism's `forward_padded`, or its `forward_cross` with `x` as query, key
+    /// and value. Rows that see no key give 0.
+    ///
+    /// # Panics
+    /// For causal linear attention
+    /// ([`supports_padding`](Self::supports_padding) is false), naming it, and when the
+    /// mask does not match `x`.
+    pub fn forward_padded(&self, x: Tensor<3>, key_padding: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        match self {
+            Self::AdaptiveWindow(m) => m.forward_padded(x, key_padding),
+            Self::Hybrid(m) => m.forward_padded(x, key_padding),
+            Self::CausalLinear(_) => panic!(
+                "burn-attn: {} attention takes no key padding (its running state has no mask)",
+                self.name()
+            ),
+            _ => self.forward_cross(x.clone(), x.clone(), x, key_padding),
+        }
+    }
+
     /// Decoding with a key/value cache ([`KvCache`]), as the chosen mechanism's
     /// `try_forward_cache`: the exact causal mechanisms (flash, sliding window, sparse with
     /// a local or strided pattern, hybrid). Another mechanism is an error naming it.
@@ -238,7 +265,7 @@ impl AnyAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{cpu, max_abs_diff, randn};
+    use crate::test_util::{assert_padding_hides_keys, cpu, max_abs_diff, randn};
     use crate::SparsePattern;
 
     /// Standard-normal input from seed `seed`.
@@ -350,6 +377,34 @@ mod tests {
                 }
                 Err(_) => assert!(!any.supports_cross(), "{} panicked", any.name()),
             }
+        }
+    }
+
+    /// Key padding hides keys for every mechanism that takes it; without a mask the call
+    /// is the plain forward; causal linear attention is refused, naming it.
+    #[test]
+    fn key_padding_where_the_mechanism_has_it() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let x = seeded_input([2, 13, d], 4, &device);
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            if !any.supports_padding() {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    any.forward_padded(x.clone(), None)
+                }));
+                let err = run.unwrap_err();
+                let msg = err.downcast_ref::<String>().unwrap();
+                assert!(msg.contains(any.name()), "{msg}");
+                continue;
+            }
+            assert_eq!(
+                max_abs_diff(any.forward_padded(x.clone(), None), any.forward(x.clone())),
+                0.0,
+                "{}",
+                any.name()
+            );
+            assert_padding_hides_keys(|x, pad| any.forward_padded(x, Some(pad)), [2, 13, d], 3);
         }
     }
 

@@ -70,7 +70,9 @@ impl LearnedSparseAttentionConfig {
         LearnedSparseAttention {
             projection: projection_config(self.d_model, self.n_heads, self.n_kv_heads, self.bias)
                 .init(device),
-            gate: LinearConfig::new(self.d_model, self.n_heads).init(device),
+            gate: LinearConfig::new(self.d_model, self.n_heads)
+                .with_bias(self.bias)
+                .init(device),
             ratio: self.ratio,
             block: self.block,
             dropout: AttentionDropout::new(self.dropout),
@@ -452,6 +454,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&bad.to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn bias_false_leaves_every_linear_without_a_bias() {
+        for bias in [true, false] {
+            let module = LearnedSparseAttentionConfig::new(16, 2)
+                .with_bias(bias)
+                .init(&cpu());
+            let p = &module.projection;
+            for (name, linear) in [
+                ("gate", &module.gate),
+                ("query", &p.query),
+                ("output", &p.output),
+            ] {
+                assert_eq!(linear.bias.is_some(), bias, "{name} with bias = {bias}");
+            }
         }
     }
 }
