@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_attn_core::{
     block_sparse_kernels, ensure, masked_attention, repeat_kv, AttentionError, AttentionMasks,
     AttentionOptions, KeyPattern,
@@ -83,9 +83,9 @@ impl LearnedSparseAttentionConfig {
 /// Attention over the key blocks a trained gate selects (MoBA/NSA-style block selection).
 ///
 /// The gate scores every key per head; the scores are averaged over blocks of `block`
-/// keys, each head keeps its top `ceil(ratio * blocks)` blocks for every query, and
-/// `log_sigmoid(score)` is added to the kept keys' logits so the gate is trained by the
-/// loss. Keys are selected (never query rows), so no row is left empty unless every key
+/// keys, each head keeps its top `ceil(ratio * blocks)` blocks (of its unpadded keys) for
+/// every query, and `log_sigmoid(score)` is added to the kept keys' logits so the gate is
+/// trained by the loss. Keys are selected (never query rows), so no row is left empty unless every key
 /// it could see is padding. Not causal: the selection looks at every key.
 ///
 /// On CubeCL devices the gate's bias (`-inf` on the keys left out) is a score term of the
@@ -121,7 +121,10 @@ impl LearnedSparseAttention {
     /// The key blocks each head keeps, `[batch, heads, kept]` (block indices, best first),
     /// from the gate's scores `[batch, heads, seq_k]`: a block's score is the mean over its
     /// keys that are not padding (`padding`, `[batch, heads, seq_k]`, `true` = padding);
-    /// blocks of padding only rank last.
+    /// blocks of padding only rank last. A padded row keeps as many blocks as its keys
+    /// alone would ([`selected_blocks`](Self::selected_blocks) of its unpadded count), so a
+    /// right-padded sequence attends as it does alone; its entries past that count are
+    /// `ceil(seq_k / block)`, no block.
     pub fn select_blocks(
         &self,
         gate_scores: Tensor<3>,
@@ -131,6 +134,9 @@ impl LearnedSparseAttention {
         let blocks = seq_k.div_ceil(self.block);
         let tail = blocks * self.block - seq_k;
         let scores = gate_scores.detach();
+        let lengths = padding
+            .as_ref()
+            .map(|pad| pad.clone().bool_not().int().sum_dim(2));
         let valid = match padding {
             Some(pad) => pad.bool_not().float(),
             None => scores.ones_like(),
@@ -142,11 +148,30 @@ impl LearnedSparseAttention {
                 .reshape([batch, heads, blocks])
         };
         let count = per_block(valid.clone());
-        let pooled = (per_block(scores * valid) / count.clone().clamp_min(1.0))
+        let pooled = (per_block(scores * valid.clone()) / count.clone().clamp_min(1.0))
             .mask_fill(count.equal_elem(0.0), f32::NEG_INFINITY);
         // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
         let (_, order) = pooled.sort_descending_with_indices(2);
-        order.slice([0..batch, 0..heads, 0..self.selected_blocks(seq_k)])
+        let kept = self.selected_blocks(seq_k);
+        let order = order.slice([0..batch, 0..heads, 0..kept]);
+        let Some(lengths) = lengths else {
+            return order;
+        };
+        // Each row's count, looked up by its unpadded length in a host table (the same
+        // rounding as `selected_blocks`).
+        let device = order.device();
+        let table: Vec<i64> = (0..=seq_k)
+            .map(|n| self.selected_blocks(n) as i64)
+            .collect();
+        let table = Tensor::<1, Int>::from_data(TensorData::new(table, [seq_k + 1]), &device);
+        let counts = table
+            .select(0, lengths.reshape([batch * heads]))
+            .reshape([batch, heads, 1]);
+        let rank = Tensor::<1, Int>::arange(0..kept as i64, &device)
+            .reshape([1, 1, kept])
+            .expand([batch, heads, kept]);
+        let past = rank.greater_equal(counts.expand([batch, heads, kept]));
+        order.mask_fill(past, blocks as i64)
     }
 
     /// Attention of `query` over the selected keys of `key`/`value`, with an optional
@@ -400,6 +425,33 @@ mod tests {
             .greater_equal_elem(6);
         let again = module.forward_cross(q, kv2.clone(), kv2, Some(pad));
         assert_close(got, again, 1e-5);
+    }
+
+    /// A right-padded sequence keeps the blocks it keeps alone (the count of its own
+    /// length, not the padded one's), so its rows equal its forward alone.
+    #[test]
+    fn padded_sequences_attend_as_alone() {
+        let module = LearnedSparseAttentionConfig::new(16, 2)
+            .with_ratio(0.25)
+            .with_block(2)
+            .init(&cpu());
+        let (seq, len) = (24, 9);
+        let x = randn([2, seq, 16], &cpu());
+        // Row 0 unpadded, row 1 padded past `len`.
+        let pad_from = |n: usize| {
+            Tensor::<1, Int>::arange(0..seq as i64, &cpu())
+                .reshape([1, seq])
+                .greater_equal_elem(n as i64)
+        };
+        let pad = Tensor::cat(vec![pad_from(seq), pad_from(len)], 0);
+        let padded = module.forward_cross(x.clone(), x.clone(), x.clone(), Some(pad));
+        let short = x.clone().slice([1..2, 0..len]);
+        let alone = module.forward_cross(short.clone(), short.clone(), short, None);
+        assert_close(padded.clone().slice([1..2, 0..len]), alone, 1e-5);
+        // The unpadded row is its own forward alone too.
+        let first = x.slice([0..1]);
+        let alone = module.forward_cross(first.clone(), first.clone(), first, None);
+        assert_close(padded.slice([0..1]), alone, 1e-5);
     }
 
     /// Keys of another width are the projection's named error, before the gate reads them.
