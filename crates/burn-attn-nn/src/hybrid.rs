@@ -257,7 +257,11 @@ impl HybridAttention {
     }
 
     /// [`forward`](Self::forward) with an optional `[batch, seq]` key padding mask (`true`
-    /// = padding, hidden from every query; a row that sees no key gives 0).
+    /// = padding, hidden from every query; a row that sees no key gives 0). One core serves
+    /// the call, the one chosen for the padded length `seq` (choosing per sequence would
+    /// read the mask back to the host), so a short sequence padded past a threshold takes
+    /// the longer length's core; [`try_forward_paged`](Self::try_forward_paged) chooses per
+    /// sequence.
     ///
     /// # Panics
     /// When the mask's shape does not match `x` (naming both).
