@@ -6,7 +6,8 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_attn::cores::attention_with_lse;
-use burn_attn::AttentionOptions;
+use burn_attn::cores::KeyPattern;
+use burn_attn::{masked_attention, AttentionMasks, AttentionOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// More keys than f16's largest finite value.
@@ -59,5 +60,57 @@ fn long_rows_in_f16_and_bf16_keep_an_f32_softmax_state() {
             let err = (got - want).abs();
             assert!(err < 1e-4, "{dtype:?}: column {c} is {got}, want {want}");
         }
+    }
+}
+
+/// Random inputs through the masks and score terms of the tiled path (key padding, ALiBi,
+/// a softcap, a causal band) in f16 and bf16 equal the f32 call on the same rounded inputs,
+/// within the inputs' precision: every term meets the scores in one dtype.
+#[test]
+fn masks_and_score_terms_in_f16_and_bf16_follow_the_f32_call() {
+    let device = Device::flex();
+    let (batch, heads, seq, dim) = (2, 4, 150, 16);
+    let shape = [batch, heads, seq, dim];
+    let len = batch * heads * seq * dim;
+    let data = [random(3, len), random(4, len), random(5, len)];
+    let pad: Vec<bool> = (0..batch * seq)
+        .map(|i| i % seq >= seq - 20 * (i / seq))
+        .collect();
+    let pad =
+        Tensor::<2, burn::tensor::Bool>::from_data(TensorData::new(pad, [batch, seq]), &device);
+    let masks = AttentionMasks {
+        key_padding: Some(pad),
+        alibi: Some(vec![0.5, 0.25, 0.125, 0.0625]),
+        softcap: Some(5.0),
+        ..AttentionMasks::default()
+    };
+    let options = AttentionOptions::new().with_causal(true);
+    for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+        let [q, k, v] = data
+            .clone()
+            .map(|d| Tensor::<4>::from_data(TensorData::new(d, shape), &device).cast(dtype));
+        let got = masked_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &KeyPattern::default(),
+            &options,
+            &masks,
+        );
+        assert_eq!(got.dtype(), dtype);
+        let [q, k, v] = [q, k, v].map(|t| t.cast(DType::F32));
+        let want = masked_attention(q, k, v, &KeyPattern::default(), &options, &masks);
+        let got: Vec<f32> = got
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let want: Vec<f32> = want.into_data().try_to_vec::<f32>().unwrap();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < tol, "{dtype:?}: largest difference {err}");
     }
 }

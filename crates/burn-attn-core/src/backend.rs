@@ -37,8 +37,8 @@ pub trait AttentionBackend: Backend {
     /// `k: [batch, kv_heads, seq_k, head_dim]`, `v: [batch, kv_heads, seq_k, value_dim]`.
     ///
     /// Returns the output `[batch, heads, seq_q, value_dim]` and the row log-sum-exp
-    /// `[batch, heads, seq_q]` (in f32 from the kernels, in the inputs' dtype from the tiled
-    /// tensor ops; `-inf` for rows that see no key, whose output is 0).
+    /// `[batch, heads, seq_q]` (f32 for f16/bf16 inputs, the inputs' dtype otherwise; `-inf`
+    /// for rows that see no key, whose output is 0).
     fn banded_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

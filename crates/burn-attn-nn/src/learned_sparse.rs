@@ -109,7 +109,11 @@ pub struct LearnedSparseAttention {
 impl LearnedSparseAttention {
     /// How many key blocks are kept out of the `ceil(seq_k / block)` blocks of `seq_k` keys.
     pub fn selected_blocks(&self, seq_k: usize) -> usize {
-        let blocks = seq_k.div_ceil(self.block);
+        self.kept_of(seq_k.div_ceil(self.block))
+    }
+
+    /// How many of `blocks` blocks are kept.
+    fn kept_of(&self, blocks: usize) -> usize {
         ((self.ratio * blocks as f64).ceil() as usize).clamp(1, blocks.max(1))
     }
 
@@ -121,10 +125,9 @@ impl LearnedSparseAttention {
     /// The key blocks each head keeps, `[batch, heads, kept]` (block indices, best first),
     /// from the gate's scores `[batch, heads, seq_k]`: a block's score is the mean over its
     /// keys that are not padding (`padding`, `[batch, heads, seq_k]`, `true` = padding);
-    /// blocks of padding only rank last. A padded row keeps as many blocks as its keys
-    /// alone would ([`selected_blocks`](Self::selected_blocks) of its unpadded count), so a
-    /// right-padded sequence attends as it does alone; its entries past that count are
-    /// `ceil(seq_k / block)`, no block.
+    /// blocks of padding only rank last. A padded row keeps its share of the blocks that
+    /// hold a key that is not padding (so a right-padded sequence attends as it does
+    /// alone); its entries past that count are `ceil(seq_k / block)`, no block.
     pub fn select_blocks(
         &self,
         gate_scores: Tensor<3>,
@@ -134,9 +137,7 @@ impl LearnedSparseAttention {
         let blocks = seq_k.div_ceil(self.block);
         let tail = blocks * self.block - seq_k;
         let scores = gate_scores.detach();
-        let lengths = padding
-            .as_ref()
-            .map(|pad| pad.clone().bool_not().int().sum_dim(2));
+        let has_padding = padding.is_some();
         let valid = match padding {
             Some(pad) => pad.bool_not().float(),
             None => scores.ones_like(),
@@ -148,24 +149,23 @@ impl LearnedSparseAttention {
                 .reshape([batch, heads, blocks])
         };
         let count = per_block(valid.clone());
-        let pooled = (per_block(scores * valid.clone()) / count.clone().clamp_min(1.0))
-            .mask_fill(count.equal_elem(0.0), f32::NEG_INFINITY);
+        let pooled = (per_block(scores * valid) / count.clone().clamp_min(1.0))
+            .mask_fill(count.clone().equal_elem(0.0), f32::NEG_INFINITY);
         // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
         let (_, order) = pooled.sort_descending_with_indices(2);
         let kept = self.selected_blocks(seq_k);
         let order = order.slice([0..batch, 0..heads, 0..kept]);
-        let Some(lengths) = lengths else {
+        if !has_padding {
             return order;
-        };
-        // Each row's count, looked up by its unpadded length in a host table (the same
-        // rounding as `selected_blocks`).
+        }
+        // Each row's count, looked up by its blocks that hold a key in a host table (the
+        // same rounding as `selected_blocks`).
         let device = order.device();
-        let table: Vec<i64> = (0..=seq_k)
-            .map(|n| self.selected_blocks(n) as i64)
-            .collect();
-        let table = Tensor::<1, Int>::from_data(TensorData::new(table, [seq_k + 1]), &device);
+        let table: Vec<i64> = (0..=blocks).map(|n| self.kept_of(n) as i64).collect();
+        let table = Tensor::<1, Int>::from_data(TensorData::new(table, [blocks + 1]), &device);
+        let real_blocks = count.greater_elem(0.0).int().sum_dim(2);
         let counts = table
-            .select(0, lengths.reshape([batch * heads]))
+            .select(0, real_blocks.reshape([batch * heads]))
             .reshape([batch, heads, 1]);
         let rank = Tensor::<1, Int>::arange(0..kept as i64, &device)
             .reshape([1, 1, kept])
@@ -452,6 +452,41 @@ mod tests {
         let first = x.slice([0..1]);
         let alone = module.forward_cross(first.clone(), first.clone(), first, None);
         assert_close(padded.slice([0..1]), alone, 1e-5);
+    }
+
+    /// With left padding the keys span more blocks than their count fills: ratio 1 still
+    /// keeps every block that holds a key (the dense attention with the gate's bias).
+    #[test]
+    fn ratio_one_keeps_every_block_with_a_key_under_left_padding() {
+        let module = LearnedSparseAttentionConfig::new(16, 2)
+            .with_ratio(1.0)
+            .with_block(2)
+            .init(&cpu());
+        let seq = 11;
+        let x = randn([1, seq, 16], &cpu());
+        let pad = Tensor::<1, Int>::arange(0..seq as i64, &cpu())
+            .reshape([1, seq])
+            .lower_elem(1);
+        let got = module.forward_cross(x.clone(), x.clone(), x.clone(), Some(pad.clone()));
+        let gate = module.gate.forward(x.clone()).swap_dims(1, 2); // [1, heads, seq]
+        let bias = log_sigmoid(gate)
+            .mask_fill(
+                pad.reshape([1, 1, seq]).expand([1, 2, seq]),
+                f32::NEG_INFINITY,
+            )
+            .reshape([1, 2, 1, seq]);
+        let h = module.projection().split_self(x);
+        let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
+        let (want, _) = reference_attention(
+            h.q,
+            h.k,
+            h.v,
+            &KeyPattern::default(),
+            scale,
+            None,
+            Some(bias),
+        );
+        assert_close(got, module.projection().merge(want), 1e-5);
     }
 
     /// Keys of another width are the projection's named error, before the gate reads them.

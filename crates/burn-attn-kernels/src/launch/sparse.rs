@@ -822,6 +822,12 @@ fn launch_mma_backward(
         lse,
         d_out,
     } = inputs;
+    // The block-sparse dQ kernel takes one 16-row tile per plane (`plan_sparse` forces it).
+    assert_eq!(
+        plan.dq_row_tiles, 1,
+        "block-sparse dQ with {} row tiles",
+        plan.dq_row_tiles
+    );
     let client = q.client.clone();
     let elem = dtype_to_elem_type(q.dtype);
     let rows = MMA_ROWS_PER_TILE * plan.planes;

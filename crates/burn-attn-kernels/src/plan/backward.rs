@@ -153,29 +153,28 @@ fn plan_mma_backward(
     };
     // Two dQ row tiles per plane share each K and V fragment: 3-6% faster from rows of
     // 2048 visible keys at d = 128 (H100), 2-6% slower at 1024-key windows and causal n =
-    // 1024, unmeasured below d = 128. One tile where two do not fit shared memory.
+    // 1024, unmeasured below d = 128. One tile where two would take narrower key tiles.
     let two_tiles =
         widest > 64 && problem.band.mean_row_keys(sizes.seq_k) >= DQ_TWO_TILES_FROM_KEYS;
+    let dq_pick = |row_tiles: usize| {
+        pick(
+            "dq_block_k",
+            forced.dq_block_k,
+            rows * row_tiles,
+            0,
+            dq_candidates,
+        )
+    };
     let (dq_row_tiles, block_k) = match forced_dq_rows {
-        Some(r) => (
-            r / 16,
-            pick(
-                "dq_block_k",
-                forced.dq_block_k,
-                rows * r / 16,
-                0,
-                dq_candidates,
-            )?,
-        ),
-        None => match two_tiles
-            .then(|| pick("dq_block_k", forced.dq_block_k, 2 * rows, 0, dq_candidates))
-        {
-            Some(Ok(block_k)) => (2, block_k),
-            _ => (
-                1,
-                pick("dq_block_k", forced.dq_block_k, rows, 0, dq_candidates)?,
-            ),
-        },
+        Some(r) => (r / 16, dq_pick(r / 16)?),
+        None => {
+            let one = dq_pick(1)?;
+            // Two tiles only with key tiles as wide as one tile's (shared memory).
+            match two_tiles.then(|| dq_pick(2)) {
+                Some(Ok(two)) if two >= one => (2, two),
+                _ => (1, one),
+            }
+        }
     };
     let dq_grid = sizes.query_grid(rows * dq_row_tiles)?;
     let block_q = pick(

@@ -42,7 +42,10 @@ impl SparseBackward {
         match self {
             SparseBackward::Mma(plan) => {
                 let rows = MMA_ROWS_PER_TILE * plan.planes;
-                [(rows, plan.block_k), (plan.block_q, rows)]
+                [
+                    (rows * plan.dq_row_tiles, plan.block_k),
+                    (plan.block_q, rows),
+                ]
             }
             SparseBackward::Unit(plan) => [
                 (plan.dq_tiles.rows, plan.dq_tiles.cols),
