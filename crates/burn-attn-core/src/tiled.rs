@@ -86,8 +86,8 @@ impl<'a> TiledSpec<'a> {
 
 /// Output `[batch, heads, seq_q, value_dim]` and row log-sum-exp `[batch, heads, seq_q]`
 /// (`-inf` for rows that see no key, whose output is exactly 0). The softmax state and the
-/// log-sum-exp are kept in [`accumulation_dtype`] (f32 for f16/bf16 inputs, as in the
-/// kernels); the products run in the inputs' dtype, so the scores are rounded to it before
+/// log-sum-exp are kept in f32 for f16/bf16 inputs (their own dtype otherwise), as in the
+/// kernels; the products run in the inputs' dtype, so the scores are rounded to it before
 /// the exponential (the kernels keep them in f32), and the output is returned in it.
 pub fn tiled_attention(
     q: Tensor<4>,
