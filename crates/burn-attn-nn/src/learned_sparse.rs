@@ -338,6 +338,16 @@ mod tests {
             }
         }
         let bias = Tensor::<4>::from_data(TensorData::new(bias, [b, heads, 1, n]), &x.device());
+        biased_reference(module, x, bias)
+    }
+
+    /// The module's self-attention of `x` materialised with `bias` (`[batch, heads, 1,
+    /// seq]`) on every query's scores.
+    fn biased_reference(
+        module: &LearnedSparseAttention,
+        x: Tensor<3>,
+        bias: Tensor<4>,
+    ) -> Tensor<3> {
         let h = module.projection().split_self(x);
         let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
         let (out, _) = reference_attention(
@@ -475,18 +485,7 @@ mod tests {
                 f32::NEG_INFINITY,
             )
             .reshape([1, 2, 1, seq]);
-        let h = module.projection().split_self(x);
-        let scale = 1.0 / (h.q.dims()[3] as f64).sqrt();
-        let (want, _) = reference_attention(
-            h.q,
-            h.k,
-            h.v,
-            &KeyPattern::default(),
-            scale,
-            None,
-            Some(bias),
-        );
-        assert_close(got, module.projection().merge(want), 1e-5);
+        assert_close(got, biased_reference(&module, x, bias), 1e-5);
     }
 
     /// Keys of another width are the projection's named error, before the gate reads them.
