@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: every crate on the CPU (ndarray), and the CubeCL kernels on WGPU.
+# The whole test suite: every crate on the CPU (ndarray; Flex for f16/bf16), and the CubeCL
+# kernels on WGPU.
 # WGPU tests run on a software Vulkan device (Mesa's lavapipe) where no GPU is present;
 # this script installs it on Debian/Ubuntu when it is missing and we are root.
 set -euo pipefail
