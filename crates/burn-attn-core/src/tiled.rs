@@ -105,8 +105,8 @@ pub fn tiled_attention(
         ..
     } = shape;
     let device = q.device();
-    // What this path creates follows the inputs' dtype (f16/bf16 inputs on a backend whose
-    // default float is f32 must not meet f32 tensors).
+    // What this path creates takes the inputs' dtype or the accumulation dtype, never the
+    // backend's default float (f16/bf16 inputs on a backend whose default is f32).
     let dtype = q.dtype();
     let work = accumulation_dtype(dtype);
     let k = repeat_kv(k, heads);
