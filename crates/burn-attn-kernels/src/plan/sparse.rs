@@ -62,8 +62,6 @@ pub struct SparsePlan {
     pub forward: SparseForward,
     /// The backward's plans (dQ; dK/dV): the matrix-unit ones where they take the call.
     pub backward: SparseBackward,
-    /// The portable backward's plans (the list blocks are multiples of its tiles too).
-    pub portable_backward: UnitBackwardPlan,
     /// Query rows per block of the lists: a multiple of every kernel's query tile.
     pub block_q: usize,
     /// Keys per block of the lists: a multiple of every kernel's key tile.
@@ -103,11 +101,11 @@ pub fn plan_sparse(
     let [dq, kv] = backward.tiles();
     let [u_dq, u_kv] = SparseBackward::Unit(portable_backward).tiles();
     let (f_rows, f_cols) = forward.tile();
-    // Tiles are powers of two: the largest is a multiple of the others.
+    // Tiles are powers of two: the largest is a multiple of the others (the portable
+    // backward's included).
     Ok(SparsePlan {
         forward,
         backward,
-        portable_backward,
         block_q: f_rows.max(dq.0).max(kv.0).max(u_dq.0).max(u_kv.0),
         block_k: f_cols.max(dq.1).max(kv.1).max(u_dq.1).max(u_kv.1),
     })
