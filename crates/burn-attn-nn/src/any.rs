@@ -5,8 +5,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
-use burn_attn_core::AttentionError;
+use burn_attn_core::{AttentionError, DocumentIds};
 
+use crate::input::AttentionInput;
 use crate::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, CausalLinearAttention,
     CausalLinearAttentionConfig, FlashAttention, FlashAttentionConfig, HybridAttention,
@@ -171,6 +172,52 @@ impl AnyAttention {
             ),
             _ => self.forward_cross(x.clone(), x.clone(), x, key_padding),
         }
+    }
+
+    /// Attention with burn-nn's masks ([`AttentionInput`]), as the chosen mechanism's
+    /// `forward_input`: flash and sliding window, the mechanisms that take an attention
+    /// mask. Another mechanism is an error naming it (its key padding alone goes through
+    /// [`forward_cross`](Self::forward_cross) or [`forward_padded`](Self::forward_padded)).
+    pub fn try_forward_input(&self, input: AttentionInput) -> Result<Tensor<3>, AttentionError> {
+        match self {
+            Self::Flash(m) => Ok(m.forward_input(input)),
+            Self::SlidingWindow(m) => Ok(m.forward_input(input)),
+            _ => Err(AttentionError::Invalid(format!(
+                "{} attention takes no burn-nn attention input (flash and sliding-window do)",
+                self.name()
+            ))),
+        }
+    }
+
+    /// [`try_forward_input`](Self::try_forward_input), panicking on its error or when a
+    /// mask does not match the call.
+    pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
+        self.try_forward_input(input).or_panic()
+    }
+
+    /// Self-attention over packed sequences (document ids `[batch, seq]`, a token attends
+    /// within its document only), as the chosen mechanism's `forward_packed`: flash,
+    /// sliding window and hybrid. Another mechanism is an error naming it.
+    pub fn try_forward_packed(
+        &self,
+        x: Tensor<3>,
+        documents: impl Into<DocumentIds>,
+    ) -> Result<Tensor<3>, AttentionError> {
+        match self {
+            Self::Flash(m) => Ok(m.forward_packed(x, documents)),
+            Self::SlidingWindow(m) => Ok(m.forward_packed(x, documents)),
+            Self::Hybrid(m) => Ok(m.forward_packed(x, documents)),
+            _ => Err(AttentionError::Invalid(format!(
+                "{} attention takes no document ids (flash, sliding-window and hybrid do)",
+                self.name()
+            ))),
+        }
+    }
+
+    /// [`try_forward_packed`](Self::try_forward_packed), panicking on its error or when the
+    /// ids do not match `x` or decrease.
+    pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
+        self.try_forward_packed(x, documents).or_panic()
     }
 
     /// Decoding with a key/value cache ([`KvCache`]), as the chosen mechanism's
@@ -412,6 +459,42 @@ mod tests {
                 continue;
             }
             assert_padding_hides_keys(|x, pad| any.forward_padded(x, Some(pad)), [2, 13, d], 3);
+        }
+    }
+
+    /// Document ids and burn-nn's input reach the mechanisms that take them, with their own
+    /// module's result; the others are refused, naming them.
+    #[test]
+    fn packed_and_burn_nn_input_where_the_mechanism_has_them() {
+        let device = cpu();
+        let (d, heads) = (16, 4);
+        let x = seeded_input([2, 13, d], 6, &device);
+        let docs = Tensor::<2, burn::tensor::Int>::zeros([2, 13], &device);
+        for config in configs(d, heads) {
+            let any = config.init(&device);
+            let own = direct(&config, &any, &device);
+            let packed = any.try_forward_packed(x.clone(), docs.clone());
+            let input = any.try_forward_input(AttentionInput::self_attn(x.clone()));
+            let takes_packed = matches!(
+                any,
+                AnyAttention::Flash(_) | AnyAttention::SlidingWindow(_) | AnyAttention::Hybrid(_)
+            );
+            let takes_input =
+                matches!(any, AnyAttention::Flash(_) | AnyAttention::SlidingWindow(_));
+            for (got, takes) in [(packed, takes_packed), (input, takes_input)] {
+                match got {
+                    // One document per row: the plain forward.
+                    Ok(out) => {
+                        assert!(takes, "{}", any.name());
+                        let diff = max_abs_diff(out, own(x.clone()));
+                        assert!(diff < 1e-5, "{}: {diff}", any.name());
+                    }
+                    Err(e) => {
+                        assert!(!takes, "{}: {e}", any.name());
+                        assert!(e.to_string().contains(any.name()), "{e}");
+                    }
+                }
+            }
         }
     }
 

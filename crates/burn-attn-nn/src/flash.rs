@@ -50,8 +50,8 @@ pub struct FlashAttentionConfig {
     #[config(default = 64)]
     pub block_size: usize,
     /// ALiBi position biases (Press et al.'s slopes, [`alibi_slopes`]): `-slope_h * |i -
-    /// j|` on each head's scores. Calls then take the block-sparse kernels on GPUs (their
-    /// backward is the portable one). Default: `false`.
+    /// j|` on each head's scores. Calls then take the block-sparse kernels on GPUs (forward
+    /// and backward). Default: `false`.
     #[config(default = false)]
     pub alibi: bool,
     /// A tanh softcap of the scaled scores (Gemma 2's): `softcap * tanh(s / softcap)`;

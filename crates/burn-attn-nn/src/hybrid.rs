@@ -4,12 +4,14 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, KeyPattern, Window,
+    ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache,
+    DocumentIds, KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::dropout::{validate_dropout, AttentionDropout};
-use crate::flash::projection_config;
+use crate::flash::{attend, packed_masks, projection_config};
+use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
 use crate::projection::{validate_heads, MultiHeadProjection};
@@ -182,6 +184,7 @@ impl HybridAttentionConfig {
             sparse_pattern: self.sparse_pattern,
             window: self.window,
             dropout: AttentionDropout::new(self.dropout),
+            block_masks: BlockMaskCache::new(),
         }
     }
 }
@@ -206,6 +209,10 @@ pub struct HybridAttention {
     pub window: usize,
     /// Dropout on probabilities while training.
     pub dropout: AttentionDropout,
+    /// The block-sparse plan of the last call's core and lengths, reused by the next calls
+    /// of the same core and lengths on the GPU kernels (clones of the module share it).
+    #[module(skip)]
+    pub block_masks: BlockMaskCache,
 }
 
 /// The error of a decoding call whose chosen core is a `Random` sparse pattern.
@@ -274,11 +281,40 @@ impl HybridAttention {
             h.k,
             h.v,
             &pattern,
-            &AttentionOptions::new(),
+            &self.options(),
             key_padding,
             self.dropout.active(),
         );
         self.projection.merge(out)
+    }
+
+    /// Self-attention over packed sequences: each row of `x` (`[batch, seq, d_model]`)
+    /// holds several documents one after another, `documents` (`[batch, seq]`) their ids,
+    /// not decreasing along a row; a token attends only within its document. The core is
+    /// the one chosen for the packed length `seq`. With the flash or sliding-window core,
+    /// or a `Local` sparse pattern, each document gets what it would get alone under that
+    /// core; `Strided` and `Random` place their columns and blocks by position in the
+    /// packed row. See [`FlashAttention::forward_packed`](crate::FlashAttention::forward_packed)
+    /// for checking ids once.
+    ///
+    /// # Panics
+    /// When `documents` does not match `x` or its ids decrease (naming the position).
+    pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
+        let pattern = self.key_pattern(x.dims()[1]);
+        let masks = packed_masks(documents.into(), self.dropout.active());
+        attend(
+            &self.projection,
+            AttentionInput::self_attn(x),
+            &pattern,
+            &self.options(),
+            &masks,
+            None,
+        )
+    }
+
+    /// The options of every call: the defaults with the module's block-sparse plan cache.
+    fn options(&self) -> AttentionOptions {
+        AttentionOptions::new().with_block_mask_cache(self.block_masks.clone())
     }
 
     /// Decoding: self-attention of the next tokens `x` (`[batch, new, d_model]`) over every
@@ -322,7 +358,7 @@ impl HybridAttention {
             x,
             cache,
             &pattern,
-            &AttentionOptions::new(),
+            &self.options(),
             &masks,
             None,
         )
@@ -361,7 +397,7 @@ impl HybridAttention {
             x,
             cache,
             ids,
-            &AttentionOptions::new(),
+            &self.options(),
             &masks,
             None,
             |total| {
@@ -400,6 +436,25 @@ impl HybridAttention {
 mod tests {
     use super::*;
     use crate::test_util::*;
+
+    #[test]
+    fn packed_documents_equal_each_document_alone() {
+        // Thresholds that give every length here one core: flash, local sparse, window.
+        for (flash_max, sparse_max) in [(32, 64), (0, 64), (0, 0)] {
+            let module = HybridAttentionConfig::new(16, 4)
+                .with_causal(true)
+                .with_flash_max_len(flash_max)
+                .with_sparse_max_len(sparse_max)
+                .with_sparse_pattern(SparsePattern::Local { window: 4 })
+                .with_window(3)
+                .init(&cpu());
+            check_packed(
+                16,
+                |x, docs| module.forward_packed(x, docs),
+                |x| module.forward(x),
+            );
+        }
+    }
 
     #[test]
     fn padding_hides_keys() {
