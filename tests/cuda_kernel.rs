@@ -373,8 +373,9 @@ mod on_cuda {
     }
 
     /// Every kernel and staging variant once at small shapes (batch 2, GQA, causal and a
-    /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging; the
-    /// linear kernels' passes): what `scripts/device/run.sh sanitize` runs under
+    /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging; two
+    /// dQ row tiles; key splits; the block-sparse kernels with every element rule and score
+    /// term; the linear kernels' passes): what `scripts/device/run.sh sanitize` runs under
     /// compute-sanitizer.
     #[test]
     fn cuda_sanitizer_sweep() {
@@ -389,6 +390,18 @@ mod on_cuda {
             check_backward_kernel_host::<Gpu>(case, DType::BF16);
             check_backward_kernel::<Gpu>(case, DType::F32);
         }
+        let two_row_tiles = burn_attn_core::kernels::plan::ForcedPlan {
+            dq_rows: Some(32),
+            ..Default::default()
+        };
+        check_backward_kernel_forced::<Gpu>(cases[0], DType::BF16, &two_row_tiles);
+        check_key_splits::<Gpu>(DType::F32, burn_attn_core::Implementation::FlashUnit, 1e-5);
+        check_key_splits::<Gpu>(DType::BF16, burn_attn_core::Implementation::FlashMma, 2e-2);
+        // Block-sparse cases (of the 34 `check_sparse_kernels` has): padding, dropout, a
+        // soft edge and a softcap on the band (9, 26), a random layout with padding and
+        // documents (13, 30).
+        check_sparse_kernels_part::<Gpu>(DType::BF16, BackwardKernel::Mma, 9, 17);
+        check_sparse_kernels_part::<Gpu>(DType::F32, BackwardKernel::Unit, 13, 17);
         // The linear kernels' passes, forward and backward: the matrix-unit one (bf16) and
         // the portable one (f32), causal at a length chunks do not divide.
         let linear = linear_matrix_cases()[..1].to_vec();

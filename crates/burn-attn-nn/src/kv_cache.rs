@@ -416,5 +416,15 @@ mod tests {
         assert!(cache.is_empty() && cache.seen() == 0);
         causal.forward_cache(randn([2, 1, 16], &cpu()), &mut cache);
         assert_eq!(cache.len(), 1);
+
+        // Keys of another dtype than the held ones (a module cast to f64 mid-sequence).
+        let k = randn([2, 2, 1, 8], &cpu()).cast(burn::tensor::DType::F64);
+        let err = cache.append(k.clone(), k, None).unwrap_err().to_string();
+        assert!(err.contains("F32") && err.contains("F64"), "{err}");
+        assert_eq!(
+            (cache.len(), cache.seen()),
+            (1, 1),
+            "a refused call appends nothing"
+        );
     }
 }
