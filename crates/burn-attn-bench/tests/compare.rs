@@ -421,8 +421,9 @@ fn the_cli_exits_with_failure_when_rows_fail() {
             !out.status.success(),
             "{bad:?} exited with success: {stderr}"
         );
+        let method = bad[1];
         assert!(
-            stderr.contains("rows failed") || stderr.contains("error"),
+            stderr.contains(&format!("1 rows failed: {method} n=16")),
             "{stderr}"
         );
     }
