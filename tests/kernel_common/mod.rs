@@ -2557,7 +2557,8 @@ pub fn check_score_term_training<B: On>(served: Option<(Implementation, Implemen
 /// Decoding with a key/value cache on `B`'s device (the kernels take one or a few query
 /// rows against the cached keys, bottom-right aligned) gives the full forward's rows:
 /// `FlashAttention` causal with GQA and a window over a growing cache, token by token and
-/// in chunks, and over a paged cache holding sequences of different lengths;
+/// in chunks, and over a paged cache holding sequences of different lengths (pages of 16
+/// and of 5); MQA over a preallocated cache, 16 tokens a step, and a paged one;
 /// `SlidingWindowAttention` over a rolling one.
 /// `tol`: the largest difference allowed between the decoded and the full forward's rows
 /// (the projections' matmuls run at other shapes in the two: on CUDA Burn's f32 matmul
@@ -2600,34 +2601,46 @@ pub fn check_cached_decoding<B: On>(tol: f32) {
         close(got, window.forward(x.clone()), "sliding window");
         assert_eq!(cache.len(), 15);
     }
-    // A paged cache (pages of 16): the two rows as sequences of 70 and 41 tokens, each
-    // prompt filled alone, then 31 tokens of each decoded together (the shorter one's keys
-    // padded at the front).
-    let mut cache = PagedKvCache::new(16, 16).unwrap();
-    let ids = [cache.add_sequence(), cache.add_sequence()];
-    let (lens, steps) = ([70, 41], 31);
-    let row = |b: usize, range: std::ops::Range<usize>| x.clone().slice([b..b + 1, range, 0..64]);
-    let mut outs: Vec<Vec<Tensor<3>>> = (0..2)
-        .map(|b| vec![flash.forward_paged(row(b, 0..lens[b] - steps), &mut cache, &[ids[b]])])
-        .collect();
-    for step in (0..steps).rev() {
-        let x = Tensor::cat(
-            (0..2)
-                .map(|b| row(b, lens[b] - step - 1..lens[b] - step))
-                .collect(),
-            0,
-        );
-        let out = flash.forward_paged(x, &mut cache, &ids);
-        for (b, rows) in outs.iter_mut().enumerate() {
-            rows.push(out.clone().narrow(0, b, 1));
+    // One key/value head for all four query heads, 16 tokens a step into a preallocated
+    // cache.
+    let mqa = FlashAttentionConfig::new(64, 4)
+        .with_n_kv_heads(Some(1))
+        .with_causal(true)
+        .init(&device);
+    let mut cache = KvCache::with_capacity(70);
+    let got = decode(16, &mut |t| mqa.forward_cache(t, &mut cache));
+    close(got, mqa.forward(x.clone()), "MQA, 16 tokens a step");
+    // A paged cache: the two rows as sequences of 70 and 41 tokens, each prompt filled
+    // alone, then 31 tokens of each decoded together (the shorter one's keys padded at the
+    // front); pages of 16 with two key/value heads, of 5 (not a power of two) with one.
+    for (module, pages, page_size) in [(&flash, 16, 16), (&mqa, 40, 5)] {
+        let mut cache = PagedKvCache::new(pages, page_size).unwrap();
+        let ids = [cache.add_sequence(), cache.add_sequence()];
+        let (lens, steps) = ([70, 41], 31);
+        let row =
+            |b: usize, range: std::ops::Range<usize>| x.clone().slice([b..b + 1, range, 0..64]);
+        let mut outs: Vec<Vec<Tensor<3>>> = (0..2)
+            .map(|b| vec![module.forward_paged(row(b, 0..lens[b] - steps), &mut cache, &[ids[b]])])
+            .collect();
+        for step in (0..steps).rev() {
+            let x = Tensor::cat(
+                (0..2)
+                    .map(|b| row(b, lens[b] - step - 1..lens[b] - step))
+                    .collect(),
+                0,
+            );
+            let out = module.forward_paged(x, &mut cache, &ids);
+            for (b, rows) in outs.iter_mut().enumerate() {
+                rows.push(out.clone().narrow(0, b, 1));
+            }
         }
-    }
-    for (b, rows) in outs.into_iter().enumerate() {
-        close(
-            Tensor::cat(rows, 1),
-            flash.forward(row(b, 0..lens[b])),
-            "paged",
-        );
+        for (b, rows) in outs.into_iter().enumerate() {
+            close(
+                Tensor::cat(rows, 1),
+                module.forward(row(b, 0..lens[b])),
+                &format!("paged, pages of {page_size}"),
+            );
+        }
     }
 }
 

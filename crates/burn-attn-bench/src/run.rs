@@ -351,9 +351,17 @@ impl Core {
 /// Runs `forward` and waits for the device, so timings include the work on GPUs.
 fn forward_synced(variant: &Variant, x: &Tensor<3>, device: &Device) -> Tensor<3> {
     let out = variant.forward(x.clone());
-    // A failed sync only means the timing is off; the error check below still reads back.
-    let _ = device.sync();
+    sync(device);
     out
+}
+
+/// Waits for `device`'s queued work. A failed execution (a GPU allocation that did not
+/// fit, a faulted kernel) panics here, naming the device and the error, so the row fails
+/// at the call that caused it.
+fn sync(device: &Device) {
+    if let Err(e) = device.sync() {
+        panic!("{device:?}: execution failed: {e}");
+    }
 }
 
 /// The median of `times` (the mean of the middle two for an even count).
@@ -464,7 +472,7 @@ fn train_step_ms(method: Method, n: usize, args: &CompareArgs, device: &Device) 
     let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
     let step = || {
         let grads = (variant.forward(x.clone()) * w.clone()).sum().backward();
-        let _ = device.sync();
+        sync(&device);
         drop(grads);
     };
     for _ in 0..args.warmup.max(1) {
@@ -505,7 +513,7 @@ fn measure(
         let run = core.runner(variant.projection().split_self(x.clone()));
         let core = || {
             let out = run();
-            let _ = device.sync();
+            sync(device);
             out
         };
         drop(core());

@@ -368,3 +368,63 @@ fn unreadable_peers_are_refused_before_measuring() {
         assert!(err.contains(what) && err.contains(&p), "{err}");
     }
 }
+
+/// The binary exits with failure and names the rows when rows fail (an adaptive window of
+/// minimum 0; hybrid thresholds the wrong way round), and succeeds on a valid tiny run.
+#[test]
+fn the_cli_exits_with_failure_when_rows_fail() {
+    let run = |extra: &[&str]| {
+        let dir = out_dir(&format!("cli-{}", extra.len()));
+        let dir = dir.to_str().unwrap();
+        let mut argv = vec![
+            "compare",
+            "--no-progress",
+            "--lengths",
+            "16",
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out-dir",
+            dir,
+        ];
+        argv.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_burn-attn-bench"))
+            .args(argv)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--methods", "flash"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for bad in [
+        &["--methods", "adaptive-window", "--min-window", "0"][..],
+        &[
+            "--methods",
+            "hybrid",
+            "--hybrid-flash-max",
+            "64",
+            "--hybrid-sparse-max",
+            "8",
+        ],
+    ] {
+        let out = run(bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{bad:?} exited with success: {stderr}"
+        );
+        let method = bad[1];
+        assert!(
+            stderr.contains(&format!("1 rows failed: {method} n=16")),
+            "{stderr}"
+        );
+    }
+}
