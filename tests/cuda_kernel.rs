@@ -374,9 +374,9 @@ mod on_cuda {
 
     /// Every kernel and staging variant once at small shapes (batch 2, GQA, causal and a
     /// two-sided window, head dims with asynchronous (64) and synchronous (36) staging; two
-    /// dQ row tiles; key splits; the block-sparse kernels with every element rule and score
-    /// term; the linear kernels' passes): what `scripts/device/run.sh sanitize` runs under
-    /// compute-sanitizer.
+    /// dQ row tiles; key splits; the block-sparse kernels with every element rule, score
+    /// term and dropout; the linear kernels' passes): what `scripts/device/run.sh sanitize`
+    /// runs under compute-sanitizer.
     #[test]
     fn cuda_sanitizer_sweep() {
         let cases = [
@@ -397,11 +397,13 @@ mod on_cuda {
         check_backward_kernel_forced::<Gpu>(cases[0], DType::BF16, &two_row_tiles);
         check_key_splits::<Gpu>(DType::F32, burn_attn_core::Implementation::FlashUnit, 1e-5);
         check_key_splits::<Gpu>(DType::BF16, burn_attn_core::Implementation::FlashMma, 2e-2);
-        // Block-sparse cases (of the 34 `check_sparse_kernels` has): padding, dropout, a
-        // soft edge and a softcap on the band (9, 26), a random layout with padding and
-        // documents (13, 30).
+        // Block-sparse cases (of the 34 `check_sparse_kernels` has, 17 per block size): on
+        // the band a key bias with ALiBi (8, 25) and padding, dropout, a soft edge and a
+        // softcap (9, 26); a causal window with strided columns, a random layout, padding,
+        // documents and dropout (16, 33).
+        check_sparse_kernels_part::<Gpu>(DType::BF16, BackwardKernel::Mma, 8, 17);
         check_sparse_kernels_part::<Gpu>(DType::BF16, BackwardKernel::Mma, 9, 17);
-        check_sparse_kernels_part::<Gpu>(DType::F32, BackwardKernel::Unit, 13, 17);
+        check_sparse_kernels_part::<Gpu>(DType::F32, BackwardKernel::Unit, 16, 17);
         // The linear kernels' passes, forward and backward: the matrix-unit one (bf16) and
         // the portable one (f32), causal at a length chunks do not divide.
         let linear = linear_matrix_cases()[..1].to_vec();

@@ -358,7 +358,7 @@ fn forward_synced(variant: &Variant, x: &Tensor<3>, device: &Device) -> Tensor<3
 /// Waits for `device`'s queued work. A failed execution (a GPU allocation that did not
 /// fit, a faulted kernel) panics here, naming the device and the error, so the row fails
 /// at the call that caused it.
-fn sync(device: &Device) {
+pub(crate) fn sync(device: &Device) {
     if let Err(e) = device.sync() {
         panic!("{device:?}: execution failed: {e}");
     }

@@ -373,8 +373,8 @@ fn unreadable_peers_are_refused_before_measuring() {
 /// minimum 0; hybrid thresholds the wrong way round), and succeeds on a valid tiny run.
 #[test]
 fn the_cli_exits_with_failure_when_rows_fail() {
-    let run = |extra: &[&str]| {
-        let dir = out_dir(&format!("cli-{}", extra.len()));
+    let run = |label: &str, extra: &[&str]| {
+        let dir = out_dir(&format!("cli-{label}"));
         let dir = dir.to_str().unwrap();
         let mut argv = vec![
             "compare",
@@ -398,7 +398,7 @@ fn the_cli_exits_with_failure_when_rows_fail() {
             .output()
             .unwrap()
     };
-    let ok = run(&["--methods", "flash"]);
+    let ok = run("flash", &["--methods", "flash"]);
     assert!(
         ok.status.success(),
         "{}",
@@ -415,7 +415,7 @@ fn the_cli_exits_with_failure_when_rows_fail() {
             "8",
         ],
     ] {
-        let out = run(bad);
+        let out = run(bad[1], bad);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),

@@ -178,6 +178,9 @@ impl AnyAttention {
     /// `forward_input`: flash and sliding window, the mechanisms that take an attention
     /// mask. Another mechanism is an error naming it (its key padding alone goes through
     /// [`forward_cross`](Self::forward_cross) or [`forward_padded`](Self::forward_padded)).
+    ///
+    /// # Panics
+    /// When a mask's shape does not match the call, as the mechanism's `forward_input`.
     pub fn try_forward_input(&self, input: AttentionInput) -> Result<Tensor<3>, AttentionError> {
         match self {
             Self::Flash(m) => Ok(m.forward_input(input)),
@@ -189,8 +192,7 @@ impl AnyAttention {
         }
     }
 
-    /// [`try_forward_input`](Self::try_forward_input), panicking on its error or when a
-    /// mask does not match the call.
+    /// [`try_forward_input`](Self::try_forward_input), panicking on its error too.
     pub fn forward_input(&self, input: AttentionInput) -> Tensor<3> {
         self.try_forward_input(input).or_panic()
     }
@@ -198,6 +200,9 @@ impl AnyAttention {
     /// Self-attention over packed sequences (document ids `[batch, seq]`, a token attends
     /// within its document only), as the chosen mechanism's `forward_packed`: flash,
     /// sliding window and hybrid. Another mechanism is an error naming it.
+    ///
+    /// # Panics
+    /// When the ids do not match `x` or decrease, as the mechanism's `forward_packed`.
     pub fn try_forward_packed(
         &self,
         x: Tensor<3>,
@@ -214,8 +219,7 @@ impl AnyAttention {
         }
     }
 
-    /// [`try_forward_packed`](Self::try_forward_packed), panicking on its error or when the
-    /// ids do not match `x` or decrease.
+    /// [`try_forward_packed`](Self::try_forward_packed), panicking on its error too.
     pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
         self.try_forward_packed(x, documents).or_panic()
     }
@@ -313,7 +317,7 @@ impl AnyAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{assert_padding_hides_keys, cpu, max_abs_diff, randn};
+    use crate::test_util::{assert_padding_hides_keys, check_packed, cpu, max_abs_diff, randn};
     use crate::SparsePattern;
 
     /// Standard-normal input from seed `seed`.
@@ -462,8 +466,9 @@ mod tests {
         }
     }
 
-    /// Document ids and burn-nn's input reach the mechanisms that take them, with their own
-    /// module's result; the others are refused, naming them.
+    /// Document ids and burn-nn's input reach the mechanisms that take them (packed rows
+    /// equal each document alone; the input without masks is the plain forward); the
+    /// others are refused, naming them.
     #[test]
     fn packed_and_burn_nn_input_where_the_mechanism_has_them() {
         let device = cpu();
@@ -472,27 +477,31 @@ mod tests {
         let docs = Tensor::<2, burn::tensor::Int>::zeros([2, 13], &device);
         for config in configs(d, heads) {
             let any = config.init(&device);
-            let own = direct(&config, &any, &device);
-            let packed = any.try_forward_packed(x.clone(), docs.clone());
-            let input = any.try_forward_input(AttentionInput::self_attn(x.clone()));
             let takes_packed = matches!(
                 any,
                 AnyAttention::Flash(_) | AnyAttention::SlidingWindow(_) | AnyAttention::Hybrid(_)
             );
             let takes_input =
                 matches!(any, AnyAttention::Flash(_) | AnyAttention::SlidingWindow(_));
-            for (got, takes) in [(packed, takes_packed), (input, takes_input)] {
-                match got {
-                    // One document per row: the plain forward.
-                    Ok(out) => {
-                        assert!(takes, "{}", any.name());
-                        let diff = max_abs_diff(out, own(x.clone()));
-                        assert!(diff < 1e-5, "{}: {diff}", any.name());
-                    }
-                    Err(e) => {
-                        assert!(!takes, "{}: {e}", any.name());
-                        assert!(e.to_string().contains(any.name()), "{e}");
-                    }
+            if takes_packed {
+                check_packed(d, |x, docs| any.forward_packed(x, docs), |x| any.forward(x));
+            } else {
+                let err = any.try_forward_packed(x.clone(), docs.clone()).unwrap_err();
+                assert!(err.to_string().contains(any.name()), "{err}");
+            }
+            match any.try_forward_input(AttentionInput::self_attn(x.clone())) {
+                Ok(out) => {
+                    assert!(takes_input, "{}", any.name());
+                    assert_eq!(
+                        max_abs_diff(out, any.forward(x.clone())),
+                        0.0,
+                        "{}",
+                        any.name()
+                    );
+                }
+                Err(e) => {
+                    assert!(!takes_input, "{}: {e}", any.name());
+                    assert!(e.to_string().contains(any.name()), "{e}");
                 }
             }
         }

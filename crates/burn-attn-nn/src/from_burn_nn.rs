@@ -8,14 +8,16 @@ use crate::{FlashAttention, FlashAttentionConfig};
 
 impl FlashAttention {
     /// The [`FlashAttention`] that computes what burn-nn's `mha` computes: its query, key,
-    /// value and output projections, scale `1 / sqrt(d_k)`, its dropout (with its training flag), no causal rule or
-    /// window. Calls map as `mha.forward(MhaInput::self_attn(x)).context` ->
-    /// `attn.forward(x)` and `MhaInput::new(q, k, v).mask_pad(pad)` ->
-    /// `attn.forward_cross(q, k, v, Some(pad))` (`true` = padding in both); an `MhaInput`
-    /// with `mask_attn` maps field for field to an [`AttentionInput`](crate::AttentionInput)
-    /// for [`forward_input`](FlashAttention::forward_input) (for causal or windowed masks
-    /// prefer the config's causal rule or window: no mask tensor). The weights are taken
-    /// from the module, so load a burn-nn checkpoint into `mha` first. One difference: a query whose keys are all padding gets 0 here, where burn-nn averages
+    /// value and output projections, scale `1 / sqrt(d_k)`, its dropout (with its training
+    /// flag), no causal rule or window. Calls map as
+    /// `mha.forward(MhaInput::self_attn(x)).context` -> `attn.forward(x)` and
+    /// `MhaInput::new(q, k, v).mask_pad(pad)` -> `attn.forward_cross(q, k, v, Some(pad))`
+    /// (`true` = padding in both); an `MhaInput` with `mask_attn` maps field for field to
+    /// an [`AttentionInput`](crate::AttentionInput) for
+    /// [`forward_input`](FlashAttention::forward_input) (for causal or windowed masks prefer
+    /// the config's causal rule or window: no mask tensor). The weights are taken from the
+    /// module, so load a burn-nn checkpoint into `mha` first. One difference: a query whose
+    /// keys are all hidden (by padding or `mask_attn`) gets 0 here, where burn-nn averages
     /// the values with uniform weights.
     ///
     /// # Errors

@@ -4,13 +4,13 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
 use burn_attn_core::{
-    ensure, pattern_attention, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache,
-    DocumentIds, KeyPattern, Window,
+    ensure, AttentionError, AttentionMasks, AttentionOptions, BlockMaskCache, DocumentIds,
+    KeyPattern, Window,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::dropout::{validate_dropout, AttentionDropout};
-use crate::flash::{attend, packed_masks, projection_config};
+use crate::flash::{attend, projection_config};
 use crate::input::AttentionInput;
 use crate::kv_cache::{decode, KvCache};
 use crate::paged_kv_cache::{decode_paged_grouped, PagedKvCache, SequenceId};
@@ -273,19 +273,11 @@ impl HybridAttention {
     /// # Panics
     /// When the mask's shape does not match `x` (naming both).
     pub fn forward_padded(&self, x: Tensor<3>, key_padding: Option<Tensor<2, Bool>>) -> Tensor<3> {
-        let seq = x.dims()[1];
-        let h = self.projection.split_self(x);
-        let pattern = self.key_pattern(seq);
-        let out = pattern_attention(
-            h.q,
-            h.k,
-            h.v,
-            &pattern,
-            &self.options(),
+        let masks = AttentionMasks {
             key_padding,
-            self.dropout.active(),
-        );
-        self.projection.merge(out)
+            ..self.masks()
+        };
+        self.attend(x, &masks)
     }
 
     /// Self-attention over packed sequences: each row of `x` (`[batch, seq, d_model]`)
@@ -300,19 +292,37 @@ impl HybridAttention {
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).
     pub fn forward_packed(&self, x: Tensor<3>, documents: impl Into<DocumentIds>) -> Tensor<3> {
+        let masks = AttentionMasks {
+            documents: Some(documents.into()),
+            ..self.masks()
+        };
+        self.attend(x, &masks)
+    }
+
+    /// Self-attention of `x` under `masks` with the core chosen for its length.
+    fn attend(&self, x: Tensor<3>, masks: &AttentionMasks) -> Tensor<3> {
         let pattern = self.key_pattern(x.dims()[1]);
-        let masks = packed_masks(documents.into(), self.dropout.active());
+        let input = AttentionInput::self_attn(x);
         attend(
             &self.projection,
-            AttentionInput::self_attn(x),
+            input,
             &pattern,
             &self.options(),
-            &masks,
+            masks,
             None,
         )
     }
 
-    /// The options of every call: the defaults with the module's block-sparse plan cache.
+    /// The masks of every call: dropout while training.
+    fn masks(&self) -> AttentionMasks {
+        AttentionMasks {
+            dropout: self.dropout.active(),
+            ..AttentionMasks::default()
+        }
+    }
+
+    /// The options of every call: the defaults with the module's block-sparse plan cache
+    /// (one for every core: a call of another core or length replaces its plan).
     fn options(&self) -> AttentionOptions {
         AttentionOptions::new().with_block_mask_cache(self.block_masks.clone())
     }
@@ -349,10 +359,7 @@ impl HybridAttention {
             }
         }
         let pattern = self.key_pattern(total);
-        let masks = AttentionMasks {
-            dropout: self.dropout.active(),
-            ..AttentionMasks::default()
-        };
+        let masks = self.masks();
         decode(
             &self.projection,
             x,
@@ -388,10 +395,7 @@ impl HybridAttention {
         cache: &mut PagedKvCache,
         ids: &[SequenceId],
     ) -> Result<Tensor<3>, AttentionError> {
-        let masks = AttentionMasks {
-            dropout: self.dropout.active(),
-            ..AttentionMasks::default()
-        };
+        let masks = self.masks();
         decode_paged_grouped(
             &self.projection,
             x,
