@@ -418,20 +418,16 @@ fn check_lists(
             lists.block_q, lists.block_k
         )));
     }
-    // Blocks no larger than the sequence rounded up to their tiles: the kernels count tiles
-    // per block in 32 bits and walk every tile of a listed block.
-    let widest = |n: usize, tile: fn(&(usize, usize)) -> usize| {
-        tiles
-            .iter()
-            .map(|t| n.max(1).next_multiple_of(tile(t)))
-            .max()
-            .unwrap_or(n)
+    // The kernels walk every tile of a listed block, past the sequence too (the plan's
+    // blocks are its largest tile, beyond short sequences), with positions in 32 bits.
+    let in_i32 = |n: usize, block: usize| {
+        n.checked_add(block)
+            .is_some_and(|end| end <= i32::MAX as usize)
     };
-    let (most_q, most_k) = (widest(sizes.seq_q, |t| t.0), widest(sizes.seq_k, |t| t.1));
-    if lists.block_q > most_q || lists.block_k > most_k {
+    if !in_i32(sizes.seq_q, lists.block_q) || !in_i32(sizes.seq_k, lists.block_k) {
         return Err(Unsupported::Shapes(format!(
-            "block lists on {} x {} blocks for {} x {} (query rows x keys): blocks take at \
-             most {most_q} x {most_k}",
+            "block lists on {} x {} blocks for {} x {} (query rows x keys): a sequence and \
+             one block past it must stay within i32 positions",
             lists.block_q, lists.block_k, sizes.seq_q, sizes.seq_k
         )));
     }
