@@ -172,8 +172,6 @@ impl<F: Float> PlaneMma<F> {
     ) {
         let def = self.def;
         let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
-        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
         let ld_block = lane / 8;
         let ld_row = lane % 8;
         let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
@@ -203,43 +201,9 @@ impl<F: Float> PlaneMma<F> {
                     a_all[mt * a_vecs + i] = a_regs[i];
                 }
             }
-            #[unroll]
-            for np in 0..comptime!(n_tiles / 2) {
-                // B blocks of the tile pair: (n 0-7 | 8-15) x (k 0-7 | 8-15).
-                let b_off = if comptime!(b_kn) {
-                    b0 + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
-                        + np * 16
-                        + 8 * (ld_block / 2)
-                } else {
-                    b0 + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
-                        + kc * 16
-                        + 8 * (ld_block % 2)
-                };
-                let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &b_smem[b_off..b_off + 8],
-                    MatrixIdent::B,
-                    4usize,
-                    b_kn,
-                );
-                #[unroll]
-                for mt in 0..m_tiles {
-                    #[unroll]
-                    for i in 0..a_vecs {
-                        self.a[i] = a_all[mt * a_vecs + i];
-                    }
-                    mma_pair::<F>(
-                        def,
-                        &self.a,
-                        &b_regs,
-                        acc,
-                        mt * n_tiles + 2 * np,
-                        &mut self.b,
-                        &mut self.c,
-                        b_vecs,
-                        c_vecs,
-                    );
-                }
-            }
+            self.b_columns(
+                lane, &a_all, b_smem, b0, kc, acc, b_stride, b_kn, m_tiles, n_tiles,
+            );
         }
     }
 
@@ -284,11 +248,7 @@ impl<F: Float> PlaneMma<F> {
         let def = self.def;
         let a_vs = def.vector_size(MatrixIdent::A);
         let a_vecs = def.vectors_per_lane(MatrixIdent::A);
-        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
         let c_vs = def.vector_size(MatrixIdent::Accumulator);
-        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
-        let ld_block = lane / 8;
-        let ld_row = lane % 8;
         let mut a_all = Array::<Vector<F, MmaVecA>>::new(comptime!(m_tiles * a_vecs));
         #[unroll]
         for kc in 0..k_chunks {
@@ -315,36 +275,71 @@ impl<F: Float> PlaneMma<F> {
                     a_all[mt * a_vecs + i] = vector;
                 }
             }
-            #[unroll]
-            for np in 0..comptime!(n_tiles / 2) {
-                let b_off = b_row0
-                    + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
+            self.b_columns(
+                lane, &a_all, b_smem, b_row0, kc, acc, b_stride, true, m_tiles, n_tiles,
+            );
+        }
+    }
+
+    /// One chunk `kc` of 16 `k` of a product: `acc` tile `mt * n_tiles + nt` += row tile
+    /// `mt`'s `A` fragment (`a_all`, `m_tiles` fragments) times `B`'s column tile `nt`, each
+    /// pair of `B` tiles one `ldmatrix.x4` of the blocks (n 0-7 | 8-15) x (k 0-7 | 8-15),
+    /// `B` stored from element `b0` as `[n][k]` (`b_kn` off) or `[k][n]` (`b_kn` on, read
+    /// with `ldmatrix.trans`) with stride `b_stride`.
+    #[allow(clippy::too_many_arguments)]
+    fn b_columns(
+        &mut self,
+        lane: usize,
+        a_all: &Array<Vector<F, MmaVecA>>,
+        b_smem: &[F],
+        b0: usize,
+        kc: usize,
+        acc: &mut Array<Vector<f32, MmaVecAcc>>,
+        #[comptime] b_stride: usize,
+        #[comptime] b_kn: bool,
+        #[comptime] m_tiles: usize,
+        #[comptime] n_tiles: usize,
+    ) {
+        let def = self.def;
+        let a_vecs = def.vectors_per_lane(MatrixIdent::A);
+        let b_vecs = def.vectors_per_lane(MatrixIdent::B);
+        let c_vecs = def.vectors_per_lane(MatrixIdent::Accumulator);
+        let ld_block = lane / 8;
+        let ld_row = lane % 8;
+        #[unroll]
+        for np in 0..comptime!(n_tiles / 2) {
+            let b_off = if comptime!(b_kn) {
+                b0 + (kc * 16 + 8 * (ld_block % 2) + ld_row) * b_stride
                     + np * 16
-                    + 8 * (ld_block / 2);
-                let b_regs = def.load_matrix::<F, MmaVecB>(
-                    &b_smem[b_off..b_off + 8],
-                    MatrixIdent::B,
-                    4usize,
-                    true,
-                );
+                    + 8 * (ld_block / 2)
+            } else {
+                b0 + (np * 16 + 8 * (ld_block / 2) + ld_row) * b_stride
+                    + kc * 16
+                    + 8 * (ld_block % 2)
+            };
+            let b_regs = def.load_matrix::<F, MmaVecB>(
+                &b_smem[b_off..b_off + 8],
+                MatrixIdent::B,
+                4usize,
+                b_kn,
+            );
+            #[unroll]
+            for mt in 0..m_tiles {
                 #[unroll]
-                for mt in 0..m_tiles {
-                    #[unroll]
-                    for i in 0..a_vecs {
-                        self.a[i] = a_all[mt * a_vecs + i];
-                    }
-                    mma_pair::<F>(
-                        def,
-                        &self.a,
-                        &b_regs,
-                        acc,
-                        mt * n_tiles + 2 * np,
-                        &mut self.b,
-                        &mut self.c,
-                        b_vecs,
-                        c_vecs,
-                    );
+                for i in 0..a_vecs {
+                    self.a[i] = a_all[mt * a_vecs + i];
                 }
+                mma_pair::<F>(
+                    def,
+                    &self.a,
+                    &b_regs,
+                    acc,
+                    mt * n_tiles + 2 * np,
+                    &mut self.b,
+                    &mut self.c,
+                    b_vecs,
+                    c_vecs,
+                );
             }
         }
     }
