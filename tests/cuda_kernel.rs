@@ -23,6 +23,8 @@
 fn cuda_kernel_tests_need_the_cuda_feature() {}
 
 #[cfg(feature = "cuda")]
+mod half_precision;
+#[cfg(feature = "cuda")]
 mod kernel_common;
 
 #[cfg(feature = "cuda")]
@@ -424,6 +426,27 @@ mod on_cuda {
                 burn_attn_core::Implementation::LinearChunk,
                 burn_attn_core::Implementation::LinearChunkBackward,
             ],
+        );
+    }
+
+    /// The tensor-op cores with bf16 and f16 inputs on CUDA, whose default float is f32 (a
+    /// mixed-precision model's calls; causal linear attention in bf16 crashed Burn's graph
+    /// builder once), and f32 score terms beside them on the tiled path and the kernels.
+    #[test]
+    fn cuda_tensor_op_cores_take_half_precision_inputs() {
+        use burn_attn_core::KernelPolicy::{Require, Tiled};
+        let policies = [Tiled, Require];
+        super::half_precision::check_half_precision_cores(
+            &Gpu::device(),
+            DType::BF16,
+            5e-2,
+            &policies,
+        );
+        super::half_precision::check_half_precision_cores(
+            &Gpu::device(),
+            DType::F16,
+            2e-2,
+            &policies,
         );
     }
 

@@ -4,6 +4,8 @@
 //! growing at 256), and the log-sum-exp is not rounded to the inputs' 8 or 11 bits.
 #![cfg(feature = "flex")]
 
+mod half_precision;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_attn::cores::attention_with_lse;
 use burn_attn::cores::KeyPattern;
@@ -113,4 +115,14 @@ fn masks_and_score_terms_in_f16_and_bf16_follow_the_f32_call() {
             .fold(0.0, f32::max);
         assert!(err < tol, "{dtype:?}: largest difference {err}");
     }
+}
+
+/// The tensor-op cores (causal and plain linear attention, with a carried state in f32 and
+/// in the inputs' dtype; the tiled softmax with strided columns and padding; score terms;
+/// the reference) with f16 and bf16 inputs on a device whose default float is f32.
+#[test]
+fn tensor_op_cores_take_half_precision_inputs_on_the_cpu() {
+    let tiled = [burn_attn::cores::KernelPolicy::Tiled];
+    half_precision::check_half_precision_cores(&Device::flex(), DType::F16, 2e-2, &tiled);
+    half_precision::check_half_precision_cores(&Device::flex(), DType::BF16, 5e-2, &tiled);
 }

@@ -12,9 +12,12 @@ use std::sync::OnceLock;
 
 use burn::tensor::{DType, Device, DeviceKind, Tensor};
 
+mod half_precision;
 mod kernel_common;
 use burn_attn_core::kernels::launch::flash_forward_with;
 use burn_attn_core::kernels::plan::{BandArgs, ForcedPlan, ForwardKernel, Unsupported};
+use burn_attn_core::KernelPolicy;
+use half_precision::check_half_precision_cores;
 use kernel_common::*;
 
 /// The default WGPU device (Burn's `Cube` backend, fused), where every check here runs;
@@ -440,104 +443,16 @@ fn kernel_forward_is_deterministic() {
 
 /// The tensor-op cores with f16 inputs on a backend whose default float is f32 (as a
 /// mixed-precision model calls them), and f32 score terms beside f16 inputs on the tiled
-/// path and the block-sparse kernels: whatever they create follows the inputs' dtype, the
-/// output is f16, and it matches the f32 run to f16 precision.
+/// path and the block-sparse kernels (`check_half_precision_cores`).
 #[test]
 fn tensor_op_cores_take_half_precision_inputs() {
-    use burn::tensor::{Bool, Distribution, TensorData};
-    use burn_attn_core::{
-        causal_linear_attention, linear_attention, pattern_attention, reference_attention,
-        AttentionOptions, KeyPattern, Window,
-    };
     require_gpu();
-    let device = Gpu::device();
-    device.seed(3);
-    let shape = [2, 2, 37, 16];
-    let positive = || Tensor::<4>::random(shape, Distribution::Uniform(0.1, 1.0), &device);
-    let (q, k, v) = (positive(), positive(), positive());
-    let half = |t: &Tensor<4>| t.clone().cast(DType::F16);
-    let check = |what: &str, low: Tensor<4>, full: Tensor<4>| {
-        assert_eq!(low.dtype(), DType::F16, "{what}");
-        let err: f32 = (low.cast(DType::F32) - full)
-            .abs()
-            .max()
-            .into_scalar::<f32>();
-        assert!(err < 2e-2, "{what}: max |f16 - f32| = {err}");
-    };
-
-    // Chunked causal form, with zero padding of the last chunk and the carried state.
-    let (low, _) = causal_linear_attention(half(&q), half(&k), half(&v), 8, 1e-3, None);
-    let (full, _) = causal_linear_attention(q.clone(), k.clone(), v.clone(), 8, 1e-3, None);
-    check("causal linear", low, full);
-
-    // Non-causal form with a key padding mask.
-    let hide: Vec<bool> = (0..2 * 37).map(|i| i % 7 == 3).collect();
-    let pad = || Tensor::<2, Bool>::from_data(TensorData::new(hide.clone(), [2, 37]), &device);
-    let low = linear_attention(half(&q), half(&k), half(&v), 1e-3, Some(pad()));
-    let full = linear_attention(q.clone(), k.clone(), v.clone(), 1e-3, Some(pad()));
-    check("linear, key padding", low, full);
-
-    // The tiled softmax path: strided columns around a band, with key padding.
-    let pattern = KeyPattern {
-        window: Window::new(Some(3), Some(3)),
-        stride: Some(5),
-        ..KeyPattern::default()
-    };
-    let options = AttentionOptions::new();
-    let tiled = |q, k, v| pattern_attention(q, k, v, &pattern, &options, Some(pad()), 0.0);
-    let low = tiled(half(&q), half(&k), half(&v));
-    let full = tiled(q.clone(), k.clone(), v.clone());
-    check("tiled softmax, strided + padding", low, full);
-
-    // Score terms in f32 beside f16 inputs (a key bias, a soft edge, ALiBi, a softcap), on
-    // the tiled path and on the block-sparse kernels.
-    let terms = burn_attn_core::AttentionMasks {
-        key_bias: Some(Tensor::<3>::random(
-            [2, 2, 37],
-            Distribution::Uniform(-1.0, 0.0),
-            &device,
-        )),
-        soft_edge: Some(burn_attn_core::SoftEdge {
-            reach: Tensor::<3>::random([2, 1, 37], Distribution::Uniform(2.0, 9.0), &device),
-            ramp: 2.0,
-        }),
-        alibi: Some(vec![0.25, 0.0625]),
-        softcap: Some(2.0),
-        ..burn_attn_core::AttentionMasks::default()
-    };
-    let band = KeyPattern::band(Window::symmetric(12), false);
-    for policy in [
-        burn_attn_core::KernelPolicy::Tiled,
-        burn_attn_core::KernelPolicy::Require,
-    ] {
-        let options = AttentionOptions::new().with_kernel(policy);
-        let run = |q, k, v| burn_attn_core::masked_attention(q, k, v, &band, &options, &terms);
-        let low = run(half(&q), half(&k), half(&v));
-        let full = run(q.clone(), k.clone(), v.clone());
-        check(&format!("score terms, {policy:?}"), low, full);
-    }
-
-    // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
-    let band = KeyPattern::band(Window::new(Some(2), Some(0)), false);
-    let short = |t: Tensor<4>| t.slice([0..2, 0..2, 0..5]);
-    let reference = |q, k, v| reference_attention(q, short(k), short(v), &band, 0.25, None, None);
-    let (low, lse) = reference(half(&q), half(&k), half(&v));
-    let (full, _) = reference(q.clone(), k.clone(), v.clone());
-    // Query i sees keys i - 34 ..= i - 32: rows 0..32 see none.
-    let dead = low
-        .clone()
-        .slice([0..2, 0..2, 0..32])
-        .abs()
-        .max()
-        .cast(DType::F32);
-    assert_eq!(dead.into_scalar::<f32>(), 0.0, "rows that see no key");
-    let dead_lse = lse.slice([0..2, 0..2, 0..32]).cast(DType::F32).into_data();
-    let dead_lse = dead_lse.try_to_vec::<f32>().unwrap();
-    assert!(
-        dead_lse.iter().all(|&l| l == f32::NEG_INFINITY),
-        "{dead_lse:?}"
+    check_half_precision_cores(
+        &Gpu::device(),
+        DType::F16,
+        2e-2,
+        &[KernelPolicy::Tiled, KernelPolicy::Require],
     );
-    check("reference", low, full);
 }
 
 /// Calls from several threads on one device give the same bits as the same calls made one
