@@ -1,5 +1,6 @@
 //! Coming from burn-nn: a `MultiHeadAttention` becomes a [`FlashAttention`] with the same
-//! weights, so a model swaps its attention without retraining.
+//! weights, so a model swaps its attention without retraining; its checkpoints load with
+//! renamed keys.
 
 use burn::nn::attention::MultiHeadAttention;
 use burn_attn_core::AttentionError;
@@ -42,6 +43,28 @@ impl FlashAttention {
         projection.output = mha.output;
         Ok(attn)
     }
+
+    /// The renames that load a checkpoint saved with burn-nn's `MultiHeadAttention` at the
+    /// module path `path` (`"encoder.layers.0.attn"`; `""` for the attention itself) into
+    /// the same model with a [`FlashAttention`] there: regex patterns and replacements for
+    /// burn-store's `KeyRemapper::from_patterns`, then `store.remap(remapper)` and
+    /// `model.load_from(&mut store)`. The projections move under `projection`
+    /// (`attn.query.weight` -> `attn.projection.query.weight`); the weights and their
+    /// meaning are unchanged, as in [`from_burn_nn`](Self::from_burn_nn).
+    pub fn burn_nn_key_patterns(path: &str) -> Vec<(String, String)> {
+        // Module paths are identifiers and indices joined by dots.
+        let (from, to) = match path {
+            "" => (String::new(), String::new()),
+            path => (
+                format!("{}\\.", path.replace('.', "\\.")),
+                format!("{path}."),
+            ),
+        };
+        vec![(
+            format!("^{from}(query|key|value|output)\\."),
+            format!("{to}projection.${{1}}."),
+        )]
+    }
 }
 
 #[cfg(test)]
@@ -51,6 +74,66 @@ mod tests {
 
     use super::*;
     use crate::test_util::{cpu, max_abs_diff, randn};
+
+    /// A checkpoint of a model holding burn-nn's attention loads into the same model
+    /// holding a `FlashAttention`, every weight applied and none left over, with the same
+    /// outputs.
+    #[test]
+    fn burn_nn_checkpoints_load_with_the_key_patterns() {
+        use burn::module::Module;
+        use burn::nn::attention::MultiHeadAttention;
+        use burn_store::{KeyRemapper, ModuleSnapshot, SafetensorsStore};
+
+        #[derive(Module, Debug)]
+        struct Layer<A> {
+            attn: A,
+        }
+        #[derive(Module, Debug)]
+        struct Model<A> {
+            layers: Vec<Layer<A>>,
+        }
+
+        let device = cpu();
+        let layer = || Layer {
+            attn: MultiHeadAttentionConfig::new(16, 4).init(&device),
+        };
+        let old: Model<MultiHeadAttention> = Model {
+            layers: vec![layer(), layer()],
+        };
+        let mut store = SafetensorsStore::from_bytes(None);
+        old.save_into(&mut store).unwrap();
+        let bytes = store.get_bytes().unwrap();
+
+        let fresh = || Layer {
+            attn: FlashAttentionConfig::new(16, 4).init(&device),
+        };
+        let mut new: Model<FlashAttention> = Model {
+            layers: vec![fresh(), fresh()],
+        };
+        let patterns: Vec<_> = (0..2)
+            .flat_map(|i| FlashAttention::burn_nn_key_patterns(&format!("layers.{i}.attn")))
+            .collect();
+        let remapper = KeyRemapper::from_patterns(patterns).unwrap();
+        let mut store = SafetensorsStore::from_bytes(Some(bytes)).remap(remapper);
+        let result = new.load_from(&mut store).unwrap();
+        assert!(
+            result.missing.is_empty() && result.unused.is_empty() && result.errors.is_empty(),
+            "{result:?}"
+        );
+        let x = randn([2, 7, 16], &device);
+        for (old, new) in old.layers.iter().zip(&new.layers) {
+            let want = old.attn.forward(MhaInput::self_attn(x.clone())).context;
+            let diff = max_abs_diff(new.attn.forward(x.clone()), want);
+            assert!(diff < 1e-5, "loaded attention differs by {diff}");
+        }
+        assert_eq!(
+            FlashAttention::burn_nn_key_patterns(""),
+            vec![(
+                "^(query|key|value|output)\\.".to_string(),
+                "projection.${1}.".to_string()
+            )]
+        );
+    }
 
     #[test]
     fn converted_attention_keeps_the_training_flag() {
