@@ -80,11 +80,18 @@ for step in "$@"; do
       # of test names).
       "$BIN/cuda_kernel" --list 2>/dev/null | sed -n 's/: test$//p' |
         grep -E "${GRID_FILTER:-.}" > "$OUT/grid-tests.txt"
-      rm -f "$OUT"/grid-on_cuda*.log
+      # Per-test logs in one folder (a device run returns few files); the combined log and
+      # each failed test's last lines beside it.
+      logs="$OUT/grid-logs"
+      rm -rf "$logs" && mkdir -p "$logs"
       timeout "${GRID_TIMEOUT:-560}" xargs -P "${GRID_JOBS:-6}" -I{} sh -c \
-        '"$0" --exact "$1" --nocapture > "$2/grid-$(echo "$1" | tr : _).log" 2>&1' \
-        "$BIN/cuda_kernel" {} "$OUT" < "$OUT/grid-tests.txt"
-      cat "$OUT"/grid-on_cuda*.log > "$OUT/grid.log"
+        '"$0" --exact "$1" --nocapture > "$2/$(echo "$1" | tr : _).log" 2>&1' \
+        "$BIN/cuda_kernel" {} "$logs" < "$OUT/grid-tests.txt"
+      cat "$logs"/*.log > "$OUT/grid.log"
+      for f in $(grep -lE "FAILED|panicked" "$logs"/*.log); do
+        echo "== $(basename "$f" .log)"; tail -25 "$f"
+      done > "$OUT/grid-failed.log"
+      tar -cJf "$OUT/grid-logs.tar.xz" -C "$OUT" grid-logs && rm -rf "$logs"
       grep -hE "^test .* (ok|FAILED|ignored)$|panicked" "$OUT/grid.log" | head -80
       echo "tests: $(wc -l < "$OUT/grid-tests.txt"), ok: $(grep -cE '^test .* ok$' "$OUT/grid.log"), failed: $(grep -cE '^test .* FAILED$' "$OUT/grid.log"), cases checked: $(grep -cE 'out err' "$OUT/grid.log")" ;;
     digest)
@@ -179,6 +186,8 @@ for step in "$@"; do
         timeout "${SANITIZE_TIMEOUT:-300}" "$SAN" --tool $tool --print-limit 5 "$BIN/cuda_kernel" --test-threads 1 ${SANITIZE_ARGS:-sanitizer_sweep} \
           > "$OUT/sanitize-$tool.log" 2>&1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test result' "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
+        # The first report's lines (what, where, which kernel), when there is one.
+        grep -m1 -A8 -E '^========= (Invalid|Barrier|Race|Error|.*hazard)' "$OUT/sanitize-$tool.log"
       done ;;
     *) echo "unknown step $step (build grid digest bench peers masks masks-vulkan decode linear linear-profile linear-peer-profile backward-profile sources compare durations sanitize)"; exit 2 ;;
   esac
