@@ -2247,7 +2247,7 @@ pub fn check_invalid_list_indices<B: On>() {
     assert!(added > 0, "no query block has room for an extra entry");
     assert_eq!(run(bad_counts, bad_indices), want);
 
-    // Blocks past any length (the kernels count tiles per block in 32 bits), and a layout
+    // Blocks past any length (the kernels walk their tiles at i32 positions), and a layout
     // of empty blocks: errors naming them.
     let mask_lists = |block_q| lists(block_q, mask.full_count.clone(), mask.full_index.clone());
     let huge = block_q << 32;

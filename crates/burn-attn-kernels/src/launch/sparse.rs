@@ -372,8 +372,6 @@ impl RuleArgs {
     }
 }
 
-/// Checks that `lists` are on blocks the kernels' `tiles` (query rows x keys, per kernel)
-/// divide and have the shapes of the call.
 /// Elements spanned by the largest tensor of a call's lists and rules, and by the score
 /// terms' gradients (`[batch, heads, seq]` in f32), which the plans' offset width must
 /// cover beside q, k, v and the outputs.
@@ -401,6 +399,8 @@ fn rule_span(lists: &BlockLists, rules: &SparseRules, sizes: &Sizes) -> usize {
         .fold(grads, usize::max)
 }
 
+/// Checks that `lists` are on blocks the kernels' `tiles` (query rows x keys, per kernel)
+/// divide and have the shapes of the call.
 fn check_lists(
     lists: &BlockLists,
     sizes: &Sizes,
@@ -419,15 +419,26 @@ fn check_lists(
         )));
     }
     // The kernels walk every tile of a listed block, past the sequence too (the plan's
-    // blocks are its largest tile, beyond short sequences), with positions in 32 bits.
-    let in_i32 = |n: usize, block: usize| {
-        n.checked_add(block)
+    // blocks are its largest tile, beyond short sequences), with i32 positions: a block
+    // index out of range reads as the block after the last, whose tiles end at
+    // `seq.next_multiple_of(block) + block`. Blocks of more than 2^20 tiles are refused
+    // too: a cube walks each tile of a listed block.
+    let walkable = |n: usize, block: usize, tile: usize| {
+        n.max(1)
+            .next_multiple_of(block)
+            .checked_add(block)
             .is_some_and(|end| end <= i32::MAX as usize)
+            && block / tile <= 1 << 20
     };
-    if !in_i32(sizes.seq_q, lists.block_q) || !in_i32(sizes.seq_k, lists.block_k) {
+    let (tile_q, tile_k) = tiles.iter().fold((usize::MAX, usize::MAX), |(q, k), t| {
+        (q.min(t.0), k.min(t.1))
+    });
+    if !walkable(sizes.seq_q, lists.block_q, tile_q)
+        || !walkable(sizes.seq_k, lists.block_k, tile_k)
+    {
         return Err(Unsupported::Shapes(format!(
-            "block lists on {} x {} blocks for {} x {} (query rows x keys): a sequence and \
-             one block past it must stay within i32 positions",
+            "block lists on {} x {} blocks for {} x {} (query rows x keys) with tiles \
+             {tiles:?}: the tiles walked must stay within i32 positions and 2^20 per block",
             lists.block_q, lists.block_k, sizes.seq_q, sizes.seq_k
         )));
     }
