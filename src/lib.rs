@@ -40,9 +40,10 @@ pub use burn_attn_core::{
 pub use burn_attn_nn::{
     AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig, AnyAttention,
     AnyAttentionConfig, AttentionDropout, AttentionInput, CausalLinearAttention,
-    CausalLinearAttentionConfig, ComplexityModel, FeatureMap, FlashAttention, FlashAttentionConfig,
-    HybridAttention, HybridAttentionConfig, HybridChoice, KvCache, LearnedSparseAttention,
-    LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig, MultiHeadProjection,
-    MultiHeadProjectionConfig, PagedKvCache, SequenceId, SlidingWindowAttention,
-    SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig, SparsePattern,
+    CausalLinearAttentionConfig, ComplexityModel, DecodeState, FeatureMap, FlashAttention,
+    FlashAttentionConfig, HybridAttention, HybridAttentionConfig, HybridChoice, KvCache,
+    LearnedSparseAttention, LearnedSparseAttentionConfig, LinearAttention, LinearAttentionConfig,
+    MultiHeadProjection, MultiHeadProjectionConfig, PagedKvCache, SequenceId,
+    SlidingWindowAttention, SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
+    SparsePattern,
 };

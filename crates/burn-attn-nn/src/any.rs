@@ -5,7 +5,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Tensor};
-use burn_attn_core::{AttentionError, DocumentIds};
+use burn_attn_core::{AttentionError, DocumentIds, LinearAttentionState};
 
 use crate::input::AttentionInput;
 use crate::{
@@ -16,6 +16,19 @@ use crate::{
     SlidingWindowAttentionConfig, SparseAttention, SparseAttentionConfig,
 };
 use burn_attn_core::OrPanic;
+
+/// What one layer of an [`AnyAttention`] keeps between decoding calls
+/// ([`AnyAttention::forward_decode`]): the projected keys and values of the tokens so far
+/// for the softmax mechanisms, the running state for causal linear attention. Start one
+/// with [`AnyAttention::decode_state`]; a state serves one module and one batch of
+/// sequences.
+#[derive(Debug, Clone)]
+pub enum DecodeState {
+    /// Keys and values of the tokens so far.
+    Keys(KvCache),
+    /// Causal linear attention's state after the tokens so far (`None` before the first).
+    Linear(Option<LinearAttentionState>),
+}
 
 /// The configuration of any attention mechanism of this crate.
 #[derive(Config, Debug)]
@@ -299,6 +312,54 @@ impl AnyAttention {
         self.try_forward_cache(x, cache).or_panic()
     }
 
+    /// An empty decoding state for this mechanism: causal linear attention's state, a
+    /// rolling [`KvCache`] for the sliding window (its window's keys only), a growing one
+    /// otherwise.
+    pub fn decode_state(&self) -> DecodeState {
+        match self {
+            Self::CausalLinear(_) => DecodeState::Linear(None),
+            Self::SlidingWindow(_) => DecodeState::Keys(KvCache::rolling()),
+            _ => DecodeState::Keys(KvCache::new()),
+        }
+    }
+
+    /// Decoding with any mechanism that generates: the next tokens `x` (`[batch, new,
+    /// d_model]`) over the tokens `state` holds, whose rows equal the last `new` rows of
+    /// [`forward`](Self::forward) over the whole sequence; `state` then holds `x` too. The
+    /// softmax mechanisms decode as their `try_forward_cache` (flash, sliding window,
+    /// sparse with a local or strided pattern, hybrid; causal ones), causal linear attention
+    /// through its running state. A mechanism that does not decode, or a state of the
+    /// other kind, is an error naming them.
+    pub fn try_forward_decode(
+        &self,
+        x: Tensor<3>,
+        state: &mut DecodeState,
+    ) -> Result<Tensor<3>, AttentionError> {
+        match (self, state) {
+            (Self::CausalLinear(m), DecodeState::Linear(held)) => {
+                let (out, next) = m.forward_with_state(x, held.take());
+                *held = Some(next);
+                Ok(out)
+            }
+            (Self::CausalLinear(_), DecodeState::Keys(_)) => Err(AttentionError::Invalid(
+                "causal-linear attention decodes with its running state \
+                 (DecodeState::Linear), not a key/value cache"
+                    .into(),
+            )),
+            (_, DecodeState::Keys(cache)) => self.try_forward_cache(x, cache),
+            (_, DecodeState::Linear(_)) => Err(AttentionError::Invalid(format!(
+                "{} attention decodes with a key/value cache (DecodeState::Keys), not a \
+                 linear-attention state",
+                self.name()
+            ))),
+        }
+    }
+
+    /// [`try_forward_decode`](Self::try_forward_decode), panicking on its error.
+    pub fn forward_decode(&self, x: Tensor<3>, state: &mut DecodeState) -> Tensor<3> {
+        self.try_forward_decode(x, state).or_panic()
+    }
+
     /// The mechanism's name (see [`AnyAttentionConfig::name`]).
     pub fn name(&self) -> &'static str {
         match self {
@@ -569,5 +630,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every mechanism that generates decodes through one state type, token by token and
+    /// in chunks, to its own forward's rows; the others, and a state of the other kind,
+    /// are refused, naming them.
+    #[test]
+    fn one_decoding_state_for_every_mechanism_that_generates() {
+        let device = cpu();
+        let (d, heads, seq) = (16, 4, 9);
+        let x = seeded_input([2, seq, d], 8, &device);
+        let causal = |config: AnyAttentionConfig| match config {
+            AnyAttentionConfig::Flash(c) => AnyAttentionConfig::Flash(c.with_causal(true)),
+            AnyAttentionConfig::SlidingWindow(c) => {
+                AnyAttentionConfig::SlidingWindow(c.with_causal(true))
+            }
+            AnyAttentionConfig::Sparse(c) => AnyAttentionConfig::Sparse(c.with_causal(true)),
+            AnyAttentionConfig::Hybrid(c) => AnyAttentionConfig::Hybrid(c.with_causal(true)),
+            other => other,
+        };
+        let mut decoded = Vec::new();
+        for config in configs(d, heads).into_iter().map(causal) {
+            let any = config.init(&device);
+            let whole = any.forward(x.clone());
+            for chunk in [1, 4] {
+                let mut state = any.decode_state();
+                let outs: Result<Vec<_>, _> = (0..seq)
+                    .step_by(chunk)
+                    .map(|s| {
+                        let part = x.clone().narrow(1, s, chunk.min(seq - s));
+                        any.try_forward_decode(part, &mut state)
+                    })
+                    .collect();
+                match outs {
+                    Ok(outs) => {
+                        let diff = max_abs_diff(Tensor::cat(outs, 1), whole.clone());
+                        assert!(diff < 1e-5, "{}, chunks of {chunk}: {diff}", any.name());
+                        decoded.push(any.name());
+                    }
+                    Err(e) => assert!(e.to_string().contains(any.name()), "{e}"),
+                }
+            }
+            // A state of the other kind.
+            let mut other = match any.decode_state() {
+                DecodeState::Linear(_) => DecodeState::Keys(KvCache::new()),
+                DecodeState::Keys(_) => DecodeState::Linear(None),
+            };
+            let err = any.try_forward_decode(x.clone(), &mut other).unwrap_err();
+            assert!(err.to_string().contains("DecodeState::"), "{err}");
+        }
+        decoded.dedup();
+        assert_eq!(
+            decoded,
+            [
+                "flash",
+                "sliding-window",
+                "sparse",
+                "causal-linear",
+                "hybrid"
+            ],
+            "the mechanisms that decode"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub mod sparse;
 mod test_util;
 
 pub use adaptive_window::{AdaptiveSlidingWindowAttention, AdaptiveSlidingWindowAttentionConfig};
-pub use any::{AnyAttention, AnyAttentionConfig};
+pub use any::{AnyAttention, AnyAttentionConfig, DecodeState};
 pub use causal_linear::{CausalLinearAttention, CausalLinearAttentionConfig};
 pub use complexity::ComplexityModel;
 pub use dropout::AttentionDropout;
