@@ -337,7 +337,8 @@ impl AnyAttention {
     ) -> Result<Tensor<3>, AttentionError> {
         match (self, state) {
             (Self::CausalLinear(m), DecodeState::Linear(held)) => {
-                let (out, next) = m.forward_with_state(x, held.take());
+                // A clone of the handles: a call that panics leaves the state as it was.
+                let (out, next) = m.forward_with_state(x, held.clone());
                 *held = Some(next);
                 Ok(out)
             }
