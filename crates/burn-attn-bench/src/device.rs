@@ -1,5 +1,5 @@
 //! The device a run uses: the backend and float type of the command line, as a Burn
-//! device whose default float type is that type, and its memory meter.
+//! device whose default float type is that type, its memory meter, and waiting for it.
 
 use burn::tensor::{Device, FloatDType};
 
@@ -63,5 +63,14 @@ pub fn memory_meter(device: &Device) -> MemoryMeter {
             }
         })),
         cleanup: Some(Box::new(move || cleaned.memory_cleanup())),
+    }
+}
+
+/// Waits for `device`'s queued work. A failed execution (a GPU allocation that did not
+/// fit, a faulted kernel) panics here, naming the device and the error, so the row fails
+/// at the call that caused it.
+pub(crate) fn sync(device: &Device) {
+    if let Err(e) = device.sync() {
+        panic!("{device:?}: execution failed: {e}");
     }
 }

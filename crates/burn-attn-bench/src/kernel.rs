@@ -185,7 +185,7 @@ pub(crate) fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: im
     let mut runs = 0;
     while runs < 3 || warm.elapsed().as_secs_f64() < 0.2 {
         f();
-        crate::run::sync(device);
+        crate::device::sync(device);
         runs += 1;
     }
     let mut times: Vec<f64> = (0..repeats)
@@ -194,7 +194,7 @@ pub(crate) fn median_ms(device: &Device, repeats: usize, calls: usize, mut f: im
             for _ in 0..calls {
                 f();
             }
-            crate::run::sync(device);
+            crate::device::sync(device);
             start.elapsed().as_secs_f64() * 1e3 / calls as f64
         })
         .collect();
@@ -412,7 +412,7 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
         let (q, k, v) = (fill(0.02), fill(0.01), fill(0.5));
         let w = args.backward.then(|| fill(1.0));
         let elem = q.dtype().size() as u64;
-        crate::run::sync(device);
+        crate::device::sync(device);
         device.memory_cleanup();
         let before = reserved();
         let in_use_before = in_use();
@@ -453,7 +453,7 @@ fn memory_case(device: &Device, args: &KernelArgs) -> Vec<serde_json::Value> {
                 (None, Some((q.grad(&grads), k.grad(&grads), v.grad(&grads))))
             }
         };
-        crate::run::sync(device);
+        crate::device::sync(device);
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let after = reserved();
         let in_use_after = in_use();

@@ -180,7 +180,7 @@ fn policy(backend: BackendKind) -> KernelPolicy {
 fn first_call_ms(device: &burn::tensor::Device, f: &mut impl FnMut()) -> f64 {
     let start = std::time::Instant::now();
     f();
-    crate::run::sync(device);
+    crate::device::sync(device);
     start.elapsed().as_secs_f64() * 1e3
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use crate::device::sync;
+
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_attn::cores::{causal_linear_attention, linear_attention, KeyPattern};
 use burn_attn::nn::complexity::{Cost, Method};
@@ -353,15 +355,6 @@ fn forward_synced(variant: &Variant, x: &Tensor<3>, device: &Device) -> Tensor<3
     let out = variant.forward(x.clone());
     sync(device);
     out
-}
-
-/// Waits for `device`'s queued work. A failed execution (a GPU allocation that did not
-/// fit, a faulted kernel) panics here, naming the device and the error, so the row fails
-/// at the call that caused it.
-pub(crate) fn sync(device: &Device) {
-    if let Err(e) = device.sync() {
-        panic!("{device:?}: execution failed: {e}");
-    }
 }
 
 /// The median of `times` (the mean of the middle two for an even count).
