@@ -2121,7 +2121,8 @@ pub fn check_empty_masked_calls<B: On>() {
 
 /// A block-mask cache in the options serves repeated calls of one pattern and length with
 /// the plan of the first (the same bits as building it anew, also under key padding on
-/// top of the cached pattern) and is replaced when the length changes.
+/// top of the cached pattern); a block layout's plan is replaced when the length changes,
+/// a positional pattern's serves shorter calls and decoding steps from a part of it.
 pub fn check_block_mask_cache<B: On>() {
     use burn::tensor::Bool;
     use burn_attn_core::BlockMaskCache;
@@ -2170,6 +2171,62 @@ pub fn check_block_mask_cache<B: On>() {
     assert_eq!(run(50, false, &cached), shorter);
     cache.clear();
     assert!(cache.held_grid().is_none());
+
+    // A pattern of positions alone (a causal window with strided columns; key padding on
+    // top takes it to the block-sparse kernels): shorter calls and decoding steps (a few
+    // queries against a growing cache) are served by a part of the held plan, which grows
+    // when a call outgrows it; each result is the fresh plan's.
+    let pattern = KeyPattern {
+        window: Window::causal(20),
+        stride: Some(16),
+        causal: true,
+        blocks: None,
+    };
+    let step = |seq_q: usize, seq_k: usize| {
+        let case = Case::new(seq_q, seq_k, 32).gqa(4, 2).batch(2);
+        let x = inputs(&case, 62 + seq_k as u64);
+        let flags: Vec<bool> = (0..2 * seq_k).map(|j| j % 7 == 3).collect();
+        let pad = Tensor::<2, Bool>::from_data(TensorData::new(flags, [2, seq_k]), &device);
+        let attend = |options: &AttentionOptions| {
+            let log = DispatchLog::new();
+            let options = options
+                .clone()
+                .with_log(log.clone())
+                .with_kernel(KernelPolicy::Require);
+            let out = to_f64(burn_attn_core::pattern_attention(
+                tensor(&x.q, DType::F32, &device),
+                tensor(&x.k, DType::F32, &device),
+                tensor(&x.v, DType::F32, &device),
+                &pattern,
+                &options,
+                Some(pad.clone()),
+                0.0,
+            ));
+            let served = log.entries()[0].served;
+            assert!(
+                matches!(
+                    served,
+                    Implementation::FlashUnitSparse | Implementation::FlashMmaSparse
+                ),
+                "{seq_q} x {seq_k}: {served:?}"
+            );
+            out
+        };
+        let err = max_err(&attend(&cached), &attend(&fresh));
+        assert!(err < 1e-6, "{seq_q} queries x {seq_k} keys: {err}");
+        let held = cache.held_grid().expect("held");
+        (held.seq_q, held.seq_k)
+    };
+    assert_eq!(step(77, 77), (77, 77));
+    assert_eq!(step(40, 40), (77, 77));
+    for seq_k in [60, 61, 76, 77] {
+        assert_eq!(step(1, seq_k), (77, 77));
+    }
+    assert_eq!(step(5, 70), (77, 77));
+    let (side, _) = step(1, 78);
+    assert!(side >= 77 + 77 / 4, "grown to {side}");
+    assert_eq!(step(3, side), (side, side));
+    cache.clear();
 }
 
 /// Lists with indices outside the key blocks (not built by `BlockMask`: negative, or far

@@ -398,35 +398,68 @@ impl BlockCover {
         })
     }
 
-    /// The cover of the first `seq_q` queries and `seq_k` keys, for a call shorter than the
-    /// lengths the cover was built for (a module builds its pattern's cover once, for its
-    /// longest sequence). Sound for the shorter call: a block empty or full for the longer
-    /// lengths is so for any part of it; one that the cut makes empty or full stays partial.
+    /// The cover of a call of `seq_q` queries and `seq_k` keys inside the lengths the cover
+    /// was built for, under a rule of positions alone (a [`KeyPattern`] without a block
+    /// layout: bands, the causal rule and strided columns see only a query's aligned
+    /// position and a key's index). The call's keys are the cover's first `seq_k`; its
+    /// query `i` sits at key position `i + seq_k - seq_q`, which is the cover's query row
+    /// `i + r0` with `r0 = (seq_k - seq_q) - (built seq_k - built seq_q)`. A module builds
+    /// its pattern's cover once and serves shorter calls and decoding steps (a few queries
+    /// against a growing cache) with it.
+    ///
+    /// Sound: a call block inside one built block keeps its code (a block empty or full
+    /// for the longer lengths is so for any part of it), a call block across two built
+    /// blocks (`r0` not a multiple of `block_q`) is empty or full only where both are, and
+    /// is partial otherwise.
     ///
     /// # Errors
-    /// When a length is 0 or longer than the cover's, or the alignment `seq_k - seq_q`
-    /// differs from the cover's (query `i` would meet other keys).
-    pub fn prefix(&self, seq_q: usize, seq_k: usize) -> Result<Self, AttentionError> {
+    /// When a length is 0, `seq_k` exceeds the built one, or `r0` is negative (the call's
+    /// first query would sit before the cover's first row).
+    pub fn part(&self, seq_q: usize, seq_k: usize) -> Result<Self, AttentionError> {
         let g = self.grid;
-        let same_alignment = seq_k as i64 - seq_q as i64 == g.seq_k as i64 - g.seq_q as i64;
-        if seq_q == 0 || seq_k == 0 || seq_q > g.seq_q || seq_k > g.seq_k || !same_alignment {
+        let r0 = (seq_k as i64 - seq_q as i64) - (g.seq_k as i64 - g.seq_q as i64);
+        if seq_q == 0 || seq_k == 0 || seq_k > g.seq_k || r0 < 0 {
             return Err(AttentionError::Invalid(format!(
-                "a block cover built for seq_q {}, seq_k {} serves calls of at most those \
-                 lengths with the same seq_k - seq_q ({}), not seq_q {seq_q}, seq_k {seq_k}",
+                "a block cover built for seq_q {}, seq_k {} serves calls of at most seq_k {} \
+                 whose queries sit at its rows (seq_k - seq_q at least {}), not seq_q \
+                 {seq_q}, seq_k {seq_k}",
                 g.seq_q,
+                g.seq_k,
                 g.seq_k,
                 g.seq_k as i64 - g.seq_q as i64
             )));
         }
+        let r0 = r0 as usize;
         let grid = BlockGrid::new(g.block_q, g.block_k, seq_q, seq_k)?;
-        let [b, h, ..] = self.codes.dims();
-        Ok(Self {
-            grid,
-            codes: self
-                .codes
+        let [b, h, built_qb, _] = self.codes.dims();
+        let (qb, kb) = (grid.q_blocks(), grid.k_blocks());
+        let first = r0 / g.block_q;
+        let rows = |from: usize| {
+            self.codes
                 .clone()
-                .slice([0..b, 0..h, 0..grid.q_blocks(), 0..grid.k_blocks()]),
-        })
+                .slice([0..b, 0..h, from..from + qb, 0..kb])
+        };
+        let codes = if r0.is_multiple_of(g.block_q) {
+            rows(first)
+        } else {
+            // Call block `r` holds rows of built blocks `first + r` and `first + r + 1`;
+            // past the built rows, the last call block holds rows of one built block only.
+            let upper = rows(first);
+            let lower = if first + qb < built_qb {
+                rows(first + 1)
+            } else if qb > 1 {
+                let last = upper.clone().slice([0..b, 0..h, qb - 1..qb, 0..kb]);
+                Tensor::cat(
+                    vec![upper.clone().slice([0..b, 0..h, 1..qb, 0..kb]), last],
+                    2,
+                )
+            } else {
+                upper.clone()
+            };
+            let same = upper.clone().equal(lower);
+            Tensor::<4, Int>::full(upper.dims(), PARTIAL, &upper.device()).mask_where(same, upper)
+        };
+        Ok(Self { grid, codes })
     }
 
     /// The cover codes, `[batch or 1, heads or 1, q_blocks, k_blocks]`, as
@@ -981,24 +1014,45 @@ mod tests {
         );
     }
 
+    /// Parts of a cover serve shorter calls and decoding steps (a few queries against a
+    /// growing cache) soundly, whatever their rows' offset in the built blocks.
     #[test]
-    fn prefixes_serve_shorter_calls() {
+    fn parts_serve_shorter_calls_and_decoding_steps() {
         let device = Device::ndarray();
-        let (long, block) = (40, 4);
-        for (pattern, _) in patterns(long, long) {
-            if pattern.blocks.is_some() {
-                continue; // layouts are built for their lengths
-            }
-            let grid = BlockGrid::new(block, block, long, long).unwrap();
-            let cover = BlockCover::of_pattern(&pattern, grid, &device).unwrap();
-            for n in [1, 7, 13, 40] {
-                let short = cover.prefix(n, n).unwrap();
-                let own = BlockGrid::new(block, block, n, n).unwrap();
-                assert_eq!(short.grid(), own);
-                for (at, got) in short.to_covers().into_iter().enumerate() {
-                    let (qb, kb) = (at / own.k_blocks(), at % own.k_blocks());
-                    let want = exact(own, qb, kb, |i, j| pattern.visible(i, j, n, n));
-                    assert_cover(got, want, false, &format!("{pattern:?} n {n} ({qb}, {kb})"));
+        let block = 4;
+        for (long_q, long_k) in [(40, 40), (30, 41)] {
+            for (pattern, _) in patterns(long_q, long_k) {
+                if pattern.blocks.is_some() {
+                    continue; // layouts are built for their lengths
+                }
+                let grid = BlockGrid::new(block, block, long_q, long_k).unwrap();
+                let cover = BlockCover::of_pattern(&pattern, grid, &device).unwrap();
+                let whole = cover.part(long_q, long_k).unwrap();
+                assert_eq!(whole.to_covers(), cover.to_covers());
+                let offset = long_k - long_q;
+                let calls = [
+                    (1, 1),
+                    (7, 7),
+                    (13, 13),
+                    (1, 29),
+                    (3, 22),
+                    (16, 37),
+                    (5, 41),
+                ];
+                for (seq_q, seq_k) in calls {
+                    if seq_k > long_k || seq_k < seq_q + offset {
+                        assert!(cover.part(seq_q, seq_k).is_err(), "{seq_q} {seq_k}");
+                        continue;
+                    }
+                    let part = cover.part(seq_q, seq_k).unwrap();
+                    let own = BlockGrid::new(block, block, seq_q, seq_k).unwrap();
+                    assert_eq!(part.grid(), own);
+                    for (at, got) in part.to_covers().into_iter().enumerate() {
+                        let (qb, kb) = (at / own.k_blocks(), at % own.k_blocks());
+                        let want = exact(own, qb, kb, |i, j| pattern.visible(i, j, seq_q, seq_k));
+                        let what = format!("{pattern:?} call {seq_q} x {seq_k} ({qb}, {kb})");
+                        assert_cover(got, want, false, &what);
+                    }
                 }
             }
         }
@@ -1008,10 +1062,12 @@ mod tests {
             &device,
         )
         .unwrap();
-        assert!(cover.prefix(6, 9).is_ok());
-        let err = cover.prefix(6, 6).unwrap_err().to_string();
-        assert!(err.contains("seq_k - seq_q (3)"), "{err}");
-        assert!(cover.prefix(10, 13).is_err());
+        assert!(cover.part(6, 9).is_ok());
+        assert!(cover.part(1, 12).is_ok());
+        let err = cover.part(6, 6).unwrap_err().to_string();
+        assert!(err.contains("seq_k - seq_q at least 3"), "{err}");
+        assert!(cover.part(10, 13).is_err());
+        assert!(cover.part(0, 5).is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! A block-sparse plan kept across calls: the cover and lists of one [`KeyPattern`] on the
 //! kernels' grid, and its block layout's flags on the device, built on the first call and
-//! reused while the pattern, grid and device stay the same (a model's layer at a fixed
-//! length: every training step after the first). Building them takes a dozen device ops
-//! and, for a block layout, an upload per call; a hit takes none.
+//! reused while the pattern, block sizes and device stay the same (a model's layer at a
+//! fixed length: every training step after the first; shorter calls and decoding steps
+//! from a part of its cover). Building them takes a dozen device ops and, for a block
+//! layout, an upload per call; a hit at the built lengths takes none, a part the lists'
+//! few ops.
 
 // Only the block-sparse kernels read the plans: a build without them keeps the type (the
 // options and modules hold one) but never fills it.
@@ -40,12 +42,17 @@ impl PatternPlan {
             let n = active.len();
             Tensor::<1, Int>::from_data(TensorData::new(active, [n]), device)
         });
+        Ok(Self::of_cover(cover, layout))
+    }
+
+    /// The plan of `cover`, with the block layout's flags where the pattern has one.
+    pub(crate) fn of_cover(cover: BlockCover, layout: Option<Tensor<1, Int>>) -> Self {
         // In the kernels' i32 once, so calls served from a cache cast nothing.
-        Ok(Self {
+        Self {
             mask: BlockMask::new(cover.clone()).cast(IntDType::I32),
             cover,
             layout: layout.map(|l| l.cast(IntDType::I32)),
-        })
+        }
     }
 }
 
@@ -58,12 +65,32 @@ struct Held {
     plan: PatternPlan,
 }
 
+impl Held {
+    /// Whether the plan was built for `pattern`'s blocks of `grid`'s sizes on `device`.
+    fn serves(&self, pattern: &KeyPattern, grid: BlockGrid, device: &Device) -> bool {
+        // Device equality may not tell an autodiff device from its inner one; tensors made
+        // on one are kept to its calls (a module trains, then evaluates).
+        let same_device =
+            &self.device == device && self.device.is_autodiff() == device.is_autodiff();
+        (self.grid.block_q, self.grid.block_k) == (grid.block_q, grid.block_k)
+            && same_device
+            && &self.pattern == pattern
+    }
+}
+
 /// A cache of one block-sparse plan for the calls made with the options that hold it
 /// ([`AttentionOptions::with_block_mask_cache`](crate::AttentionOptions::with_block_mask_cache));
-/// clones share one cache, and two options are equal when they share it. A call whose
-/// pattern, lengths, kernel grid or device differ from the held plan's replaces it, so a
-/// module keeps one per layer. It holds device memory (four `q_blocks x k_blocks` i32
-/// tensors of lists and their transposes) until dropped or [cleared](Self::clear).
+/// clones share one cache, and two options are equal when they share it.
+///
+/// The plan of a pattern without a block layout is built for the longest call seen and
+/// serves every call it holds (fewer keys, queries at its rows: shorter sequences and
+/// decoding steps) with a part of its cover ([`BlockCover::part`]); a longer call
+/// replaces it with one for at least a quarter more keys, so a decoding cache that grows
+/// by a token per step rebuilds it a logarithmic number of times. A block layout is built
+/// for its lengths, so its plan serves those only. Another pattern, kernel grid or device
+/// replaces the plan, so a module keeps one per layer. It holds device memory (the cover
+/// and four `q_blocks x k_blocks` i32 tensors of lists and their transposes) until
+/// dropped or [cleared](Self::clear).
 #[derive(Clone, Default)]
 pub struct BlockMaskCache(Arc<Mutex<Option<Held>>>);
 
@@ -74,7 +101,7 @@ impl BlockMaskCache {
     }
 
     /// The plan of `pattern` on `grid` and `device`: the held one when it was built for
-    /// them, a new one (then held) otherwise.
+    /// them, a part of it when it holds the call, a new one (then held) otherwise.
     pub(crate) fn plan(
         &self,
         pattern: &KeyPattern,
@@ -82,22 +109,49 @@ impl BlockMaskCache {
         device: &Device,
     ) -> Result<PatternPlan, AttentionError> {
         let mut held = self.0.lock().expect("block mask cache lock");
-        if let Some(h) = held.as_ref() {
-            // Device equality may not tell an autodiff device from its inner one; tensors
-            // made on one are kept to its calls (a module trains, then evaluates).
-            let same_device = &h.device == device && h.device.is_autodiff() == device.is_autodiff();
-            if h.grid == grid && same_device && &h.pattern == pattern {
+        let reusable = held.as_ref().filter(|h| h.serves(pattern, grid, device));
+        if let Some(h) = reusable {
+            if h.grid == grid {
                 return Ok(h.plan.clone());
             }
+            if pattern.blocks.is_none() {
+                if let Ok(cover) = h.plan.cover.part(grid.seq_q, grid.seq_k) {
+                    return Ok(PatternPlan::of_cover(cover, None));
+                }
+            }
         }
-        let plan = PatternPlan::build(pattern, grid, device)?;
+        let build_grid = match reusable {
+            Some(h) if pattern.blocks.is_none() => Self::grown(h.grid, grid),
+            _ => grid,
+        };
+        let plan = PatternPlan::build(pattern, build_grid, device)?;
+        let call_plan = if build_grid == grid {
+            plan.clone()
+        } else {
+            PatternPlan::of_cover(plan.cover.part(grid.seq_q, grid.seq_k)?, None)
+        };
         *held = Some(Held {
             pattern: pattern.clone(),
-            grid,
+            grid: build_grid,
             device: device.clone(),
-            plan: plan.clone(),
+            plan,
         });
-        Ok(plan)
+        Ok(call_plan)
+    }
+
+    /// The grid a plan held for `held` is rebuilt on for a call on `call` it does not hold:
+    /// square (decoding calls, fewer queries than keys, sit at its last rows), over the
+    /// call's keys and at least a quarter more than held; the call's own grid where it has
+    /// more queries than keys (a square would not hold it) or where the square is past
+    /// the lists' 32-bit positions.
+    fn grown(held: BlockGrid, call: BlockGrid) -> BlockGrid {
+        if call.seq_q > call.seq_k {
+            return call;
+        }
+        let side = call
+            .seq_k
+            .max(held.seq_k + (held.seq_k / 4).max(held.block_k));
+        BlockGrid::new(call.block_q, call.block_k, side, side).unwrap_or(call)
     }
 
     /// The grid of the held plan, if any.
@@ -125,5 +179,83 @@ impl core::fmt::Debug for BlockMaskCache {
 impl PartialEq for BlockMaskCache {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Window;
+    use crate::pattern::BlockLayout;
+
+    fn grid(seq_q: usize, seq_k: usize) -> BlockGrid {
+        BlockGrid::new(8, 8, seq_q, seq_k).unwrap()
+    }
+
+    /// Shorter calls and decoding steps are served from the held plan's cover, which grows
+    /// by at least a quarter when a call outgrows it; the part served equals the part of a
+    /// plan built for the held lengths.
+    #[test]
+    fn a_held_plan_serves_shorter_calls_and_grows_for_longer_ones() {
+        let device = Device::ndarray();
+        let pattern = KeyPattern {
+            window: Window::causal(12),
+            stride: Some(16),
+            causal: true,
+            blocks: None,
+        };
+        let cache = BlockMaskCache::new();
+        let held = || {
+            let g = cache.held_grid().expect("held");
+            (g.seq_q, g.seq_k)
+        };
+        let served = |seq_q, seq_k| {
+            let plan = cache.plan(&pattern, grid(seq_q, seq_k), &device).unwrap();
+            assert_eq!(plan.mask.grid(), grid(seq_q, seq_k));
+            plan
+        };
+        served(40, 40);
+        assert_eq!(held(), (40, 40));
+        let part = served(30, 30);
+        assert_eq!(held(), (40, 40));
+        let built = PatternPlan::build(&pattern, grid(40, 40), &device).unwrap();
+        let want = built.cover.part(30, 30).unwrap();
+        assert_eq!(part.cover.to_covers(), want.to_covers());
+        // Decoding: one query against a growing cache.
+        for seq_k in 33..=40 {
+            served(1, seq_k);
+        }
+        assert_eq!(held(), (40, 40));
+        served(1, 41);
+        assert_eq!(held(), (50, 50), "a quarter more than 40");
+        served(3, 50);
+        assert_eq!(held(), (50, 50));
+        served(1, 51);
+        assert_eq!(held(), (62, 62));
+        served(1, 200);
+        assert_eq!(held(), (200, 200), "at least the call's keys");
+        // More queries than keys: the call's own grid.
+        served(210, 205);
+        assert_eq!(held(), (210, 205));
+        // Another pattern replaces the plan.
+        let other = KeyPattern::band(Window::symmetric(3), false);
+        cache.plan(&other, grid(20, 20), &device).unwrap();
+        assert_eq!(held(), (20, 20));
+    }
+
+    /// A block layout's plan serves the lengths it was built for only.
+    #[test]
+    fn a_layout_plan_serves_its_lengths_only() {
+        let device = Device::ndarray();
+        let layout = |n| KeyPattern {
+            blocks: Some(BlockLayout::random(n, n, 8, 0.5, 3).unwrap()),
+            ..KeyPattern::default()
+        };
+        let cache = BlockMaskCache::new();
+        cache.plan(&layout(40), grid(40, 40), &device).unwrap();
+        cache.plan(&layout(30), grid(30, 30), &device).unwrap();
+        let g = cache.held_grid().unwrap();
+        assert_eq!((g.seq_q, g.seq_k), (30, 30));
+        assert!(cache.plan(&layout(30), grid(20, 20), &device).is_err());
     }
 }
