@@ -80,6 +80,14 @@ impl LearnedSparseAttentionConfig {
     }
 }
 
+/// `bias` with `-inf` on the padding keys (`[batch, heads, seq_k]`, `true` = padding).
+fn hide(bias: Tensor<3>, padding: Option<Tensor<3, Bool>>) -> Tensor<3> {
+    match padding {
+        Some(pad) => bias.mask_fill(pad, f32::NEG_INFINITY),
+        None => bias,
+    }
+}
+
 /// Attention over the key blocks a trained gate selects (MoBA/NSA-style block selection).
 ///
 /// The gate scores every key per head; the scores are averaged over blocks of `block`
@@ -125,9 +133,10 @@ impl LearnedSparseAttention {
     /// The key blocks each head keeps, `[batch, heads, kept]` (block indices, best first),
     /// from the gate's scores `[batch, heads, seq_k]`: a block's score is the mean over its
     /// keys that are not padding (`padding`, `[batch, heads, seq_k]`, `true` = padding);
-    /// blocks of padding only rank last. A padded row keeps its share of the blocks that
-    /// hold a key that is not padding (so a right-padded sequence attends as it does
-    /// alone); its entries past that count are `ceil(seq_k / block)`, no block.
+    /// blocks of padding only rank last, and equal scores rank by block index. A padded
+    /// row keeps its share of the blocks that hold a key that is not padding (so a
+    /// right-padded sequence attends as it does alone); its entries past that count are
+    /// `ceil(seq_k / block)`, no block.
     pub fn select_blocks(
         &self,
         gate_scores: Tensor<3>,
@@ -135,8 +144,42 @@ impl LearnedSparseAttention {
     ) -> Tensor<3, Int> {
         let [batch, heads, seq_k] = gate_scores.dims();
         let blocks = seq_k.div_ceil(self.block);
+        let (ranks, counts) = self.block_ranks(gate_scores, padding);
+        let device = ranks.device();
+        let shape = [batch, heads, blocks];
+        let index = Tensor::<1, Int>::arange(0..blocks as i64, &device)
+            .reshape([1, 1, blocks])
+            .expand(shape);
+        // The ranks are a permutation of each row's blocks: block `i` goes to place
+        // `ranks[i]`.
+        let order = Tensor::<3, Int>::zeros(shape, &device).scatter(
+            2,
+            ranks,
+            index.clone(),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let kept = self.selected_blocks(seq_k);
+        let order = order.slice([0..batch, 0..heads, 0..kept]);
+        let rank = index.slice([0..batch, 0..heads, 0..kept]);
+        let past = rank.greater_equal(counts.expand([batch, heads, kept]));
+        order.mask_fill(past, blocks as i64)
+    }
+
+    /// Each key block's place in its row's order by pooled gate score (`[batch, heads,
+    /// blocks]`, 0 = best; ties by block index) and how many blocks each row keeps
+    /// (`[batch, heads, 1]`; see [`select_blocks`](Self::select_blocks)). Device ops only,
+    /// no sort (a sort reads back to the host on the GPU backends): a block's place is the
+    /// count of blocks ahead of it.
+    fn block_ranks(
+        &self,
+        gate_scores: Tensor<3>,
+        padding: Option<Tensor<3, Bool>>,
+    ) -> (Tensor<3, Int>, Tensor<3, Int>) {
+        let [batch, heads, seq_k] = gate_scores.dims();
+        let blocks = seq_k.div_ceil(self.block);
         let tail = blocks * self.block - seq_k;
         let scores = gate_scores.detach();
+        let device = scores.device();
         let has_padding = padding.is_some();
         let valid = match padding {
             Some(pad) => pad.bool_not().float(),
@@ -151,27 +194,42 @@ impl LearnedSparseAttention {
         let count = per_block(valid.clone());
         let pooled = (per_block(scores * valid) / count.clone().clamp_min(1.0))
             .mask_fill(count.clone().equal_elem(0.0), f32::NEG_INFINITY);
-        // A full sort rather than top-k: Burn's top-k requires k < n, and ratio 1 keeps all.
-        let (_, order) = pooled.sort_descending_with_indices(2);
+        // Block `j` is ahead of block `i` when its score is higher, or equal with a lower
+        // index.
+        let pairs = [batch, heads, blocks, blocks];
+        let own = pooled
+            .clone()
+            .reshape([batch, heads, blocks, 1])
+            .expand(pairs);
+        let other = pooled.reshape([batch, heads, 1, blocks]).expand(pairs);
+        let index = Tensor::<1, Int>::arange(0..blocks as i64, &device);
+        let earlier = index
+            .clone()
+            .reshape([1, 1, 1, blocks])
+            .lower(
+                index
+                    .reshape([1, 1, blocks, 1])
+                    .expand([1, 1, blocks, blocks]),
+            )
+            .expand(pairs);
+        let ahead = other
+            .clone()
+            .greater(own.clone())
+            .bool_or(other.equal(own).bool_and(earlier));
+        let ranks = ahead.int().sum_dim(3).reshape([batch, heads, blocks]);
         let kept = self.selected_blocks(seq_k);
-        let order = order.slice([0..batch, 0..heads, 0..kept]);
         if !has_padding {
-            return order;
+            return (ranks, Tensor::full([batch, heads, 1], kept as i64, &device));
         }
         // Each row's count, looked up by its blocks that hold a key in a host table (the
         // same rounding as `selected_blocks`).
-        let device = order.device();
         let table: Vec<i64> = (0..=blocks).map(|n| self.kept_of(n) as i64).collect();
         let table = Tensor::<1, Int>::from_data(TensorData::new(table, [blocks + 1]), &device);
         let real_blocks = count.greater_elem(0.0).int().sum_dim(2);
         let counts = table
             .select(0, real_blocks.reshape([batch * heads]))
             .reshape([batch, heads, 1]);
-        let rank = Tensor::<1, Int>::arange(0..kept as i64, &device)
-            .reshape([1, 1, kept])
-            .expand([batch, heads, kept]);
-        let past = rank.greater_equal(counts.expand([batch, heads, kept]));
-        order.mask_fill(past, blocks as i64)
+        (ranks, counts)
     }
 
     /// Attention of `query` over the selected keys of `key`/`value`, with an optional
@@ -200,53 +258,38 @@ impl LearnedSparseAttention {
             });
             pad.reshape([batch, 1, seq_k]).expand([batch, heads, seq_k])
         });
-        let kept = self.select_blocks(gate_scores.clone(), padding.clone());
-        let bias = log_sigmoid(gate_scores);
-        let bias = match padding {
-            Some(pad) => bias.mask_fill(pad, f32::NEG_INFINITY),
-            None => bias,
-        };
+        let bias = log_sigmoid(gate_scores.clone());
         let out = if block_sparse_kernels(&h.q.device()) {
-            self.attend_masked(h.q, h.k, h.v, bias, kept)
+            let (ranks, counts) = self.block_ranks(gate_scores, padding.clone());
+            self.attend_masked(h.q, h.k, h.v, hide(bias, padding), ranks, counts)
         } else {
-            self.attend_gathered(h.q, h.k, h.v, bias, kept)
+            let kept = self.select_blocks(gate_scores, padding.clone());
+            self.attend_gathered(h.q, h.k, h.v, hide(bias, padding), kept)
         };
         self.projection.merge(out)
     }
 
     /// The kernels' formulation: the gate's bias over every key, `-inf` on the keys of
-    /// blocks left out (the kernels skip their tiles), through [`masked_attention`].
+    /// blocks left out (ranked at or past their row's count; the kernels skip their tiles),
+    /// through [`masked_attention`].
     fn attend_masked(
         &self,
         q: Tensor<4>,
         k: Tensor<4>,
         v: Tensor<4>,
         bias: Tensor<3>,
-        kept: Tensor<3, Int>,
+        ranks: Tensor<3, Int>,
+        counts: Tensor<3, Int>,
     ) -> Tensor<4> {
         let [batch, heads, seq_k] = bias.dims();
-        let (blocks, kept_n) = (seq_k.div_ceil(self.block), kept.dims()[2]);
-        let shape = [batch, heads, kept_n, blocks];
-        let is_kept = kept
-            .reshape([batch, heads, kept_n, 1])
-            .expand(shape)
-            .equal(
-                Tensor::<1, Int>::arange(0..blocks as i64, &bias.device())
-                    .reshape([1, 1, 1, blocks])
-                    .expand(shape),
-            )
-            .int()
-            .sum_dim(2)
+        let blocks = ranks.dims()[2];
+        let left_out = ranks
+            .greater_equal(counts.expand([batch, heads, blocks]))
             .reshape([batch, heads, blocks, 1])
             .expand([batch, heads, blocks, self.block])
             .reshape([batch, heads, blocks * self.block])
             .slice([0..batch, 0..heads, 0..seq_k]);
-        self.attend(
-            q,
-            k,
-            v,
-            bias.mask_fill(is_kept.equal_elem(0), f32::NEG_INFINITY),
-        )
+        self.attend(q, k, v, bias.mask_fill(left_out, f32::NEG_INFINITY))
     }
 
     /// The CPU's formulation: the keys of the kept blocks gathered (positions past the end
@@ -400,18 +443,47 @@ mod tests {
             .reshape([1, 1, 45])
             .expand([2, 4, 45]);
         let kept = module.select_blocks(gate_scores.clone(), Some(pad.clone()));
-        let bias = log_sigmoid(gate_scores).mask_fill(pad, f32::NEG_INFINITY);
+        let (ranks, counts) = module.block_ranks(gate_scores.clone(), Some(pad.clone()));
+        let bias = hide(log_sigmoid(gate_scores), Some(pad));
         let h = module.projection.split(q, kv.clone(), kv);
         let masked = module.attend_masked(
             h.q.clone(),
             h.k.clone(),
             h.v.clone(),
             bias.clone(),
-            kept.clone(),
+            ranks,
+            counts,
         );
         let gathered = module.attend_gathered(h.q, h.k, h.v, bias, kept);
         assert_finite(masked.clone());
         assert_close(masked, gathered, 1e-5);
+    }
+
+    /// Blocks rank by pooled score on the device, equal scores by block index, blocks of
+    /// padding only last, and a padded row keeps its share of its own blocks.
+    #[test]
+    fn blocks_rank_by_score_then_index() {
+        let module = LearnedSparseAttentionConfig::new(16, 1)
+            .with_ratio(0.5)
+            .with_block(2)
+            .init(&cpu());
+        // Pooled scores of the 6 blocks: 1, 3, 1, 3, -2, 3; the last block is padding in
+        // the second row, whose 5 real blocks keep 3.
+        let scores: Vec<f32> = [1.0f32, 3.0, 1.0, 3.0, -2.0, 3.0]
+            .iter()
+            .flat_map(|&s| [s - 0.5, s + 0.5])
+            .collect();
+        let scores = Tensor::<1>::from_data(TensorData::new(scores, [12]), &cpu())
+            .reshape([1, 1, 12])
+            .expand([2, 1, 12]);
+        let flags: Vec<bool> = (0..24).map(|i| i >= 22).collect();
+        let pad = Tensor::<3, Bool>::from_data(TensorData::new(flags, [2, 1, 12]), &cpu());
+        let kept = module.select_blocks(scores.clone(), Some(pad));
+        let kept = kept.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+        assert_eq!(kept, [1, 3, 5, 1, 3, 0]);
+        let kept = module.select_blocks(scores, None);
+        let kept = kept.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+        assert_eq!(kept, [1, 3, 5, 1, 3, 5]);
     }
 
     #[test]
