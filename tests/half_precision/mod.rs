@@ -34,7 +34,11 @@ pub fn check_half_precision_cores(
         assert!(err < tol, "{what}: max |{dtype:?} - f32| = {err}");
     };
 
+    // Each part names itself first, so a run that stops shows where.
+    let part = |what: &str| eprintln!("half precision {dtype:?}: {what}");
+
     // Chunked causal form, with zero padding of the last chunk and the carried state.
+    part("causal linear");
     let (low, _) = causal_linear_attention(half(&q), half(&k), half(&v), 8, 1e-3, None);
     let (full, _) = causal_linear_attention(q.clone(), k.clone(), v.clone(), 8, 1e-3, None);
     check("causal linear", low, full.clone());
@@ -57,6 +61,7 @@ pub fn check_half_precision_cores(
     }
 
     // Non-causal form with a key padding mask.
+    part("linear");
     let hide: Vec<bool> = (0..2 * 37).map(|i| i % 7 == 3).collect();
     let pad = || Tensor::<2, Bool>::from_data(TensorData::new(hide.clone(), [2, 37]), device);
     let low = linear_attention(half(&q), half(&k), half(&v), 1e-3, Some(pad()));
@@ -64,6 +69,7 @@ pub fn check_half_precision_cores(
     check("linear, key padding", low, full);
 
     // The tiled softmax path: strided columns around a band, with key padding.
+    part("strided + padding");
     let pattern = KeyPattern {
         window: Window::new(Some(3), Some(3)),
         stride: Some(5),
@@ -93,6 +99,7 @@ pub fn check_half_precision_cores(
     };
     let band = KeyPattern::band(Window::symmetric(12), false);
     for &policy in policies {
+        part(&format!("score terms, {policy:?}"));
         let options = AttentionOptions::new().with_kernel(policy);
         let run = |q, k, v| masked_attention(q, k, v, &band, &options, &terms);
         let low = run(half(&q), half(&k), half(&v));
@@ -101,6 +108,7 @@ pub fn check_half_precision_cores(
     }
 
     // The materialised reference, with rows that see no key (exactly 0, not 0 / 0).
+    part("reference");
     let band = KeyPattern::band(Window::new(Some(2), Some(0)), false);
     let short = |t: Tensor<4>| t.slice([0..2, 0..2, 0..5]);
     let reference = |q, k, v| reference_attention(q, short(k), short(v), &band, 0.25, None, None);

@@ -479,10 +479,18 @@ mod tests {
         let flags: Vec<bool> = (0..24).map(|i| i >= 22).collect();
         let pad = Tensor::<3, Bool>::from_data(TensorData::new(flags, [2, 1, 12]), &cpu());
         let kept = module.select_blocks(scores.clone(), Some(pad));
-        let kept = kept.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let kept = kept
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
         assert_eq!(kept, [1, 3, 5, 1, 3, 0]);
         let kept = module.select_blocks(scores, None);
-        let kept = kept.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let kept = kept
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
         assert_eq!(kept, [1, 3, 5, 1, 3, 5]);
     }
 

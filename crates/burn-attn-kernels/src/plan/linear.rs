@@ -382,7 +382,9 @@ pub fn plan_linear(
         return Ok(LinearPlan {
             tiles: matrix,
             matrix: true,
-            async_copy: aligned_rows && caps.copy_async,
+            async_copy: aligned_rows
+                && caps.copy_async
+                && super::forward::async_copy_offsets(Ok(offsets)),
             grid: Grid::new(value_dim, MATRIX_VALUE_BLOCK, batch * heads)?,
             offsets,
         });

@@ -251,11 +251,20 @@ fn past_u32_elements_take_64_bit_offsets_or_decline() {
     assert!(small.span <= u32::MAX as usize && big.span > u32::MAX as usize);
     let hopper = DeviceCaps::hopper();
     let none = ForcedPlan::default();
-    assert_eq!(mma(&small, &hopper, &none).unwrap().offsets, Offsets::U32);
-    assert_eq!(mma(&big, &hopper, &none).unwrap().offsets, Offsets::U64);
+    let (small_plan, big_plan) = (
+        mma(&small, &hopper, &none).unwrap(),
+        mma(&big, &hopper, &none).unwrap(),
+    );
+    assert_eq!(small_plan.offsets, Offsets::U32);
+    assert_eq!(big_plan.offsets, Offsets::U64);
+    // CubeCL's checked `cp.async` does not compile under 64-bit addressing.
+    assert!(small_plan.async_copy && !big_plan.async_copy);
     for kernel in [BackwardKernel::Mma, BackwardKernel::Unit] {
         let offsets = match plan_backward(kernel, &big, &hopper, &none).unwrap() {
-            BackwardPlan::Mma(plan) => plan.offsets,
+            BackwardPlan::Mma(plan) => {
+                assert!(!plan.async_copy);
+                plan.offsets
+            }
             BackwardPlan::Unit(plan) => plan.offsets,
         };
         assert_eq!(offsets, Offsets::U64, "{kernel:?}");
