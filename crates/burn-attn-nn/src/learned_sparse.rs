@@ -80,6 +80,10 @@ impl LearnedSparseAttentionConfig {
     }
 }
 
+/// The most (block, block) comparisons [`LearnedSparseAttention`]'s ranking holds at once
+/// (over every batch and head).
+const RANK_PAIRS: usize = 1 << 24;
+
 /// `bias` with `-inf` on the padding keys (`[batch, heads, seq_k]`, `true` = padding).
 fn hide(bias: Tensor<3>, padding: Option<Tensor<3, Bool>>) -> Tensor<3> {
     match padding {
@@ -195,28 +199,47 @@ impl LearnedSparseAttention {
         let pooled = (per_block(scores * valid) / count.clone().clamp_min(1.0))
             .mask_fill(count.clone().equal_elem(0.0), f32::NEG_INFINITY);
         // Block `j` is ahead of block `i` when its score is higher, or equal with a lower
-        // index.
-        let pairs = [batch, heads, blocks, blocks];
-        let own = pooled
-            .clone()
-            .reshape([batch, heads, blocks, 1])
-            .expand(pairs);
-        let other = pooled.reshape([batch, heads, 1, blocks]).expand(pairs);
+        // index. The comparisons are made for a chunk of blocks `i` at a time, so that at
+        // most `RANK_PAIRS` of them are held (long sequences have many blocks).
         let index = Tensor::<1, Int>::arange(0..blocks as i64, &device);
-        let earlier = index
-            .clone()
-            .reshape([1, 1, 1, blocks])
-            .lower(
-                index
-                    .reshape([1, 1, blocks, 1])
-                    .expand([1, 1, blocks, blocks]),
-            )
-            .expand(pairs);
-        let ahead = other
-            .clone()
-            .greater(own.clone())
-            .bool_or(other.equal(own).bool_and(earlier));
-        let ranks = ahead.int().sum_dim(3).reshape([batch, heads, blocks]);
+        let chunk = (RANK_PAIRS / (batch * heads * blocks).max(1)).clamp(1, blocks.max(1));
+        let ranks: Vec<Tensor<3, Int>> = (0..blocks)
+            .step_by(chunk)
+            .map(|start| {
+                let end = (start + chunk).min(blocks);
+                let pairs = [batch, heads, end - start, blocks];
+                let own = pooled
+                    .clone()
+                    .slice([0..batch, 0..heads, start..end])
+                    .reshape([batch, heads, end - start, 1])
+                    .expand(pairs);
+                let other = pooled
+                    .clone()
+                    .reshape([batch, heads, 1, blocks])
+                    .expand(pairs);
+                let earlier = index
+                    .clone()
+                    .reshape([1, 1, 1, blocks])
+                    .lower(
+                        index
+                            .clone()
+                            .slice([start..end])
+                            .reshape([1, 1, end - start, 1])
+                            .expand([1, 1, end - start, blocks]),
+                    )
+                    .expand(pairs);
+                let ahead = other
+                    .clone()
+                    .greater(own.clone())
+                    .bool_or(other.equal(own).bool_and(earlier));
+                ahead.int().sum_dim(3).reshape([batch, heads, end - start])
+            })
+            .collect();
+        let ranks = if ranks.is_empty() {
+            Tensor::zeros([batch, heads, 0], &device)
+        } else {
+            Tensor::cat(ranks, 2)
+        };
         let kept = self.selected_blocks(seq_k);
         if !has_padding {
             return (ranks, Tensor::full([batch, heads, 1], kept as i64, &device));
@@ -492,6 +515,34 @@ mod tests {
             .try_to_vec::<i64>()
             .unwrap();
         assert_eq!(kept, [1, 3, 5, 1, 3, 5]);
+    }
+
+    /// Many blocks are ranked a chunk at a time, in the order a sort gives.
+    #[test]
+    fn ranking_in_chunks_matches_a_sort() {
+        let module = LearnedSparseAttentionConfig::new(16, 1)
+            .with_ratio(1.0)
+            .with_block(1)
+            .init(&cpu());
+        let n = 4200; // 4200^2 comparisons: two chunks
+        assert!(n * n > RANK_PAIRS && n * n <= 2 * RANK_PAIRS);
+        // Few distinct values, scattered, so that ties occur across the chunks.
+        let scores: Vec<f32> = (0..n).map(|i| ((i * 7919) % 50) as f32).collect();
+        let mut want: Vec<i64> = (0..n as i64).collect();
+        want.sort_by(|&a, &b| {
+            scores[b as usize]
+                .total_cmp(&scores[a as usize])
+                .then(a.cmp(&b))
+        });
+        let scores =
+            Tensor::<1>::from_data(TensorData::new(scores, [n]), &cpu()).reshape([1, 1, n]);
+        let kept = module.select_blocks(scores, None);
+        let kept = kept
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
+        assert_eq!(kept, want);
     }
 
     #[test]
