@@ -223,7 +223,7 @@ impl LearnedSparseAttention {
                     .lower(
                         index
                             .clone()
-                            .slice([start..end])
+                            .slice(start..end)
                             .reshape([1, 1, end - start, 1])
                             .expand([1, 1, end - start, blocks]),
                     )
