@@ -482,6 +482,10 @@ mod tests {
         assert_close(masked, gathered, 1e-5);
     }
 
+    fn ints(t: Tensor<3, Int>) -> Vec<i64> {
+        t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap()
+    }
+
     /// Blocks rank by pooled score on the device, equal scores by block index, blocks of
     /// padding only last, and a padded row keeps its share of its own blocks.
     #[test]
@@ -501,19 +505,9 @@ mod tests {
             .expand([2, 1, 12]);
         let flags: Vec<bool> = (0..24).map(|i| i >= 22).collect();
         let pad = Tensor::<3, Bool>::from_data(TensorData::new(flags, [2, 1, 12]), &cpu());
-        let kept = module.select_blocks(scores.clone(), Some(pad));
-        let kept = kept
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap();
+        let kept = ints(module.select_blocks(scores.clone(), Some(pad)));
         assert_eq!(kept, [1, 3, 5, 1, 3, 0]);
-        let kept = module.select_blocks(scores, None);
-        let kept = kept
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap();
+        let kept = ints(module.select_blocks(scores, None));
         assert_eq!(kept, [1, 3, 5, 1, 3, 5]);
     }
 
@@ -536,12 +530,7 @@ mod tests {
         });
         let scores =
             Tensor::<1>::from_data(TensorData::new(scores, [n]), &cpu()).reshape([1, 1, n]);
-        let kept = module.select_blocks(scores, None);
-        let kept = kept
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap();
+        let kept = ints(module.select_blocks(scores, None));
         assert_eq!(kept, want);
     }
 
