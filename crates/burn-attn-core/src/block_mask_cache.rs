@@ -85,8 +85,9 @@ impl Held {
 /// The plan of a pattern without a block layout is built for the longest call seen and
 /// serves every call it holds (fewer keys, queries at its rows: shorter sequences and
 /// decoding steps) with a part of its cover ([`BlockCover::part`]); a longer call
-/// replaces it with one for at least a quarter more keys, so a decoding cache that grows
-/// by a token per step rebuilds it a logarithmic number of times. A block layout is built
+/// replaces it with one for at least an eighth more keys and the rows later decoding
+/// steps need, so a decoding cache that grows by a token per step rebuilds it a
+/// logarithmic number of times and holds a band of rows, not a square. A block layout is built
 /// for its lengths, so its plan serves those only. Another pattern, kernel grid or device
 /// replaces the plan, so a module keeps one per layer. It holds device memory (the cover
 /// and four `q_blocks x k_blocks` i32 tensors of lists and their transposes) until
@@ -140,18 +141,20 @@ impl BlockMaskCache {
     }
 
     /// The grid a plan held for `held` is rebuilt on for a call on `call` it does not hold:
-    /// square (decoding calls, fewer queries than keys, sit at its last rows), over the
-    /// call's keys and at least a quarter more than held; the call's own grid where it has
-    /// more queries than keys (a square would not hold it) or where the square is past
-    /// the lists' 32-bit positions.
+    /// keys for the call and at least an eighth more than held, and the rows of the call's
+    /// queries and of every later call's that adds as many keys as queries (a decoding
+    /// step), so a decoding cache holds a band of the last rows, not a square (`call`'s
+    /// own grid where it has more queries than keys, or where the grid is past the lists'
+    /// 32-bit positions).
     fn grown(held: BlockGrid, call: BlockGrid) -> BlockGrid {
         if call.seq_q > call.seq_k {
             return call;
         }
-        let side = call
+        let keys = call
             .seq_k
-            .max(held.seq_k + (held.seq_k / 4).max(held.block_k));
-        BlockGrid::new(call.block_q, call.block_k, side, side).unwrap_or(call)
+            .max(held.seq_k + (held.seq_k / 8).max(held.block_k));
+        let rows = keys - (call.seq_k - call.seq_q);
+        BlockGrid::new(call.block_q, call.block_k, rows, keys).unwrap_or(call)
     }
 
     /// The grid of the held plan, if any.
@@ -193,8 +196,8 @@ mod tests {
     }
 
     /// Shorter calls and decoding steps are served from the held plan's cover, which grows
-    /// by at least a quarter when a call outgrows it; the part served equals the part of a
-    /// plan built for the held lengths.
+    /// by at least an eighth, with the rows later steps read, when a call outgrows it; the
+    /// part served equals the part of a plan built for the held lengths.
     #[test]
     fn a_held_plan_serves_shorter_calls_and_grows_for_longer_ones() {
         let device = Device::ndarray();
@@ -226,17 +229,25 @@ mod tests {
             served(1, seq_k);
         }
         assert_eq!(held(), (40, 40));
+        // 41 keys: 8 more than 40 (a block; an eighth is 5), and the 1 + 7 last rows
+        // that the steps up to 48 keys read.
         served(1, 41);
-        assert_eq!(held(), (50, 50), "a quarter more than 40");
-        served(3, 50);
-        assert_eq!(held(), (50, 50));
-        served(1, 51);
-        assert_eq!(held(), (62, 62));
+        assert_eq!(held(), (8, 48));
+        for seq_k in 42..=48 {
+            served(1, seq_k);
+        }
+        served(4, 48);
+        assert_eq!(held(), (8, 48));
+        served(2, 49);
+        assert_eq!(held(), (9, 56), "an eighth of 48 is 6, below a block");
         served(1, 200);
-        assert_eq!(held(), (200, 200), "at least the call's keys");
+        assert_eq!(held(), (1, 200), "at least the call's keys");
+        // A longer square call: square.
+        served(230, 230);
+        assert_eq!(held(), (230, 230));
         // More queries than keys: the call's own grid.
-        served(210, 205);
-        assert_eq!(held(), (210, 205));
+        served(260, 255);
+        assert_eq!(held(), (260, 255));
         // Another pattern replaces the plan.
         let other = KeyPattern::band(Window::symmetric(3), false);
         cache.plan(&other, grid(20, 20), &device).unwrap();
