@@ -13,7 +13,8 @@ use crate::rotary::rotate_heads;
 /// [`SlidingWindowAttention::forward_cache`]: keys and values `[batch, kv_heads, len,
 /// head_dim]` (value width for values), grown by each call's new tokens.
 ///
-/// Three kinds: [`KvCache::new`] keeps every key (memory grows with the sequence);
+/// Three kinds: [`KvCache::new`] keeps every key (memory grows with the sequence: buffers
+/// that double when full, so a token's append copies no earlier key on most steps);
 /// [`KvCache::with_capacity`] allocates `capacity` positions on the first call and writes
 /// into them (no reallocation while decoding; a call past the capacity is an error);
 /// [`KvCache::rolling`] keeps only the most recent keys a window can still see (a sliding
@@ -25,7 +26,8 @@ use crate::rotary::rotate_heads;
 /// [`SlidingWindowAttention::forward_cache`]: crate::SlidingWindowAttention::forward_cache
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Keys and values held (with a capacity: the whole buffer, `len` of it written).
+    /// Keys and values held: the whole buffer, `len` of it written (a rolling cache: the
+    /// keys themselves).
     keys: Option<Tensor<4>>,
     values: Option<Tensor<4>>,
     /// Positions written.
@@ -38,7 +40,7 @@ pub struct KvCache {
 /// How a cache holds its keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum CacheKind {
-    /// Every key, concatenated.
+    /// Every key, in buffers that double when full.
     #[default]
     Growing,
     /// A buffer of this many positions, allocated on the first call.
@@ -113,7 +115,12 @@ impl KvCache {
             check_like("keys", held_k, &k)?;
             check_like("values", held_v, &v)?;
         }
-        if let CacheKind::Capacity(capacity) = self.kind {
+        let capacity = match self.kind {
+            CacheKind::Capacity(capacity) => Some(capacity),
+            CacheKind::Growing => Some(self.grow(new)),
+            CacheKind::Rolling => None,
+        };
+        if let Some(capacity) = capacity {
             let all = self.write(k, v, capacity)?;
             self.seen += new;
             return Ok(all);
@@ -136,6 +143,30 @@ impl KvCache {
         self.len = held.as_ref().map_or(0, |(k, _)| k.dims()[2]);
         (self.keys, self.values) = held.unzip();
         Ok(out)
+    }
+
+    /// The capacity a growing cache's buffers take for `new` more positions: the held
+    /// one where they fit, else the held positions and the new ones, and at least twice
+    /// the held capacity (the held positions copied into the larger buffers), so that
+    /// decoding a token at a time copies each key a bounded number of times, as a `Vec`
+    /// grows. The first call's buffers hold its positions exactly.
+    fn grow(&mut self, new: usize) -> usize {
+        let held = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
+        if self.len + new <= held {
+            return held;
+        }
+        let capacity = (self.len + new).max(2 * held);
+        let len = self.len;
+        let regrow = |buffer: Option<Tensor<4>>| {
+            buffer.map(|buffer| {
+                let [b, h, _, d] = buffer.dims();
+                Tensor::<4>::zeros([b, h, capacity, d], (&buffer.device(), buffer.dtype()))
+                    .slice_assign([0..b, 0..h, 0..len, 0..d], buffer.narrow(2, 0, len))
+            })
+        };
+        self.keys = regrow(self.keys.take());
+        self.values = regrow(self.values.take());
+        capacity
     }
 
     /// Writes `k`, `v` after the held positions of a `capacity`-position buffer (allocated
@@ -380,6 +411,31 @@ mod tests {
             out
         });
         assert_close(got, want, 1e-5);
+    }
+
+    /// A growing cache's buffers hold the first call's keys exactly, then double when an
+    /// append does not fit, and every call sees exactly the keys appended so far.
+    #[test]
+    fn a_growing_cache_doubles_its_buffers() {
+        let mut cache = KvCache::new();
+        let capacity = |c: &KvCache| c.keys.as_ref().map(|k| k.dims()[2]);
+        let kv = |n: usize, at: usize| {
+            Tensor::<1, burn::tensor::Int>::arange(at as i64..(at + n) as i64, &cpu())
+                .float()
+                .reshape([1, 1, n, 1])
+                .expand([2, 3, n, 4])
+        };
+        let mut seen = 0;
+        for (new, want_capacity) in [(10, 10), (1, 20), (9, 20), (1, 40), (25, 80)] {
+            let (k, v) = cache
+                .append(kv(new, seen), kv(new, seen) * 2.0, None)
+                .unwrap();
+            seen += new;
+            assert_eq!(capacity(&cache), Some(want_capacity), "after {seen} keys");
+            assert_eq!((cache.len(), k.dims()[2], v.dims()[2]), (seen, seen, seen));
+            assert_close(k.clone(), kv(seen, 0), 0.0);
+            assert_close(v, kv(seen, 0) * 2.0, 0.0);
+        }
     }
 
     #[test]
