@@ -14,7 +14,8 @@ use crate::rotary::rotate_heads;
 /// head_dim]` (value width for values), grown by each call's new tokens.
 ///
 /// Three kinds: [`KvCache::new`] keeps every key (memory grows with the sequence: buffers
-/// that double when full, so a token's append copies no earlier key on most steps);
+/// that grow by half when full, so a token's append copies no earlier key on most steps,
+/// and hold at most 1.5x the keys);
 /// [`KvCache::with_capacity`] allocates `capacity` positions on the first call and writes
 /// into them (no reallocation while decoding; a call past the capacity is an error);
 /// [`KvCache::rolling`] keeps only the most recent keys a window can still see (a sliding
@@ -40,7 +41,7 @@ pub struct KvCache {
 /// How a cache holds its keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum CacheKind {
-    /// Every key, in buffers that double when full.
+    /// Every key, in buffers that grow by half when full.
     #[default]
     Growing,
     /// A buffer of this many positions, allocated on the first call.
@@ -146,16 +147,17 @@ impl KvCache {
     }
 
     /// The capacity a growing cache's buffers take for `new` more positions: the held
-    /// one where they fit, else the held positions and the new ones, and at least twice
-    /// the held capacity (the held positions copied into the larger buffers), so that
-    /// decoding a token at a time copies each key a bounded number of times, as a `Vec`
-    /// grows. The first call's buffers hold its positions exactly.
+    /// one where they fit, else the held positions and the new ones, and at least half
+    /// more than the held capacity (the held positions copied into the larger buffers),
+    /// so that decoding a token at a time copies each key a bounded number of times (as a
+    /// `Vec` grows, by less: keys are large). The first call's buffers hold its positions
+    /// exactly.
     fn grow(&mut self, new: usize) -> usize {
         let held = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
         if self.len + new <= held {
             return held;
         }
-        let capacity = (self.len + new).max(2 * held);
+        let capacity = (self.len + new).max(held + held / 2);
         let len = self.len;
         let regrow = |buffer: Option<Tensor<4>>| {
             buffer.map(|buffer| {
@@ -413,10 +415,11 @@ mod tests {
         assert_close(got, want, 1e-5);
     }
 
-    /// A growing cache's buffers hold the first call's keys exactly, then double when an
-    /// append does not fit, and every call sees exactly the keys appended so far.
+    /// A growing cache's buffers hold the first call's keys exactly, then grow by half (or
+    /// to the call's keys) when an append does not fit, and every call sees exactly the
+    /// keys appended so far.
     #[test]
-    fn a_growing_cache_doubles_its_buffers() {
+    fn a_growing_cache_grows_its_buffers_by_half() {
         let mut cache = KvCache::new();
         let capacity = |c: &KvCache| c.keys.as_ref().map(|k| k.dims()[2]);
         let kv = |n: usize, at: usize| {
@@ -426,7 +429,7 @@ mod tests {
                 .expand([2, 3, n, 4])
         };
         let mut seen = 0;
-        for (new, want_capacity) in [(10, 10), (1, 20), (9, 20), (1, 40), (25, 80)] {
+        for (new, want_capacity) in [(10, 10), (1, 15), (9, 22), (1, 22), (25, 46)] {
             let (k, v) = cache
                 .append(kv(new, seen), kv(new, seen) * 2.0, None)
                 .unwrap();
