@@ -4,8 +4,6 @@
 
 use std::time::Instant;
 
-use crate::device::sync;
-
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_attn::cores::{causal_linear_attention, linear_attention, KeyPattern};
 use burn_attn::nn::complexity::{Cost, Method};
@@ -25,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alloc::PeakWindow;
 use crate::cli::CompareArgs;
+use crate::device::sync;
 use crate::peers::PeerRatio;
 
 /// Device memory usage as the backend's memory pool reports it.

@@ -204,21 +204,14 @@ fn cuda_only(caps: &DeviceCaps) -> Result<(), Unsupported> {
 }
 
 /// Asynchronous double-buffered staging where the device has `cp.async`, the rows allow
-/// 16-byte copies, the offsets are 32-bit (see [`async_copy_offsets`]), and the plan does
+/// 16-byte copies, the offsets take it ([`Offsets::take_async_copy`]), and the plan does
 /// not force synchronous staging.
 pub(crate) fn staging(problem: &Problem, caps: &DeviceCaps, forced: &ForcedPlan) -> (bool, usize) {
     let async_copy = !forced.sync_staging
         && caps.copy_async
         && problem.aligned_rows
-        && async_copy_offsets(problem.offsets(caps));
+        && problem.offsets(caps).is_ok_and(Offsets::take_async_copy);
     (async_copy, if async_copy { 2 } else { 1 })
-}
-
-/// Whether `cp.async` staging compiles at these offsets: CubeCL's bounds-checked
-/// `cp.async` passes the source size in an address-wide register, which ptxas rejects
-/// under 64-bit addressing (calls past 2^32 elements stage with plain loads).
-pub(crate) fn async_copy_offsets(offsets: Result<Offsets, Unsupported>) -> bool {
-    matches!(offsets, Ok(Offsets::U32))
 }
 
 /// Values per store of a matrix-unit kernel's staged epilogue for contiguous rows of

@@ -382,9 +382,7 @@ pub fn plan_linear(
         return Ok(LinearPlan {
             tiles: matrix,
             matrix: true,
-            async_copy: aligned_rows
-                && caps.copy_async
-                && super::forward::async_copy_offsets(Ok(offsets)),
+            async_copy: aligned_rows && caps.copy_async && offsets.take_async_copy(),
             grid: Grid::new(value_dim, MATRIX_VALUE_BLOCK, batch * heads)?,
             offsets,
         });

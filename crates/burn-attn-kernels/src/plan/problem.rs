@@ -198,6 +198,15 @@ pub enum Offsets {
     U64,
 }
 
+impl Offsets {
+    /// Whether `cp.async` staging compiles at these offsets: CubeCL's bounds-checked
+    /// `cp.async` passes the source size in an address-wide register, which ptxas rejects
+    /// under 64-bit addressing (calls past 2^32 elements stage with plain loads).
+    pub fn take_async_copy(self) -> bool {
+        self == Offsets::U32
+    }
+}
+
 /// One call as the plans see it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Problem {
