@@ -2441,7 +2441,9 @@ fn check_masked_training<B: On>(
 }
 
 /// [`check_masked_training`] with document ids (packed sequences): alone, with the causal
-/// rule and with key padding; batch 2, GQA, odd length.
+/// rule and with key padding, then the first two again; batch 2, GQA, odd length. One set
+/// of ids serves every call, as a model's layers share a batch's: on the kernels (`served`)
+/// the ids hold one grid's plan, whose cover and lists the later calls reuse.
 pub fn check_document_training<B: On>(served: Option<(Implementation, Implementation)>) {
     use burn::tensor::Int;
     use burn_attn_core::{AttentionMasks, DocumentIds};
@@ -2451,16 +2453,24 @@ pub fn check_document_training<B: On>(served: Option<(Implementation, Implementa
         .map(|i| ((i % n) / (20 + 9 * (i / n))) as i64)
         .collect();
     let pad: Vec<bool> = (0..batch * n).map(|i| i % n >= n - 7).collect();
-    let masks = |device: &Device| AttentionMasks {
-        documents: Some(DocumentIds::self_attention(Tensor::<2, Int>::from_data(
-            TensorData::new(docs.clone(), [batch, n]),
-            device,
-        ))),
+    let ids = DocumentIds::self_attention(Tensor::<2, Int>::from_data(
+        TensorData::new(docs.clone(), [batch, n]),
+        &B::device().autodiff(),
+    ));
+    let masks = |_: &Device| AttentionMasks {
+        documents: Some(ids.clone()),
         ..AttentionMasks::default()
     };
     let hides = |b: usize, i: usize, j: usize| docs[b * n + i] != docs[b * n + j];
-    let variants = [(false, false), (true, false), (true, true)];
+    let variants = [
+        (false, false),
+        (true, false),
+        (true, true),
+        (false, false),
+        (true, false),
+    ];
     check_masked_training::<B>(case, &variants, &masks, &hides, &pad, served);
+    assert_eq!(ids.held_plans(), usize::from(served.is_some()));
 }
 
 /// [`check_masked_training`] with a dense attention mask that hides whole blocks, shows

@@ -12,7 +12,8 @@
 //! shared hash, [`random_layout`]), and the visible (query, key) pairs are counted from the
 //! mask on both sides: a ratio compares the same work. Each case builds the pattern's
 //! block-sparse plan once (a `BlockMaskCache`), as the peer builds its block mask once;
-//! key padding and document covers are built per call on our side. Times are wall clock, the median
+//! the document ids hold theirs after the first call, as a model's layers share a batch's
+//! ids; key padding's cover and lists are built per call on our side. Times are wall clock, the median
 //! over `--repeats` samples of `--calls` calls queued back to back (CUDA events on the
 //! peer's side); the backward is the training step minus the forward.
 
@@ -289,8 +290,8 @@ pub fn masks(args: MasksArgs) -> Result<(), String> {
         };
         let log = DispatchLog::new();
         // The pattern's plan is built once, as FlexAttention's block mask is (the peer
-        // builds it outside its timed calls); key padding and document covers are built
-        // per call on our side (on the device, without reading anything back).
+        // builds it outside its timed calls). The document ids hold their plan after the
+        // first call; key padding's is built per call (on the device, reading nothing back).
         let options = AttentionOptions::default()
             .with_log(log.clone())
             .with_block_mask_cache(BlockMaskCache::new());

@@ -68,14 +68,17 @@ struct Held {
 impl Held {
     /// Whether the plan was built for `pattern`'s blocks of `grid`'s sizes on `device`.
     fn serves(&self, pattern: &KeyPattern, grid: BlockGrid, device: &Device) -> bool {
-        // Device equality may not tell an autodiff device from its inner one; tensors made
-        // on one are kept to its calls (a module trains, then evaluates).
-        let same_device =
-            &self.device == device && self.device.is_autodiff() == device.is_autodiff();
         (self.grid.block_q, self.grid.block_k) == (grid.block_q, grid.block_k)
-            && same_device
+            && same_device(&self.device, device)
             && &self.pattern == pattern
     }
+}
+
+/// Whether tensors made on `held` serve calls on `call`. Device equality may not tell an
+/// autodiff device from its inner one; tensors made on one are kept to its calls (a module
+/// trains, then evaluates).
+fn same_device(held: &Device, call: &Device) -> bool {
+    held == call && held.is_autodiff() == call.is_autodiff()
 }
 
 /// A cache of one block-sparse plan for the calls made with the options that hold it
@@ -185,6 +188,101 @@ impl PartialEq for BlockMaskCache {
     }
 }
 
+/// How many grids (dtype and head-dim classes) one batch's document ids hold plans for,
+/// and how many patterns per grid; the oldest goes first.
+const HELD_DOCUMENT_GRIDS: usize = 4;
+const HELD_DOCUMENT_PATTERNS: usize = 4;
+
+/// The block plans of one batch's document ids ([`DocumentIds`](crate::DocumentIds)),
+/// shared by the ids' clones: per grid and device, the ids' cover and the ids in the
+/// kernels' i32, and per pattern the lists of calls whose only other mask is that pattern.
+/// A model passes one batch's ids to every layer: the first call on each grid and pattern
+/// builds (some hundred device ops, which short calls wait on the host for), the others
+/// reuse. The ids cannot change after they are made, so a held plan is always theirs.
+#[derive(Clone, Default)]
+pub(crate) struct DocumentPlans(Arc<Mutex<Vec<DocumentPlan>>>);
+
+/// The plans of the ids on one grid and device.
+struct DocumentPlan {
+    grid: BlockGrid,
+    device: Device,
+    cover: BlockCover,
+    ids: [Tensor<2, Int>; 2],
+    masks: Vec<(KeyPattern, BlockMask)>,
+}
+
+impl DocumentPlans {
+    /// The cover of the ids `queries` and `keys` (ordered, of the grid's lengths) on
+    /// `grid` and `device`, and the ids in i32: held, or built and held.
+    pub(crate) fn cover(
+        &self,
+        queries: &Tensor<2, Int>,
+        keys: &Tensor<2, Int>,
+        grid: BlockGrid,
+        device: &Device,
+    ) -> (BlockCover, [Tensor<2, Int>; 2]) {
+        let mut held = self.0.lock().expect("document plans lock");
+        if Self::held(&mut held, grid, device).is_none() {
+            if held.len() == HELD_DOCUMENT_GRIDS {
+                held.remove(0);
+            }
+            held.push(DocumentPlan {
+                grid,
+                device: device.clone(),
+                cover: BlockCover::of_sorted_documents(queries.clone(), keys.clone(), grid),
+                ids: [queries, keys].map(|ids| ids.clone().cast(IntDType::I32)),
+                masks: Vec::new(),
+            });
+        }
+        let plan = Self::held(&mut held, grid, device).expect("just held");
+        (plan.cover.clone(), plan.ids.clone())
+    }
+
+    /// The i32 lists of a call on `grid` and `device` whose masks are `pattern` and the
+    /// ids alone: held, or `build` (from the ids' cover) and held. The ids' cover on the
+    /// grid must be held ([`DocumentPlans::cover`]).
+    pub(crate) fn mask(
+        &self,
+        pattern: &KeyPattern,
+        grid: BlockGrid,
+        device: &Device,
+        build: impl FnOnce(BlockCover) -> BlockMask,
+    ) -> BlockMask {
+        let mut held = self.0.lock().expect("document plans lock");
+        let plan = Self::held(&mut held, grid, device).expect("the ids' cover is held");
+        if let Some((_, mask)) = plan.masks.iter().find(|(p, _)| p == pattern) {
+            return mask.clone();
+        }
+        if plan.masks.len() == HELD_DOCUMENT_PATTERNS {
+            plan.masks.remove(0);
+        }
+        let mask = build(plan.cover.clone()).cast(IntDType::I32);
+        plan.masks.push((pattern.clone(), mask.clone()));
+        mask
+    }
+
+    /// The held plan of `grid` on `device`.
+    fn held<'a>(
+        held: &'a mut [DocumentPlan],
+        grid: BlockGrid,
+        device: &Device,
+    ) -> Option<&'a mut DocumentPlan> {
+        held.iter_mut()
+            .find(|p| p.grid == grid && same_device(&p.device, device))
+    }
+
+    /// How many grids the ids hold plans for.
+    pub(crate) fn held_grids(&self) -> usize {
+        self.0.lock().expect("document plans lock").len()
+    }
+}
+
+impl core::fmt::Debug for DocumentPlans {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "DocumentPlans({} grids)", self.held_grids())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +350,65 @@ mod tests {
         let other = KeyPattern::band(Window::symmetric(3), false);
         cache.plan(&other, grid(20, 20), &device).unwrap();
         assert_eq!(held(), (20, 20));
+    }
+
+    /// Document ids build their cover once per grid and device and their lists once per
+    /// pattern: later calls get the held tensors (the same device buffers), and equal
+    /// lists to a fresh build; clones share the plans.
+    #[test]
+    fn document_ids_hold_their_plans() {
+        let device = Device::ndarray();
+        let ids: Vec<i64> = (0..2 * 40).map(|at| ((at % 40) / 13) as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 40]), &device);
+        let docs = crate::DocumentIds::self_attention(ids.clone());
+        let shared = docs.clone();
+        let plans = docs.plans();
+        let band = KeyPattern::band(Window::symmetric(6), false);
+        let plain = KeyPattern::default();
+        let lists = |pattern: &KeyPattern, grid: BlockGrid| {
+            let (cover, _) = shared.plans().cover(&ids, &ids, grid, &device);
+            let pattern_cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
+            let mut built = 0;
+            let mask = plans.mask(pattern, grid, &device, |held| {
+                built += 1;
+                BlockMask::new(pattern_cover.intersect(held).unwrap())
+            });
+            (cover, mask, built)
+        };
+        let as_vec = |t: Tensor<4, Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+        let (first, mask, built) = lists(&band, grid(40, 40));
+        assert_eq!(built, 1);
+        let (again, held, built) = lists(&band, grid(40, 40));
+        assert_eq!(built, 0, "the held lists serve the same pattern and grid");
+        assert_eq!(first.to_covers(), again.to_covers());
+        assert_eq!(held.partial_index.dtype(), IntDType::I32.into());
+        assert_eq!(as_vec(mask.partial_index), as_vec(held.partial_index));
+        let fresh = BlockMask::new(
+            BlockCover::of_pattern(&band, grid(40, 40), &device)
+                .unwrap()
+                .intersect(
+                    BlockCover::of_documents(ids.clone(), ids.clone(), grid(40, 40)).unwrap(),
+                )
+                .unwrap(),
+        );
+        assert_eq!(as_vec(held.full_index), as_vec(fresh.full_index));
+        assert_eq!(as_vec(held.t_partial_index), as_vec(fresh.t_partial_index));
+        // Another pattern builds its lists on the held cover; another grid its cover.
+        assert_eq!(lists(&plain, grid(40, 40)).2, 1);
+        assert_eq!(docs.held_plans(), 1);
+        let wide = BlockGrid::new(16, 8, 40, 40).unwrap();
+        assert_eq!(lists(&band, wide).2, 1);
+        assert_eq!(docs.held_plans(), 2);
+        // At most HELD_DOCUMENT_GRIDS grids, the oldest dropped first.
+        for block in [4, 5, 10, 20] {
+            lists(&band, BlockGrid::new(block, 8, 40, 40).unwrap());
+        }
+        assert_eq!(docs.held_plans(), HELD_DOCUMENT_GRIDS);
+        assert_eq!(
+            lists(&band, grid(40, 40)).2,
+            1,
+            "the first grid was dropped"
+        );
     }
 
     /// A block layout's plan serves the lengths it was built for only.

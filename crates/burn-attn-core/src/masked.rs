@@ -7,6 +7,7 @@
 use burn::tensor::{Bool, Int, Tensor};
 
 use crate::backend::{banded, same_dtype};
+use crate::block_mask_cache::DocumentPlans;
 use crate::dispatch::{serve_tiled, Decline, Implementation, Pass};
 use crate::error::OrPanic;
 use crate::options::AttentionOptions;
@@ -23,11 +24,18 @@ use crate::AttentionError;
 /// Every call checks the order (which reads a flag back from the device, and so waits for
 /// the queue), unless the ids were checked once with [`DocumentIds::checked`]: do that
 /// when one batch's ids serve several calls (every layer of a model).
+///
+/// The ids keep the block-sparse plans the kernels' calls build from them (their cover,
+/// and the lists of calls with no other mask, per kernel grid and pattern), shared by
+/// clones: pass one batch's ids to every layer and only the first call on each grid
+/// builds a plan, as FlexAttention's block mask is built once per batch. They are freed
+/// with the last clone.
 #[derive(Debug, Clone)]
 pub struct DocumentIds {
     queries: Tensor<2, Int>,
     keys: Tensor<2, Int>,
     ordered: bool,
+    plans: DocumentPlans,
 }
 
 impl DocumentIds {
@@ -37,6 +45,7 @@ impl DocumentIds {
             queries,
             keys,
             ordered: false,
+            plans: DocumentPlans::default(),
         }
     }
 
@@ -70,6 +79,18 @@ impl DocumentIds {
     /// Whether the order was checked ([`DocumentIds::checked`]).
     pub fn is_checked(&self) -> bool {
         self.ordered
+    }
+
+    /// How many kernel grids the ids hold block-sparse plans for (0 until a call on the
+    /// block-sparse kernels; the CPU backends build none).
+    pub fn held_plans(&self) -> usize {
+        self.plans.held_grids()
+    }
+
+    /// The plans built from the ids.
+    #[cfg_attr(not(feature = "cube"), allow(dead_code))]
+    pub(crate) fn plans(&self) -> &DocumentPlans {
+        &self.plans
     }
 }
 

@@ -209,8 +209,13 @@ pub(crate) fn sparse_kernel_attention(
         None => PatternPlan::build(pattern, grid, &device),
     }
     .expect("the pattern was validated");
-    // The call's masks' covers on the pattern's: keys whose bias is -inf are hidden too,
-    // so their blocks are skipped.
+    // The document ids' cover and i32 ids, held by the ids for their later calls.
+    let documents = masks.documents.as_ref().map(|docs| {
+        docs.plans()
+            .cover(docs.queries(), docs.keys(), grid, &device)
+    });
+    // The call's other masks' covers: keys whose bias is -inf are hidden too, so their
+    // blocks are skipped.
     let covers: Vec<BlockCover> = [
         masks.key_bias.as_ref().map(|bias| {
             let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
@@ -220,9 +225,6 @@ pub(crate) fn sparse_kernel_attention(
             .key_padding
             .as_ref()
             .map(|pad| BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape")),
-        masks.documents.as_ref().map(|docs| {
-            BlockCover::of_sorted_documents(docs.queries().clone(), docs.keys().clone(), grid)
-        }),
         masks.attention_mask.as_ref().map(|dense| {
             BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape")
         }),
@@ -230,13 +232,28 @@ pub(crate) fn sparse_kernel_attention(
     .into_iter()
     .flatten()
     .collect();
-    let mask = if covers.is_empty() {
-        pattern_plan.mask
-    } else {
-        let cover = covers.into_iter().fold(pattern_plan.cover, |cover, other| {
-            cover.intersect(other).expect("one grid")
-        });
+    let intersect = |covers: Vec<BlockCover>| {
+        let cover = covers
+            .into_iter()
+            .fold(pattern_plan.cover.clone(), |cover, other| {
+                cover.intersect(other).expect("one grid")
+            });
         BlockMask::new(cover)
+    };
+    let mask = match &masks.documents {
+        // The ids alone beside the pattern: lists held by the ids, per pattern.
+        Some(docs) if covers.is_empty() => docs
+            .plans()
+            .mask(pattern, grid, &device, |ids| intersect(vec![ids])),
+        _ => {
+            let ids = documents.as_ref().map(|(cover, _)| cover.clone());
+            let covers: Vec<BlockCover> = ids.into_iter().chain(covers).collect();
+            if covers.is_empty() {
+                pattern_plan.mask
+            } else {
+                intersect(covers)
+            }
+        }
     };
     // One 1-element tensor stands in for every absent rule (the kernels never read it).
     let absent = i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
@@ -246,11 +263,8 @@ pub(crate) fn sparse_kernel_attention(
         .key_padding
         .as_ref()
         .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
-    let (doc_q, doc_k) = match &masks.documents {
-        Some(docs) => (
-            i32_dispatch(docs.queries().clone()),
-            i32_dispatch(docs.keys().clone()),
-        ),
+    let (doc_q, doc_k) = match documents {
+        Some((_, [queries, keys])) => (i32_dispatch(queries), i32_dispatch(keys)),
         None => (placeholder(), placeholder()),
     };
     let dense = masks
