@@ -197,8 +197,9 @@ mod on_cuda {
         );
     }
 
-    /// Strided columns without masks run the band and gathered-column calls on the matrix
-    /// units (bf16) and the portable kernels (f32), forward and backward.
+    /// Strided columns run the band and gathered-column calls on the matrix units (bf16) and
+    /// the portable kernels (f32), forward and backward: without masks on the band kernels,
+    /// with key padding (and dropout, f32) on the block-sparse ones.
     #[test]
     fn cuda_strided_columns_split_into_band_calls() {
         check_strided_split::<Gpu>(
@@ -207,12 +208,20 @@ mod on_cuda {
                 burn_attn_core::Implementation::FlashMma,
                 burn_attn_core::Implementation::FlashMmaBackward,
             ),
+            (
+                burn_attn_core::Implementation::FlashMmaSparse,
+                burn_attn_core::Implementation::FlashMmaSparseBackward,
+            ),
         );
         check_strided_split::<Gpu>(
             DType::F32,
             (
                 burn_attn_core::Implementation::FlashUnit,
                 burn_attn_core::Implementation::FlashUnitBackward,
+            ),
+            (
+                burn_attn_core::Implementation::FlashUnitSparse,
+                burn_attn_core::Implementation::FlashUnitSparseBackward,
             ),
         );
     }

@@ -55,8 +55,9 @@ fn block_mask_builds_on_the_device() {
     check_block_mask_on_device::<Gpu>();
 }
 
-/// Strided columns without masks run the band and gathered-column calls on the portable
-/// kernels, forward and backward.
+/// Strided columns run the band and gathered-column calls on the portable kernels, forward
+/// and backward: without masks on the band kernels, with key padding or dropout on the
+/// block-sparse ones.
 #[test]
 fn strided_columns_split_into_band_calls() {
     require_gpu();
@@ -65,6 +66,10 @@ fn strided_columns_split_into_band_calls() {
         (
             burn_attn_core::Implementation::FlashUnit,
             burn_attn_core::Implementation::FlashUnitBackward,
+        ),
+        (
+            burn_attn_core::Implementation::FlashUnitSparse,
+            burn_attn_core::Implementation::FlashUnitSparseBackward,
         ),
     );
 }

@@ -11,6 +11,7 @@ builds (crates/burn-attn-bench/src/masks.rs), and given to `create_block_mask`:
   * block-random-D (D = 0.05, 0.1, 0.25, 0.5): 128 x 128 blocks, block (r, c) active when
     splitmix64(0x5eed ^ (r * blocks + c)) >> 11 is below D * 2^53 (the Rust side's hash);
   * key-padding-30: j < n - 3n/10 (the last 30% of every row's keys are padding);
+  * strided-64-local-128-padding-30: the strided case with key-padding-30's padding;
   * documents-8: doc[i] == doc[j], 8 documents of hashed lengths summing to n (weights
     1 + splitmix64(0x5eed + 1 + k) % 1000, document k ending at n * (w_0 + .. + w_k) / total).
 Every case counts its visible (query, key) pairs from the mask function and records them:
@@ -87,6 +88,9 @@ def masks(torch, n, device):
             return layout[i // LAYOUT_BLOCK, j // LAYOUT_BLOCK]
         cases.append((f"block-random-{density}", mask_mod))
     cases.append(("key-padding-30", lambda b, h, i, j: j < valid))
+    cases.append(("strided-64-local-128-padding-30",
+                  lambda b, h, i, j: (((i - j <= 64) & (j - i <= 64)) | (j % 64 == 0))
+                  & (j < valid)))
     docs = torch.tensor(document_ids(n, 8), device=device)
     cases.append(("documents-8", lambda b, h, i, j: docs[i] == docs[j]))
     return cases

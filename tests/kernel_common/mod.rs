@@ -149,6 +149,7 @@ impl Case {
     }
 }
 
+#[derive(Clone)]
 pub struct Inputs {
     pub q: (Vec<f32>, [usize; 4]),
     pub k: (Vec<f32>, [usize; 4]),
@@ -2017,14 +2018,37 @@ pub fn check_sparse_training<B: On>(dtype: DType, served: (Implementation, Imple
             .with_kernel(KernelPolicy::Require);
         let got = pattern_training(&B::device(), &x, &w, &pattern, pad, Some(&options), dtype);
         let want = pattern_training(&Truth::device(), &x, &w, &pattern, pad, None, DType::F64);
-        let logged: Vec<_> = log.entries().iter().map(|d| (d.pass, d.served)).collect();
-        assert_eq!(
-            logged,
-            [(Pass::Forward, served.0), (Pass::Backward, served.1)],
-            "case {at}"
-        );
+        // Strided columns split into band calls (their padding gathered).
+        let calls = (pattern.stride.is_none()).then_some(1);
+        assert_calls_served(&log, served, calls, &format!("case {at}"));
         assert_training_close(&got, &want, tol, &format!("{dtype:?} case {at}"));
     }
+}
+
+/// That `log` shows `calls` forward entries served by `served.0` and as many backward
+/// entries served by `served.1` (`None`: more than one of each).
+#[track_caller]
+fn assert_calls_served(
+    log: &DispatchLog,
+    served: (Implementation, Implementation),
+    calls: Option<usize>,
+    what: &str,
+) {
+    let entries = log.entries();
+    let forward = entries.iter().filter(|d| d.pass == Pass::Forward).count();
+    let each_served = entries.iter().all(|d| {
+        d.served
+            == if d.pass == Pass::Forward {
+                served.0
+            } else {
+                served.1
+            }
+    });
+    let count = calls.map_or(forward >= 2, |calls| forward == calls);
+    assert!(
+        count && each_served && entries.len() == 2 * forward,
+        "{what}: {entries:?}"
+    );
 }
 
 /// Training with dropout through `pattern_attention` on `B`'s device runs the
@@ -2172,16 +2196,12 @@ pub fn check_block_mask_cache<B: On>() {
     cache.clear();
     assert!(cache.held_grid().is_none());
 
-    // A pattern of positions alone (a causal window with strided columns; key padding on
-    // top takes it to the block-sparse kernels): shorter calls and decoding steps (a few
-    // queries against a growing cache) are served by a part of the held plan, which grows
-    // when a call outgrows it; each result is the fresh plan's.
-    let pattern = KeyPattern {
-        window: Window::causal(20),
-        stride: Some(16),
-        causal: true,
-        blocks: None,
-    };
+    // A pattern of positions alone (a causal window; key padding on top takes it to the
+    // block-sparse kernels): shorter calls and decoding steps (a few queries against a
+    // growing cache) are served by a part of the held plan, which grows when a call
+    // outgrows it; each result is the fresh plan's. (The parts of strided covers are
+    // checked against the exact cover on the CPU.)
+    let pattern = KeyPattern::band(Window::causal(20), true);
     let step = |seq_q: usize, seq_k: usize| {
         let case = Case::new(seq_q, seq_k, 32).gqa(4, 2).batch(2);
         let x = inputs(&case, 62 + seq_k as u64);
@@ -2969,7 +2989,11 @@ pub fn check_context_parallel<B: On>(dtype: DType, served: (Implementation, Impl
 /// columns (`strided` in the core): on `B`'s device every one of them, forward and
 /// backward, is served by `served`, and training matches autodiff of the materialised
 /// reference in f64 on the CPU (causal and two-sided, GQA, cross lengths, batch 2).
-pub fn check_strided_split<B: On>(dtype: DType, served: (Implementation, Implementation)) {
+pub fn check_strided_split<B: On>(
+    dtype: DType,
+    served: (Implementation, Implementation),
+    masked: (Implementation, Implementation),
+) {
     let cases = [
         (
             Case::new(150, 150, 64).gqa(4, 2).batch(2),
@@ -3001,26 +3025,117 @@ pub fn check_strided_split<B: On>(dtype: DType, served: (Implementation, Impleme
         let x = rounded_inputs(inputs(&case, 71 + at as u64), dtype);
         let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
         let w = rounded(uniform(&mut StdRng::seed_from_u64(72), shape, 1.0), dtype);
-        let log = DispatchLog::new();
-        let options = AttentionOptions::default()
-            .with_log(log.clone())
-            .with_kernel(KernelPolicy::Require);
-        let got = pattern_training(&B::device(), &x, &w, &pattern, None, Some(&options), dtype);
-        let want = pattern_training(&Truth::device(), &x, &w, &pattern, None, None, DType::F64);
-        let entries = log.entries();
-        let forward = entries.iter().filter(|d| d.pass == Pass::Forward).count();
-        assert!(
-            forward >= 2
-                && entries.iter().all(|d| d.served
-                    == if d.pass == Pass::Forward {
-                        served.0
+        // Without masks on the band kernels; with key padding (every 5th key of batch 0,
+        // the last third of batch 1's) on the block-sparse kernels.
+        let n = case.seq_k;
+        let padding: (Vec<bool>, [usize; 2]) = (
+            (0..2 * n)
+                .map(|i| {
+                    if i < n {
+                        i % 5 == 2
                     } else {
-                        served.1
-                    })
-                && entries.len() == 2 * forward,
-            "case {at}: {entries:?}"
+                        i % n >= n - n / 3
+                    }
+                })
+                .collect(),
+            [2, n],
         );
-        assert_training_close(&got, &want, tol, &format!("{dtype:?} case {at}"));
+        for (pad, served) in [(None, served), (Some(&padding), masked)] {
+            let log = DispatchLog::new();
+            let options = AttentionOptions::default()
+                .with_log(log.clone())
+                .with_kernel(KernelPolicy::Require);
+            let got = pattern_training(&B::device(), &x, &w, &pattern, pad, Some(&options), dtype);
+            let want = pattern_training(&Truth::device(), &x, &w, &pattern, pad, None, DType::F64);
+            let what = format!("{dtype:?} case {at}, padding {}", pad.is_some());
+            assert_calls_served(&log, served, None, &what);
+            assert_training_close(&got, &want, tol, &what);
+        }
+    }
+    if dtype == DType::F32 {
+        check_strided_dropout::<B>(masked);
+    }
+}
+
+/// Strided columns with dropout in training split into calls on the block-sparse kernels
+/// (`served`), each drawing its own seed: with the device's generator seeded, the loss
+/// `sum(out * w)` is a fixed function of q, k and v, and its gradients agree with central
+/// differences along a random direction (so each call's tap regenerates its forward's
+/// mask); dropout changes the output.
+fn check_strided_dropout<B: On>(served: (Implementation, Implementation)) {
+    let case = Case::new(96, 96, 32).gqa(4, 2).batch(2);
+    let pattern = KeyPattern {
+        window: Window::symmetric(10),
+        stride: Some(8),
+        causal: false,
+        blocks: None,
+    };
+    let x = inputs(&case, 73);
+    let shape = [case.batch, case.heads, case.seq_q, case.value_dim];
+    let w = uniform(&mut StdRng::seed_from_u64(74), shape, 1.0);
+    let device = B::device().autodiff();
+    let log = DispatchLog::new();
+    let options = AttentionOptions::default()
+        .with_log(log.clone())
+        .with_kernel(KernelPolicy::Require);
+    // The loss and, where asked, its gradients, with the generator seeded first.
+    let loss = |x: &Inputs, dropout: f64, grads: bool| {
+        device.seed(11);
+        let [q, k, v] = [&x.q, &x.k, &x.v].map(|t| tensor(t, DType::F32, &device).require_grad());
+        let out = burn_attn_core::pattern_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            &options,
+            None,
+            dropout,
+        );
+        let loss = (out * tensor(&w, DType::F32, &device)).sum();
+        let value = f64::from(loss.clone().into_scalar::<f32>());
+        let grads = grads.then(|| {
+            let g = loss.backward();
+            [q, k, v].map(|t| to_f64(t.grad(&g).expect("gradient")))
+        });
+        (value, grads)
+    };
+    let (plain, _) = loss(&x, 0.0, false);
+    log.clear();
+    let (dropped, grads) = loss(&x, 0.25, true);
+    assert_calls_served(&log, served, None, "strided dropout");
+    assert!((dropped - plain).abs() > 1e-3, "dropout changed nothing");
+    let grads = grads.expect("gradients");
+    let mut rng = StdRng::seed_from_u64(75);
+    let eps = 1e-2f32;
+    for (name, at) in [("q", 0), ("k", 1), ("v", 2)] {
+        let values = [&x.q, &x.k, &x.v][at].0.clone();
+        let dir: Vec<f32> = (0..values.len())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let moved = |sign: f32| {
+            let mut y = x.clone();
+            let t = match at {
+                0 => &mut y.q,
+                1 => &mut y.k,
+                _ => &mut y.v,
+            };
+            t.0 = values
+                .iter()
+                .zip(&dir)
+                .map(|(a, d)| a + sign * eps * d)
+                .collect();
+            loss(&y, 0.25, false).0
+        };
+        let numeric = (moved(1.0) - moved(-1.0)) / (2.0 * f64::from(eps));
+        let analytic: f64 = grads[at]
+            .iter()
+            .zip(&dir)
+            .map(|(g, &d)| g * f64::from(d))
+            .sum();
+        assert!(
+            (numeric - analytic).abs() < 2e-2 * analytic.abs().max(1.0),
+            "d{name}: along a random direction {analytic} against {numeric} by differences"
+        );
     }
 }
 

@@ -129,6 +129,13 @@ fn cases(n: usize) -> Vec<MaskCase> {
         documents: None,
         modifiers: ScoreModifiers::default(),
     };
+    // |i - j| <= 64, or j a multiple of 64.
+    let strided = KeyPattern {
+        window: Window::new(Some(64), Some(64)),
+        stride: Some(64),
+        causal: false,
+        blocks: None,
+    };
     let mut cases = vec![
         plain("full", KeyPattern::default()),
         // The 1024 most recent keys (i - 1023 ..= i).
@@ -141,16 +148,7 @@ fn cases(n: usize) -> Vec<MaskCase> {
             "window-sym-512",
             KeyPattern::band(Window::new(Some(512), Some(512)), false),
         ),
-        // |i - j| <= 64, or j a multiple of 64.
-        plain(
-            "strided-64-local-128",
-            KeyPattern {
-                window: Window::new(Some(64), Some(64)),
-                stride: Some(64),
-                causal: false,
-                blocks: None,
-            },
-        ),
+        plain("strided-64-local-128", strided.clone()),
     ];
     for density in [0.05, 0.1, 0.25, 0.5] {
         cases.push(plain(
@@ -168,6 +166,12 @@ fn cases(n: usize) -> Vec<MaskCase> {
         valid_keys: Some(n - 3 * n / 10),
         documents: None,
         modifiers: ScoreModifiers::default(),
+    });
+    // The strided case with the same padding (band calls on the block-sparse kernels).
+    cases.push(MaskCase {
+        name: "strided-64-local-128-padding-30".into(),
+        valid_keys: Some(n - 3 * n / 10),
+        ..plain("", strided.clone())
     });
     cases.push(MaskCase {
         name: "documents-8".into(),

@@ -160,12 +160,14 @@ pub fn block_sparse_kernels(device: &burn::tensor::Device) -> bool {
 }
 
 /// Exact attention over `pattern` under `masks`: the band kernels when the call is a
-/// plain band without masks, the band call plus calls over the gathered columns for
-/// strided columns without masks (merged by log-sum-exp), the block-sparse kernels
-/// (forward and backward) for strided columns with masks, block layouts, key padding, document ids, attention masks and dropout in
-/// training on CubeCL devices (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse`
-/// elsewhere), the tiled tensor ops otherwise (every such call on the CPU backends). Score terms (`key_bias`, `soft_edge`) get gradients on every
-/// path.
+/// plain band without masks; for strided columns without masks past key padding and
+/// dropout, the band call plus calls over the gathered columns (merged by log-sum-exp),
+/// each on the band kernels, or with key padding or dropout on the block-sparse kernels;
+/// the block-sparse kernels (forward and backward) for other strided calls, block layouts,
+/// key padding, document ids, attention masks and dropout in training on CubeCL devices
+/// (`FlashMmaSparse` on CUDA f16/bf16, `FlashUnitSparse` elsewhere); the tiled tensor ops
+/// otherwise (every such call on the CPU backends). Score terms (`key_bias`, `soft_edge`)
+/// get gradients on every path.
 ///
 /// Dropout on the kernels draws its mask from a counter-based hash of a seed taken from
 /// the device's random generator, not from Burn's dropout: the same probability, another
@@ -218,12 +220,29 @@ pub fn try_masked_attention(
     let mut pattern = pattern.clone();
     pattern.causal |= options.causal;
     pattern.window = pattern.window.intersect(options.window);
-    if unmasked
-        && !dropout_active
+    // Strided columns split into band calls, which take key padding and dropout (on the
+    // block-sparse kernels) but no other mask.
+    let split_masks =
+        masks.documents.is_none() && masks.attention_mask.is_none() && !masks.has_score_terms();
+    if split_masks
         && crate::strided::splits(&pattern, shape.seq_q, shape.seq_k)
         && crate::backend::extension_serves_tensor(&q)
     {
-        return crate::strided::strided_attention(q, k, v, &pattern, options);
+        let split = crate::strided::SplitMasks {
+            key_padding: masks.key_padding.clone(),
+            dropout: dropout_active.then_some(dropout),
+        };
+        let out = crate::strided::strided_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            &pattern,
+            options,
+            &split,
+        )?;
+        if let Some(out) = out {
+            return Ok(out);
+        }
     }
     let why = if dropout_active {
         "dropout"

@@ -9,12 +9,14 @@
 //! `t >= k + f_p` on the right. Phases with the same rows and offset run as one call, their
 //! rows stacked as extra heads (next to their own head, which keeps grouped-query heads
 //! together), at most a few calls per side. Every call is a plain band, so it runs the band
-//! kernels with their tile skipping.
+//! kernels with their tile skipping; with key padding (gathered with the columns) or
+//! dropout (a seed per call), the block-sparse kernels over the band.
 //!
 //! Gradients: each call's share is a gradient tap (the op's backward against that call's
-//! keys with the merged rows' output and log-sum-exp), as in context parallelism's ring.
+//! keys with the merged rows' output and log-sum-exp, with the call's own mask and dropout
+//! seed), as in context parallelism's ring.
 
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::backend::block_tap;
 use crate::merge::MergedRows;
@@ -126,16 +128,103 @@ pub(crate) fn splits(pattern: &KeyPattern, seq_q: usize, seq_k: usize) -> bool {
     pattern.stride.is_some() && pattern.blocks.is_none() && seq_q > 0 && seq_k > 0
 }
 
+/// The masks the calls of a split carry, each on the block-sparse kernels: key padding
+/// (`[batch, seq_k]`, gathered with the columns) and dropout in training (a seed per
+/// call, which its tap's backward reuses). `Default`: none, the calls run the band
+/// kernels.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SplitMasks {
+    pub key_padding: Option<Tensor<2, Bool>>,
+    pub dropout: Option<f64>,
+}
+
+impl SplitMasks {
+    fn any(&self) -> bool {
+        self.key_padding.is_some() || self.dropout.is_some()
+    }
+}
+
+/// One call of a split as it runs: on the band kernels (the window in its options), or
+/// planned with its masks for the block-sparse kernels.
+enum SplitCall {
+    Band(AttentionOptions),
+    #[cfg(feature = "cube")]
+    Masked(crate::backend::sparse::PreparedSparseCall),
+}
+
+impl SplitCall {
+    fn forward(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> Result<(Tensor<4>, Tensor<3>), AttentionError> {
+        match self {
+            Self::Band(options) => try_attention_with_lse(q, k, v, options),
+            #[cfg(feature = "cube")]
+            Self::Masked(call) => Ok(call.forward(q, k, v)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tap(
+        &self,
+        carried: Tensor<4>,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        out: Tensor<4>,
+        lse: Tensor<3>,
+    ) -> Tensor<4> {
+        match self {
+            Self::Band(options) => block_tap(carried, q, k, v, out, lse, 0, options.clone()),
+            #[cfg(feature = "cube")]
+            Self::Masked(call) => call.tap(carried, q, k, v, out, lse),
+        }
+    }
+}
+
+/// A call over `window` with `masks`' dropout and the key padding `padding`, planned for
+/// the block-sparse kernels (`None` where they decline it).
+#[cfg(feature = "cube")]
+fn masked_call(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    window: Window,
+    options: &AttentionOptions,
+    masks: &SplitMasks,
+    padding: Option<Tensor<2, Bool>>,
+) -> Option<crate::backend::sparse::PreparedSparseCall> {
+    let call_masks = crate::AttentionMasks {
+        key_padding: padding,
+        dropout: masks.dropout.unwrap_or(0.0),
+        ..Default::default()
+    };
+    crate::backend::sparse::PreparedSparseCall::new(
+        q,
+        k,
+        v,
+        &KeyPattern::band(window, false),
+        options,
+        &call_masks,
+        masks.dropout,
+    )
+    .ok()
+}
+
 /// Attention over a band plus strided columns (`pattern`, its causal rule and window
 /// already merged with `options`'), as the band call and the column calls merged by their
-/// log-sum-exp (see the module docs).
+/// log-sum-exp (see the module docs), under `masks`. `Ok(None)` where the masks need the
+/// block-sparse kernels and they decline a call (the caller takes another path).
 pub(crate) fn strided_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     pattern: &KeyPattern,
     options: &AttentionOptions,
-) -> Result<Tensor<4>, AttentionError> {
+    masks: &SplitMasks,
+) -> Result<Option<Tensor<4>>, AttentionError> {
     let [batch, heads, seq_q, dim] = q.dims();
     let [_, _, seq_k, _] = k.dims();
     let stride = pattern.stride_within(seq_k).expect("a strided pattern");
@@ -145,9 +234,11 @@ pub(crate) fn strided_attention(
     } else {
         pattern.window
     };
+    // The calls share one plan cache at most by replacing each other's plans: none.
     let call_options = |window: Window| AttentionOptions {
         causal: false,
         window,
+        block_masks: None,
         ..options.clone()
     };
     let device = q.device();
@@ -158,7 +249,20 @@ pub(crate) fn strided_attention(
     let calls = column_calls(seq_q, seq_k, stride, band, pattern.causal);
     if calls.is_empty() {
         // The band shows every column a query may see: one call.
-        return crate::try_attention(q, k, v, &call_options(band));
+        if !masks.any() {
+            return crate::try_attention(q, k, v, &call_options(band)).map(Some);
+        }
+        #[cfg(feature = "cube")]
+        return Ok(masked_call(
+            &q,
+            &k,
+            &v,
+            band,
+            &call_options(band),
+            masks,
+            masks.key_padding.clone(),
+        )
+        .map(|call| call.forward(q, k, v).0));
     }
     // Each call's query rows and key rows, uploaded once for the forward and the taps.
     let indices: Vec<(Tensor<1, Int>, Tensor<1, Int>)> = calls
@@ -186,43 +290,81 @@ pub(crate) fn strided_attention(
         untracked(k.clone()),
         untracked(v.clone()),
     );
+    // The band call, then the column calls, each with its inputs (untracked).
+    let mut inputs = vec![(dq.clone(), dk.clone(), dv.clone())];
+    inputs.extend(
+        calls
+            .iter()
+            .zip(&indices)
+            .map(|(call, at)| gathered(call, at, &dq, &dk, &dv)),
+    );
+    let windows: Vec<Window> = [band]
+        .into_iter()
+        .chain(calls.iter().map(|c| c.window))
+        .collect();
+    let runners: Vec<SplitCall> = if masks.any() {
+        #[cfg(feature = "cube")]
+        {
+            let mut runners = Vec::with_capacity(windows.len());
+            for (at, (&window, (cq, ck, cv))) in windows.iter().zip(&inputs).enumerate() {
+                // The column calls' padding: their gathered keys'.
+                let padding = masks.key_padding.as_ref().map(|pad| match at {
+                    0 => pad.clone(),
+                    _ => pad.clone().select(1, indices[at - 1].1.clone()),
+                });
+                let options = call_options(window);
+                match masked_call(cq, ck, cv, window, &options, masks, padding) {
+                    Some(call) => runners.push(SplitCall::Masked(call)),
+                    None => return Ok(None),
+                }
+            }
+            runners
+        }
+        #[cfg(not(feature = "cube"))]
+        return Ok(None);
+    } else {
+        windows
+            .iter()
+            .map(|&w| SplitCall::Band(call_options(w)))
+            .collect()
+    };
+
     let mut merged = MergedRows::new(&q, &v);
-    let (out, lse) =
-        try_attention_with_lse(dq.clone(), dk.clone(), dv.clone(), &call_options(band))?;
-    merged.add(0, out, lse);
-    for (call, at) in calls.iter().zip(&indices) {
-        let (cq, ck, cv) = gathered(call, at, &dq, &dk, &dv);
-        let (out, lse) = try_attention_with_lse(cq, ck, cv, &call_options(call.window))?;
-        let rows = call.phases.len() * call.rows;
-        merged.add_rows(
-            at.0.clone(),
-            out.reshape([batch, heads, rows, value_dim]),
-            lse.reshape([batch, heads, rows]),
-        );
+    for (at, (runner, (cq, ck, cv))) in runners.iter().zip(inputs).enumerate() {
+        let (out, lse) = runner.forward(cq, ck, cv)?;
+        if at == 0 {
+            merged.add(0, out, lse);
+        } else {
+            let (call, rows) = (&calls[at - 1], &indices[at - 1].0);
+            let n = call.phases.len() * call.rows;
+            merged.add_rows(
+                rows.clone(),
+                out.reshape([batch, heads, n, value_dim]),
+                lse.reshape([batch, heads, n]),
+            );
+        }
     }
     let (out, lse) = merged.finish(q.dtype());
     // Values only: the taps carry the gradients.
     let (out, lse) = (untracked(out), untracked(lse));
     if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
-        return Ok(out);
+        return Ok(Some(out));
     }
     // The value is the merged rows; each call's tap adds its share of the gradients.
-    let mut carried = block_tap(
+    let mut carried = runners[0].tap(
         out.clone(),
         q.clone(),
         k.clone(),
         v.clone(),
         out.clone(),
         lse.clone(),
-        0,
-        call_options(band),
     );
-    for (call, at) in calls.iter().zip(&indices) {
+    for ((call, at), runner) in calls.iter().zip(&indices).zip(&runners[1..]) {
         let (cq, ck, cv) = gathered(call, at, &q, &k, &v);
         let rows = at.0.clone();
         let g = call.phases.len();
         let stacked = |t: Tensor<4>| t.reshape([batch, heads * g, call.rows, value_dim]);
-        let share = block_tap(
+        let share = runner.tap(
             Tensor::<4>::zeros([batch, heads * g, call.rows, value_dim], &device).cast(q.dtype()),
             cq,
             ck,
@@ -231,13 +373,11 @@ pub(crate) fn strided_attention(
             lse.clone()
                 .select(2, rows.clone())
                 .reshape([batch, heads * g, call.rows]),
-            0,
-            call_options(call.window),
         );
         let share = share.reshape([batch, heads, g * call.rows, value_dim]);
         carried = carried.select_assign(2, rows, share, IndexingUpdateOp::Add);
     }
-    Ok(carried)
+    Ok(Some(carried))
 }
 
 #[cfg(test)]

@@ -132,6 +132,29 @@ pub(crate) trait SparseAttentionBackend: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     );
+
+    /// The gradient tap of a block-sparse call whose rows are merged with other calls'
+    /// (by log-sum-exp): returns `carried`. Under autodiff its backward passes the output
+    /// gradient on to `carried` and adds the call's share of the gradients,
+    /// [`SparseAttentionBackend::sparse_attention_backward`] with the merged rows' `out`
+    /// and `lse`, so the shares of every call sum to the gradients of one call over all
+    /// their keys.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention_tap(
+        carried: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        #[extension_type] mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> FloatTensor<Self> {
+        let _ = (q, k, v, key_bias, reach, out, lse, mask, call);
+        carried
+    }
 }
 
 /// The gradients of a block-sparse call: q, k, v, the key bias, the reach.
@@ -170,189 +193,263 @@ pub(crate) fn sparse_kernel_attention(
     masks: &AttentionMasks,
     dropout: Option<f64>,
 ) -> Result<Tensor<4>, Declines> {
-    let decline = |why: Decline| {
-        [
-            Implementation::FlashMmaSparse,
-            Implementation::FlashUnitSparse,
+    let call = PreparedSparseCall::new(&q, &k, &v, pattern, options, masks, dropout)?;
+    Ok(call.forward(q, k, v).0)
+}
+
+/// A call planned for the block-sparse kernels, its mask built: run by
+/// [`PreparedSparseCall::forward`], and differentiated either by its forward (a call of
+/// its own) or by [`PreparedSparseCall::tap`] (a part of merged rows).
+pub(crate) struct PreparedSparseCall {
+    tensors: SparseMaskTensors<burn::backend::Dispatch>,
+    key_bias: burn::backend::DispatchTensor,
+    reach: burn::backend::DispatchTensor,
+    call: SparseCall,
+    served: Implementation,
+}
+
+impl PreparedSparseCall {
+    /// Plans a call of `q`, `k`, `v` (their shapes and dtypes; see
+    /// [`sparse_kernel_attention`]) and builds its mask, or returns why the kernels decline.
+    pub(crate) fn new(
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        pattern: &KeyPattern,
+        options: &AttentionOptions,
+        masks: &AttentionMasks,
+        dropout: Option<f64>,
+    ) -> Result<Self, Declines> {
+        let decline = |why: Decline| {
+            [
+                Implementation::FlashMmaSparse,
+                Implementation::FlashUnitSparse,
+            ]
+            .map(|imp| (imp, why.clone()))
+            .to_vec()
+        };
+        let Some(caps) = cube_caps(&q.device()) else {
+            return Err(Vec::new());
+        };
+        if options.kernel == crate::KernelPolicy::Tiled {
+            return Err(decline(Decline::TiledRequested));
+        }
+        let (q_dims, k_dims, v_dims) = (q.dims(), k.dims(), v.dims());
+        let scale = options.scale_for(q_dims[3]) as f32;
+        let band = BandArgs {
+            scale,
+            left: None,
+            right: None,
+        };
+        let forced = options.forced_plan.unwrap_or_default();
+        let plan = precision_of(q.dtype(), k.dtype(), v.dtype())
+            .and_then(|precision| Problem::contiguous(q_dims, k_dims, v_dims, precision, band))
+            .and_then(|problem| plan_sparse(&problem, &caps, &forced))
+            .map_err(|why| decline(Decline::Kernel(why)))?;
+        let device = q.device();
+        let (seq_q, seq_k) = (q_dims[2], k_dims[2]);
+        // An empty call has no blocks to list (the tiled ops give its empty or zero rows), and
+        // the lists index positions with 32-bit integers.
+        let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
+            .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
+        // The pattern's plan (kept across calls where the options hold a cache), then the
+        // call's own masks on top.
+        let pattern_plan = match &options.block_masks {
+            Some(cache) => cache.plan(pattern, grid, &device),
+            None => PatternPlan::build(pattern, grid, &device),
+        }
+        .expect("the pattern was validated");
+        // The document ids' cover and i32 ids, held by the ids for their later calls.
+        let documents = masks.documents.as_ref().map(|docs| {
+            docs.plans()
+                .cover(docs.queries(), docs.keys(), grid, &device)
+        });
+        // The call's other masks' covers: keys whose bias is -inf are hidden too, so their
+        // blocks are skipped.
+        let covers: Vec<BlockCover> = [
+            masks.key_bias.as_ref().map(|bias| {
+                let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
+                BlockCover::of_hidden_keys(hidden, grid).expect("checked shape")
+            }),
+            masks
+                .key_padding
+                .as_ref()
+                .map(|pad| BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape")),
+            masks.attention_mask.as_ref().map(|dense| {
+                BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape")
+            }),
         ]
-        .map(|imp| (imp, why.clone()))
-        .to_vec()
-    };
-    let Some(caps) = cube_caps(&q.device()) else {
-        return Err(Vec::new());
-    };
-    if options.kernel == crate::KernelPolicy::Tiled {
-        return Err(decline(Decline::TiledRequested));
-    }
-    let (q_dims, k_dims, v_dims) = (q.dims(), k.dims(), v.dims());
-    let scale = options.scale_for(q_dims[3]) as f32;
-    let band = BandArgs {
-        scale,
-        left: None,
-        right: None,
-    };
-    let forced = options.forced_plan.unwrap_or_default();
-    let plan = precision_of(q.dtype(), k.dtype(), v.dtype())
-        .and_then(|precision| Problem::contiguous(q_dims, k_dims, v_dims, precision, band))
-        .and_then(|problem| plan_sparse(&problem, &caps, &forced))
-        .map_err(|why| decline(Decline::Kernel(why)))?;
-    let device = q.device();
-    let (seq_q, seq_k) = (q_dims[2], k_dims[2]);
-    // An empty call has no blocks to list (the tiled ops give its empty or zero rows), and
-    // the lists index positions with 32-bit integers.
-    let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
-        .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
-    // The pattern's plan (kept across calls where the options hold a cache), then the
-    // call's own masks on top.
-    let pattern_plan = match &options.block_masks {
-        Some(cache) => cache.plan(pattern, grid, &device),
-        None => PatternPlan::build(pattern, grid, &device),
-    }
-    .expect("the pattern was validated");
-    // The document ids' cover and i32 ids, held by the ids for their later calls.
-    let documents = masks.documents.as_ref().map(|docs| {
-        docs.plans()
-            .cover(docs.queries(), docs.keys(), grid, &device)
-    });
-    // The call's other masks' covers: keys whose bias is -inf are hidden too, so their
-    // blocks are skipped.
-    let covers: Vec<BlockCover> = [
-        masks.key_bias.as_ref().map(|bias| {
-            let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
-            BlockCover::of_hidden_keys(hidden, grid).expect("checked shape")
-        }),
-        masks
+        .into_iter()
+        .flatten()
+        .collect();
+        let intersect = |covers: Vec<BlockCover>| {
+            let cover = covers
+                .into_iter()
+                .fold(pattern_plan.cover.clone(), |cover, other| {
+                    cover.intersect(other).expect("one grid")
+                });
+            BlockMask::new(cover)
+        };
+        let mask = match &masks.documents {
+            // The ids alone beside the pattern: lists held by the ids, per pattern.
+            Some(docs) if covers.is_empty() => docs
+                .plans()
+                .mask(pattern, grid, &device, |ids| intersect(vec![ids])),
+            _ => {
+                let ids = documents.as_ref().map(|(cover, _)| cover.clone());
+                let covers: Vec<BlockCover> = ids.into_iter().chain(covers).collect();
+                if covers.is_empty() {
+                    pattern_plan.mask
+                } else {
+                    intersect(covers)
+                }
+            }
+        };
+        // One 1-element tensor stands in for every absent rule (the kernels never read it).
+        let absent = i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
+        let placeholder = || absent.clone();
+        let layout = pattern_plan.layout.map_or_else(placeholder, i32_dispatch);
+        let padding = masks
             .key_padding
             .as_ref()
-            .map(|pad| BlockCover::of_key_padding(pad.clone(), grid).expect("checked shape")),
-        masks.attention_mask.as_ref().map(|dense| {
-            BlockCover::of_attention_mask(dense.clone(), grid).expect("checked shape")
-        }),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let intersect = |covers: Vec<BlockCover>| {
-        let cover = covers
-            .into_iter()
-            .fold(pattern_plan.cover.clone(), |cover, other| {
-                cover.intersect(other).expect("one grid")
-            });
-        BlockMask::new(cover)
-    };
-    let mask = match &masks.documents {
-        // The ids alone beside the pattern: lists held by the ids, per pattern.
-        Some(docs) if covers.is_empty() => docs
-            .plans()
-            .mask(pattern, grid, &device, |ids| intersect(vec![ids])),
-        _ => {
-            let ids = documents.as_ref().map(|(cover, _)| cover.clone());
-            let covers: Vec<BlockCover> = ids.into_iter().chain(covers).collect();
-            if covers.is_empty() {
-                pattern_plan.mask
-            } else {
-                intersect(covers)
-            }
-        }
-    };
-    // One 1-element tensor stands in for every absent rule (the kernels never read it).
-    let absent = i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
-    let placeholder = || absent.clone();
-    let layout = pattern_plan.layout.map_or_else(placeholder, i32_dispatch);
-    let padding = masks
-        .key_padding
-        .as_ref()
-        .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
-    let (doc_q, doc_k) = match documents {
-        Some((_, [queries, keys])) => (i32_dispatch(queries), i32_dispatch(keys)),
-        None => (placeholder(), placeholder()),
-    };
-    let dense = masks
-        .attention_mask
-        .as_ref()
-        .map_or_else(placeholder, |m| i32_dispatch(m.clone().int()));
-    let seed = match dropout {
-        Some(_) => i32_dispatch(Tensor::<1, Int>::random(
-            [1],
-            Distribution::Uniform(0.0, i32::MAX as f64),
-            &device,
-        )),
-        None => placeholder(),
-    };
-    let tensors = SparseMaskTensors {
-        partial_count: i32_dispatch(mask.partial_count),
-        partial_index: i32_dispatch(mask.partial_index),
-        full_count: i32_dispatch(mask.full_count),
-        full_index: i32_dispatch(mask.full_index),
-        t_partial_count: i32_dispatch(mask.t_partial_count),
-        t_partial_index: i32_dispatch(mask.t_partial_index),
-        t_full_count: i32_dispatch(mask.t_full_count),
-        t_full_index: i32_dispatch(mask.t_full_index),
-        layout,
-        padding,
-        doc_q,
-        doc_k,
-        dense,
-        seed,
-    };
-    // The score terms (placeholders where absent) keep their dtype: the kernels' launch
-    // reads them as f32 and returns gradients in it.
-    let absent_term = Tensor::<3>::zeros([1, 1, 1], &device);
-    let term_placeholder = || absent_term.clone().into_dispatch();
-    let key_bias = masks
-        .key_bias
-        .clone()
-        .map_or_else(term_placeholder, Tensor::into_dispatch);
-    let reach = masks
-        .soft_edge
-        .as_ref()
-        .map_or_else(term_placeholder, |e| e.reach.clone().into_dispatch());
-    let call = SparseCall {
-        block_q: plan.block_q,
-        block_k: plan.block_k,
-        scale,
-        left: pattern.window.left,
-        right: pattern.window.right,
-        causal: pattern.causal,
-        stride: pattern.stride,
-        layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
-        padding: masks.key_padding.is_some(),
-        documents: masks.documents.is_some(),
-        dense: masks.attention_mask.is_some(),
-        key_bias: masks.key_bias.is_some(),
-        soft_edge: masks.soft_edge.as_ref().map(|e| e.ramp as f32),
-        alibi: masks.alibi.clone(),
-        softcap: masks.softcap.map(|cap| cap as f32),
-        dropout,
-        forced,
-        backward: match plan.backward {
-            SparseBackward::Mma(_) => Implementation::FlashMmaSparseBackward,
-            SparseBackward::Unit(_) => Implementation::FlashUnitSparseBackward,
-        },
-        log: options.log.clone(),
-    };
-    let served = match plan.forward {
-        SparseForward::Mma(_) => Implementation::FlashMmaSparse,
-        SparseForward::Unit(_) => Implementation::FlashUnitSparse,
-    };
-    report(
-        options.log.as_ref(),
-        Dispatch {
-            pass: Pass::Forward,
+            .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
+        let (doc_q, doc_k) = match documents {
+            Some((_, [queries, keys])) => (i32_dispatch(queries), i32_dispatch(keys)),
+            None => (placeholder(), placeholder()),
+        };
+        let dense = masks
+            .attention_mask
+            .as_ref()
+            .map_or_else(placeholder, |m| i32_dispatch(m.clone().int()));
+        let seed = match dropout {
+            Some(_) => i32_dispatch(Tensor::<1, Int>::random(
+                [1],
+                Distribution::Uniform(0.0, i32::MAX as f64),
+                &device,
+            )),
+            None => placeholder(),
+        };
+        let tensors = SparseMaskTensors {
+            partial_count: i32_dispatch(mask.partial_count),
+            partial_index: i32_dispatch(mask.partial_index),
+            full_count: i32_dispatch(mask.full_count),
+            full_index: i32_dispatch(mask.full_index),
+            t_partial_count: i32_dispatch(mask.t_partial_count),
+            t_partial_index: i32_dispatch(mask.t_partial_index),
+            t_full_count: i32_dispatch(mask.t_full_count),
+            t_full_index: i32_dispatch(mask.t_full_index),
+            layout,
+            padding,
+            doc_q,
+            doc_k,
+            dense,
+            seed,
+        };
+        // The score terms (placeholders where absent) keep their dtype: the kernels' launch
+        // reads them as f32 and returns gradients in it.
+        let absent_term = Tensor::<3>::zeros([1, 1, 1], &device);
+        let term_placeholder = || absent_term.clone().into_dispatch();
+        let key_bias = masks
+            .key_bias
+            .clone()
+            .map_or_else(term_placeholder, Tensor::into_dispatch);
+        let reach = masks
+            .soft_edge
+            .as_ref()
+            .map_or_else(term_placeholder, |e| e.reach.clone().into_dispatch());
+        let call = SparseCall {
+            block_q: plan.block_q,
+            block_k: plan.block_k,
+            scale,
+            left: pattern.window.left,
+            right: pattern.window.right,
+            causal: pattern.causal,
+            stride: pattern.stride,
+            layout: pattern.blocks.as_ref().map(|l| (l.block_q, l.block_k)),
+            padding: masks.key_padding.is_some(),
+            documents: masks.documents.is_some(),
+            dense: masks.attention_mask.is_some(),
+            key_bias: masks.key_bias.is_some(),
+            soft_edge: masks.soft_edge.as_ref().map(|e| e.ramp as f32),
+            alibi: masks.alibi.clone(),
+            softcap: masks.softcap.map(|cap| cap as f32),
+            dropout,
+            forced,
+            backward: match plan.backward {
+                SparseBackward::Mma(_) => Implementation::FlashMmaSparseBackward,
+                SparseBackward::Unit(_) => Implementation::FlashUnitSparseBackward,
+            },
+            log: options.log.clone(),
+        };
+        let served = match plan.forward {
+            SparseForward::Mma(_) => Implementation::FlashMmaSparse,
+            SparseForward::Unit(_) => Implementation::FlashUnitSparse,
+        };
+        Ok(Self {
+            tensors,
+            key_bias,
+            reach,
+            call,
             served,
-            declined: Vec::new(),
-        },
-    );
-    let (out, _lse) = <burn::backend::Dispatch as SparseAttentionBackend>::sparse_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
-        key_bias,
-        reach,
-        tensors,
-        call,
-    );
-    Ok(Tensor::from_dispatch(out))
+        })
+    }
+
+    /// The call's output and f32 row log-sum-exp (`-inf` where a row sees no key), the
+    /// output differentiable where the inputs are tracked.
+    pub(crate) fn forward(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<3>) {
+        report(
+            self.call.log.as_ref(),
+            Dispatch {
+                pass: Pass::Forward,
+                served: self.served,
+                declined: Vec::new(),
+            },
+        );
+        let (out, lse) = <burn::backend::Dispatch as SparseAttentionBackend>::sparse_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            self.key_bias.clone(),
+            self.reach.clone(),
+            self.tensors.clone(),
+            self.call.clone(),
+        );
+        (Tensor::from_dispatch(out), Tensor::from_dispatch(lse))
+    }
+
+    /// The gradient tap of this call as a part of merged rows: returns `carried`, and under
+    /// autodiff its backward passes the output gradient on and adds this call's share of
+    /// `q`'s, `k`'s and `v`'s gradients, the backward recomputing the probabilities with the
+    /// merged rows' `out` and `lse` (the same mask, dropout seed included, as the forward).
+    pub(crate) fn tap(
+        &self,
+        carried: Tensor<4>,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        out: Tensor<4>,
+        lse: Tensor<3>,
+    ) -> Tensor<4> {
+        Tensor::from_dispatch(
+            <burn::backend::Dispatch as SparseAttentionBackend>::sparse_attention_tap(
+                carried.into_dispatch(),
+                q.into_dispatch(),
+                k.into_dispatch(),
+                v.into_dispatch(),
+                self.key_bias.clone(),
+                self.reach.clone(),
+                out.into_dispatch(),
+                lse.into_dispatch(),
+                self.tensors.clone(),
+                self.call.clone(),
+            ),
+        )
+    }
 }
 
 /// The backward step of one block-sparse call.
@@ -387,6 +484,47 @@ impl<E: SparseAttentionBackend> Backward<E, 5> for SparseAttentionBackwardStep {
             .into_iter()
             .zip([dq, dk, dv, d_key_bias, d_reach])
         {
+            if let Some(node) = node {
+                grads.register::<E>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The backward step of a block-sparse call's tap: the output gradient passes on to the
+/// carried rows, and the call's share goes to its inputs.
+#[derive(Debug)]
+struct SparseAttentionTapStep;
+
+impl<E: SparseAttentionBackend> Backward<E, 6> for SparseAttentionTapStep {
+    type State = SavedState<E>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 6>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let d_out = grads.consume::<E>(&ops.node);
+        let ([q, k, v, key_bias, reach], out, lse, mask, call) = ops.state;
+        let [carried_node, parents @ ..] = ops.parents;
+        let shares = E::sparse_attention_backward(
+            q,
+            k,
+            v,
+            key_bias,
+            reach,
+            out,
+            lse,
+            d_out.clone(),
+            mask,
+            call,
+        );
+        if let Some(node) = carried_node {
+            grads.register::<E>(node.id, d_out);
+        }
+        let (dq, dk, dv, d_key_bias, d_reach) = shares;
+        for (node, grad) in parents.into_iter().zip([dq, dk, dv, d_key_bias, d_reach]) {
             if let Some(node) = node {
                 grads.register::<E>(node.id, grad);
             }
@@ -479,5 +617,42 @@ impl<E: SparseAttentionBackend, C: CheckpointStrategy> SparseAttentionBackend fo
             FloatTensor::<Self>::new(d_key_bias),
             FloatTensor::<Self>::new(d_reach),
         )
+    }
+
+    fn sparse_attention_tap(
+        carried: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        reach: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        mask: SparseMaskTensors<Self>,
+        call: SparseCall,
+    ) -> FloatTensor<Self> {
+        let (carried, carried_node) = carried.into_parts();
+        let (q, q_node) = q.into_parts();
+        let (k, k_node) = k.into_parts();
+        let (v, v_node) = v.into_parts();
+        let (key_bias, bias_node) = key_bias.into_parts();
+        let (reach, reach_node) = reach.into_parts();
+        let tracked = SparseAttentionTapStep
+            .prepare::<C>([carried_node, q_node, k_node, v_node, bias_node, reach_node])
+            .compute_bound()
+            .stateful();
+        match tracked {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    [q, k, v, key_bias, reach],
+                    out.into_primitive(),
+                    lse.into_primitive(),
+                    inner_mask(mask),
+                    call,
+                );
+                prep.finish(state, carried)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(carried),
+        }
     }
 }
