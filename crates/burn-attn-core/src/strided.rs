@@ -144,29 +144,36 @@ impl SplitMasks {
     }
 }
 
-/// One call of a split as it runs: on the band kernels (the window in its options), or
-/// planned with its masks for the block-sparse kernels.
-enum SplitCall {
-    Band(AttentionOptions),
+/// One call of a split as it runs: on the band kernels (the window in its options), or,
+/// where it is planned with masks, on the block-sparse kernels.
+struct SplitCall {
+    options: AttentionOptions,
     #[cfg(feature = "cube")]
-    Masked(crate::backend::sparse::PreparedSparseCall),
+    masked: Option<Box<crate::backend::sparse::PreparedSparseCall>>,
 }
 
 impl SplitCall {
+    fn band(options: AttentionOptions) -> Self {
+        Self {
+            options,
+            #[cfg(feature = "cube")]
+            masked: None,
+        }
+    }
+
     fn forward(
         &self,
         q: Tensor<4>,
         k: Tensor<4>,
         v: Tensor<4>,
     ) -> Result<(Tensor<4>, Tensor<3>), AttentionError> {
-        match self {
-            Self::Band(options) => try_attention_with_lse(q, k, v, options),
-            #[cfg(feature = "cube")]
-            Self::Masked(call) => Ok(call.forward(q, k, v)),
+        #[cfg(feature = "cube")]
+        if let Some(call) = &self.masked {
+            return Ok(call.forward(q, k, v));
         }
+        try_attention_with_lse(q, k, v, &self.options)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn tap(
         &self,
         carried: Tensor<4>,
@@ -176,11 +183,11 @@ impl SplitCall {
         out: Tensor<4>,
         lse: Tensor<3>,
     ) -> Tensor<4> {
-        match self {
-            Self::Band(options) => block_tap(carried, q, k, v, out, lse, 0, options.clone()),
-            #[cfg(feature = "cube")]
-            Self::Masked(call) => call.tap(carried, q, k, v, out, lse),
+        #[cfg(feature = "cube")]
+        if let Some(call) = &self.masked {
+            return call.tap(carried, q, k, v, out, lse);
         }
+        block_tap(carried, q, k, v, out, lse, 0, self.options.clone())
     }
 }
 
@@ -314,7 +321,10 @@ pub(crate) fn strided_attention(
                 });
                 let options = call_options(window);
                 match masked_call(cq, ck, cv, window, &options, masks, padding) {
-                    Some(call) => runners.push(SplitCall::Masked(call)),
+                    Some(call) => runners.push(SplitCall {
+                        options,
+                        masked: Some(Box::new(call)),
+                    }),
                     None => return Ok(None),
                 }
             }
@@ -325,7 +335,7 @@ pub(crate) fn strided_attention(
     } else {
         windows
             .iter()
-            .map(|&w| SplitCall::Band(call_options(w)))
+            .map(|&w| SplitCall::band(call_options(w)))
             .collect()
     };
 
