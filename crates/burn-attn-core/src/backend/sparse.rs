@@ -476,19 +476,24 @@ impl<E: SparseAttentionBackend> Backward<E, 5> for SparseAttentionBackwardStep {
         _checkpointer: &mut Checkpointer,
     ) {
         let d_out = grads.consume::<E>(&ops.node);
-        let ([q, k, v, key_bias, reach], out, lse, mask, call) = ops.state;
-        let (dq, dk, dv, d_key_bias, d_reach) =
-            E::sparse_attention_backward(q, k, v, key_bias, reach, out, lse, d_out, mask, call);
-        for (node, grad) in ops
-            .parents
-            .into_iter()
-            .zip([dq, dk, dv, d_key_bias, d_reach])
-        {
+        for (node, grad) in ops.parents.into_iter().zip(gradients(ops.state, d_out)) {
             if let Some(node) = node {
                 grads.register::<E>(node.id, grad);
             }
         }
     }
+}
+
+/// The gradients of a call for `d_out` from its saved state: q, k, v, the key bias, the
+/// reach.
+fn gradients<E: SparseAttentionBackend>(
+    state: SavedState<E>,
+    d_out: FloatTensor<E>,
+) -> [FloatTensor<E>; 5] {
+    let ([q, k, v, key_bias, reach], out, lse, mask, call) = state;
+    let (dq, dk, dv, d_key_bias, d_reach) =
+        E::sparse_attention_backward(q, k, v, key_bias, reach, out, lse, d_out, mask, call);
+    [dq, dk, dv, d_key_bias, d_reach]
 }
 
 /// The backward step of a block-sparse call's tap: the output gradient passes on to the
@@ -506,25 +511,12 @@ impl<E: SparseAttentionBackend> Backward<E, 6> for SparseAttentionTapStep {
         _checkpointer: &mut Checkpointer,
     ) {
         let d_out = grads.consume::<E>(&ops.node);
-        let ([q, k, v, key_bias, reach], out, lse, mask, call) = ops.state;
-        let [carried_node, parents @ ..] = ops.parents;
-        let shares = E::sparse_attention_backward(
-            q,
-            k,
-            v,
-            key_bias,
-            reach,
-            out,
-            lse,
-            d_out.clone(),
-            mask,
-            call,
-        );
-        if let Some(node) = carried_node {
+        let [carried, parents @ ..] = ops.parents;
+        let shares = gradients(ops.state, d_out.clone());
+        if let Some(node) = carried {
             grads.register::<E>(node.id, d_out);
         }
-        let (dq, dk, dv, d_key_bias, d_reach) = shares;
-        for (node, grad) in parents.into_iter().zip([dq, dk, dv, d_key_bias, d_reach]) {
+        for (node, grad) in parents.into_iter().zip(shares) {
             if let Some(node) = node {
                 grads.register::<E>(node.id, grad);
             }
