@@ -23,18 +23,19 @@ use crate::pattern::KeyPattern;
 pub(crate) struct PatternPlan {
     /// The pattern's cover, to intersect with a call's other masks.
     pub cover: BlockCover,
-    /// Its lists, for calls with no other mask.
-    pub mask: BlockMask,
+    /// Its lists, for calls with no other mask (built where a call asks for them).
+    pub mask: Option<BlockMask>,
     /// The block layout's active flags (`[q_blocks * k_blocks]`, 0 or 1), where it has one.
     pub layout: Option<Tensor<1, Int>>,
 }
 
 impl PatternPlan {
-    /// Builds the plan of `pattern` on `grid`.
+    /// Builds the plan of `pattern` on `grid`, with its lists where `lists`.
     pub(crate) fn build(
         pattern: &KeyPattern,
         grid: BlockGrid,
         device: &Device,
+        lists: bool,
     ) -> Result<Self, AttentionError> {
         let cover = BlockCover::of_pattern(pattern, grid, device)?;
         let layout = pattern.blocks.as_ref().map(|l| {
@@ -42,18 +43,24 @@ impl PatternPlan {
             let n = active.len();
             Tensor::<1, Int>::from_data(TensorData::new(active, [n]), device)
         });
-        Ok(Self::of_cover(cover, layout))
+        Ok(Self::of_cover(cover, layout, lists))
     }
 
-    /// The plan of `cover`, with the block layout's flags where the pattern has one.
-    pub(crate) fn of_cover(cover: BlockCover, layout: Option<Tensor<1, Int>>) -> Self {
-        // In the kernels' i32 once, so calls served from a cache cast nothing.
+    /// The plan of `cover`, with the block layout's flags where the pattern has one and
+    /// its lists where `lists`.
+    pub(crate) fn of_cover(cover: BlockCover, layout: Option<Tensor<1, Int>>, lists: bool) -> Self {
         Self {
-            mask: BlockMask::new(cover.clone()).cast(IntDType::I32),
+            mask: lists.then(|| lists_of(&cover)),
             cover,
             layout: layout.map(|l| l.cast(IntDType::I32)),
         }
     }
+}
+
+/// The lists of `cover`, in the kernels' i32 once, so calls served from a cache cast
+/// nothing.
+fn lists_of(cover: &BlockCover) -> BlockMask {
+    BlockMask::new(cover.clone()).cast(IntDType::I32)
 }
 
 /// The plan held, with what it was built for.
@@ -104,35 +111,42 @@ impl BlockMaskCache {
         Self::default()
     }
 
-    /// The plan of `pattern` on `grid` and `device`: the held one when it was built for
-    /// them, a part of it when it holds the call, a new one (then held) otherwise.
+    /// The plan of `pattern` on `grid` and `device`, with its lists where `lists` (a call
+    /// with no other mask): the held one when it was built for them, a part of it when it
+    /// holds the call, a new one (then held) otherwise. Lists are built when a call first
+    /// asks for them.
     pub(crate) fn plan(
         &self,
         pattern: &KeyPattern,
         grid: BlockGrid,
         device: &Device,
+        lists: bool,
     ) -> Result<PatternPlan, AttentionError> {
         let mut held = self.0.lock().expect("block mask cache lock");
-        let reusable = held.as_ref().filter(|h| h.serves(pattern, grid, device));
+        let reusable = held.as_mut().filter(|h| h.serves(pattern, grid, device));
         if let Some(h) = reusable {
             if h.grid == grid {
+                if lists && h.plan.mask.is_none() {
+                    h.plan.mask = Some(lists_of(&h.plan.cover));
+                }
                 return Ok(h.plan.clone());
             }
             if pattern.blocks.is_none() {
                 if let Ok(cover) = h.plan.cover.part(grid.seq_q, grid.seq_k) {
-                    return Ok(PatternPlan::of_cover(cover, None));
+                    return Ok(PatternPlan::of_cover(cover, None, lists));
                 }
             }
         }
-        let build_grid = match reusable {
+        let build_grid = match held.as_ref().filter(|h| h.serves(pattern, grid, device)) {
             Some(h) if pattern.blocks.is_none() => Self::grown(h.grid, grid),
             _ => grid,
         };
-        let plan = PatternPlan::build(pattern, build_grid, device)?;
-        let call_plan = if build_grid == grid {
+        let on_call_grid = build_grid == grid;
+        let plan = PatternPlan::build(pattern, build_grid, device, lists && on_call_grid)?;
+        let call_plan = if on_call_grid {
             plan.clone()
         } else {
-            PatternPlan::of_cover(plan.cover.part(grid.seq_q, grid.seq_k)?, None)
+            PatternPlan::of_cover(plan.cover.part(grid.seq_q, grid.seq_k)?, None, lists)
         };
         *held = Some(Held {
             pattern: pattern.clone(),
@@ -311,15 +325,17 @@ mod tests {
             (g.seq_q, g.seq_k)
         };
         let served = |seq_q, seq_k| {
-            let plan = cache.plan(&pattern, grid(seq_q, seq_k), &device).unwrap();
-            assert_eq!(plan.mask.grid(), grid(seq_q, seq_k));
+            let plan = cache
+                .plan(&pattern, grid(seq_q, seq_k), &device, true)
+                .unwrap();
+            assert_eq!(plan.mask.as_ref().expect("lists").grid(), grid(seq_q, seq_k));
             plan
         };
         served(40, 40);
         assert_eq!(held(), (40, 40));
         let part = served(30, 30);
         assert_eq!(held(), (40, 40));
-        let built = PatternPlan::build(&pattern, grid(40, 40), &device).unwrap();
+        let built = PatternPlan::build(&pattern, grid(40, 40), &device, false).unwrap();
         let want = built.cover.part(30, 30).unwrap();
         assert_eq!(part.cover.to_covers(), want.to_covers());
         // Decoding: one query against a growing cache.
@@ -331,6 +347,21 @@ mod tests {
         // that the steps up to 48 keys read.
         served(1, 41);
         assert_eq!(held(), (8, 48));
+        let held_lists = || {
+            cache
+                .0
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .plan
+                .mask
+                .is_some()
+        };
+        assert!(
+            !held_lists(),
+            "a grown plan builds no lists for its own grid"
+        );
         for seq_k in 42..=48 {
             served(1, seq_k);
         }
@@ -346,10 +377,13 @@ mod tests {
         // More queries than keys: the call's own grid.
         served(260, 255);
         assert_eq!(held(), (260, 255));
-        // Another pattern replaces the plan.
+        // Another pattern replaces the plan; its lists are built when a call asks.
         let other = KeyPattern::band(Window::symmetric(3), false);
-        cache.plan(&other, grid(20, 20), &device).unwrap();
+        let plan = cache.plan(&other, grid(20, 20), &device, false).unwrap();
+        assert!(plan.mask.is_none() && !held_lists());
+        cache.plan(&other, grid(20, 20), &device, true).unwrap();
         assert_eq!(held(), (20, 20));
+        assert!(held_lists());
     }
 
     /// Document ids build their cover once per grid and device and their lists once per
@@ -420,10 +454,16 @@ mod tests {
             ..KeyPattern::default()
         };
         let cache = BlockMaskCache::new();
-        cache.plan(&layout(40), grid(40, 40), &device).unwrap();
-        cache.plan(&layout(30), grid(30, 30), &device).unwrap();
+        cache
+            .plan(&layout(40), grid(40, 40), &device, true)
+            .unwrap();
+        cache
+            .plan(&layout(30), grid(30, 30), &device, true)
+            .unwrap();
         let g = cache.held_grid().unwrap();
         assert_eq!((g.seq_q, g.seq_k), (30, 30));
-        assert!(cache.plan(&layout(30), grid(20, 20), &device).is_err());
+        assert!(cache
+            .plan(&layout(30), grid(20, 20), &device, true)
+            .is_err());
     }
 }

@@ -252,11 +252,15 @@ impl PreparedSparseCall {
         // the lists index positions with 32-bit integers.
         let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
             .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
-        // The pattern's plan (kept across calls where the options hold a cache), then the
-        // call's own masks on top.
+        // The pattern's plan (kept across calls where the options hold a cache), its lists
+        // only for a call with no other mask; then the call's own masks on top.
+        let lists = masks.key_bias.is_none()
+            && masks.key_padding.is_none()
+            && masks.documents.is_none()
+            && masks.attention_mask.is_none();
         let pattern_plan = match &options.block_masks {
-            Some(cache) => cache.plan(pattern, grid, &device),
-            None => PatternPlan::build(pattern, grid, &device),
+            Some(cache) => cache.plan(pattern, grid, &device, lists),
+            None => PatternPlan::build(pattern, grid, &device, lists),
         }
         .expect("the pattern was validated");
         // The document ids' cover and i32 ids, held by the ids for their later calls.
@@ -299,7 +303,9 @@ impl PreparedSparseCall {
                 let ids = documents.as_ref().map(|(cover, _)| cover.clone());
                 let covers: Vec<BlockCover> = ids.into_iter().chain(covers).collect();
                 if covers.is_empty() {
-                    pattern_plan.mask
+                    pattern_plan
+                        .mask
+                        .expect("a call with no other mask has lists")
                 } else {
                     intersect(covers)
                 }
