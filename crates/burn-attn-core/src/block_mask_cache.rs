@@ -328,7 +328,10 @@ mod tests {
             let plan = cache
                 .plan(&pattern, grid(seq_q, seq_k), &device, true)
                 .unwrap();
-            assert_eq!(plan.mask.as_ref().expect("lists").grid(), grid(seq_q, seq_k));
+            assert_eq!(
+                plan.mask.as_ref().expect("lists").grid(),
+                grid(seq_q, seq_k)
+            );
             plan
         };
         served(40, 40);
