@@ -3061,7 +3061,7 @@ pub fn check_strided_split<B: On>(
 /// (`served`), each drawing its own seed: with the device's generator seeded, the loss
 /// `sum(out * w)` is a fixed function of q, k and v, and its gradients agree with central
 /// differences along a random direction (so each call's tap regenerates its forward's
-/// mask); dropout changes the output.
+/// mask); dropout changes the output and keeps its mean.
 fn check_strided_dropout<B: On>(served: (Implementation, Implementation)) {
     let case = Case::new(96, 96, 32).gqa(4, 2).batch(2);
     let pattern = KeyPattern {
@@ -3091,19 +3091,26 @@ fn check_strided_dropout<B: On>(served: (Implementation, Implementation)) {
             None,
             dropout,
         );
+        let mean = f64::from(out.clone().mean().into_scalar::<f32>());
+        let spread = f64::from(out.clone().abs().mean().into_scalar::<f32>());
         let loss = (out * tensor(&w, DType::F32, &device)).sum();
         let value = f64::from(loss.clone().into_scalar::<f32>());
         let grads = grads.then(|| {
             let g = loss.backward();
             [q, k, v].map(|t| to_f64(t.grad(&g).expect("gradient")))
         });
-        (value, grads)
+        (value, grads, (mean, spread))
     };
-    let (plain, _) = loss(&x, 0.0, false);
+    let (plain, _, (plain_mean, spread)) = loss(&x, 0.0, false);
     log.clear();
-    let (dropped, grads) = loss(&x, 0.25, true);
+    let (dropped, grads, (dropped_mean, _)) = loss(&x, 0.25, true);
     assert_calls_served(&log, served, None, "strided dropout");
     assert!((dropped - plain).abs() > 1e-3, "dropout changed nothing");
+    // Kept probabilities scaled by 1 / (1 - p): the mean output stays.
+    assert!(
+        (dropped_mean - plain_mean).abs() < 0.1 * spread,
+        "mean output {dropped_mean} against {plain_mean} without dropout"
+    );
     let grads = grads.expect("gradients");
     let mut rng = StdRng::seed_from_u64(75);
     let eps = 1e-2f32;

@@ -88,9 +88,21 @@ fn same_device(held: &Device, call: &Device) -> bool {
     held == call && held.is_autodiff() == call.is_autodiff()
 }
 
-/// A cache of one block-sparse plan for the calls made with the options that hold it
-/// ([`AttentionOptions::with_block_mask_cache`](crate::AttentionOptions::with_block_mask_cache));
-/// clones share one cache, and two options are equal when they share it.
+/// Plans a cache holds at once (a call's pattern, or the band calls strided columns split
+/// into), the least recently used dropped first.
+const HELD_PLANS: usize = 8;
+
+/// The lock of a cache, which a panic elsewhere does not leave unusable (the data under it
+/// is only ever replaced whole).
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A cache of block-sparse plans for the calls made with the options that hold it
+/// ([`AttentionOptions::with_block_mask_cache`](crate::AttentionOptions::with_block_mask_cache)):
+/// one per pattern, at most eight (the calls strided columns split into take one each),
+/// the least recently used dropped first. Clones share one cache, and two options are
+/// equal when they share it.
 ///
 /// The plan of a pattern without a block layout is built for the longest call seen and
 /// serves every call it holds (fewer keys, queries at its rows: shorter sequences and
@@ -98,12 +110,13 @@ fn same_device(held: &Device, call: &Device) -> bool {
 /// replaces it with one for at least an eighth more keys and the rows later decoding
 /// steps need, so a decoding cache that grows by a token per step rebuilds it a
 /// logarithmic number of times and holds a band of rows, not a square. A block layout is built
-/// for its lengths, so its plan serves those only. Another pattern, kernel grid or device
-/// replaces the plan, so a module keeps one per layer. It holds device memory (the cover
-/// and four `q_blocks x k_blocks` i32 tensors of lists and their transposes) until
-/// dropped or [cleared](Self::clear).
+/// for its lengths, so its plan serves those only. Another kernel grid or device replaces
+/// a pattern's plan, so a module keeps one cache per layer. It holds device memory (each
+/// plan's cover and, once a call with no other mask asks for them, four `q_blocks x
+/// k_blocks` i32 tensors of lists and their transposes) until dropped or
+/// [cleared](Self::clear).
 #[derive(Clone, Default)]
-pub struct BlockMaskCache(Arc<Mutex<Option<Held>>>);
+pub struct BlockMaskCache(Arc<Mutex<Vec<Held>>>);
 
 impl BlockMaskCache {
     /// An empty cache.
@@ -122,8 +135,13 @@ impl BlockMaskCache {
         device: &Device,
         lists: bool,
     ) -> Result<PatternPlan, AttentionError> {
-        let mut held = self.0.lock().expect("block mask cache lock");
-        let reusable = held.as_mut().filter(|h| h.serves(pattern, grid, device));
+        let mut held = locked(&self.0);
+        // The pattern's plan, if held, moves last (the most recently used).
+        if let Some(at) = held.iter().position(|h| h.serves(pattern, grid, device)) {
+            let h = held.remove(at);
+            held.push(h);
+        }
+        let reusable = held.last_mut().filter(|h| h.serves(pattern, grid, device));
         if let Some(h) = reusable {
             if h.grid == grid {
                 if lists && h.plan.mask.is_none() {
@@ -137,7 +155,7 @@ impl BlockMaskCache {
                 }
             }
         }
-        let build_grid = match held.as_ref().filter(|h| h.serves(pattern, grid, device)) {
+        let build_grid = match held.last().filter(|h| h.serves(pattern, grid, device)) {
             Some(h) if pattern.blocks.is_none() => Self::grown(h.grid, grid),
             _ => grid,
         };
@@ -148,7 +166,12 @@ impl BlockMaskCache {
         } else {
             PatternPlan::of_cover(plan.cover.part(grid.seq_q, grid.seq_k)?, None, lists)
         };
-        *held = Some(Held {
+        // The pattern's plan is replaced (another grid or device), or one more is held.
+        held.retain(|h| !h.serves(pattern, grid, device));
+        if held.len() == HELD_PLANS {
+            held.remove(0);
+        }
+        held.push(Held {
             pattern: pattern.clone(),
             grid: build_grid,
             device: device.clone(),
@@ -174,24 +197,28 @@ impl BlockMaskCache {
         BlockGrid::new(call.block_q, call.block_k, rows, keys).unwrap_or(call)
     }
 
-    /// The grid of the held plan, if any.
+    /// The grid of the plan used last, if any.
     pub fn held_grid(&self) -> Option<BlockGrid> {
-        self.0
-            .lock()
-            .expect("block mask cache lock")
-            .as_ref()
-            .map(|h| h.grid)
+        locked(&self.0).last().map(|h| h.grid)
     }
 
-    /// Drops the held plan (and its device memory).
+    /// How many plans the cache holds.
+    pub fn held_plans(&self) -> usize {
+        locked(&self.0).len()
+    }
+
+    /// Drops the held plans (and their device memory).
     pub fn clear(&self) {
-        *self.0.lock().expect("block mask cache lock") = None;
+        locked(&self.0).clear();
     }
 }
 
 impl core::fmt::Debug for BlockMaskCache {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "BlockMaskCache({:?})", self.held_grid())
+        match self.0.try_lock() {
+            Ok(held) => write!(f, "BlockMaskCache({} plans)", held.len()),
+            Err(_) => write!(f, "BlockMaskCache(in use)"),
+        }
     }
 }
 
@@ -226,74 +253,68 @@ struct DocumentPlan {
 }
 
 impl DocumentPlans {
-    /// The cover of the ids `queries` and `keys` (ordered, of the grid's lengths) on
-    /// `grid` and `device`, and the ids in i32: held, or built and held.
-    pub(crate) fn cover(
+    /// On `grid` and `device`, the cover of the ids `queries` and `keys` (their owner's,
+    /// ordered, of the grid's lengths), the ids in i32 and, with `lists` (a pattern and how
+    /// to build its lists from the ids' cover, for a call whose only other mask is that
+    /// pattern), the call's i32 lists: held, or built and held.
+    pub(crate) fn plan(
         &self,
         queries: &Tensor<2, Int>,
         keys: &Tensor<2, Int>,
         grid: BlockGrid,
         device: &Device,
-    ) -> (BlockCover, [Tensor<2, Int>; 2]) {
-        let mut held = self.0.lock().expect("document plans lock");
-        if Self::held(&mut held, grid, device).is_none() {
-            if held.len() == HELD_DOCUMENT_GRIDS {
-                held.remove(0);
+        lists: Option<(&KeyPattern, &dyn Fn(BlockCover) -> BlockMask)>,
+    ) -> (BlockCover, [Tensor<2, Int>; 2], Option<BlockMask>) {
+        let mut held = locked(&self.0);
+        let at = match held
+            .iter()
+            .position(|p| p.grid == grid && same_device(&p.device, device))
+        {
+            Some(at) => at,
+            None => {
+                if held.len() == HELD_DOCUMENT_GRIDS {
+                    held.remove(0);
+                }
+                held.push(DocumentPlan {
+                    grid,
+                    device: device.clone(),
+                    cover: BlockCover::of_sorted_documents(queries.clone(), keys.clone(), grid),
+                    ids: [queries, keys].map(|ids| ids.clone().cast(IntDType::I32)),
+                    masks: Vec::new(),
+                });
+                held.len() - 1
             }
-            held.push(DocumentPlan {
-                grid,
-                device: device.clone(),
-                cover: BlockCover::of_sorted_documents(queries.clone(), keys.clone(), grid),
-                ids: [queries, keys].map(|ids| ids.clone().cast(IntDType::I32)),
-                masks: Vec::new(),
-            });
-        }
-        let plan = Self::held(&mut held, grid, device).expect("just held");
-        (plan.cover.clone(), plan.ids.clone())
-    }
-
-    /// The i32 lists of a call on `grid` and `device` whose masks are `pattern` and the
-    /// ids alone: held, or `build` (from the ids' cover) and held. The ids' cover on the
-    /// grid must be held ([`DocumentPlans::cover`]).
-    pub(crate) fn mask(
-        &self,
-        pattern: &KeyPattern,
-        grid: BlockGrid,
-        device: &Device,
-        build: impl FnOnce(BlockCover) -> BlockMask,
-    ) -> BlockMask {
-        let mut held = self.0.lock().expect("document plans lock");
-        let plan = Self::held(&mut held, grid, device).expect("the ids' cover is held");
-        if let Some((_, mask)) = plan.masks.iter().find(|(p, _)| p == pattern) {
-            return mask.clone();
-        }
-        if plan.masks.len() == HELD_DOCUMENT_PATTERNS {
-            plan.masks.remove(0);
-        }
-        let mask = build(plan.cover.clone()).cast(IntDType::I32);
-        plan.masks.push((pattern.clone(), mask.clone()));
-        mask
-    }
-
-    /// The held plan of `grid` on `device`.
-    fn held<'a>(
-        held: &'a mut [DocumentPlan],
-        grid: BlockGrid,
-        device: &Device,
-    ) -> Option<&'a mut DocumentPlan> {
-        held.iter_mut()
-            .find(|p| p.grid == grid && same_device(&p.device, device))
+        };
+        let plan = &mut held[at];
+        let mask =
+            lists.map(
+                |(pattern, build)| match plan.masks.iter().find(|(p, _)| p == pattern) {
+                    Some((_, mask)) => mask.clone(),
+                    None => {
+                        if plan.masks.len() == HELD_DOCUMENT_PATTERNS {
+                            plan.masks.remove(0);
+                        }
+                        let mask = build(plan.cover.clone()).cast(IntDType::I32);
+                        plan.masks.push((pattern.clone(), mask.clone()));
+                        mask
+                    }
+                },
+            );
+        (plan.cover.clone(), plan.ids.clone(), mask)
     }
 
     /// How many grids the ids hold plans for.
     pub(crate) fn held_grids(&self) -> usize {
-        self.0.lock().expect("document plans lock").len()
+        locked(&self.0).len()
     }
 }
 
 impl core::fmt::Debug for DocumentPlans {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "DocumentPlans({} grids)", self.held_grids())
+        match self.0.try_lock() {
+            Ok(held) => write!(f, "DocumentPlans({} grids)", held.len()),
+            Err(_) => write!(f, "DocumentPlans(in use)"),
+        }
     }
 }
 
@@ -350,17 +371,7 @@ mod tests {
         // that the steps up to 48 keys read.
         served(1, 41);
         assert_eq!(held(), (8, 48));
-        let held_lists = || {
-            cache
-                .0
-                .lock()
-                .unwrap()
-                .as_ref()
-                .unwrap()
-                .plan
-                .mask
-                .is_some()
-        };
+        let held_lists = || cache.0.lock().unwrap().last().unwrap().plan.mask.is_some();
         assert!(
             !held_lists(),
             "a grown plan builds no lists for its own grid"
@@ -380,13 +391,27 @@ mod tests {
         // More queries than keys: the call's own grid.
         served(260, 255);
         assert_eq!(held(), (260, 255));
-        // Another pattern replaces the plan; its lists are built when a call asks.
+        // Another pattern is held beside it (the one used last comes last); its lists are
+        // built when a call asks.
         let other = KeyPattern::band(Window::symmetric(3), false);
         let plan = cache.plan(&other, grid(20, 20), &device, false).unwrap();
         assert!(plan.mask.is_none() && !held_lists());
         cache.plan(&other, grid(20, 20), &device, true).unwrap();
-        assert_eq!(held(), (20, 20));
+        assert_eq!((held(), cache.held_plans()), ((20, 20), 2));
         assert!(held_lists());
+        served(260, 255);
+        assert_eq!((held(), cache.held_plans()), ((260, 255), 2));
+        // At most HELD_PLANS, the least recently used dropped first.
+        for w in 0..HELD_PLANS {
+            let band = KeyPattern::band(Window::new(Some(10 + w), Some(10 + w)), false);
+            cache.plan(&band, grid(20, 20), &device, false).unwrap();
+        }
+        assert_eq!(cache.held_plans(), HELD_PLANS);
+        let first = KeyPattern::band(Window::new(Some(10), Some(10)), false);
+        assert!(cache.0.lock().unwrap().iter().all(|h| h.pattern != pattern));
+        assert!(cache.0.lock().unwrap().iter().any(|h| h.pattern == first));
+        cache.clear();
+        assert_eq!(cache.held_plans(), 0);
     }
 
     /// Document ids build their cover once per grid and device and their lists once per
@@ -394,58 +419,77 @@ mod tests {
     /// lists to a fresh build; clones share the plans.
     #[test]
     fn document_ids_hold_their_plans() {
+        use std::cell::Cell;
         let device = Device::ndarray();
         let ids: Vec<i64> = (0..2 * 40).map(|at| ((at % 40) / 13) as i64).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 40]), &device);
         let docs = crate::DocumentIds::self_attention(ids.clone());
         let shared = docs.clone();
-        let plans = docs.plans();
         let band = KeyPattern::band(Window::symmetric(6), false);
         let plain = KeyPattern::default();
+        let built = Cell::new(0);
+        // A call's lists through the clone, counting list builds.
         let lists = |pattern: &KeyPattern, grid: BlockGrid| {
-            let (cover, _) = shared.plans().cover(&ids, &ids, grid, &device);
             let pattern_cover = BlockCover::of_pattern(pattern, grid, &device).unwrap();
-            let mut built = 0;
-            let mask = plans.mask(pattern, grid, &device, |held| {
-                built += 1;
-                BlockMask::new(pattern_cover.intersect(held).unwrap())
-            });
-            (cover, mask, built)
+            let build = |held: BlockCover| {
+                built.set(built.get() + 1);
+                BlockMask::new(pattern_cover.clone().intersect(held).unwrap())
+            };
+            let (cover, _, mask) = shared.plan(grid, &device, Some((pattern, &build)));
+            (cover, mask.expect("lists asked for"))
         };
         let as_vec = |t: Tensor<4, Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
-        let (first, mask, built) = lists(&band, grid(40, 40));
-        assert_eq!(built, 1);
-        let (again, held, built) = lists(&band, grid(40, 40));
-        assert_eq!(built, 0, "the held lists serve the same pattern and grid");
-        assert_eq!(first.to_covers(), again.to_covers());
+        let all = |m: BlockMask| {
+            [
+                m.partial_index,
+                m.full_index,
+                m.t_partial_index,
+                m.t_full_index,
+                m.partial_count.unsqueeze(),
+                m.full_count.unsqueeze(),
+                m.t_partial_count.unsqueeze(),
+                m.t_full_count.unsqueeze(),
+            ]
+            .map(as_vec)
+        };
+        let (cover, held) = lists(&band, grid(40, 40));
+        assert_eq!(built.get(), 1);
         assert_eq!(held.partial_index.dtype(), IntDType::I32.into());
-        assert_eq!(as_vec(mask.partial_index), as_vec(held.partial_index));
+        // The held cover and lists equal a fresh build's, all eight lists.
+        let fresh_ids = BlockCover::of_documents(ids.clone(), ids.clone(), grid(40, 40)).unwrap();
+        assert_eq!(cover.to_covers(), fresh_ids.to_covers());
         let fresh = BlockMask::new(
             BlockCover::of_pattern(&band, grid(40, 40), &device)
                 .unwrap()
-                .intersect(
-                    BlockCover::of_documents(ids.clone(), ids.clone(), grid(40, 40)).unwrap(),
-                )
+                .intersect(fresh_ids)
                 .unwrap(),
         );
-        assert_eq!(as_vec(held.full_index), as_vec(fresh.full_index));
-        assert_eq!(as_vec(held.t_partial_index), as_vec(fresh.t_partial_index));
+        assert_eq!(all(held), all(fresh));
+        // The same pattern and grid again: nothing built.
+        lists(&band, grid(40, 40));
+        assert_eq!(
+            built.get(),
+            1,
+            "the held lists serve the same pattern and grid"
+        );
         // Another pattern builds its lists on the held cover; another grid its cover.
-        assert_eq!(lists(&plain, grid(40, 40)).2, 1);
-        assert_eq!(docs.held_plans(), 1);
+        lists(&plain, grid(40, 40));
+        assert_eq!((built.get(), docs.held_plans()), (2, 1));
         let wide = BlockGrid::new(16, 8, 40, 40).unwrap();
-        assert_eq!(lists(&band, wide).2, 1);
-        assert_eq!(docs.held_plans(), 2);
+        lists(&band, wide);
+        assert_eq!((built.get(), docs.held_plans()), (3, 2));
+        // A call with other masks takes the cover alone.
+        let (_, _, none) = docs.plan(grid(40, 40), &device, None);
+        assert!(none.is_none());
+        assert_eq!(built.get(), 3);
         // At most HELD_DOCUMENT_GRIDS grids, the oldest dropped first.
         for block in [4, 5, 10, 20] {
             lists(&band, BlockGrid::new(block, 8, 40, 40).unwrap());
         }
         assert_eq!(docs.held_plans(), HELD_DOCUMENT_GRIDS);
-        assert_eq!(
-            lists(&band, grid(40, 40)).2,
-            1,
-            "the first grid was dropped"
-        );
+        let before = built.get();
+        lists(&band, grid(40, 40));
+        assert_eq!(built.get(), before + 1, "the first grid was dropped");
     }
 
     /// A block layout's plan serves the lengths it was built for only.

@@ -87,10 +87,22 @@ impl DocumentIds {
         self.plans.held_grids()
     }
 
-    /// The plans built from the ids.
+    /// On `grid` and `device`, the ids' block cover, the ids in i32 and, with `lists` (a
+    /// pattern and how to build its lists from the ids' cover), the lists of a call whose
+    /// only other mask is that pattern: held by the ids, or built and held.
     #[cfg_attr(not(feature = "cube"), allow(dead_code))]
-    pub(crate) fn plans(&self) -> &DocumentPlans {
-        &self.plans
+    pub(crate) fn plan(
+        &self,
+        grid: crate::BlockGrid,
+        device: &burn::tensor::Device,
+        lists: Option<(&KeyPattern, &dyn Fn(crate::BlockCover) -> crate::BlockMask)>,
+    ) -> (
+        crate::BlockCover,
+        [Tensor<2, Int>; 2],
+        Option<crate::BlockMask>,
+    ) {
+        self.plans
+            .plan(&self.queries, &self.keys, grid, device, lists)
     }
 }
 

@@ -191,6 +191,19 @@ impl SplitCall {
     }
 }
 
+/// Whether calls with masks may take the block-sparse kernels: a CubeCL device, and
+/// kernels allowed.
+fn masked_calls_possible(q: &Tensor<4>, options: &AttentionOptions) -> bool {
+    #[cfg(feature = "cube")]
+    return options.kernel != crate::KernelPolicy::Tiled
+        && crate::block_sparse_kernels(&q.device());
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = (q, options);
+        false
+    }
+}
+
 /// A call over `window` with `masks`' dropout and the key padding `padding`, planned for
 /// the block-sparse kernels (`None` where they decline it).
 #[cfg(feature = "cube")]
@@ -241,13 +254,16 @@ pub(crate) fn strided_attention(
     } else {
         pattern.window
     };
-    // The calls share one plan cache at most by replacing each other's plans: none.
+    // With masks, each call's band plan is held in the options' cache (one per window).
     let call_options = |window: Window| AttentionOptions {
         causal: false,
         window,
-        block_masks: None,
         ..options.clone()
     };
+    // Masks need the block-sparse kernels: nothing is gathered for a call they cannot take.
+    if masks.any() && !masked_calls_possible(&q, options) {
+        return Ok(None);
+    }
     let device = q.device();
     let index = |rows: Vec<i64>| {
         let n = rows.len();

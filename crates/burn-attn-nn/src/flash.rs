@@ -195,7 +195,8 @@ impl FlashAttention {
     /// module's causal rule and window), so sequences of different lengths share a batch
     /// without padding: the same result as each document run alone. Ids given as a tensor
     /// are checked by each call (a read back from the device); pass
-    /// [`DocumentIds::checked`] ids to check them once for several layers.
+    /// [`DocumentIds::checked`] ids to check them once for several layers (clones of one
+    /// `DocumentIds` also share the block plans the kernels' calls build from them).
     ///
     /// # Panics
     /// When `documents` does not match `x` or its ids decrease (naming the position).

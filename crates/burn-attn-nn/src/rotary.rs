@@ -116,7 +116,7 @@ impl RotaryTables {
         if held.len() == HELD_TABLES {
             held.remove(0);
         }
-        let rows = range.len().max(HELD_ROWS).min(MAX_HELD_ROWS);
+        let rows = range.len().clamp(HELD_ROWS, MAX_HELD_ROWS);
         let rope = table(theta, dim, range.start..range.start + rows, device);
         held.push(HeldTable {
             theta,

@@ -252,24 +252,8 @@ impl PreparedSparseCall {
         // the lists index positions with 32-bit integers.
         let grid = BlockGrid::new(plan.block_q, plan.block_k, seq_q, seq_k)
             .map_err(|why| decline(Decline::Kernel(Unsupported::Shapes(why.to_string()))))?;
-        // The pattern's plan (kept across calls where the options hold a cache), its lists
-        // only for a call with no other mask; then the call's own masks on top.
-        let lists = masks.key_bias.is_none()
-            && masks.key_padding.is_none()
-            && masks.documents.is_none()
-            && masks.attention_mask.is_none();
-        let pattern_plan = match &options.block_masks {
-            Some(cache) => cache.plan(pattern, grid, &device, lists),
-            None => PatternPlan::build(pattern, grid, &device, lists),
-        }
-        .expect("the pattern was validated");
-        // The document ids' cover and i32 ids, held by the ids for their later calls.
-        let documents = masks.documents.as_ref().map(|docs| {
-            docs.plans()
-                .cover(docs.queries(), docs.keys(), grid, &device)
-        });
-        // The call's other masks' covers: keys whose bias is -inf are hidden too, so their
-        // blocks are skipped.
+        // The call's masks' covers besides its pattern and document ids: keys whose bias is
+        // -inf are hidden too, so their blocks are skipped.
         let covers: Vec<BlockCover> = [
             masks.key_bias.as_ref().map(|bias| {
                 let hidden = bias.clone().equal_elem(f32::NEG_INFINITY);
@@ -286,6 +270,16 @@ impl PreparedSparseCall {
         .into_iter()
         .flatten()
         .collect();
+        // Without them, the call takes its pattern's lists, or with document ids the lists
+        // the ids hold for the pattern.
+        let alone = covers.is_empty();
+        // The pattern's plan, kept across calls where the options hold a cache.
+        let lists = alone && masks.documents.is_none();
+        let pattern_plan = match &options.block_masks {
+            Some(cache) => cache.plan(pattern, grid, &device, lists),
+            None => PatternPlan::build(pattern, grid, &device, lists),
+        }
+        .expect("the pattern was validated");
         let intersect = |covers: Vec<BlockCover>| {
             let cover = covers
                 .into_iter()
@@ -294,22 +288,22 @@ impl PreparedSparseCall {
                 });
             BlockMask::new(cover)
         };
-        let mask = match &masks.documents {
-            // The ids alone beside the pattern: lists held by the ids, per pattern.
-            Some(docs) if covers.is_empty() => docs
-                .plans()
-                .mask(pattern, grid, &device, |ids| intersect(vec![ids])),
-            _ => {
-                let ids = documents.as_ref().map(|(cover, _)| cover.clone());
-                let covers: Vec<BlockCover> = ids.into_iter().chain(covers).collect();
-                if covers.is_empty() {
-                    pattern_plan
-                        .mask
-                        .expect("a call with no other mask has lists")
-                } else {
-                    intersect(covers)
-                }
+        let (documents, mask) = match &masks.documents {
+            Some(docs) => {
+                let build = |ids: BlockCover| intersect(vec![ids]);
+                let held = alone.then_some((pattern, &build as &dyn Fn(BlockCover) -> BlockMask));
+                let (cover, ids, lists) = docs.plan(grid, &device, held);
+                let mask =
+                    lists.unwrap_or_else(|| intersect([cover].into_iter().chain(covers).collect()));
+                (Some(ids), mask)
             }
+            None if alone => (
+                None,
+                pattern_plan
+                    .mask
+                    .expect("a call with no other mask has lists"),
+            ),
+            None => (None, intersect(covers)),
         };
         // One 1-element tensor stands in for every absent rule (the kernels never read it).
         let absent = i32_dispatch(Tensor::<1, Int>::zeros([1], &device));
@@ -320,7 +314,7 @@ impl PreparedSparseCall {
             .as_ref()
             .map_or_else(placeholder, |pad| i32_dispatch(pad.clone().int()));
         let (doc_q, doc_k) = match documents {
-            Some((_, [queries, keys])) => (i32_dispatch(queries), i32_dispatch(keys)),
+            Some([queries, keys]) => (i32_dispatch(queries), i32_dispatch(keys)),
             None => (placeholder(), placeholder()),
         };
         let dense = masks
