@@ -84,6 +84,10 @@ for step in "$@"; do
       # each failed test's last lines beside it.
       logs="$OUT/grid-logs"
       rm -rf "$logs" && mkdir -p "$logs"
+      # Burn's matmuls in the references and tiled paths autotune each new shape; at the
+      # default level the bf16 fused-matmul candidates alone take minutes of NVRTC per
+      # process (H100). The tests check values, not speed: the least tuning.
+      CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}" \
       timeout "${GRID_TIMEOUT:-560}" xargs -P "${GRID_JOBS:-6}" -I{} sh -c \
         '"$0" --exact "$1" --nocapture > "$2/$(echo "$1" | tr : _).log" 2>&1' \
         "$BIN/cuda_kernel" {} "$logs" < "$OUT/grid-tests.txt"
