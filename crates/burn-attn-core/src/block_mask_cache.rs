@@ -137,12 +137,16 @@ impl BlockMaskCache {
     ) -> Result<PatternPlan, AttentionError> {
         let mut held = locked(&self.0);
         // The pattern's plan, if held, moves last (the most recently used).
-        if let Some(at) = held.iter().position(|h| h.serves(pattern, grid, device)) {
-            let h = held.remove(at);
-            held.push(h);
-        }
-        let reusable = held.last_mut().filter(|h| h.serves(pattern, grid, device));
-        if let Some(h) = reusable {
+        let reusable = match held.iter().position(|h| h.serves(pattern, grid, device)) {
+            Some(at) => {
+                let h = held.remove(at);
+                held.push(h);
+                true
+            }
+            None => false,
+        };
+        if reusable {
+            let h = held.last_mut().expect("just moved last");
             if h.grid == grid {
                 if lists && h.plan.mask.is_none() {
                     h.plan.mask = Some(lists_of(&h.plan.cover));
@@ -155,8 +159,8 @@ impl BlockMaskCache {
                 }
             }
         }
-        let build_grid = match held.last().filter(|h| h.serves(pattern, grid, device)) {
-            Some(h) if pattern.blocks.is_none() => Self::grown(h.grid, grid),
+        let build_grid = match held.last() {
+            Some(h) if reusable && pattern.blocks.is_none() => Self::grown(h.grid, grid),
             _ => grid,
         };
         let on_call_grid = build_grid == grid;
@@ -166,9 +170,10 @@ impl BlockMaskCache {
         } else {
             PatternPlan::of_cover(plan.cover.part(grid.seq_q, grid.seq_k)?, None, lists)
         };
-        // The pattern's plan is replaced (another grid or device), or one more is held.
-        held.retain(|h| !h.serves(pattern, grid, device));
-        if held.len() == HELD_PLANS {
+        // The pattern's plan is replaced (it outgrew its grid), or one more is held.
+        if reusable {
+            held.pop();
+        } else if held.len() == HELD_PLANS {
             held.remove(0);
         }
         held.push(Held {
@@ -238,8 +243,7 @@ const HELD_DOCUMENT_PATTERNS: usize = 4;
 /// shared by the ids' clones: per grid and device, the ids' cover and the ids in the
 /// kernels' i32, and per pattern the lists of calls whose only other mask is that pattern.
 /// A model passes one batch's ids to every layer: the first call on each grid and pattern
-/// builds (some hundred device ops, which short calls wait on the host for), the others
-/// reuse. The ids cannot change after they are made, so a held plan is always theirs.
+/// builds (about a hundred device ops), the others reuse. The ids cannot change after they are made, so a held plan is always theirs.
 #[derive(Clone, Default)]
 pub(crate) struct DocumentPlans(Arc<Mutex<Vec<DocumentPlan>>>);
 

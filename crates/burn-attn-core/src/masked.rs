@@ -172,7 +172,7 @@ pub fn block_sparse_kernels(device: &burn::tensor::Device) -> bool {
 }
 
 /// Exact attention over `pattern` under `masks`: the band kernels when the call is a
-/// plain band without masks; for strided columns without masks past key padding and
+/// plain band without masks; for strided columns with no mask but key padding and
 /// dropout, the band call plus calls over the gathered columns (merged by log-sum-exp),
 /// each on the band kernels, or with key padding or dropout on the block-sparse kernels;
 /// the block-sparse kernels (forward and backward) for other strided calls, block layouts,

@@ -204,8 +204,8 @@ fn masked_calls_possible(q: &Tensor<4>, options: &AttentionOptions) -> bool {
     }
 }
 
-/// A call over `window` with `masks`' dropout and the key padding `padding`, planned for
-/// the block-sparse kernels (`None` where they decline it).
+/// A call over `window` with the key padding `padding` and `dropout`, planned for the
+/// block-sparse kernels (`None` where they decline it).
 #[cfg(feature = "cube")]
 fn masked_call(
     q: &Tensor<4>,
@@ -213,12 +213,12 @@ fn masked_call(
     v: &Tensor<4>,
     window: Window,
     options: &AttentionOptions,
-    masks: &SplitMasks,
     padding: Option<Tensor<2, Bool>>,
+    dropout: Option<f64>,
 ) -> Option<crate::backend::sparse::PreparedSparseCall> {
     let call_masks = crate::AttentionMasks {
         key_padding: padding,
-        dropout: masks.dropout.unwrap_or(0.0),
+        dropout: dropout.unwrap_or(0.0),
         ..Default::default()
     };
     crate::backend::sparse::PreparedSparseCall::new(
@@ -228,7 +228,7 @@ fn masked_call(
         &KeyPattern::band(window, false),
         options,
         &call_masks,
-        masks.dropout,
+        dropout,
     )
     .ok()
 }
@@ -282,8 +282,8 @@ pub(crate) fn strided_attention(
             &v,
             band,
             &call_options(band),
-            masks,
             masks.key_padding.clone(),
+            masks.dropout,
         )
         .map(|call| call.forward(q, k, v).0));
     }
@@ -336,7 +336,7 @@ pub(crate) fn strided_attention(
                     _ => pad.clone().select(1, indices[at - 1].1.clone()),
                 });
                 let options = call_options(window);
-                match masked_call(cq, ck, cv, window, &options, masks, padding) {
+                match masked_call(cq, ck, cv, window, &options, padding, masks.dropout) {
                     Some(call) => runners.push(SplitCall {
                         options,
                         masked: Some(Box::new(call)),

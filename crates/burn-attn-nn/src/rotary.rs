@@ -97,7 +97,11 @@ impl RotaryTables {
         if range.len() > MAX_HELD_ROWS {
             return (table(theta, dim, range.clone(), device), range.start);
         }
-        let mut held = self.0.lock().expect("rotary tables lock");
+        // A panic elsewhere leaves the tables usable: they are only ever replaced whole.
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Device equality may not tell an autodiff device from its inner one.
         let same = |t: &HeldTable| {
             t.theta.to_bits() == theta.to_bits()
@@ -105,10 +109,10 @@ impl RotaryTables {
                 && &t.device == device
                 && t.device.is_autodiff() == device.is_autodiff()
         };
-        let rows = |t: &HeldTable| t.rope.freq_complex.dims()[0];
+        let end = |t: &HeldTable| t.first + t.rope.freq_complex.dims()[0];
         if let Some(t) = held
             .iter()
-            .find(|t| same(t) && t.first <= range.start && range.end <= t.first + rows(t))
+            .find(|t| same(t) && t.first <= range.start && range.end <= end(t))
         {
             return (t.rope.clone(), t.first);
         }
